@@ -1,4 +1,41 @@
-"""Batched fixed-point solvers (pure torch; importing this never imports Lightning)."""
-from deqlab.solvers.result import SolverError, SolverResult, SolverStatus
+"""Batched fixed-point solvers (pure torch; importing this never imports Lightning).
 
-__all__ = ["SolverError", "SolverResult", "SolverStatus"]
+Every solver is called as ``solver(f, z0) -> SolverResult``; ``f`` maps a batch-first state (a tensor of
+any trailing shape, or a list of tensors for multiscale models) to a state of the same structure.
+"""
+from deqlab.solvers.algorithms import (
+    Anderson,
+    Broyden,
+    FixedPointAlgorithm,
+    FixedPointIteration,
+    LimitedMemoryBroyden,
+    NewtonKrylov,
+)
+from deqlab.solvers.continuous import ContinuousDEQSolver
+from deqlab.solvers.discrete import DiscreteDEQSolver
+from deqlab.solvers.krylov import GMRESInfo, gmres
+from deqlab.solvers.registry import available_solvers, get_solver, register_solver
+from deqlab.solvers.result import SolverError, SolverResult, SolverStatus
+from deqlab.solvers.termination import TERMINATION_MODES, TerminationCondition, TerminationTracker
+
+__all__ = [
+    "Anderson",
+    "Broyden",
+    "ContinuousDEQSolver",
+    "DiscreteDEQSolver",
+    "FixedPointAlgorithm",
+    "FixedPointIteration",
+    "GMRESInfo",
+    "LimitedMemoryBroyden",
+    "NewtonKrylov",
+    "SolverError",
+    "SolverResult",
+    "SolverStatus",
+    "TERMINATION_MODES",
+    "TerminationCondition",
+    "TerminationTracker",
+    "available_solvers",
+    "get_solver",
+    "gmres",
+    "register_solver",
+]

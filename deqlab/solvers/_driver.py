@@ -1,0 +1,62 @@
+"""Shared pieces of every solver call: input checks, the counted flat map, the result and ``throw``."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from deqlab.solvers._state import State, StatePacker, make_flat_map
+from deqlab.solvers.result import SolverError, SolverResult, SolverStatus
+from deqlab.solvers.termination import TerminationTracker
+
+
+class CountedMap:
+    """``f`` on flat vectors, counting batched evaluations (the solver's NFE)."""
+
+    __slots__ = ("flat", "nfe")
+
+    def __init__(self, f: Callable[[State], State], packer: StatePacker):
+        self.flat = make_flat_map(f, packer)
+        self.nfe = 0
+
+    def __call__(self, z: Tensor) -> Tensor:
+        self.nfe += 1
+        return self.flat(z)
+
+
+def prepare(z0: State) -> Tuple[StatePacker, Tensor]:
+    """Validate ``z0`` and flatten it; a non-finite initial guess is the caller's bug, not a solve outcome."""
+    packer = StatePacker(z0)
+    z = packer.flatten(z0).detach()
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("z0 contains NaN or Inf; the initial guess must be finite (check the shortcut/initializer)")
+    return packer, z
+
+
+def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du: Tensor, *, nfe: int,
+                 steps: int, throw: bool, solver_name: str, t: Optional[Tensor] = None) -> SolverResult:
+    z_ret, du_ret, res, rel = tracker.finish(z, du)
+    status = tracker.status()
+    result = SolverResult(
+        z=packer.unflatten(z_ret),
+        nfe=nfe,
+        steps=steps,
+        residual=res,
+        rel_residual=rel,
+        converged=tracker.converged.clone(),
+        status=status,
+        sample_steps=tracker.sample_steps,
+        trace=tracker.trace_tensor(),
+        fz=packer.unflatten(z_ret + du_ret),
+        t=t,
+    )
+    if throw and status is not SolverStatus.CONVERGED:
+        n_bad = int((~result.converged).sum())
+        raise SolverError(
+            f"{solver_name} ended with status '{status.value}' after {steps} steps ({nfe} evaluations): "
+            f"{n_bad} of {len(result.converged)} samples did not converge (max residual "
+            f"{float(res.max()):.3g}). Raise max_steps, loosen the tolerances, or pick another solver.",
+            result,
+        )
+    return result

@@ -1,0 +1,202 @@
+"""``ContinuousDEQSolver``: the fixed point as the steady state of ``du/dt = f(u) - u``.
+
+torchdyn supplies the Runge–Kutta steppers (Tsit5, Dopri5, Euler, RK4); deqlab supplies the loop,
+because torchdyn's own ``odeint`` has no step cap and no steady-state stop (``t_span`` to infinity never
+returns) and its event path hangs at a steady state. The loop here:
+
+* gives every sample its own step size (``dt`` has shape ``(B, 1)``), accepting or rejecting steps per
+  sample, so one stiff sample does not slow the others;
+* checks the termination condition after every accepted step at no extra cost: the first-same-as-last
+  stage of Tsit5/Dopri5 *is* ``du = f(u) - u`` at the new point;
+* stops at ``max_steps`` stepper calls (accepted or rejected) or when every sample reaches ``t_max``;
+  it can never hang.
+
+Gradients are not this solver's job: the DEQ layer's implicit backward differentiates the steady state.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Literal, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from deqlab.solvers._driver import CountedMap, build_result, prepare
+from deqlab.solvers._state import State
+from deqlab.solvers.result import SolverResult
+from deqlab.solvers.termination import NormKind, TerminationCondition, TerminationMode, TerminationTracker, _check_tol
+
+ODEMethod = Literal["tsit5", "dopri5", "euler", "rk4"]
+# name -> (torchdyn class name, adaptive?, order, evaluations per step given the first stage)
+_METHODS: Dict[str, Tuple[str, bool, int, int]] = {
+    "tsit5": ("Tsitouras45", True, 5, 6),
+    "dopri5": ("DormandPrince45", True, 5, 6),
+    "euler": ("Euler", False, 1, 0),
+    "rk4": ("RungeKutta4", False, 4, 3),
+}
+
+
+def _stepper(name: str, dtype: torch.dtype):
+    # Imported lazily: torchdyn pulls in torchcde/torchsde (~0.7 s) that discrete users never need.
+    from torchdyn.numerics.solvers import ode
+
+    return getattr(ode, _METHODS[name][0])(dtype=dtype)
+
+
+class ContinuousDEQSolver:
+    """Integrate ``du/dt = f(u) - u`` from ``u0`` until the termination condition holds.
+
+    Args:
+        ode_solver: ``"tsit5"`` (default), ``"dopri5"`` (adaptive), ``"euler"`` or ``"rk4"`` (fixed step ``dt``).
+        mode: termination mode, checked after every accepted step.
+        abstol, reltol: the ODE stepper's local error tolerances (how accurately the path is followed;
+            the steady state does not depend on them, so they can be loose).
+        abstol_termination, reltol_termination: tolerances of the termination condition (how close to
+            the fixed point the returned state is). Default to ``abstol``/``reltol``, as in the reference
+            package.
+        max_steps: stepper calls at most (accepted and rejected), the hard guard against hanging.
+        t_max: integration horizon; ``inf`` integrates until convergence or ``max_steps``.
+        dt: step size of the fixed-step methods; also the first step of adaptive ones when given.
+        norm: ``"l2"`` or ``"rms"`` for the termination condition.
+        throw: raise :class:`SolverError` instead of returning an unconverged result.
+    """
+
+    def __init__(
+        self,
+        ode_solver: ODEMethod = "tsit5",
+        *,
+        mode: TerminationMode = "rel_deq_default",
+        abstol: float = 1e-3,
+        reltol: float = 1e-3,
+        abstol_termination: Optional[float] = None,
+        reltol_termination: Optional[float] = None,
+        max_steps: int = 100,
+        t_max: float = math.inf,
+        dt: Optional[float] = None,
+        norm: NormKind = "l2",
+        throw: bool = False,
+        keep_trace: bool = True,
+        safety: float = 0.9,
+        min_factor: float = 0.2,
+        max_factor: float = 10.0,
+        termination: Optional[TerminationCondition] = None,
+    ):
+        if ode_solver not in _METHODS:
+            raise ValueError(f"unknown ode_solver {ode_solver!r}; valid: {', '.join(_METHODS)}")
+        self.ode_solver = ode_solver
+        self.abstol = _check_tol("abstol", abstol)
+        self.reltol = _check_tol("reltol", reltol)
+        if self.abstol == 0 and self.reltol == 0:
+            raise ValueError("abstol and reltol cannot both be 0: the step-size controller needs a tolerance")
+        if termination is None:
+            termination = TerminationCondition(
+                mode=mode,
+                abstol=self.abstol if abstol_termination is None else abstol_termination,
+                reltol=self.reltol if reltol_termination is None else reltol_termination,
+                norm=norm,
+            )
+        self.termination = termination
+        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 0:
+            raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
+        self.max_steps = max_steps
+        if not (t_max > 0):
+            raise ValueError(f"t_max must be > 0 (math.inf for no horizon), got {t_max!r}")
+        self.t_max = float(t_max)
+        _, adaptive, self.order, self.stage_evals = _METHODS[ode_solver]
+        self.adaptive = adaptive
+        if dt is not None and not (dt > 0 and math.isfinite(dt)):
+            raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
+        self.dt = dt if dt is not None or adaptive else 1.0
+        self.safety, self.min_factor, self.max_factor = float(safety), float(min_factor), float(max_factor)
+        self.throw = bool(throw)
+        self.keep_trace = bool(keep_trace)
+
+    def __repr__(self) -> str:
+        return (f"ContinuousDEQSolver({self.ode_solver!r}, mode={self.termination.mode!r}, abstol={self.abstol}, "
+                f"reltol={self.reltol}, abstol_termination={self.termination.abstol}, "
+                f"reltol_termination={self.termination.reltol}, max_steps={self.max_steps}, t_max={self.t_max})")
+
+    @torch.no_grad()
+    def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
+        packer, u = prepare(z0)
+        F = CountedMap(f, packer)
+
+        def vf(t, x, args=None):  # torchdyn's stepper signature; autonomous field
+            return F(x) - x
+
+        stepper = _stepper(self.ode_solver, u.dtype)
+        t0 = torch.zeros(1, dtype=u.dtype, device=u.device)
+        u, _ = stepper.sync_device_dtype(u, t0)
+        B = u.shape[0]
+        du = vf(None, u)
+        tracker = TerminationTracker(self.termination, B, packer.numel, device=u.device, dtype=u.dtype,
+                                     keep_trace=self.keep_trace)
+        done = tracker.update(u, du)
+        t = u.new_zeros(B)
+        dt = self._initial_dt(vf, u, du) if not done else u.new_ones(B)
+        du_norm = torch.linalg.vector_norm(du, dim=1)
+        steps = 0
+        while not done and steps < self.max_steps:
+            h = torch.minimum(dt, self.t_max - t) if math.isfinite(self.t_max) else dt
+            out = stepper.step(vf, u, t0, h.unsqueeze(1), k1=du)
+            u_new, err = out[1], out[2]
+            if self.adaptive:
+                du_new = out[0]  # first-same-as-last stage: f(u_new) - u_new
+                ratio = self._error_ratio(err, u, u_new)
+                accept = ratio <= 1.0
+                dt = self._adapt(h, ratio, accept)
+                # Near the steady state a loose error tolerance lets the step outgrow the method's
+                # stability region, and the iterates oscillate with a residual that creeps up while the
+                # error estimate stays small. Along the true flow of a contractive f the residual
+                # decreases, so a growing residual halves the next step.
+                new_norm = torch.linalg.vector_norm(du_new, dim=1)
+                grew = accept & (new_norm > du_norm)
+                dt = torch.where(grew, torch.minimum(dt, 0.5 * h), dt)
+                du_norm = torch.where(accept, new_norm, du_norm)
+            else:
+                du_new = vf(None, u_new)
+                accept = torch.ones(B, dtype=torch.bool, device=u.device)
+            accept = accept & tracker.active
+            a2 = accept.unsqueeze(1)
+            u = torch.where(a2, u_new, u)
+            du = torch.where(a2, du_new, du)
+            t = torch.where(accept, t + h, t)
+            steps += 1
+            done = tracker.update(u, du, mask=accept)
+            if math.isfinite(self.t_max) and not done and bool((t[tracker.active] >= self.t_max * (1 - 1e-12)).all()):
+                break
+        return build_result(tracker, packer, u, du, nfe=F.nfe, steps=steps, throw=self.throw,
+                            solver_name=f"ContinuousDEQSolver({self.ode_solver})", t=t)
+
+    def _scale(self, a: Tensor, b: Optional[Tensor] = None) -> Tensor:
+        mag = a.abs() if b is None else torch.maximum(a.abs(), b.abs())
+        return self.abstol + self.reltol * mag
+
+    def _error_ratio(self, err: Tensor, u: Tensor, u_new: Tensor) -> Tensor:
+        r = err / self._scale(u, u_new)
+        ratio = r.pow(2).mean(dim=1).sqrt()
+        return torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, math.inf))
+
+    def _adapt(self, h: Tensor, ratio: Tensor, accept: Tensor) -> Tensor:
+        factor = self.safety * ratio.clamp_min(1e-10).pow(-1.0 / self.order)
+        lo = torch.where(accept, torch.ones_like(h), torch.full_like(h, self.min_factor))
+        factor = torch.minimum(torch.maximum(factor, lo), torch.full_like(h, self.max_factor))
+        factor = torch.where(ratio == 0, torch.full_like(h, self.max_factor), factor)
+        return h * factor
+
+    def _initial_dt(self, vf, u: Tensor, du: Tensor) -> Tensor:
+        """Per-sample Hairer–Wanner starting step (one extra evaluation) for adaptive methods."""
+        B = u.shape[0]
+        if self.dt is not None:
+            return u.new_full((B,), self.dt)
+        scale = self._scale(u)
+        rms = lambda v: v.pow(2).mean(dim=1).sqrt()  # noqa: E731
+        d0, d1 = rms(u / scale), rms(du / scale)
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-30))
+        du1 = vf(None, u + h0.unsqueeze(1) * du)
+        d2 = rms((du1 - du) / scale) / h0
+        dmax = torch.maximum(d1, d2)
+        h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
+                         (0.01 / dmax.clamp_min(1e-30)).pow(1.0 / (self.order + 1)))
+        h = torch.minimum(100 * h0, h1)
+        return torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-3))
