@@ -1,0 +1,327 @@
+"""Shared machinery of every deqlab data module: seeded splits, transformed subsets, loaders.
+
+Why one base: the five data modules differ only in where their files live and which transforms
+they use. Splitting, loader construction (pinning, persistent workers), the missing-data message
+and the guarded download are written once here so they behave identically everywhere, including
+under DDP, where every rank must draw the *same* train/val split without talking to the others.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, random_split
+from torchvision.transforms import v2
+
+__all__ = [
+    "BaseDataModule",
+    "Flatten",
+    "TorchvisionDataModule",
+    "TransformedSubset",
+    "normalize_transform",
+    "split_indices",
+    "split_lengths",
+]
+
+Split = Literal["train", "test"]
+PathLike = Union[str, Path]
+
+# Seconds any single socket operation may block during a download. torchvision's downloader calls
+# urllib without a timeout, so a firewall that silently drops packets would otherwise hang forever.
+DOWNLOAD_SOCKET_TIMEOUT_S = 60.0
+
+
+def split_lengths(n: int, val_fraction: float, test_fraction: float = 0.0) -> tuple[int, int, int]:
+    """Sizes ``(train, val, test)`` for ``n`` items.
+
+    ``test_fraction`` is taken from all items, ``val_fraction`` from what remains after the test
+    split, both rounded to the nearest integer. Raises ``ValueError`` when nothing is left to train on.
+    """
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {frac}")
+    n_test = int(round(n * test_fraction))
+    n_val = int(round((n - n_test) * val_fraction))
+    n_train = n - n_test - n_val
+    if n_train < 1:
+        raise ValueError(
+            f"no training items left: n={n}, val_fraction={val_fraction}, test_fraction={test_fraction} "
+            f"give train={n_train}, val={n_val}, test={n_test}"
+        )
+    return n_train, n_val, n_test
+
+
+def split_indices(n: int, lengths: Sequence[int], seed: int) -> list[list[int]]:
+    """Partition ``range(n)`` into pieces of ``lengths`` with a seeded permutation.
+
+    Why a fresh ``torch.Generator().manual_seed(seed)``: the split depends on ``seed`` alone, not on
+    the global RNG state, so every process (every DDP rank, every rerun) gets identical indices.
+    """
+    if sum(lengths) != n:
+        raise ValueError(f"lengths {list(lengths)} do not sum to n={n}")
+    generator = torch.Generator().manual_seed(seed)
+    return [list(s.indices) for s in random_split(range(n), list(lengths), generator=generator)]
+
+
+class TransformedSubset(Dataset):
+    """``dataset[indices[i]]`` with ``transform`` applied to the input (not the label).
+
+    Why not ``torch.utils.data.Subset``: the train and val subsets of one underlying dataset need
+    different transforms (augmentation only for training), and the underlying data is loaded once.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Optional[Callable] = None) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        x, y = self.dataset[self.indices[i]]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, y
+
+
+class Flatten:
+    """Flatten a ``(C, H, W)`` image tensor to ``(C*H*W,)`` for dense models.
+
+    A module-level class rather than a lambda so transforms pickle into spawned worker processes.
+    """
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x.reshape(-1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def normalize_transform(
+    mean: Sequence[float], std: Sequence[float], *, augment: Sequence[Callable] = (), flatten: bool = False
+) -> v2.Compose:
+    """PIL image → augmentations → float tensor in [0, 1] → ``(x - mean) / std`` (→ flattened).
+
+    Augmentations run on the PIL image (cheap, exact for crops/flips); the result is a plain
+    ``torch.Tensor`` (``ToPureTensor``) so batches are ordinary tensors, not tv_tensors subclasses.
+    """
+    steps: list[Callable] = [
+        *augment,
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+        v2.ToPureTensor(),
+    ]
+    if flatten:
+        steps.append(Flatten())
+    return v2.Compose(steps)
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Temporarily give sockets created without a timeout this one (restored afterwards)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+class BaseDataModule(pl.LightningDataModule):
+    """Loader logic shared by all deqlab data modules.
+
+    Subclasses fill ``train_set``, ``val_set`` and ``test_set`` in ``setup``; this class turns them into
+    ``DataLoader``s with one policy: shuffle only the training set, pin memory only when CUDA is
+    there to receive it, keep workers alive between epochs when there are workers.
+
+    Args:
+        batch_size: samples per batch (per process under DDP).
+        num_workers: loader worker processes; 0 loads in the main process (simplest, and fastest
+            for small in-memory datasets).
+        seed: seeds the train/val(/test) split only, so the split is identical on every rank.
+        val_fraction: fraction of the non-test data held out for validation (0 disables validation).
+        pin_memory: page-locked host batches for faster host-to-GPU copies; ``None`` means "only
+            when CUDA is available" (pinning without a GPU only costs memory).
+    """
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        pin_memory: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.val_fraction = val_fraction
+        self.pin_memory = pin_memory
+        self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
+
+    def _loader(self, dataset: Optional[Dataset], *, shuffle: bool, what: str) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: no {what} set; call setup() first (the Trainer does this)")
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True, what="train")
+
+    def val_dataloader(self) -> Union[DataLoader, list]:
+        # An empty list tells Lightning there is no validation (val_fraction=0).
+        if self.val_set is not None and len(self.val_set) == 0:
+            return []
+        return self._loader(self.val_set, shuffle=False, what="validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False, what="test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False, what="test")
+
+
+class TorchvisionDataModule(BaseDataModule):
+    """A data module over a torchvision dataset stored under ``data_dir``.
+
+    Subclasses say which files must exist (``expected_paths``), how the layout looks
+    (``layout_hint``), how to load a split (``load_split``), how to download (``download_data``)
+    and which transforms to use. This class adds: download only in ``prepare_data`` (which
+    Lightning runs on one process per node, so ranks never race on the same files), an explicit
+    ``FileNotFoundError`` naming every missing file, and a train/val split of the official
+    training set that is the same on every rank.
+
+    Args:
+        data_dir: root directory shared by the datasets (each has its own sub-layout).
+        download: fetch the files in ``prepare_data`` when they are missing (needs network).
+        augment: use training augmentation (validation and test never augment).
+    """
+
+    name: str = "dataset"
+
+    def __init__(
+        self,
+        *,
+        data_dir: PathLike,
+        download: bool = False,
+        augment: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.data_dir = Path(data_dir).expanduser()
+        self.download = download
+        self.augment = augment
+
+    # ---- what subclasses provide -------------------------------------------------------------
+    def expected_paths(self, split: Split) -> list[Path]:
+        """Files or directories that must exist before ``split`` can be loaded."""
+        raise NotImplementedError
+
+    def layout_hint(self) -> str:
+        """One or two sentences saying what goes where, for error messages."""
+        raise NotImplementedError
+
+    def download_data(self) -> None:
+        """Fetch the files into ``data_dir`` (called only when ``download=True`` and files are missing)."""
+        raise NotImplementedError
+
+    def load_split(self, split: Split, transform: Optional[Callable]) -> Dataset:
+        """The torchvision dataset for ``split``, yielding ``(PIL image, int label)`` before ``transform``."""
+        raise NotImplementedError
+
+    def train_transform(self) -> Callable:
+        """Transform for training samples (with augmentation when ``augment``)."""
+        raise NotImplementedError
+
+    def eval_transform(self) -> Callable:
+        """Transform for validation and test samples (deterministic)."""
+        raise NotImplementedError
+
+    # ---- shared behaviour --------------------------------------------------------------------
+    def missing_paths(self, split: Optional[Split] = None) -> list[Path]:
+        """Expected paths that do not exist, for one split or (``None``) both."""
+        splits: tuple[Split, ...] = ("train", "test") if split is None else (split,)
+        seen: dict[Path, None] = {}
+        for s in splits:
+            for p in self.expected_paths(s):
+                if not p.exists():
+                    seen[p] = None
+        return list(seen)
+
+    def _missing_message(self, missing: list[Path]) -> str:
+        listed = ", ".join(str(p.relative_to(self.data_dir)) if p.is_relative_to(self.data_dir) else str(p) for p in missing)
+        return (
+            f"{self.name} data not found: missing under {self.data_dir}: {listed}. {self.layout_hint()} "
+            f"Pass download=True to fetch it (needs network access), or place the files there."
+        )
+
+    def prepare_data(self) -> None:
+        """Download when asked to and needed; otherwise touch nothing (missing data is reported in ``setup``)."""
+        if not self.download or not self.missing_paths():
+            return
+        try:
+            with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+                self.download_data()
+        except Exception as err:  # URLError, socket.timeout, torchvision's RuntimeError on bad md5, ...
+            raise RuntimeError(
+                f"downloading {self.name} into {self.data_dir} failed ({type(err).__name__}: {err}). "
+                f"Without network access place the files yourself: {self.layout_hint()}"
+            ) from err
+        still_missing = self.missing_paths()
+        if still_missing:
+            raise RuntimeError("download finished but files are still missing. " + self._missing_message(still_missing))
+
+    def _load_checked(self, split: Split, transform: Optional[Callable]) -> Dataset:
+        missing = self.missing_paths(split)
+        if missing:
+            msg = self._missing_message(missing)
+            if self.download:
+                msg += " (download=True only downloads in prepare_data(); call it before setup(), as the Trainer does.)"
+            raise FileNotFoundError(msg)
+        try:
+            return self.load_split(split, transform)
+        except RuntimeError as err:
+            # The files exist (checked above), so torchvision rejected them: wrong checksum or format.
+            raise RuntimeError(
+                f"{self.name} files are present under {self.data_dir} but torchvision rejected them ({err}). "
+                f"They are probably corrupted, truncated or not the official release: delete them and "
+                f"download again. {self.layout_hint()}"
+            ) from err
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Build the datasets the stage needs (idempotent: a second call reuses them)."""
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            full = self._load_checked("train", None)
+            n_train, n_val, _ = split_lengths(len(full), self.val_fraction)
+            train_idx, val_idx = split_indices(len(full), [n_train, n_val], self.seed)
+            self.train_set = TransformedSubset(full, train_idx, self.train_transform())
+            self.val_set = TransformedSubset(full, val_idx, self.eval_transform())
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = self._load_checked("test", self.eval_transform())

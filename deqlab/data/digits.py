@@ -1,0 +1,90 @@
+"""scikit-learn's bundled 8×8 handwritten digits: the offline default dataset of deqlab.
+
+Why this dataset: it ships inside scikit-learn (no download, no files), has 1797 samples and 10
+classes, and trains a small DEQ on a CPU in seconds, so demos, docs and tests always have real data.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from sklearn.datasets import load_digits
+from torch.utils.data import TensorDataset
+
+from deqlab.data.base import BaseDataModule, split_indices, split_lengths
+
+__all__ = ["DigitsDataModule"]
+
+_N_SAMPLES = 1797
+_MAX_PIXEL = 16.0  # the dataset's pixel values are integers 0..16
+
+
+class DigitsDataModule(BaseDataModule):
+    """Train/val/test loaders over ``sklearn.datasets.load_digits`` (1797 images of 8×8 pixels).
+
+    Images are ``(1, 8, 8)`` float tensors (``(64,)`` with ``flatten=True``), scaled from 0..16 to
+    [0, 1] and then normalised with the mean and std of the *training split only*, so no statistic
+    leaks from validation or test data. Labels are ``torch.long`` in 0..9.
+
+    The split is a seeded permutation: ``test_fraction`` of all samples is the test set,
+    ``val_fraction`` of the rest is the validation set (defaults give 1294 / 144 / 359).
+
+    Args:
+        batch_size: samples per batch.
+        num_workers: loader workers; 0 is best here (the whole dataset is one small tensor).
+        seed: seeds the split; the same seed gives the same split in every process.
+        val_fraction: fraction of the non-test samples used for validation.
+        test_fraction: fraction of all samples used for testing.
+        flatten: yield ``(64,)`` vectors for dense models instead of ``(1, 8, 8)`` images.
+        pin_memory: ``None`` pins only when CUDA is available.
+
+    Attributes:
+        num_classes: 10.
+        input_shape: ``(1, 8, 8)`` or ``(64,)``.
+        mean, std: the normalisation statistics (set by ``setup``).
+    """
+
+    num_classes: int = 10
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        flatten: bool = False,
+        pin_memory: Optional[bool] = None,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            val_fraction=val_fraction,
+            pin_memory=pin_memory,
+        )
+        self.save_hyperparameters()
+        split_lengths(_N_SAMPLES, val_fraction, test_fraction)  # validate the fractions now, not in setup
+        self.test_fraction = test_fraction
+        self.flatten = flatten
+        self.input_shape: tuple[int, ...] = (64,) if flatten else (1, 8, 8)
+        self.mean: Optional[float] = None
+        self.std: Optional[float] = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Build all three splits at once (idempotent); the whole dataset is ~460 KB."""
+        if self.train_set is not None:
+            return
+        bunch = load_digits()
+        x = torch.as_tensor(bunch.data, dtype=torch.float32) / _MAX_PIXEL
+        y = torch.as_tensor(bunch.target, dtype=torch.long)
+        lengths = split_lengths(len(x), self.val_fraction, self.test_fraction)
+        train_idx, val_idx, test_idx = (torch.tensor(i, dtype=torch.long) for i in split_indices(len(x), lengths, self.seed))
+        train_x = x[train_idx]
+        self.mean = float(train_x.mean())
+        self.std = float(train_x.std())
+        x = (x - self.mean) / self.std
+        x = x.reshape(-1, *self.input_shape)
+        self.train_set = TensorDataset(x[train_idx], y[train_idx])
+        self.val_set = TensorDataset(x[val_idx], y[val_idx])
+        self.test_set = TensorDataset(x[test_idx], y[test_idx])

@@ -1,0 +1,87 @@
+"""Shared split and loader logic (deqlab.data.base)."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from deqlab.data import DigitsDataModule, TransformedSubset, split_indices, split_lengths
+from deqlab.data.base import Flatten, normalize_transform
+
+
+def test_split_lengths_rounding_and_validation() -> None:
+    assert split_lengths(1797, 0.1, 0.2) == (1294, 144, 359)
+    assert split_lengths(60000, 0.1) == (54000, 6000, 0)
+    assert split_lengths(10, 0.0) == (10, 0, 0)
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_lengths(10, 1.0)
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_lengths(10, 0.1, -0.1)
+    with pytest.raises(ValueError, match="no training items"):
+        split_lengths(1, 0.0, 0.9)
+
+
+def test_split_indices_is_a_partition_and_seeded() -> None:
+    a = split_indices(100, [70, 20, 10], seed=3)
+    assert [len(p) for p in a] == [70, 20, 10]
+    assert sorted(sum(a, [])) == list(range(100))
+    assert split_indices(100, [70, 20, 10], seed=3) == a
+    assert split_indices(100, [70, 20, 10], seed=4) != a
+    with pytest.raises(ValueError, match="sum"):
+        split_indices(100, [70, 20], seed=3)
+
+
+def test_split_ignores_global_rng_state() -> None:
+    # What makes DDP ranks agree: the split depends on the seed argument only.
+    torch.manual_seed(1)
+    a = split_indices(50, [40, 10], seed=7)
+    torch.manual_seed(999)
+    torch.rand(10)
+    assert split_indices(50, [40, 10], seed=7) == a
+
+
+def test_transformed_subset_applies_transform_to_inputs_only() -> None:
+    base = TensorDataset(torch.arange(10.0).reshape(10, 1), torch.arange(10))
+    sub = TransformedSubset(base, [3, 5], transform=lambda x: x * 10)
+    assert len(sub) == 2
+    x, y = sub[1]
+    assert x.item() == 50.0 and y.item() == 5
+
+
+def test_transforms_pickle_for_spawned_workers() -> None:
+    t = normalize_transform((0.5,), (0.5,), flatten=True)
+    assert any(isinstance(s, Flatten) for s in pickle.loads(pickle.dumps(t)).transforms)
+
+
+def test_loader_policy() -> None:
+    dm = DigitsDataModule(batch_size=16, num_workers=2)
+    with pytest.raises(RuntimeError, match="setup"):
+        dm.train_dataloader()
+    dm.setup()
+    train = dm.train_dataloader()
+    assert train.batch_size == 16 and train.num_workers == 2 and train.persistent_workers
+    assert train.pin_memory == torch.cuda.is_available()
+    assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+    assert isinstance(dm.val_dataloader().sampler, torch.utils.data.SequentialSampler)
+    assert isinstance(dm.test_dataloader().sampler, torch.utils.data.SequentialSampler)
+    dm0 = DigitsDataModule(num_workers=0, pin_memory=True)
+    dm0.setup()
+    loader = dm0.train_dataloader()
+    assert loader.pin_memory and not loader.persistent_workers
+
+
+def test_no_validation_when_val_fraction_is_zero() -> None:
+    dm = DigitsDataModule(val_fraction=0.0)
+    dm.setup()
+    assert dm.val_dataloader() == []
+
+
+def test_bad_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        DigitsDataModule(batch_size=0)
+    with pytest.raises(ValueError, match="val_fraction"):
+        DigitsDataModule(val_fraction=1.5)
+    with pytest.raises(TypeError):
+        DigitsDataModule(batchsize=3)  # type: ignore[call-arg]
