@@ -1,0 +1,52 @@
+"""DEQ layers, implicit differentiation and building blocks (pure torch; never imports Lightning).
+
+torchdyn is imported lazily by :class:`MultiScaleNeuralODE` only when it runs.
+"""
+from deqlab.nn.deq import (
+    DEQ,
+    DeepEquilibriumNetwork,
+    MultiScaleDeepEquilibriumNetwork,
+    MultiScaleMap,
+    MultiScaleSkipDeepEquilibriumNetwork,
+    SkipDEQ,
+    SkipDeepEquilibriumNetwork,
+)
+from deqlab.nn.implicit import BackwardMode, ImplicitBackward, JacobianFreeBackward, PhantomGradient
+from deqlab.nn.layers import (
+    DenseDEQBlock,
+    Downsample,
+    EquilibriumStateful,
+    PostFuse,
+    ResidualBlock,
+    Upsample,
+    VariationalHiddenDropout,
+    WeightNorm,
+)
+from deqlab.nn.neural_ode import MultiScaleNeuralODE
+from deqlab.nn.regularization import jacobian_frobenius_estimate
+from deqlab.nn.solution import DeepEquilibriumSolution
+
+__all__ = [
+    "DeepEquilibriumNetwork",
+    "DEQ",
+    "SkipDeepEquilibriumNetwork",
+    "SkipDEQ",
+    "MultiScaleMap",
+    "MultiScaleDeepEquilibriumNetwork",
+    "MultiScaleSkipDeepEquilibriumNetwork",
+    "MultiScaleNeuralODE",
+    "DeepEquilibriumSolution",
+    "BackwardMode",
+    "ImplicitBackward",
+    "JacobianFreeBackward",
+    "PhantomGradient",
+    "jacobian_frobenius_estimate",
+    "EquilibriumStateful",
+    "WeightNorm",
+    "VariationalHiddenDropout",
+    "DenseDEQBlock",
+    "ResidualBlock",
+    "Downsample",
+    "Upsample",
+    "PostFuse",
+]

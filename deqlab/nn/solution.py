@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
-import torch
 from torch import Tensor
 
 from deqlab.solvers.result import SolverResult, SolverStatus

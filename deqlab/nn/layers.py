@@ -1,0 +1,275 @@
+"""Building blocks for DEQ maps: per-solve stateful modules and the paper's residual blocks.
+
+Why "per-solve state": inside one DEQ forward the map ``f`` is evaluated tens of times. Two things must
+then happen once per forward, not once per evaluation:
+
+* weight normalisation (``w = g * v / ||v||``) is a pure function of the parameters, so computing it
+  per evaluation is wasted work;
+* variational (hidden) dropout must use *one* mask for the whole solve, otherwise ``f`` changes between
+  iterations and there is no fixed point.
+
+Modules that need this derive from :class:`EquilibriumStateful`. Every DEQ layer in :mod:`deqlab.nn`
+finds them among its submodules and calls :meth:`EquilibriumStateful.deq_begin` at the start of each
+forward and :meth:`EquilibriumStateful.deq_end` at its end, automatically; the implicit backward
+re-installs the exact state (same mask, same normalised weight) when it re-evaluates ``f``. No user
+``reset`` calls are needed. Outside a DEQ forward the modules behave like ordinary layers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "EquilibriumStateful",
+    "WeightNorm",
+    "VariationalHiddenDropout",
+    "DenseDEQBlock",
+    "ResidualBlock",
+    "Downsample",
+    "Upsample",
+    "PostFuse",
+]
+
+
+class EquilibriumStateful(nn.Module):
+    """Base class of modules that keep state fixed for the duration of one DEQ forward.
+
+    Subclasses implement the four hooks below. ``deq_state``/``deq_load_state`` exchange a plain dict;
+    tensors in it that require grad are routed through the implicit backward so their gradients reach
+    the parameters they were computed from.
+    """
+
+    def deq_begin(self) -> None:  # pragma: no cover - interface
+        """Called once at the start of a DEQ forward (grad mode as in that forward)."""
+
+    def deq_end(self) -> None:  # pragma: no cover - interface
+        """Called once at the end of a DEQ forward; drop caches so stale values are never reused."""
+
+    def deq_state(self) -> Dict[str, Any]:  # pragma: no cover - interface
+        return {}
+
+    def deq_load_state(self, state: Dict[str, Any]) -> None:  # pragma: no cover - interface
+        pass
+
+
+class WeightNorm(EquilibriumStateful):
+    """Weight normalisation ``w = g * v / ||v||`` around any module with a weight (``Conv2d``, ``Linear``...).
+
+    Inside a DEQ forward the normalised weight is computed once (in :meth:`deq_begin`) and reused by every
+    solver iteration; outside a DEQ forward it is computed on each call.
+
+    Args:
+        module: the wrapped layer; its ``name`` parameter is replaced by ``{name}_g`` and ``{name}_v``.
+        name: which parameter to normalise.
+        dim: the dimension kept by the norm (0: one scale per output channel/unit).
+    """
+
+    def __init__(self, module: nn.Module, name: str = "weight", dim: int = 0):
+        super().__init__()
+        weight = getattr(module, name)
+        if not isinstance(weight, nn.Parameter):
+            raise ValueError(f"WeightNorm: module {type(module).__name__} has no parameter {name!r}")
+        del module._parameters[name]
+        self.module = module
+        self.name = name
+        self.dim = dim
+        self.weight_v = nn.Parameter(weight.detach().clone())
+        self.weight_g = nn.Parameter(self._norm(weight.detach()).clone())
+        self._cache: Optional[Tensor] = None
+
+    def _norm(self, v: Tensor) -> Tensor:
+        dims = [d for d in range(v.dim()) if d != self.dim]
+        return torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+
+    def compute_weight(self) -> Tensor:
+        return self.weight_g * self.weight_v / self._norm(self.weight_v)
+
+    def deq_begin(self) -> None:
+        self._cache = self.compute_weight()
+
+    def deq_end(self) -> None:
+        self._cache = None
+
+    def deq_state(self) -> Dict[str, Any]:
+        return {"weight": self._cache}
+
+    def deq_load_state(self, state: Dict[str, Any]) -> None:
+        self._cache = state["weight"]
+
+    def forward(self, *args, **kwargs):
+        w = self._cache if self._cache is not None else self.compute_weight()
+        setattr(self.module, self.name, w)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            delattr(self.module, self.name)
+
+
+class VariationalHiddenDropout(EquilibriumStateful):
+    """Dropout whose mask is drawn once per DEQ forward and held fixed during the solve.
+
+    The mask is drawn at the first call after the DEQ forward starts, on the input's device and dtype,
+    scaled by ``1 / (1 - p)``. With ``spatial=True`` one value per (sample, channel) is shared over the
+    spatial dimensions (as in MDEQ). In eval mode, or with ``p == 0``, it is the identity. Outside a DEQ
+    forward a fresh mask is drawn per call (ordinary dropout semantics).
+
+    Args:
+        p: drop probability.
+        spatial: share the mask over dimensions 2.. (inputs of rank >= 3).
+    """
+
+    def __init__(self, p: float = 0.0, spatial: bool = True):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"VariationalHiddenDropout: p must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.spatial = spatial
+        self._active = False
+        self._mask: Optional[Tensor] = None
+
+    def deq_begin(self) -> None:
+        self._active = True
+        self._mask = None
+
+    def deq_end(self) -> None:
+        self._active = False
+        self._mask = None
+
+    def deq_state(self) -> Dict[str, Any]:
+        return {"active": self._active, "mask": self._mask}
+
+    def deq_load_state(self, state: Dict[str, Any]) -> None:
+        self._active = state["active"]
+        self._mask = state["mask"]
+
+    def _draw(self, x: Tensor) -> Tensor:
+        shape = list(x.shape)
+        if self.spatial and x.dim() >= 3:
+            shape = shape[:2] + [1] * (x.dim() - 2)
+        mask = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.p)
+        return mask / (1.0 - self.p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if not self._active:
+            return x * self._draw(x)
+        if self._mask is None or self._mask.shape[0] != x.shape[0]:
+            self._mask = self._draw(x)
+        return x * self._mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, spatial={self.spatial}"
+
+
+class DenseDEQBlock(nn.Module):
+    """The MNIST-dense map of the paper: ``f(z, x) = relu(W1 z) + relu(W2 x)``, no biases.
+
+    Args:
+        dim: state width.
+        injection_dim: width of ``x`` (defaults to ``dim``).
+    """
+
+    def __init__(self, dim: int, injection_dim: Optional[int] = None):
+        super().__init__()
+        self.w_z = nn.Linear(dim, dim, bias=False)
+        self.w_x = nn.Linear(injection_dim or dim, dim, bias=False)
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return F.relu(self.w_z(z)) + F.relu(self.w_x(x))
+
+
+def _conv3x3(cin: int, cout: int, weight_norm: bool, std: Optional[float]) -> nn.Module:
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    if std is not None:
+        nn.init.normal_(conv.weight, 0.0, std)
+    return WeightNorm(conv) if weight_norm else conv
+
+
+class ResidualBlock(nn.Module):
+    """The paper-v1 MDEQ residual block (CIFAR-10 / SVHN / MNIST-conv main layers).
+
+    ``y = conv2(gelu(GN(conv1(z))))`` with conv1: C→eC, conv2: eC→C (3×3, no bias, weight-normed,
+    N(0, 0.01) init); ``out = GN(gelu(GN(dropout(y) + x) + z))``. Called as ``block(z, x)`` (``x`` is
+    the injection, same shape as ``z``) or ``block(z)`` (no injection: scales > 1 of a multiscale model).
+
+    Args:
+        channels: C.
+        expansion: e (5 in paper v1).
+        num_groups: GroupNorm groups (8 in paper v1); must divide C and eC.
+        dropout: variational hidden dropout probability (mask fixed per solve).
+        weight_norm: wrap both convolutions in :class:`WeightNorm`.
+        init_std: std of the normal weight init (``None``: PyTorch default).
+    """
+
+    def __init__(self, channels: int, expansion: int = 5, num_groups: int = 8, dropout: float = 0.0,
+                 weight_norm: bool = True, init_std: Optional[float] = 0.01):
+        super().__init__()
+        hidden = channels * expansion
+        self.conv1 = _conv3x3(channels, hidden, weight_norm, init_std)
+        self.gn1 = nn.GroupNorm(min(num_groups, hidden), hidden)
+        self.conv2 = _conv3x3(hidden, channels, weight_norm, init_std)
+        self.dropout = VariationalHiddenDropout(dropout)
+        self.gn2 = nn.GroupNorm(min(num_groups, channels), channels)
+        self.gn3 = nn.GroupNorm(min(num_groups, channels), channels)
+
+    def forward(self, z: Tensor, x: Optional[Tensor] = None) -> Tensor:
+        y = self.conv2(F.gelu(self.gn1(self.conv1(z))))
+        y = self.dropout(y)
+        if x is not None:
+            y = y + x
+        return self.gn3(F.gelu(self.gn2(y) + z))
+
+
+class Downsample(nn.Module):
+    """Mapping i→j with j > i: ``factor`` = 2^(j−i) halvings, each a stride-2 conv3×3 + GroupNorm
+    (gelu between stages)."""
+
+    def __init__(self, in_channels: int, out_channels: int, factor: int = 2, num_groups: int = 4):
+        super().__init__()
+        stages = int(round(math.log2(factor)))
+        if 2 ** stages != factor or stages < 1:
+            raise ValueError(f"Downsample: factor must be a power of 2 >= 2, got {factor}")
+        layers = []
+        c = in_channels
+        for k in range(stages):
+            last = k == stages - 1
+            cout = out_channels if last else in_channels
+            layers += [nn.Conv2d(c, cout, 3, stride=2, padding=1, bias=False),
+                       nn.GroupNorm(min(num_groups, cout), cout)]
+            if not last:
+                layers.append(nn.GELU())
+            c = cout
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Upsample(nn.Module):
+    """Mapping i→j with j < i: conv1×1 + GroupNorm, then nearest upsampling by ``factor``."""
+
+    def __init__(self, in_channels: int, out_channels: int, factor: int = 2, num_groups: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.norm = nn.GroupNorm(min(num_groups, out_channels), out_channels)
+        self.factor = factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(self.norm(self.conv(x)), scale_factor=self.factor, mode="nearest")
+
+
+class PostFuse(nn.Module):
+    """Paper-v1 post-fuse layer per scale: gelu → conv1×1 → GroupNorm."""
+
+    def __init__(self, channels: int, num_groups: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.norm = nn.GroupNorm(min(num_groups, channels), channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(F.gelu(x)))
