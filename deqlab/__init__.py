@@ -35,6 +35,10 @@ __version__ = "0.1.0"
 # name -> module that defines it; imported on first access (these modules import pytorch_lightning).
 _LAZY = {
     "DEQLightningModule": "deqlab.lightning",
+    "NFEHistogram": "deqlab.lightning",
+    "ConvergenceFigure": "deqlab.lightning",
+    "DigitsDEQ": "deqlab.zoo",
+    "MNISTDenseDEQ": "deqlab.zoo",
     "DigitsDataModule": "deqlab.data",
     "MNISTDataModule": "deqlab.data",
     "SVHNDataModule": "deqlab.data",

@@ -15,11 +15,12 @@ from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import DataLoader, Dataset, RandomSampler, random_split
 from torchvision.transforms import v2
 
 __all__ = [
     "BaseDataModule",
+    "EpochSeededSampler",
     "Flatten",
     "TorchvisionDataModule",
     "TransformedSubset",
@@ -66,6 +67,27 @@ def split_indices(n: int, lengths: Sequence[int], seed: int) -> list[list[int]]:
         raise ValueError(f"lengths {list(lengths)} do not sum to n={n}")
     generator = torch.Generator().manual_seed(seed)
     return [list(s.indices) for s in random_split(range(n), list(lengths), generator=generator)]
+
+
+class EpochSeededSampler(RandomSampler):
+    """Shuffles by ``(seed, epoch)`` alone, so a run resumed from a checkpoint sees exactly the batches
+    an uninterrupted run would (the global RNG, which Lightning does not checkpoint, is not used).
+
+    Lightning calls ``set_epoch`` at every epoch start. A ``RandomSampler`` subclass, so under DDP
+    Lightning swaps it for its ``DistributedSampler``, which is seeded by (seed, epoch) as well.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
 
 
 class TransformedSubset(Dataset):
@@ -186,7 +208,7 @@ class BaseDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=pin,
             persistent_workers=self.num_workers > 0,

@@ -85,3 +85,19 @@ def test_bad_arguments_raise() -> None:
         DigitsDataModule(val_fraction=1.5)
     with pytest.raises(TypeError):
         DigitsDataModule(batchsize=3)  # type: ignore[call-arg]
+
+
+def test_epoch_seeded_sampler_depends_on_seed_and_epoch_only():
+    from deqlab.data import EpochSeededSampler
+
+    data = list(range(50))
+    a, b = EpochSeededSampler(data, seed=3), EpochSeededSampler(data, seed=3)
+    torch.manual_seed(0)
+    first = list(a)
+    torch.manual_seed(99)  # the global RNG must not matter (it is not checkpointed)
+    assert list(b) == first and sorted(first) == data
+    a.set_epoch(1)
+    assert list(a) != first
+    b.set_epoch(1)
+    assert list(a) == list(b)
+    assert list(EpochSeededSampler(data, seed=4)) != first

@@ -1,0 +1,203 @@
+"""TensorBoard pictures of what the solver did: NFE histograms, convergence curves, the fixed point.
+
+Why callbacks: these are side effects (figures, histograms) that cost extra forward passes or memory;
+keeping them out of the module lets a user switch them off (``log_figures=False``) and keeps them on
+rank zero only under DDP.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, List, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+from torch import Tensor
+
+from deqlab.lightning._stats import as_solution_list
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NFEHistogram", "ConvergenceFigure", "tensorboard_writers"]
+
+
+def tensorboard_writers(trainer: pl.Trainer) -> List[Any]:
+    """The ``SummaryWriter`` of every TensorBoard logger attached to ``trainer`` (empty when none)."""
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+class NFEHistogram(pl.Callback):
+    """Per epoch, a histogram of the per-batch forward NFE: ``solver/nfe_hist`` (training batches) and
+    ``solver/val_nfe_hist`` (validation batches).
+
+    A mean NFE hides the tail: a few batches that hit ``max_steps`` show up here as a separate mode.
+    Values are collected on rank zero only (each rank sees a shard of the same distribution).
+    """
+
+    def __init__(self, train_tag: str = "solver/nfe_hist", val_tag: str = "solver/val_nfe_hist") -> None:
+        self.train_tag = train_tag
+        self.val_tag = val_tag
+        self._train: List[float] = []
+        self._val: List[float] = []
+
+    @staticmethod
+    def _nfe(pl_module: pl.LightningModule) -> Optional[float]:
+        stats = getattr(pl_module, "last_step_stats", None) or {}
+        nfe = stats.get("nfe")
+        return None if nfe is None else float(nfe)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        nfe = self._nfe(pl_module)
+        if nfe is not None:
+            self._train.append(nfe)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer, self.train_tag, self._train)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val = []
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        nfe = self._nfe(pl_module)
+        if nfe is not None:
+            self._val.append(nfe)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._write(trainer, self.val_tag, self._val)
+
+    @rank_zero_only
+    def _write(self, trainer: pl.Trainer, tag: str, values: Sequence[float]) -> None:
+        if not values:
+            return
+        data = torch.tensor(list(values), dtype=torch.float32)
+        for writer in tensorboard_writers(trainer):
+            # integer-aligned bins so each NFE value gets its own bar
+            lo, hi = float(data.min()), float(data.max())
+            bins = int(hi - lo) + 1 if hi - lo < 200 else "auto"
+            writer.add_histogram(tag, data, global_step=trainer.global_step, bins=bins if bins != 1 else "auto")
+
+
+class ConvergenceFigure(pl.Callback):
+    """Per validation epoch, for one fixed validation batch: the solver's termination objective versus
+    solver step (``solver/convergence``, a matplotlib figure) and a picture of the fixed point
+    (``solver/fixed_point``).
+
+    Why a fixed batch: curves from different epochs are then comparable, so one can watch training make
+    the fixed point easier (or harder) to find. The curve comes from ``solution.solver_result.trace``;
+    solvers that do not record a trace get no figure (logged once at INFO level).
+
+    Args:
+        num_samples: samples of the batch to plot (each a thin line; the median is bold).
+        every_n_epochs: draw every ``n`` validation epochs.
+        fixed_point_image: also add ``solver/fixed_point`` (image states: channel mean per sample; dense
+            states: the samples × features matrix).
+    """
+
+    def __init__(self, num_samples: int = 16, every_n_epochs: int = 1, fixed_point_image: bool = True) -> None:
+        if num_samples < 1 or every_n_epochs < 1:
+            raise ValueError("num_samples and every_n_epochs must be >= 1")
+        self.num_samples = num_samples
+        self.every_n_epochs = every_n_epochs
+        self.fixed_point_image = fixed_point_image
+        self._batch: Optional[Any] = None
+        self._warned = False
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._batch is None and batch_idx == 0 and dataloader_idx == 0:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch["x"] if isinstance(batch, dict) else batch
+            if torch.is_tensor(x):
+                self._batch = x[: self.num_samples].detach().clone()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self._batch is None:
+            return
+        if trainer.current_epoch % self.every_n_epochs:
+            return
+        self._draw(trainer, pl_module)
+
+    @rank_zero_only
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        writers = tensorboard_writers(trainer)
+        if not writers:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                _, solution = pl_module(self._batch.to(pl_module.device))
+        finally:
+            pl_module.train(was_training)
+        solutions = as_solution_list(solution)
+        if not solutions:
+            return
+        first = solutions[0]
+        step = trainer.global_step
+        trace = getattr(getattr(first, "solver_result", None), "trace", None)
+        if trace is not None:
+            fig = convergence_figure(trace, title=f"epoch {trainer.current_epoch}: NFE {first.nfe}, {first.status}")
+            for w in writers:
+                w.add_figure("solver/convergence", fig, global_step=step, close=False)
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        elif not self._warned:
+            self._warned = True
+            log.info("deqlab: the solver recorded no trace; solver/convergence is not drawn")
+        if self.fixed_point_image:
+            image = fixed_point_image(first.z_star)
+            if image is not None:
+                for w in writers:
+                    w.add_image("solver/fixed_point", image, global_step=step, dataformats="CHW")
+
+
+def convergence_figure(trace: Tensor, title: str = "") -> Any:
+    """A log-scale plot of the ``(steps + 1, B)`` per-sample objective, one thin line per sample."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    t = trace.detach().float().cpu()
+    if t.dim() == 1:
+        t = t[:, None]
+    t = t.clamp_min(1e-12)
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=80)
+    steps = torch.arange(t.shape[0])
+    for j in range(t.shape[1]):
+        ax.semilogy(steps, t[:, j], color="0.6", linewidth=0.6)
+    ax.semilogy(steps, t.median(dim=1).values, color="C0", linewidth=2.0, label="median")
+    ax.set_xlabel("solver step")
+    ax.set_ylabel("termination objective")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def fixed_point_image(z: Any, max_samples: int = 8) -> Optional[Tensor]:
+    """A ``(1, H, W)`` picture in [0, 1] of the fixed point: image states (B, C, H, W) as the channel mean
+    of the first samples side by side; dense states (B, D) as the samples × features matrix."""
+    if isinstance(z, (list, tuple)):
+        z = z[0] if z else None
+    if not torch.is_tensor(z):
+        return None
+    z = z.detach().float().cpu()
+    if z.dim() == 4:
+        tiles = z[:max_samples].mean(dim=1)  # (n, H, W)
+        img = torch.cat(list(tiles), dim=1)  # (H, n*W)
+    elif z.dim() == 2:
+        img = z
+    else:
+        return None
+    lo, hi = img.min(), img.max()
+    img = (img - lo) / (hi - lo) if hi > lo else torch.zeros_like(img)
+    return img[None]

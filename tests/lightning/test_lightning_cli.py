@@ -1,0 +1,59 @@
+"""The ``deqlab`` CLI: experiment configs train, and bad configs fail with jsonargparse's message."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lightning_testkit import REPO
+
+from deqlab.lightning.cli import main
+
+FAST = [
+    "--trainer.max_steps=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def test_fit_then_test_with_the_digits_config(tmp_path):
+    config = str(REPO / "experiments" / "digits.yaml")
+    main(["fit", "--config", config, *FAST, f"--trainer.logger.init_args.save_dir={tmp_path}",
+          f"--trainer.default_root_dir={tmp_path}"])
+    run = tmp_path / "digits" / "version_0"
+    assert (run / "config.yaml").exists()
+    assert list(run.glob("events.out.tfevents*"))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    main(["test", "--config", config, *FAST, f"--trainer.logger.init_args.save_dir={tmp_path}",
+          f"--ckpt_path={ckpt}"])
+
+
+def test_mnist_dense_config_parses_to_the_paper_model():
+    cfg = yaml.safe_load((REPO / "experiments" / "mnist_dense.yaml").read_text())
+    assert cfg["model"]["class_path"] == "deqlab.zoo.MNISTDenseDEQ"
+    assert cfg["data"]["init_args"]["batch_size"] == 32 and cfg["trainer"]["max_epochs"] == 25
+    from deqlab.lightning.cli import DEQLightningCLI
+
+    cli = DEQLightningCLI(args=["--config", str(REPO / "experiments" / "mnist_dense.yaml")], run=False)
+    assert type(cli.model).__name__ == "MNISTDenseDEQ"
+    assert cli.model.deq_config.skip_loss_weight == 5.0 and cli.model.deq_config.weight_decay == 2.5e-6
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model:\n  init_args:\n    widht: 8\n", "widht"),
+        ("model:\n  init_args:\n    width: lots\n", "width"),
+        ("model:\n  init_args:\n    model_type: deep\n", "model_type"),
+    ],
+)
+def test_bad_config_fails_naming_the_key(tmp_path, capsys, override, needle):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(override)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(REPO / "experiments" / "digits.yaml"), "--config", str(bad)])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert needle in err, err

@@ -1,0 +1,59 @@
+"""TensorBoard output: scalars by group, NFE histograms, the convergence figure, the HParams tab."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_testkit import digits, trainer
+
+from deqlab.zoo import DigitsDEQ
+
+
+def _events(log_dir):
+    files = sorted(log_dir.rglob("events.out.tfevents*"))
+    assert files, f"no event files under {log_dir}"
+    accs = []
+    for f in files:
+        ea = EventAccumulator(str(f), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+        ea.Reload()
+        accs.append(ea)
+    return accs
+
+
+def test_training_writes_scalars_histograms_figures_and_hparams(tmp_path):
+    pl.seed_everything(0)
+    model = DigitsDEQ(model_type="skip", width=16, scheduler="none", pretrain_steps=2)
+    logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
+    tr = trainer(logger=logger, max_epochs=2, limit_train_batches=3, limit_val_batches=2)
+    tr.fit(model, digits(batch_size=32, flatten=True))
+
+    accs = _events(tmp_path / "tb")
+    scalars = set().union(*(a.Tags()["scalars"] for a in accs))
+    histograms = set().union(*(a.Tags()["histograms"] for a in accs))
+    images = set().union(*(a.Tags()["images"] for a in accs))
+    for tag in ("train/loss", "train/task_loss", "train/skip_loss", "train/jacobian_loss", "train/accuracy",
+                "train/pretraining", "val/loss", "val/accuracy", "val/explicit_accuracy", "val/explicit_time",
+                "solver/train_nfe", "solver/train_backward_nfe", "solver/val_nfe", "solver/val_residual_mean",
+                "solver/val_residual_max", "solver/val_converged", "time/forward", "time/backward",
+                "time/optimizer", "time/val_forward", "time/train_epoch", "hp/val_accuracy", "hp/val_nfe"):
+        assert tag in scalars, tag
+    assert {"solver/nfe_hist", "solver/val_nfe_hist"} <= histograms
+    assert {"solver/convergence", "solver/fixed_point"} <= images
+    assert any(a.PluginTagToContent("hparams") for a in accs), "no HParams summary written"
+    # pretraining flag: 1 for the first two steps, then 0
+    flags = [e.value for a in accs if "train/pretraining" in a.Tags()["scalars"] for e in a.Scalars("train/pretraining")]
+    assert flags[:2] == [1.0, 1.0] and flags[2:] and set(flags[2:]) == {0.0}
+    # the NFE histogram holds one value per training batch of the epoch
+    hist = [h for a in accs if "solver/nfe_hist" in a.Tags()["histograms"] for h in a.Histograms("solver/nfe_hist")]
+    assert hist and hist[0].histogram_value.num == 3
+
+
+def test_figures_can_be_switched_off(tmp_path):
+    pl.seed_everything(0)
+    model = DigitsDEQ(model_type="vanilla", width=8, scheduler="none", log_figures=False)
+    assert model.configure_callbacks() == []
+    logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
+    trainer(logger=logger, max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(model, digits(batch_size=32))
+    accs = _events(tmp_path / "tb")
+    assert not set().union(*(a.Tags()["images"] for a in accs))
