@@ -156,7 +156,9 @@ class ContinuousDEQSolver:
             else:
                 du_new = vf(None, u_new)
                 accept = torch.ones(B, dtype=torch.bool, device=u.device)
-            accept = accept & tracker.active
+            # A sample already at t_max takes zero-length steps while others finish; those must not
+            # reach the tracker (repeated identical objectives would fire the patience rule).
+            accept = accept & tracker.active & (h > 0)
             a2 = accept.unsqueeze(1)
             u = torch.where(a2, u_new, u)
             du = torch.where(a2, du_new, du)

@@ -48,7 +48,8 @@ def gmres(
         tol: relative tolerance on ``||b - A x|| / ||b||`` per sample.
         atol: absolute tolerance, so a zero right-hand side needs no iteration.
         restart: Krylov subspace size per cycle.
-        max_restarts: cycles at most; the total matvec count is bounded by ``restart * max_restarts + 1``.
+        max_restarts: cycles at most; each cycle costs up to ``restart`` products plus one for its true
+            residual, so at most ``(restart + 1) * max_restarts`` products (one more with ``x0``).
     """
     if b.dim() != 2:
         raise ValueError(f"gmres expects b of shape (B, N), got {tuple(b.shape)}")

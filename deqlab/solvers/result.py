@@ -35,7 +35,7 @@ class SolverResult:
     Attributes:
         z: the returned iterate, with the structure of ``z0`` (a tensor or a list of tensors).
         nfe: every evaluation of ``f`` (batched calls), including rejected ODE steps and line searches.
-        steps: iterations (discrete) or accepted steps (continuous) of the solver loop.
+        steps: iterations (discrete) or stepper calls, accepted and rejected (continuous), of the solver loop.
         residual: per-sample absolute residual ``||f(z) - z||`` at ``z`` (shape ``(B,)``), in the
             solver's norm (L2 or RMS).
         rel_residual: per-sample ``||f(z) - z|| / (||f(z)|| + eps)``.

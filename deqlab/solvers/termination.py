@@ -91,14 +91,15 @@ class TerminationCondition:
     def uses_patience(self) -> bool:
         return "_deq_" in self.mode
 
-    def evaluate(self, z: Tensor, du: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def evaluate(self, z: Tensor, du: Tensor, fz: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-sample ``(objective, met, residual, rel_residual)`` for flat ``(B, N)`` ``z`` and ``du``.
 
         ``met`` is the tolerance test alone (the patience rule needs history and lives in the tracker).
+        Pass ``fz = z + du`` when it is at hand, to save a full-size addition.
         """
         mode = self.mode
         res = batch_norm(du, self.norm)
-        fz_norm = batch_norm(du + z, self.norm)
+        fz_norm = batch_norm(du + z if fz is None else fz, self.norm)
         rel = res / (fz_norm + _EPS)
         if mode == "abs":
             obj = du.abs().amax(dim=1)
@@ -159,19 +160,23 @@ class TerminationTracker:
         self._best_obj: Optional[Tensor] = None
         self._history: Optional[Tensor] = None
 
-    def update(self, z: Tensor, du: Tensor, mask: Optional[Tensor] = None) -> bool:
+    def update(self, z: Tensor, du: Tensor, mask: Optional[Tensor] = None, fz: Optional[Tensor] = None) -> bool:
         """Record the evaluation ``du = f(z) - z``; return True when every sample has stopped.
 
         ``mask`` restricts the update to samples that actually moved (continuous solvers reject steps
-        per sample).
+        per sample). ``fz`` (``= z + du``) saves a full-size addition when the caller has it.
         """
         cond = self.cond
-        obj, met, res, rel = cond.evaluate(z, du)
-        finite = torch.isfinite(res) & torch.isfinite(obj)
+        obj, met, res, rel = cond.evaluate(z, du, fz)
         live = self.active if mask is None else self.active & mask
         cur = (z, du, res, rel)
         if self._obj0 is None:
-            self._obj0 = torch.where(finite, obj, torch.zeros_like(obj))
+            finite0 = torch.isfinite(obj)
+            self._obj0 = torch.where(finite0, obj, torch.zeros_like(obj))
+            # One comparison per step then flags both divergence and NaN/Inf: NaN < x is False, and a
+            # sample with objective_0 = 0 (it starts at its fixed point) only fails on non-finite values.
+            self._threshold = torch.where(self._obj0 > 0, cond.protective_threshold * self.numel * self._obj0,
+                                          torch.full_like(obj, math.inf))
             self._prev = cur
             self._ret = [z, du, res, rel]
         if self.keep_trace:
@@ -179,33 +184,36 @@ class TerminationTracker:
         if cond.returns_best:
             if self._best_obj is None:
                 self._best_obj = torch.full_like(obj, math.inf)
-            take = live & finite & (obj < self._best_obj)
+            take = live & (obj < self._best_obj)  # NaN never improves the best
             self._best_obj = torch.where(take, obj, self._best_obj)
             self._ret = self._merge(self._ret, cur, take)
-
-        stop_met = met | self._patience_rule(obj, live) if cond.uses_patience else met
-        grew = (obj >= cond.protective_threshold * self.numel * self._obj0) & (self._obj0 > 0)
-        stop_conv = live & finite & stop_met
-        stop_div = live & finite & grew & ~stop_met
-        stop_nan = live & ~finite
-        stopped = stop_conv | stop_div | stop_nan
-        self.active = self.active & ~stopped
-        n_active = int(self.active.sum())  # the one host sync per step
-        if n_active != self.n_active:
-            self.converged |= stop_conv
-            self.diverged |= stop_div
-            self.nonfinite |= stop_nan
-            self.sample_steps = torch.where(stopped, torch.full_like(self.sample_steps, self.step), self.sample_steps)
-            if not cond.returns_best:
-                self._ret = self._merge(self._ret, cur, stop_conv | stop_div)
+        if cond.uses_patience:
+            met = met | self._patience_rule(obj, live)
+        bad = ~(obj < self._threshold)
+        stopping = (met | bad) & live
+        if not bool(stopping.any()):  # the one host sync of a step in which no sample stops
+            self._advance(cur, mask)
+            return False
+        finite = torch.isfinite(obj) & torch.isfinite(res)
+        stop_conv = stopping & finite & met
+        stop_nan = stopping & ~finite
+        stop_div = stopping & ~stop_conv & ~stop_nan
+        self.converged |= stop_conv
+        self.diverged |= stop_div
+        self.nonfinite |= stop_nan
+        self.sample_steps = torch.where(stopping, torch.full_like(self.sample_steps, self.step), self.sample_steps)
+        if not cond.returns_best:
+            self._ret = self._merge(self._ret, cur, stop_conv | stop_div)
+            if bool(stop_nan.any()):
                 self._ret = self._merge(self._ret, self._prev, stop_nan)
-            self.n_active = n_active
-        if mask is None:
-            self._prev = cur
-        else:
-            self._prev = self._merge(list(self._prev), cur, mask)
+        self.active = self.active & ~stopping
+        self.n_active = int(self.active.sum())
+        self._advance(cur, mask)
+        return self.n_active == 0
+
+    def _advance(self, cur, mask: Optional[Tensor]) -> None:
+        self._prev = cur if mask is None else tuple(self._merge(list(self._prev), cur, mask))
         self.step += 1
-        return n_active == 0
 
     @staticmethod
     def _merge(dst, src, take: Tensor) -> list:
@@ -244,10 +252,12 @@ class TerminationTracker:
     def status(self):
         from deqlab.solvers.result import SolverStatus
 
-        if bool(self.converged.all()):
+        n_conv, n_nan, n_div = torch.stack(
+            [self.converged.sum(), self.nonfinite.sum(), self.diverged.sum()]).tolist()
+        if n_conv == self.batch:
             return SolverStatus.CONVERGED
-        if bool(self.nonfinite.any()):
+        if n_nan:
             return SolverStatus.NONFINITE
-        if bool(self.diverged.any()):
+        if n_div:
             return SolverStatus.DIVERGED
         return SolverStatus.MAX_STEPS
