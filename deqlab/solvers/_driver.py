@@ -26,12 +26,17 @@ class CountedMap:
 
 
 def prepare(z0: State) -> Tuple[StatePacker, Tensor]:
-    """Validate ``z0`` and flatten it; a non-finite initial guess is the caller's bug, not a solve outcome."""
+    """Validate the structure of ``z0`` and flatten it (finiteness is checked lazily, see
+    :func:`check_first_step`)."""
     packer = StatePacker(z0)
-    z = packer.flatten(z0).detach()
-    if not bool(torch.isfinite(z).all()):
+    return packer, packer.flatten(z0).detach()
+
+
+def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
+    """A non-finite initial guess is the caller's bug, not a solve outcome. Checked only when the first
+    residual is already non-finite, so a healthy solve pays nothing for it."""
+    if tracker.n_active < tracker.batch and bool(tracker.nonfinite.any()) and not bool(torch.isfinite(z0).all()):
         raise ValueError("z0 contains NaN or Inf; the initial guess must be finite (check the shortcut/initializer)")
-    return packer, z
 
 
 def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du: Tensor, *, nfe: int,

@@ -8,7 +8,7 @@ per sample and no algorithm synchronises with the host.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Optional, Tuple
+from typing import Any, Callable, Literal, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -75,35 +75,44 @@ class Anderson(FixedPointAlgorithm):
     def init(self, z, fz, max_steps):
         B, N = z.shape
         m = self.memory
-        X = z.new_zeros(B, m, N)
-        Fx = z.new_zeros(B, m, N)
-        G = z.new_zeros(B, m, N)
-        X[:, 0] = z
-        Fx[:, 0] = fz
-        G[:, 0] = fz - z
-        return {"X": X, "F": Fx, "G": G, "k": 1}
+        g = fz - z
+        state = {
+            "F": z.new_empty(B, m, N),
+            "G": z.new_empty(B, m, N),
+            # X is only read when mixing < 1 (then z_new also mixes the previous iterates).
+            "X": z.new_empty(B, m, N) if self.mixing != 1.0 else None,
+            "H": z.new_zeros(B, m, m),  # Gram matrix of the stored residuals, kept up to date row by row
+            "eye": torch.eye(m, dtype=z.dtype, device=z.device),
+            "k": 0,
+        }
+        self._store(state, z, fz, g)
+        return state
+
+    def _store(self, state, z, fz, g) -> None:
+        slot = state["k"] % self.memory
+        n = min(state["k"] + 1, self.memory)
+        state["F"][:, slot] = fz
+        state["G"][:, slot] = g
+        if state["X"] is not None:
+            state["X"][:, slot] = z
+        row = torch.bmm(g.unsqueeze(1), state["G"][:, :n].transpose(1, 2)).squeeze(1)  # (B, n)
+        state["H"][:, slot, :n] = row
+        state["H"][:, :n, slot] = row
+        state["k"] += 1
 
     def step(self, state, z, fz, g, F):
-        X, Fx, G, k = state["X"], state["F"], state["G"], state["k"]
-        n = min(k, self.memory)
-        Gn = G[:, :n]
-        H = torch.bmm(Gn, Gn.transpose(1, 2))
-        scale = H.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True)
+        n = min(state["k"], self.memory)
+        H = state["H"][:, :n, :n]
+        scale = H.diagonal(dim1=1, dim2=2).mean(dim=1)
         shift = self.regularization * scale + torch.finfo(z.dtype).tiny ** 0.5
-        H = H + shift.unsqueeze(2) * torch.eye(n, dtype=z.dtype, device=z.device)
-        ones = z.new_ones(z.shape[0], n, 1)
-        y = torch.linalg.solve_ex(H, ones)[0]
-        alpha = y / y.sum(dim=1, keepdim=True)  # (B, n, 1)
-        alpha_t = alpha.transpose(1, 2)
-        z_new = torch.bmm(alpha_t, Fx[:, :n]).squeeze(1)
+        H = H + shift.view(-1, 1, 1) * state["eye"][:n, :n]
+        y = torch.linalg.solve_ex(H, z.new_ones(z.shape[0], n, 1))[0]
+        alpha_t = (y / y.sum(dim=1, keepdim=True)).transpose(1, 2)  # (B, 1, n), weights sum to one
+        z_new = torch.bmm(alpha_t, state["F"][:, :n]).squeeze(1)
         if self.mixing != 1.0:
-            z_new = self.mixing * z_new + (1 - self.mixing) * torch.bmm(alpha_t, X[:, :n]).squeeze(1)
+            z_new = self.mixing * z_new + (1 - self.mixing) * torch.bmm(alpha_t, state["X"][:, :n]).squeeze(1)
         fz_new = F(z_new)
-        slot = k % self.memory
-        X[:, slot] = z_new
-        Fx[:, slot] = fz_new
-        torch.sub(fz_new, z_new, out=G[:, slot])
-        state["k"] = k + 1
+        self._store(state, z_new, fz_new, fz_new - z_new)
         return z_new, fz_new, state
 
 
@@ -149,7 +158,8 @@ class Broyden(FixedPointAlgorithm):
     def init(self, z, fz, max_steps):
         B, N = z.shape
         m = max(1, max_steps if self.memory is None else min(self.memory, max_steps))
-        return {"U": z.new_zeros(B, m, N), "V": z.new_zeros(B, m, N), "n": 0, "k": 0}
+        # Only slots already written are ever read, so the buffers need no zero fill.
+        return {"U": z.new_empty(B, m, N), "V": z.new_empty(B, m, N), "n": 0, "k": 0, "Jg": -(fz - z)}
 
     @staticmethod
     def _matvec(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
@@ -164,24 +174,31 @@ class Broyden(FixedPointAlgorithm):
     def step(self, state, z, fz, g, F):
         n = state["n"]
         U, V = state["U"][:, :n], state["V"][:, :n]
-        dz = -self._matvec(U, V, g) if n else g
+        dz = -state["Jg"]  # J^{-1} g is carried over from the previous update: no product needed here
         if self.line_search:
             z_new, fz_new = _line_search(z, dz, torch.linalg.vector_norm(g, dim=1), F, self.max_line_search)
         else:
             z_new = z + dz
             fz_new = F(z_new)
+        g_new = fz_new - z_new
         s = z_new - z
-        y = (fz_new - z_new) - g
+        # Two low-rank products per step: J^{-1} g_new (which also gives J^{-1} y = J^{-1} g_new - J^{-1} g)
+        # and s^T J^{-1}.
+        Jg_new = self._matvec(U, V, g_new) if n else -g_new
         vT = self._rmatvec(U, V, s) if n else -s
-        Jy = self._matvec(U, V, y) if n else -y
-        den = batch_dot(vT, y)
-        tiny = torch.finfo(z.dtype).eps
-        ok = den.abs() > tiny * torch.linalg.vector_norm(vT, dim=1) * torch.linalg.vector_norm(y, dim=1) + torch.finfo(z.dtype).tiny
-        u = torch.where(ok.unsqueeze(1), (s - Jy) / torch.where(ok, den, torch.ones_like(den)).unsqueeze(1), torch.zeros_like(s))
+        Jy = Jg_new - state["Jg"]
+        den = batch_dot(vT, g_new - g)
+        eps = torch.finfo(z.dtype).eps
+        ok = den.abs() > eps * torch.linalg.vector_norm(vT, dim=1) * torch.linalg.vector_norm(g_new - g, dim=1) \
+            + torch.finfo(z.dtype).tiny
+        u = (s - Jy) * (ok / torch.where(ok, den, torch.ones_like(den))).unsqueeze(1)
         m = state["U"].shape[1]
         slot = state["k"] % m
+        if n == m:  # the oldest pair is overwritten: take its term out of J^{-1} g_new
+            Jg_new = Jg_new - state["U"][:, slot] * batch_dot(state["V"][:, slot], g_new).unsqueeze(1)
         state["U"][:, slot] = u
         state["V"][:, slot] = vT
+        state["Jg"] = Jg_new + u * batch_dot(vT, g_new).unsqueeze(1)
         state["k"] += 1
         state["n"] = min(n + 1, m)
         return z_new, fz_new, state
@@ -202,22 +219,50 @@ class NewtonKrylov(FixedPointAlgorithm):
     products, then ``z <- z + p``.
 
     Quadratic convergence near the fixed point for maps that are hard for Broyden; each GMRES iteration
-    costs one JVP, counted as one evaluation. ``jvp="forward"`` uses forward-mode AD
-    (``torch.func.jvp``); ``"fd"`` uses a finite difference for maps without forward-mode support.
+    costs one JVP, counted as one evaluation. ``jvp="fd"`` (default) uses a forward finite difference —
+    exactly one evaluation of ``f`` and available for every map; ``"forward"`` uses forward-mode AD
+    (``torch.func.jvp``), exact but several times the cost of an evaluation.
+
+    ``inner_tol="adaptive"`` picks GMRES's relative tolerance per Newton step with the Eisenstat–Walker
+    rule (loose far from the solution, tight close to it), so early steps do not over-solve.
     """
 
     name = "newton_krylov"
 
-    def __init__(self, krylov_dim: int = 20, max_restarts: int = 1, inner_tol: float = 1e-3,
-                 jvp: Literal["forward", "fd"] = "forward", line_search: bool = False, max_line_search: int = 5):
+    def __init__(self, krylov_dim: int = 20, max_restarts: int = 1, inner_tol: Union[float, str] = "adaptive",
+                 jvp: Literal["forward", "fd"] = "fd", line_search: bool = False, max_line_search: int = 5,
+                 eta_max: float = 0.1):
         if jvp not in ("forward", "fd"):
             raise ValueError(f"jvp must be 'forward' or 'fd', got {jvp!r}")
+        if inner_tol != "adaptive" and not (isinstance(inner_tol, (int, float)) and 0 < inner_tol < 1):
+            raise ValueError(f"inner_tol must be 'adaptive' or a number in (0, 1), got {inner_tol!r}")
         self.krylov_dim = int(krylov_dim)
         self.max_restarts = int(max_restarts)
-        self.inner_tol = float(inner_tol)
+        self.inner_tol = inner_tol
         self.jvp = jvp
         self.line_search = bool(line_search)
         self.max_line_search = int(max_line_search)
+        self.eta_max = float(eta_max)
+
+    def init(self, z, fz, max_steps):
+        return {"eta": self.eta_max, "g_norm": None}
+
+    def _forcing(self, state, g: Tensor) -> float:
+        """Eisenstat–Walker (choice 2, gamma = 0.9) with the usual safeguard, worst sample of the batch."""
+        if self.inner_tol != "adaptive":
+            return float(self.inner_tol)
+        g_norm = torch.linalg.vector_norm(g, dim=1)
+        prev, eta_prev = state["g_norm"], state["eta"]
+        state["g_norm"] = g_norm
+        if prev is None:
+            return self.eta_max
+        ratio = float((g_norm / prev.clamp_min(torch.finfo(g.dtype).tiny)).max())
+        eta = 0.9 * ratio ** 2
+        if 0.9 * eta_prev ** 2 > 0.1:
+            eta = max(eta, 0.9 * eta_prev ** 2)
+        eta = min(self.eta_max, max(eta, 10 * torch.finfo(g.dtype).eps))
+        state["eta"] = eta
+        return eta
 
     def step(self, state, z, fz, g, F):
         if self.jvp == "forward":
@@ -225,12 +270,13 @@ class NewtonKrylov(FixedPointAlgorithm):
                 return torch.func.jvp(F, (z,), (v,))[1] - v
         else:
             eps = torch.finfo(z.dtype).eps ** 0.5
+            z_scale = 1 + torch.linalg.vector_norm(z, dim=1, keepdim=True)
 
             def Jg(v: Tensor) -> Tensor:
-                h = eps * (1 + torch.linalg.vector_norm(z, dim=1, keepdim=True)) / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(eps)
+                h = eps * z_scale / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(eps)
                 return (F(z + h * v) - fz) / h - v
 
-        p, _ = gmres(Jg, -g, tol=self.inner_tol, restart=self.krylov_dim, max_restarts=self.max_restarts)
+        p, _ = gmres(Jg, -g, tol=self._forcing(state, g), restart=self.krylov_dim, max_restarts=self.max_restarts)
         if self.line_search:
             z_new, fz_new = _line_search(z, p, torch.linalg.vector_norm(g, dim=1), F, self.max_line_search)
         else:

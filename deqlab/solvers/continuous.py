@@ -21,7 +21,7 @@ from typing import Callable, Dict, Literal, Optional, Tuple
 import torch
 from torch import Tensor
 
-from deqlab.solvers._driver import CountedMap, build_result, prepare
+from deqlab.solvers._driver import CountedMap, build_result, check_first_step, prepare
 from deqlab.solvers._state import State
 from deqlab.solvers.result import SolverResult
 from deqlab.solvers.termination import NormKind, TerminationCondition, TerminationMode, TerminationTracker, _check_tol
@@ -132,6 +132,7 @@ class ContinuousDEQSolver:
         tracker = TerminationTracker(self.termination, B, packer.numel, device=u.device, dtype=u.dtype,
                                      keep_trace=self.keep_trace)
         done = tracker.update(u, du)
+        check_first_step(tracker, u)
         t = u.new_zeros(B)
         dt = self._initial_dt(vf, u, du) if not done else u.new_ones(B)
         du_norm = torch.linalg.vector_norm(du, dim=1)

@@ -5,7 +5,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from deqlab.solvers._driver import CountedMap, build_result, prepare
+from deqlab.solvers._driver import CountedMap, build_result, check_first_step, prepare
 from deqlab.solvers._state import State
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
 from deqlab.solvers.result import SolverResult
@@ -82,7 +82,8 @@ class DiscreteDEQSolver:
         fz = F(z)
         g = fz - z
         tracker = self._tracker(packer, z)
-        done = tracker.update(z, g)
+        done = tracker.update(z, g, fz=fz)
+        check_first_step(tracker, z)
         algo = self.algorithm
         state = algo.init(z, fz, self.max_steps)
         steps = 0
@@ -90,7 +91,7 @@ class DiscreteDEQSolver:
             z, fz, state = algo.step(state, z, fz, g, F)
             g = fz - z
             steps += 1
-            done = tracker.update(z, g)
+            done = tracker.update(z, g, fz=fz)
         return build_result(tracker, packer, z, g, nfe=F.nfe, steps=steps, throw=self.throw,
                             solver_name=f"DiscreteDEQSolver({algo.name})")
 
