@@ -112,7 +112,7 @@ class TerminationCondition:
             met = (du.abs() <= self.reltol * z.abs()).all(dim=1)
         elif mode == "rel_norm":
             obj = rel
-            met = res <= self.reltol * fz_norm
+            met = obj <= self.reltol
         elif mode == "norm":
             obj = res
             met = (res <= self.abstol) & (res <= self.reltol * fz_norm)
@@ -120,6 +120,11 @@ class TerminationCondition:
             obj = rel
             met = obj <= self.reltol
         return obj, met, res, rel
+
+    @property
+    def stops_on_objective(self) -> bool:
+        """True when the tolerance test is ``objective <= tol`` (every mode but ``rel`` and ``norm``)."""
+        return self.mode not in ("rel", "norm")
 
     @property
     def tol(self) -> float:
@@ -181,14 +186,26 @@ class TerminationTracker:
             self._ret = [z, du, res, rel]
         if self.keep_trace:
             self.trace.append(obj if mask is None or not self.trace else torch.where(mask, obj, self.trace[-1]))
+        patience_met = self._patience_rule(obj, live) if cond.uses_patience else None
+        if mask is None and not cond.returns_best and cond.stops_on_objective:
+            # Fast path: a sample goes on while tol < objective < threshold (NaN fails both tests), so
+            # three comparisons and one host sync decide whether anything stops this step.
+            go = (obj > cond.tol) & (obj < self._threshold)
+            if patience_met is not None and self.step + 1 >= cond.patience:
+                go = go & ~patience_met
+            if self.n_active != self.batch:
+                go = go | ~self.active
+            if bool(go.all()):
+                self._advance(cur, mask)
+                return False
         if cond.returns_best:
             if self._best_obj is None:
                 self._best_obj = torch.full_like(obj, math.inf)
             take = live & (obj < self._best_obj)  # NaN never improves the best
             self._best_obj = torch.where(take, obj, self._best_obj)
             self._ret = self._merge(self._ret, cur, take)
-        if cond.uses_patience:
-            met = met | self._patience_rule(obj, live)
+        if patience_met is not None:
+            met = met | patience_met
         bad = ~(obj < self._threshold)
         stopping = (met | bad) & live
         if not bool(stopping.any()):  # the one host sync of a step in which no sample stops
