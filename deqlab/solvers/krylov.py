@@ -48,8 +48,9 @@ def gmres(
         tol: relative tolerance on ``||b - A x|| / ||b||`` per sample.
         atol: absolute tolerance, so a zero right-hand side needs no iteration.
         restart: Krylov subspace size per cycle.
-        max_restarts: cycles at most; each cycle costs up to ``restart`` products plus one for its true
-            residual, so at most ``(restart + 1) * max_restarts`` products (one more with ``x0``).
+        max_restarts: cycles at most; each cycle costs up to ``restart`` products, plus one for the true
+            residual before each restart (one more with ``x0``); the last cycle reports its least-squares
+            residual, which equals the true one in exact arithmetic.
     """
     if b.dim() != 2:
         raise ValueError(f"gmres expects b of shape (B, N), got {tuple(b.shape)}")
@@ -66,16 +67,23 @@ def gmres(
     r = b - matvec(x) if x0 is not None else b.clone()
     matvecs += int(x0 is not None)
     beta = torch.linalg.vector_norm(r, dim=1)
-    for _ in range(max_restarts):
+    for cycle in range(max_restarts):
         if bool((beta <= target).all()):
             break
-        V = b.new_zeros(B, m + 1, N)
+        # The basis grows on demand (most solves stop long before ``restart`` columns); only written
+        # columns are ever read, so no zero fill is needed.
+        cap = min(m, 8)
+        V = b.new_empty(B, cap + 1, N)
         H = b.new_zeros(B, m + 1, m)
         V[:, 0] = r / beta.clamp_min(tiny).unsqueeze(1)
         e1 = b.new_zeros(B, m + 1)
         e1[:, 0] = beta
         y = None
+        estimate_converged = False
         for j in range(m):
+            if j + 1 > cap:
+                cap = min(m, 2 * cap)
+                V = torch.cat([V, b.new_empty(B, cap + 1 - V.shape[1], N)], dim=1)
             w = matvec(V[:, j])
             matvecs += 1
             iterations += 1
@@ -94,9 +102,15 @@ def gmres(
             y = _lstsq(Hj, e1[:, : j + 2])
             res_est = torch.linalg.vector_norm(e1[:, : j + 2] - torch.bmm(Hj, y.unsqueeze(2)).squeeze(2), dim=1)
             if bool((res_est <= target).all()):
+                estimate_converged = True
                 break
         k = y.shape[1]
         x = x + torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1)
+        if estimate_converged or cycle == max_restarts - 1:
+            # The least-squares residual is GMRES's residual in exact arithmetic; recomputing the true
+            # one would cost a matvec that only a restart needs.
+            beta = res_est
+            break
         r = b - matvec(x)
         matvecs += 1
         beta = torch.linalg.vector_norm(r, dim=1)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one prepared CUDA check (run on a lent GPU machine from the repo root; see benchmarks/RESULTS.md).
+# Expects torch with CUDA, and deqlab's pure-Python dependencies missing there (torchdyn, torchcde,
+# torchsde, trampoline, jsonargparse, torchdeq) as wheels in .whl/, and MNIST's raw files gzipped in
+# .gpudata/. Writes logs and the updated RESULTS.md under $OUT.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+DATA=/tmp/data
+mkdir -p $DATA/MNIST/raw
+for f in .gpudata/*.gz; do [ -e "$f" ] && gunzip -c "$f" > $DATA/MNIST/raw/$(basename "$f" .gz); done
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee $OUT/device.txt
+echo "== CUDA tests"; python3 -m pytest -q -p no:cacheprovider tests/nn/test_nn_cuda.py tests/nn/test_nn_memory.py \
+  tests/solvers/test_solvers_cuda.py 2>&1 | tail -4 | tee $OUT/cuda_tests.txt
+echo "== quickstart on cuda"; python3 docs/quickstart_example.py --device cuda 2>&1 | tail -4
+echo "== paper_repro/mnist.py --gpus 1"; /usr/bin/time -f "wall %e s" python3 paper_repro/mnist.py --model-type skip \
+  --gpus 1 --max-steps 400 --data-dir $DATA --limit-val-batches 20 --limit-test-batches 40 --num-workers 4 \
+  --log-dir /tmp/runs --results $OUT 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -25
+echo "== solver benchmark"; timeout 120 python3 benchmarks/solvers.py --device cuda --quick --no-breakdown 2>&1 | grep -E "^\|" | tail -30
+echo "== backward benchmark"; timeout 120 python3 benchmarks/backward.py --device cuda --quick 2>&1 | grep -E "^\|" | tail -30
+cp benchmarks/RESULTS.md $OUT/ 2>/dev/null
+exit 0

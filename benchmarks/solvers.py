@@ -1,0 +1,640 @@
+#!/usr/bin/env python
+"""Forward fixed-point solvers: deqlab against torchdeq 0.1.0 on the same maps.
+
+For every workload both libraries solve the same closure ``lambda z: f(z, x)`` from ``z0 = 0`` under
+``torch.no_grad()``, with the same seeds, dtype and thread count, to the same per-sample criterion
+
+    ||f(z) - z||_2 / ||f(z)||_2 <= tol          (default tol = 1e-4, every sample of the batch)
+
+* deqlab: ``DiscreteDEQSolver(algo, mode="rel_norm", reltol_termination=tol)``; ``rel_norm`` tests
+  ``||du|| <= reltol * ||du + u||`` per sample and the solve ends when every sample has met it.
+* torchdeq: ``stop_mode="rel", tol=tol``. Its ``rel`` residual is per sample as well,
+  ``||f(z) - z||_2 / (||f(z)||_2 + 1e-9)`` over the flattened sample (an un-normalised L2 norm, no
+  ``sqrt(N)``), and it stops when the *maximum over the batch* is ``< tol``, i.e. when every sample has
+  met it. So the same number is the same criterion; no conversion is needed. (Its ``abs`` mode would
+  need a per-sample tolerance ``tol * ||f(z*)||``, which no single scalar can express.)
+
+Reported per solver: NFE (batched evaluations of ``f`` counted by the benchmark itself, JVPs included),
+the median wall time of the solve, the final per-sample relative residual *re-measured by the benchmark*
+at the returned iterate (max over samples), and the overhead ``time / (NFE * t_f)`` where ``t_f`` is the
+median time of one evaluation of ``f`` measured in the same run.
+
+Usage::
+
+    python benchmarks/solvers.py                  # CPU, 1 thread, writes benchmarks/RESULTS.md
+    python benchmarks/solvers.py --quick          # smoke test (3 repeats)
+    python benchmarks/solvers.py --device cuda    # GPU run
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(1, str(_HERE.parent))  # run from a checkout without `pip install -e .`
+
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+
+import torch  # noqa: E402
+import torch.nn.functional as Fn  # noqa: E402
+
+from _common import (  # noqa: E402
+    Timing,
+    fmt_time,
+    machine_header,
+    machine_info,
+    markdown_table,
+    setup_threads,
+    synchronize,
+    time_once,
+    update_results_section,
+)
+
+SECTION = "solvers"
+DEQLAB_ALGOS = ("fixed_point", "anderson", "broyden", "lbroyden", "newton_krylov")
+TORCHDEQ_ALGOS = ("anderson", "broyden", "fixed_point_iter")
+TARGET_TIME_RATIO = 0.6
+TARGET_OVERHEAD = 1.3
+
+
+# -------------------------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # f(z, x)
+    x: torch.Tensor
+    z_shape: tuple
+
+    def closure(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        f, x = self.f, self.x
+        return lambda z: f(z, x)
+
+    def z0(self) -> torch.Tensor:
+        return torch.zeros(self.z_shape, dtype=self.x.dtype, device=self.x.device)
+
+
+def make_dense(device: torch.device, dtype: torch.dtype, seed: int, D: int = 256, B: int = 64) -> Workload:
+    """f(z, x) = tanh(W z + U x + b) with ||W||_2 = 0.9 exactly (scaled by its largest singular value)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+    W = W * (0.9 / torch.linalg.matrix_norm(W, ord=2))
+    U = torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+    b = 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    Wt, Ut = W.T.contiguous().to(device, dtype), U.T.contiguous().to(device, dtype)
+    b, x = b.to(device, dtype), x.to(device, dtype)
+    sigma = float(torch.linalg.matrix_norm(Wt.double(), ord=2))
+    rho = float(torch.linalg.eigvals(W).abs().max())  # far below ||W||_2: W is far from normal
+
+    def f(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(torch.addmm(torch.addmm(b, x, Ut), z, Wt))
+
+    return Workload(
+        name="dense",
+        description=(f"dense `tanh(W z + U x + b)`, D = {D}, B = {B}, W, U ~ N(0, 1/D), ‖W‖₂ = {sigma:.4f} "
+                     f"(spectral radius {rho:.3f})"),
+        f=f, x=x, z_shape=(B, D),
+    )
+
+
+def _conv_opnorm(w: torch.Tensor, hw: int, iters: int, g: torch.Generator) -> float:
+    """Operator 2-norm of ``conv2d(., w, padding=1)`` on ``hw x hw`` maps (power iteration on A^T A)."""
+    c = w.shape[1]
+    v = torch.randn(1, c, hw, hw, generator=g, dtype=torch.float64)
+    for _ in range(iters):
+        v = v / v.norm()
+        v = Fn.conv_transpose2d(Fn.conv2d(v, w, padding=1), w, padding=1)
+    return float(v.norm().sqrt())
+
+
+def make_conv(device: torch.device, dtype: torch.dtype, seed: int, C: int = 32, HW: int = 14,
+              B: int = 32) -> Workload:
+    """A residual-style conv DEQ cell, f(z, x) = tanh(conv3x3(z; W) + conv1x1(x; U) + b).
+
+    The 3x3 kernel is ``identity tap + 0.3 * random`` (the shape of a residual branch folded into one
+    conv), scaled so the convolution's operator 2-norm on 14x14 maps is 0.9 (power iteration, float64).
+    tanh is 1-Lipschitz, so f is a contraction with constant <= 0.9; plain fixed-point iteration still
+    needs ~20 steps to reach a relative residual of 1e-4.
+    """
+    g = torch.Generator().manual_seed(seed)
+    W = torch.zeros(C, C, 3, 3, dtype=torch.float64)
+    W[range(C), range(C), 1, 1] = 1.0
+    W = W + 0.3 * torch.randn(C, C, 3, 3, generator=g, dtype=torch.float64) / math.sqrt(9 * C)
+    W = W * (0.9 / _conv_opnorm(W, HW, 300, g))
+    sigma = _conv_opnorm(W, HW, 300, g)
+    U = torch.randn(C, C, 1, 1, generator=g, dtype=torch.float64) / math.sqrt(C)
+    b = 0.1 * torch.randn(C, generator=g, dtype=torch.float64)
+    x = 0.5 * torch.randn(B, C, HW, HW, generator=g, dtype=torch.float64)
+    W, U, b, x = (t.to(device, dtype) for t in (W, U, b, x))
+
+    def f(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(Fn.conv2d(z, W, padding=1) + Fn.conv2d(x, U, b))
+
+    return Workload(
+        name="conv",
+        description=(f"conv `tanh(conv3x3(z) + conv1x1(x) + b)`, {C} channels, {HW}×{HW}, B = {B}, "
+                     f"3×3 kernel = identity tap + 0.3·random, operator norm {sigma:.4f}"),
+        f=f, x=x, z_shape=(B, C, HW, HW),
+    )
+
+
+WORKLOADS = {"dense": make_dense, "conv": make_conv}
+
+
+# ---------------------------------------------------------------------------------------------- solvers
+
+
+class CountingMap:
+    """Wraps the closure and counts batched evaluations; calls made inside ``torch.func.jvp`` (whose
+    argument is a functorch-wrapped tensor) are counted separately as JVPs."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.fn = fn
+        self.plain = 0
+        self.jvp = 0
+        self._wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if self._wrapped(z):
+            self.jvp += 1
+        else:
+            self.plain += 1
+        return self.fn(z)
+
+    @property
+    def total(self) -> int:
+        return self.plain + self.jvp
+
+
+@dataclass
+class SolverSpec:
+    library: str
+    algorithm: str
+    solve: Callable[[Callable, torch.Tensor], tuple]  # (f, z0) -> (z, steps, reported_nfe or None)
+
+    @property
+    def label(self) -> str:
+        return f"{self.library} {self.algorithm}"
+
+
+def deqlab_specs(tol: float, max_steps: int, algos=DEQLAB_ALGOS) -> List[SolverSpec]:
+    from deqlab.solvers import DiscreteDEQSolver
+
+    specs = []
+    for algo in algos:
+        solver = DiscreteDEQSolver(algo, mode="rel_norm", reltol_termination=tol, max_steps=max_steps)
+
+        def solve(f, z0, solver=solver):
+            r = solver(f, z0)
+            return r.z, r.steps, r.nfe
+
+        specs.append(SolverSpec("deqlab", algo, solve))
+    return specs
+
+
+def torchdeq_specs(tol: float, max_steps: int, algos=TORCHDEQ_ALGOS) -> List[SolverSpec]:
+    from torchdeq.solver import get_solver
+
+    specs = []
+    for algo in algos:
+        fn = get_solver(algo)
+
+        def solve(f, z0, fn=fn):
+            with torch.no_grad():
+                z, _, info = fn(f, z0, max_iter=max_steps, tol=tol, stop_mode="rel")
+            return z, int(info["nstep"].max()), None
+
+        specs.append(SolverSpec("torchdeq", algo, solve))
+    return specs
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Row:
+    spec: SolverSpec
+    nfe: int = 0
+    nfe_jvp: int = 0
+    reported_nfe: Optional[int] = None
+    steps: int = 0
+    max_rel: float = float("nan")
+    converged: bool = False
+    timing: Timing = field(default_factory=Timing)
+
+    @property
+    def time(self) -> float:
+        return self.timing.median
+
+
+def relative_residual(f: Callable, z: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``||f(z) - z||_2 / ||f(z)||_2`` (float64 norms over each flattened sample)."""
+    fz = f(z)
+    d = (fz - z).flatten(1).double()
+    return torch.linalg.vector_norm(d, dim=1) / torch.linalg.vector_norm(fz.flatten(1).double(), dim=1)
+
+
+@torch.no_grad()
+def run_workload(wl: Workload, specs: List[SolverSpec], *, tol: float, repeats: int, warmup: int,
+                 device: torch.device, f_evals_per_round: int = 5) -> dict:
+    f = wl.closure()
+    rows = [Row(spec) for spec in specs]
+
+    # 1) one untimed solve each: NFE (counted here), steps, residual re-measured at the returned iterate.
+    z_star = None
+    for row in rows:
+        counter = CountingMap(f)
+        z, steps, reported = row.spec.solve(counter, wl.z0())
+        synchronize(device)
+        rel = relative_residual(f, z)
+        row.nfe, row.nfe_jvp, row.reported_nfe, row.steps = counter.total, counter.jvp, reported, steps
+        row.max_rel = float(rel.max())
+        row.converged = bool((rel <= tol * (1 + 1e-6)).all())
+        if z_star is None or (row.converged and row.spec.library == "deqlab"):
+            z_star = z
+
+    # 2) timing, round-robin so load drifts on a shared machine hit every solver alike; one f evaluation
+    #    (and one JVP, for Newton-Krylov's accounting) is timed in every round too.
+    v = torch.randn(z_star.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    v = v.to(z_star.device, z_star.dtype)
+    f_time, jvp_time = Timing(), Timing()
+    calls = {row.spec.label: (lambda row=row: row.spec.solve(f, wl.z0())) for row in rows}
+    for r in range(warmup + repeats):
+        timed = r >= warmup
+        for row in rows:
+            t = time_once(calls[row.spec.label], device)
+            if timed:
+                row.timing.add(t)
+        for _ in range(f_evals_per_round):
+            t = time_once(lambda: f(z_star), device)
+            if timed:
+                f_time.add(t)
+        t = time_once(lambda: torch.func.jvp(f, (z_star,), (v,)), device)
+        if timed:
+            jvp_time.add(t)
+    return {"workload": wl, "rows": rows, "f_time": f_time, "jvp_time": jvp_time}
+
+
+# ------------------------------------------------------------------------------- deqlab time breakdown
+
+# (module, attribute, region) wrapped during the breakdown runs. Attributes that do not exist (deqlab
+# internals renamed) are skipped, and the time they take lands in "other".
+_REGIONS = (
+    ("deqlab.solvers._driver", "CountedMap.__call__", "f"),
+    ("deqlab.solvers.termination", "TerminationTracker.update", "tracker.update"),
+    ("deqlab.solvers.termination", "TerminationTracker.__init__", "setup"),
+    ("deqlab.solvers.discrete", "prepare", "setup"),
+    ("deqlab.solvers.discrete", "build_result", "result"),
+    ("deqlab.solvers.algorithms", "FixedPointIteration.step", "algo.step"),
+    ("deqlab.solvers.algorithms", "Anderson.init", "algo.init"),
+    ("deqlab.solvers.algorithms", "Anderson.step", "algo.step"),
+    ("deqlab.solvers.algorithms", "Broyden.init", "algo.init"),
+    ("deqlab.solvers.algorithms", "Broyden.step", "algo.step"),
+    ("deqlab.solvers.algorithms", "NewtonKrylov.step", "algo.step"),
+)
+BREAKDOWN_COLUMNS = ("f", "tracker.update", "algo.step", "algo.init", "setup", "result")
+
+
+class _RegionTimer:
+    """Monkeypatches deqlab's solver internals with exclusive wall-clock timers (nested regions are
+    subtracted from their parent: ``algo.step`` excludes the evaluations of f inside it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.acc: Dict[str, float] = {}
+        self.calls: Dict[str, int] = {}
+        self._stack: List[list] = []
+        self._saved: List[tuple] = []
+
+    def _wrap(self, fn, region):
+        timer = self
+
+        def wrapped(*a, **k):
+            frame = [0.0]  # time spent in nested regions
+            timer._stack.append(frame)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                if timer.device.type == "cuda":
+                    torch.cuda.synchronize(timer.device)
+                dt = time.perf_counter() - t0
+                timer._stack.pop()
+                timer.acc[region] = timer.acc.get(region, 0.0) + dt - frame[0]
+                timer.calls[region] = timer.calls.get(region, 0) + 1
+                if timer._stack:
+                    timer._stack[-1][0] += dt
+        return wrapped
+
+    def __enter__(self):
+        import importlib
+
+        for mod_name, attr, region in _REGIONS:
+            mod = importlib.import_module(mod_name)
+            owner, name = (mod, attr) if "." not in attr else (getattr(mod, attr.split(".")[0], None), attr.split(".")[1])
+            if owner is None or name not in vars(owner):
+                continue
+            orig = vars(owner)[name]
+            wrapped = self._wrap(orig.__func__ if isinstance(orig, staticmethod) else orig, region)
+            setattr(owner, name, staticmethod(wrapped) if isinstance(orig, staticmethod) else wrapped)
+            self._saved.append((owner, name, orig))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, orig in reversed(self._saved):
+            setattr(owner, name, orig)
+        self._saved.clear()
+
+
+@torch.no_grad()
+def deqlab_breakdown(wl: Workload, specs: List[SolverSpec], *, repeats: int, device: torch.device) -> dict:
+    """Per deqlab solver: median per-solve time in each region (seconds) and the median total."""
+    f = wl.closure()
+    out = {}
+    for spec in specs:
+        if spec.library != "deqlab":
+            continue
+        per_region: Dict[str, List[float]] = {r: [] for r in BREAKDOWN_COLUMNS + ("other",)}
+        totals = []
+        spec.solve(f, wl.z0())  # warm-up outside the timers
+        with _RegionTimer(device) as timer:
+            for _ in range(repeats):
+                timer.acc, timer.calls = {}, {}
+                synchronize(device)
+                t0 = time.perf_counter()
+                _, steps, nfe = spec.solve(f, wl.z0())
+                synchronize(device)
+                total = time.perf_counter() - t0
+                totals.append(total)
+                for r in BREAKDOWN_COLUMNS:
+                    per_region[r].append(timer.acc.get(r, 0.0))
+                per_region["other"].append(total - sum(timer.acc.values()))
+        out[spec.algorithm] = {
+            "total": statistics.median(totals),
+            "regions": {r: statistics.median(v) for r, v in per_region.items()},
+            "steps": steps,
+            "nfe": nfe,
+            "calls": dict(timer.calls),  # of the last run
+        }
+    return out
+
+
+def breakdown_table(bd: dict) -> str:
+    headers = ["deqlab solver", "NFE", "steps", "total"] + [
+        {"f": "f evals", "tracker.update": "tracker.update (per call)",
+         "algo.step": "algorithm step excl. f (per step)", "algo.init": "algorithm init",
+         "setup": "prepare + tracker init", "result": "build_result"}[r] for r in BREAKDOWN_COLUMNS] + ["other"]
+    rows = []
+    for algo, d in bd.items():
+        reg, tot = d["regions"], d["total"]
+
+        def cell(r, per=None):
+            v = reg[r]
+            s = f"{fmt_time(v)} ({100 * v / tot:.0f}%)"
+            if per:
+                s += f", {fmt_time(v / per)}"
+            return s
+
+        calls = d["calls"]
+        rows.append([algo, d["nfe"], d["steps"], fmt_time(tot), cell("f"),
+                     cell("tracker.update", max(calls.get("tracker.update", 1), 1)),
+                     cell("algo.step", max(calls.get("algo.step", 1), 1)), cell("algo.init"), cell("setup"), cell("result"),
+                     cell("other")])
+    return markdown_table(headers, rows, "lrrr" + "r" * 7)
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+def overhead(row: Row, t_f: float, t_jvp: float, *, jvp_aware: bool = False) -> float:
+    if jvp_aware:
+        return row.time / ((row.nfe - row.nfe_jvp) * t_f + row.nfe_jvp * t_jvp)
+    return row.time / (row.nfe * t_f)
+
+
+def fmt_res(x: float) -> str:
+    return f"{x:.2e}" if math.isfinite(x) else str(x)
+
+
+def workload_table(res: dict, tol: float) -> str:
+    t_f, t_jvp = res["f_time"].median, res["jvp_time"].median
+    headers = ["library", "solver", "NFE", "steps", "max rel. residual", "converged", "time (median)",
+               "IQR", "min", "time / NFE", "overhead", "overhead (min)"]
+    rows = []
+    for row in res["rows"]:
+        nfe = str(row.nfe) + (f" ({row.nfe_jvp} JVP)" if row.nfe_jvp else "")
+        if row.reported_nfe is not None and row.reported_nfe != row.nfe:
+            nfe += f" [reports {row.reported_nfe}]"
+        ov = f"{overhead(row, t_f, t_jvp):.2f}"
+        if row.nfe_jvp:
+            ov += f" ({overhead(row, t_f, t_jvp, jvp_aware=True):.2f} JVP-priced)"
+        ov_min = row.timing.min / (row.nfe * res["f_time"].min)
+        rows.append([row.spec.library, row.spec.algorithm, nfe, row.steps, fmt_res(row.max_rel),
+                     "yes" if row.converged else "**no**", fmt_time(row.time), fmt_time(row.timing.iqr),
+                     fmt_time(row.timing.min), fmt_time(row.time / max(row.nfe, 1)), ov, f"{ov_min:.2f}"])
+    return markdown_table(headers, rows, "llrrrlrrrrrr")
+
+
+def targets(res: dict, tol: float) -> dict:
+    t_f = res["f_time"].median
+    rows = [r for r in res["rows"] if r.converged]
+    deq = [r for r in rows if r.spec.library == "deqlab"]
+    tdq = [r for r in rows if r.spec.library == "torchdeq"]
+    out = {"ok": False}
+    if not deq or not tdq:
+        out["text"] = "cannot compare: no converged solver in " + ("deqlab" if not deq else "torchdeq")
+        return out
+    best_d = min(deq, key=lambda r: r.time)
+    best_t = min(tdq, key=lambda r: r.time)
+    min_nfe_t = min(r.nfe for r in tdq)
+    ov = overhead(best_d, t_f, res["jvp_time"].median)
+    checks = [
+        (f"NFE ≤ torchdeq's fewest ({min_nfe_t})", best_d.nfe <= min_nfe_t, f"{best_d.nfe}"),
+        (f"time ≤ {TARGET_TIME_RATIO}× torchdeq's fastest ({best_t.spec.algorithm}, {fmt_time(best_t.time)})",
+         best_d.time <= TARGET_TIME_RATIO * best_t.time, f"{best_d.time / best_t.time:.2f}×"),
+        (f"overhead ≤ {TARGET_OVERHEAD}", ov <= TARGET_OVERHEAD, f"{ov:.2f}"),
+    ]
+    out["ok"] = all(c[1] for c in checks)
+    table = markdown_table(["target (deqlab's fastest: " + best_d.spec.algorithm + ")", "measured", "met"],
+                           [[c[0], c[2], "yes" if c[1] else "**no**"] for c in checks], "lrl")
+    out["text"] = table
+    return out
+
+
+def shown_argv(argv: List[str]) -> List[str]:
+    """The command line minus where the output went (``--results PATH``, ``--section NAME``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--results", "--section"):
+            skip = True
+            continue
+        if a.startswith(("--results=", "--section=")):
+            continue
+        out.append(a)
+    return out
+
+
+def build_report(results: List[dict], info: dict, args) -> str:
+    parts = [
+        "## Forward solvers: deqlab vs torchdeq",
+        "",
+        f"Generated by `python benchmarks/solvers.py{' ' + ' '.join(shown_argv(args.argv)) if shown_argv(args.argv) else ''}`.",
+        "",
+        machine_header(info),
+        "",
+        f"Criterion: per-sample relative residual ‖f(z) − z‖₂ / ‖f(z)‖₂ ≤ {args.tol:g} for every sample. "
+        f"deqlab: `DiscreteDEQSolver(algo, mode=\"rel_norm\", reltol_termination={args.tol:g}, "
+        f"max_steps={args.max_steps})`. torchdeq 0.1.0: `stop_mode=\"rel\", tol={args.tol:g}, "
+        f"max_iter={args.max_steps}`: its `rel` residual is also per sample (un-normalised L2 over the flattened "
+        "sample, divided by ‖f(z)‖₂ + 1e-9) and it stops when the batch *maximum* is below `tol`, which is the "
+        "same criterion, so the tolerance needs no conversion (its `abs` mode would need a per-sample "
+        "tolerance tol·‖f(z*)‖). Both solve `lambda z: f(z, x)` from z0 = 0 under `torch.no_grad()`; "
+        "U x is computed inside f. Library defaults otherwise (deqlab: Anderson memory 5, Broyden memory = "
+        "max_steps, L-Broyden memory 27, Newton–Krylov GMRES(20) with forward-mode JVPs; torchdeq: Anderson "
+        "m = 6, λ = 1e-4, Broyden memory = max_iter, no line search).",
+        "",
+        "Columns: **NFE** = batched calls of f counted by the benchmark (JVPs through f included and shown); "
+        "**steps** = deqlab's iterations after the first evaluation, torchdeq's reported `nstep` (the step "
+        "of the iterate it returns); "
+        "**max rel. residual** = re-measured by the benchmark at the returned iterate, max over samples "
+        "(torchdeq's Anderson and fixed-point iteration return f(z_k), one map application past the iterate "
+        "they tested, hence their smaller residuals); **time** = median wall time of one solve over "
+        f"{args.repeats} runs after {args.warmup} warm-up runs, solvers timed round-robin; **overhead** = time / "
+        "(NFE × t_f) with t_f the median time of one f evaluation measured in the same rounds (1.00 = "
+        "nothing but f); **overhead (min)** = fastest solve / (NFE × fastest f evaluation), less sensitive to "
+        "other processes on a shared machine. For Newton–Krylov a JVP costs more than f; the JVP-priced overhead uses the measured "
+        "JVP time for those evaluations.",
+        "",
+    ]
+    for res in results:
+        wl = res["workload"]
+        parts += [
+            f"### {wl.name}: {wl.description}",
+            "",
+            f"t_f (one f evaluation) = {fmt_time(res['f_time'].median)} (IQR {fmt_time(res['f_time'].iqr)}, "
+            f"{res['f_time'].n} samples); one JVP through f = {fmt_time(res['jvp_time'].median)}.",
+            "",
+            workload_table(res, args.tol),
+            "",
+            "Targets:",
+            "",
+            targets(res, args.tol)["text"],
+            "",
+        ]
+        if "breakdown" in res:
+            parts += [
+                "Where deqlab's time goes (median per solve over the same number of runs, each region timed "
+                "exclusively by wrapping deqlab's internals: *f evals* = `CountedMap.__call__` (JVPs "
+                "included), *algorithm step* excludes the f evaluations inside it, *other* = the driver loop, "
+                "`fz - z`, timer overhead)" + (
+                    "; on CUDA every region boundary synchronises the device, so these regions add up to "
+                    "more than the unsynchronised solve above" if args.device.startswith("cuda") else "") + ":",
+                "",
+                breakdown_table(res["breakdown"]),
+                "",
+            ]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu; e.g. cuda)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 = torch default)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 3 repeats, 1 warm-up, no RESULTS.md update")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per solver (default 20, quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per solver first (default 2, quick 1)")
+    p.add_argument("--tol", type=float, default=1e-4, help="shared relative tolerance (default 1e-4)")
+    p.add_argument("--max-steps", type=int, default=50, help="deqlab max_steps = torchdeq max_iter (default 50)")
+    p.add_argument("--workloads", default="dense,conv", help="comma-separated subset of: " + ",".join(WORKLOADS))
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-torchdeq", action="store_true", help="benchmark deqlab alone")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="skip the per-region timing of deqlab's solvers (f / tracker / algorithm / setup)")
+    p.add_argument("--write", dest="write", action="store_true", default=None,
+                   help="update benchmarks/RESULTS.md (default unless --quick)")
+    p.add_argument("--no-write", dest="write", action="store_false")
+    p.add_argument("--results", type=Path, default=None, help="results file (default benchmarks/RESULTS.md)")
+    p.add_argument("--section", default=None,
+                   help=f"RESULTS.md section name (default '{SECTION}', '{SECTION}-cuda' on a GPU)")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 20
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
+    if args.write is None:
+        args.write = not args.quick
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda requested but CUDA is not available", file=sys.stderr)
+        return 2
+    setup_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    for n in names:
+        if n not in WORKLOADS:
+            print(f"unknown workload {n!r}; choose from {', '.join(WORKLOADS)}", file=sys.stderr)
+            return 2
+
+    specs = deqlab_specs(args.tol, args.max_steps)
+    packages = ["torch", "deqlab"]
+    if not args.no_torchdeq:
+        try:
+            specs += torchdeq_specs(args.tol, args.max_steps)
+            packages.append("torchdeq")
+        except ImportError:
+            print("torchdeq is not installed (pip install torchdeq==0.1.0, or `make bench`); "
+                  "benchmarking deqlab alone", file=sys.stderr)
+    info = machine_info(device, packages=packages, dtype=args.dtype)
+    print(machine_header(info).replace("**", ""), flush=True)
+
+    results = []
+    for name in names:
+        wl = WORKLOADS[name](device, dtype, args.seed)
+        print(f"\n[{name}] {wl.description}: {args.warmup} warm-up + {args.repeats} timed rounds ...", flush=True)
+        res = run_workload(wl, specs, tol=args.tol, repeats=args.repeats, warmup=args.warmup, device=device)
+        print(workload_table(res, args.tol))
+        print(f"t_f = {fmt_time(res['f_time'].median)}, JVP = {fmt_time(res['jvp_time'].median)}")
+        print(targets(res, args.tol)["text"], flush=True)
+        if args.breakdown:
+            res["breakdown"] = deqlab_breakdown(wl, specs, repeats=args.repeats, device=device)
+            print("deqlab time per solve by region (median over runs; % of the solve):")
+            print(breakdown_table(res["breakdown"]), flush=True)
+        results.append(res)
+
+    report = build_report(results, info, args)
+    if args.write:
+        section = args.section or (SECTION if device.type == "cpu" else f"{SECTION}-{device.type}")
+        kw = {"path": args.results} if args.results else {}
+        path = update_results_section(section, report, **kw)
+        print(f"\nwrote section '{section}' of {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
