@@ -58,6 +58,10 @@ class ContinuousDEQSolver:
         t_max: integration horizon; ``inf`` integrates until convergence or ``max_steps``.
         dt: step size of the fixed-step methods; also the first step of adaptive ones when given.
         norm: ``"l2"`` or ``"rms"`` for the termination condition.
+        divergence_patience: adaptive methods: a sample whose residual grew on this many consecutive
+            accepted steps (each growth halves its step) is stopped with status ``diverged``.
+        max_nonfinite_retries: adaptive methods: a sample whose steps produced NaN/Inf this many times
+            is stopped with status ``nonfinite`` and returns its last finite state.
         throw: raise :class:`SolverError` instead of returning an unconverged result.
     """
 
@@ -79,6 +83,8 @@ class ContinuousDEQSolver:
         safety: float = 0.9,
         min_factor: float = 0.2,
         max_factor: float = 10.0,
+        divergence_patience: int = 20,
+        max_nonfinite_retries: int = 10,
         termination: Optional[TerminationCondition] = None,
     ):
         if ode_solver not in _METHODS:
@@ -108,6 +114,10 @@ class ContinuousDEQSolver:
             raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
         self.dt = dt if dt is not None or adaptive else 1.0
         self.safety, self.min_factor, self.max_factor = float(safety), float(min_factor), float(max_factor)
+        if divergence_patience < 1 or max_nonfinite_retries < 1:
+            raise ValueError("divergence_patience and max_nonfinite_retries must be >= 1")
+        self.divergence_patience = int(divergence_patience)
+        self.max_nonfinite_retries = int(max_nonfinite_retries)
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
 
@@ -136,6 +146,9 @@ class ContinuousDEQSolver:
         t = u.new_zeros(B)
         dt = self._initial_dt(vf, u, du) if not done else u.new_ones(B)
         du_norm = torch.linalg.vector_norm(du, dim=1)
+        nonfinite_tries = torch.zeros(B, dtype=torch.long, device=u.device)
+        growths = torch.zeros(B, dtype=torch.long, device=u.device)
+        diverging = None
         steps = 0
         while not done and steps < self.max_steps:
             h = torch.minimum(dt, self.t_max - t) if math.isfinite(self.t_max) else dt
@@ -154,6 +167,21 @@ class ContinuousDEQSolver:
                 grew = accept & (new_norm > du_norm)
                 dt = torch.where(grew, torch.minimum(dt, 0.5 * h), dt)
                 du_norm = torch.where(accept, new_norm, du_norm)
+                # A residual that keeps growing although every growth halved the step is the flow
+                # itself running away: the sample diverges (the reference's protective break would
+                # never fire, since the halved steps make the growth ever slower).
+                growths = torch.where(grew, growths + 1, torch.where(accept, torch.zeros_like(growths), growths))
+                diverging = growths >= self.divergence_patience
+                # A NaN/Inf stage makes the error estimate infinite and the step is rejected; when steps
+                # keep failing that way, the flow runs into a region where f has no finite value: end
+                # the sample as non-finite (the tracker then returns its last finite iterate) instead of
+                # creeping towards that region until max_steps.
+                nonfinite = ~torch.isfinite(new_norm) | torch.isinf(ratio)
+                nonfinite_tries = nonfinite_tries + (nonfinite & ~accept).long()
+                give_up = nonfinite_tries >= self.max_nonfinite_retries
+                accept = accept | give_up
+                du_new = torch.where(give_up.unsqueeze(1), torch.full_like(du_new, math.nan), du_new)
+                u_new = torch.where(give_up.unsqueeze(1), u, u_new)
             else:
                 du_new = vf(None, u_new)
                 accept = torch.ones(B, dtype=torch.bool, device=u.device)
@@ -165,7 +193,7 @@ class ContinuousDEQSolver:
             du = torch.where(a2, du_new, du)
             t = torch.where(accept, t + h, t)
             steps += 1
-            done = tracker.update(u, du, mask=accept)
+            done = tracker.update(u, du, mask=accept, diverged=diverging)
             if math.isfinite(self.t_max) and not done and bool((t[tracker.active] >= self.t_max * (1 - 1e-12)).all()):
                 break
         return build_result(tracker, packer, u, du, nfe=F.nfe, steps=steps, throw=self.throw,

@@ -165,11 +165,13 @@ class TerminationTracker:
         self._best_obj: Optional[Tensor] = None
         self._history: Optional[Tensor] = None
 
-    def update(self, z: Tensor, du: Tensor, mask: Optional[Tensor] = None, fz: Optional[Tensor] = None) -> bool:
+    def update(self, z: Tensor, du: Tensor, mask: Optional[Tensor] = None, fz: Optional[Tensor] = None,
+               diverged: Optional[Tensor] = None) -> bool:
         """Record the evaluation ``du = f(z) - z``; return True when every sample has stopped.
 
         ``mask`` restricts the update to samples that actually moved (continuous solvers reject steps
         per sample). ``fz`` (``= z + du``) saves a full-size addition when the caller has it.
+        ``diverged`` flags samples the solver itself found diverging (stopped with that status).
         """
         cond = self.cond
         obj, met, res, rel = cond.evaluate(z, du, fz)
@@ -191,6 +193,8 @@ class TerminationTracker:
             # Fast path: a sample goes on while tol < objective < threshold (NaN fails both tests), so
             # three comparisons and one host sync decide whether anything stops this step.
             go = (obj > cond.tol) & (obj < self._threshold)
+            if diverged is not None:
+                go = go & ~diverged
             if patience_met is not None and self.step + 1 >= cond.patience:
                 go = go & ~patience_met
             if self.n_active != self.batch:
@@ -207,6 +211,9 @@ class TerminationTracker:
         if patience_met is not None:
             met = met | patience_met
         bad = ~(obj < self._threshold)
+        if diverged is not None:
+            bad = bad | diverged
+            met = met & ~diverged
         stopping = (met | bad) & live
         if not bool(stopping.any()):  # the one host sync of a step in which no sample stops
             self._advance(cur, mask)
