@@ -62,19 +62,22 @@ def build_solver(
 
 
 def dense_deq_layer(
-    model_type: ModelType, width: int, solver: Any, *, jacobian_regularization: bool = False
+    model_type: ModelType, width: int, solver: Any, *, jacobian_regularization: bool = False,
+    backward: Any = None,
 ) -> nn.Module:
     """The DEQ layer over ``f(z, x) = relu(W1 z) + relu(W2 x)`` for ``model_type``; the Skip predictor is
-    ``Dense(width→width, relu)`` as in the paper's MNIST model."""
+    ``Dense(width→width, relu)`` as in the paper's MNIST model. ``backward`` defaults to the layer's
+    default (:class:`deqlab.nn.ImplicitBackward`)."""
     from deqlab.nn import DeepEquilibriumNetwork, DenseDEQBlock, SkipDeepEquilibriumNetwork
 
     if model_type not in ("vanilla", "skip", "skip_reg"):
         raise ValueError(f"model_type must be 'vanilla', 'skip' or 'skip_reg', got {model_type!r}")
     block = DenseDEQBlock(width)
     if model_type == "vanilla":
-        return DeepEquilibriumNetwork(block, solver, jacobian_regularization=jacobian_regularization)
+        return DeepEquilibriumNetwork(block, solver, backward=backward, jacobian_regularization=jacobian_regularization)
     shortcut = nn.Sequential(nn.Linear(width, width), nn.ReLU()) if model_type == "skip" else None
-    return SkipDeepEquilibriumNetwork(block, solver, shortcut=shortcut, jacobian_regularization=jacobian_regularization)
+    return SkipDeepEquilibriumNetwork(block, solver, shortcut=shortcut, backward=backward,
+                                      jacobian_regularization=jacobian_regularization)
 
 
 class DenseDEQClassifier(DEQLightningModule):
@@ -89,6 +92,9 @@ class DenseDEQClassifier(DEQLightningModule):
         abstol, reltol: termination tolerances.
         max_steps: solver iteration budget.
         jacobian_regularization: compute the Hutchinson Jacobian term (weighted by ``jacobian_loss_weight``).
+        backward_solver: solver of the implicit backward's adjoint system (GMRES in the paper).
+        backward_tol: its relative tolerance; ``None`` uses the forward ``reltol``, as the paper does.
+        backward_max_steps: its VJP budget (the paper: at most ``min(maxiters, 15)``).
         **kwargs: training hyperparameters of :class:`DEQLightningModule` (optimizer, lr, schedule, λ's, ...).
     """
 
@@ -103,6 +109,9 @@ class DenseDEQClassifier(DEQLightningModule):
         reltol: float = 5e-3,
         max_steps: int = 50,
         jacobian_regularization: bool = False,
+        backward_solver: Literal["gmres", "anderson", "fixed_point", "broyden"] = "gmres",
+        backward_tol: Optional[float] = None,
+        backward_max_steps: int = 15,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # the base records this model's constructor arguments as hparams
@@ -111,7 +120,12 @@ class DenseDEQClassifier(DEQLightningModule):
         self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
         solver_obj = build_solver(solver, mode=termination_mode, abstol=abstol, reltol=reltol, max_steps=max_steps)
         self.model_type = model_type
-        self.deq = dense_deq_layer(model_type, width, solver_obj, jacobian_regularization=jacobian_regularization)
+        from deqlab.nn import ImplicitBackward
+
+        backward = ImplicitBackward(backward_solver, tol=reltol if backward_tol is None else backward_tol,
+                                    max_steps=min(max_steps, backward_max_steps))
+        self.deq = dense_deq_layer(model_type, width, solver_obj, jacobian_regularization=jacobian_regularization,
+                                   backward=backward)
         self.head = nn.Linear(width, num_classes)
 
     def _embed(self, x: Tensor) -> Tensor:

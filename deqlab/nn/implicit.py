@@ -234,12 +234,11 @@ class ImplicitBackward(BackwardMode):
     parameter/input gradient costs one more VJP. ``solution.backward_nfe`` counts all of them.
 
     Args:
-        solver: ``"anderson"`` (default: the adjoint iteration contracts exactly as fast as the forward
-            one, and Anderson needs the fewest VJPs per unit of accuracy on the benchmarks), ``"gmres"``
-            (solves ``(I − Jᵀ) g = dL/dz*`` even when ``f`` is not a contraction, as in the paper's
-            adjoint; the robust choice when the forward needs Broyden/Newton to converge),
-            ``"fixed_point"``, ``"broyden"``, ``"lbroyden"``, or a solver object from
-            :mod:`deqlab.solvers` called as ``solver(h, g0)``.
+        solver: ``"gmres"`` (default: solves ``(I − Jᵀ) g = dL/dz*`` even when ``f`` is not a
+            contraction, as in the paper's adjoint; it stays within budget as training makes the map
+            less contractive, where Anderson with a short memory stalls in float32), ``"anderson"``,
+            ``"fixed_point"`` (cheapest per step for strongly contractive maps), ``"broyden"``,
+            ``"lbroyden"``, or a solver object from :mod:`deqlab.solvers` called as ``solver(h, g0)``.
         tol: relative tolerance of the adjoint solve (``||r|| <= tol * ||dL/dz*||`` for GMRES, the
             solver's ``rel_norm`` termination otherwise).
         max_steps: cap on adjoint solver steps (VJPs), so a hard backward never runs unbounded.
@@ -247,7 +246,7 @@ class ImplicitBackward(BackwardMode):
         warn_unconverged: warn when the adjoint solve does not reach ``tol``.
     """
 
-    def __init__(self, solver: SolverSpec = "anderson", *, tol: float = 1e-6, max_steps: int = 50,
+    def __init__(self, solver: SolverSpec = "gmres", *, tol: float = 1e-6, max_steps: int = 50,
                  restart: Optional[int] = None, warn_unconverged: bool = False):
         if isinstance(solver, str) and solver not in {"gmres", "fixed_point", "anderson", "broyden",
                                                        "lbroyden", "newton_krylov"}:
