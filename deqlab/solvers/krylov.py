@@ -2,8 +2,9 @@
 
 Used by Newton–Krylov (``J_g p = -g`` with Jacobian-vector products) and by the implicit backward
 (``(I - J^T) g = v`` with vector-Jacobian products). Arnoldi with classical Gram–Schmidt applied twice
-(two batched matmuls per step instead of a Python loop), the small least-squares problem solved with
-``torch.linalg.lstsq`` at every step to read off the residual estimate, and restarts.
+(two batched matmuls per step instead of a Python loop), an incremental Givens QR of the Hessenberg
+matrix that gives the residual after every step for a few small tensor operations (one triangular solve
+per cycle), and restarts.
 """
 from __future__ import annotations
 
@@ -22,11 +23,6 @@ class GMRESInfo:
     iterations: int
     residual: Tensor
     converged: Tensor
-
-
-def _lstsq(H: Tensor, rhs: Tensor) -> Tensor:
-    # CPU's default driver handles rank deficiency; CUDA only has 'gels' (H is kept full rank below).
-    return torch.linalg.lstsq(H, rhs.unsqueeze(-1)).solution.squeeze(-1)
 
 
 def gmres(
@@ -74,11 +70,15 @@ def gmres(
         # columns are ever read, so no zero fill is needed.
         cap = min(m, 8)
         V = b.new_empty(B, cap + 1, N)
-        H = b.new_zeros(B, m + 1, m)
         V[:, 0] = r / beta.clamp_min(tiny).unsqueeze(1)
-        e1 = b.new_zeros(B, m + 1)
-        e1[:, 0] = beta
-        y = None
+        # Incremental QR of the Hessenberg matrix: Qt accumulates the Givens rotations, R is its upper
+        # triangle and g = Qt (beta e1). |g[j+1]| is the residual after step j, so no least-squares solve is
+        # needed until the cycle ends.
+        Qt = torch.eye(m + 1, dtype=b.dtype, device=b.device).repeat(B, 1, 1)
+        R = b.new_zeros(B, m, m)
+        g = b.new_zeros(B, m + 1)
+        g[:, 0] = beta
+        k = 0
         estimate_converged = False
         for j in range(m):
             if j + 1 > cap:
@@ -93,22 +93,31 @@ def gmres(
             h2 = torch.bmm(basis, w.unsqueeze(2)).squeeze(2)  # re-orthogonalise (CGS2)
             w = w - torch.bmm(h2.unsqueeze(1), basis).squeeze(1)
             h = h + h2
-            w_norm = torch.linalg.vector_norm(w, dim=1)
-            H[:, : j + 1, j] = h
-            # A breakdown means the sample is solved exactly; a tiny subdiagonal keeps H full rank.
-            H[:, j + 1, j] = w_norm.clamp_min(tiny)
-            V[:, j + 1] = w / w_norm.clamp_min(tiny).unsqueeze(1)
-            Hj = H[:, : j + 2, : j + 1]
-            y = _lstsq(Hj, e1[:, : j + 2])
-            res_est = torch.linalg.vector_norm(e1[:, : j + 2] - torch.bmm(Hj, y.unsqueeze(2)).squeeze(2), dim=1)
+            # A breakdown means the sample is solved exactly; a tiny subdiagonal keeps R invertible.
+            w_norm = torch.linalg.vector_norm(w, dim=1).clamp_min(tiny)
+            V[:, j + 1] = w / w_norm.unsqueeze(1)
+            col = torch.bmm(Qt[:, : j + 1, : j + 1], h.unsqueeze(2)).squeeze(2)  # earlier rotations
+            a, c_ = col[:, j], w_norm
+            rho = torch.hypot(a, c_)
+            cs, sn = a / rho, c_ / rho
+            R[:, : j, j] = col[:, :j]
+            R[:, j, j] = rho
+            q_j, q_n = Qt[:, j, : j + 2].clone(), Qt[:, j + 1, : j + 2].clone()
+            Qt[:, j, : j + 2] = cs.unsqueeze(1) * q_j + sn.unsqueeze(1) * q_n
+            Qt[:, j + 1, : j + 2] = cs.unsqueeze(1) * q_n - sn.unsqueeze(1) * q_j
+            g_j = g[:, j].clone()
+            g[:, j] = cs * g_j
+            g[:, j + 1] = -sn * g_j
+            k = j + 1
+            res_est = g[:, j + 1].abs()
             if bool((res_est <= target).all()):
                 estimate_converged = True
                 break
-        k = y.shape[1]
+        y = torch.linalg.solve_triangular(R[:, :k, :k], g[:, :k].unsqueeze(2), upper=True).squeeze(2)
         x = x + torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1)
         if estimate_converged or cycle == max_restarts - 1:
-            # The least-squares residual is GMRES's residual in exact arithmetic; recomputing the true
-            # one would cost a matvec that only a restart needs.
+            # The rotated residual is GMRES's residual in exact arithmetic; recomputing the true one
+            # would cost a matvec that only a restart needs.
             beta = res_est
             break
         r = b - matvec(x)
