@@ -395,10 +395,9 @@ _BWD_REGIONS = (
     ("deqlab.nn.implicit", "_Linearization.vjp_z", "adjoint VJPs"),
     ("deqlab.nn.implicit", "_Linearization.vjp_inputs", "param VJP"),
     ("deqlab.solvers", "gmres", "solver"),
-    ("deqlab.solvers.krylov", "_lstsq", "lstsq"),
     ("deqlab.solvers.discrete", "DiscreteDEQSolver.__call__", "solver"),
 )
-BWD_COLUMNS = ("f re-eval", "adjoint VJPs", "param VJP", "solver", "lstsq")
+BWD_COLUMNS = ("f re-eval", "adjoint VJPs", "param VJP", "solver")
 
 
 class RegionTimer:
@@ -488,37 +487,9 @@ def backward_breakdown(m: "Measured", fmap: WorkloadMap, c: Tensor, *, repeats: 
     return out
 
 
-def alloc_time(shape, dtype, device: torch.device, repeats: int = 5) -> float:
-    """Median time of allocating and zero-filling one tensor of ``shape`` (the GMRES basis)."""
-    ts = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        t = torch.zeros(shape, dtype=dtype, device=device)
-        synchronize(device)
-        ts.append(time.perf_counter() - t0)
-        del t
-    return statistics.median(ts)
-
-
-def op_profile(m: "Measured", fmap: WorkloadMap, c: Tensor, *, runs: int = 3, top: int = 5) -> List[tuple]:
-    """Top aten ops by self CPU time in deqlab's backward: ``(op, ms per backward, calls per backward)``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    params = list(fmap.parameters())
-    zs = [m.contender.forward()[0] for _ in range(runs)]
-    with _quiet_stderr():
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for z in zs:
-                loss_and_grads(z, c, params)
-    ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-    ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [(e.key, e.self_cpu_time_total / 1e3 / runs, e.count / runs) for e in ops[:top]]
-
-
 def breakdown_table(res: dict) -> str:
     headers = ["deqlab backward", "b_tol", "VJPs", "backward", "f re-eval", "adjoint VJPs (per VJP)",
-               "param VJP", "adjoint solver excl. VJPs (per step)", "GMRES lstsq", "other"]
+               "param VJP", "adjoint solver excl. VJPs (per step)", "other"]
     rows = []
     for m, bd in res["breakdown"]:
         reg, tot = bd["regions"], bd["total"]
@@ -530,9 +501,8 @@ def breakdown_table(res: dict) -> str:
 
         n_adj = max(bd["vjps"] - 1, 1)
         rows.append([m.contender.label, f"{m.contender.b_tol:g}", bd["vjps"], fmt_time(tot), cell("f re-eval"),
-                     cell("adjoint VJPs", n_adj), cell("param VJP"), cell("solver", n_adj),
-                     cell("lstsq") if reg["lstsq"] > 0 else "—", cell("other")])
-    return markdown_table(headers, rows, "llrrrrrrrr")
+                     cell("adjoint VJPs", n_adj), cell("param VJP"), cell("solver", n_adj), cell("other")])
+    return markdown_table(headers, rows, "llrrrrrrr")
 
 
 # --------------------------------------------------------------------------------------------- oracle
@@ -570,7 +540,7 @@ def oracle(name: str, device: torch.device, seed: int, c64: Tensor, *, max_steps
     out["check"] = {"Anderson adjoint (1e-12)": rel_err(grads["anderson"], g)}
     names = dict(fmap.named_parameters())
     if name == "dense" and {"Wt", "Ut", "b"} <= set(names):
-        Wt, Ut, b = names["Wt"].detach(), names["Ut"].detach(), names["b"].detach()
+        Wt = names["Wt"].detach()
         s = 1 - z_star ** 2  # tanh' at the fixed point
         D = Wt.shape[0]
         A = torch.eye(D, dtype=Wt.dtype, device=Wt.device) - Wt.unsqueeze(0) * s.unsqueeze(1)
@@ -657,18 +627,6 @@ def run_workload(name: str, args, device: torch.device, dtype: torch.dtype) -> d
         for m in ms:
             if m.contender.library == "deqlab" and m.contender.fwd_tol == args.tol:
                 out["breakdown"].append((m, backward_breakdown(m, fmap, c, repeats=args.repeats, device=device)))
-        used = [bd["gmres"][0] + 1 for _, bd in out["breakdown"] if "gmres" in bd]
-        if used:
-            B, N = z_star.shape[0], z_star[0].numel()
-            full = (B, args.b_max_steps + 1, N)  # ImplicitBackward(restart=None): restart = max_steps
-            small = (B, max(used), N)
-            out["gmres_alloc"] = {"full": full, "small": small,
-                                  "t_full": alloc_time(full, z_star.dtype, device),
-                                  "t_small": alloc_time(small, z_star.dtype, device),
-                                  "iters": [bd["gmres"] for _, bd in out["breakdown"] if "gmres" in bd]}
-            if device.type == "cpu":
-                gm = next(m for m, bd in out["breakdown"] if "gmres" in bd)
-                out["gmres_alloc"]["ops"] = (gm.contender.desc, op_profile(gm, fmap, c))
     return out
 
 
@@ -885,25 +843,9 @@ def build_report(results: List[dict], info: dict, args) -> str:
                       "exclusively by wrapping deqlab's internals: *f re-eval* = `_Linearization.__init__` (the "
                       "graph of f at z*), *adjoint VJPs* = `_Linearization.vjp_z`, *param VJP* = "
                       "`_Linearization.vjp_inputs`, *adjoint solver excl. VJPs* = `gmres` / "
-                      "`DiscreteDEQSolver.__call__` minus the VJPs (and, for GMRES, the small least-squares solves "
-                      "`krylov._lstsq`, shown apart) inside, per step = per adjoint VJP; *other* = autograd engine, "
+                      "`DiscreteDEQSolver.__call__` minus the VJPs inside, per step = per adjoint VJP; *other* = autograd engine, "
                       "`_EquilibriumGradient.backward` bookkeeping, timer overhead):", "",
                       breakdown_table(res), ""]
-            ga = res.get("gmres_alloc")
-            if ga:
-                its = ", ".join(f"{i} iterations / {mv} matvecs" for i, mv in ga["iters"])
-                parts += [f"GMRES: {its} (matvecs = iterations + 1: the true residual is recomputed with one "
-                          f"more VJP after the cycle). Its Krylov basis is allocated for the full restart "
-                          f"length up front: `new_zeros{ga['full']}` = "
-                          f"{fmt_bytes(ga['full'][1] * res['state_bytes'])} "
-                          f"takes {fmt_time(ga['t_full'])} on its own (measured here), against "
-                          f"{fmt_time(ga['t_small'])} for the {ga['small']} basis the solve used.", ""]
-                if "ops" in ga:
-                    label, ops = ga["ops"]
-                    parts += [f"Top aten ops by self CPU time in one deqlab {label} backward (torch.profiler, mean "
-                              "of 3 backward passes; `fill_` is the zero-filling, `bmm` the classical Gram–Schmidt "
-                              "passes, applied twice per step, over the growing basis): "
-                              + ", ".join(f"`{k}` {ms:.2f} ms ({n:g} calls)" for k, ms, n in ops) + ".", ""]
         if "scaling" in res:
             lo, hi = min(args.mem_steps), max(args.mem_steps)
             verdicts = scaling_verdict(res["scaling"], args.mem_steps, res["state_bytes"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from deqlab.lightning.module import DEQLightningModule

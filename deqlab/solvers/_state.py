@@ -5,7 +5,7 @@ multiscale (list) states. A single tensor is flattened with a view (free); a lis
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Sequence, Union
 
 import torch
 from torch import Tensor

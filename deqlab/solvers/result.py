@@ -10,7 +10,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
-import torch
 from torch import Tensor
 
 State = Union[Tensor, List[Tensor]]
