@@ -25,6 +25,13 @@ class CountedMap:
         return self.flat(z)
 
 
+def check_max_steps(max_steps: object) -> int:
+    """The step budget every solver takes: an ``int >= 0`` (``bool`` is refused, it is an int in Python)."""
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 0:
+        raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
+    return max_steps
+
+
 def prepare(z0: State) -> Tuple[StatePacker, Tensor]:
     """Validate the structure of ``z0`` and flatten it (finiteness is checked lazily, see
     :func:`check_first_step`)."""

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Literal, Optional, Tuple
 import torch
 from torch import Tensor
 
-from deqlab.solvers._driver import CountedMap, build_result, check_first_step, prepare
+from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, prepare
 from deqlab.solvers._state import State
 from deqlab.solvers.result import SolverResult
 from deqlab.solvers.termination import NormKind, TerminationCondition, TerminationMode, TerminationTracker, _check_tol
@@ -102,9 +102,7 @@ class ContinuousDEQSolver:
                 norm=norm,
             )
         self.termination = termination
-        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 0:
-            raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
-        self.max_steps = max_steps
+        self.max_steps = check_max_steps(max_steps)
         if not (t_max > 0):
             raise ValueError(f"t_max must be > 0 (math.inf for no horizon), got {t_max!r}")
         self.t_max = float(t_max)

@@ -5,11 +5,11 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from deqlab.solvers._driver import CountedMap, build_result, check_first_step, prepare
+from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, prepare
 from deqlab.solvers._state import State
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
 from deqlab.solvers.result import SolverResult
-from deqlab.solvers.termination import NormKind, TerminationCondition, TerminationMode
+from deqlab.solvers.termination import NormKind, TerminationCondition, TerminationMode, TerminationTracker
 
 
 def make_algorithm(algorithm: Union[str, FixedPointAlgorithm], **options) -> FixedPointAlgorithm:
@@ -64,9 +64,7 @@ class DiscreteDEQSolver:
         if termination is None:
             termination = TerminationCondition(mode=mode, abstol=abstol_termination, reltol=reltol_termination, norm=norm)
         self.termination = termination
-        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 0:
-            raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
-        self.max_steps = max_steps
+        self.max_steps = check_max_steps(max_steps)
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
 
@@ -81,7 +79,8 @@ class DiscreteDEQSolver:
         F = CountedMap(f, packer)
         fz = F(z)
         g = fz - z
-        tracker = self._tracker(packer, z)
+        tracker = TerminationTracker(self.termination, packer.batch, packer.numel, device=z.device, dtype=z.dtype,
+                                     keep_trace=self.keep_trace)
         done = tracker.update(z, g, fz=fz)
         check_first_step(tracker, z)
         algo = self.algorithm
@@ -94,9 +93,3 @@ class DiscreteDEQSolver:
             done = tracker.update(z, g, fz=fz)
         return build_result(tracker, packer, z, g, nfe=F.nfe, steps=steps, throw=self.throw,
                             solver_name=f"DiscreteDEQSolver({algo.name})")
-
-    def _tracker(self, packer, z):
-        from deqlab.solvers.termination import TerminationTracker
-
-        return TerminationTracker(self.termination, packer.batch, packer.numel, device=z.device, dtype=z.dtype,
-                                  keep_trace=self.keep_trace)
