@@ -62,6 +62,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from _common import (  # noqa: E402
+    RegionTimer,
     Timing,
     fmt_time,
     machine_header,
@@ -398,63 +399,6 @@ _BWD_REGIONS = (
     ("deqlab.solvers.discrete", "DiscreteDEQSolver.__call__", "solver"),
 )
 BWD_COLUMNS = ("f re-eval", "adjoint VJPs", "param VJP", "solver")
-
-
-class RegionTimer:
-    """Monkeypatch functions/methods with exclusive wall-clock timers (``acc[region]`` in seconds) and
-    call counts (``calls[region]``); ``returns[region]`` keeps the last return value."""
-
-    def __init__(self, regions, device: torch.device):
-        self.regions = regions
-        self.device = device
-        self.acc: Dict[str, float] = {}
-        self.calls: Dict[str, int] = {}
-        self.returns: Dict[str, object] = {}
-        self._stack: List[list] = []
-        self._saved: List[tuple] = []
-
-    def reset(self) -> None:
-        self.acc, self.calls, self.returns = {}, {}, {}
-
-    def _wrap(self, fn, region):
-        timer = self
-
-        def wrapped(*a, **k):
-            frame = [0.0]
-            timer._stack.append(frame)
-            t0 = time.perf_counter()
-            try:
-                out = fn(*a, **k)
-                timer.returns[region] = out
-                return out
-            finally:
-                synchronize(timer.device)
-                dt = time.perf_counter() - t0
-                timer._stack.pop()
-                timer.acc[region] = timer.acc.get(region, 0.0) + dt - frame[0]
-                timer.calls[region] = timer.calls.get(region, 0) + 1
-                if timer._stack:
-                    timer._stack[-1][0] += dt
-        return wrapped
-
-    def __enter__(self):
-        import importlib
-
-        for mod_name, attr, region in self.regions:
-            mod = importlib.import_module(mod_name)
-            owner, name = (mod, attr) if "." not in attr else (getattr(mod, attr.split(".")[0], None),
-                                                                  attr.split(".")[1])
-            if owner is None or name not in vars(owner):
-                continue
-            orig = vars(owner)[name]
-            setattr(owner, name, self._wrap(orig, region))
-            self._saved.append((owner, name, orig))
-        return self
-
-    def __exit__(self, *exc):
-        for owner, name, orig in reversed(self._saved):
-            setattr(owner, name, orig)
-        self._saved.clear()
 
 
 def backward_breakdown(m: "Measured", fmap: WorkloadMap, c: Tensor, *, repeats: int,

@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as Fn  # noqa: E402
 
 from _common import (  # noqa: E402
+    RegionTimer,
     Timing,
     fmt_time,
     machine_header,
@@ -307,57 +308,6 @@ _REGIONS = (
 BREAKDOWN_COLUMNS = ("f", "tracker.update", "algo.step", "algo.init", "setup", "result")
 
 
-class _RegionTimer:
-    """Monkeypatches deqlab's solver internals with exclusive wall-clock timers (nested regions are
-    subtracted from their parent: ``algo.step`` excludes the evaluations of f inside it)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.acc: Dict[str, float] = {}
-        self.calls: Dict[str, int] = {}
-        self._stack: List[list] = []
-        self._saved: List[tuple] = []
-
-    def _wrap(self, fn, region):
-        timer = self
-
-        def wrapped(*a, **k):
-            frame = [0.0]  # time spent in nested regions
-            timer._stack.append(frame)
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                if timer.device.type == "cuda":
-                    torch.cuda.synchronize(timer.device)
-                dt = time.perf_counter() - t0
-                timer._stack.pop()
-                timer.acc[region] = timer.acc.get(region, 0.0) + dt - frame[0]
-                timer.calls[region] = timer.calls.get(region, 0) + 1
-                if timer._stack:
-                    timer._stack[-1][0] += dt
-        return wrapped
-
-    def __enter__(self):
-        import importlib
-
-        for mod_name, attr, region in _REGIONS:
-            mod = importlib.import_module(mod_name)
-            owner, name = (mod, attr) if "." not in attr else (getattr(mod, attr.split(".")[0], None), attr.split(".")[1])
-            if owner is None or name not in vars(owner):
-                continue
-            orig = vars(owner)[name]
-            wrapped = self._wrap(orig.__func__ if isinstance(orig, staticmethod) else orig, region)
-            setattr(owner, name, staticmethod(wrapped) if isinstance(orig, staticmethod) else wrapped)
-            self._saved.append((owner, name, orig))
-        return self
-
-    def __exit__(self, *exc):
-        for owner, name, orig in reversed(self._saved):
-            setattr(owner, name, orig)
-        self._saved.clear()
-
-
 @torch.no_grad()
 def deqlab_breakdown(wl: Workload, specs: List[SolverSpec], *, repeats: int, device: torch.device) -> dict:
     """Per deqlab solver: median per-solve time in each region (seconds) and the median total."""
@@ -369,7 +319,7 @@ def deqlab_breakdown(wl: Workload, specs: List[SolverSpec], *, repeats: int, dev
         per_region: Dict[str, List[float]] = {r: [] for r in BREAKDOWN_COLUMNS + ("other",)}
         totals = []
         spec.solve(f, wl.z0())  # warm-up outside the timers
-        with _RegionTimer(device) as timer:
+        with RegionTimer(_REGIONS, device) as timer:
             for _ in range(repeats):
                 timer.acc, timer.calls = {}, {}
                 synchronize(device)
