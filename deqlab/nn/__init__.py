@@ -23,6 +23,7 @@ from deqlab.nn.layers import (
     WeightNorm,
 )
 from deqlab.nn.neural_ode import MultiScaleNeuralODE
+from deqlab.nn.protocols import DEQLayer
 from deqlab.nn.regularization import jacobian_frobenius_estimate
 from deqlab.nn.solution import DeepEquilibriumSolution
 
@@ -36,6 +37,7 @@ __all__ = [
     "MultiScaleSkipDeepEquilibriumNetwork",
     "MultiScaleNeuralODE",
     "DeepEquilibriumSolution",
+    "DEQLayer",
     "BackwardMode",
     "ImplicitBackward",
     "JacobianFreeBackward",

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, List, Literal, Optional, Sequence, T
 import torch
 from torch import Tensor, nn
 
-from deqlab.nn._state import State, as_parts, detach, from_parts, per_sample_norm, shapes_of
+from deqlab.state import State, as_parts, detach, from_parts, per_sample_norm, shapes_of
 from deqlab.nn.implicit import BackwardMode, ImplicitBackward, _GradientSpec, attach_gradient
 from deqlab.nn.layers import EquilibriumStateful
 from deqlab.nn.regularization import jacobian_frobenius_estimate

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from deqlab.nn._state import flatten, from_parts, unflatten
+from deqlab.state import flatten, from_parts, unflatten
 
 __all__ = ["BackwardMode", "ImplicitBackward", "JacobianFreeBackward", "PhantomGradient"]
 

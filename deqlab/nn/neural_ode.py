@@ -24,7 +24,7 @@ from typing import Any, List, Literal, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from deqlab.nn._state import flatten, per_sample_norm, unflatten
+from deqlab.state import flatten, per_sample_norm, unflatten
 from deqlab.nn.deq import MultiScaleMap, _CheckedMap
 from deqlab.nn.layers import EquilibriumStateful
 from deqlab.nn.solution import DeepEquilibriumSolution

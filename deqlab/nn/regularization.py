@@ -19,7 +19,7 @@ from typing import Literal, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from deqlab.nn._state import as_parts
+from deqlab.state import as_parts
 
 __all__ = ["jacobian_frobenius_estimate"]
 

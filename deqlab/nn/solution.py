@@ -13,7 +13,7 @@ from torch import Tensor
 
 from deqlab.solvers.result import SolverResult, SolverStatus
 
-State = Union[Tensor, List[Tensor]]
+from deqlab.state import State
 
 
 @dataclass

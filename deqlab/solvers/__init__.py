@@ -14,6 +14,8 @@ from deqlab.solvers.algorithms import (
 from deqlab.solvers.continuous import ContinuousDEQSolver
 from deqlab.solvers.discrete import DiscreteDEQSolver
 from deqlab.solvers.krylov import GMRESInfo, gmres
+from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
+from deqlab.solvers.protocols import LinearSolveResult, LinearSolver, Solver
 from deqlab.solvers.registry import available_solvers, get_solver, register_solver
 from deqlab.solvers.result import SolverError, SolverResult, SolverStatus
 from deqlab.solvers.termination import TERMINATION_MODES, TerminationCondition, TerminationTracker
@@ -25,9 +27,14 @@ __all__ = [
     "DiscreteDEQSolver",
     "FixedPointAlgorithm",
     "FixedPointIteration",
+    "FixedPointLinearSolver",
+    "GMRES",
     "GMRESInfo",
     "LimitedMemoryBroyden",
+    "LinearSolveResult",
+    "LinearSolver",
     "NewtonKrylov",
+    "Solver",
     "SolverError",
     "SolverResult",
     "SolverStatus",

@@ -6,7 +6,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from deqlab.solvers._state import State, StatePacker, make_flat_map
+from deqlab.state import State, StatePacker, make_flat_map
 from deqlab.solvers.result import SolverError, SolverResult, SolverStatus
 from deqlab.solvers.termination import TerminationTracker
 

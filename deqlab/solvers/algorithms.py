@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from deqlab.solvers._state import batch_dot
+from deqlab.state import batch_dot
 from deqlab.solvers.krylov import gmres
 
 FlatMap = Callable[[Tensor], Tensor]

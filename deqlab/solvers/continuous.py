@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, prepare
-from deqlab.solvers._state import State
+from deqlab.state import State
 from deqlab.solvers.result import SolverResult
 from deqlab.solvers.termination import NormKind, TerminationCondition, TerminationMode, TerminationTracker, _check_tol
 

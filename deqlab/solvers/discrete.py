@@ -6,7 +6,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, prepare
-from deqlab.solvers._state import State
+from deqlab.state import State
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
 from deqlab.solvers.result import SolverResult
 from deqlab.solvers.termination import NormKind, TerminationCondition, TerminationMode, TerminationTracker

@@ -12,7 +12,7 @@ from typing import List, Optional, Union
 
 from torch import Tensor
 
-State = Union[Tensor, List[Tensor]]
+from deqlab.state import State
 
 
 class SolverStatus(str, enum.Enum):

@@ -29,7 +29,7 @@ from typing import Literal, Optional, Tuple, get_args
 import torch
 from torch import Tensor
 
-from deqlab.solvers._state import batch_norm
+from deqlab.state import batch_norm
 
 TerminationMode = Literal[
     "abs", "abs_norm", "rel", "rel_norm", "norm",
