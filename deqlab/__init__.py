@@ -22,7 +22,9 @@ from deqlab.nn import (
 )
 from deqlab.solvers import (
     ContinuousDEQSolver,
+    ConvergenceWarning,
     DiscreteDEQSolver,
+    GMRES,
     SolverError,
     SolverResult,
     SolverStatus,
@@ -37,6 +39,7 @@ _LAZY = {
     "DEQLightningModule": "deqlab.lightning",
     "NFEHistogram": "deqlab.lightning",
     "ConvergenceFigure": "deqlab.lightning",
+    "DEQClassifier": "deqlab.zoo",
     "DigitsDEQ": "deqlab.zoo",
     "MNISTDenseDEQ": "deqlab.zoo",
     "DigitsDataModule": "deqlab.data",
@@ -58,10 +61,12 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BackwardMode",
     "ContinuousDEQSolver",
+    "ConvergenceWarning",
     "DEQ",
     "DeepEquilibriumNetwork",
     "DeepEquilibriumSolution",
     "DiscreteDEQSolver",
+    "GMRES",
     "ImplicitBackward",
     "JacobianFreeBackward",
     "MultiScaleDeepEquilibriumNetwork",

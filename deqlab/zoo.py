@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from deqlab.lightning.module import DEQLightningModule
 
-__all__ = ["DigitsDEQ", "MNISTDenseDEQ", "DenseDEQClassifier", "build_solver", "dense_deq_layer"]
+__all__ = ["DEQClassifier", "DigitsDEQ", "MNISTDenseDEQ", "DenseDEQClassifier", "build_solver", "dense_deq_layer"]
 
 ModelType = Literal["vanilla", "skip", "skip_reg"]
 SolverName = Literal["lbroyden", "broyden", "anderson", "fixed_point", "newton_krylov", "tsit5"]
@@ -28,6 +28,30 @@ TerminationModeName = Literal[
     "abs", "abs_norm", "rel", "rel_norm", "norm",
     "abs_deq_default", "rel_deq_default", "abs_deq_best", "rel_deq_best",
 ]
+
+
+class DEQClassifier(DEQLightningModule):
+    """Any network that follows the paper-model contract, trained as a classifier.
+
+    ``network(x)`` must return ``(logits, solution)`` (``solution``: a ``DeepEquilibriumSolution``, a list
+    of them, or ``None``); an optional ``network.explicit_forward(x)`` returns the u0-only logits of Skip
+    models (or ``None``). The networks of :mod:`deqlab.models` follow it.
+
+    Args:
+        network: the model (stem → DEQ layer(s) → head).
+        **kwargs: training settings of :class:`DEQLightningModule`.
+    """
+
+    def __init__(self, network: nn.Module, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.network = network
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Any]:
+        return self.network(x)
+
+    def explicit_forward(self, x: Tensor) -> Optional[Tensor]:
+        fn = getattr(self.network, "explicit_forward", None)
+        return None if fn is None else fn(x)
 
 
 def build_solver(

@@ -17,13 +17,14 @@ from deqlab.solvers.krylov import GMRESInfo, gmres
 from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
 from deqlab.solvers.protocols import LinearSolveResult, LinearSolver, Solver
 from deqlab.solvers.registry import available_solvers, get_solver, register_solver
-from deqlab.solvers.result import SolverError, SolverResult, SolverStatus
+from deqlab.solvers.result import ConvergenceWarning, SolverError, SolverResult, SolverStatus
 from deqlab.solvers.termination import TERMINATION_MODES, TerminationCondition, TerminationTracker
 
 __all__ = [
     "Anderson",
     "Broyden",
     "ContinuousDEQSolver",
+    "ConvergenceWarning",
     "DiscreteDEQSolver",
     "FixedPointAlgorithm",
     "FixedPointIteration",

@@ -74,6 +74,15 @@ class SolverResult:
         }
 
 
+class ConvergenceWarning(UserWarning):
+    """Warned when a forward or backward solve ends without meeting its tolerance.
+
+    A ``UserWarning`` subclass, so ``warnings.simplefilter("error", ConvergenceWarning)`` turns every
+    unconverged solve into an exception, and ``"ignore"`` silences them. deqlab rate-limits it in training
+    loops so a long run does not flood the log.
+    """
+
+
 class SolverError(RuntimeError):
     """Raised by a solver called with ``throw=True`` when a solve does not converge."""
 
