@@ -136,6 +136,18 @@ class DeepEquilibriumNetwork(nn.Module):
         self.fixed_depth = int(fixed_depth)
 
     # ---------------------------------------------------------------- read-only views
+    #: attributes of the old Skip machinery: the guess strategy holds them now. Setting one on the layer
+    #: would silently do nothing, so it raises and says where the setting lives.
+    _MOVED = {"shortcut": "init.module", "skip_loss_kind": "init.skip_loss_kind",
+              "detach_skip_target": "init.detach_skip_target", "z_shape": "init.shape",
+              "initializer": "init.fn"}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in DeepEquilibriumNetwork._MOVED:
+            raise AttributeError(f"{type(self).__name__}.{name} is read-only: the initial-guess strategy owns it "
+                                 f"(set layer.{DeepEquilibriumNetwork._MOVED[name]}, or pass init=...)")
+        super().__setattr__(name, value)
+
     @property
     def shortcut(self) -> Optional[nn.Module]:
         """The Skip DEQ predictor (``init.module`` of a :class:`ShortcutGuess`), else ``None``. Read-only."""
