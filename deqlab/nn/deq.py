@@ -88,6 +88,14 @@ def _record_backward(ref: "weakref.ReferenceType[DeepEquilibriumSolution]", repo
     reporter.record("backward", bool(result.converged), describe, policy=policy, stacklevel=4)
 
 
+def _rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Checkpoints from before the init strategies stored a Skip DEQ's predictor as ``shortcut.*``; it is
+    ``init.shortcut.*`` now. Renaming on load keeps those checkpoints loadable."""
+    old = prefix + "shortcut."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "init.shortcut." + key[len(old):]] = state_dict.pop(key)
+
+
 _DEPTH = threading.local()
 
 
@@ -164,11 +172,12 @@ class DeepEquilibriumNetwork(nn.Module):
         self.jacobian_probes = int(jacobian_probes)
         self.jacobian_normalize = jacobian_normalize
         self.fixed_depth = int(fixed_depth)
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     # ---------------------------------------------------------------- read-only views
     #: attributes of the old Skip machinery: the guess strategy holds them now. Setting one on the layer
     #: would silently do nothing, so it raises and says where the setting lives.
-    _MOVED = {"shortcut": "init.module", "skip_loss_kind": "init.skip_loss_kind",
+    _MOVED = {"shortcut": "init.shortcut", "skip_loss_kind": "init.skip_loss_kind",
               "detach_skip_target": "init.detach_skip_target", "z_shape": "init.shape",
               "initializer": "init.fn"}
 
@@ -180,8 +189,8 @@ class DeepEquilibriumNetwork(nn.Module):
 
     @property
     def shortcut(self) -> Optional[nn.Module]:
-        """The Skip DEQ predictor (``init.module`` of a :class:`ShortcutGuess`), else ``None``. Read-only."""
-        return self.init.module if isinstance(self.init, ShortcutGuess) else None
+        """The Skip DEQ predictor (``init.shortcut`` of a :class:`ShortcutGuess`), else ``None``. Read-only."""
+        return self.init.shortcut if isinstance(self.init, ShortcutGuess) else None
 
     @property
     def fixed_depth(self) -> int:
