@@ -128,9 +128,7 @@ class MultiScaleNeuralODE(nn.Module):
                 raise TypeError(f"{name}: solver must be a torchdyn method name or a ContinuousDEQSolver, "
                                 f"got {solver!r}")
             method, s_dt = solver.ode_solver, solver.dt
-            # TODO(issue 7): read solver.ode_abstol / solver.ode_reltol only, once ContinuousDEQSolver has them
-            s_abstol = getattr(solver, "ode_abstol", solver.abstol)
-            s_reltol = getattr(solver, "ode_reltol", solver.reltol)
+            s_abstol, s_reltol = solver.ode_abstol, solver.ode_reltol
         if sensitivity not in ("autograd", "adjoint", "interpolated_adjoint"):
             raise ValueError(f"{name}: unknown sensitivity {sensitivity!r}")
         self.method = method
