@@ -163,6 +163,11 @@ class BaseDataModule(pl.LightningDataModule):
     ``DataLoader``s with one policy: shuffle only the training set, pin memory only when CUDA is
     there to receive it, keep workers alive between epochs when there are workers.
 
+    The loader options below are defined here once: subclasses take ``**kwargs`` and forward them, and
+    repeat an option in their own signature only to give it a different default (CIFAR-10's batch size,
+    ImageNet's workers). LightningCLI follows the ``**kwargs`` to this signature, so configs are still
+    type-checked key by key.
+
     Args:
         batch_size: samples per batch (per process under DDP).
         num_workers: loader worker processes; 0 loads in the main process (simplest, and fastest
@@ -179,7 +184,7 @@ class BaseDataModule(pl.LightningDataModule):
     def __init__(
         self,
         *,
-        batch_size: int,
+        batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
         val_fraction: float = 0.1,
@@ -244,14 +249,16 @@ class TorchvisionDataModule(BaseDataModule):
         data_dir: root directory shared by the datasets (each has its own sub-layout).
         download: fetch the files in ``prepare_data`` when they are missing (needs network).
         augment: use training augmentation (validation and test never augment).
+        **kwargs: the loader options of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``,
+            ``val_fraction``, ``pin_memory``).
     """
 
     name: str = "dataset"
 
     def __init__(
         self,
+        data_dir: PathLike = "data",
         *,
-        data_dir: PathLike,
         download: bool = False,
         augment: bool = False,
         **kwargs: Any,
