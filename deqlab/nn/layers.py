@@ -16,8 +16,9 @@ re-installs the exact state (same mask, same normalised weight) when it re-evalu
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "EquilibriumStateful",
+    "equilibrium_session",
+    "stateful_modules",
     "WeightNorm",
     "VariationalHiddenDropout",
     "DenseDEQBlock",
@@ -54,6 +57,30 @@ class EquilibriumStateful(nn.Module):
 
     def deq_load_state(self, state: Dict[str, Any]) -> None:  # pragma: no cover - interface
         pass
+
+
+def stateful_modules(roots: Sequence[nn.Module]) -> List[EquilibriumStateful]:
+    """Every :class:`EquilibriumStateful` module under ``roots``, each once, in module order."""
+    seen, out = set(), []
+    for root in roots:
+        for m in root.modules():
+            if isinstance(m, EquilibriumStateful) and id(m) not in seen:
+                seen.add(id(m))
+                out.append(m)
+    return out
+
+
+@contextlib.contextmanager
+def equilibrium_session(roots: Sequence[nn.Module]) -> Iterator[List[EquilibriumStateful]]:
+    """One DEQ forward: ``deq_begin`` on every stateful module under ``roots``, ``deq_end`` on exit."""
+    stateful = stateful_modules(roots)
+    for m in stateful:
+        m.deq_begin()
+    try:
+        yield stateful
+    finally:
+        for m in stateful:
+            m.deq_end()
 
 
 class WeightNorm(EquilibriumStateful):
