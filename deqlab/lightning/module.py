@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import logging
 import time
+import warnings
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
 import pytorch_lightning as pl
@@ -28,6 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from deqlab.lightning._optim import build_optimizer, build_scheduler
 from deqlab.lightning._stats import STATUSES, SolutionSummary, StepRecord, as_solution_list, summarize
 from deqlab.lightning._timing import PhaseTimer
+from deqlab.lightning.checkpoint import check_checkpoint_file, restore_rng_state, rng_state
 from deqlab.lightning.config import DEQTrainingConfig
 from deqlab.nn.protocols import DEQLayer
 from deqlab.nn.solution import DeepEquilibriumSolution
@@ -44,6 +46,18 @@ _STAGES: Tuple[str, ...] = ("train", "val", "test")
 
 #: Metric names written to TensorBoard's HParams tab (placeholders at fit start, updated per validation).
 HPARAM_METRICS: Tuple[str, ...] = ("hp/val_accuracy", "hp/val_loss", "hp/val_nfe")
+
+#: Key of deqlab's own entries in a Lightning checkpoint (RNG states, skipped-batch count).
+CHECKPOINT_KEY = "deqlab"
+
+
+class NonFiniteBatchWarning(UserWarning):
+    """Warned (once per run) when the non-finite policy ``on_nonfinite="skip"`` drops a training batch."""
+
+
+class NonFiniteBatchError(FloatingPointError):
+    """Raised under ``on_nonfinite="raise"`` for a training batch with a non-finite loss, gradient or solve."""
+
 
 #: Names under ``train/`` etc. that the module logs itself; ``extra_losses`` may not reuse them.
 RESERVED_LOSS_NAMES = frozenset({
@@ -99,6 +113,10 @@ class DEQLightningModule(pl.LightningModule):
         self._depth: Optional[int] = None  # fixed depth currently applied by the pretraining schedule
         self._eval_depths: Optional[contextlib.ExitStack] = None
         self._epoch_start: Optional[float] = None
+        self._batch_input: Optional[Tensor] = None  # the training input, for the non-finite diagnosis
+        self._skipped_batches = 0
+        self._warned_nonfinite = False
+        self._rng_to_restore: Optional[Dict[str, Any]] = None
 
     def _save_constructor_hparams(self) -> None:
         """Record the arguments of the *most-derived* constructor as ``hparams``.
@@ -305,6 +323,7 @@ class DEQLightningModule(pl.LightningModule):
         if stage == "train":
             self._pending = solutions
             self._record = record
+            self._batch_input = x if torch.is_tensor(x) else None
         return {"loss": loss, "deq": record}
 
     @staticmethod
@@ -403,8 +422,15 @@ class DEQLightningModule(pl.LightningModule):
         optimizer_closure: Optional[Any] = None,
     ) -> None:
         # The closure (forward + backward) runs inside optimizer.step; on_before_optimizer_step fires after
-        # it, so the "optimizer" phase below is the parameter update alone.
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # it, so the "optimizer" phase below is the parameter update alone. The guard runs right after the
+        # backward, before the update: a non-finite batch leaves every gradient None, so the optimizer
+        # leaves every weight (and its moment estimates) untouched.
+        def guarded_closure() -> Any:
+            loss = optimizer_closure() if optimizer_closure is not None else None
+            self._guard_nonfinite(batch_idx, loss)
+            return loss
+
+        super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
         elapsed = self._timer.stop("optimizer", self.device)
         if self.deq_config.log_timing and elapsed is not None:
             self.log("time/optimizer", elapsed, on_step=True, on_epoch=False)
@@ -412,6 +438,70 @@ class DEQLightningModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._pending = []  # drop the graph references held for the backward NFE
         self._record = None
+        self._batch_input = None
+        self.log("train/skipped_batches", float(self._skipped_batches), on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ non-finite batches
+    def _guard_nonfinite(self, batch_idx: int, loss: Any) -> None:
+        """The ``on_nonfinite`` policy (see :class:`DEQTrainingConfig`), applied after the backward.
+
+        A batch is bad when its loss or any gradient is non-finite, or any of its solves ended
+        ``nonfinite``. Under DDP the decision is all-reduced (any rank bad → every rank skips), so the
+        replicas never drift apart. ``skip`` sets every gradient to ``None`` (no update, no optimizer-state
+        change), counts the batch in ``train/skipped_batches`` and warns once; ``raise`` raises
+        :class:`NonFiniteBatchError`. Both messages name the batch, the solver status and where the
+        non-finite values first appear (the input batch, the initial guess, the solve, the loss).
+        """
+        reasons: List[str] = []
+        if torch.is_tensor(loss) and not bool(torch.isfinite(loss.detach()).all()):
+            reasons.append(f"loss = {float(loss.detach().float().mean())}")
+        grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+            bad = [n for n, g in grads if not bool(torch.isfinite(g).all())]
+            reasons.append(f"non-finite gradient in {len(bad)} parameter(s), e.g. {', '.join(bad[:3])}")
+        counts = self._record.status_counts if self._record is not None else {}
+        if counts.get("nonfinite", 0):
+            reasons.append(f"{counts['nonfinite']} solve(s) ended nonfinite")
+        local_bad = bool(reasons)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        any_bad = strategy.reduce_boolean_decision(local_bad, all=False) if strategy is not None else local_bad
+        if not any_bad:
+            return
+        if not local_bad:
+            reasons.append("another DDP rank's batch was non-finite (all ranks skip together)")
+        status = ", ".join(f"{k}={v}" for k, v in counts.items() if v) or "no DEQ solve"
+        message = (f"non-finite training batch {batch_idx} (epoch {self.current_epoch}, global step "
+                   f"{self.global_step}): {'; '.join(reasons)}; solver status: {status}; {self._nonfinite_source()}")
+        if self.deq_config.on_nonfinite == "raise":
+            raise NonFiniteBatchError(f"{message}. (on_nonfinite='skip' drops such batches and trains on.)")
+        for p in self.parameters():
+            p.grad = None
+        self._skipped_batches += 1
+        if self._record is not None:
+            self._record.skipped = True
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(f"deqlab: skipped the update of {message}. Weights are unchanged; further skipped batches "
+                          "are counted in train/skipped_batches without another warning (on_nonfinite='raise' "
+                          "stops instead).", NonFiniteBatchWarning, stacklevel=2)
+
+    def _nonfinite_source(self) -> str:
+        """Where the non-finite values first appear, in data-flow order, so that a NaN pixel is blamed on
+        the data and not on the shortcut or the solver downstream of it."""
+        x = self._batch_input
+        if x is not None and x.is_floating_point():
+            bad = (~torch.isfinite(x.detach())).reshape(x.shape[0], -1).any(dim=1)
+            if bool(bad.any()):
+                idx = bad.nonzero().flatten().tolist()
+                return (f"source: the input batch itself has NaN/Inf in {len(idx)} sample(s) (indices {idx[:8]}): "
+                        "the data, not the model, produced them")
+        for i, sol in enumerate(self._pending):
+            if sol.u0 is not None and not all(bool(torch.isfinite(t.detach()).all()) for t in _parts(sol.u0)):
+                return f"source: DEQ layer {i}'s initial guess u0 is non-finite for a finite input"
+        for i, sol in enumerate(self._pending):
+            if not all(bool(torch.isfinite(t.detach()).all()) for t in _parts(sol.z_star)):
+                return f"source: DEQ layer {i}'s solve returned a non-finite z* from a finite input and u0"
+        return "source: the input, u0 and z* are finite; the loss or the backward produced the non-finite values"
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
@@ -451,6 +541,51 @@ class DEQLightningModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._restore_depths()
+
+    # ------------------------------------------------------------------ checkpoints
+    def setup(self, stage: str) -> None:
+        """Let the Trainer's checkpoint loading check the file first (:func:`check_checkpoint_file`): a
+        truncated, empty or corrupted ``ckpt_path`` is reported by name as damaged."""
+        strategy = self.trainer.strategy
+        if not getattr(strategy, "_deqlab_checks_checkpoints", False):
+            load = strategy.load_checkpoint
+
+            def checked_load(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+                check_checkpoint_file(checkpoint_path)
+                return load(checkpoint_path, *args, **kwargs)
+
+            strategy.load_checkpoint = checked_load  # type: ignore[method-assign]
+            strategy._deqlab_checks_checkpoints = True
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, after :func:`check_checkpoint_file` on the file."""
+        check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Store the global RNG states (dropout masks, Hutchinson probes continue as in an uninterrupted run)
+        and the skipped-batch count; plain tensors and tuples, loadable with ``weights_only=True``."""
+        checkpoint[CHECKPOINT_KEY] = {"rng": rng_state(), "skipped_batches": self._skipped_batches}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        own = checkpoint.get(CHECKPOINT_KEY) or {}
+        self._skipped_batches = int(own.get("skipped_batches", 0))
+        self._rng_to_restore = own.get("rng")
+
+    def on_train_start(self) -> None:
+        # restored here, after Lightning's setup and sanity check and before the first batch is fetched, so
+        # the next random draw is the one the uninterrupted run made at this point
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        # Lightning hands the checkpointed loader positions (ResumableDataLoader.state_dict) back in
+        # ``setup_data`` only; when the data was set up before the restore (``trainer.estimated_stepping_batches``
+        # in configure_optimizers does that, e.g. for the cosine period) the positions stay pending and the
+        # epoch would restart. Hand them over now, before the first batch is drawn.
+        fit_loop = self.trainer.fit_loop
+        if getattr(fit_loop, "_combined_loader_states_to_load", None) and fit_loop._combined_loader is not None:
+            fit_loop._load_combined_loader_states()
 
     def _check_jacobian_setting(self) -> None:
         weight = self.deq_config.weight("jacobian_loss_weight")
@@ -517,7 +652,7 @@ def _backward_unconverged_fraction(solutions: List[DeepEquilibriumSolution]) -> 
     """
     flags: List[Tensor] = []
     for s in solutions:
-        conv = getattr(s, "backward_converged", None)  # a field of the record since issue 7
+        conv = s.backward_converged
         if conv is None:
             continue
         n = int(s.residual.numel()) if s.residual is not None else 1
@@ -526,3 +661,7 @@ def _backward_unconverged_fraction(solutions: List[DeepEquilibriumSolution]) -> 
     if not flags:
         return None
     return float(1.0 - torch.cat(flags).mean())
+
+
+def _parts(state: Any) -> List[Tensor]:
+    return list(state) if isinstance(state, (list, tuple)) else [state]
