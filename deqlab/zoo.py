@@ -14,20 +14,41 @@ Skip models also predict from u0 alone (``explicit_forward``), logged as explici
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Tuple
+from typing import Any, ClassVar, Dict, Literal, Optional, Tuple, Union
 
 from torch import Tensor, nn
 
+from deqlab.lightning.config import DEQTrainingConfig
 from deqlab.lightning.module import DEQLightningModule
+from deqlab.nn.implicit import BackwardMode
+from deqlab.solvers.protocols import Solver
 
-__all__ = ["DEQClassifier", "DigitsDEQ", "MNISTDenseDEQ", "DenseDEQClassifier", "build_solver", "dense_deq_layer"]
+__all__ = [
+    "DEQClassifier", "DigitsDEQ", "MNISTDenseDEQ", "DenseDEQClassifier", "build_solver", "build_backward",
+    "dense_deq_layer", "DIGITS_TRAINING", "MNIST_TRAINING",
+]
 
 ModelType = Literal["vanilla", "skip", "skip_reg"]
 SolverName = Literal["lbroyden", "broyden", "anderson", "fixed_point", "newton_krylov", "tsit5"]
+BackwardName = Literal["gmres", "anderson", "fixed_point", "broyden", "lbroyden"]
 TerminationModeName = Literal[
     "abs", "abs_norm", "rel", "rel_norm", "norm",
     "abs_deq_default", "rel_deq_default", "abs_deq_best", "rel_deq_best",
 ]
+
+#: The paper's adjoint budget: at most ``min(max_steps, 15)`` VJPs per implicit backward.
+BACKWARD_MAX_STEPS = 15
+
+#: DigitsDEQ's training defaults (λ_skip = 1.0 for Skip variants is filled in by the model).
+DIGITS_TRAINING = DEQTrainingConfig(lr=3e-3, weight_decay=1e-5)
+#: The paper's MNIST-dense protocol (λ_skip = 5.0 for Skip variants, λ_jac = 1.0 with Jacobian
+#: regularization are filled in by the model unless set).
+MNIST_TRAINING = DEQTrainingConfig(optimizer="adamw", lr=1e-3, betas=(0.9, 0.999), weight_decay=2.5e-6,
+                                   scheduler="cosine", eta_min=1e-6)
+
+#: The pre-object solver keywords, kept as aliases (see :meth:`DenseDEQClassifier.__init__`).
+_LEGACY_SOLVER_KEYS = ("termination_mode", "abstol", "reltol", "max_steps")
+_LEGACY_BACKWARD_KEYS = ("backward_solver", "backward_tol", "backward_max_steps")
 
 
 class DEQClassifier(DEQLightningModule):
@@ -39,7 +60,8 @@ class DEQClassifier(DEQLightningModule):
 
     Args:
         network: the model (stem → DEQ layer(s) → head).
-        **kwargs: training settings of :class:`DEQLightningModule`.
+        **kwargs: training settings (:class:`~deqlab.lightning.DEQTrainingConfig` fields, flat, or
+            ``training=DEQTrainingConfig(...)``).
     """
 
     def __init__(self, network: nn.Module, **kwargs: Any) -> None:
@@ -61,10 +83,11 @@ def build_solver(
     abstol: float = 5e-3,
     reltol: float = 5e-3,
     max_steps: int = 50,
-) -> Any:
-    """A deqlab solver from config-friendly scalars: ``tsit5`` → ``ContinuousDEQSolver`` (integrate to the
-    steady state), anything else → ``DiscreteDEQSolver(name)``. ``abstol``/``reltol`` are the
-    termination tolerances (and the ODE step tolerances for ``tsit5``)."""
+) -> Solver:
+    """A deqlab solver from a name (the string shorthand of the zoo's ``solver`` argument): ``tsit5`` →
+    ``ContinuousDEQSolver`` (integrate to the steady state), anything else → ``DiscreteDEQSolver(name)``.
+    ``abstol``/``reltol`` are the termination tolerances (and the ODE step tolerances for ``tsit5``).
+    The defaults are the paper's (5e-3, 50 steps)."""
     if name == "tsit5":
         from deqlab.solvers import ContinuousDEQSolver
 
@@ -82,6 +105,17 @@ def build_solver(
     return DiscreteDEQSolver(
         name, mode=mode, abstol_termination=abstol, reltol_termination=reltol, max_steps=max_steps
     )
+
+
+def build_backward(solver: Solver, name: BackwardName = "gmres", *, tol: Optional[float] = None,
+                   max_steps: int = BACKWARD_MAX_STEPS) -> BackwardMode:
+    """The paper's implicit backward for ``solver``: adjoint solved by ``name`` (GMRES) to the forward's
+    relative termination tolerance (``tol=None``), with at most ``min(solver.max_steps, max_steps)`` VJPs."""
+    from deqlab.nn import ImplicitBackward
+
+    forward_budget = getattr(solver, "max_steps", None)  # both deqlab solvers have one; others may not
+    budget = max_steps if forward_budget is None else min(int(forward_budget), max_steps)
+    return ImplicitBackward(name, tol=solver.termination.reltol if tol is None else tol, max_steps=budget)
 
 
 def dense_deq_layer(
@@ -103,6 +137,38 @@ def dense_deq_layer(
                                       jacobian_regularization=jacobian_regularization)
 
 
+def _resolve_solver_and_backward(
+    solver: Union[Solver, str, None], backward: Union[BackwardMode, str, None], legacy: Dict[str, Any],
+    default_max_steps: int, owner: str,
+) -> Tuple[Solver, BackwardMode]:
+    """Solver and backward objects from what the caller gave: objects are used as they are; a name or
+    ``None`` builds the zoo default (:func:`build_solver`, :func:`build_backward`). The old flat keywords
+    (``abstol``, ``max_steps``, ``backward_tol``, ...) are aliases for the name form only."""
+    solver_kw = {k: legacy[k] for k in _LEGACY_SOLVER_KEYS if k in legacy}
+    backward_kw = {k: legacy[k] for k in _LEGACY_BACKWARD_KEYS if k in legacy}
+    if solver_kw and not (solver is None or isinstance(solver, str)):
+        raise ValueError(f"{owner}: pass {', '.join(solver_kw)} only with a solver name, not with a solver object "
+                         f"(set them on the object: {solver!r})")
+    if backward_kw and not (backward is None or isinstance(backward, str)):
+        raise ValueError(f"{owner}: pass {', '.join(backward_kw)} only without a backward object")
+    if backward_kw.get("backward_solver") is not None and backward is not None:
+        raise ValueError(f"{owner}: pass backward or backward_solver, not both")
+    if solver is None or isinstance(solver, str):
+        solver = build_solver(
+            solver or "lbroyden",  # type: ignore[arg-type]
+            mode=solver_kw.get("termination_mode", "rel_deq_default"),
+            abstol=solver_kw.get("abstol", 5e-3),
+            reltol=solver_kw.get("reltol", 5e-3),
+            max_steps=solver_kw.get("max_steps", default_max_steps),
+        )
+    if backward is None or isinstance(backward, str):
+        backward = build_backward(
+            solver, backward or backward_kw.get("backward_solver", "gmres"),  # type: ignore[arg-type]
+            tol=backward_kw.get("backward_tol"), max_steps=backward_kw.get("backward_max_steps", BACKWARD_MAX_STEPS),
+        )
+    return solver, backward
+
+
 class DenseDEQClassifier(DEQLightningModule):
     """``flatten → Linear(in→width) + relu → dense DEQ → Linear(width→classes)``: the MNIST-dense shape.
 
@@ -110,45 +176,43 @@ class DenseDEQClassifier(DEQLightningModule):
         in_features: flattened input size (784 for MNIST, 64 for the 8×8 digits).
         width: state width of the DEQ (128 in the paper).
         model_type: ``vanilla``, ``skip`` or ``skip_reg``.
-        solver: forward solver name (``tsit5`` = continuous DEQ).
-        termination_mode: the solver's stop rule (see ``deqlab.solvers.termination``).
-        abstol, reltol: termination tolerances.
-        max_steps: solver iteration budget.
+        solver: the forward solver: any :class:`~deqlab.solvers.Solver` object (in a config:
+            ``class_path: deqlab.solvers.DiscreteDEQSolver`` with its ``init_args``), or a name
+            (``lbroyden``, ..., ``tsit5`` = continuous DEQ) for :func:`build_solver` with the paper's
+            tolerances (5e-3) and ``default_max_steps``; ``None``: ``lbroyden``.
+        backward: the backward mode: a :class:`~deqlab.nn.BackwardMode` object (``ImplicitBackward``,
+            ``JacobianFreeBackward``, ``PhantomGradient``), or the name of the adjoint solver for
+            :func:`build_backward`; ``None``: the paper's GMRES adjoint to the forward ``reltol`` within at
+            most ``min(max_steps, 15)`` VJPs.
         jacobian_regularization: compute the Hutchinson Jacobian term (weighted by ``jacobian_loss_weight``).
-        backward_solver: solver of the implicit backward's adjoint system (GMRES in the paper).
-        backward_tol: its relative tolerance; ``None`` uses the forward ``reltol``, as the paper does.
-        backward_max_steps: its VJP budget (the paper: at most ``min(maxiters, 15)``).
-        **kwargs: training hyperparameters of :class:`DEQLightningModule` (optimizer, lr, schedule, λ's, ...).
+        **kwargs: training settings of :class:`DEQLightningModule` (``training=`` or flat field names).
+            The old solver keywords ``termination_mode``, ``abstol``, ``reltol``, ``max_steps``,
+            ``backward_solver``, ``backward_tol``, ``backward_max_steps`` still work with a solver *name*.
     """
+
+    #: iteration budget of a solver built from a name
+    default_max_steps: ClassVar[int] = 50
 
     def __init__(
         self,
         in_features: int = 784,
         width: int = 128,
         model_type: ModelType = "skip",
-        solver: SolverName = "lbroyden",
-        termination_mode: TerminationModeName = "rel_deq_default",
-        abstol: float = 5e-3,
-        reltol: float = 5e-3,
-        max_steps: int = 50,
+        solver: Union[Solver, SolverName, None] = None,
+        backward: Union[BackwardMode, BackwardName, None] = None,
         jacobian_regularization: bool = False,
-        backward_solver: Literal["gmres", "anderson", "fixed_point", "broyden"] = "gmres",
-        backward_tol: Optional[float] = None,
-        backward_max_steps: int = 15,
         **kwargs: Any,
     ) -> None:
+        legacy = {k: kwargs.pop(k) for k in (*_LEGACY_SOLVER_KEYS, *_LEGACY_BACKWARD_KEYS) if k in kwargs}
         super().__init__(**kwargs)  # the base records this model's constructor arguments as hparams
         num_classes = self.deq_config.num_classes or 10
         self.in_features = in_features
-        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
-        solver_obj = build_solver(solver, mode=termination_mode, abstol=abstol, reltol=reltol, max_steps=max_steps)
         self.model_type = model_type
-        from deqlab.nn import ImplicitBackward
-
-        backward = ImplicitBackward(backward_solver, tol=reltol if backward_tol is None else backward_tol,
-                                    max_steps=min(max_steps, backward_max_steps))
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
+        solver_obj, backward_obj = _resolve_solver_and_backward(
+            solver, backward, legacy, self.default_max_steps, type(self).__name__)
         self.deq = dense_deq_layer(model_type, width, solver_obj, jacobian_regularization=jacobian_regularization,
-                                   backward=backward)
+                                   backward=backward_obj)
         self.head = nn.Linear(width, num_classes)
 
     def _embed(self, x: Tensor) -> Tensor:
@@ -173,51 +237,27 @@ class MNISTDenseDEQ(DenseDEQClassifier):
     """The paper's MNIST dense model with its training protocol as defaults.
 
     Dense(784→128, relu) → DEQ with f(z, x) = relu(W1 z) + relu(W2 x) (no biases) → Dense(128→10); skip
-    predictor Dense(128→128, relu); limited-memory Broyden, abstol = reltol = 5e-3, 50 steps; λ_skip = 5.0
-    (Skip variants), λ_jac = 1.0 when ``jacobian_regularization``; AdamW lr 1e-3, betas (0.9, 0.999),
-    weight decay 2.5e-6, cosine to 1e-6 over all steps.
+    predictor Dense(128→128, relu); limited-memory Broyden, abstol = reltol = 5e-3, 50 steps; GMRES adjoint
+    within 15 VJPs; :data:`MNIST_TRAINING` (AdamW lr 1e-3, betas (0.9, 0.999), weight decay 2.5e-6, cosine
+    to 1e-6 over all steps); λ_skip = 5.0 for Skip variants (0 for vanilla) and λ_jac = 1.0 with
+    ``jacobian_regularization`` (0 without) unless ``skip_loss_weight`` / ``jacobian_loss_weight`` are set.
+    Arguments as :class:`DenseDEQClassifier`.
     """
 
     def __init__(
         self,
         model_type: ModelType = "skip",
-        solver: SolverName = "lbroyden",
-        termination_mode: TerminationModeName = "rel_deq_default",
-        abstol: float = 5e-3,
-        reltol: float = 5e-3,
-        max_steps: int = 50,
+        solver: Union[Solver, SolverName, None] = None,
+        backward: Union[BackwardMode, BackwardName, None] = None,
         jacobian_regularization: bool = False,
-        skip_loss_weight: Optional[float] = None,
-        jacobian_loss_weight: Optional[float] = None,
-        optimizer: Literal["adam", "adamw", "sgd"] = "adamw",
-        lr: float = 1e-3,
-        weight_decay: float = 2.5e-6,
-        eta_min: float = 1e-6,
+        training: DEQTrainingConfig = MNIST_TRAINING,
         **kwargs: Any,
     ) -> None:
-        """``skip_loss_weight``/``jacobian_loss_weight`` default (``None``) to the paper's 5.0 for Skip
-        variants (0 for vanilla) and 1.0 with Jacobian regularization (0 without)."""
-        if skip_loss_weight is None:
-            skip_loss_weight = 5.0 if model_type != "vanilla" else 0.0
-        if jacobian_loss_weight is None:
-            jacobian_loss_weight = 1.0 if jacobian_regularization else 0.0
-        super().__init__(
-            in_features=784,
-            width=128,
-            model_type=model_type,
-            solver=solver,
-            termination_mode=termination_mode,
-            abstol=abstol,
-            reltol=reltol,
-            max_steps=max_steps,
-            jacobian_regularization=jacobian_regularization,
-            skip_loss_weight=skip_loss_weight,
-            jacobian_loss_weight=jacobian_loss_weight,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            eta_min=eta_min,
-            **kwargs,
+        super().__init__(in_features=784, width=128, model_type=model_type, solver=solver, backward=backward,
+                         jacobian_regularization=jacobian_regularization, training=training, **kwargs)
+        self.deq_config = self.deq_config.with_default_weights(
+            skip_loss_weight=5.0 if model_type != "vanilla" else 0.0,
+            jacobian_loss_weight=1.0 if jacobian_regularization else 0.0,
         )
 
 
@@ -225,36 +265,24 @@ class DigitsDEQ(DenseDEQClassifier):
     """A small dense DEQ for scikit-learn's 8×8 digits (the demo and test model): trains in seconds on a CPU.
 
     ``flatten → Linear(64→width) + relu → dense DEQ → Linear(width→10)``; accepts ``(B, 1, 8, 8)`` or
-    ``(B, 64)`` inputs.
+    ``(B, 64)`` inputs. Solver by name: 30 steps. Training defaults :data:`DIGITS_TRAINING` (lr 3e-3,
+    weight decay 1e-5) with λ_skip = 1.0 for Skip variants unless ``skip_loss_weight`` is set. Arguments
+    as :class:`DenseDEQClassifier`.
     """
+
+    default_max_steps: ClassVar[int] = 30
 
     def __init__(
         self,
         model_type: ModelType = "skip",
         width: int = 64,
-        solver: SolverName = "lbroyden",
-        termination_mode: TerminationModeName = "rel_deq_default",
-        abstol: float = 5e-3,
-        reltol: float = 5e-3,
-        max_steps: int = 30,
+        solver: Union[Solver, SolverName, None] = None,
+        backward: Union[BackwardMode, BackwardName, None] = None,
         jacobian_regularization: bool = False,
-        skip_loss_weight: float = 1.0,
-        lr: float = 3e-3,
-        weight_decay: float = 1e-5,
+        training: DEQTrainingConfig = DIGITS_TRAINING,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            in_features=64,
-            width=width,
-            model_type=model_type,
-            solver=solver,
-            termination_mode=termination_mode,
-            abstol=abstol,
-            reltol=reltol,
-            max_steps=max_steps,
-            jacobian_regularization=jacobian_regularization,
-            skip_loss_weight=skip_loss_weight if model_type != "vanilla" else 0.0,
-            lr=lr,
-            weight_decay=weight_decay,
-            **kwargs,
-        )
+        super().__init__(in_features=64, width=width, model_type=model_type, solver=solver, backward=backward,
+                         jacobian_regularization=jacobian_regularization, training=training, **kwargs)
+        self.deq_config = self.deq_config.with_default_weights(
+            skip_loss_weight=1.0 if model_type != "vanilla" else 0.0)

@@ -6,7 +6,15 @@ download them only when asked (``download=True``). Every module splits its train
 train/val with a seed, identically on every DDP rank, and exposes ``num_classes`` and
 ``input_shape`` so models can be sized before the data is loaded.
 """
-from deqlab.data.base import BaseDataModule, EpochSeededSampler, TorchvisionDataModule, TransformedSubset, split_indices, split_lengths
+from deqlab.data.base import (
+    BaseDataModule,
+    EpochSeededSampler,
+    ResumableDataLoader,
+    TorchvisionDataModule,
+    TransformedSubset,
+    split_indices,
+    split_lengths,
+)
 from deqlab.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule
 from deqlab.data.digits import DigitsDataModule
 from deqlab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetDataModule
@@ -16,6 +24,7 @@ from deqlab.data.svhn import SVHN_MEAN, SVHN_STD, SVHNDataModule
 __all__ = [
     "BaseDataModule",
     "EpochSeededSampler",
+    "ResumableDataLoader",
     "CIFAR10DataModule",
     "CIFAR10_MEAN",
     "CIFAR10_STD",

@@ -22,6 +22,7 @@ __all__ = [
     "BaseDataModule",
     "EpochSeededSampler",
     "Flatten",
+    "ResumableDataLoader",
     "TorchvisionDataModule",
     "TransformedSubset",
     "normalize_transform",
@@ -81,13 +82,78 @@ class EpochSeededSampler(RandomSampler):
         super().__init__(data_source)
         self.seed = int(seed)
         self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def skip_next(self, n: int) -> None:
+        """Leave out the first ``n`` indices of the next pass only (mid-epoch resume without loading them)."""
+        self._skip = max(0, int(n))
+
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+        skip, self._skip = self._skip, 0
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist()[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position within the epoch is part of the checkpoint.
+
+    Lightning saves ``state_dict()`` of every training loader that has one in each checkpoint and calls
+    ``load_state_dict`` before iterating again, so ``fit(ckpt_path=...)`` from a checkpoint taken in the
+    middle of an epoch continues with the next unseen batch instead of restarting the epoch (which would
+    train on different batches than an uninterrupted run). The state is the epoch of the pass (the
+    sampler's ``set_epoch``) and the number of batches handed out in it; it is applied only to a pass of
+    the same epoch, so an epoch-end checkpoint starts the next epoch from its beginning.
+
+    With an :class:`EpochSeededSampler` the resumed pass skips indices without loading them; with another
+    sampler (e.g. Lightning's ``DistributedSampler`` under DDP) it loads and drops the seen batches. Worker
+    seeds come from the loader's own generator, re-seeded from ``(seed, epoch)`` at every pass, so building
+    an iterator never draws from the global RNG and augmentation in workers repeats exactly.
+    """
+
+    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = torch.Generator()
+        super().__init__(*args, **kwargs)
+        self.seed = int(seed)
+        self._position = 0
+        self._pass_epoch: Optional[int] = None
+        self._resume: Optional[dict] = None
+
+    def _epoch(self) -> Optional[int]:
+        epoch = getattr(self.sampler, "epoch", None)
+        return None if epoch is None else int(epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._pass_epoch, "batches": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
+    def __iter__(self) -> Iterator[Any]:
+        # a generator: its body runs at the first ``next``, after Lightning called ``set_epoch``
+        resume, self._resume = self._resume, None
+        epoch = self._epoch()
+        skip = 0
+        if resume is not None and resume.get("epoch") == epoch:
+            skip = int(resume.get("batches", 0))
+        self._pass_epoch = epoch
+        self._position = skip
+        assert self.generator is not None
+        self.generator.manual_seed(self.seed * 100_003 + (epoch or 0))
+        plain_batches = self.batch_sampler is not None and type(self.batch_sampler).__name__ == "BatchSampler"
+        if skip and isinstance(self.sampler, EpochSeededSampler) and plain_batches and self.batch_size:
+            self.sampler.skip_next(skip * self.batch_size)
+            batches = super().__iter__()
+        else:
+            batches = super().__iter__()
+            for _ in range(skip):
+                next(batches, None)
+        for batch in batches:
+            self._position += 1
+            yield batch
 
 
 class TransformedSubset(Dataset):
@@ -163,6 +229,11 @@ class BaseDataModule(pl.LightningDataModule):
     ``DataLoader``s with one policy: shuffle only the training set, pin memory only when CUDA is
     there to receive it, keep workers alive between epochs when there are workers.
 
+    The loader options below are defined here once: subclasses take ``**kwargs`` and forward them, and
+    repeat an option in their own signature only to give it a different default (CIFAR-10's batch size,
+    ImageNet's workers). LightningCLI follows the ``**kwargs`` to this signature, so configs are still
+    type-checked key by key.
+
     Args:
         batch_size: samples per batch (per process under DDP).
         num_workers: loader worker processes; 0 loads in the main process (simplest, and fastest
@@ -179,7 +250,7 @@ class BaseDataModule(pl.LightningDataModule):
     def __init__(
         self,
         *,
-        batch_size: int,
+        batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
         val_fraction: float = 0.1,
@@ -205,14 +276,12 @@ class BaseDataModule(pl.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: no {what} set; call setup() first (the Trainer does this)")
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(dataset, self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            pin_memory=pin,
-            persistent_workers=self.num_workers > 0,
-        )
+        options = dict(batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=pin,
+                       persistent_workers=self.num_workers > 0)
+        if shuffle:  # the training loader: shuffled by (seed, epoch), resumable mid-epoch
+            return ResumableDataLoader(dataset, sampler=EpochSeededSampler(dataset, self.seed), seed=self.seed,
+                                       **options)
+        return DataLoader(dataset, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True, what="train")
@@ -244,14 +313,16 @@ class TorchvisionDataModule(BaseDataModule):
         data_dir: root directory shared by the datasets (each has its own sub-layout).
         download: fetch the files in ``prepare_data`` when they are missing (needs network).
         augment: use training augmentation (validation and test never augment).
+        **kwargs: the loader options of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``,
+            ``val_fraction``, ``pin_memory``).
     """
 
     name: str = "dataset"
 
     def __init__(
         self,
+        data_dir: PathLike = "data",
         *,
-        data_dir: PathLike,
         download: bool = False,
         augment: bool = False,
         **kwargs: Any,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torchvision
 from torch.utils.data import Dataset
@@ -27,14 +27,10 @@ class CIFAR10DataModule(TorchvisionDataModule):
 
     Args:
         data_dir: root containing ``cifar-10-batches-py/``.
-        download: download and extract the archive in ``prepare_data`` when files are missing.
         batch_size: samples per batch (paper v1: 32 discrete / 64 continuous; v2+ configs: 128).
-        num_workers: loader worker processes.
-        seed: seeds the train/val split (identical on every DDP rank).
-        val_fraction: fraction of the training images held out for validation.
-        augment: random 32×32 crop of the 4-pixel-padded image + horizontal flip (the paper's
-            "large" config); off by default like the v1 protocol and the "tiny" config.
-        pin_memory: ``None`` pins only when CUDA is available.
+        **kwargs: ``download``, ``augment`` (random 32×32 crop of the 4-pixel-padded image + horizontal
+            flip: the paper's "large" config; off by default like the v1 protocol and the "tiny" config)
+            and the other loader options of :class:`~deqlab.data.base.BaseDataModule`.
 
     Normalisation: mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010).
     """
@@ -43,27 +39,8 @@ class CIFAR10DataModule(TorchvisionDataModule):
     num_classes: int = 10
     input_shape: tuple[int, ...] = (3, 32, 32)
 
-    def __init__(
-        self,
-        data_dir: PathLike = "data",
-        download: bool = False,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        augment: bool = False,
-        pin_memory: Optional[bool] = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            download=download,
-            augment=augment,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            val_fraction=val_fraction,
-            pin_memory=pin_memory,
-        )
+    def __init__(self, data_dir: PathLike = "data", *, batch_size: int = 128, **kwargs: Any) -> None:
+        super().__init__(data_dir, batch_size=batch_size, **kwargs)
         self.save_hyperparameters()
 
     @property

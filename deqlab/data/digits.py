@@ -5,7 +5,7 @@ classes, and trains a small DEQ on a CPU in seconds, so demos, docs and tests al
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from sklearn.datasets import load_digits
@@ -30,13 +30,11 @@ class DigitsDataModule(BaseDataModule):
     ``val_fraction`` of the rest is the validation set (defaults give 1294 / 144 / 359).
 
     Args:
-        batch_size: samples per batch.
-        num_workers: loader workers; 0 is best here (the whole dataset is one small tensor).
-        seed: seeds the split; the same seed gives the same split in every process.
-        val_fraction: fraction of the non-test samples used for validation.
         test_fraction: fraction of all samples used for testing.
         flatten: yield ``(64,)`` vectors for dense models instead of ``(1, 8, 8)`` images.
-        pin_memory: ``None`` pins only when CUDA is available.
+        **kwargs: the loader options of :class:`~deqlab.data.base.BaseDataModule` (``batch_size``,
+            ``num_workers``: 0 is best here, the whole dataset is one small tensor; ``seed``: seeds the
+            split; ``val_fraction``: of the non-test samples; ``pin_memory``).
 
     Attributes:
         num_classes: 10.
@@ -46,25 +44,10 @@ class DigitsDataModule(BaseDataModule):
 
     num_classes: int = 10
 
-    def __init__(
-        self,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        flatten: bool = False,
-        pin_memory: Optional[bool] = None,
-    ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            val_fraction=val_fraction,
-            pin_memory=pin_memory,
-        )
+    def __init__(self, *, test_fraction: float = 0.2, flatten: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.save_hyperparameters()
-        split_lengths(_N_SAMPLES, val_fraction, test_fraction)  # validate the fractions now, not in setup
+        split_lengths(_N_SAMPLES, self.val_fraction, test_fraction)  # validate the fractions now, not in setup
         self.test_fraction = test_fraction
         self.flatten = flatten
         self.input_shape: tuple[int, ...] = (64,) if flatten else (1, 8, 8)

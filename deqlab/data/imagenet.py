@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
@@ -30,17 +30,15 @@ class ImageNetDataModule(TorchvisionDataModule):
 
     Args:
         data_dir: the ImageNet root holding ``train/`` and ``val/``.
-        download: must be ``False``: ImageNet cannot be downloaded automatically (registration and
-            licence at image-net.org); the argument exists so every data module has the same signature.
-        batch_size: samples per batch (paper config: 64).
         num_workers: loader worker processes (JPEG decoding needs several).
-        seed: seeds the train/val split (identical on every DDP rank).
         val_fraction: fraction of ``train/`` held out for validation (default 1%: ~12.8k images).
         augment: the standard training augmentation, RandomResizedCrop(image_size) + horizontal
             flip; without it training images get the evaluation transform.
         image_size: side of the square network input (224 in the paper); evaluation resizes the
             shorter side to ``round(image_size / 0.875)`` (256 for 224) and centre-crops.
-        pin_memory: ``None`` pins only when CUDA is available.
+        **kwargs: the other loader options of :class:`~deqlab.data.base.BaseDataModule` (the paper's
+            batch size is 64). ``download=True`` raises: ImageNet cannot be downloaded automatically
+            (registration and licence at image-net.org).
 
     Normalisation: the standard ImageNet mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).
     """
@@ -50,16 +48,14 @@ class ImageNetDataModule(TorchvisionDataModule):
     def __init__(
         self,
         data_dir: PathLike = "data/imagenet",
-        download: bool = False,
-        batch_size: int = 64,
+        *,
         num_workers: int = 8,
-        seed: int = 0,
         val_fraction: float = 0.01,
         augment: bool = True,
         image_size: int = 224,
-        pin_memory: Optional[bool] = None,
+        **kwargs: Any,
     ) -> None:
-        if download:
+        if kwargs.get("download"):
             raise ValueError(
                 "ImageNet cannot be downloaded automatically (it needs registration at image-net.org). "
                 "Download ILSVRC-2012 yourself, arrange it as <data_dir>/train/<class>/*.JPEG and "
@@ -67,16 +63,7 @@ class ImageNetDataModule(TorchvisionDataModule):
             )
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
-        super().__init__(
-            data_dir=data_dir,
-            download=download,
-            augment=augment,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            val_fraction=val_fraction,
-            pin_memory=pin_memory,
-        )
+        super().__init__(data_dir, num_workers=num_workers, val_fraction=val_fraction, augment=augment, **kwargs)
         self.save_hyperparameters()
         self.image_size = image_size
         self.resize_size = int(round(image_size / 0.875))

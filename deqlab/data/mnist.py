@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torchvision
 from torch.utils.data import Dataset
@@ -32,15 +32,11 @@ class MNISTDataModule(TorchvisionDataModule):
 
     Args:
         data_dir: root containing ``MNIST/raw``.
-        download: download into ``<data_dir>/MNIST/raw`` in ``prepare_data`` when files are missing.
-        batch_size: samples per batch (paper: 32 for the dense model, 64 for the conv model).
-        num_workers: loader worker processes.
-        seed: seeds the train/val split (identical on every DDP rank).
-        val_fraction: fraction of the 60k training images held out for validation.
-        augment: random 28×28 crops of the 2-pixel-padded image (not part of the paper's protocol,
-            which trains MNIST without augmentation; flips are never used since digits are chiral).
         flatten: yield ``(784,)`` vectors for the dense model instead of ``(1, 28, 28)`` images.
-        pin_memory: ``None`` pins only when CUDA is available.
+        **kwargs: ``download``, ``augment`` (random 28×28 crops of the 2-pixel-padded image; not part of
+            the paper's protocol, which trains MNIST without augmentation; never flips, digits are chiral)
+            and the loader options of :class:`~deqlab.data.base.BaseDataModule` (``batch_size``: the paper
+            uses 32 for the dense model, 64 for the conv model).
 
     Normalisation: mean 0.1307, std 0.3081 (PAPER_PROTOCOLS.md; the original script used raw pixels).
     """
@@ -48,28 +44,8 @@ class MNISTDataModule(TorchvisionDataModule):
     name = "MNIST"
     num_classes: int = 10
 
-    def __init__(
-        self,
-        data_dir: PathLike = "data",
-        download: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        augment: bool = False,
-        flatten: bool = False,
-        pin_memory: Optional[bool] = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            download=download,
-            augment=augment,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            val_fraction=val_fraction,
-            pin_memory=pin_memory,
-        )
+    def __init__(self, data_dir: PathLike = "data", *, flatten: bool = False, **kwargs: Any) -> None:
+        super().__init__(data_dir, **kwargs)
         self.save_hyperparameters()
         self.flatten = flatten
         self.input_shape: tuple[int, ...] = (784,) if flatten else (1, 28, 28)

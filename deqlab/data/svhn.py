@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torchvision
 from torch.utils.data import Dataset
@@ -28,14 +28,9 @@ class SVHNDataModule(TorchvisionDataModule):
 
     Args:
         data_dir: root containing ``SVHN/``.
-        download: download the two ``.mat`` files in ``prepare_data`` when missing.
-        batch_size: samples per batch (paper: 64).
-        num_workers: loader worker processes.
-        seed: seeds the train/val split (identical on every DDP rank).
-        val_fraction: fraction of the official training set held out for validation.
-        augment: random 32×32 crops of the 4-pixel-padded image (not in the paper's protocol;
-            no flips, since digits are chiral).
-        pin_memory: ``None`` pins only when CUDA is available.
+        **kwargs: ``download`` (the two ``.mat`` files), ``augment`` (random 32×32 crops of the
+            4-pixel-padded image; not in the paper's protocol; no flips, digits are chiral) and the loader
+            options of :class:`~deqlab.data.base.BaseDataModule` (the paper's batch size is 64).
 
     Normalisation: mean (0.4104, 0.4160, 0.4421), std (0.1959, 0.1988, 0.1953).
     """
@@ -44,27 +39,8 @@ class SVHNDataModule(TorchvisionDataModule):
     num_classes: int = 10
     input_shape: tuple[int, ...] = (3, 32, 32)
 
-    def __init__(
-        self,
-        data_dir: PathLike = "data",
-        download: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        augment: bool = False,
-        pin_memory: Optional[bool] = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            download=download,
-            augment=augment,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            val_fraction=val_fraction,
-            pin_memory=pin_memory,
-        )
+    def __init__(self, data_dir: PathLike = "data", **kwargs: Any) -> None:
+        super().__init__(data_dir, **kwargs)
         self.save_hyperparameters()
 
     @property

@@ -7,7 +7,7 @@ rank zero only under DDP.
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
-from deqlab.lightning._stats import as_solution_list
+from deqlab.lightning._stats import StepRecord, as_solution_list
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class NFEHistogram(pl.Callback):
     ``solver/val_nfe_hist`` (validation batches).
 
     A mean NFE hides the tail: a few batches that hit ``max_steps`` show up here as a separate mode.
+    The numbers come from each step's :class:`~deqlab.lightning.StepRecord` (``outputs["deq"]``).
     Values are collected on rank zero only (each rank sees a shard of the same distribution).
     """
 
@@ -42,16 +43,18 @@ class NFEHistogram(pl.Callback):
         self._val: List[float] = []
 
     @staticmethod
-    def _nfe(pl_module: pl.LightningModule) -> Optional[float]:
-        stats = getattr(pl_module, "last_step_stats", None) or {}
-        nfe = stats.get("nfe")
-        return None if nfe is None else float(nfe)
+    def _nfe(outputs: Any) -> Optional[float]:
+        """The forward NFE from the step's record (``outputs["deq"]``, see :class:`StepRecord`)."""
+        record = outputs.get("deq") if isinstance(outputs, Mapping) else None
+        if not isinstance(record, StepRecord):
+            return None
+        return float(record.nfe)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        nfe = self._nfe(pl_module)
+        nfe = self._nfe(outputs)
         if nfe is not None:
             self._train.append(nfe)
 
@@ -64,7 +67,7 @@ class NFEHistogram(pl.Callback):
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        nfe = self._nfe(pl_module)
+        nfe = self._nfe(outputs)
         if nfe is not None:
             self._val.append(nfe)
 

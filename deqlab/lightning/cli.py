@@ -1,10 +1,14 @@
-"""The ``deqlab`` command: Lightning's CLI over every deqlab model and data module.
+"""``DEQLightningCLI``: Lightning's CLI over every ``DEQLightningModule`` and data module.
 
-``deqlab fit --config experiments/digits.yaml`` trains; ``deqlab test --config ... --ckpt_path ...``
-evaluates; ``deqlab fit --help`` lists the options. Models and data modules are chosen by class path
-(``model.class_path: deqlab.zoo.MNISTDenseDEQ``), so a config names the same class a Python user
-imports, and jsonargparse checks every key and type against the constructors' signatures: an unknown
-key or a wrong type stops the run before anything is built, naming the key.
+Models and data modules are chosen by class path (``model.class_path: deqlab.zoo.DigitsDEQ``), so a config
+names the same class a Python user imports, and jsonargparse checks every key and type against the
+constructors' signatures: an unknown key or a wrong type stops the run before anything is built, naming
+the key. Solvers, termination conditions and backward modes are objects in the config too
+(``solver: {class_path: deqlab.solvers.DiscreteDEQSolver, init_args: {...}}``).
+
+This module imports no model: a full class path imports its module. The ``deqlab`` console command
+(:func:`deqlab.cli.main`) additionally imports the zoo and the data modules so that short class names
+(``class_path: DigitsDEQ``) resolve; :func:`main` here is a thin alias that defers to it.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from deqlab.lightning.module import DEQLightningModule
 
-__all__ = ["DEQLightningCLI", "main"]
+__all__ = ["DEFAULT_LOG_DIR", "DEQLightningCLI", "main"]
 
 #: Where the CLI writes TensorBoard logs unless a config says otherwise.
 DEFAULT_LOG_DIR = "runs"
@@ -29,10 +33,6 @@ class DEQLightningCLI(LightningCLI):
     default."""
 
     def __init__(self, args: Optional[List[str]] = None, **kwargs) -> None:
-        # make the zoo and the data modules importable by short class name (``class_path: DigitsDEQ``)
-        import deqlab.data  # noqa: F401
-        import deqlab.zoo  # noqa: F401
-
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -44,8 +44,11 @@ class DEQLightningCLI(LightningCLI):
 
 
 def main(args: Optional[List[str]] = None) -> None:
-    """Entry point of the ``deqlab`` console script (``args=None`` reads ``sys.argv``)."""
-    DEQLightningCLI(args=args)
+    """Alias of :func:`deqlab.cli.main` (the ``deqlab`` console script), imported only when called so that
+    importing ``deqlab.lightning`` never imports the model zoo."""
+    from deqlab.cli import main as real_main
+
+    real_main(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

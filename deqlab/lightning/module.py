@@ -11,12 +11,12 @@ Scalar names are grouped for TensorBoard: ``train/``, ``val/``, ``test/`` (loss,
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import inspect
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -26,9 +26,13 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from deqlab.lightning._optim import OptimizerName, SchedulerName, build_optimizer, build_scheduler
-from deqlab.lightning._stats import SolutionSummary, as_solution_list, summarize
+from deqlab.lightning._optim import build_optimizer, build_scheduler
+from deqlab.lightning._stats import STATUSES, SolutionSummary, StepRecord, as_solution_list, summarize
 from deqlab.lightning._timing import PhaseTimer
+from deqlab.lightning.checkpoint import check_checkpoint_file, restore_rng_state, rng_state
+from deqlab.lightning.config import DEQTrainingConfig
+from deqlab.nn.protocols import DEQLayer
+from deqlab.nn.solution import DeepEquilibriumSolution
 
 log = logging.getLogger(__name__)
 
@@ -43,53 +47,30 @@ _STAGES: Tuple[str, ...] = ("train", "val", "test")
 #: Metric names written to TensorBoard's HParams tab (placeholders at fit start, updated per validation).
 HPARAM_METRICS: Tuple[str, ...] = ("hp/val_accuracy", "hp/val_loss", "hp/val_nfe")
 
+#: Key of deqlab's own entries in a Lightning checkpoint (RNG states, skipped-batch count).
+CHECKPOINT_KEY = "deqlab"
 
-@dataclass(frozen=True)
-class DEQTrainingConfig:
-    """The base-class hyperparameters, kept apart from ``hparams`` so subclasses may edit ``hparams``."""
 
-    num_classes: Optional[int]
-    optimizer: str
-    lr: float
-    weight_decay: float
-    momentum: float
-    nesterov: bool
-    betas: Tuple[float, float]
-    scheduler: str
-    scheduler_steps: Optional[int]
-    eta_min: float
-    step_milestones: Tuple[int, ...]
-    step_gamma: float
-    skip_loss_weight: float
-    jacobian_loss_weight: float
-    pretrain_steps: int
-    pretrain_depth: int
-    log_solver_stats: bool
-    log_timing: bool
-    log_figures: bool
-    log_hparams_metrics: bool
+class NonFiniteBatchWarning(UserWarning):
+    """Warned (once per run) when the non-finite policy ``on_nonfinite="skip"`` drops a training batch."""
+
+
+class NonFiniteBatchError(FloatingPointError):
+    """Raised under ``on_nonfinite="raise"`` for a training batch with a non-finite loss, gradient or solve."""
+
+
+#: Names under ``train/`` etc. that the module logs itself; ``extra_losses`` may not reuse them.
+RESERVED_LOSS_NAMES = frozenset({
+    "loss", "task_loss", "skip_loss", "jacobian_loss", "accuracy", "batch_accuracy", "top5_accuracy",
+    "explicit_accuracy", "explicit_time", "loss_epoch", "pretraining", "skipped_batches",
+})
 
 
 def find_deq_layers(module: nn.Module) -> List[nn.Module]:
-    """Every submodule that is a DEQ layer: an instance of deqlab's DEQ base class or, for layers from
-    elsewhere, any module with an integer ``fixed_depth`` attribute (the switch pretraining uses)."""
-    base = _deq_base_classes()
-    found = []
-    for m in module.modules():
-        if m is module:
-            continue
-        if (base and isinstance(m, base)) or isinstance(getattr(m, "fixed_depth", None), int):
-            found.append(m)
-    return found
-
-
-def _deq_base_classes() -> Tuple[type, ...]:
-    try:
-        import deqlab.nn as dnn
-    except Exception:  # pragma: no cover - deqlab.nn is part of the package
-        return ()
-    names = ("DEQBase", "BaseDeepEquilibriumNetwork", "DeepEquilibriumNetwork")
-    return tuple(c for c in (getattr(dnn, n, None) for n in names) if isinstance(c, type))
+    """Every submodule (not ``module`` itself) that implements the :class:`deqlab.nn.DEQLayer` protocol:
+    a ``fixed_depth`` attribute and a ``fixed_depth_mode(depth)`` context manager. deqlab's layers and any
+    researcher's layer with those two members are found and driven the same way."""
+    return [m for m in module.modules() if m is not module and isinstance(m, DEQLayer)]
 
 
 class DEQLightningModule(pl.LightningModule):
@@ -98,94 +79,24 @@ class DEQLightningModule(pl.LightningModule):
     Subclass contract:
 
     * build the network in ``__init__`` (typed arguments, forward the rest with ``**kwargs`` to
-      ``super().__init__``; the base already calls ``save_hyperparameters()`` so the subclass's arguments
-      are recorded too, calling it again is harmless);
+      ``super().__init__``; the base records the most-derived constructor's arguments as ``hparams``);
     * implement ``forward(x) -> (output, solution)`` where ``solution`` is the DEQ layer's
       ``DeepEquilibriumSolution`` (or a list of them, or ``None`` for a model without a DEQ);
-    * optionally implement ``explicit_forward(x) -> output`` (the u0-only prediction of Skip models)
-      and ``task_loss(output, target)`` (cross-entropy by default).
+    * optionally implement ``explicit_forward(x) -> output`` (the u0-only prediction of Skip models),
+      ``task_loss(output, target)`` (cross-entropy by default) and ``extra_losses(...)`` (own loss terms).
 
     Args:
-        num_classes: classes of the task; enables top-1 accuracy (and top-5 when > 10). ``None`` for
-            non-classification tasks (then override ``task_loss``).
-        optimizer: ``adam``, ``adamw`` or ``sgd``.
-        lr: initial learning rate.
-        weight_decay: decoupled for AdamW, L2 for Adam/SGD.
-        momentum: SGD momentum (ignored by Adam/AdamW).
-        nesterov: SGD Nesterov momentum.
-        betas: Adam/AdamW betas.
-        scheduler: ``cosine`` (to ``eta_min`` over ``scheduler_steps``), ``step`` (× ``step_gamma`` at
-            ``step_milestones``) or ``none``; stepped every optimizer step.
-        scheduler_steps: cosine period in optimizer steps; default: the Trainer's estimated total steps.
-        eta_min: final learning rate of the cosine schedule.
-        step_milestones: optimizer steps at which the ``step`` schedule decays.
-        step_gamma: decay factor of the ``step`` schedule.
-        skip_loss_weight: λ_skip, weight of ``mean|u0 - z*|`` (Skip / Skip Reg. models).
-        jacobian_loss_weight: λ_jac, weight of the Hutchinson Jacobian estimate (the DEQ layer must be
-            built with ``jacobian_regularization=True`` for the term to be non-zero).
-        pretrain_steps: for global steps ``< pretrain_steps`` every DEQ layer runs ``pretrain_depth``
-            unrolled steps instead of the solver (validation and test always use the solver).
-        pretrain_depth: unrolled depth during pretraining (the paper uses 5).
-        log_solver_stats: log NFE, residuals and convergence under ``solver/``.
-        log_timing: log forward/backward/optimizer wall time under ``time/``.
-        log_figures: add the NFE-histogram and convergence-figure callbacks (``configure_callbacks``).
-        log_hparams_metrics: write hyperparameters with ``hp/`` metrics to TensorBoard's HParams tab.
+        training: the training settings as one typed object (see :class:`DEQTrainingConfig` for every
+            field, its default and its meaning); ``None``: all defaults.
+        **overrides: the same settings as flat keywords (``lr=3e-3, scheduler="none"``), applied on top of
+            ``training``. A name that is not a field of :class:`DEQTrainingConfig` raises ``TypeError``.
     """
 
-    def __init__(
-        self,
-        *,
-        num_classes: Optional[int] = 10,
-        optimizer: OptimizerName = "adamw",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        nesterov: bool = False,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        scheduler: SchedulerName = "cosine",
-        scheduler_steps: Optional[int] = None,
-        eta_min: float = 1e-6,
-        step_milestones: Sequence[int] = (),
-        step_gamma: float = 0.1,
-        skip_loss_weight: float = 0.0,
-        jacobian_loss_weight: float = 0.0,
-        pretrain_steps: int = 0,
-        pretrain_depth: int = 5,
-        log_solver_stats: bool = True,
-        log_timing: bool = True,
-        log_figures: bool = True,
-        log_hparams_metrics: bool = True,
-    ) -> None:
+    def __init__(self, *, training: Optional[DEQTrainingConfig] = None, **overrides: Any) -> None:
         super().__init__()
-        if pretrain_steps < 0 or pretrain_depth < 1:
-            raise ValueError(
-                f"pretrain_steps must be >= 0 and pretrain_depth >= 1, got {pretrain_steps} and {pretrain_depth}"
-            )
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 (or None for non-classification tasks), got {num_classes}")
         self._save_constructor_hparams()
-        self.deq_config = DEQTrainingConfig(
-            num_classes=num_classes,
-            optimizer=optimizer,
-            lr=float(lr),
-            weight_decay=float(weight_decay),
-            momentum=float(momentum),
-            nesterov=bool(nesterov),
-            betas=(float(betas[0]), float(betas[1])),
-            scheduler=scheduler,
-            scheduler_steps=scheduler_steps,
-            eta_min=float(eta_min),
-            step_milestones=tuple(int(m) for m in step_milestones),
-            step_gamma=float(step_gamma),
-            skip_loss_weight=float(skip_loss_weight),
-            jacobian_loss_weight=float(jacobian_loss_weight),
-            pretrain_steps=int(pretrain_steps),
-            pretrain_depth=int(pretrain_depth),
-            log_solver_stats=log_solver_stats,
-            log_timing=log_timing,
-            log_figures=log_figures,
-            log_hparams_metrics=log_hparams_metrics,
-        )
+        self.deq_config = DEQTrainingConfig.build(training, **overrides)
+        num_classes = self.deq_config.num_classes
         self.metrics = nn.ModuleDict()
         if num_classes is not None:
             for stage in _STAGES:
@@ -197,12 +108,15 @@ class DEQLightningModule(pl.LightningModule):
                         num_classes, top_k=1, average="micro"
                     )
         self._timer = PhaseTimer()
-        self._pending: List[Any] = []  # solutions of the current training step, for the backward NFE
+        self._pending: List[DeepEquilibriumSolution] = []  # solutions of the current training step
+        self._record: Optional[StepRecord] = None  # record of the current training step
         self._depth: Optional[int] = None  # fixed depth currently applied by the pretraining schedule
-        self._saved_depths: Optional[List[int]] = None
+        self._eval_depths: Optional[contextlib.ExitStack] = None
         self._epoch_start: Optional[float] = None
-        #: The numbers of the last step (``stage``, ``nfe``, ``backward_nfe``, ...), read by callbacks.
-        self.last_step_stats: Dict[str, Any] = {}
+        self._batch_input: Optional[Tensor] = None  # the training input, for the non-finite diagnosis
+        self._skipped_batches = 0
+        self._warned_nonfinite = False
+        self._rng_to_restore: Optional[Dict[str, Any]] = None
 
     def _save_constructor_hparams(self) -> None:
         """Record the arguments of the *most-derived* constructor as ``hparams``.
@@ -225,12 +139,16 @@ class DEQLightningModule(pl.LightningModule):
         # model, takes the CLI's resolved arguments plus the class path it needs to rebuild from a checkpoint.
         self.save_hyperparameters(frame=outer)
         del frame, f, outer
+        # a checkpoint must stay loadable with torch.load(weights_only=True): keep the config as plain data
+        if isinstance(self.hparams.get("training"), DEQTrainingConfig):
+            self.hparams["training"] = self.hparams["training"].as_dict()
 
     def hparams_for_logging(self) -> Dict[str, Any]:
-        """Constructor arguments plus the effective base-class settings (what the HParams tab shows)."""
-        merged: Dict[str, Any] = {k: v for k, v in dataclasses.asdict(self.deq_config).items()}
-        merged.update({k: v for k, v in dict(self.hparams).items() if not str(k).startswith("_")})
-        merged.update({k: getattr(self.deq_config, k) for k in ("skip_loss_weight", "jacobian_loss_weight")})
+        """Constructor arguments plus the effective training settings (what the HParams tab shows)."""
+        merged: Dict[str, Any] = {
+            k: v for k, v in dict(self.hparams).items() if not str(k).startswith("_") and k != "training"
+        }
+        merged.update(self.deq_config.as_flat_dict())
         return merged
 
     # ------------------------------------------------------------------ subclass hooks
@@ -247,6 +165,21 @@ class DEQLightningModule(pl.LightningModule):
     def task_loss(self, output: Tensor, target: Tensor) -> Tensor:
         """The data term of the loss; cross-entropy by default. Must be a batch *mean* (DDP relies on it)."""
         return F.cross_entropy(output, target)
+
+    def extra_losses(
+        self, batch: Any, output: Tensor, solutions: List[DeepEquilibriumSolution], stage: str
+    ) -> Mapping[str, Tensor]:
+        """The researcher's own loss terms, by name; none by default.
+
+        Called every training, validation and test step after the forward, with the batch as the loader
+        gave it, the model output, the list of DEQ solution records of this step (empty for a model
+        without a DEQ layer) and the stage (``"train"``, ``"val"``, ``"test"``). Each returned term must
+        be a scalar tensor (a batch mean, so DDP gradients stay exact); it is added to the loss with the
+        weight ``extra_loss_weights[name]`` of :class:`DEQTrainingConfig` (1.0 when absent) and logged
+        unweighted as ``{stage}/{name}``. Names the module logs itself (``loss``, ``skip_loss``, ...) are
+        refused.
+        """
+        return {}
 
     def unpack_batch(self, batch: Any) -> Tuple[Tensor, Tensor]:
         """``(inputs, targets)`` from a batch; override for dict batches."""
@@ -270,7 +203,7 @@ class DEQLightningModule(pl.LightningModule):
         if depth and not layers:
             raise RuntimeError(
                 f"pretrain_steps={self.deq_config.pretrain_steps} but {type(self).__name__} has no DEQ layer "
-                "(no submodule with a fixed_depth attribute); set pretrain_steps=0"
+                "(no submodule implementing deqlab.nn.DEQLayer: fixed_depth + fixed_depth_mode); set pretrain_steps=0"
             )
         for layer in layers:
             layer.fixed_depth = int(depth)
@@ -297,25 +230,69 @@ class DEQLightningModule(pl.LightningModule):
         self.log("train/pretraining", float(pretraining), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ shared step
-    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+    def _forward_checked(self, x: Tensor) -> Tuple[Tensor, List[DeepEquilibriumSolution]]:
+        """``self(x)`` with the contract checked: ``(output, solution)``, solution a record, list or None."""
+        result = self(x)
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+            got = f"a tuple of {len(result)}" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}"
+            raise TypeError(
+                f"{type(self).__name__}.forward(x) must return a pair (output, solution): the model output and "
+                "the DEQ layer's DeepEquilibriumSolution (a list of them for several DEQ layers, None for a model "
+                f"without one), e.g. `z, solution = self.deq(h); return self.head(z), solution`; got {got}"
+            )
+        output, solution = result
+        return output, as_solution_list(solution, owner=type(self).__name__)
+
+    def _extra_terms(self, batch: Any, output: Tensor, solutions: List[DeepEquilibriumSolution],
+                     stage: str) -> Dict[str, Tuple[Tensor, float]]:
+        terms = self.extra_losses(batch, output, solutions, stage)
+        if not terms:
+            terms = {}
+        if not isinstance(terms, Mapping):
+            raise TypeError(f"{type(self).__name__}.extra_losses must return a mapping name -> scalar tensor, "
+                            f"got {type(terms).__name__}")
+        weights = self.deq_config.extra_loss_weights
+        out: Dict[str, Tuple[Tensor, float]] = {}
+        for name, value in terms.items():
+            if name in RESERVED_LOSS_NAMES or "/" in str(name):
+                raise ValueError(f"extra_losses: the name {name!r} is reserved or contains '/'; pick another")
+            if not (torch.is_tensor(value) and value.numel() == 1):
+                raise TypeError(f"extra_losses: term {name!r} must be a scalar tensor (a batch mean), got "
+                                f"{type(value).__name__}{tuple(value.shape) if torch.is_tensor(value) else ''}")
+            out[str(name)] = (value.reshape(()), float(weights.get(name, 1.0)))
+        if stage == "train":
+            orphans = sorted(set(weights) - set(out))
+            if orphans:
+                raise ValueError(
+                    f"extra_loss_weights names {', '.join(map(repr, orphans))} but {type(self).__name__}.extra_losses "
+                    f"returned {sorted(out) or 'no terms'} in this training step; fix the name or drop the weight"
+                )
+        return out
+
+    def _shared_step(self, batch: Any, stage: str, batch_idx: int = 0) -> Dict[str, Any]:
         cfg = self.deq_config
         x, y = self.unpack_batch(batch)
         batch_size = int(x.shape[0]) if torch.is_tensor(x) else None
         timer_key = "forward" if stage == "train" else f"{stage}_forward"
         self._timer.start(timer_key, self.device)
-        output, solution = self(x)
+        output, solutions = self._forward_checked(x)
         forward_time = self._timer.stop(timer_key, self.device)
-        solutions = as_solution_list(solution)
         summary = summarize(solutions, output)
 
         task = self.task_loss(output, y)
-        loss = task + cfg.skip_loss_weight * summary.skip_loss + cfg.jacobian_loss_weight * summary.jacobian_loss
+        loss = (task + cfg.weight("skip_loss_weight") * summary.skip_loss
+                + cfg.weight("jacobian_loss_weight") * summary.jacobian_loss)
+        extras = self._extra_terms(batch, output, solutions, stage)
+        for value, weight in extras.values():
+            loss = loss + weight * value
 
         kw = self._log_kwargs(stage, batch_size)
         self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **kw)
         self.log(f"{stage}/task_loss", task.detach(), **kw)
         self.log(f"{stage}/skip_loss", summary.skip_loss.detach(), **kw)
         self.log(f"{stage}/jacobian_loss", summary.jacobian_loss.detach(), **kw)
+        for name, (value, _) in extras.items():
+            self.log(f"{stage}/{name}", value.detach(), **kw)
         self._log_accuracy(output, y, stage, batch_size)
         if cfg.log_solver_stats and solutions:
             self._log_solver(summary, stage, kw)
@@ -333,16 +310,21 @@ class DEQLightningModule(pl.LightningModule):
             if solutions:
                 self.log("hp/val_nfe", float(summary.nfe), **kw)
 
-        self.last_step_stats = {
-            "stage": stage,
-            "nfe": summary.nfe,
-            "backward_nfe": None,
-            "residual_mean": None if summary.residual_mean is None else float(summary.residual_mean),
-            "forward_time": forward_time,
-        }
+        unconverged = summary.unconverged_fraction
+        record = StepRecord(
+            stage=stage,
+            batch_idx=batch_idx,
+            nfe=summary.nfe,
+            residual_mean=None if summary.residual_mean is None else float(summary.residual_mean),
+            forward_time=forward_time,
+            status_counts=summary.status_counts,
+            unconverged_fraction=None if unconverged is None else float(unconverged),
+        )
         if stage == "train":
             self._pending = solutions
-        return loss
+            self._record = record
+            self._batch_input = x if torch.is_tensor(x) else None
+        return {"loss": loss, "deq": record}
 
     @staticmethod
     def _log_kwargs(stage: str, batch_size: Optional[int]) -> Dict[str, Any]:
@@ -372,6 +354,10 @@ class DEQLightningModule(pl.LightningModule):
             self.log(f"solver/{stage}_residual_max", s.residual_max, **{**kw, "reduce_fx": "max"})
         if s.converged_fraction is not None:
             self.log(f"solver/{stage}_converged", s.converged_fraction, **kw)
+            self.log(f"solver/{stage}_unconverged", s.unconverged_fraction, **kw)
+        for status in STATUSES:  # solves per status (a diverging model shows solver/train_status_diverged)
+            self.log(f"solver/{stage}_status_{status}", float(s.status_counts.get(status, 0)),
+                     **{**kw, "reduce_fx": "sum"} if stage != "train" else kw)
 
     def _log_explicit(self, x: Tensor, y: Tensor, stage: str, batch_size: Optional[int]) -> None:
         self._timer.start("explicit", self.device)
@@ -387,14 +373,15 @@ class DEQLightningModule(pl.LightningModule):
         if self.deq_config.log_timing and elapsed is not None:
             self.log(f"{stage}/explicit_time", elapsed, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+    def training_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
+        """``{"loss": loss, "deq": StepRecord}``; callbacks read ``outputs["deq"]``."""
+        return self._shared_step(batch, "train", batch_idx)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
+        return self._shared_step(batch, "val", batch_idx)
 
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
+        return self._shared_step(batch, "test", batch_idx)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -412,11 +399,17 @@ class DEQLightningModule(pl.LightningModule):
         if self.deq_config.log_timing and elapsed is not None:
             self.log("time/backward", elapsed, on_step=True, on_epoch=False)
         if self._pending:
-            bnfe = float(sum(getattr(s, "backward_nfe", 0) for s in self._pending))
-            self.last_step_stats["backward_nfe"] = bnfe
+            # the backward fills the records: solution.backward_nfe (and backward_converged where available)
+            bnfe = float(sum(s.backward_nfe for s in self._pending))
+            unconverged = _backward_unconverged_fraction(self._pending)
+            if self._record is not None:
+                self._record.backward_nfe = bnfe
+                self._record.backward_unconverged_fraction = unconverged
             if self.deq_config.log_solver_stats:
                 self.log("solver/train_backward_nfe", bnfe, on_step=True, on_epoch=False, prog_bar=True)
                 self.log("solver/train_backward_nfe_epoch", bnfe, on_step=False, on_epoch=True, sync_dist=True)
+                if unconverged is not None:
+                    self.log("solver/train_backward_unconverged", unconverged, on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._timer.start("optimizer", self.device)
@@ -429,14 +422,86 @@ class DEQLightningModule(pl.LightningModule):
         optimizer_closure: Optional[Any] = None,
     ) -> None:
         # The closure (forward + backward) runs inside optimizer.step; on_before_optimizer_step fires after
-        # it, so the "optimizer" phase below is the parameter update alone.
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # it, so the "optimizer" phase below is the parameter update alone. The guard runs right after the
+        # backward, before the update: a non-finite batch leaves every gradient None, so the optimizer
+        # leaves every weight (and its moment estimates) untouched.
+        def guarded_closure() -> Any:
+            loss = optimizer_closure() if optimizer_closure is not None else None
+            self._guard_nonfinite(batch_idx, loss)
+            return loss
+
+        super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
         elapsed = self._timer.stop("optimizer", self.device)
         if self.deq_config.log_timing and elapsed is not None:
             self.log("time/optimizer", elapsed, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._pending = []  # drop the graph references held for the backward NFE
+        self._record = None
+        self._batch_input = None
+        self.log("train/skipped_batches", float(self._skipped_batches), on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ non-finite batches
+    def _guard_nonfinite(self, batch_idx: int, loss: Any) -> None:
+        """The ``on_nonfinite`` policy (see :class:`DEQTrainingConfig`), applied after the backward.
+
+        A batch is bad when its loss or any gradient is non-finite, or any of its solves ended
+        ``nonfinite``. Under DDP the decision is all-reduced (any rank bad → every rank skips), so the
+        replicas never drift apart. ``skip`` sets every gradient to ``None`` (no update, no optimizer-state
+        change), counts the batch in ``train/skipped_batches`` and warns once; ``raise`` raises
+        :class:`NonFiniteBatchError`. Both messages name the batch, the solver status and where the
+        non-finite values first appear (the input batch, the initial guess, the solve, the loss).
+        """
+        reasons: List[str] = []
+        if torch.is_tensor(loss) and not bool(torch.isfinite(loss.detach()).all()):
+            reasons.append(f"loss = {float(loss.detach().float().mean())}")
+        grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+            bad = [n for n, g in grads if not bool(torch.isfinite(g).all())]
+            reasons.append(f"non-finite gradient in {len(bad)} parameter(s), e.g. {', '.join(bad[:3])}")
+        counts = self._record.status_counts if self._record is not None else {}
+        if counts.get("nonfinite", 0):
+            reasons.append(f"{counts['nonfinite']} solve(s) ended nonfinite")
+        local_bad = bool(reasons)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        any_bad = strategy.reduce_boolean_decision(local_bad, all=False) if strategy is not None else local_bad
+        if not any_bad:
+            return
+        if not local_bad:
+            reasons.append("another DDP rank's batch was non-finite (all ranks skip together)")
+        status = ", ".join(f"{k}={v}" for k, v in counts.items() if v) or "no DEQ solve"
+        message = (f"non-finite training batch {batch_idx} (epoch {self.current_epoch}, global step "
+                   f"{self.global_step}): {'; '.join(reasons)}; solver status: {status}; {self._nonfinite_source()}")
+        if self.deq_config.on_nonfinite == "raise":
+            raise NonFiniteBatchError(f"{message}. (on_nonfinite='skip' drops such batches and trains on.)")
+        for p in self.parameters():
+            p.grad = None
+        self._skipped_batches += 1
+        if self._record is not None:
+            self._record.skipped = True
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(f"deqlab: skipped the update of {message}. Weights are unchanged; further skipped batches "
+                          "are counted in train/skipped_batches without another warning (on_nonfinite='raise' "
+                          "stops instead).", NonFiniteBatchWarning, stacklevel=2)
+
+    def _nonfinite_source(self) -> str:
+        """Where the non-finite values first appear, in data-flow order, so that a NaN pixel is blamed on
+        the data and not on the shortcut or the solver downstream of it."""
+        x = self._batch_input
+        if x is not None and x.is_floating_point():
+            bad = (~torch.isfinite(x.detach())).reshape(x.shape[0], -1).any(dim=1)
+            if bool(bad.any()):
+                idx = bad.nonzero().flatten().tolist()
+                return (f"source: the input batch itself has NaN/Inf in {len(idx)} sample(s) (indices {idx[:8]}): "
+                        "the data, not the model, produced them")
+        for i, sol in enumerate(self._pending):
+            if sol.u0 is not None and not all(bool(torch.isfinite(t.detach()).all()) for t in _parts(sol.u0)):
+                return f"source: DEQ layer {i}'s initial guess u0 is non-finite for a finite input"
+        for i, sol in enumerate(self._pending):
+            if not all(bool(torch.isfinite(t.detach()).all()) for t in _parts(sol.z_star)):
+                return f"source: DEQ layer {i}'s solve returned a non-finite z* from a finite input and u0"
+        return "source: the input, u0 and z* are finite; the loss or the backward produced the non-finite values"
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
@@ -447,17 +512,18 @@ class DEQLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation hooks
     def _solver_mode_for_eval(self) -> None:
-        """Validation and test always run the solver, also during pretraining."""
-        layers = self.deq_layers()
-        self._saved_depths = [int(getattr(m, "fixed_depth", 0)) for m in layers]
-        for m in layers:
-            m.fixed_depth = 0
+        """Validation and test always run the solver, also during pretraining: every DEQ layer enters
+        ``fixed_depth_mode(0)`` until the evaluation epoch ends (the protocol restores its depth)."""
+        self._restore_depths()
+        stack = contextlib.ExitStack()
+        for layer in self.deq_layers():
+            stack.enter_context(layer.fixed_depth_mode(0))
+        self._eval_depths = stack
 
     def _restore_depths(self) -> None:
-        if self._saved_depths is not None:
-            for m, d in zip(self.deq_layers(), self._saved_depths):
-                m.fixed_depth = d
-            self._saved_depths = None
+        if self._eval_depths is not None:
+            self._eval_depths.close()
+            self._eval_depths = None
 
     def on_validation_epoch_start(self) -> None:
         self._solver_mode_for_eval()
@@ -476,7 +542,65 @@ class DEQLightningModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._restore_depths()
 
+    # ------------------------------------------------------------------ checkpoints
+    def setup(self, stage: str) -> None:
+        """Let the Trainer's checkpoint loading check the file first (:func:`check_checkpoint_file`): a
+        truncated, empty or corrupted ``ckpt_path`` is reported by name as damaged."""
+        strategy = self.trainer.strategy
+        if not getattr(strategy, "_deqlab_checks_checkpoints", False):
+            load = strategy.load_checkpoint
+
+            def checked_load(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+                check_checkpoint_file(checkpoint_path)
+                return load(checkpoint_path, *args, **kwargs)
+
+            strategy.load_checkpoint = checked_load  # type: ignore[method-assign]
+            strategy._deqlab_checks_checkpoints = True
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, after :func:`check_checkpoint_file` on the file."""
+        check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Store the global RNG states (dropout masks, Hutchinson probes continue as in an uninterrupted run)
+        and the skipped-batch count; plain tensors and tuples, loadable with ``weights_only=True``."""
+        checkpoint[CHECKPOINT_KEY] = {"rng": rng_state(), "skipped_batches": self._skipped_batches}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        own = checkpoint.get(CHECKPOINT_KEY) or {}
+        self._skipped_batches = int(own.get("skipped_batches", 0))
+        self._rng_to_restore = own.get("rng")
+
+    def on_train_start(self) -> None:
+        # restored here, after Lightning's setup and sanity check and before the first batch is fetched, so
+        # the next random draw is the one the uninterrupted run made at this point
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        # Lightning hands the checkpointed loader positions (ResumableDataLoader.state_dict) back in
+        # ``setup_data`` only; when the data was set up before the restore (``trainer.estimated_stepping_batches``
+        # in configure_optimizers does that, e.g. for the cosine period) the positions stay pending and the
+        # epoch would restart. Hand them over now, before the first batch is drawn.
+        fit_loop = self.trainer.fit_loop
+        if getattr(fit_loop, "_combined_loader_states_to_load", None) and fit_loop._combined_loader is not None:
+            fit_loop._load_combined_loader_states()
+
+    def _check_jacobian_setting(self) -> None:
+        weight = self.deq_config.weight("jacobian_loss_weight")
+        if weight <= 0:
+            return
+        layers = self.deq_layers()
+        if not any(bool(getattr(layer, "jacobian_regularization", False)) for layer in layers):
+            raise ValueError(
+                f"jacobian_loss_weight={weight} but no DEQ layer of {type(self).__name__} computes the Jacobian term "
+                f"({len(layers)} DEQ layer(s), none built with jacobian_regularization=True), so the term would "
+                "silently add 0: build the layer with jacobian_regularization=True or set jacobian_loss_weight=0"
+            )
+
     def on_fit_start(self) -> None:
+        self._check_jacobian_setting()
         if not self.deq_config.log_hparams_metrics:
             return
         for logger in self.loggers:
@@ -488,7 +612,7 @@ class DEQLightningModule(pl.LightningModule):
         cfg = self.deq_config
         optimizer = build_optimizer(
             self.parameters(),
-            cfg.optimizer,  # type: ignore[arg-type]
+            cfg.optimizer,
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
             momentum=cfg.momentum,
@@ -500,7 +624,7 @@ class DEQLightningModule(pl.LightningModule):
             total = self.trainer.estimated_stepping_batches if self._trainer is not None else None
         scheduler = build_scheduler(
             optimizer,
-            cfg.scheduler,  # type: ignore[arg-type]
+            cfg.scheduler,
             total_steps=total,
             eta_min=cfg.eta_min,
             milestones=cfg.step_milestones,
@@ -518,3 +642,26 @@ class DEQLightningModule(pl.LightningModule):
         # Callbacks of these types given to the Trainer (e.g. with other settings) take precedence.
         existing = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
         return [cb for cb in (NFEHistogram(), ConvergenceFigure()) if type(cb) not in existing]
+
+
+def _backward_unconverged_fraction(solutions: List[DeepEquilibriumSolution]) -> Optional[float]:
+    """Fraction of samples whose adjoint solve did not converge, over the records that say so.
+
+    ``backward_converged`` is filled by the backward (``None`` until one ran, and for backward modes
+    without a solve); a bool covers the layer's whole batch, a tensor is per sample.
+    """
+    flags: List[Tensor] = []
+    for s in solutions:
+        conv = s.backward_converged
+        if conv is None:
+            continue
+        n = int(s.residual.numel()) if s.residual is not None else 1
+        flags.append(conv.detach().reshape(-1).float() if torch.is_tensor(conv)
+                     else torch.full((n,), float(bool(conv))))
+    if not flags:
+        return None
+    return float(1.0 - torch.cat(flags).mean())
+
+
+def _parts(state: Any) -> List[Tensor]:
+    return list(state) if isinstance(state, (list, tuple)) else [state]

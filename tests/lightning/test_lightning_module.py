@@ -15,13 +15,13 @@ from deqlab.zoo import DigitsDEQ, MNISTDenseDEQ
 
 
 class _Record(pl.Callback):
-    """Per training batch: the returned loss, the module's step stats, and what it logged."""
+    """Per training batch: the returned loss, the step's record (``outputs["deq"]``), and what it logged."""
 
     def __init__(self) -> None:
         self.rows = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        row = dict(pl_module.last_step_stats)
+        row = outputs["deq"].as_dict()
         row["loss"] = float(outputs["loss"])
         row["global_step"] = trainer.global_step
         row["logged"] = {k: float(v) for k, v in trainer.logged_metrics.items()}

@@ -1,0 +1,176 @@
+"""``DEQTrainingConfig``: the one definition of the training settings of :class:`DEQLightningModule`.
+
+Why a dataclass: the fields, their types, their defaults and their documentation are written once, here.
+``DEQLightningModule(training=DEQTrainingConfig(lr=3e-3))`` takes it as a typed object (LightningCLI
+configs write it as a nested ``training:`` block, type-checked key by key), and the flat keywords
+``DEQLightningModule(lr=3e-3)`` are checked against the same fields (:meth:`DEQTrainingConfig.build`),
+so an unknown or misspelt name raises instead of being ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
+
+from deqlab.lightning._optim import OptimizerName, SchedulerName
+
+__all__ = ["DEQTrainingConfig", "NonFinitePolicy"]
+
+NonFinitePolicy = Literal["skip", "raise"]
+
+
+@dataclass(frozen=True)
+class DEQTrainingConfig:
+    """Optimisation, loss weights, pretraining, non-finite policy and logging of a DEQ training run.
+
+    Attributes:
+        num_classes: classes of the task; enables top-1 accuracy (and top-5 when > 10). ``None`` for
+            non-classification tasks (then override ``task_loss``).
+        optimizer: ``adam``, ``adamw`` or ``sgd``.
+        lr: initial learning rate.
+        weight_decay: decoupled for AdamW, L2 for Adam/SGD.
+        momentum: SGD momentum (ignored by Adam/AdamW).
+        nesterov: SGD Nesterov momentum.
+        betas: Adam/AdamW betas.
+        scheduler: ``cosine`` (to ``eta_min`` over ``scheduler_steps``), ``step`` (× ``step_gamma`` at
+            ``step_milestones``) or ``none``; stepped every optimizer step.
+        scheduler_steps: cosine period in optimizer steps; ``None``: the Trainer's estimated total steps.
+        eta_min: final learning rate of the cosine schedule.
+        step_milestones: optimizer steps at which the ``step`` schedule decays.
+        step_gamma: decay factor of the ``step`` schedule.
+        skip_loss_weight: λ_skip, weight of ``mean|u0 - z*|`` (Skip / Skip Reg. models). ``None``: the
+            model's default (0 for the base class; the zoo models set the paper's values).
+        jacobian_loss_weight: λ_jac, weight of the Hutchinson Jacobian estimate. ``None``: the model's
+            default (0 for the base class). A value > 0 needs a DEQ layer built with
+            ``jacobian_regularization=True``; ``fit`` raises otherwise (the term would silently be 0).
+        extra_loss_weights: weights of the terms returned by :meth:`DEQLightningModule.extra_losses`, by
+            name; a term without an entry has weight 1.0, an entry without a term raises.
+        pretrain_steps: for global steps ``< pretrain_steps`` every DEQ layer runs ``pretrain_depth``
+            unrolled steps instead of the solver (validation and test always use the solver).
+        pretrain_depth: unrolled depth during pretraining (the paper uses 5).
+        on_nonfinite: what a training batch with a non-finite loss or gradient, or a solve that ended
+            ``nonfinite``, does: ``skip`` (default) leaves the weights untouched, counts the batch
+            (``train/skipped_batches``), warns once and training continues; ``raise`` stops at once.
+        log_solver_stats: log NFE, residuals, convergence and solver status counts under ``solver/``.
+        log_timing: log forward/backward/optimizer wall time under ``time/``.
+        log_figures: add the NFE-histogram and convergence-figure callbacks (``configure_callbacks``).
+        log_hparams_metrics: write hyperparameters with ``hp/`` metrics to TensorBoard's HParams tab.
+    """
+
+    num_classes: Optional[int] = 10
+    optimizer: OptimizerName = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: Tuple[float, float] = (0.9, 0.999)
+    scheduler: SchedulerName = "cosine"
+    scheduler_steps: Optional[int] = None
+    eta_min: float = 1e-6
+    step_milestones: Tuple[int, ...] = ()
+    step_gamma: float = 0.1
+    skip_loss_weight: Optional[float] = None
+    jacobian_loss_weight: Optional[float] = None
+    extra_loss_weights: Dict[str, float] = field(default_factory=dict)
+    pretrain_steps: int = 0
+    pretrain_depth: int = 5
+    on_nonfinite: NonFinitePolicy = "skip"
+    log_solver_stats: bool = True
+    log_timing: bool = True
+    log_figures: bool = True
+    log_hparams_metrics: bool = True
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.pretrain_steps < 0 or self.pretrain_depth < 1:
+            raise ValueError(
+                f"pretrain_steps must be >= 0 and pretrain_depth >= 1, got {self.pretrain_steps} and {self.pretrain_depth}"
+            )
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (or None for non-classification tasks), got {self.num_classes}")
+        if self.on_nonfinite not in ("skip", "raise"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {self.on_nonfinite!r}")
+        for name in ("lr", "weight_decay", "momentum", "eta_min", "step_gamma"):
+            put(name, float(getattr(self, name)))
+        for name in ("skip_loss_weight", "jacobian_loss_weight"):
+            value = getattr(self, name)
+            if value is not None:
+                value = float(value)
+                if not math.isfinite(value) or value < 0:
+                    raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+                put(name, value)
+        weights = {str(k): float(v) for k, v in dict(self.extra_loss_weights).items()}
+        bad = [k for k, v in weights.items() if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"extra_loss_weights must be finite, got {', '.join(f'{k}={weights[k]}' for k in bad)}")
+        put("extra_loss_weights", weights)
+        put("betas", (float(self.betas[0]), float(self.betas[1])))
+        put("step_milestones", tuple(int(m) for m in self.step_milestones))
+        put("pretrain_steps", int(self.pretrain_steps))
+        put("pretrain_depth", int(self.pretrain_depth))
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def build(cls, base: Union["DEQTrainingConfig", Mapping[str, Any], None] = None,
+              **overrides: Any) -> "DEQTrainingConfig":
+        """``base`` (default: all defaults) with the flat keyword ``overrides`` applied.
+
+        ``base`` may also be a mapping of field names (how checkpoints store it). Raises ``TypeError``
+        naming every keyword that is not a field (a misspelt setting must not be silently ignored) and
+        when ``base`` is neither a ``DEQTrainingConfig`` nor a mapping.
+        """
+        if base is None:
+            base = cls()
+        elif isinstance(base, Mapping) and not isinstance(base, cls):
+            cls._check_names(base, "training")
+            base = cls(**dict(base))
+        if not isinstance(base, cls):
+            raise TypeError(f"training must be a {cls.__name__}, got {type(base).__name__}: {base!r}")
+        cls._check_names(overrides, "training setting")
+        return dataclasses.replace(base, **overrides) if overrides else base
+
+    @classmethod
+    def _check_names(cls, names: Mapping[str, Any], what: str) -> None:
+        unknown = sorted(set(names) - set(cls.field_names()))
+        if unknown:
+            raise TypeError(
+                f"unknown {what}(s) {', '.join(repr(u) for u in unknown)}; valid names: "
+                f"{', '.join(cls.field_names())} (or model-specific constructor arguments)"
+            )
+
+    def as_dict(self) -> Dict[str, Any]:
+        """Field name → value, plain data (lists for tuples), as checkpoints store it."""
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        out["step_milestones"] = list(self.step_milestones)
+        return out
+
+    def with_default_weights(self, **defaults: float) -> "DEQTrainingConfig":
+        """Fill loss weights that are still ``None`` (``skip_loss_weight``, ``jacobian_loss_weight``) with
+        a model's defaults; weights already set are kept. Models call this after ``super().__init__``."""
+        unknown = sorted(set(defaults) - {"skip_loss_weight", "jacobian_loss_weight"})
+        if unknown:
+            raise TypeError(f"with_default_weights: not a loss weight: {', '.join(unknown)}")
+        fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **fill) if fill else self
+
+    def weight(self, name: Literal["skip_loss_weight", "jacobian_loss_weight"]) -> float:
+        """The effective weight: ``None`` (no model default given) counts as 0."""
+        value = getattr(self, name)
+        return 0.0 if value is None else float(value)
+
+    def as_flat_dict(self) -> Dict[str, Any]:
+        """Field name → value with effective loss weights (what the HParams tab shows)."""
+        out = dataclasses.asdict(self)
+        out["skip_loss_weight"] = self.weight("skip_loss_weight")
+        out["jacobian_loss_weight"] = self.weight("jacobian_loss_weight")
+        for name, w in out.pop("extra_loss_weights").items():
+            out[f"extra_loss_weight/{name}"] = w
+        return out
+

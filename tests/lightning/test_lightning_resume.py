@@ -1,0 +1,112 @@
+"""Nothing lost on interruption: a run killed after a mid-epoch checkpoint and resumed in a new process ends
+with bit-identical weights (CPU); damaged checkpoint files are reported by name."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lightning_testkit import REPO, digits, trainer
+
+from deqlab.lightning.checkpoint import CheckpointDamagedError, check_checkpoint_file
+from deqlab.zoo import DigitsDEQ
+
+SCRIPT = Path(__file__).with_name("lightning_resume_script.py")
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name}: max |dw| = {(a[name] - b[name]).abs().max()}"
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumed_mid_epoch_in_a_new_process_ends_bit_identical(tmp_path):
+    straight = _run("straight", str(tmp_path / "s"), cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    killed = _run("killed", str(tmp_path / "k"), cwd=tmp_path)
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])  # SIGKILL, no clean shutdown
+    ckpt = tmp_path / "k" / "ckpt" / "step=6.ckpt"
+    assert ckpt.exists() and not (tmp_path / "k" / "killed.pt").exists()
+    resumed = _run("resume", str(tmp_path / "k"), str(ckpt), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    _assert_same(torch.load(tmp_path / "s" / "straight.pt"), torch.load(tmp_path / "k" / "resume.pt"))
+
+
+def _fit(root: Path, ckpt_path=None, **overrides):
+    pl.seed_everything(5)
+    model = DigitsDEQ(model_type="skip", width=10, jacobian_regularization=True, jacobian_loss_weight=0.2,
+                      scheduler="cosine", log_figures=False)
+    options = dict(max_epochs=2, limit_train_batches=4, limit_val_batches=0, deterministic=True,
+                   enable_checkpointing=True, default_root_dir=root,
+                   callbacks=[ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1, filename="{step}")])
+    options.update(overrides)
+    tr = trainer(**options)
+    tr.fit(model, digits(batch_size=32, seed=3, flatten=True), ckpt_path=ckpt_path)
+    return tr, model
+
+
+def test_mid_epoch_resume_in_process_matches_the_uninterrupted_run(tmp_path):
+    _, straight = _fit(tmp_path / "a")
+    # resume from the checkpoint after step 2 (mid epoch 0) and after step 6 (mid epoch 1)
+    for step in (2, 6):
+        tr, resumed = _fit(tmp_path / f"r{step}", ckpt_path=tmp_path / "a" / f"step={step}.ckpt")
+        assert tr.global_step == 8
+        _assert_same(straight.state_dict(), resumed.state_dict())
+
+
+def _damage(path: Path, kind: str, good: Path) -> Path:
+    data = good.read_bytes()
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "random":
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randint(0, 256, (4096,), generator=g, dtype=torch.uint8).numpy().tobytes()
+        path.write_bytes(b"\x00" + noise)
+    elif kind == "flipped":  # a complete archive with corrupted contents
+        with zipfile.ZipFile(good) as z:
+            info = max(z.infolist(), key=lambda i: i.file_size)
+        raw = bytearray(data)
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 8
+        for i in range(start, start + 16):
+            raw[i] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "random", "flipped"])
+def test_a_damaged_checkpoint_is_reported_by_name(tmp_path, kind):
+    _fit(tmp_path / "a", max_epochs=1, limit_train_batches=2)
+    good = tmp_path / "a" / "step=2.ckpt"
+    check_checkpoint_file(good)  # a good file passes
+    bad = _damage(tmp_path / f"{kind}.ckpt", kind, good)
+    with pytest.raises(CheckpointDamagedError, match=rf"{kind}\.ckpt.*damaged"):
+        check_checkpoint_file(bad)
+    with pytest.raises(CheckpointDamagedError, match=rf"{kind}\.ckpt.*damaged"):
+        _fit(tmp_path / f"b{kind}", ckpt_path=bad)
+    with pytest.raises(CheckpointDamagedError, match="damaged"):
+        DigitsDEQ.load_from_checkpoint(bad)
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    _fit(tmp_path / "a", max_epochs=1, limit_train_batches=2)
+    ckpt = torch.load(tmp_path / "a" / "step=2.ckpt", weights_only=True)
+    assert "deqlab" in ckpt and "rng" in ckpt["deqlab"]
+    loaded = DigitsDEQ.load_from_checkpoint(tmp_path / "a" / "step=2.ckpt", weights_only=True)
+    assert loaded.deq_config.jacobian_loss_weight == 0.2
