@@ -27,6 +27,8 @@ __all__ = [
     "unflatten",
 ]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 #: A DEQ state: one batch-first tensor, or a list of batch-first tensors (multiscale models).
 State = Union[Tensor, List[Tensor]]
 
@@ -77,8 +79,12 @@ def detach(state: State) -> State:
 
 
 def batch_norm(v: Tensor, kind: str = "l2") -> Tensor:
-    """Per-sample norm of a ``(B, N)`` tensor: ``l2`` or dimension-independent ``rms`` (``l2 / sqrt(N)``)."""
-    n = torch.linalg.vector_norm(v, dim=1)
+    """Per-sample norm of a ``(B, N)`` tensor: ``l2`` or dimension-independent ``rms`` (``l2 / sqrt(N)``).
+
+    float16/bfloat16 inputs give a float32 norm; other dtypes keep theirs.
+    """
+    # Half-precision sums of squares overflow (float16 at entries of 256), so their norms are float32.
+    n = torch.linalg.vector_norm(v, dim=1, dtype=torch.float32 if v.dtype in _HALF else None)
     if kind == "rms":
         n = n / (max(v.shape[1], 1) ** 0.5)
     return n

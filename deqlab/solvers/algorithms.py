@@ -8,6 +8,7 @@ per sample and no algorithm synchronises with the host.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Literal, Optional, Tuple, Union
 
 import torch
@@ -53,36 +54,66 @@ class FixedPointIteration(FixedPointAlgorithm):
         return z_new, F(z_new), state
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an algorithm's internal linear algebra: float32 for half-precision states (CPU has no
+    half-precision LU or triangular solves, and 8 mantissa bits cannot hold a Gram matrix), else the
+    state's own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_number(owner: str, name: str, value: object, *, low: float, high: float = math.inf,
+                  low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real option in a range, else ``ValueError`` naming the option and the range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open or high == math.inf else "]")
+        raise ValueError(f"{owner}: {name} must be a finite number in {lo}, {hi}, got {value!r}")
+    return float(value)
+
+
+def _check_int(owner: str, name: str, value: object, *, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
 class Anderson(FixedPointAlgorithm):
     """Anderson acceleration (type II) with ``memory`` past iterates.
 
     Mixing weights minimise the norm of the combined residual subject to summing to one, found from the
     small Gram matrix of the stored residuals. ``regularization`` is relative to the Gram matrix's scale so
-    it neither dominates once residuals are tiny nor vanishes for large ones.
+    it neither dominates once residuals are tiny nor vanishes for large ones; it is never taken below
+    ``10 eps`` of the working precision, where it would be lost to rounding (collinear residuals, e.g.
+    on an affine map, make the Gram matrix singular to working precision).
+
+    The stored iterates, residuals and the Gram matrix are kept in float32 for float16/bfloat16 states,
+    so the small solve is as accurate as for a float32 state; the next iterate is cast back.
     """
 
     name = "anderson"
 
     def __init__(self, memory: int = 5, mixing: float = 1.0, regularization: float = 1e-8):
-        if memory < 1:
-            raise ValueError(f"memory must be >= 1, got {memory}")
-        if not 0.0 < mixing <= 1.0:
-            raise ValueError(f"mixing must be in (0, 1], got {mixing}")
-        self.memory = int(memory)
-        self.mixing = float(mixing)
-        self.regularization = float(regularization)
+        self.memory = _check_int("Anderson", "memory", memory, low=1)
+        self.mixing = _check_number("Anderson", "mixing", mixing, low=0.0, high=1.0, low_open=True)
+        self.regularization = _check_number("Anderson", "regularization", regularization, low=0.0)
 
     def init(self, z, fz, max_steps):
         B, N = z.shape
         m = self.memory
+        wd = _work_dtype(z.dtype)
         g = fz - z
         state = {
-            "F": z.new_empty(B, m, N),
-            "G": z.new_empty(B, m, N),
+            "F": z.new_empty(B, m, N, dtype=wd),
+            "G": z.new_empty(B, m, N, dtype=wd),
             # X is only read when mixing < 1 (then z_new also mixes the previous iterates).
-            "X": z.new_empty(B, m, N) if self.mixing != 1.0 else None,
-            "H": z.new_zeros(B, m, m),  # Gram matrix of the stored residuals, kept up to date row by row
-            "eye": torch.eye(m, dtype=z.dtype, device=z.device),
+            "X": z.new_empty(B, m, N, dtype=wd) if self.mixing != 1.0 else None,
+            "H": z.new_zeros(B, m, m, dtype=wd),  # Gram matrix of the stored residuals, kept up to date row by row
+            "eye": torch.eye(m, dtype=wd, device=z.device),
+            "ones": z.new_ones(B, m, 1, dtype=wd),
+            "shift": self.regularization + 10 * torch.finfo(wd).eps,
+            "tiny": torch.finfo(wd).tiny ** 0.5,
             "k": 0,
         }
         self._store(state, z, fz, g)
@@ -95,7 +126,8 @@ class Anderson(FixedPointAlgorithm):
         state["G"][:, slot] = g
         if state["X"] is not None:
             state["X"][:, slot] = z
-        row = torch.bmm(g.unsqueeze(1), state["G"][:, :n].transpose(1, 2)).squeeze(1)  # (B, n)
+        g_w = state["G"][:, slot]  # g in the working dtype
+        row = torch.bmm(g_w.unsqueeze(1), state["G"][:, :n].transpose(1, 2)).squeeze(1)  # (B, n)
         state["H"][:, slot, :n] = row
         state["H"][:, :n, slot] = row
         state["k"] += 1
@@ -104,13 +136,14 @@ class Anderson(FixedPointAlgorithm):
         n = min(state["k"], self.memory)
         H = state["H"][:, :n, :n]
         scale = H.diagonal(dim1=1, dim2=2).mean(dim=1)
-        shift = self.regularization * scale + torch.finfo(z.dtype).tiny ** 0.5
+        shift = state["shift"] * scale + state["tiny"]
         H = H + shift.view(-1, 1, 1) * state["eye"][:n, :n]
-        y = torch.linalg.solve_ex(H, z.new_ones(z.shape[0], n, 1))[0]
+        y = torch.linalg.solve_ex(H, state["ones"][:, :n])[0]
         alpha_t = (y / y.sum(dim=1, keepdim=True)).transpose(1, 2)  # (B, 1, n), weights sum to one
         z_new = torch.bmm(alpha_t, state["F"][:, :n]).squeeze(1)
         if self.mixing != 1.0:
             z_new = self.mixing * z_new + (1 - self.mixing) * torch.bmm(alpha_t, state["X"][:, :n]).squeeze(1)
+        z_new = z_new.to(z.dtype)
         fz_new = F(z_new)
         self._store(state, z_new, fz_new, fz_new - z_new)
         return z_new, fz_new, state
