@@ -137,9 +137,10 @@ class StatePacker:
         self.numel = sum(self.sizes)
 
     def flatten(self, z: State) -> Tensor:
+        # Explicit per-sample sizes (not -1), so an empty batch flattens to (0, N) too.
         if not self.is_list:
-            return z.reshape(self.batch, -1)
-        return torch.cat([t.reshape(self.batch, -1) for t in z], dim=1)
+            return z.reshape(self.batch, self.sizes[0])
+        return torch.cat([t.reshape(self.batch, n) for t, n in zip(z, self.sizes)], dim=1)
 
     def unflatten(self, flat: Tensor) -> State:
         if not self.is_list:

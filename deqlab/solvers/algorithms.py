@@ -8,12 +8,12 @@ per sample and no algorithm synchronises with the host.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Literal, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number
 from deqlab.state import batch_dot
 from deqlab.solvers.krylov import gmres
 
@@ -45,9 +45,7 @@ class FixedPointIteration(FixedPointAlgorithm):
     name = "fixed_point"
 
     def __init__(self, damping: float = 1.0):
-        if not 0.0 < damping <= 1.0:
-            raise ValueError(f"damping must be in (0, 1], got {damping}")
-        self.damping = float(damping)
+        self.damping = _check_number("FixedPointIteration", "damping", damping, low=0.0, high=1.0, low_open=True)
 
     def step(self, state, z, fz, g, F):
         z_new = fz if self.damping == 1.0 else torch.add(z, g, alpha=self.damping)
@@ -59,24 +57,6 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     half-precision LU or triangular solves, and 8 mantissa bits cannot hold a Gram matrix), else the
     state's own dtype."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _check_number(owner: str, name: str, value: object, *, low: float, high: float = math.inf,
-                  low_open: bool = False, high_open: bool = False) -> float:
-    """A finite real option in a range, else ``ValueError`` naming the option and the range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open or high == math.inf else "]")
-        raise ValueError(f"{owner}: {name} must be a finite number in {lo}, {hi}, got {value!r}")
-    return float(value)
-
-
-def _check_int(owner: str, name: str, value: object, *, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 class Anderson(FixedPointAlgorithm):
@@ -182,11 +162,10 @@ class Broyden(FixedPointAlgorithm):
     name = "broyden"
 
     def __init__(self, memory: Optional[int] = None, line_search: bool = False, max_line_search: int = 5):
-        if memory is not None and memory < 1:
-            raise ValueError(f"memory must be >= 1 or None, got {memory}")
-        self.memory = memory
+        owner = type(self).__name__
+        self.memory = None if memory is None else _check_int(owner, "memory", memory, low=1)
         self.line_search = bool(line_search)
-        self.max_line_search = int(max_line_search)
+        self.max_line_search = _check_int(owner, "max_line_search", max_line_search, low=0)
 
     def init(self, z, fz, max_steps):
         B, N = z.shape
@@ -266,16 +245,20 @@ class NewtonKrylov(FixedPointAlgorithm):
                  jvp: Literal["forward", "fd"] = "fd", line_search: bool = False, max_line_search: int = 5,
                  eta_max: float = 0.1):
         if jvp not in ("forward", "fd"):
-            raise ValueError(f"jvp must be 'forward' or 'fd', got {jvp!r}")
-        if inner_tol != "adaptive" and not (isinstance(inner_tol, (int, float)) and 0 < inner_tol < 1):
-            raise ValueError(f"inner_tol must be 'adaptive' or a number in (0, 1), got {inner_tol!r}")
-        self.krylov_dim = int(krylov_dim)
-        self.max_restarts = int(max_restarts)
+            raise ValueError(f"NewtonKrylov: jvp must be 'forward' or 'fd', got {jvp!r}")
+        if inner_tol != "adaptive":
+            if isinstance(inner_tol, str):
+                raise ValueError(f"NewtonKrylov: inner_tol must be 'adaptive' or a number in (0, 1), got {inner_tol!r}")
+            inner_tol = _check_number("NewtonKrylov", "inner_tol", inner_tol, low=0.0, high=1.0, low_open=True,
+                                      high_open=True)
+        self.krylov_dim = _check_int("NewtonKrylov", "krylov_dim", krylov_dim, low=1)
+        self.max_restarts = _check_int("NewtonKrylov", "max_restarts", max_restarts, low=1)
         self.inner_tol = inner_tol
         self.jvp = jvp
         self.line_search = bool(line_search)
-        self.max_line_search = int(max_line_search)
-        self.eta_max = float(eta_max)
+        self.max_line_search = _check_int("NewtonKrylov", "max_line_search", max_line_search, low=0)
+        self.eta_max = _check_number("NewtonKrylov", "eta_max", eta_max, low=0.0, high=1.0, low_open=True,
+                                     high_open=True)
 
     def init(self, z, fz, max_steps):
         return {"eta": self.eta_max, "g_norm": None}

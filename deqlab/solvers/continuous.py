@@ -21,7 +21,9 @@ from typing import Callable, Dict, Literal, Optional, Tuple
 import torch
 from torch import Tensor
 
-from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, prepare
+from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number
+from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
+                                    prepare)
 from deqlab.state import State
 from deqlab.solvers.result import SolverResult
 from deqlab.solvers.termination import (NormKind, TerminationCondition, TerminationMode, TerminationTracker,
@@ -106,6 +108,7 @@ class ContinuousDEQSolver:
         abstol: Optional[float] = None,
         reltol: Optional[float] = None,
     ):
+        owner = "ContinuousDEQSolver"
         if ode_solver not in _METHODS:
             raise ValueError(f"unknown ode_solver {ode_solver!r}; valid: {', '.join(_METHODS)}")
         self.ode_solver = ode_solver
@@ -117,19 +120,21 @@ class ContinuousDEQSolver:
             termination, mode=mode, abstol_termination=abstol_termination, reltol_termination=reltol_termination,
             norm=norm, owner="ContinuousDEQSolver", default_abstol=self.ode_abstol, default_reltol=self.ode_reltol)
         self.max_steps = check_max_steps(max_steps)
-        if not (t_max > 0):
+        if not isinstance(t_max, (int, float)) or isinstance(t_max, bool) or not (t_max > 0):
             raise ValueError(f"t_max must be > 0 (math.inf for no horizon), got {t_max!r}")
         self.t_max = float(t_max)
         _, adaptive, self.order, self.stage_evals = _METHODS[ode_solver]
         self.adaptive = adaptive
-        if dt is not None and not (dt > 0 and math.isfinite(dt)):
+        if dt is not None and not (isinstance(dt, (int, float)) and not isinstance(dt, bool) and dt > 0
+                                   and math.isfinite(dt)):
             raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
         self.dt = dt if dt is not None or adaptive else 1.0
-        self.safety, self.min_factor, self.max_factor = float(safety), float(min_factor), float(max_factor)
-        if divergence_patience < 1 or max_nonfinite_retries < 1:
-            raise ValueError("divergence_patience and max_nonfinite_retries must be >= 1")
-        self.divergence_patience = int(divergence_patience)
-        self.max_nonfinite_retries = int(max_nonfinite_retries)
+        # The step-size controller: h_new = h * clip(safety * ratio^(-1/order), min_factor, max_factor).
+        self.safety = _check_number(owner, "safety", safety, low=0.0, high=1.0, low_open=True)
+        self.min_factor = _check_number(owner, "min_factor", min_factor, low=0.0, high=1.0, low_open=True)
+        self.max_factor = _check_number(owner, "max_factor", max_factor, low=1.0)
+        self.divergence_patience = _check_int(owner, "divergence_patience", divergence_patience, low=1)
+        self.max_nonfinite_retries = _check_int(owner, "max_nonfinite_retries", max_nonfinite_retries, low=1)
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
 
@@ -152,6 +157,8 @@ class ContinuousDEQSolver:
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
         packer, u = prepare(z0)
+        if packer.batch == 0:
+            return empty_result(packer, u, continuous=True)
         F = CountedMap(f, packer)
 
         def vf(t, x, args=None):  # torchdyn's stepper signature; autonomous field

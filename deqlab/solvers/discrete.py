@@ -5,7 +5,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, prepare
+from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
+                                    prepare)
 from deqlab.state import State
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
 from deqlab.solvers.result import SolverResult
@@ -83,6 +84,8 @@ class DiscreteDEQSolver:
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
         packer, z = prepare(z0)
+        if packer.batch == 0:
+            return empty_result(packer, z)
         F = CountedMap(f, packer)
         fz = F(z)
         g = fz - z
