@@ -58,8 +58,9 @@ def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
 
 
 def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du: Tensor, *, nfe: int,
-                 steps: int, throw: bool, solver_name: str, t: Optional[Tensor] = None) -> SolverResult:
-    z_ret, du_ret, res, rel = tracker.finish(z, du)
+                 steps: int, throw: bool, solver_name: str, t: Optional[Tensor] = None,
+                 last_step: Optional[Tensor] = None) -> SolverResult:
+    z_ret, du_ret, res, rel = tracker.finish(z, du, last_step)
     status = tracker.status()
     result = SolverResult(
         z=packer.unflatten(z_ret),

@@ -78,6 +78,9 @@ class ContinuousDEQSolver:
         throw: raise :class:`SolverError` instead of returning an unconverged result.
         termination: a full :class:`TerminationCondition` instead of ``mode``, ``abstol_termination``,
             ``reltol_termination`` and ``norm``; giving both raises ``ValueError``.
+        check_every: test on the host whether every sample has stopped only every ``k`` stepper calls
+            (see :class:`~deqlab.solvers.DiscreteDEQSolver`): the returned state is exactly that of
+            ``k = 1``, with up to ``k - 1`` extra stepper calls after the last sample stopped.
 
     Why two names: "reltol" used to mean the ODE tolerance here and the termination tolerance everywhere
     else; ``ode_*`` and ``*_termination`` now say which one is meant. ``solver.abstol``/``solver.reltol``
@@ -105,6 +108,7 @@ class ContinuousDEQSolver:
         divergence_patience: int = 20,
         max_nonfinite_retries: int = 10,
         termination: Optional[TerminationCondition] = None,
+        check_every: int = 1,
         abstol: Optional[float] = None,
         reltol: Optional[float] = None,
     ):
@@ -135,6 +139,7 @@ class ContinuousDEQSolver:
         self.max_factor = _check_number(owner, "max_factor", max_factor, low=1.0)
         self.divergence_patience = _check_int(owner, "divergence_patience", divergence_patience, low=1)
         self.max_nonfinite_retries = _check_int(owner, "max_nonfinite_retries", max_nonfinite_retries, low=1)
+        self.check_every = _check_int(owner, "check_every", check_every, low=1)
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
 
@@ -179,6 +184,7 @@ class ContinuousDEQSolver:
         nonfinite_tries = torch.zeros(B, dtype=torch.long, device=u.device)
         growths = torch.zeros(B, dtype=torch.long, device=u.device)
         diverging = None
+        horizon_step: Optional[Tensor] = None
         steps = 0
         while not done and steps < self.max_steps:
             h = torch.minimum(dt, self.t_max - t) if math.isfinite(self.t_max) else dt
@@ -223,11 +229,24 @@ class ContinuousDEQSolver:
             du = torch.where(a2, du_new, du)
             t = torch.where(accept, t + h, t)
             steps += 1
-            done = tracker.update(u, du, mask=accept, diverged=diverging)
-            if math.isfinite(self.t_max) and not done and bool((t[tracker.active] >= self.t_max * (1 - 1e-12)).all()):
-                break
+            sync = steps % self.check_every == 0
+            done = tracker.update(u, du, mask=accept, diverged=diverging, sync=sync)
+            if math.isfinite(self.t_max) and not done:
+                at_horizon = ((t >= self.t_max * (1 - 1e-12)) | ~tracker.active).all()
+                if sync and horizon_step is None:
+                    if bool(at_horizon):
+                        break
+                else:
+                    # Between host checks, remember on the device the step at which every running sample
+                    # reached the horizon (where a check_every=1 loop would have stopped).
+                    if horizon_step is None:
+                        horizon_step = torch.full((), -1, dtype=torch.long, device=u.device)
+                    horizon_step = torch.where((horizon_step < 0) & at_horizon,
+                                               torch.full_like(horizon_step, steps), horizon_step)
+                    if sync and bool(horizon_step >= 0):
+                        break
         return build_result(tracker, packer, u, du, nfe=F.nfe, steps=steps, throw=self.throw,
-                            solver_name=f"ContinuousDEQSolver({self.ode_solver})", t=t)
+                            solver_name=f"ContinuousDEQSolver({self.ode_solver})", t=t, last_step=horizon_step)
 
     def _scale(self, a: Tensor, b: Optional[Tensor] = None) -> Tensor:
         mag = a.abs() if b is None else torch.maximum(a.abs(), b.abs())

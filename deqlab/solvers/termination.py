@@ -206,6 +206,7 @@ class TerminationTracker:
         self.trace: list = []
         self.step = 0
         self.n_active = batch
+        self._n_active_stale = False  # True after update(sync=False): n_active is then refreshed lazily
         self._obj0: Optional[Tensor] = None
         self._prev: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None  # last (z, du, res, rel)
         self._ret: Optional[list] = None  # [z, du, res, rel] each sample returns
@@ -213,12 +214,17 @@ class TerminationTracker:
         self._history: Optional[Tensor] = None
 
     def update(self, z: Tensor, du: Tensor, mask: Optional[Tensor] = None, fz: Optional[Tensor] = None,
-               diverged: Optional[Tensor] = None) -> bool:
+               diverged: Optional[Tensor] = None, sync: bool = True) -> bool:
         """Record the evaluation ``du = f(z) - z``; return True when every sample has stopped.
 
         ``mask`` restricts the update to samples that actually moved (continuous solvers reject steps
         per sample). ``fz`` (``= z + du``) saves a full-size addition when the caller has it.
         ``diverged`` flags samples the solver itself found diverging (stopped with that status).
+
+        ``sync=False`` keeps every decision on the device: the per-sample masks, returned iterates and
+        step counts are updated exactly as with ``sync=True`` (with ``torch.where`` instead of a host
+        test of whether anything stopped), but nothing is read back and the call returns False; ask
+        :meth:`all_stopped` (one host sync) when the answer is needed.
         """
         cond = self.cond
         obj, met, res, rel, fzn = cond._evaluate(z, du, fz)
@@ -254,7 +260,10 @@ class TerminationTracker:
         patience_met = self._patience_rule(obj, live) if cond.uses_patience else None
         sane = (res < self._res_threshold) & (fzn < self._lost_at)  # False for NaN/Inf too
         fell = None if first or not cond.relative else (res < self._res_fall) | (fzn <= self._grown_at)
-        if mask is None and not cond.returns_best and cond.stops_on_objective:
+        # quick: host tests may skip work when nothing stops. After updates with sync=False, a synced
+        # step instead does every merge on the device and reads back only the number of active samples.
+        quick = sync and not self._n_active_stale
+        if quick and mask is None and not cond.returns_best and cond.stops_on_objective:
             # Fast path: a sample goes on while tol < objective < threshold (NaN fails both tests) and its
             # residual and ||f(z)|| are sane, so a few comparisons and one host sync decide whether
             # anything stops this step.
@@ -287,7 +296,7 @@ class TerminationTracker:
             bad = bad | diverged
         met = met & ~bad
         stopping = (met | bad) & live
-        if not bool(stopping.any()):  # the one host sync of a step in which no sample stops
+        if quick and not bool(stopping.any()):  # the one host sync of a step in which no sample stops
             self._advance(cur, mask)
             return False
         finite = torch.isfinite(obj) & torch.isfinite(res) & torch.isfinite(fzn)
@@ -302,11 +311,21 @@ class TerminationTracker:
             # A runaway iterate's residual is lost to rounding: return the last iterate before it.
             use_prev = stop_nan | (stop_div & lost)
             self._ret = self._merge(self._ret, cur, stop_conv | (stop_div & ~lost))
-            if bool(use_prev.any()):
+            if not quick or bool(use_prev.any()):
                 self._ret = self._merge(self._ret, self._prev, use_prev)
         self.active = self.active & ~stopping
-        self.n_active = int(self.active.sum())
         self._advance(cur, mask)
+        if not sync:
+            self._n_active_stale = True
+            return False
+        self.n_active = int(self.active.sum())
+        self._n_active_stale = False
+        return self.n_active == 0
+
+    def all_stopped(self) -> bool:
+        """True when every sample has stopped (one host sync); refreshes :attr:`n_active`."""
+        self.n_active = int(self.active.sum())
+        self._n_active_stale = False
         return self.n_active == 0
 
     def _advance(self, cur, mask: Optional[Tensor]) -> None:
@@ -329,12 +348,20 @@ class TerminationTracker:
         stalled = self._history.amax(dim=0) < cond.min_max_factor * self._history.amin(dim=0)
         return stalled & (obj <= cond.patience_objective_multiplier * cond.tol)
 
-    def finish(self, z: Tensor, du: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def finish(self, z: Tensor, du: Tensor, last_step: Optional[Tensor] = None
+               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """The returned ``(z, du, residual, rel_residual)``: still-active samples give the last iterate
-        (or their best one in ``*_best`` modes)."""
+        (or their best one in ``*_best`` modes). Their step count is that of the last update, or
+        ``last_step`` (a 0-dim tensor) when the solver knows the loop had ended earlier in effect
+        (a continuous solve that reached its horizon between two checks of ``check_every``)."""
+        if self._n_active_stale:
+            self.all_stopped()
         if self.n_active and not self.cond.returns_best:
             self._ret = self._merge(self._ret, self._prev, self.active)
-        self.sample_steps = torch.where(self.active, torch.full_like(self.sample_steps, self.step - 1), self.sample_steps)
+        end = torch.full_like(self.sample_steps, self.step - 1)
+        if last_step is not None:
+            end = torch.where(last_step >= 0, torch.minimum(end, last_step), end)
+        self.sample_steps = torch.where(self.active, end, self.sample_steps)
         z_ret, du_ret, res, rel = self._ret
         return z_ret, du_ret, res, rel
 
