@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number
-from deqlab.state import batch_dot
+from deqlab.state import batch_dot, batch_norm
 from deqlab.solvers.krylov import gmres
 
 FlatMap = Callable[[Tensor], Tensor]
@@ -138,12 +138,12 @@ def _line_search(z: Tensor, dz: Tensor, g_norm: Tensor, F: FlatMap, max_trials: 
     z_new = z + dz
     fz_new = F(z_new)
     for _ in range(max_trials):
-        new_norm = torch.linalg.vector_norm(fz_new - z_new, dim=1)
+        new_norm = batch_norm(fz_new - z_new)  # float32 for half-precision states
         bad = ~(new_norm <= (1 - c * alpha) * g_norm)
         if not bool(bad.any()):
             break
         alpha = torch.where(bad, alpha * 0.5, alpha)
-        z_try = z + alpha.unsqueeze(1) * dz
+        z_try = z + (alpha.unsqueeze(1) * dz).to(z.dtype)
         f_try = F(z_try)
         b2 = bad.unsqueeze(1)
         z_new = torch.where(b2, z_try, z_new)
@@ -171,7 +171,10 @@ class Broyden(FixedPointAlgorithm):
         B, N = z.shape
         m = max(1, max_steps if self.memory is None else min(self.memory, max_steps))
         # Only slots already written are ever read, so the buffers need no zero fill.
-        return {"U": z.new_empty(B, m, N), "V": z.new_empty(B, m, N), "n": 0, "k": 0, "Jg": -(fz - z)}
+        # float32 for half-precision states (the low-rank inverse Jacobian accumulates many updates).
+        wd = _work_dtype(z.dtype)
+        return {"U": z.new_empty(B, m, N, dtype=wd), "V": z.new_empty(B, m, N, dtype=wd), "n": 0, "k": 0,
+                "Jg": -(fz - z).to(wd)}
 
     @staticmethod
     def _matvec(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
@@ -186,23 +189,25 @@ class Broyden(FixedPointAlgorithm):
     def step(self, state, z, fz, g, F):
         n = state["n"]
         U, V = state["U"][:, :n], state["V"][:, :n]
-        dz = -state["Jg"]  # J^{-1} g is carried over from the previous update: no product needed here
+        wd = U.dtype  # the working dtype (.to is free when it is the state's own)
+        dz = (-state["Jg"]).to(z.dtype)  # J^{-1} g is carried over from the previous update: no product needed
         if self.line_search:
-            z_new, fz_new = _line_search(z, dz, torch.linalg.vector_norm(g, dim=1), F, self.max_line_search)
+            z_new, fz_new = _line_search(z, dz, batch_norm(g), F, self.max_line_search)
         else:
             z_new = z + dz
             fz_new = F(z_new)
-        g_new = fz_new - z_new
-        s = z_new - z
+        g_new = (fz_new - z_new).to(wd)
+        g = g.to(wd)
+        s = z_new.to(wd) - z.to(wd)
         # Two low-rank products per step: J^{-1} g_new (which also gives J^{-1} y = J^{-1} g_new - J^{-1} g)
         # and s^T J^{-1}.
         Jg_new = self._matvec(U, V, g_new) if n else -g_new
         vT = self._rmatvec(U, V, s) if n else -s
         Jy = Jg_new - state["Jg"]
         den = batch_dot(vT, g_new - g)
-        eps = torch.finfo(z.dtype).eps
+        eps = torch.finfo(wd).eps
         ok = den.abs() > eps * torch.linalg.vector_norm(vT, dim=1) * torch.linalg.vector_norm(g_new - g, dim=1) \
-            + torch.finfo(z.dtype).tiny
+            + torch.finfo(wd).tiny
         u = (s - Jy) * (ok / torch.where(ok, den, torch.ones_like(den))).unsqueeze(1)
         m = state["U"].shape[1]
         slot = state["k"] % m
@@ -294,7 +299,7 @@ class NewtonKrylov(FixedPointAlgorithm):
 
         p, _ = gmres(Jg, -g, tol=self._forcing(state, g), restart=self.krylov_dim, max_restarts=self.max_restarts)
         if self.line_search:
-            z_new, fz_new = _line_search(z, p, torch.linalg.vector_norm(g, dim=1), F, self.max_line_search)
+            z_new, fz_new = _line_search(z, p, batch_norm(g), F, self.max_line_search)
         else:
             z_new = z + p
             fz_new = F(z_new)

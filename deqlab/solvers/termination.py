@@ -253,13 +253,13 @@ class TerminationTracker:
             # ||f(z)|| grows until the relative test holds).
             self._res_fall = 0.5 * res0
             self._grown_at = 2 * fzn0
+            # abs_norm / abs_deq_*: the objective is the residual, so the two breaks coincide
+            self._obj_is_res = cond.mode == "abs_norm" or cond.mode.startswith("abs_deq")
             self._prev = cur
             self._ret = [z, du, res, rel]
         if self.keep_trace:
             self.trace.append(obj if mask is None or not self.trace else torch.where(mask, obj, self.trace[-1]))
         patience_met = self._patience_rule(obj, live) if cond.uses_patience else None
-        sane = (res < self._res_threshold) & (fzn < self._lost_at)  # False for NaN/Inf too
-        fell = None if first or not cond.relative else (res < self._res_fall) | (fzn <= self._grown_at)
         # quick: host tests may skip work when nothing stops. After updates with sync=False, a synced
         # step instead does every merge on the device and reads back only the number of active samples.
         quick = sync and not self._n_active_stale
@@ -267,10 +267,11 @@ class TerminationTracker:
             # Fast path: a sample goes on while tol < objective < threshold (NaN fails both tests) and its
             # residual and ||f(z)|| are sane, so a few comparisons and one host sync decide whether
             # anything stops this step.
-            above = obj > cond.tol
-            if fell is not None:
-                above = above | ~fell
-            go = above & (obj < self._threshold) & sane
+            # (A relative test met although the residual has not fallen ends here too and is sorted
+            # out below; that only happens on maps that run away.)
+            go = (obj > cond.tol) & (obj < self._threshold) & (fzn < self._lost_at)
+            if not self._obj_is_res:
+                go = go & (res < self._res_threshold)
             if diverged is not None:
                 go = go & ~diverged
             if patience_met is not None and self.step + 1 >= cond.patience:
@@ -280,6 +281,8 @@ class TerminationTracker:
             if bool(go.all()):
                 self._advance(cur, mask)
                 return False
+        sane = (res < self._res_threshold) & (fzn < self._lost_at)  # False for NaN/Inf too
+        fell = None if first or not cond.relative else (res < self._res_fall) | (fzn <= self._grown_at)
         lost = fzn >= self._lost_at  # finite-valued runaway (NaN/Inf are handled as non-finite below)
         if cond.returns_best:
             if self._best_obj is None:
