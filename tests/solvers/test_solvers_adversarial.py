@@ -10,7 +10,8 @@ float32, bfloat16), sampled by hypothesis rather than looped:
 * a map without a finite fixed point never has a converged sample;
 * ``status`` is ``converged`` exactly when every sample converged (so ``diverged``, ``nonfinite`` and
   ``max_steps`` are never reported for a fully converged solve, nor ``converged`` for a failed one);
-* every call stays within its step budget and returns a finite iterate.
+* every call stays within its step budget and returns a finite iterate;
+* all of this also with ``check_every=3`` (the stop decisions taken on the device).
 
 Tiny states and few steps keep each example in milliseconds (the suite profile runs 25 per test).
 """
@@ -111,25 +112,28 @@ common = dict(kind=st.sampled_from(KINDS), dtype=st.sampled_from(DTYPES), mode=s
               start=st.sampled_from([0.0, 0.5, -1.0]))
 
 
-@given(name=st.sampled_from(DISCRETE), max_steps=st.integers(0, 40), **common)
-def test_discrete_status_is_true_on_adversarial_maps(name, max_steps, kind, dtype, mode, batch, dim, seed, tol_idx,
-                                                      start):
+@given(name=st.sampled_from(DISCRETE), max_steps=st.integers(0, 40), check_every=st.sampled_from([1, 1, 3]),
+       **common)
+def test_discrete_status_is_true_on_adversarial_maps(name, max_steps, check_every, kind, dtype, mode, batch, dim, seed,
+                                                      tol_idx, start):
     tol = TOLS[dtype][tol_idx % len(TOLS[dtype])]
     f = AdversarialMap(kind, batch, dim, dtype, seed)
     opts = {"krylov_dim": 4} if name == "newton_krylov" else {}
     solver = DiscreteDEQSolver(name, mode=mode, abstol_termination=tol, reltol_termination=tol, max_steps=max_steps,
-                               **opts)
+                               check_every=check_every, **opts)
     res = solver(f, torch.full((batch, dim), start, dtype=dtype))
     _check(res, f, mode, tol, max_steps, dtype, kind, nfe_per_step=1 + 4 + 1)
 
 
-@given(method=st.sampled_from(["tsit5", "dopri5", "euler", "rk4"]), max_steps=st.integers(0, 60), **common)
-def test_continuous_status_is_true_on_adversarial_maps(method, max_steps, kind, dtype, mode, batch, dim, seed,
-                                                        tol_idx, start):
+@given(method=st.sampled_from(["tsit5", "dopri5", "euler", "rk4"]), max_steps=st.integers(0, 60),
+       check_every=st.sampled_from([1, 1, 3]), **common)
+def test_continuous_status_is_true_on_adversarial_maps(method, max_steps, check_every, kind, dtype, mode, batch, dim,
+                                                        seed, tol_idx, start):
     tol = TOLS[dtype][tol_idx % len(TOLS[dtype])]
     f = AdversarialMap(kind, batch, dim, dtype, seed)
     solver = ContinuousDEQSolver(method, mode=mode, ode_abstol=tol / 10, ode_reltol=tol / 10, abstol_termination=tol,
-                                 reltol_termination=tol, max_steps=max_steps, dt=FIXED_DT.get(method))
+                                 reltol_termination=tol, max_steps=max_steps, dt=FIXED_DT.get(method),
+                                 check_every=check_every)
     res = solver(f, torch.full((batch, dim), start, dtype=dtype))
     _check(res, f, mode, tol, max_steps, dtype, kind, nfe_per_step=6)
 
