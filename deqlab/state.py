@@ -27,6 +27,8 @@ __all__ = [
     "unflatten",
 ]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 #: A DEQ state: one batch-first tensor, or a list of batch-first tensors (multiscale models).
 State = Union[Tensor, List[Tensor]]
 
@@ -77,8 +79,12 @@ def detach(state: State) -> State:
 
 
 def batch_norm(v: Tensor, kind: str = "l2") -> Tensor:
-    """Per-sample norm of a ``(B, N)`` tensor: ``l2`` or dimension-independent ``rms`` (``l2 / sqrt(N)``)."""
-    n = torch.linalg.vector_norm(v, dim=1)
+    """Per-sample norm of a ``(B, N)`` tensor: ``l2`` or dimension-independent ``rms`` (``l2 / sqrt(N)``).
+
+    float16/bfloat16 inputs give a float32 norm; other dtypes keep theirs.
+    """
+    # Half-precision sums of squares overflow (float16 at entries of 256), so their norms are float32.
+    n = torch.linalg.vector_norm(v, dim=1, dtype=torch.float32 if v.dtype in _HALF else None)
     if kind == "rms":
         n = n / (max(v.shape[1], 1) ** 0.5)
     return n
@@ -131,9 +137,10 @@ class StatePacker:
         self.numel = sum(self.sizes)
 
     def flatten(self, z: State) -> Tensor:
+        # Explicit per-sample sizes (not -1), so an empty batch flattens to (0, N) too.
         if not self.is_list:
-            return z.reshape(self.batch, -1)
-        return torch.cat([t.reshape(self.batch, -1) for t in z], dim=1)
+            return z.reshape(self.batch, self.sizes[0])
+        return torch.cat([t.reshape(self.batch, n) for t, n in zip(z, self.sizes)], dim=1)
 
     def unflatten(self, flat: Tensor) -> State:
         if not self.is_list:

@@ -39,6 +39,17 @@ def prepare(z0: State) -> Tuple[StatePacker, Tensor]:
     return packer, packer.flatten(z0).detach()
 
 
+def empty_result(packer: StatePacker, z: Tensor, *, continuous: bool = False) -> SolverResult:
+    """The result for a batch of 0 samples: nothing to solve, so ``f`` is never called and the (vacuous)
+    status is ``converged``; every per-sample field has length 0."""
+    norm_dtype = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
+    empty = z.new_zeros(0, dtype=norm_dtype)
+    return SolverResult(z=packer.unflatten(z.clone()), nfe=0, steps=0, residual=empty, rel_residual=empty.clone(),
+                        converged=torch.zeros(0, dtype=torch.bool, device=z.device), status=SolverStatus.CONVERGED,
+                        sample_steps=torch.zeros(0, dtype=torch.long, device=z.device), trace=None,
+                        fz=packer.unflatten(z.clone()), t=z.new_zeros(0) if continuous else None)
+
+
 def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
     """A non-finite initial guess is the caller's bug, not a solve outcome. Checked only when the first
     residual is already non-finite, so a healthy solve pays nothing for it."""
@@ -47,8 +58,9 @@ def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
 
 
 def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du: Tensor, *, nfe: int,
-                 steps: int, throw: bool, solver_name: str, t: Optional[Tensor] = None) -> SolverResult:
-    z_ret, du_ret, res, rel = tracker.finish(z, du)
+                 steps: int, throw: bool, solver_name: str, t: Optional[Tensor] = None,
+                 last_step: Optional[Tensor] = None) -> SolverResult:
+    z_ret, du_ret, res, rel = tracker.finish(z, du, last_step)
     status = tracker.status()
     result = SolverResult(
         z=packer.unflatten(z_ret),

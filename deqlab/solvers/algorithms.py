@@ -13,7 +13,8 @@ from typing import Any, Callable, Literal, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from deqlab.state import batch_dot
+from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number
+from deqlab.state import batch_dot, batch_norm
 from deqlab.solvers.krylov import gmres
 
 FlatMap = Callable[[Tensor], Tensor]
@@ -44,13 +45,18 @@ class FixedPointIteration(FixedPointAlgorithm):
     name = "fixed_point"
 
     def __init__(self, damping: float = 1.0):
-        if not 0.0 < damping <= 1.0:
-            raise ValueError(f"damping must be in (0, 1], got {damping}")
-        self.damping = float(damping)
+        self.damping = _check_number("FixedPointIteration", "damping", damping, low=0.0, high=1.0, low_open=True)
 
     def step(self, state, z, fz, g, F):
         z_new = fz if self.damping == 1.0 else torch.add(z, g, alpha=self.damping)
         return z_new, F(z_new), state
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an algorithm's internal linear algebra: float32 for half-precision states (CPU has no
+    half-precision LU or triangular solves, and 8 mantissa bits cannot hold a Gram matrix), else the
+    state's own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class Anderson(FixedPointAlgorithm):
@@ -58,31 +64,36 @@ class Anderson(FixedPointAlgorithm):
 
     Mixing weights minimise the norm of the combined residual subject to summing to one, found from the
     small Gram matrix of the stored residuals. ``regularization`` is relative to the Gram matrix's scale so
-    it neither dominates once residuals are tiny nor vanishes for large ones.
+    it neither dominates once residuals are tiny nor vanishes for large ones; it is never taken below
+    ``10 eps`` of the working precision, where it would be lost to rounding (collinear residuals, e.g.
+    on an affine map, make the Gram matrix singular to working precision).
+
+    The stored iterates, residuals and the Gram matrix are kept in float32 for float16/bfloat16 states,
+    so the small solve is as accurate as for a float32 state; the next iterate is cast back.
     """
 
     name = "anderson"
 
     def __init__(self, memory: int = 5, mixing: float = 1.0, regularization: float = 1e-8):
-        if memory < 1:
-            raise ValueError(f"memory must be >= 1, got {memory}")
-        if not 0.0 < mixing <= 1.0:
-            raise ValueError(f"mixing must be in (0, 1], got {mixing}")
-        self.memory = int(memory)
-        self.mixing = float(mixing)
-        self.regularization = float(regularization)
+        self.memory = _check_int("Anderson", "memory", memory, low=1)
+        self.mixing = _check_number("Anderson", "mixing", mixing, low=0.0, high=1.0, low_open=True)
+        self.regularization = _check_number("Anderson", "regularization", regularization, low=0.0)
 
     def init(self, z, fz, max_steps):
         B, N = z.shape
         m = self.memory
+        wd = _work_dtype(z.dtype)
         g = fz - z
         state = {
-            "F": z.new_empty(B, m, N),
-            "G": z.new_empty(B, m, N),
+            "F": z.new_empty(B, m, N, dtype=wd),
+            "G": z.new_empty(B, m, N, dtype=wd),
             # X is only read when mixing < 1 (then z_new also mixes the previous iterates).
-            "X": z.new_empty(B, m, N) if self.mixing != 1.0 else None,
-            "H": z.new_zeros(B, m, m),  # Gram matrix of the stored residuals, kept up to date row by row
-            "eye": torch.eye(m, dtype=z.dtype, device=z.device),
+            "X": z.new_empty(B, m, N, dtype=wd) if self.mixing != 1.0 else None,
+            "H": z.new_zeros(B, m, m, dtype=wd),  # Gram matrix of the stored residuals, kept up to date row by row
+            "eye": torch.eye(m, dtype=wd, device=z.device),
+            "ones": z.new_ones(B, m, 1, dtype=wd),
+            "shift": self.regularization + 10 * torch.finfo(wd).eps,
+            "tiny": torch.finfo(wd).tiny ** 0.5,
             "k": 0,
         }
         self._store(state, z, fz, g)
@@ -95,7 +106,8 @@ class Anderson(FixedPointAlgorithm):
         state["G"][:, slot] = g
         if state["X"] is not None:
             state["X"][:, slot] = z
-        row = torch.bmm(g.unsqueeze(1), state["G"][:, :n].transpose(1, 2)).squeeze(1)  # (B, n)
+        g_w = state["G"][:, slot]  # g in the working dtype
+        row = torch.bmm(g_w.unsqueeze(1), state["G"][:, :n].transpose(1, 2)).squeeze(1)  # (B, n)
         state["H"][:, slot, :n] = row
         state["H"][:, :n, slot] = row
         state["k"] += 1
@@ -104,13 +116,14 @@ class Anderson(FixedPointAlgorithm):
         n = min(state["k"], self.memory)
         H = state["H"][:, :n, :n]
         scale = H.diagonal(dim1=1, dim2=2).mean(dim=1)
-        shift = self.regularization * scale + torch.finfo(z.dtype).tiny ** 0.5
+        shift = state["shift"] * scale + state["tiny"]
         H = H + shift.view(-1, 1, 1) * state["eye"][:n, :n]
-        y = torch.linalg.solve_ex(H, z.new_ones(z.shape[0], n, 1))[0]
+        y = torch.linalg.solve_ex(H, state["ones"][:, :n])[0]
         alpha_t = (y / y.sum(dim=1, keepdim=True)).transpose(1, 2)  # (B, 1, n), weights sum to one
         z_new = torch.bmm(alpha_t, state["F"][:, :n]).squeeze(1)
         if self.mixing != 1.0:
             z_new = self.mixing * z_new + (1 - self.mixing) * torch.bmm(alpha_t, state["X"][:, :n]).squeeze(1)
+        z_new = z_new.to(z.dtype)
         fz_new = F(z_new)
         self._store(state, z_new, fz_new, fz_new - z_new)
         return z_new, fz_new, state
@@ -125,12 +138,12 @@ def _line_search(z: Tensor, dz: Tensor, g_norm: Tensor, F: FlatMap, max_trials: 
     z_new = z + dz
     fz_new = F(z_new)
     for _ in range(max_trials):
-        new_norm = torch.linalg.vector_norm(fz_new - z_new, dim=1)
+        new_norm = batch_norm(fz_new - z_new)  # float32 for half-precision states
         bad = ~(new_norm <= (1 - c * alpha) * g_norm)
         if not bool(bad.any()):
             break
         alpha = torch.where(bad, alpha * 0.5, alpha)
-        z_try = z + alpha.unsqueeze(1) * dz
+        z_try = z + (alpha.unsqueeze(1) * dz).to(z.dtype)
         f_try = F(z_try)
         b2 = bad.unsqueeze(1)
         z_new = torch.where(b2, z_try, z_new)
@@ -149,17 +162,19 @@ class Broyden(FixedPointAlgorithm):
     name = "broyden"
 
     def __init__(self, memory: Optional[int] = None, line_search: bool = False, max_line_search: int = 5):
-        if memory is not None and memory < 1:
-            raise ValueError(f"memory must be >= 1 or None, got {memory}")
-        self.memory = memory
+        owner = type(self).__name__
+        self.memory = None if memory is None else _check_int(owner, "memory", memory, low=1)
         self.line_search = bool(line_search)
-        self.max_line_search = int(max_line_search)
+        self.max_line_search = _check_int(owner, "max_line_search", max_line_search, low=0)
 
     def init(self, z, fz, max_steps):
         B, N = z.shape
         m = max(1, max_steps if self.memory is None else min(self.memory, max_steps))
         # Only slots already written are ever read, so the buffers need no zero fill.
-        return {"U": z.new_empty(B, m, N), "V": z.new_empty(B, m, N), "n": 0, "k": 0, "Jg": -(fz - z)}
+        # float32 for half-precision states (the low-rank inverse Jacobian accumulates many updates).
+        wd = _work_dtype(z.dtype)
+        return {"U": z.new_empty(B, m, N, dtype=wd), "V": z.new_empty(B, m, N, dtype=wd), "n": 0, "k": 0,
+                "Jg": -(fz - z).to(wd)}
 
     @staticmethod
     def _matvec(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
@@ -174,23 +189,25 @@ class Broyden(FixedPointAlgorithm):
     def step(self, state, z, fz, g, F):
         n = state["n"]
         U, V = state["U"][:, :n], state["V"][:, :n]
-        dz = -state["Jg"]  # J^{-1} g is carried over from the previous update: no product needed here
+        wd = U.dtype  # the working dtype (.to is free when it is the state's own)
+        dz = (-state["Jg"]).to(z.dtype)  # J^{-1} g is carried over from the previous update: no product needed
         if self.line_search:
-            z_new, fz_new = _line_search(z, dz, torch.linalg.vector_norm(g, dim=1), F, self.max_line_search)
+            z_new, fz_new = _line_search(z, dz, batch_norm(g), F, self.max_line_search)
         else:
             z_new = z + dz
             fz_new = F(z_new)
-        g_new = fz_new - z_new
-        s = z_new - z
+        g_new = (fz_new - z_new).to(wd)
+        g = g.to(wd)
+        s = z_new.to(wd) - z.to(wd)
         # Two low-rank products per step: J^{-1} g_new (which also gives J^{-1} y = J^{-1} g_new - J^{-1} g)
         # and s^T J^{-1}.
         Jg_new = self._matvec(U, V, g_new) if n else -g_new
         vT = self._rmatvec(U, V, s) if n else -s
         Jy = Jg_new - state["Jg"]
         den = batch_dot(vT, g_new - g)
-        eps = torch.finfo(z.dtype).eps
+        eps = torch.finfo(wd).eps
         ok = den.abs() > eps * torch.linalg.vector_norm(vT, dim=1) * torch.linalg.vector_norm(g_new - g, dim=1) \
-            + torch.finfo(z.dtype).tiny
+            + torch.finfo(wd).tiny
         u = (s - Jy) * (ok / torch.where(ok, den, torch.ones_like(den))).unsqueeze(1)
         m = state["U"].shape[1]
         slot = state["k"] % m
@@ -233,16 +250,20 @@ class NewtonKrylov(FixedPointAlgorithm):
                  jvp: Literal["forward", "fd"] = "fd", line_search: bool = False, max_line_search: int = 5,
                  eta_max: float = 0.1):
         if jvp not in ("forward", "fd"):
-            raise ValueError(f"jvp must be 'forward' or 'fd', got {jvp!r}")
-        if inner_tol != "adaptive" and not (isinstance(inner_tol, (int, float)) and 0 < inner_tol < 1):
-            raise ValueError(f"inner_tol must be 'adaptive' or a number in (0, 1), got {inner_tol!r}")
-        self.krylov_dim = int(krylov_dim)
-        self.max_restarts = int(max_restarts)
+            raise ValueError(f"NewtonKrylov: jvp must be 'forward' or 'fd', got {jvp!r}")
+        if inner_tol != "adaptive":
+            if isinstance(inner_tol, str):
+                raise ValueError(f"NewtonKrylov: inner_tol must be 'adaptive' or a number in (0, 1), got {inner_tol!r}")
+            inner_tol = _check_number("NewtonKrylov", "inner_tol", inner_tol, low=0.0, high=1.0, low_open=True,
+                                      high_open=True)
+        self.krylov_dim = _check_int("NewtonKrylov", "krylov_dim", krylov_dim, low=1)
+        self.max_restarts = _check_int("NewtonKrylov", "max_restarts", max_restarts, low=1)
         self.inner_tol = inner_tol
         self.jvp = jvp
         self.line_search = bool(line_search)
-        self.max_line_search = int(max_line_search)
-        self.eta_max = float(eta_max)
+        self.max_line_search = _check_int("NewtonKrylov", "max_line_search", max_line_search, low=0)
+        self.eta_max = _check_number("NewtonKrylov", "eta_max", eta_max, low=0.0, high=1.0, low_open=True,
+                                     high_open=True)
 
     def init(self, z, fz, max_steps):
         return {"eta": self.eta_max, "g_norm": None}
@@ -278,7 +299,7 @@ class NewtonKrylov(FixedPointAlgorithm):
 
         p, _ = gmres(Jg, -g, tol=self._forcing(state, g), restart=self.krylov_dim, max_restarts=self.max_restarts)
         if self.line_search:
-            z_new, fz_new = _line_search(z, p, torch.linalg.vector_norm(g, dim=1), F, self.max_line_search)
+            z_new, fz_new = _line_search(z, p, batch_norm(g), F, self.max_line_search)
         else:
             z_new = z + p
             fz_new = F(z_new)

@@ -21,7 +21,9 @@ from typing import Callable, Dict, Literal, Optional, Tuple
 import torch
 from torch import Tensor
 
-from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, prepare
+from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number
+from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
+                                    prepare)
 from deqlab.state import State
 from deqlab.solvers.result import SolverResult
 from deqlab.solvers.termination import (NormKind, TerminationCondition, TerminationMode, TerminationTracker,
@@ -76,6 +78,9 @@ class ContinuousDEQSolver:
         throw: raise :class:`SolverError` instead of returning an unconverged result.
         termination: a full :class:`TerminationCondition` instead of ``mode``, ``abstol_termination``,
             ``reltol_termination`` and ``norm``; giving both raises ``ValueError``.
+        check_every: test on the host whether every sample has stopped only every ``k`` stepper calls
+            (see :class:`~deqlab.solvers.DiscreteDEQSolver`): the returned state is exactly that of
+            ``k = 1``, with up to ``k - 1`` extra stepper calls after the last sample stopped.
 
     Why two names: "reltol" used to mean the ODE tolerance here and the termination tolerance everywhere
     else; ``ode_*`` and ``*_termination`` now say which one is meant. ``solver.abstol``/``solver.reltol``
@@ -103,9 +108,11 @@ class ContinuousDEQSolver:
         divergence_patience: int = 20,
         max_nonfinite_retries: int = 10,
         termination: Optional[TerminationCondition] = None,
+        check_every: int = 1,
         abstol: Optional[float] = None,
         reltol: Optional[float] = None,
     ):
+        owner = "ContinuousDEQSolver"
         if ode_solver not in _METHODS:
             raise ValueError(f"unknown ode_solver {ode_solver!r}; valid: {', '.join(_METHODS)}")
         self.ode_solver = ode_solver
@@ -117,19 +124,22 @@ class ContinuousDEQSolver:
             termination, mode=mode, abstol_termination=abstol_termination, reltol_termination=reltol_termination,
             norm=norm, owner="ContinuousDEQSolver", default_abstol=self.ode_abstol, default_reltol=self.ode_reltol)
         self.max_steps = check_max_steps(max_steps)
-        if not (t_max > 0):
+        if not isinstance(t_max, (int, float)) or isinstance(t_max, bool) or not (t_max > 0):
             raise ValueError(f"t_max must be > 0 (math.inf for no horizon), got {t_max!r}")
         self.t_max = float(t_max)
         _, adaptive, self.order, self.stage_evals = _METHODS[ode_solver]
         self.adaptive = adaptive
-        if dt is not None and not (dt > 0 and math.isfinite(dt)):
+        if dt is not None and not (isinstance(dt, (int, float)) and not isinstance(dt, bool) and dt > 0
+                                   and math.isfinite(dt)):
             raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
         self.dt = dt if dt is not None or adaptive else 1.0
-        self.safety, self.min_factor, self.max_factor = float(safety), float(min_factor), float(max_factor)
-        if divergence_patience < 1 or max_nonfinite_retries < 1:
-            raise ValueError("divergence_patience and max_nonfinite_retries must be >= 1")
-        self.divergence_patience = int(divergence_patience)
-        self.max_nonfinite_retries = int(max_nonfinite_retries)
+        # The step-size controller: h_new = h * clip(safety * ratio^(-1/order), min_factor, max_factor).
+        self.safety = _check_number(owner, "safety", safety, low=0.0, high=1.0, low_open=True)
+        self.min_factor = _check_number(owner, "min_factor", min_factor, low=0.0, high=1.0, low_open=True)
+        self.max_factor = _check_number(owner, "max_factor", max_factor, low=1.0)
+        self.divergence_patience = _check_int(owner, "divergence_patience", divergence_patience, low=1)
+        self.max_nonfinite_retries = _check_int(owner, "max_nonfinite_retries", max_nonfinite_retries, low=1)
+        self.check_every = _check_int(owner, "check_every", check_every, low=1)
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
 
@@ -152,6 +162,8 @@ class ContinuousDEQSolver:
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
         packer, u = prepare(z0)
+        if packer.batch == 0:
+            return empty_result(packer, u, continuous=True)
         F = CountedMap(f, packer)
 
         def vf(t, x, args=None):  # torchdyn's stepper signature; autonomous field
@@ -172,6 +184,7 @@ class ContinuousDEQSolver:
         nonfinite_tries = torch.zeros(B, dtype=torch.long, device=u.device)
         growths = torch.zeros(B, dtype=torch.long, device=u.device)
         diverging = None
+        horizon_step: Optional[Tensor] = None
         steps = 0
         while not done and steps < self.max_steps:
             h = torch.minimum(dt, self.t_max - t) if math.isfinite(self.t_max) else dt
@@ -216,11 +229,24 @@ class ContinuousDEQSolver:
             du = torch.where(a2, du_new, du)
             t = torch.where(accept, t + h, t)
             steps += 1
-            done = tracker.update(u, du, mask=accept, diverged=diverging)
-            if math.isfinite(self.t_max) and not done and bool((t[tracker.active] >= self.t_max * (1 - 1e-12)).all()):
-                break
+            sync = steps % self.check_every == 0
+            done = tracker.update(u, du, mask=accept, diverged=diverging, sync=sync)
+            if math.isfinite(self.t_max) and not done:
+                at_horizon = ((t >= self.t_max * (1 - 1e-12)) | ~tracker.active).all()
+                if sync and horizon_step is None:
+                    if bool(at_horizon):
+                        break
+                else:
+                    # Between host checks, remember on the device the step at which every running sample
+                    # reached the horizon (where a check_every=1 loop would have stopped).
+                    if horizon_step is None:
+                        horizon_step = torch.full((), -1, dtype=torch.long, device=u.device)
+                    horizon_step = torch.where((horizon_step < 0) & at_horizon,
+                                               torch.full_like(horizon_step, steps), horizon_step)
+                    if sync and bool(horizon_step >= 0):
+                        break
         return build_result(tracker, packer, u, du, nfe=F.nfe, steps=steps, throw=self.throw,
-                            solver_name=f"ContinuousDEQSolver({self.ode_solver})", t=t)
+                            solver_name=f"ContinuousDEQSolver({self.ode_solver})", t=t, last_step=horizon_step)
 
     def _scale(self, a: Tensor, b: Optional[Tensor] = None) -> Tensor:
         mag = a.abs() if b is None else torch.maximum(a.abs(), b.abs())

@@ -5,7 +5,9 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, prepare
+from deqlab.solvers._checks import check_int
+from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
+                                    prepare)
 from deqlab.state import State
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
 from deqlab.solvers.result import SolverResult
@@ -42,6 +44,13 @@ class DiscreteDEQSolver:
         norm: ``"l2"`` (default) or dimension-independent ``"rms"``.
         throw: raise :class:`SolverError` instead of returning an unconverged result.
         keep_trace: record the termination objective of every step (cheap: ``(steps, B)``).
+        check_every: ask the device whether every sample has stopped only every ``k`` steps. In between,
+            the per-sample stop decisions are still taken every step, on the device (masks, frozen
+            iterates, step counts), so ``z``, ``residual``, ``converged``, ``status`` and ``sample_steps``
+            are exactly those of ``check_every=1``; the loop may run up to ``k - 1`` extra steps after the
+            last sample stopped (``steps`` and ``nfe`` up to ``k - 1`` larger, the trace as many rows
+            longer). Why: each check is a device-to-host synchronisation, which on a GPU stalls the
+            queue of kernels every iteration when ``f`` is small.
         termination: a full :class:`TerminationCondition` instead of the four flat keywords above; giving
             both raises ``ValueError`` (one way to set the stop rule, never one silently dropped).
         **algorithm_options: forwarded to the named algorithm (e.g. ``memory=5`` for Anderson).
@@ -61,6 +70,7 @@ class DiscreteDEQSolver:
         throw: bool = False,
         keep_trace: bool = True,
         termination: Optional[TerminationCondition] = None,
+        check_every: int = 1,
         **algorithm_options,
     ):
         for old, new in (("abstol", "abstol_termination"), ("reltol", "reltol_termination")):
@@ -72,17 +82,21 @@ class DiscreteDEQSolver:
             termination, mode=mode, abstol_termination=abstol_termination, reltol_termination=reltol_termination,
             norm=norm, owner="DiscreteDEQSolver")
         self.max_steps = check_max_steps(max_steps)
+        self.check_every = check_int("DiscreteDEQSolver", "check_every", check_every, low=1)
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
 
     def __repr__(self) -> str:
         return (f"DiscreteDEQSolver({self.algorithm!r}, mode={self.termination.mode!r}, "
                 f"abstol_termination={self.termination.abstol}, reltol_termination={self.termination.reltol}, "
-                f"norm={self.termination.norm!r}, max_steps={self.max_steps})")
+                f"norm={self.termination.norm!r}, max_steps={self.max_steps}"
+                + (f", check_every={self.check_every})" if self.check_every != 1 else ")"))
 
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
         packer, z = prepare(z0)
+        if packer.batch == 0:
+            return empty_result(packer, z)
         F = CountedMap(f, packer)
         fz = F(z)
         g = fz - z
@@ -93,10 +107,11 @@ class DiscreteDEQSolver:
         algo = self.algorithm
         state = algo.init(z, fz, self.max_steps)
         steps = 0
+        k = self.check_every
         while not done and steps < self.max_steps:
             z, fz, state = algo.step(state, z, fz, g, F)
             g = fz - z
             steps += 1
-            done = tracker.update(z, g, fz=fz)
+            done = tracker.update(z, g, fz=fz, sync=steps % k == 0) if k > 1 else tracker.update(z, g, fz=fz)
         return build_result(tracker, packer, z, g, nfe=F.nfe, steps=steps, throw=self.throw,
                             solver_name=f"DiscreteDEQSolver({algo.name})")

@@ -8,6 +8,7 @@ operations (one triangular solve per cycle); restarts.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -50,8 +51,24 @@ def gmres(
     """
     if b.dim() != 2:
         raise ValueError(f"gmres expects b of shape (B, N), got {tuple(b.shape)}")
-    if restart < 1 or max_restarts < 1:
-        raise ValueError("restart and max_restarts must be >= 1")
+    for name, value in (("restart", restart), ("max_restarts", max_restarts)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"gmres: {name} must be an int >= 1, got {value!r}")
+    for name, value in (("tol", tol), ("atol", atol)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"gmres: {name} must be a finite number >= 0, got {value!r}")
+    if b.dtype in (torch.float16, torch.bfloat16):
+        # Half precision: the Arnoldi basis, the Givens QR and the triangular solve run in float32 (CPU
+        # has no half-precision triangular solve, and 8 mantissa bits cannot keep a basis orthogonal);
+        # matvec still sees vectors of b's dtype, and x comes back in it.
+        half = b.dtype
+
+        def matvec32(v: Tensor) -> Tensor:
+            return matvec(v.to(half)).float()
+
+        x32, info = gmres(matvec32, b.float(), x0=None if x0 is None else x0.float(), tol=tol, atol=atol,
+                          restart=restart, max_restarts=max_restarts)
+        return x32.to(half), info
     B, N = b.shape
     m = min(restart, N)
     tiny = torch.finfo(b.dtype).tiny ** 0.5

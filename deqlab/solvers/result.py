@@ -63,7 +63,10 @@ class SolverResult:
         return self.status is SolverStatus.CONVERGED
 
     def stats(self) -> dict:
-        """Scalar summary, convenient for logging."""
+        """Scalar summary, convenient for logging (an empty batch gives zeros and a converged fraction of 1)."""
+        if self.residual.numel() == 0:
+            return {"nfe": float(self.nfe), "steps": float(self.steps), "residual_mean": 0.0, "residual_max": 0.0,
+                    "rel_residual_mean": 0.0, "converged_fraction": 1.0}
         return {
             "nfe": float(self.nfe),
             "steps": float(self.steps),

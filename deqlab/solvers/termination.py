@@ -95,21 +95,28 @@ class TerminationCondition:
         """Per-sample ``(objective, met, residual, rel_residual)`` for flat ``(B, N)`` ``z`` and ``du``.
 
         ``met`` is the tolerance test alone (the patience rule needs history and lives in the tracker).
-        Pass ``fz = z + du`` when it is at hand, to save a full-size addition.
+        Pass ``fz = z + du`` when it is at hand, to save a full-size addition. For half-precision states
+        the norms and ratios are computed in float32 (a float16 sum of squares overflows at 256).
         """
+        return self._evaluate(z, du, fz)[:4]
+
+    def _evaluate(self, z: Tensor, du: Tensor, fz: Optional[Tensor] = None
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`evaluate` plus the per-sample ``||f(z)||`` (the tracker's runaway guard needs it)."""
         mode = self.mode
         res = batch_norm(du, self.norm)
         fz_norm = batch_norm(du + z if fz is None else fz, self.norm)
         rel = res / (fz_norm + _EPS)
         if mode == "abs":
-            obj = du.abs().amax(dim=1)
+            obj = du.abs().amax(dim=1).to(res.dtype)
             met = obj <= self.abstol
         elif mode == "abs_norm" or mode.startswith("abs_deq"):
             obj = res
             met = obj <= self.abstol
         elif mode == "rel":
-            obj = (du.abs() / z.abs().clamp_min(_EPS)).amax(dim=1)
-            met = (du.abs() <= self.reltol * z.abs()).all(dim=1)
+            du_w, z_w = (du.float(), z.float()) if du.dtype != res.dtype else (du, z)
+            obj = (du_w.abs() / z_w.abs().clamp_min(_EPS)).amax(dim=1)
+            met = (du_w.abs() <= self.reltol * z_w.abs()).all(dim=1)
         elif mode == "rel_norm":
             obj = rel
             met = obj <= self.reltol
@@ -119,7 +126,13 @@ class TerminationCondition:
         else:  # rel_deq_*
             obj = rel
             met = obj <= self.reltol
-        return obj, met, res, rel
+        return obj, met, res, rel, fz_norm
+
+    @property
+    def relative(self) -> bool:
+        """True when the tolerance test is relative only (``rel``, ``rel_norm``, ``rel_deq_*``): such a test
+        is met by *any* state that is large enough, so the tracker also asks the residual to have fallen."""
+        return self.mode.startswith("rel")
 
     @property
     def stops_on_objective(self) -> bool:
@@ -181,6 +194,7 @@ class TerminationTracker:
     def __init__(self, condition: TerminationCondition, batch: int, numel: int, *, device, dtype,
                  keep_trace: bool = True):
         self.cond = condition
+        self.eps = torch.finfo(dtype if dtype is not None else torch.float32).eps  # of the state, not the norms
         self.numel = numel
         self.batch = batch
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
@@ -192,6 +206,7 @@ class TerminationTracker:
         self.trace: list = []
         self.step = 0
         self.n_active = batch
+        self._n_active_stale = False  # True after update(sync=False): n_active is then refreshed lazily
         self._obj0: Optional[Tensor] = None
         self._prev: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None  # last (z, du, res, rel)
         self._ret: Optional[list] = None  # [z, du, res, rel] each sample returns
@@ -199,33 +214,64 @@ class TerminationTracker:
         self._history: Optional[Tensor] = None
 
     def update(self, z: Tensor, du: Tensor, mask: Optional[Tensor] = None, fz: Optional[Tensor] = None,
-               diverged: Optional[Tensor] = None) -> bool:
+               diverged: Optional[Tensor] = None, sync: bool = True) -> bool:
         """Record the evaluation ``du = f(z) - z``; return True when every sample has stopped.
 
         ``mask`` restricts the update to samples that actually moved (continuous solvers reject steps
         per sample). ``fz`` (``= z + du``) saves a full-size addition when the caller has it.
         ``diverged`` flags samples the solver itself found diverging (stopped with that status).
+
+        ``sync=False`` keeps every decision on the device: the per-sample masks, returned iterates and
+        step counts are updated exactly as with ``sync=True`` (with ``torch.where`` instead of a host
+        test of whether anything stopped), but nothing is read back and the call returns False; ask
+        :meth:`all_stopped` (one host sync) when the answer is needed.
         """
         cond = self.cond
-        obj, met, res, rel = cond.evaluate(z, du, fz)
+        obj, met, res, rel, fzn = cond._evaluate(z, du, fz)
         live = self.active if mask is None else self.active & mask
         cur = (z, du, res, rel)
-        if self._obj0 is None:
+        first = self._obj0 is None
+        if first:
             finite0 = torch.isfinite(obj)
             self._obj0 = torch.where(finite0, obj, torch.zeros_like(obj))
             # One comparison per step then flags both divergence and NaN/Inf: NaN < x is False, and a
             # sample with objective_0 = 0 (it starts at its fixed point) only fails on non-finite values.
             self._threshold = torch.where(self._obj0 > 0, cond.protective_threshold * self.numel * self._obj0,
                                           torch.full_like(obj, math.inf))
+            res0 = torch.where(torch.isfinite(res), res, torch.zeros_like(res))
+            fzn0 = torch.where(torch.isfinite(fzn), fzn, torch.zeros_like(fzn))
+            inf = torch.full_like(res0, math.inf)
+            # The same protective break on the absolute residual, so relative modes (whose objective
+            # stays bounded while z -> 2z + 1 explodes) see divergence too.
+            self._res_threshold = torch.where(res0 > 0, cond.protective_threshold * self.numel * res0, inf)
+            # Resolution lost: once eps * ||f(z)|| reaches the first residual, rounding in f alone is as
+            # large as where the solve started, so f(z) - z can no longer show progress (z -> z + 1 runs
+            # until (z + 1) - z == 0). Only for an iterate that grew (not a warm start at the fixed point).
+            self._lost_at = torch.where(res0 > 0, torch.maximum(res0 / self.eps, 2 * fzn0), inf)
+            # A relative test is met by any state large enough: once ||f(z)|| has doubled, a later step
+            # must also have halved the first residual (z -> z + 1 keeps ||f(z) - z|| constant while
+            # ||f(z)|| grows until the relative test holds).
+            self._res_fall = 0.5 * res0
+            self._grown_at = 2 * fzn0
+            # abs_norm / abs_deq_*: the objective is the residual, so the two breaks coincide
+            self._obj_is_res = cond.mode == "abs_norm" or cond.mode.startswith("abs_deq")
             self._prev = cur
             self._ret = [z, du, res, rel]
         if self.keep_trace:
             self.trace.append(obj if mask is None or not self.trace else torch.where(mask, obj, self.trace[-1]))
         patience_met = self._patience_rule(obj, live) if cond.uses_patience else None
-        if mask is None and not cond.returns_best and cond.stops_on_objective:
-            # Fast path: a sample goes on while tol < objective < threshold (NaN fails both tests), so
-            # three comparisons and one host sync decide whether anything stops this step.
-            go = (obj > cond.tol) & (obj < self._threshold)
+        # quick: host tests may skip work when nothing stops. After updates with sync=False, a synced
+        # step instead does every merge on the device and reads back only the number of active samples.
+        quick = sync and not self._n_active_stale
+        if quick and mask is None and not cond.returns_best and cond.stops_on_objective:
+            # Fast path: a sample goes on while tol < objective < threshold (NaN fails both tests) and its
+            # residual and ||f(z)|| are sane, so a few comparisons and one host sync decide whether
+            # anything stops this step.
+            # (A relative test met although the residual has not fallen ends here too and is sorted
+            # out below; that only happens on maps that run away.)
+            go = (obj > cond.tol) & (obj < self._threshold) & (fzn < self._lost_at)
+            if not self._obj_is_res:
+                go = go & (res < self._res_threshold)
             if diverged is not None:
                 go = go & ~diverged
             if patience_met is not None and self.step + 1 >= cond.patience:
@@ -235,23 +281,28 @@ class TerminationTracker:
             if bool(go.all()):
                 self._advance(cur, mask)
                 return False
+        sane = (res < self._res_threshold) & (fzn < self._lost_at)  # False for NaN/Inf too
+        fell = None if first or not cond.relative else (res < self._res_fall) | (fzn <= self._grown_at)
+        lost = fzn >= self._lost_at  # finite-valued runaway (NaN/Inf are handled as non-finite below)
         if cond.returns_best:
             if self._best_obj is None:
                 self._best_obj = torch.full_like(obj, math.inf)
-            take = live & (obj < self._best_obj)  # NaN never improves the best
+            take = live & (obj < self._best_obj) & sane  # NaN never improves the best, nor a runaway
             self._best_obj = torch.where(take, obj, self._best_obj)
             self._ret = self._merge(self._ret, cur, take)
         if patience_met is not None:
             met = met | patience_met
-        bad = ~(obj < self._threshold)
+        if fell is not None:
+            met = met & fell
+        bad = ~(obj < self._threshold) | ~sane
         if diverged is not None:
             bad = bad | diverged
-            met = met & ~diverged
+        met = met & ~bad
         stopping = (met | bad) & live
-        if not bool(stopping.any()):  # the one host sync of a step in which no sample stops
+        if quick and not bool(stopping.any()):  # the one host sync of a step in which no sample stops
             self._advance(cur, mask)
             return False
-        finite = torch.isfinite(obj) & torch.isfinite(res)
+        finite = torch.isfinite(obj) & torch.isfinite(res) & torch.isfinite(fzn)
         stop_conv = stopping & finite & met
         stop_nan = stopping & ~finite
         stop_div = stopping & ~stop_conv & ~stop_nan
@@ -260,12 +311,24 @@ class TerminationTracker:
         self.nonfinite |= stop_nan
         self.sample_steps = torch.where(stopping, torch.full_like(self.sample_steps, self.step), self.sample_steps)
         if not cond.returns_best:
-            self._ret = self._merge(self._ret, cur, stop_conv | stop_div)
-            if bool(stop_nan.any()):
-                self._ret = self._merge(self._ret, self._prev, stop_nan)
+            # A runaway iterate's residual is lost to rounding: return the last iterate before it.
+            use_prev = stop_nan | (stop_div & lost)
+            self._ret = self._merge(self._ret, cur, stop_conv | (stop_div & ~lost))
+            if not quick or bool(use_prev.any()):
+                self._ret = self._merge(self._ret, self._prev, use_prev)
         self.active = self.active & ~stopping
-        self.n_active = int(self.active.sum())
         self._advance(cur, mask)
+        if not sync:
+            self._n_active_stale = True
+            return False
+        self.n_active = int(self.active.sum())
+        self._n_active_stale = False
+        return self.n_active == 0
+
+    def all_stopped(self) -> bool:
+        """True when every sample has stopped (one host sync); refreshes :attr:`n_active`."""
+        self.n_active = int(self.active.sum())
+        self._n_active_stale = False
         return self.n_active == 0
 
     def _advance(self, cur, mask: Optional[Tensor]) -> None:
@@ -288,12 +351,20 @@ class TerminationTracker:
         stalled = self._history.amax(dim=0) < cond.min_max_factor * self._history.amin(dim=0)
         return stalled & (obj <= cond.patience_objective_multiplier * cond.tol)
 
-    def finish(self, z: Tensor, du: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def finish(self, z: Tensor, du: Tensor, last_step: Optional[Tensor] = None
+               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """The returned ``(z, du, residual, rel_residual)``: still-active samples give the last iterate
-        (or their best one in ``*_best`` modes)."""
+        (or their best one in ``*_best`` modes). Their step count is that of the last update, or
+        ``last_step`` (a 0-dim tensor) when the solver knows the loop had ended earlier in effect
+        (a continuous solve that reached its horizon between two checks of ``check_every``)."""
+        if self._n_active_stale:
+            self.all_stopped()
         if self.n_active and not self.cond.returns_best:
             self._ret = self._merge(self._ret, self._prev, self.active)
-        self.sample_steps = torch.where(self.active, torch.full_like(self.sample_steps, self.step - 1), self.sample_steps)
+        end = torch.full_like(self.sample_steps, self.step - 1)
+        if last_step is not None:
+            end = torch.where(last_step >= 0, torch.minimum(end, last_step), end)
+        self.sample_steps = torch.where(self.active, end, self.sample_steps)
         z_ret, du_ret, res, rel = self._ret
         return z_ret, du_ret, res, rel
 

@@ -117,7 +117,7 @@ def discrete(name: str, tol: float, max_steps: int = 300, **kw) -> DiscreteDEQSo
 def continuous(name: str, tol: float, ode_tol: float, max_steps: int = 2000, **kw) -> ContinuousDEQSolver:
     if name in FIXED_DT and "dt" not in kw:
         kw["dt"] = FIXED_DT[name]
-    return ContinuousDEQSolver(name, mode=kw.pop("mode", "abs_norm"), abstol=ode_tol, reltol=ode_tol,
+    return ContinuousDEQSolver(name, mode=kw.pop("mode", "abs_norm"), ode_abstol=ode_tol, ode_reltol=ode_tol,
                                abstol_termination=tol, reltol_termination=tol, max_steps=max_steps, **kw)
 
 
