@@ -11,7 +11,17 @@ from deqlab.nn.deq import (
     SkipDEQ,
     SkipDeepEquilibriumNetwork,
 )
-from deqlab.nn.implicit import BackwardMode, ImplicitBackward, JacobianFreeBackward, PhantomGradient
+from deqlab.nn.adapters import CallableSolver
+from deqlab.nn.implicit import (
+    BackwardMode,
+    BackwardResult,
+    EquilibriumProblem,
+    ImplicitBackward,
+    JacobianFreeBackward,
+    Linearization,
+    PhantomGradient,
+)
+from deqlab.nn.init import FunctionGuess, InitialGuess, MapGuess, ShortcutGuess, ZeroGuess
 from deqlab.nn.layers import (
     DenseDEQBlock,
     Downsample,
@@ -38,7 +48,16 @@ __all__ = [
     "MultiScaleNeuralODE",
     "DeepEquilibriumSolution",
     "DEQLayer",
+    "InitialGuess",
+    "ZeroGuess",
+    "ShortcutGuess",
+    "MapGuess",
+    "FunctionGuess",
+    "CallableSolver",
     "BackwardMode",
+    "BackwardResult",
+    "EquilibriumProblem",
+    "Linearization",
     "ImplicitBackward",
     "JacobianFreeBackward",
     "PhantomGradient",

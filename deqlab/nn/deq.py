@@ -1,30 +1,41 @@
-"""DEQ layers: vanilla, Skip, Skip Reg., and their multiscale versions.
+"""DEQ layers: one layer class, ``model + solver + init + backward``, and thin constructors for the variants.
 
 Data flow of one forward (``deq(x) -> (z_star, solution)``):
 
 1. every :class:`~deqlab.nn.layers.EquilibriumStateful` submodule starts its per-solve state (weight-norm
    cache, dropout mask);
-2. the initial state ``u0`` is built (zeros / ``initializer(x)`` / ``shortcut(x)`` / ``f(0, x)``);
-3. the solver finds ``z* = f(z*, x)`` from ``u0`` without building a graph (memory does not grow with
-   solver steps), or, in fixed-depth mode, ``d`` applications of ``f`` run with ordinary backprop;
-4. ``z*`` is connected to ``x`` and the map's parameters through the backward mode (implicit by default);
-5. Jacobian and skip losses are formed; everything is returned in a
+2. the initial-guess strategy ``init`` gives ``u0`` (zeros / ``shortcut(x)`` / ``f(0, x)`` / your own);
+3. the solver finds ``z* = f(z*, x)`` from ``init.start(u0)`` without building a graph (memory does not
+   grow with solver steps), or, in fixed-depth mode, ``d`` applications of ``f`` run with ordinary backprop;
+4. ``z*`` is connected to ``x`` and the map's parameters through the backward mode (implicit by default),
+   which fills the ``backward_*`` fields of the solution record when it runs;
+5. the Jacobian loss and the guess's skip loss are formed; everything is returned in a
    :class:`~deqlab.nn.solution.DeepEquilibriumSolution`.
+
+Skip DEQ, Skip Reg. DEQ and the multiscale layers are the same class with another ``init`` / ``model``
+(:class:`SkipDeepEquilibriumNetwork` and friends only build those).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
+import weakref
 from typing import Any, Callable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from deqlab.state import State, as_parts, detach, from_parts, per_sample_norm, shapes_of
-from deqlab.nn.implicit import BackwardMode, ImplicitBackward, _GradientSpec, attach_gradient
-from deqlab.nn.layers import EquilibriumStateful
+from deqlab.nn.adapters import as_solver
+from deqlab.nn.implicit import BackwardMode, BackwardResult, ImplicitBackward, _GradientContext, attach_gradient
+from deqlab.nn.init import FunctionGuess, InitialGuess, MapGuess, ShortcutGuess, SkipLoss, ZeroGuess
+from deqlab.nn.layers import EquilibriumStateful, equilibrium_session, stateful_modules
+from deqlab.nn.maps import CheckedMap
 from deqlab.nn.regularization import jacobian_frobenius_estimate
+from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy
 from deqlab.nn.solution import DeepEquilibriumSolution
 from deqlab.solvers.result import SolverStatus
+from deqlab.state import State, as_parts, detach, from_parts, per_sample_norm
 
 __all__ = [
     "DeepEquilibriumNetwork",
@@ -36,72 +47,92 @@ __all__ = [
     "MultiScaleSkipDeepEquilibriumNetwork",
 ]
 
-SkipLoss = Literal["l1", "l2"]
+
+def _resolve_init(owner: str, init: Optional[InitialGuess], z_shape: Optional[Sequence[int]],
+                  initializer: Optional[Callable[[Tensor], State]]) -> InitialGuess:
+    """The one initial-guess strategy from ``init=`` or its aliases ``z_shape=`` / ``initializer=``."""
+    given = [k for k, v in (("init", init), ("z_shape", z_shape), ("initializer", initializer)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"{owner}: {' and '.join(given)} both set the initial state u0; pass one of them "
+                         f"(z_shape=S is init=ZeroGuess(shape=S), initializer=fn is init=FunctionGuess(fn))")
+    if initializer is not None:
+        return FunctionGuess(initializer)
+    if init is None:
+        return ZeroGuess(shape=z_shape)
+    if not isinstance(init, InitialGuess):
+        raise TypeError(f"{owner}: init must be an InitialGuess (ZeroGuess(), ShortcutGuess(module), MapGuess(), "
+                        f"or a subclass of deqlab.nn.InitialGuess), got {init!r}")
+    return init
 
 
-def _fmt(shapes: Any) -> str:
-    """Shapes with the batch dimension written as B."""
-    if isinstance(shapes, list):
-        return "[" + ", ".join(_fmt(s) for s in shapes) + "]"
-    return "(B, " + ", ".join(str(d) for d in shapes[1:]) + ")" if len(shapes) > 1 else str(tuple(shapes))
+def _record_backward(ref: "weakref.ReferenceType[DeepEquilibriumSolution]", reporter: ConvergenceReporter,
+                     mode: BackwardMode, result: BackwardResult) -> None:
+    """Write what a backward cost and whether its solve converged into the solution record; report a
+    failed adjoint solve by the layer's policy (or the backward mode's ``warn_unconverged`` override)."""
+    solution = ref()
+    if solution is not None:  # None: the caller dropped the record; nothing to fill
+        solution.backward_nfe += int(result.nfe)
+        solution.backward_residual = result.residual
+        solution.backward_converged = result.converged
+    if result.converged is None:  # no solve (JFB, phantom gradient)
+        return
+    override = getattr(mode, "warn_unconverged", None)
+    policy = None if override is None else ("warn" if override else "ignore")
+
+    def describe() -> str:
+        res = result.residual
+        worst = "n/a" if res is None else f"{float(res.max()):.3g}"
+        return (f"{type(mode).__name__}: max relative adjoint residual {worst} after {result.nfe} VJPs; "
+                f"the gradients are inexact (a singular I - J^T at z*, or too small a budget)")
+
+    reporter.record("backward", bool(result.converged), describe, policy=policy, stacklevel=4)
 
 
-class _CheckedMap:
-    """``z -> f(z, x)`` for the solver; the first call validates shapes and dtypes (no per-step cost)."""
+def _rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Checkpoints from before the init strategies stored a Skip DEQ's predictor as ``shortcut.*``; it is
+    ``init.shortcut.*`` now. Renaming on load keeps those checkpoints loadable."""
+    old = prefix + "shortcut."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "init.shortcut." + key[len(old):]] = state_dict.pop(key)
 
-    def __init__(self, layer: "DeepEquilibriumNetwork", x: Tensor):
-        self.layer = layer
-        self.x = x
-        self.checked = False
 
-    def __call__(self, z: State) -> State:
-        if self.checked:
-            return self.layer._map(z, self.x)
-        name = type(self.layer).__name__
-        try:
-            out = self.layer._map(z, self.x)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(
-                f"{name}: the DEQ map failed on a state z of shape {_fmt(shapes_of(z))} "
-                f"({as_parts(z)[0].dtype}) and an injection x of shape {_fmt(tuple(self.x.shape))} "
-                f"({self.x.dtype}). Check that x has the shape and dtype the model expects, and pass "
-                f"z_shape=... (or initializer=...) when the state differs from x in shape. Original error: "
-                f"{err}") from err
-        zp, op = as_parts(z), as_parts(out) if isinstance(out, (Tensor, list, tuple)) else None
-        if op is None or len(zp) != len(op) or any(not isinstance(o, Tensor) for o in op) or \
-                any(a.shape != b.shape for a, b in zip(zp, op)):
-            got = _fmt(shapes_of(list(out) if isinstance(out, tuple) else out)) if op is not None else type(out)
-            raise ValueError(f"{name}: the DEQ map must return a state shaped like z: expected "
-                             f"{_fmt(shapes_of(z))}, got {got}")
-        if any(a.dtype != b.dtype for a, b in zip(zp, op)):
-            raise ValueError(f"{name}: the DEQ map returned dtype {op[0].dtype} for a state of dtype "
-                             f"{zp[0].dtype}; cast x (dtype {self.x.dtype}) or the model to one dtype")
-        self.checked = True
-        return out if isinstance(out, Tensor) else list(out)
+_DEPTH = threading.local()
+
+
+def _depth_overrides() -> "weakref.WeakKeyDictionary":
+    overrides = getattr(_DEPTH, "overrides", None)
+    if overrides is None:
+        overrides = _DEPTH.overrides = weakref.WeakKeyDictionary()
+    return overrides
 
 
 class DeepEquilibriumNetwork(nn.Module):
-    """A Deep Equilibrium layer: ``z* = model(z*, x)``, solved by ``solver``, differentiated implicitly.
+    """A Deep Equilibrium layer ``z* = model(z*, x)``: ``model + solver + init + backward``.
 
     Args:
         model: the map ``f``, any module called as ``model(z, x)`` returning a tensor shaped like ``z``
             (usually ``z`` enters one branch and the injection ``x`` another).
-        solver: a solver from :mod:`deqlab.solvers` (``DiscreteDEQSolver`` / ``ContinuousDEQSolver``), any
-            callable ``solver(f, z0) -> SolverResult``, or a registered solver name.
-        backward: how gradients are computed (:class:`ImplicitBackward` by default; also
-            :class:`JacobianFreeBackward`, :class:`PhantomGradient`).
+        solver: a :class:`~deqlab.solvers.Solver` (``DiscreteDEQSolver`` / ``ContinuousDEQSolver``), a
+            registered solver name, or a plain callable ``solver(f, z0) -> SolverResult`` (wrapped in
+            :class:`~deqlab.nn.CallableSolver`).
+        init: the initial-guess strategy (:class:`~deqlab.nn.InitialGuess`): ``ZeroGuess()`` (default),
+            ``ShortcutGuess(module)`` (Skip DEQ), ``MapGuess()`` (Skip Reg. DEQ) or your own subclass.
+        backward: how gradients are computed (``ImplicitBackward()`` by default: GMRES at the forward
+            tolerance, at most 15 VJPs; also :class:`JacobianFreeBackward`, :class:`PhantomGradient`).
         jacobian_regularization: add a Hutchinson estimate of ``‖∂f/∂z‖_F²`` at ``z*`` to the solution
             (``solution.jacobian_loss``; adding it to the loss with a weight is the caller's job).
         jacobian_probes: Gaussian probes per estimate (each costs one VJP).
         jacobian_normalize: ``"element"`` (divide by ``z.numel()``, Bai et al.), ``"sample"`` or ``"none"``.
-        z_shape: per-sample state shape when it differs from ``x`` (reduced-dimension DEQs); ``u0`` is then
-            zeros of shape ``(B, *z_shape)``.
-        initializer: alternatively a callable ``x -> u0``; it is called without gradient tracking
-            (use :class:`SkipDeepEquilibriumNetwork` for a learned initial guess).
+        z_shape: alias: ``z_shape=S`` is ``init=ZeroGuess(shape=S)`` (per-sample state shape of a
+            reduced-dimension DEQ).
+        initializer: alias: ``initializer=fn`` is ``init=FunctionGuess(fn)`` (``u0 = fn(x)``, no gradient).
         fixed_depth: when > 0, skip the solver and run ``fixed_depth`` unrolled applications of ``f`` from
             ``u0`` with ordinary backprop (pretraining); ``solution.nfe`` is then exactly the depth.
+        on_unconverged: what an unconverged forward or adjoint solve does: ``"warn"`` (default; a
+            :class:`~deqlab.ConvergenceWarning` at the 1st, 10th, 100th, ... failure, with counts),
+            ``"ignore"``, or ``"raise"`` (:class:`~deqlab.SolverError`).
+
+    Passing more than one of ``init``, ``z_shape``, ``initializer`` raises ``ValueError``.
     """
 
     def __init__(
@@ -109,6 +140,7 @@ class DeepEquilibriumNetwork(nn.Module):
         model: nn.Module,
         solver: Any,
         *,
+        init: Optional[InitialGuess] = None,
         backward: Optional[BackwardMode] = None,
         jacobian_regularization: bool = False,
         jacobian_probes: int = 1,
@@ -116,107 +148,108 @@ class DeepEquilibriumNetwork(nn.Module):
         z_shape: Optional[Sequence[int]] = None,
         initializer: Optional[Callable[[Tensor], State]] = None,
         fixed_depth: int = 0,
+        on_unconverged: UnconvergedPolicy = "warn",
     ):
         super().__init__()
-        if isinstance(solver, str):
-            from deqlab.solvers import get_solver
-
-            solver = get_solver(solver)
-        if not callable(solver):
-            raise TypeError(f"{type(self).__name__}: solver must be callable as solver(f, z0), got {solver!r}")
+        name = type(self).__name__
+        self.reporter = ConvergenceReporter(name, on_unconverged)
+        solver = as_solver(solver, name)
         if backward is None:
             backward = ImplicitBackward()
         if not isinstance(backward, BackwardMode):
-            raise TypeError(f"{type(self).__name__}: backward must be a BackwardMode (ImplicitBackward(), "
+            raise TypeError(f"{name}: backward must be a BackwardMode (ImplicitBackward(), "
                             f"JacobianFreeBackward(), PhantomGradient()), got {backward!r}")
-        if z_shape is not None and initializer is not None:
-            raise ValueError(f"{type(self).__name__}: pass z_shape or initializer, not both")
         if jacobian_probes < 1:
-            raise ValueError(f"{type(self).__name__}: jacobian_probes must be >= 1, got {jacobian_probes}")
+            raise ValueError(f"{name}: jacobian_probes must be >= 1, got {jacobian_probes}")
+        if jacobian_normalize not in ("element", "sample", "none"):
+            raise ValueError(f"{name}: jacobian_normalize must be 'element', 'sample' or 'none', "
+                             f"got {jacobian_normalize!r}")
         self.model = model
         self.solver = solver
+        self.init = _resolve_init(name, init, z_shape, initializer)
         self.backward = backward
         self.jacobian_regularization = bool(jacobian_regularization)
         self.jacobian_probes = int(jacobian_probes)
         self.jacobian_normalize = jacobian_normalize
-        self.z_shape = tuple(z_shape) if z_shape is not None else None
-        self.initializer = initializer
         self.fixed_depth = int(fixed_depth)
-        self.last_backward_nfe = 0
-        # skip machinery (configured by the Skip subclasses)
-        self.shortcut: Optional[nn.Module] = None
-        self._skip_mode: Optional[str] = None
-        self.skip_loss_kind: SkipLoss = "l1"
-        self.detach_skip_target = True
-        self._check_foreign = [True]
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
+
+    # ---------------------------------------------------------------- read-only views
+    #: attributes of the old Skip machinery: the guess strategy holds them now. Setting one on the layer
+    #: would silently do nothing, so it raises and says where the setting lives.
+    _MOVED = {"shortcut": "init.shortcut", "skip_loss_kind": "init.skip_loss_kind",
+              "detach_skip_target": "init.detach_skip_target", "z_shape": "init.shape",
+              "initializer": "init.fn"}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in DeepEquilibriumNetwork._MOVED:
+            raise AttributeError(f"{type(self).__name__}.{name} is read-only: the initial-guess strategy owns it "
+                                 f"(set layer.{DeepEquilibriumNetwork._MOVED[name]}, or pass init=...)")
+        super().__setattr__(name, value)
+
+    @property
+    def shortcut(self) -> Optional[nn.Module]:
+        """The Skip DEQ predictor (``init.shortcut`` of a :class:`ShortcutGuess`), else ``None``. Read-only."""
+        return self.init.shortcut if isinstance(self.init, ShortcutGuess) else None
+
+    @property
+    def fixed_depth(self) -> int:
+        """``0``: solve; ``d > 0``: ``d`` unrolled applications of ``f``. Setting it changes the layer for
+        every thread; :meth:`fixed_depth_mode` changes it for the calling thread only."""
+        override = _depth_overrides().get(self)
+        return self._fixed_depth if override is None else override
+
+    @fixed_depth.setter
+    def fixed_depth(self, depth: int) -> None:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"{type(self).__name__}: fixed_depth must be an int >= 0, got {depth!r}")
+        self._fixed_depth = int(depth)
 
     # ---------------------------------------------------------------- pieces subclasses may override
     def _map(self, z: State, x: Tensor) -> State:
         return self.model(z, x)
 
+    def _eval_map(self, z: State, x: Tensor) -> State:
+        """``f(z, x)`` as every part of the layer evaluates it. Under ``torch.autocast`` the map computes in
+        low precision but its output is cast back to the state's dtype, so the solver iterates in one dtype."""
+        out = self._map(z, x)
+        if torch.is_autocast_enabled(x.device.type):
+            zp = as_parts(z)
+            if isinstance(out, Tensor):
+                return out.to(zp[0].dtype) if len(zp) == 1 else out
+            if isinstance(out, (list, tuple)) and len(out) == len(zp):
+                return [o.to(t.dtype) if isinstance(o, Tensor) else o for o, t in zip(out, zp)]
+        return out
+
     def _map_modules(self) -> List[nn.Module]:
         return [self.model]
-
-    def _zeros(self, x: Tensor) -> State:
-        if self.initializer is not None:
-            with torch.no_grad():
-                return self.initializer(x)
-        if self.z_shape is not None:
-            return x.new_zeros((x.shape[0], *self.z_shape))
-        return torch.zeros_like(x)
 
     # ---------------------------------------------------------------- public helpers
     @contextlib.contextmanager
     def fixed_depth_mode(self, depth: int) -> Iterator["DeepEquilibriumNetwork"]:
-        """Temporarily run as ``depth`` unrolled applications of ``f`` (``depth = 0``: solve)."""
-        if depth < 0:
-            raise ValueError(f"fixed_depth must be >= 0, got {depth}")
-        old = self.fixed_depth
-        self.fixed_depth = int(depth)
+        """Temporarily run as ``depth`` unrolled applications of ``f`` (``depth = 0``: solve), in the calling
+        thread only (another thread using the layer meanwhile keeps its own mode)."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"fixed_depth must be an int >= 0, got {depth!r}")
+        overrides = _depth_overrides()
+        old = overrides.get(self)
+        overrides[self] = int(depth)
         try:
             yield self
         finally:
-            self.fixed_depth = old
+            if old is None:
+                overrides.pop(self, None)
+            else:
+                overrides[self] = old
 
     def explicit(self, x: Tensor) -> State:
         """The explicit prediction ``u0`` alone (Skip: ``shortcut(x)``; Skip Reg.: ``f(0, x)``; else zeros),
         e.g. to log the "explicit accuracy" of a Skip DEQ without solving."""
-        with self._session():
-            u0, _ = self._initial_state(x, _CheckedMap(self, x))
-        return u0
+        self._validate_input(x)
+        with equilibrium_session([self]):
+            return self.init(x, CheckedMap(self._eval_map, x, name=type(self).__name__))
 
     # ---------------------------------------------------------------- internals
-    def _stateful(self, modules: Sequence[nn.Module]) -> List[EquilibriumStateful]:
-        seen, out = set(), []
-        for root in modules:
-            for m in root.modules():
-                if isinstance(m, EquilibriumStateful) and id(m) not in seen:
-                    seen.add(id(m))
-                    out.append(m)
-        return out
-
-    @contextlib.contextmanager
-    def _session(self):
-        stateful = self._stateful([self])
-        for m in stateful:
-            m.deq_begin()
-        try:
-            yield
-        finally:
-            for m in stateful:
-                m.deq_end()
-
-    def _initial_state(self, x: Tensor, fmap: _CheckedMap) -> Tuple[State, Optional[State]]:
-        """Return ``(u0, u0_for_skip_loss)``."""
-        if self._skip_mode == "shortcut":
-            u0 = self.shortcut(x)
-            u0 = list(u0) if isinstance(u0, tuple) else u0
-            return u0, u0
-        if self._skip_mode == "reg":
-            u0 = fmap(self._zeros(x))
-            return u0, u0
-        return self._zeros(x), None
-
     def _validate_input(self, x: Any) -> None:
         name = type(self).__name__
         if not isinstance(x, Tensor):
@@ -224,61 +257,71 @@ class DeepEquilibriumNetwork(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"{name}: expected a floating-point x, got dtype {x.dtype} (shape "
                              f"{tuple(x.shape)}); convert it with x.float()")
-        if x.dim() < 1 or x.shape[0] == 0:
-            raise ValueError(f"{name}: expected x with a non-empty batch dimension, got shape {tuple(x.shape)}")
-
-    def _residual_norm(self) -> str:
-        norm = getattr(getattr(self.solver, "termination", None), "norm", getattr(self.solver, "norm", "l2"))
-        return norm if norm in ("l2", "rms") else "l2"
+        if x.dim() < 2:
+            raise ValueError(f"{name}: expected x of shape (B, ...) with a batch dimension first, got shape "
+                             f"{tuple(x.shape)}; for a single sample use x.unsqueeze(0) (shape "
+                             f"{(1, *x.shape)})")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: got an empty batch (x of shape {tuple(x.shape)}); a DEQ needs at least "
+                             f"one sample (skip empty batches before the layer)")
 
     def forward(self, x: Tensor) -> Tuple[State, DeepEquilibriumSolution]:
         self._validate_input(x)
-        with self._session():
+        with equilibrium_session([self]):
             return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tuple[State, DeepEquilibriumSolution]:
-        fmap = _CheckedMap(self, x)
-        u0, u0_skip = self._initial_state(x, fmap)
+        name = type(self).__name__
+        fmap = CheckedMap(self._eval_map, x, name=name)
+        u0 = self.init(x, fmap)
         u0_parts = as_parts(u0)
         if u0_parts[0].shape[0] != x.shape[0]:
-            raise ValueError(f"{type(self).__name__}: the initial state has batch size {u0_parts[0].shape[0]}"
-                             f" but x has {x.shape[0]}")
+            raise ValueError(f"{name}: the initial state has batch size {u0_parts[0].shape[0]} but x has "
+                             f"{x.shape[0]}")
         is_list = not isinstance(u0, Tensor)
-        start = detach(u0) if self._skip_mode == "shortcut" else u0
-        result = None
-        if self.fixed_depth > 0:
+        start = self.init.start(u0)
+        result, context = None, None
+        depth = self.fixed_depth
+        if depth > 0:
             z = start
-            for _ in range(self.fixed_depth):
+            for _ in range(depth):
                 z = fmap(z)
             with torch.no_grad():
                 fz = fmap(z)
                 residual = per_sample_norm([a - b for a, b in zip(as_parts(fz), as_parts(z))],
-                                           self._residual_norm())
+                                           self.solver.termination.norm)
             z_star = z
-            nfe = self.fixed_depth
+            nfe = depth
             converged = torch.zeros_like(residual, dtype=torch.bool)
             status = SolverStatus.MAX_STEPS if bool(torch.isfinite(residual).all()) else SolverStatus.NONFINITE
-            nfe_box = [0]
         else:
             with torch.no_grad():
                 result = self.solver(fmap, detach(start))
             z_parts = [t.detach() for t in as_parts(result.z)]
-            nfe_box = [0]
-            z_parts = self._attach(z_parts, x, is_list, nfe_box)
+            z_parts, context = self._attach(z_parts, x, is_list)
             z_star = from_parts(z_parts, is_list)
             residual, nfe = result.residual.detach(), int(result.nfe)
             converged, status = result.converged, result.status
+            self.reporter.record("forward", status is SolverStatus.CONVERGED, functools.partial(
+                _describe_forward, result), result=result, stacklevel=5)
 
         jac = self._jacobian_loss(z_star, x) if self.jacobian_regularization else x.new_zeros(())
-        skip = self._skip_loss(u0_skip, z_star) if u0_skip is not None else x.new_zeros(())
+        skip = self.init.skip_loss(u0, z_star)
         solution = DeepEquilibriumSolution(
-            z_star=z_star, u0=u0, residual=residual, jacobian_loss=jac, skip_loss=skip, nfe=nfe,
-            converged=converged, status=status, solver_result=result, _backward_nfe=nfe_box)
+            z_star=z_star, u0=u0, residual=residual, jacobian_loss=jac,
+            skip_loss=x.new_zeros(()) if skip is None else skip, nfe=nfe, converged=converged, status=status,
+            solver_result=result)
+        if context is not None:
+            context.on_backward = functools.partial(_record_backward, weakref.ref(solution), self.reporter,
+                                                    self.backward)
+        with torch.no_grad():
+            self.init.observe(x.detach(), detach(z_star))
         return z_star, solution
 
-    def _attach(self, z_parts: List[Tensor], x: Tensor, is_list: bool, nfe_box: List[int]) -> List[Tensor]:
+    def _attach(self, z_parts: List[Tensor], x: Tensor, is_list: bool
+                ) -> Tuple[List[Tensor], Optional[_GradientContext]]:
         if not torch.is_grad_enabled():
-            return z_parts
+            return z_parts, None
         modules = self._map_modules()
         seen, params = set(), []
         for m in modules:
@@ -286,7 +329,7 @@ class DeepEquilibriumNetwork(nn.Module):
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
-        stateful = self._stateful(modules)
+        stateful = stateful_modules(modules)
         snapshots = [m.deq_state() for m in stateful]
         grad_slots, grad_state = [], []
         for i, snap in enumerate(snapshots):
@@ -295,34 +338,22 @@ class DeepEquilibriumNetwork(nn.Module):
                     grad_slots.append((i, key))
                     grad_state.append(val)
         if not (x.requires_grad or params or grad_state):
-            return z_parts
-
-        def on_backward(n: int) -> None:
-            self.last_backward_nfe = n
-
-        spec = _GradientSpec(f=self._map, is_list=is_list, n_parts=len(z_parts), n_params=len(params),
-                             stateful=stateful, snapshots=snapshots, grad_slots=grad_slots,
-                             mode=self.backward, nfe_box=nfe_box, on_backward=on_backward,
-                             check_foreign=self._check_foreign)
-        return attach_gradient(spec, z_parts, x, params, grad_state)
+            return z_parts, None
+        device = x.device.type
+        autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        problem_args = dict(f=self._eval_map, is_list=is_list, autocast=autocast, forward_tol=float(self.solver.termination.tol),
+                            stateful=stateful, snapshots=snapshots, grad_slots=grad_slots, owner=self)
+        context = _GradientContext(problem_args, self.backward, n_parts=len(z_parts), n_params=len(params))
+        return attach_gradient(context, z_parts, x, params, grad_state), context
 
     def _jacobian_loss(self, z_star: State, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return x.new_zeros(())
         z = [t.detach().requires_grad_() for t in as_parts(z_star)]
         is_list = not isinstance(z_star, Tensor)
-        fz = self._map(from_parts(z, is_list), x)
+        fz = self._eval_map(from_parts(z, is_list), x)
         return jacobian_frobenius_estimate(fz, z, n_probes=self.jacobian_probes,
                                            normalize=self.jacobian_normalize, create_graph=True)
-
-    def _skip_loss(self, u0: State, z_star: State) -> Tensor:
-        total, count = None, 0
-        for a, b in zip(as_parts(u0), as_parts(z_star)):
-            b = b.detach() if self.detach_skip_target else b
-            d = (a - b).abs() if self.skip_loss_kind == "l1" else (a - b).pow(2)
-            total = d.sum() if total is None else total + d.sum()
-            count += d.numel()
-        return total / count
 
     def extra_repr(self) -> str:
         return (f"solver={self.solver!r}, backward={self.backward!r}, "
@@ -332,18 +363,29 @@ class DeepEquilibriumNetwork(nn.Module):
 DEQ = DeepEquilibriumNetwork
 
 
-def _configure_skip(layer: DeepEquilibriumNetwork, shortcut: Optional[nn.Module], skip_loss: str,
-                    detach_skip_target: bool) -> None:
-    if skip_loss not in ("l1", "l2"):
-        raise ValueError(f"{type(layer).__name__}: skip_loss must be 'l1' or 'l2', got {skip_loss!r}")
-    layer.shortcut = shortcut
-    layer._skip_mode = "shortcut" if shortcut is not None else "reg"
-    layer.skip_loss_kind = skip_loss  # type: ignore[assignment]
-    layer.detach_skip_target = bool(detach_skip_target)
+def _describe_forward(result: Any) -> str:
+    unconverged = float((~result.converged).float().mean())
+    return (f"status {result.status.value}, max residual {float(result.residual.max()):.3g}, "
+            f"{unconverged:.0%} of the samples unconverged, nfe {result.nfe}")
+
+
+def _skip_init(owner: str, kwargs: dict, shortcut: Any, skip_loss: SkipLoss, detach_skip_target: bool,
+               shape: Any) -> InitialGuess:
+    """The guess a Skip constructor builds: ``ShortcutGuess(shortcut)`` or, without one, ``MapGuess()``."""
+    for key in ("init", "initializer"):
+        if kwargs.get(key) is not None:
+            raise ValueError(f"{owner}: {key} and shortcut both set the initial state u0; a Skip layer builds "
+                             f"its own (ShortcutGuess(shortcut) or MapGuess()). Pass init=... to "
+                             f"DeepEquilibriumNetwork instead")
+        kwargs.pop(key, None)
+    if shortcut is not None:
+        return ShortcutGuess(shortcut, skip_loss=skip_loss, detach_skip_target=detach_skip_target, shape=shape)
+    return MapGuess(skip_loss=skip_loss, detach_skip_target=detach_skip_target, shape=shape)
 
 
 class SkipDeepEquilibriumNetwork(DeepEquilibriumNetwork):
-    """Skip DEQ (with a ``shortcut``) or Skip Reg. DEQ (``shortcut=None``).
+    """Skip DEQ (with a ``shortcut``) or Skip Reg. DEQ (``shortcut=None``): a constructor for
+    ``DeepEquilibriumNetwork(model, solver, init=ShortcutGuess(shortcut, ...))`` or ``init=MapGuess(...)``.
 
     * Skip DEQ: ``u0 = shortcut(x)`` enters the solve *detached*; the shortcut learns only through
       ``solution.skip_loss``.
@@ -361,13 +403,16 @@ class SkipDeepEquilibriumNetwork(DeepEquilibriumNetwork):
         shortcut: the explicit predictor ``x -> u0`` (state-shaped output), or ``None`` for Skip Reg.
         skip_loss: ``"l1"`` or ``"l2"``.
         detach_skip_target: see above.
-        **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork`.
+        **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork` except ``init``/``initializer``;
+            ``z_shape`` is the state shape (the zeros ``f`` is applied to in Skip Reg.; checked against the
+            shortcut's output in Skip DEQ).
     """
 
     def __init__(self, model: nn.Module, solver: Any, shortcut: Optional[nn.Module] = None, *,
                  skip_loss: SkipLoss = "l1", detach_skip_target: bool = True, **kwargs: Any):
-        super().__init__(model, solver, **kwargs)
-        _configure_skip(self, shortcut, skip_loss, detach_skip_target)
+        init = _skip_init(type(self).__name__, kwargs, shortcut, skip_loss, detach_skip_target,
+                          kwargs.pop("z_shape", None))
+        super().__init__(model, solver, init=init, **kwargs)
 
 
 SkipDEQ = SkipDeepEquilibriumNetwork
@@ -431,7 +476,8 @@ class MultiScaleMap(nn.Module):
 
 
 class MultiScaleDeepEquilibriumNetwork(DeepEquilibriumNetwork):
-    """Multiscale (MDEQ-style) DEQ whose state is a list of tensors, one per resolution.
+    """Multiscale (MDEQ-style) DEQ whose state is a list of tensors, one per resolution: a constructor for
+    ``DeepEquilibriumNetwork(MultiScaleMap(...), solver, init=ZeroGuess(shape=scales))``.
 
     Args:
         main_layers: one module per scale; ``main_layers[0](z_1, x)`` gets the injection, the others
@@ -441,7 +487,8 @@ class MultiScaleDeepEquilibriumNetwork(DeepEquilibriumNetwork):
         post_fuse_layers: optional per-scale modules applied after the fusion (or ``None``).
         solver: as :class:`DeepEquilibriumNetwork` (solvers accept list states).
         scales: per-sample shapes of the state, e.g. ``[(8, 28, 28), (16, 14, 14)]``.
-        **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork` (except ``z_shape``).
+        **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork` (except ``z_shape``); ``init``
+            defaults to ``ZeroGuess(shape=scales)``.
 
     Returns (from ``forward``): ``(list of z*_i, solution)``.
     """
@@ -454,29 +501,16 @@ class MultiScaleDeepEquilibriumNetwork(DeepEquilibriumNetwork):
         model = MultiScaleMap(main_layers, mapping_layers, post_fuse_layers)
         if len(scales) != model.num_scales:
             raise ValueError(f"{type(self).__name__}: got {len(scales)} scales for {model.num_scales} main layers")
+        scales = [tuple(int(d) for d in s) for s in scales]
+        if kwargs.get("init") is None and kwargs.get("initializer") is None:
+            kwargs["init"] = ZeroGuess(shape=scales)
         super().__init__(model, solver, **kwargs)
-        self.scales = [tuple(int(d) for d in s) for s in scales]
-
-    def _zeros(self, x: Tensor) -> State:
-        if self.initializer is not None:
-            with torch.no_grad():
-                return list(self.initializer(x))
-        return [x.new_zeros((x.shape[0], *s)) for s in self.scales]
-
-
-class _PerScaleShortcut(nn.Module):
-    """Applies one module per scale to the same ``x`` and returns the list."""
-
-    def __init__(self, layers: Sequence[nn.Module]):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x: Tensor) -> List[Tensor]:
-        return [m(x) for m in self.layers]
+        self.scales = scales
 
 
 class MultiScaleSkipDeepEquilibriumNetwork(MultiScaleDeepEquilibriumNetwork):
-    """Multiscale Skip DEQ (``shortcut_layers`` given) or Skip Reg. DEQ (``shortcut_layers=None``).
+    """Multiscale Skip DEQ (``shortcut_layers`` given) or Skip Reg. DEQ (``shortcut_layers=None``): the
+    multiscale layer with ``init=ShortcutGuess(shortcut_layers, shape=scales)`` or ``MapGuess(shape=scales)``.
 
     Args:
         main_layers, mapping_layers, post_fuse_layers, solver, scales: as
@@ -490,10 +524,10 @@ class MultiScaleSkipDeepEquilibriumNetwork(MultiScaleDeepEquilibriumNetwork):
                  post_fuse_layers: Optional[Sequence[Optional[nn.Module]]], solver: Any,
                  scales: Sequence[Sequence[int]], shortcut_layers: Union[None, nn.Module, Sequence[nn.Module]] = None,
                  *, skip_loss: SkipLoss = "l1", detach_skip_target: bool = True, **kwargs: Any):
-        super().__init__(main_layers, mapping_layers, post_fuse_layers, solver, scales, **kwargs)
-        if shortcut_layers is not None and not isinstance(shortcut_layers, nn.Module):
-            if len(shortcut_layers) != len(self.scales):
-                raise ValueError(f"{type(self).__name__}: expected {len(self.scales)} shortcut_layers, "
-                                 f"got {len(shortcut_layers)}")
-            shortcut_layers = _PerScaleShortcut(shortcut_layers)
-        _configure_skip(self, shortcut_layers, skip_loss, detach_skip_target)
+        name = type(self).__name__
+        if shortcut_layers is not None and not isinstance(shortcut_layers, nn.Module) and \
+                len(shortcut_layers) != len(scales):
+            raise ValueError(f"{name}: expected {len(scales)} shortcut_layers, got {len(shortcut_layers)}")
+        shapes = [tuple(int(d) for d in s) for s in scales]
+        init = _skip_init(name, kwargs, shortcut_layers, skip_loss, detach_skip_target, shapes)
+        super().__init__(main_layers, mapping_layers, post_fuse_layers, solver, scales, init=init, **kwargs)

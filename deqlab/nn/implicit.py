@@ -3,13 +3,18 @@
 The forward solve runs without building a graph. To give ``z*`` gradients, the layer passes
 ``(z*, x, *parameters)`` through :class:`_EquilibriumGradient`, one ``torch.autograd.Function`` defined at
 module level whose forward is the identity on ``z*`` (so the returned tensor equals the solver's iterate
-exactly) and whose backward asks a *backward mode* object for ``dL/dx`` and ``dL/dθ``:
+exactly) and whose backward hands a *backward mode* the :class:`EquilibriumProblem` (the fixed point and
+how to re-evaluate ``f`` there) and the cotangent ``dL/dz*``, and gets a :class:`BackwardResult`:
 
-* :class:`ImplicitBackward` (default): solve the adjoint fixed point ``g = Jᵀ g + dL/dz*`` with
-  ``J = ∂f/∂z`` at ``z*`` (matrix-free VJPs through one graph of ``f(z*, x)`` built in the backward),
-  then ``dL/dθ = gᵀ ∂f/∂θ``, ``dL/dx = gᵀ ∂f/∂x`` with one more VJP.
+* :class:`ImplicitBackward` (default): solve the adjoint system ``(I − Jᵀ) g = dL/dz*`` with
+  ``J = ∂f/∂z`` at ``z*`` (matrix-free VJPs through one graph of ``f(z*, x)`` built in the backward) with
+  any :class:`~deqlab.solvers.LinearSolver`, then ``dL/dθ = gᵀ ∂f/∂θ``, ``dL/dx = gᵀ ∂f/∂x``.
 * :class:`JacobianFreeBackward`: ``g = dL/dz*`` (Fung et al., "JFB"): one VJP, no linear solve.
 * :class:`PhantomGradient`: backprop through ``steps`` damped applications of ``f`` started at ``z*``.
+
+What the backward spent and whether its solve met the tolerance is written into the layer's
+:class:`~deqlab.nn.DeepEquilibriumSolution` (``backward_nfe``, ``backward_residual``,
+``backward_converged``), the one record of the solve.
 
 Every parameter of the map is an input of the Function, so autograd routes its gradient even under
 DDP (every parameter receives a gradient, zeros when ``f`` does not use it), and ``x`` gets a gradient so
@@ -19,76 +24,115 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
+from deqlab.solvers.protocols import LinearSolver, Solver
 from deqlab.state import flatten, from_parts, unflatten
 
-__all__ = ["BackwardMode", "ImplicitBackward", "JacobianFreeBackward", "PhantomGradient"]
+__all__ = ["BackwardMode", "BackwardResult", "EquilibriumProblem", "ImplicitBackward", "JacobianFreeBackward",
+           "Linearization", "PhantomGradient", "DEFAULT_ADJOINT_MAX_STEPS"]
+
+#: The default VJP budget of :class:`ImplicitBackward` (the paper's protocol: at most 15).
+DEFAULT_ADJOINT_MAX_STEPS = 15
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------------------
-# What the Function needs to re-evaluate f in the backward
+# What a backward mode receives and returns
 # --------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _GradientSpec:
-    """Everything the backward needs besides the saved tensors."""
+class EquilibriumProblem:
+    """The fixed point of one forward and how to re-evaluate the map there: what a backward mode needs.
 
-    f: Callable[[Any, Tensor], Any]  # f(state, x) -> state
-    is_list: bool
-    n_parts: int
-    n_params: int
-    stateful: Sequence[Any]  # EquilibriumStateful modules
-    snapshots: List[Dict[str, Any]]  # their state after the forward solve
-    grad_slots: List[Tuple[int, str]]  # (module index, key) of snapshot tensors that require grad
-    mode: "BackwardMode"
-    nfe_box: List[int]
-    on_backward: Optional[Callable[[int], None]] = None
-    check_foreign: List[bool] = field(default_factory=lambda: [True])
+    Attributes:
+        z_star: the fixed point as a list of detached tensors (one per scale; one for a tensor state).
+        x: the injection (detached).
+        params: the map's parameters that require grad (the gradients returned for them are accumulated
+            by autograd).
+        grad_state: per-solve module state that requires grad (e.g. a weight-normed weight computed once
+            per forward), routed like parameters.
+        needs: which of ``[x, *params, *grad_state]`` need a gradient.
+        forward_tol: the tolerance of the forward solver's termination (``solver.termination.tol``), the
+            default tolerance of the adjoint solve.
+
+    Methods:
+        evaluate(z_parts, x, grad_state): ``f(z, x)`` as a list of tensors, with the forward's module
+            state (dropout mask, normalised weights) re-installed.
+        linearize(): a :class:`Linearization` of ``f`` at ``z*``.
+    """
+
+    def __init__(self, *, f: Callable[[Any, Tensor], Any], is_list: bool, z_star: Sequence[Tensor], x: Tensor,
+                 params: Sequence[Tensor], grad_state: Sequence[Tensor], needs: Sequence[bool],
+                 forward_tol: Optional[float], stateful: Sequence[Any], snapshots: List[Dict[str, Any]],
+                 grad_slots: List[Tuple[int, str]], owner: Any = None,
+                 autocast: Optional[Tuple[str, torch.dtype]] = None):
+        self._f = f
+        self.is_list = is_list
+        self.z_star = list(z_star)
+        self.x = x
+        self.params = list(params)
+        self.grad_state = list(grad_state)
+        self.needs = list(needs)
+        self.forward_tol = forward_tol
+        self._stateful = stateful
+        self._snapshots = snapshots
+        self._grad_slots = grad_slots
+        self._owner = owner
+        self._autocast = autocast
 
     @contextlib.contextmanager
-    def installed(self, grad_state: Sequence[Tensor]):
+    def _installed(self, grad_state: Sequence[Tensor]):
         """Temporarily put the forward's module state back (with ``grad_state`` as the grad tensors)."""
-        snaps = [dict(s) for s in self.snapshots]
-        for (i, key), t in zip(self.grad_slots, grad_state):
+        snaps = [dict(s) for s in self._snapshots]
+        for (i, key), t in zip(self._grad_slots, grad_state):
             snaps[i][key] = t
-        old = [m.deq_state() for m in self.stateful]
-        for m, s in zip(self.stateful, snaps):
+        old = [m.deq_state() for m in self._stateful]
+        for m, s in zip(self._stateful, snaps):
             m.deq_load_state(s)
         try:
             yield
         finally:
-            for m, s in zip(self.stateful, old):
+            for m, s in zip(self._stateful, old):
                 m.deq_load_state(s)
 
     def evaluate(self, z_parts: Sequence[Tensor], x: Tensor, grad_state: Sequence[Tensor]) -> List[Tensor]:
-        with self.installed(grad_state):
-            out = self.f(from_parts(list(z_parts), self.is_list), x)
+        # the forward's autocast state, so the backward linearizes the map the forward iterated
+        amp = torch.autocast(self._autocast[0], dtype=self._autocast[1]) if self._autocast else contextlib.nullcontext()
+        with self._installed(grad_state), amp:
+            out = self._f(from_parts(list(z_parts), self.is_list), x)
         return [out] if isinstance(out, Tensor) else list(out)
 
+    def linearize(self) -> "Linearization":
+        return Linearization(self)
 
-class _Linearization:
-    """One graph of ``f`` at ``z*`` and the VJPs a backward mode needs; counts VJPs."""
 
-    def __init__(self, spec: _GradientSpec, z_star: Sequence[Tensor], x: Tensor, params: Sequence[Tensor],
-                 grad_state: Sequence[Tensor], needs: Sequence[bool]):
-        self.spec = spec
-        self.z = [t.detach().requires_grad_() for t in z_star]
-        self.x = x.detach().requires_grad_(bool(needs[0]))
-        self.state = [t.detach().requires_grad_() for t in grad_state]
-        self.params = list(params)
-        self.needs = list(needs)
+_FOREIGN_CHECKED: "weakref.WeakSet" = weakref.WeakSet()
+
+
+class Linearization:
+    """One graph of ``f`` at ``z*`` and the VJPs a backward mode needs; counts them in ``nvjp``."""
+
+    def __init__(self, problem: EquilibriumProblem):
+        self.problem = problem
+        self.z = [t.detach().requires_grad_() for t in problem.z_star]
+        self.x = problem.x.detach().requires_grad_(bool(problem.needs[0]))
+        self.state = [t.detach().requires_grad_() for t in problem.grad_state]
+        self.params = problem.params
+        self.needs = problem.needs
         self.nvjp = 0
         with torch.enable_grad():
-            self.fz = spec.evaluate(self.z, self.x, self.state)
-        if spec.check_foreign[0]:
-            spec.check_foreign[0] = False
+            self.fz = problem.evaluate(self.z, self.x, self.state)
+        owner = problem._owner
+        if owner is not None and owner not in _FOREIGN_CHECKED:
+            _FOREIGN_CHECKED.add(owner)
             _warn_foreign_leaves(self.fz, [*self.z, self.x, *self.params, *self.state])
 
     def vjp_z(self, v: Tensor) -> Tensor:
@@ -99,14 +143,30 @@ class _Linearization:
         return flatten([torch.zeros_like(z) if g is None else g for g, z in zip(grads, self.z)])
 
     def vjp_inputs(self, v: Tensor) -> List[Optional[Tensor]]:
-        """``vᵀ ∂f/∂(x, θ, state)`` for the inputs that need a gradient (``None`` elsewhere)."""
-        return vjp_inputs(self.fz, v, self.x, self.params, self.state, self.needs, retain_graph=False,
-                          counter=self)
+        """``vᵀ ∂f/∂(x, θ, state)`` for the inputs that need a gradient (``None`` elsewhere); frees the graph."""
+        self.nvjp += 1
+        return vjp_inputs(self.fz, v, self.x, self.params, self.state, self.needs, retain_graph=False)
+
+
+@dataclass
+class BackwardResult:
+    """What a backward mode returns.
+
+    Attributes:
+        grads: gradients for ``[x, *params, *grad_state]`` (``None`` where not needed).
+        nfe: VJPs (or evaluations of ``f``) spent.
+        residual: per-sample relative residual of the adjoint solve, when there was one.
+        converged: whether the adjoint solve met its tolerance for every sample (``None``: no solve).
+    """
+
+    grads: List[Optional[Tensor]]
+    nfe: int
+    residual: Optional[Tensor] = None
+    converged: Optional[bool] = None
 
 
 def vjp_inputs(outputs: Sequence[Tensor], v: Tensor, x: Tensor, params: Sequence[Tensor],
-               state: Sequence[Tensor], needs: Sequence[bool], *, retain_graph: bool,
-               counter: Any = None) -> List[Optional[Tensor]]:
+               state: Sequence[Tensor], needs: Sequence[bool], *, retain_graph: bool) -> List[Optional[Tensor]]:
     """VJP of ``outputs`` with the flat cotangent ``v`` w.r.t. ``[x, *params, *state]`` (masked by ``needs``).
 
     Parameters that need a gradient but are not reached get zeros (DDP expects every parameter to get
@@ -115,8 +175,6 @@ def vjp_inputs(outputs: Sequence[Tensor], v: Tensor, x: Tensor, params: Sequence
     candidates = [x, *params, *state]
     idx = [i for i, n in enumerate(needs) if n and candidates[i].requires_grad]
     result: List[Optional[Tensor]] = [None] * len(candidates)
-    if counter is not None:
-        counter.nvjp += 1
     if idx:
         grads = torch.autograd.grad(outputs, [candidates[i] for i in idx], unflatten(v, outputs),
                                     retain_graph=retain_graph, allow_unused=True)
@@ -155,16 +213,41 @@ def _warn_foreign_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> 
         )
 
 
+# --------------------------------------------------------------------------------------------------------
+# The autograd Function
+# --------------------------------------------------------------------------------------------------------
+
+
+class _GradientContext:
+    """What the Function carries besides tensors: the problem template, the mode and the record to fill."""
+
+    def __init__(self, problem_args: Dict[str, Any], mode: "BackwardMode", n_parts: int, n_params: int,
+                 on_backward: Optional[Callable[[BackwardResult], None]] = None):
+        self.problem_args = problem_args
+        self.mode = mode
+        self.n_parts = n_parts
+        self.n_params = n_params
+        #: called with the BackwardResult (set by the layer once the solution record exists)
+        self.on_backward = on_backward
+
+
+_DOUBLE_BACKWARD = (
+    "Differentiating the implicit gradient of a DEQ a second time (create_graph=True, e.g. "
+    "torch.autograd.functional.hessian or a gradient penalty) is not supported: the adjoint solve is "
+    "once-differentiable. Use the unrolled map instead: `with layer.fixed_depth_mode(d):` (backprop through d "
+    "applications of f), or backward=PhantomGradient(...) with a graph through the final steps.")
+
+
 class _EquilibriumGradient(torch.autograd.Function):
     """Identity on ``z*`` in the forward; the backward mode's gradient in the backward.
 
-    Inputs: ``(spec, x, *z_parts, *params, *grad_state)``.
+    Inputs: ``(context, x, *z_parts, *params, *grad_state)``.
     """
 
     @staticmethod
-    def forward(ctx, spec: _GradientSpec, x: Tensor, *tensors: Tensor):
-        n, p = spec.n_parts, spec.n_params
-        ctx.spec = spec
+    def forward(ctx, context: _GradientContext, x: Tensor, *tensors: Tensor):
+        n, p = context.n_parts, context.n_params
+        ctx.context = context
         # Parameters are used by f directly (not the saved copies), so they are held by reference: a
         # saved_tensors_hooks unpack (e.g. CPU offload) may return other tensor objects, which f would not
         # use. Their version counters are checked in the backward instead.
@@ -174,11 +257,12 @@ class _EquilibriumGradient(torch.autograd.Function):
         return tuple(t.clone() for t in tensors[:n])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grad_z: Tensor):
-        spec: _GradientSpec = ctx.spec
+        if torch.is_grad_enabled():
+            raise RuntimeError(_DOUBLE_BACKWARD)
+        context: _GradientContext = ctx.context
         x, *tensors = ctx.saved_tensors
-        n = spec.n_parts
+        n = context.n_parts
         z_star, grad_state = tensors[:n], tensors[n:]
         params = ctx.params
         for t, v in zip(params, ctx.versions):
@@ -189,18 +273,19 @@ class _EquilibriumGradient(torch.autograd.Function):
         needs = [ctx.needs_input_grad[1]] + list(ctx.needs_input_grad[2 + n:])
         grad_parts = [torch.zeros_like(z) if g is None else g for g, z in zip(grad_z, z_star)]
         v = flatten(grad_parts)
-        grads, nvjp = spec.mode.gradients(spec, z_star, x, params, grad_state, needs, v)
-        spec.nfe_box[0] += nvjp
-        if spec.on_backward is not None:
-            spec.on_backward(nvjp)
-        gx, rest = grads[0], grads[1:]
+        problem = EquilibriumProblem(z_star=z_star, x=x, params=params, grad_state=grad_state, needs=needs,
+                                     **context.problem_args)
+        result = context.mode.gradients(problem, v)
+        if context.on_backward is not None:
+            context.on_backward(result)
+        gx, rest = result.grads[0], result.grads[1:]
         return (None, gx, *([None] * n), *rest)
 
 
-def attach_gradient(spec: _GradientSpec, z_parts: Sequence[Tensor], x: Tensor, params: Sequence[Tensor],
+def attach_gradient(context: _GradientContext, z_parts: Sequence[Tensor], x: Tensor, params: Sequence[Tensor],
                     grad_state: Sequence[Tensor]) -> List[Tensor]:
     """Return ``z_parts`` (values unchanged) connected to ``x``/``params`` through the backward mode."""
-    out = _EquilibriumGradient.apply(spec, x, *[z.detach() for z in z_parts], *params, *grad_state)
+    out = _EquilibriumGradient.apply(context, x, *[z.detach() for z in z_parts], *params, *grad_state)
     return list(out)
 
 
@@ -210,13 +295,18 @@ def attach_gradient(spec: _GradientSpec, z_parts: Sequence[Tensor], x: Tensor, p
 
 
 class BackwardMode:
-    """How a DEQ layer turns ``dL/dz*`` into ``dL/dx`` and ``dL/dθ``. Subclass and implement
-    :meth:`gradients`; pass an instance as ``backward=`` to a DEQ layer."""
+    """How a DEQ layer turns ``dL/dz*`` into ``dL/dx`` and ``dL/dθ``.
 
-    def gradients(self, spec: _GradientSpec, z_star: Sequence[Tensor], x: Tensor, params: Sequence[Tensor],
-                  grad_state: Sequence[Tensor], needs: Sequence[bool], v: Tensor
-                  ) -> Tuple[List[Optional[Tensor]], int]:
-        """Return gradients for ``[x, *params, *grad_state]`` and the number of VJPs spent."""
+    Subclass and implement :meth:`gradients`; pass an instance as ``backward=`` to a DEQ layer.
+    ``warn_unconverged``: ``None`` follows the layer's ``on_unconverged`` policy for a result with
+    ``converged=False``; ``True``/``False`` always / never warn.
+    """
+
+    warn_unconverged: Optional[bool] = None
+
+    def gradients(self, problem: EquilibriumProblem, v: Tensor) -> BackwardResult:
+        """Gradients for ``[x, *problem.params, *problem.grad_state]`` given the flat ``(B, N)`` cotangent
+        ``v = dL/dz*``, and what it cost (see :class:`BackwardResult`)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -224,111 +314,126 @@ class BackwardMode:
         return f"{type(self).__name__}({args})"
 
 
-SolverSpec = Union[str, Callable[..., Any]]
+AdjointSolver = Union[str, LinearSolver, Solver]
 
 
 class ImplicitBackward(BackwardMode):
-    """Exact implicit differentiation: solve ``g = Jᵀ g + dL/dz*`` at the fixed point.
+    """Exact implicit differentiation: solve ``(I − Jᵀ) g = dL/dz*`` at the fixed point.
 
-    Each solver step costs one VJP through a graph of ``f(z*, x)`` built once per backward; the final
-    parameter/input gradient costs one more VJP. ``solution.backward_nfe`` counts all of them.
+    Each step of the linear solver costs one VJP through a graph of ``f(z*, x)`` built once per backward;
+    the final parameter/input gradient costs one more VJP. ``solution.backward_nfe`` counts all of them,
+    ``solution.backward_residual``/``backward_converged`` say whether the solve met its tolerance.
 
     Args:
-        solver: ``"gmres"`` (default: solves ``(I − Jᵀ) g = dL/dz*`` even when ``f`` is not a
-            contraction, as in the paper's adjoint; it stays within budget as training makes the map
-            less contractive, where Anderson with a short memory stalls in float32), ``"anderson"``,
-            ``"fixed_point"`` (cheapest per step for strongly contractive maps), ``"broyden"``,
-            ``"lbroyden"``, or a solver object from :mod:`deqlab.solvers` called as ``solver(h, g0)``.
-        tol: relative tolerance of the adjoint solve (``||r|| <= tol * ||dL/dz*||`` for GMRES, the
-            solver's ``rel_norm`` termination otherwise).
-        max_steps: cap on adjoint solver steps (VJPs), so a hard backward never runs unbounded.
-        restart: GMRES restart length (``None``: no restarts within ``max_steps``).
-        warn_unconverged: warn when the adjoint solve does not reach ``tol``.
+        solver: the adjoint solver. A :class:`~deqlab.solvers.LinearSolver` (e.g.
+            ``GMRES(tol=1e-6, max_steps=30)``), a fixed-point :class:`~deqlab.solvers.Solver` (e.g.
+            ``DiscreteDEQSolver("anderson", ...)``, run on ``g = Jᵀ g + dL/dz*`` through
+            :class:`~deqlab.solvers.FixedPointLinearSolver`), or a name as shorthand: ``"gmres"`` (the
+            default) builds ``GMRES(tol, max_steps, restart=restart)``; any other registered solver name
+            builds ``FixedPointLinearSolver(get_solver(name, mode="rel_norm", abstol_termination=tol,
+            reltol_termination=tol, max_steps=max_steps))``.
+        tol: relative tolerance for a named solver; ``None`` (default) uses the forward solver's
+            termination tolerance (``solver.termination.tol``), the paper's protocol.
+        max_steps: VJP budget of a named solver (default 15, the paper's protocol).
+        restart: GMRES restart length for ``"gmres"`` (``None``: no restarts within ``max_steps``).
+        warn_unconverged: ``None`` (default): an unconverged adjoint follows the layer's ``on_unconverged``
+            policy; ``True``/``False``: always / never warn for this backward.
+
+    With a solver object, its own ``tol``/``max_steps`` apply; passing ``tol``, ``max_steps`` or ``restart``
+    as well raises ``ValueError``. Half-precision (float16/bfloat16) adjoints are solved in float32.
     """
 
-    def __init__(self, solver: SolverSpec = "gmres", *, tol: float = 1e-6, max_steps: int = 50,
-                 restart: Optional[int] = None, warn_unconverged: bool = False):
-        if isinstance(solver, str) and solver not in {"gmres", "fixed_point", "anderson", "broyden",
-                                                       "lbroyden", "newton_krylov"}:
-            raise ValueError(f"ImplicitBackward: unknown solver {solver!r}; expected 'gmres', "
-                             "'fixed_point', 'anderson', 'broyden', 'lbroyden' or a solver object")
-        if tol < 0 or max_steps < 1:
-            raise ValueError(f"ImplicitBackward: need tol >= 0 and max_steps >= 1, got {tol}, {max_steps}")
+    def __init__(self, solver: AdjointSolver = "gmres", *, tol: Optional[float] = None,
+                 max_steps: Optional[int] = None, restart: Optional[int] = None,
+                 warn_unconverged: Optional[bool] = None):
+        self._linear: Optional[LinearSolver] = None
+        if isinstance(solver, str):
+            from deqlab.solvers.registry import available_solvers
+
+            if solver != "gmres" and solver not in available_solvers():
+                raise ValueError(f"ImplicitBackward: unknown solver {solver!r}; expected 'gmres', a registered "
+                                 f"solver name ({', '.join(available_solvers())}) or a solver object")
+            if restart is not None and solver != "gmres":
+                raise ValueError(f"ImplicitBackward: restart= applies to 'gmres' only, not {solver!r}")
+            if tol is not None and (not isinstance(tol, (int, float)) or not tol >= 0):
+                raise ValueError(f"ImplicitBackward: tol must be a number >= 0 or None, got {tol!r}")
+            if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+                raise ValueError(f"ImplicitBackward: max_steps must be an int >= 1, got {max_steps!r}")
+        else:
+            given = [k for k, val in (("tol", tol), ("max_steps", max_steps), ("restart", restart)) if val is not None]
+            if given:
+                raise ValueError(f"ImplicitBackward: {', '.join(given)} given together with a solver object "
+                                 f"{solver!r}; set them on the solver (e.g. GMRES(tol=..., max_steps=...))")
+            if isinstance(solver, LinearSolver):
+                self._linear = solver
+            elif isinstance(solver, Solver):
+                self._linear = FixedPointLinearSolver(solver)
+            else:
+                raise TypeError(f"ImplicitBackward: solver must be a name, a LinearSolver (solve(matvec, b)) or "
+                                f"a fixed-point Solver (callable with a `termination`), got {solver!r}")
         self.solver = solver
-        self.tol = float(tol)
-        self.max_steps = int(max_steps)
+        self.tol = None if tol is None else float(tol)
+        self.max_steps = DEFAULT_ADJOINT_MAX_STEPS if max_steps is None else int(max_steps)
         self.restart = restart
         self.warn_unconverged = warn_unconverged
-        self._solver_obj = None
-        self.last_converged: Optional[bool] = None
+        self._built: Dict[float, LinearSolver] = {}
 
-    def _discrete_solver(self):
-        if self._solver_obj is None:
-            from deqlab.solvers import DiscreteDEQSolver
+    def linear_solver(self, forward_tol: Optional[float] = None) -> LinearSolver:
+        """The :class:`~deqlab.solvers.LinearSolver` this mode uses for a forward tolerance ``forward_tol``."""
+        if self._linear is not None:
+            return self._linear
+        tol = self.tol if self.tol is not None else (1e-6 if forward_tol is None else float(forward_tol))
+        built = self._built.get(tol)
+        if built is None:
+            if self.solver == "gmres":
+                built = GMRES(tol=tol, max_steps=self.max_steps, restart=self.restart)
+            else:
+                from deqlab.solvers.registry import get_solver
 
-            self._solver_obj = DiscreteDEQSolver(self.solver, mode="rel_norm", abstol_termination=self.tol,
-                                                 reltol_termination=self.tol, max_steps=self.max_steps)
-        return self._solver_obj
+                built = FixedPointLinearSolver(get_solver(self.solver, mode="rel_norm", abstol_termination=tol,
+                                                          reltol_termination=tol, max_steps=self.max_steps))
+            self._built[tol] = built
+        return built
 
-    def solve_adjoint(self, vjp: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
-        """Solve ``g = vjp(g) + v`` for a flat ``(B, N)`` ``v``."""
-        if not bool(v.ne(0).any()):
-            self.last_converged = True
-            return torch.zeros_like(v)
-        if self.solver == "gmres":
-            from deqlab.solvers import gmres
-
-            restart = min(self.restart or self.max_steps, self.max_steps)
-            g, info = gmres(lambda u: u - vjp(u), v, tol=self.tol, restart=restart,
-                            max_restarts=max(1, -(-self.max_steps // restart)))
-            conv = _info_converged(info)
-        else:
-            solver = self._discrete_solver() if isinstance(self.solver, str) else self.solver
-            res = solver(lambda g: vjp(g) + v, v.clone())
-            g = res.z
-            conv = bool(res.converged.all())
-        self.last_converged = conv
-        if self.warn_unconverged and conv is False:
-            warnings.warn("ImplicitBackward: the adjoint solve did not reach its tolerance", RuntimeWarning)
-        return g
-
-    def gradients(self, spec, z_star, x, params, grad_state, needs, v):
-        lin = _Linearization(spec, z_star, x, params, grad_state, needs)
+    def gradients(self, problem: EquilibriumProblem, v: Tensor) -> BackwardResult:
+        lin = problem.linearize()
         with torch.no_grad():
-            g = self.solve_adjoint(lin.vjp_z, v)
+            if not bool(v.ne(0).any()):
+                g = torch.zeros_like(v)
+                residual, converged = v.new_zeros(v.shape[0]).float(), True
+            else:
+                solver = self.linear_solver(problem.forward_tol)
+                if v.dtype in _HALF:  # keep the Krylov/least-squares algebra in float32
+                    dtype = v.dtype
+                    out = solver.solve(lambda u: u - lin.vjp_z(u.to(dtype)).float(), v.float())
+                    g = out.x.to(dtype)
+                else:
+                    out = solver.solve(lambda u: u - lin.vjp_z(u), v)
+                    g = out.x
+                residual, converged = out.residual.detach(), bool(out.all_converged)
+                if not bool(torch.isfinite(g).all()):
+                    converged = False
         grads = lin.vjp_inputs(g.detach())
-        return grads, lin.nvjp
-
-
-def _info_converged(info: Any) -> Optional[bool]:
-    """Best-effort reading of a GMRES ``info`` (dict, record or tensor mask)."""
-    val = None
-    if isinstance(info, dict):
-        val = info.get("converged")
-    else:
-        val = getattr(info, "converged", info if isinstance(info, (Tensor, bool)) else None)
-    if isinstance(val, Tensor):
-        return bool(val.all())
-    if isinstance(val, bool):
-        return val
-    return None
+        return BackwardResult(grads=grads, nfe=lin.nvjp, residual=residual, converged=converged)
 
 
 class JacobianFreeBackward(BackwardMode):
     """Jacobian-free backpropagation (Fung et al. 2022): use ``g = dL/dz*`` (drop the ``(I − J)⁻ᵀ``
     factor), i.e. differentiate one application of ``f`` at ``z*``. One VJP per backward; a descent
-    direction when ``f`` is contractive, not the exact gradient."""
+    direction when ``f`` is contractive, not the exact gradient. No solve: ``backward_converged`` stays
+    ``None``."""
 
-    def gradients(self, spec, z_star, x, params, grad_state, needs, v):
-        lin = _Linearization(spec, z_star, x, params, grad_state, needs)
-        return lin.vjp_inputs(v), lin.nvjp
+    def gradients(self, problem: EquilibriumProblem, v: Tensor) -> BackwardResult:
+        lin = problem.linearize()
+        grads = lin.vjp_inputs(v)
+        return BackwardResult(grads=grads, nfe=lin.nvjp)
 
 
 class PhantomGradient(BackwardMode):
     """Phantom gradient (Geng et al. 2021): backprop through ``steps`` damped applications
     ``z ← (1 − damping) z + damping f(z, x)`` started at ``z*`` (detached). Costs ``steps`` evaluations
     of ``f`` plus their backward; interpolates between JFB (``steps=1, damping=1``) and the implicit
-    gradient (``steps → ∞``).
+    gradient (``steps → ∞``). No solve: ``backward_converged`` stays ``None``.
 
     Args:
         steps: number of unrolled applications.
@@ -341,14 +446,15 @@ class PhantomGradient(BackwardMode):
         self.steps = int(steps)
         self.damping = float(damping)
 
-    def gradients(self, spec, z_star, x, params, grad_state, needs, v):
-        x_ = x.detach().requires_grad_(bool(needs[0]))
-        state = [t.detach().requires_grad_() for t in grad_state]
-        z = [t.detach() for t in z_star]
+    def gradients(self, problem: EquilibriumProblem, v: Tensor) -> BackwardResult:
+        needs = problem.needs
+        x_ = problem.x.detach().requires_grad_(bool(needs[0]))
+        state = [t.detach().requires_grad_() for t in problem.grad_state]
+        z = [t.detach() for t in problem.z_star]
         tau = self.damping
         with torch.enable_grad():
             for _ in range(self.steps):
-                fz = spec.evaluate(z, x_, state)
+                fz = problem.evaluate(z, x_, state)
                 z = [(1.0 - tau) * zi + tau * fi for zi, fi in zip(z, fz)] if tau != 1.0 else fz
-        grads = vjp_inputs(z, v, x_, params, state, needs, retain_graph=False)
-        return grads, self.steps
+        grads = vjp_inputs(z, v, x_, problem.params, state, needs, retain_graph=False)
+        return BackwardResult(grads=grads, nfe=self.steps)

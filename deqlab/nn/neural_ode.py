@@ -19,44 +19,65 @@ torchdyn is imported lazily (its ``core`` package imports Lightning).
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from deqlab.state import flatten, per_sample_norm, unflatten
-from deqlab.nn.deq import MultiScaleMap, _CheckedMap
-from deqlab.nn.layers import EquilibriumStateful
+from deqlab.nn.deq import MultiScaleMap
+from deqlab.nn.layers import equilibrium_session
+from deqlab.nn.maps import CheckedMap
 from deqlab.nn.solution import DeepEquilibriumSolution
 from deqlab.solvers.result import SolverStatus
+from deqlab.state import flatten, per_sample_norm, unflatten
 
 __all__ = ["MultiScaleNeuralODE"]
 
 _FIXED_STEP = {"euler", "midpoint", "rk4", "rk-4", "RungeKutta4", "Euler", "Midpoint"}
 
 
-class _VectorField(nn.Module):
-    """``(t, u_flat) -> flat(f(u, x)) − u_flat`` with an NFE counter; ``x`` set per forward."""
+_IN_USE: "weakref.WeakSet" = weakref.WeakSet()
+_IN_USE_LOCK = threading.Lock()
 
-    def __init__(self, owner: "MultiScaleNeuralODE"):
+
+def _alias(owner: str, new: str, new_val: Optional[float], old: str, old_val: Optional[float]) -> Optional[float]:
+    if new_val is not None and old_val is not None:
+        raise ValueError(f"{owner}: {new} and {old} are the same setting ({old} is the old name); pass {new} only")
+    return new_val if new_val is not None else old_val
+
+
+class _VectorField(nn.Module):
+    """``(t, u_flat) -> flat(f(u, x)) − u_flat``; counts forward evaluations in ``nfe`` and, once the forward
+    integration is over, evaluations re-run by a torchdyn adjoint into the solution record."""
+
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.map = owner.model  # registered so torchdyn's adjoint sees the parameters
-        self._owner = [owner]
+        self.map = model  # registered so torchdyn's adjoint sees the parameters
         self.x: Optional[Tensor] = None
         self.like: List[Tensor] = []
         self.nfe = 0
-        self.backward_nfe = 0
-        self.in_backward = False
-        self.checker: Optional[_CheckedMap] = None
+        self.record: Optional["weakref.ReferenceType[DeepEquilibriumSolution]"] = None
+        self.checker: Optional[CheckedMap] = None
 
     def forward(self, t: Tensor, u: Tensor, args: Any = None) -> Tensor:
-        if self.in_backward:
-            self.backward_nfe += 1
-        else:
+        record = self.record() if self.record is not None else None
+        if record is not None:
+            record.backward_nfe += 1
+        elif self.record is None:
             self.nfe += 1
         z = unflatten(u, self.like)
         out = self.checker(z) if self.checker is not None and not self.checker.checked else self.map(z, self.x)
         return flatten(out) - u
+
+
+def _mark_backward(ref: "weakref.ReferenceType[DeepEquilibriumSolution]", grad: Tensor) -> None:
+    """Tensor hook on ``u(1)``: the backward starts; an exact backprop has no solve that could fail."""
+    solution = ref()
+    if solution is not None:
+        solution.backward_converged = True
+        solution.backward_residual = None
 
 
 class MultiScaleNeuralODE(nn.Module):
@@ -66,9 +87,10 @@ class MultiScaleNeuralODE(nn.Module):
         main_layers, mapping_layers, post_fuse_layers, scales: as
             :class:`~deqlab.nn.MultiScaleDeepEquilibriumNetwork`.
         solver: a torchdyn method name (``"tsit5"``, ``"dopri5"``, ``"euler"``, ``"rk4"``) or a
-            :class:`~deqlab.solvers.ContinuousDEQSolver` (its method, tolerances and ``dt`` are used; its
+            :class:`~deqlab.solvers.ContinuousDEQSolver` (its method, ODE tolerances and ``dt`` are used; its
             termination settings are not: the interval is fixed).
-        abstol, reltol: step-size controller tolerances (adaptive methods).
+        ode_abstol, ode_reltol: step-size controller tolerances (adaptive methods); ``abstol``/``reltol``
+            are their old names (passing both spellings raises ``ValueError``).
         dt: step of fixed-step methods.
         t_end: end of the interval (1 in the paper).
         sensitivity: ``"autograd"`` (default, exact for every parameter and ``x``), ``"adjoint"`` or
@@ -76,39 +98,57 @@ class MultiScaleNeuralODE(nn.Module):
 
     ``forward(x)`` returns ``(list of u_i(1), solution)``; ``solution.nfe`` counts vector-field
     evaluations of the forward integration, ``solution.residual`` is ``||f(u(1)) − u(1)||`` per sample
-    (how far from a fixed point the endpoint is; not counted in nfe), and ``solution.backward_nfe`` counts
-    the evaluations re-run in the backward: 0 for ``"autograd"`` (it backpropagates the recorded graph);
-    for the torchdyn adjoints read ``layer.last_backward_nfe`` after ``loss.backward()``.
+    (how far from a fixed point the endpoint is; not counted in nfe). When the backward runs it fills
+    ``solution.backward_nfe``: the vector-field evaluations it re-runs (0 for ``"autograd"``, which
+    backpropagates the recorded graph of the forward steps without evaluating the field again; the
+    augmented-ODE evaluations for the torchdyn adjoints) and ``backward_converged = True`` (a fixed interval
+    is integrated; there is no tolerance to miss).
     """
 
     def __init__(self, main_layers: Sequence[nn.Module], mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
                  post_fuse_layers: Optional[Sequence[Optional[nn.Module]]], solver: Any,
-                 scales: Sequence[Sequence[int]], *, abstol: Optional[float] = None, reltol: Optional[float] = None,
+                 scales: Sequence[Sequence[int]], *, ode_abstol: Optional[float] = None,
+                 ode_reltol: Optional[float] = None, abstol: Optional[float] = None, reltol: Optional[float] = None,
                  dt: Optional[float] = None, t_end: float = 1.0,
                  sensitivity: Literal["autograd", "adjoint", "interpolated_adjoint"] = "autograd"):
         super().__init__()
+        name = type(self).__name__
+        ode_abstol = _alias(name, "ode_abstol", ode_abstol, "abstol", abstol)
+        ode_reltol = _alias(name, "ode_reltol", ode_reltol, "reltol", reltol)
         self.model = MultiScaleMap(main_layers, mapping_layers, post_fuse_layers)
         if len(scales) != self.model.num_scales:
-            raise ValueError(f"MultiScaleNeuralODE: got {len(scales)} scales for {self.model.num_scales} main layers")
+            raise ValueError(f"{name}: got {len(scales)} scales for {self.model.num_scales} main layers")
         self.scales = [tuple(int(d) for d in s) for s in scales]
         if isinstance(solver, str):
             method, s_abstol, s_reltol, s_dt = solver, 1e-3, 1e-3, None
         else:
-            method = getattr(solver, "ode_solver", None)
-            if method is None:
-                raise TypeError(f"MultiScaleNeuralODE: solver must be a torchdyn method name or a "
-                                f"ContinuousDEQSolver, got {solver!r}")
-            s_abstol, s_reltol, s_dt = solver.abstol, solver.reltol, getattr(solver, "dt", None)
+            from deqlab.solvers.continuous import ContinuousDEQSolver
+
+            if not isinstance(solver, ContinuousDEQSolver):
+                raise TypeError(f"{name}: solver must be a torchdyn method name or a ContinuousDEQSolver, "
+                                f"got {solver!r}")
+            method, s_dt = solver.ode_solver, solver.dt
+            s_abstol, s_reltol = solver.ode_abstol, solver.ode_reltol
         if sensitivity not in ("autograd", "adjoint", "interpolated_adjoint"):
-            raise ValueError(f"MultiScaleNeuralODE: unknown sensitivity {sensitivity!r}")
+            raise ValueError(f"{name}: unknown sensitivity {sensitivity!r}")
         self.method = method
-        self.abstol = float(abstol if abstol is not None else s_abstol)
-        self.reltol = float(reltol if reltol is not None else s_reltol)
+        self.ode_abstol = float(ode_abstol if ode_abstol is not None else s_abstol)
+        self.ode_reltol = float(ode_reltol if ode_reltol is not None else s_reltol)
         self.dt = float(dt if dt is not None else (s_dt if s_dt is not None else 0.1))
         self.t_end = float(t_end)
         self.sensitivity = sensitivity
-        self.vf = _VectorField(self)
+        self.vf = _VectorField(self.model)
         self._problem = None
+
+    @property
+    def abstol(self) -> float:
+        """Old name of :attr:`ode_abstol` (read-only)."""
+        return self.ode_abstol
+
+    @property
+    def reltol(self) -> float:
+        """Old name of :attr:`ode_reltol` (read-only)."""
+        return self.ode_reltol
 
     def _t_span(self, x: Tensor) -> Tensor:
         if self.method in _FIXED_STEP:
@@ -116,64 +156,62 @@ class MultiScaleNeuralODE(nn.Module):
             return torch.linspace(0.0, self.t_end, n + 1, dtype=x.dtype, device=x.device)
         return torch.tensor([0.0, self.t_end], dtype=x.dtype, device=x.device)
 
-    def _stateful(self) -> List[EquilibriumStateful]:
-        return [m for m in self.modules() if isinstance(m, EquilibriumStateful)]
-
     def forward(self, x: Tensor) -> Tuple[List[Tensor], DeepEquilibriumSolution]:
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise ValueError(f"MultiScaleNeuralODE: expected a floating-point tensor x, got "
                              f"{getattr(x, 'dtype', type(x))}")
-        stateful = self._stateful()
-        for m in stateful:
-            m.deq_begin()
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError(f"MultiScaleNeuralODE: expected x of shape (B, ...) with a non-empty batch "
+                             f"dimension first, got shape {tuple(x.shape)}")
+        with _IN_USE_LOCK:
+            if self in _IN_USE:
+                raise RuntimeError(
+                    "MultiScaleNeuralODE: this module is already running a forward in another thread; its vector "
+                    "field holds per-forward state (the injection x, the NFE counter), so one module serves one "
+                    "thread at a time. Give each thread its own copy (copy.deepcopy(module)).")
+            _IN_USE.add(self)
         try:
-            return self._forward(x)
+            with equilibrium_session([self]):
+                return self._forward(x)
         finally:
-            for m in stateful:
-                m.deq_end()
+            with _IN_USE_LOCK:
+                _IN_USE.discard(self)
 
     def _forward(self, x: Tensor) -> Tuple[List[Tensor], DeepEquilibriumSolution]:
         from torchdyn.numerics import odeint
 
         u0 = [x.new_zeros((x.shape[0], *s)) for s in self.scales]
         vf = self.vf
-        vf.x, vf.like, vf.nfe, vf.backward_nfe, vf.in_backward = x, u0, 0, 0, False
-        checker = _CheckedMap(self, x)
-        vf.checker = checker
+        vf.x, vf.like, vf.nfe, vf.record = x, u0, 0, None
+        vf.checker = CheckedMap(lambda z, x_: self.model(z, x_), x, name=type(self).__name__)
         t_span = self._t_span(x)
         u0_flat = flatten(u0)
         if self.sensitivity == "autograd":
-            _, traj = odeint(vf, u0_flat, t_span, solver=self.method, atol=self.abstol, rtol=self.reltol)
+            _, traj = odeint(vf, u0_flat, t_span, solver=self.method, atol=self.ode_abstol, rtol=self.ode_reltol)
         else:
             if self._problem is None:
                 from torchdyn.core.problems import ODEProblem
 
-                self._problem = ODEProblem(vf, solver=self.method, atol=self.abstol, rtol=self.reltol,
+                self._problem = ODEProblem(vf, solver=self.method, atol=self.ode_abstol, rtol=self.ode_reltol,
                                            sensitivity=self.sensitivity)
             _, traj = self._problem.odeint(u0_flat, t_span)
         forward_nfe = vf.nfe
-        vf.in_backward = True
         u1 = unflatten(traj[-1], u0)
         with torch.no_grad():
             f1 = self.model([u.detach() for u in u1], x.detach())
             residual = per_sample_norm([a - b for a, b in zip(f1, u1)])
-        box = [0]
+        finite = torch.isfinite(residual)
         solution = DeepEquilibriumSolution(
             z_star=u1, u0=u0, residual=residual, jacobian_loss=x.new_zeros(()), skip_loss=x.new_zeros(()),
-            nfe=forward_nfe, converged=torch.isfinite(residual),
-            status=SolverStatus.CONVERGED if bool(torch.isfinite(residual).all()) else SolverStatus.NONFINITE,
-            solver_result=None, _backward_nfe=box)
+            nfe=forward_nfe, converged=finite,
+            status=SolverStatus.CONVERGED if bool(finite.all()) else SolverStatus.NONFINITE,
+            solver_result=None)
+        ref = weakref.ref(solution)
+        vf.record = ref  # evaluations from now on belong to this solution's backward
+        if traj.requires_grad:
+            traj.register_hook(lambda g: _mark_backward(ref, g))
         return u1, solution
 
-    @property
-    def last_backward_nfe(self) -> int:
-        """Vector-field evaluations run by the last backward (torchdyn adjoints; 0 for ``"autograd"``)."""
-        return self.vf.backward_nfe
-
-    def _map(self, z, x):  # used by _CheckedMap
-        return self.model(z, x)
-
     def extra_repr(self) -> str:
-        return (f"method={self.method!r}, abstol={self.abstol}, reltol={self.reltol}, t_end={self.t_end}, "
-                f"sensitivity={self.sensitivity!r}")
-
+        return (f"method={self.method!r}, ode_abstol={self.ode_abstol}, ode_reltol={self.ode_reltol}, "
+                f"t_end={self.t_end}, sensitivity={self.sensitivity!r}")

@@ -1,19 +1,22 @@
-"""What a DEQ layer returns next to ``z_star``.
+"""What a DEQ layer returns next to ``z_star``: the one record of a solve, forward and backward.
 
 Named after the reference package's ``DeepEquilibriumSolution(z_star, u0, residual, jacobian_loss,
-nfe)``; deqlab adds the skip loss, the convergence mask, the solver status and the backward NFE so the
-Lightning module can compose the loss and log everything without knowing which layer produced it.
+nfe)``; deqlab adds the skip loss, the convergence mask, the solver status and the backward's cost and
+outcome, so a training loop composes the loss and logs everything from this record alone, without knowing
+which layer produced it. The forward fills the forward fields; the backward, when it runs, fills the
+``backward_*`` fields of the same object (there is no other copy on the layer).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from dataclasses import dataclass
+from typing import Optional
 
 from torch import Tensor
 
 from deqlab.solvers.result import SolverResult, SolverStatus
-
 from deqlab.state import State
+
+__all__ = ["DeepEquilibriumSolution"]
 
 
 @dataclass
@@ -27,14 +30,18 @@ class DeepEquilibriumSolution:
         residual: per-sample ``||f(z*) - z*||`` (shape ``(B,)``), detached.
         jacobian_loss: Hutchinson estimate of ``||df/dz||_F^2`` at ``z*`` (scalar, differentiable), or a
             zero scalar when Jacobian regularization is off.
-        skip_loss: ``mean |u0 - z*|`` (Skip variants; differentiable w.r.t. the shortcut), else zero.
+        skip_loss: the initial guess's loss, e.g. ``mean |u0 - z*|`` (Skip variants; differentiable w.r.t.
+            the shortcut), else zero.
         nfe: forward evaluations of f (``d`` exactly in fixed-depth mode).
         converged: per-sample bool mask.
         status: the solver's status (``SolverStatus``).
         solver_result: the full ``SolverResult`` (``None`` in fixed-depth mode).
-        backward_nfe: evaluations of the VJP during the implicit backward; filled in by
-            ``loss.backward()`` (a one-element list shared with the backward function, so it is
-            readable afterwards through ``solution.backward_nfe``).
+        backward_nfe: VJPs (or map evaluations) spent by every backward through this solve so far; ``0``
+            until ``loss.backward()`` reaches the layer.
+        backward_residual: per-sample relative residual of the last adjoint solve (``None`` until a
+            backward ran, and for backward modes without a solve).
+        backward_converged: whether the last adjoint solve met its tolerance for every sample (``None``
+            until a backward ran, and for modes without a solve: JFB, phantom gradient).
     """
 
     z_star: State
@@ -46,8 +53,6 @@ class DeepEquilibriumSolution:
     converged: Tensor
     status: SolverStatus
     solver_result: Optional[SolverResult] = None
-    _backward_nfe: List[int] = field(default_factory=lambda: [0], repr=False)
-
-    @property
-    def backward_nfe(self) -> int:
-        return int(self._backward_nfe[0])
+    backward_nfe: int = 0
+    backward_residual: Optional[Tensor] = None
+    backward_converged: Optional[bool] = None

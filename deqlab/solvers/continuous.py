@@ -24,7 +24,8 @@ from torch import Tensor
 from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, prepare
 from deqlab.state import State
 from deqlab.solvers.result import SolverResult
-from deqlab.solvers.termination import NormKind, TerminationCondition, TerminationMode, TerminationTracker, _check_tol
+from deqlab.solvers.termination import (NormKind, TerminationCondition, TerminationMode, TerminationTracker,
+                                        _check_tol, resolve_termination)
 
 ODEMethod = Literal["tsit5", "dopri5", "euler", "rk4"]
 # name -> (torchdyn class name, adaptive?, order, evaluations per step given the first stage)
@@ -43,17 +44,27 @@ def _stepper(name: str, dtype: torch.dtype):
     return getattr(ode, _METHODS[name][0])(dtype=dtype)
 
 
+def _alias(name: str, value: Optional[float], old: str, old_value: Optional[float], default: float) -> float:
+    """``value`` under its new ``name`` or its old name ``old``; both at once is ambiguous and raises."""
+    if value is not None and old_value is not None:
+        raise ValueError(f"ContinuousDEQSolver: {old}= is the old name of {name}=; pass only {name}=")
+    if value is not None:
+        return value
+    return default if old_value is None else old_value
+
+
 class ContinuousDEQSolver:
     """Integrate ``du/dt = f(u) - u`` from ``u0`` until the termination condition holds.
 
     Args:
         ode_solver: ``"tsit5"`` (default), ``"dopri5"`` (adaptive), ``"euler"`` or ``"rk4"`` (fixed step ``dt``).
-        mode: termination mode, checked after every accepted step.
-        abstol, reltol: the ODE stepper's local error tolerances (how accurately the path is followed;
-            the steady state does not depend on them, so they can be loose).
+        mode: termination mode, checked after every accepted step (default ``"rel_deq_default"``).
+        ode_abstol, ode_reltol: the ODE stepper's local error tolerances (how accurately the path is
+            followed; the steady state does not depend on them, so they can be loose). Default 1e-3.
+            ``abstol``/``reltol`` are accepted as their old names (giving both spellings raises).
         abstol_termination, reltol_termination: tolerances of the termination condition (how close to
-            the fixed point the returned state is). Default to ``abstol``/``reltol``, as in the reference
-            package.
+            the fixed point the returned state is). Default to ``ode_abstol``/``ode_reltol``, as in the
+            reference package.
         max_steps: stepper calls at most (accepted and rejected), the hard guard against hanging.
         t_max: integration horizon; ``inf`` integrates until convergence or ``max_steps``.
         dt: step size of the fixed-step methods; also the first step of adaptive ones when given.
@@ -63,21 +74,27 @@ class ContinuousDEQSolver:
         max_nonfinite_retries: adaptive methods: a sample whose steps produced NaN/Inf this many times
             is stopped with status ``nonfinite`` and returns its last finite state.
         throw: raise :class:`SolverError` instead of returning an unconverged result.
+        termination: a full :class:`TerminationCondition` instead of ``mode``, ``abstol_termination``,
+            ``reltol_termination`` and ``norm``; giving both raises ``ValueError``.
+
+    Why two names: "reltol" used to mean the ODE tolerance here and the termination tolerance everywhere
+    else; ``ode_*`` and ``*_termination`` now say which one is meant. ``solver.abstol``/``solver.reltol``
+    stay readable (they are the ODE tolerances) for old code.
     """
 
     def __init__(
         self,
         ode_solver: ODEMethod = "tsit5",
         *,
-        mode: TerminationMode = "rel_deq_default",
-        abstol: float = 1e-3,
-        reltol: float = 1e-3,
+        mode: Optional[TerminationMode] = None,
+        ode_abstol: Optional[float] = None,
+        ode_reltol: Optional[float] = None,
         abstol_termination: Optional[float] = None,
         reltol_termination: Optional[float] = None,
         max_steps: int = 100,
         t_max: float = math.inf,
         dt: Optional[float] = None,
-        norm: NormKind = "l2",
+        norm: Optional[NormKind] = None,
         throw: bool = False,
         keep_trace: bool = True,
         safety: float = 0.9,
@@ -86,22 +103,19 @@ class ContinuousDEQSolver:
         divergence_patience: int = 20,
         max_nonfinite_retries: int = 10,
         termination: Optional[TerminationCondition] = None,
+        abstol: Optional[float] = None,
+        reltol: Optional[float] = None,
     ):
         if ode_solver not in _METHODS:
             raise ValueError(f"unknown ode_solver {ode_solver!r}; valid: {', '.join(_METHODS)}")
         self.ode_solver = ode_solver
-        self.abstol = _check_tol("abstol", abstol)
-        self.reltol = _check_tol("reltol", reltol)
-        if self.abstol == 0 and self.reltol == 0:
-            raise ValueError("abstol and reltol cannot both be 0: the step-size controller needs a tolerance")
-        if termination is None:
-            termination = TerminationCondition(
-                mode=mode,
-                abstol=self.abstol if abstol_termination is None else abstol_termination,
-                reltol=self.reltol if reltol_termination is None else reltol_termination,
-                norm=norm,
-            )
-        self.termination = termination
+        self.ode_abstol = _check_tol("ode_abstol", _alias("ode_abstol", ode_abstol, "abstol", abstol, 1e-3))
+        self.ode_reltol = _check_tol("ode_reltol", _alias("ode_reltol", ode_reltol, "reltol", reltol, 1e-3))
+        if self.ode_abstol == 0 and self.ode_reltol == 0:
+            raise ValueError("ode_abstol and ode_reltol cannot both be 0: the step-size controller needs a tolerance")
+        self.termination: TerminationCondition = resolve_termination(
+            termination, mode=mode, abstol_termination=abstol_termination, reltol_termination=reltol_termination,
+            norm=norm, owner="ContinuousDEQSolver", default_abstol=self.ode_abstol, default_reltol=self.ode_reltol)
         self.max_steps = check_max_steps(max_steps)
         if not (t_max > 0):
             raise ValueError(f"t_max must be > 0 (math.inf for no horizon), got {t_max!r}")
@@ -119,10 +133,21 @@ class ContinuousDEQSolver:
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
 
+    @property
+    def abstol(self) -> float:
+        """Old name of :attr:`ode_abstol` (the ODE step tolerance, not the termination one)."""
+        return self.ode_abstol
+
+    @property
+    def reltol(self) -> float:
+        """Old name of :attr:`ode_reltol` (the ODE step tolerance, not the termination one)."""
+        return self.ode_reltol
+
     def __repr__(self) -> str:
-        return (f"ContinuousDEQSolver({self.ode_solver!r}, mode={self.termination.mode!r}, abstol={self.abstol}, "
-                f"reltol={self.reltol}, abstol_termination={self.termination.abstol}, "
-                f"reltol_termination={self.termination.reltol}, max_steps={self.max_steps}, t_max={self.t_max})")
+        return (f"ContinuousDEQSolver({self.ode_solver!r}, mode={self.termination.mode!r}, "
+                f"ode_abstol={self.ode_abstol}, ode_reltol={self.ode_reltol}, "
+                f"abstol_termination={self.termination.abstol}, reltol_termination={self.termination.reltol}, "
+                f"norm={self.termination.norm!r}, max_steps={self.max_steps}, t_max={self.t_max})")
 
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
@@ -199,7 +224,7 @@ class ContinuousDEQSolver:
 
     def _scale(self, a: Tensor, b: Optional[Tensor] = None) -> Tensor:
         mag = a.abs() if b is None else torch.maximum(a.abs(), b.abs())
-        return self.abstol + self.reltol * mag
+        return self.ode_abstol + self.ode_reltol * mag
 
     def _error_ratio(self, err: Tensor, u: Tensor, u_new: Tensor) -> Tensor:
         r = err / self._scale(u, u_new)

@@ -9,7 +9,8 @@ from deqlab.solvers._driver import CountedMap, build_result, check_first_step, c
 from deqlab.state import State
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
 from deqlab.solvers.result import SolverResult
-from deqlab.solvers.termination import NormKind, TerminationCondition, TerminationMode, TerminationTracker
+from deqlab.solvers.termination import (NormKind, TerminationCondition, TerminationMode, TerminationTracker,
+                                        resolve_termination)
 
 
 def make_algorithm(algorithm: Union[str, FixedPointAlgorithm], **options) -> FixedPointAlgorithm:
@@ -35,12 +36,14 @@ class DiscreteDEQSolver:
     Args:
         algorithm: ``"lbroyden"`` (default, the paper's choice), ``"broyden"``, ``"anderson"``,
             ``"fixed_point"``, ``"newton_krylov"``, or an algorithm object.
-        mode: termination mode (see :mod:`deqlab.solvers.termination`).
-        abstol_termination, reltol_termination: tolerances of the termination condition.
+        mode: termination mode (see :mod:`deqlab.solvers.termination`); default ``"rel_deq_default"``.
+        abstol_termination, reltol_termination: tolerances of the termination condition (default 1e-3).
         max_steps: iterations after the first evaluation; NFE of fixed-point iteration is ``steps + 1``.
-        norm: ``"l2"`` or dimension-independent ``"rms"``.
+        norm: ``"l2"`` (default) or dimension-independent ``"rms"``.
         throw: raise :class:`SolverError` instead of returning an unconverged result.
         keep_trace: record the termination objective of every step (cheap: ``(steps, B)``).
+        termination: a full :class:`TerminationCondition` instead of the four flat keywords above; giving
+            both raises ``ValueError`` (one way to set the stop rule, never one silently dropped).
         **algorithm_options: forwarded to the named algorithm (e.g. ``memory=5`` for Anderson).
 
     Calling ``solver(f, z0)`` returns a :class:`SolverResult`.
@@ -50,20 +53,24 @@ class DiscreteDEQSolver:
         self,
         algorithm: Union[str, FixedPointAlgorithm] = "lbroyden",
         *,
-        mode: TerminationMode = "rel_deq_default",
-        abstol_termination: float = 1e-3,
-        reltol_termination: float = 1e-3,
+        mode: Optional[TerminationMode] = None,
+        abstol_termination: Optional[float] = None,
+        reltol_termination: Optional[float] = None,
         max_steps: int = 50,
-        norm: NormKind = "l2",
+        norm: Optional[NormKind] = None,
         throw: bool = False,
         keep_trace: bool = True,
         termination: Optional[TerminationCondition] = None,
         **algorithm_options,
     ):
+        for old, new in (("abstol", "abstol_termination"), ("reltol", "reltol_termination")):
+            if old in algorithm_options:
+                raise TypeError(f"DiscreteDEQSolver has no {old!r} option: its tolerances are those of the "
+                                f"termination condition, pass {new}=...")
         self.algorithm = make_algorithm(algorithm, **algorithm_options)
-        if termination is None:
-            termination = TerminationCondition(mode=mode, abstol=abstol_termination, reltol=reltol_termination, norm=norm)
-        self.termination = termination
+        self.termination: TerminationCondition = resolve_termination(
+            termination, mode=mode, abstol_termination=abstol_termination, reltol_termination=reltol_termination,
+            norm=norm, owner="DiscreteDEQSolver")
         self.max_steps = check_max_steps(max_steps)
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
@@ -71,7 +78,7 @@ class DiscreteDEQSolver:
     def __repr__(self) -> str:
         return (f"DiscreteDEQSolver({self.algorithm!r}, mode={self.termination.mode!r}, "
                 f"abstol_termination={self.termination.abstol}, reltol_termination={self.termination.reltol}, "
-                f"max_steps={self.max_steps})")
+                f"norm={self.termination.norm!r}, max_steps={self.max_steps})")
 
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:

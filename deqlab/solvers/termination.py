@@ -132,6 +132,39 @@ class TerminationCondition:
         return self.abstol if self.mode.startswith("abs") or self.mode == "norm" else self.reltol
 
 
+def resolve_termination(termination: Optional[TerminationCondition], *, owner: str,
+                        default_abstol: float = 1e-3, default_reltol: float = 1e-3,
+                        **flat: object) -> TerminationCondition:
+    """The solver's :class:`TerminationCondition` from either ``termination=`` or the flat keywords.
+
+    Why one helper: every solver takes the stop rule either as an object or as the flat keywords
+    ``mode``, ``abstol_termination``, ``reltol_termination``, ``norm`` (``None`` = not given). Giving both
+    is ambiguous (which wins?), so it raises naming the flat keywords instead of dropping them silently.
+    """
+    given = sorted(k for k, v in flat.items() if v is not None)
+    if termination is not None:
+        if not isinstance(termination, TerminationCondition):
+            raise TypeError(f"{owner}: termination must be a TerminationCondition, got {type(termination).__name__}")
+        if given:
+            raise ValueError(
+                f"{owner}: pass either termination=TerminationCondition(...) or the flat keywords, not both; "
+                f"got termination= together with {', '.join(given)}. Set them on the TerminationCondition "
+                f"(fields mode, abstol, reltol, norm) instead.")
+        return termination
+    unknown = set(flat) - {"mode", "abstol_termination", "reltol_termination", "norm"}
+    if unknown:  # pragma: no cover - programming error inside deqlab
+        raise TypeError(f"unknown termination keywords {sorted(unknown)}")
+
+    def pick(key: str, default: object) -> object:
+        value = flat.get(key)
+        return default if value is None else value
+
+    return TerminationCondition(mode=pick("mode", "rel_deq_default"),
+                                abstol=pick("abstol_termination", default_abstol),
+                                reltol=pick("reltol_termination", default_reltol),
+                                norm=pick("norm", "l2"))
+
+
 class TerminationTracker:
     """Per-solve bookkeeping: which samples are still active, what each returns, and the trace.
 

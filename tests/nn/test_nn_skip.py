@@ -36,7 +36,7 @@ def test_skip_loss_value_and_u0():
     torch.testing.assert_close(sol.u0, u0)
     torch.testing.assert_close(sol.skip_loss, (u0 - z).abs().mean())
     torch.testing.assert_close(deq.explicit(x), u0)
-    deq.skip_loss_kind = "l2"
+    deq.init.skip_loss_kind = "l2"
     z, sol = deq(x)
     torch.testing.assert_close(sol.skip_loss, (u0 - z).pow(2).mean())
 

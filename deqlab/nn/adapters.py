@@ -1,0 +1,58 @@
+"""Turn what a user passes as ``solver=`` into a :class:`~deqlab.solvers.Solver`.
+
+Why: a DEQ layer relies on the ``Solver`` contract (``solver(f, z0) -> SolverResult`` plus a public
+``termination`` whose ``norm`` the layer uses for residuals it computes itself and whose ``tol`` is the
+default adjoint tolerance). deqlab's solvers satisfy it; a researcher's plain function
+``solve(f, z0) -> SolverResult`` does not declare a stop rule, so :class:`CallableSolver` wraps it with an
+explicit, documented one instead of the layer guessing attributes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from deqlab.solvers.protocols import Solver
+from deqlab.solvers.result import SolverResult
+from deqlab.solvers.termination import TerminationCondition
+from deqlab.state import State
+
+__all__ = ["CallableSolver", "as_solver"]
+
+
+class CallableSolver:
+    """A plain callable ``fn(f, z0) -> SolverResult`` as a :class:`~deqlab.solvers.Solver`.
+
+    Args:
+        fn: the solve.
+        termination: the stop rule ``fn`` applies, as a description (its ``norm`` is used for the residual
+            of fixed-depth mode, its ``tol`` as the default adjoint tolerance). Default: absolute L2 norm,
+            tolerance ``1e-6``.
+    """
+
+    def __init__(self, fn: Callable[[Callable[[State], State], State], SolverResult], *,
+                 termination: Optional[TerminationCondition] = None):
+        if not callable(fn):
+            raise TypeError(f"CallableSolver: fn must be callable as fn(f, z0), got {fn!r}")
+        self.fn = fn
+        self.termination = termination if termination is not None else TerminationCondition(
+            mode="abs_norm", abstol=1e-6, reltol=1e-6)
+
+    def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
+        return self.fn(f, z0)
+
+    def __repr__(self) -> str:
+        return f"CallableSolver({self.fn!r})"
+
+
+def as_solver(solver: Any, owner: str = "DEQ") -> Solver:
+    """A registered name, a :class:`~deqlab.solvers.Solver`, or a plain callable (wrapped in
+    :class:`CallableSolver`); anything else raises ``TypeError``."""
+    if isinstance(solver, str):
+        from deqlab.solvers.registry import get_solver
+
+        solver = get_solver(solver)
+    if isinstance(solver, Solver):
+        return solver
+    if callable(solver):
+        return CallableSolver(solver)
+    raise TypeError(f"{owner}: solver must be a Solver (e.g. DiscreteDEQSolver(...)), a registered solver name "
+                    f"or a callable solver(f, z0) -> SolverResult, got {solver!r}")

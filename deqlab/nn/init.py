@@ -1,0 +1,216 @@
+"""Initial guesses ``u0`` of a DEQ solve, as strategy objects.
+
+Why strategies: what distinguishes a vanilla DEQ, a Skip DEQ and a Skip Reg. DEQ (Pal et al. 2022) is
+only where the solve starts and which extra loss trains that start. Keeping that in one small object per
+variant lets :class:`~deqlab.nn.DeepEquilibriumNetwork` stay one class, and lets a researcher try a new
+start (an EMA of past fixed points, a cached solution, a coarse solve) by writing one class and passing
+it as ``init=``, without touching deqlab.
+
+The contract is :class:`InitialGuess`, an ``nn.Module`` (so a learned predictor's parameters are
+registered with the layer and move with ``.to()``):
+
+* ``forward(x, f) -> u0``: the initial state for the batch ``x``; ``f`` is the DEQ map ``z -> f(z, x)``
+  (checked on its first call), for guesses that evaluate it. ``u0`` may carry gradients.
+* ``start(u0) -> state``: what the solver (or the fixed-depth unroll) starts from; ``u0`` itself by
+  default. The solver always runs without a graph; this matters for the fixed-depth unroll.
+* ``skip_loss(u0, z_star) -> Tensor | None``: the extra loss that trains the guess (``None``: none; the
+  layer then reports a zero scalar as ``solution.skip_loss``).
+* ``observe(x, z_star)``: called after every forward with the (detached) fixed point, for guesses that
+  learn from past solves without gradients. No-op by default.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Literal, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from deqlab.state import State, as_parts, detach
+
+__all__ = ["FunctionGuess", "InitialGuess", "MapGuess", "ShortcutGuess", "ZeroGuess", "skip_loss"]
+
+SkipLoss = Literal["l1", "l2"]
+#: A per-sample state shape ``(C, H, W)``, or one shape per scale of a list state.
+StateShape = Union[Sequence[int], Sequence[Sequence[int]]]
+
+
+def _normalise_shape(shape: Optional[StateShape], owner: str):
+    if shape is None:
+        return None
+    shape = list(shape)
+    if all(isinstance(d, int) for d in shape):
+        return tuple(int(d) for d in shape)
+    if all(isinstance(s, (list, tuple)) and all(isinstance(d, int) for d in s) for s in shape) and shape:
+        return [tuple(int(d) for d in s) for s in shape]
+    raise ValueError(f"{owner}: shape must be a per-sample shape like (C, H, W) or a list of them (one per "
+                     f"scale), got {shape!r}")
+
+
+def zero_state(x: Tensor, shape) -> State:
+    """Zeros for the batch of ``x``: shaped like ``x`` (``shape=None``), ``(B, *shape)``, or a list of them."""
+    if shape is None:
+        return torch.zeros_like(x)
+    if isinstance(shape, list):
+        return [x.new_zeros((x.shape[0], *s)) for s in shape]
+    return x.new_zeros((x.shape[0], *shape))
+
+
+def skip_loss(u0: State, z_star: State, kind: SkipLoss = "l1", detach_target: bool = True) -> Tensor:
+    """``mean |u0 − z*|`` (``"l1"``, the paper's) or ``mean (u0 − z*)²`` (``"l2"``) over every element.
+
+    With ``detach_target`` the fixed point is a constant target: the loss trains the predictor of
+    ``u0`` and does not pull ``z*`` towards it (which would also cost a second adjoint solve).
+    """
+    total, count = None, 0
+    for a, b in zip(as_parts(u0), as_parts(z_star)):
+        b = b.detach() if detach_target else b
+        d = (a - b).abs() if kind == "l1" else (a - b).pow(2)
+        total = d.sum() if total is None else total + d.sum()
+        count += d.numel()
+    return total / count
+
+
+def _check_kind(owner: str, kind: str) -> None:
+    if kind not in ("l1", "l2"):
+        raise ValueError(f"{owner}: skip_loss must be 'l1' or 'l2', got {kind!r}")
+
+
+class InitialGuess(nn.Module):
+    """Base class of initial-guess strategies (see the module docstring for the contract).
+
+    Subclass it and implement :meth:`forward`; override :meth:`start`, :meth:`skip_loss` or
+    :meth:`observe` when the strategy needs them. Pass an instance as ``init=`` to a DEQ layer.
+    """
+
+    def forward(self, x: Tensor, f: Callable[[State], State]) -> State:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def start(self, u0: State) -> State:
+        """The state the solve starts from (``u0`` itself by default)."""
+        return u0
+
+    def skip_loss(self, u0: State, z_star: State) -> Optional[Tensor]:
+        """The loss that trains the guess, or ``None`` when the guess has none."""
+        return None
+
+    def observe(self, x: Tensor, z_star: State) -> None:
+        """Called after each forward with the detached fixed point (no-op by default)."""
+
+
+class ZeroGuess(InitialGuess):
+    """``u0 = 0`` (the vanilla DEQ). ``shape``: per-sample state shape when it differs from ``x``
+    (reduced-dimension DEQs), or a list of shapes for a multiscale (list) state; ``None``: shaped like ``x``."""
+
+    def __init__(self, shape: Optional[StateShape] = None):
+        super().__init__()
+        self.shape = _normalise_shape(shape, "ZeroGuess")
+
+    def forward(self, x: Tensor, f: Callable[[State], State]) -> State:
+        return zero_state(x, self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"
+
+
+class _SkipGuess(InitialGuess):
+    """Shared configuration of the two Skip variants: the skip loss kind and its target coupling."""
+
+    def __init__(self, skip_loss: SkipLoss, detach_skip_target: bool):
+        super().__init__()
+        _check_kind(type(self).__name__, skip_loss)
+        self.skip_loss_kind: SkipLoss = skip_loss
+        self.detach_skip_target = bool(detach_skip_target)
+
+    def skip_loss(self, u0: State, z_star: State) -> Optional[Tensor]:
+        _check_kind(type(self).__name__, self.skip_loss_kind)
+        return skip_loss(u0, z_star, self.skip_loss_kind, self.detach_skip_target)
+
+
+class _PerScale(nn.Module):
+    """Applies one module per scale to the same ``x`` and returns the list."""
+
+    def __init__(self, layers: Sequence[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        return [m(x) for m in self.layers]
+
+
+class ShortcutGuess(_SkipGuess):
+    """Skip DEQ: ``u0 = module(x)``, a learned explicit predictor of the fixed point.
+
+    ``u0`` enters the solve *detached*, so the predictor learns only through ``solution.skip_loss``
+    (the task loss gives it no gradient). The predictor is the submodule ``shortcut`` (state-dict keys
+    ``init.shortcut.*`` in a layer).
+
+    Args:
+        module: ``x -> u0`` (state-shaped); or a sequence of modules, one per scale of a list state, each
+            applied to ``x``.
+        skip_loss: ``"l1"`` (``mean|u0 − z*|``, the paper's) or ``"l2"``.
+        detach_skip_target: ``z*`` is a constant target in the skip loss (default); ``False`` also
+            differentiates the skip loss through ``z*`` (the reference package's coupling).
+        shape: optional per-sample state shape(s); when given, ``module``'s output is checked against it.
+    """
+
+    def __init__(self, module: Union[nn.Module, Sequence[nn.Module]], *, skip_loss: SkipLoss = "l1",
+                 detach_skip_target: bool = True, shape: Optional[StateShape] = None):
+        super().__init__(skip_loss, detach_skip_target)
+        if not isinstance(module, nn.Module):
+            if not isinstance(module, (list, tuple)) or not all(isinstance(m, nn.Module) for m in module):
+                raise TypeError(f"ShortcutGuess: module must be an nn.Module or a sequence of them (one per "
+                                f"scale), got {type(module).__name__}")
+            module = _PerScale(module)
+        self.shortcut = module
+        self.shape = _normalise_shape(shape, "ShortcutGuess")
+
+    def forward(self, x: Tensor, f: Callable[[State], State]) -> State:
+        u0 = self.shortcut(x)
+        u0 = list(u0) if isinstance(u0, tuple) else u0
+        if self.shape is not None:
+            want = self.shape if isinstance(self.shape, list) else [self.shape]
+            got = [tuple(t.shape[1:]) for t in as_parts(u0)]
+            if got != want:
+                raise ValueError(f"ShortcutGuess: the shortcut returned per-sample shapes {got}, expected {want}")
+        return u0
+
+    def start(self, u0: State) -> State:
+        return detach(u0)
+
+
+class MapGuess(_SkipGuess):
+    """Skip Reg. DEQ: ``u0 = f(0, x)``, one application of the map itself (differentiable, no parameters).
+
+    Through the skip loss it trains ``f`` to reach its fixed point in one step.
+
+    Args:
+        skip_loss, detach_skip_target: as :class:`ShortcutGuess`.
+        shape: per-sample shape(s) of the zero state ``f`` is applied to (``None``: shaped like ``x``).
+    """
+
+    def __init__(self, *, skip_loss: SkipLoss = "l1", detach_skip_target: bool = True,
+                 shape: Optional[StateShape] = None):
+        super().__init__(skip_loss, detach_skip_target)
+        self.shape = _normalise_shape(shape, "MapGuess")
+
+    def forward(self, x: Tensor, f: Callable[[State], State]) -> State:
+        return f(zero_state(x, self.shape))
+
+
+class FunctionGuess(InitialGuess):
+    """``u0 = fn(x)`` for a plain callable, evaluated without gradient tracking (no skip loss).
+
+    What the ``initializer=`` argument of the layers builds; for a *learned* predictor use
+    :class:`ShortcutGuess`, which trains it through the skip loss.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], State]):
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"FunctionGuess: fn must be callable as fn(x) -> u0, got {fn!r}")
+        self.fn = fn
+
+    def forward(self, x: Tensor, f: Callable[[State], State]) -> State:
+        with torch.no_grad():
+            u0 = self.fn(x)
+        return list(u0) if isinstance(u0, tuple) else u0
