@@ -1,4 +1,4 @@
-"""Every ``python`` code block in ``docs/*.md`` and ``README.md`` runs.
+"""Every ``python`` code block in ``docs/**/*.md`` (tutorials and API pages included) and ``README.md`` runs.
 
 Why: documentation examples rot silently. Blocks of one page run in order in one fresh interpreter (a
 page may build on its earlier blocks); a block whose first line is ``# not-run`` is skipped (for
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 
 
@@ -21,10 +21,10 @@ def _blocks(page: Path):
     return [b for b in BLOCK.findall(page.read_text()) if not b.lstrip().startswith("# not-run")]
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if p.exists() and _blocks(p)], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [p for p in PAGES if p.exists() and _blocks(p)], ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_doc_examples_run(page, tmp_path):
     code = "\n\n".join(_blocks(page))
-    script = tmp_path / f"{page.stem}_examples.py"
+    script = tmp_path / f"{page.stem}_examples.py"  # tutorials write their outputs under tmp_path too
     script.write_text(code)
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
