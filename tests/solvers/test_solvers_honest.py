@@ -264,3 +264,16 @@ def test_map_returning_a_non_state_for_a_list_state(name):
         get_solver(name)(lambda zs: (zs[0], 0), [torch.zeros(2, 3), torch.zeros(2, 1)])
     with pytest.raises(ValueError, match="the map must return a state shaped like z"):
         get_solver(name)(lambda zs: [zs[0], zs[0]], [torch.zeros(2, 3), torch.zeros(2, 1)])
+
+
+def test_anderson_memory_larger_than_state_converges_in_float32():
+    """Anderson with memory 5 on a 2-D linear contraction: the stored residuals are linearly dependent after
+    three steps, so the Gram matrix is singular; the solve must still converge (it went NaN for 10 of 64
+    samples with the earlier 1e-8 relative regularization)."""
+    W = torch.tensor([[0.2795, 0.4243], [-0.4794, -0.3079]])
+    x = torch.rand(64, 2, generator=torch.Generator().manual_seed(0))
+    solver = DiscreteDEQSolver("anderson", abstol_termination=1e-4, reltol_termination=1e-4, max_steps=30)
+    res = solver(lambda z: z @ W.T + x, torch.zeros(64, 2))
+    z_exact = torch.linalg.solve(torch.eye(2) - W, x.T).T
+    assert res.status == "converged" and bool(res.converged.all())
+    assert float((res.z - z_exact).abs().max()) < 1e-3
