@@ -369,18 +369,21 @@ def _describe_forward(result: Any) -> str:
             f"{unconverged:.0%} of the samples unconverged, nfe {result.nfe}")
 
 
-def _skip_init(owner: str, kwargs: dict, shortcut: Any, skip_loss: SkipLoss, detach_skip_target: bool,
+def _skip_init(owner: str, kwargs: dict, shortcut: Any, skip_loss: SkipLoss, detach_skip_target: Optional[bool],
                shape: Any) -> InitialGuess:
-    """The guess a Skip constructor builds: ``ShortcutGuess(shortcut)`` or, without one, ``MapGuess()``."""
+    """The guess a Skip constructor builds: ``ShortcutGuess(shortcut)`` or, without one, ``MapGuess()``.
+    ``detach_skip_target=None`` takes each guess's own default (detached for a shortcut, coupled for
+    Skip Reg.)."""
     for key in ("init", "initializer"):
         if kwargs.get(key) is not None:
             raise ValueError(f"{owner}: {key} and shortcut both set the initial state u0; a Skip layer builds "
                              f"its own (ShortcutGuess(shortcut) or MapGuess()). Pass init=... to "
                              f"DeepEquilibriumNetwork instead")
         kwargs.pop(key, None)
+    coupling = {} if detach_skip_target is None else {"detach_skip_target": bool(detach_skip_target)}
     if shortcut is not None:
-        return ShortcutGuess(shortcut, skip_loss=skip_loss, detach_skip_target=detach_skip_target, shape=shape)
-    return MapGuess(skip_loss=skip_loss, detach_skip_target=detach_skip_target, shape=shape)
+        return ShortcutGuess(shortcut, skip_loss=skip_loss, shape=shape, **coupling)
+    return MapGuess(skip_loss=skip_loss, shape=shape, **coupling)
 
 
 class SkipDeepEquilibriumNetwork(DeepEquilibriumNetwork):
@@ -392,24 +395,24 @@ class SkipDeepEquilibriumNetwork(DeepEquilibriumNetwork):
     * Skip Reg. DEQ: ``u0 = f(0, x)`` (one application of the map, differentiable, no extra parameters).
 
     ``solution.skip_loss`` is ``mean|u0 − z*|`` (``"l1"``, the paper's) or ``mean (u0 − z*)²`` (``"l2"``).
-    By default ``z*`` is a *detached target* in this loss (``detach_skip_target=True``): the skip loss
-    trains the predictor of ``u0`` (the shortcut, or ``f``'s one-step map in Skip Reg.) towards the fixed
-    point and does not pull the fixed point towards the predictor (which would also cost a second adjoint
-    solve). Set ``detach_skip_target=False`` for the reference package's coupling, where the skip loss also
-    differentiates through ``z*``.
+    With a shortcut, ``z*`` is by default a *detached target* in this loss: the skip loss trains the
+    predictor towards the fixed point and does not pull the fixed point towards the predictor (which would
+    also cost a second adjoint solve). For Skip Reg. the default is the reference package's coupling (the
+    loss also differentiates through ``z*``): a detached target lets ``|z*|`` run away, see
+    :class:`~deqlab.nn.MapGuess`. ``detach_skip_target=True``/``False`` forces either form.
 
     Args:
         model, solver: as :class:`DeepEquilibriumNetwork`.
         shortcut: the explicit predictor ``x -> u0`` (state-shaped output), or ``None`` for Skip Reg.
         skip_loss: ``"l1"`` or ``"l2"``.
-        detach_skip_target: see above.
+        detach_skip_target: see above (``None``: the default of the guess).
         **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork` except ``init``/``initializer``;
             ``z_shape`` is the state shape (the zeros ``f`` is applied to in Skip Reg.; checked against the
             shortcut's output in Skip DEQ).
     """
 
     def __init__(self, model: nn.Module, solver: Any, shortcut: Optional[nn.Module] = None, *,
-                 skip_loss: SkipLoss = "l1", detach_skip_target: bool = True, **kwargs: Any):
+                 skip_loss: SkipLoss = "l1", detach_skip_target: Optional[bool] = None, **kwargs: Any):
         init = _skip_init(type(self).__name__, kwargs, shortcut, skip_loss, detach_skip_target,
                           kwargs.pop("z_shape", None))
         super().__init__(model, solver, init=init, **kwargs)
@@ -523,7 +526,7 @@ class MultiScaleSkipDeepEquilibriumNetwork(MultiScaleDeepEquilibriumNetwork):
     def __init__(self, main_layers: Sequence[nn.Module], mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
                  post_fuse_layers: Optional[Sequence[Optional[nn.Module]]], solver: Any,
                  scales: Sequence[Sequence[int]], shortcut_layers: Union[None, nn.Module, Sequence[nn.Module]] = None,
-                 *, skip_loss: SkipLoss = "l1", detach_skip_target: bool = True, **kwargs: Any):
+                 *, skip_loss: SkipLoss = "l1", detach_skip_target: Optional[bool] = None, **kwargs: Any):
         name = type(self).__name__
         if shortcut_layers is not None and not isinstance(shortcut_layers, nn.Module) and \
                 len(shortcut_layers) != len(scales):

@@ -183,12 +183,20 @@ class MapGuess(_SkipGuess):
 
     Through the skip loss it trains ``f`` to reach its fixed point in one step.
 
+    Unlike :class:`ShortcutGuess`, the skip loss is *coupled* by default (``detach_skip_target=False``,
+    the reference package's form): it differentiates through ``z*`` as well as through ``f(0, x)``. Why:
+    with a detached target the only way the loss can shrink ``|f(0, x) − z*|`` is by moving ``f(0, x)``,
+    which moves ``z*`` with it; measured on the paper's MNIST dense model (400 steps), ``|z*|`` then ran
+    away to ~600 and test accuracy stayed at 26 %, while the coupled loss reached vanilla's accuracy.
+
     Args:
-        skip_loss, detach_skip_target: as :class:`ShortcutGuess`.
+        skip_loss: as :class:`ShortcutGuess`.
+        detach_skip_target: ``False`` (default): the loss also pulls ``z*`` towards ``f(0, x)``; ``True``:
+            ``z*`` is a constant target.
         shape: per-sample shape(s) of the zero state ``f`` is applied to (``None``: shaped like ``x``).
     """
 
-    def __init__(self, *, skip_loss: SkipLoss = "l1", detach_skip_target: bool = True,
+    def __init__(self, *, skip_loss: SkipLoss = "l1", detach_skip_target: bool = False,
                  shape: Optional[StateShape] = None):
         super().__init__(skip_loss, detach_skip_target)
         self.shape = _normalise_shape(shape, "MapGuess")

@@ -79,3 +79,38 @@ def test_skip_needs_fewer_steps_with_a_good_shortcut():
 
     _, s1 = SkipDEQ(model, solver, Oracle())(x)
     assert s1.nfe < s0.nfe
+
+
+def test_skip_reg_skip_loss_is_coupled_through_z_star_by_default():
+    """Skip Reg. differentiates its skip loss through z* too (the reference's form): the gradient of
+    mean|f(0, x) - z*| w.r.t. the map equals the dense-linear-algebra gradient of the coupled loss, not the
+    detached one (a detached target let |z*| run away on MNIST dense)."""
+    from deqlab.nn import MapGuess, SkipDeepEquilibriumNetwork
+
+    torch.manual_seed(3)
+    a = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 2, dtype=torch.float64)
+
+    class Affine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(a.detach().clone())
+
+        def forward(self, z, x):
+            return self.a * z + x
+
+    model = Affine()
+    deq = SkipDeepEquilibriumNetwork(model, make_solver("anderson", tol=1e-12), None, z_shape=(2,)).double()
+    assert isinstance(deq.init, MapGuess) and deq.init.detach_skip_target is False
+    assert MapGuess().detach_skip_target is False
+    _, sol = deq(x)
+    sol.skip_loss.backward()
+    # u0 = f(0, x) = x, z* = x / (1 - a): the coupled loss mean|x - x/(1-a)| = mean|x| a/(1-a) has
+    # d/da = mean|x| / (1-a)^2
+    expected = x.abs().mean() / (1 - 0.5) ** 2
+    torch.testing.assert_close(model.a.grad, expected, rtol=1e-6, atol=1e-9)
+    # forcing the detached form gives no gradient to a (u0 = x does not depend on a)
+    detached = SkipDeepEquilibriumNetwork(Affine(), deq.solver, None, z_shape=(2,), detach_skip_target=True).double()
+    _, sol = detached(x)
+    sol.skip_loss.backward()
+    assert detached.model.a.grad is None or float(detached.model.a.grad.abs()) == 0.0
