@@ -1,0 +1,1 @@
+"""Multiscale (MDEQ-style) paper models. Filled in below."""
