@@ -84,6 +84,10 @@ class ExperimentSpec:
     test_size: int
     num_classes: int = 10
     description: str = ""
+    #: ``extra_arguments(parser)`` adds the script's own options (e.g. ImageNet's ``--image-size``).
+    extra_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
+    #: alternative architecture names -> canonical ones (recorded in the CSV by the canonical name).
+    aliases: Dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -127,7 +131,8 @@ def build_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
                    help="extra keyword for deqlab.models.build_model (e.g. max_steps=30)")
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", type=Path, default=REPO / "data", help="dataset root (torchvision layout)")
-    d.add_argument("--download", action="store_true", help="download the dataset into --data-dir when missing")
+    if spec.name != "imagenet":  # ImageNet needs registration; its data module refuses to download
+        d.add_argument("--download", action="store_true", help="download the dataset into --data-dir when missing")
     d.add_argument("--train-subset", type=int, default=None, metavar="N", help="train on a fixed random N of the training set")
     d.add_argument("--test-subset", type=int, default=None, metavar="N", help="evaluate on a fixed random N of the test set")
     d.add_argument("--num-workers", type=int, default=None, help="data loader workers per process (default: 2, ImageNet 8)")
@@ -151,11 +156,14 @@ def build_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
     r.add_argument("--log-every", type=int, default=50, help="steps between progress lines and TensorBoard points")
     r.add_argument("--figures", action="store_true", help="also log NFE histograms and convergence figures")
     r.add_argument("--dry-run", action="store_true", help="build the model(s), print the plan and exit without data")
+    if spec.extra_arguments is not None:
+        spec.extra_arguments(p)
     return p
 
 
 def parse_args(spec: ExperimentSpec, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = build_parser(spec).parse_args(argv)
+    args.arch = spec.aliases.get(args.arch, args.arch)
     for name in ("train_subset", "test_subset", "batch_size", "epochs"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -404,7 +412,7 @@ class PaperData:
 
 
 def check_data(data: Any, args: argparse.Namespace) -> None:
-    missing = [] if args.download else data.missing_paths()
+    missing = [] if getattr(args, "download", False) else data.missing_paths()
     if missing:
         raise SystemExit(
             f"error: {data.name} not found under {data.data_dir}: missing {', '.join(str(m) for m in missing)}. "
@@ -630,7 +638,7 @@ def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan
         accelerator=plan.accelerator, devices=plan.devices, num_nodes=plan.num_nodes, strategy=plan.strategy,
         max_epochs=cfg.epochs, max_steps=cfg.max_steps, check_val_every_n_epoch=max(1, args.val_every),
         num_sanity_val_steps=0, logger=logger, callbacks=[recorder],
-        log_every_n_steps=max(1, min(args.log_every, total)), enable_checkpointing=False,
+        log_every_n_steps=max(1, min(args.log_every, per_epoch, total)), enable_checkpointing=False,
         enable_progress_bar=progress == "bar", enable_model_summary=False,
     )
     if args.precision:

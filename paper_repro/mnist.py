@@ -25,7 +25,7 @@ from paper_repro.common import ExperimentSpec, main  # noqa: E402
 def make_data(args, arch: str, batch_size: int, seed: int, augment: bool, num_workers: int):
     from deqlab.data import MNISTDataModule
 
-    return MNISTDataModule(data_dir=args.data_dir, download=args.download, batch_size=batch_size,
+    return MNISTDataModule(data_dir=args.data_dir, download=getattr(args, 'download', False), batch_size=batch_size,
                            num_workers=num_workers, seed=seed, val_fraction=0.0, augment=augment,
                            flatten=arch == "dense")
 
