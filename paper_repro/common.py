@@ -88,6 +88,8 @@ class ExperimentSpec:
     extra_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
     #: alternative architecture names -> canonical ones (recorded in the CSV by the canonical name).
     aliases: Dict[str, str] = field(default_factory=dict)
+    #: data loader workers per process unless ``--num-workers`` says otherwise.
+    default_workers: int = 2
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -135,7 +137,7 @@ def build_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
         d.add_argument("--download", action="store_true", help="download the dataset into --data-dir when missing")
     d.add_argument("--train-subset", type=int, default=None, metavar="N", help="train on a fixed random N of the training set")
     d.add_argument("--test-subset", type=int, default=None, metavar="N", help="evaluate on a fixed random N of the test set")
-    d.add_argument("--num-workers", type=int, default=None, help="data loader workers per process (default: 2, ImageNet 8)")
+    d.add_argument("--num-workers", type=int, default=None, help=f"data loader workers per process (default: {spec.default_workers})")
     h = p.add_argument_group("devices")
     h.add_argument("--gpus", type=int, default=0, help="0: CPU; 1: one GPU; N > 1: DDP over N GPUs (batch size per process)")
     h.add_argument("--accelerator", default=None, help="Lightning accelerator (cpu, gpu, ...); overrides --gpus")
@@ -615,7 +617,7 @@ def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan
     from pytorch_lightning.loggers import TensorBoardLogger
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    workers = args.num_workers if args.num_workers is not None else (8 if spec.name == "imagenet" else 2)
+    workers = args.num_workers if args.num_workers is not None else spec.default_workers
     inner = spec.make_data(args, cfg.arch, cfg.batch_size, cfg.seed, cfg.augment, workers)
     check_data(inner, args)
     data = PaperData(inner, cfg.train_subset, cfg.test_subset)

@@ -31,7 +31,7 @@ def extra_arguments(parser) -> None:
 
 
 SPEC = ExperimentSpec(name="imagenet", archs=("small",), make_data=make_data, train_size=1_281_167, test_size=50_000,
-                      num_classes=1000, description=__doc__.split("\n\n")[0], extra_arguments=extra_arguments)
+                      num_classes=1000, description=__doc__.split("\n\n")[0], extra_arguments=extra_arguments, default_workers=8)  # JPEG decoding
 
 if __name__ == "__main__":
     main(SPEC)

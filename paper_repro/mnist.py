@@ -31,7 +31,8 @@ def make_data(args, arch: str, batch_size: int, seed: int, augment: bool, num_wo
 
 
 SPEC = ExperimentSpec(name="mnist", archs=("dense", "conv"), make_data=make_data, train_size=60_000,
-                      test_size=10_000, num_classes=10, description=__doc__.split("\n\n")[0])
+                      test_size=10_000, num_classes=10, description=__doc__.split("\n\n")[0],
+                      default_workers=0)  # in memory, cheap transforms: workers would only compete for the cores
 
 if __name__ == "__main__":
     main(SPEC)

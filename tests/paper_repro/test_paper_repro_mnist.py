@@ -93,3 +93,14 @@ def test_missing_gpus_give_a_one_line_error(mnist_dir, tmp_path):
 def test_missing_data_says_where_it_looked(tmp_path):
     with pytest.raises(SystemExit, match="MNIST/raw"):
         run(["--max-steps", "1", "--data-dir", str(tmp_path / "empty"), *out_args(tmp_path)])
+
+
+def test_accelerator_gpu_devices_are_checked_too_and_devices_needs_an_accelerator(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() >= 8:
+        pytest.skip("this machine has the GPUs")
+    with pytest.raises(SystemExit, match="asked for 8 GPUs but found"):
+        run(["--accelerator", "gpu", "--devices", "8", *out_args(tmp_path)])
+    with pytest.raises(SystemExit, match="--devices needs --accelerator"):
+        run(["--devices", "2", *out_args(tmp_path)])
