@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 #: Where runs write by default: ``runs/`` is git-ignored, so results never land in the source tree by accident.
@@ -703,6 +703,9 @@ def grid_configs(spec: ExperimentSpec, args: argparse.Namespace) -> List[RunConf
     configs = []
     for seed in seeds:
         for model_type in model_types:
+            if model_type == "neural_ode" and args.jac_reg:
+                print("grid: neural_ode skipped with --jac-reg (no fixed point, so no Jacobian term)")
+                continue
             if model_type == "neural_ode":  # integrates a finite interval: no steady-state solver to vary
                 ode_solver = "continuous" if "continuous" in solvers else solvers[0]
                 configs.append(make_config(spec, args, model_type, ode_solver, seed))
