@@ -151,3 +151,50 @@ def test_import_models_does_not_import_lightning(tmp_path):
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_mnist_dense_gradient_matches_finite_differences_float64():
+    """The implicit gradient through stem → DEQ → head equals central differences of the loss (float64,
+    tight solve), for a stem, a map and a head parameter."""
+    torch.manual_seed(0)
+    net = build_model("mnist", "dense", model_type="skip_reg", solver="discrete", tol=1e-11, max_steps=300,
+                      backward_max_steps=300).double()
+    x, t = torch.randn(3, 784, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64)
+
+    def loss():
+        y, sol = net(x)
+        return ((y - t) ** 2).sum(), sol
+
+    value, sol = loss()
+    assert bool(sol.converged.all())
+    value.backward()
+    for p in (net.stem[1].weight, net.deq.model.w_z.weight, net.head.weight):
+        d = torch.randn_like(p)
+        with torch.no_grad():
+            p.add_(1e-5 * d)
+            up = loss()[0]
+            p.sub_(2e-5 * d)
+            down = loss()[0]
+            p.add_(1e-5 * d)
+        torch.testing.assert_close((p.grad * d).sum(), (up - down) / 2e-5, rtol=1e-5, atol=1e-7)
+
+
+def test_paper_settings_of_the_other_experiments():
+    conv = paper_settings("mnist", "conv", "skip", "continuous")
+    assert (conv["batch_size"], conv["epochs"], conv["skip_loss_weight"]) == (64, 25, 1.0)
+    assert paper_settings("cifar10", "v1", "skip", "discrete")["batch_size"] == 32
+    assert paper_settings("cifar10", "v1", "skip", "continuous")["batch_size"] == 64
+    assert paper_settings("svhn", "v1", "skip", "discrete")["batch_size"] == 64
+    small = paper_settings("cifar10", "tiny", "skip", "continuous")
+    assert (small["optimizer"], small["weight_decay"], small["max_steps"], small["batch_size"]) == ("adam", 2.5e-5, 20000, 128)
+    assert small["pretrain_steps"] == 3000 and small["skip_loss_weight"] == 0.01 and small["augment"] is False
+    assert paper_settings("cifar10", "small", "neural_ode", "continuous")["pretrain_steps"] == 0
+    large = paper_settings("cifar10", "large", "vanilla", "discrete")
+    assert (large["weight_decay"], large["max_steps"], large["augment"], large["skip_loss_weight"]) == (0.0, 90000, True, 0.0)
+    imnet = paper_settings("imagenet", "small", "skip_reg", "discrete")
+    assert (imnet["optimizer"], imnet["lr"], imnet["momentum"], imnet["nesterov"], imnet["weight_decay"]) == \
+        ("sgd", 0.05, 0.9, True, 1e-6)
+    assert (imnet["scheduler"], imnet["step_milestones"], imnet["step_gamma"]) == ("step", (100_000, 150_000, 250_000), 0.1)
+    assert (imnet["max_steps"], imnet["batch_size"], imnet["num_classes"]) == (500_000, 64, 1000)
+    with pytest.raises(ValueError, match="valid"):
+        paper_settings("cifar100", "small")
