@@ -19,7 +19,7 @@ The stem and head use ordinary BatchNorm.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
@@ -62,6 +62,8 @@ class MDEQConfig:
         num_classes: classifier outputs.
         tol, max_steps, mode: forward solver tolerance (abs = rel), step budget, termination mode.
         backward_max_steps: GMRES VJP budget of the adjoint.
+        detach_skip_target: whether the skip loss treats z* as a detached target (``None``: detached for
+            ``skip``, coupled for ``skip_reg``; see :func:`deqlab.models._build.skip_target_detached`).
     """
 
     version: str
@@ -85,6 +87,7 @@ class MDEQConfig:
     downsample_times: int = 0
     shortcut_expansion: int = 5
     shortcut_groups: int = 8
+    detach_skip_target: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.version not in ("v1", "v2"):
@@ -282,7 +285,8 @@ def build_mdeq(cfg: MDEQConfig, model_type: ModelType = "skip", solver: SolverKi
     main, mapping, post = _map_layers(cfg)
     deq = make_multiscale(model_type, main, mapping, post, solver_obj, cfg.scales,
                           shortcut=_shortcut(cfg) if model_type == "skip" else None,
-                          backward=make_backward(cfg.tol, cfg.backward_max_steps), jac_reg=jac_reg, ode_tol=cfg.tol)
+                          backward=make_backward(cfg.tol, cfg.backward_max_steps), jac_reg=jac_reg, ode_tol=cfg.tol,
+                          detach_skip_target=cfg.detach_skip_target)
     act = nn.GELU() if cfg.version == "v1" else nn.ReLU()
     head = ClassificationHead(cfg.num_channels, cfg.head_channels, cfg.final_channels, cfg.num_classes, act)
     return PaperNetwork(_stem(cfg), deq, head, model_type=model_type, solver_kind=solver)
