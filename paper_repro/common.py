@@ -716,8 +716,10 @@ def grid_configs(spec: ExperimentSpec, args: argparse.Namespace) -> List[RunConf
                 print("grid: neural_ode skipped with --jac-reg (no fixed point, so no Jacobian term)")
                 continue
             if model_type == "neural_ode":  # integrates a finite interval: no steady-state solver to vary
-                ode_solver = "continuous" if "continuous" in solvers else solvers[0]
-                configs.append(make_config(spec, args, model_type, ode_solver, seed))
+                if "continuous" in solvers:
+                    configs.append(make_config(spec, args, model_type, "continuous", seed))
+                else:
+                    print("grid: neural_ode skipped: it is an ODE model, listed under --solvers continuous")
                 continue
             for solver in solvers:
                 configs.append(make_config(spec, args, model_type, solver, seed))
