@@ -38,6 +38,7 @@ API_PAGES = {
     "deqlab.lightning": "api/lightning",
     "deqlab.data": "api/data",
     "deqlab.zoo": "api/zoo",
+    "deqlab.models": "api/models",
 }
 
 
