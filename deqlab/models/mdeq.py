@@ -64,6 +64,14 @@ class MDEQConfig:
         backward_max_steps: GMRES VJP budget of the adjoint.
         detach_skip_target: whether the skip loss treats z* as a detached target (``None``: detached for
             ``skip``, coupled for ``skip_reg``; see :func:`deqlab.models._build.skip_target_detached`).
+        fuse_gain: initial affine weight γ of the v1 GroupNorms whose outputs are summed into the next state
+            (each residual block's last GroupNorm and each mapping's GroupNorm; also the Skip predictor's, so
+            u0 starts on the scale of z*). 1.0 is PyTorch's default. Why it exists: every such GroupNorm
+            outputs unit variance whatever its input, and the block's identity path ``+ z`` feeds that back,
+            so with γ = 1 the MNIST-conv map has Jacobian spectral radius ≈ 1.0 at init (fixed-point
+            iteration: relative residual 1.3e-2 after 60 steps; limited-memory Broyden diverges to residuals
+            of 1e5 on a third of the samples). γ = 0.5 halves the gain of every path back into the state,
+            and the same solver converges on every sample in ~30 evaluations. No parameters are added.
     """
 
     version: str
@@ -88,6 +96,7 @@ class MDEQConfig:
     shortcut_expansion: int = 5
     shortcut_groups: int = 8
     detach_skip_target: Optional[bool] = None
+    fuse_gain: float = 1.0
 
     def __post_init__(self) -> None:
         if self.version not in ("v1", "v2"):
@@ -100,6 +109,8 @@ class MDEQConfig:
             raise ValueError(f"MDEQConfig: image_size {self.image_size} must be divisible by "
                              f"{2 ** (self.downsample_times + len(self.num_channels) - 1)} for "
                              f"{len(self.num_channels)} scales and {self.downsample_times} stem downsamplings")
+        if not self.fuse_gain > 0:
+            raise ValueError(f"MDEQConfig: fuse_gain must be > 0, got {self.fuse_gain}")
 
     @property
     def scales(self) -> List[Tuple[int, int, int]]:
@@ -248,14 +259,31 @@ def _stem(cfg: MDEQConfig) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def _set_output_gain(module: Optional[nn.Module], gain: float) -> Optional[nn.Module]:
+    """Initialise the affine weight of the GroupNorm that produces ``module``'s output to ``gain`` (the
+    residual block's ``gn3``; the last GroupNorm of a mapping), see :attr:`MDEQConfig.fuse_gain`."""
+    if module is None or gain == 1.0:
+        return module
+    if isinstance(module, ResidualBlock):
+        norm = module.gn3
+    else:
+        norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+        if not norms:
+            raise TypeError(f"fuse_gain: {type(module).__name__} has no GroupNorm to scale")
+        norm = norms[-1]
+    nn.init.constant_(norm.weight, gain)
+    return module
+
+
 def _map_layers(cfg: MDEQConfig):
     ch, n = cfg.num_channels, len(cfg.num_channels)
     if cfg.version == "v1":
-        main = [ResidualBlock(c, expansion=cfg.expansion, num_groups=cfg.num_groups, dropout=cfg.dropout,
-                              weight_norm=cfg.weight_norm) for c in ch]
-        mapping = [[None if i == j else
-                    (Downsample(ch[i], ch[j], 2 ** (j - i), num_groups=cfg.map_groups) if i < j
-                     else Upsample(ch[i], ch[j], 2 ** (i - j), num_groups=cfg.map_groups))
+        g = cfg.fuse_gain
+        main = [_set_output_gain(ResidualBlock(c, expansion=cfg.expansion, num_groups=cfg.num_groups,
+                                               dropout=cfg.dropout, weight_norm=cfg.weight_norm), g) for c in ch]
+        mapping = [[None if i == j else _set_output_gain(
+                    Downsample(ch[i], ch[j], 2 ** (j - i), num_groups=cfg.map_groups) if i < j
+                    else Upsample(ch[i], ch[j], 2 ** (i - j), num_groups=cfg.map_groups), g)
                     for j in range(n)] for i in range(n)]
         post = [PostFuse(c, num_groups=cfg.post_fuse_groups) for c in ch] if cfg.post_fuse else None
         return main, mapping, post
@@ -269,9 +297,11 @@ def _map_layers(cfg: MDEQConfig):
 def _shortcut(cfg: MDEQConfig) -> nn.Module:
     ch = cfg.num_channels
     if cfg.version == "v1":
-        first = ResidualBlock(ch[0], expansion=cfg.shortcut_expansion, num_groups=cfg.shortcut_groups,
-                              weight_norm=cfg.weight_norm)
-        rest = [Downsample(ch[0], ch[i], 2 ** i, num_groups=cfg.map_groups) for i in range(1, len(ch))]
+        g = cfg.fuse_gain
+        first = _set_output_gain(ResidualBlock(ch[0], expansion=cfg.shortcut_expansion,
+                                               num_groups=cfg.shortcut_groups, weight_norm=cfg.weight_norm), g)
+        rest = [_set_output_gain(Downsample(ch[0], ch[i], 2 ** i, num_groups=cfg.map_groups), g)
+                for i in range(1, len(ch))]
     else:
         first = BNResidualBlock(ch[0], cfg.shortcut_expansion, 0.0, cfg.weight_norm)
         rest = [_v2_down(ch[0], ch[i], i) for i in range(1, len(ch))]
@@ -296,7 +326,7 @@ def build_mdeq(cfg: MDEQConfig, model_type: ModelType = "skip", solver: SolverKi
 MNIST_CONV = MDEQConfig(
     version="v1", in_channels=1, image_size=28, num_channels=(8, 16), expansion=5, dropout=0.0, weight_norm=True,
     num_groups=4, map_groups=8, post_fuse=False, head_channels=(8, 16), final_channels=200, tol=1e-2,
-    max_steps=50, backward_max_steps=15, mode="rel_norm", shortcut_expansion=5, shortcut_groups=4)
+    max_steps=50, backward_max_steps=15, mode="rel_norm", shortcut_expansion=5, shortcut_groups=4, fuse_gain=0.5)
 CIFAR10_V1 = MDEQConfig(
     version="v1", in_channels=3, image_size=32, num_channels=(24, 24), expansion=5, dropout=0.25,
     weight_norm=True, num_groups=8, map_groups=8, post_fuse=True, post_fuse_groups=4, head_channels=(8, 16),
