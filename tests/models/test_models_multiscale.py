@@ -239,3 +239,17 @@ def test_mnist_conv_skip_trains_a_few_steps():
     assert losses[0] < 5.0, losses  # CE ≈ 2.3 + a skip loss of order 1, not of order 1e2
     assert losses[-1] < 0.9 * losses[0], losses
     assert sum(converged) / len(converged) >= 0.75, converged
+
+
+def test_mnist_conv_fuse_gain_sets_the_norms_back_into_the_state_and_keeps_the_counts():
+    net = build_model("mnist", "conv", model_type="skip")
+    main, mapping = net.deq.model.main_layers, net.deq.model.mapping_layers
+    assert float(main[0].gn3.weight.mean()) == 0.25 and float(main[0].gn2.weight.mean()) == 1.0  # injection kept
+    assert float(main[1].gn3.weight.mean()) == 0.25 and float(main[1].gn2.weight.mean()) == 0.25
+    assert all(float(m.weight.mean()) == 0.25 for row in mapping for mp in row
+               for m in [n for n in mp.modules() if isinstance(n, nn.GroupNorm)][-1:])
+    assert count_parameters(net) == 78_682
+    assert count_parameters(build_model("mnist", "conv", model_type="vanilla", fuse_gain=1.0)) == 71_578
+    assert float(build_model("cifar10", "v1").deq.model.main_layers[0].gn3.weight.mean()) == 1.0  # others as before
+    with pytest.raises(ValueError, match="fuse_gain"):
+        build_model("mnist", "conv", fuse_gain=0.0)
