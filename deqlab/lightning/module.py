@@ -138,7 +138,11 @@ class DEQLightningModule(pl.LightningModule):
             return
         # Lightning collects the arguments of ``outer`` (``**kwargs`` merged), or, when LightningCLI built the
         # model, takes the CLI's resolved arguments plus the class path it needs to rebuild from a checkpoint.
-        self.save_hyperparameters(frame=outer)
+        # nn.Module arguments (a DEQClassifier's network) are in the state dict already; as hparams they would
+        # be pickled into every checkpoint and written weight by weight into hparams.yaml. Pass them again to
+        # load_from_checkpoint (``DEQClassifier.load_from_checkpoint(path, network=...)``).
+        modules = [k for k, v in outer.f_locals.items() if k != "self" and isinstance(v, nn.Module)]
+        self.save_hyperparameters(ignore=modules, frame=outer)
         del frame, f, outer
         # a checkpoint must stay loadable with torch.load(weights_only=True): keep the config as plain data
         if isinstance(self.hparams.get("training"), DEQTrainingConfig):
