@@ -473,7 +473,7 @@ def oracle(name: str, device: torch.device, seed: int, c64: Tensor, *, max_steps
         z, sol = deq(wl.x)
         grads[b] = flat(loss_and_grads(z, c64, params))
         out[f"bwd_{b}"] = sol.backward_nfe
-        out[f"conv_{b}"] = deq.backward.last_converged
+        out[f"conv_{b}"] = sol.backward_converged
         if b == "gmres":
             out["fwd_nfe"] = sol.nfe
             with torch.no_grad():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import weakref
 from typing import Any, Callable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -31,6 +32,7 @@ from deqlab.nn.init import FunctionGuess, InitialGuess, MapGuess, ShortcutGuess,
 from deqlab.nn.layers import EquilibriumStateful, equilibrium_session, stateful_modules
 from deqlab.nn.maps import CheckedMap
 from deqlab.nn.regularization import jacobian_frobenius_estimate
+from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy
 from deqlab.nn.solution import DeepEquilibriumSolution
 from deqlab.solvers.result import SolverStatus
 from deqlab.state import State, as_parts, detach, from_parts, per_sample_norm
@@ -63,14 +65,45 @@ def _resolve_init(owner: str, init: Optional[InitialGuess], z_shape: Optional[Se
     return init
 
 
-def _record_backward(ref: "weakref.ReferenceType[DeepEquilibriumSolution]", result: BackwardResult) -> None:
-    """Write what a backward cost and whether its solve converged into the solution record."""
+def _record_backward(ref: "weakref.ReferenceType[DeepEquilibriumSolution]", reporter: ConvergenceReporter,
+                     mode: BackwardMode, result: BackwardResult) -> None:
+    """Write what a backward cost and whether its solve converged into the solution record; report a
+    failed adjoint solve by the layer's policy (or the backward mode's ``warn_unconverged`` override)."""
     solution = ref()
-    if solution is None:  # the caller dropped the record; nothing to fill
+    if solution is not None:  # None: the caller dropped the record; nothing to fill
+        solution.backward_nfe += int(result.nfe)
+        solution.backward_residual = result.residual
+        solution.backward_converged = result.converged
+    if result.converged is None:  # no solve (JFB, phantom gradient)
         return
-    solution.backward_nfe += int(result.nfe)
-    solution.backward_residual = result.residual
-    solution.backward_converged = result.converged
+    override = getattr(mode, "warn_unconverged", None)
+    policy = None if override is None else ("warn" if override else "ignore")
+
+    def describe() -> str:
+        res = result.residual
+        worst = "n/a" if res is None else f"{float(res.max()):.3g}"
+        return (f"{type(mode).__name__}: max relative adjoint residual {worst} after {result.nfe} VJPs; "
+                f"the gradients are inexact (a singular I - J^T at z*, or too small a budget)")
+
+    reporter.record("backward", bool(result.converged), describe, policy=policy, stacklevel=4)
+
+
+def _rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Checkpoints from before the init strategies stored a Skip DEQ's predictor as ``shortcut.*``; it is
+    ``init.shortcut.*`` now. Renaming on load keeps those checkpoints loadable."""
+    old = prefix + "shortcut."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "init.shortcut." + key[len(old):]] = state_dict.pop(key)
+
+
+_DEPTH = threading.local()
+
+
+def _depth_overrides() -> "weakref.WeakKeyDictionary":
+    overrides = getattr(_DEPTH, "overrides", None)
+    if overrides is None:
+        overrides = _DEPTH.overrides = weakref.WeakKeyDictionary()
+    return overrides
 
 
 class DeepEquilibriumNetwork(nn.Module):
@@ -95,6 +128,9 @@ class DeepEquilibriumNetwork(nn.Module):
         initializer: alias: ``initializer=fn`` is ``init=FunctionGuess(fn)`` (``u0 = fn(x)``, no gradient).
         fixed_depth: when > 0, skip the solver and run ``fixed_depth`` unrolled applications of ``f`` from
             ``u0`` with ordinary backprop (pretraining); ``solution.nfe`` is then exactly the depth.
+        on_unconverged: what an unconverged forward or adjoint solve does: ``"warn"`` (default; a
+            :class:`~deqlab.ConvergenceWarning` at the 1st, 10th, 100th, ... failure, with counts),
+            ``"ignore"``, or ``"raise"`` (:class:`~deqlab.SolverError`).
 
     Passing more than one of ``init``, ``z_shape``, ``initializer`` raises ``ValueError``.
     """
@@ -112,9 +148,11 @@ class DeepEquilibriumNetwork(nn.Module):
         z_shape: Optional[Sequence[int]] = None,
         initializer: Optional[Callable[[Tensor], State]] = None,
         fixed_depth: int = 0,
+        on_unconverged: UnconvergedPolicy = "warn",
     ):
         super().__init__()
         name = type(self).__name__
+        self.reporter = ConvergenceReporter(name, on_unconverged)
         solver = as_solver(solver, name)
         if backward is None:
             backward = ImplicitBackward()
@@ -134,11 +172,12 @@ class DeepEquilibriumNetwork(nn.Module):
         self.jacobian_probes = int(jacobian_probes)
         self.jacobian_normalize = jacobian_normalize
         self.fixed_depth = int(fixed_depth)
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     # ---------------------------------------------------------------- read-only views
     #: attributes of the old Skip machinery: the guess strategy holds them now. Setting one on the layer
     #: would silently do nothing, so it raises and says where the setting lives.
-    _MOVED = {"shortcut": "init.module", "skip_loss_kind": "init.skip_loss_kind",
+    _MOVED = {"shortcut": "init.shortcut", "skip_loss_kind": "init.skip_loss_kind",
               "detach_skip_target": "init.detach_skip_target", "z_shape": "init.shape",
               "initializer": "init.fn"}
 
@@ -150,12 +189,37 @@ class DeepEquilibriumNetwork(nn.Module):
 
     @property
     def shortcut(self) -> Optional[nn.Module]:
-        """The Skip DEQ predictor (``init.module`` of a :class:`ShortcutGuess`), else ``None``. Read-only."""
-        return self.init.module if isinstance(self.init, ShortcutGuess) else None
+        """The Skip DEQ predictor (``init.shortcut`` of a :class:`ShortcutGuess`), else ``None``. Read-only."""
+        return self.init.shortcut if isinstance(self.init, ShortcutGuess) else None
+
+    @property
+    def fixed_depth(self) -> int:
+        """``0``: solve; ``d > 0``: ``d`` unrolled applications of ``f``. Setting it changes the layer for
+        every thread; :meth:`fixed_depth_mode` changes it for the calling thread only."""
+        override = _depth_overrides().get(self)
+        return self._fixed_depth if override is None else override
+
+    @fixed_depth.setter
+    def fixed_depth(self, depth: int) -> None:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"{type(self).__name__}: fixed_depth must be an int >= 0, got {depth!r}")
+        self._fixed_depth = int(depth)
 
     # ---------------------------------------------------------------- pieces subclasses may override
     def _map(self, z: State, x: Tensor) -> State:
         return self.model(z, x)
+
+    def _eval_map(self, z: State, x: Tensor) -> State:
+        """``f(z, x)`` as every part of the layer evaluates it. Under ``torch.autocast`` the map computes in
+        low precision but its output is cast back to the state's dtype, so the solver iterates in one dtype."""
+        out = self._map(z, x)
+        if torch.is_autocast_enabled(x.device.type):
+            zp = as_parts(z)
+            if isinstance(out, Tensor):
+                return out.to(zp[0].dtype) if len(zp) == 1 else out
+            if isinstance(out, (list, tuple)) and len(out) == len(zp):
+                return [o.to(t.dtype) if isinstance(o, Tensor) else o for o, t in zip(out, zp)]
+        return out
 
     def _map_modules(self) -> List[nn.Module]:
         return [self.model]
@@ -163,22 +227,27 @@ class DeepEquilibriumNetwork(nn.Module):
     # ---------------------------------------------------------------- public helpers
     @contextlib.contextmanager
     def fixed_depth_mode(self, depth: int) -> Iterator["DeepEquilibriumNetwork"]:
-        """Temporarily run as ``depth`` unrolled applications of ``f`` (``depth = 0``: solve)."""
-        if depth < 0:
-            raise ValueError(f"fixed_depth must be >= 0, got {depth}")
-        old = self.fixed_depth
-        self.fixed_depth = int(depth)
+        """Temporarily run as ``depth`` unrolled applications of ``f`` (``depth = 0``: solve), in the calling
+        thread only (another thread using the layer meanwhile keeps its own mode)."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"fixed_depth must be an int >= 0, got {depth!r}")
+        overrides = _depth_overrides()
+        old = overrides.get(self)
+        overrides[self] = int(depth)
         try:
             yield self
         finally:
-            self.fixed_depth = old
+            if old is None:
+                overrides.pop(self, None)
+            else:
+                overrides[self] = old
 
     def explicit(self, x: Tensor) -> State:
         """The explicit prediction ``u0`` alone (Skip: ``shortcut(x)``; Skip Reg.: ``f(0, x)``; else zeros),
         e.g. to log the "explicit accuracy" of a Skip DEQ without solving."""
         self._validate_input(x)
         with equilibrium_session([self]):
-            return self.init(x, CheckedMap(self._map, x, name=type(self).__name__))
+            return self.init(x, CheckedMap(self._eval_map, x, name=type(self).__name__))
 
     # ---------------------------------------------------------------- internals
     def _validate_input(self, x: Any) -> None:
@@ -203,7 +272,7 @@ class DeepEquilibriumNetwork(nn.Module):
 
     def _forward(self, x: Tensor) -> Tuple[State, DeepEquilibriumSolution]:
         name = type(self).__name__
-        fmap = CheckedMap(self._map, x, name=name)
+        fmap = CheckedMap(self._eval_map, x, name=name)
         u0 = self.init(x, fmap)
         u0_parts = as_parts(u0)
         if u0_parts[0].shape[0] != x.shape[0]:
@@ -212,16 +281,17 @@ class DeepEquilibriumNetwork(nn.Module):
         is_list = not isinstance(u0, Tensor)
         start = self.init.start(u0)
         result, context = None, None
-        if self.fixed_depth > 0:
+        depth = self.fixed_depth
+        if depth > 0:
             z = start
-            for _ in range(self.fixed_depth):
+            for _ in range(depth):
                 z = fmap(z)
             with torch.no_grad():
                 fz = fmap(z)
                 residual = per_sample_norm([a - b for a, b in zip(as_parts(fz), as_parts(z))],
                                            self.solver.termination.norm)
             z_star = z
-            nfe = self.fixed_depth
+            nfe = depth
             converged = torch.zeros_like(residual, dtype=torch.bool)
             status = SolverStatus.MAX_STEPS if bool(torch.isfinite(residual).all()) else SolverStatus.NONFINITE
         else:
@@ -232,6 +302,8 @@ class DeepEquilibriumNetwork(nn.Module):
             z_star = from_parts(z_parts, is_list)
             residual, nfe = result.residual.detach(), int(result.nfe)
             converged, status = result.converged, result.status
+            self.reporter.record("forward", status is SolverStatus.CONVERGED, functools.partial(
+                _describe_forward, result), result=result, stacklevel=5)
 
         jac = self._jacobian_loss(z_star, x) if self.jacobian_regularization else x.new_zeros(())
         skip = self.init.skip_loss(u0, z_star)
@@ -240,7 +312,8 @@ class DeepEquilibriumNetwork(nn.Module):
             skip_loss=x.new_zeros(()) if skip is None else skip, nfe=nfe, converged=converged, status=status,
             solver_result=result)
         if context is not None:
-            context.on_backward = functools.partial(_record_backward, weakref.ref(solution))
+            context.on_backward = functools.partial(_record_backward, weakref.ref(solution), self.reporter,
+                                                    self.backward)
         with torch.no_grad():
             self.init.observe(x.detach(), detach(z_star))
         return z_star, solution
@@ -266,7 +339,9 @@ class DeepEquilibriumNetwork(nn.Module):
                     grad_state.append(val)
         if not (x.requires_grad or params or grad_state):
             return z_parts, None
-        problem_args = dict(f=self._map, is_list=is_list, forward_tol=float(self.solver.termination.tol),
+        device = x.device.type
+        autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        problem_args = dict(f=self._eval_map, is_list=is_list, autocast=autocast, forward_tol=float(self.solver.termination.tol),
                             stateful=stateful, snapshots=snapshots, grad_slots=grad_slots, owner=self)
         context = _GradientContext(problem_args, self.backward, n_parts=len(z_parts), n_params=len(params))
         return attach_gradient(context, z_parts, x, params, grad_state), context
@@ -276,7 +351,7 @@ class DeepEquilibriumNetwork(nn.Module):
             return x.new_zeros(())
         z = [t.detach().requires_grad_() for t in as_parts(z_star)]
         is_list = not isinstance(z_star, Tensor)
-        fz = self._map(from_parts(z, is_list), x)
+        fz = self._eval_map(from_parts(z, is_list), x)
         return jacobian_frobenius_estimate(fz, z, n_probes=self.jacobian_probes,
                                            normalize=self.jacobian_normalize, create_graph=True)
 
@@ -286,6 +361,12 @@ class DeepEquilibriumNetwork(nn.Module):
 
 
 DEQ = DeepEquilibriumNetwork
+
+
+def _describe_forward(result: Any) -> str:
+    unconverged = float((~result.converged).float().mean())
+    return (f"status {result.status.value}, max residual {float(result.residual.max()):.3g}, "
+            f"{unconverged:.0%} of the samples unconverged, nfe {result.nfe}")
 
 
 def _skip_init(owner: str, kwargs: dict, shortcut: Any, skip_loss: SkipLoss, detach_skip_target: bool,

@@ -72,7 +72,8 @@ class EquilibriumProblem:
     def __init__(self, *, f: Callable[[Any, Tensor], Any], is_list: bool, z_star: Sequence[Tensor], x: Tensor,
                  params: Sequence[Tensor], grad_state: Sequence[Tensor], needs: Sequence[bool],
                  forward_tol: Optional[float], stateful: Sequence[Any], snapshots: List[Dict[str, Any]],
-                 grad_slots: List[Tuple[int, str]], owner: Any = None):
+                 grad_slots: List[Tuple[int, str]], owner: Any = None,
+                 autocast: Optional[Tuple[str, torch.dtype]] = None):
         self._f = f
         self.is_list = is_list
         self.z_star = list(z_star)
@@ -85,6 +86,7 @@ class EquilibriumProblem:
         self._snapshots = snapshots
         self._grad_slots = grad_slots
         self._owner = owner
+        self._autocast = autocast
 
     @contextlib.contextmanager
     def _installed(self, grad_state: Sequence[Tensor]):
@@ -102,7 +104,9 @@ class EquilibriumProblem:
                 m.deq_load_state(s)
 
     def evaluate(self, z_parts: Sequence[Tensor], x: Tensor, grad_state: Sequence[Tensor]) -> List[Tensor]:
-        with self._installed(grad_state):
+        # the forward's autocast state, so the backward linearizes the map the forward iterated
+        amp = torch.autocast(self._autocast[0], dtype=self._autocast[1]) if self._autocast else contextlib.nullcontext()
+        with self._installed(grad_state), amp:
             out = self._f(from_parts(list(z_parts), self.is_list), x)
         return [out] if isinstance(out, Tensor) else list(out)
 
@@ -294,7 +298,11 @@ class BackwardMode:
     """How a DEQ layer turns ``dL/dz*`` into ``dL/dx`` and ``dL/dθ``.
 
     Subclass and implement :meth:`gradients`; pass an instance as ``backward=`` to a DEQ layer.
+    ``warn_unconverged``: ``None`` follows the layer's ``on_unconverged`` policy for a result with
+    ``converged=False``; ``True``/``False`` always / never warn.
     """
+
+    warn_unconverged: Optional[bool] = None
 
     def gradients(self, problem: EquilibriumProblem, v: Tensor) -> BackwardResult:
         """Gradients for ``[x, *problem.params, *problem.grad_state]`` given the flat ``(B, N)`` cotangent

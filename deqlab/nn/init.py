@@ -141,7 +141,8 @@ class ShortcutGuess(_SkipGuess):
     """Skip DEQ: ``u0 = module(x)``, a learned explicit predictor of the fixed point.
 
     ``u0`` enters the solve *detached*, so the predictor learns only through ``solution.skip_loss``
-    (the task loss gives it no gradient).
+    (the task loss gives it no gradient). The predictor is the submodule ``shortcut`` (state-dict keys
+    ``init.shortcut.*`` in a layer).
 
     Args:
         module: ``x -> u0`` (state-shaped); or a sequence of modules, one per scale of a list state, each
@@ -160,11 +161,11 @@ class ShortcutGuess(_SkipGuess):
                 raise TypeError(f"ShortcutGuess: module must be an nn.Module or a sequence of them (one per "
                                 f"scale), got {type(module).__name__}")
             module = _PerScale(module)
-        self.module = module
+        self.shortcut = module
         self.shape = _normalise_shape(shape, "ShortcutGuess")
 
     def forward(self, x: Tensor, f: Callable[[State], State]) -> State:
-        u0 = self.module(x)
+        u0 = self.shortcut(x)
         u0 = list(u0) if isinstance(u0, tuple) else u0
         if self.shape is not None:
             want = self.shape if isinstance(self.shape, list) else [self.shape]

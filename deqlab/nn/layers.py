@@ -13,11 +13,16 @@ finds them among its submodules and calls :meth:`EquilibriumStateful.deq_begin` 
 forward and :meth:`EquilibriumStateful.deq_end` at its end, automatically; the implicit backward
 re-installs the exact state (same mask, same normalised weight) when it re-evaluates ``f``. No user
 ``reset`` calls are needed. Outside a DEQ forward the modules behave like ordinary layers.
+
+The per-solve state is kept per *thread* (not on the module), so two threads calling the same DEQ layer
+each solve with their own normalised weight and dropout mask and never see the other's.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import weakref
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -38,13 +43,43 @@ __all__ = [
 ]
 
 
+_LOCAL = threading.local()
+
+
+def _thread_states() -> "weakref.WeakKeyDictionary[nn.Module, Dict[str, Any]]":
+    states = getattr(_LOCAL, "states", None)
+    if states is None:
+        states = _LOCAL.states = weakref.WeakKeyDictionary()
+    return states
+
+
 class EquilibriumStateful(nn.Module):
     """Base class of modules that keep state fixed for the duration of one DEQ forward.
 
     Subclasses implement the four hooks below. ``deq_state``/``deq_load_state`` exchange a plain dict;
     tensors in it that require grad are routed through the implicit backward so their gradients reach
     the parameters they were computed from.
+
+    Keep the state in :meth:`solve_state` (a dict private to the calling thread), not in attributes:
+    a module shared by two threads then never mixes their solves.
     """
+
+    def solve_state(self) -> Dict[str, Any]:
+        """This module's per-solve state in the calling thread (created empty on first use)."""
+        states = _thread_states()
+        state = states.get(self)
+        if state is None:
+            state = states[self] = {}
+        return state
+
+    def peek_solve_state(self, key: str, default: Any = None) -> Any:
+        """One entry of :meth:`solve_state` without creating the dict."""
+        state = _thread_states().get(self)
+        return default if state is None else state.get(key, default)
+
+    def clear_solve_state(self) -> None:
+        """Forget this thread's per-solve state."""
+        _thread_states().pop(self, None)
 
     def deq_begin(self) -> None:  # pragma: no cover - interface
         """Called once at the start of a DEQ forward (grad mode as in that forward)."""
@@ -106,7 +141,11 @@ class WeightNorm(EquilibriumStateful):
         self.dim = dim
         self.weight_v = nn.Parameter(weight.detach().clone())
         self.weight_g = nn.Parameter(self._norm(weight.detach()).clone())
-        self._cache: Optional[Tensor] = None
+
+    @property
+    def _cache(self) -> Optional[Tensor]:
+        """The weight normalised for the current solve in this thread (``None`` outside a DEQ forward)."""
+        return self.peek_solve_state("weight")
 
     def _norm(self, v: Tensor) -> Tensor:
         dims = [d for d in range(v.dim()) if d != self.dim]
@@ -116,16 +155,19 @@ class WeightNorm(EquilibriumStateful):
         return self.weight_g * self.weight_v / self._norm(self.weight_v)
 
     def deq_begin(self) -> None:
-        self._cache = self.compute_weight()
+        self.solve_state()["weight"] = self.compute_weight()
 
     def deq_end(self) -> None:
-        self._cache = None
+        self.clear_solve_state()
 
     def deq_state(self) -> Dict[str, Any]:
         return {"weight": self._cache}
 
     def deq_load_state(self, state: Dict[str, Any]) -> None:
-        self._cache = state["weight"]
+        if state["weight"] is None:
+            self.clear_solve_state()
+        else:
+            self.solve_state()["weight"] = state["weight"]
 
     def forward(self, *args, **kwargs):
         w = self._cache if self._cache is not None else self.compute_weight()
@@ -155,23 +197,21 @@ class VariationalHiddenDropout(EquilibriumStateful):
             raise ValueError(f"VariationalHiddenDropout: p must be in [0, 1), got {p}")
         self.p = float(p)
         self.spatial = spatial
-        self._active = False
-        self._mask: Optional[Tensor] = None
 
     def deq_begin(self) -> None:
-        self._active = True
-        self._mask = None
+        self.solve_state().update(active=True, mask=None)
 
     def deq_end(self) -> None:
-        self._active = False
-        self._mask = None
+        self.clear_solve_state()
 
     def deq_state(self) -> Dict[str, Any]:
-        return {"active": self._active, "mask": self._mask}
+        return {"active": self.peek_solve_state("active", False), "mask": self.peek_solve_state("mask")}
 
     def deq_load_state(self, state: Dict[str, Any]) -> None:
-        self._active = state["active"]
-        self._mask = state["mask"]
+        if not state["active"]:
+            self.clear_solve_state()
+        else:
+            self.solve_state().update(active=True, mask=state["mask"])
 
     def _draw(self, x: Tensor) -> Tensor:
         shape = list(x.shape)
@@ -183,11 +223,13 @@ class VariationalHiddenDropout(EquilibriumStateful):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if not self._active:
+        if not self.peek_solve_state("active", False):
             return x * self._draw(x)
-        if self._mask is None or self._mask.shape[0] != x.shape[0]:
-            self._mask = self._draw(x)
-        return x * self._mask
+        state = self.solve_state()
+        mask = state.get("mask")
+        if mask is None or mask.shape[0] != x.shape[0]:
+            mask = state["mask"] = self._draw(x)
+        return x * mask
 
     def extra_repr(self) -> str:
         return f"p={self.p}, spatial={self.spatial}"

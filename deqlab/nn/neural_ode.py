@@ -19,6 +19,7 @@ torchdyn is imported lazily (its ``core`` package imports Lightning).
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, List, Literal, Optional, Sequence, Tuple
 
@@ -35,6 +36,10 @@ from deqlab.state import flatten, per_sample_norm, unflatten
 __all__ = ["MultiScaleNeuralODE"]
 
 _FIXED_STEP = {"euler", "midpoint", "rk4", "rk-4", "RungeKutta4", "Euler", "Midpoint"}
+
+
+_IN_USE: "weakref.WeakSet" = weakref.WeakSet()
+_IN_USE_LOCK = threading.Lock()
 
 
 def _alias(owner: str, new: str, new_val: Optional[float], old: str, old_val: Optional[float]) -> Optional[float]:
@@ -123,9 +128,7 @@ class MultiScaleNeuralODE(nn.Module):
                 raise TypeError(f"{name}: solver must be a torchdyn method name or a ContinuousDEQSolver, "
                                 f"got {solver!r}")
             method, s_dt = solver.ode_solver, solver.dt
-            # TODO(issue 7): read solver.ode_abstol / solver.ode_reltol only, once ContinuousDEQSolver has them
-            s_abstol = getattr(solver, "ode_abstol", solver.abstol)
-            s_reltol = getattr(solver, "ode_reltol", solver.reltol)
+            s_abstol, s_reltol = solver.ode_abstol, solver.ode_reltol
         if sensitivity not in ("autograd", "adjoint", "interpolated_adjoint"):
             raise ValueError(f"{name}: unknown sensitivity {sensitivity!r}")
         self.method = method
@@ -160,8 +163,19 @@ class MultiScaleNeuralODE(nn.Module):
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"MultiScaleNeuralODE: expected x of shape (B, ...) with a non-empty batch "
                              f"dimension first, got shape {tuple(x.shape)}")
-        with equilibrium_session([self]):
-            return self._forward(x)
+        with _IN_USE_LOCK:
+            if self in _IN_USE:
+                raise RuntimeError(
+                    "MultiScaleNeuralODE: this module is already running a forward in another thread; its vector "
+                    "field holds per-forward state (the injection x, the NFE counter), so one module serves one "
+                    "thread at a time. Give each thread its own copy (copy.deepcopy(module)).")
+            _IN_USE.add(self)
+        try:
+            with equilibrium_session([self]):
+                return self._forward(x)
+        finally:
+            with _IN_USE_LOCK:
+                _IN_USE.discard(self)
 
     def _forward(self, x: Tensor) -> Tuple[List[Tensor], DeepEquilibriumSolution]:
         from torchdyn.numerics import odeint

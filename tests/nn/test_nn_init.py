@@ -58,8 +58,8 @@ def test_init_forms_equal_the_old_classes(kind):
         torch.testing.assert_close(s2.skip_loss, (u0 - z2).abs().mean())
         # the shortcut learns only through the skip loss: its gradient is that of mean|sc(x) - z*| alone
         want = torch.autograd.grad((sc(x) - z2).abs().mean(), list(sc.parameters()))
-        torch.testing.assert_close(g2["init.module.weight"], want[0])
-        torch.testing.assert_close(g2["init.module.bias"], want[1])
+        torch.testing.assert_close(g2["init.shortcut.weight"], want[0])
+        torch.testing.assert_close(g2["init.shortcut.bias"], want[1])
     else:
         u0 = model(torch.zeros(3, 4, dtype=torch.float64), x)
         torch.testing.assert_close(s2.u0, u0)
@@ -158,9 +158,9 @@ def test_aliases_build_the_same_objects():
     assert torch.equal(sol.u0, torch.ones(2, 4))
     sc = nn.Linear(3, 4)
     skip = SkipDEQ(model, solver, sc)
-    assert isinstance(skip.init, ShortcutGuess) and skip.shortcut is sc and skip.init.module is sc
+    assert isinstance(skip.init, ShortcutGuess) and skip.shortcut is sc and skip.init.shortcut is sc
     assert isinstance(SkipDEQ(model, solver, None).init, MapGuess) and SkipDEQ(model, solver).shortcut is None
-    with pytest.raises(AttributeError, match="init.module"):
+    with pytest.raises(AttributeError, match="init.shortcut"):
         skip.shortcut = nn.Linear(3, 4)  # read-only view
     with pytest.raises(AttributeError, match="init.skip_loss_kind"):
         skip.skip_loss_kind = "l2"  # would silently do nothing: the guess owns it
@@ -184,3 +184,16 @@ def test_guesses_and_layers_are_public_and_typed():
         ShortcutGuess(nn.Linear(3, 3), skip_loss="l3")
     with pytest.raises(ValueError, match="shape"):
         ZeroGuess(shape="abc")
+
+
+def test_old_skip_checkpoints_still_load():
+    """Before the init strategies, a Skip DEQ's predictor lived at ``shortcut.*`` in the state dict."""
+    torch.manual_seed(3)
+    src = SkipDEQ(DenseMap(4, 3), make_solver("anderson"), nn.Linear(3, 4))
+    old_style = {k.replace("init.shortcut.", "shortcut."): v for k, v in src.state_dict().items()}
+    assert "shortcut.weight" in old_style
+    dst = SkipDEQ(DenseMap(4, 3), make_solver("anderson"), nn.Linear(3, 4))
+    wrapped = nn.ModuleDict({"deq": dst})  # the key prefix of a layer inside a model
+    wrapped.load_state_dict({"deq." + k: v for k, v in old_style.items()})
+    assert torch.equal(dst.shortcut.weight, src.shortcut.weight)
+    assert "init.shortcut.weight" in dst.state_dict()

@@ -1,0 +1,294 @@
+"""No silent wrong answers from a DEQ layer: failed solves warn, double backward refuses, bad inputs get
+clear errors, low precision and autocast work, and threads do not share per-solve state."""
+import threading
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import deqlab
+from deqlab.nn import (DEQ, ImplicitBackward, JacobianFreeBackward, MultiScaleNeuralODE, PhantomGradient,
+                       VariationalHiddenDropout, WeightNorm)
+from deqlab.solvers import ConvergenceWarning, DiscreteDEQSolver, GMRES, SolverError
+
+from deqlab_nn_helpers import DenseMap, make_solver
+
+
+class Affine(nn.Module):
+    """f(z, x) = a z + x."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(float(a)))
+
+    def forward(self, z, x):
+        return self.a * z + x
+
+
+def _convergence_warnings(record):
+    return [w for w in record if issubclass(w.category, ConvergenceWarning)]
+
+
+# ------------------------------------------------------------------ failed solves are never silent
+
+
+@pytest.mark.parametrize("adjoint", ["gmres", "anderson", "fixed_point"])
+def test_singular_adjoint_warns_and_reports_unconverged(adjoint):
+    """a = 1, x = 0: z* = 0 solves the forward, but I - J^T = 0 is singular; the gradient is meaningless."""
+    deq = DEQ(Affine(1.0), DiscreteDEQSolver("anderson", max_steps=20), backward=ImplicitBackward(adjoint))
+    x = torch.zeros(2, 3, requires_grad=True)
+    z, sol = deq(x)
+    assert sol.status == "converged"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        z.sum().backward()
+    assert sol.backward_converged is False
+    assert float(sol.backward_residual.min()) > 0.5
+    found = _convergence_warnings(record)
+    assert len(found) == 1 and "backward solve did not converge" in str(found[0].message)
+    assert deqlab.ConvergenceWarning is ConvergenceWarning
+
+
+def test_unconverged_forward_warns_rate_limited_with_counts():
+    deq = DEQ(DenseMap(6, scale=0.99), DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-12,
+                                                           max_steps=2))
+    x = torch.randn(3, 6)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(25):
+            with torch.no_grad():
+                _, sol = deq(x)
+    assert sol.status == "max_steps"
+    found = [str(w.message) for w in _convergence_warnings(record)]
+    assert len(found) == 2, found  # the 1st and the 10th failure, not 25 warnings
+    assert "forward solve did not converge" in found[0] and "status max_steps" in found[0]
+    assert "1 of 1 forward solves" in found[0] and "10 of 10 forward solves" in found[1]
+    assert deq.reporter.failures["forward"] == 25 and deq.reporter.solves["forward"] == 25
+
+
+def test_unconverged_policy_ignore_and_raise():
+    solver = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-12, max_steps=2)
+    quiet = DEQ(DenseMap(6, scale=0.99), solver, on_unconverged="ignore")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        quiet(torch.randn(3, 6))
+    assert not _convergence_warnings(record)
+    strict = DEQ(DenseMap(6, scale=0.99), solver, on_unconverged="raise")
+    with pytest.raises(SolverError, match="forward solve did not converge"):
+        strict(torch.randn(3, 6))
+    singular = DEQ(Affine(1.0), DiscreteDEQSolver("anderson"), on_unconverged="raise")
+    z, _ = singular(torch.zeros(2, 3, requires_grad=True))
+    with pytest.raises(SolverError, match="backward solve did not converge"):
+        z.sum().backward()
+    with pytest.raises(ValueError, match="on_unconverged"):
+        DEQ(DenseMap(3), solver, on_unconverged="loud")
+    # the backward mode's own switch overrides the layer policy for the adjoint
+    silent = DEQ(Affine(1.0), DiscreteDEQSolver("anderson"), backward=ImplicitBackward(warn_unconverged=False))
+    z, sol = silent(torch.zeros(2, 3, requires_grad=True))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        z.sum().backward()
+    assert not _convergence_warnings(record) and sol.backward_converged is False
+
+
+def test_converged_solves_do_not_warn():
+    deq = DEQ(DenseMap(4), make_solver("anderson", tol=1e-6))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        z, sol = deq(torch.randn(2, 4, requires_grad=True))
+        z.sum().backward()
+    assert sol.backward_converged is True and not _convergence_warnings(record)
+
+
+# ------------------------------------------------------------------ double backward
+
+
+def test_double_backward_through_the_implicit_gradient_raises():
+    torch.manual_seed(0)
+    deq = DEQ(DenseMap(3).double(), make_solver("anderson", tol=1e-12))
+    x = torch.randn(1, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="fixed_depth_mode"):
+        torch.autograd.functional.hessian(lambda x_: deq(x_)[0].pow(2).sum(), x)
+    # the named alternative works and is not zero: the unrolled map is twice differentiable
+    with deq.fixed_depth_mode(60):
+        h = torch.autograd.functional.hessian(lambda x_: deq(x_)[0].pow(2).sum(), x)
+    assert float(h.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------ clear errors
+
+
+@pytest.mark.parametrize("bad", [lambda z, x: (z, 0), lambda z, x: None, lambda z, x: [z, z]])
+def test_map_returning_a_non_state_gets_the_clear_error(bad):
+    class Bad(nn.Module):
+        def forward(self, z, x):
+            return bad(z, x)
+
+    with pytest.raises(ValueError, match="the DEQ map must return a state shaped like z: expected \\(B, 4\\)"):
+        DEQ(Bad(), make_solver("anderson"))(torch.randn(2, 4))
+
+
+def test_one_dimensional_and_empty_x_are_refused():
+    deq = DEQ(DenseMap(4), make_solver("anderson"))
+    with pytest.raises(ValueError, match=r"batch dimension.*x.unsqueeze\(0\)"):
+        deq(torch.randn(4))
+    with pytest.raises(ValueError, match="empty batch"):
+        deq(torch.randn(0, 4))
+
+
+# ------------------------------------------------------------------ low precision
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode", [ImplicitBackward(), ImplicitBackward("anderson"), ImplicitBackward(GMRES(1e-3, 10)),
+                                  JacobianFreeBackward(), PhantomGradient(4, 0.5)],
+                         ids=["gmres", "anderson", "gmres-object", "jfb", "phantom"])
+def test_half_precision_forward_and_backward_on_cpu(dtype, mode):
+    torch.manual_seed(0)
+    model = DenseMap(8, 4)
+    solver = DiscreteDEQSolver("fixed_point", mode="rel_norm", abstol_termination=1e-2, reltol_termination=1e-2,
+                               max_steps=60)
+    x32 = torch.randn(5, 4)
+    ref = DEQ(model, solver, z_shape=(8,), backward=mode)
+    z32, _ = ref(x32)
+    z32.sum().backward()
+    want = model.wx.weight.grad.clone()
+    model.zero_grad()
+    low = DEQ(model, solver, z_shape=(8,), backward=mode).to(dtype)
+    x = x32.to(dtype).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        z, sol = low(x)
+        z.float().sum().backward()
+    assert z.dtype == dtype and torch.isfinite(z.float()).all()
+    torch.testing.assert_close(z.float(), z32.detach(), rtol=0, atol=0.05)
+    got = model.wx.weight.grad.float()
+    assert got.dtype == torch.float32 and torch.isfinite(got).all() and torch.isfinite(x.grad.float()).all()
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), want.float().flatten(), 0)
+    assert cos > 0.99, cos
+    assert sol.backward_nfe >= 1
+
+
+def test_autocast_training_step_on_cpu():
+    torch.manual_seed(1)
+    stem = nn.Linear(4, 4)
+    deq = DEQ(DenseMap(8, 4), DiscreteDEQSolver("fixed_point", mode="rel_norm", abstol_termination=1e-2,
+                                                reltol_termination=1e-2, max_steps=60), z_shape=(8,))
+    head = nn.Linear(8, 3)
+    params = [*stem.parameters(), *deq.parameters(), *head.parameters()]
+    opt = torch.optim.SGD(params, lr=0.1)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z, sol = deq(stem(x))
+            loss = nn.functional.cross_entropy(head(z).float(), y)
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+        opt.step()
+        losses.append(loss.item())
+    assert sol.nfe > 0 and sol.backward_nfe > 0 and sol.backward_converged is not None
+    assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------ threads
+
+
+def test_fixed_depth_mode_is_per_thread():
+    deq = DEQ(DenseMap(4), make_solver("anderson", tol=1e-6))
+    entered, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def unrolled():
+        with deq.fixed_depth_mode(3):
+            entered.set()
+            done.wait(10)
+            seen["a"] = deq(torch.randn(2, 4))[1].nfe
+
+    t = threading.Thread(target=unrolled)
+    t.start()
+    assert entered.wait(10)
+    _, sol = deq(torch.randn(2, 4))  # while the other thread is in fixed-depth mode
+    done.set()
+    t.join(10)
+    assert sol.status == "converged" and sol.nfe != 3 and seen["a"] == 3 and deq.fixed_depth == 0
+
+
+def test_per_solve_state_is_not_shared_between_threads():
+    """Thread A pauses mid-solve while thread B runs a whole forward + backward on the same module; A's
+    dropout mask and normalised weight must survive (with shared state, B's end of solve wipes them and
+    A's map changes between iterations: no fixed point)."""
+
+    class Map(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = WeightNorm(nn.Linear(6, 6))
+            self.drop = VariationalHiddenDropout(0.5, spatial=False)
+            self.inj = nn.Linear(6, 6)
+            with torch.no_grad():
+                self.lin.weight_g.mul_(0.3)
+            self.calls = {}
+            self.pause = None
+
+        def forward(self, z, x):
+            name = threading.current_thread().name
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if name == "A" and self.calls[name] == 3 and self.pause is not None:
+                self.pause[0].set()
+                self.pause[1].wait(10)
+            return torch.tanh(self.drop(self.lin(z)) + self.inj(x))
+
+    torch.manual_seed(2)
+    model = Map().double().train()
+    deq = DEQ(model, make_solver("fixed_point", tol=1e-10, max_steps=300), on_unconverged="ignore")
+    model.pause = (threading.Event(), threading.Event())
+    out = {}
+
+    def run_a():
+        x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+        z, sol = deq(x)
+        z.sum().backward()
+        out["a"] = (sol, x.grad)
+
+    t = threading.Thread(target=run_a, name="A")
+    t.start()
+    assert model.pause[0].wait(10)
+    xb = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    zb, solb = deq(xb)
+    zb.sum().backward()
+    model.pause[1].set()
+    t.join(20)
+    sol_a, _ = out["a"]
+    assert solb.status == "converged"
+    assert sol_a.status == "converged" and float(sol_a.residual.max()) <= 1e-10
+    assert sol_a.backward_converged is True
+    assert model.lin._cache is None  # nothing left behind in this thread
+
+
+def test_neural_ode_refuses_concurrent_use_with_a_clear_error():
+    from test_nn_multiscale import SCALES, pieces
+
+    main, mapping, post = pieces()
+    node = MultiScaleNeuralODE(main, mapping, post, "euler", SCALES, dt=0.5)
+    entered, done = threading.Event(), threading.Event()
+    orig = node.model.forward
+
+    def slow(z, x):
+        if threading.current_thread().name == "A":
+            entered.set()
+            done.wait(10)
+        return orig(z, x)
+
+    node.model.forward = slow
+    t = threading.Thread(target=lambda: node(torch.randn(1, 1, 4, 4)), name="A")
+    t.start()
+    assert entered.wait(10)
+    try:
+        with pytest.raises(RuntimeError, match="another thread"):
+            node(torch.randn(1, 1, 4, 4))
+    finally:
+        done.set()
+        t.join(10)
+    node(torch.randn(1, 1, 4, 4))  # free again
