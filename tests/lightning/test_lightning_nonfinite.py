@@ -137,12 +137,13 @@ def test_solver_status_counts_and_unconverged_fractions_are_logged():
     # a map that runs away is logged as diverged, not as an exhausted step budget
     assert counts["diverged"] == 1.0 and counts["max_steps"] == 0.0
 
-def test_backward_unconverged_fraction_is_logged_from_the_record():
+@pytest.mark.parametrize("a, expected", [(0.5, 0.0), (1.0, 1.0)])
+def test_backward_unconverged_fraction_is_logged_from_the_record(a, expected):
+    # a = 0.5: a contraction, the adjoint converges; a = 1: (1 - a) g = v is singular, it cannot
     pl.seed_everything(0)
-    # a = 1: the adjoint system (1 - a) g = v is singular, the adjoint solve cannot converge
-    model = _AffineDEQ(a=0.5, scheduler="none", log_figures=False)
+    model = _AffineDEQ(a=a, scheduler="none", log_figures=False, optimizer="sgd", lr=0.0, momentum=0.0)
     cb = _Logged()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, _loader(nan_batch=None, n_batches=1))
-    assert cb.rows[0]["solver/train_backward_unconverged"] == 0.0  # a contraction: the adjoint converged
+    assert cb.rows[0]["solver/train_backward_unconverged"] == expected
