@@ -59,7 +59,8 @@ class DEQClassifier(DEQLightningModule):
     models (or ``None``). The networks of :mod:`deqlab.models` follow it.
 
     Args:
-        network: the model (stem → DEQ layer(s) → head).
+        network: the model (stem → DEQ layer(s) → head). Not recorded in ``hparams`` (its weights are in the
+            state dict): rebuild it for ``DEQClassifier.load_from_checkpoint(path, network=...)``.
         **kwargs: training settings (:class:`~deqlab.lightning.DEQTrainingConfig` fields, flat, or
             ``training=DEQTrainingConfig(...)``).
     """
