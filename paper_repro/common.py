@@ -616,7 +616,6 @@ def _versions() -> Dict[str, str]:
 def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan: DevicePlan) -> Dict[str, Any]:
     """Fit and test one configuration; append its row (rank zero) and return it."""
     import pytorch_lightning as pl
-    import torch
     from pytorch_lightning.loggers import TensorBoardLogger
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
