@@ -202,10 +202,10 @@ def test_paper_settings_of_the_other_experiments():
 
 
 def test_skip_target_semantics_per_model_type():
-    assert build_model("mnist", "dense", model_type="skip").deq.detach_skip_target is True
-    assert build_model("mnist", "dense", model_type="skip_reg").deq.detach_skip_target is False
-    assert build_model("cifar10", "small", model_type="skip_reg").deq.detach_skip_target is False
-    assert build_model("mnist", "dense", model_type="skip_reg", detach_skip_target=True).deq.detach_skip_target
+    assert build_model("mnist", "dense", model_type="skip").deq.init.detach_skip_target is True
+    assert build_model("mnist", "dense", model_type="skip_reg").deq.init.detach_skip_target is False
+    assert build_model("cifar10", "small", model_type="skip_reg").deq.init.detach_skip_target is False
+    assert build_model("mnist", "dense", model_type="skip_reg", detach_skip_target=True).deq.init.detach_skip_target
     # coupled (skip_reg): the skip loss also differentiates through z*, so it reaches W1, which f(0, x) lacks
     torch.manual_seed(0)
     net = build_model("mnist", "dense", model_type="skip_reg")
