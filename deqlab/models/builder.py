@@ -1,0 +1,83 @@
+"""``build_model(experiment, arch, ...)``: the one entry point to the paper's networks."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from torch import nn
+
+from deqlab.models._build import MODEL_TYPES, SOLVER_KINDS, check_choice
+
+__all__ = ["EXPERIMENTS", "build_model", "canonical_arch"]
+
+#: experiment -> architectures (canonical names; ``cifar10`` also accepts ``tiny`` for ``small``).
+EXPERIMENTS: Dict[str, Tuple[str, ...]] = {
+    "mnist": ("dense", "conv"),
+    "svhn": ("v1",),
+    "cifar10": ("v1", "small", "large"),
+    "imagenet": ("small",),
+}
+_ALIASES = {("cifar10", "tiny"): "small"}
+
+
+def canonical_arch(experiment: str, arch: str) -> str:
+    """``arch`` with aliases resolved; raises with the valid names for an unknown experiment or arch."""
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {experiment!r}; valid: {', '.join(EXPERIMENTS)}")
+    arch = _ALIASES.get((experiment, arch), arch)
+    if arch not in EXPERIMENTS[experiment]:
+        raise ValueError(f"unknown arch {arch!r} for {experiment!r}; valid: {', '.join(EXPERIMENTS[experiment])}"
+                         + (" (or 'tiny')" if experiment == "cifar10" else ""))
+    return arch
+
+
+_FACTORIES: Dict[Tuple[str, str], Tuple[str, str]] = {
+    ("mnist", "dense"): ("mnist", "mnist_dense"),
+    ("mnist", "conv"): ("mdeq", "mnist_conv"),
+    ("svhn", "v1"): ("mdeq", "svhn_v1"),
+    ("cifar10", "v1"): ("mdeq", "cifar10_v1"),
+    ("cifar10", "small"): ("mdeq", "cifar10_small"),
+    ("cifar10", "large"): ("mdeq", "cifar10_large"),
+    ("imagenet", "small"): ("mdeq", "imagenet_small"),
+}
+
+
+def _factory(experiment: str, arch: str) -> Callable[..., nn.Module]:
+    import importlib
+
+    module, name = _FACTORIES[(experiment, arch)]
+    fn = getattr(importlib.import_module(f"deqlab.models.{module}"), name, None)
+    if fn is None:
+        raise NotImplementedError(f"build_model({experiment!r}, {arch!r}) is not implemented yet")
+    return fn
+
+
+def build_model(experiment: str, arch: str, *, model_type: str = "skip", solver: str = "discrete",
+                jac_reg: bool = False, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
+    """The paper's network for ``experiment`` / ``arch``.
+
+    Args:
+        experiment: ``mnist`` (arch ``dense`` | ``conv``), ``svhn`` (``v1``), ``cifar10`` (``v1`` |
+            ``small`` (alias ``tiny``) | ``large``), ``imagenet`` (``small``).
+        model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode`` (needs ``solver="continuous"``).
+        solver: ``continuous`` (Tsit5 to the steady state) or ``discrete`` (limited-memory Broyden).
+        jac_reg: compute the Hutchinson Jacobian term at ``z*`` (``solution.jacobian_loss``).
+        num_classes: classifier outputs (default: the dataset's, 10 or 1000).
+        **overrides: the architecture's keyword arguments (e.g. ``tol``, ``max_steps``, ``mode``; see the
+            factory functions in :mod:`deqlab.models.mnist` / :mod:`deqlab.models.mdeq`); unknown names raise.
+
+    Returns:
+        A :class:`~deqlab.models.PaperNetwork`: ``forward(x) -> (logits, solution)``,
+        ``explicit_forward(x) -> logits | None``.
+    """
+    arch = canonical_arch(experiment, arch)
+    check_choice("model_type", model_type, MODEL_TYPES)
+    check_choice("solver", solver, SOLVER_KINDS)
+    factory = _factory(experiment, arch)
+    if num_classes is not None:
+        overrides["num_classes"] = int(num_classes)
+    try:
+        return factory(model_type, solver, jac_reg=jac_reg, **overrides)
+    except TypeError as err:
+        if "unexpected keyword" in str(err):
+            raise TypeError(f"build_model({experiment!r}, {arch!r}): {err}") from err
+        raise

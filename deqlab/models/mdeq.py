@@ -1,0 +1,338 @@
+"""The paper's multiscale (MDEQ-style) networks: MNIST conv, SVHN / CIFAR-10 v1, CIFAR-10 small / large and
+ImageNet small (the v2+ configs).
+
+Every network is ``stem → multiscale DEQ layer → classification head``. Two block families exist because
+the paper changed them between versions:
+
+* **v1** (MNIST conv, SVHN, CIFAR-10 ``v1``): deqlab's :class:`~deqlab.nn.ResidualBlock` (GroupNorm + gelu,
+  weight-normed convolutions, variational dropout), :class:`~deqlab.nn.Downsample` /
+  :class:`~deqlab.nn.Upsample` mappings and :class:`~deqlab.nn.PostFuse` layers; head with gelu.
+* **v2+** (CIFAR-10 ``small`` / ``large``, ImageNet ``small``): :class:`BNResidualBlock` (BatchNorm + relu,
+  as in the reference ``experiments/src/construct.jl``), stride-2 conv3×3 + BN + relu downsampling chains,
+  conv3×3 + BN + relu + nearest-upsampling, conv1×1 + relu + BN post-fuse layers; head with relu.
+
+BatchNorm *inside* the DEQ map always uses batch statistics (``track_running_stats=False``, the reference's
+``track_stats=false``): the map is evaluated tens of times per forward, and running statistics updated at
+every solver iteration would make ``f`` drift between iterations and leak solver state into eval mode.
+The stem and head use ordinary BatchNorm.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deqlab.models._build import (
+    ModelType,
+    PaperNetwork,
+    SolverKind,
+    make_backward,
+    make_multiscale,
+    make_solver,
+)
+from deqlab.nn import Downsample, PostFuse, ResidualBlock, Upsample, VariationalHiddenDropout, WeightNorm
+
+__all__ = [
+    "MDEQConfig", "build_mdeq", "Bottleneck", "BNResidualBlock", "ClassificationHead",
+    "mnist_conv", "svhn_v1", "cifar10_v1", "cifar10_small", "cifar10_large", "imagenet_small",
+]
+
+
+@dataclass(frozen=True)
+class MDEQConfig:
+    """Everything that defines one multiscale paper network (every field can be overridden in
+    :func:`deqlab.models.build_model`).
+
+    Attributes:
+        version: ``"v1"`` or ``"v2"`` block family (see the module docstring).
+        in_channels, image_size: input images (square).
+        num_channels: channels per scale; scale ``i`` has resolution ``image_size / 2**(downsample_times + i)``.
+        expansion: width factor of the residual blocks' hidden convolution.
+        dropout: variational hidden dropout in the residual blocks (mask fixed per solve).
+        weight_norm: weight-normed residual (and v2 post-fuse) convolutions.
+        num_groups, map_groups, post_fuse_groups: GroupNorm groups of the v1 residual blocks, mappings,
+            post-fuse layers.
+        post_fuse: whether the map has post-fuse layers.
+        head_channels, final_channels: per-scale bottleneck widths (×4 outputs) and the final conv width.
+        downsample_times: stride-2 convolutions in the stem (v2; 2 for ImageNet).
+        shortcut_expansion, shortcut_groups: the Skip predictor's residual block.
+        num_classes: classifier outputs.
+        tol, max_steps, mode: forward solver tolerance (abs = rel), step budget, termination mode.
+        backward_max_steps: GMRES VJP budget of the adjoint.
+    """
+
+    version: str
+    in_channels: int
+    image_size: int
+    num_channels: Tuple[int, ...]
+    expansion: int
+    dropout: float
+    weight_norm: bool
+    head_channels: Tuple[int, ...]
+    final_channels: int
+    tol: float
+    max_steps: int
+    backward_max_steps: int
+    mode: str
+    num_classes: int = 10
+    num_groups: int = 8
+    map_groups: int = 8
+    post_fuse: bool = True
+    post_fuse_groups: int = 4
+    downsample_times: int = 0
+    shortcut_expansion: int = 5
+    shortcut_groups: int = 8
+
+    def __post_init__(self) -> None:
+        if self.version not in ("v1", "v2"):
+            raise ValueError(f"MDEQConfig: version must be 'v1' or 'v2', got {self.version!r}")
+        if len(self.head_channels) != len(self.num_channels):
+            raise ValueError(f"MDEQConfig: {len(self.num_channels)} scales need {len(self.num_channels)} "
+                             f"head_channels, got {len(self.head_channels)}")
+        size = self.image_size // 2 ** (self.downsample_times + len(self.num_channels) - 1)
+        if size < 1 or self.image_size % 2 ** (self.downsample_times + len(self.num_channels) - 1):
+            raise ValueError(f"MDEQConfig: image_size {self.image_size} must be divisible by "
+                             f"{2 ** (self.downsample_times + len(self.num_channels) - 1)} for "
+                             f"{len(self.num_channels)} scales and {self.downsample_times} stem downsamplings")
+
+    @property
+    def scales(self) -> List[Tuple[int, int, int]]:
+        s = self.image_size // 2 ** self.downsample_times
+        return [(c, s // 2 ** i, s // 2 ** i) for i, c in enumerate(self.num_channels)]
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+def _conv(cin: int, cout: int, k: int, *, stride: int = 1, bias: bool = False, std: Optional[float] = 0.01,
+          weight_norm: bool = False) -> nn.Module:
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
+    if std is not None:
+        nn.init.normal_(conv.weight, 0.0, std)
+    return WeightNorm(conv) if weight_norm else conv
+
+
+def _bn(c: int, *, track: bool = True) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, track_running_stats=track)
+
+
+class BNResidualBlock(nn.Module):
+    """The v2+ MDEQ block of the reference code (``ResidualBlock`` in ``experiments/src/construct.jl``).
+
+    ``h = conv2(relu(BN1(conv1(z))))`` (conv3×3, C→eC→C, no bias, N(0, 0.01) init, optionally weight-normed);
+    ``out = BN3(relu(BN2(dropout(h) + x) + h))``. The residual adds ``h`` (the reference's ``downsample`` is
+    a no-op applied to the convolution output), not ``z``; we keep that so the model is the paper's.
+    ``x`` is the injection (scale 1) or absent. All BatchNorms use batch statistics (see module docstring).
+    """
+
+    def __init__(self, channels: int, expansion: int = 5, dropout: float = 0.0, weight_norm: bool = False):
+        super().__init__()
+        hidden = channels * expansion
+        self.conv1 = _conv(channels, hidden, 3, weight_norm=weight_norm)
+        self.bn1 = _bn(hidden, track=False)
+        self.conv2 = _conv(hidden, channels, 3, weight_norm=weight_norm)
+        self.dropout = VariationalHiddenDropout(dropout)
+        self.bn2 = _bn(channels, track=False)
+        self.bn3 = _bn(channels, track=False)
+
+    def forward(self, z: Tensor, x: Optional[Tensor] = None) -> Tensor:
+        h = self.conv2(F.relu(self.bn1(self.conv1(z))))
+        y = self.dropout(h)
+        if x is not None:
+            y = y + x
+        return self.bn3(F.relu(self.bn2(y) + h))
+
+
+def _v2_down(cin: int, cout: int, levels: int) -> nn.Module:
+    """i<j mapping: ``levels`` × (stride-2 conv3×3 + BN + relu); channels double per level when
+    ``cout == cin·2^levels``, else stay ``cin`` until the last level."""
+    layers: List[nn.Module] = []
+    for i in range(1, levels + 1):
+        a, b = ((cin * 2 ** (i - 1), cin * 2 ** i) if cin * 2 ** levels == cout
+                else (cin, cout if i == levels else cin))
+        layers += [_conv(a, b, 3, stride=2), _bn(b, track=False), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _v2_up(cin: int, cout: int, levels: int) -> nn.Module:
+    """i>j mapping: one conv3×3 (cin→cout) + BN + relu, then nearest upsampling by ``2**levels``.
+
+    One convolution, not a chain of per-level ones: with a chain (the later ``construct.jl``) CIFAR-10 large
+    and ImageNet small have 0.59M parameters more than the paper reports (11.22M / 18.50M vs 10.63M /
+    17.91M); with one convolution both match (10.633M / 17.913M)."""
+    return nn.Sequential(_conv(cin, cout, 3), _bn(cout, track=False), nn.ReLU(),
+                         nn.Upsample(scale_factor=2 ** levels, mode="nearest"))
+
+
+class _V2PostFuse(nn.Module):
+    """conv1×1 (optionally weight-normed) → relu → BN."""
+
+    def __init__(self, channels: int, weight_norm: bool):
+        super().__init__()
+        self.conv = _conv(channels, channels, 1, weight_norm=weight_norm)
+        self.bn = _bn(channels, track=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(F.relu(self.conv(x)))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck ``in → planes → planes → 4·planes`` (conv1×1, conv3×3, conv1×1, each with BN;
+    ``act`` between), plus a conv1×1 + BN rescale of the input when ``in != 4·planes``; ``act`` at the end."""
+
+    def __init__(self, in_channels: int, planes: int, act: nn.Module, expansion: int = 4):
+        super().__init__()
+        out = planes * expansion
+        self.body = nn.Sequential(
+            _conv(in_channels, planes, 1), _bn(planes), act,
+            _conv(planes, planes, 3), _bn(planes), act,
+            _conv(planes, out, 1), _bn(out))
+        self.rescale = (nn.Sequential(_conv(in_channels, out, 1), _bn(out)) if in_channels != out
+                        else nn.Identity())
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.body(x) + self.rescale(x))
+
+
+class ClassificationHead(nn.Module):
+    """Per-scale bottlenecks, pairwise fusion from fine to coarse (``y ← down_i(y) + bottleneck_{i+1}(z_{i+1})``
+    with stride-2 conv3×3 + BN + act), conv1×1 → ``final_channels`` + BN + act, global mean pool, linear."""
+
+    def __init__(self, num_channels: Sequence[int], head_channels: Sequence[int], final_channels: int,
+                 num_classes: int, act: nn.Module):
+        super().__init__()
+        self.bottlenecks = nn.ModuleList([Bottleneck(c, h, act) for c, h in zip(num_channels, head_channels)])
+        self.downsamples = nn.ModuleList([
+            nn.Sequential(_conv(4 * a, 4 * b, 3, stride=2, bias=True), _bn(4 * b), act)
+            for a, b in zip(head_channels[:-1], head_channels[1:])])
+        self.final = nn.Sequential(_conv(4 * head_channels[-1], final_channels, 1, bias=True), _bn(final_channels),
+                                   act)
+        self.classifier = nn.Linear(final_channels, num_classes)
+
+    def forward(self, z: Sequence[Tensor]) -> Tensor:
+        y = self.bottlenecks[0](z[0])
+        for down, block, zi in zip(self.downsamples, self.bottlenecks[1:], z[1:]):
+            y = down(y) + block(zi)
+        return self.classifier(self.final(y).mean(dim=(2, 3)))
+
+
+class _PerScale(nn.Module):
+    """The Skip predictor: one module per scale, each applied to the stem output."""
+
+    def __init__(self, layers: Sequence[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        return [m(x) for m in self.layers]
+
+
+# ------------------------------------------------------------------------------------------------ assembly
+def _stem(cfg: MDEQConfig) -> nn.Module:
+    c = cfg.num_channels[0]
+    if cfg.version == "v1":  # 2 × (conv3×3 → BN → gelu), resolution kept
+        return nn.Sequential(nn.Conv2d(cfg.in_channels, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU(),
+                             nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU())
+    layers: List[nn.Module] = [_conv(cfg.in_channels, c, 3, stride=2 if cfg.downsample_times >= 1 else 1),
+                               _bn(c), nn.ReLU(),
+                               _conv(c, c, 3, stride=2 if cfg.downsample_times >= 2 else 1), _bn(c), nn.ReLU()]
+    for _ in range(2, cfg.downsample_times):
+        layers += [_conv(c, c, 3, stride=2), _bn(c), nn.ReLU()]
+    if not (cfg.downsample_times == 0 and len(cfg.num_channels) <= 2):
+        layers += [_conv(c, c, 1), _bn(c), nn.ReLU()]  # the reference's "stage0"
+    return nn.Sequential(*layers)
+
+
+def _map_layers(cfg: MDEQConfig):
+    ch, n = cfg.num_channels, len(cfg.num_channels)
+    if cfg.version == "v1":
+        main = [ResidualBlock(c, expansion=cfg.expansion, num_groups=cfg.num_groups, dropout=cfg.dropout,
+                              weight_norm=cfg.weight_norm) for c in ch]
+        mapping = [[None if i == j else
+                    (Downsample(ch[i], ch[j], 2 ** (j - i), num_groups=cfg.map_groups) if i < j
+                     else Upsample(ch[i], ch[j], 2 ** (i - j), num_groups=cfg.map_groups))
+                    for j in range(n)] for i in range(n)]
+        post = [PostFuse(c, num_groups=cfg.post_fuse_groups) for c in ch] if cfg.post_fuse else None
+        return main, mapping, post
+    main = [BNResidualBlock(c, cfg.expansion, cfg.dropout, cfg.weight_norm) for c in ch]
+    mapping = [[None if i == j else (_v2_down(ch[i], ch[j], j - i) if i < j else _v2_up(ch[i], ch[j], i - j))
+                for j in range(n)] for i in range(n)]
+    post = [_V2PostFuse(c, cfg.weight_norm) for c in ch] if cfg.post_fuse else None
+    return main, mapping, post
+
+
+def _shortcut(cfg: MDEQConfig) -> nn.Module:
+    ch = cfg.num_channels
+    if cfg.version == "v1":
+        first = ResidualBlock(ch[0], expansion=cfg.shortcut_expansion, num_groups=cfg.shortcut_groups,
+                              weight_norm=cfg.weight_norm)
+        rest = [Downsample(ch[0], ch[i], 2 ** i, num_groups=cfg.map_groups) for i in range(1, len(ch))]
+    else:
+        first = BNResidualBlock(ch[0], cfg.shortcut_expansion, 0.0, cfg.weight_norm)
+        rest = [_v2_down(ch[0], ch[i], i) for i in range(1, len(ch))]
+    return _PerScale([first, *rest])
+
+
+def build_mdeq(cfg: MDEQConfig, model_type: ModelType = "skip", solver: SolverKind = "discrete", *,
+               jac_reg: bool = False) -> PaperNetwork:
+    """The multiscale network of ``cfg`` for one model type and solver kind."""
+    solver_obj = make_solver(solver, mode=cfg.mode, tol=cfg.tol, max_steps=cfg.max_steps)
+    main, mapping, post = _map_layers(cfg)
+    deq = make_multiscale(model_type, main, mapping, post, solver_obj, cfg.scales,
+                          shortcut=_shortcut(cfg) if model_type == "skip" else None,
+                          backward=make_backward(cfg.tol, cfg.backward_max_steps), jac_reg=jac_reg, ode_tol=cfg.tol)
+    act = nn.GELU() if cfg.version == "v1" else nn.ReLU()
+    head = ClassificationHead(cfg.num_channels, cfg.head_channels, cfg.final_channels, cfg.num_classes, act)
+    return PaperNetwork(_stem(cfg), deq, head, model_type=model_type, solver_kind=solver)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+MNIST_CONV = MDEQConfig(
+    version="v1", in_channels=1, image_size=28, num_channels=(8, 16), expansion=5, dropout=0.0, weight_norm=True,
+    num_groups=4, map_groups=8, post_fuse=False, head_channels=(8, 16), final_channels=200, tol=1e-2,
+    max_steps=50, backward_max_steps=15, mode="rel_norm", shortcut_expansion=5, shortcut_groups=4)
+CIFAR10_V1 = MDEQConfig(
+    version="v1", in_channels=3, image_size=32, num_channels=(24, 24), expansion=5, dropout=0.25,
+    weight_norm=True, num_groups=8, map_groups=8, post_fuse=True, post_fuse_groups=4, head_channels=(8, 16),
+    final_channels=200, tol=5e-2, max_steps=20, backward_max_steps=15, mode="rel_deq_best",
+    shortcut_expansion=5, shortcut_groups=8)
+SVHN_V1 = CIFAR10_V1
+CIFAR10_SMALL = MDEQConfig(
+    version="v2", in_channels=3, image_size=32, num_channels=(24, 24), expansion=5, dropout=0.2,
+    weight_norm=False, head_channels=(8, 16), final_channels=200, tol=5e-2, max_steps=18, backward_max_steps=20,
+    mode="rel_norm", shortcut_expansion=3)
+CIFAR10_LARGE = MDEQConfig(
+    version="v2", in_channels=3, image_size=32, num_channels=(32, 64, 128, 256), expansion=4, dropout=0.3,
+    weight_norm=True, head_channels=(14, 28, 56, 112), final_channels=1680, tol=5e-2, max_steps=18,
+    backward_max_steps=20, mode="rel_deq_best", shortcut_expansion=3)
+IMAGENET_SMALL = MDEQConfig(
+    version="v2", in_channels=3, image_size=224, num_channels=(32, 64, 128, 256), expansion=5, dropout=0.0,
+    weight_norm=True, head_channels=(24, 48, 96, 192), final_channels=2048, tol=5e-2, max_steps=27,
+    backward_max_steps=28, mode="abs_deq_best", downsample_times=2, num_classes=1000, shortcut_expansion=3)
+
+
+def _factory(base: MDEQConfig, doc: str):
+    def build(model_type: ModelType = "skip", solver: SolverKind = "discrete", *, jac_reg: bool = False,
+              **overrides: Any) -> PaperNetwork:
+        names = {f.name for f in dataclasses.fields(MDEQConfig)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"got unexpected keyword argument(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        for key in ("num_channels", "head_channels"):
+            if key in overrides:
+                overrides[key] = tuple(overrides[key])
+        return build_mdeq(dataclasses.replace(base, **overrides), model_type, solver, jac_reg=jac_reg)
+
+    build.__doc__ = doc + "\n\n``overrides`` replace fields of :class:`MDEQConfig`."
+    return build
+
+
+mnist_conv = _factory(MNIST_CONV, "MNIST conv (v1): 2-scale MDEQ, 28×28×8 and 14×14×16, tol 1e-2, 50 steps.")
+svhn_v1 = _factory(SVHN_V1, "SVHN (v1): the CIFAR-10 v1 model (2 scales of 24 channels, dropout 0.25).")
+cifar10_v1 = _factory(CIFAR10_V1, "CIFAR-10 (v1): 2 scales 32×32×24 / 16×16×24, dropout 0.25, tol 5e-2, 20 steps.")
+cifar10_small = _factory(CIFAR10_SMALL, "CIFAR-10 small / tiny (v2+): 2 scales of 24 channels, ≈164K parameters.")
+cifar10_large = _factory(CIFAR10_LARGE, "CIFAR-10 large (v2+): 4 scales (32, 64, 128, 256), ≈10.6M parameters.")
+imagenet_small = _factory(IMAGENET_SMALL, "ImageNet small (v2+): 4 scales, 224² input downsampled 4×, ≈17.9M "
+                                          "parameters.")

@@ -1,0 +1,322 @@
+"""Turn the runs' CSVs into markdown tables (mean ± std over seeds, the paper's numbers beside ours), the
+ratios the paper claims, and PNG plots.
+
+    python paper_repro/summarize.py --results-dir runs/paper_repro/results --out paper_repro/results
+
+Reads ``<results-dir>/<experiment>.csv`` (one row per run, written by the experiment scripts) and
+``<experiment>_epochs.csv`` (one row per epoch). Writes ``<out>/summary.md`` and, per experiment and
+architecture, ``<experiment>_<arch>_figure1.png`` (training and backward time of each model type relative
+to the vanilla continuous DEQ, the paper's Figure 1) and ``<experiment>_<arch>_epochs.png`` (test accuracy
+and NFE per epoch per model type). Nothing is invented: a cell without measurements reads "-".
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from paper_repro.paper_reference import ACCURACY_KIND, CLAIMS, PARAMETERS, SOURCE, reference  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_ORDER = ("vanilla", "skip", "skip_reg", "neural_ode")
+SOLVER_ORDER = ("continuous", "discrete")
+SOLVER_SHORT = {"continuous": "C", "discrete": "D"}
+#: Numeric columns averaged over seeds.
+METRICS = (
+    "test_accuracy", "explicit_accuracy", "test_nfe", "train_nfe", "backward_nfe", "train_time_per_step_s",
+    "train_time_per_epoch_s", "forward_time_s", "backward_time_s", "prediction_time_s", "explicit_time_s",
+    "fit_time_s", "steps", "epochs", "parameters",
+)
+#: The paper's table quantity that matches one of ours.
+PAPER_OF = {"train_time_per_step_s": "train_time_s", "backward_time_s": "backward_time_s",
+            "prediction_time_s": "prediction_time_s", "test_nfe": "test_nfe", "fit_time_s": "train_minutes"}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _num(text: Any) -> Optional[float]:
+    if text is None or text == "":
+        return None
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def _bool(text: Any) -> bool:
+    return str(text).strip().lower() in ("true", "1", "yes")
+
+
+def read_csv(path: Path) -> List[Dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load(results_dir: Path) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]:
+    """All run rows and all epoch rows under ``results_dir``."""
+    runs: List[Dict[str, str]] = []
+    epochs: List[Dict[str, str]] = []
+    for path in sorted(Path(results_dir).glob("*.csv")):
+        (epochs if path.stem.endswith("_epochs") else runs).extend(read_csv(path))
+    return runs, epochs
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+Group = Tuple[str, str, bool]  # experiment, arch, jac_reg
+Config = Tuple[str, str]  # model_type, solver
+
+
+def _order(config: Config) -> Tuple[int, int]:
+    m, s = config
+    return (MODEL_ORDER.index(m) if m in MODEL_ORDER else 99, SOLVER_ORDER.index(s) if s in SOLVER_ORDER else 99)
+
+
+def aggregate(rows: Iterable[Dict[str, str]]) -> Dict[Group, Dict[Config, Dict[str, Any]]]:
+    """(experiment, arch, jac_reg) -> (model_type, solver) -> {metric: (mean, std, n)} plus ``seeds``."""
+    buckets: Dict[Group, Dict[Config, List[Dict[str, str]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        buckets[(r["experiment"], r["arch"], _bool(r.get("jac_reg")))][(r["model_type"], r["solver"])].append(r)
+    out: Dict[Group, Dict[Config, Dict[str, Any]]] = {}
+    for group, configs in buckets.items():
+        out[group] = {}
+        for config in sorted(configs, key=_order):
+            rs = configs[config]
+            stats: Dict[str, Any] = {"seeds": sorted({r.get("seed", "") for r in rs}), "runs": len(rs),
+                                     "device": sorted({r.get("device", "") for r in rs})}
+            for m in METRICS:
+                vals = [v for v in (_num(r.get(m)) for r in rs) if v is not None]
+                stats[m] = mean_std(vals)
+            out[group][config] = stats
+    return out
+
+
+def mean_std(values: Sequence[float]) -> Optional[Tuple[float, float, int]]:
+    if not values:
+        return None
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std, len(values)
+
+
+def _mean(stats: Dict[str, Any], metric: str) -> Optional[float]:
+    v = stats.get(metric)
+    return None if v is None else v[0]
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+def fmt(v: Optional[Tuple[float, float, int]], spec: str = ".3f", scale: float = 1.0) -> str:
+    if v is None:
+        return "-"
+    mean, std, n = v
+    if n > 1:
+        return f"{format(mean * scale, spec)} ± {format(std * scale, spec)}"
+    return format(mean * scale, spec)
+
+
+def fmt1(v: Optional[float], spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def results_table(group: Group, configs: Dict[Config, Dict[str, Any]]) -> List[str]:
+    experiment, arch, jac = group
+    acc_kind = ACCURACY_KIND.get(experiment, "top-1")
+    lines = [
+        f"| model | solver | seeds | test acc % ({acc_kind}) | paper acc % | explicit acc % | test NFE | paper test NFE | "
+        "train NFE | backward NFE | train s/step | paper train s/batch | backward s | paper backward s | "
+        "prediction s/batch | paper prediction s | s/epoch | fit min | paper train min | params | steps | epochs |",
+        "|" + "---|" * 22,
+    ]
+    for (model, solver), s in configs.items():
+        ref = reference(experiment, arch, model, solver, jac) or {}
+        lines.append("| " + " | ".join([
+            model, solver, str(s["runs"]),
+            fmt(s["test_accuracy"], ".2f", 100), fmt1(ref.get("accuracy"), ".2f"),
+            fmt(s["explicit_accuracy"], ".2f", 100),
+            fmt(s["test_nfe"], ".1f"), fmt1(ref.get("test_nfe"), ".1f"),
+            fmt(s["train_nfe"], ".1f"), fmt(s["backward_nfe"], ".1f"),
+            fmt(s["train_time_per_step_s"], ".4f"), fmt1(ref.get("train_time_s")),
+            fmt(s["backward_time_s"], ".4f"), fmt1(ref.get("backward_time_s")),
+            fmt(s["prediction_time_s"], ".4f"), fmt1(ref.get("prediction_time_s")),
+            fmt(s["train_time_per_epoch_s"], ".1f"), fmt(s["fit_time_s"], ".1f", 1 / 60), fmt1(ref.get("train_minutes"), ".2f"),
+            fmt1(_mean(s, "parameters"), ",.0f"), fmt(s["steps"], ".0f"), fmt(s["epochs"], ".2f"),
+        ]) + " |")
+    return lines
+
+
+def _paper_value(group: Group, config: Config, quantity: str) -> Optional[float]:
+    ref = reference(group[0], group[1], config[0], config[1], group[2]) or {}
+    return ref.get(PAPER_OF.get(quantity, quantity))
+
+
+def ratio_rows(group: Group, configs: Dict[Config, Dict[str, Any]]) -> List[Tuple[str, str, Optional[float], Optional[float]]]:
+    """(ratio name, quantity, ours, paper) for every claim the paper makes that the data allows."""
+    out: List[Tuple[str, str, Optional[float], Optional[float]]] = []
+
+    def add(name: str, num: Config, den: Config, quantities: Sequence[str]) -> None:
+        if num not in configs or den not in configs:
+            return
+        for q in quantities:
+            ours = ratio(_mean(configs[num], q), _mean(configs[den], q))
+            paper = ratio(_paper_value(group, num, q), _paper_value(group, den, q))
+            if ours is not None or paper is not None:
+                out.append((name, q, ours, paper))
+
+    speed = ("train_time_per_step_s", "backward_time_s", "prediction_time_s", "test_nfe", "fit_time_s")
+    for solver in SOLVER_ORDER:
+        for skip in ("skip", "skip_reg"):
+            add(f"vanilla / {skip} ({solver})", ("vanilla", solver), (skip, solver), speed)
+    add("neural_ode / vanilla continuous", ("neural_ode", "continuous"), ("vanilla", "continuous"),
+        ("backward_time_s", "train_time_per_step_s"))
+    for skip in ("skip", "skip_reg"):
+        add(f"neural_ode / {skip} continuous", ("neural_ode", "continuous"), (skip, "continuous"), ("train_time_per_step_s",))
+    for model in MODEL_ORDER[:3]:
+        add(f"continuous / discrete ({model})", (model, "continuous"), (model, "discrete"), speed)
+    return out
+
+
+def render(runs: List[Dict[str, str]], title: str = "Paper reproduction: measured results") -> str:
+    agg = aggregate(runs)
+    lines = [f"# {title}", "",
+             "Mean ± std over seeds (the seed count is in the `seeds` column). Times in seconds per batch "
+             "(train: one optimizer step, median over steps; prediction: one test batch). Paper numbers: "
+             f"{SOURCE}; they were measured on the authors' GPUs, so compare ratios, not absolute times.", ""]
+    for group in sorted(agg):
+        experiment, arch, jac = group
+        configs = agg[group]
+        devices = sorted({d for s in configs.values() for d in s["device"] if d})
+        lines += [f"## {experiment} {arch}{' with Jacobian regularization' if jac else ''}", ""]
+        if (experiment, arch) in PARAMETERS:
+            lines += [f"Paper parameter count: {PARAMETERS[(experiment, arch)]}.", ""]
+        if devices:
+            lines += [f"Measured on: {', '.join(devices)}.", ""]
+        lines += results_table(group, configs) + [""]
+        rr = ratio_rows(group, configs)
+        if rr:
+            lines += ["Ratios the paper claims (> 1: the first is slower / needs more):", "",
+                      "| ratio | quantity | ours | paper |", "|---|---|---|---|"]
+            lines += [f"| {n} | {q} | {fmt1(o, '.2f')} | {fmt1(p, '.2f')} |" for n, q, o, p in rr]
+            lines.append("")
+    lines += ["## The paper's headline claims", ""] + [f"- {c}" for c in CLAIMS] + [""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure1(group: Group, configs: Dict[Config, Dict[str, Any]], path: Path) -> Optional[Path]:
+    """Training and backward time of each model type relative to the vanilla continuous DEQ (ours, and the
+    paper's where it has the numbers)."""
+    base = configs.get(("vanilla", "continuous"))
+    if base is None:
+        return None
+    labels = [f"{m} {SOLVER_SHORT.get(s, s)}" for m, s in configs]
+    series = {}
+    for q, name in (("train_time_per_step_s", "training"), ("backward_time_s", "backward")):
+        series[f"{name} (ours)"] = [ratio(_mean(c, q), _mean(base, q)) for c in configs.values()]
+        paper = [ratio(_paper_value(group, k, q), _paper_value(group, ("vanilla", "continuous"), q)) for k in configs]
+        if any(p is not None for p in paper):
+            series[f"{name} (paper)"] = paper
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) + 2), 4.0))
+    width = 0.8 / len(series)
+    for i, (name, vals) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=name,
+               hatch="//" if "paper" in name else None, alpha=0.6 if "paper" in name else 1.0)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.set_ylabel("time relative to vanilla continuous DEQ")
+    ax.set_title(f"{group[0]} {group[1]}{' +JR' if group[2] else ''}: training and backward time (C: continuous, D: discrete)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def epoch_curves(group: Group, epochs: List[Dict[str, str]], path: Path) -> Optional[Path]:
+    """Test accuracy and test NFE per epoch, one line per model type and solver (mean over seeds)."""
+    experiment, arch, jac = group
+    series: Dict[Config, Dict[int, List[Tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in epochs:
+        if (r.get("experiment"), r.get("arch"), _bool(r.get("jac_reg"))) != group or r.get("stage") != "train":
+            continue
+        acc, nfe, ep = _num(r.get("eval_accuracy")), _num(r.get("eval_nfe")), _num(r.get("epoch"))
+        if acc is None or ep is None:
+            continue
+        series[(r["model_type"], r["solver"])][int(ep) + 1].append((acc, nfe if nfe is not None else float("nan")))
+    if not series:
+        return None
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for config in sorted(series, key=_order):
+        pts = sorted(series[config].items())
+        xs = [e for e, _ in pts]
+        a1.plot(xs, [100 * statistics.fmean(v[0] for v in vals) for _, vals in pts], marker="o", label=f"{config[0]} {SOLVER_SHORT.get(config[1], config[1])}")
+        a2.plot(xs, [statistics.fmean(v[1] for v in vals) for _, vals in pts], marker="o", label=f"{config[0]} {SOLVER_SHORT.get(config[1], config[1])}")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("test accuracy %")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("test NFE (forward)")
+    a1.legend(fontsize=8)
+    fig.suptitle(f"{experiment} {arch}{' +JR' if jac else ''}: per epoch (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- main
+def summarize(results_dir: Path, out: Path) -> List[Path]:
+    runs, epochs = load(results_dir)
+    if not runs:
+        raise SystemExit(f"error: no run CSVs (<experiment>.csv) in {results_dir}; run an experiment script first "
+                         "or pass --results-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "summary.md"]
+    written[0].write_text(render(runs))
+    agg = aggregate(runs)
+    for group, configs in sorted(agg.items()):
+        stem = f"{group[0]}_{group[1]}{'_jac' if group[2] else ''}"
+        for made in (figure1(group, configs, out / f"{stem}_figure1.png"), epoch_curves(group, epochs, out / f"{stem}_epochs.png")):
+            if made is not None:
+                written.append(made)
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--results-dir", type=Path, default=REPO / "runs" / "paper_repro" / "results",
+                   help="folder with the runs' <experiment>.csv and <experiment>_epochs.csv")
+    p.add_argument("--out", type=Path, default=REPO / "paper_repro" / "results", help="where summary.md and the PNGs go")
+    args = p.parse_args(argv)
+    written = summarize(args.results_dir, args.out)
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()

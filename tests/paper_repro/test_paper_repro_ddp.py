@@ -1,0 +1,67 @@
+"""The DDP path of the scripts: 2 CPU processes (gloo) against 1 process with the same effective batch.
+
+Lightning's DDP re-launches the running command as rank 1, so the script runs in a clean subprocess (no
+inherited MASTER_ADDR/RANK/... from an outer launcher), never inside pytest itself. Under DDP each rank
+draws its own shard of a shuffled epoch (Lightning's DistributedSampler), so the sample order differs from
+the single process: with a tiny learning rate both runs stay next to the common initialization and the
+final test loss must agree closely; steps, epochs and the effective batch must agree exactly.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+CLEAN = {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
+         "GROUP_RANK", "TORCHELASTIC_RUN_ID"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args, cwd: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    proc = subprocess.run([sys.executable, str(REPO / "paper_repro" / "mnist.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout
+
+
+def _rows(path: Path):
+    with open(path, newline="") as f:
+        return {(r["model_type"], r["solver"]): r for r in csv.DictReader(f)}, sum(1 for _ in open(path)) - 1
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one_process_with_the_same_effective_batch(mnist_dir, tmp_path):
+    common = ["--arch", "dense", "--grid", "--model-types", "vanilla,skip", "--solvers", "discrete", "--seeds", "5",
+              "--epochs", "1", "--train-subset", "32", "--test-subset", "16", "--override", "lr=1e-5",
+              "--data-dir", str(mnist_dir), "--num-workers", "0", "--progress", "lines"]
+    _run(common + ["--batch-size", "8", "--results-dir", str(tmp_path / "single"), "--log-dir", str(tmp_path / "tb1")], tmp_path)
+    out = _run(common + ["--accelerator", "cpu", "--devices", "2", "--batch-size", "4",
+                         "--results-dir", str(tmp_path / "ddp"), "--log-dir", str(tmp_path / "tb2")], tmp_path)
+    single, n_single = _rows(tmp_path / "single" / "mnist.csv")
+    ddp, n_ddp = _rows(tmp_path / "ddp" / "mnist.csv")
+    assert n_single == n_ddp == 2, "one row per run (rank 1 must not write)"
+    assert "strategy          ddp" in out
+    for key in (("vanilla", "discrete"), ("skip", "discrete")):
+        a, b = single[key], ddp[key]
+        assert (a["world_size"], b["world_size"]) == ("1", "2")
+        assert a["steps"] == b["steps"] == "4" and a["epochs"] == b["epochs"] == "1.0"
+        assert a["effective_batch_size"] == b["effective_batch_size"] == "8"
+        assert a["test_samples"] == b["test_samples"] == "16"
+        assert float(b["test_loss"]) == pytest.approx(float(a["test_loss"]), rel=1e-3)
+        assert abs(float(b["test_accuracy"]) - float(a["test_accuracy"])) <= 1 / 16 + 1e-6
+    assert list((tmp_path / "tb2").rglob("events.out.tfevents*")), "rank 0 wrote no TensorBoard events"
