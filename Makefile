@@ -28,6 +28,7 @@ bench:
 	$(MAKE) EXTRAS=dev,bench $(VENV)/.stamp-dev,bench
 	$(PY) benchmarks/solvers.py
 	$(PY) benchmarks/backward.py
+	$(PY) benchmarks/train_step.py --prediction
 
 docs: $(STAMP)
 	$(PY) -m pytest -q tests/test_docs.py

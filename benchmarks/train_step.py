@@ -22,13 +22,14 @@ Reported per configuration (all measured in the same process, interleaved round-
   ``get_deq(ift=True, f_solver="broyden", b_solver="broyden")`` with our tolerance and budgets.
 
 Run ``python benchmarks/train_step.py --quick`` (a few minutes on one CPU thread); ``--output FILE`` writes
-the markdown report; ``--results`` replaces the ``train-step`` section of ``benchmarks/RESULTS.md``.
+the markdown report; without ``--quick`` (or with ``--write``) the ``train-step`` section of
+``benchmarks/RESULTS.md`` is replaced (``train-step-cuda`` on a GPU).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
+import os
 import statistics
 import sys
 import time
@@ -554,6 +555,158 @@ def build_report(results: Sequence[Result], info: Dict[str, str], args) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------------ prediction time
+
+
+def _mnist_test_batches(batch: int, n_batches: int, data_dir: Optional[str], seed: int):
+    """Real MNIST test images when ``data_dir`` holds them (``MNIST/raw``), else Gaussian noise."""
+    x = None
+    if data_dir:
+        try:
+            from torchvision.datasets import MNIST
+
+            ds = MNIST(data_dir, train=False, download=False)
+            x = (ds.data[: batch * n_batches].float() / 255.0 - 0.1307) / 0.3081
+            x = x.unsqueeze(1)
+        except Exception as err:  # missing files or torchvision: fall back, and say so in the report
+            print(f"# MNIST not loaded from {data_dir} ({err}); using noise", file=sys.stderr)
+    source = "MNIST test set"
+    if x is None:
+        x = torch.randn(batch * n_batches, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+        source = "Gaussian noise (MNIST not found)"
+    return list(x.split(batch)), source
+
+
+def _train_data(n: int, data_dir: Optional[str], seed: int) -> Tensor:
+    if data_dir:
+        try:
+            from torchvision.datasets import MNIST
+
+            ds = MNIST(data_dir, train=True, download=False)
+            return ((ds.data[:n].float() / 255.0 - 0.1307) / 0.3081).unsqueeze(1)
+        except Exception:
+            pass
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed + 7))
+
+
+def _fit_shortcut(model, data: Tensor, steps: int, batch: int) -> float:
+    """Train a Skip model's predictor on ``|shortcut(x) - z*|`` (the skip loss alone, the map frozen), so its
+    u0 starts near z* as it does after real training; returns the final mean |u0 - z*|."""
+    deq = model.deq
+    opt = torch.optim.Adam(deq.init.shortcut.parameters(), lr=3e-3)
+    loss = torch.zeros(())
+    for i in range(steps):
+        xb = data[(i * batch) % len(data):][:batch]
+        with torch.no_grad():
+            xs = model.stem(xb)
+            z, _ = deq(xs)
+        loss = (deq.init.shortcut(xs) - z).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss)
+
+
+def prediction_benchmark(args, device: torch.device) -> str:
+    """Time per test batch of each MNIST-dense model type vs its NFE (issue 10: prediction time falls with NFE).
+
+    All model types share the vanilla model's stem / map / head weights (so NFE differences come from the
+    initial guess alone); the Skip predictor is fitted to z* first (``--fit-steps``). Bound per type:
+    1.2 × (NFE / vanilla NFE) × vanilla time + the predictor's own cost.
+    """
+    from deqlab.models import build_model
+
+    torch.manual_seed(args.seed)
+    batches, source = _mnist_test_batches(32, args.pred_batches, args.data_dir, args.seed)
+    batches = [b.to(device) for b in batches]
+    models = {}
+    base = None
+    for mt in MODEL_TYPES:
+        torch.manual_seed(args.seed)
+        m = build_model("mnist", "dense", model_type=mt, solver="discrete").to(device)
+        if base is None:
+            base = m
+        else:  # the same stem / map / head as vanilla
+            m.stem.load_state_dict(base.stem.state_dict())
+            m.deq.model.load_state_dict(base.deq.model.state_dict())
+            m.head.load_state_dict(base.head.state_dict())
+        m.deq.reporter.policy = "ignore"
+        models[mt] = m
+    fit = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if args.fit_steps > 0:
+            fit = _fit_shortcut(models["skip"], _train_data(32 * 50, args.data_dir, args.seed).to(device),
+                                args.fit_steps, 32)
+    for m in models.values():
+        m.eval()
+    stats = {mt: dict(times=[], nfe=[], solve=[]) for mt in models}
+    parts = Samples()
+
+    def predict(m, xb):
+        return m(xb)
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for r in range(args.warmup + args.repeats):
+            for xb in batches:
+                for mt, m in models.items():
+                    t0 = _clock(device)
+                    _, sol = predict(m, xb)
+                    dt = _clock(device) - t0
+                    if r >= args.warmup:
+                        stats[mt]["times"].append(dt)
+                        stats[mt]["nfe"].append(sol.nfe)
+                # component costs at this batch (same rounds)
+                m = models["vanilla"]
+                t0 = _clock(device)
+                xs = m.stem(xb)
+                t1 = _clock(device)
+                z, _ = m.deq(xs)
+                t2 = _clock(device)
+                m.head(z)
+                t3 = _clock(device)
+                m.deq._eval_map(z, xs)
+                t4 = _clock(device)
+                models["skip"].deq.init.shortcut(xs)
+                t5 = _clock(device)
+                if r >= args.warmup:
+                    parts.add("stem", t1 - t0)
+                    parts.add("head", t3 - t2)
+                    parts.add("t_f", t4 - t3)
+                    parts.add("shortcut", t5 - t4)
+                    parts.add("layer", t2 - t1)
+    t_f, stem, head = parts.med("t_f"), parts.med("stem"), parts.med("head")
+    predictor = {"vanilla": 0.0, "skip": parts.med("shortcut"), "skip_reg": t_f}
+    v_time = statistics.median(stats["vanilla"]["times"])
+    v_nfe = statistics.mean(stats["vanilla"]["nfe"])
+    rows = []
+    verdicts = []
+    for mt, st in stats.items():
+        tm = statistics.median(st["times"])
+        nfe = statistics.mean(st["nfe"])
+        bound = 1.2 * nfe / v_nfe * v_time + predictor[mt]
+        ideal = stem + head + predictor[mt] + nfe * t_f
+        met = tm <= bound
+        verdicts.append((mt, met))
+        rows.append([mt, f"{nfe:.2f}", fmt_time(tm), f"{tm / v_time:.2f}", f"{nfe / v_nfe:.2f}",
+                     fmt_time(predictor[mt]), fmt_time(bound), "yes" if met else "**no**",
+                     fmt_time(nfe * t_f), fmt_time(stem + head), fmt_time(tm - ideal), f"{tm / ideal:.2f}"])
+    table = markdown_table(["model type", "test NFE (mean)", "time / batch (median)", "time / vanilla's",
+                            "NFE / vanilla's", "predictor cost", "bound 1.2 × NFE ratio × t_vanilla + predictor",
+                            "met", "NFE × t_f", "stem + head", "solver overhead (rest)", "time / (ideal)"],
+                           rows, "lrrrrrrlrrrr")
+    return "\n".join([
+        "### Prediction time vs NFE (MNIST dense, discrete solver, batch 32, `model.eval()`, `no_grad`)", "",
+        f"Inputs: {source}, {len(batches)} batches × {args.repeats} rounds (median per batch). The three model "
+        "types share the vanilla model's (untrained) stem, map and head; the Skip predictor was fitted to z* "
+        f"for {args.fit_steps} Adam steps on the skip loss alone"
+        + (f" (final mean |u0 − z*| = {fit:.3g})" if fit is not None else "") + ". "
+        f"Costs at the same batches: t_f = {fmt_time(t_f)}, stem = {fmt_time(stem)}, head = {fmt_time(head)}, "
+        f"shortcut = {fmt_time(parts.med('shortcut'))}. *ideal* = stem + head + predictor + NFE × t_f.", "",
+        table, ""])
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -568,14 +721,36 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="also time the step with the DEQ map compiled")
     p.add_argument("--no-torchdeq", dest="torchdeq", action="store_false")
+    p.add_argument("--prediction", action="store_true", help="also run the prediction-time-vs-NFE check")
+    p.add_argument("--prediction-only", action="store_true", help="run only the prediction-time check")
+    p.add_argument("--pred-batches", type=int, default=10)
+    p.add_argument("--fit-steps", type=int, default=300)
+    p.add_argument("--data-dir", default=os.environ.get("DEQLAB_DATA", "data"),
+                   help="folder holding MNIST/raw for the prediction check (default $DEQLAB_DATA or ./data; "
+                        "noise when absent)")
     p.add_argument("--output", default=None, help="write the markdown report to this file")
-    p.add_argument("--results", action="store_true", help="replace the train-step section of RESULTS.md")
+    p.add_argument("--write", dest="write", action="store_true", default=None,
+                   help="update benchmarks/RESULTS.md (default unless --quick)")
+    p.add_argument("--no-write", dest="write", action="store_false")
+    p.add_argument("--results", type=Path, default=None, help="results file (default benchmarks/RESULTS.md)")
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 10
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2
-    args.shown_argv = list(argv if argv is not None else sys.argv[1:])
+    if args.write is None:
+        args.write = not args.quick
+    shown, skip = [], False
+    for a in (argv if argv is not None else sys.argv[1:]):  # where the output went is not part of the recipe
+        if skip:
+            skip = False
+            continue
+        if a in ("--output", "--results"):
+            skip = True
+            continue
+        if not a.startswith(("--output=", "--results=")):
+            shown.append(a)
+    args.shown_argv = shown
     return args
 
 
@@ -594,18 +769,24 @@ def main(argv=None) -> int:
         args.torchdeq = False
     info = machine_info(device, pkgs)
     results = []
-    for name in args.models.split(","):
+    pred = prediction_benchmark(args, device) if (args.prediction or args.prediction_only) else None
+    for name in ([] if args.prediction_only else args.models.split(",")):
         for solver in args.solvers.split(","):
             for mt in args.model_types.split(","):
                 t0 = time.perf_counter()
                 results.append(run_config(name, mt, solver, args, device))
                 print(f"# {name} {mt} {solver}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    report = build_report(results, info, args)
+    report = build_report(results, info, args) if results else (
+        "## Prediction time (`benchmarks/train_step.py`)\n\n" + machine_header(info) + "\n")
+    if pred:
+        report += "\n" + pred
     print(report)
     if args.output:
         Path(args.output).write_text(report + "\n", encoding="utf-8")
-    if args.results:
-        update_results_section("train-step" + ("-cuda" if device.type == "cuda" else ""), report)
+    if args.write:
+        section = "train-step" + ("" if device.type == "cpu" else f"-{device.type}")
+        path = update_results_section(section, report, **({"path": args.results} if args.results else {}))
+        print(f"\nwrote section '{section}' of {path}", file=sys.stderr)
     return 0
 
 
