@@ -313,6 +313,47 @@ class StepBench:
         return counts
 
 
+# ----------------------------------------------------------------------------------- region breakdown
+
+_STEP_REGIONS = (
+    ("deqlab.solvers._driver", "CountedMap.__call__", "fwd f evals"),
+    ("deqlab.solvers.termination", "TerminationTracker.update", "tracker.update"),
+    ("deqlab.solvers.algorithms", "FixedPointIteration.step", "algo.step"),
+    ("deqlab.solvers.algorithms", "Anderson.step", "algo.step"),
+    ("deqlab.solvers.algorithms", "Broyden.step", "algo.step"),
+    ("deqlab.solvers.algorithms", "Anderson.init", "algo.step"),
+    ("deqlab.solvers.algorithms", "Broyden.init", "algo.step"),
+    ("deqlab.nn.implicit", "Linearization.__init__", "f re-eval"),
+    ("deqlab.nn.implicit", "Linearization.vjp_z", "adjoint VJPs"),
+    ("deqlab.nn.implicit", "Linearization.vjp_inputs", "param VJP"),
+    ("deqlab.solvers.linear", "GMRES.solve", "GMRES excl. VJPs"),
+)
+STEP_REGION_COLUMNS = ("fwd f evals", "tracker.update", "algo.step", "f re-eval", "adjoint VJPs",
+                       "GMRES excl. VJPs", "param VJP")
+
+
+def region_breakdown(bench: "StepBench", repeats: int) -> Dict[str, float]:
+    """Median exclusive time per region of deqlab's internals over ``repeats`` steps (a separate pass: the
+    wrappers cost a little per call, so the step times of the main table are measured without them)."""
+    from _common import RegionTimer
+
+    per: Dict[str, List[float]] = {r: [] for r in STEP_REGION_COLUMNS + ("fwd rest", "bwd rest", "step")}
+    with RegionTimer(_STEP_REGIONS, bench.device) as timer:
+        for _ in range(repeats):
+            timer.reset()
+            s = Samples()
+            bench.step(s)
+            acc = dict(timer.acc)
+            for r in STEP_REGION_COLUMNS:
+                per[r].append(acc.get(r, 0.0))
+            fwd_in = sum(acc.get(r, 0.0) for r in ("fwd f evals", "tracker.update", "algo.step"))
+            bwd_in = sum(acc.get(r, 0.0) for r in ("f re-eval", "adjoint VJPs", "GMRES excl. VJPs", "param VJP"))
+            per["fwd rest"].append(s.values["fwd"][0] - fwd_in)
+            per["bwd rest"].append(s.values["bwd"][0] - bwd_in)
+            per["step"].append(s.values["step"][0])
+    return {k: statistics.median(v) if v else float("nan") for k, v in per.items()}
+
+
 # -------------------------------------------------------------------------------------------- torchdeq
 
 
@@ -405,6 +446,7 @@ class Result:
     torchdeq: Optional[Samples] = None
     torchdeq_counts: Optional[tuple] = None
     note: str = ""
+    regions: Optional[Dict[str, float]] = None
 
     def ideal(self, s: Optional[Samples] = None) -> float:
         s = s or self.samples
@@ -444,6 +486,8 @@ def run_config(name: str, model_type: str, solver: str, args, device: torch.devi
             tdq.step(tsamples)
     res = Result(f"{name} {model_type} {solver}", name, model_type, solver, batch, samples, dict(bench.last))
     res.syncs = bench.count_syncs()
+    if args.breakdown:
+        res.regions = region_breakdown(bench, max(2, args.repeats // 2))
     if comp is not None:
         res.compiled = csamples
         res.last["compiled_nfe"] = comp.last["nfe"]
@@ -498,6 +542,33 @@ def breakdown_table(results: Sequence[Result]) -> str:
     return markdown_table(headers, rows, "lllrrrrrrrr")
 
 
+def region_table(results: Sequence[Result]) -> Optional[str]:
+    rows = []
+    for r in results:
+        g = r.regions
+        if not g:
+            continue
+        step = g["step"]
+        rows.append([r.model, r.model_type, r.solver, fmt_time(step)]
+                    + [f"{fmt_time(g[c])} ({g[c] / step:.0%})" for c in STEP_REGION_COLUMNS + ("fwd rest", "bwd rest")])
+    if not rows:
+        return None
+    return markdown_table(["model", "type", "solver", "step"] + list(STEP_REGION_COLUMNS)
+                          + ["fwd rest (stem, head, init, layer)", "bwd rest (autograd, stem/head, predictor)"],
+                          rows, "lllr" + "r" * 9)
+
+
+def sync_table(results: Sequence[Result]) -> str:
+    rows = []
+    for r in results:
+        sy = r.syncs or {}
+        by = ", ".join(f"{k} {v}" for k, v in sorted((sy.get("solve_by") or {}).items()))
+        rows.append([r.model, r.model_type, r.solver, sy.get("steps", ""), sy.get("solve", ""), by,
+                     sy.get("layer", ""), "" if sy.get("solve_cuda") is None else sy["solve_cuda"]])
+    return markdown_table(["model", "type", "solver", "solver steps", "syncs in the solve", "by conversion",
+                           "syncs in the layer forward", "CUDA sync-debug count"], rows, "lllrrlrr")
+
+
 def compile_table(results: Sequence[Result]) -> Optional[str]:
     rows = []
     for r in results:
@@ -544,7 +615,19 @@ def build_report(results: Sequence[Result], info: Dict[str, str], args) -> str:
            "z* that the backward builds and the stem / head / predictor forward + backward. **syncs/solve** = "
            "scalar conversions (`item`, `__bool__`, `__float__`, `__int__`, `__index__`, `tolist`, `numpy`) "
            "counted during one forward solve (the solver call); target ≤ ⌈steps / k⌉ + 2 with k = 1 today.",
-           "", main_table(results), "", "### Where the step's time goes", "", breakdown_table(results), ""]
+           "", main_table(results), "", "### Where the step's time goes", "",
+           "Step minus the component costs above (each measured alone in the same rounds); *unaccounted* is "
+           "what the solver loops, the adjoint solver and the layer add around the evaluations of f.", "",
+           breakdown_table(results), ""]
+    rt = region_table(results)
+    if rt:
+        out += ["Inside the step (a separate pass with exclusive timers patched into deqlab's internals: f evals "
+                "= `CountedMap.__call__`, tracker.update = `TerminationTracker.update`, algo.step = the "
+                "discrete algorithm's init/step excluding its f evals, f re-eval = the graph of f at z* "
+                "(`Linearization.__init__`), adjoint VJPs = `Linearization.vjp_z`, GMRES excl. VJPs = "
+                "`GMRES.solve` minus its VJPs, param VJP = `Linearization.vjp_inputs`; continuous solves "
+                "spend their stepper's time in *fwd rest*):", "", rt, ""]
+    out += ["### Host syncs per forward solve", "", sync_table(results), ""]
     ct = compile_table(results)
     if ct:
         out += ["### Compiled map (`module.compile(fullgraph=True)` on the DEQ map; solver loop eager)", "", ct, ""]
@@ -719,6 +802,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="skip the per-region timing of deqlab's internals")
     p.add_argument("--compile", action="store_true", help="also time the step with the DEQ map compiled")
     p.add_argument("--no-torchdeq", dest="torchdeq", action="store_false")
     p.add_argument("--prediction", action="store_true", help="also run the prediction-time-vs-NFE check")
