@@ -500,6 +500,11 @@ def run_config(name: str, model_type: str, solver: str, args, device: torch.devi
 # ---------------------------------------------------------------------------------------------- report
 
 
+def _ftime(seconds: float) -> str:
+    """``fmt_time`` that keeps the sign (a remainder can come out negative on a noisy machine)."""
+    return ("−" + fmt_time(-seconds)) if seconds < 0 else fmt_time(seconds)
+
+
 def _ratio(a: float, b: float) -> str:
     return "n/a" if not (b == b and b > 0) else f"{a / b:.2f}"
 
@@ -538,7 +543,7 @@ def breakdown_table(results: Sequence[Result]) -> str:
         rest = step - sum(parts)
         rows.append([r.model, r.model_type, r.solver, fmt_time(step)]
                     + [f"{fmt_time(p)} ({p / step:.0%})" for p in parts]
-                    + [f"{fmt_time(rest)} ({rest / step:.0%})"])
+                    + [f"{_ftime(rest)} ({rest / step:.0%})"])
     return markdown_table(headers, rows, "lllrrrrrrrr")
 
 
@@ -550,7 +555,7 @@ def region_table(results: Sequence[Result]) -> Optional[str]:
             continue
         step = g["step"]
         rows.append([r.model, r.model_type, r.solver, fmt_time(step)]
-                    + [f"{fmt_time(g[c])} ({g[c] / step:.0%})" for c in STEP_REGION_COLUMNS + ("fwd rest", "bwd rest")])
+                    + [f"{_ftime(g[c])} ({g[c] / step:.0%})" for c in STEP_REGION_COLUMNS + ("fwd rest", "bwd rest")])
     if not rows:
         return None
     return markdown_table(["model", "type", "solver", "step"] + list(STEP_REGION_COLUMNS)
@@ -774,7 +779,7 @@ def prediction_benchmark(args, device: torch.device) -> str:
         verdicts.append((mt, met))
         rows.append([mt, f"{nfe:.2f}", fmt_time(tm), f"{tm / v_time:.2f}", f"{nfe / v_nfe:.2f}",
                      fmt_time(predictor[mt]), fmt_time(bound), "yes" if met else "**no**",
-                     fmt_time(nfe * t_f), fmt_time(stem + head), fmt_time(tm - ideal), f"{tm / ideal:.2f}"])
+                     fmt_time(nfe * t_f), fmt_time(stem + head), _ftime(tm - ideal), f"{tm / ideal:.2f}"])
     table = markdown_table(["model type", "test NFE (mean)", "time / batch (median)", "time / vanilla's",
                             "NFE / vanilla's", "predictor cost", "bound 1.2 × NFE ratio × t_vanilla + predictor",
                             "met", "NFE × t_f", "stem + head", "solver overhead (rest)", "time / (ideal)"],
