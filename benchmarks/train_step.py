@@ -290,6 +290,7 @@ class StepBench:
             counts["solve"] = sc.count
             counts["solve_by"] = dict(sc.by_method)
             counts["solve_nfe"] = int(out.nfe)
+            counts["_sample_steps"] = out.sample_steps.detach()  # read after counting (reads are syncs)
             counts["solve_cuda"] = sc.cuda_syncs
             counts["steps"] = int(out.steps)
             return out
@@ -305,6 +306,8 @@ class StepBench:
                     deq(xs)
             counts["layer"] = sc.count
             counts["layer_cuda"] = sc.cuda_syncs
+            ss = counts.pop("_sample_steps").float().cpu()
+            counts["sample_steps"] = (float(ss.mean()), float(ss.min()), float(ss.max()))
         finally:
             if own_call is None:
                 del cls.__call__
@@ -568,10 +571,22 @@ def sync_table(results: Sequence[Result]) -> str:
     for r in results:
         sy = r.syncs or {}
         by = ", ".join(f"{k} {v}" for k, v in sorted((sy.get("solve_by") or {}).items()))
+        ss = sy.get("sample_steps")
+        if ss is not None and r.solver == "discrete":
+            # a discrete step is one f evaluation per sample; a sample stopping at step s used s + 1 of them
+            mean, lo, hi = ss
+            saved = 1.0 - (mean + 1.0) / (sy.get("steps", hi) + 1.0)
+            ss_txt, saved_txt = f"{mean:.1f} / {lo:.0f} / {hi:.0f}", f"{saved:.0%}"
+        else:
+            ss_txt = "" if ss is None else f"{ss[0]:.1f} / {ss[1]:.0f} / {ss[2]:.0f}"
+            saved_txt = "n/a (adaptive steps)" if ss is not None else ""
         rows.append([r.model, r.model_type, r.solver, sy.get("steps", ""), sy.get("solve", ""), by,
-                     sy.get("layer", ""), "" if sy.get("solve_cuda") is None else sy["solve_cuda"]])
+                     sy.get("layer", ""), "" if sy.get("solve_cuda") is None else sy["solve_cuda"], ss_txt,
+                     saved_txt])
     return markdown_table(["model", "type", "solver", "solver steps", "syncs in the solve", "by conversion",
-                           "syncs in the layer forward", "CUDA sync-debug count"], rows, "lllrrlrr")
+                           "syncs in the layer forward", "CUDA sync-debug count",
+                           "per-sample steps (mean / min / max)", "f work per-sample early exit could save"],
+                          rows, "lllrrlrrrr")
 
 
 def compile_table(results: Sequence[Result]) -> Optional[str]:
