@@ -90,6 +90,8 @@ class ExperimentSpec:
     aliases: Dict[str, str] = field(default_factory=dict)
     #: data loader workers per process unless ``--num-workers`` says otherwise.
     default_workers: int = 2
+    #: ``model_options(args) -> dict``: keywords for ``build_model`` that follow from the script's own options.
+    model_options: Optional[Callable[[argparse.Namespace], Dict[str, Any]]] = None
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -294,7 +296,7 @@ def make_config(spec: ExperimentSpec, args: argparse.Namespace, model_type: str,
         seed=seeds[0] if seed is None else int(seed),
         batch_size=int(args.batch_size or run.get("batch_size") or 32),
         epochs=int(epochs), max_steps=int(max_steps), augment=bool(run.get("augment", False)),
-        training=training, model_options=dict(args.model_option),
+        training=training, model_options={**(spec.model_options(args) if spec.model_options else {}), **dict(args.model_option)},
         train_subset=args.train_subset, test_subset=args.test_subset, seeds=seeds,
     )
 
@@ -311,7 +313,14 @@ def build_module(network: Any, cfg: RunConfig, num_classes: int) -> Any:
 
     kwargs = dict(cfg.training)
     kwargs.setdefault("num_classes", num_classes)
-    return DEQClassifier(network, **kwargs)
+    module = DEQClassifier(network, **kwargs)
+    # DEQClassifier records its ``network`` argument as a hyperparameter, and Lightning's TensorBoard logger
+    # then writes every weight into hparams.yaml (minutes for the 16M-parameter ImageNet model). The
+    # network is rebuilt from the CSV's columns, so it is dropped from the recorded hyperparameters.
+    for store in (module.hparams, getattr(module, "_hparams_initial", None)):
+        if store is not None and "network" in store:
+            del store["network"]
+    return module
 
 
 def count_parameters(model: Any) -> int:
@@ -707,8 +716,10 @@ def grid_configs(spec: ExperimentSpec, args: argparse.Namespace) -> List[RunConf
                 print("grid: neural_ode skipped with --jac-reg (no fixed point, so no Jacobian term)")
                 continue
             if model_type == "neural_ode":  # integrates a finite interval: no steady-state solver to vary
-                ode_solver = "continuous" if "continuous" in solvers else solvers[0]
-                configs.append(make_config(spec, args, model_type, ode_solver, seed))
+                if "continuous" in solvers:
+                    configs.append(make_config(spec, args, model_type, "continuous", seed))
+                else:
+                    print("grid: neural_ode skipped: it is an ODE model, listed under --solvers continuous")
                 continue
             for solver in solvers:
                 configs.append(make_config(spec, args, model_type, solver, seed))

@@ -30,8 +30,14 @@ def extra_arguments(parser) -> None:
     parser.add_argument("--image-size", type=int, default=224, help="side of the square network input")
 
 
+def model_options(args) -> dict:
+    # the model's zero initial guess and head are sized for the input, so it follows --image-size
+    return {} if args.image_size == 224 else {"image_size": args.image_size}
+
+
 SPEC = ExperimentSpec(name="imagenet", archs=("small",), make_data=make_data, train_size=1_281_167, test_size=50_000,
-                      num_classes=1000, description=__doc__.split("\n\n")[0], extra_arguments=extra_arguments, default_workers=8)  # JPEG decoding
+                      num_classes=1000, description=__doc__.split("\n\n")[0], extra_arguments=extra_arguments, default_workers=8,
+                      model_options=model_options)  # JPEG decoding
 
 if __name__ == "__main__":
     main(SPEC)

@@ -19,7 +19,7 @@ The stem and head use ordinary BatchNorm.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
@@ -62,6 +62,8 @@ class MDEQConfig:
         num_classes: classifier outputs.
         tol, max_steps, mode: forward solver tolerance (abs = rel), step budget, termination mode.
         backward_max_steps: GMRES VJP budget of the adjoint.
+        detach_skip_target: whether the skip loss treats z* as a detached target (``None``: detached for
+            ``skip``, coupled for ``skip_reg``; see :func:`deqlab.models._build.skip_target_detached`).
     """
 
     version: str
@@ -85,6 +87,7 @@ class MDEQConfig:
     downsample_times: int = 0
     shortcut_expansion: int = 5
     shortcut_groups: int = 8
+    detach_skip_target: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.version not in ("v1", "v2"):
@@ -282,7 +285,8 @@ def build_mdeq(cfg: MDEQConfig, model_type: ModelType = "skip", solver: SolverKi
     main, mapping, post = _map_layers(cfg)
     deq = make_multiscale(model_type, main, mapping, post, solver_obj, cfg.scales,
                           shortcut=_shortcut(cfg) if model_type == "skip" else None,
-                          backward=make_backward(cfg.tol, cfg.backward_max_steps), jac_reg=jac_reg, ode_tol=cfg.tol)
+                          backward=make_backward(cfg.tol, cfg.backward_max_steps), jac_reg=jac_reg, ode_tol=cfg.tol,
+                          detach_skip_target=cfg.detach_skip_target)
     act = nn.GELU() if cfg.version == "v1" else nn.ReLU()
     head = ClassificationHead(cfg.num_channels, cfg.head_channels, cfg.final_channels, cfg.num_classes, act)
     return PaperNetwork(_stem(cfg), deq, head, model_type=model_type, solver_kind=solver)
@@ -313,26 +317,33 @@ IMAGENET_SMALL = MDEQConfig(
     backward_max_steps=28, mode="abs_deq_best", downsample_times=2, num_classes=1000, shortcut_expansion=3)
 
 
-def _factory(base: MDEQConfig, doc: str):
+def _factory(name: str, base: MDEQConfig, doc: str):
     def build(model_type: ModelType = "skip", solver: SolverKind = "discrete", *, jac_reg: bool = False,
               **overrides: Any) -> PaperNetwork:
         names = {f.name for f in dataclasses.fields(MDEQConfig)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise TypeError(f"got unexpected keyword argument(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+            raise TypeError(f"got unexpected keyword argument(s) {', '.join(unknown)}; "
+                            f"valid: {', '.join(sorted(names))}")
         for key in ("num_channels", "head_channels"):
             if key in overrides:
                 overrides[key] = tuple(overrides[key])
         return build_mdeq(dataclasses.replace(base, **overrides), model_type, solver, jac_reg=jac_reg)
 
     build.__doc__ = doc + "\n\n``overrides`` replace fields of :class:`MDEQConfig`."
+    build.__name__ = build.__qualname__ = name
     return build
 
 
-mnist_conv = _factory(MNIST_CONV, "MNIST conv (v1): 2-scale MDEQ, 28×28×8 and 14×14×16, tol 1e-2, 50 steps.")
-svhn_v1 = _factory(SVHN_V1, "SVHN (v1): the CIFAR-10 v1 model (2 scales of 24 channels, dropout 0.25).")
-cifar10_v1 = _factory(CIFAR10_V1, "CIFAR-10 (v1): 2 scales 32×32×24 / 16×16×24, dropout 0.25, tol 5e-2, 20 steps.")
-cifar10_small = _factory(CIFAR10_SMALL, "CIFAR-10 small / tiny (v2+): 2 scales of 24 channels, ≈164K parameters.")
-cifar10_large = _factory(CIFAR10_LARGE, "CIFAR-10 large (v2+): 4 scales (32, 64, 128, 256), ≈10.6M parameters.")
-imagenet_small = _factory(IMAGENET_SMALL, "ImageNet small (v2+): 4 scales, 224² input downsampled 4×, ≈17.9M "
-                                          "parameters.")
+mnist_conv = _factory("mnist_conv", MNIST_CONV,
+                      "MNIST conv (v1): 2-scale MDEQ, 28×28×8 and 14×14×16, tol 1e-2, 50 steps.")
+svhn_v1 = _factory("svhn_v1", SVHN_V1,
+                   "SVHN (v1): the CIFAR-10 v1 model (2 scales of 24 channels, dropout 0.25).")
+cifar10_v1 = _factory("cifar10_v1", CIFAR10_V1,
+                      "CIFAR-10 (v1): 2 scales 32×32×24 / 16×16×24, dropout 0.25, tol 5e-2, 20 steps.")
+cifar10_small = _factory("cifar10_small", CIFAR10_SMALL,
+                         "CIFAR-10 small / tiny (v2+): 2 scales of 24 channels, ≈164K parameters.")
+cifar10_large = _factory("cifar10_large", CIFAR10_LARGE,
+                         "CIFAR-10 large (v2+): 4 scales (32, 64, 128, 256), ≈10.6M parameters.")
+imagenet_small = _factory("imagenet_small", IMAGENET_SMALL,
+                          "ImageNet small (v2+): 4 scales, 224² input downsampled 4×, ≈17.9M parameters.")

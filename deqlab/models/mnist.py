@@ -1,7 +1,7 @@
 """The paper's MNIST models (v1 experiments): the dense DEQ and the 2-scale convolutional MDEQ."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -37,13 +37,15 @@ class FirstScale(nn.Module):
 
 def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete", *, jac_reg: bool = False,
                 num_classes: int = 10, width: int = 128, in_features: int = 784, tol: float = 5e-3,
-                max_steps: int = 50, mode: str = "rel_deq_default", backward_max_steps: int = 15) -> PaperNetwork:
+                max_steps: int = 50, mode: str = "rel_deq_default", backward_max_steps: int = 15,
+                detach_skip_target: Optional[bool] = None) -> PaperNetwork:
     """MNIST dense: ``Flatten → Dense(784→128, relu) → DEQ → Dense(128→10)``.
 
     DEQ map ``f(z, x) = relu(W1 z) + relu(W2 x)`` (no biases); Skip predictor ``Dense(128→128, relu)``;
     abstol = reltol = 5e-3, 50 steps; GMRES adjoint with the forward tolerance and at most
     ``min(max_steps, 15)`` VJPs. ``neural_ode``: the same map integrated on ``t ∈ [0, 1]`` with a
-    one-scale state.
+    one-scale state. ``detach_skip_target``: see :func:`deqlab.models._build.skip_target_detached`
+    (``None``: detached for ``skip``, coupled for ``skip_reg``).
     """
     solver_obj = make_solver(solver, mode=mode, tol=tol, max_steps=max_steps)
     stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
@@ -56,5 +58,6 @@ def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete",
     else:
         shortcut = nn.Sequential(nn.Linear(width, width), nn.ReLU())
         deq = make_deq(model_type, DenseDEQBlock(width), solver_obj, shortcut=shortcut,
-                       backward=make_backward(tol, min(max_steps, backward_max_steps)), jac_reg=jac_reg)
+                       backward=make_backward(tol, min(max_steps, backward_max_steps)), jac_reg=jac_reg,
+                       detach_skip_target=detach_skip_target)
     return PaperNetwork(stem, deq, head, model_type=model_type, solver_kind=solver)

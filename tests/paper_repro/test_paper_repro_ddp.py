@@ -65,3 +65,24 @@ def test_two_cpu_processes_match_one_process_with_the_same_effective_batch(mnist
         assert float(b["test_loss"]) == pytest.approx(float(a["test_loss"]), rel=1e-3)
         assert abs(float(b["test_accuracy"]) - float(a["test_accuracy"])) <= 1 / 16 + 1e-6
     assert list((tmp_path / "tb2").rglob("events.out.tfevents*")), "rank 0 wrote no TensorBoard events"
+
+
+@pytest.mark.slow
+def test_cifar10_small_trains_with_ddp_on_two_cpu_processes(cifar_dir, tmp_path):
+    """The headline command's path (``cifar10.py --gpus 4``), here with 2 CPU processes and gloo."""
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    args = ["cifar10", "--arch", "small", "--accelerator", "cpu", "--devices", "2", "--max-steps", "2",
+            "--batch-size", "2", "--train-subset", "8", "--test-subset", "4", "--data-dir", str(cifar_dir),
+            "--num-workers", "0", "--progress", "lines", "--results-dir", str(tmp_path / "r"),
+            "--log-dir", str(tmp_path / "tb")]
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("ddp_entry.py")), *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    rows, n = _rows(tmp_path / "r" / "cifar10.csv")
+    assert n == 1
+    row = rows[("skip", "discrete")]
+    assert row["world_size"] == row["num_processes"] == "2" and row["strategy"] == "ddp"
+    assert row["steps"] == "2" and row["effective_batch_size"] == "4" and row["steps_per_epoch"] == "2"
+    assert row["test_samples"] == "4" and row["test_accuracy"] != ""

@@ -36,6 +36,8 @@ def test_a_few_steps_write_one_row_with_every_column_and_tensorboard_events(mnis
     assert float(row["test_nfe"]) >= 1 and float(row["backward_nfe"]) >= 1
     assert row["device"].startswith("cpu") and row["num_processes"] == "1"
     assert list((tmp_path / "tb").rglob("events.out.tfevents*")), "no TensorBoard events written"
+    for yaml in (tmp_path / "tb").rglob("hparams.yaml"):  # hyperparameters, not the network's weights
+        assert yaml.stat().st_size < 20_000 and "network:" not in yaml.read_text()
     printed = capsys.readouterr().out
     assert "step 3/3" in printed and "eta" in printed and "parameters" in printed
     epochs = rows(tmp_path / "results" / "mnist_epochs.csv")

@@ -44,6 +44,9 @@ def test_dry_run_of_the_grid_lists_every_run(capsys, tmp_path):
     out = capsys.readouterr().out
     # 3 seeds x (3 DEQ model types x 2 solvers + the neural ODE)
     assert "dry run: 21 run(s)" in out and out.count("plan: mnist/dense neural_ode continuous") == 3
+    run("mnist", ["--arch", "dense", "--grid", "--dry-run", "--seeds", "1", "--solvers", "discrete"])
+    out = capsys.readouterr().out
+    assert "dry run: 3 run(s)" in out and "neural_ode skipped" in out  # the ODE model is not a discrete solve
 
 
 def test_cifar_tiny_is_recorded_as_small(capsys):
