@@ -30,8 +30,8 @@ echo "== solver benchmark"; timeout 120 python3 benchmarks/solvers.py --device c
 echo "== training-step benchmark (paper models, paper batch sizes, CUDA)"; timeout 300 python3 benchmarks/train_step.py \
   --device cuda --repeats 5 --warmup 2 --prediction --data-dir $DATA --output $OUT/train_step_cuda.md \
   2>&1 | tee $OUT/train_step_cuda.txt | grep -E "^\||^#" | tail -40
-echo "== training-step, compiled maps (CUDA, MNIST dense + CIFAR small, discrete)"; timeout 300 python3 \
-  benchmarks/train_step.py --device cuda --compile --solvers discrete --model-types vanilla,skip --repeats 5 \
+echo "== training-step, compiled maps (CUDA, MNIST dense + CIFAR small, vanilla discrete)"; timeout 300 python3 \
+  benchmarks/train_step.py --device cuda --compile --solvers discrete --model-types vanilla --repeats 5 --no-breakdown --no-torchdeq \
   --no-write --output $OUT/train_step_compile_cuda.md 2>&1 | grep -E "^\||^#" | tail -20
 echo "== backward benchmark"; timeout 120 python3 benchmarks/backward.py --device cuda --quick 2>&1 | grep -E "^\|" | tail -30
 cp benchmarks/RESULTS.md $OUT/ 2>/dev/null

@@ -366,8 +366,6 @@ class TorchDEQStep:
     def __init__(self, ours: StepBench):
         from torchdeq import get_deq
 
-        from deqlab.state import StatePacker  # noqa: F401  (documented equivalence; flatten below)
-
         self.ours = ours
         m = ours.model
         tol = float(m.deq.solver.termination.tol)
