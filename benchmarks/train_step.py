@@ -28,7 +28,6 @@ the markdown report; without ``--quick`` (or with ``--write``) the ``train-step`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
