@@ -658,34 +658,39 @@ def build_report(results: Sequence[Result], info: Dict[str, str], args) -> str:
 # ------------------------------------------------------------------------------------ prediction time
 
 
+def _read_mnist_images(data_dir: Optional[str], split: str) -> Optional[Tensor]:
+    """MNIST images from ``data_dir/MNIST/raw`` (the idx files, plain or gzipped), normalised; ``None`` when
+    absent. Read directly: importing torchvision costs seconds and is not needed for two files."""
+    import gzip
+
+    if not data_dir:
+        return None
+    stem = {"test": "t10k-images-idx3-ubyte", "train": "train-images-idx3-ubyte"}[split]
+    raw = Path(data_dir) / "MNIST" / "raw"
+    for path, opener in ((raw / stem, open), (raw / f"{stem}.gz", gzip.open)):
+        if path.is_file():
+            with opener(path, "rb") as fh:
+                data = fh.read()
+            n, rows, cols = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
+            x = torch.frombuffer(bytearray(data[16:16 + n * rows * cols]), dtype=torch.uint8)
+            x = x.view(n, 1, rows, cols).float() / 255.0
+            return (x - 0.1307) / 0.3081
+    return None
+
+
 def _mnist_test_batches(batch: int, n_batches: int, data_dir: Optional[str], seed: int):
     """Real MNIST test images when ``data_dir`` holds them (``MNIST/raw``), else Gaussian noise."""
-    x = None
-    if data_dir:
-        try:
-            from torchvision.datasets import MNIST
-
-            ds = MNIST(data_dir, train=False, download=False)
-            x = (ds.data[: batch * n_batches].float() / 255.0 - 0.1307) / 0.3081
-            x = x.unsqueeze(1)
-        except Exception as err:  # missing files or torchvision: fall back, and say so in the report
-            print(f"# MNIST not loaded from {data_dir} ({err}); using noise", file=sys.stderr)
-    source = "MNIST test set"
-    if x is None:
-        x = torch.randn(batch * n_batches, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-        source = "Gaussian noise (MNIST not found)"
-    return list(x.split(batch)), source
+    x = _read_mnist_images(data_dir, "test")
+    if x is not None:
+        return list(x[: batch * n_batches].split(batch)), "MNIST test set"
+    x = torch.randn(batch * n_batches, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    return list(x.split(batch)), "Gaussian noise (MNIST not found)"
 
 
 def _train_data(n: int, data_dir: Optional[str], seed: int) -> Tensor:
-    if data_dir:
-        try:
-            from torchvision.datasets import MNIST
-
-            ds = MNIST(data_dir, train=True, download=False)
-            return ((ds.data[:n].float() / 255.0 - 0.1307) / 0.3081).unsqueeze(1)
-        except Exception:
-            pass
+    x = _read_mnist_images(data_dir, "train")
+    if x is not None:
+        return x[:n]
     return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed + 7))
 
 

@@ -33,7 +33,8 @@ def test_train_step_quick_runs_and_reports_columns(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--models", "mnist_dense", "--model-types", "vanilla",
          "--solvers", "discrete", "--batch", "4", "--repeats", "1", "--warmup", "0", "--no-torchdeq",
-         "--output", str(out)],
+         "--no-breakdown", "--prediction", "--pred-batches", "1", "--fit-steps", "2",
+         "--data-dir", str(tmp_path / "no-data"), "--output", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text(encoding="utf-8")
@@ -45,6 +46,11 @@ def test_train_step_quick_runs_and_reports_columns(tmp_path):
     assert int(cells["NFE"]) >= 1 and int(cells["VJPs"]) >= 1
     assert float(cells["overhead"]) > 0
     assert "Where the step's time goes" in text
+    assert "### Host syncs per forward solve" in text
+    pred = _table_header(text, "model type")
+    for col in ("test NFE (mean)", "time / batch (median)", "NFE / vanilla's", "predictor cost", "met"):
+        assert col in pred, f"missing column {col!r} in {pred}"
+    assert "Gaussian noise" in text  # no MNIST in the temporary folder: it says so instead of failing
 
 
 def test_sync_counter_counts_scalar_conversions_and_restores_tensor():
