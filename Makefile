@@ -28,7 +28,7 @@ bench:
 	$(MAKE) EXTRAS=dev,bench $(VENV)/.stamp-dev,bench
 	$(PY) benchmarks/solvers.py
 	$(PY) benchmarks/backward.py
-	$(PY) benchmarks/train_step.py --prediction
+	$(PY) benchmarks/train_step.py --quick --repeats 5 --write --prediction
 
 docs: $(STAMP)
 	$(PY) -m pytest -q tests/test_docs.py
