@@ -28,6 +28,7 @@ bench:
 	$(MAKE) EXTRAS=dev,bench $(VENV)/.stamp-dev,bench
 	$(PY) benchmarks/solvers.py
 	$(PY) benchmarks/backward.py
+	$(PY) benchmarks/train_step.py --quick --repeats 5 --write --prediction
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --site-dir site

@@ -25,7 +25,14 @@ echo "== quickstart on cuda"; python3 docs/quickstart_example.py --device cuda 2
 echo "== paper_repro/mnist.py --gpus 1"; /usr/bin/time -f "wall %e s" python3 paper_repro/mnist.py --model-type skip \
   --gpus 1 --max-steps 400 --data-dir $DATA --limit-val-batches 20 --limit-test-batches 40 --num-workers 4 \
   --log-dir /tmp/runs --results $OUT 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -25
-echo "== solver benchmark"; timeout 120 python3 benchmarks/solvers.py --device cuda --quick --no-breakdown 2>&1 | grep -E "^\|" | tail -30
+echo "== solver benchmark"; timeout 120 python3 benchmarks/solvers.py --device cuda --quick --no-breakdown \
+  2>&1 | tee $OUT/solvers_cuda.txt | grep -E "^\|" | tail -30
+echo "== training-step benchmark (paper models, paper batch sizes, CUDA)"; timeout 300 python3 benchmarks/train_step.py \
+  --device cuda --repeats 5 --warmup 2 --prediction --data-dir $DATA --output $OUT/train_step_cuda.md \
+  2>&1 | tee $OUT/train_step_cuda.txt | grep -E "^\||^#" | tail -40
+echo "== training-step, compiled maps (CUDA, MNIST dense + CIFAR small, vanilla discrete)"; timeout 300 python3 \
+  benchmarks/train_step.py --device cuda --compile --solvers discrete --model-types vanilla --repeats 5 --no-breakdown --no-torchdeq \
+  --no-write --output $OUT/train_step_compile_cuda.md 2>&1 | grep -E "^\||^#" | tail -20
 echo "== backward benchmark"; timeout 120 python3 benchmarks/backward.py --device cuda --quick 2>&1 | grep -E "^\|" | tail -30
 cp benchmarks/RESULTS.md $OUT/ 2>/dev/null
 exit 0

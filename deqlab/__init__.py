@@ -41,6 +41,8 @@ __version__ = "0.1.0"
 # name -> module that defines it; imported on first access (these modules import pytorch_lightning).
 _LAZY = {
     "DEQLightningModule": "deqlab.lightning",
+    "DEQTrainingConfig": "deqlab.lightning",
+    "StepRecord": "deqlab.lightning",
     "NFEHistogram": "deqlab.lightning",
     "ConvergenceFigure": "deqlab.lightning",
     "DEQClassifier": "deqlab.zoo",

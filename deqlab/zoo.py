@@ -36,9 +36,6 @@ TerminationModeName = Literal[
     "abs_deq_default", "rel_deq_default", "abs_deq_best", "rel_deq_best",
 ]
 
-#: The paper's adjoint budget: at most ``min(max_steps, 15)`` VJPs per implicit backward.
-BACKWARD_MAX_STEPS = 15
-
 #: DigitsDEQ's training defaults (λ_skip = 1.0 for Skip variants is filled in by the model).
 DIGITS_TRAINING = DEQTrainingConfig(lr=3e-3, weight_decay=1e-5)
 #: The paper's MNIST-dense protocol (λ_skip = 5.0 for Skip variants, λ_jac = 1.0 with Jacobian
@@ -59,7 +56,8 @@ class DEQClassifier(DEQLightningModule):
     models (or ``None``). The networks of :mod:`deqlab.models` follow it.
 
     Args:
-        network: the model (stem → DEQ layer(s) → head).
+        network: the model (stem → DEQ layer(s) → head). Not recorded in ``hparams`` (its weights are in the
+            state dict): rebuild it for ``DEQClassifier.load_from_checkpoint(path, network=...)``.
         **kwargs: training settings (:class:`~deqlab.lightning.DEQTrainingConfig` fields, flat, or
             ``training=DEQTrainingConfig(...)``).
     """
@@ -94,8 +92,8 @@ def build_solver(
         return ContinuousDEQSolver(
             "tsit5",
             mode=mode,
-            abstol=abstol,
-            reltol=reltol,
+            ode_abstol=abstol,
+            ode_reltol=reltol,
             abstol_termination=abstol,
             reltol_termination=reltol,
             max_steps=max_steps,
@@ -107,15 +105,15 @@ def build_solver(
     )
 
 
-def build_backward(solver: Solver, name: BackwardName = "gmres", *, tol: Optional[float] = None,
-                   max_steps: int = BACKWARD_MAX_STEPS) -> BackwardMode:
-    """The paper's implicit backward for ``solver``: adjoint solved by ``name`` (GMRES) to the forward's
-    relative termination tolerance (``tol=None``), with at most ``min(solver.max_steps, max_steps)`` VJPs."""
+def build_backward(name: BackwardName = "gmres", *, tol: Optional[float] = None,
+                   max_steps: Optional[int] = None) -> BackwardMode:
+    """The implicit backward with adjoint solver ``name``: :class:`deqlab.nn.ImplicitBackward`'s own default
+    budget (the paper's protocol: tolerance = the forward solver's termination tolerance, at most 15
+    VJPs), so a zoo model and a hand-built layer differentiate alike; ``tol``/``max_steps`` override it."""
     from deqlab.nn import ImplicitBackward
 
-    forward_budget = getattr(solver, "max_steps", None)  # both deqlab solvers have one; others may not
-    budget = max_steps if forward_budget is None else min(int(forward_budget), max_steps)
-    return ImplicitBackward(name, tol=solver.termination.reltol if tol is None else tol, max_steps=budget)
+    budget = {k: v for k, v in (("tol", tol), ("max_steps", max_steps)) if v is not None}
+    return ImplicitBackward(name, **budget)
 
 
 def dense_deq_layer(
@@ -163,8 +161,8 @@ def _resolve_solver_and_backward(
         )
     if backward is None or isinstance(backward, str):
         backward = build_backward(
-            solver, backward or backward_kw.get("backward_solver", "gmres"),  # type: ignore[arg-type]
-            tol=backward_kw.get("backward_tol"), max_steps=backward_kw.get("backward_max_steps", BACKWARD_MAX_STEPS),
+            backward or backward_kw.get("backward_solver", "gmres"),  # type: ignore[arg-type]
+            tol=backward_kw.get("backward_tol"), max_steps=backward_kw.get("backward_max_steps"),
         )
     return solver, backward
 
@@ -182,8 +180,8 @@ class DenseDEQClassifier(DEQLightningModule):
             tolerances (5e-3) and ``default_max_steps``; ``None``: ``lbroyden``.
         backward: the backward mode: a :class:`~deqlab.nn.BackwardMode` object (``ImplicitBackward``,
             ``JacobianFreeBackward``, ``PhantomGradient``), or the name of the adjoint solver for
-            :func:`build_backward`; ``None``: the paper's GMRES adjoint to the forward ``reltol`` within at
-            most ``min(max_steps, 15)`` VJPs.
+            :func:`build_backward`; ``None``: ``ImplicitBackward()``'s default, the paper's GMRES adjoint to
+            the forward's termination tolerance within at most 15 VJPs (the same as a hand-built layer).
         jacobian_regularization: compute the Hutchinson Jacobian term (weighted by ``jacobian_loss_weight``).
         **kwargs: training settings of :class:`DEQLightningModule` (``training=`` or flat field names).
             The old solver keywords ``termination_mode``, ``abstol``, ``reltol``, ``max_steps``,

@@ -313,13 +313,7 @@ def build_module(network: Any, cfg: RunConfig, num_classes: int) -> Any:
 
     kwargs = dict(cfg.training)
     kwargs.setdefault("num_classes", num_classes)
-    module = DEQClassifier(network, **kwargs)
-    # DEQClassifier records its ``network`` argument as a hyperparameter, and Lightning's TensorBoard logger
-    # then writes every weight into hparams.yaml (minutes for the 16M-parameter ImageNet model). The
-    # network is rebuilt from the CSV's columns, so it is dropped from the recorded hyperparameters.
-    for store in (module.hparams, getattr(module, "_hparams_initial", None)):
-        if store is not None and "network" in store:
-            del store["network"]
+    module = DEQClassifier(network, **kwargs)  # the network stays out of the recorded hyperparameters
     return module
 
 
@@ -622,7 +616,6 @@ def _versions() -> Dict[str, str]:
 def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan: DevicePlan) -> Dict[str, Any]:
     """Fit and test one configuration; append its row (rank zero) and return it."""
     import pytorch_lightning as pl
-    import torch
     from pytorch_lightning.loggers import TensorBoardLogger
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -1,7 +1,11 @@
-"""Suite-wide settings: deterministic seeds and a bounded hypothesis profile.
+"""Suite-wide settings: deterministic seeds, one intra-op thread, quiet Lightning logs and a bounded
+hypothesis profile.
 
-Why here: every test folder shares them, and CI runs on 2 cores, so property tests must not wander.
+Why here: every test folder shares them, and CI runs on 2 cores, so property tests must not wander. One
+thread: the tests evaluate tiny maps thousands of times; on a shared 2-core machine torch's thread pool
+then spends more time contending than computing (the same test ran 0.1 s or 15 s depending on the load).
 """
+import logging
 import os
 import warnings
 
@@ -23,3 +27,22 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated.*")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning():
+    names = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)

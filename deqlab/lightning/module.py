@@ -114,6 +114,7 @@ class DEQLightningModule(pl.LightningModule):
         self._eval_depths: Optional[contextlib.ExitStack] = None
         self._epoch_start: Optional[float] = None
         self._batch_input: Optional[Tensor] = None  # the training input, for the non-finite diagnosis
+        self._input_nonfinite = 0  # samples of the training input with NaN/Inf
         self._skipped_batches = 0
         self._warned_nonfinite = False
         self._rng_to_restore: Optional[Dict[str, Any]] = None
@@ -137,7 +138,11 @@ class DEQLightningModule(pl.LightningModule):
             return
         # Lightning collects the arguments of ``outer`` (``**kwargs`` merged), or, when LightningCLI built the
         # model, takes the CLI's resolved arguments plus the class path it needs to rebuild from a checkpoint.
-        self.save_hyperparameters(frame=outer)
+        # nn.Module arguments (a DEQClassifier's network) are in the state dict already; as hparams they would
+        # be pickled into every checkpoint and written weight by weight into hparams.yaml. Pass them again to
+        # load_from_checkpoint (``DEQClassifier.load_from_checkpoint(path, network=...)``).
+        modules = [k for k, v in outer.f_locals.items() if k != "self" and isinstance(v, nn.Module)]
+        self.save_hyperparameters(ignore=modules, frame=outer)
         del frame, f, outer
         # a checkpoint must stay loadable with torch.load(weights_only=True): keep the config as plain data
         if isinstance(self.hparams.get("training"), DEQTrainingConfig):
@@ -273,9 +278,18 @@ class DEQLightningModule(pl.LightningModule):
         cfg = self.deq_config
         x, y = self.unpack_batch(batch)
         batch_size = int(x.shape[0]) if torch.is_tensor(x) else None
+        x_used = x
+        if stage == "train":
+            self._batch_input = x if torch.is_tensor(x) else None
+            self._input_nonfinite = _nonfinite_samples(x)
+            if self._input_nonfinite:
+                # Still run forward and backward (every DDP rank must take part in the gradient all-reduce),
+                # on a finite stand-in whose update the non-finite guard then drops; the model never sees
+                # the NaN, so nothing downstream of the data (a Skip shortcut, the solver) is blamed for it.
+                x_used = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         timer_key = "forward" if stage == "train" else f"{stage}_forward"
         self._timer.start(timer_key, self.device)
-        output, solutions = self._forward_checked(x)
+        output, solutions = self._forward_checked(x_used)
         forward_time = self._timer.stop(timer_key, self.device)
         summary = summarize(solutions, output)
 
@@ -323,7 +337,6 @@ class DEQLightningModule(pl.LightningModule):
         if stage == "train":
             self._pending = solutions
             self._record = record
-            self._batch_input = x if torch.is_tensor(x) else None
         return {"loss": loss, "deq": record}
 
     @staticmethod
@@ -431,6 +444,7 @@ class DEQLightningModule(pl.LightningModule):
             return loss
 
         super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
+        self.log("train/skipped_batches", float(self._skipped_batches), on_step=True, on_epoch=False)
         elapsed = self._timer.stop("optimizer", self.device)
         if self.deq_config.log_timing and elapsed is not None:
             self.log("time/optimizer", elapsed, on_step=True, on_epoch=False)
@@ -439,7 +453,7 @@ class DEQLightningModule(pl.LightningModule):
         self._pending = []  # drop the graph references held for the backward NFE
         self._record = None
         self._batch_input = None
-        self.log("train/skipped_batches", float(self._skipped_batches), on_step=True, on_epoch=False)
+        self._input_nonfinite = 0
 
     # ------------------------------------------------------------------ non-finite batches
     def _guard_nonfinite(self, batch_idx: int, loss: Any) -> None:
@@ -453,6 +467,8 @@ class DEQLightningModule(pl.LightningModule):
         non-finite values first appear (the input batch, the initial guess, the solve, the loss).
         """
         reasons: List[str] = []
+        if self._input_nonfinite:
+            reasons.append(f"the input has NaN/Inf in {self._input_nonfinite} sample(s)")
         if torch.is_tensor(loss) and not bool(torch.isfinite(loss.detach()).all()):
             reasons.append(f"loss = {float(loss.detach().float().mean())}")
         grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
@@ -489,12 +505,11 @@ class DEQLightningModule(pl.LightningModule):
         """Where the non-finite values first appear, in data-flow order, so that a NaN pixel is blamed on
         the data and not on the shortcut or the solver downstream of it."""
         x = self._batch_input
-        if x is not None and x.is_floating_point():
+        if self._input_nonfinite and x is not None:
             bad = (~torch.isfinite(x.detach())).reshape(x.shape[0], -1).any(dim=1)
-            if bool(bad.any()):
-                idx = bad.nonzero().flatten().tolist()
-                return (f"source: the input batch itself has NaN/Inf in {len(idx)} sample(s) (indices {idx[:8]}): "
-                        "the data, not the model, produced them")
+            idx = bad.nonzero().flatten().tolist()
+            return (f"source: the input batch itself has NaN/Inf in {len(idx)} sample(s) (indices {idx[:8]}): the "
+                    "data, not the model, produced them (the model ran on a zero-filled copy whose update is dropped)")
         for i, sol in enumerate(self._pending):
             if sol.u0 is not None and not all(bool(torch.isfinite(t.detach()).all()) for t in _parts(sol.u0)):
                 return f"source: DEQ layer {i}'s initial guess u0 is non-finite for a finite input"
@@ -665,3 +680,10 @@ def _backward_unconverged_fraction(solutions: List[DeepEquilibriumSolution]) -> 
 
 def _parts(state: Any) -> List[Tensor]:
     return list(state) if isinstance(state, (list, tuple)) else [state]
+
+
+def _nonfinite_samples(x: Any) -> int:
+    """Samples of a floating-point input batch with a NaN/Inf entry (0 for other inputs)."""
+    if not (torch.is_tensor(x) and x.is_floating_point() and x.dim() >= 1 and x.shape[0] > 0):
+        return 0
+    return int((~torch.isfinite(x.detach())).reshape(x.shape[0], -1).any(dim=1).sum())

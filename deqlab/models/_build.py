@@ -51,30 +51,16 @@ def make_backward(tol: float, max_steps: int) -> ImplicitBackward:
     return ImplicitBackward("gmres", tol=tol, max_steps=max_steps)
 
 
-def skip_target_detached(model_type: ModelType, detach_skip_target: Optional[bool]) -> bool:
-    """Whether the skip loss treats ``z*`` as a detached target (``None``: the model type's default).
-
-    ``skip``: detached (the predictor g(x) learns to predict z*; coupling would also pull z* towards the
-    predictor, and on MNIST dense with λ_skip = 5 it collapsed z* and test accuracy to ~31 % in 400 steps).
-    ``skip_reg``: coupled, as in the reference code. With a detached target the loss only moves
-    ``u0 = f(0, x)`` towards z*; for the paper's maps (``relu(W1 z) + relu(W2 x)`` ≥ ``relu(W2 x)``) that
-    raises the injection, which raises z* again: a feedback loop under which |z*| grew to ~600 and test
-    accuracy stayed at ~26 % on MNIST dense, where the coupled loss reaches the vanilla model's accuracy.
-    """
-    if detach_skip_target is not None:
-        return bool(detach_skip_target)
-    return model_type != "skip_reg"
-
-
 def make_deq(model_type: ModelType, model: nn.Module, solver: Any, *, shortcut: Optional[nn.Module],
              backward: ImplicitBackward, jac_reg: bool, detach_skip_target: Optional[bool] = None) -> nn.Module:
-    """A single-state DEQ layer for ``vanilla`` / ``skip`` / ``skip_reg``."""
+    """A single-state DEQ layer for ``vanilla`` / ``skip`` / ``skip_reg``. ``detach_skip_target=None`` keeps
+    the layer's default: a detached target for ``skip``, the coupled loss for ``skip_reg``
+    (:class:`deqlab.nn.MapGuess` says why)."""
     kwargs = dict(backward=backward, jacobian_regularization=jac_reg)
     if model_type == "vanilla":
         return DeepEquilibriumNetwork(model, solver, **kwargs)
     return SkipDeepEquilibriumNetwork(model, solver, shortcut=shortcut if model_type == "skip" else None,
-                                      detach_skip_target=skip_target_detached(model_type, detach_skip_target),
-                                      **kwargs)
+                                      detach_skip_target=detach_skip_target, **kwargs)
 
 
 def make_multiscale(model_type: ModelType, main: Sequence[nn.Module], mapping: Sequence[Sequence[Optional[nn.Module]]],
@@ -84,13 +70,13 @@ def make_multiscale(model_type: ModelType, main: Sequence[nn.Module], mapping: S
     """A multiscale layer for any model type (``neural_ode``: the same map on ``t ∈ [0, 1]``)."""
     if model_type == "neural_ode":
         check_neural_ode(solver, jac_reg)
-        return MultiScaleNeuralODE(main, mapping, post_fuse, "tsit5", scales, abstol=ode_tol, reltol=ode_tol)
+        return MultiScaleNeuralODE(main, mapping, post_fuse, "tsit5", scales, ode_abstol=ode_tol, ode_reltol=ode_tol)
     kwargs = dict(backward=backward, jacobian_regularization=jac_reg)
     if model_type == "vanilla":
         return MultiScaleDeepEquilibriumNetwork(main, mapping, post_fuse, solver, scales, **kwargs)
     return MultiScaleSkipDeepEquilibriumNetwork(
         main, mapping, post_fuse, solver, scales, shortcut if model_type == "skip" else None,
-        detach_skip_target=skip_target_detached(model_type, detach_skip_target), **kwargs)
+        detach_skip_target=detach_skip_target, **kwargs)
 
 
 def check_neural_ode(solver: Any, jac_reg: bool) -> None:

@@ -44,7 +44,7 @@ def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete",
     DEQ map ``f(z, x) = relu(W1 z) + relu(W2 x)`` (no biases); Skip predictor ``Dense(128→128, relu)``;
     abstol = reltol = 5e-3, 50 steps; GMRES adjoint with the forward tolerance and at most
     ``min(max_steps, 15)`` VJPs. ``neural_ode``: the same map integrated on ``t ∈ [0, 1]`` with a
-    one-scale state. ``detach_skip_target``: see :func:`deqlab.models._build.skip_target_detached`
+    one-scale state. ``detach_skip_target``: see :class:`deqlab.nn.MapGuess`
     (``None``: detached for ``skip``, coupled for ``skip_reg``).
     """
     solver_obj = make_solver(solver, mode=mode, tol=tol, max_steps=max_steps)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from deqlab.nn.adapters import as_solver
 from deqlab.nn.implicit import BackwardMode, BackwardResult, ImplicitBackward, _GradientContext, attach_gradient
 from deqlab.nn.init import FunctionGuess, InitialGuess, MapGuess, ShortcutGuess, SkipLoss, ZeroGuess
-from deqlab.nn.layers import EquilibriumStateful, equilibrium_session, stateful_modules
+from deqlab.nn.layers import equilibrium_session, stateful_modules
 from deqlab.nn.maps import CheckedMap
 from deqlab.nn.regularization import jacobian_frobenius_estimate
 from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy

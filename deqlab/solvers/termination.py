@@ -299,9 +299,9 @@ class TerminationTracker:
             bad = bad | diverged
         met = met & ~bad
         stopping = (met | bad) & live
-        if quick and not bool(stopping.any()):  # the one host sync of a step in which no sample stops
-            self._advance(cur, mask)
-            return False
+        # From here on everything stays on the device (merges with an empty mask are no-ops), so a step on
+        # which samples stop costs one host sync more than a step that takes the fast path: the count of
+        # active samples below.
         finite = torch.isfinite(obj) & torch.isfinite(res) & torch.isfinite(fzn)
         stop_conv = stopping & finite & met
         stop_nan = stopping & ~finite
@@ -314,8 +314,7 @@ class TerminationTracker:
             # A runaway iterate's residual is lost to rounding: return the last iterate before it.
             use_prev = stop_nan | (stop_div & lost)
             self._ret = self._merge(self._ret, cur, stop_conv | (stop_div & ~lost))
-            if not quick or bool(use_prev.any()):
-                self._ret = self._merge(self._ret, self._prev, use_prev)
+            self._ret = self._merge(self._ret, self._prev, use_prev)
         self.active = self.active & ~stopping
         self._advance(cur, mask)
         if not sync:

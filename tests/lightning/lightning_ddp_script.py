@@ -5,6 +5,8 @@ rank 1, which must not be pytest):
 
     python lightning_ddp_script.py single OUT_DIR   # 1 process, global batch 16
     python lightning_ddp_script.py ddp OUT_DIR      # 2 processes (gloo), 8 samples per rank and step
+    python lightning_ddp_script.py ddp_nan OUT_DIR  # as ddp, one NaN pixel in a sample only rank 1 sees
+    python lightning_ddp_script.py single_nan OUT_DIR
 
 Both runs see the same global batches (an unshuffled DistributedSampler deals the samples of a contiguous
 global batch alternately to the two ranks; Lightning's automatic one would shuffle) and every loss term
@@ -56,11 +58,16 @@ class TinySkipDEQ(DEQLightningModule):
         return self.head(self.deq.explicit(self.stem(x)))
 
 
-def data() -> TensorDataset:
+NAN_SAMPLE = 17  # global batch 1, position 1: rank 1's share under DDP
+
+
+def data(nan: bool = False) -> TensorDataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.data[:N_SAMPLES], dtype=torch.float64) / 16.0
+    if nan:
+        x[NAN_SAMPLE, 5] = float("nan")
     y = torch.tensor(d.target[:N_SAMPLES], dtype=torch.long)
     return TensorDataset(x, y)
 
@@ -68,8 +75,12 @@ def data() -> TensorDataset:
 class Data(pl.LightningDataModule):
     """Each rank's share of every global batch, in order (no shuffling, so runs are comparable)."""
 
+    def __init__(self, nan: bool = False) -> None:
+        super().__init__()
+        self.nan = nan
+
     def _loader(self) -> DataLoader:
-        ds = data()
+        ds = data(self.nan)
         world, rank = self.trainer.world_size, self.trainer.global_rank
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
         return DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler, shuffle=False)
@@ -78,18 +89,21 @@ class Data(pl.LightningDataModule):
         return self._loader()
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader()
+        ds = data()
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        return DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler, shuffle=False)
 
 
 def main(mode: str, out: Path) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(1234, verbose=False)
     model = TinySkipDEQ(optimizer="sgd", lr=0.5, momentum=0.0, scheduler="none", skip_loss_weight=1.0).double()
-    devices = 2 if mode == "ddp" else 1
+    ddp = mode.startswith("ddp")
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if mode == "ddp" else "auto",
+        devices=2 if ddp else 1,
+        strategy="ddp" if ddp else "auto",
         max_epochs=2,
         limit_val_batches=2,
         num_sanity_val_steps=0,
@@ -100,9 +114,9 @@ def main(mode: str, out: Path) -> None:
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
-    trainer.fit(model, datamodule=Data())
+    trainer.fit(model, datamodule=Data(nan=mode.endswith("_nan")))
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save({"state": state, "global_step": trainer.global_step,
+    torch.save({"state": state, "global_step": trainer.global_step, "skipped": model._skipped_batches,
                 "val_loss": float(trainer.callback_metrics["val/loss"])},
                out / f"{mode}_rank{trainer.global_rank}.pt")
 

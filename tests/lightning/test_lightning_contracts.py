@@ -276,3 +276,26 @@ def test_importing_deqlab_lightning_does_not_import_the_zoo():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_deq_classifier_keeps_the_network_out_of_hparams_and_reloads_with_it(tmp_path):
+    from deqlab.zoo import DEQClassifier, DigitsDEQ as _D
+
+    class _Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _D(width=8, model_type="vanilla")
+
+        def forward(self, x):
+            return self.inner(x)
+
+    pl.seed_everything(0)
+    module = DEQClassifier(_Net(), lr=2e-3, scheduler="none", log_figures=False)
+    assert "network" not in module.hparams and module.hparams["lr"] == 2e-3
+    tr = trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
+    tr.fit(module, digits(batch_size=32, flatten=True))
+    tr.save_checkpoint(tmp_path / "c.ckpt")
+    loaded = DEQClassifier.load_from_checkpoint(tmp_path / "c.ckpt", network=_Net(), weights_only=True)
+    assert loaded.deq_config == module.deq_config
+    for (k, a), b in zip(module.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -120,12 +120,13 @@ def test_mnist_dense_paper_settings():
     assert s["seeds"] == (6171, 3859, 2961) and s["pretrain_depth"] == 5 and s["pretrain_steps"] == 0
     assert paper_settings("mnist", "dense", "vanilla", "continuous")["skip_loss_weight"] == 0.0
     assert paper_settings("mnist", "dense", "skip_reg", "continuous", jac_reg=True)["jacobian_loss_weight"] == 1.0
-    # the training keys are exactly DEQLightningModule keyword arguments
-    import inspect
+    # the training keys are exactly DEQLightningModule training settings (the fields of DEQTrainingConfig,
+    # which DEQLightningModule accepts as flat keywords)
+    import dataclasses
 
-    from deqlab.lightning.module import DEQLightningModule
+    from deqlab.lightning import DEQTrainingConfig
 
-    params = set(inspect.signature(DEQLightningModule.__init__).parameters)
+    params = {f.name for f in dataclasses.fields(DEQTrainingConfig)}
     assert TRAINING_KEYS <= params
     for exp, archs in EXPERIMENTS.items():
         for arch in archs:
@@ -201,10 +202,10 @@ def test_paper_settings_of_the_other_experiments():
 
 
 def test_skip_target_semantics_per_model_type():
-    assert build_model("mnist", "dense", model_type="skip").deq.detach_skip_target is True
-    assert build_model("mnist", "dense", model_type="skip_reg").deq.detach_skip_target is False
-    assert build_model("cifar10", "small", model_type="skip_reg").deq.detach_skip_target is False
-    assert build_model("mnist", "dense", model_type="skip_reg", detach_skip_target=True).deq.detach_skip_target
+    assert build_model("mnist", "dense", model_type="skip").deq.init.detach_skip_target is True
+    assert build_model("mnist", "dense", model_type="skip_reg").deq.init.detach_skip_target is False
+    assert build_model("cifar10", "small", model_type="skip_reg").deq.init.detach_skip_target is False
+    assert build_model("mnist", "dense", model_type="skip_reg", detach_skip_target=True).deq.init.detach_skip_target
     # coupled (skip_reg): the skip loss also differentiates through z*, so it reaches W1, which f(0, x) lacks
     torch.manual_seed(0)
     net = build_model("mnist", "dense", model_type="skip_reg")

@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 from deqlab.nn import (DEQ, BackwardMode, BackwardResult, CallableSolver, EquilibriumProblem, ImplicitBackward,
                        JacobianFreeBackward, MultiScaleNeuralODE, PhantomGradient)

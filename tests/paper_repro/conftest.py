@@ -1,4 +1,4 @@
-"""Fixtures for the paper-reproduction tests: tiny datasets in the real on-disk formats, one thread.
+"""Fixtures for the paper-reproduction tests: tiny datasets in the real on-disk formats.
 
 The writers are the data tests' own (tests/data/conftest.py, loaded by path: a test folder without
 ``__init__`` cannot import another folder's conftest), so both suites exercise torchvision's real readers.
@@ -6,12 +6,10 @@ The writers are the data tests' own (tests/data/conftest.py, loaded by path: a t
 from __future__ import annotations
 
 import importlib.util
-import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("_data_writers", REPO / "tests" / "data" / "conftest.py")
@@ -19,25 +17,6 @@ writers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(writers)  # type: ignore[union-attr]
 
 skip_md5 = writers.skip_md5  # the fixture, re-exported for the CIFAR-10 / SVHN tests
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_lightning():
-    names = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")
-    levels = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.WARNING)
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
 
 
 def _labels(n: int, seed: int) -> np.ndarray:

@@ -121,10 +121,27 @@ def test_host_syncs_per_solve(monkeypatch, name, k):
     # (Broyden's quasi-Newton steps on this map without a fixed point run away: diverged early.)
     assert res.steps == 40 if name in ("fixed_point", "anderson") else res.status is SolverStatus.DIVERGED
     # one sync for the first evaluation, one per k steps, one for the status: ceil(steps / k) + 2
-    # (a step in which samples stop costs up to 3 more: which stopped, which return their previous
-    # iterate, how many remain). Anderson's small solve (solve_ex) and Broyden's update never sync.
-    stops = 3 if res.steps < 40 else 0
+    # (a step in which samples stop costs one more: how many remain). Anderson's small solve (solve_ex)
+    # and Broyden's update never sync.
+    stops = 1 if res.steps < 40 else 0
     assert n <= math.ceil(res.steps / k) + 2 + stops, n
+
+
+@pytest.mark.parametrize("name", ["fixed_point", "anderson"])
+def test_host_syncs_when_samples_stop_at_different_steps(monkeypatch, name):
+    """Samples that converge at different steps cost one extra sync per step on which some stop (the count
+    of those still active), not one per question asked about them (it was three)."""
+    rates = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.8, 0.9]).unsqueeze(1)
+    z0 = torch.zeros(6, 4)
+    solver = DiscreteDEQSolver(name, mode="abs_norm", abstol_termination=1e-6, max_steps=200)
+    counter = SyncCounter(monkeypatch)
+    res = solver(lambda z: rates * z + 1.0, z0)
+    n = counter.n
+    monkeypatch.undo()
+    assert res.status is SolverStatus.CONVERGED
+    stop_events = len(set(res.sample_steps.tolist()))
+    assert stop_events >= 3  # the samples really do stop at different steps
+    assert n <= res.steps + 2 + stop_events, (n, res.steps, stop_events)
 
 
 def test_check_every_validation_and_repr():

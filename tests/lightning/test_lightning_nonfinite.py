@@ -1,0 +1,149 @@
+"""Failed solves are never silent in training: a non-finite batch never reaches the weights (skip policy,
+counted and warned about once with batch index and solver status; or raise), the input is blamed for a
+NaN that came from the input, and solver statuses / unconverged fractions are logged."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_testkit import trainer
+
+from deqlab.lightning import DEQLightningModule
+from deqlab.lightning.module import NonFiniteBatchError, NonFiniteBatchWarning
+from deqlab.nn import DeepEquilibriumNetwork, ImplicitBackward
+from deqlab.solvers import DiscreteDEQSolver
+from deqlab.zoo import DigitsDEQ
+
+
+def _loader(nan_batch: int = 1, batch_size: int = 16, n_batches: int = 4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size * n_batches, 64, generator=g)
+    y = torch.randint(0, 10, (batch_size * n_batches,), generator=g)
+    if nan_batch is not None:
+        x[nan_batch * batch_size + 4, 3] = float("nan")  # one pixel of one sample of one batch
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+class _Logged(pl.Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        row = {k: float(v) for k, v in trainer.logged_metrics.items()}
+        row["skipped"] = outputs["deq"].skipped
+        self.rows.append(row)
+
+
+@pytest.mark.parametrize("model_type", ["vanilla", "skip"])
+def test_one_nan_pixel_skips_that_batch_and_never_poisons_the_weights(model_type):
+    pl.seed_everything(0)
+    model = DigitsDEQ(model_type=model_type, width=8, scheduler="none", log_figures=False)
+    cb = _Logged()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=1, limit_val_batches=0, callbacks=[cb]).fit(model, _loader(nan_batch=1))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), "NaN reached the weights"
+    assert [r["skipped"] for r in cb.rows] == [False, True, False, False]
+    assert [r["train/skipped_batches"] for r in cb.rows] == [0.0, 1.0, 1.0, 1.0]
+    ours = [w for w in caught if issubclass(w.category, NonFiniteBatchWarning)]
+    assert len(ours) == 1
+    text = str(ours[0].message)
+    assert "batch 1" in text and "solver status" in text and "input batch itself" in text
+    assert "shortcut" not in text and "initial guess" not in text  # the data is blamed, not the Skip predictor
+
+
+def test_skipped_batch_leaves_weights_and_optimizer_state_untouched():
+    pl.seed_everything(0)
+    model = DigitsDEQ(model_type="vanilla", width=8, scheduler="none", log_figures=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = trainer(max_steps=1, limit_val_batches=0)
+        tr.fit(model, _loader(nan_batch=0, n_batches=1))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not tr.optimizers[0].state  # AdamW never saw a gradient
+
+
+def test_raise_policy_stops_at_once_with_the_same_information():
+    pl.seed_everything(0)
+    model = DigitsDEQ(model_type="vanilla", width=8, scheduler="none", on_nonfinite="raise", log_figures=False)
+    with pytest.raises(NonFiniteBatchError) as err:
+        trainer(max_epochs=1, limit_val_batches=0).fit(model, _loader(nan_batch=2))
+    text = str(err.value)
+    assert "batch 2" in text and "solver status: " in text and "input batch itself" in text
+    assert model.global_step == 2 and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_a_nan_made_by_the_model_is_skipped_and_not_blamed_on_the_input():
+    class _NaNLoss(DigitsDEQ):
+        def extra_losses(self, batch, output, solutions, stage):
+            bad = stage == "train" and self.global_step == 1
+            return {"probe": output.mean() * (float("nan") if bad else 0.0)}
+
+    pl.seed_everything(0)
+    model = _NaNLoss(model_type="vanilla", width=8, scheduler="none", log_figures=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=1, limit_val_batches=0).fit(model, _loader(nan_batch=None))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert model._skipped_batches == 1
+    text = str(next(w for w in caught if issubclass(w.category, NonFiniteBatchWarning)).message)
+    assert "batch 1" in text and "loss = nan" in text and "input, u0 and z* are finite" in text
+
+
+class _Affine(nn.Module):
+    """f(z, x) = a·z + x with a learnable scalar a (a = 2: a fixed point exists, the iteration diverges)."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+
+    def forward(self, z, x):
+        return self.a * z + x
+
+
+class _AffineDEQ(DEQLightningModule):
+    def __init__(self, a: float = 2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.stem = nn.Linear(64, 4)
+        solver = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-6, reltol_termination=1e-6,
+                                   max_steps=20)
+        self.deq = DeepEquilibriumNetwork(_Affine(a), solver, backward=ImplicitBackward(tol=1e-6, max_steps=5))
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        z, solution = self.deq(self.stem(x))
+        return self.head(z), solution
+
+
+def test_solver_status_counts_and_unconverged_fractions_are_logged():
+    pl.seed_everything(0)
+    model = _AffineDEQ(a=2.0, scheduler="none", log_figures=False, optimizer="sgd", lr=0.0, momentum=0.0)
+    cb = _Logged()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, _loader(nan_batch=None, n_batches=1))
+    row = cb.rows[0]
+    counts = {s: row[f"solver/train_status_{s}"] for s in ("converged", "max_steps", "diverged", "nonfinite")}
+    assert sum(counts.values()) == 1.0
+    assert counts["converged"] == 0.0  # f = 2z + x never converges under fixed-point iteration
+    assert row["solver/train_unconverged"] == 1.0
+    # a map that runs away is logged as diverged, not as an exhausted step budget
+    assert counts["diverged"] == 1.0 and counts["max_steps"] == 0.0
+
+@pytest.mark.parametrize("a, expected", [(0.5, 0.0), (1.0, 1.0)])
+def test_backward_unconverged_fraction_is_logged_from_the_record(a, expected):
+    # a = 0.5: a contraction, the adjoint converges; a = 1: (1 - a) g = v is singular, it cannot
+    pl.seed_everything(0)
+    model = _AffineDEQ(a=a, scheduler="none", log_figures=False, optimizer="sgd", lr=0.0, momentum=0.0)
+    cb = _Logged()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, _loader(nan_batch=None, n_batches=1))
+    assert cb.rows[0]["solver/train_backward_unconverged"] == expected
