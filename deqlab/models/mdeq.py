@@ -63,7 +63,7 @@ class MDEQConfig:
         tol, max_steps, mode: forward solver tolerance (abs = rel), step budget, termination mode.
         backward_max_steps: GMRES VJP budget of the adjoint.
         detach_skip_target: whether the skip loss treats z* as a detached target (``None``: detached for
-            ``skip``, coupled for ``skip_reg``; see :func:`deqlab.models._build.skip_target_detached`).
+            ``skip``, coupled for ``skip_reg``; see :class:`deqlab.nn.MapGuess`).
         fuse_gain: initial affine weight γ of the v1 GroupNorms that end a path from the state back into
             the state: each residual block's last GroupNorm, the middle one of the blocks without injection
             (scales > 1), and each mapping's last GroupNorm (also the Skip predictor's output norms, so u0
