@@ -236,17 +236,6 @@ class ClassificationHead(nn.Module):
         return self.classifier(self.final(y).mean(dim=(2, 3)))
 
 
-class _PerScale(nn.Module):
-    """The Skip predictor: one module per scale, each applied to the stem output."""
-
-    def __init__(self, layers: Sequence[nn.Module]):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x: Tensor) -> List[Tensor]:
-        return [m(x) for m in self.layers]
-
-
 # ------------------------------------------------------------------------------------------------ assembly
 def _stem(cfg: MDEQConfig) -> nn.Module:
     c = cfg.num_channels[0]
@@ -301,7 +290,9 @@ def _map_layers(cfg: MDEQConfig):
     return main, mapping, post
 
 
-def _shortcut(cfg: MDEQConfig) -> nn.Module:
+def _shortcut(cfg: MDEQConfig) -> List[nn.Module]:
+    """The Skip predictor: one module per scale, each applied to the stem output (the layer's
+    :class:`~deqlab.nn.ShortcutGuess` applies them)."""
     ch = cfg.num_channels
     if cfg.version == "v1":
         g = cfg.fuse_gain
@@ -312,7 +303,7 @@ def _shortcut(cfg: MDEQConfig) -> nn.Module:
     else:
         first = BNResidualBlock(ch[0], cfg.shortcut_expansion, 0.0, cfg.weight_norm)
         rest = [_v2_down(ch[0], ch[i], i) for i in range(1, len(ch))]
-    return _PerScale([first, *rest])
+    return [first, *rest]
 
 
 def build_mdeq(cfg: MDEQConfig, model_type: ModelType = "skip", solver: SolverKind = "discrete", *,
