@@ -298,8 +298,8 @@ class RegionTimer:
 
     ``regions`` holds ``(module, attribute, region)`` triples; ``attribute`` may be ``Class.method``.
     A region's time excludes the regions nested in it (``acc[region]`` in seconds), ``calls[region]``
-    counts calls and ``returns[region]`` keeps the last return value. Attributes that do not exist
-    (renamed internals) are skipped, so their time lands in the caller's "other".
+    counts calls and ``returns[region]`` keeps the last return value. An attribute that does not exist
+    (a renamed internal) raises, so a breakdown never silently moves a region's time into "other".
     """
 
     def __init__(self, regions: Sequence[tuple], device: torch.device):
@@ -343,7 +343,9 @@ class RegionTimer:
             owner, name = (mod, attr) if "." not in attr else (getattr(mod, attr.split(".")[0], None),
                                                                   attr.split(".")[1])
             if owner is None or name not in vars(owner):
-                continue
+                self.__exit__()
+                raise AttributeError(f"RegionTimer: {mod_name}.{attr} does not exist (renamed?); update the "
+                                     f"benchmark's region table")
             orig = vars(owner)[name]
             if isinstance(orig, staticmethod):
                 setattr(owner, name, staticmethod(self._wrap(orig.__func__, region)))

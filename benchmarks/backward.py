@@ -390,13 +390,13 @@ def time_round_robin(ms: List[Measured], fmap: WorkloadMap, c: Tensor, *, repeat
 
 # (module, attribute, region): deqlab internals wrapped with exclusive timers during the breakdown runs
 # (a region's time excludes the regions nested in it, so the adjoint solver's time excludes its VJPs).
-# Attributes that do not exist (renamed internals) are skipped; their time lands in "other".
+# An attribute that does not exist (a renamed internal) makes RegionTimer raise.
 _BWD_REGIONS = (
-    ("deqlab.nn.implicit", "_Linearization.__init__", "f re-eval"),
-    ("deqlab.nn.implicit", "_Linearization.vjp_z", "adjoint VJPs"),
-    ("deqlab.nn.implicit", "_Linearization.vjp_inputs", "param VJP"),
-    ("deqlab.solvers", "gmres", "solver"),
-    ("deqlab.solvers.discrete", "DiscreteDEQSolver.__call__", "solver"),
+    ("deqlab.nn.implicit", "Linearization.__init__", "f re-eval"),
+    ("deqlab.nn.implicit", "Linearization.vjp_z", "adjoint VJPs"),
+    ("deqlab.nn.implicit", "Linearization.vjp_inputs", "param VJP"),
+    ("deqlab.solvers.linear", "GMRES.solve", "solver"),
+    ("deqlab.solvers.linear", "FixedPointLinearSolver.solve", "solver"),
 )
 BWD_COLUMNS = ("f re-eval", "adjoint VJPs", "param VJP", "solver")
 
@@ -422,8 +422,8 @@ def backward_breakdown(m: "Measured", fmap: WorkloadMap, c: Tensor, *, repeats: 
                 per[r].append(timer.acc.get(r, 0.0))
             per["other"].append(total - sum(timer.acc.values()))
             ret = timer.returns.get("solver")
-            if isinstance(ret, tuple) and len(ret) == 2 and hasattr(ret[1], "iterations"):
-                gmres_info = ret[1]
+            if hasattr(ret, "iterations") and hasattr(ret, "matvecs"):  # a LinearSolveResult
+                gmres_info = ret
     out = {"total": statistics.median(totals), "regions": {r: statistics.median(v) for r, v in per.items()},
            "vjps": m.bwd_vjp}
     if gmres_info is not None:
@@ -784,10 +784,10 @@ def build_report(results: List[dict], info: dict, args) -> str:
                       pairs_table(tt["pairs"]), ""]
         if res["breakdown"]:
             parts += ["Where deqlab's backward time goes (median over the same number of runs; each region timed "
-                      "exclusively by wrapping deqlab's internals: *f re-eval* = `_Linearization.__init__` (the "
-                      "graph of f at z*), *adjoint VJPs* = `_Linearization.vjp_z`, *param VJP* = "
-                      "`_Linearization.vjp_inputs`, *adjoint solver excl. VJPs* = `gmres` / "
-                      "`DiscreteDEQSolver.__call__` minus the VJPs inside, per step = per adjoint VJP; *other* = autograd engine, "
+                      "exclusively by wrapping deqlab's internals: *f re-eval* = `Linearization.__init__` (the "
+                      "graph of f at z*), *adjoint VJPs* = `Linearization.vjp_z`, *param VJP* = "
+                      "`Linearization.vjp_inputs`, *adjoint solver excl. VJPs* = `GMRES.solve` / "
+                      "`FixedPointLinearSolver.solve` minus the VJPs inside, per step = per adjoint VJP; *other* = autograd engine, "
                       "`_EquilibriumGradient.backward` bookkeeping, timer overhead):", "",
                       breakdown_table(res), ""]
         if "scaling" in res:
