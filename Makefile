@@ -29,6 +29,7 @@ bench:
 	$(PY) benchmarks/solvers.py
 	$(PY) benchmarks/backward.py
 	$(PY) benchmarks/train_step.py --quick --repeats 5 --write --prediction
+	$(PY) benchmarks/per_sample_exit.py
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --site-dir site

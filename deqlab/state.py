@@ -148,6 +148,31 @@ class StatePacker:
         parts = torch.split(flat, self.sizes, dim=1)
         return [p.reshape(s) for p, s in zip(parts, self.shapes)]
 
+    def resized(self, batch: int) -> "StatePacker":
+        """The packer of the same state structure for ``batch`` samples (a sub-batch of a solve).
+
+        Why: per-sample early exit evaluates ``f`` on the samples still iterating; their flat ``(b, N)``
+        rows must unflatten to states of ``b`` samples with the same per-sample shapes.
+
+        Args:
+            batch: the number of samples of the new packer.
+
+        Returns:
+            A :class:`StatePacker` equal to this one except for the batch size.
+
+        Example:
+            >>> import torch
+            >>> from deqlab.state import StatePacker
+            >>> packer = StatePacker([torch.zeros(4, 2), torch.zeros(4, 3, 3)])
+            >>> [tuple(s) for s in packer.resized(2).shapes]
+            [(2, 2), (2, 3, 3)]
+        """
+        new = object.__new__(StatePacker)
+        new.__dict__.update(self.__dict__)
+        new.batch = int(batch)
+        new.shapes = [torch.Size((int(batch), *s[1:])) for s in self.shapes]
+        return new
+
     def describe(self, z: object) -> str:
         if isinstance(z, Tensor):
             return f"tensor {tuple(z.shape)} {z.dtype}"

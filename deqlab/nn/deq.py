@@ -272,7 +272,7 @@ class DeepEquilibriumNetwork(nn.Module):
 
     def _forward(self, x: Tensor) -> Tuple[State, DeepEquilibriumSolution]:
         name = type(self).__name__
-        fmap = CheckedMap(self._eval_map, x, name=name)
+        fmap = CheckedMap(self._eval_map, x, name=name, modules=self._map_modules)
         u0 = self.init(x, fmap)
         u0_parts = as_parts(u0)
         if u0_parts[0].shape[0] != x.shape[0]:

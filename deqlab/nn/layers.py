@@ -93,6 +93,15 @@ class EquilibriumStateful(nn.Module):
     def deq_load_state(self, state: Dict[str, Any]) -> None:  # pragma: no cover - interface
         pass
 
+    def deq_select(self, index: Optional[Tensor]) -> None:
+        """Evaluate the next calls on the samples ``index`` of the DEQ's batch (``None``: the whole batch).
+
+        Why: with per-sample early exit (``DiscreteDEQSolver(per_sample_exit=True)``) the solver evaluates
+        the map on the samples still iterating. A module whose per-solve state has one entry per sample
+        (a dropout mask) must then use the rows ``index`` of it; state shared by all samples (a
+        normalised weight) needs nothing, which is the default.
+        """
+
 
 def stateful_modules(roots: Sequence[nn.Module]) -> List[EquilibriumStateful]:
     """Every :class:`EquilibriumStateful` module under ``roots``, each once, in module order."""
@@ -213,6 +222,10 @@ class VariationalHiddenDropout(EquilibriumStateful):
         else:
             self.solve_state().update(active=True, mask=state["mask"])
 
+    def deq_select(self, index: Optional[Tensor]) -> None:
+        if self.peek_solve_state("active", False):
+            self.solve_state()["rows"] = index
+
     def _draw(self, x: Tensor) -> Tensor:
         shape = list(x.shape)
         if self.spatial and x.dim() >= 3:
@@ -227,6 +240,12 @@ class VariationalHiddenDropout(EquilibriumStateful):
             return x * self._draw(x)
         state = self.solve_state()
         mask = state.get("mask")
+        rows = state.get("rows")
+        if rows is not None:  # a sub-batch of the solve (per-sample early exit): the same samples' masks
+            if mask is None:
+                raise RuntimeError("VariationalHiddenDropout: evaluated on a sub-batch before its mask was drawn "
+                                   "on the full batch")
+            return x * mask.index_select(0, rows)
         if mask is None or mask.shape[0] != x.shape[0]:
             mask = state["mask"] = self._draw(x)
         return x * mask

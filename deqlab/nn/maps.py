@@ -7,14 +7,14 @@ with a reshape error; after that first evaluation the check costs nothing.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deqlab.state import State, as_parts
 
-__all__ = ["CheckedMap", "describe_state", "format_shape"]
+__all__ = ["CheckedMap", "batch_coupling", "describe_state", "format_shape"]
 
 
 def format_shape(shape: Sequence[int]) -> str:
@@ -50,11 +50,14 @@ class CheckedMap:
     returns another dtype. ``checked`` is ``True`` once a call passed.
     """
 
-    def __init__(self, fn: Callable[[State, Tensor], State], x: Tensor, *, name: str = "DEQ"):
+    def __init__(self, fn: Callable[[State, Tensor], State], x: Tensor, *, name: str = "DEQ",
+                 modules: Optional[Callable[[], Sequence[nn.Module]]] = None):
         self.fn = fn
         self.x = x
         self.name = name
         self.checked = False
+        self._modules = modules  # the modules of the map, for restrict(); None: not restrictable
+        self._restrict_to: Optional[List[Any]] = None  # the stateful modules a sub-batch must tell its rows
 
     def __call__(self, z: State) -> State:
         if self.checked:
@@ -83,3 +86,88 @@ class CheckedMap:
                              f"{zp[0].dtype}; cast x (dtype {self.x.dtype}) or the model to one dtype")
         self.checked = True
         return out if isinstance(out, Tensor) else list(out)
+
+    def restrict(self, index: Tensor) -> "_SubBatchMap":
+        """The map of the samples ``index`` of this batch (per-sample early exit; see
+        :class:`deqlab.solvers.SubBatchMap`): ``fn(z, x[index])``, with every per-sample state of the map's
+        modules (e.g. :class:`~deqlab.nn.VariationalHiddenDropout`'s mask) indexed the same way.
+
+        Raises:
+            TypeError: the map was built without its modules (``modules=None``), so whether its samples
+                are independent is unknown.
+            ValueError: a module of the map couples the samples of a batch (BatchNorm normalising with
+                batch statistics): on a sub-batch ``f`` would change, so the exit is refused.
+        """
+        if self._restrict_to is None:
+            if self._modules is None:
+                raise TypeError(f"{self.name}: this map cannot be evaluated on a sub-batch (built without its "
+                                f"modules); pass per_sample_exit=False to the solver")
+            modules = list(self._modules())
+            reason = batch_coupling(modules)
+            if reason is not None:
+                raise ValueError(
+                    f"{self.name}: per_sample_exit=True evaluates the DEQ map on the samples still iterating, "
+                    f"but {reason}, so f of one sample depends on the others and a sub-batch would change it. "
+                    f"Use a per-sample normalisation in the map (GroupNorm, LayerNorm), or turn per_sample_exit "
+                    f"off while training (in eval mode BatchNorm uses its running statistics and the exit is "
+                    f"allowed).")
+            from deqlab.nn.layers import stateful_modules
+
+            self._restrict_to = stateful_modules(modules)
+        return _SubBatchMap(self, index, self._restrict_to)
+
+
+class _SubBatchMap:
+    """``z -> fn(z, x[index])`` for a sub-batch, telling per-sample stateful modules which rows they see."""
+
+    __slots__ = ("parent", "index", "x", "stateful")
+
+    def __init__(self, parent: CheckedMap, index: Tensor, stateful: Sequence[Any]):
+        self.parent = parent
+        self.index = index
+        self.x = parent.x.index_select(0, index)
+        self.stateful = stateful
+
+    def __call__(self, z: State) -> State:
+        if not self.parent.checked:  # the first evaluation of a solve is the full batch's, which checks
+            raise RuntimeError(f"{self.parent.name}: a sub-batch map was evaluated before the full map")
+        for m in self.stateful:
+            m.deq_select(self.index)
+        try:
+            return self.parent.fn(z, self.x)
+        finally:
+            for m in self.stateful:
+                m.deq_select(None)
+
+    def restrict(self, index: Tensor) -> "_SubBatchMap":
+        return self.parent.restrict(index)  # positions are always in the original batch
+
+
+def batch_coupling(modules: Sequence[nn.Module]) -> Optional[str]:
+    """Why the samples of a batch are not independent under ``modules``, or ``None`` when they are.
+
+    Today's reason is BatchNorm normalising with batch statistics: in training mode, or with
+    ``track_running_stats=False`` (then in eval mode too). Modules that mix samples in other ways
+    (attention over the batch, custom layers) cannot be detected; a map with them must not be used with
+    per-sample early exit.
+
+    Args:
+        modules: the modules of the map (searched recursively).
+
+    Returns:
+        A phrase naming the first coupling module, or ``None``.
+
+    Example:
+        >>> from torch import nn
+        >>> from deqlab.nn.maps import batch_coupling
+        >>> block = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        >>> batch_coupling([block])
+        "BatchNorm1d '1' normalises with batch statistics"
+        >>> batch_coupling([block.eval()]) is None
+        True
+    """
+    for root in modules:
+        for name, m in root.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
+                return f"{type(m).__name__} {name or type(root).__name__!r} normalises with batch statistics"
+    return None

@@ -17,6 +17,7 @@ from deqlab.solvers.krylov import GMRESInfo, gmres
 from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
 from deqlab.solvers.protocols import LinearSolveResult, LinearSolver, Solver
 from deqlab.solvers.registry import available_solvers, get_solver, register_solver
+from deqlab.solvers.sub_batch import PerSampleMap, SubBatchMap
 from deqlab.solvers.result import ConvergenceWarning, SolverError, SolverResult, SolverStatus
 from deqlab.solvers.termination import TERMINATION_MODES, TerminationCondition, TerminationTracker
 
@@ -35,10 +36,12 @@ __all__ = [
     "LinearSolveResult",
     "LinearSolver",
     "NewtonKrylov",
+    "PerSampleMap",
     "Solver",
     "SolverError",
     "SolverResult",
     "SolverStatus",
+    "SubBatchMap",
     "TERMINATION_MODES",
     "TerminationCondition",
     "TerminationTracker",

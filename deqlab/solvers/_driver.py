@@ -12,17 +12,27 @@ from deqlab.solvers.termination import TerminationTracker
 
 
 class CountedMap:
-    """``f`` on flat vectors, counting batched evaluations (the solver's NFE)."""
+    """``f`` on flat vectors, counting batched evaluations (the solver's NFE) and the rows they covered.
 
-    __slots__ = ("flat", "nfe")
+    ``restrict(index, packer)`` switches it to the map of a sub-batch (per-sample early exit) while the
+    counts go on: ``nfe`` stays the number of calls, ``rows`` sums the samples evaluated.
+    """
+
+    __slots__ = ("flat", "nfe", "rows")
 
     def __init__(self, f: Callable[[State], State], packer: StatePacker):
         self.flat = make_flat_map(f, packer)
         self.nfe = 0
+        self.rows = 0
 
     def __call__(self, z: Tensor) -> Tensor:
         self.nfe += 1
+        self.rows += z.shape[0]
         return self.flat(z)
+
+    def restrict(self, f: Callable[[State], State], packer: StatePacker) -> None:
+        """Evaluate ``f`` (the map of a sub-batch, states packed by ``packer``) from now on."""
+        self.flat = make_flat_map(f, packer)
 
 
 def check_max_steps(max_steps: object) -> int:
@@ -59,7 +69,7 @@ def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
 
 def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du: Tensor, *, nfe: int,
                  steps: int, throw: bool, solver_name: str, t: Optional[Tensor] = None,
-                 last_step: Optional[Tensor] = None) -> SolverResult:
+                 last_step: Optional[Tensor] = None, rows: Optional[int] = None) -> SolverResult:
     z_ret, du_ret, res, rel = tracker.finish(z, du, last_step)
     status = tracker.status()
     result = SolverResult(
@@ -74,6 +84,7 @@ def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du
         trace=tracker.trace_tensor(),
         fz=packer.unflatten(z_ret + du_ret),
         t=t,
+        sample_weighted_nfe=float(nfe) if rows is None or packer.batch == 0 else rows / packer.batch,
     )
     if throw and status is not SolverStatus.CONVERGED:
         n_bad = int((~result.converged).sum())

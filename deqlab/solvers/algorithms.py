@@ -31,6 +31,21 @@ class FixedPointAlgorithm:
     def step(self, state: Any, z: Tensor, fz: Tensor, g: Tensor, F: FlatMap) -> Tuple[Tensor, Tensor, Any]:
         raise NotImplementedError
 
+    #: Whether :meth:`select` is implemented, i.e. the algorithm can follow a shrinking working batch
+    #: (``DiscreteDEQSolver(per_sample_exit=True)``). Subclasses that keep per-sample state set it with
+    #: their own ``select``.
+    supports_select = False
+
+    def select(self, state: Any, keep: Tensor) -> Any:
+        """The per-solve state of the samples ``keep`` (positions in the current working batch).
+
+        Per-sample early exit drops the samples that have stopped from the working batch; an algorithm
+        whose state holds one entry per sample (histories, low-rank Jacobians) must index it the same way,
+        so every kept sample goes on exactly as in the full batch. Stateless algorithms return ``state``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement select(state, keep), which "
+                                  f"per_sample_exit=True needs")
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
@@ -50,6 +65,11 @@ class FixedPointIteration(FixedPointAlgorithm):
     def step(self, state, z, fz, g, F):
         z_new = fz if self.damping == 1.0 else torch.add(z, g, alpha=self.damping)
         return z_new, F(z_new), state
+
+    supports_select = True
+
+    def select(self, state, keep):
+        return state
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -127,6 +147,14 @@ class Anderson(FixedPointAlgorithm):
         fz_new = F(z_new)
         self._store(state, z_new, fz_new, fz_new - z_new)
         return z_new, fz_new, state
+
+    supports_select = True
+
+    def select(self, state, keep):
+        for key in ("F", "G", "X", "H", "ones"):
+            if state[key] is not None:
+                state[key] = state[key].index_select(0, keep)
+        return state
 
 
 def _line_search(z: Tensor, dz: Tensor, g_norm: Tensor, F: FlatMap, max_trials: int,
@@ -220,6 +248,13 @@ class Broyden(FixedPointAlgorithm):
         state["n"] = min(n + 1, m)
         return z_new, fz_new, state
 
+    supports_select = True
+
+    def select(self, state, keep):
+        for key in ("U", "V", "Jg"):
+            state[key] = state[key].index_select(0, keep)
+        return state
+
 
 class LimitedMemoryBroyden(Broyden):
     """Broyden with a bounded memory of ``memory`` rank-one updates (MDEQ's and the paper's default);
@@ -304,6 +339,15 @@ class NewtonKrylov(FixedPointAlgorithm):
             z_new = z + p
             fz_new = F(z_new)
         return z_new, fz_new, state
+
+    supports_select = True
+
+    def select(self, state, keep):
+        # The forcing term is the worst sample's: after a restriction it is that of the kept samples, so the
+        # inner tolerances (not the fixed points, which meet the same termination test) may differ slightly.
+        if state["g_norm"] is not None:
+            state["g_norm"] = state["g_norm"].index_select(0, keep)
+        return state
 
 
 ALGORITHMS = {

@@ -1,16 +1,18 @@
 """``DiscreteDEQSolver``: one loop for every discrete algorithm."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
+from torch import Tensor
 
-from deqlab.solvers._checks import check_int
+from deqlab.solvers._checks import check_int, check_number
 from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
                                     prepare)
 from deqlab.state import State
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
 from deqlab.solvers.result import SolverResult
+from deqlab.solvers.sub_batch import SubBatchMap
 from deqlab.solvers.termination import (NormKind, TerminationCondition, TerminationMode, TerminationTracker,
                                         resolve_termination)
 
@@ -51,6 +53,19 @@ class DiscreteDEQSolver:
             last sample stopped (``steps`` and ``nfe`` up to ``k - 1`` larger, the trace as many rows
             longer). Why: each check is a device-to-host synchronisation, which on a GPU stalls the
             queue of kernels every iteration when ``f`` is small.
+        per_sample_exit: evaluate ``f`` only on the samples still iterating (default ``False``). Needs a
+            map whose samples are independent and that says so with ``restrict(index)``
+            (:class:`~deqlab.solvers.SubBatchMap`: the DEQ layers of :mod:`deqlab.nn` and
+            :class:`~deqlab.solvers.PerSampleMap` have it). At every check the stopped samples leave the
+            working batch once the still-active ones are at most ``compact_below`` of it; ``f`` and the
+            algorithm's state then act on the rest. Each sample's iterates, residual, status and step
+            count are those of the full-batch solve (up to the rounding of a smaller matrix product in
+            ``f``); ``nfe`` still counts batched calls and ``sample_weighted_nfe`` the work done. Why off
+            by default: a map with BatchNorm batch statistics would change on a sub-batch (the layers
+            refuse it), and for a tiny ``f`` the copies cost more than the evaluations saved.
+        compact_below: with ``per_sample_exit``, shrink the working batch when the active samples are at
+            most this fraction of it (default 0.75: at most ``log(B) / log(4/3)`` compactions, each costing
+            one host sync and a copy of the algorithm's state). ``1.0`` compacts whenever a sample stops.
         termination: a full :class:`TerminationCondition` instead of the four flat keywords above; giving
             both raises ``ValueError`` (one way to set the stop rule, never one silently dropped).
         **algorithm_options: forwarded to the named algorithm (e.g. ``memory=5`` for Anderson).
@@ -71,6 +86,8 @@ class DiscreteDEQSolver:
         keep_trace: bool = True,
         termination: Optional[TerminationCondition] = None,
         check_every: int = 1,
+        per_sample_exit: bool = False,
+        compact_below: float = 0.75,
         **algorithm_options,
     ):
         for old, new in (("abstol", "abstol_termination"), ("reltol", "reltol_termination")):
@@ -85,18 +102,27 @@ class DiscreteDEQSolver:
         self.check_every = check_int("DiscreteDEQSolver", "check_every", check_every, low=1)
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
+        self.per_sample_exit = bool(per_sample_exit)
+        self.compact_below = check_number("DiscreteDEQSolver", "compact_below", compact_below, low=0.0, high=1.0,
+                                          low_open=True)
+        if self.per_sample_exit and not self.algorithm.supports_select:
+            raise ValueError(f"DiscreteDEQSolver: per_sample_exit=True needs an algorithm that can follow a "
+                             f"shrinking batch; {type(self.algorithm).__name__} does not implement select() "
+                             f"(set supports_select = True with it), or pass per_sample_exit=False")
 
     def __repr__(self) -> str:
         return (f"DiscreteDEQSolver({self.algorithm!r}, mode={self.termination.mode!r}, "
                 f"abstol_termination={self.termination.abstol}, reltol_termination={self.termination.reltol}, "
                 f"norm={self.termination.norm!r}, max_steps={self.max_steps}"
-                + (f", check_every={self.check_every})" if self.check_every != 1 else ")"))
+                + (f", check_every={self.check_every}" if self.check_every != 1 else "")
+                + (f", per_sample_exit=True, compact_below={self.compact_below})" if self.per_sample_exit else ")"))
 
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
         packer, z = prepare(z0)
         if packer.batch == 0:
             return empty_result(packer, z)
+        restrict = _sub_batch_maker(f, packer) if self.per_sample_exit else None
         F = CountedMap(f, packer)
         fz = F(z)
         g = fz - z
@@ -108,10 +134,67 @@ class DiscreteDEQSolver:
         state = algo.init(z, fz, self.max_steps)
         steps = 0
         k = self.check_every
-        while not done and steps < self.max_steps:
-            z, fz, state = algo.step(state, z, fz, g, F)
-            g = fz - z
-            steps += 1
-            done = tracker.update(z, g, fz=fz, sync=steps % k == 0) if k > 1 else tracker.update(z, g, fz=fz)
+        if restrict is None:
+            while not done and steps < self.max_steps:
+                z, fz, state = algo.step(state, z, fz, g, F)
+                g = fz - z
+                steps += 1
+                done = tracker.update(z, g, fz=fz, sync=steps % k == 0) if k > 1 else tracker.update(z, g, fz=fz)
+        else:
+            z, g, steps = self._iterate_shrinking(tracker, algo, state, z, fz, g, F, restrict, done)
         return build_result(tracker, packer, z, g, nfe=F.nfe, steps=steps, throw=self.throw,
-                            solver_name=f"DiscreteDEQSolver({algo.name})")
+                            solver_name=f"DiscreteDEQSolver({algo.name})", rows=F.rows)
+
+    def _iterate_shrinking(self, tracker: TerminationTracker, algo: FixedPointAlgorithm, state, z: Tensor,
+                           fz: Tensor, g: Tensor, F: CountedMap, restrict, done: bool) -> Tuple[Tensor, Tensor, int]:
+        """The loop of ``per_sample_exit``: the algorithm iterates on a working batch that drops stopped samples.
+
+        The tracker stays the one authority over all ``B`` samples: after each step the working rows are
+        scattered into full-size (new, never in-place) tensors, so its stop decisions, returned iterates
+        and step counts are computed exactly as in the full-batch loop. Samples outside the working batch
+        have stopped, so their frozen values are never read as live.
+        """
+        work: Optional[Tensor] = None  # positions in the full batch of the working rows (None: all)
+        zw, fzw, gw = z, fz, g
+        steps, k = 0, self.check_every
+        while not done and steps < self.max_steps:
+            zw, fzw, state = algo.step(state, zw, fzw, gw, F)
+            gw = fzw - zw
+            steps += 1
+            if work is None:
+                z, fz, g = zw, fzw, gw
+            else:
+                z, fz, g = z.index_copy(0, work, zw), fz.index_copy(0, work, fzw), g.index_copy(0, work, gw)
+            sync = steps % k == 0
+            done = tracker.update(z, g, fz=fz, sync=sync)
+            if done or not sync or steps == self.max_steps:
+                continue
+            n_work = tracker.batch if work is None else work.numel()
+            if tracker.n_active <= self.compact_below * n_work:
+                active = tracker.active if work is None else tracker.active.index_select(0, work)
+                keep = active.nonzero().squeeze(1)
+                work = keep if work is None else work.index_select(0, keep)
+                zw, fzw, gw = zw.index_select(0, keep), fzw.index_select(0, keep), gw.index_select(0, keep)
+                state = algo.select(state, keep)
+                F.restrict(*restrict(work))
+        return z, g, steps
+
+
+def _sub_batch_maker(f: Callable[[State], State], packer):
+    """``index -> (map of those samples, their packer)``, after checking ``f`` supports sub-batches at all.
+
+    ``f.restrict`` is called once on the whole batch first, so a map that refuses (BatchNorm with batch
+    statistics) fails before any work, not at the first sample that converges.
+    """
+    if not isinstance(f, SubBatchMap):
+        raise TypeError(
+            f"DiscreteDEQSolver(per_sample_exit=True) evaluates f on the samples still iterating, so f must be "
+            f"restrictable to a sub-batch: got {type(f).__name__} without a restrict(index) method. Wrap a plain "
+            f"function as deqlab.solvers.PerSampleMap(fn, x, ...) (fn(z, x, ...) with per-sample inputs), use a "
+            f"deqlab.nn DEQ layer, or pass per_sample_exit=False")
+    f.restrict(torch.arange(packer.batch, device=packer.device))
+
+    def restrict(index: Tensor):
+        return f.restrict(index), packer.resized(index.numel())
+
+    return restrict

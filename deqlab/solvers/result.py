@@ -44,6 +44,9 @@ class SolverResult:
         trace: optional ``(steps + 1, B)`` tensor of the termination objective per step.
         fz: ``f(z)`` at the returned iterate when the solver has it for free, else ``None``.
         t: continuous solvers only: the per-sample integration time reached (``(B,)``).
+        sample_weighted_nfe: evaluations weighted by the fraction of the batch each covered
+            (``sum of rows evaluated / B``). Equal to ``nfe`` unless the solver evaluated sub-batches
+            (``per_sample_exit=True``), where it is the work actually done; ``None`` when not recorded.
     """
 
     z: State
@@ -57,6 +60,7 @@ class SolverResult:
     trace: Optional[Tensor] = None
     fz: Optional[State] = field(default=None, repr=False)
     t: Optional[Tensor] = None
+    sample_weighted_nfe: Optional[float] = None
 
     @property
     def all_converged(self) -> bool:
