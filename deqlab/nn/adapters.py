@@ -21,11 +21,40 @@ __all__ = ["CallableSolver", "as_solver"]
 class CallableSolver:
     """A plain callable ``fn(f, z0) -> SolverResult`` as a :class:`~deqlab.solvers.Solver`.
 
+    A DEQ layer wraps a plain callable ``solver=`` in this class itself; build one explicitly to declare
+    the stop rule your function applies.
+
     Args:
-        fn: the solve.
+        fn: the solve, called as ``fn(f, z0)`` and returning a :class:`~deqlab.solvers.SolverResult`.
+            Required.
         termination: the stop rule ``fn`` applies, as a description (its ``norm`` is used for the residual
-            of fixed-depth mode, its ``tol`` as the default adjoint tolerance). Default: absolute L2 norm,
-            tolerance ``1e-6``.
+            of fixed-depth mode, its ``tol`` as the default adjoint tolerance). Default ``None``: absolute
+            L2 norm, tolerance ``1e-6``: a plain function declares no rule, so a tight one is assumed;
+            the adjoint, whose default tolerance this is, is then solved accurately rather than too
+            loosely for a forward of unknown accuracy.
+
+    Raises:
+        TypeError: ``fn`` is not callable.
+
+    Example:
+        A researcher's own solve function (here delegating to Anderson) used as a layer's solver:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import DEQ, CallableSolver
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> anderson = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6)
+        >>> def my_solve(f, z0):
+        ...     return anderson(f, z0)
+        >>> solver = CallableSolver(my_solve)
+        >>> solver.termination.mode, solver.termination.tol
+        ('abs_norm', 1e-06)
+        >>> class Half(nn.Module):
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> deq = DEQ(Half(), my_solve)                  # wrapped in a CallableSolver by the layer
+        >>> type(deq.solver).__name__, deq(torch.ones(2, 3))[1].status.value
+        ('CallableSolver', 'converged')
     """
 
     def __init__(self, fn: Callable[[Callable[[State], State], State], SolverResult], *,

@@ -109,30 +109,73 @@ def _depth_overrides() -> "weakref.WeakKeyDictionary":
 class DeepEquilibriumNetwork(nn.Module):
     """A Deep Equilibrium layer ``z* = model(z*, x)``: ``model + solver + init + backward``.
 
+    Calling ``layer(x)`` finds the fixed point of ``z -> model(z, x)`` with ``solver`` (without building a
+    graph, so memory does not grow with solver steps), connects it to ``x`` and the map's parameters through
+    ``backward``, and returns ``(z_star, solution)``: the fixed point and a
+    :class:`~deqlab.nn.DeepEquilibriumSolution` with the residual, NFE, convergence mask and losses.
+
     Args:
         model: the map ``f``, any module called as ``model(z, x)`` returning a tensor shaped like ``z``
-            (usually ``z`` enters one branch and the injection ``x`` another).
+            (usually ``z`` enters one branch and the injection ``x`` another). Required: it is the layer.
         solver: a :class:`~deqlab.solvers.Solver` (``DiscreteDEQSolver`` / ``ContinuousDEQSolver``), a
             registered solver name, or a plain callable ``solver(f, z0) -> SolverResult`` (wrapped in
-            :class:`~deqlab.nn.CallableSolver`).
-        init: the initial-guess strategy (:class:`~deqlab.nn.InitialGuess`): ``ZeroGuess()`` (default),
-            ``ShortcutGuess(module)`` (Skip DEQ), ``MapGuess()`` (Skip Reg. DEQ) or your own subclass.
-        backward: how gradients are computed (``ImplicitBackward()`` by default: GMRES at the forward
-            tolerance, at most 15 VJPs; also :class:`JacobianFreeBackward`, :class:`PhantomGradient`).
+            :class:`~deqlab.nn.CallableSolver`). Required: how hard to solve is a per-model choice.
+        init: the initial-guess strategy (:class:`~deqlab.nn.InitialGuess`). Default ``None``:
+            ``ZeroGuess()`` (zeros shaped like ``x``), the vanilla DEQ's start, which adds no parameters;
+            ``ShortcutGuess(module)`` gives a Skip DEQ, ``MapGuess()`` a Skip Reg. DEQ, or pass your own
+            subclass.
+        backward: how gradients are computed. Default ``None``: ``ImplicitBackward()``, the exact implicit
+            gradient with the paper's budget (GMRES at the forward tolerance, at most 15 VJPs); the cheaper
+            approximations are :class:`JacobianFreeBackward` and :class:`PhantomGradient`.
         jacobian_regularization: add a Hutchinson estimate of ``‖∂f/∂z‖_F²`` at ``z*`` to the solution
-            (``solution.jacobian_loss``; adding it to the loss with a weight is the caller's job).
-        jacobian_probes: Gaussian probes per estimate (each costs one VJP).
-        jacobian_normalize: ``"element"`` (divide by ``z.numel()``, Bai et al.), ``"sample"`` or ``"none"``.
-        z_shape: alias: ``z_shape=S`` is ``init=ZeroGuess(shape=S)`` (per-sample state shape of a
-            reduced-dimension DEQ).
+            (``solution.jacobian_loss``; adding it to the loss with a weight is the caller's job). Default
+            ``False``: it costs a graph of ``f`` and a VJP per probe every forward, so it is opt-in.
+        jacobian_probes: Gaussian probes per estimate. Default 1: one probe already gives an unbiased
+            estimate and each extra one costs another VJP.
+        jacobian_normalize: ``"element"`` (default; divide by ``z.numel()``, as Bai et al., so the loss
+            weight does not depend on batch size or width), ``"sample"`` (divide by the batch size) or
+            ``"none"`` (the raw sum).
+        z_shape: alias: ``z_shape=S`` is ``init=ZeroGuess(shape=S)``, the per-sample state shape of a
+            reduced-dimension DEQ. Default ``None``: the state is shaped like ``x``.
         initializer: alias: ``initializer=fn`` is ``init=FunctionGuess(fn)`` (``u0 = fn(x)``, no gradient).
+            Default ``None``: no function start.
         fixed_depth: when > 0, skip the solver and run ``fixed_depth`` unrolled applications of ``f`` from
             ``u0`` with ordinary backprop (pretraining); ``solution.nfe`` is then exactly the depth.
+            Default 0: solve for the fixed point, which is what a DEQ is.
         on_unconverged: what an unconverged forward or adjoint solve does: ``"warn"`` (default; a
-            :class:`~deqlab.ConvergenceWarning` at the 1st, 10th, 100th, ... failure, with counts),
-            ``"ignore"``, or ``"raise"`` (:class:`~deqlab.SolverError`).
+            :class:`~deqlab.ConvergenceWarning` at the 1st, 10th, 100th, ... failure, with counts, so a
+            model that stops converging is noticed without flooding the log or stopping a long run),
+            ``"ignore"``, or ``"raise"`` (:class:`~deqlab.SolverError` at the first failure).
 
-    Passing more than one of ``init``, ``z_shape``, ``initializer`` raises ``ValueError``.
+    Raises:
+        ValueError: more than one of ``init``, ``z_shape``, ``initializer`` is given (all three set
+            ``u0``); ``jacobian_probes < 1``; ``jacobian_normalize`` is not ``"element"``, ``"sample"`` or
+            ``"none"``; ``fixed_depth`` is not an int >= 0; ``on_unconverged`` is not ``"warn"``,
+            ``"ignore"`` or ``"raise"``; ``solver`` is an unknown solver name.
+        TypeError: ``backward`` is not a :class:`BackwardMode`; ``init`` is not an
+            :class:`~deqlab.nn.InitialGuess`; ``solver`` is neither a solver, a name nor a callable.
+
+    Example:
+        A linear map ``f(z, x) = z / 2 + x`` has the fixed point ``z* = 2x``, and ``dz*/dx = 2``:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import DeepEquilibriumNetwork
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class Half(nn.Module):
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> deq = DeepEquilibriumNetwork(Half(), solver)
+        >>> x = torch.ones(2, 3, requires_grad=True)
+        >>> z_star, solution = deq(x)
+        >>> solution.status.value, solution.converged.tolist()
+        ('converged', [True, True])
+        >>> torch.allclose(z_star, 2 * x, atol=1e-5)
+        True
+        >>> z_star.sum().backward()                  # implicit gradient through the fixed point
+        >>> torch.allclose(x.grad, torch.full((2, 3), 2.0)), solution.backward_converged
+        (True, True)
     """
 
     def __init__(
@@ -228,7 +271,17 @@ class DeepEquilibriumNetwork(nn.Module):
     @contextlib.contextmanager
     def fixed_depth_mode(self, depth: int) -> Iterator["DeepEquilibriumNetwork"]:
         """Temporarily run as ``depth`` unrolled applications of ``f`` (``depth = 0``: solve), in the calling
-        thread only (another thread using the layer meanwhile keeps its own mode)."""
+        thread only (another thread using the layer meanwhile keeps its own mode).
+
+        Args:
+            depth: unrolled applications of ``f`` inside the block (``0``: solve for the fixed point).
+
+        Returns:
+            A context manager that yields the layer and restores the previous mode on exit.
+
+        Raises:
+            ValueError: ``depth`` is not an int >= 0.
+        """
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"fixed_depth must be an int >= 0, got {depth!r}")
         overrides = _depth_overrides()
@@ -266,6 +319,23 @@ class DeepEquilibriumNetwork(nn.Module):
                              f"one sample (skip empty batches before the layer)")
 
     def forward(self, x: Tensor) -> Tuple[State, DeepEquilibriumSolution]:
+        """Solve for the fixed point ``z* = f(z*, x)`` (or unroll ``fixed_depth`` steps).
+
+        Args:
+            x: the injection, a batch-first floating-point tensor ``(B, ...)`` with ``B >= 1``.
+
+        Returns:
+            ``(z_star, solution)``: the fixed point (a tensor, or a list of tensors for a list state),
+            connected to ``x`` and the map's parameters by the backward mode, and its
+            :class:`~deqlab.nn.DeepEquilibriumSolution`.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not floating point, has no batch dimension or an empty batch; the map
+                fails on the initial state or returns something not shaped like it (checked on the first
+                evaluation); the initial guess has another batch size than ``x``.
+            deqlab.SolverError: the forward solve did not converge and ``on_unconverged="raise"``.
+        """
         self._validate_input(x)
         with equilibrium_session([self]):
             return self._forward(x)
@@ -402,13 +472,45 @@ class SkipDeepEquilibriumNetwork(DeepEquilibriumNetwork):
     :class:`~deqlab.nn.MapGuess`. ``detach_skip_target=True``/``False`` forces either form.
 
     Args:
-        model, solver: as :class:`DeepEquilibriumNetwork`.
-        shortcut: the explicit predictor ``x -> u0`` (state-shaped output), or ``None`` for Skip Reg.
-        skip_loss: ``"l1"`` or ``"l2"``.
-        detach_skip_target: see above (``None``: the default of the guess).
-        **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork` except ``init``/``initializer``;
-            ``z_shape`` is the state shape (the zeros ``f`` is applied to in Skip Reg.; checked against the
-            shortcut's output in Skip DEQ).
+        model: the map ``f(z, x)``, as in :class:`DeepEquilibriumNetwork`. Required.
+        solver: the forward solver (a solver object, a registered name or a callable), as in
+            :class:`DeepEquilibriumNetwork`. Required.
+        shortcut: the explicit predictor ``x -> u0`` (state-shaped output): a Skip DEQ. Default ``None``:
+            Skip Reg. DEQ, ``u0 = f(0, x)``, which needs no extra module or parameters.
+        skip_loss: ``"l1"`` (default, ``mean|u0 − z*|``, the paper's loss) or ``"l2"``
+            (``mean (u0 − z*)²``).
+        detach_skip_target: whether ``z*`` is a constant target in the skip loss. Default ``None``: the
+            guess's own default, a detached target with a shortcut (``True``) and the coupled loss for
+            Skip Reg. (``False``), for the reasons above.
+        **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork` except ``init``/``initializer``
+            (a Skip layer builds its own guess); ``z_shape`` is the state shape (the zeros ``f`` is applied
+            to in Skip Reg.; checked against the shortcut's output in Skip DEQ).
+
+    Raises:
+        ValueError: ``init`` or ``initializer`` is passed (the Skip layer sets ``u0`` itself);
+            ``skip_loss`` is not ``"l1"`` or ``"l2"``; and the errors of :class:`DeepEquilibriumNetwork`.
+        TypeError: ``shortcut`` is neither a module nor a sequence of modules; and the errors of
+            :class:`DeepEquilibriumNetwork`.
+
+    Example:
+        Skip DEQ on ``f(z, x) = z / 2 + x`` with a linear predictor of the fixed point:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import SkipDeepEquilibriumNetwork
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class Half(nn.Module):
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> skip = SkipDeepEquilibriumNetwork(Half(), solver, nn.Linear(3, 3))
+        >>> z_star, solution = skip(torch.ones(2, 3))
+        >>> bool(solution.converged.all()), solution.skip_loss.shape   # skip_loss trains the shortcut
+        (True, torch.Size([]))
+        >>> skip_reg = SkipDeepEquilibriumNetwork(Half(), solver)       # Skip Reg.: u0 = f(0, x) = x
+        >>> z_star, solution = skip_reg(torch.ones(2, 3))
+        >>> solution.u0.tolist(), round(float(solution.skip_loss), 3)   # mean |x - 2x| = 1
+        ([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], 1.0)
     """
 
     def __init__(self, model: nn.Module, solver: Any, shortcut: Optional[nn.Module] = None, *,
@@ -434,6 +536,34 @@ class MultiScaleMap(nn.Module):
     ``m_1 = main_layers[0](z_1, x)``, ``m_i = main_layers[i](z_i)`` (i > 1);
     ``out_j = Σ_i mapping_layers[i][j](m_i)`` (``None`` on the diagonal means identity, ``None`` off the
     diagonal means no connection); then ``post_fuse_layers[j](out_j)`` when given.
+
+    Args:
+        main_layers: one module per scale; ``main_layers[0](z_1, x)`` gets the injection, the others are
+            called as ``main_layers[i](z_i)``. Their number is the number of scales. Required.
+        mapping_layers: ``n × n`` matrix of modules, entry ``[i][j]`` maps scale ``i`` to scale ``j``;
+            ``None`` on the diagonal is the identity (a scale keeps its own features without a module),
+            ``None`` off the diagonal is no connection (so sparse fusions need no placeholder modules).
+            Required.
+        post_fuse_layers: one module (or ``None``: identity) per scale, applied to the fused output.
+            Default ``None``: no post-fuse step, the fused sum is the output.
+
+    Raises:
+        ValueError: ``mapping_layers`` is not an ``n × n`` matrix for ``n = len(main_layers)``, or
+            ``post_fuse_layers`` does not have ``n`` entries.
+
+    Example:
+        Two scales (widths 2 and 3), scale 1 feeding scale 2 through a linear map:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> class Half(nn.Module):                  # z / 2 (+ x on the scale that gets the injection)
+        ...     def forward(self, z, x=None):
+        ...         return 0.5 * z if x is None else 0.5 * z + x
+        >>> from deqlab.nn import MultiScaleMap
+        >>> f = MultiScaleMap([Half(), Half()], [[None, nn.Linear(2, 3)], [None, None]])
+        >>> out = f([torch.zeros(1, 2), torch.zeros(1, 3)], torch.ones(1, 2))
+        >>> f.num_scales, [tuple(o.shape) for o in out], out[0].tolist()
+        (2, [(1, 2), (1, 3)], [[1.0, 1.0]])
     """
 
     def __init__(self, main_layers: Sequence[nn.Module], mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
@@ -456,6 +586,7 @@ class MultiScaleMap(nn.Module):
 
     @property
     def num_scales(self) -> int:
+        """The number of scales (``len(main_layers)``)."""
         return len(self.main_layers)
 
     def forward(self, z: Sequence[Tensor], x: Tensor) -> List[Tensor]:
@@ -484,16 +615,46 @@ class MultiScaleDeepEquilibriumNetwork(DeepEquilibriumNetwork):
 
     Args:
         main_layers: one module per scale; ``main_layers[0](z_1, x)`` gets the injection, the others
-            ``main_layers[i](z_i)``.
+            ``main_layers[i](z_i)``. Required.
         mapping_layers: ``n × n`` matrix, entry ``[i][j]`` maps scale ``i`` to scale ``j``
-            (``None``/``nn.Identity()`` on the diagonal).
-        post_fuse_layers: optional per-scale modules applied after the fusion (or ``None``).
-        solver: as :class:`DeepEquilibriumNetwork` (solvers accept list states).
-        scales: per-sample shapes of the state, e.g. ``[(8, 28, 28), (16, 14, 14)]``.
-        **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork` (except ``z_shape``); ``init``
-            defaults to ``ZeroGuess(shape=scales)``.
+            (``None``/``nn.Identity()`` on the diagonal, ``None`` off it: no connection). Required.
+        post_fuse_layers: per-scale modules applied after the fusion, or ``None`` for no post-fuse step.
+            Positional with no default, in the order of the reference package's constructor
+            ``(main_layers, mapping_layers, post_fuse_layers, solver, scales)``.
+        solver: the forward solver, as in :class:`DeepEquilibriumNetwork` (every deqlab solver accepts list
+            states). Required.
+        scales: per-sample shapes of the state, one per main layer, e.g. ``[(8, 28, 28), (16, 14, 14)]``.
+            Required: the state's shapes differ from ``x``'s, so they cannot be inferred.
+        **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork` (except ``z_shape``, which
+            ``scales`` replaces); ``init`` defaults to ``ZeroGuess(shape=scales)`` (zeros at every scale,
+            the vanilla start).
 
-    Returns (from ``forward``): ``(list of z*_i, solution)``.
+    ``forward(x)`` returns ``(list of z*_i, solution)``.
+
+    Raises:
+        TypeError: ``z_shape`` is passed (use ``scales``); and the errors of :class:`DeepEquilibriumNetwork`.
+        ValueError: ``len(scales)`` differs from the number of main layers; ``mapping_layers`` or
+            ``post_fuse_layers`` have the wrong size (see :class:`MultiScaleMap`); and the errors of
+            :class:`DeepEquilibriumNetwork`.
+
+    Example:
+        Two scales (widths 2 and 3); the fixed point of scale 1 is ``2x``:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> class Half(nn.Module):                  # z / 2 (+ x on the scale that gets the injection)
+        ...     def forward(self, z, x=None):
+        ...         return 0.5 * z if x is None else 0.5 * z + x
+        >>> from deqlab.nn import MultiScaleDeepEquilibriumNetwork
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> mdeq = MultiScaleDeepEquilibriumNetwork([Half(), Half()], [[None, nn.Linear(2, 3)], [None, None]],
+        ...                                         None, solver, scales=[(2,), (3,)])
+        >>> zs, solution = mdeq(torch.ones(4, 2))
+        >>> [tuple(z.shape) for z in zs], solution.status.value
+        ([(4, 2), (4, 3)], 'converged')
+        >>> torch.allclose(zs[0], torch.full((4, 2), 2.0), atol=1e-5)
+        True
     """
 
     def __init__(self, main_layers: Sequence[nn.Module], mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
@@ -516,11 +677,53 @@ class MultiScaleSkipDeepEquilibriumNetwork(MultiScaleDeepEquilibriumNetwork):
     multiscale layer with ``init=ShortcutGuess(shortcut_layers, shape=scales)`` or ``MapGuess(shape=scales)``.
 
     Args:
-        main_layers, mapping_layers, post_fuse_layers, solver, scales: as
-            :class:`MultiScaleDeepEquilibriumNetwork`.
+        main_layers: one module per scale, as in :class:`MultiScaleDeepEquilibriumNetwork`. Required.
+        mapping_layers: the ``n × n`` fusion matrix, as in :class:`MultiScaleDeepEquilibriumNetwork`.
+            Required.
+        post_fuse_layers: per-scale post-fuse modules or ``None``, as in
+            :class:`MultiScaleDeepEquilibriumNetwork`. Required (positional).
+        solver: the forward solver, as in :class:`DeepEquilibriumNetwork`. Required.
+        scales: per-sample shapes of the state, one per scale. Required.
         shortcut_layers: a sequence of modules, one per scale, each applied to ``x``; or one module that
-            returns the list of per-scale initial states; or ``None`` (Skip Reg.: ``u0 = f(0, x)``).
-        skip_loss, detach_skip_target: as :class:`SkipDeepEquilibriumNetwork`.
+            returns the list of per-scale initial states. Default ``None``: Skip Reg., ``u0 = f(0, x)``,
+            which needs no extra modules.
+        skip_loss: ``"l1"`` (default, the paper's ``mean|u0 − z*|``) or ``"l2"``, as in
+            :class:`SkipDeepEquilibriumNetwork`.
+        detach_skip_target: whether ``z*`` is a constant target in the skip loss. Default ``None``: the
+            guess's own default (detached with shortcut layers, coupled for Skip Reg.), as in
+            :class:`SkipDeepEquilibriumNetwork`.
+        **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork` except ``z_shape``, ``init`` and
+            ``initializer`` (the layer builds its own guess from ``scales``).
+
+    Raises:
+        ValueError: ``shortcut_layers`` is a sequence whose length is not ``len(scales)``; ``init`` or
+            ``initializer`` is passed; ``skip_loss`` is not ``"l1"`` or ``"l2"``; and the errors of
+            :class:`MultiScaleDeepEquilibriumNetwork`.
+        TypeError: ``shortcut_layers`` is neither a module nor a sequence of modules; and the errors of
+            :class:`MultiScaleDeepEquilibriumNetwork`.
+
+    Example:
+        Multiscale Skip DEQ with one linear predictor per scale, and its Skip Reg. form:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> class Half(nn.Module):                  # z / 2 (+ x on the scale that gets the injection)
+        ...     def forward(self, z, x=None):
+        ...         return 0.5 * z if x is None else 0.5 * z + x
+        >>> from deqlab.nn import MultiScaleSkipDeepEquilibriumNetwork
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> def fusion():
+        ...     return [[None, nn.Linear(2, 3)], [None, None]]
+        >>> skip = MultiScaleSkipDeepEquilibriumNetwork([Half(), Half()], fusion(), None, solver, [(2,), (3,)],
+        ...                                             [nn.Linear(2, 2), nn.Linear(2, 3)])
+        >>> zs, solution = skip(torch.ones(4, 2))
+        >>> [tuple(z.shape) for z in zs], solution.status.value, solution.skip_loss.requires_grad
+        ([(4, 2), (4, 3)], 'converged', True)
+        >>> skip_reg = MultiScaleSkipDeepEquilibriumNetwork([Half(), Half()], fusion(), None, solver, [(2,), (3,)])
+        >>> zs, solution = skip_reg(torch.ones(4, 2))
+        >>> solution.u0[0].tolist()[0]              # u0 = f(0, x): scale 1 starts at x
+        [1.0, 1.0]
     """
 
     def __init__(self, main_layers: Sequence[nn.Module], mapping_layers: Sequence[Sequence[Optional[nn.Module]]],

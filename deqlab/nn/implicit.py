@@ -52,6 +52,30 @@ _HALF = (torch.float16, torch.bfloat16)
 class EquilibriumProblem:
     """The fixed point of one forward and how to re-evaluate the map there: what a backward mode needs.
 
+    The layer builds it inside the backward and passes it to :meth:`BackwardMode.gradients`; build one
+    yourself only to test a backward mode in isolation. Every argument is keyword-only, so the layer's
+    call site names what each value is.
+
+    Args:
+        f: the layer's map ``f(z, x)`` (state, injection -> state), as the forward evaluated it.
+        is_list: whether the state is a list of tensors (multiscale), so :meth:`evaluate` rebuilds the
+            structure ``f`` expects from the flat parts.
+        z_star: the fixed point as a list of detached tensors (one per scale; one for a tensor state).
+        x: the injection (detached).
+        params: the map's parameters that require grad.
+        grad_state: per-solve module state that requires grad (e.g. a weight-normed weight).
+        needs: one bool per entry of ``[x, *params, *grad_state]``: whether autograd wants its gradient,
+            so VJPs skip the inputs nobody asked for.
+        forward_tol: the forward solver's termination tolerance (``None``: unknown), the default adjoint
+            tolerance.
+        stateful: the map's :class:`EquilibriumStateful` modules, whose forward state is re-installed.
+        snapshots: their ``deq_state()`` dicts taken in the forward (same order as ``stateful``).
+        grad_slots: ``(module index, key)`` of each ``grad_state`` tensor inside ``snapshots``.
+        owner: the layer. Default ``None``: no owner, so the one-time check that ``f`` uses no trainable
+            tensors outside the layer's modules (a warning per owner) is skipped.
+        autocast: ``(device_type, dtype)`` of the forward's ``torch.autocast``, re-entered so the backward
+            linearizes the map the forward iterated. Default ``None``: the forward ran without autocast.
+
     Attributes:
         z_star: the fixed point as a list of detached tensors (one per scale; one for a tensor state).
         x: the injection (detached).
@@ -67,6 +91,18 @@ class EquilibriumProblem:
         evaluate(z_parts, x, grad_state): ``f(z, x)`` as a list of tensors, with the forward's module
             state (dropout mask, normalised weights) re-installed.
         linearize(): a :class:`Linearization` of ``f`` at ``z*``.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.nn import EquilibriumProblem
+        >>> x = torch.ones(2, 3)
+        >>> problem = EquilibriumProblem(                    # f(z, x) = z / 2 + x at its fixed point z* = 2x
+        ...     f=lambda z, x: 0.5 * z + x, is_list=False, z_star=[2 * x], x=x, params=[], grad_state=[],
+        ...     needs=[True], forward_tol=1e-6, stateful=[], snapshots=[], grad_slots=[])
+        >>> problem.evaluate(problem.z_star, x, [])[0].tolist()   # f(z*) = z*
+        [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+        >>> type(problem.linearize()).__name__
+        'Linearization'
     """
 
     def __init__(self, *, f: Callable[[Any, Tensor], Any], is_list: bool, z_star: Sequence[Tensor], x: Tensor,
@@ -104,6 +140,16 @@ class EquilibriumProblem:
                 m.deq_load_state(s)
 
     def evaluate(self, z_parts: Sequence[Tensor], x: Tensor, grad_state: Sequence[Tensor]) -> List[Tensor]:
+        """``f(z, x)`` as a list of tensors, with the forward's module state and autocast re-installed.
+
+        Args:
+            z_parts: the state as a list of tensors (one per scale).
+            x: the injection.
+            grad_state: tensors to use for the grad-requiring module state (in ``grad_slots`` order).
+
+        Returns:
+            ``f(z, x)`` as a list of tensors.
+        """
         # the forward's autocast state, so the backward linearizes the map the forward iterated
         amp = torch.autocast(self._autocast[0], dtype=self._autocast[1]) if self._autocast else contextlib.nullcontext()
         with self._installed(grad_state), amp:
@@ -111,6 +157,11 @@ class EquilibriumProblem:
         return [out] if isinstance(out, Tensor) else list(out)
 
     def linearize(self) -> "Linearization":
+        """One graph of ``f`` at ``z*`` for VJPs.
+
+        Returns:
+            A :class:`Linearization` of ``f`` at ``z*``.
+        """
         return Linearization(self)
 
 
@@ -118,7 +169,27 @@ _FOREIGN_CHECKED: "weakref.WeakSet" = weakref.WeakSet()
 
 
 class Linearization:
-    """One graph of ``f`` at ``z*`` and the VJPs a backward mode needs; counts them in ``nvjp``."""
+    """One graph of ``f`` at ``z*`` and the VJPs a backward mode needs; counts them in ``nvjp``.
+
+    Building it evaluates ``f`` once with grad enabled; every VJP then reuses that graph, so an adjoint
+    solve of ``k`` steps costs ``k`` VJPs and no further evaluations of ``f``.
+
+    Args:
+        problem: the :class:`EquilibriumProblem` to linearize (usually ``problem.linearize()`` builds it).
+
+    Example:
+        >>> import torch
+        >>> from deqlab.nn import EquilibriumProblem
+        >>> x = torch.ones(2, 3)
+        >>> problem = EquilibriumProblem(                    # f(z, x) = z / 2 + x at its fixed point z* = 2x
+        ...     f=lambda z, x: 0.5 * z + x, is_list=False, z_star=[2 * x], x=x, params=[], grad_state=[],
+        ...     needs=[True], forward_tol=1e-6, stateful=[], snapshots=[], grad_slots=[])
+        >>> lin = problem.linearize()
+        >>> lin.vjp_z(torch.ones(2, 3)).tolist()       # vᵀ ∂f/∂z = v / 2
+        [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
+        >>> lin.vjp_inputs(torch.ones(2, 3))[0].tolist(), lin.nvjp   # vᵀ ∂f/∂x = v; two VJPs so far
+        ([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], 2)
+    """
 
     def __init__(self, problem: EquilibriumProblem):
         self.problem = problem
@@ -136,14 +207,29 @@ class Linearization:
             _warn_foreign_leaves(self.fz, [*self.z, self.x, *self.params, *self.state])
 
     def vjp_z(self, v: Tensor) -> Tensor:
-        """``vᵀ ∂f/∂z`` for a flat ``(B, N)`` ``v``."""
+        """``vᵀ ∂f/∂z`` for a flat ``(B, N)`` ``v`` (keeps the graph for the next VJP).
+
+        Args:
+            v: the flat cotangent, shape ``(B, N)`` with ``N`` the per-sample state size.
+
+        Returns:
+            ``vᵀ ∂f/∂z``, flat ``(B, N)``.
+        """
         self.nvjp += 1
         grads = torch.autograd.grad(self.fz, self.z, unflatten(v, self.fz), retain_graph=True,
                                     allow_unused=True)
         return flatten([torch.zeros_like(z) if g is None else g for g, z in zip(grads, self.z)])
 
     def vjp_inputs(self, v: Tensor) -> List[Optional[Tensor]]:
-        """``vᵀ ∂f/∂(x, θ, state)`` for the inputs that need a gradient (``None`` elsewhere); frees the graph."""
+        """``vᵀ ∂f/∂(x, θ, state)`` for the inputs that need a gradient (``None`` elsewhere); frees the graph.
+
+        Args:
+            v: the flat cotangent ``(B, N)``, usually the adjoint solution ``g``.
+
+        Returns:
+            Gradients for ``[x, *params, *grad_state]``: ``None`` where not needed, zeros for parameters
+            ``f`` does not reach (DDP expects every parameter to get one).
+        """
         self.nvjp += 1
         return vjp_inputs(self.fz, v, self.x, self.params, self.state, self.needs, retain_graph=False)
 
@@ -157,6 +243,20 @@ class BackwardResult:
         nfe: VJPs (or evaluations of ``f``) spent.
         residual: per-sample relative residual of the adjoint solve, when there was one.
         converged: whether the adjoint solve met its tolerance for every sample (``None``: no solve).
+
+    Example:
+        >>> import torch
+        >>> from deqlab.nn import EquilibriumProblem
+        >>> x = torch.ones(2, 3)
+        >>> problem = EquilibriumProblem(                    # f(z, x) = z / 2 + x at its fixed point z* = 2x
+        ...     f=lambda z, x: 0.5 * z + x, is_list=False, z_star=[2 * x], x=x, params=[], grad_state=[],
+        ...     needs=[True], forward_tol=1e-6, stateful=[], snapshots=[], grad_slots=[])
+        >>> from deqlab.nn import ImplicitBackward
+        >>> result = ImplicitBackward(tol=1e-8).gradients(problem, torch.ones(2, 3))
+        >>> result.grads[0].round(decimals=4).tolist()   # dL/dx = (I − J)⁻ᵀ v = 2v, with J = I/2
+        [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+        >>> result.nfe, result.converged                 # one GMRES step + the final VJP
+        (2, True)
     """
 
     grads: List[Optional[Tensor]]
@@ -300,13 +400,47 @@ class BackwardMode:
     Subclass and implement :meth:`gradients`; pass an instance as ``backward=`` to a DEQ layer.
     ``warn_unconverged``: ``None`` follows the layer's ``on_unconverged`` policy for a result with
     ``converged=False``; ``True``/``False`` always / never warn.
+
+    Example:
+        A toy mode written against the public problem type: JFB with the gradient doubled (for
+        ``f = z/2 + x`` that happens to be the exact gradient, ``dz*/dx = 2``):
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import DEQ
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class Half(nn.Module):                  # z* = 2x, so dz*/dx = 2
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> from deqlab.nn import BackwardMode, BackwardResult
+        >>> class DoubledJFB(BackwardMode):
+        ...     def gradients(self, problem, v):
+        ...         lin = problem.linearize()
+        ...         return BackwardResult(grads=lin.vjp_inputs(2 * v), nfe=lin.nvjp)
+        >>> x = torch.ones(2, 3, requires_grad=True)
+        >>> z_star, solution = DEQ(Half(), solver, backward=DoubledJFB())(x)
+        >>> z_star.sum().backward()
+        >>> x.grad[0].tolist(), solution.backward_nfe
+        ([2.0, 2.0, 2.0], 1)
     """
 
     warn_unconverged: Optional[bool] = None
 
     def gradients(self, problem: EquilibriumProblem, v: Tensor) -> BackwardResult:
         """Gradients for ``[x, *problem.params, *problem.grad_state]`` given the flat ``(B, N)`` cotangent
-        ``v = dL/dz*``, and what it cost (see :class:`BackwardResult`)."""
+        ``v = dL/dz*``, and what it cost (see :class:`BackwardResult`).
+
+        Args:
+            problem: the fixed point and how to re-evaluate (or linearize) the map there.
+            v: the flat cotangent ``dL/dz*``, shape ``(B, N)``.
+
+        Returns:
+            A :class:`BackwardResult` with one gradient (or ``None``) per input.
+
+        Raises:
+            NotImplementedError: always here; subclasses implement it.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -331,16 +465,48 @@ class ImplicitBackward(BackwardMode):
             :class:`~deqlab.solvers.FixedPointLinearSolver`), or a name as shorthand: ``"gmres"`` (the
             default) builds ``GMRES(tol, max_steps, restart=restart)``; any other registered solver name
             builds ``FixedPointLinearSolver(get_solver(name, mode="rel_norm", abstol_termination=tol,
-            reltol_termination=tol, max_steps=max_steps))``.
-        tol: relative tolerance for a named solver; ``None`` (default) uses the forward solver's
-            termination tolerance (``solver.termination.tol``), the paper's protocol.
-        max_steps: VJP budget of a named solver (default 15, the paper's protocol).
-        restart: GMRES restart length for ``"gmres"`` (``None``: no restarts within ``max_steps``).
+            reltol_termination=tol, max_steps=max_steps))``. GMRES is the default because it solves the
+            adjoint system even when ``f`` is not a contraction (the paper's adjoint), where fixed-point
+            iteration and short-memory Anderson stall.
+        tol: relative tolerance for a named solver. Default ``None``: the forward solver's termination
+            tolerance (``solver.termination.tol``), the paper's protocol (an adjoint solved far more
+            accurately than the forward buys no accuracy).
+        max_steps: VJP budget of a named solver. Default ``None``: 15, the paper's protocol, which keeps a
+            hard backward from costing more than a forward as training makes the map less contractive.
+        restart: GMRES restart length for ``"gmres"``. Default ``None``: no restarts within ``max_steps``
+            (with a 15-step budget the Krylov basis stays small).
         warn_unconverged: ``None`` (default): an unconverged adjoint follows the layer's ``on_unconverged``
             policy; ``True``/``False``: always / never warn for this backward.
 
-    With a solver object, its own ``tol``/``max_steps`` apply; passing ``tol``, ``max_steps`` or ``restart``
-    as well raises ``ValueError``. Half-precision (float16/bfloat16) adjoints are solved in float32.
+    With a solver object, its own ``tol``/``max_steps`` apply. Half-precision (float16/bfloat16) adjoints
+    are solved in float32.
+
+    Raises:
+        ValueError: ``solver`` is an unknown name; ``restart`` is given for a name other than ``"gmres"``;
+            ``tol`` is not a number >= 0; ``max_steps`` is not an int >= 1; ``tol``, ``max_steps`` or
+            ``restart`` is given together with a solver object (set them on the object).
+        TypeError: ``solver`` is neither a name, a ``LinearSolver`` nor a fixed-point ``Solver``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import DEQ
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class Half(nn.Module):                  # z* = 2x, so dz*/dx = 2
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> from deqlab.nn import ImplicitBackward
+        >>> from deqlab.solvers import GMRES
+        >>> for mode in (ImplicitBackward(), ImplicitBackward(GMRES(tol=1e-10, max_steps=30))):
+        ...     x = torch.ones(2, 3, requires_grad=True)
+        ...     z_star, solution = DEQ(Half(), solver, backward=mode)(x)
+        ...     z_star.sum().backward()
+        ...     print(round(float(x.grad[0, 0]), 4), solution.backward_nfe, solution.backward_converged)
+        2.0 2 True
+        2.0 2 True
+        >>> ImplicitBackward().linear_solver(forward_tol=1e-6)     # what the "gmres" shorthand builds
+        GMRES(tol=1e-06, max_steps=15, restart=None, atol=0.0)
     """
 
     def __init__(self, solver: AdjointSolver = "gmres", *, tol: Optional[float] = None,
@@ -379,7 +545,15 @@ class ImplicitBackward(BackwardMode):
         self._built: Dict[float, LinearSolver] = {}
 
     def linear_solver(self, forward_tol: Optional[float] = None) -> LinearSolver:
-        """The :class:`~deqlab.solvers.LinearSolver` this mode uses for a forward tolerance ``forward_tol``."""
+        """The :class:`~deqlab.solvers.LinearSolver` this mode uses for a forward tolerance ``forward_tol``.
+
+        Args:
+            forward_tol: the forward solver's tolerance, used when ``tol`` is ``None``. Default ``None``:
+                unknown, so ``1e-6``.
+
+        Returns:
+            The solver object given at construction, or the one built from the name (cached per tolerance).
+        """
         if self._linear is not None:
             return self._linear
         tol = self.tol if self.tol is not None else (1e-6 if forward_tol is None else float(forward_tol))
@@ -421,7 +595,26 @@ class JacobianFreeBackward(BackwardMode):
     """Jacobian-free backpropagation (Fung et al. 2022): use ``g = dL/dz*`` (drop the ``(I − J)⁻ᵀ``
     factor), i.e. differentiate one application of ``f`` at ``z*``. One VJP per backward; a descent
     direction when ``f`` is contractive, not the exact gradient. No solve: ``backward_converged`` stays
-    ``None``."""
+    ``None``.
+
+    Example:
+        For ``f = z/2 + x`` the exact ``dz*/dx`` is 2; JFB gives ``∂f/∂x = 1`` for one VJP:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import DEQ
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class Half(nn.Module):                  # z* = 2x, so dz*/dx = 2
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> from deqlab.nn import JacobianFreeBackward
+        >>> x = torch.ones(2, 3, requires_grad=True)
+        >>> z_star, solution = DEQ(Half(), solver, backward=JacobianFreeBackward())(x)
+        >>> z_star.sum().backward()
+        >>> x.grad[0].tolist(), solution.backward_nfe, solution.backward_converged
+        ([1.0, 1.0, 1.0], 1, None)
+    """
 
     def gradients(self, problem: EquilibriumProblem, v: Tensor) -> BackwardResult:
         lin = problem.linearize()
@@ -436,8 +629,32 @@ class PhantomGradient(BackwardMode):
     gradient (``steps → ∞``). No solve: ``backward_converged`` stays ``None``.
 
     Args:
-        steps: number of unrolled applications.
-        damping: τ in ``(0, 1]``.
+        steps: number of unrolled applications. Default 5: the gap to the implicit gradient shrinks like
+            ``(1 − τ + τρ)^steps`` (``ρ``: the contraction of ``f``), so a handful of steps gets most of the
+            way at a small, fixed cost.
+        damping: τ in ``(0, 1]``. Default 0.5: averaging ``z`` with ``f(z, x)`` makes the unrolled map more
+            contractive than ``f`` itself, so the gradient stays stable when ``f`` barely contracts.
+
+    Raises:
+        ValueError: ``steps < 1`` or ``damping`` outside ``(0, 1]``.
+
+    Example:
+        For ``f = z/2 + x`` the exact ``dz*/dx`` is 2; five damped steps give ``2 (1 − 0.75⁵)``:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import DEQ
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class Half(nn.Module):                  # z* = 2x, so dz*/dx = 2
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> from deqlab.nn import PhantomGradient
+        >>> x = torch.ones(2, 3, requires_grad=True)
+        >>> z_star, solution = DEQ(Half(), solver, backward=PhantomGradient(steps=5, damping=0.5))(x)
+        >>> z_star.sum().backward()
+        >>> round(float(x.grad[0, 0]), 4), round(2 * (1 - 0.75 ** 5), 4), solution.backward_nfe
+        (1.5254, 1.5254, 5)
     """
 
     def __init__(self, steps: int = 5, damping: float = 0.5):

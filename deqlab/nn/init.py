@@ -80,9 +80,39 @@ class InitialGuess(nn.Module):
 
     Subclass it and implement :meth:`forward`; override :meth:`start`, :meth:`skip_loss` or
     :meth:`observe` when the strategy needs them. Pass an instance as ``init=`` to a DEQ layer.
+
+    Example:
+        A strategy that starts every solve from the injection itself:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import DEQ, InitialGuess
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class StartAtX(InitialGuess):
+        ...     def forward(self, x, f):
+        ...         return x.clone()
+        >>> class Half(nn.Module):
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> z_star, solution = DEQ(Half(), solver, init=StartAtX())(torch.ones(2, 3))
+        >>> solution.u0.tolist(), solution.status.value
+        ([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], 'converged')
     """
 
     def forward(self, x: Tensor, f: Callable[[State], State]) -> State:  # pragma: no cover - interface
+        """The initial state ``u0`` for the batch ``x``.
+
+        Args:
+            x: the layer's input (injection), batch-first.
+            f: the DEQ map ``z -> f(z, x)`` (checked on its first call), for guesses that evaluate it.
+
+        Returns:
+            ``u0``: a tensor, or a list of tensors for a list state; it may carry gradients.
+
+        Raises:
+            NotImplementedError: always here; subclasses implement it.
+        """
         raise NotImplementedError
 
     def start(self, u0: State) -> State:
@@ -98,8 +128,28 @@ class InitialGuess(nn.Module):
 
 
 class ZeroGuess(InitialGuess):
-    """``u0 = 0`` (the vanilla DEQ). ``shape``: per-sample state shape when it differs from ``x``
-    (reduced-dimension DEQs), or a list of shapes for a multiscale (list) state; ``None``: shaped like ``x``."""
+    """``u0 = 0`` (the vanilla DEQ): the start that assumes nothing about the fixed point and adds no
+    parameters.
+
+    Args:
+        shape: per-sample state shape when it differs from ``x`` (reduced-dimension DEQs), e.g. ``(8,)``,
+            or a list of shapes for a multiscale (list) state. Default ``None``: zeros shaped like ``x``,
+            right for maps whose state and injection have the same shape.
+
+    Raises:
+        ValueError: ``shape`` is neither a per-sample shape nor a list of them.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.nn import ZeroGuess
+        >>> x = torch.ones(2, 3)
+        >>> ZeroGuess()(x, None).shape                  # shaped like x (f is not used)
+        torch.Size([2, 3])
+        >>> ZeroGuess(shape=(8,))(x, None).shape        # reduced-dimension state
+        torch.Size([2, 8])
+        >>> [tuple(t.shape) for t in ZeroGuess(shape=[(4, 2, 2), (8, 1, 1)])(x, None)]   # multiscale
+        [(2, 4, 2, 2), (2, 8, 1, 1)]
+    """
 
     def __init__(self, shape: Optional[StateShape] = None):
         super().__init__()
@@ -146,11 +196,31 @@ class ShortcutGuess(_SkipGuess):
 
     Args:
         module: ``x -> u0`` (state-shaped); or a sequence of modules, one per scale of a list state, each
-            applied to ``x``.
-        skip_loss: ``"l1"`` (``mean|u0 − z*|``, the paper's) or ``"l2"``.
-        detach_skip_target: ``z*`` is a constant target in the skip loss (default); ``False`` also
-            differentiates the skip loss through ``z*`` (the reference package's coupling).
-        shape: optional per-sample state shape(s); when given, ``module``'s output is checked against it.
+            applied to ``x``. Required: it is the predictor.
+        skip_loss: ``"l1"`` (default: ``mean|u0 − z*|``, the paper's) or ``"l2"`` (``mean (u0 − z*)²``).
+        detach_skip_target: ``True`` (default): ``z*`` is a constant target in the skip loss, so the loss
+            trains the predictor towards the fixed point without pulling the fixed point towards the
+            predictor (which would also cost a second adjoint solve); ``False`` also differentiates the
+            skip loss through ``z*`` (the reference package's coupling).
+        shape: per-sample state shape(s); when given, ``module``'s output is checked against it on every
+            call. Default ``None``: no check (the map's own first-call check still catches a wrong shape).
+
+    Raises:
+        TypeError: ``module`` is neither a module nor a sequence of modules.
+        ValueError: ``skip_loss`` is not ``"l1"`` or ``"l2"``; ``shape`` is not a shape or list of shapes.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import ShortcutGuess
+        >>> guess = ShortcutGuess(nn.Linear(3, 3), shape=(3,))
+        >>> x = torch.ones(2, 3)
+        >>> u0 = guess(x, None)                         # the prediction, with gradients to the shortcut
+        >>> u0.shape, u0.requires_grad, guess.start(u0).requires_grad   # the solve starts detached
+        (torch.Size([2, 3]), True, False)
+        >>> loss = guess.skip_loss(u0, 2 * x)           # trains the shortcut towards z*
+        >>> loss.shape, loss.requires_grad
+        (torch.Size([]), True)
     """
 
     def __init__(self, module: Union[nn.Module, Sequence[nn.Module]], *, skip_loss: SkipLoss = "l1",
@@ -190,10 +260,25 @@ class MapGuess(_SkipGuess):
     away to ~600 and test accuracy stayed at 26 %, while the coupled loss reached vanilla's accuracy.
 
     Args:
-        skip_loss: as :class:`ShortcutGuess`.
-        detach_skip_target: ``False`` (default): the loss also pulls ``z*`` towards ``f(0, x)``; ``True``:
-            ``z*`` is a constant target.
-        shape: per-sample shape(s) of the zero state ``f`` is applied to (``None``: shaped like ``x``).
+        skip_loss: ``"l1"`` (default: ``mean|u0 − z*|``, the paper's) or ``"l2"``, as in
+            :class:`ShortcutGuess`.
+        detach_skip_target: ``False`` (default, for the reason above): the loss also pulls ``z*`` towards
+            ``f(0, x)``; ``True``: ``z*`` is a constant target.
+        shape: per-sample shape(s) of the zero state ``f`` is applied to. Default ``None``: shaped like
+            ``x``, as :class:`ZeroGuess`.
+
+    Raises:
+        ValueError: ``skip_loss`` is not ``"l1"`` or ``"l2"``; ``shape`` is not a shape or list of shapes.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.nn import MapGuess
+        >>> x = torch.ones(2, 3)
+        >>> u0 = MapGuess()(x, lambda z: 0.5 * z + x)   # f(0, x) = x
+        >>> u0.tolist()
+        [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+        >>> round(float(MapGuess().skip_loss(u0, 2 * x)), 3)   # mean |x - 2x|
+        1.0
     """
 
     def __init__(self, *, skip_loss: SkipLoss = "l1", detach_skip_target: bool = False,
@@ -210,6 +295,22 @@ class FunctionGuess(InitialGuess):
 
     What the ``initializer=`` argument of the layers builds; for a *learned* predictor use
     :class:`ShortcutGuess`, which trains it through the skip loss.
+
+    Args:
+        fn: ``x -> u0``, returning a state (a tensor, or a list/tuple of tensors for a list state).
+            Required. It runs under ``torch.no_grad()``: without a skip loss nothing would train it, so
+            tracking its graph would only cost memory.
+
+    Raises:
+        TypeError: ``fn`` is not callable.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.nn import FunctionGuess
+        >>> guess = FunctionGuess(lambda x: 2 * x)
+        >>> u0 = guess(torch.ones(1, 2, requires_grad=True), None)
+        >>> u0.tolist(), u0.requires_grad
+        ([[2.0, 2.0]], False)
     """
 
     def __init__(self, fn: Callable[[Tensor], State]):

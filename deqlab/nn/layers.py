@@ -62,6 +62,28 @@ class EquilibriumStateful(nn.Module):
 
     Keep the state in :meth:`solve_state` (a dict private to the calling thread), not in attributes:
     a module shared by two threads then never mixes their solves.
+
+    Example:
+        A map that counts its own evaluations per solve; the layer calls the hooks itself:
+
+        >>> import torch
+        >>> from deqlab.nn import DEQ, EquilibriumStateful
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class CountingHalf(EquilibriumStateful):     # f(z, x) = z / 2 + x
+        ...     def deq_begin(self):
+        ...         self.solve_state()["calls"] = 0
+        ...     def deq_end(self):
+        ...         self.last_calls = self.peek_solve_state("calls")
+        ...         self.clear_solve_state()
+        ...     def forward(self, z, x):
+        ...         if self.peek_solve_state("calls") is not None:
+        ...             self.solve_state()["calls"] += 1
+        ...         return 0.5 * z + x
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> deq = DEQ(CountingHalf(), solver)
+        >>> z_star, solution = deq(torch.ones(2, 3))
+        >>> deq.model.last_calls == solution.nfe, deq.model.peek_solve_state("calls")   # state dropped
+        (True, None)
     """
 
     def solve_state(self) -> Dict[str, Any]:
@@ -88,9 +110,19 @@ class EquilibriumStateful(nn.Module):
         """Called once at the end of a DEQ forward; drop caches so stale values are never reused."""
 
     def deq_state(self) -> Dict[str, Any]:  # pragma: no cover - interface
+        """The per-solve state to re-install in the backward (tensors requiring grad are routed through it).
+
+        Returns:
+            A plain dict (empty by default: nothing to re-install).
+        """
         return {}
 
     def deq_load_state(self, state: Dict[str, Any]) -> None:  # pragma: no cover - interface
+        """Re-install a dict returned by :meth:`deq_state` (no-op by default).
+
+        Args:
+            state: the dict :meth:`deq_state` returned in the forward.
+        """
         pass
 
     def deq_select(self, index: Optional[Tensor]) -> None:
@@ -134,9 +166,30 @@ class WeightNorm(EquilibriumStateful):
     solver iteration; outside a DEQ forward it is computed on each call.
 
     Args:
-        module: the wrapped layer; its ``name`` parameter is replaced by ``{name}_g`` and ``{name}_v``.
-        name: which parameter to normalise.
-        dim: the dimension kept by the norm (0: one scale per output channel/unit).
+        module: the wrapped layer; its ``name`` parameter is replaced by ``weight_g`` and ``weight_v`` on
+            this wrapper. Required.
+        name: which parameter to normalise. Default ``"weight"``: the weight of ``Conv2d``/``Linear``.
+        dim: the dimension kept by the norm. Default 0: one scale per output channel/unit, as
+            ``torch.nn.utils.weight_norm`` and the paper's MDEQ.
+
+    Raises:
+        ValueError: ``module`` has no parameter called ``name``.
+
+    Example:
+        At construction ``g = ‖v‖``, so the wrapped layer computes what the original did:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import WeightNorm
+        >>> _ = torch.manual_seed(0)
+        >>> plain = nn.Linear(3, 2)
+        >>> _ = torch.manual_seed(0)                    # the same initial weights
+        >>> wn = WeightNorm(nn.Linear(3, 2))
+        >>> sorted(name for name, _ in wn.named_parameters())
+        ['module.bias', 'weight_g', 'weight_v']
+        >>> x = torch.randn(4, 3)
+        >>> wn.weight_g.shape, torch.allclose(wn(x), plain(x))
+        (torch.Size([2, 1]), True)
     """
 
     def __init__(self, module: nn.Module, name: str = "weight", dim: int = 0):
@@ -161,6 +214,11 @@ class WeightNorm(EquilibriumStateful):
         return torch.linalg.vector_norm(v, dim=dims, keepdim=True)
 
     def compute_weight(self) -> Tensor:
+        """The normalised weight ``g * v / ||v||``.
+
+        Returns:
+            A tensor shaped like the wrapped module's weight, differentiable w.r.t. ``weight_g``/``weight_v``.
+        """
         return self.weight_g * self.weight_v / self._norm(self.weight_v)
 
     def deq_begin(self) -> None:
@@ -196,8 +254,38 @@ class VariationalHiddenDropout(EquilibriumStateful):
     forward a fresh mask is drawn per call (ordinary dropout semantics).
 
     Args:
-        p: drop probability.
-        spatial: share the mask over dimensions 2.. (inputs of rank >= 3).
+        p: drop probability. Default 0.0: the identity, so dropout is opt-in (the paper configurations
+            in :mod:`deqlab.models` set it per dataset).
+        spatial: share the mask over dimensions 2.. (inputs of rank >= 3). Default ``True``: one value
+            per (sample, channel), as in MDEQ, which drops whole feature maps rather than pixels.
+
+    Raises:
+        ValueError: ``p`` is not in ``[0, 1)``.
+
+    Example:
+        Inside a DEQ the mask stays fixed, so ``f(z, x) = z / 2 + drop(x)`` has a fixed point
+        (``2 · mask · x``, with mask values 0 or 2):
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import DEQ, VariationalHiddenDropout
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class DropHalf(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.drop = VariationalHiddenDropout(0.5)
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + self.drop(x)
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> z_star, solution = DEQ(DropHalf(), solver)(torch.ones(2, 8))
+        >>> solution.status.value, sorted(z_star.round(decimals=4).unique().tolist())
+        ('converged', [0.0, 4.0])
+        >>> drop = VariationalHiddenDropout(0.5)
+        >>> y = drop(torch.ones(2, 4, 3, 3))               # outside a DEQ: ordinary (spatial) dropout
+        >>> bool((y == y[..., :1, :1]).all())              # one value per (sample, channel)
+        True
+        >>> torch.equal(drop.eval()(y), y)                 # identity in eval mode
+        True
     """
 
     def __init__(self, p: float = 0.0, spatial: bool = True):
@@ -258,8 +346,21 @@ class DenseDEQBlock(nn.Module):
     """The MNIST-dense map of the paper: ``f(z, x) = relu(W1 z) + relu(W2 x)``, no biases.
 
     Args:
-        dim: state width.
-        injection_dim: width of ``x`` (defaults to ``dim``).
+        dim: state width. Required.
+        injection_dim: width of ``x``. Default ``None``: ``dim``, the paper's model, where ``x`` is already
+            projected to the state width.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.nn import DEQ, DenseDEQBlock
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> block = DenseDEQBlock(4, injection_dim=3)
+        >>> block(torch.zeros(2, 4), torch.ones(2, 3)).shape
+        torch.Size([2, 4])
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> z_star, solution = DEQ(block, solver, z_shape=(4,))(torch.randn(2, 3))
+        >>> z_star.shape, solution.status.value
+        (torch.Size([2, 4]), 'converged')
     """
 
     def __init__(self, dim: int, injection_dim: Optional[int] = None):
@@ -286,12 +387,23 @@ class ResidualBlock(nn.Module):
     the injection, same shape as ``z``) or ``block(z)`` (no injection: scales > 1 of a multiscale model).
 
     Args:
-        channels: C.
-        expansion: e (5 in paper v1).
-        num_groups: GroupNorm groups (8 in paper v1); must divide C and eC.
-        dropout: variational hidden dropout probability (mask fixed per solve).
-        weight_norm: wrap both convolutions in :class:`WeightNorm`.
-        init_std: std of the normal weight init (``None``: PyTorch default).
+        channels: C, the channels of the state (and of ``x``). Required.
+        expansion: e, the width factor of the hidden convolution. Default 5, paper v1's.
+        num_groups: GroupNorm groups; must divide C and eC (capped at the channel count). Default 8,
+            paper v1's.
+        dropout: variational hidden dropout probability (mask fixed per solve). Default 0.0: off; the
+            paper configurations in :mod:`deqlab.models` set it per dataset.
+        weight_norm: wrap both convolutions in :class:`WeightNorm`. Default ``True``, as paper v1.
+        init_std: std of the normal weight init (``None``: PyTorch default). Default 0.01, paper v1's:
+            small weights start the map close to contractive, so the first solves converge.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.nn import ResidualBlock
+        >>> block = ResidualBlock(4, expansion=2, num_groups=2)
+        >>> z = torch.randn(2, 4, 5, 5)
+        >>> block(z, torch.randn(2, 4, 5, 5)).shape, block(z).shape   # with and without injection
+        (torch.Size([2, 4, 5, 5]), torch.Size([2, 4, 5, 5]))
     """
 
     def __init__(self, channels: int, expansion: int = 5, num_groups: int = 8, dropout: float = 0.0,
@@ -315,7 +427,25 @@ class ResidualBlock(nn.Module):
 
 class Downsample(nn.Module):
     """Mapping i→j with j > i: ``factor`` = 2^(j−i) halvings, each a stride-2 conv3×3 + GroupNorm
-    (gelu between stages)."""
+    (gelu between stages).
+
+    Args:
+        in_channels: channels of scale ``i``. Required.
+        out_channels: channels of scale ``j`` (the intermediate stages keep ``in_channels``). Required.
+        factor: total downsampling, a power of 2. Default 2: neighbouring scales of the multiscale
+            models differ by one halving.
+        num_groups: GroupNorm groups, capped at the channel count. Default 4: a small count that divides
+            the few channels of small models (the paper's models pass their own).
+
+    Raises:
+        ValueError: ``factor`` is not a power of 2 >= 2.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.nn import Downsample
+        >>> Downsample(4, 8, factor=4, num_groups=2)(torch.randn(2, 4, 8, 8)).shape   # two halvings
+        torch.Size([2, 8, 2, 2])
+    """
 
     def __init__(self, in_channels: int, out_channels: int, factor: int = 2, num_groups: int = 4):
         super().__init__()
@@ -339,7 +469,20 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Mapping i→j with j < i: conv1×1 + GroupNorm, then nearest upsampling by ``factor``."""
+    """Mapping i→j with j < i: conv1×1 + GroupNorm, then nearest upsampling by ``factor``.
+
+    Args:
+        in_channels: channels of scale ``i``. Required.
+        out_channels: channels of scale ``j``. Required.
+        factor: upsampling factor (2^(i−j)). Default 2: neighbouring scales differ by one halving.
+        num_groups: GroupNorm groups, capped at ``out_channels``. Default 4, as :class:`Downsample`.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.nn import Upsample
+        >>> Upsample(8, 4, factor=2, num_groups=2)(torch.randn(2, 8, 4, 4)).shape
+        torch.Size([2, 4, 8, 8])
+    """
 
     def __init__(self, in_channels: int, out_channels: int, factor: int = 2, num_groups: int = 4):
         super().__init__()
@@ -352,7 +495,19 @@ class Upsample(nn.Module):
 
 
 class PostFuse(nn.Module):
-    """Paper-v1 post-fuse layer per scale: gelu → conv1×1 → GroupNorm."""
+    """Paper-v1 post-fuse layer per scale: gelu → conv1×1 → GroupNorm.
+
+    Args:
+        channels: channels of the scale (kept). Required.
+        num_groups: GroupNorm groups, capped at ``channels``. Default 4, the post-fuse groups of the
+            paper-v1 CIFAR-10/SVHN configuration.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.nn import PostFuse
+        >>> PostFuse(4, num_groups=2)(torch.randn(2, 4, 4, 4)).shape
+        torch.Size([2, 4, 4, 4])
+    """
 
     def __init__(self, channels: int, num_groups: int = 4):
         super().__init__()

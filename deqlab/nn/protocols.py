@@ -19,9 +19,28 @@ class DEQLayer(Protocol):
         fixed_depth: ``0`` solves for the fixed point; ``d > 0`` runs ``d`` unrolled applications of
             the map with ordinary backprop (the paper's pretraining). Settable.
         fixed_depth_mode(depth): a context manager that sets ``fixed_depth`` and restores it on exit.
+
+    It is a structural type: check a module against it with ``isinstance``; nothing needs to inherit from it.
+
+    Raises:
+        TypeError: when instantiated (``DEQLayer()``): a protocol describes layers, it is not one.
+
+    Example:
+        >>> from torch import nn
+        >>> from deqlab.nn import DEQ, DEQLayer
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class Half(nn.Module):
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> isinstance(DEQ(Half(), DiscreteDEQSolver("anderson")), DEQLayer)
+        True
+        >>> isinstance(nn.Linear(2, 2), DEQLayer)   # no fixed_depth / fixed_depth_mode
+        False
     """
 
     fixed_depth: int
 
     def fixed_depth_mode(self, depth: int) -> ContextManager:
+        """A context manager that runs the layer as ``depth`` unrolled applications of its map, then
+        restores the previous mode."""
         ...

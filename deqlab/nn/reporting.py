@@ -42,7 +42,8 @@ class ConvergenceReporter:
 
     Attributes:
         policy: ``"warn"``, ``"ignore"`` or ``"raise"``.
-        solves, failures: counts per kind, since construction (readable for logging).
+        solves: solves per kind, since construction (readable for logging).
+        failures: unconverged solves per kind, since construction (readable for logging).
     """
 
     def __init__(self, owner: str, policy: UnconvergedPolicy = "warn"):

@@ -42,6 +42,28 @@ class DeepEquilibriumSolution:
             backward ran, and for backward modes without a solve).
         backward_converged: whether the last adjoint solve met its tolerance for every sample (``None``
             until a backward ran, and for modes without a solve: JFB, phantom gradient).
+
+    Example:
+        The record a layer returns next to ``z_star``; the backward fills its ``backward_*`` fields:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import DEQ
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class Half(nn.Module):
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> z_star, solution = DEQ(Half(), solver)(torch.ones(2, 3, requires_grad=True))
+        >>> type(solution).__name__, solution.status.value, solution.residual.shape, solution.nfe > 0
+        ('DeepEquilibriumSolution', 'converged', torch.Size([2]), True)
+        >>> float(solution.skip_loss), float(solution.jacobian_loss)      # no Skip guess, no regularization
+        (0.0, 0.0)
+        >>> solution.backward_nfe, solution.backward_converged            # before the backward
+        (0, None)
+        >>> z_star.sum().backward()
+        >>> solution.backward_nfe > 0, solution.backward_converged
+        (True, True)
     """
 
     z_star: State
