@@ -263,26 +263,34 @@ class TerminationTracker:
         # quick: host tests may skip work when nothing stops. After updates with sync=False, a synced
         # step instead does every merge on the device and reads back only the number of active samples.
         quick = sync and not self._n_active_stale
+        fell = None if first or not cond.relative else (res < self._res_fall) | (fzn <= self._grown_at)
+        counted: Optional[Tuple[Tensor, int]] = None  # (the stopping mask, its size), read in one host sync
         if quick and mask is None and not cond.returns_best and cond.stops_on_objective:
-            # Fast path: a sample goes on while tol < objective < threshold (NaN fails both tests) and its
-            # residual and ||f(z)|| are sane, so a few comparisons and one host sync decide whether
-            # anything stops this step.
-            # (A relative test met although the residual has not fallen ends here too and is sorted
-            # out below; that only happens on maps that run away.)
-            go = (obj > cond.tol) & (obj < self._threshold) & (fzn < self._lost_at)
+            # Fast path: a sample goes on while it is not bad (objective below the protective threshold,
+            # residual and ||f(z)|| sane; NaN fails every test) and has not met the test (tol < objective,
+            # patience not met) -- or met a relative test although its residual has not fallen. That is
+            # exactly the complement of the stop rule below, so the one host sync that counts the samples
+            # stopping both decides whether anything stops and, when some do, gives the new number of
+            # active samples (no second sync).
+            ok = (obj < self._threshold) & (fzn < self._lost_at)
             if not self._obj_is_res:
-                go = go & (res < self._res_threshold)
+                ok = ok & (res < self._res_threshold)
             if diverged is not None:
-                go = go & ~diverged
+                ok = ok & ~diverged
+            unmet = obj > cond.tol
             if patience_met is not None and self.step + 1 >= cond.patience:
-                go = go & ~patience_met
+                unmet = unmet & ~patience_met
+            if fell is not None:
+                unmet = unmet | ~fell
+            stop = ~(ok & unmet)
             if self.n_active != self.batch:
-                go = go | ~self.active
-            if bool(go.all()):
+                stop = stop & self.active
+            n_stop = int(stop.sum())
+            if n_stop == 0:
                 self._advance(cur, mask)
                 return False
+            counted = (stop, n_stop)
         sane = (res < self._res_threshold) & (fzn < self._lost_at)  # False for NaN/Inf too
-        fell = None if first or not cond.relative else (res < self._res_fall) | (fzn <= self._grown_at)
         lost = fzn >= self._lost_at  # finite-valued runaway (NaN/Inf are handled as non-finite below)
         if cond.returns_best:
             if self._best_obj is None:
@@ -298,7 +306,8 @@ class TerminationTracker:
         if diverged is not None:
             bad = bad | diverged
         met = met & ~bad
-        stopping = (met | bad) & live
+        # The fast path's mask is this same rule; taking it keeps the count read there exact.
+        stopping = (met | bad) & live if counted is None else counted[0]
         # From here on everything stays on the device (merges with an empty mask are no-ops), so a step on
         # which samples stop costs one host sync more than a step that takes the fast path: the count of
         # active samples below.
@@ -320,7 +329,7 @@ class TerminationTracker:
         if not sync:
             self._n_active_stale = True
             return False
-        self.n_active = int(self.active.sum())
+        self.n_active = int(self.active.sum()) if counted is None else self.n_active - counted[1]
         self._n_active_stale = False
         return self.n_active == 0
 
