@@ -34,14 +34,51 @@ State = Union[Tensor, List[Tensor]]
 
 
 def as_parts(state: State) -> List[Tensor]:
-    """A state as a list of tensors (a single tensor becomes a one-element list)."""
+    """A state as a list of tensors (a single tensor becomes a one-element list).
+
+    Why: code that handles single-tensor and multiscale states alike iterates over parts; this is the
+    one place that decides what the parts of a state are. :func:`from_parts` undoes it.
+
+    Args:
+        state: a batch-first tensor ``(B, ...)``, or a list (or tuple) of such tensors.
+
+    Returns:
+        A new list of the tensors themselves (not copies); one element for a tensor state.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.state import as_parts, shapes_of
+        >>> shapes_of(as_parts(torch.zeros(2, 3)))
+        [(2, 3)]
+        >>> shapes_of(as_parts([torch.zeros(2, 3), torch.zeros(2, 4, 4)]))
+        [(2, 3), (2, 4, 4)]
+    """
     if isinstance(state, Tensor):
         return [state]
     return list(state)
 
 
 def from_parts(parts: Sequence[Tensor], is_list: bool) -> State:
-    """Inverse of :func:`as_parts`."""
+    """Inverse of :func:`as_parts`: the parts as the state structure they came from.
+
+    Args:
+        parts: the tensors of the state, in order.
+        is_list: ``True`` when the original state was a list (the parts come back as a new list),
+            ``False`` for a single-tensor state (``parts[0]`` comes back). Passed explicitly because a
+            one-element list and a tensor have the same parts.
+
+    Returns:
+        A list of the tensors, or the single tensor ``parts[0]``.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.state import as_parts, from_parts
+        >>> z = torch.zeros(2, 3)
+        >>> from_parts(as_parts(z), is_list=False) is z
+        True
+        >>> type(from_parts(as_parts([z]), is_list=True)).__name__
+        'list'
+    """
     return list(parts) if is_list else parts[0]
 
 
@@ -50,14 +87,45 @@ def _sample_size(t: Tensor) -> int:
 
 
 def flatten(parts: Sequence[Tensor]) -> Tensor:
-    """Concatenate per-sample flattened parts into one ``(B, N)`` tensor (a free view for one part)."""
+    """Concatenate per-sample flattened parts into one ``(B, N)`` tensor (a free view for one part).
+
+    Why: solvers iterate on flat vectors, one row per sample; ``N`` is the total number of entries of
+    one sample across all parts. :func:`unflatten` undoes it.
+
+    Args:
+        parts: batch-first tensors sharing the batch size ``B`` (e.g. from :func:`as_parts`).
+
+    Returns:
+        A ``(B, N)`` tensor: a view of the part when there is one, else a new concatenated tensor.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.state import flatten
+        >>> flatten([torch.ones(2, 3), torch.zeros(2, 2, 4)]).shape
+        torch.Size([2, 11])
+    """
     if len(parts) == 1:
         return parts[0].reshape(parts[0].shape[0], -1)
     return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
 
 
 def unflatten(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
-    """Split a ``(B, N)`` tensor back into tensors shaped like ``like``."""
+    """Split a ``(B, N)`` tensor back into tensors shaped like ``like``; the inverse of :func:`flatten`.
+
+    Args:
+        flat: a ``(B, N)`` tensor whose ``N`` is the per-sample size of all of ``like`` together.
+        like: tensors with the target shapes (only their shapes are read).
+
+    Returns:
+        A list of tensors with the shapes of ``like``, in order (views of ``flat`` where possible).
+
+    Example:
+        >>> import torch
+        >>> from deqlab.state import shapes_of, unflatten
+        >>> like = [torch.zeros(2, 3), torch.zeros(2, 2, 4)]
+        >>> shapes_of(unflatten(torch.arange(22.0).reshape(2, 11), like))
+        [(2, 3), (2, 2, 4)]
+    """
     if len(like) == 1:
         return [flat.reshape(like[0].shape)]
     chunks = torch.split(flat, [_sample_size(p) for p in like], dim=1)
@@ -65,14 +133,44 @@ def unflatten(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
 
 
 def shapes_of(state: State) -> Union[Tuple[int, ...], List[Tuple[int, ...]]]:
-    """Shape of a tensor state, or the list of shapes of a list state (for error messages)."""
+    """Shape of a tensor state, or the list of shapes of a list state (for error messages).
+
+    Args:
+        state: a tensor or a list of tensors.
+
+    Returns:
+        A tuple of ints for a tensor, or a list of such tuples for a list state.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.state import shapes_of
+        >>> shapes_of(torch.zeros(2, 3))
+        (2, 3)
+        >>> shapes_of([torch.zeros(2, 3), torch.zeros(2, 1, 4)])
+        [(2, 3), (2, 1, 4)]
+    """
     if isinstance(state, Tensor):
         return tuple(state.shape)
     return [tuple(s.shape) for s in state]
 
 
 def detach(state: State) -> State:
-    """The state without its autograd history, with the same structure."""
+    """The state without its autograd history, with the same structure.
+
+    Args:
+        state: a tensor or a list of tensors.
+
+    Returns:
+        ``state.detach()`` for a tensor, or a new list of detached tensors (sharing storage with the
+        originals, as :meth:`torch.Tensor.detach` does).
+
+    Example:
+        >>> import torch
+        >>> from deqlab.state import detach
+        >>> z = 2 * torch.ones(2, 3, requires_grad=True)
+        >>> detach(z).requires_grad, [t.requires_grad for t in detach([z, z])]
+        (False, [False, False])
+    """
     if isinstance(state, Tensor):
         return state.detach()
     return [s.detach() for s in state]
@@ -82,6 +180,27 @@ def batch_norm(v: Tensor, kind: str = "l2") -> Tensor:
     """Per-sample norm of a ``(B, N)`` tensor: ``l2`` or dimension-independent ``rms`` (``l2 / sqrt(N)``).
 
     float16/bfloat16 inputs give a float32 norm; other dtypes keep theirs.
+
+    Args:
+        v: a flat ``(B, N)`` tensor.
+        kind: ``"l2"`` (default, the norm of the reference package's termination tests) or ``"rms"``,
+            under which one tolerance means the same for a state of 4 and of 100 000 numbers. Any other
+            value gives the L2 norm: the value is not checked here (this runs every solver step);
+            :class:`~deqlab.solvers.TerminationCondition` validates it once.
+
+    Returns:
+        The ``(B,)`` per-sample norms (float32 for half-precision ``v``, else ``v``'s dtype).
+
+    Example:
+        >>> import torch
+        >>> from deqlab.state import batch_norm
+        >>> v = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+        >>> batch_norm(v)
+        tensor([5., 1.])
+        >>> batch_norm(v, "rms")
+        tensor([3.5355, 0.7071])
+        >>> batch_norm(v.half()).dtype
+        torch.float32
     """
     # Half-precision sums of squares overflow (float16 at entries of 256), so their norms are float32.
     n = torch.linalg.vector_norm(v, dim=1, dtype=torch.float32 if v.dtype in _HALF else None)
@@ -91,19 +210,80 @@ def batch_norm(v: Tensor, kind: str = "l2") -> Tensor:
 
 
 def per_sample_norm(parts: Sequence[Tensor], norm: str = "l2") -> Tensor:
-    """Per-sample L2 (or RMS) norm of a state given as parts; shape ``(B,)``."""
+    """Per-sample L2 (or RMS) norm of a state given as parts; shape ``(B,)``.
+
+    Args:
+        parts: the state's tensors (see :func:`as_parts`); the norm runs over all of a sample's entries.
+        norm: ``"l2"`` (default) or ``"rms"``, as in :func:`batch_norm`; the default matches the
+            solvers' default norm, so a layer reports residuals the way its solver measured them.
+
+    Returns:
+        The ``(B,)`` norms (float32 for half-precision parts).
+
+    Example:
+        >>> import torch
+        >>> from deqlab.state import per_sample_norm
+        >>> per_sample_norm([torch.ones(2, 3), torch.ones(2, 1)])
+        tensor([2., 2.])
+    """
     return batch_norm(flatten(parts), norm)
 
 
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample inner product of two ``(B, N)`` tensors, shape ``(B,)``."""
+    """Per-sample inner product of two ``(B, N)`` tensors, shape ``(B,)``.
+
+    Args:
+        a: a ``(B, N)`` tensor.
+        b: a tensor of the same shape (or broadcastable to it).
+
+    Returns:
+        The ``(B,)`` tensor of ``sum_j a[i, j] * b[i, j]``.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.state import batch_dot
+        >>> batch_dot(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+        tensor([3., 4.])
+    """
     return (a * b).sum(dim=1)
 
 
 class StatePacker:
     """Remembers the structure of ``z0`` so flat ``(B, N)`` vectors can be turned back into states.
 
-    A single tensor is flattened with a view (free); a list is concatenated.
+    A single tensor is flattened with a view (free); a list is concatenated. Every solver builds one
+    from its ``z0`` and validates it here, so a malformed initial guess fails before ``f`` is called.
+
+    Args:
+        z0: the initial guess: a floating-point tensor ``(B, ...)`` or a non-empty list (or tuple) of
+            such tensors sharing the batch size ``B`` and one dtype.
+
+    Attributes:
+        is_list: whether ``z0`` was a list (states are unflattened as lists).
+        batch: the batch size ``B``.
+        dtype: the state's dtype.
+        device: the device of the first tensor.
+        shapes: the shape of each tensor.
+        sizes: the per-sample number of entries of each tensor.
+        numel: ``N = sum(sizes)``, the width of the flat vectors.
+
+    Raises:
+        TypeError: ``z0`` is neither a tensor nor a non-empty list of tensors, or its dtype is not
+            floating point.
+        ValueError: ``z0`` is a 0-dimensional tensor (no batch dimension), or its tensors differ in
+            batch size or dtype.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.state import StatePacker, shapes_of
+        >>> packer = StatePacker([torch.zeros(2, 3), torch.zeros(2, 2, 4)])
+        >>> packer.batch, packer.numel, packer.sizes
+        (2, 11, [3, 8])
+        >>> flat = packer.flatten([torch.ones(2, 3), torch.ones(2, 2, 4)])
+        >>> flat.shape
+        torch.Size([2, 11])
+        >>> shapes_of(packer.unflatten(flat))
+        [(2, 3), (2, 2, 4)]
     """
 
     def __init__(self, z0: State):
@@ -137,12 +317,14 @@ class StatePacker:
         self.numel = sum(self.sizes)
 
     def flatten(self, z: State) -> Tensor:
+        """A state with ``z0``'s structure as one ``(B, N)`` tensor (a view for a tensor state)."""
         # Explicit per-sample sizes (not -1), so an empty batch flattens to (0, N) too.
         if not self.is_list:
             return z.reshape(self.batch, self.sizes[0])
         return torch.cat([t.reshape(self.batch, n) for t, n in zip(z, self.sizes)], dim=1)
 
     def unflatten(self, flat: Tensor) -> State:
+        """A ``(B, N)`` tensor as a state with ``z0``'s structure (views of ``flat``)."""
         if not self.is_list:
             return flat.view(self.shapes[0])
         parts = torch.split(flat, self.sizes, dim=1)
@@ -164,8 +346,9 @@ class StatePacker:
             >>> import torch
             >>> from deqlab.state import StatePacker
             >>> packer = StatePacker([torch.zeros(4, 2), torch.zeros(4, 3, 3)])
-            >>> [tuple(s) for s in packer.resized(2).shapes]
-            [(2, 2), (2, 3, 3)]
+            >>> small = packer.resized(2)
+            >>> small.batch, small.numel, tuple(small.shapes[1])
+            (2, 11, (2, 3, 3))
         """
         new = object.__new__(StatePacker)
         new.__dict__.update(self.__dict__)
@@ -174,6 +357,7 @@ class StatePacker:
         return new
 
     def describe(self, z: object) -> str:
+        """Shapes and dtypes of ``z`` as short text, for error messages."""
         if isinstance(z, Tensor):
             return f"tensor {tuple(z.shape)} {z.dtype}"
         if isinstance(z, (list, tuple)) and all(isinstance(t, Tensor) for t in z):
@@ -181,7 +365,12 @@ class StatePacker:
         return type(z).__name__
 
     def check_output(self, fz: object) -> None:
-        """Fail loudly when ``f`` returns something the solver cannot iterate on."""
+        """Fail loudly when ``f`` returns something the solver cannot iterate on.
+
+        Raises:
+            TypeError: ``fz`` is not a tensor (tensor state) or a list of as many tensors (list state).
+            ValueError: a tensor of ``fz`` differs from ``z0``'s in shape or dtype.
+        """
         expected = "tensor" if not self.is_list else f"list of {len(self.shapes)} tensors"
         if self.is_list:
             ok = isinstance(fz, (list, tuple)) and len(fz) == len(self.shapes) and all(
@@ -205,7 +394,34 @@ class StatePacker:
 
 
 def make_flat_map(f: Callable[[State], State], packer: StatePacker) -> Callable[[Tensor], Tensor]:
-    """Wrap ``f`` to act on flat ``(B, N)`` vectors; checks the first output's shape and dtype once."""
+    """Wrap ``f`` to act on flat ``(B, N)`` vectors; checks the first output's shape and dtype once.
+
+    Why once: a map that returns the wrong structure does so on its first call, and checking every
+    call would cost a Python loop per solver step.
+
+    Args:
+        f: the map on structured states (a tensor or a list of tensors, as ``packer`` describes).
+        packer: the :class:`StatePacker` of the solve's ``z0``.
+
+    Returns:
+        ``flat_f(z)``: ``packer.flatten(f(packer.unflatten(z)))``. Its first call raises ``TypeError``
+        or ``ValueError`` (see :meth:`StatePacker.check_output`) when ``f`` returns a state that is not
+        shaped like ``z0``.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.state import StatePacker, make_flat_map
+        >>> packer = StatePacker([torch.zeros(2, 3), torch.zeros(2, 1)])
+        >>> F = make_flat_map(lambda zs: [2 * zs[0], zs[1] - 1], packer)
+        >>> F(torch.ones(2, 4))
+        tensor([[2., 2., 2., 0.],
+                [2., 2., 2., 0.]])
+        >>> make_flat_map(lambda zs: zs[0], packer)(torch.ones(2, 4))
+        Traceback (most recent call last):
+        ...
+        TypeError: the map must return a state shaped like z: expected a list of 2 tensors like z0,
+            got tensor (2, 3) torch.float32
+    """
     checked = False
 
     def flat_f(z: Tensor) -> Tensor:

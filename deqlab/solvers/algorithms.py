@@ -21,14 +21,61 @@ FlatMap = Callable[[Tensor], Tensor]
 
 
 class FixedPointAlgorithm:
-    """Base class: ``init`` builds per-solve state, ``step`` returns ``(z_next, F(z_next), state)``."""
+    """Base class: ``init`` builds per-solve state, ``step`` returns ``(z_next, F(z_next), state)``.
+
+    Subclass it to write your own algorithm: the driver (:class:`~deqlab.solvers.DiscreteDEQSolver`)
+    owns the loop, the termination test, the step cap and the result, so an algorithm only proposes the
+    next iterate on flat ``(B, N)`` tensors. Return ``F(z_next)`` with it, so the driver never evaluates
+    twice. Do not modify ``z``/``fz`` in place: the termination tracker keeps references to them.
+
+    Attributes:
+        name: short name used in the driver's error messages (e.g. ``"anderson"``).
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import DiscreteDEQSolver, FixedPointAlgorithm
+        >>> class HalfStep(FixedPointAlgorithm):   # z <- z + (f(z) - z) / 2
+        ...     name = "half_step"
+        ...     def step(self, state, z, fz, g, F):
+        ...         z_new = z + 0.5 * g
+        ...         return z_new, F(z_new), state
+        >>> res = DiscreteDEQSolver(HalfStep(), mode="abs_norm", abstol_termination=1e-8, max_steps=100)(
+        ...     lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=torch.float64))
+        >>> res.status, res.z.round(decimals=6)[0], res.nfe == res.steps + 1
+        (<SolverStatus.CONVERGED: 'converged'>, tensor([2., 2., 2.], dtype=torch.float64), True)
+    """
 
     name = "base"
 
     def init(self, z: Tensor, fz: Tensor, max_steps: int) -> Any:
+        """Build the per-solve state (buffers, counters) before the first step; the base has none.
+
+        Args:
+            z: the flat ``(B, N)`` initial iterate.
+            fz: ``F(z)``, already evaluated by the driver.
+            max_steps: the solve's step cap, for algorithms that size buffers by it (full Broyden).
+
+        Returns:
+            Any object; the driver hands it to every :meth:`step` unchanged.
+        """
         return None
 
     def step(self, state: Any, z: Tensor, fz: Tensor, g: Tensor, F: FlatMap) -> Tuple[Tensor, Tensor, Any]:
+        """Propose the next iterate.
+
+        Args:
+            state: what :meth:`init` (or the previous step) returned.
+            z: the current flat ``(B, N)`` iterate.
+            fz: ``F(z)``.
+            g: the residual ``fz - z``.
+            F: the counted flat map: every call is one evaluation of ``f`` (the solver's NFE).
+
+        Returns:
+            ``(z_new, F(z_new), state)``.
+
+        Raises:
+            NotImplementedError: in the base class; subclasses implement it.
+        """
         raise NotImplementedError
 
     #: Whether :meth:`select` is implemented, i.e. the algorithm can follow a shrinking working batch
@@ -54,7 +101,26 @@ class FixedPointAlgorithm:
 class FixedPointIteration(FixedPointAlgorithm):
     """Damped Picard iteration ``z <- (1 - damping) z + damping f(z)``: one evaluation per step.
 
-    The right choice when ``f`` is a strong contraction; also the cheapest backward solver.
+    The right choice when ``f`` is a strong contraction; also the cheapest backward solver. It keeps no
+    memory and does no linear algebra, so each step costs one evaluation and nothing else; it converges
+    linearly at the contraction rate of ``f`` (and not at all when ``f`` is not a contraction).
+
+    Args:
+        damping: step fraction ``d`` in ``(0, 1]``. Default 1.0: the plain Picard step ``z <- f(z)``,
+            the fastest when ``f`` contracts; a smaller value (e.g. 0.5) tames a map whose iterates
+            oscillate (Jacobian eigenvalues near -1), at the price of slower convergence elsewhere.
+
+    Raises:
+        ValueError: ``damping`` is not a finite number in ``(0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import DiscreteDEQSolver, FixedPointIteration
+        >>> solver = DiscreteDEQSolver(FixedPointIteration(), mode="abs_norm", abstol_termination=1e-10,
+        ...                            max_steps=100)
+        >>> res = solver(torch.cos, torch.zeros(2, 3, dtype=torch.float64))   # z* = cos(z*) = 0.739085...
+        >>> res.status, res.steps, res.z.round(decimals=6)[0]
+        (<SolverStatus.CONVERGED: 'converged'>, 59, tensor([0.7391, 0.7391, 0.7391], dtype=torch.float64))
     """
 
     name = "fixed_point"
@@ -90,6 +156,29 @@ class Anderson(FixedPointAlgorithm):
 
     The stored iterates, residuals and the Gram matrix are kept in float32 for float16/bfloat16 states,
     so the small solve is as accurate as for a float32 state; the next iterate is cast back.
+
+    Args:
+        memory: past iterates kept, ``m >= 1``. Default 5: on contractive maps a few past residuals
+            already give most of the acceleration, while each one more costs two ``(B, N)`` buffers and
+            makes the small Gram matrix worse conditioned.
+        mixing: ``beta`` in ``(0, 1]``: the next iterate mixes the combined ``f`` values with weight
+            ``beta`` and the combined iterates with ``1 - beta``. Default 1.0: the undamped type-II
+            update, which also skips storing the past iterates; lower it for maps that oscillate.
+        regularization: Tikhonov shift of the Gram matrix, relative to its mean diagonal, ``>= 0``.
+            Default ``1e-8``: too small to bias the mixing weights, large enough (with the ``10 eps``
+            floor) to keep the solve finite when the stored residuals are collinear.
+
+    Raises:
+        ValueError: ``memory`` is not an int >= 1, ``mixing`` is not in ``(0, 1]``, or
+            ``regularization`` is not a finite number >= 0.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import Anderson, DiscreteDEQSolver
+        >>> solver = DiscreteDEQSolver(Anderson(memory=5), mode="abs_norm", abstol_termination=1e-10)
+        >>> res = solver(torch.cos, torch.zeros(2, 3, dtype=torch.float64))   # Picard needs 59 steps
+        >>> res.status, res.steps, res.z.round(decimals=6)[0]
+        (<SolverStatus.CONVERGED: 'converged'>, 13, tensor([0.7391, 0.7391, 0.7391], dtype=torch.float64))
     """
 
     name = "anderson"
@@ -185,6 +274,33 @@ class Broyden(FixedPointAlgorithm):
     ``J^{-1} ~ -I + sum_i u_i v_i^T`` is stored as at most ``memory`` pairs (``None``: one pair per
     step, i.e. full Broyden within ``max_steps``); when the memory is full the oldest pair is overwritten.
     The first step is a plain fixed-point step. ``line_search`` adds per-sample backtracking.
+
+    Quasi-Newton steps do not need ``f`` to be a contraction: Broyden also finds repelling fixed points
+    (``z = 2 z + 1``) that plain iteration cannot reach.
+
+    Args:
+        memory: rank-one pairs kept, ``>= 1``, or ``None``. Default ``None``: one pair per step, i.e. full
+            Broyden within ``max_steps`` (the best convergence, memory ``O(max_steps * N)`` per sample);
+            an int bounds the memory, as :class:`LimitedMemoryBroyden` does.
+        line_search: per-sample backtracking on ``||f(z) - z||``. Default ``False``: each trial costs one
+            more evaluation and the full step is usually accepted near the fixed point; enable it when
+            Broyden steps overshoot and the residual grows.
+        max_line_search: halvings per step at most, ``>= 0``. Default 5: the smallest step tried is
+            1/32 of the Broyden step; a direction that needs less is unlikely to be worth more trials.
+
+    Raises:
+        ValueError: ``memory`` is neither ``None`` nor an int >= 1, or ``max_line_search`` is not an
+            int >= 0.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import Broyden, DiscreteDEQSolver
+        >>> solver = DiscreteDEQSolver(Broyden(), mode="abs_norm", abstol_termination=1e-10)
+        >>> res = solver(torch.cos, torch.zeros(2, 3, dtype=torch.float64))
+        >>> res.status, res.steps, res.z.round(decimals=6)[0]
+        (<SolverStatus.CONVERGED: 'converged'>, 6, tensor([0.7391, 0.7391, 0.7391], dtype=torch.float64))
+        >>> solver(lambda z: 2 * z + 1, torch.zeros(1, 2, dtype=torch.float64)).z   # repelling, still found
+        tensor([[-1., -1.]], dtype=torch.float64)
     """
 
     name = "broyden"
@@ -258,7 +374,29 @@ class Broyden(FixedPointAlgorithm):
 
 class LimitedMemoryBroyden(Broyden):
     """Broyden with a bounded memory of ``memory`` rank-one updates (MDEQ's and the paper's default);
-    memory grows as ``O(memory * N)`` per sample whatever ``max_steps`` is."""
+    memory grows as ``O(memory * N)`` per sample whatever ``max_steps`` is.
+
+    Within ``max_steps <= memory`` it takes exactly the steps of :class:`Broyden`; past that, the oldest
+    pair is overwritten. The default algorithm of :class:`~deqlab.solvers.DiscreteDEQSolver`.
+
+    Args:
+        memory: rank-one pairs kept, ``>= 1``. Default 27: MDEQ's setting, which the paper follows; it
+            covers most solves of a trained DEQ in full while bounding the memory of a long one.
+        line_search: per-sample backtracking, as in :class:`Broyden`. Default ``False`` (each trial
+            costs one evaluation).
+        max_line_search: halvings per step at most, ``>= 0``. Default 5, as in :class:`Broyden`.
+
+    Raises:
+        ValueError: ``memory`` is not an int >= 1, or ``max_line_search`` is not an int >= 0.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import DiscreteDEQSolver, LimitedMemoryBroyden
+        >>> solver = DiscreteDEQSolver(LimitedMemoryBroyden(memory=3), mode="abs_norm", abstol_termination=1e-10)
+        >>> res = solver(torch.cos, torch.zeros(2, 3, dtype=torch.float64))   # full Broyden: 6 steps
+        >>> res.status, res.steps, res.z.round(decimals=6)[0]
+        (<SolverStatus.CONVERGED: 'converged'>, 11, tensor([0.7391, 0.7391, 0.7391], dtype=torch.float64))
+    """
 
     name = "lbroyden"
 
@@ -277,6 +415,35 @@ class NewtonKrylov(FixedPointAlgorithm):
 
     ``inner_tol="adaptive"`` picks GMRES's relative tolerance per Newton step with the Eisenstat–Walker
     rule (loose far from the solution, tight close to it), so early steps do not over-solve.
+
+    Args:
+        krylov_dim: GMRES basis size per cycle, ``>= 1``. Default 20: enough for the inner system of
+            most DEQ maps to reach the (adaptive) tolerance in one cycle; each vector costs ``(B, N)``.
+        max_restarts: GMRES cycles per Newton step, ``>= 1``. Default 1: an inexact Newton step is
+            enough (the outer loop corrects it), so one cycle caps a step at ``krylov_dim`` JVPs.
+        inner_tol: GMRES's relative tolerance: ``"adaptive"`` (default, Eisenstat–Walker) or a number in
+            ``(0, 1)``. A fixed tolerance over-solves early steps or under-solves late ones.
+        jvp: ``"fd"`` (default) or ``"forward"``. Finite differences cost exactly one evaluation of ``f``
+            and work for every map; forward-mode AD is exact but several evaluations' cost, and needs
+            ``f`` to support ``torch.func.jvp``.
+        line_search: per-sample backtracking on the Newton step. Default ``False``: each trial costs one
+            evaluation, and near the fixed point the full step is accepted anyway.
+        max_line_search: halvings per step at most, ``>= 0``. Default 5 (smallest step 1/32).
+        eta_max: upper bound of the adaptive tolerance, in ``(0, 1)``. Default 0.1: the first steps are
+            solved to 10 %, the usual Eisenstat–Walker safeguard; ignored with a fixed ``inner_tol``.
+
+    Raises:
+        ValueError: ``jvp`` is neither ``"forward"`` nor ``"fd"``; ``inner_tol`` is neither
+            ``"adaptive"`` nor a number in ``(0, 1)``; ``krylov_dim`` or ``max_restarts`` is not an
+            int >= 1; ``max_line_search`` is not an int >= 0; or ``eta_max`` is not in ``(0, 1)``.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import DiscreteDEQSolver, NewtonKrylov
+        >>> solver = DiscreteDEQSolver(NewtonKrylov(), mode="abs_norm", abstol_termination=1e-10)
+        >>> res = solver(torch.cos, torch.zeros(2, 3, dtype=torch.float64))
+        >>> res.status, res.steps, res.nfe, res.z.round(decimals=6)[0]   # few steps; nfe counts the JVPs
+        (<SolverStatus.CONVERGED: 'converged'>, 5, 11, tensor([0.7391, 0.7391, 0.7391], dtype=torch.float64))
     """
 
     name = "newton_krylov"

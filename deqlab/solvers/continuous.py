@@ -58,29 +58,78 @@ def _alias(name: str, value: Optional[float], old: str, old_value: Optional[floa
 class ContinuousDEQSolver:
     """Integrate ``du/dt = f(u) - u`` from ``u0`` until the termination condition holds.
 
+    Follows the flow, so it converges whenever the flow is stable, even where fixed-point iteration does
+    not (e.g. ``f(z) = -1.5 z + b``), usually at more evaluations than a discrete solver. Each sample has
+    its own step size and stops on its own.
+
     Args:
-        ode_solver: ``"tsit5"`` (default), ``"dopri5"`` (adaptive), ``"euler"`` or ``"rk4"`` (fixed step ``dt``).
-        mode: termination mode, checked after every accepted step (default ``"rel_deq_default"``).
-        ode_abstol, ode_reltol: the ODE stepper's local error tolerances (how accurately the path is
-            followed; the steady state does not depend on them, so they can be loose). Default 1e-3.
-            ``abstol``/``reltol`` are accepted as their old names (giving both spellings raises).
-        abstol_termination, reltol_termination: tolerances of the termination condition (how close to
-            the fixed point the returned state is). Default to ``ode_abstol``/``ode_reltol``, as in the
-            reference package.
+        ode_solver: ``"tsit5"`` (default: an efficient adaptive 5(4) pair whose last stage is the residual
+            at the new point, so the termination test is free), ``"dopri5"`` (adaptive), ``"euler"`` or
+            ``"rk4"`` (fixed step ``dt``; Euler with ``dt=1`` is exactly fixed-point iteration).
+        mode: termination mode, checked after every accepted step; ``None`` (default) means
+            ``"rel_deq_default"``, as for :class:`~deqlab.solvers.DiscreteDEQSolver`.
+        ode_abstol: the ODE stepper's absolute local error tolerance (how accurately the path is
+            followed). ``None`` (default) means ``1e-3``: the steady state does not depend on it, so a
+            loose, cheap value is fine. ``abstol`` is accepted as its old name (giving both raises).
+        ode_reltol: the ODE stepper's relative local error tolerance; ``None`` (default) means ``1e-3``,
+            as for ``ode_abstol``. ``reltol`` is accepted as its old name.
+        abstol_termination: absolute tolerance of the termination condition (how close to the fixed
+            point the returned state is). ``None`` (default) means ``ode_abstol``, as in the reference
+            package. Keep it at least 10x the ODE tolerance: near the steady state the iterates jitter
+            at about the ODE tolerance, so a tighter termination is reached slowly or never.
+        reltol_termination: relative tolerance of the termination condition; ``None`` (default) means
+            ``ode_reltol``, as for ``abstol_termination``.
         max_steps: stepper calls at most (accepted and rejected), the hard guard against hanging.
-        t_max: integration horizon; ``inf`` integrates until convergence or ``max_steps``.
+            Default 100: each Tsit5/Dopri5 call costs 6 evaluations, so about 600 evaluations at most.
+        t_max: integration horizon; ``inf`` (default) integrates until convergence or ``max_steps`` (the
+            steady state lies at ``t -> inf``); a finite value follows the flow to that time.
         dt: step size of the fixed-step methods; also the first step of adaptive ones when given.
-        norm: ``"l2"`` or ``"rms"`` for the termination condition.
+            ``None`` (default): 1.0 for Euler/RK4, and a per-sample Hairer–Wanner estimate (one extra
+            evaluation) for the adaptive methods.
+        norm: ``"l2"`` or ``"rms"`` for the termination condition; ``None`` (default) means ``"l2"``.
+        throw: raise :class:`SolverError` instead of returning an unconverged result. Default ``False``,
+            as for :class:`~deqlab.solvers.DiscreteDEQSolver`.
+        keep_trace: record the termination objective of every step in ``result.trace``. Default ``True``
+            (cheap: ``(steps, B)``).
+        safety: step-size controller: the next step aims at ``safety`` times the step the error estimate
+            allows, in ``(0, 1]``. Default 0.9, the standard choice, so the next step is rarely rejected.
+        min_factor: a rejected step shrinks by at most this factor, in ``(0, 1]``. Default 0.2 (at most
+            5x smaller), so one bad error estimate does not collapse the step.
+        max_factor: an accepted step grows by at most this factor, ``>= 1``. Default 10.0, so a lucky
+            error estimate cannot throw the step far past the method's stability region.
         divergence_patience: adaptive methods: a sample whose residual grew on this many consecutive
-            accepted steps (each growth halves its step) is stopped with status ``diverged``.
+            accepted steps (each growth halves its step) is stopped with status ``diverged``. Default 20:
+            long enough that a transient growth of a stable flow is not mistaken for a runaway.
         max_nonfinite_retries: adaptive methods: a sample whose steps produced NaN/Inf this many times
-            is stopped with status ``nonfinite`` and returns its last finite state.
-        throw: raise :class:`SolverError` instead of returning an unconverged result.
+            is stopped with status ``nonfinite`` and returns its last finite state. Default 10: each retry
+            shrinks the step, so ten failures mean the flow itself runs into a non-finite region.
         termination: a full :class:`TerminationCondition` instead of ``mode``, ``abstol_termination``,
-            ``reltol_termination`` and ``norm``; giving both raises ``ValueError``.
+            ``reltol_termination`` and ``norm``; giving both raises ``ValueError``. Default ``None``.
         check_every: test on the host whether every sample has stopped only every ``k`` stepper calls
             (see :class:`~deqlab.solvers.DiscreteDEQSolver`): the returned state is exactly that of
-            ``k = 1``, with up to ``k - 1`` extra stepper calls after the last sample stopped.
+            ``k = 1``, with up to ``k - 1`` extra stepper calls after the last sample stopped. Default 1.
+        abstol: old name of ``ode_abstol``, kept so old code runs; default ``None`` (not given).
+        reltol: old name of ``ode_reltol``; default ``None`` (not given).
+
+    Raises:
+        ValueError: ``ode_solver`` is unknown; an ODE tolerance is given under both its names, is not a
+            finite number >= 0, or both are 0; ``max_steps`` is not an int >= 0; ``t_max`` is not > 0;
+            ``dt`` is not a finite number > 0; a controller option, ``divergence_patience``,
+            ``max_nonfinite_retries`` or ``check_every`` is out of range; or ``termination`` is given
+            together with the flat keywords (or the flat ones are invalid).
+        TypeError: ``termination`` is not a :class:`TerminationCondition`.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import ContinuousDEQSolver
+        >>> solver = ContinuousDEQSolver("tsit5", mode="abs_norm", ode_abstol=1e-8, ode_reltol=1e-8,
+        ...                              abstol_termination=1e-6, max_steps=200)
+        >>> res = solver(lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=torch.float64))   # du/dt = 1 - u/2
+        >>> res.status, res.z.round(decimals=5)
+        (<SolverStatus.CONVERGED: 'converged'>, tensor([[2., 2., 2.],
+                [2., 2., 2.]], dtype=torch.float64))
+        >>> res.t.round(decimals=1)   # integration time reached by each sample
+        tensor([31.2000, 31.2000], dtype=torch.float64)
 
     Why two names: "reltol" used to mean the ODE tolerance here and the termination tolerance everywhere
     else; ``ode_*`` and ``*_termination`` now say which one is meant. ``solver.abstol``/``solver.reltol``
@@ -161,6 +210,20 @@ class ContinuousDEQSolver:
 
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
+        """Integrate ``du/dt = f(u) - u`` from ``u(0) = z0`` until every sample stops.
+
+        Args:
+            f: maps a state to a state of the same structure, shapes and dtype (checked on the first call).
+            z0: the batch-first initial state: a floating-point tensor ``(B, ...)`` or a list of them.
+
+        Returns:
+            The :class:`SolverResult`, with ``t`` the time each sample reached.
+
+        Raises:
+            TypeError: ``z0`` or ``f(z0)`` is not a state of floating-point tensors shaped like ``z0``.
+            ValueError: ``z0`` contains NaN/Inf, or ``f`` returns other shapes or another dtype.
+            SolverError: with ``throw=True``, when some sample did not converge.
+        """
         packer, u = prepare(z0)
         if packer.batch == 0:
             return empty_result(packer, u, continuous=True)

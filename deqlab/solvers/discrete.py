@@ -37,16 +37,34 @@ def make_algorithm(algorithm: Union[str, FixedPointAlgorithm], **options) -> Fix
 class DiscreteDEQSolver:
     """Find ``z* = f(z*)`` with a discrete algorithm, per sample, without building a graph.
 
+    Every sample of the batch is its own problem and stops on its own; its returned iterate is frozen at
+    that moment while the batch keeps running for the others. The loop, the termination test and the
+    result are the same for every algorithm; the algorithm only proposes the next iterate.
+
     Args:
-        algorithm: ``"lbroyden"`` (default, the paper's choice), ``"broyden"``, ``"anderson"``,
-            ``"fixed_point"``, ``"newton_krylov"``, or an algorithm object.
-        mode: termination mode (see :mod:`deqlab.solvers.termination`); default ``"rel_deq_default"``.
-        abstol_termination, reltol_termination: tolerances of the termination condition (default 1e-3).
+        algorithm: ``"lbroyden"`` (default, the paper's choice: quasi-Newton convergence with bounded
+            memory, robust on weakly contractive maps), ``"broyden"``, ``"anderson"``, ``"fixed_point"``,
+            ``"newton_krylov"``, or an algorithm object (a :class:`FixedPointAlgorithm`).
+        mode: termination mode (see :mod:`deqlab.solvers.termination`); ``None`` (default) means
+            ``"rel_deq_default"``: scale-free, and its patience rule ends a stalled solve before it burns
+            ``max_steps`` (the right rule for training).
+        abstol_termination: absolute tolerance of the termination condition, used by the ``abs*`` modes
+            and ``norm``; ``None`` (default) means ``1e-3``, the reference package's value (training
+            needs no tighter fixed point; tighten it for tests and oracles).
+        reltol_termination: relative tolerance of the termination condition, used by the ``rel*`` modes
+            and ``norm``; ``None`` (default) means ``1e-3``, as for ``abstol_termination``.
         max_steps: iterations after the first evaluation; NFE of fixed-point iteration is ``steps + 1``.
-        norm: ``"l2"`` (default) or dimension-independent ``"rms"``.
-        throw: raise :class:`SolverError` instead of returning an unconverged result.
-        keep_trace: record the termination objective of every step (cheap: ``(steps, B)``).
-        check_every: ask the device whether every sample has stopped only every ``k`` steps. In between,
+            Default 50: the hard cap on a solve's cost; trained DEQs at the default tolerance typically
+            stop after 10-30 steps.
+        norm: ``"l2"`` or dimension-independent ``"rms"``; ``None`` (default) means ``"l2"``, the
+            reference package's norm (``"rms"`` makes one tolerance fit states of any size).
+        throw: raise :class:`SolverError` instead of returning an unconverged result. Default ``False``:
+            a training loop should carry on (DEQ layers report failures with
+            :class:`ConvergenceWarning`); use ``True`` in scripts and tests.
+        keep_trace: record the termination objective of every step (cheap: ``(steps, B)``). Default
+            ``True``, so ``result.trace`` can be plotted; ``False`` skips the bookkeeping.
+        check_every: ask the device whether every sample has stopped only every ``k`` steps (default 1:
+            stop at the earliest possible step, best on a CPU). In between,
             the per-sample stop decisions are still taken every step, on the device (masks, frozen
             iterates, step counts), so ``z``, ``residual``, ``converged``, ``status`` and ``sample_steps``
             are exactly those of ``check_every=1``; the loop may run up to ``k - 1`` extra steps after the
@@ -68,9 +86,33 @@ class DiscreteDEQSolver:
             one host sync and a copy of the algorithm's state). ``1.0`` compacts whenever a sample stops.
         termination: a full :class:`TerminationCondition` instead of the four flat keywords above; giving
             both raises ``ValueError`` (one way to set the stop rule, never one silently dropped).
+            Default ``None``: the flat keywords decide.
         **algorithm_options: forwarded to the named algorithm (e.g. ``memory=5`` for Anderson).
 
     Calling ``solver(f, z0)`` returns a :class:`SolverResult`.
+
+    Raises:
+        TypeError: ``abstol=``/``reltol=`` are given (the discrete solver's tolerances are
+            ``abstol_termination``/``reltol_termination``); algorithm options are given together with an
+            algorithm object; an algorithm option is unknown (the message lists the valid ones); or
+            ``termination`` is not a :class:`TerminationCondition`.
+        ValueError: ``algorithm`` is an unknown name; an option is out of range (``max_steps`` not an
+            int >= 0, ``check_every`` not an int >= 1, a bad mode, norm, tolerance or algorithm option);
+            or ``termination`` is given together with the flat keywords.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-10, max_steps=50)
+        >>> res = solver(lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=torch.float64))   # z* = 2
+        >>> res.status, res.steps, res.nfe
+        (<SolverStatus.CONVERGED: 'converged'>, 7, 8)
+        >>> res.z.round(decimals=6)
+        tensor([[2., 2., 2.],
+                [2., 2., 2.]], dtype=torch.float64)
+        >>> DiscreteDEQSolver()   # the defaults
+        DiscreteDEQSolver(LimitedMemoryBroyden(memory=27, line_search=False, max_line_search=5),
+            mode='rel_deq_default', abstol_termination=0.001, reltol_termination=0.001, norm='l2', max_steps=50)
     """
 
     def __init__(
@@ -119,6 +161,20 @@ class DiscreteDEQSolver:
 
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
+        """Find ``z* = f(z*)`` for every sample, starting from ``z0``, without building a graph.
+
+        Args:
+            f: maps a state to a state of the same structure, shapes and dtype (checked on the first call).
+            z0: the batch-first initial guess: a floating-point tensor ``(B, ...)`` or a list of them.
+
+        Returns:
+            The :class:`SolverResult`; an empty batch returns at once without calling ``f``.
+
+        Raises:
+            TypeError: ``z0`` or ``f(z0)`` is not a state of floating-point tensors shaped like ``z0``.
+            ValueError: ``z0`` contains NaN/Inf, or ``f`` returns other shapes or another dtype.
+            SolverError: with ``throw=True``, when some sample did not converge.
+        """
         packer, z = prepare(z0)
         if packer.batch == 0:
             return empty_result(packer, z)

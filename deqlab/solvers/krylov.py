@@ -18,7 +18,22 @@ from torch import Tensor
 
 @dataclass
 class GMRESInfo:
-    """What a GMRES call did: matrix-vector products, iterations, and per-sample relative residuals."""
+    """What a GMRES call did: matrix-vector products, iterations, and per-sample relative residuals.
+
+    Attributes:
+        matvecs: matrix-vector products spent, including the true-residual products between restarts.
+        iterations: Arnoldi steps over all cycles (one product each).
+        residual: per-sample relative residual ``||b - A x|| / ||b||``, shape ``(B,)``.
+        converged: per-sample bool mask: the residual met ``max(tol * ||b||, atol)``.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import gmres
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> _, info = gmres(lambda v: v @ A.T, torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+        >>> info.matvecs, info.iterations, info.converged.tolist(), bool(info.residual.max() < 1e-12)
+        (2, 2, [True], True)
+    """
 
     matvecs: int
     iterations: int
@@ -38,16 +53,49 @@ def gmres(
 ) -> Tuple[Tensor, GMRESInfo]:
     """Solve ``A x = b`` per sample for ``b`` of shape ``(B, N)``.
 
+    Each sample is its own system ``A_i x_i = b_i`` (``matvec`` applies every sample's operator at once);
+    the loop runs until every sample meets its tolerance or the budget is spent. ``A`` need not be
+    symmetric or definite. float16/bfloat16 systems are solved in float32 and ``x`` is cast back.
+
     Args:
         matvec: maps a ``(B, N)`` batch of vectors to ``A`` applied to each of them.
-        b: right-hand sides.
-        x0: initial guess (zeros by default).
-        tol: relative tolerance on ``||b - A x|| / ||b||`` per sample.
-        atol: absolute tolerance, so a zero right-hand side needs no iteration.
-        restart: Krylov subspace size per cycle.
+        b: right-hand sides, ``(B, N)``.
+        x0: initial guess; ``None`` (default) starts from zeros, which saves the product that the
+            initial residual ``b - A x0`` would cost.
+        tol: relative tolerance on ``||b - A x|| / ||b||`` per sample. Default ``1e-6``: far below the
+            forward solve's usual tolerance (``1e-3``), so the solution's error is not what limits a
+            gradient or a Newton step, at a few products more than a loose one.
+        atol: absolute tolerance; a sample stops when its residual is below ``max(tol * ||b||, atol)``.
+            Default ``0.0``: purely relative (a zero right-hand side needs no iteration either way); a
+            positive value spares near-zero right-hand sides from being solved to rounding level.
+        restart: Krylov subspace size per cycle. Default 20: a basis of 21 vectors of size ``N`` per
+            sample, which most DEQ systems do not fill before converging; larger bases converge in
+            fewer products but cost memory and orthogonalisation work that grow with the size.
         max_restarts: cycles at most; each cycle costs up to ``restart`` products, plus one for the true
             residual before each restart (one more with ``x0``); the last cycle reports its least-squares
-            residual, which equals the true one in exact arithmetic.
+            residual, which equals the true one in exact arithmetic. Default 5: a hard cap of about 100
+            products with the default ``restart``.
+
+    Returns:
+        A tuple ``(x, info)``: the ``(B, N)`` solution in ``b``'s dtype, and a :class:`GMRESInfo` with the
+        products spent and the per-sample relative residuals and convergence mask. A sample that did not
+        converge still returns its best least-squares iterate.
+
+    Raises:
+        ValueError: ``b`` is not 2-dimensional, ``restart`` or ``max_restarts`` is not an int >= 1, or
+            ``tol`` or ``atol`` is not a finite number >= 0.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import gmres
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)   # x = (0.2, 0.6) for b = (1, 2)
+        >>> b = torch.tensor([[1.0, 2.0], [0.0, 0.0]], dtype=torch.float64)   # two samples, one trivial
+        >>> x, info = gmres(lambda v: v @ A.T, b, tol=1e-10)
+        >>> x
+        tensor([[0.2000, 0.6000],
+                [0.0000, 0.0000]], dtype=torch.float64)
+        >>> info.matvecs, info.converged.tolist()
+        (2, [True, True])
     """
     if b.dim() != 2:
         raise ValueError(f"gmres expects b of shape (B, N), got {tuple(b.shape)}")

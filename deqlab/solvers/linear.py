@@ -31,17 +31,37 @@ def _check_budget(owner: str, tol: float, max_steps: int) -> None:
 class GMRES:
     """Batched matrix-free GMRES as a :class:`~deqlab.solvers.LinearSolver`.
 
+    The implicit backward's default adjoint solver: it solves ``(I - Jᵀ) g = v`` whether or not ``f`` is
+    a contraction at ``z*``, and stops per sample at its tolerance. A thin wrapper of
+    :func:`~deqlab.solvers.gmres` that states its budget in matrix-vector products.
+
     Args:
-        tol: relative tolerance ``||b - A x|| <= tol * ||b||`` per sample.
-        max_steps: matrix-vector products at most (the VJP budget of an implicit backward).
-        restart: Krylov subspace size per cycle; ``None`` means one cycle of ``max_steps`` (no restart),
-            which converges fastest per product as long as memory allows ``max_steps`` basis vectors.
-        atol: absolute tolerance, so a zero right-hand side needs no product.
+        tol: relative tolerance ``||b - A x|| <= tol * ||b||`` per sample. Default ``1e-6``: the gradient
+            error then stays far below what the forward tolerance (``1e-3`` by default) already costs,
+            at a few products more than a loose tolerance.
+        max_steps: matrix-vector products at most (the VJP budget of an implicit backward). Default 50:
+            a well-conditioned adjoint system converges in 10-20 products, so the cap only binds on a
+            system that would otherwise cost far more than the forward solve.
+        restart: Krylov subspace size per cycle; ``None`` (default) means one cycle of ``max_steps`` (no
+            restart), which converges fastest per product as long as memory allows ``max_steps`` basis
+            vectors. Set it when ``max_steps`` vectors of the state's size per sample do not fit.
+        atol: absolute tolerance; a sample stops once its residual is below ``max(tol * ||b||, atol)``.
+            Default ``0.0``: purely relative (a zero right-hand side needs no product either way).
 
-    Example::
+    Raises:
+        ValueError: ``tol`` is not a finite number >= 0, ``max_steps`` is not an int >= 1, ``restart`` is
+            neither ``None`` nor an int >= 1, or ``atol`` is not a finite number >= 0.
 
-        solver = GMRES(tol=1e-6, max_steps=30)
-        out = solver.solve(lambda v: v @ A.T, b)   # out.x, out.matvecs, out.converged
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import GMRES
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> solver = GMRES(tol=1e-10, max_steps=30)
+        >>> solver
+        GMRES(tol=1e-10, max_steps=30, restart=None, atol=0.0)
+        >>> out = solver.solve(lambda v: v @ A.T, torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+        >>> out.x, out.matvecs, out.converged
+        (tensor([[0.2000, 0.6000]], dtype=torch.float64), 2, tensor([True]))
     """
 
     def __init__(self, tol: float = 1e-6, max_steps: int = 50, *, restart: Optional[int] = None,
@@ -58,6 +78,19 @@ class GMRES:
 
     def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Optional[Tensor] = None
               ) -> LinearSolveResult:
+        """Solve ``A x = b`` per sample within ``max_steps`` products.
+
+        Args:
+            matvec: maps a ``(B, N)`` batch of vectors ``v`` to ``A v`` per sample.
+            b: the ``(B, N)`` right-hand sides.
+            x0: initial guess; ``None`` starts from zeros (one product cheaper).
+
+        Returns:
+            The :class:`~deqlab.solvers.LinearSolveResult`; ``residual`` is relative.
+
+        Raises:
+            ValueError: ``b`` is not ``(B, N)`` (from :func:`~deqlab.solvers.gmres`).
+        """
         restart = min(self.restart or self.max_steps, self.max_steps)
         x, info = gmres(matvec, b, x0=x0, tol=self.tol, atol=self.atol, restart=restart,
                         max_restarts=max(1, -(-self.max_steps // restart)))
@@ -76,6 +109,29 @@ class FixedPointLinearSolver:
     describe the budget (read from the wrapped solver's termination and step cap). The reported
     ``residual``/``converged`` are recomputed from ``b - A x`` with one extra product, so they are true
     whatever the wrapped solver's stop rule is.
+
+    Why: the adjoint system of a DEQ is a linear fixed-point problem ``g = Jᵀ g + v``, so the forward
+    solver's own algorithm (Anderson, Broyden, plain iteration) can solve it, one VJP per step.
+
+    Args:
+        solver: the fixed-point :class:`~deqlab.solvers.Solver` to run on ``x = x - A x + b`` (e.g. a
+            :class:`~deqlab.solvers.DiscreteDEQSolver`); required, there is no sensible default
+            algorithm for every system. Its termination's ``tol`` becomes :attr:`tol` and its
+            ``max_steps`` (plus the residual check's product) :attr:`max_steps`.
+
+    Raises:
+        TypeError: ``solver`` is not a :class:`~deqlab.solvers.Solver` (callable, with a ``termination``).
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import DiscreteDEQSolver, FixedPointLinearSolver
+        >>> M = torch.tensor([[0.5, 0.1], [0.0, 0.3]], dtype=torch.float64)   # A = I - M, M contracts
+        >>> lin = FixedPointLinearSolver(DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-10))
+        >>> lin.tol, lin.max_steps
+        (1e-10, 51)
+        >>> out = lin.solve(lambda v: v - v @ M.T, torch.tensor([[1.0, 1.0]], dtype=torch.float64))
+        >>> out.x.round(decimals=6), out.all_converged   # x = (I - M)^-1 b
+        (tensor([[2.2857, 1.4286]], dtype=torch.float64), True)
     """
 
     def __init__(self, solver: Solver):
@@ -88,6 +144,18 @@ class FixedPointLinearSolver:
 
     def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Optional[Tensor] = None
               ) -> LinearSolveResult:
+        """Solve ``A x = b`` with the wrapped fixed-point solver.
+
+        Args:
+            matvec: maps a ``(B, N)`` batch of vectors ``v`` to ``A v`` per sample.
+            b: the ``(B, N)`` right-hand sides.
+            x0: initial guess; ``None`` starts from ``b`` (the first term of the Neumann series of
+                ``(I - M)^-1 b``).
+
+        Returns:
+            The :class:`~deqlab.solvers.LinearSolveResult`; ``matvecs`` counts every product, the final
+            residual check included.
+        """
         count = 0
 
         def step(x: Tensor) -> Tensor:

@@ -18,7 +18,35 @@ _REGISTRY: Dict[str, Callable[..., Any]] = {}
 def register_solver(name: str, factory: Callable[..., Any], *, overwrite: bool = False) -> None:
     """Make ``factory(**options)`` available as ``get_solver(name, **options)``.
 
-    ``factory`` must return a callable ``solver(f, z0) -> SolverResult``.
+    ``factory`` must return a callable ``solver(f, z0) -> SolverResult``. Registered names work wherever
+    deqlab takes a solver name (configs, LightningCLI, the implicit backward's ``solver=``).
+
+    Args:
+        name: the non-empty name to register.
+        factory: a callable taking keyword options and returning a solver (a class works). If it has a
+            ``valid_options`` attribute (a list of names), :func:`get_solver` lists those when a caller
+            passes an unknown option; otherwise the signature's parameters are listed.
+        overwrite: replace a solver already registered under ``name``. Default ``False``: a typo or a
+            second import must not silently replace another solver (e.g. the built-in ``"anderson"``).
+
+    Raises:
+        ValueError: ``name`` is not a non-empty string, or is taken and ``overwrite`` is ``False``.
+        TypeError: ``factory`` is not callable.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import DiscreteDEQSolver, get_solver, register_solver
+        >>> def slow_picard(damping=0.5, **options):
+        ...     return DiscreteDEQSolver("fixed_point", damping=damping, **options)
+        >>> register_solver("slow_picard", slow_picard, overwrite=True)   # overwrite: re-runnable here
+        >>> res = get_solver("slow_picard", mode="abs_norm", abstol_termination=1e-8, max_steps=200)(
+        ...     lambda z: 0.5 * z + 1, torch.zeros(1, 2, dtype=torch.float64))
+        >>> res.status, res.z.round(decimals=6)
+        (<SolverStatus.CONVERGED: 'converged'>, tensor([[2., 2.]], dtype=torch.float64))
+        >>> register_solver("anderson", slow_picard)
+        Traceback (most recent call last):
+        ...
+        ValueError: a solver named 'anderson' is already registered; pass overwrite=True to replace it
     """
     if not isinstance(name, str) or not name:
         raise ValueError("solver name must be a non-empty string")
@@ -30,11 +58,53 @@ def register_solver(name: str, factory: Callable[..., Any], *, overwrite: bool =
 
 
 def available_solvers() -> list:
+    """The names :func:`get_solver` accepts: the built-ins and every :func:`register_solver` name.
+
+    Returns:
+        A new, sorted list of the registered names.
+
+    Example:
+        >>> from deqlab.solvers import available_solvers
+        >>> available_solvers()   # the built-ins (and any solver registered since)
+        ['anderson', 'broyden', 'continuous', 'continuous_dopri5', 'continuous_euler', 'continuous_rk4',
+         'continuous_tsit5', 'fixed_point', 'lbroyden', 'newton_krylov'...]
+    """
     return sorted(_REGISTRY)
 
 
 def get_solver(name: str, **options: Any):
-    """Build the solver registered as ``name`` with keyword ``options``."""
+    """Build the solver registered as ``name`` with keyword ``options``.
+
+    Why by name: configs (YAML, LightningCLI) name solvers by string. The built-in discrete names
+    (``"anderson"``, ``"lbroyden"``, ...) build a :class:`~deqlab.solvers.DiscreteDEQSolver` and take its
+    options and the algorithm's together; ``"continuous"`` (Tsit5) and ``"continuous_<method>"`` build a
+    :class:`~deqlab.solvers.ContinuousDEQSolver`.
+
+    Args:
+        name: a registered name (see :func:`available_solvers`).
+        **options: keyword options for the solver's factory (e.g. ``max_steps=30``, ``memory=5``).
+
+    Returns:
+        The solver the factory built: a callable ``solver(f, z0) -> SolverResult``.
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the registered names).
+        TypeError: the factory rejects an option (the message lists the valid options).
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import get_solver
+        >>> solver = get_solver("anderson", memory=3, mode="abs_norm", abstol_termination=1e-10)
+        >>> solver
+        DiscreteDEQSolver(Anderson(memory=3, mixing=1.0, regularization=1e-08), mode='abs_norm',
+            abstol_termination=1e-10, reltol_termination=0.001, norm='l2', max_steps=50)
+        >>> solver(lambda z: 0.5 * z + 1, torch.zeros(1, 2, dtype=torch.float64)).z.round(decimals=6)
+        tensor([[2., 2.]], dtype=torch.float64)
+        >>> get_solver("andersen")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown solver 'andersen'; registered solvers: anderson, broyden, ...
+    """
     if name not in _REGISTRY:
         raise ValueError(f"unknown solver {name!r}; registered solvers: {', '.join(available_solvers())}")
     factory = _REGISTRY[name]

@@ -16,7 +16,29 @@ from deqlab.state import State
 
 
 class SolverStatus(str, enum.Enum):
-    """Why a solve ended. A ``str`` subclass so it logs and compares as plain text."""
+    """Why a solve ended. A ``str`` subclass so it logs and compares as plain text.
+
+    When several samples end differently, the status is the worst case over the batch:
+    ``nonfinite`` before ``diverged`` before ``max_steps``; it is ``converged`` only when every sample
+    converged (per-sample detail is in :attr:`SolverResult.converged`).
+
+    Attributes:
+        CONVERGED: every sample met the termination condition.
+        MAX_STEPS: the step cap (or a continuous solver's ``t_max``) ended the solve first.
+        DIVERGED: a sample hit a protective break (its residual grew far beyond the first one, or lost
+            resolution), or a continuous solver's flow kept running away.
+        NONFINITE: a sample's residual became NaN/Inf; it returns its last finite iterate.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import DiscreteDEQSolver, SolverStatus
+        >>> ", ".join(s.value for s in SolverStatus)
+        'converged, max_steps, diverged, nonfinite'
+        >>> res = DiscreteDEQSolver("fixed_point", mode="abs_norm", max_steps=100)(
+        ...     lambda z: 2 * z + 1, torch.zeros(2, 3))   # the fixed point -1 repels every iterate
+        >>> res.status is SolverStatus.DIVERGED, res.status == "diverged", str(res.status)
+        (True, True, 'diverged')
+    """
 
     CONVERGED = "converged"
     MAX_STEPS = "max_steps"
@@ -30,6 +52,8 @@ class SolverStatus(str, enum.Enum):
 @dataclass
 class SolverResult:
     """Outcome of ``solver(f, z0)``.
+
+    Every solver returns one, whatever the algorithm; solvers build it, users read it.
 
     Attributes:
         z: the returned iterate, with the structure of ``z0`` (a tensor or a list of tensors).
@@ -47,6 +71,21 @@ class SolverResult:
         sample_weighted_nfe: evaluations weighted by the fraction of the batch each covered
             (``sum of rows evaluated / B``). Equal to ``nfe`` unless the solver evaluated sub-batches
             (``per_sample_exit=True``), where it is the work actually done; ``None`` when not recorded.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-10)
+        >>> res = solver(lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=torch.float64))
+        >>> res.status, res.all_converged
+        (<SolverStatus.CONVERGED: 'converged'>, True)
+        >>> res.z.round(decimals=6)   # z* = 2 solves z = 0.5 z + 1
+        tensor([[2., 2., 2.],
+                [2., 2., 2.]], dtype=torch.float64)
+        >>> res.nfe == res.steps + 1, res.converged.tolist()
+        (True, [True, True])
+        >>> res.stats()["converged_fraction"]
+        1.0
     """
 
     z: State
@@ -64,10 +103,16 @@ class SolverResult:
 
     @property
     def all_converged(self) -> bool:
+        """True when every sample converged (``status is SolverStatus.CONVERGED``)."""
         return self.status is SolverStatus.CONVERGED
 
     def stats(self) -> dict:
-        """Scalar summary, convenient for logging (an empty batch gives zeros and a converged fraction of 1)."""
+        """Scalar summary, convenient for logging (an empty batch gives zeros and a converged fraction of 1).
+
+        Returns:
+            A dict of floats: ``nfe``, ``steps``, ``residual_mean``, ``residual_max``,
+            ``rel_residual_mean`` and ``converged_fraction``.
+        """
         if self.residual.numel() == 0:
             return {"nfe": float(self.nfe), "steps": float(self.steps), "residual_mean": 0.0, "residual_max": 0.0,
                     "rel_residual_mean": 0.0, "converged_fraction": 1.0}
@@ -87,11 +132,44 @@ class ConvergenceWarning(UserWarning):
     A ``UserWarning`` subclass, so ``warnings.simplefilter("error", ConvergenceWarning)`` turns every
     unconverged solve into an exception, and ``"ignore"`` silences them. deqlab rate-limits it in training
     loops so a long run does not flood the log.
+
+    Solvers themselves never warn (they report ``status``); the DEQ layers of :mod:`deqlab.nn` warn with
+    this category under their default ``on_unconverged="warn"`` policy.
+
+    Example:
+        >>> import warnings
+        >>> from deqlab.solvers import ConvergenceWarning
+        >>> issubclass(ConvergenceWarning, UserWarning)
+        True
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("error", ConvergenceWarning)   # every unconverged solve raises
+        ...     try:
+        ...         warnings.warn("the forward solve did not converge", ConvergenceWarning)
+        ...     except ConvergenceWarning as err:
+        ...         print("raised:", err)
+        raised: the forward solve did not converge
     """
 
 
 class SolverError(RuntimeError):
-    """Raised by a solver called with ``throw=True`` when a solve does not converge."""
+    """Raised by a solver called with ``throw=True`` when a solve does not converge.
+
+    Also raised by a DEQ layer with ``on_unconverged="raise"``. A ``RuntimeError`` subclass; the message
+    says which solver, the status, steps, evaluations and how many samples failed.
+
+    Attributes:
+        result: the full :class:`SolverResult` of the failed solve (its ``z`` is still finite and usable).
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import DiscreteDEQSolver, SolverError
+        >>> solver = DiscreteDEQSolver("fixed_point", mode="abs_norm", max_steps=5, throw=True)
+        >>> try:
+        ...     solver(lambda z: z + 1, torch.zeros(2, 3))   # z = z + 1 has no fixed point
+        ... except SolverError as err:
+        ...     print(err.result.status, err.result.nfe)
+        max_steps 6
+    """
 
     def __init__(self, message: str, result: SolverResult):
         super().__init__(message)

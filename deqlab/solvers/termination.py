@@ -51,15 +51,44 @@ def _check_tol(name: str, value: float) -> float:
 class TerminationCondition:
     """When a sample's solve is finished. A typed strategy object shared by every solver.
 
+    Frozen (immutable and hashable), so one condition can be shared by solvers and compared with ``==``.
+    Pass it as ``termination=`` to a solver instead of the flat ``mode``/``*_termination``/``norm``
+    keywords. The defaults are those of the reference package (DeepEquilibriumNetworks.jl's termination
+    conditions), so a paper configuration behaves the same here.
+
     Args:
-        mode: one of ``TERMINATION_MODES`` (see the module docstring).
-        abstol: absolute tolerance on ``du = f(u) - u``.
-        reltol: relative tolerance.
-        norm: ``"l2"`` or the dimension-independent ``"rms"``.
-        patience: steps before the patience rule of the ``*_deq_*`` modes may fire.
-        patience_objective_multiplier: the patience rule accepts objective <= this × tol.
+        mode: one of ``TERMINATION_MODES`` (see the module docstring). Default ``"rel_deq_default"``:
+            scale-free, and the patience rule ends a stalled solve early (the training default).
+        abstol: absolute tolerance on ``du = f(u) - u``, used by the ``abs*`` modes and ``norm``.
+            Default ``1e-3``, loose enough for training.
+        reltol: relative tolerance, used by the ``rel*`` modes and ``norm``. Default ``1e-3``.
+        norm: ``"l2"`` (default, the reference's) or the dimension-independent ``"rms"``.
+        patience: steps before the patience rule of the ``*_deq_*`` modes may fire, and the window it
+            looks at. Default 30: a solve must have had the chance to converge normally first.
+        patience_objective_multiplier: the patience rule accepts objective <= this × tol. Default 3.0:
+            a stalled sample within 3x the tolerance counts as converged, one further away does not.
         min_max_factor: the patience rule needs max/min of the last ``patience`` objectives below this.
-        protective_threshold: divergence guard, objective >= threshold × N × objective_0.
+            Default 1.3: the objective has varied by less than 30 % over the window, i.e. it stalled.
+        protective_threshold: divergence guard, objective >= threshold × N × objective_0. Default
+            ``1e3``: far beyond any transient growth of a converging solve.
+
+    Raises:
+        ValueError: ``mode`` or ``norm`` is unknown, a tolerance is not a finite number >= 0,
+            ``patience`` is < 1, or ``protective_threshold`` is not > 0.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import TerminationCondition
+        >>> cond = TerminationCondition("abs_norm", abstol=1e-6)
+        >>> z = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+        >>> du = torch.tensor([[3e-7, 4e-7], [0.3, 0.4]])   # f(z) - z per sample
+        >>> objective, met, residual, rel_residual = cond.evaluate(z, du)
+        >>> met, cond.tol
+        (tensor([ True, False]), 1e-06)
+        >>> TerminationCondition("relative")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown termination mode 'relative'; valid modes: abs, abs_norm, rel, rel_norm, norm, ...
     """
 
     mode: TerminationMode = "rel_deq_default"
@@ -85,10 +114,12 @@ class TerminationCondition:
 
     @property
     def returns_best(self) -> bool:
+        """True for the ``*_best`` modes, which return each sample's lowest-objective iterate."""
         return self.mode.endswith("_best")
 
     @property
     def uses_patience(self) -> bool:
+        """True for the ``*_deq_*`` modes, which also stop a stalled sample (the patience rule)."""
         return "_deq_" in self.mode
 
     def evaluate(self, z: Tensor, du: Tensor, fz: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -97,6 +128,15 @@ class TerminationCondition:
         ``met`` is the tolerance test alone (the patience rule needs history and lives in the tracker).
         Pass ``fz = z + du`` when it is at hand, to save a full-size addition. For half-precision states
         the norms and ratios are computed in float32 (a float16 sum of squares overflows at 256).
+
+        Args:
+            z: the flat ``(B, N)`` iterates.
+            du: ``f(z) - z``, same shape.
+            fz: ``f(z)``, optional (computed as ``z + du`` when ``None``).
+
+        Returns:
+            Four ``(B,)`` tensors: the mode's objective, the bool tolerance test, the residual
+            ``||du||`` and the relative residual ``||du|| / (||f(z)|| + eps)``.
         """
         return self._evaluate(z, du, fz)[:4]
 
@@ -189,6 +229,37 @@ class TerminationTracker:
     of active samples). Full-size copies happen only when a sample stops, or every step in the
     ``*_best`` modes, which must remember the best iterate. Algorithms must not modify ``z``/``du``
     in place after handing them over (the tracker keeps references to the previous pair).
+
+    A building block for writing a solver loop; the solvers create one per call. Feed it every
+    evaluation with :meth:`update`, then read the returned iterate with :meth:`finish`, the status with
+    :meth:`status`, and :attr:`converged`, :attr:`sample_steps` and :meth:`trace_tensor`.
+
+    Args:
+        condition: the :class:`TerminationCondition` to apply.
+        batch: the batch size ``B``.
+        numel: ``N``, the per-sample number of entries (the protective break scales with it).
+        device: where the per-sample masks live (the state's device).
+        dtype: the state's dtype; its machine epsilon sets the resolution guard (``None``: float32's).
+        keep_trace: record the objective of every update for :meth:`trace_tensor`. Default ``True``:
+            one ``(B,)`` tensor per step, cheap next to the state.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import TerminationCondition, TerminationTracker
+        >>> z = torch.tensor([[0.0], [1.9]], dtype=torch.float64)   # the second sample starts closer
+        >>> tracker = TerminationTracker(TerminationCondition("abs_norm", abstol=1e-3), batch=2, numel=1,
+        ...                              device=z.device, dtype=z.dtype)
+        >>> done = False
+        >>> while not done:   # plain iteration on z = 0.5 z + 1
+        ...     fz = 0.5 * z + 1
+        ...     done = tracker.update(z, fz - z, fz=fz)
+        ...     z = fz
+        >>> tracker.status(), tracker.sample_steps.tolist()   # each sample stopped on its own
+        (<SolverStatus.CONVERGED: 'converged'>, [10, 6])
+        >>> z_ret, du, residual, rel_residual = tracker.finish(z, 0.5 * z + 1 - z)
+        >>> z_ret.round(decimals=4), bool((residual <= 1e-3).all())
+        (tensor([[1.9980],
+                [1.9984]], dtype=torch.float64), True)
     """
 
     def __init__(self, condition: TerminationCondition, batch: int, numel: int, *, device, dtype,
@@ -386,6 +457,8 @@ class TerminationTracker:
         return torch.where(idx > self.sample_steps.unsqueeze(0), last, tr)
 
     def status(self):
+        """The solve's :class:`~deqlab.solvers.SolverStatus`: ``converged`` when every sample converged,
+        else the worst outcome (``nonfinite`` > ``diverged`` > ``max_steps``). One host sync."""
         from deqlab.solvers.result import SolverStatus
 
         n_conv, n_nan, n_div = torch.stack(
