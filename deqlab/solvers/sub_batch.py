@@ -29,6 +29,10 @@ class SubBatchMap(Protocol):
     ``ValueError`` when the map couples samples (then per-sample early exit would change ``f``); solvers
     call it once on the whole batch before any work so such an error comes first.
 
+    Raises:
+        TypeError: when the protocol itself is instantiated (it is a contract to implement, or to check
+            with ``isinstance``).
+
     Example:
         >>> import torch
         >>> from deqlab.solvers import PerSampleMap, SubBatchMap
