@@ -58,8 +58,23 @@ class DEQClassifier(DEQLightningModule):
     Args:
         network: the model (stem → DEQ layer(s) → head). Not recorded in ``hparams`` (its weights are in the
             state dict): rebuild it for ``DEQClassifier.load_from_checkpoint(path, network=...)``.
-        **kwargs: training settings (:class:`~deqlab.lightning.DEQTrainingConfig` fields, flat, or
-            ``training=DEQTrainingConfig(...)``).
+        **kwargs: training settings, passed to :class:`~deqlab.lightning.DEQLightningModule`
+            (:class:`~deqlab.lightning.DEQTrainingConfig` fields, flat, or ``training=DEQTrainingConfig(...)``;
+            :func:`deqlab.models.paper_settings` gives the paper's).
+
+    Raises:
+        TypeError: when a keyword is not a training setting (see :class:`~deqlab.lightning.DEQLightningModule`).
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.models import build_model
+        >>> from deqlab.zoo import DEQClassifier
+        >>> model = DEQClassifier(build_model("mnist", "dense", width=16), lr=3e-3)
+        >>> logits, solution = model(torch.randn(2, 1, 28, 28))
+        >>> logits.shape, model.explicit_forward(torch.randn(2, 1, 28, 28)).shape
+        (torch.Size([2, 10]), torch.Size([2, 10]))
+        >>> dict(model.hparams)  # the network is not a hyperparameter
+        {'lr': 0.003}
     """
 
     def __init__(self, network: nn.Module, **kwargs: Any) -> None:
@@ -84,8 +99,36 @@ def build_solver(
 ) -> Solver:
     """A deqlab solver from a name (the string shorthand of the zoo's ``solver`` argument): ``tsit5`` →
     ``ContinuousDEQSolver`` (integrate to the steady state), anything else → ``DiscreteDEQSolver(name)``.
-    ``abstol``/``reltol`` are the termination tolerances (and the ODE step tolerances for ``tsit5``).
-    The defaults are the paper's (5e-3, 50 steps)."""
+    The defaults are the paper's (5e-3, 50 steps).
+
+    Args:
+        name: ``lbroyden``, ``broyden``, ``anderson``, ``fixed_point``, ``newton_krylov`` (discrete
+            solvers) or ``tsit5`` (the continuous DEQ). No default: the zoo models pass theirs
+            (``lbroyden``).
+        mode: termination mode of the solve (see :mod:`deqlab.solvers.termination`). Default
+            ``rel_deq_default``, the paper's: stop when ``||f(z) - z|| / ||f(z)||`` is below ``reltol``
+            (or, after a patience window, stalls near it).
+        abstol: absolute termination tolerance (and the ODE step ``abstol`` for ``tsit5``, so the
+            integration is as accurate as the stopping test). Default 5e-3, the paper's.
+        reltol: relative termination tolerance (and the ODE step ``reltol`` for ``tsit5``). Default 5e-3,
+            the paper's.
+        max_steps: iteration budget (solver steps; stepper calls, accepted or rejected, for ``tsit5``).
+            Default 50, the paper's MNIST budget.
+
+    Returns:
+        A ``ContinuousDEQSolver`` for ``tsit5``, else a ``DiscreteDEQSolver``; pass it as a layer's or
+            a zoo model's ``solver``.
+
+    Raises:
+        ValueError: from the solver for an unknown ``name`` or ``mode``.
+
+    Examples:
+        >>> from deqlab.zoo import build_solver
+        >>> build_solver("anderson", max_steps=20)
+        DiscreteDEQSolver(Anderson(...), mode='rel_deq_default', abstol_termination=0.005, reltol_termination=0.005, ..., max_steps=20)
+        >>> type(build_solver("tsit5")).__name__
+        'ContinuousDEQSolver'
+    """
     if name == "tsit5":
         from deqlab.solvers import ContinuousDEQSolver
 
@@ -109,7 +152,29 @@ def build_backward(name: BackwardName = "gmres", *, tol: Optional[float] = None,
                    max_steps: Optional[int] = None) -> BackwardMode:
     """The implicit backward with adjoint solver ``name``: :class:`deqlab.nn.ImplicitBackward`'s own default
     budget (the paper's protocol: tolerance = the forward solver's termination tolerance, at most 15
-    VJPs), so a zoo model and a hand-built layer differentiate alike; ``tol``/``max_steps`` override it."""
+    VJPs), so a zoo model and a hand-built layer differentiate alike; ``tol``/``max_steps`` override it.
+
+    Args:
+        name: the adjoint solver: ``gmres``, ``anderson``, ``fixed_point``, ``broyden`` or ``lbroyden``.
+            Default ``gmres``, the paper's adjoint solver (the adjoint system is linear, GMRES's home).
+        tol: adjoint tolerance. Default ``None``: ``ImplicitBackward``'s default, the forward solver's
+            termination tolerance (a gradient more accurate than the fixed point is wasted work).
+        max_steps: VJP budget of the adjoint solve. Default ``None``: ``ImplicitBackward``'s default (15).
+
+    Returns:
+        The backward mode, an :class:`~deqlab.nn.ImplicitBackward`; pass it as a layer's or a zoo
+            model's ``backward``.
+
+    Raises:
+        ValueError: from ``ImplicitBackward`` for an unknown ``name`` or an invalid budget.
+
+    Examples:
+        >>> from deqlab.zoo import build_backward
+        >>> build_backward()
+        ImplicitBackward(solver='gmres', tol=None, max_steps=15, ...)
+        >>> build_backward("anderson", tol=1e-4).tol
+        0.0001
+    """
     from deqlab.nn import ImplicitBackward
 
     budget = {k: v for k, v in (("tol", tol), ("max_steps", max_steps)) if v is not None}
@@ -121,8 +186,34 @@ def dense_deq_layer(
     backward: Any = None,
 ) -> nn.Module:
     """The DEQ layer over ``f(z, x) = relu(W1 z) + relu(W2 x)`` for ``model_type``; the Skip predictor is
-    ``Dense(width→width, relu)`` as in the paper's MNIST model. ``backward`` defaults to the layer's
-    default (:class:`deqlab.nn.ImplicitBackward`)."""
+    ``Dense(width→width, relu)`` as in the paper's MNIST model.
+
+    Args:
+        model_type: ``vanilla`` (``DeepEquilibriumNetwork``, u0 = 0), ``skip`` (``SkipDeepEquilibriumNetwork``
+            with the dense predictor) or ``skip_reg`` (``SkipDeepEquilibriumNetwork(shortcut=None)``,
+            u0 = f(0, x)).
+        width: state (and injection) width: the layer maps ``(B, width)`` to ``(B, width)``.
+        solver: the forward solver object (e.g. from :func:`build_solver`).
+        jacobian_regularization: compute the Hutchinson Jacobian term on ``solution.jacobian_loss``.
+            Default ``False``: it adds a VJP (and its backward) to every forward, and is only needed
+            when it is trained on.
+        backward: the backward mode. Default ``None``: the layer's default (:class:`deqlab.nn.ImplicitBackward`),
+            so this layer differentiates like a hand-built one.
+
+    Returns:
+        The DEQ layer: ``layer(x) -> (z_star, solution)``.
+
+    Raises:
+        ValueError: when ``model_type`` is not ``vanilla``, ``skip`` or ``skip_reg``.
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.zoo import build_solver, dense_deq_layer
+        >>> layer = dense_deq_layer("vanilla", 8, build_solver("anderson"))
+        >>> z, solution = layer(torch.randn(3, 8))
+        >>> type(layer).__name__, z.shape
+        ('DeepEquilibriumNetwork', torch.Size([3, 8]))
+    """
     from deqlab.nn import DeepEquilibriumNetwork, DenseDEQBlock, SkipDeepEquilibriumNetwork
 
     if model_type not in ("vanilla", "skip", "skip_reg"):
@@ -171,21 +262,40 @@ class DenseDEQClassifier(DEQLightningModule):
     """``flatten → Linear(in→width) + relu → dense DEQ → Linear(width→classes)``: the MNIST-dense shape.
 
     Args:
-        in_features: flattened input size (784 for MNIST, 64 for the 8×8 digits).
-        width: state width of the DEQ (128 in the paper).
-        model_type: ``vanilla``, ``skip`` or ``skip_reg``.
+        in_features: flattened input size (784 for MNIST, 64 for the 8×8 digits). Default 784: MNIST, the
+            paper's dense experiment.
+        width: state width of the DEQ. Default 128, the paper's.
+        model_type: ``vanilla``, ``skip`` or ``skip_reg``. Default ``skip``, the paper's proposed model.
         solver: the forward solver: any :class:`~deqlab.solvers.Solver` object (in a config:
             ``class_path: deqlab.solvers.DiscreteDEQSolver`` with its ``init_args``), or a name
             (``lbroyden``, ..., ``tsit5`` = continuous DEQ) for :func:`build_solver` with the paper's
-            tolerances (5e-3) and ``default_max_steps``; ``None``: ``lbroyden``.
+            tolerances (5e-3) and ``default_max_steps``; ``None`` (default): ``lbroyden``, the paper's
+            discrete solver.
         backward: the backward mode: a :class:`~deqlab.nn.BackwardMode` object (``ImplicitBackward``,
             ``JacobianFreeBackward``, ``PhantomGradient``), or the name of the adjoint solver for
-            :func:`build_backward`; ``None``: ``ImplicitBackward()``'s default, the paper's GMRES adjoint to
-            the forward's termination tolerance within at most 15 VJPs (the same as a hand-built layer).
+            :func:`build_backward`; ``None`` (default): ``ImplicitBackward()``'s default, the paper's GMRES
+            adjoint to the forward's termination tolerance within at most 15 VJPs (the same as a hand-built
+            layer).
         jacobian_regularization: compute the Hutchinson Jacobian term (weighted by ``jacobian_loss_weight``).
-        **kwargs: training settings of :class:`DEQLightningModule` (``training=`` or flat field names).
-            The old solver keywords ``termination_mode``, ``abstol``, ``reltol``, ``max_steps``,
+            Default ``False``: the term adds a VJP (and its backward) to every forward.
+        **kwargs: training settings, passed to :class:`DEQLightningModule` (``training=`` or flat field
+            names). The old solver keywords ``termination_mode``, ``abstol``, ``reltol``, ``max_steps``,
             ``backward_solver``, ``backward_tol``, ``backward_max_steps`` still work with a solver *name*.
+
+    Raises:
+        ValueError: when ``model_type`` is unknown, or an old solver keyword comes with a solver (or
+            backward) object instead of a name.
+        TypeError: when a keyword is neither a training setting nor an old solver keyword.
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.zoo import DenseDEQClassifier
+        >>> model = DenseDEQClassifier(in_features=10, width=8, model_type="skip_reg", num_classes=3)
+        >>> logits, solution = model(torch.randn(2, 10))
+        >>> logits.shape
+        torch.Size([2, 3])
+        >>> DenseDEQClassifier(in_features=10, width=8, solver="fixed_point", max_steps=10).deq.solver
+        DiscreteDEQSolver(FixedPointIteration(...), ..., max_steps=10)
     """
 
     #: iteration budget of a solver built from a name
@@ -239,7 +349,32 @@ class MNISTDenseDEQ(DenseDEQClassifier):
     within 15 VJPs; :data:`MNIST_TRAINING` (AdamW lr 1e-3, betas (0.9, 0.999), weight decay 2.5e-6, cosine
     to 1e-6 over all steps); λ_skip = 5.0 for Skip variants (0 for vanilla) and λ_jac = 1.0 with
     ``jacobian_regularization`` (0 without) unless ``skip_loss_weight`` / ``jacobian_loss_weight`` are set.
-    Arguments as :class:`DenseDEQClassifier`.
+    ``in_features`` and ``width`` are fixed (784, 128): they are the paper's model.
+
+    Args:
+        model_type: ``vanilla``, ``skip`` or ``skip_reg``. Default ``skip``, the paper's proposed model.
+        solver: a solver object or name, as in :class:`DenseDEQClassifier`. Default ``None``: limited-memory
+            Broyden with the paper's 5e-3 tolerances and 50 steps.
+        backward: a backward mode or adjoint-solver name, as in :class:`DenseDEQClassifier`. Default
+            ``None``: the paper's GMRES adjoint within 15 VJPs.
+        jacobian_regularization: compute the Hutchinson Jacobian term. Default ``False``, the paper's
+            "Skip DEQ" rows; ``True`` gives the "+ Jac. Reg." rows (and λ_jac = 1.0).
+        training: the training settings. Default :data:`MNIST_TRAINING`, the paper's MNIST protocol.
+        **kwargs: passed to :class:`DenseDEQClassifier`: flat training settings applied on top of
+            ``training`` (``lr=...``) and the old solver keywords.
+
+    Raises:
+        ValueError: as :class:`DenseDEQClassifier` (unknown ``model_type``, old solver keywords with objects).
+        TypeError: when a keyword is not a training setting.
+
+    Examples:
+        >>> from deqlab.models import count_parameters
+        >>> from deqlab.zoo import MNISTDenseDEQ
+        >>> model = MNISTDenseDEQ(model_type="vanilla", jacobian_regularization=True)
+        >>> model.deq_config.skip_loss_weight, model.deq_config.jacobian_loss_weight, model.deq_config.lr
+        (0.0, 1.0, 0.001)
+        >>> count_parameters(model), count_parameters(MNISTDenseDEQ())  # the skip predictor adds 16.5k
+        (134538, 151050)
     """
 
     def __init__(
@@ -265,7 +400,38 @@ class DigitsDEQ(DenseDEQClassifier):
     ``flatten → Linear(64→width) + relu → dense DEQ → Linear(width→10)``; accepts ``(B, 1, 8, 8)`` or
     ``(B, 64)`` inputs. Solver by name: 30 steps. Training defaults :data:`DIGITS_TRAINING` (lr 3e-3,
     weight decay 1e-5) with λ_skip = 1.0 for Skip variants unless ``skip_loss_weight`` is set. Arguments
-    as :class:`DenseDEQClassifier`.
+    as :class:`DenseDEQClassifier`, with ``in_features`` fixed to 64.
+
+    Args:
+        model_type: ``vanilla``, ``skip`` or ``skip_reg``. Default ``skip``, the paper's proposed model.
+        width: state width of the DEQ. Default 64: as wide as the input, enough for the digits and fast
+            on a CPU.
+        solver: a solver object or name, as in :class:`DenseDEQClassifier`. Default ``None``:
+            limited-memory Broyden, 5e-3 tolerances, 30 steps (the small map converges well within them).
+        backward: a backward mode or adjoint-solver name, as in :class:`DenseDEQClassifier`. Default
+            ``None``: the GMRES adjoint within 15 VJPs.
+        jacobian_regularization: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP
+            (and its backward) to every forward.
+        training: the training settings. Default :data:`DIGITS_TRAINING` (lr 3e-3, weight decay 1e-5),
+            tuned for the small dataset.
+        **kwargs: passed to :class:`DenseDEQClassifier`: flat training settings applied on top of
+            ``training`` (``lr=...``) and the old solver keywords.
+
+    Raises:
+        ValueError: as :class:`DenseDEQClassifier` (unknown ``model_type``, old solver keywords with objects).
+        TypeError: when a keyword is not a training setting.
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.zoo import DigitsDEQ
+        >>> model = DigitsDEQ(width=16)
+        >>> logits, solution = model(torch.randn(8, 1, 8, 8))
+        >>> logits.shape, model.explicit_forward(torch.randn(8, 64)).shape
+        (torch.Size([8, 10]), torch.Size([8, 10]))
+        >>> model.deq_config.lr, model.deq_config.skip_loss_weight, model.deq.solver.max_steps
+        (0.003, 1.0, 30)
+
+        Train it with ``pl.Trainer(max_epochs=5).fit(model, deqlab.data.DigitsDataModule())``.
     """
 
     default_max_steps: ClassVar[int] = 30

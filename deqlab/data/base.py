@@ -42,7 +42,28 @@ def split_lengths(n: int, val_fraction: float, test_fraction: float = 0.0) -> tu
     """Sizes ``(train, val, test)`` for ``n`` items.
 
     ``test_fraction`` is taken from all items, ``val_fraction`` from what remains after the test
-    split, both rounded to the nearest integer. Raises ``ValueError`` when nothing is left to train on.
+    split, both rounded to the nearest integer. Pure arithmetic, so a data module can validate its
+    fractions in ``__init__``, long before the data is loaded.
+
+    Args:
+        n: number of items to split.
+        val_fraction: fraction of the non-test items held out for validation, in [0, 1). No default:
+            every data module passes its own ``val_fraction``.
+        test_fraction: fraction of all items held out for testing, in [0, 1). Default 0.0: the
+            torchvision datasets have an official test set and split only train/val.
+
+    Returns:
+        ``(n_train, n_val, n_test)``, summing to ``n``.
+
+    Raises:
+        ValueError: when a fraction is outside [0, 1), or nothing is left to train on.
+
+    Examples:
+        >>> from deqlab.data import split_lengths
+        >>> split_lengths(1797, 0.1, 0.2)
+        (1294, 144, 359)
+        >>> split_lengths(10, 0.5)
+        (5, 5, 0)
     """
     for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= frac < 1.0:
@@ -63,6 +84,25 @@ def split_indices(n: int, lengths: Sequence[int], seed: int) -> list[list[int]]:
 
     Why a fresh ``torch.Generator().manual_seed(seed)``: the split depends on ``seed`` alone, not on
     the global RNG state, so every process (every DDP rank, every rerun) gets identical indices.
+
+    Args:
+        n: number of items; the indices are ``0 .. n-1``.
+        lengths: size of each piece (e.g. from :func:`split_lengths`); must sum to ``n``.
+        seed: seeds the permutation. No default, on purpose: the caller's seed (a data module's
+            ``seed``) must decide the split, never an implicit value.
+
+    Returns:
+        One list of indices per entry of ``lengths``, disjoint and together covering ``range(n)``.
+
+    Raises:
+        ValueError: when ``lengths`` does not sum to ``n``.
+
+    Examples:
+        >>> from deqlab.data import split_indices
+        >>> split_indices(10, [7, 3], seed=0)
+        [[4, 1, 7, 5, 3, 9, 0], [8, 6, 2]]
+        >>> split_indices(10, [7, 3], seed=0) == split_indices(10, [7, 3], seed=0)
+        True
     """
     if sum(lengths) != n:
         raise ValueError(f"lengths {list(lengths)} do not sum to n={n}")
@@ -76,6 +116,22 @@ class EpochSeededSampler(RandomSampler):
 
     Lightning calls ``set_epoch`` at every epoch start. A ``RandomSampler`` subclass, so under DDP
     Lightning swaps it for its ``DistributedSampler``, which is seeded by (seed, epoch) as well.
+
+    Args:
+        data_source: the dataset to shuffle (only its length is used).
+        seed: with the epoch, fixes every permutation. Default 0, the data modules' default ``seed``
+            (they pass theirs).
+
+    Examples:
+        >>> from deqlab.data import EpochSeededSampler
+        >>> sampler = EpochSeededSampler(range(6), seed=0)
+        >>> list(sampler)
+        [2, 5, 3, 0, 1, 4]
+        >>> list(sampler) == [2, 5, 3, 0, 1, 4]  # same epoch: same order, whatever the global RNG did
+        True
+        >>> sampler.set_epoch(1)
+        >>> list(sampler)
+        [1, 5, 2, 0, 3, 4]
     """
 
     def __init__(self, data_source: Dataset, seed: int = 0) -> None:
@@ -85,6 +141,7 @@ class EpochSeededSampler(RandomSampler):
         self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Use the permutation of ``epoch`` from the next pass on (Lightning calls this each epoch)."""
         self.epoch = int(epoch)
 
     def skip_next(self, n: int) -> None:
@@ -111,6 +168,33 @@ class ResumableDataLoader(DataLoader):
     sampler (e.g. Lightning's ``DistributedSampler`` under DDP) it loads and drops the seen batches. Worker
     seeds come from the loader's own generator, re-seeded from ``(seed, epoch)`` at every pass, so building
     an iterator never draws from the global RNG and augmentation in workers repeats exactly.
+
+    Args:
+        *args: passed to ``torch.utils.data.DataLoader`` (the dataset first, as there).
+        seed: with the epoch, seeds the loader's generator (worker seeds) at every pass. Default 0, the
+            data modules' default ``seed`` (:class:`BaseDataModule` passes its own).
+        **kwargs: passed to ``torch.utils.data.DataLoader`` (``batch_size``, ``sampler``, ``num_workers``,
+            ...). Without a ``generator`` the loader gets a fresh ``torch.Generator``, so it never shares
+            (and advances) the global one.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from deqlab.data import EpochSeededSampler, ResumableDataLoader
+        >>> data = TensorDataset(torch.arange(6.0))
+        >>> def make_loader():
+        ...     return ResumableDataLoader(data, batch_size=2, sampler=EpochSeededSampler(data, seed=0), seed=0)
+        >>> loader = make_loader()
+        >>> batches = iter(loader)
+        >>> next(batches)
+        [tensor([2., 5.])]
+        >>> state = loader.state_dict()  # what a mid-epoch checkpoint stores
+        >>> state
+        {'epoch': 0, 'batches': 1}
+        >>> resumed = make_loader()
+        >>> resumed.load_state_dict(state)
+        >>> [batch[0].tolist() for batch in resumed]  # the rest of the epoch, not a restart
+        [[3.0, 0.0], [1.0, 4.0]]
     """
 
     def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
@@ -127,9 +211,11 @@ class ResumableDataLoader(DataLoader):
         return None if epoch is None else int(epoch)
 
     def state_dict(self) -> dict:
+        """``{"epoch": ..., "batches": ...}``: the epoch of the current pass and the batches it handed out."""
         return {"epoch": self._pass_epoch, "batches": self._position}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state`` (of :meth:`state_dict`) at the next pass, if that pass is the same epoch."""
         self._resume = dict(state)
 
     def __iter__(self) -> Iterator[Any]:
@@ -161,6 +247,20 @@ class TransformedSubset(Dataset):
 
     Why not ``torch.utils.data.Subset``: the train and val subsets of one underlying dataset need
     different transforms (augmentation only for training), and the underlying data is loaded once.
+
+    Args:
+        dataset: the underlying dataset, yielding ``(input, label)`` pairs.
+        indices: which items of ``dataset`` form the subset, in order (copied into a list).
+        transform: applied to each input on access. Default ``None``: inputs are returned as stored.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from deqlab.data import TransformedSubset
+        >>> data = TensorDataset(torch.arange(5.0), torch.arange(5))
+        >>> subset = TransformedSubset(data, [4, 0], transform=lambda x: 10 * x)
+        >>> len(subset), subset[0]
+        (2, (tensor(40.), tensor(4)))
     """
 
     def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Optional[Callable] = None) -> None:
@@ -182,6 +282,12 @@ class Flatten:
     """Flatten a ``(C, H, W)`` image tensor to ``(C*H*W,)`` for dense models.
 
     A module-level class rather than a lambda so transforms pickle into spawned worker processes.
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.data.base import Flatten
+        >>> Flatten()(torch.zeros(1, 28, 28)).shape
+        torch.Size([784])
     """
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -198,6 +304,24 @@ def normalize_transform(
 
     Augmentations run on the PIL image (cheap, exact for crops/flips); the result is a plain
     ``torch.Tensor`` (``ToPureTensor``) so batches are ordinary tensors, not tv_tensors subclasses.
+
+    Args:
+        mean: per-channel mean of the dataset's [0, 1] pixels (one entry per channel).
+        std: per-channel standard deviation, same length as ``mean``.
+        augment: PIL-image transforms run first (random crops, flips). Default ``()``: none, as for
+            evaluation.
+        flatten: append :class:`Flatten` for dense models. Default ``False``: images keep ``(C, H, W)``.
+
+    Returns:
+        The composed ``torchvision.transforms.v2`` transform.
+
+    Examples:
+        >>> import numpy as np
+        >>> from PIL import Image
+        >>> from deqlab.data.base import normalize_transform
+        >>> transform = normalize_transform((0.5,), (0.5,), flatten=True)
+        >>> transform(Image.fromarray(np.full((2, 2), 255, dtype=np.uint8)))
+        tensor([1., 1., 1., 1.])
     """
     steps: list[Callable] = [
         *augment,
@@ -235,13 +359,35 @@ class BaseDataModule(pl.LightningDataModule):
     type-checked key by key.
 
     Args:
-        batch_size: samples per batch (per process under DDP).
-        num_workers: loader worker processes; 0 loads in the main process (simplest, and fastest
-            for small in-memory datasets).
-        seed: seeds the train/val(/test) split only, so the split is identical on every rank.
+        batch_size: samples per batch (per process under DDP). Default 64, the paper's batch size for
+            MNIST conv, SVHN and ImageNet (subclasses with another paper value set their own default).
+        num_workers: loader worker processes; 0 (default) loads in the main process (simplest, and
+            fastest for small in-memory datasets).
+        seed: seeds the train/val(/test) split and the training shuffle, so the split is identical on
+            every rank and a resumed run sees the same batches. Default 0.
         val_fraction: fraction of the non-test data held out for validation (0 disables validation).
-        pin_memory: page-locked host batches for faster host-to-GPU copies; ``None`` means "only
-            when CUDA is available" (pinning without a GPU only costs memory).
+            Default 0.1: a tenth is enough to track accuracy and leaves 90% for training.
+        pin_memory: page-locked host batches for faster host-to-GPU copies; ``None`` (default) means
+            "only when CUDA is available" (pinning without a GPU only costs memory).
+
+    Raises:
+        ValueError: when ``batch_size`` < 1, ``num_workers`` < 0 or ``val_fraction`` is outside [0, 1).
+
+    Examples:
+        A subclass fills the sets in ``setup``; here they are set by hand:
+
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from deqlab.data import BaseDataModule
+        >>> dm = BaseDataModule(batch_size=2)
+        >>> dm.train_set = TensorDataset(torch.arange(6.0))
+        >>> loader = dm.train_dataloader()
+        >>> type(loader).__name__, len(loader)
+        ('ResumableDataLoader', 3)
+        >>> BaseDataModule(val_fraction=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: val_fraction must be in [0, 1), got 1.0
     """
 
     num_classes: int
@@ -310,11 +456,40 @@ class TorchvisionDataModule(BaseDataModule):
     training set that is the same on every rank.
 
     Args:
-        data_dir: root directory shared by the datasets (each has its own sub-layout).
-        download: fetch the files in ``prepare_data`` when they are missing (needs network).
-        augment: use training augmentation (validation and test never augment).
+        data_dir: root directory shared by the datasets (each has its own sub-layout). Default ``"data"``
+            (relative to the working directory), where the experiment configs expect it.
+        download: fetch the files in ``prepare_data`` when they are missing (needs network). Default
+            ``False``: nothing touches the network unless asked, and a missing file is reported by name.
+        augment: use training augmentation (validation and test never augment). Default ``False``: the
+            paper's v1 protocol trains without it.
         **kwargs: the loader options of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``,
             ``val_fraction``, ``pin_memory``).
+
+    Raises:
+        ValueError: from :class:`BaseDataModule` for an invalid loader option.
+
+    Examples:
+        A subclass names its files and how to load them; torchvision's ``FakeData`` stands in here:
+
+        >>> from torchvision.datasets import FakeData
+        >>> from deqlab.data import TorchvisionDataModule
+        >>> from deqlab.data.base import normalize_transform
+        >>> class FakeDataModule(TorchvisionDataModule):
+        ...     name, num_classes, input_shape = "fake", 10, (3, 8, 8)
+        ...     def expected_paths(self, split): return []  # nothing on disk
+        ...     def layout_hint(self): return "Nothing to place."
+        ...     def download_data(self): pass
+        ...     def load_split(self, split, transform):
+        ...         return FakeData(size=20, image_size=(3, 8, 8), transform=transform)
+        ...     def train_transform(self): return normalize_transform((0.5,) * 3, (0.5,) * 3)
+        ...     def eval_transform(self): return normalize_transform((0.5,) * 3, (0.5,) * 3)
+        >>> dm = FakeDataModule(batch_size=4, val_fraction=0.25)
+        >>> dm.setup("fit")
+        >>> len(dm.train_set), len(dm.val_set)
+        (15, 5)
+        >>> images, labels = next(iter(dm.train_dataloader()))
+        >>> images.shape
+        torch.Size([4, 3, 8, 8])
     """
 
     name: str = "dataset"

@@ -26,13 +26,30 @@ class CIFAR10DataModule(TorchvisionDataModule):
     images are split into train/val with ``seed``; the official 10k test batch is the test set.
 
     Args:
-        data_dir: root containing ``cifar-10-batches-py/``.
-        batch_size: samples per batch (paper v1: 32 discrete / 64 continuous; v2+ configs: 128).
+        data_dir: root containing ``cifar-10-batches-py/``. Default ``"data"``, where the experiment
+            configs look.
+        batch_size: samples per batch (paper v1: 32 discrete / 64 continuous; v2+ configs: 128). Default
+            128, the v2+ configs' value (the experiments set the v1 sizes themselves).
         **kwargs: ``download``, ``augment`` (random 32×32 crop of the 4-pixel-padded image + horizontal
             flip: the paper's "large" config; off by default like the v1 protocol and the "tiny" config)
             and the other loader options of :class:`~deqlab.data.base.BaseDataModule`.
 
     Normalisation: mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010).
+
+    Raises:
+        ValueError: from :class:`~deqlab.data.base.BaseDataModule` for an invalid loader option.
+
+    Examples:
+        >>> from deqlab.data import CIFAR10DataModule
+        >>> dm = CIFAR10DataModule("/nonexistent/data", augment=True)
+        >>> dm.num_classes, dm.input_shape, dm.batch_size
+        (10, (3, 32, 32), 128)
+        >>> dm.setup("fit")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: CIFAR-10 data not found: missing under /nonexistent/data: cifar-10-batches-py/data_batch_1, ...
+        >>> dm = CIFAR10DataModule("data", download=True)
+        >>> dm.prepare_data()  # doctest: +SKIP
     """
 
     name = "CIFAR-10"

@@ -30,8 +30,10 @@ class DigitsDataModule(BaseDataModule):
     ``val_fraction`` of the rest is the validation set (defaults give 1294 / 144 / 359).
 
     Args:
-        test_fraction: fraction of all samples used for testing.
-        flatten: yield ``(64,)`` vectors for dense models instead of ``(1, 8, 8)`` images.
+        test_fraction: fraction of all samples used for testing. Default 0.2: the dataset has no official
+            test split, and a fifth (359 images) is a usable test set that leaves most samples for training.
+        flatten: yield ``(64,)`` vectors for dense models instead of ``(1, 8, 8)`` images. Default
+            ``False``: images, as the torchvision data modules yield them.
         **kwargs: the loader options of :class:`~deqlab.data.base.BaseDataModule` (``batch_size``,
             ``num_workers``: 0 is best here, the whole dataset is one small tensor; ``seed``: seeds the
             split; ``val_fraction``: of the non-test samples; ``pin_memory``).
@@ -39,7 +41,22 @@ class DigitsDataModule(BaseDataModule):
     Attributes:
         num_classes: 10.
         input_shape: ``(1, 8, 8)`` or ``(64,)``.
-        mean, std: the normalisation statistics (set by ``setup``).
+        mean: the normalisation mean (set by ``setup``).
+        std: the normalisation standard deviation (set by ``setup``).
+
+    Raises:
+        ValueError: when the fractions leave no training samples or lie outside [0, 1), or for an
+            invalid loader option.
+
+    Examples:
+        >>> from deqlab.data import DigitsDataModule
+        >>> dm = DigitsDataModule(batch_size=32, flatten=True)
+        >>> dm.setup()
+        >>> len(dm.train_set), len(dm.val_set), len(dm.test_set)
+        (1294, 144, 359)
+        >>> images, labels = next(iter(dm.train_dataloader()))
+        >>> images.shape, labels.dtype
+        (torch.Size([32, 64]), torch.int64)
     """
 
     num_classes: int = 10

@@ -29,18 +29,36 @@ class ImageNetDataModule(TorchvisionDataModule):
     disagree, so a mismatch raises ``ValueError``.
 
     Args:
-        data_dir: the ImageNet root holding ``train/`` and ``val/``.
-        num_workers: loader worker processes (JPEG decoding needs several).
-        val_fraction: fraction of ``train/`` held out for validation (default 1%: ~12.8k images).
+        data_dir: the ImageNet root holding ``train/`` and ``val/``. Default ``"data/imagenet"``: a
+            sub-folder of the shared ``data`` root, since ImageFolder's ``train/`` and ``val/`` would
+            otherwise sit beside the other datasets' folders.
+        num_workers: loader worker processes. Default 8: JPEG decoding needs several to keep a GPU busy.
+        val_fraction: fraction of ``train/`` held out for validation. Default 0.01 (~12.8k images):
+            enough to track accuracy, while a tenth would take 128k images from training.
         augment: the standard training augmentation, RandomResizedCrop(image_size) + horizontal
-            flip; without it training images get the evaluation transform.
-        image_size: side of the square network input (224 in the paper); evaluation resizes the
-            shorter side to ``round(image_size / 0.875)`` (256 for 224) and centre-crops.
+            flip; without it training images get the evaluation transform. Default ``True``, as in the
+            paper's ImageNet protocol.
+        image_size: side of the square network input; evaluation resizes the shorter side to
+            ``round(image_size / 0.875)`` (256 for 224) and centre-crops. Default 224, the paper's.
         **kwargs: the other loader options of :class:`~deqlab.data.base.BaseDataModule` (the paper's
             batch size is 64). ``download=True`` raises: ImageNet cannot be downloaded automatically
             (registration and licence at image-net.org).
 
     Normalisation: the standard ImageNet mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).
+
+    Raises:
+        ValueError: when ``download=True`` (ImageNet cannot be fetched automatically), ``image_size`` < 1,
+            or for an invalid loader option.
+
+    Examples:
+        >>> from deqlab.data import ImageNetDataModule
+        >>> dm = ImageNetDataModule("/nonexistent/imagenet", image_size=160)
+        >>> dm.num_classes, dm.input_shape, dm.resize_size  # 1000 until class folders can be counted
+        (1000, (3, 160, 160), 183)
+        >>> ImageNetDataModule(download=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: ImageNet cannot be downloaded automatically (it needs registration at image-net.org). ...
     """
 
     name = "ImageNet"

@@ -31,14 +31,32 @@ class MNISTDataModule(TorchvisionDataModule):
     ``seed``; the official 10k test set is the test set.
 
     Args:
-        data_dir: root containing ``MNIST/raw``.
-        flatten: yield ``(784,)`` vectors for the dense model instead of ``(1, 28, 28)`` images.
+        data_dir: root containing ``MNIST/raw``. Default ``"data"``, where the experiment configs look.
+        flatten: yield ``(784,)`` vectors for the dense model instead of ``(1, 28, 28)`` images. Default
+            ``False``: images, for the conv model (the dense models flatten inputs themselves too).
         **kwargs: ``download``, ``augment`` (random 28×28 crops of the 2-pixel-padded image; not part of
             the paper's protocol, which trains MNIST without augmentation; never flips, digits are chiral)
             and the loader options of :class:`~deqlab.data.base.BaseDataModule` (``batch_size``: the paper
             uses 32 for the dense model, 64 for the conv model).
 
     Normalisation: mean 0.1307, std 0.3081 (PAPER_PROTOCOLS.md; the original script used raw pixels).
+
+    Raises:
+        ValueError: from :class:`~deqlab.data.base.BaseDataModule` for an invalid loader option.
+
+    Examples:
+        Sizes are known before any file is read; ``setup`` names what is missing:
+
+        >>> from deqlab.data import MNISTDataModule
+        >>> dm = MNISTDataModule("/nonexistent/data", flatten=True, batch_size=32)
+        >>> dm.num_classes, dm.input_shape
+        (10, (784,))
+        >>> dm.setup("fit")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: MNIST data not found: missing under /nonexistent/data: MNIST/raw/train-images-idx3-ubyte, ...
+        >>> dm = MNISTDataModule("data", download=True)
+        >>> dm.prepare_data()  # doctest: +SKIP
     """
 
     name = "MNIST"

@@ -27,12 +27,25 @@ class SVHNDataModule(TorchvisionDataModule):
     trains on ``train`` only). torchvision verifies the files' MD5 checksums.
 
     Args:
-        data_dir: root containing ``SVHN/``.
+        data_dir: root containing ``SVHN/``. Default ``"data"``, where the experiment configs look.
         **kwargs: ``download`` (the two ``.mat`` files), ``augment`` (random 32×32 crops of the
             4-pixel-padded image; not in the paper's protocol; no flips, digits are chiral) and the loader
             options of :class:`~deqlab.data.base.BaseDataModule` (the paper's batch size is 64).
 
     Normalisation: mean (0.4104, 0.4160, 0.4421), std (0.1959, 0.1988, 0.1953).
+
+    Raises:
+        ValueError: from :class:`~deqlab.data.base.BaseDataModule` for an invalid loader option.
+
+    Examples:
+        >>> from deqlab.data import SVHNDataModule
+        >>> dm = SVHNDataModule("/nonexistent/data")
+        >>> dm.num_classes, dm.input_shape, dm.batch_size
+        (10, (3, 32, 32), 64)
+        >>> [p.name for p in dm.missing_paths()]
+        ['train_32x32.mat', 'test_32x32.mat']
+        >>> dm = SVHNDataModule("data", download=True)
+        >>> dm.prepare_data()  # doctest: +SKIP
     """
 
     name = "SVHN"

@@ -25,6 +25,27 @@ def as_solution_list(solution: Any, *, owner: str = "the model") -> List[DeepEqu
 
     Anything else raises ``TypeError``: the second element of ``forward``'s result must be the DEQ
     layer's record (or ``None``), not a tensor or another value.
+
+    Args:
+        solution: the second element of a model's ``forward`` result.
+        owner: who returned it, for the error message. Default ``"the model"``; the module passes its
+            class name.
+
+    Returns:
+        The solution records, ``None`` entries dropped.
+
+    Raises:
+        TypeError: when ``solution`` (or an entry of it) is not a ``DeepEquilibriumSolution`` or ``None``.
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.lightning._stats import as_solution_list
+        >>> as_solution_list(None)
+        []
+        >>> as_solution_list(torch.zeros(1))
+        Traceback (most recent call last):
+        ...
+        TypeError: the model: forward(x) must return (output, solution) where solution is ...; got a Tensor as solution
     """
     if solution is None:
         return []
@@ -41,7 +62,25 @@ def as_solution_list(solution: Any, *, owner: str = "the model") -> List[DeepEqu
 
 @dataclass
 class SolutionSummary:
-    """Sums over DEQ layers of the per-batch quantities (one layer is the usual case)."""
+    """Sums over DEQ layers of the per-batch quantities (one layer is the usual case).
+
+    Built by :func:`summarize`, which documents each field.
+
+    Attributes:
+        skip_loss: the layers' skip losses, summed (a scalar tensor).
+        jacobian_loss: the layers' Jacobian terms, summed (a scalar tensor).
+        nfe: forward function evaluations, summed.
+        residual_mean: mean final residual over all samples of all layers; ``None`` when none reports one.
+        residual_max: largest final residual; ``None`` when none reports one.
+        converged_fraction: fraction of samples whose solve converged; ``None`` when none reports it.
+        status_counts: solver status value → number of layers that ended with it.
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.lightning._stats import summarize
+        >>> summarize([], like=torch.zeros(())).nfe
+        0.0
+    """
 
     skip_loss: Tensor
     jacobian_loss: Tensor
@@ -53,11 +92,30 @@ class SolutionSummary:
 
     @property
     def unconverged_fraction(self) -> Optional[Tensor]:
+        """``1 - converged_fraction``; ``None`` when convergence is not reported."""
         return None if self.converged_fraction is None else 1.0 - self.converged_fraction
 
 
 def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> SolutionSummary:
-    """Add up losses and NFE of ``solutions``; residual/convergence stats over all layers' samples."""
+    """Add up losses and NFE of ``solutions``; residual/convergence stats over all layers' samples.
+
+    Args:
+        solutions: the step's solution records (empty for a model without a DEQ layer).
+        like: a tensor on the loss's device and dtype; the zero losses are made like it, so the sums can
+            be added to the task loss whatever the architecture.
+
+    Returns:
+        The summary, a :class:`SolutionSummary`.
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.lightning._stats import summarize
+        >>> from deqlab.zoo import DigitsDEQ
+        >>> _, solution = DigitsDEQ(width=8)(torch.randn(4, 64))
+        >>> summary = summarize([solution], like=torch.zeros(()))
+        >>> summary.status_counts["converged"], float(summary.converged_fraction)
+        (1, 1.0)
+    """
     zero = like.new_zeros(())
     skip = zero
     jac = zero
@@ -107,6 +165,31 @@ class StepRecord:
 
     A plain class, not a dataclass, on purpose: Lightning deep-copies dataclasses in step outputs, and
     the backward part is filled in after the step returned.
+
+    The module builds the record; a callback only reads it. No argument has a default: every step knows
+    all of them, and a missing one would be a bug in the step rather than something to guess.
+
+    Args:
+        stage: ``"train"``, ``"val"`` or ``"test"``: which loop ran the step.
+        batch_idx: index of the batch within its epoch, as Lightning passes it to the step.
+        nfe: forward function evaluations, summed over the model's DEQ layers (0.0 for a model without one).
+        residual_mean: mean final residual over all samples of all DEQ layers; ``None`` when no layer
+            reports residuals.
+        forward_time: wall time of the forward in seconds (device-synchronized on CUDA); ``None`` when it
+            was not timed.
+        status_counts: solver status value (``"converged"``, ``"max_steps"``, ...) → number of DEQ layers
+            that ended with it in this step. Copied, so a later change to the caller's dict does not leak in.
+        unconverged_fraction: fraction of samples whose forward solve did not converge; ``None`` when the
+            layers do not report convergence.
+
+    Examples:
+        >>> from deqlab.lightning import StepRecord
+        >>> record = StepRecord("train", 0, nfe=12.0, residual_mean=1e-3, forward_time=0.01,
+        ...                     status_counts={"converged": 1}, unconverged_fraction=0.0)
+        >>> record.nfe, record.backward_nfe, record.skipped
+        (12.0, None, False)
+        >>> record.as_dict()["status_counts"]
+        {'converged': 1}
     """
 
     __slots__ = ("stage", "batch_idx", "nfe", "backward_nfe", "residual_mean", "forward_time", "status_counts",
@@ -130,6 +213,7 @@ class StepRecord:
         self.skipped: bool = False
 
     def as_dict(self) -> Dict[str, Any]:
+        """Every field by name (the forward part, the backward part and ``skipped``), e.g. for a CSV row."""
         return {k: getattr(self, k) for k in self.__slots__}
 
     def __repr__(self) -> str:

@@ -23,7 +23,29 @@ __all__ = ["NFEHistogram", "ConvergenceFigure", "tensorboard_writers"]
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> List[Any]:
-    """The ``SummaryWriter`` of every TensorBoard logger attached to ``trainer`` (empty when none)."""
+    """The ``SummaryWriter`` of every TensorBoard logger attached to ``trainer`` (empty when none).
+
+    Why a list: a Trainer may carry several loggers (TensorBoard next to CSV, or two TensorBoard
+    directories); the callbacks draw into every TensorBoard one and skip the rest.
+
+    Args:
+        trainer: the Trainer whose ``loggers`` are searched (only that attribute is read).
+
+    Returns:
+        One ``torch.utils.tensorboard.SummaryWriter`` per ``TensorBoardLogger``, in logger order.
+
+    Examples:
+        >>> import tempfile
+        >>> from types import SimpleNamespace
+        >>> from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+        >>> from deqlab.lightning.callbacks import tensorboard_writers
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     trainer = SimpleNamespace(loggers=[CSVLogger(root), TensorBoardLogger(root)])  # a Trainer's loggers
+        ...     writers = tensorboard_writers(trainer)
+        ...     print([type(w).__name__ for w in writers])
+        ...     writers[0].close()
+        ['SummaryWriter']
+    """
     return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
@@ -34,6 +56,21 @@ class NFEHistogram(pl.Callback):
     A mean NFE hides the tail: a few batches that hit ``max_steps`` show up here as a separate mode.
     The numbers come from each step's :class:`~deqlab.lightning.StepRecord` (``outputs["deq"]``).
     Values are collected on rank zero only (each rank sees a shard of the same distribution).
+
+    :class:`~deqlab.lightning.DEQLightningModule` adds one itself when ``log_figures=True``; pass one to
+    the Trainer only to change the tags (a callback of this type given to the Trainer replaces the
+    module's). Without a TensorBoard logger nothing is written.
+
+    Args:
+        train_tag: TensorBoard tag of the training-batch histogram. Default ``"solver/nfe_hist"``: next to
+            the module's other ``solver/`` scalars, so the histogram sits with the NFE curves.
+        val_tag: tag of the validation-batch histogram. Default ``"solver/val_nfe_hist"``, the same group.
+
+    Examples:
+        >>> from deqlab.lightning import NFEHistogram
+        >>> callback = NFEHistogram(train_tag="nfe/train")
+        >>> callback.train_tag, callback.val_tag
+        ('nfe/train', 'solver/val_nfe_hist')
     """
 
     def __init__(self, train_tag: str = "solver/nfe_hist", val_tag: str = "solver/val_nfe_hist") -> None:
@@ -96,11 +133,31 @@ class ConvergenceFigure(pl.Callback):
     the fixed point easier (or harder) to find. The curve comes from ``solution.solver_result.trace``;
     solvers that do not record a trace get no figure (logged once at INFO level).
 
+    :class:`~deqlab.lightning.DEQLightningModule` adds one with the defaults when ``log_figures=True``;
+    give one to the Trainer to change them. Drawing costs one extra forward of the fixed batch per drawn
+    epoch, on rank zero only.
+
     Args:
-        num_samples: samples of the batch to plot (each a thin line; the median is bold).
-        every_n_epochs: draw every ``n`` validation epochs.
+        num_samples: samples of the batch to plot (each a thin line; the median is bold). Default 16:
+            enough lines to see the spread, few enough to tell them apart.
+        every_n_epochs: draw every ``n`` validation epochs. Default 1 (every epoch); raise it for long
+            runs to save the extra forward and TensorBoard space.
         fixed_point_image: also add ``solver/fixed_point`` (image states: channel mean per sample; dense
-            states: the samples × features matrix).
+            states: the samples × features matrix). Default ``True``: the picture is cheap once the
+            forward ran.
+
+    Raises:
+        ValueError: when ``num_samples`` or ``every_n_epochs`` is below 1.
+
+    Examples:
+        >>> from deqlab.lightning import ConvergenceFigure
+        >>> callback = ConvergenceFigure(num_samples=4, every_n_epochs=5)
+        >>> callback.num_samples, callback.every_n_epochs, callback.fixed_point_image
+        (4, 5, True)
+        >>> ConvergenceFigure(num_samples=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: num_samples and every_n_epochs must be >= 1
     """
 
     def __init__(self, num_samples: int = 16, every_n_epochs: int = 1, fixed_point_image: bool = True) -> None:

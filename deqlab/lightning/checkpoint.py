@@ -27,7 +27,16 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 class CheckpointDamagedError(ValueError):
-    """A checkpoint file exists but cannot be a complete checkpoint (empty, truncated, corrupted)."""
+    """A checkpoint file exists but cannot be a complete checkpoint (empty, truncated, corrupted).
+
+    A ``ValueError`` subclass, so code that already catches a bad-value error from loading keeps working;
+    catch this class to fall back to another checkpoint.
+
+    Examples:
+        >>> from deqlab.lightning.checkpoint import CheckpointDamagedError
+        >>> issubclass(CheckpointDamagedError, ValueError)
+        True
+    """
 
 
 def _damaged(path: Path, why: str) -> CheckpointDamagedError:
@@ -45,6 +54,27 @@ def check_checkpoint_file(path: PathLike) -> None:
     must match (``zipfile.testzip``, one sequential read of the file). Files in torch's legacy non-zip
     format are accepted when they start like a pickle. Paths that are not local files (``s3://...``) and
     missing files are left to the loader, whose own error is clear.
+
+    Args:
+        path: the checkpoint file (a string or path-like; a URL is not checked).
+
+    Raises:
+        CheckpointDamagedError: when the file is empty, is not a zip archive (nor a legacy pickle), its
+            archive cannot be read, or a member fails its CRC check. The message names the file.
+
+    Examples:
+        >>> import os, tempfile, torch
+        >>> from deqlab.lightning.checkpoint import check_checkpoint_file
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     path = os.path.join(root, "last.ckpt")
+        ...     torch.save({"state_dict": {}}, path)
+        ...     check_checkpoint_file(path)  # complete: returns quietly
+        ...     with open(path, "r+b") as f:
+        ...         _ = f.truncate(100)  # as if the run was killed mid-write
+        ...     check_checkpoint_file(path)
+        Traceback (most recent call last):
+        ...
+        deqlab.lightning.checkpoint.CheckpointDamagedError: checkpoint file '...last.ckpt' is damaged: ...
     """
     text = os.fspath(path)
     if "://" in text:
@@ -72,7 +102,24 @@ def check_checkpoint_file(path: PathLike) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    """The global RNG states of torch (CPU and every CUDA device), numpy and Python, as plain data."""
+    """The global RNG states of torch (CPU and every CUDA device), numpy and Python, as plain data.
+
+    Returns:
+        The states as ``{"torch": ..., "numpy": {...}, "python": ...}`` (plus ``"cuda"`` once CUDA is
+            initialised): tensors, numbers, strings and tuples only, so ``torch.load(weights_only=True)``
+            reads it back.
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.lightning.checkpoint import restore_rng_state, rng_state
+        >>> state = rng_state()
+        >>> {"torch", "numpy", "python"} <= set(state)  # and "cuda" once CUDA is in use
+        True
+        >>> first = torch.rand(2)
+        >>> restore_rng_state(state)
+        >>> torch.equal(torch.rand(2), first)
+        True
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: Dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -86,7 +133,23 @@ def rng_state() -> Dict[str, Any]:
 
 
 def restore_rng_state(state: Dict[str, Any]) -> None:
-    """Set the global RNGs back to :func:`rng_state`'s ``state``."""
+    """Set the global RNGs back to :func:`rng_state`'s ``state``.
+
+    CUDA states are restored only when the machine has as many CUDA devices as the saved state (a run
+    resumed on a different machine keeps its fresh CUDA generators rather than failing).
+
+    Args:
+        state: what :func:`rng_state` returned (possibly after a ``torch.save`` / ``torch.load`` round trip).
+
+    Examples:
+        >>> import random
+        >>> from deqlab.lightning.checkpoint import restore_rng_state, rng_state
+        >>> state = rng_state()
+        >>> first = random.random()
+        >>> restore_rng_state(state)
+        >>> random.random() == first
+        True
+    """
     torch.set_rng_state(state["torch"].cpu())
     npst = state["numpy"]
     np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],

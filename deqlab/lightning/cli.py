@@ -30,7 +30,27 @@ DEFAULT_LOG_DIR = "runs"
 class DEQLightningCLI(LightningCLI):
     """``LightningCLI`` in subclass mode for models (any ``DEQLightningModule``) and data modules, with a
     TensorBoard logger (``runs/<experiment>``, HParams metrics instead of Lightning's ``hp_metric``) by
-    default."""
+    default.
+
+    Args:
+        args: the command line (``["fit", "--config", "experiments/digits.yaml"]``). Default ``None``:
+            ``sys.argv``, as for a console script.
+        **kwargs: passed to ``LightningCLI`` (``run=False`` to only build the objects, ``trainer_defaults``,
+            ...). ``subclass_mode_model``, ``subclass_mode_data`` (``True``: any subclass by class path) and
+            ``save_config_kwargs`` (``{"overwrite": True}``: a rerun into the same directory does not stop
+            on the previous run's ``config.yaml``) default here; ``trainer_defaults`` gets the TensorBoard
+            logger unless it names a ``logger``.
+
+    Examples:
+        >>> from deqlab.lightning.cli import DEQLightningCLI
+        >>> cli = DEQLightningCLI(run=False, seed_everything_default=False, args=[
+        ...     "--model=deqlab.zoo.DigitsDEQ", "--model.width=8", "--model.training.lr=0.01",
+        ...     "--data=deqlab.data.DigitsDataModule", "--trainer.logger=false", "--trainer.max_epochs=1"])
+        >>> type(cli.model).__name__, cli.model.deq_config.lr, cli.model.deq_config.weight_decay
+        ('DigitsDEQ', 0.01, 1e-05)
+        >>> cli.trainer.max_epochs
+        1
+    """
 
     def __init__(self, args: Optional[List[str]] = None, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -45,7 +65,15 @@ class DEQLightningCLI(LightningCLI):
 
 def main(args: Optional[List[str]] = None) -> None:
     """Alias of :func:`deqlab.cli.main` (the ``deqlab`` console script), imported only when called so that
-    importing ``deqlab.lightning`` never imports the model zoo."""
+    importing ``deqlab.lightning`` never imports the model zoo.
+
+    Args:
+        args: the command line, as for the ``deqlab`` command. Default ``None``: ``sys.argv``.
+
+    Examples:
+        >>> from deqlab.lightning.cli import main
+        >>> main(["fit", "--config", "experiments/digits.yaml"])  # doctest: +SKIP
+    """
     from deqlab.cli import main as real_main
 
     real_main(args)

@@ -24,38 +24,72 @@ NonFinitePolicy = Literal["skip", "raise"]
 class DEQTrainingConfig:
     """Optimisation, loss weights, pretraining, non-finite policy and logging of a DEQ training run.
 
+    Frozen, so one config can be shared by several models and stored in a checkpoint without being changed
+    behind their back; derive a variant with :meth:`build` (or ``dataclasses.replace``). Numbers are
+    normalised on construction (floats for rates and weights, tuples for ``betas`` / ``step_milestones``).
+    The defaults are the paper's v1 protocol where it has one; the zoo models override some of them
+    (``deqlab.zoo.MNIST_TRAINING``, ``deqlab.zoo.DIGITS_TRAINING``).
+
     Attributes:
         num_classes: classes of the task; enables top-1 accuracy (and top-5 when > 10). ``None`` for
-            non-classification tasks (then override ``task_loss``).
-        optimizer: ``adam``, ``adamw`` or ``sgd``.
-        lr: initial learning rate.
-        weight_decay: decoupled for AdamW, L2 for Adam/SGD.
-        momentum: SGD momentum (ignored by Adam/AdamW).
-        nesterov: SGD Nesterov momentum.
-        betas: Adam/AdamW betas.
+            non-classification tasks (then override ``task_loss``). Default 10: MNIST, SVHN, CIFAR-10 and
+            the digits all have ten.
+        optimizer: ``adam``, ``adamw`` or ``sgd``. Default ``adamw``, the paper's v1 optimizer.
+        lr: initial learning rate. Default 1e-3, the paper's Adam(W) rate.
+        weight_decay: decoupled for AdamW, L2 for Adam/SGD. Default 0.0: no regularisation unless asked
+            for (the paper's MNIST value, 2.5e-6, is in the zoo's ``MNIST_TRAINING``).
+        momentum: SGD momentum (ignored by Adam/AdamW). Default 0.9, the usual SGD value (ImageNet's).
+        nesterov: SGD Nesterov momentum. Default ``False``: plain momentum; the ImageNet protocol sets it.
+        betas: Adam/AdamW betas. Default ``(0.9, 0.999)``, Adam's standard values, as in the paper.
         scheduler: ``cosine`` (to ``eta_min`` over ``scheduler_steps``), ``step`` (× ``step_gamma`` at
-            ``step_milestones``) or ``none``; stepped every optimizer step.
-        scheduler_steps: cosine period in optimizer steps; ``None``: the Trainer's estimated total steps.
-        eta_min: final learning rate of the cosine schedule.
-        step_milestones: optimizer steps at which the ``step`` schedule decays.
-        step_gamma: decay factor of the ``step`` schedule.
-        skip_loss_weight: λ_skip, weight of ``mean|u0 - z*|`` (Skip / Skip Reg. models). ``None``: the
-            model's default (0 for the base class; the zoo models set the paper's values).
-        jacobian_loss_weight: λ_jac, weight of the Hutchinson Jacobian estimate. ``None``: the model's
-            default (0 for the base class). A value > 0 needs a DEQ layer built with
+            ``step_milestones``) or ``none``; stepped every optimizer step. Default ``cosine``, the
+            paper's schedule everywhere but ImageNet.
+        scheduler_steps: cosine period in optimizer steps; ``None`` (default): the Trainer's estimated
+            total steps, so the rate reaches ``eta_min`` exactly when training ends.
+        eta_min: final learning rate of the cosine schedule. Default 1e-6, the paper's v1 value.
+        step_milestones: optimizer steps at which the ``step`` schedule decays. Default ``()``: no decay.
+        step_gamma: decay factor of the ``step`` schedule. Default 0.1, the usual tenfold decay (ImageNet's).
+        skip_loss_weight: λ_skip, weight of ``mean|u0 - z*|`` (Skip / Skip Reg. models). ``None``
+            (default): the model's default (0 for the base class; the zoo models set the paper's values).
+        jacobian_loss_weight: λ_jac, weight of the Hutchinson Jacobian estimate. ``None`` (default): the
+            model's default (0 for the base class). A value > 0 needs a DEQ layer built with
             ``jacobian_regularization=True``; ``fit`` raises otherwise (the term would silently be 0).
         extra_loss_weights: weights of the terms returned by :meth:`DEQLightningModule.extra_losses`, by
-            name; a term without an entry has weight 1.0, an entry without a term raises.
+            name; a term without an entry has weight 1.0, an entry without a term raises. Default ``{}``:
+            every extra term counts fully.
         pretrain_steps: for global steps ``< pretrain_steps`` every DEQ layer runs ``pretrain_depth``
-            unrolled steps instead of the solver (validation and test always use the solver).
-        pretrain_depth: unrolled depth during pretraining (the paper uses 5).
+            unrolled steps instead of the solver (validation and test always use the solver). Default 0:
+            no pretraining, as in the paper's v1 experiments (the v2+ CIFAR-10 small config uses 3000).
+        pretrain_depth: unrolled depth during pretraining. Default 5, the paper's value.
         on_nonfinite: what a training batch with a non-finite loss or gradient, or a solve that ended
             ``nonfinite``, does: ``skip`` (default) leaves the weights untouched, counts the batch
-            (``train/skipped_batches``), warns once and training continues; ``raise`` stops at once.
+            (``train/skipped_batches``), warns once and training continues (one bad batch should not end
+            a long run); ``raise`` stops at once.
         log_solver_stats: log NFE, residuals, convergence and solver status counts under ``solver/``.
-        log_timing: log forward/backward/optimizer wall time under ``time/``.
+            Default ``True``: they are what a DEQ run is judged by, and cost no extra forward.
+        log_timing: log forward/backward/optimizer wall time under ``time/``. Default ``True``: the
+            phases are timed for the step record anyway, so logging them costs nothing extra.
         log_figures: add the NFE-histogram and convergence-figure callbacks (``configure_callbacks``).
+            Default ``True``; the figure costs one forward per validation epoch.
         log_hparams_metrics: write hyperparameters with ``hp/`` metrics to TensorBoard's HParams tab.
+            Default ``True``, so runs can be compared side by side.
+
+    Raises:
+        ValueError: when ``pretrain_steps`` < 0 or ``pretrain_depth`` < 1, ``num_classes`` < 2,
+            ``on_nonfinite`` is not ``skip`` or ``raise``, a loss weight is negative or not finite, or an
+            ``extra_loss_weights`` entry is not finite.
+
+    Examples:
+        >>> from deqlab.lightning import DEQTrainingConfig
+        >>> cfg = DEQTrainingConfig(lr=3e-3, scheduler="none")
+        >>> cfg.lr, cfg.optimizer, cfg.weight("skip_loss_weight")
+        (0.003, 'adamw', 0.0)
+        >>> DEQTrainingConfig.build(cfg, weight_decay=1e-4).weight_decay
+        0.0001
+        >>> DEQTrainingConfig.build(cfg, learning_rate=1e-3)
+        Traceback (most recent call last):
+        ...
+        TypeError: unknown training setting(s) 'learning_rate'; valid names: ...
     """
 
     num_classes: Optional[int] = 10

@@ -52,11 +52,33 @@ CHECKPOINT_KEY = "deqlab"
 
 
 class NonFiniteBatchWarning(UserWarning):
-    """Warned (once per run) when the non-finite policy ``on_nonfinite="skip"`` drops a training batch."""
+    """Warned (once per run) when the non-finite policy ``on_nonfinite="skip"`` drops a training batch.
+
+    Its own class so that a test or a script can filter it (``warnings.simplefilter("error",
+    NonFiniteBatchWarning)``) without touching other warnings.
+
+    Examples:
+        >>> import warnings
+        >>> from deqlab.lightning.module import NonFiniteBatchWarning
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warnings.warn("batch 3 skipped", NonFiniteBatchWarning)
+        >>> caught[0].category.__name__
+        'NonFiniteBatchWarning'
+    """
 
 
 class NonFiniteBatchError(FloatingPointError):
-    """Raised under ``on_nonfinite="raise"`` for a training batch with a non-finite loss, gradient or solve."""
+    """Raised under ``on_nonfinite="raise"`` for a training batch with a non-finite loss, gradient or solve.
+
+    A ``FloatingPointError``, the built-in class for numerical failures; the message names the batch, the
+    solver status and where the non-finite values first appear.
+
+    Examples:
+        >>> from deqlab.lightning.module import NonFiniteBatchError
+        >>> issubclass(NonFiniteBatchError, FloatingPointError)
+        True
+    """
 
 
 #: Names under ``train/`` etc. that the module logs itself; ``extra_losses`` may not reuse them.
@@ -69,7 +91,27 @@ RESERVED_LOSS_NAMES = frozenset({
 def find_deq_layers(module: nn.Module) -> List[nn.Module]:
     """Every submodule (not ``module`` itself) that implements the :class:`deqlab.nn.DEQLayer` protocol:
     a ``fixed_depth`` attribute and a ``fixed_depth_mode(depth)`` context manager. deqlab's layers and any
-    researcher's layer with those two members are found and driven the same way."""
+    researcher's layer with those two members are found and driven the same way.
+
+    The module uses this to run the pretraining schedule and the Jacobian-setting check; it is public so
+    that a script can do the same to a plain ``nn.Module``.
+
+    Args:
+        module: the network to search (any ``nn.Module``; a DEQ layer nested at any depth is found).
+
+    Returns:
+        The DEQ layers in ``module.modules()`` order (registration order, depth first); an empty list
+            for a network without one.
+
+    Examples:
+        >>> from deqlab.lightning import find_deq_layers
+        >>> from deqlab.zoo import DigitsDEQ
+        >>> [type(m).__name__ for m in find_deq_layers(DigitsDEQ(width=8))]
+        ['SkipDeepEquilibriumNetwork']
+        >>> import torch
+        >>> find_deq_layers(torch.nn.Linear(2, 2))
+        []
+    """
     return [m for m in module.modules() if m is not module and isinstance(m, DEQLayer)]
 
 
@@ -87,9 +129,42 @@ class DEQLightningModule(pl.LightningModule):
 
     Args:
         training: the training settings as one typed object (see :class:`DEQTrainingConfig` for every
-            field, its default and its meaning); ``None``: all defaults.
+            field, its default and its meaning); ``None`` (default): all defaults. Keyword-only, so a
+            subclass's own positional arguments never collide with it.
         **overrides: the same settings as flat keywords (``lr=3e-3, scheduler="none"``), applied on top of
-            ``training``. A name that is not a field of :class:`DEQTrainingConfig` raises ``TypeError``.
+            ``training`` (so one field can be changed without restating the rest). A name that is not a
+            field of :class:`DEQTrainingConfig` raises ``TypeError``.
+
+    Raises:
+        TypeError: when an ``overrides`` name is not a :class:`DEQTrainingConfig` field (a misspelt
+            setting must not be silently ignored), or ``training`` is neither a config nor a mapping.
+        ValueError: when the resulting settings are invalid (see :class:`DEQTrainingConfig`).
+
+    Examples:
+        A subclass builds its network and returns ``(output, solution)``; the base does the rest:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab import DeepEquilibriumNetwork, DiscreteDEQSolver
+        >>> from deqlab.nn import DenseDEQBlock
+        >>> from deqlab.lightning import DEQLightningModule
+        >>> class TinyDEQ(DEQLightningModule):
+        ...     def __init__(self, width: int = 8, **kwargs):
+        ...         super().__init__(**kwargs)
+        ...         self.stem = nn.Linear(64, width)
+        ...         self.deq = DeepEquilibriumNetwork(DenseDEQBlock(width), DiscreteDEQSolver("anderson"))
+        ...         self.head = nn.Linear(width, 10)
+        ...     def forward(self, x):
+        ...         z, solution = self.deq(self.stem(x))
+        ...         return self.head(z), solution
+        >>> model = TinyDEQ(lr=3e-3, scheduler="none")
+        >>> dict(model.hparams), model.deq_config.lr
+        ({'width': 8, 'lr': 0.003, 'scheduler': 'none'}, 0.003)
+        >>> logits, solution = model(torch.randn(4, 64))
+        >>> logits.shape
+        torch.Size([4, 10])
+
+        ``pl.Trainer(max_epochs=1).fit(model, datamodule)`` then trains it with the logging described above.
     """
 
     def __init__(self, *, training: Optional[DEQTrainingConfig] = None, **overrides: Any) -> None:

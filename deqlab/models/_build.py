@@ -30,6 +30,24 @@ SOLVER_KINDS = ("continuous", "discrete")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise unless ``value`` is one of ``choices``, naming the argument and every valid value.
+
+    Args:
+        name: the argument's name, for the message.
+        value: what the caller passed.
+        choices: the valid values.
+
+    Raises:
+        ValueError: when ``value`` is not in ``choices``.
+
+    Examples:
+        >>> from deqlab.models._build import SOLVER_KINDS, check_choice
+        >>> check_choice("solver", "discrete", SOLVER_KINDS)
+        >>> check_choice("solver", "euler", SOLVER_KINDS)
+        Traceback (most recent call last):
+        ...
+        ValueError: solver must be one of 'continuous', 'discrete', got 'euler'
+    """
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
@@ -37,7 +55,25 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
 def make_solver(kind: SolverKind, *, mode: str, tol: float, max_steps: int) -> Any:
     """The forward solver: ``continuous`` integrates ``du/dt = f(u, x) − u`` to the steady state with Tsit5
     (the ODE step tolerances equal the termination tolerance, as in the paper-era code); ``discrete`` is
-    limited-memory Broyden. Both stop by the termination ``mode`` with abs = rel tolerance ``tol``."""
+    limited-memory Broyden. Both stop by the termination ``mode`` with abs = rel tolerance ``tol``.
+
+    Args:
+        kind: ``continuous`` or ``discrete``.
+        mode: termination mode (see :mod:`deqlab.solvers.termination`).
+        tol: absolute and relative termination tolerance (and the ODE step tolerances).
+        max_steps: step budget (solver iterations, or ODE stepper calls).
+
+    Returns:
+        A ``ContinuousDEQSolver`` or a ``DiscreteDEQSolver``.
+
+    Raises:
+        ValueError: for an unknown ``kind`` (or ``mode``).
+
+    Examples:
+        >>> from deqlab.models._build import make_solver
+        >>> make_solver("discrete", mode="rel_norm", tol=1e-2, max_steps=20)
+        DiscreteDEQSolver(LimitedMemoryBroyden(...), mode='rel_norm', abstol_termination=0.01, reltol_termination=0.01, ..., max_steps=20)
+    """
     check_choice("solver", kind, SOLVER_KINDS)
     if kind == "continuous":
         return ContinuousDEQSolver("tsit5", mode=mode, abstol=tol, reltol=tol, abstol_termination=tol,
@@ -47,7 +83,20 @@ def make_solver(kind: SolverKind, *, mode: str, tol: float, max_steps: int) -> A
 
 
 def make_backward(tol: float, max_steps: int) -> ImplicitBackward:
-    """The paper's adjoint: GMRES on ``(I − Jᵀ) g = dL/dz*`` with the forward tolerance and a VJP budget."""
+    """The paper's adjoint: GMRES on ``(I − Jᵀ) g = dL/dz*`` with the forward tolerance and a VJP budget.
+
+    Args:
+        tol: GMRES tolerance (the forward's: a more accurate gradient than fixed point is wasted work).
+        max_steps: VJP budget of the adjoint solve.
+
+    Returns:
+        The backward mode, an :class:`~deqlab.nn.ImplicitBackward`.
+
+    Examples:
+        >>> from deqlab.models._build import make_backward
+        >>> make_backward(5e-2, 20)
+        ImplicitBackward(solver='gmres', tol=0.05, max_steps=20, ...)
+    """
     return ImplicitBackward("gmres", tol=tol, max_steps=max_steps)
 
 
@@ -97,10 +146,37 @@ class PaperNetwork(nn.Module):
     (``head(u0)``, the paper's "explicit accuracy") and ``None`` for vanilla and neural-ODE models, whose
     u0 = 0 carries no information.
 
+    :func:`~deqlab.models.build_model` builds these; construct one directly to wrap your own parts in the
+    same contract.
+
+    Args:
+        stem: maps the input to the DEQ layer's injection ``x``.
+        deq: the DEQ layer: ``deq(x) -> (z_star, solution)``, plus ``deq.explicit(x) -> u0`` for Skip models.
+        head: maps ``z*`` (or ``u0``) to logits.
+        model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode``. No default and keyword-only: it
+            decides whether ``explicit_forward`` has a prediction, so it must match ``deq``.
+        solver_kind: ``continuous`` or ``discrete``, the solver ``deq`` was built with (shown in the repr,
+            read by scripts that label results). Keyword-only, like ``model_type``.
+
     Attributes:
-        stem, deq, head: the three parts (``deq`` is a deqlab layer; its ``solver`` and ``backward`` are
-            public attributes).
-        model_type, solver_kind: the names the model was built from.
+        stem: the first part, as given.
+        deq: the DEQ layer (a deqlab layer; its ``solver`` and ``backward`` are public attributes).
+        head: the last part, as given.
+        model_type: the model-type name the network was built from.
+        solver_kind: the solver-kind name the network was built from.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab import DeepEquilibriumNetwork, DiscreteDEQSolver
+        >>> from deqlab.nn import DenseDEQBlock
+        >>> from deqlab.models import PaperNetwork
+        >>> deq = DeepEquilibriumNetwork(DenseDEQBlock(8), DiscreteDEQSolver("anderson"))
+        >>> net = PaperNetwork(nn.Linear(4, 8), deq, nn.Linear(8, 3), model_type="vanilla",
+        ...                    solver_kind="discrete")
+        >>> logits, solution = net(torch.randn(2, 4))
+        >>> logits.shape, net.explicit_forward(torch.randn(2, 4))  # vanilla: u0 = 0 predicts nothing
+        (torch.Size([2, 3]), None)
     """
 
     def __init__(self, stem: nn.Module, deq: nn.Module, head: nn.Module, *, model_type: ModelType,
@@ -126,7 +202,26 @@ class PaperNetwork(nn.Module):
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameters, each tensor counted once even when shared."""
+    """Number of (trainable) parameters, each tensor counted once even when shared.
+
+    Args:
+        model: the network to count.
+        trainable_only: count only tensors with ``requires_grad``. Default ``True``: the size of what
+            training updates (a frozen stem does not make a model bigger to train).
+
+    Returns:
+        The number of scalar parameters.
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.models import build_model, count_parameters
+        >>> count_parameters(build_model("mnist", "dense", width=16))
+        13514
+        >>> layer = torch.nn.Linear(3, 3)
+        >>> _ = layer.bias.requires_grad_(False)
+        >>> count_parameters(layer), count_parameters(layer, trainable_only=False)
+        (9, 12)
+    """
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) in seen or (trainable_only and not p.requires_grad):

@@ -20,7 +20,28 @@ _ALIASES = {("cifar10", "tiny"): "small"}
 
 
 def canonical_arch(experiment: str, arch: str) -> str:
-    """``arch`` with aliases resolved; raises with the valid names for an unknown experiment or arch."""
+    """``arch`` with aliases resolved; raises with the valid names for an unknown experiment or arch.
+
+    Args:
+        experiment: a key of :data:`EXPERIMENTS`.
+        arch: an architecture of that experiment, or an alias (``cifar10``: ``tiny`` for ``small``).
+
+    Returns:
+        The canonical architecture name.
+
+    Raises:
+        ValueError: for an unknown ``experiment``, or an ``arch`` it does not have (the message lists the
+            valid names).
+
+    Examples:
+        >>> from deqlab.models.builder import canonical_arch
+        >>> canonical_arch("cifar10", "tiny")
+        'small'
+        >>> canonical_arch("mnist", "v1")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown arch 'v1' for 'mnist'; valid: dense, conv
+    """
     if experiment not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {experiment!r}; valid: {', '.join(EXPERIMENTS)}")
     arch = _ALIASES.get((experiment, arch), arch)
@@ -56,18 +77,41 @@ def build_model(experiment: str, arch: str, *, model_type: str = "skip", solver:
     """The paper's network for ``experiment`` / ``arch``.
 
     Args:
-        experiment: ``mnist`` (arch ``dense`` | ``conv``), ``svhn`` (``v1``), ``cifar10`` (``v1`` |
-            ``small`` (alias ``tiny``) | ``large``), ``imagenet`` (``small``).
+        experiment: ``mnist``, ``svhn``, ``cifar10`` or ``imagenet`` (the keys of :data:`EXPERIMENTS`).
+        arch: the architecture of that experiment: ``mnist``: ``dense`` | ``conv``; ``svhn``: ``v1``;
+            ``cifar10``: ``v1`` | ``small`` (alias ``tiny``) | ``large``; ``imagenet``: ``small``.
         model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode`` (needs ``solver="continuous"``).
+            Default ``skip``, the paper's proposed model.
         solver: ``continuous`` (Tsit5 to the steady state) or ``discrete`` (limited-memory Broyden).
-        jac_reg: compute the Hutchinson Jacobian term at ``z*`` (``solution.jacobian_loss``).
-        num_classes: classifier outputs (default: the dataset's, 10 or 1000).
+            Default ``discrete``, the solver family of the zoo models' default (``lbroyden``).
+        jac_reg: compute the Hutchinson Jacobian term at ``z*`` (``solution.jacobian_loss``). Default
+            ``False``: it adds a VJP to every forward, needed only for the "+ Jac. Reg." rows.
+        num_classes: classifier outputs. Default ``None``: the dataset's (10, or 1000 for ImageNet).
         **overrides: the architecture's keyword arguments (e.g. ``tol``, ``max_steps``, ``mode``; see the
             factory functions in :mod:`deqlab.models.mnist` / :mod:`deqlab.models.mdeq`); unknown names raise.
 
     Returns:
-        A :class:`~deqlab.models.PaperNetwork`: ``forward(x) -> (logits, solution)``,
-        ``explicit_forward(x) -> logits | None``.
+        The network, a :class:`~deqlab.models.PaperNetwork`: ``forward(x) -> (logits, solution)``,
+            ``explicit_forward(x) -> logits | None``.
+
+    Raises:
+        ValueError: for an unknown ``experiment``, ``arch``, ``model_type`` or ``solver``, or
+            ``model_type="neural_ode"`` with the discrete solver or ``jac_reg=True``.
+        TypeError: for an ``overrides`` name the architecture does not take (the message names the call).
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.models import build_model, count_parameters
+        >>> net = build_model("mnist", "dense", width=16, num_classes=3)
+        >>> logits, solution = net(torch.randn(2, 784))
+        >>> logits.shape, net.explicit_forward(torch.randn(2, 784)).shape
+        (torch.Size([2, 3]), torch.Size([2, 3]))
+        >>> count_parameters(build_model("mnist", "conv", model_type="vanilla"))
+        71578
+        >>> build_model("mnist", "dense", widht=16)
+        Traceback (most recent call last):
+        ...
+        TypeError: build_model('mnist', 'dense'): mnist_dense() got an unexpected keyword argument 'widht'
     """
     arch = canonical_arch(experiment, arch)
     check_choice("model_type", model_type, MODEL_TYPES)

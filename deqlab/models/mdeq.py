@@ -46,21 +46,33 @@ class MDEQConfig:
     """Everything that defines one multiscale paper network (every field can be overridden in
     :func:`deqlab.models.build_model`).
 
+    Frozen: the module-level configs (``MNIST_CONV``, ``CIFAR10_SMALL``, ...) are shared; derive a variant
+    with ``dataclasses.replace``. The fields without a default differ between the paper's networks, so
+    each config states them; the defaults are the values most of the networks share.
+
     Attributes:
         version: ``"v1"`` or ``"v2"`` block family (see the module docstring).
-        in_channels, image_size: input images (square).
+        in_channels: channels of the input images.
+        image_size: side of the (square) input images.
         num_channels: channels per scale; scale ``i`` has resolution ``image_size / 2**(downsample_times + i)``.
         expansion: width factor of the residual blocks' hidden convolution.
         dropout: variational hidden dropout in the residual blocks (mask fixed per solve).
         weight_norm: weight-normed residual (and v2 post-fuse) convolutions.
-        num_groups, map_groups, post_fuse_groups: GroupNorm groups of the v1 residual blocks, mappings,
-            post-fuse layers.
-        post_fuse: whether the map has post-fuse layers.
-        head_channels, final_channels: per-scale bottleneck widths (×4 outputs) and the final conv width.
-        downsample_times: stride-2 convolutions in the stem (v2; 2 for ImageNet).
-        shortcut_expansion, shortcut_groups: the Skip predictor's residual block.
-        num_classes: classifier outputs.
-        tol, max_steps, mode: forward solver tolerance (abs = rel), step budget, termination mode.
+        num_groups: GroupNorm groups of the v1 residual blocks. Default 8.
+        map_groups: GroupNorm groups of the v1 mappings between scales. Default 8.
+        post_fuse_groups: GroupNorm groups of the v1 post-fuse layers. Default 4.
+        post_fuse: whether the map has post-fuse layers. Default ``True``, as in every paper network but
+            MNIST conv.
+        head_channels: per-scale bottleneck widths of the head (each bottleneck outputs 4× as many).
+        final_channels: width of the head's final 1×1 convolution.
+        downsample_times: stride-2 convolutions in the stem (v2; 2 for ImageNet). Default 0: the 32×32
+            and 28×28 images are small enough to solve at full resolution.
+        shortcut_expansion: expansion of the Skip predictor's residual block. Default 5, as the v1 blocks.
+        shortcut_groups: GroupNorm groups of the Skip predictor's residual block (v1). Default 8.
+        num_classes: classifier outputs. Default 10 (every dataset but ImageNet).
+        tol: forward solver tolerance (abs = rel); also the adjoint's.
+        max_steps: forward solver step budget.
+        mode: termination mode of the forward solver.
         backward_max_steps: GMRES VJP budget of the adjoint.
         detach_skip_target: whether the skip loss treats z* as a detached target (``None``: detached for
             ``skip``, coupled for ``skip_reg``; see :class:`deqlab.nn.MapGuess`).
@@ -76,6 +88,20 @@ class MDEQConfig:
             converges at the paper's tolerance (rel_norm 1e-2) in ≤ 15 evaluations; γ = 0.5 converged at
             init but Broyden diverged again within 60 training steps. No parameters are added; γ is
             trained as before.
+
+    Raises:
+        ValueError: when ``version`` is not ``v1`` / ``v2``, ``head_channels`` does not have one entry per
+            scale, ``image_size`` is not divisible by the total downsampling, or ``fuse_gain`` <= 0.
+
+    Examples:
+        >>> import dataclasses
+        >>> from deqlab.models.mdeq import MNIST_CONV
+        >>> MNIST_CONV.scales  # (channels, height, width) per scale
+        [(8, 28, 28), (16, 14, 14)]
+        >>> dataclasses.replace(MNIST_CONV, image_size=29)
+        Traceback (most recent call last):
+        ...
+        ValueError: MDEQConfig: image_size 29 must be divisible by 2 for 2 scales and 0 stem downsamplings
     """
 
     version: str
@@ -118,6 +144,7 @@ class MDEQConfig:
 
     @property
     def scales(self) -> List[Tuple[int, int, int]]:
+        """``(channels, height, width)`` of each scale of the state, finest first."""
         s = self.image_size // 2 ** self.downsample_times
         return [(c, s // 2 ** i, s // 2 ** i) for i, c in enumerate(self.num_channels)]
 
@@ -142,6 +169,19 @@ class BNResidualBlock(nn.Module):
     ``out = BN3(relu(BN2(dropout(h) + x) + h))``. The residual adds ``h`` (the reference's ``downsample`` is
     a no-op applied to the convolution output), not ``z``; we keep that so the model is the paper's.
     ``x`` is the injection (scale 1) or absent. All BatchNorms use batch statistics (see module docstring).
+
+    Args:
+        channels: channels ``C`` of the state at this scale (input and output).
+        expansion: hidden width factor ``e``. Default 5, the reference block's.
+        dropout: variational hidden dropout on ``h`` (one mask per solve). Default 0.0: off.
+        weight_norm: weight-normalise both convolutions. Default ``False``, as the CIFAR-10 small config.
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.models.mdeq import BNResidualBlock
+        >>> block = BNResidualBlock(4, expansion=2)
+        >>> block(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)).shape
+        torch.Size([2, 4, 8, 8])
     """
 
     def __init__(self, channels: int, expansion: int = 5, dropout: float = 0.0, weight_norm: bool = False):
@@ -197,7 +237,20 @@ class _V2PostFuse(nn.Module):
 
 class Bottleneck(nn.Module):
     """ResNet bottleneck ``in → planes → planes → 4·planes`` (conv1×1, conv3×3, conv1×1, each with BN;
-    ``act`` between), plus a conv1×1 + BN rescale of the input when ``in != 4·planes``; ``act`` at the end."""
+    ``act`` between), plus a conv1×1 + BN rescale of the input when ``in != 4·planes``; ``act`` at the end.
+
+    Args:
+        in_channels: channels of the input.
+        planes: width of the two inner convolutions.
+        act: the activation module (gelu for v1 heads, relu for v2+), shared by every position.
+        expansion: output width factor. Default 4, ResNet's (the head's widths assume it).
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.models.mdeq import Bottleneck
+        >>> Bottleneck(8, 2, torch.nn.ReLU())(torch.randn(2, 8, 4, 4)).shape
+        torch.Size([2, 8, 4, 4])
+    """
 
     def __init__(self, in_channels: int, planes: int, act: nn.Module, expansion: int = 4):
         super().__init__()
@@ -216,7 +269,22 @@ class Bottleneck(nn.Module):
 
 class ClassificationHead(nn.Module):
     """Per-scale bottlenecks, pairwise fusion from fine to coarse (``y ← down_i(y) + bottleneck_{i+1}(z_{i+1})``
-    with stride-2 conv3×3 + BN + act), conv1×1 → ``final_channels`` + BN + act, global mean pool, linear."""
+    with stride-2 conv3×3 + BN + act), conv1×1 → ``final_channels`` + BN + act, global mean pool, linear.
+
+    Args:
+        num_channels: channels of each scale of the state, finest first.
+        head_channels: bottleneck width of each scale (outputs 4× as many); one entry per scale.
+        final_channels: width of the final 1×1 convolution, the features the classifier sees.
+        num_classes: outputs of the linear classifier.
+        act: the activation module (gelu for v1, relu for v2+).
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.models.mdeq import ClassificationHead
+        >>> head = ClassificationHead([4, 8], [2, 4], 16, 10, torch.nn.ReLU())
+        >>> head([torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]).shape
+        torch.Size([2, 10])
+    """
 
     def __init__(self, num_channels: Sequence[int], head_channels: Sequence[int], final_channels: int,
                  num_classes: int, act: nn.Module):
@@ -308,7 +376,33 @@ def _shortcut(cfg: MDEQConfig) -> List[nn.Module]:
 
 def build_mdeq(cfg: MDEQConfig, model_type: ModelType = "skip", solver: SolverKind = "discrete", *,
                jac_reg: bool = False) -> PaperNetwork:
-    """The multiscale network of ``cfg`` for one model type and solver kind."""
+    """The multiscale network of ``cfg`` for one model type and solver kind.
+
+    The factory functions (:func:`mnist_conv`, :func:`cifar10_small`, ...) call this with their config;
+    call it directly with a config of your own.
+
+    Args:
+        cfg: the network's definition.
+        model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode``. Default ``skip``, the paper's
+            proposed model.
+        solver: ``continuous`` (Tsit5) or ``discrete`` (limited-memory Broyden). Default ``discrete``, as
+            :func:`deqlab.models.build_model`'s.
+        jac_reg: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to every forward.
+
+    Returns:
+        The network, a :class:`~deqlab.models.PaperNetwork`.
+
+    Raises:
+        ValueError: for an unknown ``solver``, or ``neural_ode`` with the discrete solver or ``jac_reg``.
+
+    Examples:
+        >>> import dataclasses
+        >>> from deqlab.models import count_parameters
+        >>> from deqlab.models.mdeq import MNIST_CONV, build_mdeq
+        >>> cfg = dataclasses.replace(MNIST_CONV, num_channels=(4, 8), head_channels=(2, 4), final_channels=8)
+        >>> count_parameters(build_mdeq(cfg, "vanilla"))
+        10010
+    """
     solver_obj = make_solver(solver, mode=cfg.mode, tol=cfg.tol, max_steps=cfg.max_steps)
     main, mapping, post = _map_layers(cfg)
     deq = make_multiscale(model_type, main, mapping, post, solver_obj, cfg.scales,
@@ -345,7 +439,35 @@ IMAGENET_SMALL = MDEQConfig(
     backward_max_steps=28, mode="abs_deq_best", downsample_times=2, num_classes=1000, shortcut_expansion=3)
 
 
-def _factory(name: str, base: MDEQConfig, doc: str):
+_FACTORY_SECTIONS = """
+
+``overrides`` replace fields of :class:`MDEQConfig`.
+
+Args:
+    model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode``. Default ``skip``, the paper's proposed
+        model.
+    solver: ``continuous`` (Tsit5) or ``discrete`` (limited-memory Broyden). Default ``discrete``, as
+        :func:`deqlab.models.build_model`'s.
+    jac_reg: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to every forward.
+    **overrides: fields of :class:`MDEQConfig` to change (``tol``, ``max_steps``, ``num_channels``, ...).
+
+Returns:
+    The network, a :class:`~deqlab.models.PaperNetwork`.
+
+Raises:
+    TypeError: for an ``overrides`` name that is not an :class:`MDEQConfig` field.
+    ValueError: when the overridden config is invalid, for an unknown ``solver``, or ``neural_ode`` with the
+        discrete solver or ``jac_reg``.
+
+Examples:
+    >>> from deqlab.models import count_parameters
+    >>> from deqlab.models.mdeq import {name}
+    >>> count_parameters({name}("vanilla"))
+    {params}
+"""
+
+
+def _factory(name: str, base: MDEQConfig, doc: str, params: int):
     def build(model_type: ModelType = "skip", solver: SolverKind = "discrete", *, jac_reg: bool = False,
               **overrides: Any) -> PaperNetwork:
         names = {f.name for f in dataclasses.fields(MDEQConfig)}
@@ -358,20 +480,20 @@ def _factory(name: str, base: MDEQConfig, doc: str):
                 overrides[key] = tuple(overrides[key])
         return build_mdeq(dataclasses.replace(base, **overrides), model_type, solver, jac_reg=jac_reg)
 
-    build.__doc__ = doc + "\n\n``overrides`` replace fields of :class:`MDEQConfig`."
+    build.__doc__ = doc + _FACTORY_SECTIONS.format(name=name, params=params)
     build.__name__ = build.__qualname__ = name
     return build
 
 
 mnist_conv = _factory("mnist_conv", MNIST_CONV,
-                      "MNIST conv (v1): 2-scale MDEQ, 28×28×8 and 14×14×16, tol 1e-2, 50 steps.")
+                      "MNIST conv (v1): 2-scale MDEQ, 28×28×8 and 14×14×16, tol 1e-2, 50 steps.", 71578)
 svhn_v1 = _factory("svhn_v1", SVHN_V1,
-                   "SVHN (v1): the CIFAR-10 v1 model (2 scales of 24 channels, dropout 0.25).")
+                   "SVHN (v1): the CIFAR-10 v1 model (2 scales of 24 channels, dropout 0.25).", 159274)
 cifar10_v1 = _factory("cifar10_v1", CIFAR10_V1,
-                      "CIFAR-10 (v1): 2 scales 32×32×24 / 16×16×24, dropout 0.25, tol 5e-2, 20 steps.")
+                      "CIFAR-10 (v1): 2 scales 32×32×24 / 16×16×24, dropout 0.25, tol 5e-2, 20 steps.", 159274)
 cifar10_small = _factory("cifar10_small", CIFAR10_SMALL,
-                         "CIFAR-10 small / tiny (v2+): 2 scales of 24 channels, ≈164K parameters.")
+                         "CIFAR-10 small / tiny (v2+): 2 scales of 24 channels, ≈164K parameters.", 163546)
 cifar10_large = _factory("cifar10_large", CIFAR10_LARGE,
-                         "CIFAR-10 large (v2+): 4 scales (32, 64, 128, 256), ≈10.6M parameters.")
+                         "CIFAR-10 large (v2+): 4 scales (32, 64, 128, 256), ≈10.6M parameters.", 10631958)
 imagenet_small = _factory("imagenet_small", IMAGENET_SMALL,
-                          "ImageNet small (v2+): 4 scales, 224² input downsampled 4×, ≈17.9M parameters.")
+                          "ImageNet small (v2+): 4 scales, 224² input downsampled 4×, ≈17.9M parameters.", 17912456)

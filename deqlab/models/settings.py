@@ -78,6 +78,31 @@ def paper_settings(experiment: str, arch: str, model_type: str = "skip", solver:
     ``skip_loss_weight`` is the paper's λ_skip for ``skip`` / ``skip_reg`` and 0 for ``vanilla`` /
     ``neural_ode`` (u0 = 0 there, so there is nothing to learn); ``jacobian_loss_weight`` is λ_jac = 1 with
     ``jac_reg=True``, else 0. The neural-ODE baseline has no fixed-depth mode, so its ``pretrain_steps`` is 0.
+
+    Args:
+        experiment: ``mnist``, ``svhn``, ``cifar10`` or ``imagenet``, as in :func:`build_model`.
+        arch: the experiment's architecture (``cifar10`` also accepts ``tiny`` for ``small``).
+        model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode``; sets ``skip_loss_weight`` (and
+            ``pretrain_steps`` for ``neural_ode``). Default ``skip``, as :func:`build_model`'s.
+        solver: ``continuous`` or ``discrete``; the CIFAR-10 v1 batch size depends on it. Default
+            ``discrete``, as :func:`build_model`'s.
+        jac_reg: whether the run trains the Jacobian term; sets ``jacobian_loss_weight``. Default
+            ``False``, as :func:`build_model`'s.
+
+    Returns:
+        A new dict (safe to modify) of training keys (:data:`TRAINING_KEYS`) and run defaults.
+
+    Raises:
+        ValueError: for an unknown ``experiment``, ``arch``, ``model_type`` or ``solver``.
+
+    Examples:
+        >>> from deqlab.models import TRAINING_KEYS, paper_settings
+        >>> s = paper_settings("mnist", "dense")
+        >>> s["lr"], s["skip_loss_weight"], s["jacobian_loss_weight"], s["batch_size"], s["epochs"]
+        (0.001, 5.0, 0.0, 32, 25)
+        >>> training = {k: v for k, v in s.items() if k in TRAINING_KEYS}  # for DEQClassifier(net, **training)
+        >>> sorted(set(s) - TRAINING_KEYS)
+        ['augment', 'batch_size', 'epochs', 'mean', 'seeds', 'std']
     """
     from deqlab.models.builder import canonical_arch
 
