@@ -1,7 +1,7 @@
 """The ``deqlab`` command: ``deqlab fit --config experiments/digits.yaml``.
 
 ``deqlab fit`` trains, ``deqlab test --config ... --ckpt_path ...`` evaluates, ``deqlab fit --help`` lists
-the options (see :class:`deqlab.lightning.cli.DEQLightningCLI`). This entry point sits above the model zoo
+the options (see `deqlab.lightning.cli.DEQLightningCLI`). This entry point sits above the model zoo
 and the data modules: it imports them so that configs may name their classes by short name
 (``class_path: DigitsDEQ``); ``deqlab.lightning`` itself never imports them.
 """

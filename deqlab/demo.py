@@ -74,7 +74,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def format_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """A plain-text table of ``rows`` (as returned by :func:`main`)."""
+    """A plain-text table of ``rows`` (as returned by `main`)."""
     header = ("model", "test acc", "explicit acc", "fwd NFE (test)", "fwd NFE (train)", "bwd NFE (train)", "s/epoch")
     lines = [header]
     for r in rows:

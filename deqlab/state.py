@@ -37,7 +37,7 @@ def as_parts(state: State) -> List[Tensor]:
     """A state as a list of tensors (a single tensor becomes a one-element list).
 
     Why: code that handles single-tensor and multiscale states alike iterates over parts; this is the
-    one place that decides what the parts of a state are. :func:`from_parts` undoes it.
+    one place that decides what the parts of a state are. [`from_parts`][deqlab.state.from_parts] undoes it.
 
     Args:
         state: a batch-first tensor ``(B, ...)``, or a list (or tuple) of such tensors.
@@ -59,7 +59,7 @@ def as_parts(state: State) -> List[Tensor]:
 
 
 def from_parts(parts: Sequence[Tensor], is_list: bool) -> State:
-    """Inverse of :func:`as_parts`: the parts as the state structure they came from.
+    """Inverse of [`as_parts`][deqlab.state.as_parts]: the parts as the state structure they came from.
 
     Args:
         parts: the tensors of the state, in order.
@@ -90,10 +90,10 @@ def flatten(parts: Sequence[Tensor]) -> Tensor:
     """Concatenate per-sample flattened parts into one ``(B, N)`` tensor (a free view for one part).
 
     Why: solvers iterate on flat vectors, one row per sample; ``N`` is the total number of entries of
-    one sample across all parts. :func:`unflatten` undoes it.
+    one sample across all parts. [`unflatten`][deqlab.state.unflatten] undoes it.
 
     Args:
-        parts: batch-first tensors sharing the batch size ``B`` (e.g. from :func:`as_parts`).
+        parts: batch-first tensors sharing the batch size ``B`` (e.g. from [`as_parts`][deqlab.state.as_parts]).
 
     Returns:
         A ``(B, N)`` tensor: a view of the part when there is one, else a new concatenated tensor.
@@ -110,7 +110,7 @@ def flatten(parts: Sequence[Tensor]) -> Tensor:
 
 
 def unflatten(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
-    """Split a ``(B, N)`` tensor back into tensors shaped like ``like``; the inverse of :func:`flatten`.
+    """Split a ``(B, N)`` tensor back into tensors shaped like ``like``; the inverse of [`flatten`][deqlab.state.flatten].
 
     Args:
         flat: a ``(B, N)`` tensor whose ``N`` is the per-sample size of all of ``like`` together.
@@ -162,7 +162,7 @@ def detach(state: State) -> State:
 
     Returns:
         ``state.detach()`` for a tensor, or a new list of detached tensors (sharing storage with the
-        originals, as :meth:`torch.Tensor.detach` does).
+        originals, as `torch.Tensor.detach` does).
 
     Example:
         >>> import torch
@@ -186,7 +186,7 @@ def batch_norm(v: Tensor, kind: str = "l2") -> Tensor:
         kind: ``"l2"`` (default, the norm of the reference package's termination tests) or ``"rms"``,
             under which one tolerance means the same for a state of 4 and of 100 000 numbers. Any other
             value gives the L2 norm: the value is not checked here (this runs every solver step);
-            :class:`~deqlab.solvers.TerminationCondition` validates it once.
+            [`TerminationCondition`][deqlab.solvers.TerminationCondition] validates it once.
 
     Returns:
         The ``(B,)`` per-sample norms (float32 for half-precision ``v``, else ``v``'s dtype).
@@ -213,8 +213,8 @@ def per_sample_norm(parts: Sequence[Tensor], norm: str = "l2") -> Tensor:
     """Per-sample L2 (or RMS) norm of a state given as parts; shape ``(B,)``.
 
     Args:
-        parts: the state's tensors (see :func:`as_parts`); the norm runs over all of a sample's entries.
-        norm: ``"l2"`` (default) or ``"rms"``, as in :func:`batch_norm`; the default matches the
+        parts: the state's tensors (see [`as_parts`][deqlab.state.as_parts]); the norm runs over all of a sample's entries.
+        norm: ``"l2"`` (default) or ``"rms"``, as in [`batch_norm`][deqlab.state.batch_norm]; the default matches the
             solvers' default norm, so a layer reports residuals the way its solver measured them.
 
     Returns:
@@ -340,7 +340,7 @@ class StatePacker:
             batch: the number of samples of the new packer.
 
         Returns:
-            A :class:`StatePacker` equal to this one except for the batch size.
+            A [`StatePacker`][deqlab.state.StatePacker] equal to this one except for the batch size.
 
         Example:
             >>> import torch
@@ -401,11 +401,11 @@ def make_flat_map(f: Callable[[State], State], packer: StatePacker) -> Callable[
 
     Args:
         f: the map on structured states (a tensor or a list of tensors, as ``packer`` describes).
-        packer: the :class:`StatePacker` of the solve's ``z0``.
+        packer: the [`StatePacker`][deqlab.state.StatePacker] of the solve's ``z0``.
 
     Returns:
         ``flat_f(z)``: ``packer.flatten(f(packer.unflatten(z)))``. Its first call raises ``TypeError``
-        or ``ValueError`` (see :meth:`StatePacker.check_output`) when ``f`` returns a state that is not
+        or ``ValueError`` (see `StatePacker.check_output`) when ``f`` returns a state that is not
         shaped like ``z0``.
 
     Example:

@@ -43,7 +43,7 @@ DIGITS_TRAINING = DEQTrainingConfig(lr=3e-3, weight_decay=1e-5)
 MNIST_TRAINING = DEQTrainingConfig(optimizer="adamw", lr=1e-3, betas=(0.9, 0.999), weight_decay=2.5e-6,
                                    scheduler="cosine", eta_min=1e-6)
 
-#: The pre-object solver keywords, kept as aliases (see :meth:`DenseDEQClassifier.__init__`).
+#: The pre-object solver keywords, kept as aliases (see `DenseDEQClassifier.__init__`).
 _LEGACY_SOLVER_KEYS = ("termination_mode", "abstol", "reltol", "max_steps")
 _LEGACY_BACKWARD_KEYS = ("backward_solver", "backward_tol", "backward_max_steps")
 
@@ -53,17 +53,17 @@ class DEQClassifier(DEQLightningModule):
 
     ``network(x)`` must return ``(logits, solution)`` (``solution``: a ``DeepEquilibriumSolution``, a list
     of them, or ``None``); an optional ``network.explicit_forward(x)`` returns the u0-only logits of Skip
-    models (or ``None``). The networks of :mod:`deqlab.models` follow it.
+    models (or ``None``). The networks of `deqlab.models` follow it.
 
     Args:
         network: the model (stem → DEQ layer(s) → head). Not recorded in ``hparams`` (its weights are in the
             state dict): rebuild it for ``DEQClassifier.load_from_checkpoint(path, network=...)``.
-        **kwargs: training settings, passed to :class:`~deqlab.lightning.DEQLightningModule`
-            (:class:`~deqlab.lightning.DEQTrainingConfig` fields, flat, or ``training=DEQTrainingConfig(...)``;
-            :func:`deqlab.models.paper_settings` gives the paper's).
+        **kwargs: training settings, passed to [`DEQLightningModule`][deqlab.lightning.DEQLightningModule]
+            ([`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] fields, flat, or ``training=DEQTrainingConfig(...)``;
+            [`deqlab.models.paper_settings`][deqlab.models.paper_settings] gives the paper's).
 
     Raises:
-        TypeError: when a keyword is not a training setting (see :class:`~deqlab.lightning.DEQLightningModule`).
+        TypeError: when a keyword is not a training setting (see [`DEQLightningModule`][deqlab.lightning.DEQLightningModule]).
 
     Examples:
         >>> import torch
@@ -105,7 +105,7 @@ def build_solver(
         name: ``lbroyden``, ``broyden``, ``anderson``, ``fixed_point``, ``newton_krylov`` (discrete
             solvers) or ``tsit5`` (the continuous DEQ). No default: the zoo models pass theirs
             (``lbroyden``).
-        mode: termination mode of the solve (see :mod:`deqlab.solvers.termination`). Default
+        mode: termination mode of the solve (see `deqlab.solvers.termination`). Default
             ``rel_deq_default``, the paper's: stop when ``||f(z) - z|| / ||f(z)||`` is below ``reltol``
             (or, after a patience window, stalls near it).
         abstol: absolute termination tolerance (and the ODE step ``abstol`` for ``tsit5``, so the
@@ -150,7 +150,7 @@ def build_solver(
 
 def build_backward(name: BackwardName = "gmres", *, tol: Optional[float] = None,
                    max_steps: Optional[int] = None) -> BackwardMode:
-    """The implicit backward with adjoint solver ``name``: :class:`deqlab.nn.ImplicitBackward`'s own default
+    """The implicit backward with adjoint solver ``name``: [`deqlab.nn.ImplicitBackward`][deqlab.nn.ImplicitBackward]'s own default
     budget (the paper's protocol: tolerance = the forward solver's termination tolerance, at most 15
     VJPs), so a zoo model and a hand-built layer differentiate alike; ``tol``/``max_steps`` override it.
 
@@ -162,7 +162,7 @@ def build_backward(name: BackwardName = "gmres", *, tol: Optional[float] = None,
         max_steps: VJP budget of the adjoint solve. Default ``None``: ``ImplicitBackward``'s default (15).
 
     Returns:
-        The backward mode, an :class:`~deqlab.nn.ImplicitBackward`; pass it as a layer's or a zoo
+        The backward mode, an [`ImplicitBackward`][deqlab.nn.ImplicitBackward]; pass it as a layer's or a zoo
             model's ``backward``.
 
     Raises:
@@ -193,11 +193,11 @@ def dense_deq_layer(
             with the dense predictor) or ``skip_reg`` (``SkipDeepEquilibriumNetwork(shortcut=None)``,
             u0 = f(0, x)).
         width: state (and injection) width: the layer maps ``(B, width)`` to ``(B, width)``.
-        solver: the forward solver object (e.g. from :func:`build_solver`).
+        solver: the forward solver object (e.g. from [`build_solver`][deqlab.zoo.build_solver]).
         jacobian_regularization: compute the Hutchinson Jacobian term on ``solution.jacobian_loss``.
             Default ``False``: it adds a VJP (and its backward) to every forward, and is only needed
             when it is trained on.
-        backward: the backward mode. Default ``None``: the layer's default (:class:`deqlab.nn.ImplicitBackward`),
+        backward: the backward mode. Default ``None``: the layer's default ([`deqlab.nn.ImplicitBackward`][deqlab.nn.ImplicitBackward]),
             so this layer differentiates like a hand-built one.
 
     Returns:
@@ -231,7 +231,7 @@ def _resolve_solver_and_backward(
     default_max_steps: int, owner: str,
 ) -> Tuple[Solver, BackwardMode]:
     """Solver and backward objects from what the caller gave: objects are used as they are; a name or
-    ``None`` builds the zoo default (:func:`build_solver`, :func:`build_backward`). The old flat keywords
+    ``None`` builds the zoo default ([`build_solver`][deqlab.zoo.build_solver], [`build_backward`][deqlab.zoo.build_backward]). The old flat keywords
     (``abstol``, ``max_steps``, ``backward_tol``, ...) are aliases for the name form only."""
     solver_kw = {k: legacy[k] for k in _LEGACY_SOLVER_KEYS if k in legacy}
     backward_kw = {k: legacy[k] for k in _LEGACY_BACKWARD_KEYS if k in legacy}
@@ -266,19 +266,19 @@ class DenseDEQClassifier(DEQLightningModule):
             paper's dense experiment.
         width: state width of the DEQ. Default 128, the paper's.
         model_type: ``vanilla``, ``skip`` or ``skip_reg``. Default ``skip``, the paper's proposed model.
-        solver: the forward solver: any :class:`~deqlab.solvers.Solver` object (in a config:
+        solver: the forward solver: any [`Solver`][deqlab.solvers.Solver] object (in a config:
             ``class_path: deqlab.solvers.DiscreteDEQSolver`` with its ``init_args``), or a name
-            (``lbroyden``, ..., ``tsit5`` = continuous DEQ) for :func:`build_solver` with the paper's
+            (``lbroyden``, ..., ``tsit5`` = continuous DEQ) for [`build_solver`][deqlab.zoo.build_solver] with the paper's
             tolerances (5e-3) and ``default_max_steps``; ``None`` (default): ``lbroyden``, the paper's
             discrete solver.
-        backward: the backward mode: a :class:`~deqlab.nn.BackwardMode` object (``ImplicitBackward``,
+        backward: the backward mode: a [`BackwardMode`][deqlab.nn.BackwardMode] object (``ImplicitBackward``,
             ``JacobianFreeBackward``, ``PhantomGradient``), or the name of the adjoint solver for
-            :func:`build_backward`; ``None`` (default): ``ImplicitBackward()``'s default, the paper's GMRES
+            [`build_backward`][deqlab.zoo.build_backward]; ``None`` (default): ``ImplicitBackward()``'s default, the paper's GMRES
             adjoint to the forward's termination tolerance within at most 15 VJPs (the same as a hand-built
             layer).
         jacobian_regularization: compute the Hutchinson Jacobian term (weighted by ``jacobian_loss_weight``).
             Default ``False``: the term adds a VJP (and its backward) to every forward.
-        **kwargs: training settings, passed to :class:`DEQLightningModule` (``training=`` or flat field
+        **kwargs: training settings, passed to [`DEQLightningModule`][deqlab.lightning.DEQLightningModule] (``training=`` or flat field
             names). The old solver keywords ``termination_mode``, ``abstol``, ``reltol``, ``max_steps``,
             ``backward_solver``, ``backward_tol``, ``backward_max_steps`` still work with a solver *name*.
 
@@ -346,25 +346,25 @@ class MNISTDenseDEQ(DenseDEQClassifier):
 
     Dense(784→128, relu) → DEQ with f(z, x) = relu(W1 z) + relu(W2 x) (no biases) → Dense(128→10); skip
     predictor Dense(128→128, relu); limited-memory Broyden, abstol = reltol = 5e-3, 50 steps; GMRES adjoint
-    within 15 VJPs; :data:`MNIST_TRAINING` (AdamW lr 1e-3, betas (0.9, 0.999), weight decay 2.5e-6, cosine
+    within 15 VJPs; [`MNIST_TRAINING`][deqlab.zoo.MNIST_TRAINING] (AdamW lr 1e-3, betas (0.9, 0.999), weight decay 2.5e-6, cosine
     to 1e-6 over all steps); λ_skip = 5.0 for Skip variants (0 for vanilla) and λ_jac = 1.0 with
     ``jacobian_regularization`` (0 without) unless ``skip_loss_weight`` / ``jacobian_loss_weight`` are set.
     ``in_features`` and ``width`` are fixed (784, 128): they are the paper's model.
 
     Args:
         model_type: ``vanilla``, ``skip`` or ``skip_reg``. Default ``skip``, the paper's proposed model.
-        solver: a solver object or name, as in :class:`DenseDEQClassifier`. Default ``None``: limited-memory
+        solver: a solver object or name, as in [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier]. Default ``None``: limited-memory
             Broyden with the paper's 5e-3 tolerances and 50 steps.
-        backward: a backward mode or adjoint-solver name, as in :class:`DenseDEQClassifier`. Default
+        backward: a backward mode or adjoint-solver name, as in [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier]. Default
             ``None``: the paper's GMRES adjoint within 15 VJPs.
         jacobian_regularization: compute the Hutchinson Jacobian term. Default ``False``, the paper's
             "Skip DEQ" rows; ``True`` gives the "+ Jac. Reg." rows (and λ_jac = 1.0).
-        training: the training settings. Default :data:`MNIST_TRAINING`, the paper's MNIST protocol.
-        **kwargs: passed to :class:`DenseDEQClassifier`: flat training settings applied on top of
+        training: the training settings. Default [`MNIST_TRAINING`][deqlab.zoo.MNIST_TRAINING], the paper's MNIST protocol.
+        **kwargs: passed to [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier]: flat training settings applied on top of
             ``training`` (``lr=...``) and the old solver keywords.
 
     Raises:
-        ValueError: as :class:`DenseDEQClassifier` (unknown ``model_type``, old solver keywords with objects).
+        ValueError: as [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier] (unknown ``model_type``, old solver keywords with objects).
         TypeError: when a keyword is not a training setting.
 
     Examples:
@@ -398,27 +398,27 @@ class DigitsDEQ(DenseDEQClassifier):
     """A small dense DEQ for scikit-learn's 8×8 digits (the demo and test model): trains in seconds on a CPU.
 
     ``flatten → Linear(64→width) + relu → dense DEQ → Linear(width→10)``; accepts ``(B, 1, 8, 8)`` or
-    ``(B, 64)`` inputs. Solver by name: 30 steps. Training defaults :data:`DIGITS_TRAINING` (lr 3e-3,
+    ``(B, 64)`` inputs. Solver by name: 30 steps. Training defaults [`DIGITS_TRAINING`][deqlab.zoo.DIGITS_TRAINING] (lr 3e-3,
     weight decay 1e-5) with λ_skip = 1.0 for Skip variants unless ``skip_loss_weight`` is set. Arguments
-    as :class:`DenseDEQClassifier`, with ``in_features`` fixed to 64.
+    as [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier], with ``in_features`` fixed to 64.
 
     Args:
         model_type: ``vanilla``, ``skip`` or ``skip_reg``. Default ``skip``, the paper's proposed model.
         width: state width of the DEQ. Default 64: as wide as the input, enough for the digits and fast
             on a CPU.
-        solver: a solver object or name, as in :class:`DenseDEQClassifier`. Default ``None``:
+        solver: a solver object or name, as in [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier]. Default ``None``:
             limited-memory Broyden, 5e-3 tolerances, 30 steps (the small map converges well within them).
-        backward: a backward mode or adjoint-solver name, as in :class:`DenseDEQClassifier`. Default
+        backward: a backward mode or adjoint-solver name, as in [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier]. Default
             ``None``: the GMRES adjoint within 15 VJPs.
         jacobian_regularization: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP
             (and its backward) to every forward.
-        training: the training settings. Default :data:`DIGITS_TRAINING` (lr 3e-3, weight decay 1e-5),
+        training: the training settings. Default [`DIGITS_TRAINING`][deqlab.zoo.DIGITS_TRAINING] (lr 3e-3, weight decay 1e-5),
             tuned for the small dataset.
-        **kwargs: passed to :class:`DenseDEQClassifier`: flat training settings applied on top of
+        **kwargs: passed to [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier]: flat training settings applied on top of
             ``training`` (``lr=...``) and the old solver keywords.
 
     Raises:
-        ValueError: as :class:`DenseDEQClassifier` (unknown ``model_type``, old solver keywords with objects).
+        ValueError: as [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier] (unknown ``model_type``, old solver keywords with objects).
         TypeError: when a keyword is not a training setting.
 
     Examples:

@@ -87,7 +87,7 @@ def split_indices(n: int, lengths: Sequence[int], seed: int) -> list[list[int]]:
 
     Args:
         n: number of items; the indices are ``0 .. n-1``.
-        lengths: size of each piece (e.g. from :func:`split_lengths`); must sum to ``n``.
+        lengths: size of each piece (e.g. from [`split_lengths`][deqlab.data.split_lengths]); must sum to ``n``.
         seed: seeds the permutation. No default, on purpose: the caller's seed (a data module's
             ``seed``) must decide the split, never an implicit value.
 
@@ -164,7 +164,7 @@ class ResumableDataLoader(DataLoader):
     sampler's ``set_epoch``) and the number of batches handed out in it; it is applied only to a pass of
     the same epoch, so an epoch-end checkpoint starts the next epoch from its beginning.
 
-    With an :class:`EpochSeededSampler` the resumed pass skips indices without loading them; with another
+    With an [`EpochSeededSampler`][deqlab.data.EpochSeededSampler] the resumed pass skips indices without loading them; with another
     sampler (e.g. Lightning's ``DistributedSampler`` under DDP) it loads and drops the seen batches. Worker
     seeds come from the loader's own generator, re-seeded from ``(seed, epoch)`` at every pass, so building
     an iterator never draws from the global RNG and augmentation in workers repeats exactly.
@@ -172,7 +172,7 @@ class ResumableDataLoader(DataLoader):
     Args:
         *args: passed to ``torch.utils.data.DataLoader`` (the dataset first, as there).
         seed: with the epoch, seeds the loader's generator (worker seeds) at every pass. Default 0, the
-            data modules' default ``seed`` (:class:`BaseDataModule` passes its own).
+            data modules' default ``seed`` ([`BaseDataModule`][deqlab.data.BaseDataModule] passes its own).
         **kwargs: passed to ``torch.utils.data.DataLoader`` (``batch_size``, ``sampler``, ``num_workers``,
             ...). Without a ``generator`` the loader gets a fresh ``torch.Generator``, so it never shares
             (and advances) the global one.
@@ -215,7 +215,7 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": self._pass_epoch, "batches": self._position}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from ``state`` (of :meth:`state_dict`) at the next pass, if that pass is the same epoch."""
+        """Resume from ``state`` (of `state_dict`) at the next pass, if that pass is the same epoch."""
         self._resume = dict(state)
 
     def __iter__(self) -> Iterator[Any]:
@@ -310,7 +310,7 @@ def normalize_transform(
         std: per-channel standard deviation, same length as ``mean``.
         augment: PIL-image transforms run first (random crops, flips). Default ``()``: none, as for
             evaluation.
-        flatten: append :class:`Flatten` for dense models. Default ``False``: images keep ``(C, H, W)``.
+        flatten: append `Flatten` for dense models. Default ``False``: images keep ``(C, H, W)``.
 
     Returns:
         The composed ``torchvision.transforms.v2`` transform.
@@ -462,11 +462,11 @@ class TorchvisionDataModule(BaseDataModule):
             ``False``: nothing touches the network unless asked, and a missing file is reported by name.
         augment: use training augmentation (validation and test never augment). Default ``False``: the
             paper's v1 protocol trains without it.
-        **kwargs: the loader options of :class:`BaseDataModule` (``batch_size``, ``num_workers``, ``seed``,
+        **kwargs: the loader options of [`BaseDataModule`][deqlab.data.BaseDataModule] (``batch_size``, ``num_workers``, ``seed``,
             ``val_fraction``, ``pin_memory``).
 
     Raises:
-        ValueError: from :class:`BaseDataModule` for an invalid loader option.
+        ValueError: from [`BaseDataModule`][deqlab.data.BaseDataModule] for an invalid loader option.
 
     Examples:
         A subclass names its files and how to load them; torchvision's ``FakeData`` stands in here:

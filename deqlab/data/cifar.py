@@ -32,12 +32,12 @@ class CIFAR10DataModule(TorchvisionDataModule):
             128, the v2+ configs' value (the experiments set the v1 sizes themselves).
         **kwargs: ``download``, ``augment`` (random 32×32 crop of the 4-pixel-padded image + horizontal
             flip: the paper's "large" config; off by default like the v1 protocol and the "tiny" config)
-            and the other loader options of :class:`~deqlab.data.base.BaseDataModule`.
+            and the other loader options of [`BaseDataModule`][deqlab.data.BaseDataModule].
 
     Normalisation: mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010).
 
     Raises:
-        ValueError: from :class:`~deqlab.data.base.BaseDataModule` for an invalid loader option.
+        ValueError: from [`BaseDataModule`][deqlab.data.BaseDataModule] for an invalid loader option.
 
     Examples:
         >>> from deqlab.data import CIFAR10DataModule

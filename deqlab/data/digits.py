@@ -34,7 +34,7 @@ class DigitsDataModule(BaseDataModule):
             test split, and a fifth (359 images) is a usable test set that leaves most samples for training.
         flatten: yield ``(64,)`` vectors for dense models instead of ``(1, 8, 8)`` images. Default
             ``False``: images, as the torchvision data modules yield them.
-        **kwargs: the loader options of :class:`~deqlab.data.base.BaseDataModule` (``batch_size``,
+        **kwargs: the loader options of [`BaseDataModule`][deqlab.data.BaseDataModule] (``batch_size``,
             ``num_workers``: 0 is best here, the whole dataset is one small tensor; ``seed``: seeds the
             split; ``val_fraction``: of the non-test samples; ``pin_memory``).
 

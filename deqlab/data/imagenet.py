@@ -40,7 +40,7 @@ class ImageNetDataModule(TorchvisionDataModule):
             paper's ImageNet protocol.
         image_size: side of the square network input; evaluation resizes the shorter side to
             ``round(image_size / 0.875)`` (256 for 224) and centre-crops. Default 224, the paper's.
-        **kwargs: the other loader options of :class:`~deqlab.data.base.BaseDataModule` (the paper's
+        **kwargs: the other loader options of [`BaseDataModule`][deqlab.data.BaseDataModule] (the paper's
             batch size is 64). ``download=True`` raises: ImageNet cannot be downloaded automatically
             (registration and licence at image-net.org).
 

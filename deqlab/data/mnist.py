@@ -36,13 +36,13 @@ class MNISTDataModule(TorchvisionDataModule):
             ``False``: images, for the conv model (the dense models flatten inputs themselves too).
         **kwargs: ``download``, ``augment`` (random 28×28 crops of the 2-pixel-padded image; not part of
             the paper's protocol, which trains MNIST without augmentation; never flips, digits are chiral)
-            and the loader options of :class:`~deqlab.data.base.BaseDataModule` (``batch_size``: the paper
+            and the loader options of [`BaseDataModule`][deqlab.data.BaseDataModule] (``batch_size``: the paper
             uses 32 for the dense model, 64 for the conv model).
 
     Normalisation: mean 0.1307, std 0.3081 (PAPER_PROTOCOLS.md; the original script used raw pixels).
 
     Raises:
-        ValueError: from :class:`~deqlab.data.base.BaseDataModule` for an invalid loader option.
+        ValueError: from [`BaseDataModule`][deqlab.data.BaseDataModule] for an invalid loader option.
 
     Examples:
         Sizes are known before any file is read; ``setup`` names what is missing:

@@ -30,12 +30,12 @@ class SVHNDataModule(TorchvisionDataModule):
         data_dir: root containing ``SVHN/``. Default ``"data"``, where the experiment configs look.
         **kwargs: ``download`` (the two ``.mat`` files), ``augment`` (random 32×32 crops of the
             4-pixel-padded image; not in the paper's protocol; no flips, digits are chiral) and the loader
-            options of :class:`~deqlab.data.base.BaseDataModule` (the paper's batch size is 64).
+            options of [`BaseDataModule`][deqlab.data.BaseDataModule] (the paper's batch size is 64).
 
     Normalisation: mean (0.4104, 0.4160, 0.4421), std (0.1959, 0.1988, 0.1953).
 
     Raises:
-        ValueError: from :class:`~deqlab.data.base.BaseDataModule` for an invalid loader option.
+        ValueError: from [`BaseDataModule`][deqlab.data.BaseDataModule] for an invalid loader option.
 
     Examples:
         >>> from deqlab.data import SVHNDataModule

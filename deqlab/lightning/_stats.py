@@ -64,7 +64,7 @@ def as_solution_list(solution: Any, *, owner: str = "the model") -> List[DeepEqu
 class SolutionSummary:
     """Sums over DEQ layers of the per-batch quantities (one layer is the usual case).
 
-    Built by :func:`summarize`, which documents each field.
+    Built by `summarize`, which documents each field.
 
     Attributes:
         skip_loss: the layers' skip losses, summed (a scalar tensor).
@@ -105,7 +105,7 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
             be added to the task loss whatever the architecture.
 
     Returns:
-        The summary, a :class:`SolutionSummary`.
+        The summary, a `SolutionSummary`.
 
     Examples:
         >>> import torch
@@ -155,7 +155,7 @@ def _scalar(value: Any, zero: Tensor) -> Tensor:
 
 
 class StepRecord:
-    """What one step of :class:`~deqlab.lightning.DEQLightningModule` did: the one channel to callbacks.
+    """What one step of [`DEQLightningModule`][deqlab.lightning.DEQLightningModule] did: the one channel to callbacks.
 
     Every ``training_step`` / ``validation_step`` / ``test_step`` returns ``{"loss": loss, "deq": record}``;
     a callback reads ``outputs["deq"]`` in ``on_{train,validation,test}_batch_end``. Plain numbers only

@@ -54,10 +54,10 @@ class NFEHistogram(pl.Callback):
     ``solver/val_nfe_hist`` (validation batches).
 
     A mean NFE hides the tail: a few batches that hit ``max_steps`` show up here as a separate mode.
-    The numbers come from each step's :class:`~deqlab.lightning.StepRecord` (``outputs["deq"]``).
+    The numbers come from each step's [`StepRecord`][deqlab.lightning.StepRecord] (``outputs["deq"]``).
     Values are collected on rank zero only (each rank sees a shard of the same distribution).
 
-    :class:`~deqlab.lightning.DEQLightningModule` adds one itself when ``log_figures=True``; pass one to
+    [`DEQLightningModule`][deqlab.lightning.DEQLightningModule] adds one itself when ``log_figures=True``; pass one to
     the Trainer only to change the tags (a callback of this type given to the Trainer replaces the
     module's). Without a TensorBoard logger nothing is written.
 
@@ -81,7 +81,7 @@ class NFEHistogram(pl.Callback):
 
     @staticmethod
     def _nfe(outputs: Any) -> Optional[float]:
-        """The forward NFE from the step's record (``outputs["deq"]``, see :class:`StepRecord`)."""
+        """The forward NFE from the step's record (``outputs["deq"]``, see [`StepRecord`][deqlab.lightning.StepRecord])."""
         record = outputs.get("deq") if isinstance(outputs, Mapping) else None
         if not isinstance(record, StepRecord):
             return None
@@ -133,7 +133,7 @@ class ConvergenceFigure(pl.Callback):
     the fixed point easier (or harder) to find. The curve comes from ``solution.solver_result.trace``;
     solvers that do not record a trace get no figure (logged once at INFO level).
 
-    :class:`~deqlab.lightning.DEQLightningModule` adds one with the defaults when ``log_figures=True``;
+    [`DEQLightningModule`][deqlab.lightning.DEQLightningModule] adds one with the defaults when ``log_figures=True``;
     give one to the Trainer to change them. Drawing costs one extra forward of the fixed batch per drawn
     epoch, on rank zero only.
 

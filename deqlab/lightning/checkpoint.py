@@ -2,10 +2,10 @@
 
 Two jobs, both invisible until something goes wrong:
 
-* :func:`check_checkpoint_file`: a truncated (killed mid-write), empty or overwritten checkpoint would
+* `check_checkpoint_file`: a truncated (killed mid-write), empty or overwritten checkpoint would
   otherwise surface as ``PytorchStreamReader failed reading zip archive`` without a file name; this check
   names the file and says it is damaged, before Lightning or ``load_from_checkpoint`` reads it.
-* :func:`rng_state` / :func:`restore_rng_state`: Lightning does not checkpoint the global random number
+* `rng_state` / `restore_rng_state`: Lightning does not checkpoint the global random number
   generators, so a resumed run would draw different dropout masks and Hutchinson probes than the
   uninterrupted one. The states are stored as plain tensors and tuples, so the checkpoint stays loadable
   with ``torch.load(weights_only=True)``.
@@ -48,7 +48,7 @@ def _damaged(path: Path, why: str) -> CheckpointDamagedError:
 
 
 def check_checkpoint_file(path: PathLike) -> None:
-    """Raise :class:`CheckpointDamagedError` naming ``path`` unless it looks like a complete torch checkpoint.
+    """Raise `CheckpointDamagedError` naming ``path`` unless it looks like a complete torch checkpoint.
 
     ``torch.save`` writes a zip archive: the archive's directory must be readable and every member's CRC
     must match (``zipfile.testzip``, one sequential read of the file). Files in torch's legacy non-zip
@@ -133,13 +133,13 @@ def rng_state() -> Dict[str, Any]:
 
 
 def restore_rng_state(state: Dict[str, Any]) -> None:
-    """Set the global RNGs back to :func:`rng_state`'s ``state``.
+    """Set the global RNGs back to `rng_state`'s ``state``.
 
     CUDA states are restored only when the machine has as many CUDA devices as the saved state (a run
     resumed on a different machine keeps its fresh CUDA generators rather than failing).
 
     Args:
-        state: what :func:`rng_state` returned (possibly after a ``torch.save`` / ``torch.load`` round trip).
+        state: what `rng_state` returned (possibly after a ``torch.save`` / ``torch.load`` round trip).
 
     Examples:
         >>> import random

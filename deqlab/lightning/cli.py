@@ -7,8 +7,8 @@ the key. Solvers, termination conditions and backward modes are objects in the c
 (``solver: {class_path: deqlab.solvers.DiscreteDEQSolver, init_args: {...}}``).
 
 This module imports no model: a full class path imports its module. The ``deqlab`` console command
-(:func:`deqlab.cli.main`) additionally imports the zoo and the data modules so that short class names
-(``class_path: DigitsDEQ``) resolve; :func:`main` here is a thin alias that defers to it.
+(`deqlab.cli.main`) additionally imports the zoo and the data modules so that short class names
+(``class_path: DigitsDEQ``) resolve; `main` here is a thin alias that defers to it.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class DEQLightningCLI(LightningCLI):
 
 
 def main(args: Optional[List[str]] = None) -> None:
-    """Alias of :func:`deqlab.cli.main` (the ``deqlab`` console script), imported only when called so that
+    """Alias of `deqlab.cli.main` (the ``deqlab`` console script), imported only when called so that
     importing ``deqlab.lightning`` never imports the model zoo.
 
     Args:

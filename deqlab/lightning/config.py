@@ -1,9 +1,9 @@
-"""``DEQTrainingConfig``: the one definition of the training settings of :class:`DEQLightningModule`.
+"""``DEQTrainingConfig``: the one definition of the training settings of [`DEQLightningModule`][deqlab.lightning.DEQLightningModule].
 
 Why a dataclass: the fields, their types, their defaults and their documentation are written once, here.
 ``DEQLightningModule(training=DEQTrainingConfig(lr=3e-3))`` takes it as a typed object (LightningCLI
 configs write it as a nested ``training:`` block, type-checked key by key), and the flat keywords
-``DEQLightningModule(lr=3e-3)`` are checked against the same fields (:meth:`DEQTrainingConfig.build`),
+``DEQLightningModule(lr=3e-3)`` are checked against the same fields (`DEQTrainingConfig.build`),
 so an unknown or misspelt name raises instead of being ignored.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ class DEQTrainingConfig:
     """Optimisation, loss weights, pretraining, non-finite policy and logging of a DEQ training run.
 
     Frozen, so one config can be shared by several models and stored in a checkpoint without being changed
-    behind their back; derive a variant with :meth:`build` (or ``dataclasses.replace``). Numbers are
+    behind their back; derive a variant with `build` (or ``dataclasses.replace``). Numbers are
     normalised on construction (floats for rates and weights, tuples for ``betas`` / ``step_milestones``).
     The defaults are the paper's v1 protocol where it has one; the zoo models override some of them
     (``deqlab.zoo.MNIST_TRAINING``, ``deqlab.zoo.DIGITS_TRAINING``).
@@ -54,7 +54,7 @@ class DEQTrainingConfig:
         jacobian_loss_weight: λ_jac, weight of the Hutchinson Jacobian estimate. ``None`` (default): the
             model's default (0 for the base class). A value > 0 needs a DEQ layer built with
             ``jacobian_regularization=True``; ``fit`` raises otherwise (the term would silently be 0).
-        extra_loss_weights: weights of the terms returned by :meth:`DEQLightningModule.extra_losses`, by
+        extra_loss_weights: weights of the terms returned by `DEQLightningModule.extra_losses`, by
             name; a term without an entry has weight 1.0, an entry without a term raises. Default ``{}``:
             every extra term counts fully.
         pretrain_steps: for global steps ``< pretrain_steps`` every DEQ layer runs ``pretrain_depth``

@@ -89,7 +89,7 @@ RESERVED_LOSS_NAMES = frozenset({
 
 
 def find_deq_layers(module: nn.Module) -> List[nn.Module]:
-    """Every submodule (not ``module`` itself) that implements the :class:`deqlab.nn.DEQLayer` protocol:
+    """Every submodule (not ``module`` itself) that implements the [`deqlab.nn.DEQLayer`][deqlab.nn.DEQLayer] protocol:
     a ``fixed_depth`` attribute and a ``fixed_depth_mode(depth)`` context manager. deqlab's layers and any
     researcher's layer with those two members are found and driven the same way.
 
@@ -128,17 +128,17 @@ class DEQLightningModule(pl.LightningModule):
       ``task_loss(output, target)`` (cross-entropy by default) and ``extra_losses(...)`` (own loss terms).
 
     Args:
-        training: the training settings as one typed object (see :class:`DEQTrainingConfig` for every
+        training: the training settings as one typed object (see [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] for every
             field, its default and its meaning); ``None`` (default): all defaults. Keyword-only, so a
             subclass's own positional arguments never collide with it.
         **overrides: the same settings as flat keywords (``lr=3e-3, scheduler="none"``), applied on top of
             ``training`` (so one field can be changed without restating the rest). A name that is not a
-            field of :class:`DEQTrainingConfig` raises ``TypeError``.
+            field of [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] raises ``TypeError``.
 
     Raises:
-        TypeError: when an ``overrides`` name is not a :class:`DEQTrainingConfig` field (a misspelt
+        TypeError: when an ``overrides`` name is not a [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] field (a misspelt
             setting must not be silently ignored), or ``training`` is neither a config nor a mapping.
-        ValueError: when the resulting settings are invalid (see :class:`DEQTrainingConfig`).
+        ValueError: when the resulting settings are invalid (see [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig]).
 
     Examples:
         A subclass builds its network and returns ``(output, solution)``; the base does the rest:
@@ -255,7 +255,7 @@ class DEQLightningModule(pl.LightningModule):
         gave it, the model output, the list of DEQ solution records of this step (empty for a model
         without a DEQ layer) and the stage (``"train"``, ``"val"``, ``"test"``). Each returned term must
         be a scalar tensor (a batch mean, so DDP gradients stay exact); it is added to the loss with the
-        weight ``extra_loss_weights[name]`` of :class:`DEQTrainingConfig` (1.0 when absent) and logged
+        weight ``extra_loss_weights[name]`` of [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] (1.0 when absent) and logged
         unweighted as ``{stage}/{name}``. Names the module logs itself (``loss``, ``skip_loss``, ...) are
         refused.
         """
@@ -274,7 +274,7 @@ class DEQLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ DEQ layers & pretraining
     def deq_layers(self) -> List[nn.Module]:
-        """The DEQ layers of this model (see :func:`find_deq_layers`)."""
+        """The DEQ layers of this model (see [`find_deq_layers`][deqlab.lightning.find_deq_layers])."""
         return find_deq_layers(self)
 
     def set_fixed_depth(self, depth: int) -> None:
@@ -532,13 +532,13 @@ class DEQLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ non-finite batches
     def _guard_nonfinite(self, batch_idx: int, loss: Any) -> None:
-        """The ``on_nonfinite`` policy (see :class:`DEQTrainingConfig`), applied after the backward.
+        """The ``on_nonfinite`` policy (see [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig]), applied after the backward.
 
         A batch is bad when its loss or any gradient is non-finite, or any of its solves ended
         ``nonfinite``. Under DDP the decision is all-reduced (any rank bad → every rank skips), so the
         replicas never drift apart. ``skip`` sets every gradient to ``None`` (no update, no optimizer-state
         change), counts the batch in ``train/skipped_batches`` and warns once; ``raise`` raises
-        :class:`NonFiniteBatchError`. Both messages name the batch, the solver status and where the
+        `NonFiniteBatchError`. Both messages name the batch, the solver status and where the
         non-finite values first appear (the input batch, the initial guess, the solve, the loss).
         """
         reasons: List[str] = []
@@ -634,7 +634,7 @@ class DEQLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def setup(self, stage: str) -> None:
-        """Let the Trainer's checkpoint loading check the file first (:func:`check_checkpoint_file`): a
+        """Let the Trainer's checkpoint loading check the file first (`check_checkpoint_file`): a
         truncated, empty or corrupted ``ckpt_path`` is reported by name as damaged."""
         strategy = self.trainer.strategy
         if not getattr(strategy, "_deqlab_checks_checkpoints", False):
@@ -649,7 +649,7 @@ class DEQLightningModule(pl.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        """Lightning's ``load_from_checkpoint``, after :func:`check_checkpoint_file` on the file."""
+        """Lightning's ``load_from_checkpoint``, after `check_checkpoint_file` on the file."""
         check_checkpoint_file(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 

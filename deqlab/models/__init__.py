@@ -1,9 +1,9 @@
 """The paper's models (arXiv 2201.12240) as plain ``nn.Module`` networks built from deqlab's public layers.
 
 Pure torch: importing this package never imports Lightning. Every network follows the contract of
-:class:`deqlab.zoo.DEQClassifier`: ``forward(x) -> (logits, solution)`` and ``explicit_forward(x)`` (the
+[`deqlab.zoo.DEQClassifier`][deqlab.zoo.DEQClassifier]: ``forward(x) -> (logits, solution)`` and ``explicit_forward(x)`` (the
 u0-only logits of Skip models, ``None`` otherwise). Train one with
-``DEQClassifier(build_model(...), **training_kwargs)``; :func:`paper_settings` gives the paper's training
+``DEQClassifier(build_model(...), **training_kwargs)``; [`paper_settings`][deqlab.models.paper_settings] gives the paper's training
 settings.
 """
 from deqlab.models._build import MODEL_TYPES, SOLVER_KINDS, PaperNetwork, count_parameters

@@ -59,7 +59,7 @@ def make_solver(kind: SolverKind, *, mode: str, tol: float, max_steps: int) -> A
 
     Args:
         kind: ``continuous`` or ``discrete``.
-        mode: termination mode (see :mod:`deqlab.solvers.termination`).
+        mode: termination mode (see `deqlab.solvers.termination`).
         tol: absolute and relative termination tolerance (and the ODE step tolerances).
         max_steps: step budget (solver iterations, or ODE stepper calls).
 
@@ -90,7 +90,7 @@ def make_backward(tol: float, max_steps: int) -> ImplicitBackward:
         max_steps: VJP budget of the adjoint solve.
 
     Returns:
-        The backward mode, an :class:`~deqlab.nn.ImplicitBackward`.
+        The backward mode, an [`ImplicitBackward`][deqlab.nn.ImplicitBackward].
 
     Examples:
         >>> from deqlab.models._build import make_backward
@@ -104,7 +104,7 @@ def make_deq(model_type: ModelType, model: nn.Module, solver: Any, *, shortcut: 
              backward: ImplicitBackward, jac_reg: bool, detach_skip_target: Optional[bool] = None) -> nn.Module:
     """A single-state DEQ layer for ``vanilla`` / ``skip`` / ``skip_reg``. ``detach_skip_target=None`` keeps
     the layer's default: a detached target for ``skip``, the coupled loss for ``skip_reg``
-    (:class:`deqlab.nn.MapGuess` says why)."""
+    ([`deqlab.nn.MapGuess`][deqlab.nn.MapGuess] says why)."""
     kwargs = dict(backward=backward, jacobian_regularization=jac_reg)
     if model_type == "vanilla":
         return DeepEquilibriumNetwork(model, solver, **kwargs)
@@ -140,13 +140,13 @@ def check_neural_ode(solver: Any, jac_reg: bool) -> None:
 
 
 class PaperNetwork(nn.Module):
-    """``stem → DEQ layer → head``, the contract of :class:`deqlab.zoo.DEQClassifier`.
+    """``stem → DEQ layer → head``, the contract of [`deqlab.zoo.DEQClassifier`][deqlab.zoo.DEQClassifier].
 
     ``forward(x) -> (logits, solution)``; ``explicit_forward(x)`` gives the u0-only logits of Skip models
     (``head(u0)``, the paper's "explicit accuracy") and ``None`` for vanilla and neural-ODE models, whose
     u0 = 0 carries no information.
 
-    :func:`~deqlab.models.build_model` builds these; construct one directly to wrap your own parts in the
+    [`build_model`][deqlab.models.build_model] builds these; construct one directly to wrap your own parts in the
     same contract.
 
     Args:

@@ -23,7 +23,7 @@ def canonical_arch(experiment: str, arch: str) -> str:
     """``arch`` with aliases resolved; raises with the valid names for an unknown experiment or arch.
 
     Args:
-        experiment: a key of :data:`EXPERIMENTS`.
+        experiment: a key of [`EXPERIMENTS`][deqlab.models.EXPERIMENTS].
         arch: an architecture of that experiment, or an alias (``cifar10``: ``tiny`` for ``small``).
 
     Returns:
@@ -77,7 +77,7 @@ def build_model(experiment: str, arch: str, *, model_type: str = "skip", solver:
     """The paper's network for ``experiment`` / ``arch``.
 
     Args:
-        experiment: ``mnist``, ``svhn``, ``cifar10`` or ``imagenet`` (the keys of :data:`EXPERIMENTS`).
+        experiment: ``mnist``, ``svhn``, ``cifar10`` or ``imagenet`` (the keys of [`EXPERIMENTS`][deqlab.models.EXPERIMENTS]).
         arch: the architecture of that experiment: ``mnist``: ``dense`` | ``conv``; ``svhn``: ``v1``;
             ``cifar10``: ``v1`` | ``small`` (alias ``tiny``) | ``large``; ``imagenet``: ``small``.
         model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode`` (needs ``solver="continuous"``).
@@ -88,10 +88,10 @@ def build_model(experiment: str, arch: str, *, model_type: str = "skip", solver:
             ``False``: it adds a VJP to every forward, needed only for the "+ Jac. Reg." rows.
         num_classes: classifier outputs. Default ``None``: the dataset's (10, or 1000 for ImageNet).
         **overrides: the architecture's keyword arguments (e.g. ``tol``, ``max_steps``, ``mode``; see the
-            factory functions in :mod:`deqlab.models.mnist` / :mod:`deqlab.models.mdeq`); unknown names raise.
+            factory functions in `deqlab.models.mnist` / `deqlab.models.mdeq`); unknown names raise.
 
     Returns:
-        The network, a :class:`~deqlab.models.PaperNetwork`: ``forward(x) -> (logits, solution)``,
+        The network, a [`PaperNetwork`][deqlab.models.PaperNetwork]: ``forward(x) -> (logits, solution)``,
             ``explicit_forward(x) -> logits | None``.
 
     Raises:

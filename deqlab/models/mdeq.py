@@ -4,10 +4,10 @@ ImageNet small (the v2+ configs).
 Every network is ``stem → multiscale DEQ layer → classification head``. Two block families exist because
 the paper changed them between versions:
 
-* **v1** (MNIST conv, SVHN, CIFAR-10 ``v1``): deqlab's :class:`~deqlab.nn.ResidualBlock` (GroupNorm + gelu,
-  weight-normed convolutions, variational dropout), :class:`~deqlab.nn.Downsample` /
-  :class:`~deqlab.nn.Upsample` mappings and :class:`~deqlab.nn.PostFuse` layers; head with gelu.
-* **v2+** (CIFAR-10 ``small`` / ``large``, ImageNet ``small``): :class:`BNResidualBlock` (BatchNorm + relu,
+* **v1** (MNIST conv, SVHN, CIFAR-10 ``v1``): deqlab's [`ResidualBlock`][deqlab.nn.ResidualBlock] (GroupNorm + gelu,
+  weight-normed convolutions, variational dropout), [`Downsample`][deqlab.nn.Downsample] /
+  [`Upsample`][deqlab.nn.Upsample] mappings and [`PostFuse`][deqlab.nn.PostFuse] layers; head with gelu.
+* **v2+** (CIFAR-10 ``small`` / ``large``, ImageNet ``small``): `BNResidualBlock` (BatchNorm + relu,
   as in the reference ``experiments/src/construct.jl``), stride-2 conv3×3 + BN + relu downsampling chains,
   conv3×3 + BN + relu + nearest-upsampling, conv1×1 + relu + BN post-fuse layers; head with relu.
 
@@ -44,7 +44,7 @@ __all__ = [
 @dataclass(frozen=True)
 class MDEQConfig:
     """Everything that defines one multiscale paper network (every field can be overridden in
-    :func:`deqlab.models.build_model`).
+    [`deqlab.models.build_model`][deqlab.models.build_model]).
 
     Frozen: the module-level configs (``MNIST_CONV``, ``CIFAR10_SMALL``, ...) are shared; derive a variant
     with ``dataclasses.replace``. The fields without a default differ between the paper's networks, so
@@ -75,7 +75,7 @@ class MDEQConfig:
         mode: termination mode of the forward solver.
         backward_max_steps: GMRES VJP budget of the adjoint.
         detach_skip_target: whether the skip loss treats z* as a detached target (``None``: detached for
-            ``skip``, coupled for ``skip_reg``; see :class:`deqlab.nn.MapGuess`).
+            ``skip``, coupled for ``skip_reg``; see [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]).
         fuse_gain: initial affine weight γ of the v1 GroupNorms that end a path from the state back into
             the state: each residual block's last GroupNorm, the middle one of the blocks without injection
             (scales > 1), and each mapping's last GroupNorm (also the Skip predictor's output norms, so u0
@@ -322,7 +322,7 @@ def _stem(cfg: MDEQConfig) -> nn.Module:
 
 def _set_output_gain(module: nn.Module, gain: float, *, injected: bool = True) -> nn.Module:
     """Initialise to ``gain`` the affine weight of the GroupNorms through which ``module`` feeds the state
-    back into itself (see :attr:`MDEQConfig.fuse_gain`): a residual block's ``gn3``, and its ``gn2`` when the
+    back into itself (see `MDEQConfig.fuse_gain`): a residual block's ``gn3``, and its ``gn2`` when the
     block gets no injection (``gn2`` then normalises a signal of ``z`` alone); a mapping's last GroupNorm."""
     if gain == 1.0:
         return module
@@ -360,7 +360,7 @@ def _map_layers(cfg: MDEQConfig):
 
 def _shortcut(cfg: MDEQConfig) -> List[nn.Module]:
     """The Skip predictor: one module per scale, each applied to the stem output (the layer's
-    :class:`~deqlab.nn.ShortcutGuess` applies them)."""
+    [`ShortcutGuess`][deqlab.nn.ShortcutGuess] applies them)."""
     ch = cfg.num_channels
     if cfg.version == "v1":
         g = cfg.fuse_gain
@@ -378,7 +378,7 @@ def build_mdeq(cfg: MDEQConfig, model_type: ModelType = "skip", solver: SolverKi
                jac_reg: bool = False) -> PaperNetwork:
     """The multiscale network of ``cfg`` for one model type and solver kind.
 
-    The factory functions (:func:`mnist_conv`, :func:`cifar10_small`, ...) call this with their config;
+    The factory functions (`mnist_conv`, `cifar10_small`, ...) call this with their config;
     call it directly with a config of your own.
 
     Args:
@@ -386,11 +386,11 @@ def build_mdeq(cfg: MDEQConfig, model_type: ModelType = "skip", solver: SolverKi
         model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode``. Default ``skip``, the paper's
             proposed model.
         solver: ``continuous`` (Tsit5) or ``discrete`` (limited-memory Broyden). Default ``discrete``, as
-            :func:`deqlab.models.build_model`'s.
+            [`deqlab.models.build_model`][deqlab.models.build_model]'s.
         jac_reg: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to every forward.
 
     Returns:
-        The network, a :class:`~deqlab.models.PaperNetwork`.
+        The network, a [`PaperNetwork`][deqlab.models.PaperNetwork].
 
     Raises:
         ValueError: for an unknown ``solver``, or ``neural_ode`` with the discrete solver or ``jac_reg``.
@@ -441,21 +441,21 @@ IMAGENET_SMALL = MDEQConfig(
 
 _FACTORY_SECTIONS = """
 
-``overrides`` replace fields of :class:`MDEQConfig`.
+``overrides`` replace fields of `MDEQConfig`.
 
 Args:
     model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode``. Default ``skip``, the paper's proposed
         model.
     solver: ``continuous`` (Tsit5) or ``discrete`` (limited-memory Broyden). Default ``discrete``, as
-        :func:`deqlab.models.build_model`'s.
+        [`deqlab.models.build_model`][deqlab.models.build_model]'s.
     jac_reg: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to every forward.
-    **overrides: fields of :class:`MDEQConfig` to change (``tol``, ``max_steps``, ``num_channels``, ...).
+    **overrides: fields of `MDEQConfig` to change (``tol``, ``max_steps``, ``num_channels``, ...).
 
 Returns:
-    The network, a :class:`~deqlab.models.PaperNetwork`.
+    The network, a [`PaperNetwork`][deqlab.models.PaperNetwork].
 
 Raises:
-    TypeError: for an ``overrides`` name that is not an :class:`MDEQConfig` field.
+    TypeError: for an ``overrides`` name that is not an `MDEQConfig` field.
     ValueError: when the overridden config is invalid, for an unknown ``solver``, or ``neural_ode`` with the
         discrete solver or ``jac_reg``.
 

@@ -62,7 +62,7 @@ def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete",
         model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode``. Default ``skip``, the paper's
             proposed model.
         solver: ``continuous`` (Tsit5) or ``discrete`` (limited-memory Broyden). Default ``discrete``, as
-            :func:`deqlab.models.build_model`'s.
+            [`deqlab.models.build_model`][deqlab.models.build_model]'s.
         jac_reg: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to every forward.
         num_classes: classifier outputs. Default 10, MNIST's digits.
         width: state width of the DEQ. Default 128, the paper's.
@@ -73,11 +73,11 @@ def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete",
         backward_max_steps: VJP budget of the GMRES adjoint (capped at ``max_steps``). Default 15, the
             paper's.
         detach_skip_target: whether the skip loss treats z* as a detached target; see
-            :class:`deqlab.nn.MapGuess`. Default ``None``: the layer's default, detached for ``skip``,
+            [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]. Default ``None``: the layer's default, detached for ``skip``,
             coupled for ``skip_reg``.
 
     Returns:
-        The network, a :class:`~deqlab.models.PaperNetwork`.
+        The network, a [`PaperNetwork`][deqlab.models.PaperNetwork].
 
     Raises:
         ValueError: for an unknown ``solver``, or ``neural_ode`` with the discrete solver or ``jac_reg``.

@@ -1,7 +1,7 @@
 """The paper's training settings per experiment, as flat keyword arguments.
 
 Why flat: a script passes the training keys straight to ``DEQClassifier(network, **training)`` (they are
-:class:`deqlab.lightning.DEQLightningModule` arguments) and reads the run keys (batch size, epochs or steps,
+[`deqlab.lightning.DEQLightningModule`][deqlab.lightning.DEQLightningModule] arguments) and reads the run keys (batch size, epochs or steps,
 augmentation, seeds, normalization) itself. ``TRAINING_KEYS`` names the first group; everything else in the
 dict is a run default.
 """
@@ -13,7 +13,7 @@ from deqlab.models._build import MODEL_TYPES, SOLVER_KINDS, check_choice
 
 __all__ = ["paper_settings", "TRAINING_KEYS"]
 
-#: keys of :func:`paper_settings` that are ``DEQLightningModule`` keyword arguments.
+#: keys of [`paper_settings`][deqlab.models.paper_settings] that are ``DEQLightningModule`` keyword arguments.
 TRAINING_KEYS = frozenset({
     "num_classes", "optimizer", "lr", "weight_decay", "betas", "momentum", "nesterov", "scheduler", "eta_min",
     "step_milestones", "step_gamma", "skip_loss_weight", "jacobian_loss_weight", "pretrain_steps",
@@ -69,7 +69,7 @@ def paper_settings(experiment: str, arch: str, model_type: str = "skip", solver:
                    jac_reg: bool = False) -> Dict[str, Any]:
     """The paper's training defaults for one run, as a flat dict.
 
-    Keys in :data:`TRAINING_KEYS` are ``DEQLightningModule`` arguments (optimizer, lr, weight_decay, betas,
+    Keys in [`TRAINING_KEYS`][deqlab.models.TRAINING_KEYS] are ``DEQLightningModule`` arguments (optimizer, lr, weight_decay, betas,
     scheduler, eta_min, momentum/nesterov/step_milestones/step_gamma for ImageNet's SGD, skip_loss_weight,
     jacobian_loss_weight, pretrain_steps, pretrain_depth, num_classes). The others are run defaults:
     ``batch_size`` (per process), ``epochs`` (v1 experiments) or ``max_steps`` (v2+ configs), ``augment``,
@@ -80,17 +80,17 @@ def paper_settings(experiment: str, arch: str, model_type: str = "skip", solver:
     ``jac_reg=True``, else 0. The neural-ODE baseline has no fixed-depth mode, so its ``pretrain_steps`` is 0.
 
     Args:
-        experiment: ``mnist``, ``svhn``, ``cifar10`` or ``imagenet``, as in :func:`build_model`.
+        experiment: ``mnist``, ``svhn``, ``cifar10`` or ``imagenet``, as in [`build_model`][deqlab.models.build_model].
         arch: the experiment's architecture (``cifar10`` also accepts ``tiny`` for ``small``).
         model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode``; sets ``skip_loss_weight`` (and
-            ``pretrain_steps`` for ``neural_ode``). Default ``skip``, as :func:`build_model`'s.
+            ``pretrain_steps`` for ``neural_ode``). Default ``skip``, as [`build_model`][deqlab.models.build_model]'s.
         solver: ``continuous`` or ``discrete``; the CIFAR-10 v1 batch size depends on it. Default
-            ``discrete``, as :func:`build_model`'s.
+            ``discrete``, as [`build_model`][deqlab.models.build_model]'s.
         jac_reg: whether the run trains the Jacobian term; sets ``jacobian_loss_weight``. Default
-            ``False``, as :func:`build_model`'s.
+            ``False``, as [`build_model`][deqlab.models.build_model]'s.
 
     Returns:
-        A new dict (safe to modify) of training keys (:data:`TRAINING_KEYS`) and run defaults.
+        A new dict (safe to modify) of training keys ([`TRAINING_KEYS`][deqlab.models.TRAINING_KEYS]) and run defaults.
 
     Raises:
         ValueError: for an unknown ``experiment``, ``arch``, ``model_type`` or ``solver``.

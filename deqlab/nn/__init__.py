@@ -1,6 +1,6 @@
 """DEQ layers, implicit differentiation and building blocks (pure torch; never imports Lightning).
 
-torchdyn is imported lazily by :class:`MultiScaleNeuralODE` only when it runs.
+torchdyn is imported lazily by [`MultiScaleNeuralODE`][deqlab.nn.MultiScaleNeuralODE] only when it runs.
 """
 from deqlab.nn.deq import (
     DEQ,

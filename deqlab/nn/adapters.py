@@ -1,9 +1,9 @@
-"""Turn what a user passes as ``solver=`` into a :class:`~deqlab.solvers.Solver`.
+"""Turn what a user passes as ``solver=`` into a [`Solver`][deqlab.solvers.Solver].
 
 Why: a DEQ layer relies on the ``Solver`` contract (``solver(f, z0) -> SolverResult`` plus a public
 ``termination`` whose ``norm`` the layer uses for residuals it computes itself and whose ``tol`` is the
 default adjoint tolerance). deqlab's solvers satisfy it; a researcher's plain function
-``solve(f, z0) -> SolverResult`` does not declare a stop rule, so :class:`CallableSolver` wraps it with an
+``solve(f, z0) -> SolverResult`` does not declare a stop rule, so [`CallableSolver`][deqlab.nn.CallableSolver] wraps it with an
 explicit, documented one instead of the layer guessing attributes.
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ __all__ = ["CallableSolver", "as_solver"]
 
 
 class CallableSolver:
-    """A plain callable ``fn(f, z0) -> SolverResult`` as a :class:`~deqlab.solvers.Solver`.
+    """A plain callable ``fn(f, z0) -> SolverResult`` as a [`Solver`][deqlab.solvers.Solver].
 
     A DEQ layer wraps a plain callable ``solver=`` in this class itself; build one explicitly to declare
     the stop rule your function applies.
 
     Args:
-        fn: the solve, called as ``fn(f, z0)`` and returning a :class:`~deqlab.solvers.SolverResult`.
+        fn: the solve, called as ``fn(f, z0)`` and returning a [`SolverResult`][deqlab.solvers.SolverResult].
             Required.
         termination: the stop rule ``fn`` applies, as a description (its ``norm`` is used for the residual
             of fixed-depth mode, its ``tol`` as the default adjoint tolerance). Default ``None``: absolute
@@ -73,8 +73,8 @@ class CallableSolver:
 
 
 def as_solver(solver: Any, owner: str = "DEQ") -> Solver:
-    """A registered name, a :class:`~deqlab.solvers.Solver`, or a plain callable (wrapped in
-    :class:`CallableSolver`); anything else raises ``TypeError``."""
+    """A registered name, a [`Solver`][deqlab.solvers.Solver], or a plain callable (wrapped in
+    [`CallableSolver`][deqlab.nn.CallableSolver]); anything else raises ``TypeError``."""
     if isinstance(solver, str):
         from deqlab.solvers.registry import get_solver
 

@@ -2,7 +2,7 @@
 
 Data flow of one forward (``deq(x) -> (z_star, solution)``):
 
-1. every :class:`~deqlab.nn.layers.EquilibriumStateful` submodule starts its per-solve state (weight-norm
+1. every [`EquilibriumStateful`][deqlab.nn.EquilibriumStateful] submodule starts its per-solve state (weight-norm
    cache, dropout mask);
 2. the initial-guess strategy ``init`` gives ``u0`` (zeros / ``shortcut(x)`` / ``f(0, x)`` / your own);
 3. the solver finds ``z* = f(z*, x)`` from ``init.start(u0)`` without building a graph (memory does not
@@ -10,10 +10,10 @@ Data flow of one forward (``deq(x) -> (z_star, solution)``):
 4. ``z*`` is connected to ``x`` and the map's parameters through the backward mode (implicit by default),
    which fills the ``backward_*`` fields of the solution record when it runs;
 5. the Jacobian loss and the guess's skip loss are formed; everything is returned in a
-   :class:`~deqlab.nn.solution.DeepEquilibriumSolution`.
+   [`DeepEquilibriumSolution`][deqlab.nn.DeepEquilibriumSolution].
 
 Skip DEQ, Skip Reg. DEQ and the multiscale layers are the same class with another ``init`` / ``model``
-(:class:`SkipDeepEquilibriumNetwork` and friends only build those).
+([`SkipDeepEquilibriumNetwork`][deqlab.nn.SkipDeepEquilibriumNetwork] and friends only build those).
 """
 from __future__ import annotations
 
@@ -112,21 +112,21 @@ class DeepEquilibriumNetwork(nn.Module):
     Calling ``layer(x)`` finds the fixed point of ``z -> model(z, x)`` with ``solver`` (without building a
     graph, so memory does not grow with solver steps), connects it to ``x`` and the map's parameters through
     ``backward``, and returns ``(z_star, solution)``: the fixed point and a
-    :class:`~deqlab.nn.DeepEquilibriumSolution` with the residual, NFE, convergence mask and losses.
+    [`DeepEquilibriumSolution`][deqlab.nn.DeepEquilibriumSolution] with the residual, NFE, convergence mask and losses.
 
     Args:
         model: the map ``f``, any module called as ``model(z, x)`` returning a tensor shaped like ``z``
             (usually ``z`` enters one branch and the injection ``x`` another). Required: it is the layer.
-        solver: a :class:`~deqlab.solvers.Solver` (``DiscreteDEQSolver`` / ``ContinuousDEQSolver``), a
+        solver: a [`Solver`][deqlab.solvers.Solver] (``DiscreteDEQSolver`` / ``ContinuousDEQSolver``), a
             registered solver name, or a plain callable ``solver(f, z0) -> SolverResult`` (wrapped in
-            :class:`~deqlab.nn.CallableSolver`). Required: how hard to solve is a per-model choice.
-        init: the initial-guess strategy (:class:`~deqlab.nn.InitialGuess`). Default ``None``:
+            [`CallableSolver`][deqlab.nn.CallableSolver]). Required: how hard to solve is a per-model choice.
+        init: the initial-guess strategy ([`InitialGuess`][deqlab.nn.InitialGuess]). Default ``None``:
             ``ZeroGuess()`` (zeros shaped like ``x``), the vanilla DEQ's start, which adds no parameters;
             ``ShortcutGuess(module)`` gives a Skip DEQ, ``MapGuess()`` a Skip Reg. DEQ, or pass your own
             subclass.
         backward: how gradients are computed. Default ``None``: ``ImplicitBackward()``, the exact implicit
             gradient with the paper's budget (GMRES at the forward tolerance, at most 15 VJPs); the cheaper
-            approximations are :class:`JacobianFreeBackward` and :class:`PhantomGradient`.
+            approximations are [`JacobianFreeBackward`][deqlab.nn.JacobianFreeBackward] and [`PhantomGradient`][deqlab.nn.PhantomGradient].
         jacobian_regularization: add a Hutchinson estimate of ``‖∂f/∂z‖_F²`` at ``z*`` to the solution
             (``solution.jacobian_loss``; adding it to the loss with a weight is the caller's job). Default
             ``False``: it costs a graph of ``f`` and a VJP per probe every forward, so it is opt-in.
@@ -143,17 +143,17 @@ class DeepEquilibriumNetwork(nn.Module):
             ``u0`` with ordinary backprop (pretraining); ``solution.nfe`` is then exactly the depth.
             Default 0: solve for the fixed point, which is what a DEQ is.
         on_unconverged: what an unconverged forward or adjoint solve does: ``"warn"`` (default; a
-            :class:`~deqlab.ConvergenceWarning` at the 1st, 10th, 100th, ... failure, with counts, so a
+            [`ConvergenceWarning`][deqlab.solvers.ConvergenceWarning] at the 1st, 10th, 100th, ... failure, with counts, so a
             model that stops converging is noticed without flooding the log or stopping a long run),
-            ``"ignore"``, or ``"raise"`` (:class:`~deqlab.SolverError` at the first failure).
+            ``"ignore"``, or ``"raise"`` ([`SolverError`][deqlab.solvers.SolverError] at the first failure).
 
     Raises:
         ValueError: more than one of ``init``, ``z_shape``, ``initializer`` is given (all three set
             ``u0``); ``jacobian_probes < 1``; ``jacobian_normalize`` is not ``"element"``, ``"sample"`` or
             ``"none"``; ``fixed_depth`` is not an int >= 0; ``on_unconverged`` is not ``"warn"``,
             ``"ignore"`` or ``"raise"``; ``solver`` is an unknown solver name.
-        TypeError: ``backward`` is not a :class:`BackwardMode`; ``init`` is not an
-            :class:`~deqlab.nn.InitialGuess`; ``solver`` is neither a solver, a name nor a callable.
+        TypeError: ``backward`` is not a [`BackwardMode`][deqlab.nn.BackwardMode]; ``init`` is not an
+            [`InitialGuess`][deqlab.nn.InitialGuess]; ``solver`` is neither a solver, a name nor a callable.
 
     Example:
         A linear map ``f(z, x) = z / 2 + x`` has the fixed point ``z* = 2x``, and ``dz*/dx = 2``:
@@ -232,13 +232,13 @@ class DeepEquilibriumNetwork(nn.Module):
 
     @property
     def shortcut(self) -> Optional[nn.Module]:
-        """The Skip DEQ predictor (``init.shortcut`` of a :class:`ShortcutGuess`), else ``None``. Read-only."""
+        """The Skip DEQ predictor (``init.shortcut`` of a [`ShortcutGuess`][deqlab.nn.ShortcutGuess]), else ``None``. Read-only."""
         return self.init.shortcut if isinstance(self.init, ShortcutGuess) else None
 
     @property
     def fixed_depth(self) -> int:
         """``0``: solve; ``d > 0``: ``d`` unrolled applications of ``f``. Setting it changes the layer for
-        every thread; :meth:`fixed_depth_mode` changes it for the calling thread only."""
+        every thread; `fixed_depth_mode` changes it for the calling thread only."""
         override = _depth_overrides().get(self)
         return self._fixed_depth if override is None else override
 
@@ -327,7 +327,7 @@ class DeepEquilibriumNetwork(nn.Module):
         Returns:
             ``(z_star, solution)``: the fixed point (a tensor, or a list of tensors for a list state),
             connected to ``x`` and the map's parameters by the backward mode, and its
-            :class:`~deqlab.nn.DeepEquilibriumSolution`.
+            [`DeepEquilibriumSolution`][deqlab.nn.DeepEquilibriumSolution].
 
         Raises:
             TypeError: ``x`` is not a tensor.
@@ -469,12 +469,12 @@ class SkipDeepEquilibriumNetwork(DeepEquilibriumNetwork):
     predictor towards the fixed point and does not pull the fixed point towards the predictor (which would
     also cost a second adjoint solve). For Skip Reg. the default is the reference package's coupling (the
     loss also differentiates through ``z*``): a detached target lets ``|z*|`` run away, see
-    :class:`~deqlab.nn.MapGuess`. ``detach_skip_target=True``/``False`` forces either form.
+    [`MapGuess`][deqlab.nn.MapGuess]. ``detach_skip_target=True``/``False`` forces either form.
 
     Args:
-        model: the map ``f(z, x)``, as in :class:`DeepEquilibriumNetwork`. Required.
+        model: the map ``f(z, x)``, as in [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork]. Required.
         solver: the forward solver (a solver object, a registered name or a callable), as in
-            :class:`DeepEquilibriumNetwork`. Required.
+            [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork]. Required.
         shortcut: the explicit predictor ``x -> u0`` (state-shaped output): a Skip DEQ. Default ``None``:
             Skip Reg. DEQ, ``u0 = f(0, x)``, which needs no extra module or parameters.
         skip_loss: ``"l1"`` (default, ``mean|u0 − z*|``, the paper's loss) or ``"l2"``
@@ -482,15 +482,15 @@ class SkipDeepEquilibriumNetwork(DeepEquilibriumNetwork):
         detach_skip_target: whether ``z*`` is a constant target in the skip loss. Default ``None``: the
             guess's own default, a detached target with a shortcut (``True``) and the coupled loss for
             Skip Reg. (``False``), for the reasons above.
-        **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork` except ``init``/``initializer``
+        **kwargs: the keyword arguments of [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork] except ``init``/``initializer``
             (a Skip layer builds its own guess); ``z_shape`` is the state shape (the zeros ``f`` is applied
             to in Skip Reg.; checked against the shortcut's output in Skip DEQ).
 
     Raises:
         ValueError: ``init`` or ``initializer`` is passed (the Skip layer sets ``u0`` itself);
-            ``skip_loss`` is not ``"l1"`` or ``"l2"``; and the errors of :class:`DeepEquilibriumNetwork`.
+            ``skip_loss`` is not ``"l1"`` or ``"l2"``; and the errors of [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork].
         TypeError: ``shortcut`` is neither a module nor a sequence of modules; and the errors of
-            :class:`DeepEquilibriumNetwork`.
+            [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork].
 
     Example:
         Skip DEQ on ``f(z, x) = z / 2 + x`` with a linear predictor of the fixed point:
@@ -621,21 +621,21 @@ class MultiScaleDeepEquilibriumNetwork(DeepEquilibriumNetwork):
         post_fuse_layers: per-scale modules applied after the fusion, or ``None`` for no post-fuse step.
             Positional with no default, in the order of the reference package's constructor
             ``(main_layers, mapping_layers, post_fuse_layers, solver, scales)``.
-        solver: the forward solver, as in :class:`DeepEquilibriumNetwork` (every deqlab solver accepts list
+        solver: the forward solver, as in [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork] (every deqlab solver accepts list
             states). Required.
         scales: per-sample shapes of the state, one per main layer, e.g. ``[(8, 28, 28), (16, 14, 14)]``.
             Required: the state's shapes differ from ``x``'s, so they cannot be inferred.
-        **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork` (except ``z_shape``, which
+        **kwargs: the keyword arguments of [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork] (except ``z_shape``, which
             ``scales`` replaces); ``init`` defaults to ``ZeroGuess(shape=scales)`` (zeros at every scale,
             the vanilla start).
 
     ``forward(x)`` returns ``(list of z*_i, solution)``.
 
     Raises:
-        TypeError: ``z_shape`` is passed (use ``scales``); and the errors of :class:`DeepEquilibriumNetwork`.
+        TypeError: ``z_shape`` is passed (use ``scales``); and the errors of [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork].
         ValueError: ``len(scales)`` differs from the number of main layers; ``mapping_layers`` or
-            ``post_fuse_layers`` have the wrong size (see :class:`MultiScaleMap`); and the errors of
-            :class:`DeepEquilibriumNetwork`.
+            ``post_fuse_layers`` have the wrong size (see [`MultiScaleMap`][deqlab.nn.MultiScaleMap]); and the errors of
+            [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork].
 
     Example:
         Two scales (widths 2 and 3); the fixed point of scale 1 is ``2x``:
@@ -677,30 +677,30 @@ class MultiScaleSkipDeepEquilibriumNetwork(MultiScaleDeepEquilibriumNetwork):
     multiscale layer with ``init=ShortcutGuess(shortcut_layers, shape=scales)`` or ``MapGuess(shape=scales)``.
 
     Args:
-        main_layers: one module per scale, as in :class:`MultiScaleDeepEquilibriumNetwork`. Required.
-        mapping_layers: the ``n × n`` fusion matrix, as in :class:`MultiScaleDeepEquilibriumNetwork`.
+        main_layers: one module per scale, as in [`MultiScaleDeepEquilibriumNetwork`][deqlab.nn.MultiScaleDeepEquilibriumNetwork]. Required.
+        mapping_layers: the ``n × n`` fusion matrix, as in [`MultiScaleDeepEquilibriumNetwork`][deqlab.nn.MultiScaleDeepEquilibriumNetwork].
             Required.
         post_fuse_layers: per-scale post-fuse modules or ``None``, as in
-            :class:`MultiScaleDeepEquilibriumNetwork`. Required (positional).
-        solver: the forward solver, as in :class:`DeepEquilibriumNetwork`. Required.
+            [`MultiScaleDeepEquilibriumNetwork`][deqlab.nn.MultiScaleDeepEquilibriumNetwork]. Required (positional).
+        solver: the forward solver, as in [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork]. Required.
         scales: per-sample shapes of the state, one per scale. Required.
         shortcut_layers: a sequence of modules, one per scale, each applied to ``x``; or one module that
             returns the list of per-scale initial states. Default ``None``: Skip Reg., ``u0 = f(0, x)``,
             which needs no extra modules.
         skip_loss: ``"l1"`` (default, the paper's ``mean|u0 − z*|``) or ``"l2"``, as in
-            :class:`SkipDeepEquilibriumNetwork`.
+            [`SkipDeepEquilibriumNetwork`][deqlab.nn.SkipDeepEquilibriumNetwork].
         detach_skip_target: whether ``z*`` is a constant target in the skip loss. Default ``None``: the
             guess's own default (detached with shortcut layers, coupled for Skip Reg.), as in
-            :class:`SkipDeepEquilibriumNetwork`.
-        **kwargs: the keyword arguments of :class:`DeepEquilibriumNetwork` except ``z_shape``, ``init`` and
+            [`SkipDeepEquilibriumNetwork`][deqlab.nn.SkipDeepEquilibriumNetwork].
+        **kwargs: the keyword arguments of [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork] except ``z_shape``, ``init`` and
             ``initializer`` (the layer builds its own guess from ``scales``).
 
     Raises:
         ValueError: ``shortcut_layers`` is a sequence whose length is not ``len(scales)``; ``init`` or
             ``initializer`` is passed; ``skip_loss`` is not ``"l1"`` or ``"l2"``; and the errors of
-            :class:`MultiScaleDeepEquilibriumNetwork`.
+            [`MultiScaleDeepEquilibriumNetwork`][deqlab.nn.MultiScaleDeepEquilibriumNetwork].
         TypeError: ``shortcut_layers`` is neither a module nor a sequence of modules; and the errors of
-            :class:`MultiScaleDeepEquilibriumNetwork`.
+            [`MultiScaleDeepEquilibriumNetwork`][deqlab.nn.MultiScaleDeepEquilibriumNetwork].
 
     Example:
         Multiscale Skip DEQ with one linear predictor per scale, and its Skip Reg. form:

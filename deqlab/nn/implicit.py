@@ -1,19 +1,19 @@
 """Gradients of a DEQ layer: the implicit backward and its cheaper approximations.
 
 The forward solve runs without building a graph. To give ``z*`` gradients, the layer passes
-``(z*, x, *parameters)`` through :class:`_EquilibriumGradient`, one ``torch.autograd.Function`` defined at
+``(z*, x, *parameters)`` through `_EquilibriumGradient`, one ``torch.autograd.Function`` defined at
 module level whose forward is the identity on ``z*`` (so the returned tensor equals the solver's iterate
-exactly) and whose backward hands a *backward mode* the :class:`EquilibriumProblem` (the fixed point and
-how to re-evaluate ``f`` there) and the cotangent ``dL/dz*``, and gets a :class:`BackwardResult`:
+exactly) and whose backward hands a *backward mode* the [`EquilibriumProblem`][deqlab.nn.EquilibriumProblem] (the fixed point and
+how to re-evaluate ``f`` there) and the cotangent ``dL/dz*``, and gets a [`BackwardResult`][deqlab.nn.BackwardResult]:
 
-* :class:`ImplicitBackward` (default): solve the adjoint system ``(I − Jᵀ) g = dL/dz*`` with
+* [`ImplicitBackward`][deqlab.nn.ImplicitBackward] (default): solve the adjoint system ``(I − Jᵀ) g = dL/dz*`` with
   ``J = ∂f/∂z`` at ``z*`` (matrix-free VJPs through one graph of ``f(z*, x)`` built in the backward) with
-  any :class:`~deqlab.solvers.LinearSolver`, then ``dL/dθ = gᵀ ∂f/∂θ``, ``dL/dx = gᵀ ∂f/∂x``.
-* :class:`JacobianFreeBackward`: ``g = dL/dz*`` (Fung et al., "JFB"): one VJP, no linear solve.
-* :class:`PhantomGradient`: backprop through ``steps`` damped applications of ``f`` started at ``z*``.
+  any [`LinearSolver`][deqlab.solvers.LinearSolver], then ``dL/dθ = gᵀ ∂f/∂θ``, ``dL/dx = gᵀ ∂f/∂x``.
+* [`JacobianFreeBackward`][deqlab.nn.JacobianFreeBackward]: ``g = dL/dz*`` (Fung et al., "JFB"): one VJP, no linear solve.
+* [`PhantomGradient`][deqlab.nn.PhantomGradient]: backprop through ``steps`` damped applications of ``f`` started at ``z*``.
 
 What the backward spent and whether its solve met the tolerance is written into the layer's
-:class:`~deqlab.nn.DeepEquilibriumSolution` (``backward_nfe``, ``backward_residual``,
+[`DeepEquilibriumSolution`][deqlab.nn.DeepEquilibriumSolution] (``backward_nfe``, ``backward_residual``,
 ``backward_converged``), the one record of the solve.
 
 Every parameter of the map is an input of the Function, so autograd routes its gradient even under
@@ -38,7 +38,7 @@ from deqlab.state import flatten, from_parts, unflatten
 __all__ = ["BackwardMode", "BackwardResult", "EquilibriumProblem", "ImplicitBackward", "JacobianFreeBackward",
            "Linearization", "PhantomGradient", "DEFAULT_ADJOINT_MAX_STEPS"]
 
-#: The default VJP budget of :class:`ImplicitBackward` (the paper's protocol: at most 15).
+#: The default VJP budget of [`ImplicitBackward`][deqlab.nn.ImplicitBackward] (the paper's protocol: at most 15).
 DEFAULT_ADJOINT_MAX_STEPS = 15
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -52,13 +52,13 @@ _HALF = (torch.float16, torch.bfloat16)
 class EquilibriumProblem:
     """The fixed point of one forward and how to re-evaluate the map there: what a backward mode needs.
 
-    The layer builds it inside the backward and passes it to :meth:`BackwardMode.gradients`; build one
+    The layer builds it inside the backward and passes it to `BackwardMode.gradients`; build one
     yourself only to test a backward mode in isolation. Every argument is keyword-only, so the layer's
     call site names what each value is.
 
     Args:
         f: the layer's map ``f(z, x)`` (state, injection -> state), as the forward evaluated it.
-        is_list: whether the state is a list of tensors (multiscale), so :meth:`evaluate` rebuilds the
+        is_list: whether the state is a list of tensors (multiscale), so `evaluate` rebuilds the
             structure ``f`` expects from the flat parts.
         z_star: the fixed point as a list of detached tensors (one per scale; one for a tensor state).
         x: the injection (detached).
@@ -68,7 +68,7 @@ class EquilibriumProblem:
             so VJPs skip the inputs nobody asked for.
         forward_tol: the forward solver's termination tolerance (``None``: unknown), the default adjoint
             tolerance.
-        stateful: the map's :class:`EquilibriumStateful` modules, whose forward state is re-installed.
+        stateful: the map's [`EquilibriumStateful`][deqlab.nn.EquilibriumStateful] modules, whose forward state is re-installed.
         snapshots: their ``deq_state()`` dicts taken in the forward (same order as ``stateful``).
         grad_slots: ``(module index, key)`` of each ``grad_state`` tensor inside ``snapshots``.
         owner: the layer. Default ``None``: no owner, so the one-time check that ``f`` uses no trainable
@@ -90,7 +90,7 @@ class EquilibriumProblem:
     Methods:
         evaluate(z_parts, x, grad_state): ``f(z, x)`` as a list of tensors, with the forward's module
             state (dropout mask, normalised weights) re-installed.
-        linearize(): a :class:`Linearization` of ``f`` at ``z*``.
+        linearize(): a [`Linearization`][deqlab.nn.Linearization] of ``f`` at ``z*``.
 
     Example:
         >>> import torch
@@ -160,7 +160,7 @@ class EquilibriumProblem:
         """One graph of ``f`` at ``z*`` for VJPs.
 
         Returns:
-            A :class:`Linearization` of ``f`` at ``z*``.
+            A [`Linearization`][deqlab.nn.Linearization] of ``f`` at ``z*``.
         """
         return Linearization(self)
 
@@ -175,7 +175,7 @@ class Linearization:
     solve of ``k`` steps costs ``k`` VJPs and no further evaluations of ``f``.
 
     Args:
-        problem: the :class:`EquilibriumProblem` to linearize (usually ``problem.linearize()`` builds it).
+        problem: the [`EquilibriumProblem`][deqlab.nn.EquilibriumProblem] to linearize (usually ``problem.linearize()`` builds it).
 
     Example:
         >>> import torch
@@ -397,7 +397,7 @@ def attach_gradient(context: _GradientContext, z_parts: Sequence[Tensor], x: Ten
 class BackwardMode:
     """How a DEQ layer turns ``dL/dz*`` into ``dL/dx`` and ``dL/dθ``.
 
-    Subclass and implement :meth:`gradients`; pass an instance as ``backward=`` to a DEQ layer.
+    Subclass and implement `gradients`; pass an instance as ``backward=`` to a DEQ layer.
     ``warn_unconverged``: ``None`` follows the layer's ``on_unconverged`` policy for a result with
     ``converged=False``; ``True``/``False`` always / never warn.
 
@@ -429,14 +429,14 @@ class BackwardMode:
 
     def gradients(self, problem: EquilibriumProblem, v: Tensor) -> BackwardResult:
         """Gradients for ``[x, *problem.params, *problem.grad_state]`` given the flat ``(B, N)`` cotangent
-        ``v = dL/dz*``, and what it cost (see :class:`BackwardResult`).
+        ``v = dL/dz*``, and what it cost (see [`BackwardResult`][deqlab.nn.BackwardResult]).
 
         Args:
             problem: the fixed point and how to re-evaluate (or linearize) the map there.
             v: the flat cotangent ``dL/dz*``, shape ``(B, N)``.
 
         Returns:
-            A :class:`BackwardResult` with one gradient (or ``None``) per input.
+            A [`BackwardResult`][deqlab.nn.BackwardResult] with one gradient (or ``None``) per input.
 
         Raises:
             NotImplementedError: always here; subclasses implement it.
@@ -459,10 +459,10 @@ class ImplicitBackward(BackwardMode):
     ``solution.backward_residual``/``backward_converged`` say whether the solve met its tolerance.
 
     Args:
-        solver: the adjoint solver. A :class:`~deqlab.solvers.LinearSolver` (e.g.
-            ``GMRES(tol=1e-6, max_steps=30)``), a fixed-point :class:`~deqlab.solvers.Solver` (e.g.
+        solver: the adjoint solver. A [`LinearSolver`][deqlab.solvers.LinearSolver] (e.g.
+            ``GMRES(tol=1e-6, max_steps=30)``), a fixed-point [`Solver`][deqlab.solvers.Solver] (e.g.
             ``DiscreteDEQSolver("anderson", ...)``, run on ``g = Jᵀ g + dL/dz*`` through
-            :class:`~deqlab.solvers.FixedPointLinearSolver`), or a name as shorthand: ``"gmres"`` (the
+            [`FixedPointLinearSolver`][deqlab.solvers.FixedPointLinearSolver]), or a name as shorthand: ``"gmres"`` (the
             default) builds ``GMRES(tol, max_steps, restart=restart)``; any other registered solver name
             builds ``FixedPointLinearSolver(get_solver(name, mode="rel_norm", abstol_termination=tol,
             reltol_termination=tol, max_steps=max_steps))``. GMRES is the default because it solves the
@@ -545,7 +545,7 @@ class ImplicitBackward(BackwardMode):
         self._built: Dict[float, LinearSolver] = {}
 
     def linear_solver(self, forward_tol: Optional[float] = None) -> LinearSolver:
-        """The :class:`~deqlab.solvers.LinearSolver` this mode uses for a forward tolerance ``forward_tol``.
+        """The [`LinearSolver`][deqlab.solvers.LinearSolver] this mode uses for a forward tolerance ``forward_tol``.
 
         Args:
             forward_tol: the forward solver's tolerance, used when ``tol`` is ``None``. Default ``None``:

@@ -2,11 +2,11 @@
 
 Why strategies: what distinguishes a vanilla DEQ, a Skip DEQ and a Skip Reg. DEQ (Pal et al. 2022) is
 only where the solve starts and which extra loss trains that start. Keeping that in one small object per
-variant lets :class:`~deqlab.nn.DeepEquilibriumNetwork` stay one class, and lets a researcher try a new
+variant lets [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork] stay one class, and lets a researcher try a new
 start (an EMA of past fixed points, a cached solution, a coarse solve) by writing one class and passing
 it as ``init=``, without touching deqlab.
 
-The contract is :class:`InitialGuess`, an ``nn.Module`` (so a learned predictor's parameters are
+The contract is [`InitialGuess`][deqlab.nn.InitialGuess], an ``nn.Module`` (so a learned predictor's parameters are
 registered with the layer and move with ``.to()``):
 
 * ``forward(x, f) -> u0``: the initial state for the batch ``x``; ``f`` is the DEQ map ``z -> f(z, x)``
@@ -78,8 +78,8 @@ def _check_kind(owner: str, kind: str) -> None:
 class InitialGuess(nn.Module):
     """Base class of initial-guess strategies (see the module docstring for the contract).
 
-    Subclass it and implement :meth:`forward`; override :meth:`start`, :meth:`skip_loss` or
-    :meth:`observe` when the strategy needs them. Pass an instance as ``init=`` to a DEQ layer.
+    Subclass it and implement `forward`; override `start`, `skip_loss` or
+    `observe` when the strategy needs them. Pass an instance as ``init=`` to a DEQ layer.
 
     Example:
         A strategy that starts every solve from the injection itself:
@@ -253,7 +253,7 @@ class MapGuess(_SkipGuess):
 
     Through the skip loss it trains ``f`` to reach its fixed point in one step.
 
-    Unlike :class:`ShortcutGuess`, the skip loss is *coupled* by default (``detach_skip_target=False``,
+    Unlike [`ShortcutGuess`][deqlab.nn.ShortcutGuess], the skip loss is *coupled* by default (``detach_skip_target=False``,
     the reference package's form): it differentiates through ``z*`` as well as through ``f(0, x)``. Why:
     with a detached target the only way the loss can shrink ``|f(0, x) − z*|`` is by moving ``f(0, x)``,
     which moves ``z*`` with it; measured on the paper's MNIST dense model (400 steps), ``|z*|`` then ran
@@ -261,11 +261,11 @@ class MapGuess(_SkipGuess):
 
     Args:
         skip_loss: ``"l1"`` (default: ``mean|u0 − z*|``, the paper's) or ``"l2"``, as in
-            :class:`ShortcutGuess`.
+            [`ShortcutGuess`][deqlab.nn.ShortcutGuess].
         detach_skip_target: ``False`` (default, for the reason above): the loss also pulls ``z*`` towards
             ``f(0, x)``; ``True``: ``z*`` is a constant target.
         shape: per-sample shape(s) of the zero state ``f`` is applied to. Default ``None``: shaped like
-            ``x``, as :class:`ZeroGuess`.
+            ``x``, as [`ZeroGuess`][deqlab.nn.ZeroGuess].
 
     Raises:
         ValueError: ``skip_loss`` is not ``"l1"`` or ``"l2"``; ``shape`` is not a shape or list of shapes.
@@ -294,7 +294,7 @@ class FunctionGuess(InitialGuess):
     """``u0 = fn(x)`` for a plain callable, evaluated without gradient tracking (no skip loss).
 
     What the ``initializer=`` argument of the layers builds; for a *learned* predictor use
-    :class:`ShortcutGuess`, which trains it through the skip loss.
+    [`ShortcutGuess`][deqlab.nn.ShortcutGuess], which trains it through the skip loss.
 
     Args:
         fn: ``x -> u0``, returning a state (a tensor, or a list/tuple of tensors for a list state).

@@ -8,9 +8,9 @@ then happen once per forward, not once per evaluation:
 * variational (hidden) dropout must use *one* mask for the whole solve, otherwise ``f`` changes between
   iterations and there is no fixed point.
 
-Modules that need this derive from :class:`EquilibriumStateful`. Every DEQ layer in :mod:`deqlab.nn`
-finds them among its submodules and calls :meth:`EquilibriumStateful.deq_begin` at the start of each
-forward and :meth:`EquilibriumStateful.deq_end` at its end, automatically; the implicit backward
+Modules that need this derive from [`EquilibriumStateful`][deqlab.nn.EquilibriumStateful]. Every DEQ layer in `deqlab.nn`
+finds them among its submodules and calls `EquilibriumStateful.deq_begin` at the start of each
+forward and `EquilibriumStateful.deq_end` at its end, automatically; the implicit backward
 re-installs the exact state (same mask, same normalised weight) when it re-evaluates ``f``. No user
 ``reset`` calls are needed. Outside a DEQ forward the modules behave like ordinary layers.
 
@@ -60,7 +60,7 @@ class EquilibriumStateful(nn.Module):
     tensors in it that require grad are routed through the implicit backward so their gradients reach
     the parameters they were computed from.
 
-    Keep the state in :meth:`solve_state` (a dict private to the calling thread), not in attributes:
+    Keep the state in `solve_state` (a dict private to the calling thread), not in attributes:
     a module shared by two threads then never mixes their solves.
 
     Example:
@@ -95,7 +95,7 @@ class EquilibriumStateful(nn.Module):
         return state
 
     def peek_solve_state(self, key: str, default: Any = None) -> Any:
-        """One entry of :meth:`solve_state` without creating the dict."""
+        """One entry of `solve_state` without creating the dict."""
         state = _thread_states().get(self)
         return default if state is None else state.get(key, default)
 
@@ -118,10 +118,10 @@ class EquilibriumStateful(nn.Module):
         return {}
 
     def deq_load_state(self, state: Dict[str, Any]) -> None:  # pragma: no cover - interface
-        """Re-install a dict returned by :meth:`deq_state` (no-op by default).
+        """Re-install a dict returned by `deq_state` (no-op by default).
 
         Args:
-            state: the dict :meth:`deq_state` returned in the forward.
+            state: the dict `deq_state` returned in the forward.
         """
         pass
 
@@ -136,7 +136,7 @@ class EquilibriumStateful(nn.Module):
 
 
 def stateful_modules(roots: Sequence[nn.Module]) -> List[EquilibriumStateful]:
-    """Every :class:`EquilibriumStateful` module under ``roots``, each once, in module order."""
+    """Every [`EquilibriumStateful`][deqlab.nn.EquilibriumStateful] module under ``roots``, each once, in module order."""
     seen, out = set(), []
     for root in roots:
         for m in root.modules():
@@ -162,7 +162,7 @@ def equilibrium_session(roots: Sequence[nn.Module]) -> Iterator[List[Equilibrium
 class WeightNorm(EquilibriumStateful):
     """Weight normalisation ``w = g * v / ||v||`` around any module with a weight (``Conv2d``, ``Linear``...).
 
-    Inside a DEQ forward the normalised weight is computed once (in :meth:`deq_begin`) and reused by every
+    Inside a DEQ forward the normalised weight is computed once (in `deq_begin`) and reused by every
     solver iteration; outside a DEQ forward it is computed on each call.
 
     Args:
@@ -255,7 +255,7 @@ class VariationalHiddenDropout(EquilibriumStateful):
 
     Args:
         p: drop probability. Default 0.0: the identity, so dropout is opt-in (the paper configurations
-            in :mod:`deqlab.models` set it per dataset).
+            in `deqlab.models` set it per dataset).
         spatial: share the mask over dimensions 2.. (inputs of rank >= 3). Default ``True``: one value
             per (sample, channel), as in MDEQ, which drops whole feature maps rather than pixels.
 
@@ -392,8 +392,8 @@ class ResidualBlock(nn.Module):
         num_groups: GroupNorm groups; must divide C and eC (capped at the channel count). Default 8,
             paper v1's.
         dropout: variational hidden dropout probability (mask fixed per solve). Default 0.0: off; the
-            paper configurations in :mod:`deqlab.models` set it per dataset.
-        weight_norm: wrap both convolutions in :class:`WeightNorm`. Default ``True``, as paper v1.
+            paper configurations in `deqlab.models` set it per dataset.
+        weight_norm: wrap both convolutions in [`WeightNorm`][deqlab.nn.WeightNorm]. Default ``True``, as paper v1.
         init_std: std of the normal weight init (``None``: PyTorch default). Default 0.01, paper v1's:
             small weights start the map close to contractive, so the first solves converge.
 
@@ -475,7 +475,7 @@ class Upsample(nn.Module):
         in_channels: channels of scale ``i``. Required.
         out_channels: channels of scale ``j``. Required.
         factor: upsampling factor (2^(i−j)). Default 2: neighbouring scales differ by one halving.
-        num_groups: GroupNorm groups, capped at ``out_channels``. Default 4, as :class:`Downsample`.
+        num_groups: GroupNorm groups, capped at ``out_channels``. Default 4, as [`Downsample`][deqlab.nn.Downsample].
 
     Example:
         >>> import torch

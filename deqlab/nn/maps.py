@@ -44,7 +44,7 @@ class CheckedMap:
         x: the injection, fixed for the solve.
         name: the layer's name, to start error messages with.
 
-    The first call raises :class:`ValueError` when ``fn`` fails on the state (naming both shapes and dtypes,
+    The first call raises `ValueError` when ``fn`` fails on the state (naming both shapes and dtypes,
     the usual cause being an ``x`` the model does not expect or a missing ``z_shape``/``init``), returns
     something that is not a state shaped like ``z`` ("the DEQ map must return a state shaped like z"), or
     returns another dtype. ``checked`` is ``True`` once a call passed.
@@ -89,8 +89,8 @@ class CheckedMap:
 
     def restrict(self, index: Tensor) -> "_SubBatchMap":
         """The map of the samples ``index`` of this batch (per-sample early exit; see
-        :class:`deqlab.solvers.SubBatchMap`): ``fn(z, x[index])``, with every per-sample state of the map's
-        modules (e.g. :class:`~deqlab.nn.VariationalHiddenDropout`'s mask) indexed the same way.
+        [`deqlab.solvers.SubBatchMap`][deqlab.solvers.SubBatchMap]): ``fn(z, x[index])``, with every per-sample state of the map's
+        modules (e.g. [`VariationalHiddenDropout`][deqlab.nn.VariationalHiddenDropout]'s mask) indexed the same way.
 
         Raises:
             TypeError: the map was built without its modules (``modules=None``), so whether its samples

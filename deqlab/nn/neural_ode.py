@@ -84,15 +84,15 @@ class MultiScaleNeuralODE(nn.Module):
     """Multiscale neural ODE on ``t ∈ [0, 1]`` with the multiscale DEQ map (paper baseline).
 
     Args:
-        main_layers: one module per scale, as in :class:`~deqlab.nn.MultiScaleDeepEquilibriumNetwork`
+        main_layers: one module per scale, as in [`MultiScaleDeepEquilibriumNetwork`][deqlab.nn.MultiScaleDeepEquilibriumNetwork]
             (``main_layers[0](u_1, x)`` gets the injection). Required.
         mapping_layers: the ``n × n`` fusion matrix, as in
-            :class:`~deqlab.nn.MultiScaleDeepEquilibriumNetwork`. Required.
+            [`MultiScaleDeepEquilibriumNetwork`][deqlab.nn.MultiScaleDeepEquilibriumNetwork]. Required.
         post_fuse_layers: per-scale post-fuse modules or ``None``, as in
-            :class:`~deqlab.nn.MultiScaleDeepEquilibriumNetwork`. Required (positional), so the baseline is
+            [`MultiScaleDeepEquilibriumNetwork`][deqlab.nn.MultiScaleDeepEquilibriumNetwork]. Required (positional), so the baseline is
             built with exactly the arguments of the DEQ it is compared with.
         solver: a torchdyn method name (``"tsit5"``, ``"dopri5"``, ``"euler"``, ``"rk4"``) or a
-            :class:`~deqlab.solvers.ContinuousDEQSolver` (its method, ODE tolerances and ``dt`` are used; its
+            [`ContinuousDEQSolver`][deqlab.solvers.ContinuousDEQSolver] (its method, ODE tolerances and ``dt`` are used; its
             termination settings are not: the interval is fixed). Required.
         scales: per-sample shapes of the state, one per main layer, e.g. ``[(8, 28, 28), (16, 14, 14)]``.
             Required.
@@ -186,12 +186,12 @@ class MultiScaleNeuralODE(nn.Module):
 
     @property
     def abstol(self) -> float:
-        """Old name of :attr:`ode_abstol` (read-only)."""
+        """Old name of `ode_abstol` (read-only)."""
         return self.ode_abstol
 
     @property
     def reltol(self) -> float:
-        """Old name of :attr:`ode_reltol` (read-only)."""
+        """Old name of `ode_reltol` (read-only)."""
         return self.ode_reltol
 
     def _t_span(self, x: Tensor) -> Tensor:
@@ -208,7 +208,7 @@ class MultiScaleNeuralODE(nn.Module):
 
         Returns:
             ``(list of u_i(t_end), solution)``, the endpoint per scale and its
-            :class:`~deqlab.nn.DeepEquilibriumSolution`.
+            [`DeepEquilibriumSolution`][deqlab.nn.DeepEquilibriumSolution].
 
         Raises:
             ValueError: ``x`` is not a floating-point tensor of shape ``(B, ...)`` with ``B >= 1``.

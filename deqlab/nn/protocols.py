@@ -1,6 +1,6 @@
 """The typed contracts between DEQ layers, initial guesses and the training loop.
 
-* :class:`DEQLayer`: what :class:`~deqlab.lightning.DEQLightningModule` relies on to find and drive a
+* [`DEQLayer`][deqlab.nn.DEQLayer]: what [`DEQLightningModule`][deqlab.lightning.DEQLightningModule] relies on to find and drive a
   DEQ layer (pretraining switches it to fixed depth, evaluation back to the solver). Any module, deqlab's
   or a researcher's, that has these members is driven the same way.
 """

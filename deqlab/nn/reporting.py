@@ -1,11 +1,11 @@
-"""Failed solves are never silent: rate-limited :class:`~deqlab.ConvergenceWarning` for a DEQ layer.
+"""Failed solves are never silent: rate-limited [`ConvergenceWarning`][deqlab.solvers.ConvergenceWarning] for a DEQ layer.
 
 Why rate-limited: early in training a DEQ routinely hits its step budget on every batch; a warning per
 step would bury the log, and no warning at all would hide a model that never converges. A layer therefore
 warns on the first unconverged forward (or backward) solve, then again when the count of failures reaches
 10, 100, 1000, ... — each message says how many of how many solves failed so far, so the fraction is never
 lost. The policy is per layer: ``on_unconverged="warn"`` (default), ``"ignore"``, or ``"raise"``
-(:class:`~deqlab.solvers.SolverError` at the first failure). The standard ``warnings`` filters apply too
+([`SolverError`][deqlab.solvers.SolverError] at the first failure). The standard ``warnings`` filters apply too
 (``warnings.simplefilter("error", ConvergenceWarning)``).
 """
 from __future__ import annotations

@@ -44,7 +44,7 @@ def check_max_steps(max_steps: object) -> int:
 
 def prepare(z0: State) -> Tuple[StatePacker, Tensor]:
     """Validate the structure of ``z0`` and flatten it (finiteness is checked lazily, see
-    :func:`check_first_step`)."""
+    `check_first_step`)."""
     packer = StatePacker(z0)
     return packer, packer.flatten(z0).detach()
 

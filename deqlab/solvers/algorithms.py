@@ -1,7 +1,7 @@
 """Discrete fixed-point algorithms as small strategy objects.
 
 Each algorithm sees flat ``(B, N)`` iterates and a counted map ``F``. The driver
-(:class:`deqlab.solvers.discrete.DiscreteDEQSolver`) owns the loop, the termination test and the result;
+([`deqlab.solvers.discrete.DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver]) owns the loop, the termination test and the result;
 an algorithm only proposes the next iterate and returns it together with ``F`` at that iterate (so a line
 search never costs an extra evaluation). Every sample is its own system: all linear algebra is batched
 per sample and no algorithm synchronises with the host.
@@ -23,7 +23,7 @@ FlatMap = Callable[[Tensor], Tensor]
 class FixedPointAlgorithm:
     """Base class: ``init`` builds per-solve state, ``step`` returns ``(z_next, F(z_next), state)``.
 
-    Subclass it to write your own algorithm: the driver (:class:`~deqlab.solvers.DiscreteDEQSolver`)
+    Subclass it to write your own algorithm: the driver ([`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver])
     owns the loop, the termination test, the step cap and the result, so an algorithm only proposes the
     next iterate on flat ``(B, N)`` tensors. Return ``F(z_next)`` with it, so the driver never evaluates
     twice. Do not modify ``z``/``fz`` in place: the termination tracker keeps references to them.
@@ -56,7 +56,7 @@ class FixedPointAlgorithm:
             max_steps: the solve's step cap, for algorithms that size buffers by it (full Broyden).
 
         Returns:
-            Any object; the driver hands it to every :meth:`step` unchanged.
+            Any object; the driver hands it to every `step` unchanged.
         """
         return None
 
@@ -64,7 +64,7 @@ class FixedPointAlgorithm:
         """Propose the next iterate.
 
         Args:
-            state: what :meth:`init` (or the previous step) returned.
+            state: what `init` (or the previous step) returned.
             z: the current flat ``(B, N)`` iterate.
             fz: ``F(z)``.
             g: the residual ``fz - z``.
@@ -78,7 +78,7 @@ class FixedPointAlgorithm:
         """
         raise NotImplementedError
 
-    #: Whether :meth:`select` is implemented, i.e. the algorithm can follow a shrinking working batch
+    #: Whether `select` is implemented, i.e. the algorithm can follow a shrinking working batch
     #: (``DiscreteDEQSolver(per_sample_exit=True)``). Subclasses that keep per-sample state set it with
     #: their own ``select``.
     supports_select = False
@@ -281,7 +281,7 @@ class Broyden(FixedPointAlgorithm):
     Args:
         memory: rank-one pairs kept, ``>= 1``, or ``None``. Default ``None``: one pair per step, i.e. full
             Broyden within ``max_steps`` (the best convergence, memory ``O(max_steps * N)`` per sample);
-            an int bounds the memory, as :class:`LimitedMemoryBroyden` does.
+            an int bounds the memory, as [`LimitedMemoryBroyden`][deqlab.solvers.LimitedMemoryBroyden] does.
         line_search: per-sample backtracking on ``||f(z) - z||``. Default ``False``: each trial costs one
             more evaluation and the full step is usually accepted near the fixed point; enable it when
             Broyden steps overshoot and the residual grows.
@@ -376,15 +376,15 @@ class LimitedMemoryBroyden(Broyden):
     """Broyden with a bounded memory of ``memory`` rank-one updates (MDEQ's and the paper's default);
     memory grows as ``O(memory * N)`` per sample whatever ``max_steps`` is.
 
-    Within ``max_steps <= memory`` it takes exactly the steps of :class:`Broyden`; past that, the oldest
-    pair is overwritten. The default algorithm of :class:`~deqlab.solvers.DiscreteDEQSolver`.
+    Within ``max_steps <= memory`` it takes exactly the steps of [`Broyden`][deqlab.solvers.Broyden]; past that, the oldest
+    pair is overwritten. The default algorithm of [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver].
 
     Args:
         memory: rank-one pairs kept, ``>= 1``. Default 27: MDEQ's setting, which the paper follows; it
             covers most solves of a trained DEQ in full while bounding the memory of a long one.
-        line_search: per-sample backtracking, as in :class:`Broyden`. Default ``False`` (each trial
+        line_search: per-sample backtracking, as in [`Broyden`][deqlab.solvers.Broyden]. Default ``False`` (each trial
             costs one evaluation).
-        max_line_search: halvings per step at most, ``>= 0``. Default 5, as in :class:`Broyden`.
+        max_line_search: halvings per step at most, ``>= 0``. Default 5, as in [`Broyden`][deqlab.solvers.Broyden].
 
     Raises:
         ValueError: ``memory`` is not an int >= 1, or ``max_line_search`` is not an int >= 0.

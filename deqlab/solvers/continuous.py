@@ -67,7 +67,7 @@ class ContinuousDEQSolver:
             at the new point, so the termination test is free), ``"dopri5"`` (adaptive), ``"euler"`` or
             ``"rk4"`` (fixed step ``dt``; Euler with ``dt=1`` is exactly fixed-point iteration).
         mode: termination mode, checked after every accepted step; ``None`` (default) means
-            ``"rel_deq_default"``, as for :class:`~deqlab.solvers.DiscreteDEQSolver`.
+            ``"rel_deq_default"``, as for [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver].
         ode_abstol: the ODE stepper's absolute local error tolerance (how accurately the path is
             followed). ``None`` (default) means ``1e-3``: the steady state does not depend on it, so a
             loose, cheap value is fine. ``abstol`` is accepted as its old name (giving both raises).
@@ -87,8 +87,8 @@ class ContinuousDEQSolver:
             ``None`` (default): 1.0 for Euler/RK4, and a per-sample Hairer–Wanner estimate (one extra
             evaluation) for the adaptive methods.
         norm: ``"l2"`` or ``"rms"`` for the termination condition; ``None`` (default) means ``"l2"``.
-        throw: raise :class:`SolverError` instead of returning an unconverged result. Default ``False``,
-            as for :class:`~deqlab.solvers.DiscreteDEQSolver`.
+        throw: raise [`SolverError`][deqlab.solvers.SolverError] instead of returning an unconverged result. Default ``False``,
+            as for [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver].
         keep_trace: record the termination objective of every step in ``result.trace``. Default ``True``
             (cheap: ``(steps, B)``).
         safety: step-size controller: the next step aims at ``safety`` times the step the error estimate
@@ -103,10 +103,10 @@ class ContinuousDEQSolver:
         max_nonfinite_retries: adaptive methods: a sample whose steps produced NaN/Inf this many times
             is stopped with status ``nonfinite`` and returns its last finite state. Default 10: each retry
             shrinks the step, so ten failures mean the flow itself runs into a non-finite region.
-        termination: a full :class:`TerminationCondition` instead of ``mode``, ``abstol_termination``,
+        termination: a full [`TerminationCondition`][deqlab.solvers.TerminationCondition] instead of ``mode``, ``abstol_termination``,
             ``reltol_termination`` and ``norm``; giving both raises ``ValueError``. Default ``None``.
         check_every: test on the host whether every sample has stopped only every ``k`` stepper calls
-            (see :class:`~deqlab.solvers.DiscreteDEQSolver`): the returned state is exactly that of
+            (see [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver]): the returned state is exactly that of
             ``k = 1``, with up to ``k - 1`` extra stepper calls after the last sample stopped. Default 1.
         abstol: old name of ``ode_abstol``, kept so old code runs; default ``None`` (not given).
         reltol: old name of ``ode_reltol``; default ``None`` (not given).
@@ -117,7 +117,7 @@ class ContinuousDEQSolver:
             ``dt`` is not a finite number > 0; a controller option, ``divergence_patience``,
             ``max_nonfinite_retries`` or ``check_every`` is out of range; or ``termination`` is given
             together with the flat keywords (or the flat ones are invalid).
-        TypeError: ``termination`` is not a :class:`TerminationCondition`.
+        TypeError: ``termination`` is not a [`TerminationCondition`][deqlab.solvers.TerminationCondition].
 
     Example:
         >>> import torch
@@ -194,12 +194,12 @@ class ContinuousDEQSolver:
 
     @property
     def abstol(self) -> float:
-        """Old name of :attr:`ode_abstol` (the ODE step tolerance, not the termination one)."""
+        """Old name of `ode_abstol` (the ODE step tolerance, not the termination one)."""
         return self.ode_abstol
 
     @property
     def reltol(self) -> float:
-        """Old name of :attr:`ode_reltol` (the ODE step tolerance, not the termination one)."""
+        """Old name of `ode_reltol` (the ODE step tolerance, not the termination one)."""
         return self.ode_reltol
 
     def __repr__(self) -> str:
@@ -217,7 +217,7 @@ class ContinuousDEQSolver:
             z0: the batch-first initial state: a floating-point tensor ``(B, ...)`` or a list of them.
 
         Returns:
-            The :class:`SolverResult`, with ``t`` the time each sample reached.
+            The [`SolverResult`][deqlab.solvers.SolverResult], with ``t`` the time each sample reached.
 
         Raises:
             TypeError: ``z0`` or ``f(z0)`` is not a state of floating-point tensors shaped like ``z0``.

@@ -44,8 +44,8 @@ class DiscreteDEQSolver:
     Args:
         algorithm: ``"lbroyden"`` (default, the paper's choice: quasi-Newton convergence with bounded
             memory, robust on weakly contractive maps), ``"broyden"``, ``"anderson"``, ``"fixed_point"``,
-            ``"newton_krylov"``, or an algorithm object (a :class:`FixedPointAlgorithm`).
-        mode: termination mode (see :mod:`deqlab.solvers.termination`); ``None`` (default) means
+            ``"newton_krylov"``, or an algorithm object (a [`FixedPointAlgorithm`][deqlab.solvers.FixedPointAlgorithm]).
+        mode: termination mode (see `deqlab.solvers.termination`); ``None`` (default) means
             ``"rel_deq_default"``: scale-free, and its patience rule ends a stalled solve before it burns
             ``max_steps`` (the right rule for training).
         abstol_termination: absolute tolerance of the termination condition, used by the ``abs*`` modes
@@ -58,9 +58,9 @@ class DiscreteDEQSolver:
             stop after 10-30 steps.
         norm: ``"l2"`` or dimension-independent ``"rms"``; ``None`` (default) means ``"l2"``, the
             reference package's norm (``"rms"`` makes one tolerance fit states of any size).
-        throw: raise :class:`SolverError` instead of returning an unconverged result. Default ``False``:
+        throw: raise [`SolverError`][deqlab.solvers.SolverError] instead of returning an unconverged result. Default ``False``:
             a training loop should carry on (DEQ layers report failures with
-            :class:`ConvergenceWarning`); use ``True`` in scripts and tests.
+            [`ConvergenceWarning`][deqlab.solvers.ConvergenceWarning]); use ``True`` in scripts and tests.
         keep_trace: record the termination objective of every step (cheap: ``(steps, B)``). Default
             ``True``, so ``result.trace`` can be plotted; ``False`` skips the bookkeeping.
         check_every: ask the device whether every sample has stopped only every ``k`` steps (default 1:
@@ -73,8 +73,8 @@ class DiscreteDEQSolver:
             queue of kernels every iteration when ``f`` is small.
         per_sample_exit: evaluate ``f`` only on the samples still iterating (default ``False``). Needs a
             map whose samples are independent and that says so with ``restrict(index)``
-            (:class:`~deqlab.solvers.SubBatchMap`: the DEQ layers of :mod:`deqlab.nn` and
-            :class:`~deqlab.solvers.PerSampleMap` have it). At every check the stopped samples leave the
+            ([`SubBatchMap`][deqlab.solvers.SubBatchMap]: the DEQ layers of `deqlab.nn` and
+            [`PerSampleMap`][deqlab.solvers.PerSampleMap] have it). At every check the stopped samples leave the
             working batch once the still-active ones are at most ``compact_below`` of it; ``f`` and the
             algorithm's state then act on the rest. Each sample's iterates, residual, status and step
             count are those of the full-batch solve (up to the rounding of a smaller matrix product in
@@ -84,18 +84,18 @@ class DiscreteDEQSolver:
         compact_below: with ``per_sample_exit``, shrink the working batch when the active samples are at
             most this fraction of it (default 0.75: at most ``log(B) / log(4/3)`` compactions, each costing
             one host sync and a copy of the algorithm's state). ``1.0`` compacts whenever a sample stops.
-        termination: a full :class:`TerminationCondition` instead of the four flat keywords above; giving
+        termination: a full [`TerminationCondition`][deqlab.solvers.TerminationCondition] instead of the four flat keywords above; giving
             both raises ``ValueError`` (one way to set the stop rule, never one silently dropped).
             Default ``None``: the flat keywords decide.
         **algorithm_options: forwarded to the named algorithm (e.g. ``memory=5`` for Anderson).
 
-    Calling ``solver(f, z0)`` returns a :class:`SolverResult`.
+    Calling ``solver(f, z0)`` returns a [`SolverResult`][deqlab.solvers.SolverResult].
 
     Raises:
         TypeError: ``abstol=``/``reltol=`` are given (the discrete solver's tolerances are
             ``abstol_termination``/``reltol_termination``); algorithm options are given together with an
             algorithm object; an algorithm option is unknown (the message lists the valid ones); or
-            ``termination`` is not a :class:`TerminationCondition`.
+            ``termination`` is not a [`TerminationCondition`][deqlab.solvers.TerminationCondition].
         ValueError: ``algorithm`` is an unknown name; an option is out of range (``max_steps`` not an
             int >= 0, ``check_every`` not an int >= 1, a bad mode, norm, tolerance or algorithm option);
             or ``termination`` is given together with the flat keywords.
@@ -168,7 +168,7 @@ class DiscreteDEQSolver:
             z0: the batch-first initial guess: a floating-point tensor ``(B, ...)`` or a list of them.
 
         Returns:
-            The :class:`SolverResult`; an empty batch returns at once without calling ``f``.
+            The [`SolverResult`][deqlab.solvers.SolverResult]; an empty batch returns at once without calling ``f``.
 
         Raises:
             TypeError: ``z0`` or ``f(z0)`` is not a state of floating-point tensors shaped like ``z0``.

@@ -77,7 +77,7 @@ def gmres(
             products with the default ``restart``.
 
     Returns:
-        A tuple ``(x, info)``: the ``(B, N)`` solution in ``b``'s dtype, and a :class:`GMRESInfo` with the
+        A tuple ``(x, info)``: the ``(B, N)`` solution in ``b``'s dtype, and a [`GMRESInfo`][deqlab.solvers.GMRESInfo] with the
         products spent and the per-sample relative residuals and convergence mask. A sample that did not
         converge still returns its best least-squares iterate.
 

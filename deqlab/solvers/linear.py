@@ -1,8 +1,8 @@
-"""Linear solvers behind the :class:`~deqlab.solvers.LinearSolver` contract.
+"""Linear solvers behind the [`LinearSolver`][deqlab.solvers.LinearSolver] contract.
 
-* :class:`GMRES`: batched matrix-free GMRES (:func:`deqlab.solvers.gmres`); the paper's adjoint solver.
+* [`GMRES`][deqlab.solvers.GMRES]: batched matrix-free GMRES ([`deqlab.solvers.gmres`][deqlab.solvers.gmres]); the paper's adjoint solver.
   It solves ``(I - Jᵀ) g = v`` whether or not ``f`` is a contraction.
-* :class:`FixedPointLinearSolver`: any fixed-point :class:`~deqlab.solvers.Solver` applied to
+* [`FixedPointLinearSolver`][deqlab.solvers.FixedPointLinearSolver]: any fixed-point [`Solver`][deqlab.solvers.Solver] applied to
   ``x = x - A x + b`` (for ``A = I - M``: ``x = M x + b``), so Anderson, Broyden or plain iteration can
   serve as the adjoint solver under the same contract.
 """
@@ -29,11 +29,11 @@ def _check_budget(owner: str, tol: float, max_steps: int) -> None:
 
 
 class GMRES:
-    """Batched matrix-free GMRES as a :class:`~deqlab.solvers.LinearSolver`.
+    """Batched matrix-free GMRES as a [`LinearSolver`][deqlab.solvers.LinearSolver].
 
     The implicit backward's default adjoint solver: it solves ``(I - Jᵀ) g = v`` whether or not ``f`` is
     a contraction at ``z*``, and stops per sample at its tolerance. A thin wrapper of
-    :func:`~deqlab.solvers.gmres` that states its budget in matrix-vector products.
+    [`gmres`][deqlab.solvers.gmres] that states its budget in matrix-vector products.
 
     Args:
         tol: relative tolerance ``||b - A x|| <= tol * ||b||`` per sample. Default ``1e-6``: the gradient
@@ -86,10 +86,10 @@ class GMRES:
             x0: initial guess; ``None`` starts from zeros (one product cheaper).
 
         Returns:
-            The :class:`~deqlab.solvers.LinearSolveResult`; ``residual`` is relative.
+            The [`LinearSolveResult`][deqlab.solvers.LinearSolveResult]; ``residual`` is relative.
 
         Raises:
-            ValueError: ``b`` is not ``(B, N)`` (from :func:`~deqlab.solvers.gmres`).
+            ValueError: ``b`` is not ``(B, N)`` (from [`gmres`][deqlab.solvers.gmres]).
         """
         restart = min(self.restart or self.max_steps, self.max_steps)
         x, info = gmres(matvec, b, x0=x0, tol=self.tol, atol=self.atol, restart=restart,
@@ -102,7 +102,7 @@ class GMRES:
 
 
 class FixedPointLinearSolver:
-    """Solve ``A x = b`` with a fixed-point :class:`~deqlab.solvers.Solver` on ``x = x - A x + b``.
+    """Solve ``A x = b`` with a fixed-point [`Solver`][deqlab.solvers.Solver] on ``x = x - A x + b``.
 
     Converges when ``I - A`` is a contraction (for the adjoint system: when ``f`` is one at ``z*``).
     The fixed-point solver's own termination decides when to stop; ``tol`` and ``max_steps`` here only
@@ -114,13 +114,13 @@ class FixedPointLinearSolver:
     solver's own algorithm (Anderson, Broyden, plain iteration) can solve it, one VJP per step.
 
     Args:
-        solver: the fixed-point :class:`~deqlab.solvers.Solver` to run on ``x = x - A x + b`` (e.g. a
-            :class:`~deqlab.solvers.DiscreteDEQSolver`); required, there is no sensible default
-            algorithm for every system. Its termination's ``tol`` becomes :attr:`tol` and its
-            ``max_steps`` (plus the residual check's product) :attr:`max_steps`.
+        solver: the fixed-point [`Solver`][deqlab.solvers.Solver] to run on ``x = x - A x + b`` (e.g. a
+            [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver]); required, there is no sensible default
+            algorithm for every system. Its termination's ``tol`` becomes `tol` and its
+            ``max_steps`` (plus the residual check's product) `max_steps`.
 
     Raises:
-        TypeError: ``solver`` is not a :class:`~deqlab.solvers.Solver` (callable, with a ``termination``).
+        TypeError: ``solver`` is not a [`Solver`][deqlab.solvers.Solver] (callable, with a ``termination``).
 
     Example:
         >>> import torch
@@ -153,7 +153,7 @@ class FixedPointLinearSolver:
                 ``(I - M)^-1 b``).
 
         Returns:
-            The :class:`~deqlab.solvers.LinearSolveResult`; ``matvecs`` counts every product, the final
+            The [`LinearSolveResult`][deqlab.solvers.LinearSolveResult]; ``matvecs`` counts every product, the final
             residual check included.
         """
         count = 0

@@ -4,13 +4,13 @@ Why protocols: a DEQ layer, the implicit backward and the Lightning module must 
 researcher writes, not only deqlab's. They therefore talk to solvers through two small public contracts
 instead of reaching into attributes:
 
-* :class:`Solver` finds a fixed point: ``solver(f, z0) -> SolverResult`` and publishes its stop rule as
-  ``solver.termination`` (a :class:`~deqlab.solvers.TerminationCondition`, whose ``norm`` the layer uses
+* [`Solver`][deqlab.solvers.Solver] finds a fixed point: ``solver(f, z0) -> SolverResult`` and publishes its stop rule as
+  ``solver.termination`` (a [`TerminationCondition`][deqlab.solvers.TerminationCondition], whose ``norm`` the layer uses
   for the residuals it reports itself, e.g. in fixed-depth mode).
-* :class:`LinearSolver` solves ``A x = b`` per sample from matrix-vector products:
+* [`LinearSolver`][deqlab.solvers.LinearSolver] solves ``A x = b`` per sample from matrix-vector products:
   ``solver.solve(matvec, b) -> LinearSolveResult``. The implicit backward's adjoint system
-  ``(I - Jᵀ) g = dL/dz*`` is such a system; :class:`~deqlab.solvers.GMRES` solves it directly and
-  :class:`~deqlab.solvers.FixedPointLinearSolver` turns any fixed-point :class:`Solver` into one.
+  ``(I - Jᵀ) g = dL/dz*`` is such a system; [`GMRES`][deqlab.solvers.GMRES] solves it directly and
+  [`FixedPointLinearSolver`][deqlab.solvers.FixedPointLinearSolver] turns any fixed-point [`Solver`][deqlab.solvers.Solver] into one.
 
 Both are ``runtime_checkable``: ``isinstance(obj, Solver)`` checks the attributes exist.
 """
@@ -30,7 +30,7 @@ __all__ = ["LinearSolveResult", "LinearSolver", "Solver"]
 
 @runtime_checkable
 class Solver(Protocol):
-    """A fixed-point solver: ``solver(f, z0)`` returns a :class:`SolverResult` for ``z* = f(z*)``.
+    """A fixed-point solver: ``solver(f, z0)`` returns a [`SolverResult`][deqlab.solvers.SolverResult] for ``z* = f(z*)``.
 
     ``f`` maps a batch-first state (tensor or list of tensors) to a state of the same structure; the
     solver must not build an autograd graph (layers call it under ``torch.no_grad``), must stop within
@@ -44,7 +44,7 @@ class Solver(Protocol):
 
     Raises:
         TypeError: on ``Solver()`` itself: a protocol cannot be instantiated; write a class that has the
-            attributes (or use :class:`~deqlab.solvers.DiscreteDEQSolver`).
+            attributes (or use [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver]).
 
     Example:
         >>> import torch
@@ -70,7 +70,7 @@ class Solver(Protocol):
             z0: the batch-first initial guess (a tensor or a list of tensors).
 
         Returns:
-            The :class:`SolverResult`, its ``z`` structured like ``z0``.
+            The [`SolverResult`][deqlab.solvers.SolverResult], its ``z`` structured like ``z0``.
         """
         ...
 
@@ -112,7 +112,7 @@ class LinearSolver(Protocol):
     """Solves ``A x = b`` per sample for ``b`` of shape ``(B, N)`` given ``matvec(v) = A v``.
 
     ``tol`` (relative) and ``max_steps`` (matrix-vector products at most) are public so callers and
-    logs can state the budget a solve had. Like :class:`Solver`, a protocol: any object with these
+    logs can state the budget a solve had. Like [`Solver`][deqlab.solvers.Solver], a protocol: any object with these
     attributes and a ``solve`` method qualifies. In the implicit backward, ``matvec`` is one VJP.
 
     Attributes:
@@ -121,7 +121,7 @@ class LinearSolver(Protocol):
 
     Raises:
         TypeError: on ``LinearSolver()`` itself: a protocol cannot be instantiated; use
-            :class:`~deqlab.solvers.GMRES` or :class:`~deqlab.solvers.FixedPointLinearSolver`, or write
+            [`GMRES`][deqlab.solvers.GMRES] or [`FixedPointLinearSolver`][deqlab.solvers.FixedPointLinearSolver], or write
             a class with these attributes.
 
     Example:
@@ -148,6 +148,6 @@ class LinearSolver(Protocol):
             x0: an initial guess (``None``: the solver's own, usually zeros or ``b``).
 
         Returns:
-            The :class:`LinearSolveResult`.
+            The [`LinearSolveResult`][deqlab.solvers.LinearSolveResult].
         """
         ...

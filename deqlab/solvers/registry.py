@@ -24,7 +24,7 @@ def register_solver(name: str, factory: Callable[..., Any], *, overwrite: bool =
     Args:
         name: the non-empty name to register.
         factory: a callable taking keyword options and returning a solver (a class works). If it has a
-            ``valid_options`` attribute (a list of names), :func:`get_solver` lists those when a caller
+            ``valid_options`` attribute (a list of names), [`get_solver`][deqlab.solvers.get_solver] lists those when a caller
             passes an unknown option; otherwise the signature's parameters are listed.
         overwrite: replace a solver already registered under ``name``. Default ``False``: a typo or a
             second import must not silently replace another solver (e.g. the built-in ``"anderson"``).
@@ -58,7 +58,7 @@ def register_solver(name: str, factory: Callable[..., Any], *, overwrite: bool =
 
 
 def available_solvers() -> list:
-    """The names :func:`get_solver` accepts: the built-ins and every :func:`register_solver` name.
+    """The names [`get_solver`][deqlab.solvers.get_solver] accepts: the built-ins and every [`register_solver`][deqlab.solvers.register_solver] name.
 
     Returns:
         A new, sorted list of the registered names.
@@ -76,12 +76,12 @@ def get_solver(name: str, **options: Any):
     """Build the solver registered as ``name`` with keyword ``options``.
 
     Why by name: configs (YAML, LightningCLI) name solvers by string. The built-in discrete names
-    (``"anderson"``, ``"lbroyden"``, ...) build a :class:`~deqlab.solvers.DiscreteDEQSolver` and take its
+    (``"anderson"``, ``"lbroyden"``, ...) build a [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver] and take its
     options and the algorithm's together; ``"continuous"`` (Tsit5) and ``"continuous_<method>"`` build a
-    :class:`~deqlab.solvers.ContinuousDEQSolver`.
+    [`ContinuousDEQSolver`][deqlab.solvers.ContinuousDEQSolver].
 
     Args:
-        name: a registered name (see :func:`available_solvers`).
+        name: a registered name (see [`available_solvers`][deqlab.solvers.available_solvers]).
         **options: keyword options for the solver's factory (e.g. ``max_steps=30``, ``memory=5``).
 
     Returns:

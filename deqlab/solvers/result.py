@@ -20,7 +20,7 @@ class SolverStatus(str, enum.Enum):
 
     When several samples end differently, the status is the worst case over the batch:
     ``nonfinite`` before ``diverged`` before ``max_steps``; it is ``converged`` only when every sample
-    converged (per-sample detail is in :attr:`SolverResult.converged`).
+    converged (per-sample detail is in `SolverResult.converged`).
 
     Attributes:
         CONVERGED: every sample met the termination condition.
@@ -133,7 +133,7 @@ class ConvergenceWarning(UserWarning):
     unconverged solve into an exception, and ``"ignore"`` silences them. deqlab rate-limits it in training
     loops so a long run does not flood the log.
 
-    Solvers themselves never warn (they report ``status``); the DEQ layers of :mod:`deqlab.nn` warn with
+    Solvers themselves never warn (they report ``status``); the DEQ layers of `deqlab.nn` warn with
     this category under their default ``on_unconverged="warn"`` policy.
 
     Example:
@@ -158,7 +158,7 @@ class SolverError(RuntimeError):
     says which solver, the status, steps, evaluations and how many samples failed.
 
     Attributes:
-        result: the full :class:`SolverResult` of the failed solve (its ``z`` is still finite and usable).
+        result: the full [`SolverResult`][deqlab.solvers.SolverResult] of the failed solve (its ``z`` is still finite and usable).
 
     Example:
         >>> import torch

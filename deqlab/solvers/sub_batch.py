@@ -5,8 +5,8 @@ evaluating ``f`` on every sample until the last one stops. When ``f`` treats sam
 BatchNorm with batch statistics, no attention across the batch), evaluating it only on the samples still
 iterating gives the same fixed points for less work. A solver cannot know that from a plain callable, so a
 map that allows it says so by having ``restrict(index)``: a map on the samples ``index`` of the original
-batch. :class:`~deqlab.solvers.DiscreteDEQSolver` with ``per_sample_exit=True`` requires it; the DEQ
-layers of :mod:`deqlab.nn` provide it (and refuse it, with the reason, when their map couples samples).
+batch. [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver] with ``per_sample_exit=True`` requires it; the DEQ
+layers of `deqlab.nn` provide it (and refuse it, with the reason, when their map couples samples).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ class PerSampleMap:
             index: 1-D long tensor of sample positions.
 
         Returns:
-            A :class:`PerSampleMap` over ``inputs`` indexed with ``index``.
+            A [`PerSampleMap`][deqlab.solvers.PerSampleMap] over ``inputs`` indexed with ``index``.
         """
         return PerSampleMap(self.fn, *(v.index_select(0, index) if isinstance(v, Tensor) else v
                                        for v in self.inputs))

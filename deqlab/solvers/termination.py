@@ -142,7 +142,7 @@ class TerminationCondition:
 
     def _evaluate(self, z: Tensor, du: Tensor, fz: Optional[Tensor] = None
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """:meth:`evaluate` plus the per-sample ``||f(z)||`` (the tracker's runaway guard needs it)."""
+        """`evaluate` plus the per-sample ``||f(z)||`` (the tracker's runaway guard needs it)."""
         mode = self.mode
         res = batch_norm(du, self.norm)
         fz_norm = batch_norm(du + z if fz is None else fz, self.norm)
@@ -188,7 +188,7 @@ class TerminationCondition:
 def resolve_termination(termination: Optional[TerminationCondition], *, owner: str,
                         default_abstol: float = 1e-3, default_reltol: float = 1e-3,
                         **flat: object) -> TerminationCondition:
-    """The solver's :class:`TerminationCondition` from either ``termination=`` or the flat keywords.
+    """The solver's [`TerminationCondition`][deqlab.solvers.TerminationCondition] from either ``termination=`` or the flat keywords.
 
     Why one helper: every solver takes the stop rule either as an object or as the flat keywords
     ``mode``, ``abstol_termination``, ``reltol_termination``, ``norm`` (``None`` = not given). Giving both
@@ -231,16 +231,16 @@ class TerminationTracker:
     in place after handing them over (the tracker keeps references to the previous pair).
 
     A building block for writing a solver loop; the solvers create one per call. Feed it every
-    evaluation with :meth:`update`, then read the returned iterate with :meth:`finish`, the status with
-    :meth:`status`, and :attr:`converged`, :attr:`sample_steps` and :meth:`trace_tensor`.
+    evaluation with `update`, then read the returned iterate with `finish`, the status with
+    `status`, and `converged`, `sample_steps` and `trace_tensor`.
 
     Args:
-        condition: the :class:`TerminationCondition` to apply.
+        condition: the [`TerminationCondition`][deqlab.solvers.TerminationCondition] to apply.
         batch: the batch size ``B``.
         numel: ``N``, the per-sample number of entries (the protective break scales with it).
         device: where the per-sample masks live (the state's device).
         dtype: the state's dtype; its machine epsilon sets the resolution guard (``None``: float32's).
-        keep_trace: record the objective of every update for :meth:`trace_tensor`. Default ``True``:
+        keep_trace: record the objective of every update for `trace_tensor`. Default ``True``:
             one ``(B,)`` tensor per step, cheap next to the state.
 
     Example:
@@ -295,7 +295,7 @@ class TerminationTracker:
         ``sync=False`` keeps every decision on the device: the per-sample masks, returned iterates and
         step counts are updated exactly as with ``sync=True`` (with ``torch.where`` instead of a host
         test of whether anything stopped), but nothing is read back and the call returns False; ask
-        :meth:`all_stopped` (one host sync) when the answer is needed.
+        `all_stopped` (one host sync) when the answer is needed.
         """
         cond = self.cond
         obj, met, res, rel, fzn = cond._evaluate(z, du, fz)
@@ -405,7 +405,7 @@ class TerminationTracker:
         return self.n_active == 0
 
     def all_stopped(self) -> bool:
-        """True when every sample has stopped (one host sync); refreshes :attr:`n_active`."""
+        """True when every sample has stopped (one host sync); refreshes `n_active`."""
         self.n_active = int(self.active.sum())
         self._n_active_stale = False
         return self.n_active == 0
@@ -457,7 +457,7 @@ class TerminationTracker:
         return torch.where(idx > self.sample_steps.unsqueeze(0), last, tr)
 
     def status(self):
-        """The solve's :class:`~deqlab.solvers.SolverStatus`: ``converged`` when every sample converged,
+        """The solve's [`SolverStatus`][deqlab.solvers.SolverStatus]: ``converged`` when every sample converged,
         else the worst outcome (``nonfinite`` > ``diverged`` > ``max_steps``). One host sync."""
         from deqlab.solvers.result import SolverStatus
 
