@@ -359,7 +359,8 @@ class MNISTDenseDEQ(DenseDEQClassifier):
             ``None``: the paper's GMRES adjoint within 15 VJPs.
         jacobian_regularization: compute the Hutchinson Jacobian term. Default ``False``, the paper's
             "Skip DEQ" rows; ``True`` gives the "+ Jac. Reg." rows (and λ_jac = 1.0).
-        training: the training settings. Default [`MNIST_TRAINING`][deqlab.zoo.MNIST_TRAINING], the paper's MNIST protocol.
+        training: the training settings. Default [`MNIST_TRAINING`][deqlab.zoo.MNIST_TRAINING], the paper's MNIST protocol
+            (``None`` means the same).
         **kwargs: passed to [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier]: flat training settings applied on top of
             ``training`` (``lr=...``) and the old solver keywords.
 
@@ -383,9 +384,12 @@ class MNISTDenseDEQ(DenseDEQClassifier):
         solver: Union[Solver, SolverName, None] = None,
         backward: Union[BackwardMode, BackwardName, None] = None,
         jacobian_regularization: bool = False,
-        training: DEQTrainingConfig = MNIST_TRAINING,
+        training: Optional[DEQTrainingConfig] = MNIST_TRAINING,
         **kwargs: Any,
     ) -> None:
+        # None is this model's defaults too: jsonargparse (the CLI) passes None when no training key is
+        # given (it takes DEQLightningModule's default for a parameter it finds in both signatures).
+        training = MNIST_TRAINING if training is None else training
         super().__init__(in_features=784, width=128, model_type=model_type, solver=solver, backward=backward,
                          jacobian_regularization=jacobian_regularization, training=training, **kwargs)
         self.deq_config = self.deq_config.with_default_weights(
@@ -412,7 +416,7 @@ class DigitsDEQ(DenseDEQClassifier):
             ``None``: the GMRES adjoint within 15 VJPs.
         jacobian_regularization: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP
             (and its backward) to every forward.
-        training: the training settings. Default [`DIGITS_TRAINING`][deqlab.zoo.DIGITS_TRAINING] (lr 3e-3, weight decay 1e-5),
+        training: the training settings (``None``: the same default). Default [`DIGITS_TRAINING`][deqlab.zoo.DIGITS_TRAINING] (lr 3e-3, weight decay 1e-5),
             tuned for the small dataset.
         **kwargs: passed to [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier]: flat training settings applied on top of
             ``training`` (``lr=...``) and the old solver keywords.
@@ -443,9 +447,12 @@ class DigitsDEQ(DenseDEQClassifier):
         solver: Union[Solver, SolverName, None] = None,
         backward: Union[BackwardMode, BackwardName, None] = None,
         jacobian_regularization: bool = False,
-        training: DEQTrainingConfig = DIGITS_TRAINING,
+        training: Optional[DEQTrainingConfig] = DIGITS_TRAINING,
         **kwargs: Any,
     ) -> None:
+        # None is this model's defaults too: jsonargparse (the CLI) passes None when no training key is
+        # given (it takes DEQLightningModule's default for a parameter it finds in both signatures).
+        training = DIGITS_TRAINING if training is None else training
         super().__init__(in_features=64, width=width, model_type=model_type, solver=solver, backward=backward,
                          jacobian_regularization=jacobian_regularization, training=training, **kwargs)
         self.deq_config = self.deq_config.with_default_weights(

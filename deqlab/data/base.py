@@ -532,6 +532,10 @@ class TorchvisionDataModule(BaseDataModule):
         """Transform for validation and test samples (deterministic)."""
         raise NotImplementedError
 
+    #: Whether ``download=True`` can fetch this dataset (ImageNet cannot: its licence requires a manual
+    #: download), so the missing-data message only suggests it where it works.
+    downloadable: bool = True
+
     # ---- shared behaviour --------------------------------------------------------------------
     def missing_paths(self, split: Optional[Split] = None) -> list[Path]:
         """Expected paths that do not exist, for one split or (``None``) both."""
@@ -547,7 +551,8 @@ class TorchvisionDataModule(BaseDataModule):
         listed = ", ".join(str(p.relative_to(self.data_dir)) if p.is_relative_to(self.data_dir) else str(p) for p in missing)
         return (
             f"{self.name} data not found: missing under {self.data_dir}: {listed}. {self.layout_hint()} "
-            f"Pass download=True to fetch it (needs network access), or place the files there."
+            + ("Pass download=True to fetch it (needs network access), or place the files there."
+               if self.downloadable else "It cannot be downloaded automatically: place the files there.")
         )
 
     def prepare_data(self) -> None:

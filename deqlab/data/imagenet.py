@@ -61,6 +61,8 @@ class ImageNetDataModule(TorchvisionDataModule):
         ValueError: ImageNet cannot be downloaded automatically (it needs registration at image-net.org). ...
     """
 
+    downloadable = False
+
     name = "ImageNet"
 
     def __init__(

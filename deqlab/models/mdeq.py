@@ -492,7 +492,7 @@ svhn_v1 = _factory("svhn_v1", SVHN_V1,
 cifar10_v1 = _factory("cifar10_v1", CIFAR10_V1,
                       "CIFAR-10 (v1): 2 scales 32×32×24 / 16×16×24, dropout 0.25, tol 5e-2, 20 steps.", 159274)
 cifar10_small = _factory("cifar10_small", CIFAR10_SMALL,
-                         "CIFAR-10 small / tiny (v2+): 2 scales of 24 channels, ≈164K parameters.", 163546)
+                         "CIFAR-10 small / tiny (v2+): 2 scales of 24 channels, ≈164K parameters (vanilla; ≈200K with the Skip predictor).", 163546)
 cifar10_large = _factory("cifar10_large", CIFAR10_LARGE,
                          "CIFAR-10 large (v2+): 4 scales (32, 64, 128, 256), ≈10.6M parameters.", 10631958)
 imagenet_small = _factory("imagenet_small", IMAGENET_SMALL,

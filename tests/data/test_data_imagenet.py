@@ -85,6 +85,8 @@ def test_missing_data_and_download(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         ImageNetDataModule(tmp_path).setup("fit")
     assert str(tmp_path / "train") in str(info.value) and "<class>" in str(info.value)
+    # it cannot be downloaded, so the message must not suggest download=True (which raises)
+    assert "download=True" not in str(info.value) and "cannot be downloaded" in str(info.value)
     (tmp_path / "val").mkdir()  # present but empty: torchvision's error plus the layout
     with pytest.raises(FileNotFoundError, match="ImageFolder layout"):
         ImageNetDataModule(tmp_path).setup("test")

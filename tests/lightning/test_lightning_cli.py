@@ -57,3 +57,19 @@ def test_bad_config_fails_naming_the_key(tmp_path, capsys, override, needle):
     assert exc.value.code != 0
     err = capsys.readouterr().err
     assert needle in err, err
+
+
+@pytest.mark.parametrize("cls, lr, weight_decay", [("DigitsDEQ", 3e-3, 1e-5), ("MNISTDenseDEQ", None, 2.5e-6)])
+def test_a_zoo_model_named_on_the_command_line_keeps_its_training_defaults(cls, lr, weight_decay):
+    # without a training key jsonargparse passes training=None: that failed to validate (DigitsDEQ) or would
+    # silently fall back to DEQLightningModule's generic defaults
+    from deqlab import zoo
+    from deqlab.lightning.cli import DEQLightningCLI
+
+    cli = DEQLightningCLI(args=[f"--model=deqlab.zoo.{cls}", "--data=deqlab.data.DigitsDataModule"], run=False)
+    expected = getattr(zoo, "DIGITS_TRAINING" if cls == "DigitsDEQ" else "MNIST_TRAINING")
+    assert cli.model.deq_config.weight_decay == weight_decay == expected.weight_decay
+    assert cli.model.deq_config.lr == expected.lr and (lr is None or expected.lr == lr)
+    tuned = DEQLightningCLI(args=[f"--model=deqlab.zoo.{cls}", "--model.training.lr=0.5",
+                                  "--data=deqlab.data.DigitsDataModule"], run=False)
+    assert tuned.model.deq_config.lr == 0.5 and tuned.model.deq_config.weight_decay == expected.weight_decay
