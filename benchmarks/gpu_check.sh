@@ -23,8 +23,14 @@ echo "== CUDA tests"; python3 -m pytest -q -p no:cacheprovider tests/nn/test_nn_
   tests/solvers/test_solvers_cuda.py 2>&1 | tail -4 | tee $OUT/cuda_tests.txt
 echo "== quickstart on cuda"; python3 docs/quickstart_example.py --device cuda 2>&1 | tail -4
 echo "== paper_repro/mnist.py --gpus 1"; /usr/bin/time -f "wall %e s" python3 paper_repro/mnist.py --model-type skip \
-  --gpus 1 --max-steps 400 --data-dir $DATA --limit-val-batches 20 --limit-test-batches 40 --num-workers 4 \
-  --log-dir /tmp/runs --results $OUT 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -25
+  --gpus 1 --max-steps 400 --data-dir $DATA --test-subset 2560 --num-workers 4 --progress lines --log-every 100 \
+  --log-dir /tmp/runs --results-dir $OUT 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -25
+echo "== paper_repro/cifar10.py --arch small --gpus 1 on generated CIFAR-10 (throughput, NFE)"; timeout 240 python3 \
+  benchmarks/cifar10_generated.py --n-train 7680 --n-test 1280 --out $OUT/cifar --gpus 1 --arch small --model-type skip \
+  --solver discrete --max-steps 60 --override pretrain_steps=10 --num-workers 4 --log-every 20 2>&1 \
+  | grep -vE "^\s*$|Warning|warn" | tail -8
+echo "== per-sample early exit (CUDA)"; timeout 120 python3 benchmarks/per_sample_exit.py --device cuda --data-dir $DATA \
+  --output $OUT/per_sample_exit_cuda.md 2>&1 | grep -E "^\|" | tail -10
 echo "== solver benchmark"; timeout 120 python3 benchmarks/solvers.py --device cuda --quick --no-breakdown \
   2>&1 | tee $OUT/solvers_cuda.txt | grep -E "^\|" | tail -30
 echo "== training-step benchmark (paper models, paper batch sizes, CUDA)"; timeout 300 python3 benchmarks/train_step.py \

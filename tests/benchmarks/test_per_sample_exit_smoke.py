@@ -23,3 +23,16 @@ def test_quick_run_reports_work_saved_and_identical_masks(tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[10] == "yes"  # same masks & per-sample steps as the full-batch solve
         assert float(cells[4]) < float(cells[3])  # sample-weighted NFE below the batched NFE
+
+
+def test_cifar10_generated_runs_the_paper_script_and_reports_throughput(tmp_path):
+    # the script benchmarks/gpu_check.sh runs with --gpus 1; here 2 CPU steps on a tiny generated set
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cifar10_generated.py"), "--n-train", "40",
+                           "--n-test", "16", "--out", str(tmp_path / "out"), "--gpus", "0", "--arch", "small",
+                           "--model-type", "vanilla", "--solver", "discrete", "--max-steps", "2", "--batch-size", "4",
+                           "--override", "pretrain_steps=0", "--num-workers", "0"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "images/s (batch 4)" in proc.stdout and "2 steps" in proc.stdout
+    assert (tmp_path / "out" / "cifar10.csv").exists()
