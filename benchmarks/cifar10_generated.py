@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import pickle
+import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -27,23 +27,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def write_cifar10(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
-    """Random uint8 images and labels in the official pickle layout under ``root/cifar-10-batches-py``."""
-    rng = np.random.default_rng(seed)
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True, exist_ok=True)
-
-    def dump(name: str, n: int) -> None:
-        entry = {"batch_label": name, "labels": rng.integers(0, 10, n).tolist(),
-                 "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "filenames": []}
-        with open(base / name, "wb") as f:
-            pickle.dump(entry, f, protocol=2)
-
-    for i, chunk in enumerate(np.array_split(np.arange(n_train), 5), start=1):
-        dump(f"data_batch_{i}", len(chunk))
-    dump("test_batch", n_test)
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [str(i) for i in range(10)], "num_cases_per_batch": 10000, "num_vis": 3072},
-                    f, protocol=2)
+    """Random uint8 images and labels in the official pickle layout under ``root/cifar-10-batches-py``,
+    written by the data tests' own writer (``tests/data/conftest.py``, loaded by path), so the benchmark and
+    the tests exercise torchvision's reader on the same format."""
+    spec = importlib.util.spec_from_file_location("_data_writers", ROOT / "tests" / "data" / "conftest.py")
+    writers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(writers)  # type: ignore[union-attr]
+    labels = np.random.default_rng(seed).integers(0, 10, n_train + n_test).tolist()
+    writers.write_cifar10(root, writers.random_images(n_train, (32, 32, 3), seed), labels[:n_train],
+                          writers.random_images(n_test, (32, 32, 3), seed + 1), labels[n_train:])
     return root
 
 

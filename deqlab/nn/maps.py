@@ -12,6 +12,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from deqlab.nn.layers import stateful_modules
 from deqlab.state import State, as_parts
 
 __all__ = ["CheckedMap", "batch_coupling", "describe_state", "format_shape"]
@@ -111,8 +112,6 @@ class CheckedMap:
                     f"Use a per-sample normalisation in the map (GroupNorm, LayerNorm), or turn per_sample_exit "
                     f"off while training (in eval mode BatchNorm uses its running statistics and the exit is "
                     f"allowed).")
-            from deqlab.nn.layers import stateful_modules
-
             self._restrict_to = stateful_modules(modules)
         return _SubBatchMap(self, index, self._restrict_to)
 
@@ -138,9 +137,6 @@ class _SubBatchMap:
         finally:
             for m in self.stateful:
                 m.deq_select(None)
-
-    def restrict(self, index: Tensor) -> "_SubBatchMap":
-        return self.parent.restrict(index)  # positions are always in the original batch
 
 
 def batch_coupling(modules: Sequence[nn.Module]) -> Optional[str]:

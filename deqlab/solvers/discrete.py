@@ -188,22 +188,14 @@ class DiscreteDEQSolver:
         check_first_step(tracker, z)
         algo = self.algorithm
         state = algo.init(z, fz, self.max_steps)
-        steps = 0
-        k = self.check_every
-        if restrict is None:
-            while not done and steps < self.max_steps:
-                z, fz, state = algo.step(state, z, fz, g, F)
-                g = fz - z
-                steps += 1
-                done = tracker.update(z, g, fz=fz, sync=steps % k == 0) if k > 1 else tracker.update(z, g, fz=fz)
-        else:
-            z, g, steps = self._iterate_shrinking(tracker, algo, state, z, fz, g, F, restrict, done)
+        z, g, steps = self._iterate(tracker, algo, state, z, fz, g, F, restrict, done)
         return build_result(tracker, packer, z, g, nfe=F.nfe, steps=steps, throw=self.throw,
                             solver_name=f"DiscreteDEQSolver({algo.name})", rows=F.rows)
 
-    def _iterate_shrinking(self, tracker: TerminationTracker, algo: FixedPointAlgorithm, state, z: Tensor,
-                           fz: Tensor, g: Tensor, F: CountedMap, restrict, done: bool) -> Tuple[Tensor, Tensor, int]:
-        """The loop of ``per_sample_exit``: the algorithm iterates on a working batch that drops stopped samples.
+    def _iterate(self, tracker: TerminationTracker, algo: FixedPointAlgorithm, state, z: Tensor, fz: Tensor,
+                 g: Tensor, F: CountedMap, restrict, done: bool) -> Tuple[Tensor, Tensor, int]:
+        """The solver loop. With ``restrict`` (``per_sample_exit``) the algorithm iterates on a working batch
+        that drops stopped samples; without it the working batch is always the whole batch.
 
         The tracker stays the one authority over all ``B`` samples: after each step the working rows are
         scattered into full-size (new, never in-place) tensors, so its stop decisions, returned iterates
@@ -223,7 +215,7 @@ class DiscreteDEQSolver:
                 z, fz, g = z.index_copy(0, work, zw), fz.index_copy(0, work, fzw), g.index_copy(0, work, gw)
             sync = steps % k == 0
             done = tracker.update(z, g, fz=fz, sync=sync)
-            if done or not sync or steps == self.max_steps:
+            if restrict is None or done or not sync or steps == self.max_steps:
                 continue
             n_work = tracker.batch if work is None else work.numel()
             if tracker.n_active <= self.compact_below * n_work:

@@ -47,6 +47,10 @@ def test_mnist_dense_config_parses_to_the_paper_model():
         ("model:\n  init_args:\n    widht: 8\n", "widht"),
         ("model:\n  init_args:\n    width: lots\n", "width"),
         ("model:\n  init_args:\n    model_type: deep\n", "model_type"),
+        # the nested training settings and the data options are type-checked too
+        ("model:\n  init_args:\n    training: {lr: lots}\n", "lr"),
+        ("model:\n  init_args:\n    training: {lrate: 0.1}\n", "lrate"),
+        ("data:\n  init_args:\n    batch_size: many\n", "batch_size"),
     ],
 )
 def test_bad_config_fails_naming_the_key(tmp_path, capsys, override, needle):

@@ -244,21 +244,6 @@ def test_a_yaml_config_names_solver_and_backward_by_class_path(tmp_path):
     assert cfg.lr == 0.01 and cfg.weight_decay == 1e-5 and cfg.skip_loss_weight == 1.0  # merged over the config
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("model:\n  init_args:\n    training: {lr: lots}\n", "lr"),
-    ("model:\n  init_args:\n    training: {lrate: 0.1}\n", "lrate"),
-    ("data:\n  init_args:\n    batch_size: many\n", "batch_size"),
-])
-def test_nested_training_and_data_options_are_type_checked(tmp_path, capsys, override, needle):
-    from deqlab.lightning.cli import main
-
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(override)
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "experiments" / "digits.yaml"), "--config", str(bad)])
-    assert needle in capsys.readouterr().err
-
-
 def test_data_module_options_are_defined_once_and_keep_per_dataset_defaults(tmp_path):
     import inspect
 

@@ -36,12 +36,16 @@ def _run(mode: str, out: Path) -> None:
     assert proc.returncode == 0, f"{mode} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
+def _single_and_ddp(variant: str, out: Path):
+    """Run the ``single<variant>`` and ``ddp<variant>`` modes; return the single run's and both ranks' records."""
+    _run(f"single{variant}", out)
+    _run(f"ddp{variant}", out)
+    return torch.load(out / f"single{variant}_rank0.pt"), [torch.load(out / f"ddp{variant}_rank{r}.pt") for r in (0, 1)]
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_the_single_process_run(tmp_path):
-    _run("single", tmp_path)
-    _run("ddp", tmp_path)
-    single = torch.load(tmp_path / "single_rank0.pt")
-    ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt") for r in (0, 1)]
+    single, ranks = _single_and_ddp("", tmp_path)
     assert single["global_step"] == ranks[0]["global_step"] == ranks[1]["global_step"] == 8
     for name, ref in single["state"].items():
         a, b = ranks[0]["state"][name], ranks[1]["state"][name]
@@ -58,10 +62,7 @@ def test_ddp_two_cpu_processes_match_the_single_process_run(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_ranks_agree_to_skip_a_batch_that_is_non_finite_on_one_rank_only(tmp_path):
-    _run("single_nan", tmp_path)
-    _run("ddp_nan", tmp_path)
-    single = torch.load(tmp_path / "single_nan_rank0.pt")
-    ranks = [torch.load(tmp_path / f"ddp_nan_rank{r}.pt") for r in (0, 1)]
+    single, ranks = _single_and_ddp("_nan", tmp_path)
     assert single["skipped"] == ranks[0]["skipped"] == ranks[1]["skipped"] == 2  # batch 1 of both epochs
     for name, ref in single["state"].items():
         a, b = ranks[0]["state"][name], ranks[1]["state"][name]
