@@ -30,6 +30,7 @@ bench:
 	$(PY) benchmarks/backward.py
 	$(PY) benchmarks/train_step.py --quick --repeats 5 --write --prediction
 	$(PY) benchmarks/per_sample_exit.py
+	$(PY) benchmarks/revision_ab.py
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --site-dir site
