@@ -33,7 +33,7 @@ from deqlab.nn.layers import equilibrium_session, stateful_modules
 from deqlab.nn.maps import CheckedMap
 from deqlab.nn.regularization import jacobian_frobenius_estimate
 from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy
-from deqlab.nn.solution import DeepEquilibriumSolution
+from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
 from deqlab.solvers.result import SolverStatus
 from deqlab.state import State, as_parts, detach, from_parts, per_sample_norm
 
@@ -71,9 +71,7 @@ def _record_backward(ref: "weakref.ReferenceType[DeepEquilibriumSolution]", repo
     failed adjoint solve by the layer's policy (or the backward mode's ``warn_unconverged`` override)."""
     solution = ref()
     if solution is not None:  # None: the caller dropped the record; nothing to fill
-        solution.backward_nfe += int(result.nfe)
-        solution.backward_residual = result.residual
-        solution.backward_converged = result.converged
+        solution.record_backward(result.nfe, residual=result.residual, converged=result.converged)
     if result.converged is None:  # no solve (JFB, phantom gradient)
         return
     override = getattr(mode, "warn_unconverged", None)
@@ -350,12 +348,14 @@ class DeepEquilibriumNetwork(nn.Module):
                              f"{x.shape[0]}")
         is_list = not isinstance(u0, Tensor)
         start = self.init.start(u0)
-        result, context = None, None
+        result, context, counter = None, None, None
         depth = self.fixed_depth
         if depth > 0:
             z = start
+            counter = _BackpropCounter()  # the backprop through the d steps is d VJPs, counted into the record
             for _ in range(depth):
                 z = fmap(z)
+                counter.watch(as_parts(z))
             with torch.no_grad():
                 fz = fmap(z)
                 residual = per_sample_norm([a - b for a, b in zip(as_parts(fz), as_parts(z))],
@@ -381,6 +381,8 @@ class DeepEquilibriumNetwork(nn.Module):
             z_star=z_star, u0=u0, residual=residual, jacobian_loss=jac,
             skip_loss=x.new_zeros(()) if skip is None else skip, nfe=nfe, converged=converged, status=status,
             solver_result=result)
+        if counter is not None:
+            counter.bind(solution)
         if context is not None:
             context.on_backward = functools.partial(_record_backward, weakref.ref(solution), self.reporter,
                                                     self.backward)

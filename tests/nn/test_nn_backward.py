@@ -170,7 +170,8 @@ def test_neural_ode_fills_the_record_when_the_backward_runs():
     u, sol = node(x)
     assert sol.backward_converged is None and sol.backward_nfe == 0
     sum(t.sum() for t in u).backward()
-    assert sol.backward_nfe == 0 and sol.backward_converged is True  # backprop of the recorded steps
+    # backprop of the recorded steps: one VJP per forward evaluation the gradient flows through
+    assert 0 < sol.backward_nfe <= sol.nfe and sol.backward_converged is True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         adj = _node("adjoint", ode_abstol=1e-4, ode_reltol=1e-4)
