@@ -106,7 +106,7 @@ class GuessStrategy(Protocol):
         >>> deq = DEQ(Half(), DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6),
         ...           init=EMAGuess(3))
         >>> _ = deq(torch.ones(2, 3))
-        >>> deq.init.mean.round(decimals=4).tolist()   # 0.1 * z* = 0.1 * 2x
+        >>> [round(v, 4) for v in deq.init.mean.tolist()]   # 0.1 * z* = 0.1 * 2x
         [0.2, 0.2, 0.2]
     """
 
