@@ -33,7 +33,7 @@ from deqlab.nn.layers import (
     WeightNorm,
 )
 from deqlab.nn.neural_ode import MultiScaleNeuralODE
-from deqlab.nn.protocols import DEQLayer
+from deqlab.nn.protocols import DEQLayer, GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
 from deqlab.nn.solution import DeepEquilibriumSolution
 
@@ -48,6 +48,7 @@ __all__ = [
     "MultiScaleNeuralODE",
     "DeepEquilibriumSolution",
     "DEQLayer",
+    "GuessStrategy",
     "InitialGuess",
     "ZeroGuess",
     "ShortcutGuess",

@@ -31,9 +31,10 @@ from deqlab.nn.implicit import BackwardMode, BackwardResult, ImplicitBackward, _
 from deqlab.nn.init import FunctionGuess, InitialGuess, MapGuess, ShortcutGuess, SkipLoss, ZeroGuess
 from deqlab.nn.layers import equilibrium_session, stateful_modules
 from deqlab.nn.maps import CheckedMap
+from deqlab.nn.protocols import GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
 from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy
-from deqlab.nn.solution import DeepEquilibriumSolution
+from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
 from deqlab.solvers.result import SolverStatus
 from deqlab.state import State, as_parts, detach, from_parts, per_sample_norm
 
@@ -48,20 +49,27 @@ __all__ = [
 ]
 
 
-def _resolve_init(owner: str, init: Optional[InitialGuess], z_shape: Optional[Sequence[int]],
-                  initializer: Optional[Callable[[Tensor], State]]) -> InitialGuess:
-    """The one initial-guess strategy from ``init=`` or its aliases ``z_shape=`` / ``initializer=``."""
-    given = [k for k, v in (("init", init), ("z_shape", z_shape), ("initializer", initializer)) if v is not None]
+def _resolve_init(owner: str, init: Optional[GuessStrategy], z_shape: Optional[Sequence[int]],
+                  initializer: Optional[Callable[[Tensor], State]], shortcut: Any = None) -> GuessStrategy:
+    """The one initial-guess strategy from ``init=`` or its aliases ``z_shape=`` / ``initializer=`` /
+    ``shortcut=`` (with a shortcut, ``z_shape`` is the shape its output is checked against, as in Skip DEQ)."""
+    given = [k for k, v in (("init", init), ("z_shape", z_shape if shortcut is None else None),
+                            ("initializer", initializer), ("shortcut", shortcut)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"{owner}: {' and '.join(given)} both set the initial state u0; pass one of them "
-                         f"(z_shape=S is init=ZeroGuess(shape=S), initializer=fn is init=FunctionGuess(fn))")
+                         f"(z_shape=S is init=ZeroGuess(shape=S), initializer=fn is init=FunctionGuess(fn), "
+                         f"shortcut=m is init=ShortcutGuess(m))")
+    if shortcut is not None:
+        return ShortcutGuess(shortcut, shape=z_shape)
     if initializer is not None:
         return FunctionGuess(initializer)
     if init is None:
         return ZeroGuess(shape=z_shape)
-    if not isinstance(init, InitialGuess):
-        raise TypeError(f"{owner}: init must be an InitialGuess (ZeroGuess(), ShortcutGuess(module), MapGuess(), "
-                        f"or a subclass of deqlab.nn.InitialGuess), got {init!r}")
+    if not isinstance(init, GuessStrategy):
+        missing = [m for m in ("__call__", "start", "skip_loss", "observe") if not callable(getattr(init, m, None))]
+        raise TypeError(f"{owner}: init must be an initial-guess strategy (ZeroGuess(), ShortcutGuess(module), "
+                        f"MapGuess(), a subclass of deqlab.nn.InitialGuess, or any object with the members of "
+                        f"deqlab.nn.GuessStrategy); {init!r} lacks {', '.join(missing)}")
     return init
 
 
@@ -71,9 +79,7 @@ def _record_backward(ref: "weakref.ReferenceType[DeepEquilibriumSolution]", repo
     failed adjoint solve by the layer's policy (or the backward mode's ``warn_unconverged`` override)."""
     solution = ref()
     if solution is not None:  # None: the caller dropped the record; nothing to fill
-        solution.backward_nfe += int(result.nfe)
-        solution.backward_residual = result.residual
-        solution.backward_converged = result.converged
+        solution.record_backward(result.nfe, residual=result.residual, converged=result.converged)
     if result.converged is None:  # no solve (JFB, phantom gradient)
         return
     override = getattr(mode, "warn_unconverged", None)
@@ -120,10 +126,11 @@ class DeepEquilibriumNetwork(nn.Module):
         solver: a [`Solver`][deqlab.solvers.Solver] (``DiscreteDEQSolver`` / ``ContinuousDEQSolver``), a
             registered solver name, or a plain callable ``solver(f, z0) -> SolverResult`` (wrapped in
             [`CallableSolver`][deqlab.nn.CallableSolver]). Required: how hard to solve is a per-model choice.
-        init: the initial-guess strategy ([`InitialGuess`][deqlab.nn.InitialGuess]). Default ``None``:
-            ``ZeroGuess()`` (zeros shaped like ``x``), the vanilla DEQ's start, which adds no parameters;
-            ``ShortcutGuess(module)`` gives a Skip DEQ, ``MapGuess()`` a Skip Reg. DEQ, or pass your own
-            subclass.
+        init: the initial-guess strategy (a [`GuessStrategy`][deqlab.nn.GuessStrategy], usually an
+            [`InitialGuess`][deqlab.nn.InitialGuess]). Default ``None``: ``ZeroGuess()`` (zeros shaped like ``x``),
+            the vanilla DEQ's start, which adds no parameters; ``ShortcutGuess(module)`` gives a Skip DEQ,
+            ``MapGuess()`` a Skip Reg. DEQ, or pass your own subclass or any object with the protocol's
+            members.
         backward: how gradients are computed. Default ``None``: ``ImplicitBackward()``, the exact implicit
             gradient with the paper's budget (GMRES at the forward tolerance, at most 15 VJPs); the cheaper
             approximations are [`JacobianFreeBackward`][deqlab.nn.JacobianFreeBackward] and [`PhantomGradient`][deqlab.nn.PhantomGradient].
@@ -139,6 +146,9 @@ class DeepEquilibriumNetwork(nn.Module):
             reduced-dimension DEQ. Default ``None``: the state is shaped like ``x``.
         initializer: alias: ``initializer=fn`` is ``init=FunctionGuess(fn)`` (``u0 = fn(x)``, no gradient).
             Default ``None``: no function start.
+        shortcut: alias: ``shortcut=m`` is ``init=ShortcutGuess(m, shape=z_shape)`` (a Skip DEQ; with a
+            shortcut, ``z_shape`` is the shape its output is checked against). Default ``None``: no
+            learned predictor.
         fixed_depth: when > 0, skip the solver and run ``fixed_depth`` unrolled applications of ``f`` from
             ``u0`` with ordinary backprop (pretraining); ``solution.nfe`` is then exactly the depth.
             Default 0: solve for the fixed point, which is what a DEQ is.
@@ -148,12 +158,13 @@ class DeepEquilibriumNetwork(nn.Module):
             ``"ignore"``, or ``"raise"`` ([`SolverError`][deqlab.solvers.SolverError] at the first failure).
 
     Raises:
-        ValueError: more than one of ``init``, ``z_shape``, ``initializer`` is given (all three set
-            ``u0``); ``jacobian_probes < 1``; ``jacobian_normalize`` is not ``"element"``, ``"sample"`` or
+        ValueError: more than one of ``init``, ``z_shape``, ``initializer``, ``shortcut`` is given (all
+            set ``u0``; ``z_shape`` with ``shortcut`` is the shape check); ``jacobian_probes < 1``; ``jacobian_normalize`` is not ``"element"``, ``"sample"`` or
             ``"none"``; ``fixed_depth`` is not an int >= 0; ``on_unconverged`` is not ``"warn"``,
             ``"ignore"`` or ``"raise"``; ``solver`` is an unknown solver name.
-        TypeError: ``backward`` is not a [`BackwardMode`][deqlab.nn.BackwardMode]; ``init`` is not an
-            [`InitialGuess`][deqlab.nn.InitialGuess]; ``solver`` is neither a solver, a name nor a callable.
+        TypeError: ``backward`` is not a [`BackwardMode`][deqlab.nn.BackwardMode]; ``init`` lacks a member of
+            [`GuessStrategy`][deqlab.nn.GuessStrategy]; ``shortcut`` is neither a module nor a sequence of
+            modules; ``solver`` is neither a solver, a name nor a callable.
 
     Example:
         A linear map ``f(z, x) = z / 2 + x`` has the fixed point ``z* = 2x``, and ``dz*/dx = 2``:
@@ -183,13 +194,14 @@ class DeepEquilibriumNetwork(nn.Module):
         model: nn.Module,
         solver: Any,
         *,
-        init: Optional[InitialGuess] = None,
+        init: Optional[GuessStrategy] = None,
         backward: Optional[BackwardMode] = None,
         jacobian_regularization: bool = False,
         jacobian_probes: int = 1,
         jacobian_normalize: Literal["element", "sample", "none"] = "element",
         z_shape: Optional[Sequence[int]] = None,
         initializer: Optional[Callable[[Tensor], State]] = None,
+        shortcut: Union[None, nn.Module, Sequence[nn.Module]] = None,
         fixed_depth: int = 0,
         on_unconverged: UnconvergedPolicy = "warn",
     ):
@@ -209,7 +221,7 @@ class DeepEquilibriumNetwork(nn.Module):
                              f"got {jacobian_normalize!r}")
         self.model = model
         self.solver = solver
-        self.init = _resolve_init(name, init, z_shape, initializer)
+        self.init = _resolve_init(name, init, z_shape, initializer, shortcut)
         self.backward = backward
         self.jacobian_regularization = bool(jacobian_regularization)
         self.jacobian_probes = int(jacobian_probes)
@@ -219,7 +231,8 @@ class DeepEquilibriumNetwork(nn.Module):
 
     # ---------------------------------------------------------------- read-only views
     #: attributes of the old Skip machinery: the guess strategy holds them now. Setting one on the layer
-    #: would silently do nothing, so it raises and says where the setting lives.
+    #: would silently do nothing, so it raises and says where the setting lives; reading one (other than the
+    #: ``shortcut`` view) raises an AttributeError that says the same, so old code fails loudly, not wrongly.
     _MOVED = {"shortcut": "init.shortcut", "skip_loss_kind": "init.skip_loss_kind",
               "detach_skip_target": "init.detach_skip_target", "z_shape": "init.shape",
               "initializer": "init.fn"}
@@ -234,6 +247,19 @@ class DeepEquilibriumNetwork(nn.Module):
     def shortcut(self) -> Optional[nn.Module]:
         """The Skip DEQ predictor (``init.shortcut`` of a [`ShortcutGuess`][deqlab.nn.ShortcutGuess]), else ``None``. Read-only."""
         return self.init.shortcut if isinstance(self.init, ShortcutGuess) else None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in DeepEquilibriumNetwork._MOVED:
+                raise
+        init = self.__dict__.get("_modules", {}).get("init", self.__dict__.get("init"))
+        raise AttributeError(
+            f"{type(self).__name__}.{name} moved to the initial-guess strategy: read "
+            f"layer.{DeepEquilibriumNetwork._MOVED[name]} (this layer's init is {type(init).__name__}; "
+            f"ShortcutGuess / MapGuess hold the skip-loss settings, ZeroGuess / MapGuess / ShortcutGuess the "
+            f"shape, FunctionGuess the function)")
 
     @property
     def fixed_depth(self) -> int:
@@ -350,12 +376,14 @@ class DeepEquilibriumNetwork(nn.Module):
                              f"{x.shape[0]}")
         is_list = not isinstance(u0, Tensor)
         start = self.init.start(u0)
-        result, context = None, None
+        result, context, counter = None, None, None
         depth = self.fixed_depth
         if depth > 0:
             z = start
+            counter = _BackpropCounter()  # the backprop through the d steps is d VJPs, counted into the record
             for _ in range(depth):
                 z = fmap(z)
+                counter.watch(as_parts(z))
             with torch.no_grad():
                 fz = fmap(z)
                 residual = per_sample_norm([a - b for a, b in zip(as_parts(fz), as_parts(z))],
@@ -381,6 +409,8 @@ class DeepEquilibriumNetwork(nn.Module):
             z_star=z_star, u0=u0, residual=residual, jacobian_loss=jac,
             skip_loss=x.new_zeros(()) if skip is None else skip, nfe=nfe, converged=converged, status=status,
             solver_result=result)
+        if counter is not None:
+            counter.bind(solution)
         if context is not None:
             context.on_backward = functools.partial(_record_backward, weakref.ref(solution), self.reporter,
                                                     self.backward)
@@ -444,9 +474,11 @@ def _skip_init(owner: str, kwargs: dict, shortcut: Any, skip_loss: SkipLoss, det
     """The guess a Skip constructor builds: ``ShortcutGuess(shortcut)`` or, without one, ``MapGuess()``.
     ``detach_skip_target=None`` takes each guess's own default (detached for a shortcut, coupled for
     Skip Reg.)."""
-    for key in ("init", "initializer"):
+    what = ("shortcut" if shortcut is not None else
+            "the Skip Reg. default (no shortcut: u0 = f(0, x), MapGuess())")
+    for key in ("init", "initializer", "shortcut"):
         if kwargs.get(key) is not None:
-            raise ValueError(f"{owner}: {key} and shortcut both set the initial state u0; a Skip layer builds "
+            raise ValueError(f"{owner}: {key} and {what} both set the initial state u0; a Skip layer builds "
                              f"its own (ShortcutGuess(shortcut) or MapGuess()). Pass init=... to "
                              f"DeepEquilibriumNetwork instead")
         kwargs.pop(key, None)
@@ -666,7 +698,7 @@ class MultiScaleDeepEquilibriumNetwork(DeepEquilibriumNetwork):
         if len(scales) != model.num_scales:
             raise ValueError(f"{type(self).__name__}: got {len(scales)} scales for {model.num_scales} main layers")
         scales = [tuple(int(d) for d in s) for s in scales]
-        if kwargs.get("init") is None and kwargs.get("initializer") is None:
+        if all(kwargs.get(k) is None for k in ("init", "initializer", "shortcut")):
             kwargs["init"] = ZeroGuess(shape=scales)
         super().__init__(model, solver, **kwargs)
         self.scales = scales

@@ -465,7 +465,8 @@ class ImplicitBackward(BackwardMode):
             [`FixedPointLinearSolver`][deqlab.solvers.FixedPointLinearSolver]), or a name as shorthand: ``"gmres"`` (the
             default) builds ``GMRES(tol, max_steps, restart=restart)``; any other registered solver name
             builds ``FixedPointLinearSolver(get_solver(name, mode="rel_norm", abstol_termination=tol,
-            reltol_termination=tol, max_steps=max_steps))``. GMRES is the default because it solves the
+            reltol_termination=tol, max_steps=max_steps), max_steps=max_steps)`` (``max_steps`` VJPs at
+            most, the linear solver's residual check included). GMRES is the default because it solves the
             adjoint system even when ``f`` is not a contraction (the paper's adjoint), where fixed-point
             iteration and short-memory Anderson stall.
         tol: relative tolerance for a named solver. Default ``None``: the forward solver's termination
@@ -478,13 +479,20 @@ class ImplicitBackward(BackwardMode):
         warn_unconverged: ``None`` (default): an unconverged adjoint follows the layer's ``on_unconverged``
             policy; ``True``/``False``: always / never warn for this backward.
 
-    With a solver object, its own ``tol``/``max_steps`` apply. Half-precision (float16/bfloat16) adjoints
-    are solved in float32.
+    With a solver object, its own ``tol``/``max_steps`` apply, and the mode's ``tol``/``max_steps``
+    attributes report them (``ImplicitBackward(GMRES(max_steps=12)).max_steps == 12``). A fixed-point
+    solver object is wrapped as ``FixedPointLinearSolver(solver)``, whose budget is known for a
+    ``DiscreteDEQSolver`` (``max_steps + 2`` products); for other solvers pass
+    ``FixedPointLinearSolver(solver, max_steps=N)``. Note that ``GMRES()`` built by hand has *its own*
+    defaults (``tol=1e-6``, ``max_steps=50``), not this mode's (forward tolerance, 15 VJPs).
+    Half-precision (float16/bfloat16) adjoints are solved in float32.
 
     Raises:
         ValueError: ``solver`` is an unknown name; ``restart`` is given for a name other than ``"gmres"``;
             ``tol`` is not a number >= 0; ``max_steps`` is not an int >= 1; ``tol``, ``max_steps`` or
-            ``restart`` is given together with a solver object (set them on the object).
+            ``restart`` is given together with a solver object (set them on the object); ``solver`` is a
+            ``DiscreteDEQSolver(per_sample_exit=True)`` (per-sample exit is not supported for adjoint
+            solves) or a fixed-point solver whose VJP budget is unknown (see above).
         TypeError: ``solver`` is neither a name, a ``LinearSolver`` nor a fixed-point ``Solver``.
 
     Example:
@@ -507,6 +515,8 @@ class ImplicitBackward(BackwardMode):
         2.0 2 True
         >>> ImplicitBackward().linear_solver(forward_tol=1e-6)     # what the "gmres" shorthand builds
         GMRES(tol=1e-06, max_steps=15, restart=None, atol=0.0)
+        >>> ImplicitBackward(GMRES(max_steps=12)).max_steps      # an object's own budget is reported
+        12
     """
 
     def __init__(self, solver: AdjointSolver = "gmres", *, tol: Optional[float] = None,
@@ -538,9 +548,14 @@ class ImplicitBackward(BackwardMode):
                 raise TypeError(f"ImplicitBackward: solver must be a name, a LinearSolver (solve(matvec, b)) or "
                                 f"a fixed-point Solver (callable with a `termination`), got {solver!r}")
         self.solver = solver
-        self.tol = None if tol is None else float(tol)
-        self.max_steps = DEFAULT_ADJOINT_MAX_STEPS if max_steps is None else int(max_steps)
-        self.restart = restart
+        if self._linear is not None:  # report the object's own budget: it is the one that governs
+            self.tol: Optional[float] = float(self._linear.tol)
+            self.max_steps = int(self._linear.max_steps)
+            self.restart = self._linear.restart if isinstance(self._linear, GMRES) else None
+        else:
+            self.tol = None if tol is None else float(tol)
+            self.max_steps = DEFAULT_ADJOINT_MAX_STEPS if max_steps is None else int(max_steps)
+            self.restart = restart
         self.warn_unconverged = warn_unconverged
         self._built: Dict[float, LinearSolver] = {}
 
@@ -565,7 +580,8 @@ class ImplicitBackward(BackwardMode):
                 from deqlab.solvers.registry import get_solver
 
                 built = FixedPointLinearSolver(get_solver(self.solver, mode="rel_norm", abstol_termination=tol,
-                                                          reltol_termination=tol, max_steps=self.max_steps))
+                                                          reltol_termination=tol, max_steps=self.max_steps),
+                                               max_steps=self.max_steps)
             self._built[tol] = built
         return built
 

@@ -6,8 +6,10 @@ variant lets [`DeepEquilibriumNetwork`][deqlab.nn.DeepEquilibriumNetwork] stay o
 start (an EMA of past fixed points, a cached solution, a coarse solve) by writing one class and passing
 it as ``init=``, without touching deqlab.
 
-The contract is [`InitialGuess`][deqlab.nn.InitialGuess], an ``nn.Module`` (so a learned predictor's parameters are
-registered with the layer and move with ``.to()``):
+The contract is the protocol [`GuessStrategy`][deqlab.nn.GuessStrategy]: a layer accepts any object with its four
+members. [`InitialGuess`][deqlab.nn.InitialGuess] is the convenient base class that implements it as an ``nn.Module`` (so
+a learned predictor's parameters are registered with the layer and move with ``.to()``), with no-op
+defaults for all but ``forward``:
 
 * ``forward(x, f) -> u0``: the initial state for the batch ``x``; ``f`` is the DEQ map ``z -> f(z, x)``
   (checked on its first call), for guesses that evaluate it. ``u0`` may carry gradients.
@@ -76,10 +78,11 @@ def _check_kind(owner: str, kind: str) -> None:
 
 
 class InitialGuess(nn.Module):
-    """Base class of initial-guess strategies (see the module docstring for the contract).
+    """Base class of initial-guess strategies: implements [`GuessStrategy`][deqlab.nn.GuessStrategy] as an ``nn.Module``.
 
     Subclass it and implement `forward`; override `start`, `skip_loss` or
-    `observe` when the strategy needs them. Pass an instance as ``init=`` to a DEQ layer.
+    `observe` when the strategy needs them. Pass an instance as ``init=`` to a DEQ layer. Inheriting is a
+    convenience, not a requirement: any object with the protocol's members is accepted as ``init=``.
 
     Example:
         A strategy that starts every solve from the injection itself:

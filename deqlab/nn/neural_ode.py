@@ -19,6 +19,7 @@ torchdyn is imported lazily (its ``core`` package imports Lightning).
 """
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from typing import Any, List, Literal, Optional, Sequence, Tuple
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from deqlab.nn.deq import MultiScaleMap
 from deqlab.nn.layers import equilibrium_session
 from deqlab.nn.maps import CheckedMap
-from deqlab.nn.solution import DeepEquilibriumSolution
+from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
 from deqlab.solvers.result import SolverStatus
 from deqlab.state import flatten, per_sample_norm, unflatten
 
@@ -48,36 +49,55 @@ def _alias(owner: str, new: str, new_val: Optional[float], old: str, old_val: Op
     return new_val if new_val is not None else old_val
 
 
+class _Integration:
+    """One forward's integration: its injection, its state layout, its forward NFE and the record its
+    backward fills. The vector field serves the integration installed in it; a backward re-installs its
+    own forward's (`_begin_backward`), so two forwards in flight keep their injections and their counts
+    apart."""
+
+    def __init__(self, x: Tensor, like: List[Tensor], checker: CheckedMap):
+        self.x = x
+        self.like = like
+        self.checker = checker
+        self.nfe = 0
+        #: ``True`` once this forward's backward started: evaluations are then a torchdyn adjoint's
+        self.in_backward = False
+        #: counts into the record: the backprop VJPs of ``"autograd"``, the adjoint's re-evaluations
+        self.counter = _BackpropCounter()
+
+
 class _VectorField(nn.Module):
-    """``(t, u_flat) -> flat(f(u, x)) − u_flat``; counts forward evaluations in ``nfe`` and, once the forward
-    integration is over, evaluations re-run by a torchdyn adjoint into the solution record."""
+    """``(t, u_flat) -> flat(f(u, x)) − u_flat`` for the installed `_Integration`: counts its forward
+    evaluations, watches them for backprop VJPs, and counts the evaluations a torchdyn adjoint re-runs into
+    the integration's record."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.map = model  # registered so torchdyn's adjoint sees the parameters
-        self.x: Optional[Tensor] = None
-        self.like: List[Tensor] = []
-        self.nfe = 0
-        self.record: Optional["weakref.ReferenceType[DeepEquilibriumSolution]"] = None
-        self.checker: Optional[CheckedMap] = None
+        self.run: Optional[_Integration] = None
 
     def forward(self, t: Tensor, u: Tensor, args: Any = None) -> Tensor:
-        record = self.record() if self.record is not None else None
-        if record is not None:
-            record.backward_nfe += 1
-        elif self.record is None:
-            self.nfe += 1
-        z = unflatten(u, self.like)
-        out = self.checker(z) if self.checker is not None and not self.checker.checked else self.map(z, self.x)
-        return flatten(out) - u
+        run = self.run
+        if run.in_backward:
+            run.counter.record(1, converged=True)  # an adjoint's evaluation of the field: one unit of backward work
+        else:
+            run.nfe += 1
+        z = unflatten(u, run.like)
+        out = run.checker(z) if not run.checker.checked else self.map(z, run.x)
+        du = flatten(out) - u
+        if not run.in_backward:
+            run.counter.watch([du])  # "autograd": backprop through this evaluation is one VJP
+        return du
 
 
-def _mark_backward(ref: "weakref.ReferenceType[DeepEquilibriumSolution]", grad: Tensor) -> None:
-    """Tensor hook on ``u(1)``: the backward starts; an exact backprop has no solve that could fail."""
-    solution = ref()
-    if solution is not None:
-        solution.backward_converged = True
-        solution.backward_residual = None
+def _begin_backward(vf: _VectorField, run: _Integration, grad: Tensor) -> Tensor:
+    """Tensor hook on the trajectory: this forward's backward starts. Re-install its integration (a
+    torchdyn adjoint re-evaluates the field with this forward's ``x``) and mark the record: a fixed interval
+    is integrated, so there is no tolerance the backward could miss."""
+    vf.run = run
+    run.in_backward = True
+    run.counter.record(0, converged=True)
+    return grad
 
 
 class MultiScaleNeuralODE(nn.Module):
@@ -112,11 +132,13 @@ class MultiScaleNeuralODE(nn.Module):
 
     ``forward(x)`` returns ``(list of u_i(1), solution)``; ``solution.nfe`` counts vector-field
     evaluations of the forward integration, ``solution.residual`` is ``||f(u(1)) − u(1)||`` per sample
-    (how far from a fixed point the endpoint is; not counted in nfe). When the backward runs it fills
-    ``solution.backward_nfe``: the vector-field evaluations it re-runs (0 for ``"autograd"``, which
-    backpropagates the recorded graph of the forward steps without evaluating the field again; the
-    augmented-ODE evaluations for the torchdyn adjoints) and ``backward_converged = True`` (a fixed interval
-    is integrated; there is no tolerance to miss).
+    (how far from a fixed point the endpoint is; not counted in nfe). When the backward runs it fills the
+    record of *its own* forward (another forward in flight keeps its numbers and its ``x``), through
+    [`DeepEquilibriumSolution.record_backward`][deqlab.nn.DeepEquilibriumSolution.record_backward] like the
+    DEQ layers: ``solution.backward_nfe`` is the backward's work in map evaluations (``"autograd"``: one
+    VJP per recorded forward evaluation the gradient flows through, so ``nfe`` for a fixed-step method;
+    the torchdyn adjoints: the augmented-ODE evaluations they re-run), and ``backward_converged = True``
+    (a fixed interval is integrated; there is no tolerance to miss).
 
     Raises:
         ValueError: both ``ode_abstol`` and ``abstol`` (or ``ode_reltol`` and ``reltol``) are given;
@@ -144,9 +166,9 @@ class MultiScaleNeuralODE(nn.Module):
         >>> u1 = us[0].detach()                      # scale 1 at t = 1
         >>> round(float(u1[0, 0]), 4), round(2 * (1 - math.exp(-0.5)), 4)
         (0.7869, 0.7869)
-        >>> sum(u.sum() for u in us).backward()     # exact backprop through the steps; x gets a gradient
+        >>> sum(u.sum() for u in us).backward()     # exact backprop through the 16 evaluations: 16 VJPs
         >>> solution.backward_nfe, solution.backward_converged, x.grad is not None
-        (0, True, True)
+        (16, True, True)
     """
 
     def __init__(self, main_layers: Sequence[nn.Module], mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
@@ -240,8 +262,7 @@ class MultiScaleNeuralODE(nn.Module):
 
         u0 = [x.new_zeros((x.shape[0], *s)) for s in self.scales]
         vf = self.vf
-        vf.x, vf.like, vf.nfe, vf.record = x, u0, 0, None
-        vf.checker = CheckedMap(lambda z, x_: self.model(z, x_), x, name=type(self).__name__)
+        run = vf.run = _Integration(x, u0, CheckedMap(lambda z, x_: self.model(z, x_), x, name=type(self).__name__))
         t_span = self._t_span(x)
         u0_flat = flatten(u0)
         if self.sensitivity == "autograd":
@@ -253,7 +274,7 @@ class MultiScaleNeuralODE(nn.Module):
                 self._problem = ODEProblem(vf, solver=self.method, atol=self.ode_abstol, rtol=self.ode_reltol,
                                            sensitivity=self.sensitivity)
             _, traj = self._problem.odeint(u0_flat, t_span)
-        forward_nfe = vf.nfe
+        forward_nfe = run.nfe
         u1 = unflatten(traj[-1], u0)
         with torch.no_grad():
             f1 = self.model([u.detach() for u in u1], x.detach())
@@ -264,10 +285,9 @@ class MultiScaleNeuralODE(nn.Module):
             nfe=forward_nfe, converged=finite,
             status=SolverStatus.CONVERGED if bool(finite.all()) else SolverStatus.NONFINITE,
             solver_result=None)
-        ref = weakref.ref(solution)
-        vf.record = ref  # evaluations from now on belong to this solution's backward
+        run.counter.bind(solution)
         if traj.requires_grad:
-            traj.register_hook(lambda g: _mark_backward(ref, g))
+            traj.register_hook(functools.partial(_begin_backward, vf, run))
         return u1, solution
 
     def extra_repr(self) -> str:

@@ -8,9 +8,11 @@ which layer produced it. The forward fills the forward fields; the backward, whe
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from deqlab.solvers.result import SolverResult, SolverStatus
@@ -78,3 +80,76 @@ class DeepEquilibriumSolution:
     backward_nfe: int = 0
     backward_residual: Optional[Tensor] = None
     backward_converged: Optional[bool] = None
+
+    def record_backward(self, nfe: int, *, residual: Optional[Tensor] = None,
+                        converged: Optional[bool] = None) -> None:
+        """Add what one backward (or one step of it) through this solve did: the one way every layer,
+        deqlab's or a researcher's, writes the ``backward_*`` fields.
+
+        Why one method: a layer's backward runs long after its forward returned, possibly after further
+        forwards of the same layer; writing into the record the forward returned (never into the layer)
+        is what keeps two forwards in flight from mixing their numbers.
+
+        Args:
+            nfe: VJPs (or map evaluations) spent; added to ``backward_nfe``, so every backward through the
+                solve (``retain_graph=True``) is counted.
+            residual: per-sample relative residual of the adjoint solve, or ``None`` when there was none.
+            converged: whether the adjoint solve met its tolerance (``True`` for an exact backprop, which
+                has no tolerance to miss), or ``None`` when there was no solve (JFB, phantom gradient).
+
+        Example:
+            >>> import torch
+            >>> from deqlab.nn import DeepEquilibriumSolution
+            >>> from deqlab.solvers import SolverStatus
+            >>> sol = DeepEquilibriumSolution(z_star=torch.zeros(1, 2), u0=None, residual=torch.zeros(1),
+            ...                               jacobian_loss=torch.zeros(()), skip_loss=torch.zeros(()), nfe=3,
+            ...                               converged=torch.ones(1, dtype=torch.bool),
+            ...                               status=SolverStatus.CONVERGED)
+            >>> sol.record_backward(4, residual=torch.tensor([1e-9]), converged=True)
+            >>> sol.record_backward(4, residual=torch.tensor([2e-9]), converged=True)
+            >>> sol.backward_nfe, sol.backward_converged
+            (8, True)
+        """
+        self.backward_nfe += int(nfe)
+        self.backward_residual = residual
+        self.backward_converged = converged
+
+
+class _BackpropCounter:
+    """Counts, into a solution record, the VJPs an ordinary backprop runs through recorded map evaluations
+    (and, through `record`, any other backward work of a forward whose record did not exist yet when its
+    graph was built).
+
+    Used where the gradient is autograd's own (a DEQ layer in fixed-depth mode, the neural ODE with
+    ``sensitivity="autograd"``): each `watch`-ed evaluation's output gets a gradient hook, and every time
+    the backward reaches it, that is one VJP through the map, written with
+    `DeepEquilibriumSolution.record_backward` (``converged=True``: backprop has no tolerance to miss).
+    The record is bound after the forward built it (`bind`) and held weakly, so a dropped record is not
+    kept alive by the graph.
+    """
+
+    def __init__(self) -> None:
+        self._ref: Optional["weakref.ReferenceType[DeepEquilibriumSolution]"] = None
+
+    def bind(self, solution: DeepEquilibriumSolution) -> None:
+        """Send the counted VJPs to ``solution``."""
+        self._ref = weakref.ref(solution)
+
+    def watch(self, outputs: Sequence[Tensor]) -> None:
+        """Count one VJP each time a backward reaches ``outputs`` (the parts of one map evaluation)."""
+        tensors = [t for t in outputs if isinstance(t, Tensor) and t.requires_grad]
+        if not tensors:
+            return
+        if len(tensors) == 1:
+            tensors[0].register_hook(self._reached)
+        else:
+            torch.autograd.graph.register_multi_grad_hook(tensors, self._reached, mode="any")
+
+    def record(self, nfe: int, *, residual: Optional[Tensor] = None, converged: Optional[bool] = None) -> None:
+        """`DeepEquilibriumSolution.record_backward` on the bound record (nothing when it was dropped)."""
+        solution = self._ref() if self._ref is not None else None
+        if solution is not None:
+            solution.record_backward(nfe, residual=residual, converged=converged)
+
+    def _reached(self, grad: object) -> None:
+        self.record(1, converged=True)

@@ -101,14 +101,19 @@ class GMRES:
         return f"GMRES(tol={self.tol}, max_steps={self.max_steps}, restart={self.restart}, atol={self.atol})"
 
 
+class _BudgetSpent(Exception):
+    """Raised inside the wrapped solver's map when the product budget is spent (caught by `solve`)."""
+
+
 class FixedPointLinearSolver:
     """Solve ``A x = b`` with a fixed-point [`Solver`][deqlab.solvers.Solver] on ``x = x - A x + b``.
 
     Converges when ``I - A`` is a contraction (for the adjoint system: when ``f`` is one at ``z*``).
-    The fixed-point solver's own termination decides when to stop; ``tol`` and ``max_steps`` here only
-    describe the budget (read from the wrapped solver's termination and step cap). The reported
-    ``residual``/``converged`` are recomputed from ``b - A x`` with one extra product, so they are true
-    whatever the wrapped solver's stop rule is.
+    The fixed-point solver's own termination decides when to stop, within ``max_steps`` matrix-vector
+    products that this class enforces: once they are spent the solve ends at the last iterate, so the
+    reported budget is the one that governs. The reported ``residual``/``converged`` are recomputed from
+    ``b - A x`` with one extra product (inside the budget), so they are true whatever the wrapped solver's
+    stop rule is.
 
     Why: the adjoint system of a DEQ is a linear fixed-point problem ``g = Jᵀ g + v``, so the forward
     solver's own algorithm (Anderson, Broyden, plain iteration) can solve it, one VJP per step.
@@ -116,35 +121,64 @@ class FixedPointLinearSolver:
     Args:
         solver: the fixed-point [`Solver`][deqlab.solvers.Solver] to run on ``x = x - A x + b`` (e.g. a
             [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver]); required, there is no sensible default
-            algorithm for every system. Its termination's ``tol`` becomes `tol` and its
-            ``max_steps`` (plus the residual check's product) `max_steps`.
+            algorithm for every system. Its termination's ``tol`` becomes `tol`. Per-sample early exit
+            (``DiscreteDEQSolver(per_sample_exit=True)``) is refused: the adjoint map is a plain function of
+            the whole batch, which cannot be restricted to the samples still iterating.
+        max_steps: matrix-vector products at most (each one VJP in the implicit backward), the residual
+            check included. Default ``None``: taken from a
+            [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver]'s own cap, ``solver.max_steps + 2`` (its
+            first evaluation, one per step, and the check), so the solver is never cut short. For any other
+            solver it must be given: the ``Solver`` contract does not say how many evaluations a solver
+            spends (a continuous solver's ``max_steps`` counts ODE steps of several evaluations each), and a
+            guessed budget would be reported without governing.
 
     Raises:
         TypeError: ``solver`` is not a [`Solver`][deqlab.solvers.Solver] (callable, with a ``termination``).
+        ValueError: ``max_steps`` is not an int >= 1, or is ``None`` for a solver other than a
+            ``DiscreteDEQSolver``; ``solver`` has ``per_sample_exit=True``.
 
     Example:
         >>> import torch
         >>> from deqlab.solvers import DiscreteDEQSolver, FixedPointLinearSolver
         >>> M = torch.tensor([[0.5, 0.1], [0.0, 0.3]], dtype=torch.float64)   # A = I - M, M contracts
         >>> lin = FixedPointLinearSolver(DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-10))
-        >>> lin.tol, lin.max_steps
-        (1e-10, 51)
+        >>> lin.tol, lin.max_steps                       # 50 steps: 51 evaluations + the residual check
+        (1e-10, 52)
         >>> out = lin.solve(lambda v: v - v @ M.T, torch.tensor([[1.0, 1.0]], dtype=torch.float64))
         >>> out.x.round(decimals=6), out.all_converged   # x = (I - M)^-1 b
         (tensor([[2.2857, 1.4286]], dtype=torch.float64), True)
+        >>> short = FixedPointLinearSolver(DiscreteDEQSolver("fixed_point", max_steps=100), max_steps=4)
+        >>> short.solve(lambda v: v - v @ M.T, torch.tensor([[1.0, 1.0]], dtype=torch.float64)).matvecs
+        4
     """
 
-    def __init__(self, solver: Solver):
+    def __init__(self, solver: Solver, *, max_steps: Optional[int] = None):
+        from deqlab.solvers.discrete import DiscreteDEQSolver
+
         if not isinstance(solver, Solver):
             raise TypeError(f"FixedPointLinearSolver needs a fixed-point Solver (callable with a `termination`), "
                             f"got {solver!r}")
+        if isinstance(solver, DiscreteDEQSolver) and solver.per_sample_exit:
+            raise ValueError(
+                f"FixedPointLinearSolver: per-sample exit is not supported for linear (adjoint) solves: the "
+                f"adjoint map g -> J^T g + v is a function of the whole batch and cannot be restricted to the "
+                f"samples still iterating. Pass the solver with per_sample_exit=False, got {solver!r}")
+        if max_steps is None:
+            if not isinstance(solver, DiscreteDEQSolver):
+                raise ValueError(
+                    f"FixedPointLinearSolver: cannot tell how many products {solver!r} may spend (the Solver "
+                    f"contract has no evaluation budget); pass max_steps=N, the matrix-vector products at most "
+                    f"(the residual check included), e.g. FixedPointLinearSolver(solver, max_steps=30)")
+            max_steps = int(solver.max_steps) + 2
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"FixedPointLinearSolver: max_steps must be an int >= 1, got {max_steps!r}")
         self.solver = solver
         self.tol = float(solver.termination.tol)
-        self.max_steps = int(getattr(solver, "max_steps", 0) or 0) + 1
+        self.max_steps = int(max_steps)
 
     def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Optional[Tensor] = None
               ) -> LinearSolveResult:
-        """Solve ``A x = b`` with the wrapped fixed-point solver.
+        """Solve ``A x = b`` with the wrapped fixed-point solver within ``max_steps`` products.
 
         Args:
             matvec: maps a ``(B, N)`` batch of vectors ``v`` to ``A v`` per sample.
@@ -154,23 +188,31 @@ class FixedPointLinearSolver:
 
         Returns:
             The [`LinearSolveResult`][deqlab.solvers.LinearSolveResult]; ``matvecs`` counts every product, the final
-            residual check included.
+            residual check included (never more than ``max_steps``).
         """
         count = 0
+        x = b.clone() if x0 is None else x0
+        last = x
 
-        def step(x: Tensor) -> Tensor:
-            nonlocal count
+        def step(z: Tensor) -> Tensor:
+            nonlocal count, last
+            if count >= self.max_steps - 1:  # keep one product for the residual check
+                raise _BudgetSpent
             count += 1
-            return x - matvec(x) + b
+            last = z - matvec(z) + b
+            return last
 
-        res = self.solver(step, b.clone() if x0 is None else x0)
-        x = res.z
+        try:
+            res = self.solver(step, x)
+            x, iterations = res.z, int(res.steps)
+        except _BudgetSpent:
+            x, iterations = last, count
         r = b - matvec(x)
         count += 1
         tiny = torch.finfo(b.dtype).tiny ** 0.5
         rel = batch_norm(r) / batch_norm(b).clamp_min(tiny)
         converged = rel <= self.tol * (1 + 1e-6) + tiny
-        return LinearSolveResult(x=x, matvecs=count, iterations=int(res.steps), residual=rel, converged=converged)
+        return LinearSolveResult(x=x, matvecs=count, iterations=iterations, residual=rel, converged=converged)
 
     def __repr__(self) -> str:
-        return f"FixedPointLinearSolver({self.solver!r})"
+        return f"FixedPointLinearSolver({self.solver!r}, max_steps={self.max_steps})"

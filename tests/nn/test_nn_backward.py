@@ -170,7 +170,8 @@ def test_neural_ode_fills_the_record_when_the_backward_runs():
     u, sol = node(x)
     assert sol.backward_converged is None and sol.backward_nfe == 0
     sum(t.sum() for t in u).backward()
-    assert sol.backward_nfe == 0 and sol.backward_converged is True  # backprop of the recorded steps
+    # backprop of the recorded steps: one VJP per forward evaluation the gradient flows through
+    assert 0 < sol.backward_nfe <= sol.nfe and sol.backward_converged is True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         adj = _node("adjoint", ode_abstol=1e-4, ode_reltol=1e-4)
@@ -194,3 +195,75 @@ def test_neural_ode_tolerance_names():
     assert (node.method, node.ode_abstol, node.ode_reltol) == ("dopri5", 1e-7, 1e-8)
     with pytest.raises(TypeError, match="ContinuousDEQSolver"):
         MultiScaleNeuralODE(*pieces(), DiscreteDEQSolver("anderson"), SCALES)
+
+
+def test_reported_budget_is_the_one_that_governs():
+    mode = ImplicitBackward(solver=GMRES(tol=1e-9, max_steps=12, restart=4))
+    assert (mode.tol, mode.max_steps, mode.restart) == (1e-9, 12, 4)
+    assert "max_steps=12" in repr(mode) and "max_steps=15" not in repr(mode)
+    anderson = DiscreteDEQSolver("anderson", mode="rel_norm", abstol_termination=1e-6, reltol_termination=1e-6,
+                                 max_steps=30)
+    mode = ImplicitBackward(solver=anderson)
+    assert mode.max_steps == mode.linear_solver().max_steps == 32
+    # the shorthand's max_steps caps the VJPs of a fixed-point adjoint too (plus the final VJP)
+    torch.manual_seed(0)
+    hard = DEQ(DenseMap(40, 40, scale=0.95), make_solver("anderson", tol=1e-3, max_steps=100),
+               backward=ImplicitBackward("fixed_point", tol=1e-12, max_steps=9), on_unconverged="ignore")
+    z, sol = hard(torch.randn(3, 40))
+    z.sum().backward()
+    assert sol.backward_nfe == 9 + 1 and sol.backward_converged is False
+
+
+def test_per_sample_exit_adjoint_is_refused_at_construction():
+    with pytest.raises(ValueError, match="per-sample exit is not supported"):
+        ImplicitBackward(solver=DiscreteDEQSolver("anderson", per_sample_exit=True))
+
+
+class _Richardson:
+    """A user-written LinearSolver (no deqlab base class): Richardson iteration x <- x + (b - A x)."""
+
+    def __init__(self, tol: float = 1e-13, max_steps: int = 400):
+        self.tol, self.max_steps = tol, max_steps
+
+    def solve(self, matvec, b, *, x0=None):
+        from deqlab.solvers import LinearSolveResult
+
+        x, n = (torch.zeros_like(b) if x0 is None else x0), 0
+        r = b - matvec(x)
+        n += 1
+        while n < self.max_steps and float((r.norm(dim=1) / b.norm(dim=1)).max()) > self.tol:
+            x = x + r
+            r = b - matvec(x)
+            n += 1
+        rel = r.norm(dim=1) / b.norm(dim=1)
+        return LinearSolveResult(x=x, matvecs=n, iterations=n, residual=rel, converged=rel <= self.tol)
+
+
+def test_user_written_linear_solver_matches_the_dense_oracle():
+    """Gradients through a researcher's own LinearSolver equal dL/dx, dL/dθ from explicit Jacobians:
+    g = (I - J)^-T dL/dz* per sample by torch.linalg.solve, then g^T ∂f/∂x and g^T ∂f/∂θ."""
+    assert isinstance(_Richardson(), LinearSolver)
+    torch.manual_seed(5)
+    model = DenseMap(5, 3).double()
+    deq = DEQ(model, make_solver("anderson", tol=1e-13, max_steps=500), backward=ImplicitBackward(_Richardson()),
+              z_shape=(5,))
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    z, sol = deq(x)
+    c = torch.randn(4, 5, dtype=torch.float64)
+    (c * z).sum().backward()
+    assert sol.backward_converged is True and sol.backward_nfe > 2
+    zs, xs = z.detach(), x.detach()
+    gx_want = torch.zeros_like(xs)
+    gp_want = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(4):
+        J = torch.autograd.functional.jacobian(lambda zi: model(zi[None], xs[i:i + 1])[0], zs[i])
+        g = torch.linalg.solve((torch.eye(5, dtype=torch.float64) - J).T, c[i])
+        zi, xi = zs[i:i + 1], xs[i:i + 1].clone().requires_grad_()
+        out = model(zi, xi)
+        grads = torch.autograd.grad(out, [xi, *model.parameters()], g[None])
+        gx_want[i] = grads[0][0]
+        for acc, gp in zip(gp_want, grads[1:]):
+            acc += gp
+    torch.testing.assert_close(x.grad, gx_want, rtol=1e-9, atol=1e-11)
+    for p, want in zip(model.parameters(), gp_want):
+        torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-11)

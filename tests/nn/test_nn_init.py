@@ -197,3 +197,165 @@ def test_old_skip_checkpoints_still_load():
     wrapped.load_state_dict({"deq." + k: v for k, v in old_style.items()})
     assert torch.equal(dst.shortcut.weight, src.shortcut.weight)
     assert "init.shortcut.weight" in dst.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Golden values of the pre-refactor classes (deqlab at adcc08f^: DeepEquilibriumNetwork(z_shape=),
+# SkipDeepEquilibriumNetwork(model, solver, shortcut) and SkipDeepEquilibriumNetwork(model, solver, None)
+# with its default detach_skip_target=True), computed by that code on the problem below, float64,
+# Anderson to 1e-13, GMRES adjoint to 1e-13, loss sum(sin z*) + 3 skip_loss.
+# ------------------------------------------------------------------------------------------------------
+
+_GOLDEN = {
+    'vanilla': dict(
+        z=[[0.498189529323972, -0.619195603274858, 0.255820483228915, 0.377787845302599], [-0.0731925785892476, 0.518328501106369, -0.328339625981952, -0.360542671128998]],
+        skip=0,
+        gx=[[0.312902924926676, 0.361273059736023, 0.239730702394179], [0.446513522820606, 0.414569860386102, 0.187647397733169]],
+        gbz=[1.69034895115202, 1.4631605261423, 2.17525332676596, 1.63382757695952],
+        gwx=[[0.376079694635533, 0.0152684184524714, -0.357097692415965], [0.324063560000179, 0.0676568230931284, -0.239951248687752], [0.47644071323068, 0.298320066644764, -0.105563258907571], [0.359138130983903, 0.176484637726071, -0.139728910869578]],
+    ),
+    'skip': dict(
+        z=[[0.498189529323972, -0.619195603274858, 0.255820483228914, 0.3777878453026], [-0.0731925785892443, 0.518328501106376, -0.328339625981966, -0.360542671128988]],
+        skip=0.313048983171119,
+        gx=[[-0.0543410430236681, 0.388448787967691, 0.621513676510683], [0.813757490770952, 0.387394132154435, -0.194135576383335]],
+        gbz=[1.69034895115202, 1.4631605261423, 2.17525332676596, 1.63382757695953],
+        gwx=[[0.376079694635533, 0.0152684184524717, -0.357097692415965], [0.324063560000179, 0.0676568230931298, -0.23995124868775], [0.47644071323068, 0.298320066644766, -0.105563258907569], [0.359138130983904, 0.17648463772607, -0.13972891086958]],
+        gsc=[[-0.0152174994070953, 0.563649469126558, 0.715957756646168], [-0.0152174994070953, 0.563649469126558, 0.715957756646168], [0.0152174994070953, -0.563649469126558, -0.715957756646168], [-0.0152174994070953, 0.563649469126558, 0.715957756646168]],
+    ),
+    'skipreg_detached': dict(
+        z=[[0.498189529323949, -0.619195603274809, 0.255820483228847, 0.377787845302613], [-0.0731925785892513, 0.518328501106361, -0.328339625981936, -0.360542671129009]],
+        skip=0.0743795641625682,
+        gx=[[0.571741700099158, 0.706263333485912, 0.50861810537463], [0.446489306126731, 0.271187977361205, -0.031657312420297]],
+        gbz=[1.5808625753192, 1.48870414095906, 2.22640699430479, 2.2990113552152],
+        gwx=[[0.339259799932634, 0.47581690207757, 0.252285258873534], [0.338215871824266, -0.245808042128883, -0.643809330361084], [0.475142011347354, 0.768432564264306, 0.480188672433606], [0.50532179395807, 0.249560486091121, -0.195063222276643]],
+    ),
+}
+
+
+class _GoldenMap(nn.Module):
+    """``tanh(Wz z + b + Wx x)`` with weights from closed formulas (no RNG: the golden values do not depend
+    on torch's initialisation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wz = nn.Linear(4, 4)
+        self.wx = nn.Linear(3, 4, bias=False)
+        with torch.no_grad():
+            self.wz.weight.copy_(0.3 * torch.sin(torch.arange(16.0)).reshape(4, 4))
+            self.wz.bias.copy_(0.1 * torch.cos(torch.arange(4.0)))
+            self.wx.weight.copy_(0.5 * torch.cos(torch.arange(12.0) * 0.7).reshape(4, 3))
+
+    def forward(self, z, x):
+        return torch.tanh(self.wz(z) + self.wx(x))
+
+
+def _golden_shortcut():
+    m = nn.Linear(3, 4)
+    with torch.no_grad():
+        m.weight.copy_(0.4 * torch.sin(torch.arange(12.0) * 1.3).reshape(4, 3))
+        m.bias.fill_(0.05)
+    return m.double()
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "skip", "skipreg_detached"])
+def test_init_forms_reproduce_the_pre_refactor_golden_values(kind):
+    from deqlab.nn import ImplicitBackward
+    from deqlab.solvers import DiscreteDEQSolver
+
+    model, sc = _GoldenMap().double(), _golden_shortcut()
+    init = {"vanilla": ZeroGuess(shape=(4,)), "skip": ShortcutGuess(sc),
+            "skipreg_detached": MapGuess(shape=(4,), detach_skip_target=True)}[kind]
+    layer = DEQ(model, DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-13, max_steps=300),
+                init=init, backward=ImplicitBackward("gmres", tol=1e-13, max_steps=100))
+    x = torch.sin(torch.arange(6.0, dtype=torch.float64) * 0.9 + 0.2).reshape(2, 3).requires_grad_()
+    z, sol = layer(x)
+    (z.sin().sum() + 3.0 * sol.skip_loss).backward()
+    want = {k: torch.tensor(v, dtype=torch.float64) for k, v in _GOLDEN[kind].items()}
+    close = dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(z.detach(), want["z"], **close)
+    torch.testing.assert_close(sol.skip_loss.detach(), want["skip"], **close)
+    torch.testing.assert_close(x.grad, want["gx"], **close)
+    torch.testing.assert_close(model.wz.bias.grad, want["gbz"], **close)
+    torch.testing.assert_close(model.wx.weight.grad, want["gwx"], **close)
+    if kind == "skip":
+        torch.testing.assert_close(sc.weight.grad, want["gsc"], **close)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The protocol, the shortcut= alias, old attribute names
+# ------------------------------------------------------------------------------------------------------
+
+
+class _DuckGuess(nn.Module):
+    """A guess that does not inherit from InitialGuess: it only has the protocol's members."""
+
+    def __init__(self):
+        super().__init__()
+        self.observed = 0
+
+    def forward(self, x, f):
+        return 0.5 * x
+
+    def start(self, u0):
+        return u0.detach()
+
+    def skip_loss(self, u0, z_star):
+        return (u0 - z_star.detach()).abs().mean()
+
+    def observe(self, x, z_star):
+        self.observed += 1
+
+
+def test_a_plain_module_with_the_protocol_works_as_init():
+    from deqlab.nn import GuessStrategy
+
+    guess = _DuckGuess()
+    assert isinstance(guess, GuessStrategy) and not isinstance(guess, InitialGuess)
+    assert deqlab.GuessStrategy is GuessStrategy
+    torch.manual_seed(0)
+    layer = DEQ(DenseMap(3, 3).double(), make_solver("anderson", tol=1e-12, max_steps=300), init=guess)
+    assert layer.init is guess
+    x = torch.randn(2, 3, dtype=torch.float64)
+    z, sol = layer(x)
+    torch.testing.assert_close(sol.u0, 0.5 * x)
+    torch.testing.assert_close(sol.skip_loss, (0.5 * x - z.detach()).abs().mean())
+    assert guess.observed == 1 and bool(sol.converged.all())
+
+
+def test_an_object_lacking_a_protocol_member_is_refused_by_name():
+    class NoObserve(nn.Module):
+        def forward(self, x, f):
+            return x
+
+        def start(self, u0):
+            return u0
+
+        def skip_loss(self, u0, z_star):
+            return None
+
+    with pytest.raises(TypeError, match="lacks observe"):
+        DEQ(DenseMap(3), make_solver("anderson"), init=NoObserve())
+
+
+def test_shortcut_alias_on_the_base_class():
+    model, solver, sc = DenseMap(4, 3), make_solver("anderson"), nn.Linear(3, 4)
+    layer = DEQ(model, solver, shortcut=sc, z_shape=(4,))   # z_shape with a shortcut: the shape check
+    assert isinstance(layer.init, ShortcutGuess) and layer.shortcut is sc and layer.init.shape == (4,)
+    with pytest.raises(ValueError, match="init and shortcut both set"):
+        DEQ(model, solver, init=ZeroGuess(), shortcut=sc)
+    with pytest.raises(ValueError, match="initializer and shortcut both set"):
+        DEQ(model, solver, initializer=lambda x: x, shortcut=sc)
+
+
+def test_skip_without_shortcut_names_the_skip_reg_default_in_the_conflict():
+    with pytest.raises(ValueError, match=r"init and the Skip Reg\. default .*MapGuess"):
+        SkipDEQ(DenseMap(4, 3), make_solver("anderson"), None, init=ZeroGuess())
+
+
+@pytest.mark.parametrize("attr, where", [("z_shape", "init.shape"), ("skip_loss_kind", "init.skip_loss_kind"),
+                                         ("detach_skip_target", "init.detach_skip_target"),
+                                         ("initializer", "init.fn")])
+def test_reading_a_moved_attribute_says_where_it_moved(attr, where):
+    layer = SkipDEQ(DenseMap(4, 3), make_solver("anderson"), nn.Linear(3, 4))
+    with pytest.raises(AttributeError, match=f"moved to the initial-guess strategy: read layer.{where}"):
+        getattr(layer, attr)
