@@ -196,7 +196,8 @@ class DEQLightningModule(pl.LightningModule):
         self._batch_idx = 0  # index of the current training batch
         self._backward_loss: Optional[Tensor] = None  # the loss of the running backward (on_before_backward)
         self._train_logs: List[Callable[[], None]] = []  # training logs held until the backward judged the batch
-        self._buffer_snapshot: Dict[str, Tensor] = {}  # buffers before this batch's forward (BatchNorm stats)
+        self._buffer_owners: Optional[List[Tuple[nn.Module, str]]] = None  # (module, name) of every buffer
+        self._buffer_snapshot: List[Tuple[nn.Module, str, Tensor]] = []  # buffers before this batch's forward
         self._window_start: Optional[int] = None  # first batch of the current gradient-accumulation window
         self._window_bad: List[str] = []  # the window's non-finite batches ("batch 3 (solver status: ...)")
         self._window_message: Optional[str] = None  # full description of the window's first non-finite batch
@@ -563,7 +564,7 @@ class DEQLightningModule(pl.LightningModule):
         self._batch_input = None
         self._input_nonfinite = 0
         self._train_logs = []  # a batch without a backward was never judged: nothing to log for it
-        self._buffer_snapshot = {}
+        self._buffer_snapshot = []
 
     # ------------------------------------------------------------------ non-finite batches
     def _log_if_trained(self, *args: Any, **kwargs: Any) -> None:
@@ -572,14 +573,17 @@ class DEQLightningModule(pl.LightningModule):
 
     def _snapshot_buffers(self) -> None:
         """Copy the buffers (BatchNorm running statistics, ...) before the forward of a training batch, so a
-        skipped batch can put them back: the forward updates them before the batch is judged."""
-        self._buffer_snapshot = {name: b.detach().clone() for name, b in self.named_buffers()}
+        skipped batch can put them back: the forward updates them before the batch is judged. The owners
+        are listed once per epoch (the module walk costs more than the copies); a model without buffers
+        (DigitsDEQ) copies nothing."""
+        if self._buffer_owners is None:
+            self._buffer_owners = [(m, n) for m in self.modules() for n, b in m._buffers.items() if b is not None]
+        self._buffer_snapshot = [(m, n, m._buffers[n].detach().clone()) for m, n in self._buffer_owners
+                                 if m._buffers.get(n) is not None]
 
     def _restore_buffers(self) -> None:
         with torch.no_grad():
-            for name, saved in self._buffer_snapshot.items():
-                path, _, attr = name.rpartition(".")
-                owner = self.get_submodule(path) if path else self
+            for owner, attr, saved in self._buffer_snapshot:
                 current = owner._buffers.get(attr)
                 if current is not None and current.shape == saved.shape and current.dtype == saved.dtype:
                     current.copy_(saved)
@@ -689,6 +693,7 @@ class DEQLightningModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
         self._window_bad, self._window_message, self._window_start = [], None, None  # windows end with the epoch
+        self._buffer_owners = None  # listed again at the first batch (a model may have changed between fits)
 
     def on_train_epoch_end(self) -> None:
         if self._epoch_start is not None and self.deq_config.log_timing:
