@@ -5,6 +5,8 @@ Two jobs, both invisible until something goes wrong:
 * `check_checkpoint_file`: a truncated (killed mid-write), empty or overwritten checkpoint would
   otherwise surface as ``PytorchStreamReader failed reading zip archive`` without a file name; this check
   names the file and says it is damaged, before Lightning or ``load_from_checkpoint`` reads it.
+  `damage_reported_by_name` backs it up around the load itself: whatever damage the check cannot see
+  (garbage after an intact header) still reaches the user as a `CheckpointDamagedError` naming the file.
 * `rng_state` / `restore_rng_state`: Lightning does not checkpoint the global random number
   generators, so a resumed run would draw different dropout masks and Hutchinson probes than the
   uninterrupted one. The states are stored as plain tensors and tuples, so the checkpoint stays loadable
@@ -12,18 +14,26 @@ Two jobs, both invisible until something goes wrong:
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Iterator, Union
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointDamagedError", "check_checkpoint_file", "restore_rng_state", "rng_state"]
+__all__ = ["CheckpointDamagedError", "check_checkpoint_file", "damage_reported_by_name", "restore_rng_state",
+           "rng_state"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+#: torch's legacy (pre-zip) format begins with a pickled magic number: LONG1, 10 bytes, 0x1950a86a20f9469cfc6c
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+#: RuntimeError texts with which ``torch.load`` reports an unreadable file
+_LOAD_DAMAGE_MARKERS = ("PytorchStreamReader", "inline_container", "magic number")
 
 
 class CheckpointDamagedError(ValueError):
@@ -51,16 +61,18 @@ def check_checkpoint_file(path: PathLike) -> None:
     """Raise `CheckpointDamagedError` naming ``path`` unless it looks like a complete torch checkpoint.
 
     ``torch.save`` writes a zip archive: the archive's directory must be readable and every member's CRC
-    must match (``zipfile.testzip``, one sequential read of the file). Files in torch's legacy non-zip
-    format are accepted when they start like a pickle. Paths that are not local files (``s3://...``) and
-    missing files are left to the loader, whose own error is clear.
+    must match (``zipfile.testzip``, one sequential read of the file) and hold torch's ``data.pkl``. Files
+    in torch's legacy non-zip format are accepted when they start with its pickled magic number. Paths
+    that are not local files (``s3://...``) and missing files are left to the loader, whose own error is
+    clear.
 
     Args:
         path: the checkpoint file (a string or path-like; a URL is not checked).
 
     Raises:
-        CheckpointDamagedError: when the file is empty, is not a zip archive (nor a legacy pickle), its
-            archive cannot be read, or a member fails its CRC check. The message names the file.
+        CheckpointDamagedError: when the file is empty, is not a zip archive (nor a legacy torch file), its
+            archive cannot be read, a member fails its CRC check, or the archive has no ``data.pkl`` (a zip
+            that ``torch.save`` did not write). The message names the file.
 
     Examples:
         >>> import os, tempfile, torch
@@ -86,19 +98,82 @@ def check_checkpoint_file(path: PathLike) -> None:
     if size == 0:
         raise _damaged(p, "the file is empty (0 bytes)")
     with open(p, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":  # legacy (pre-1.6) torch.save format: a pickle
-        return
+        head = f.read(32)
+    if head[:1] == b"\x80":  # a pickle: torch's legacy (pre-1.6) format, if it starts with torch's magic number
+        if _LEGACY_MAGIC in head:
+            return
+        raise _damaged(p, f"it starts like a pickle but not like a torch checkpoint ({size} bytes, no torch magic "
+                          "number): overwritten or not written by torch.save")
     if not zipfile.is_zipfile(p):
         raise _damaged(p, f"it is not a torch checkpoint archive ({size} bytes, no readable zip directory: "
                           "truncated or not written by torch.save)")
     try:
         with zipfile.ZipFile(p) as archive:
             bad = archive.testzip()
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
         raise _damaged(p, f"its archive cannot be read ({type(err).__name__}: {err})") from err
     if bad is not None:
         raise _damaged(p, f"the archive member {bad!r} fails its CRC check")
+    if not any(name.endswith("/data.pkl") for name in names):
+        raise _damaged(p, f"it is a zip archive without torch's data.pkl ({len(names)} member(s), e.g. "
+                          f"{names[:3]}): not written by torch.save")
+
+
+def _is_load_damage(err: BaseException) -> bool:
+    """Whether ``torch.load`` failed because the bytes are bad (not because of trust or a missing class)."""
+    if isinstance(err, EOFError):
+        return True
+    if isinstance(err, pickle.UnpicklingError):
+        # weights_only=True refusing a class is about trust, not damage: its own message says what to do
+        return "Unsupported global" not in str(err)
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _LOAD_DAMAGE_MARKERS)
+
+
+@contextlib.contextmanager
+def damage_reported_by_name(path: PathLike) -> Iterator[None]:
+    """Around a checkpoint load: re-raise ``torch.load``'s errors for unreadable bytes as `CheckpointDamagedError`.
+
+    `check_checkpoint_file` catches what the file's structure shows; a file that passes it can still fail
+    inside the unpickler (garbage after an intact header), with a raw ``UnpicklingError``, ``EOFError`` or
+    ``PytorchStreamReader`` ``RuntimeError`` that names no file. Inside this context those become a
+    `CheckpointDamagedError` naming ``path`` (the original error chained); every other error passes
+    unchanged, including ``weights_only=True`` refusing an unknown class.
+
+    Args:
+        path: the checkpoint file being loaded (named in the error).
+
+    Yields:
+        Nothing; the load runs in the ``with`` body.
+
+    Raises:
+        CheckpointDamagedError: when the body raises ``EOFError``, an ``UnpicklingError`` other than a
+            ``weights_only`` refusal, or a ``RuntimeError`` of torch's archive reader.
+
+    Examples:
+        >>> import os, tempfile, torch
+        >>> from deqlab.lightning.checkpoint import damage_reported_by_name
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     path = os.path.join(root, "last.ckpt")
+        ...     with open(path, "wb") as f:
+        ...         _ = f.write(b"\\x80\\x02garbage")
+        ...     with damage_reported_by_name(path):
+        ...         torch.load(path)
+        Traceback (most recent call last):
+        ...
+        deqlab.lightning.checkpoint.CheckpointDamagedError: checkpoint file '...last.ckpt' is damaged: ...
+    """
+    try:
+        yield
+    except (EOFError, pickle.UnpicklingError, RuntimeError) as err:
+        if not _is_load_damage(err):
+            raise
+        text = str(err)
+        if "WeightsUnpickler error:" in text:  # the cause, not weights_only's generic preamble
+            text = text.split("WeightsUnpickler error:", 1)[1]
+        detail = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        where = Path(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else path
+        raise _damaged(where, f"torch.load cannot read it ({type(err).__name__}: {detail[:200]})") from err
 
 
 def rng_state() -> Dict[str, Any]:

@@ -16,7 +16,8 @@ import inspect
 import logging
 import time
 import warnings
-from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -29,7 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from deqlab.lightning._optim import build_optimizer, build_scheduler
 from deqlab.lightning._stats import STATUSES, SolutionSummary, StepRecord, as_solution_list, summarize
 from deqlab.lightning._timing import PhaseTimer
-from deqlab.lightning.checkpoint import check_checkpoint_file, restore_rng_state, rng_state
+from deqlab.lightning.checkpoint import check_checkpoint_file, damage_reported_by_name, restore_rng_state, rng_state
 from deqlab.lightning.config import DEQTrainingConfig
 from deqlab.nn.protocols import DEQLayer
 from deqlab.nn.solution import DeepEquilibriumSolution
@@ -192,6 +193,14 @@ class DEQLightningModule(pl.LightningModule):
         self._input_nonfinite = 0  # samples of the training input with NaN/Inf
         self._skipped_batches = 0
         self._warned_nonfinite = False
+        self._batch_idx = 0  # index of the current training batch
+        self._backward_loss: Optional[Tensor] = None  # the loss of the running backward (on_before_backward)
+        self._train_logs: List[Callable[[], None]] = []  # training logs held until the backward judged the batch
+        self._buffer_owners: Optional[List[Tuple[nn.Module, str]]] = None  # (module, name) of every buffer
+        self._buffer_snapshot: List[Tuple[nn.Module, str, Tensor]] = []  # buffers before this batch's forward
+        self._window_start: Optional[int] = None  # first batch of the current gradient-accumulation window
+        self._window_bad: List[str] = []  # the window's non-finite batches ("batch 3 (solver status: ...)")
+        self._window_message: Optional[str] = None  # full description of the window's first non-finite batch
         self._rng_to_restore: Optional[Dict[str, Any]] = None
 
     def _save_constructor_hparams(self) -> None:
@@ -376,22 +385,28 @@ class DEQLightningModule(pl.LightningModule):
             loss = loss + weight * value
 
         kw = self._log_kwargs(stage, batch_size)
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **kw)
-        self.log(f"{stage}/task_loss", task.detach(), **kw)
-        self.log(f"{stage}/skip_loss", summary.skip_loss.detach(), **kw)
-        self.log(f"{stage}/jacobian_loss", summary.jacobian_loss.detach(), **kw)
+        # training losses and accuracy are logged once the backward has judged the batch (a skipped batch
+        # logs none of them, see _judge_backward); evaluation logs at once
+        log = self._log_if_trained if stage == "train" else self.log
+        log(f"{stage}/loss", loss.detach(), prog_bar=True, **kw)
+        log(f"{stage}/task_loss", task.detach(), **kw)
+        log(f"{stage}/skip_loss", summary.skip_loss.detach(), **kw)
+        log(f"{stage}/jacobian_loss", summary.jacobian_loss.detach(), **kw)
         for name, (value, _) in extras.items():
-            self.log(f"{stage}/{name}", value.detach(), **kw)
-        self._log_accuracy(output, y, stage, batch_size)
-        if cfg.log_solver_stats and solutions:
-            self._log_solver(summary, stage, kw)
+            log(f"{stage}/{name}", value.detach(), **kw)
+        if stage == "train":
+            self._train_logs.append(partial(self._log_accuracy, output, y, stage, batch_size))
+        else:
+            self._log_accuracy(output, y, stage, batch_size)
+        if cfg.log_solver_stats and solutions and not (stage == "train" and self._input_nonfinite):
+            self._log_solver(summary, stage, kw)  # a real solve's status, also when the batch is skipped
         if cfg.log_timing and forward_time is not None:
             self.log(f"time/{timer_key}", forward_time, **kw)
         if stage == "train":
             epoch_kw = dict(on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
-            self.log("train/loss_epoch", loss.detach(), **epoch_kw)
+            log("train/loss_epoch", loss.detach(), **epoch_kw)
             if cfg.log_solver_stats and solutions:
-                self.log("solver/train_nfe_epoch", float(summary.nfe), **epoch_kw)
+                log("solver/train_nfe_epoch", float(summary.nfe), **epoch_kw)
         else:
             self._log_explicit(x, y, stage, batch_size)
         if stage == "val":
@@ -478,14 +493,26 @@ class DEQLightningModule(pl.LightningModule):
     # ------------------------------------------------------------------ training hooks
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._apply_pretraining_schedule()
+        self._batch_idx = batch_idx
+        if self._window_start is None:
+            self._window_start = batch_idx
+        self._snapshot_buffers()
 
     def on_before_backward(self, loss: Tensor) -> None:
+        self._backward_loss = loss
         self._timer.start("backward", self.device)
 
     def on_after_backward(self) -> None:
+        """Judge the batch that was just back-propagated (`_judge_backward`), then log what it did.
+
+        Subclasses that override this hook (or ``on_before_backward``) must call ``super()``: the
+        non-finite policy runs here, after every backward, so that each micro-batch of a
+        gradient-accumulation window and each ``manual_backward`` is checked.
+        """
         elapsed = self._timer.stop("backward", self.device)
         if self.deq_config.log_timing and elapsed is not None:
             self.log("time/backward", elapsed, on_step=True, on_epoch=False)
+        bnfe, unconverged = None, None
         if self._pending:
             # the backward fills the records: solution.backward_nfe (and backward_converged where available)
             bnfe = float(sum(s.backward_nfe for s in self._pending))
@@ -493,11 +520,19 @@ class DEQLightningModule(pl.LightningModule):
             if self._record is not None:
                 self._record.backward_nfe = bnfe
                 self._record.backward_unconverged_fraction = unconverged
-            if self.deq_config.log_solver_stats:
-                self.log("solver/train_backward_nfe", bnfe, on_step=True, on_epoch=False, prog_bar=True)
+        loss, self._backward_loss = self._backward_loss, None
+        skipped = self._judge_backward(loss)
+        logs, self._train_logs = self._train_logs, []
+        if not skipped:
+            for emit in logs:
+                emit()
+        if bnfe is not None and self.deq_config.log_solver_stats and not self._input_nonfinite:
+            self.log("solver/train_backward_nfe", bnfe, on_step=True, on_epoch=False, prog_bar=True)
+            if not skipped:
                 self.log("solver/train_backward_nfe_epoch", bnfe, on_step=False, on_epoch=True, sync_dist=True)
-                if unconverged is not None:
-                    self.log("solver/train_backward_unconverged", unconverged, on_step=True, on_epoch=False)
+            if unconverged is not None:
+                self.log("solver/train_backward_unconverged", unconverged, on_step=True, on_epoch=False)
+        self.log("train/skipped_batches", float(self._skipped_batches), on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._timer.start("optimizer", self.device)
@@ -509,17 +544,16 @@ class DEQLightningModule(pl.LightningModule):
         optimizer: Any,
         optimizer_closure: Optional[Any] = None,
     ) -> None:
-        # The closure (forward + backward) runs inside optimizer.step; on_before_optimizer_step fires after
-        # it, so the "optimizer" phase below is the parameter update alone. The guard runs right after the
-        # backward, before the update: a non-finite batch leaves every gradient None, so the optimizer
-        # leaves every weight (and its moment estimates) untouched.
+        # The closure (forward + backward of the window's last batch) runs inside optimizer.step;
+        # on_before_optimizer_step fires after it, so the "optimizer" phase below is the parameter update
+        # alone. Every backward was judged in on_after_backward; a window with a non-finite batch leaves
+        # every gradient None here, so the optimizer leaves every weight (and its moment estimates) untouched.
         def guarded_closure() -> Any:
             loss = optimizer_closure() if optimizer_closure is not None else None
-            self._guard_nonfinite(batch_idx, loss)
+            self._close_window(batch_idx)
             return loss
 
         super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
-        self.log("train/skipped_batches", float(self._skipped_batches), on_step=True, on_epoch=False)
         elapsed = self._timer.stop("optimizer", self.device)
         if self.deq_config.log_timing and elapsed is not None:
             self.log("time/optimizer", elapsed, on_step=True, on_epoch=False)
@@ -529,23 +563,42 @@ class DEQLightningModule(pl.LightningModule):
         self._record = None
         self._batch_input = None
         self._input_nonfinite = 0
+        self._train_logs = []  # a batch without a backward was never judged: nothing to log for it
+        self._buffer_snapshot = []
 
     # ------------------------------------------------------------------ non-finite batches
-    def _guard_nonfinite(self, batch_idx: int, loss: Any) -> None:
-        """The ``on_nonfinite`` policy (see [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig]), applied after the backward.
+    def _log_if_trained(self, *args: Any, **kwargs: Any) -> None:
+        """``self.log`` for a training scalar, held until `_judge_backward` found the batch finite."""
+        self._train_logs.append(partial(self.log, *args, **kwargs))
 
-        A batch is bad when its loss or any gradient is non-finite, or any of its solves ended
-        ``nonfinite``. Under DDP the decision is all-reduced (any rank bad → every rank skips), so the
-        replicas never drift apart. ``skip`` sets every gradient to ``None`` (no update, no optimizer-state
-        change), counts the batch in ``train/skipped_batches`` and warns once; ``raise`` raises
-        `NonFiniteBatchError`. Both messages name the batch, the solver status and where the
-        non-finite values first appear (the input batch, the initial guess, the solve, the loss).
-        """
+    def _snapshot_buffers(self) -> None:
+        """Copy the buffers (BatchNorm running statistics, ...) before the forward of a training batch, so a
+        skipped batch can put them back: the forward updates them before the batch is judged. The owners
+        are listed once per epoch (the module walk costs more than the copies); a model without buffers
+        (DigitsDEQ) copies nothing."""
+        if self._buffer_owners is None:
+            self._buffer_owners = [(m, n) for m in self.modules() for n, b in m._buffers.items() if b is not None]
+        self._buffer_snapshot = [(m, n, m._buffers[n].detach().clone()) for m, n in self._buffer_owners
+                                 if m._buffers.get(n) is not None]
+
+    def _restore_buffers(self) -> None:
+        with torch.no_grad():
+            for owner, attr, saved in self._buffer_snapshot:
+                current = owner._buffers.get(attr)
+                if current is not None and current.shape == saved.shape and current.dtype == saved.dtype:
+                    current.copy_(saved)
+                else:  # the forward replaced the buffer: put the old tensor back
+                    owner._buffers[attr] = saved
+
+    def _nonfinite_reasons(self, loss: Any) -> List[str]:
+        """Why the batch just back-propagated is non-finite (empty when it is fine)."""
         reasons: List[str] = []
         if self._input_nonfinite:
             reasons.append(f"the input has NaN/Inf in {self._input_nonfinite} sample(s)")
         if torch.is_tensor(loss) and not bool(torch.isfinite(loss.detach()).all()):
             reasons.append(f"loss = {float(loss.detach().float().mean())}")
+        # within an accumulation window the gradients are sums, but an earlier bad batch already set them to
+        # None (below), so a non-finite gradient here was made by this batch
         grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
         if grads and not bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
             bad = [n for n, g in grads if not bool(torch.isfinite(g).all())]
@@ -553,28 +606,72 @@ class DEQLightningModule(pl.LightningModule):
         counts = self._record.status_counts if self._record is not None else {}
         if counts.get("nonfinite", 0):
             reasons.append(f"{counts['nonfinite']} solve(s) ended nonfinite")
+        return reasons
+
+    def _judge_backward(self, loss: Any) -> bool:
+        """The ``on_nonfinite`` policy (see [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig]) for the batch just back-propagated.
+
+        Runs after every backward: each micro-batch of a gradient-accumulation window and each
+        ``manual_backward``. A batch is bad when its input, loss or any gradient is non-finite, or any of
+        its solves ended ``nonfinite``. Under DDP the decision is all-reduced (any rank bad → every rank
+        treats the batch as bad), so the replicas never drift apart and ``raise`` stops every rank together.
+        ``raise`` raises `NonFiniteBatchError` at once. ``skip`` sets every gradient to ``None``, puts the
+        buffers (BatchNorm running statistics) back as they were before the batch, counts it in
+        ``train/skipped_batches`` and marks the window, whose optimizer step `_close_window` then drops
+        (under manual optimisation at once). Both messages name the batch, the solver status and where the
+        non-finite values first appear (the input batch, the initial guess, the solve, the loss).
+
+        Returns:
+            Whether the batch was skipped.
+        """
+        reasons = self._nonfinite_reasons(loss)
         local_bad = bool(reasons)
         strategy = self._trainer.strategy if self._trainer is not None else None
         any_bad = strategy.reduce_boolean_decision(local_bad, all=False) if strategy is not None else local_bad
         if not any_bad:
-            return
+            return False
         if not local_bad:
             reasons.append("another DDP rank's batch was non-finite (all ranks skip together)")
+        counts = self._record.status_counts if self._record is not None else {}
         status = ", ".join(f"{k}={v}" for k, v in counts.items() if v) or "no DEQ solve"
-        message = (f"non-finite training batch {batch_idx} (epoch {self.current_epoch}, global step "
+        message = (f"non-finite training batch {self._batch_idx} (epoch {self.current_epoch}, global step "
                    f"{self.global_step}): {'; '.join(reasons)}; solver status: {status}; {self._nonfinite_source()}")
         if self.deq_config.on_nonfinite == "raise":
             raise NonFiniteBatchError(f"{message}. (on_nonfinite='skip' drops such batches and trains on.)")
         for p in self.parameters():
             p.grad = None
+        self._restore_buffers()
         self._skipped_batches += 1
         if self._record is not None:
             self._record.skipped = True
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(f"deqlab: skipped the update of {message}. Weights are unchanged; further skipped batches "
-                          "are counted in train/skipped_batches without another warning (on_nonfinite='raise' "
-                          "stops instead).", NonFiniteBatchWarning, stacklevel=2)
+        self._window_bad.append(f"batch {self._batch_idx} (solver status: {status})")
+        if self._window_message is None:
+            self._window_message = message
+        if not self.automatic_optimization:
+            self._close_window(self._batch_idx)
+        return True
+
+    def _close_window(self, batch_idx: int) -> None:
+        """Before the optimizer step that ends a window (``batch_idx`` its last batch): drop the window's
+        update when any of its batches was non-finite, and warn once per run naming those batches."""
+        bad, message, start = self._window_bad, self._window_message, self._window_start
+        self._window_bad, self._window_message, self._window_start = [], None, None
+        if not bad:
+            return
+        for p in self.parameters():
+            p.grad = None
+        if self._record is not None:
+            self._record.skipped = True  # this step's update is dropped, whichever batch of the window was bad
+        if self._warned_nonfinite:
+            return
+        self._warned_nonfinite = True
+        window = ""
+        if start is not None and start != batch_idx:
+            window = (f" With gradient accumulation the optimizer step of batches {start}-{batch_idx} is dropped "
+                      f"as a whole; its non-finite batches: {', '.join(bad)}.")
+        warnings.warn(f"deqlab: skipped the update of {message}.{window} Weights are unchanged; further skipped "
+                      "batches are counted in train/skipped_batches without another warning (on_nonfinite='raise' "
+                      "stops instead).", NonFiniteBatchWarning, stacklevel=2)
 
     def _nonfinite_source(self) -> str:
         """Where the non-finite values first appear, in data-flow order, so that a NaN pixel is blamed on
@@ -595,6 +692,8 @@ class DEQLightningModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
+        self._window_bad, self._window_message, self._window_start = [], None, None  # windows end with the epoch
+        self._buffer_owners = None  # listed again at the first batch (a model may have changed between fits)
 
     def on_train_epoch_end(self) -> None:
         if self._epoch_start is not None and self.deq_config.log_timing:
@@ -634,24 +733,28 @@ class DEQLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def setup(self, stage: str) -> None:
-        """Let the Trainer's checkpoint loading check the file first (`check_checkpoint_file`): a
-        truncated, empty or corrupted ``ckpt_path`` is reported by name as damaged."""
+        """Let the Trainer's checkpoint loading check the file first (`check_checkpoint_file`) and report a
+        failed read by name (`damage_reported_by_name`): a truncated, empty or corrupted ``ckpt_path`` is
+        reported by name as damaged."""
         strategy = self.trainer.strategy
         if not getattr(strategy, "_deqlab_checks_checkpoints", False):
             load = strategy.load_checkpoint
 
             def checked_load(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
                 check_checkpoint_file(checkpoint_path)
-                return load(checkpoint_path, *args, **kwargs)
+                with damage_reported_by_name(checkpoint_path):
+                    return load(checkpoint_path, *args, **kwargs)
 
             strategy.load_checkpoint = checked_load  # type: ignore[method-assign]
             strategy._deqlab_checks_checkpoints = True
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        """Lightning's ``load_from_checkpoint``, after `check_checkpoint_file` on the file."""
+        """Lightning's ``load_from_checkpoint``, after `check_checkpoint_file` on the file, with a failed read
+        reported by name (`damage_reported_by_name`)."""
         check_checkpoint_file(checkpoint_path)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        with damage_reported_by_name(checkpoint_path):
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Store the global RNG states (dropout masks, Hutchinson probes continue as in an uninterrupted run)

@@ -7,6 +7,8 @@ rank 1, which must not be pytest):
     python lightning_ddp_script.py ddp OUT_DIR      # 2 processes (gloo), 8 samples per rank and step
     python lightning_ddp_script.py ddp_nan OUT_DIR  # as ddp, one NaN pixel in a sample only rank 1 sees
     python lightning_ddp_script.py single_nan OUT_DIR
+    python lightning_ddp_script.py ddp_nanaccum OUT_DIR  # accumulate_grad_batches=2, NaN (rank 1) in batch 0,
+    python lightning_ddp_script.py single_nanaccum OUT_DIR  # which does not step
 
 Both runs see the same global batches (an unshuffled DistributedSampler deals the samples of a contiguous
 global batch alternately to the two ranks; Lightning's automatic one would shuffle) and every loss term
@@ -59,15 +61,16 @@ class TinySkipDEQ(DEQLightningModule):
 
 
 NAN_SAMPLE = 17  # global batch 1, position 1: rank 1's share under DDP
+NAN_SAMPLE_ACCUM = 1  # global batch 0 (the first of an accumulation window of 2), position 1: rank 1's share
 
 
-def data(nan: bool = False) -> TensorDataset:
+def data(nan: bool = False, sample: int = NAN_SAMPLE) -> TensorDataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.data[:N_SAMPLES], dtype=torch.float64) / 16.0
     if nan:
-        x[NAN_SAMPLE, 5] = float("nan")
+        x[sample, 5] = float("nan")
     y = torch.tensor(d.target[:N_SAMPLES], dtype=torch.long)
     return TensorDataset(x, y)
 
@@ -75,12 +78,13 @@ def data(nan: bool = False) -> TensorDataset:
 class Data(pl.LightningDataModule):
     """Each rank's share of every global batch, in order (no shuffling, so runs are comparable)."""
 
-    def __init__(self, nan: bool = False) -> None:
+    def __init__(self, nan: bool = False, sample: int = NAN_SAMPLE) -> None:
         super().__init__()
         self.nan = nan
+        self.sample = sample
 
     def _loader(self) -> DataLoader:
-        ds = data(self.nan)
+        ds = data(self.nan, self.sample)
         world, rank = self.trainer.world_size, self.trainer.global_rank
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
         return DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler, shuffle=False)
@@ -113,8 +117,11 @@ def main(mode: str, out: Path) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
+        accumulate_grad_batches=2 if mode.endswith("_nanaccum") else 1,
     )
-    trainer.fit(model, datamodule=Data(nan=mode.endswith("_nan")))
+    accum = mode.endswith("_nanaccum")
+    trainer.fit(model, datamodule=Data(nan=mode.endswith("_nan") or accum,
+                                       sample=NAN_SAMPLE_ACCUM if accum else NAN_SAMPLE))
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     torch.save({"state": state, "global_step": trainer.global_step, "skipped": model._skipped_batches,
                 "val_loss": float(trainer.callback_metrics["val/loss"])},

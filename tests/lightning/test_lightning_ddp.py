@@ -68,3 +68,15 @@ def test_ddp_ranks_agree_to_skip_a_batch_that_is_non_finite_on_one_rank_only(tmp
         a, b = ranks[0]["state"][name], ranks[1]["state"][name]
         assert torch.isfinite(a).all() and torch.equal(a, b), f"ranks disagree on {name}"
         assert torch.allclose(a, ref, rtol=0, atol=1e-6), f"{name}: DDP differs from single process"
+
+
+@pytest.mark.slow
+def test_ddp_with_accumulation_drops_the_window_of_a_micro_batch_non_finite_on_one_rank_only(tmp_path):
+    # batch 0 of each epoch does not step (accumulate_grad_batches=2) and is non-finite on rank 1 only
+    single, ranks = _single_and_ddp("_nanaccum", tmp_path)
+    assert single["skipped"] == ranks[0]["skipped"] == ranks[1]["skipped"] == 2  # batch 0 of both epochs
+    assert single["global_step"] == ranks[0]["global_step"] == ranks[1]["global_step"] == 4
+    for name, ref in single["state"].items():
+        a, b = ranks[0]["state"][name], ranks[1]["state"][name]
+        assert torch.isfinite(a).all() and torch.equal(a, b), f"ranks disagree on {name}"
+        assert torch.allclose(a, ref, rtol=0, atol=1e-6), f"{name}: DDP differs from single process"

@@ -147,3 +147,159 @@ def test_backward_unconverged_fraction_is_logged_from_the_record(a, expected):
         warnings.simplefilter("ignore")
         trainer(max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, _loader(nan_batch=None, n_batches=1))
     assert cb.rows[0]["solver/train_backward_unconverged"] == expected
+
+
+# ---------------------------------------------------------------- gradient accumulation, buffers, logs
+def _fit_quiet(model, loader, **overrides):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=1, limit_val_batches=0, **overrides).fit(model, loader)
+    return [str(w.message) for w in caught if issubclass(w.category, NonFiniteBatchWarning)]
+
+
+def _digits(**kwargs):
+    return DigitsDEQ(model_type="vanilla", width=8, scheduler="none", log_figures=False, **kwargs)
+
+
+@pytest.mark.parametrize("nan_batch", [0, 1])
+def test_accumulation_drops_the_whole_window_of_a_nan_micro_batch(nan_batch):
+    # batches 0-1 form the first accumulation window; batch 0 does not step: its NaN must not go unseen
+    pl.seed_everything(0)
+    model = _digits()
+    messages = _fit_quiet(model, _loader(nan_batch=nan_batch), accumulate_grad_batches=2)
+    assert model._skipped_batches == 1
+    assert len(messages) == 1
+    text = messages[0]
+    assert f"batch {nan_batch} " in text and "solver status" in text and "input batch itself" in text
+    assert "batches 0-1" in text and f"non-finite batches: batch {nan_batch} (solver status: " in text
+    # oracle: the dropped window leaves the model as if only the second window (batches 2-3) had been trained
+    pl.seed_everything(0)
+    oracle = _digits()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 64, generator=g), torch.randint(0, 10, (64,), generator=g)
+    _fit_quiet(oracle, DataLoader(TensorDataset(x[32:], y[32:]), batch_size=16), accumulate_grad_batches=2)
+    for (name, a), b in zip(model.named_parameters(), oracle.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7), f"{name}: max |dw| = {(a - b).abs().max()}"
+
+
+def test_accumulation_raise_policy_stops_at_the_micro_batch_that_does_not_step():
+    pl.seed_everything(0)
+    model = _digits(on_nonfinite="raise")
+    with pytest.raises(NonFiniteBatchError, match=r"batch 0 .*solver status: .*input batch itself"):
+        trainer(max_epochs=1, limit_val_batches=0, accumulate_grad_batches=2).fit(model, _loader(nan_batch=0))
+    assert model.global_step == 0
+
+
+class _ManualDigits(DigitsDEQ):
+    """Manual optimisation: the non-finite policy runs after each manual_backward."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        out = super().training_step(batch, batch_idx)
+        self.manual_backward(out["loss"])
+        opt.step()
+        return out
+
+
+class _NaNAtStep1(DigitsDEQ):
+    """A NaN made by the model (not the data) in the loss of the batch at global step 1."""
+
+    def extra_losses(self, batch, output, solutions, stage):
+        bad = stage == "train" and self.global_step == 1
+        return {"probe": output.mean() * (float("nan") if bad else 0.0)}
+
+
+def test_manual_optimisation_is_guarded_too():
+    pl.seed_everything(0)
+    model = _ManualDigits(model_type="vanilla", width=8, scheduler="none", log_figures=False)
+    messages = _fit_quiet(model, _loader(nan_batch=1))
+    assert model._skipped_batches == 1 and len(messages) == 1 and "batch 1 " in messages[0]
+
+    class _ManualNaN(_ManualDigits, _NaNAtStep1):
+        pass
+
+    pl.seed_everything(0)
+    model = _ManualNaN(model_type="vanilla", width=8, scheduler="none", log_figures=False)
+    messages = _fit_quiet(model, _loader(nan_batch=None))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), "manual optimisation trained on NaN"
+    assert model._skipped_batches == 1 and "loss = nan" in messages[0]
+
+
+class _BatchNormDEQ(DEQLightningModule):
+    """A BatchNorm before the DEQ; at global step 1 the stem overflows (a model-made Inf)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.stem = nn.Linear(64, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.deq = DeepEquilibriumNetwork(_Affine(0.5), DiscreteDEQSolver("fixed_point", max_steps=30))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        if self.training and self.global_step == 1:
+            h = h * float("inf")
+        z, solution = self.deq(self.bn(h))
+        return self.head(z), solution
+
+
+def test_a_skipped_batch_leaves_the_batchnorm_statistics_as_they_were():
+    seen = {}
+
+    class _Buffers(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen[("before", batch_idx)] = {k: v.clone() for k, v in pl_module.named_buffers()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen[("after", batch_idx)] = {k: v.clone() for k, v in pl_module.named_buffers()}
+
+    pl.seed_everything(0)
+    model = _BatchNormDEQ(scheduler="none", log_figures=False)
+    _fit_quiet(model, _loader(nan_batch=None), callbacks=[_Buffers()])
+    assert model._skipped_batches == 1
+    before, after = seen[("before", 1)], seen[("after", 1)]
+    assert set(before) == {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"}
+    for name in before:
+        assert torch.equal(before[name], after[name]), f"the skipped batch changed {name}"
+    assert not torch.equal(seen[("before", 2)]["bn.running_mean"], seen[("after", 2)]["bn.running_mean"])
+    assert all(bool(torch.isfinite(b).all()) for b in model.buffers())
+
+
+class _Recorder(pl.loggers.Logger):
+    """Every ``log_metrics`` call, by step."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    name = "recorder"
+    version = "0"
+
+    def log_metrics(self, metrics, step=None):
+        self.steps.append(dict(metrics))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_a_skipped_batch_logs_no_loss_and_stays_out_of_the_epoch_metrics():
+    pl.seed_everything(0)
+    model = _NaNAtStep1(model_type="vanilla", width=8, scheduler="none", log_figures=False)
+    rec = _Recorder()
+    _fit_quiet(model, _loader(nan_batch=None), logger=rec)
+    assert model._skipped_batches == 1
+    per_step = [m for m in rec.steps if "train/skipped_batches" in m]
+    assert [m["train/skipped_batches"] for m in per_step] == [0.0, 1.0, 1.0, 1.0]
+    # the skipped step logs no loss of its own (Lightning's row repeats the last logged value, if any)
+    for name in ("train/loss", "train/task_loss", "train/probe", "train/batch_accuracy"):
+        assert per_step[1].get(name, per_step[0][name]) == per_step[0][name], name
+    epoch = next(m for m in rec.steps if "train/loss_epoch" in m)
+    good = [per_step[i] for i in (0, 2, 3)]  # equal batch sizes: the epoch mean is the plain mean
+    assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in good)
+    assert epoch["train/loss_epoch"] == pytest.approx(sum(m["train/loss"] for m in good) / 3, rel=1e-6)
+    assert epoch["train/accuracy"] == pytest.approx(sum(m["train/batch_accuracy"] for m in good) / 3, rel=1e-6)

@@ -87,21 +87,52 @@ def _damage(path: Path, kind: str, good: Path) -> Path:
         for i in range(start, start + 16):
             raw[i] ^= 0xFF
         path.write_bytes(bytes(raw))
+    elif kind == "pickle_garbage":  # first byte 0x80 as in a pickle, the rest noise
+        g = torch.Generator().manual_seed(1)
+        path.write_bytes(b"\x80" + torch.randint(0, 256, (1000,), generator=g, dtype=torch.uint8).numpy().tobytes())
+    elif kind == "foreign_zip":  # an intact zip archive that torch.save did not write
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("notes.txt", "not a checkpoint")
+    elif kind == "legacy_garbage":  # torch's legacy header intact, garbage after it: only the load can tell
+        magic = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch.serialization.MAGIC_NUMBER
+        path.write_bytes(b"\x80\x02" + magic + b"\x2e\x80\x02" + bytes(range(65, 91)) * 20)
     return path
 
 
-@pytest.mark.parametrize("kind", ["empty", "truncated", "random", "flipped"])
+@pytest.mark.parametrize("kind", ["empty", "truncated", "random", "flipped", "pickle_garbage", "foreign_zip",
+                                  "legacy_garbage"])
 def test_a_damaged_checkpoint_is_reported_by_name(tmp_path, kind):
     _fit(tmp_path / "a", max_epochs=1, limit_train_batches=2)
     good = tmp_path / "a" / "step=2.ckpt"
     check_checkpoint_file(good)  # a good file passes
     bad = _damage(tmp_path / f"{kind}.ckpt", kind, good)
-    with pytest.raises(CheckpointDamagedError, match=rf"{kind}\.ckpt.*damaged"):
+    if kind == "legacy_garbage":  # the file check passes it; the load itself reports the damage
         check_checkpoint_file(bad)
+    else:
+        with pytest.raises(CheckpointDamagedError, match=rf"{kind}\.ckpt.*damaged"):
+            check_checkpoint_file(bad)
     with pytest.raises(CheckpointDamagedError, match=rf"{kind}\.ckpt.*damaged"):
         _fit(tmp_path / f"b{kind}", ckpt_path=bad)
-    with pytest.raises(CheckpointDamagedError, match="damaged"):
+    with pytest.raises(CheckpointDamagedError, match=rf"{kind}\.ckpt.*damaged"):
         DigitsDEQ.load_from_checkpoint(bad)
+    if kind == "legacy_garbage":
+        with pytest.raises(CheckpointDamagedError, match=rf"{kind}\.ckpt.*damaged"):
+            DigitsDEQ.load_from_checkpoint(bad, weights_only=False)
+
+
+def test_a_weights_only_refusal_is_not_called_damage(tmp_path):
+    # a complete checkpoint holding an object weights_only=True does not allow: torch's own advice stands
+    _fit(tmp_path / "a", max_epochs=1, limit_train_batches=2)
+    ckpt = torch.load(tmp_path / "a" / "step=2.ckpt", weights_only=False)
+    ckpt["extra"] = _Opaque()
+    torch.save(ckpt, tmp_path / "opaque.ckpt")
+    with pytest.raises(Exception) as err:
+        DigitsDEQ.load_from_checkpoint(tmp_path / "opaque.ckpt", weights_only=True)
+    assert not isinstance(err.value, CheckpointDamagedError) and "Unsupported global" in str(err.value)
+
+
+class _Opaque:
+    pass
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):
