@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -550,8 +551,9 @@ class DEQLightningModule(pl.LightningModule):
         # every gradient None here, so the optimizer leaves every weight (and its moment estimates) untouched.
         def guarded_closure() -> Any:
             loss = optimizer_closure() if optimizer_closure is not None else None
-            self._close_window(batch_idx)
-            return loss
+            # None tells Lightning's loss scaler (16-mixed) that the step is skipped: it neither unscales nor
+            # steps (with every gradient None its step would fail: "No inf checks were recorded")
+            return None if self._close_window(batch_idx) else loss
 
         super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
         elapsed = self._timer.stop("optimizer", self.device)
@@ -598,8 +600,11 @@ class DEQLightningModule(pl.LightningModule):
         if torch.is_tensor(loss) and not bool(torch.isfinite(loss.detach()).all()):
             reasons.append(f"loss = {float(loss.detach().float().mean())}")
         # within an accumulation window the gradients are sums, but an earlier bad batch already set them to
-        # None (below), so a non-finite gradient here was made by this batch
-        grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        # None (below), so a non-finite gradient here was made by this batch. Under a loss scaler (16-mixed)
+        # a non-finite gradient is the scaler's overflow signal: it skips that step and lowers its scale, so
+        # the gradients are left to it (clearing them would hide the overflow and the scale would never fall).
+        grads = [] if self._loss_scaler_active() else [(n, p.grad) for n, p in self.named_parameters()
+                                                       if p.grad is not None]
         if grads and not bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
             bad = [n for n, g in grads if not bool(torch.isfinite(g).all())]
             reasons.append(f"non-finite gradient in {len(bad)} parameter(s), e.g. {', '.join(bad[:3])}")
@@ -607,6 +612,13 @@ class DEQLightningModule(pl.LightningModule):
         if counts.get("nonfinite", 0):
             reasons.append(f"{counts['nonfinite']} solve(s) ended nonfinite")
         return reasons
+
+    def _loss_scaler_active(self) -> bool:
+        """Whether Lightning's mixed-precision plugin scales the loss (``precision="16-mixed"``)."""
+        if self._trainer is None:
+            return False
+        plugin = self._trainer.precision_plugin
+        return isinstance(plugin, MixedPrecision) and plugin.scaler is not None
 
     def _judge_backward(self, loss: Any) -> bool:
         """The ``on_nonfinite`` policy (see [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig]) for the batch just back-propagated.
@@ -638,8 +650,7 @@ class DEQLightningModule(pl.LightningModule):
                    f"{self.global_step}): {'; '.join(reasons)}; solver status: {status}; {self._nonfinite_source()}")
         if self.deq_config.on_nonfinite == "raise":
             raise NonFiniteBatchError(f"{message}. (on_nonfinite='skip' drops such batches and trains on.)")
-        for p in self.parameters():
-            p.grad = None
+        self._drop_gradients()
         self._restore_buffers()
         self._skipped_batches += 1
         if self._record is not None:
@@ -651,19 +662,34 @@ class DEQLightningModule(pl.LightningModule):
             self._close_window(self._batch_idx)
         return True
 
-    def _close_window(self, batch_idx: int) -> None:
+    def _drop_gradients(self) -> None:
+        """Make the coming optimizer step a no-op for every parameter.
+
+        Gradients become ``None`` (the optimizer then leaves each weight and its moment estimates alone).
+        Under manual optimisation with a loss scaler (16-mixed) they become ``inf`` instead: the user's
+        ``opt.step()`` goes through the scaler, which refuses a step without any gradient but skips one with
+        non-finite gradients, as it does for its own overflows (it also halves its scale, which regrows).
+        """
+        overflow = not self.automatic_optimization and self._loss_scaler_active()
+        for p in self.parameters():
+            p.grad = torch.full_like(p, float("inf")) if overflow and p.requires_grad else None
+
+    def _close_window(self, batch_idx: int) -> bool:
         """Before the optimizer step that ends a window (``batch_idx`` its last batch): drop the window's
-        update when any of its batches was non-finite, and warn once per run naming those batches."""
+        update when any of its batches was non-finite, and warn once per run naming those batches.
+
+        Returns:
+            Whether the window's update is dropped.
+        """
         bad, message, start = self._window_bad, self._window_message, self._window_start
         self._window_bad, self._window_message, self._window_start = [], None, None
         if not bad:
-            return
-        for p in self.parameters():
-            p.grad = None
+            return False
+        self._drop_gradients()
         if self._record is not None:
             self._record.skipped = True  # this step's update is dropped, whichever batch of the window was bad
         if self._warned_nonfinite:
-            return
+            return True
         self._warned_nonfinite = True
         window = ""
         if start is not None and start != batch_idx:
@@ -672,6 +698,7 @@ class DEQLightningModule(pl.LightningModule):
         warnings.warn(f"deqlab: skipped the update of {message}.{window} Weights are unchanged; further skipped "
                       "batches are counted in train/skipped_batches without another warning (on_nonfinite='raise' "
                       "stops instead).", NonFiniteBatchWarning, stacklevel=2)
+        return True
 
     def _nonfinite_source(self) -> str:
         """Where the non-finite values first appear, in data-flow order, so that a NaN pixel is blamed on

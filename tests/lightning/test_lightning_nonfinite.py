@@ -303,3 +303,48 @@ def test_a_skipped_batch_logs_no_loss_and_stays_out_of_the_epoch_metrics():
     assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in good)
     assert epoch["train/loss_epoch"] == pytest.approx(sum(m["train/loss"] for m in good) / 3, rel=1e-6)
     assert epoch["train/accuracy"] == pytest.approx(sum(m["train/batch_accuracy"] for m in good) / 3, rel=1e-6)
+
+
+def test_a_loss_scalers_overflow_is_left_to_the_scaler_not_counted_as_a_skipped_batch():
+    # 16-mixed: with a huge loss scale the scaled fp16 gradients overflow; that is the scaler's signal to skip
+    # the step and halve its scale. Clearing those gradients as a "non-finite batch" hid the overflow from the
+    # scaler (its scale never fell, every later batch overflowed and was skipped too).
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    pl.seed_everything(0)
+    model = DigitsDEQ(model_type="vanilla", width=8, scheduler="none", log_figures=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    cb = _Logged()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=1, limit_val_batches=0, callbacks=[cb], accelerator="cpu",
+                plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(model, _loader(nan_batch=None))
+    assert scaler.get_scale() < 2.0 ** 40  # the scaler saw its overflow and lowered the scale
+    assert [r["train/skipped_batches"] for r in cb.rows] == [0.0] * 4
+    assert not [w for w in caught if issubclass(w.category, NonFiniteBatchWarning)]
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_under_a_loss_scaler_a_nan_input_is_still_skipped():
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    pl.seed_everything(0)
+    model = DigitsDEQ(model_type="vanilla", width=8, scheduler="none", log_figures=False)
+    cb = _Logged()
+    trainer(max_epochs=1, limit_val_batches=0, callbacks=[cb], accelerator="cpu",
+            plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]).fit(model, _loader(1))
+    assert [r["skipped"] for r in cb.rows] == [False, True, False, False]
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_under_a_loss_scaler_manual_optimisation_skips_a_nan_input_too():
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    pl.seed_everything(0)
+    model = _ManualDigits(model_type="vanilla", width=8, scheduler="none", log_figures=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=1, limit_val_batches=0, accelerator="cpu",
+                plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]).fit(model, _loader(1))
+    assert model._skipped_batches == 1
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
