@@ -11,55 +11,103 @@ Every model is ``stem → DEQ layer → head``; ``model_type`` chooses the DEQ l
 * ``skip_reg``: ``SkipDeepEquilibriumNetwork(shortcut=None)``: u0 = f(0, x), no extra parameters.
 
 Skip models also predict from u0 alone (``explicit_forward``), logged as explicit accuracy/time.
+
+One definition of each part, whichever door a user comes in by: the networks, solvers and backward modes
+are built by `deqlab.models` (`build_solver`, `build_backward` and `dense_deq_layer` here *are* those
+builders, and ``MNISTDenseDEQ``'s network is ``deqlab.models.mnist.dense_network``'s), and the paper's
+MNIST training protocol is read from [`deqlab.models.paper_settings`][deqlab.models.paper_settings]. Each model class states its
+training defaults once, as ``default_training``; a partial ``training`` block changes only what it names.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Literal, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, Literal, Optional, Protocol, Tuple, Union, runtime_checkable
 
 from torch import Tensor, nn
 
-from deqlab.lightning.config import DEQTrainingConfig
+from deqlab.lightning.config import DEQTrainingConfig, TrainingArg
 from deqlab.lightning.module import DEQLightningModule
+from deqlab.models._build import BackwardName, SolverName, build_backward, build_solver
+from deqlab.models.mnist import dense_deq, dense_network
+from deqlab.models.settings import TRAINING_KEYS, paper_settings
 from deqlab.nn.implicit import BackwardMode
 from deqlab.solvers.protocols import Solver
 
 __all__ = [
-    "DEQClassifier", "DigitsDEQ", "MNISTDenseDEQ", "DenseDEQClassifier", "build_solver", "build_backward",
-    "dense_deq_layer", "DIGITS_TRAINING", "MNIST_TRAINING",
+    "DEQClassifier", "DigitsDEQ", "MNISTDenseDEQ", "DenseDEQClassifier", "ExplicitPredictor", "build_solver",
+    "build_backward", "dense_deq_layer", "DIGITS_TRAINING", "MNIST_TRAINING",
 ]
 
 ModelType = Literal["vanilla", "skip", "skip_reg"]
-SolverName = Literal["lbroyden", "broyden", "anderson", "fixed_point", "newton_krylov", "tsit5"]
-BackwardName = Literal["gmres", "anderson", "fixed_point", "broyden", "lbroyden"]
-TerminationModeName = Literal[
-    "abs", "abs_norm", "rel", "rel_norm", "norm",
-    "abs_deq_default", "rel_deq_default", "abs_deq_best", "rel_deq_best",
-]
 
-#: DigitsDEQ's training defaults (λ_skip = 1.0 for Skip variants is filled in by the model).
+#: The loss weights depend on the model type; a model fills them (``with_default_weights``), the
+#: training protocols below leave them unset.
+_LOSS_WEIGHTS = ("skip_loss_weight", "jacobian_loss_weight")
+
+
+def _paper_training(experiment: str, arch: str) -> DEQTrainingConfig:
+    """The model-type-independent training settings of a paper experiment (``paper_settings`` minus the
+    loss weights and the run keys)."""
+    settings = paper_settings(experiment, arch)
+    return DEQTrainingConfig(**{k: v for k, v in settings.items() if k in TRAINING_KEYS and k not in _LOSS_WEIGHTS})
+
+
+#: DigitsDEQ's training defaults (``DigitsDEQ.default_training``); λ_skip = 1.0 for Skip variants is
+#: filled in by the model.
 DIGITS_TRAINING = DEQTrainingConfig(lr=3e-3, weight_decay=1e-5)
-#: The paper's MNIST-dense protocol (λ_skip = 5.0 for Skip variants, λ_jac = 1.0 with Jacobian
-#: regularization are filled in by the model unless set).
-MNIST_TRAINING = DEQTrainingConfig(optimizer="adamw", lr=1e-3, betas=(0.9, 0.999), weight_decay=2.5e-6,
-                                   scheduler="cosine", eta_min=1e-6)
+#: The paper's MNIST-dense protocol (``MNISTDenseDEQ.default_training``), read from
+#: ``paper_settings("mnist", "dense")``: AdamW lr 1e-3, betas (0.9, 0.999), weight decay 2.5e-6, cosine to
+#: 1e-6. λ_skip (5.0 for Skip variants) and λ_jac (1.0 with Jacobian regularization) are filled in by the
+#: model unless set.
+MNIST_TRAINING = _paper_training("mnist", "dense")
 
 #: The pre-object solver keywords, kept as aliases (see `DenseDEQClassifier.__init__`).
 _LEGACY_SOLVER_KEYS = ("termination_mode", "abstol", "reltol", "max_steps")
 _LEGACY_BACKWARD_KEYS = ("backward_solver", "backward_tol", "backward_max_steps")
 
 
+@runtime_checkable
+class ExplicitPredictor(Protocol):
+    """A network that can also predict from its initial guess alone (the Skip models' explicit prediction).
+
+    [`DEQClassifier`][deqlab.zoo.DEQClassifier] logs explicit accuracy and time for a network that has this member and
+    none for one that does not; the networks of `deqlab.models` all have it (returning ``None`` where u0
+    carries no information). A structural type: nothing needs to inherit from it.
+
+    Members:
+        explicit_forward(x): the logits of ``head(u0)`` (no solve), or ``None`` when the model has no
+            informative u0 (vanilla, neural ODE).
+
+    Raises:
+        TypeError: when instantiated: a protocol describes networks, it is not one.
+
+    Examples:
+        >>> from deqlab.models import build_model
+        >>> from deqlab.zoo import ExplicitPredictor
+        >>> isinstance(build_model("mnist", "dense", width=8), ExplicitPredictor)
+        True
+        >>> import torch
+        >>> isinstance(torch.nn.Linear(2, 2), ExplicitPredictor)
+        False
+    """
+
+    def explicit_forward(self, x: Tensor) -> Optional[Tensor]:
+        """The u0-only prediction for ``x``, or ``None``."""
+        ...
+
+
 class DEQClassifier(DEQLightningModule):
     """Any network that follows the paper-model contract, trained as a classifier.
 
     ``network(x)`` must return ``(logits, solution)`` (``solution``: a ``DeepEquilibriumSolution``, a list
-    of them, or ``None``); an optional ``network.explicit_forward(x)`` returns the u0-only logits of Skip
-    models (or ``None``). The networks of `deqlab.models` follow it.
+    of them, or ``None``). A network that is also an [`ExplicitPredictor`][deqlab.zoo.ExplicitPredictor] (an
+    ``explicit_forward(x)`` returning the u0-only logits of Skip models, or ``None``) gets its explicit
+    accuracy logged. The networks of `deqlab.models` follow both.
 
     Args:
         network: the model (stem → DEQ layer(s) → head). Not recorded in ``hparams`` (its weights are in the
             state dict): rebuild it for ``DEQClassifier.load_from_checkpoint(path, network=...)``.
         **kwargs: training settings, passed to [`DEQLightningModule`][deqlab.lightning.DEQLightningModule]
-            ([`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] fields, flat, or ``training=DEQTrainingConfig(...)``;
+            ([`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] fields, flat, or ``training=``;
             [`deqlab.models.paper_settings`][deqlab.models.paper_settings] gives the paper's).
 
     Raises:
@@ -85,100 +133,9 @@ class DEQClassifier(DEQLightningModule):
         return self.network(x)
 
     def explicit_forward(self, x: Tensor) -> Optional[Tensor]:
-        fn = getattr(self.network, "explicit_forward", None)
-        return None if fn is None else fn(x)
-
-
-def build_solver(
-    name: SolverName,
-    *,
-    mode: TerminationModeName = "rel_deq_default",
-    abstol: float = 5e-3,
-    reltol: float = 5e-3,
-    max_steps: int = 50,
-) -> Solver:
-    """A deqlab solver from a name (the string shorthand of the zoo's ``solver`` argument): ``tsit5`` →
-    ``ContinuousDEQSolver`` (integrate to the steady state), anything else → ``DiscreteDEQSolver(name)``.
-    The defaults are the paper's (5e-3, 50 steps).
-
-    Args:
-        name: ``lbroyden``, ``broyden``, ``anderson``, ``fixed_point``, ``newton_krylov`` (discrete
-            solvers) or ``tsit5`` (the continuous DEQ). No default: the zoo models pass theirs
-            (``lbroyden``).
-        mode: termination mode of the solve (see `deqlab.solvers.termination`). Default
-            ``rel_deq_default``, the paper's: stop when ``||f(z) - z|| / ||f(z)||`` is below ``reltol``
-            (or, after a patience window, stalls near it).
-        abstol: absolute termination tolerance (and the ODE step ``abstol`` for ``tsit5``, so the
-            integration is as accurate as the stopping test). Default 5e-3, the paper's.
-        reltol: relative termination tolerance (and the ODE step ``reltol`` for ``tsit5``). Default 5e-3,
-            the paper's.
-        max_steps: iteration budget (solver steps; stepper calls, accepted or rejected, for ``tsit5``).
-            Default 50, the paper's MNIST budget.
-
-    Returns:
-        A ``ContinuousDEQSolver`` for ``tsit5``, else a ``DiscreteDEQSolver``; pass it as a layer's or
-            a zoo model's ``solver``.
-
-    Raises:
-        ValueError: from the solver for an unknown ``name`` or ``mode``.
-
-    Examples:
-        >>> from deqlab.zoo import build_solver
-        >>> build_solver("anderson", max_steps=20)
-        DiscreteDEQSolver(Anderson(...), mode='rel_deq_default', abstol_termination=0.005, reltol_termination=0.005, ..., max_steps=20)
-        >>> type(build_solver("tsit5")).__name__
-        'ContinuousDEQSolver'
-    """
-    if name == "tsit5":
-        from deqlab.solvers import ContinuousDEQSolver
-
-        return ContinuousDEQSolver(
-            "tsit5",
-            mode=mode,
-            ode_abstol=abstol,
-            ode_reltol=reltol,
-            abstol_termination=abstol,
-            reltol_termination=reltol,
-            max_steps=max_steps,
-        )
-    from deqlab.solvers import DiscreteDEQSolver
-
-    return DiscreteDEQSolver(
-        name, mode=mode, abstol_termination=abstol, reltol_termination=reltol, max_steps=max_steps
-    )
-
-
-def build_backward(name: BackwardName = "gmres", *, tol: Optional[float] = None,
-                   max_steps: Optional[int] = None) -> BackwardMode:
-    """The implicit backward with adjoint solver ``name``: [`deqlab.nn.ImplicitBackward`][deqlab.nn.ImplicitBackward]'s own default
-    budget (the paper's protocol: tolerance = the forward solver's termination tolerance, at most 15
-    VJPs), so a zoo model and a hand-built layer differentiate alike; ``tol``/``max_steps`` override it.
-
-    Args:
-        name: the adjoint solver: ``gmres``, ``anderson``, ``fixed_point``, ``broyden`` or ``lbroyden``.
-            Default ``gmres``, the paper's adjoint solver (the adjoint system is linear, GMRES's home).
-        tol: adjoint tolerance. Default ``None``: ``ImplicitBackward``'s default, the forward solver's
-            termination tolerance (a gradient more accurate than the fixed point is wasted work).
-        max_steps: VJP budget of the adjoint solve. Default ``None``: ``ImplicitBackward``'s default (15).
-
-    Returns:
-        The backward mode, an [`ImplicitBackward`][deqlab.nn.ImplicitBackward]; pass it as a layer's or a zoo
-            model's ``backward``.
-
-    Raises:
-        ValueError: from ``ImplicitBackward`` for an unknown ``name`` or an invalid budget.
-
-    Examples:
-        >>> from deqlab.zoo import build_backward
-        >>> build_backward()
-        ImplicitBackward(solver='gmres', tol=None, max_steps=15, ...)
-        >>> build_backward("anderson", tol=1e-4).tol
-        0.0001
-    """
-    from deqlab.nn import ImplicitBackward
-
-    budget = {k: v for k, v in (("tol", tol), ("max_steps", max_steps)) if v is not None}
-    return ImplicitBackward(name, **budget)
+        if not isinstance(self.network, ExplicitPredictor):
+            return None  # a network without a u0-only prediction
+        return self.network.explicit_forward(x)
 
 
 def dense_deq_layer(
@@ -186,7 +143,8 @@ def dense_deq_layer(
     backward: Any = None,
 ) -> nn.Module:
     """The DEQ layer over ``f(z, x) = relu(W1 z) + relu(W2 x)`` for ``model_type``; the Skip predictor is
-    ``Dense(width→width, relu)`` as in the paper's MNIST model.
+    ``Dense(width→width, relu)`` as in the paper's MNIST model (built by ``deqlab.models.mnist.dense_deq``,
+    the layer of `deqlab.models`' dense network).
 
     Args:
         model_type: ``vanilla`` (``DeepEquilibriumNetwork``, u0 = 0), ``skip`` (``SkipDeepEquilibriumNetwork``
@@ -214,16 +172,7 @@ def dense_deq_layer(
         >>> type(layer).__name__, z.shape
         ('DeepEquilibriumNetwork', torch.Size([3, 8]))
     """
-    from deqlab.nn import DeepEquilibriumNetwork, DenseDEQBlock, SkipDeepEquilibriumNetwork
-
-    if model_type not in ("vanilla", "skip", "skip_reg"):
-        raise ValueError(f"model_type must be 'vanilla', 'skip' or 'skip_reg', got {model_type!r}")
-    block = DenseDEQBlock(width)
-    if model_type == "vanilla":
-        return DeepEquilibriumNetwork(block, solver, backward=backward, jacobian_regularization=jacobian_regularization)
-    shortcut = nn.Sequential(nn.Linear(width, width), nn.ReLU()) if model_type == "skip" else None
-    return SkipDeepEquilibriumNetwork(block, solver, shortcut=shortcut, backward=backward,
-                                      jacobian_regularization=jacobian_regularization)
+    return dense_deq(model_type, width, solver, backward=backward, jac_reg=jacobian_regularization)
 
 
 def _resolve_solver_and_backward(
@@ -246,8 +195,8 @@ def _resolve_solver_and_backward(
         solver = build_solver(
             solver or "lbroyden",  # type: ignore[arg-type]
             mode=solver_kw.get("termination_mode", "rel_deq_default"),
-            abstol=solver_kw.get("abstol", 5e-3),
-            reltol=solver_kw.get("reltol", 5e-3),
+            abstol_termination=solver_kw.get("abstol"),  # the old keywords named the termination tolerances
+            reltol_termination=solver_kw.get("reltol"),
             max_steps=solver_kw.get("max_steps", default_max_steps),
         )
     if backward is None or isinstance(backward, str):
@@ -260,6 +209,18 @@ def _resolve_solver_and_backward(
 
 class DenseDEQClassifier(DEQLightningModule):
     """``flatten → Linear(in→width) + relu → dense DEQ → Linear(width→classes)``: the MNIST-dense shape.
+
+    The network is ``deqlab.models.mnist.dense_network``'s (its ``stem``, ``deq`` and ``head`` are this
+    module's), so this class and [`deqlab.models.build_model`][deqlab.models.build_model]``("mnist", "dense")`` are one model.
+
+    Class attributes:
+        default_training: the training settings this class starts from (a partial ``training`` changes
+            only what it names). Here [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig]'s defaults.
+        default_max_steps: iteration budget of a solver built from a name. Here 50, the paper's.
+        skip_loss_default: λ_skip of the Skip variants when ``skip_loss_weight`` is unset (vanilla: 0,
+            as u0 = 0 has nothing to learn); ``None`` leaves it unset (counts as 0). Here ``None``.
+        jacobian_loss_default: λ_jac with ``jacobian_regularization=True`` when ``jacobian_loss_weight``
+            is unset (without it: 0); ``None`` leaves it unset. Here ``None``.
 
     Args:
         in_features: flattened input size (784 for MNIST, 64 for the 8×8 digits). Default 784: MNIST, the
@@ -278,9 +239,13 @@ class DenseDEQClassifier(DEQLightningModule):
             layer).
         jacobian_regularization: compute the Hutchinson Jacobian term (weighted by ``jacobian_loss_weight``).
             Default ``False``: the term adds a VJP (and its backward) to every forward.
-        **kwargs: training settings, passed to [`DEQLightningModule`][deqlab.lightning.DEQLightningModule] (``training=`` or flat field
-            names). The old solver keywords ``termination_mode``, ``abstol``, ``reltol``, ``max_steps``,
-            ``backward_solver``, ``backward_tol``, ``backward_max_steps`` still work with a solver *name*.
+        training: the training settings: a mapping of some fields (a config file's ``training:`` block)
+            applied over ``default_training``, a complete [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] used as given, or
+            ``None`` (default): ``default_training``.
+        **kwargs: flat training settings applied on top of ``training`` (``lr=...``, see
+            [`DEQLightningModule`][deqlab.lightning.DEQLightningModule]). The old solver keywords ``termination_mode``, ``abstol``,
+            ``reltol`` (the termination tolerances), ``max_steps``, ``backward_solver``, ``backward_tol``,
+            ``backward_max_steps`` still work with a solver *name*.
 
     Raises:
         ValueError: when ``model_type`` is unknown, or an old solver keyword comes with a solver (or
@@ -298,8 +263,9 @@ class DenseDEQClassifier(DEQLightningModule):
         DiscreteDEQSolver(FixedPointIteration(...), ..., max_steps=10)
     """
 
-    #: iteration budget of a solver built from a name
     default_max_steps: ClassVar[int] = 50
+    skip_loss_default: ClassVar[Optional[float]] = None
+    jacobian_loss_default: ClassVar[Optional[float]] = None
 
     def __init__(
         self,
@@ -309,19 +275,29 @@ class DenseDEQClassifier(DEQLightningModule):
         solver: Union[Solver, SolverName, None] = None,
         backward: Union[BackwardMode, BackwardName, None] = None,
         jacobian_regularization: bool = False,
+        training: TrainingArg = None,
         **kwargs: Any,
     ) -> None:
         legacy = {k: kwargs.pop(k) for k in (*_LEGACY_SOLVER_KEYS, *_LEGACY_BACKWARD_KEYS) if k in kwargs}
-        super().__init__(**kwargs)  # the base records this model's constructor arguments as hparams
-        num_classes = self.deq_config.num_classes or 10
+        super().__init__(training=training, **kwargs)  # the base records this model's constructor arguments
+        self.deq_config = self.deq_config.with_default_weights(**self._loss_weight_defaults(
+            model_type, jacobian_regularization))
         self.in_features = in_features
         self.model_type = model_type
-        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
         solver_obj, backward_obj = _resolve_solver_and_backward(
             solver, backward, legacy, self.default_max_steps, type(self).__name__)
-        self.deq = dense_deq_layer(model_type, width, solver_obj, jacobian_regularization=jacobian_regularization,
-                                   backward=backward_obj)
-        self.head = nn.Linear(width, num_classes)
+        network = dense_network(model_type, solver_obj, backward=backward_obj, jac_reg=jacobian_regularization,
+                                num_classes=self.deq_config.num_classes or 10, width=width, in_features=in_features)
+        # the network's parts are this module's own (state-dict keys stem.*, deq.*, head.*)
+        self.stem, self.deq, self.head = network.stem, network.deq, network.head
+
+    def _loss_weight_defaults(self, model_type: str, jacobian_regularization: bool) -> Dict[str, float]:
+        fill: Dict[str, float] = {}
+        if self.skip_loss_default is not None:
+            fill["skip_loss_weight"] = self.skip_loss_default if model_type != "vanilla" else 0.0
+        if self.jacobian_loss_default is not None:
+            fill["jacobian_loss_weight"] = self.jacobian_loss_default if jacobian_regularization else 0.0
+        return fill
 
     def _embed(self, x: Tensor) -> Tensor:
         if x[0].numel() != self.in_features:
@@ -345,11 +321,13 @@ class MNISTDenseDEQ(DenseDEQClassifier):
     """The paper's MNIST dense model with its training protocol as defaults.
 
     Dense(784→128, relu) → DEQ with f(z, x) = relu(W1 z) + relu(W2 x) (no biases) → Dense(128→10); skip
-    predictor Dense(128→128, relu); limited-memory Broyden, abstol = reltol = 5e-3, 50 steps; GMRES adjoint
-    within 15 VJPs; [`MNIST_TRAINING`][deqlab.zoo.MNIST_TRAINING] (AdamW lr 1e-3, betas (0.9, 0.999), weight decay 2.5e-6, cosine
-    to 1e-6 over all steps); λ_skip = 5.0 for Skip variants (0 for vanilla) and λ_jac = 1.0 with
-    ``jacobian_regularization`` (0 without) unless ``skip_loss_weight`` / ``jacobian_loss_weight`` are set.
-    ``in_features`` and ``width`` are fixed (784, 128): they are the paper's model.
+    predictor Dense(128→128, relu) (the network of ``deqlab.models.mnist.mnist_dense``); limited-memory
+    Broyden, 5e-3 termination tolerances, 50 steps; GMRES adjoint within 15 VJPs. ``default_training`` is
+    [`MNIST_TRAINING`][deqlab.zoo.MNIST_TRAINING] (AdamW lr 1e-3, betas (0.9, 0.999), weight decay 2.5e-6, cosine to 1e-6
+    over all steps, from [`deqlab.models.paper_settings`][deqlab.models.paper_settings]); λ_skip = 5.0 for Skip variants (0 for vanilla)
+    and λ_jac = 1.0 with ``jacobian_regularization`` (0 without), the paper's, unless
+    ``skip_loss_weight`` / ``jacobian_loss_weight`` are set. ``in_features`` and ``width`` are fixed (784,
+    128): they are the paper's model.
 
     Args:
         model_type: ``vanilla``, ``skip`` or ``skip_reg``. Default ``skip``, the paper's proposed model.
@@ -359,10 +337,8 @@ class MNISTDenseDEQ(DenseDEQClassifier):
             ``None``: the paper's GMRES adjoint within 15 VJPs.
         jacobian_regularization: compute the Hutchinson Jacobian term. Default ``False``, the paper's
             "Skip DEQ" rows; ``True`` gives the "+ Jac. Reg." rows (and λ_jac = 1.0).
-        training: the training settings. Default [`MNIST_TRAINING`][deqlab.zoo.MNIST_TRAINING], the paper's MNIST protocol
-            (``None`` means the same).
-        **kwargs: passed to [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier]: flat training settings applied on top of
-            ``training`` (``lr=...``) and the old solver keywords.
+        **kwargs: passed to [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier]: ``training`` (a partial block over
+            [`MNIST_TRAINING`][deqlab.zoo.MNIST_TRAINING]), flat training settings (``lr=...``) and the old solver keywords.
 
     Raises:
         ValueError: as [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier] (unknown ``model_type``, old solver keywords with objects).
@@ -376,7 +352,14 @@ class MNISTDenseDEQ(DenseDEQClassifier):
         (0.0, 1.0, 0.001)
         >>> count_parameters(model), count_parameters(MNISTDenseDEQ())  # the skip predictor adds 16.5k
         (134538, 151050)
+        >>> MNISTDenseDEQ(training={"lr": 0.01}).deq_config.weight_decay  # a partial block keeps the rest
+        2.5e-06
     """
+
+    default_training: ClassVar[DEQTrainingConfig] = MNIST_TRAINING
+    skip_loss_default: ClassVar[Optional[float]] = paper_settings("mnist", "dense", "skip")["skip_loss_weight"]
+    jacobian_loss_default: ClassVar[Optional[float]] = paper_settings("mnist", "dense", jac_reg=True)[
+        "jacobian_loss_weight"]
 
     def __init__(
         self,
@@ -384,27 +367,20 @@ class MNISTDenseDEQ(DenseDEQClassifier):
         solver: Union[Solver, SolverName, None] = None,
         backward: Union[BackwardMode, BackwardName, None] = None,
         jacobian_regularization: bool = False,
-        training: Optional[DEQTrainingConfig] = MNIST_TRAINING,
         **kwargs: Any,
     ) -> None:
-        # None is this model's defaults too: jsonargparse (the CLI) passes None when no training key is
-        # given (it takes DEQLightningModule's default for a parameter it finds in both signatures).
-        training = MNIST_TRAINING if training is None else training
         super().__init__(in_features=784, width=128, model_type=model_type, solver=solver, backward=backward,
-                         jacobian_regularization=jacobian_regularization, training=training, **kwargs)
-        self.deq_config = self.deq_config.with_default_weights(
-            skip_loss_weight=5.0 if model_type != "vanilla" else 0.0,
-            jacobian_loss_weight=1.0 if jacobian_regularization else 0.0,
-        )
+                         jacobian_regularization=jacobian_regularization, **kwargs)
 
 
 class DigitsDEQ(DenseDEQClassifier):
     """A small dense DEQ for scikit-learn's 8×8 digits (the demo and test model): trains in seconds on a CPU.
 
     ``flatten → Linear(64→width) + relu → dense DEQ → Linear(width→10)``; accepts ``(B, 1, 8, 8)`` or
-    ``(B, 64)`` inputs. Solver by name: 30 steps. Training defaults [`DIGITS_TRAINING`][deqlab.zoo.DIGITS_TRAINING] (lr 3e-3,
-    weight decay 1e-5) with λ_skip = 1.0 for Skip variants unless ``skip_loss_weight`` is set. Arguments
-    as [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier], with ``in_features`` fixed to 64.
+    ``(B, 64)`` inputs. Solver by name: 30 steps. ``default_training`` is [`DIGITS_TRAINING`][deqlab.zoo.DIGITS_TRAINING] (lr
+    3e-3, weight decay 1e-5, tuned for the small dataset), with λ_skip = 1.0 for Skip variants unless
+    ``skip_loss_weight`` is set. Arguments as [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier], with ``in_features`` fixed
+    to 64.
 
     Args:
         model_type: ``vanilla``, ``skip`` or ``skip_reg``. Default ``skip``, the paper's proposed model.
@@ -416,10 +392,8 @@ class DigitsDEQ(DenseDEQClassifier):
             ``None``: the GMRES adjoint within 15 VJPs.
         jacobian_regularization: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP
             (and its backward) to every forward.
-        training: the training settings (``None``: the same default). Default [`DIGITS_TRAINING`][deqlab.zoo.DIGITS_TRAINING] (lr 3e-3, weight decay 1e-5),
-            tuned for the small dataset.
-        **kwargs: passed to [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier]: flat training settings applied on top of
-            ``training`` (``lr=...``) and the old solver keywords.
+        **kwargs: passed to [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier]: ``training`` (a partial block over
+            [`DIGITS_TRAINING`][deqlab.zoo.DIGITS_TRAINING]), flat training settings (``lr=...``) and the old solver keywords.
 
     Raises:
         ValueError: as [`DenseDEQClassifier`][deqlab.zoo.DenseDEQClassifier] (unknown ``model_type``, old solver keywords with objects).
@@ -434,11 +408,15 @@ class DigitsDEQ(DenseDEQClassifier):
         (torch.Size([8, 10]), torch.Size([8, 10]))
         >>> model.deq_config.lr, model.deq_config.skip_loss_weight, model.deq.solver.max_steps
         (0.003, 1.0, 30)
+        >>> DigitsDEQ(width=16, training={"lr": 0.01}).deq_config.weight_decay  # a partial block keeps the rest
+        1e-05
 
         Train it with ``pl.Trainer(max_epochs=5).fit(model, deqlab.data.DigitsDataModule())``.
     """
 
+    default_training: ClassVar[DEQTrainingConfig] = DIGITS_TRAINING
     default_max_steps: ClassVar[int] = 30
+    skip_loss_default: ClassVar[Optional[float]] = 1.0
 
     def __init__(
         self,
@@ -447,13 +425,7 @@ class DigitsDEQ(DenseDEQClassifier):
         solver: Union[Solver, SolverName, None] = None,
         backward: Union[BackwardMode, BackwardName, None] = None,
         jacobian_regularization: bool = False,
-        training: Optional[DEQTrainingConfig] = DIGITS_TRAINING,
         **kwargs: Any,
     ) -> None:
-        # None is this model's defaults too: jsonargparse (the CLI) passes None when no training key is
-        # given (it takes DEQLightningModule's default for a parameter it finds in both signatures).
-        training = DIGITS_TRAINING if training is None else training
         super().__init__(in_features=64, width=width, model_type=model_type, solver=solver, backward=backward,
-                         jacobian_regularization=jacobian_regularization, training=training, **kwargs)
-        self.deq_config = self.deq_config.with_default_weights(
-            skip_loss_weight=1.0 if model_type != "vanilla" else 0.0)
+                         jacobian_regularization=jacobian_regularization, **kwargs)

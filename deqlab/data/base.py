@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, random_split
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, random_split
 from torchvision.transforms import v2
 
 __all__ = [
@@ -229,7 +229,9 @@ class ResumableDataLoader(DataLoader):
         self._position = skip
         assert self.generator is not None
         self.generator.manual_seed(self.seed * 100_003 + (epoch or 0))
-        plain_batches = self.batch_sampler is not None and type(self.batch_sampler).__name__ == "BatchSampler"
+        # torch's own BatchSampler (what batch_size= builds) takes consecutive sampler indices, so skipping
+        # sampler indices skips whole batches; a subclass or a custom batch sampler may not
+        plain_batches = type(self.batch_sampler) is BatchSampler
         if skip and isinstance(self.sampler, EpochSeededSampler) and plain_batches and self.batch_size:
             self.sampler.skip_next(skip * self.batch_size)
             batches = super().__iter__()

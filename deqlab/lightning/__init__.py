@@ -1,13 +1,22 @@
 """PyTorch Lightning integration: the DEQ training module, its typed training settings, TensorBoard
 callbacks and the ``deqlab`` CLI.
 
-Importing this imports Lightning; ``import deqlab`` alone does not. Nothing here imports the model zoo
-(``deqlab.zoo``) or the paper networks: the arrows run from the models to this package, never back.
+The names below are imported on first use: ``from deqlab.lightning import DEQLightningModule`` imports
+Lightning, while the training settings alone (``deqlab.lightning.config``: plain dataclasses over torch)
+do not, so the Lightning-free paper models (`deqlab.models`) can name their fields. ``import deqlab``
+alone never imports Lightning. Nothing here imports the model zoo (``deqlab.zoo``) or the paper networks:
+the arrows run from the models to this package, never back.
 """
-from deqlab.lightning._stats import StepRecord
-from deqlab.lightning.callbacks import ConvergenceFigure, NFEHistogram
-from deqlab.lightning.config import DEQTrainingConfig
-from deqlab.lightning.module import DEQLightningModule, find_deq_layers
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the static view (type checkers, the API reference); at run time see __getattr__
+    from deqlab.lightning._stats import StepRecord
+    from deqlab.lightning.callbacks import ConvergenceFigure, NFEHistogram
+    from deqlab.lightning.config import DEQTrainingConfig
+    from deqlab.lightning.module import DEQLightningModule, find_deq_layers
 
 __all__ = [
     "ConvergenceFigure",
@@ -17,3 +26,32 @@ __all__ = [
     "StepRecord",
     "find_deq_layers",
 ]
+
+_HOME = {
+    "ConvergenceFigure": "deqlab.lightning.callbacks",
+    "DEQLightningModule": "deqlab.lightning.module",
+    "DEQTrainingConfig": "deqlab.lightning.config",
+    "NFEHistogram": "deqlab.lightning.callbacks",
+    "StepRecord": "deqlab.lightning._stats",
+    "find_deq_layers": "deqlab.lightning.module",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        if name.startswith("__"):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        try:  # a submodule (deqlab.lightning.module, ...) not imported yet
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(__all__))

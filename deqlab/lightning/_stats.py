@@ -7,7 +7,7 @@ composes the loss and logs from this one summary whatever the architecture.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -15,7 +15,7 @@ from torch import Tensor
 from deqlab.nn.solution import DeepEquilibriumSolution
 from deqlab.solvers.result import SolverStatus
 
-__all__ = ["SolutionSummary", "StepRecord", "as_solution_list", "summarize"]
+__all__ = ["SolutionSummary", "StepRecord", "as_solution_list", "split_forward_output", "summarize"]
 
 STATUSES = tuple(s.value for s in SolverStatus)
 
@@ -58,6 +58,46 @@ def as_solution_list(solution: Any, *, owner: str = "the model") -> List[DeepEqu
                 f"DeepEquilibriumSolution, a list of them, or None; got a {type(s).__name__} as solution"
             )
     return items
+
+
+def split_forward_output(result: Any, *, owner: str = "the model") -> Tuple[Any, List[DeepEquilibriumSolution]]:
+    """``(output, solution records)`` from what a model's ``forward`` returned, the contract checked.
+
+    The one check of the forward contract: the training, validation, test and predict steps and the
+    convergence-figure callback all unpack the forward through it, so a ``forward`` that returns only
+    logits gets the same message everywhere instead of being unpacked row by row.
+
+    Args:
+        result: what ``forward(x)`` returned; must be a pair ``(output, solution)``.
+        owner: who returned it, for the error message. Default ``"the model"``; the module passes its
+            class name.
+
+    Returns:
+        The output and the solution records (see `as_solution_list`).
+
+    Raises:
+        TypeError: when ``result`` is not a pair, or its second element is not a solution record, a list
+            of them or ``None``.
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.lightning._stats import split_forward_output
+        >>> split_forward_output((torch.zeros(2, 3), None))[1]
+        []
+        >>> split_forward_output(torch.zeros(2, 3))
+        Traceback (most recent call last):
+        ...
+        TypeError: the model.forward(x) must return a pair (output, solution): ...; got a Tensor
+    """
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        got = f"a tuple of {len(result)}" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}"
+        raise TypeError(
+            f"{owner}.forward(x) must return a pair (output, solution): the model output and "
+            "the DEQ layer's DeepEquilibriumSolution (a list of them for several DEQ layers, None for a model "
+            f"without one), e.g. `z, solution = self.deq(h); return self.head(z), solution`; got {got}"
+        )
+    output, solution = result
+    return output, as_solution_list(solution, owner=owner)
 
 
 @dataclass
@@ -131,7 +171,7 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
             residuals.append(s.residual.detach().reshape(-1).float())
         if s.converged is not None:
             converged.append(s.converged.detach().reshape(-1).float())
-        status = str(getattr(s.status, "value", s.status))
+        status = SolverStatus(s.status).value
         counts[status] = counts.get(status, 0) + 1
     res = torch.cat(residuals) if residuals else None
     conv = torch.cat(converged) if converged else None

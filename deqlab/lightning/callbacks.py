@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
-from deqlab.lightning._stats import StepRecord, as_solution_list
+from deqlab.lightning._stats import StepRecord, split_forward_output
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,9 @@ class ConvergenceFigure(pl.Callback):
 
     Why a fixed batch: curves from different epochs are then comparable, so one can watch training make
     the fixed point easier (or harder) to find. The curve comes from ``solution.solver_result.trace``;
-    solvers that do not record a trace get no figure (logged once at INFO level).
+    solvers that do not record a trace get no figure (logged once at INFO level). The model's forward
+    must follow the module's contract (``(output, solution)``); the same ``TypeError`` as in the steps
+    says so otherwise.
 
     [`DEQLightningModule`][deqlab.lightning.DEQLightningModule] adds one with the defaults when ``log_figures=True``;
     give one to the Trainer to change them. Drawing costs one extra forward of the fixed batch per drawn
@@ -192,16 +194,16 @@ class ConvergenceFigure(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad():
-                _, solution = pl_module(self._batch.to(pl_module.device))
+            with torch.no_grad():  # the forward contract checked as in the steps
+                _, solutions = split_forward_output(pl_module(self._batch.to(pl_module.device)),
+                                                    owner=type(pl_module).__name__)
         finally:
             pl_module.train(was_training)
-        solutions = as_solution_list(solution)
         if not solutions:
             return
         first = solutions[0]
         step = trainer.global_step
-        trace = getattr(getattr(first, "solver_result", None), "trace", None)
+        trace = None if first.solver_result is None else first.solver_result.trace  # None in fixed-depth mode
         if trace is not None:
             fig = convergence_figure(trace, title=f"epoch {trainer.current_epoch}: NFE {first.nfe}, {first.status}")
             for w in writers:

@@ -1,21 +1,29 @@
 """``DEQTrainingConfig``: the one definition of the training settings of [`DEQLightningModule`][deqlab.lightning.DEQLightningModule].
 
 Why a dataclass: the fields, their types, their defaults and their documentation are written once, here.
-``DEQLightningModule(training=DEQTrainingConfig(lr=3e-3))`` takes it as a typed object (LightningCLI
-configs write it as a nested ``training:`` block, type-checked key by key), and the flat keywords
-``DEQLightningModule(lr=3e-3)`` are checked against the same fields (`DEQTrainingConfig.build`),
-so an unknown or misspelt name raises instead of being ignored.
+``DEQLightningModule(training=DEQTrainingConfig(lr=3e-3))`` takes it as a complete typed object; a
+mapping of *some* fields (``training={"lr": 3e-3}``, or a LightningCLI config's nested ``training:``
+block, type-checked key by key through ``DEQTrainingSettings``) and the flat keywords
+``DEQLightningModule(lr=3e-3)`` are applied over the model's own defaults (``default_training``) and
+checked against the same fields (`DEQTrainingConfig.build`), so an unknown or misspelt name raises
+instead of being ignored.
+
+Lightning-free: this module imports only torch, so the paper settings of `deqlab.models` can name the
+fields without importing Lightning.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
 
+from typing_extensions import TypedDict
+
 from deqlab.lightning._optim import OptimizerName, SchedulerName
 
-__all__ = ["DEQTrainingConfig", "NonFinitePolicy"]
+__all__ = ["DEQTrainingConfig", "DEQTrainingSettings", "NonFinitePolicy", "TrainingArg"]
 
 NonFinitePolicy = Literal["skip", "raise"]
 
@@ -27,8 +35,10 @@ class DEQTrainingConfig:
     Frozen, so one config can be shared by several models and stored in a checkpoint without being changed
     behind their back; derive a variant with `build` (or ``dataclasses.replace``). Numbers are
     normalised on construction (floats for rates and weights, tuples for ``betas`` / ``step_milestones``).
-    The defaults are the paper's v1 protocol where it has one; the zoo models override some of them
-    (``deqlab.zoo.MNIST_TRAINING``, ``deqlab.zoo.DIGITS_TRAINING``).
+    The defaults are the paper's v1 protocol where it has one; a model class starts from its own
+    ``default_training`` (the zoo's ``MNISTDenseDEQ.default_training`` is ``deqlab.zoo.MNIST_TRAINING``,
+    ``DigitsDEQ.default_training`` is ``deqlab.zoo.DIGITS_TRAINING``), and a partial ``training``
+    mapping changes only the fields it names.
 
     Attributes:
         num_classes: classes of the task; enables top-1 accuracy (and top-5 when > 10). ``None`` for
@@ -151,21 +161,49 @@ class DEQTrainingConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def build(cls, base: Union["DEQTrainingConfig", Mapping[str, Any], None] = None,
+    def build(cls, base: "TrainingArg" = None, *, defaults: Optional["DEQTrainingConfig"] = None,
               **overrides: Any) -> "DEQTrainingConfig":
-        """``base`` (default: all defaults) with the flat keyword ``overrides`` applied.
+        """The effective settings: ``base`` over ``defaults``, then the flat keyword ``overrides``.
 
-        ``base`` may also be a mapping of field names (how checkpoints store it). Raises ``TypeError``
-        naming every keyword that is not a field (a misspelt setting must not be silently ignored) and
-        when ``base`` is neither a ``DEQTrainingConfig`` nor a mapping.
+        A ``DEQTrainingConfig`` ``base`` is complete and used as given. A mapping ``base`` (a config
+        file's ``training:`` block, a checkpoint's stored settings) names only the fields it changes:
+        the others keep ``defaults``, so ``training: {lr: 0.01}`` on a zoo model keeps that model's
+        weight decay. ``None`` means ``defaults``.
+
+        Args:
+            base: a complete config, a mapping of some field names, or ``None``. Default ``None``.
+            defaults: what a mapping (or ``None``) is applied over. Default ``None``: the field defaults
+                of this class. Keyword-only; [`DEQLightningModule`][deqlab.lightning.DEQLightningModule] passes its
+                class's ``default_training``.
+            **overrides: single fields applied last (``lr=3e-3``).
+
+        Returns:
+            The merged, validated config (``base`` itself when there is nothing to apply).
+
+        Raises:
+            TypeError: naming every key of ``base`` or ``overrides`` that is not a field (a misspelt
+                setting must not be silently ignored), or when ``base`` is neither a
+                ``DEQTrainingConfig``, a mapping nor ``None``.
+            ValueError: when the merged settings are invalid (see the class).
+
+        Examples:
+            >>> from deqlab.lightning import DEQTrainingConfig
+            >>> mine = DEQTrainingConfig(lr=3e-3, weight_decay=1e-5)
+            >>> DEQTrainingConfig.build({"lr": 0.01}, defaults=mine).weight_decay  # a mapping is partial
+            1e-05
+            >>> DEQTrainingConfig.build(DEQTrainingConfig(lr=0.01), defaults=mine).weight_decay  # an object is not
+            0.0
         """
+        if defaults is None:
+            defaults = cls()
         if base is None:
-            base = cls()
-        elif isinstance(base, Mapping) and not isinstance(base, cls):
+            base = defaults
+        elif isinstance(base, Mapping):
             cls._check_names(base, "training")
-            base = cls(**dict(base))
+            base = dataclasses.replace(defaults, **dict(base))
         if not isinstance(base, cls):
-            raise TypeError(f"training must be a {cls.__name__}, got {type(base).__name__}: {base!r}")
+            raise TypeError(f"training must be a {cls.__name__} or a mapping of its fields, got "
+                            f"{type(base).__name__}: {base!r}")
         cls._check_names(overrides, "training setting")
         return dataclasses.replace(base, **overrides) if overrides else base
 
@@ -208,3 +246,24 @@ class DEQTrainingConfig:
             out[f"extra_loss_weight/{name}"] = w
         return out
 
+
+
+def _settings_type() -> Any:
+    hints = typing.get_type_hints(DEQTrainingConfig)
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(DEQTrainingConfig)}
+    return TypedDict("DEQTrainingSettings", fields, total=False)  # type: ignore[operator]
+
+
+#: Some fields of [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig], by name, each optional and typed as the field
+#: (generated from the dataclass, so the names and types are written once). It is the type of a partial
+#: ``training`` block: LightningCLI checks every key and value of ``training: {lr: 0.01}`` against it
+#: and passes the block on as a mapping, which the model applies over its ``default_training``.
+DEQTrainingSettings = _settings_type()
+DEQTrainingSettings.__module__ = __name__
+DEQTrainingSettings.__doc__ = (
+    "Some DEQTrainingConfig fields by name, each optional and typed as the field: a partial training block "
+    "(``{'lr': 0.01}``) that a model applies over its ``default_training``.")
+
+#: What a ``training=`` argument accepts: a partial mapping (tried first, so a config block stays
+#: partial), a complete [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig], or ``None`` (the model's defaults).
+TrainingArg = Union[DEQTrainingSettings, DEQTrainingConfig, None]

@@ -16,8 +16,9 @@ import inspect
 import logging
 import time
 import warnings
+import weakref
 from functools import partial
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -29,10 +30,10 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from deqlab.lightning._optim import build_optimizer, build_scheduler
-from deqlab.lightning._stats import STATUSES, SolutionSummary, StepRecord, as_solution_list, summarize
+from deqlab.lightning._stats import STATUSES, SolutionSummary, StepRecord, split_forward_output, summarize
 from deqlab.lightning._timing import PhaseTimer
 from deqlab.lightning.checkpoint import check_checkpoint_file, damage_reported_by_name, restore_rng_state, rng_state
-from deqlab.lightning.config import DEQTrainingConfig
+from deqlab.lightning.config import DEQTrainingConfig, TrainingArg
 from deqlab.nn.protocols import DEQLayer
 from deqlab.nn.solution import DeepEquilibriumSolution
 
@@ -51,6 +52,9 @@ HPARAM_METRICS: Tuple[str, ...] = ("hp/val_accuracy", "hp/val_loss", "hp/val_nfe
 
 #: Key of deqlab's own entries in a Lightning checkpoint (RNG states, skipped-batch count).
 CHECKPOINT_KEY = "deqlab"
+
+#: Strategies whose ``load_checkpoint`` already checks the file first (see ``DEQLightningModule.setup``).
+_CHECKED_STRATEGIES: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 class NonFiniteBatchWarning(UserWarning):
@@ -91,9 +95,15 @@ RESERVED_LOSS_NAMES = frozenset({
 
 
 def find_deq_layers(module: nn.Module) -> List[nn.Module]:
-    """Every submodule (not ``module`` itself) that implements the [`deqlab.nn.DEQLayer`][deqlab.nn.DEQLayer] protocol:
-    a ``fixed_depth`` attribute and a ``fixed_depth_mode(depth)`` context manager. deqlab's layers and any
-    researcher's layer with those two members are found and driven the same way.
+    """The outermost submodules (not ``module`` itself) that implement the [`deqlab.nn.DEQLayer`][deqlab.nn.DEQLayer]
+    protocol: a settable ``fixed_depth``, a ``fixed_depth_mode(depth)`` context manager and a
+    ``jacobian_regularization`` flag. deqlab's layers and any researcher's layer with those members are
+    found and driven the same way.
+
+    Why outermost only: a layer that wraps another DEQ layer owns it. Its ``fixed_depth_mode`` drives the
+    inner layer and its ``jacobian_regularization`` reports the inner term, so driving both would switch
+    the inner layer twice and check a flag the wrapper already answers for. The search does not descend
+    into a DEQ layer.
 
     The module uses this to run the pretraining schedule and the Jacobian-setting check; it is public so
     that a script can do the same to a plain ``nn.Module``.
@@ -102,8 +112,8 @@ def find_deq_layers(module: nn.Module) -> List[nn.Module]:
         module: the network to search (any ``nn.Module``; a DEQ layer nested at any depth is found).
 
     Returns:
-        The DEQ layers in ``module.modules()`` order (registration order, depth first); an empty list
-            for a network without one.
+        The DEQ layers in ``module.modules()`` order (registration order, depth first), none of them
+            inside another; an empty list for a network without one.
 
     Examples:
         >>> from deqlab.lightning import find_deq_layers
@@ -114,7 +124,18 @@ def find_deq_layers(module: nn.Module) -> List[nn.Module]:
         >>> find_deq_layers(torch.nn.Linear(2, 2))
         []
     """
-    return [m for m in module.modules() if m is not module and isinstance(m, DEQLayer)]
+    found: List[nn.Module] = []
+
+    def visit(parent: nn.Module) -> None:
+        for child in parent.children():
+            if isinstance(child, DEQLayer):
+                if all(child is not m for m in found):  # a layer registered twice is one layer
+                    found.append(child)
+            else:
+                visit(child)
+
+    visit(module)
+    return found
 
 
 class DEQLightningModule(pl.LightningModule):
@@ -129,10 +150,17 @@ class DEQLightningModule(pl.LightningModule):
     * optionally implement ``explicit_forward(x) -> output`` (the u0-only prediction of Skip models),
       ``task_loss(output, target)`` (cross-entropy by default) and ``extra_losses(...)`` (own loss terms).
 
+    Class attributes:
+        default_training: the settings this class starts from (a [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig]; here all
+            its field defaults). A subclass sets its own once (the zoo's ``DigitsDEQ.default_training``);
+            a partial ``training`` and the flat keywords are applied over it.
+
     Args:
-        training: the training settings as one typed object (see [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] for every
-            field, its default and its meaning); ``None`` (default): all defaults. Keyword-only, so a
-            subclass's own positional arguments never collide with it.
+        training: the training settings (see [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] for every field, its
+            default and its meaning): a mapping of *some* fields (``{"lr": 0.01}``, or a config file's
+            ``training:`` block) changes only those over ``default_training``; a complete
+            ``DEQTrainingConfig`` is used as given; ``None`` (default): ``default_training``. Keyword-only,
+            so a subclass's own positional arguments never collide with it.
         **overrides: the same settings as flat keywords (``lr=3e-3, scheduler="none"``), applied on top of
             ``training`` (so one field can be changed without restating the rest). A name that is not a
             field of [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] raises ``TypeError``.
@@ -169,10 +197,12 @@ class DEQLightningModule(pl.LightningModule):
         ``pl.Trainer(max_epochs=1).fit(model, datamodule)`` then trains it with the logging described above.
     """
 
-    def __init__(self, *, training: Optional[DEQTrainingConfig] = None, **overrides: Any) -> None:
+    default_training: ClassVar[DEQTrainingConfig] = DEQTrainingConfig()
+
+    def __init__(self, *, training: TrainingArg = None, **overrides: Any) -> None:
         super().__init__()
         self._save_constructor_hparams()
-        self.deq_config = DEQTrainingConfig.build(training, **overrides)
+        self.deq_config = DEQTrainingConfig.build(training, defaults=self.default_training, **overrides)
         num_classes = self.deq_config.num_classes
         self.metrics = nn.ModuleDict()
         if num_classes is not None:
@@ -293,7 +323,8 @@ class DEQLightningModule(pl.LightningModule):
         if depth and not layers:
             raise RuntimeError(
                 f"pretrain_steps={self.deq_config.pretrain_steps} but {type(self).__name__} has no DEQ layer "
-                "(no submodule implementing deqlab.nn.DEQLayer: fixed_depth + fixed_depth_mode); set pretrain_steps=0"
+                "(no submodule implementing deqlab.nn.DEQLayer: fixed_depth, fixed_depth_mode and "
+                "jacobian_regularization); set pretrain_steps=0"
             )
         for layer in layers:
             layer.fixed_depth = int(depth)
@@ -321,17 +352,9 @@ class DEQLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ shared step
     def _forward_checked(self, x: Tensor) -> Tuple[Tensor, List[DeepEquilibriumSolution]]:
-        """``self(x)`` with the contract checked: ``(output, solution)``, solution a record, list or None."""
-        result = self(x)
-        if not (isinstance(result, (tuple, list)) and len(result) == 2):
-            got = f"a tuple of {len(result)}" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}"
-            raise TypeError(
-                f"{type(self).__name__}.forward(x) must return a pair (output, solution): the model output and "
-                "the DEQ layer's DeepEquilibriumSolution (a list of them for several DEQ layers, None for a model "
-                f"without one), e.g. `z, solution = self.deq(h); return self.head(z), solution`; got {got}"
-            )
-        output, solution = result
-        return output, as_solution_list(solution, owner=type(self).__name__)
+        """``self(x)`` with the contract checked: ``(output, solution)``, solution a record, list or None.
+        Every caller of the forward (the steps, ``predict_step``, the figure callback) goes through here."""
+        return split_forward_output(self(x), owner=type(self).__name__)
 
     def _extra_terms(self, batch: Any, output: Tensor, solutions: List[DeepEquilibriumSolution],
                      stage: str) -> Dict[str, Tuple[Tensor, float]]:
@@ -488,8 +511,14 @@ class DEQLightningModule(pl.LightningModule):
         return self._shared_step(batch, "test", batch_idx)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x)[0]
+        """The model output for a batch of inputs (``x``, ``(x, ...)`` or ``{"x": ...}``), the forward
+        contract checked as in training (a logits-only ``forward`` raises instead of returning row 0)."""
+        if isinstance(batch, dict):
+            x = batch["x"]
+        else:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        output, _ = self._forward_checked(x)
+        return output
 
     # ------------------------------------------------------------------ training hooks
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -749,7 +778,7 @@ class DEQLightningModule(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         acc = self.metrics["val_accuracy"] if "val_accuracy" in self.metrics else None
-        if acc is not None and getattr(acc, "update_count", getattr(acc, "_update_count", 0)) > 0:
+        if acc is not None and acc.update_count > 0:
             self.log("hp/val_accuracy", acc.compute(), on_step=False, on_epoch=True)
 
     def on_test_epoch_start(self) -> None:
@@ -764,7 +793,7 @@ class DEQLightningModule(pl.LightningModule):
         failed read by name (`damage_reported_by_name`): a truncated, empty or corrupted ``ckpt_path`` is
         reported by name as damaged."""
         strategy = self.trainer.strategy
-        if not getattr(strategy, "_deqlab_checks_checkpoints", False):
+        if strategy not in _CHECKED_STRATEGIES:
             load = strategy.load_checkpoint
 
             def checked_load(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -773,7 +802,7 @@ class DEQLightningModule(pl.LightningModule):
                     return load(checkpoint_path, *args, **kwargs)
 
             strategy.load_checkpoint = checked_load  # type: ignore[method-assign]
-            strategy._deqlab_checks_checkpoints = True
+            _CHECKED_STRATEGIES.add(strategy)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -812,7 +841,7 @@ class DEQLightningModule(pl.LightningModule):
         if weight <= 0:
             return
         layers = self.deq_layers()
-        if not any(bool(getattr(layer, "jacobian_regularization", False)) for layer in layers):
+        if not any(layer.jacobian_regularization for layer in layers):
             raise ValueError(
                 f"jacobian_loss_weight={weight} but no DEQ layer of {type(self).__name__} computes the Jacobian term "
                 f"({len(layers)} DEQ layer(s), none built with jacobian_regularization=True), so the term would "

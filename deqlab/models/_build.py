@@ -1,8 +1,9 @@
-"""Solver, adjoint and DEQ-layer construction shared by every paper model.
+"""Solver, adjoint and DEQ-layer construction shared by every paper model and by the zoo.
 
 Why one place: each experiment names a model type (``vanilla`` / ``skip`` / ``skip_reg`` / ``neural_ode``)
-and a solver kind (``continuous`` / ``discrete``); turning those names into deqlab layers is the same code
-for the dense MNIST model and for every multiscale network, so it lives here once.
+and a solver (a kind, ``continuous`` / ``discrete``, or a solver name); turning those names into deqlab
+objects is the same code for the dense MNIST model, every multiscale network and the Lightning zoo
+(``deqlab.zoo.build_solver`` and ``deqlab.zoo.build_backward`` are these functions), so it lives here once.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 from torch import Tensor, nn
 
 from deqlab.nn import (
+    BackwardMode,
     DeepEquilibriumNetwork,
     ImplicitBackward,
     MultiScaleDeepEquilibriumNetwork,
@@ -19,14 +21,25 @@ from deqlab.nn import (
     SkipDeepEquilibriumNetwork,
 )
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
+from deqlab.solvers._checks import renamed
+from deqlab.solvers.protocols import Solver
 
-__all__ = ["MODEL_TYPES", "SOLVER_KINDS", "ModelType", "SolverKind", "make_solver", "make_backward",
-           "check_choice", "PaperNetwork"]
+__all__ = ["MODEL_TYPES", "SOLVER_KINDS", "ModelType", "SolverKind", "build_solver", "build_backward",
+           "make_solver", "make_backward", "check_choice", "PaperNetwork"]
 
 ModelType = Literal["vanilla", "skip", "skip_reg", "neural_ode"]
 SolverKind = Literal["continuous", "discrete"]
 MODEL_TYPES = ("vanilla", "skip", "skip_reg", "neural_ode")
 SOLVER_KINDS = ("continuous", "discrete")
+
+SolverName = Literal["lbroyden", "broyden", "anderson", "fixed_point", "newton_krylov", "tsit5"]
+BackwardName = Literal["gmres", "anderson", "fixed_point", "broyden", "lbroyden"]
+TerminationModeName = Literal[
+    "abs", "abs_norm", "rel", "rel_norm", "norm",
+    "abs_deq_default", "rel_deq_default", "abs_deq_best", "rel_deq_best",
+]
+#: the paper's termination tolerance (abs = rel) of every experiment's forward solve
+PAPER_TOL = 5e-3
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -52,10 +65,114 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def build_solver(
+    name: SolverName,
+    *,
+    mode: TerminationModeName = "rel_deq_default",
+    abstol_termination: Optional[float] = None,
+    reltol_termination: Optional[float] = None,
+    ode_abstol: Optional[float] = None,
+    ode_reltol: Optional[float] = None,
+    max_steps: int = 50,
+    abstol: Optional[float] = None,
+    reltol: Optional[float] = None,
+) -> Solver:
+    """A deqlab solver from a name (the string shorthand of the zoo's ``solver`` argument): ``tsit5`` →
+    ``ContinuousDEQSolver`` (integrate to the steady state), anything else → ``DiscreteDEQSolver(name)``.
+    The defaults are the paper's (5e-3, 50 steps).
+
+    Two tolerances are named apart: the *termination* tolerances (how close to the fixed point the solve
+    stops, every solver) and the *ODE step* tolerances (how accurately ``tsit5`` follows the flow). The
+    ODE ones default to the termination ones, so the integration is as accurate as the stopping test, as in
+    the paper-era code.
+
+    Args:
+        name: ``lbroyden``, ``broyden``, ``anderson``, ``fixed_point``, ``newton_krylov`` (discrete
+            solvers) or ``tsit5`` (the continuous DEQ). No default: the zoo models pass theirs
+            (``lbroyden``).
+        mode: termination mode of the solve (see `deqlab.solvers.termination`). Default
+            ``rel_deq_default``, the paper's: stop when ``||f(z) - z|| / ||f(z)||`` is below
+            ``reltol_termination`` (or, after a patience window, stalls near it).
+        abstol_termination: absolute termination tolerance. ``None`` (default): 5e-3, the paper's.
+        reltol_termination: relative termination tolerance. ``None`` (default): 5e-3, the paper's.
+        ode_abstol: ``tsit5`` only: the ODE stepper's absolute local error tolerance. ``None`` (default):
+            ``abstol_termination``.
+        ode_reltol: ``tsit5`` only: the ODE stepper's relative local error tolerance. ``None`` (default):
+            ``reltol_termination``.
+        max_steps: iteration budget (solver steps; stepper calls, accepted or rejected, for ``tsit5``).
+            Default 50, the paper's MNIST budget.
+        abstol: old name of ``abstol_termination`` (for ``tsit5`` it also set the ODE step tolerance, as
+            ``abstol_termination`` still does by default); default ``None`` (not given).
+        reltol: old name of ``reltol_termination``; default ``None`` (not given).
+
+    Returns:
+        A ``ContinuousDEQSolver`` for ``tsit5``, else a ``DiscreteDEQSolver``; pass it as a layer's or
+            a zoo model's ``solver``.
+
+    Raises:
+        ValueError: from the solver for an unknown ``name`` or ``mode``; when a tolerance is given under
+            both its names; when an ODE tolerance is given for a discrete solver (it has no ODE).
+
+    Examples:
+        >>> from deqlab.zoo import build_solver
+        >>> build_solver("anderson", max_steps=20)
+        DiscreteDEQSolver(Anderson(...), mode='rel_deq_default', abstol_termination=0.005, reltol_termination=0.005, ..., max_steps=20)
+        >>> s = build_solver("tsit5", reltol_termination=1e-2, ode_reltol=1e-4)
+        >>> s.termination.reltol, s.ode_reltol, s.ode_abstol
+        (0.01, 0.0001, 0.005)
+    """
+    owner = "build_solver"
+    atol = renamed(owner, "abstol_termination", abstol_termination, "abstol", abstol, PAPER_TOL)
+    rtol = renamed(owner, "reltol_termination", reltol_termination, "reltol", reltol, PAPER_TOL)
+    if name == "tsit5":
+        return ContinuousDEQSolver(
+            "tsit5", mode=mode, abstol_termination=atol, reltol_termination=rtol, max_steps=max_steps,
+            ode_abstol=atol if ode_abstol is None else ode_abstol,
+            ode_reltol=rtol if ode_reltol is None else ode_reltol,
+        )
+    given = [k for k, v in (("ode_abstol", ode_abstol), ("ode_reltol", ode_reltol)) if v is not None]
+    if given:
+        raise ValueError(f"{owner}: {', '.join(given)} set the ODE stepper of 'tsit5'; the discrete solver {name!r} "
+                         "has none: drop it, or use abstol_termination / reltol_termination")
+    return DiscreteDEQSolver(name, mode=mode, abstol_termination=atol, reltol_termination=rtol, max_steps=max_steps)
+
+
+def build_backward(name: BackwardName = "gmres", *, tol: Optional[float] = None,
+                   max_steps: Optional[int] = None) -> BackwardMode:
+    """The implicit backward with adjoint solver ``name``: [`deqlab.nn.ImplicitBackward`][deqlab.nn.ImplicitBackward]'s own default
+    budget (the paper's protocol: tolerance = the forward solver's termination tolerance, at most 15
+    VJPs), so a zoo model and a hand-built layer differentiate alike; ``tol``/``max_steps`` override it.
+
+    Args:
+        name: the adjoint solver: ``gmres``, ``anderson``, ``fixed_point``, ``broyden`` or ``lbroyden``.
+            Default ``gmres``, the paper's adjoint solver (the adjoint system is linear, GMRES's home).
+        tol: adjoint tolerance. Default ``None``: ``ImplicitBackward``'s default, the forward solver's
+            termination tolerance (a gradient more accurate than the fixed point is wasted work).
+        max_steps: VJP budget of the adjoint solve. Default ``None``: ``ImplicitBackward``'s default (15).
+
+    Returns:
+        The backward mode, an [`ImplicitBackward`][deqlab.nn.ImplicitBackward]; pass it as a layer's or a zoo
+            model's ``backward``.
+
+    Raises:
+        ValueError: from ``ImplicitBackward`` for an unknown ``name`` or an invalid budget.
+
+    Examples:
+        >>> from deqlab.zoo import build_backward
+        >>> build_backward()
+        ImplicitBackward(solver='gmres', tol=None, max_steps=15, ...)
+        >>> build_backward("anderson", tol=1e-4).tol
+        0.0001
+    """
+    budget = {k: v for k, v in (("tol", tol), ("max_steps", max_steps)) if v is not None}
+    return ImplicitBackward(name, **budget)
+
+
 def make_solver(kind: SolverKind, *, mode: str, tol: float, max_steps: int) -> Any:
-    """The forward solver: ``continuous`` integrates ``du/dt = f(u, x) − u`` to the steady state with Tsit5
-    (the ODE step tolerances equal the termination tolerance, as in the paper-era code); ``discrete`` is
-    limited-memory Broyden. Both stop by the termination ``mode`` with abs = rel tolerance ``tol``.
+    """The forward solver of a solver *kind* ([`build_solver`][deqlab.zoo.build_solver] by name): ``continuous``
+    integrates ``du/dt = f(u, x) − u`` to the steady state with Tsit5 (the ODE step tolerances equal the
+    termination tolerance, as in the paper-era code); ``discrete`` is limited-memory Broyden. Both stop by
+    the termination ``mode`` with abs = rel tolerance ``tol``.
 
     Args:
         kind: ``continuous`` or ``discrete``.
@@ -75,15 +192,13 @@ def make_solver(kind: SolverKind, *, mode: str, tol: float, max_steps: int) -> A
         DiscreteDEQSolver(LimitedMemoryBroyden(...), mode='rel_norm', abstol_termination=0.01, reltol_termination=0.01, ..., max_steps=20)
     """
     check_choice("solver", kind, SOLVER_KINDS)
-    if kind == "continuous":
-        return ContinuousDEQSolver("tsit5", mode=mode, abstol=tol, reltol=tol, abstol_termination=tol,
-                                   reltol_termination=tol, max_steps=max_steps)
-    return DiscreteDEQSolver("lbroyden", mode=mode, abstol_termination=tol, reltol_termination=tol,
-                             max_steps=max_steps)
+    return build_solver("tsit5" if kind == "continuous" else "lbroyden", mode=mode,  # type: ignore[arg-type]
+                        abstol_termination=tol, reltol_termination=tol, max_steps=max_steps)
 
 
-def make_backward(tol: float, max_steps: int) -> ImplicitBackward:
-    """The paper's adjoint: GMRES on ``(I − Jᵀ) g = dL/dz*`` with the forward tolerance and a VJP budget.
+def make_backward(tol: float, max_steps: int) -> BackwardMode:
+    """The paper's adjoint ([`build_backward`][deqlab.zoo.build_backward] with GMRES): ``(I − Jᵀ) g = dL/dz*`` with the
+    forward tolerance and a VJP budget.
 
     Args:
         tol: GMRES tolerance (the forward's: a more accurate gradient than fixed point is wasted work).
@@ -97,14 +212,15 @@ def make_backward(tol: float, max_steps: int) -> ImplicitBackward:
         >>> make_backward(5e-2, 20)
         ImplicitBackward(solver='gmres', tol=0.05, max_steps=20, ...)
     """
-    return ImplicitBackward("gmres", tol=tol, max_steps=max_steps)
+    return build_backward("gmres", tol=tol, max_steps=max_steps)
 
 
 def make_deq(model_type: ModelType, model: nn.Module, solver: Any, *, shortcut: Optional[nn.Module],
-             backward: ImplicitBackward, jac_reg: bool, detach_skip_target: Optional[bool] = None) -> nn.Module:
-    """A single-state DEQ layer for ``vanilla`` / ``skip`` / ``skip_reg``. ``detach_skip_target=None`` keeps
-    the layer's default: a detached target for ``skip``, the coupled loss for ``skip_reg``
-    ([`deqlab.nn.MapGuess`][deqlab.nn.MapGuess] says why)."""
+             backward: Optional[BackwardMode], jac_reg: bool, detach_skip_target: Optional[bool] = None) -> nn.Module:
+    """A single-state DEQ layer for ``vanilla`` / ``skip`` / ``skip_reg`` (``shortcut`` is used by ``skip``
+    only; ``backward=None`` is the layer's default). ``detach_skip_target=None`` keeps the layer's default:
+    a detached target for ``skip``, the coupled loss for ``skip_reg`` ([`deqlab.nn.MapGuess`][deqlab.nn.MapGuess] says why)."""
+    check_choice("model_type", model_type, ("vanilla", "skip", "skip_reg"))
     kwargs = dict(backward=backward, jacobian_regularization=jac_reg)
     if model_type == "vanilla":
         return DeepEquilibriumNetwork(model, solver, **kwargs)
@@ -114,7 +230,7 @@ def make_deq(model_type: ModelType, model: nn.Module, solver: Any, *, shortcut: 
 
 def make_multiscale(model_type: ModelType, main: Sequence[nn.Module], mapping: Sequence[Sequence[Optional[nn.Module]]],
                     post_fuse: Optional[Sequence[Optional[nn.Module]]], solver: Any, scales: Sequence[Sequence[int]],
-                    *, shortcut: Union[None, nn.Module, Sequence[nn.Module]], backward: ImplicitBackward,
+                    *, shortcut: Union[None, nn.Module, Sequence[nn.Module]], backward: BackwardMode,
                     jac_reg: bool, ode_tol: float, detach_skip_target: Optional[bool] = None) -> nn.Module:
     """A multiscale layer for any model type (``neural_ode``: the same map on ``t ∈ [0, 1]``)."""
     if model_type == "neural_ode":

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from deqlab.lightning.config import DEQTrainingConfig  # Lightning-free: the dataclass alone
 from deqlab.models._build import MODEL_TYPES, SOLVER_KINDS, check_choice
 
 __all__ = ["paper_settings", "TRAINING_KEYS"]
 
-#: keys of [`paper_settings`][deqlab.models.paper_settings] that are ``DEQLightningModule`` keyword arguments.
-TRAINING_KEYS = frozenset({
-    "num_classes", "optimizer", "lr", "weight_decay", "betas", "momentum", "nesterov", "scheduler", "eta_min",
-    "step_milestones", "step_gamma", "skip_loss_weight", "jacobian_loss_weight", "pretrain_steps",
-    "pretrain_depth",
-})
+#: The names that are training settings: the fields of
+#: [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] (read from the dataclass, so a renamed field cannot drift apart from
+#: this set). Keys of [`paper_settings`][deqlab.models.paper_settings] in it are ``DEQLightningModule`` keyword arguments; the
+#: others are run defaults.
+TRAINING_KEYS = frozenset(DEQTrainingConfig.field_names())
 
 SEEDS = (6171, 3859, 2961)
 MNIST_NORM = ((0.1307,), (0.3081,))

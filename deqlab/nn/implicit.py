@@ -398,8 +398,11 @@ class BackwardMode:
     """How a DEQ layer turns ``dL/dz*`` into ``dL/dx`` and ``dL/dθ``.
 
     Subclass and implement `gradients`; pass an instance as ``backward=`` to a DEQ layer.
-    ``warn_unconverged``: ``None`` follows the layer's ``on_unconverged`` policy for a result with
-    ``converged=False``; ``True``/``False`` always / never warn.
+
+    Attributes:
+        warn_unconverged: what a result with ``converged=False`` does. ``None`` (the class default)
+            follows the layer's ``on_unconverged`` policy; ``True``/``False`` always / never warn. Declared
+            here so every backward mode has it and the layer reads it as a plain attribute.
 
     Example:
         A toy mode written against the public problem type: JFB with the gradient doubled (for

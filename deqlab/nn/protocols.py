@@ -26,6 +26,14 @@ class DEQLayer(Protocol):
         fixed_depth: ``0`` solves for the fixed point; ``d > 0`` runs ``d`` unrolled applications of
             the map with ordinary backprop (the paper's pretraining). Settable.
         fixed_depth_mode(depth): a context manager that sets ``fixed_depth`` and restores it on exit.
+        jacobian_regularization: whether the forward computes the Hutchinson Jacobian term
+            (``solution.jacobian_loss``). Read-only for the trainer: ``jacobian_loss_weight > 0`` on a
+            model none of whose layers says ``True`` stops ``fit`` (the term would silently be 0).
+
+    The record of a solve comes back from ``forward`` (``z_star, solution = layer(x)``), not as a member:
+    a member would hold the last batch's record (and its graph) after the step, and would be shared by
+    every call of a layer used twice in one forward. A layer that wraps another DEQ layer is one DEQ layer
+    to the trainer: it drives the inner one from its own ``fixed_depth_mode`` and reports its flag.
 
     It is a structural type: check a module against it with ``isinstance``; nothing needs to inherit from it.
 
@@ -46,6 +54,7 @@ class DEQLayer(Protocol):
     """
 
     fixed_depth: int
+    jacobian_regularization: bool
 
     def fixed_depth_mode(self, depth: int) -> ContextManager:
         """A context manager that runs the layer as ``depth`` unrolled applications of its map, then

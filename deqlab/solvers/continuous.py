@@ -21,7 +21,7 @@ from typing import Callable, Dict, Literal, Optional, Tuple
 import torch
 from torch import Tensor
 
-from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number
+from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number, renamed
 from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
                                     prepare)
 from deqlab.state import State
@@ -44,15 +44,6 @@ def _stepper(name: str, dtype: torch.dtype):
     from torchdyn.numerics.solvers import ode
 
     return getattr(ode, _METHODS[name][0])(dtype=dtype)
-
-
-def _alias(name: str, value: Optional[float], old: str, old_value: Optional[float], default: float) -> float:
-    """``value`` under its new ``name`` or its old name ``old``; both at once is ambiguous and raises."""
-    if value is not None and old_value is not None:
-        raise ValueError(f"ContinuousDEQSolver: {old}= is the old name of {name}=; pass only {name}=")
-    if value is not None:
-        return value
-    return default if old_value is None else old_value
 
 
 class ContinuousDEQSolver:
@@ -165,8 +156,8 @@ class ContinuousDEQSolver:
         if ode_solver not in _METHODS:
             raise ValueError(f"unknown ode_solver {ode_solver!r}; valid: {', '.join(_METHODS)}")
         self.ode_solver = ode_solver
-        self.ode_abstol = _check_tol("ode_abstol", _alias("ode_abstol", ode_abstol, "abstol", abstol, 1e-3))
-        self.ode_reltol = _check_tol("ode_reltol", _alias("ode_reltol", ode_reltol, "reltol", reltol, 1e-3))
+        self.ode_abstol = _check_tol("ode_abstol", renamed(owner, "ode_abstol", ode_abstol, "abstol", abstol, 1e-3))
+        self.ode_reltol = _check_tol("ode_reltol", renamed(owner, "ode_reltol", ode_reltol, "reltol", reltol, 1e-3))
         if self.ode_abstol == 0 and self.ode_reltol == 0:
             raise ValueError("ode_abstol and ode_reltol cannot both be 0: the step-size controller needs a tolerance")
         self.termination: TerminationCondition = resolve_termination(

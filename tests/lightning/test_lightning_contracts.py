@@ -33,6 +33,8 @@ class _OnlyAnInt(nn.Module):
 class _ForeignLayer(nn.Module):
     """A researcher's own layer implementing the protocol (no deqlab base class)."""
 
+    jacobian_regularization = False
+
     def __init__(self):
         super().__init__()
         self.fixed_depth = 0
@@ -288,3 +290,108 @@ def test_deq_classifier_keeps_the_network_out_of_hparams_and_reloads_with_it(tmp
     assert loaded.deq_config == module.deq_config
     for (k, a), b in zip(module.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+# ---------------------------------------------------------------- audit follow-ups: protocol members, checked forward
+class _Wrapper(nn.Module):
+    """A researcher's layer wrapping a deqlab DEQ: one DEQ layer to the trainer, answering for the inner one."""
+
+    def __init__(self, jac: bool):
+        super().__init__()
+        self.inner = DeepEquilibriumNetwork(DenseDEQBlock(8), DiscreteDEQSolver("anderson", max_steps=20),
+                                            jacobian_regularization=jac)
+
+    @property
+    def fixed_depth(self):
+        return self.inner.fixed_depth
+
+    @fixed_depth.setter
+    def fixed_depth(self, depth):
+        self.inner.fixed_depth = depth
+
+    @property
+    def jacobian_regularization(self):
+        return self.inner.jacobian_regularization
+
+    def fixed_depth_mode(self, depth):
+        return self.inner.fixed_depth_mode(depth)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class _Wrapped(DEQLightningModule):
+    def __init__(self, jac: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.stem = nn.Linear(64, 8)
+        self.layer = _Wrapper(jac)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        z, solution = self.layer(self.stem(x.flatten(1)))
+        return self.head(z), solution
+
+
+def test_find_deq_layers_returns_the_outermost_layer_only():
+    model = _Wrapped()
+    assert find_deq_layers(model) == [model.layer]  # not also model.layer.inner: the wrapper drives it
+    model.set_fixed_depth(4)
+    assert model.layer.inner.fixed_depth == 4
+    model._solver_mode_for_eval()
+    assert model.layer.inner.fixed_depth == 0
+    model._restore_depths()
+    assert model.layer.inner.fixed_depth == 4
+
+
+def test_jacobian_regularization_is_a_protocol_member_read_from_the_layer():
+    from deqlab.nn import DEQLayer
+
+    class _NoFlag(nn.Module):
+        fixed_depth = 0
+
+        def fixed_depth_mode(self, depth):
+            return contextlib.nullcontext(self)
+
+    assert not isinstance(_NoFlag(), DEQLayer)  # the flag is part of the protocol
+    _Wrapped(jac=True, jacobian_loss_weight=1.0)._check_jacobian_setting()
+    with pytest.raises(ValueError, match="jacobian_regularization=True"):
+        _Wrapped(jac=False, jacobian_loss_weight=1.0)._check_jacobian_setting()
+
+
+def test_predict_step_checks_the_forward_contract_and_returns_the_output():
+    with pytest.raises(TypeError, match=r"must return a pair \(output, solution\)"):
+        _LogitsOnly(scheduler="none").predict_step((torch.randn(5, 64), torch.zeros(5)), 0)
+    model = DigitsDEQ(width=8, model_type="vanilla")
+    out = model.predict_step((torch.randn(5, 64), torch.zeros(5)), 0)
+    assert out.shape == (5, 10)
+    assert model.predict_step({"x": torch.randn(3, 64)}, 0).shape == (3, 10)
+    assert model.predict_step(torch.randn(2, 64), 0).shape == (2, 10)
+
+
+def test_the_convergence_figure_checks_the_forward_contract(tmp_path):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from deqlab.lightning import ConvergenceFigure
+
+    figure = ConvergenceFigure(num_samples=2)
+    figure._batch = torch.randn(2, 64)  # two rows: an unchecked `_, solution = logits` would unpack them
+    fake_trainer = SimpleNamespace(loggers=[TensorBoardLogger(tmp_path)], global_step=0, current_epoch=0)
+    with pytest.raises(TypeError, match=r"_LogitsOnly.forward\(x\) must return a pair"):
+        figure._draw(fake_trainer, _LogitsOnly(scheduler="none"))
+    figure._draw(fake_trainer, DigitsDEQ(width=8, model_type="vanilla"))  # a conforming model draws
+
+
+def test_deq_classifier_reads_explicit_forward_through_its_protocol():
+    from deqlab.models import build_model
+    from deqlab.zoo import DEQClassifier, ExplicitPredictor
+
+    class _Plain(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :10], None
+
+    assert DEQClassifier(_Plain()).explicit_forward(torch.randn(2, 64)) is None
+    net = build_model("mnist", "dense", width=8)
+    assert isinstance(net, ExplicitPredictor)
+    assert DEQClassifier(net).explicit_forward(torch.randn(2, 784)).shape == (2, 10)
