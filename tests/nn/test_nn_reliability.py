@@ -267,6 +267,85 @@ def test_per_solve_state_is_not_shared_between_threads():
     assert model.lin._cache is None  # nothing left behind in this thread
 
 
+class _SubclassedLinear(nn.Linear):
+    """A Linear with its own forward: WeightNorm cannot evaluate it functionally (the locked fallback)."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+_WRAPPED = {  # name -> (wrapped layer factory, shape of x and z without the batch)
+    "linear": (lambda: nn.Linear(12, 12), (12,)),
+    "conv2d": (lambda: nn.Conv2d(3, 3, 3, padding=1), (3, 4, 4)),
+    "fallback": (lambda: _SubclassedLinear(12, 12), (12,)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_WRAPPED))
+def test_weight_norm_and_dropout_under_concurrent_forward_backward(kind):
+    """Two threads hammer one DEQ whose map holds a WeightNorm (and a dropout) with different inputs. The
+    wrapped module is shared: WeightNorm used to set its weight as an attribute for each call and delete
+    it afterwards, so the other thread found no weight (AttributeError) about one call in ten. Every
+    result must now equal the sequential one; with dropout on, every solve must converge (its mask and
+    normalised weight are its own)."""
+    import sys
+
+    make, shape = _WRAPPED[kind]
+
+    class Map(nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.lin = WeightNorm(make())
+            self.drop = VariationalHiddenDropout(p, spatial=False)
+            self.inj = make()
+            with torch.no_grad():
+                self.lin.weight_g.mul_(0.3)
+
+        def forward(self, z, x):
+            return torch.tanh(self.drop(self.lin(z)) + self.inj(x))
+
+    torch.manual_seed(0)
+    solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-10, max_steps=100)
+    det = DEQ(Map(0.0).double(), solver)
+    xs = [torch.randn(3, *shape, dtype=torch.float64) for _ in range(2)]
+
+    def run(layer, x, loss):
+        x = x.clone().requires_grad_()
+        z, sol = layer(x)
+        loss(z).backward()
+        return z.detach(), x.grad, sol
+
+    want = [run(det, x, lambda z: z.pow(2).sum())[:2] for x in xs]
+    drop = DEQ(Map(0.3).double().train(), solver, on_unconverged="ignore")
+    problems = []
+
+    def worker(i, calls=40):
+        for _ in range(calls):
+            try:
+                z, g, _ = run(det, xs[i], lambda z: z.pow(2).sum())
+                if not (torch.allclose(z, want[i][0], rtol=0, atol=1e-10)
+                        and torch.allclose(g, want[i][1], rtol=1e-8, atol=1e-10)):
+                    problems.append("deterministic result differs from the sequential one")
+                _, g, sol = run(drop, xs[i], lambda z: z.sum())
+                if sol.status != "converged" or sol.backward_converged is not True or not torch.isfinite(g).all():
+                    problems.append(f"dropout solve {sol.status.value}, backward {sol.backward_converged}")
+            except Exception as err:  # noqa: BLE001 - collected and reported below
+                problems.append(f"{type(err).__name__}: {err}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not problems, (len(problems), sorted(set(problems))[:3])
+    assert not hasattr(det.model.lin.module, "weight")  # the wrapped module is left as it was
+
+
 def test_neural_ode_refuses_concurrent_use_with_a_clear_error():
     from test_nn_multiscale import SCALES, pieces
 
