@@ -266,7 +266,6 @@ class ContinuousDEQSolver:
                 new_norm = torch.linalg.vector_norm(du_new, dim=1)
                 grew = accept & (new_norm > du_norm)
                 dt = torch.where(grew, torch.minimum(dt, 0.5 * h), dt)
-                du_norm = torch.where(accept, new_norm, du_norm)
                 # A residual that keeps growing although every growth halved the step is the flow
                 # itself running away: the sample diverges (the reference's protective break would
                 # never fire, since the halved steps make the growth ever slower). Only a decrease larger
@@ -280,6 +279,7 @@ class ContinuousDEQSolver:
                 scale = torch.linalg.vector_norm(u_new, dim=1) + torch.linalg.vector_norm(u_new + du_new, dim=1)
                 counted = grew & (new_norm > 8.0 * eps * scale)
                 growths = torch.where(counted, growths + 1, torch.where(shrank, torch.zeros_like(growths), growths))
+                du_norm = torch.where(accept, new_norm, du_norm)
                 diverging = growths >= self.divergence_patience
                 # A NaN/Inf stage makes the error estimate infinite and the step is rejected; when steps
                 # keep failing that way, the flow runs into a region where f has no finite value: end
