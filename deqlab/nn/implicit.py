@@ -334,8 +334,9 @@ class _GradientContext:
 _DOUBLE_BACKWARD = (
     "Differentiating the implicit gradient of a DEQ a second time (create_graph=True, e.g. "
     "torch.autograd.functional.hessian or a gradient penalty) is not supported: the adjoint solve is "
-    "once-differentiable. Use the unrolled map instead: `with layer.fixed_depth_mode(d):` (backprop through d "
-    "applications of f), or backward=PhantomGradient(...) with a graph through the final steps.")
+    "once-differentiable, whatever the backward mode (ImplicitBackward, JacobianFreeBackward and PhantomGradient "
+    "alike). Use the unrolled map instead: `with layer.fixed_depth_mode(d):` (backprop through d applications "
+    "of f, which can be differentiated twice).")
 
 
 class _EquilibriumGradient(torch.autograd.Function):

@@ -405,3 +405,31 @@ def test_every_solver_and_implicit_adjoint_in_half_precision_matches_float32():
             if not (torch.isfinite(got).all() and cos > 0.99 and sol.backward_converged is True):
                 bad.append((sname, adjoint, str(dtype), round(cos, 3), sol.backward_converged))
     assert not bad, bad
+
+
+@pytest.mark.parametrize("mode", [ImplicitBackward(), JacobianFreeBackward(), PhantomGradient(4, 0.5)],
+                         ids=["implicit", "jfb", "phantom"])
+def test_double_backward_error_names_only_alternatives_that_work(mode):
+    """The refusal used to recommend backward=PhantomGradient(...), which raises the same error. Every
+    backward mode refuses with a message naming fixed_depth_mode only, and fixed_depth_mode's Hessian
+    matches an independent unrolled oracle (d explicit applications of f)."""
+    torch.manual_seed(0)
+    model = DenseMap(3).double()
+    deq = DEQ(model, DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-8, max_steps=100),
+              backward=mode)
+    x = torch.randn(1, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="fixed_depth_mode") as err:
+        torch.autograd.functional.hessian(lambda x: deq(x)[0].pow(2).sum(), x)
+    assert "PhantomGradient(" not in str(err.value)
+
+    def unrolled(x, d=30):
+        z = torch.zeros(1, 3, dtype=torch.float64)
+        for _ in range(d):
+            z = model(z, x)
+        return z.pow(2).sum()
+
+    with deq.fixed_depth_mode(30):
+        H = torch.autograd.functional.hessian(lambda x: deq(x)[0].pow(2).sum(), x)
+    want = torch.autograd.functional.hessian(unrolled, x)
+    assert float(want.abs().sum()) > 0
+    torch.testing.assert_close(H, want, rtol=1e-6, atol=1e-9)
