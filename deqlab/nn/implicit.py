@@ -334,8 +334,9 @@ class _GradientContext:
 _DOUBLE_BACKWARD = (
     "Differentiating the implicit gradient of a DEQ a second time (create_graph=True, e.g. "
     "torch.autograd.functional.hessian or a gradient penalty) is not supported: the adjoint solve is "
-    "once-differentiable. Use the unrolled map instead: `with layer.fixed_depth_mode(d):` (backprop through d "
-    "applications of f), or backward=PhantomGradient(...) with a graph through the final steps.")
+    "once-differentiable, whatever the backward mode (ImplicitBackward, JacobianFreeBackward and PhantomGradient "
+    "alike). Use the unrolled map instead: `with layer.fixed_depth_mode(d):` (backprop through d applications "
+    "of f, which can be differentiated twice).")
 
 
 class _EquilibriumGradient(torch.autograd.Function):
@@ -598,7 +599,7 @@ class ImplicitBackward(BackwardMode):
                 solver = self.linear_solver(problem.forward_tol)
                 if v.dtype in _HALF:  # keep the Krylov/least-squares algebra in float32
                     dtype = v.dtype
-                    out = solver.solve(lambda u: u - lin.vjp_z(u.to(dtype)).float(), v.float())
+                    out = solver.solve(_half_matvec(lin, dtype, split=_uses_finite_differences(solver)), v.float())
                     g = out.x.to(dtype)
                 else:
                     out = solver.solve(lambda u: u - lin.vjp_z(u), v)
@@ -608,6 +609,31 @@ class ImplicitBackward(BackwardMode):
                     converged = False
         grads = lin.vjp_inputs(g.detach())
         return BackwardResult(grads=grads, nfe=lin.nvjp, residual=residual, converged=converged)
+
+
+def _uses_finite_differences(solver: LinearSolver) -> bool:
+    """Whether ``solver`` differentiates its matvec by finite differences (Newton–Krylov, ``jvp="fd"``)."""
+    algorithm = getattr(getattr(solver, "solver", None), "algorithm", None)
+    return getattr(algorithm, "jvp", None) == "fd"
+
+
+def _half_matvec(lin: Any, dtype: torch.dtype, split: bool) -> Callable[[Tensor], Tensor]:
+    """The float32 adjoint matvec ``u -> u - Jᵀu`` of a half-precision map.
+
+    Why ``split``: a finite-difference solver perturbs ``u`` by ~3e-4 relative (float32's sqrt(eps)),
+    below bfloat16's resolution, so rounding ``u`` to the map's dtype erases the perturbation and the
+    Newton–Krylov adjoint stalls (residual ~20). Splitting ``u = hi + lo`` into two half-precision parts
+    (two VJPs, linear in ``u``) keeps ~16 bits of ``u``, enough for the difference to be resolved.
+    """
+    if not split:
+        return lambda u: u - lin.vjp_z(u.to(dtype)).float()
+
+    def matvec(u: Tensor) -> Tensor:
+        hi = u.to(dtype)
+        lo = (u - hi.float()).to(dtype)
+        return u - lin.vjp_z(hi).float() - lin.vjp_z(lo).float()
+
+    return matvec
 
 
 class JacobianFreeBackward(BackwardMode):

@@ -237,12 +237,43 @@ class WeightNorm(EquilibriumStateful):
             self.solve_state()["weight"] = state["weight"]
 
     def forward(self, *args, **kwargs):
+        """Call the wrapped module with the normalised weight, without mutating it where possible.
+
+        Why: the wrapped module is shared by every thread calling this layer. ``nn.Linear`` and
+        ``nn.Conv1d/2d/3d`` (with their stock ``forward`` and no hooks) are evaluated functionally
+        (``F.linear`` / ``_conv_forward`` with the weight passed in), so concurrent calls never touch the
+        module. Any other wrapped module needs the weight as an attribute: it is installed, the module is
+        called and the attribute removed under one process-wide lock, so threads take turns on that call
+        (correct, not parallel).
+        """
         w = self._cache if self._cache is not None else self.compute_weight()
-        setattr(self.module, self.name, w)
-        try:
-            return self.module(*args, **kwargs)
-        finally:
-            delattr(self.module, self.name)
+        module = self.module
+        if self.name == "weight" and not kwargs and len(args) == 1 and not _has_hooks(module):
+            forward = type(module).forward
+            if forward is nn.Linear.forward:
+                return F.linear(args[0], w, module.bias)
+            if forward in _CONV_FORWARDS:
+                return module._conv_forward(args[0], w, module.bias)
+        with _ATTRIBUTE_LOCK:
+            setattr(module, self.name, w)
+            try:
+                return module(*args, **kwargs)
+            finally:
+                delattr(module, self.name)
+
+
+_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+# Serialises the attribute-swapping fallback of WeightNorm.forward (re-entrant: a wrapped module may
+# itself contain a WeightNorm that takes the fallback).
+_ATTRIBUTE_LOCK = threading.RLock()
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward hooks that a functional evaluation would skip."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
 
 
 class VariationalHiddenDropout(EquilibriumStateful):

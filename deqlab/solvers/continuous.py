@@ -89,7 +89,8 @@ class ContinuousDEQSolver:
         max_factor: an accepted step grows by at most this factor, ``>= 1``. Default 10.0, so a lucky
             error estimate cannot throw the step far past the method's stability region.
         divergence_patience: adaptive methods: a sample whose residual grew on this many consecutive
-            accepted steps (each growth halves its step) is stopped with status ``diverged``. Default 20:
+            accepted steps (each growth halves its step; steps whose change is below the dtype's rounding
+            neither count nor reset) is stopped with status ``diverged``. Default 20:
             long enough that a transient growth of a stable flow is not mistaken for a runaway.
         max_nonfinite_retries: adaptive methods: a sample whose steps produced NaN/Inf this many times
             is stopped with status ``nonfinite`` and returns its last finite state. Default 10: each retry
@@ -256,11 +257,20 @@ class ContinuousDEQSolver:
                 new_norm = torch.linalg.vector_norm(du_new, dim=1)
                 grew = accept & (new_norm > du_norm)
                 dt = torch.where(grew, torch.minimum(dt, 0.5 * h), dt)
-                du_norm = torch.where(accept, new_norm, du_norm)
                 # A residual that keeps growing although every growth halved the step is the flow
                 # itself running away: the sample diverges (the reference's protective break would
-                # never fire, since the halved steps make the growth ever slower).
-                growths = torch.where(grew, growths + 1, torch.where(accept, torch.zeros_like(growths), growths))
+                # never fire, since the halved steps make the growth ever slower). Only a decrease larger
+                # than the dtype's rounding ends the streak: in float32/bfloat16 the halved steps soon make
+                # the growth per step unresolvable (the norm repeats or jitters by an ulp), and those
+                # steps must neither count as growth nor reset the count, or a runaway flow ends max_steps.
+                # A residual at the rounding level of f(z) - z (a stable flow stuck at the dtype's noise
+                # floor, common in bfloat16) jitters up and down: its growth is no evidence of a runaway.
+                eps = torch.finfo(u.dtype).eps
+                shrank = accept & (new_norm < du_norm * (1.0 - 2.0 * eps))
+                scale = torch.linalg.vector_norm(u_new, dim=1) + torch.linalg.vector_norm(u_new + du_new, dim=1)
+                counted = grew & (new_norm > 8.0 * eps * scale)
+                growths = torch.where(counted, growths + 1, torch.where(shrank, torch.zeros_like(growths), growths))
+                du_norm = torch.where(accept, new_norm, du_norm)
                 diverging = growths >= self.divergence_patience
                 # A NaN/Inf stage makes the error estimate infinite and the step is rejected; when steps
                 # keep failing that way, the flow runs into a region where f has no finite value: end

@@ -152,3 +152,16 @@ def test_maps_without_fixed_point_never_converge(name, kind, dtype, mode, batch,
         solver = ContinuousDEQSolver(name, dt=FIXED_DT.get(name), **kw)
     res = solver(f, torch.full((batch, dim), start, dtype=dtype))
     _check(res, f, mode, tol, 150, dtype, kind, nfe_per_step=6)
+
+
+@given(method=st.sampled_from(["tsit5", "dopri5"]), dtype=st.sampled_from(DTYPES), rate=st.floats(1.2, 3.0),
+       batch=st.integers(1, 3), dim=st.integers(1, 6), seed=st.integers(0, 2**16), absolute=st.booleans())
+def test_continuous_runaway_flows_end_diverged_in_every_dtype(method, dtype, rate, batch, dim, seed, absolute):
+    # du/dt = f(u) - u grows exponentially for f(z) = a z + c (a > 1) or a |z| + c: an adaptive
+    # continuous solve must end `diverged` within its budget in float32 and bfloat16 as in float64 (it
+    # used to end `max_steps` there: the halved steps made the growth unresolvable in the dtype).
+    c = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
+    f = (lambda z: rate * z.abs() + c.abs() + 0.1) if absolute else (lambda z: rate * z + c)
+    res = ContinuousDEQSolver(method, max_steps=150)(f, torch.zeros(batch, dim, dtype=dtype))
+    assert res.status is SolverStatus.DIVERGED, (res.status, res.steps)
+    assert res.steps < 150 and torch.isfinite(res.z).all()

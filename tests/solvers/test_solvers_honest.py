@@ -91,6 +91,42 @@ def test_continuous_runaway_flow_is_diverged_with_an_honest_residual(method, dty
         ContinuousDEQSolver(method, mode=mode, max_steps=300, throw=True)(f, torch.zeros(2, 3, dtype=dtype))
 
 
+@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("dtype", [F64, F32, BF16])
+@pytest.mark.parametrize("rate", [2.0, 1.2])
+def test_continuous_exponential_runaway_is_diverged_in_every_dtype(method, dtype, rate):
+    # f(z) = a z + x with a > 1: the flow du/dt = (a - 1) u + x runs away exponentially. Old (float32 and
+    # bfloat16): `max_steps` after the whole budget, while float64 said `diverged`: every growth halves
+    # the step, the growth per step soon fell below the dtype's resolution, the norms repeated and the
+    # growth count was reset, so the divergence patience was never reached.
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), dtype=F64).to(dtype)
+    res = ContinuousDEQSolver(method, max_steps=100)(lambda z: rate * z + x, torch.zeros(4, 8, dtype=dtype))
+    assert res.status is SolverStatus.DIVERGED, (res.status, res.steps)
+    assert res.steps < 100 and not res.converged.any()
+    with pytest.raises(SolverError, match="diverged"):
+        ContinuousDEQSolver(method, max_steps=100, throw=True)(lambda z: rate * z + x, torch.zeros(4, 8, dtype=dtype))
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_continuous_stable_flows_in_low_precision_are_not_called_diverged(method, dtype):
+    # The other side of the runaway test: stable flows (a contraction, and -1.5 z + b whose fixed-point
+    # iteration diverges but whose flow is stable) with tolerances at or below the bfloat16 noise floor
+    # may end max_steps, never `diverged` (a residual jittering at the rounding level is no runaway).
+    tol = 1e-4 if dtype == F32 else 3e-2
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        W = torch.randn(8, 8, generator=g, dtype=F64)
+        W = (0.9 * W / torch.linalg.matrix_norm(W, ord=2)).to(dtype)
+        b = (3 * torch.randn(4, 8, generator=g, dtype=F64)).to(dtype)
+        for f in (lambda z: torch.tanh(z @ W.T + b), lambda z: -1.5 * z + b):
+            for mode in ("abs_norm", "rel_deq_default"):
+                res = ContinuousDEQSolver(method, mode=mode, abstol_termination=tol, reltol_termination=tol,
+                                          ode_abstol=tol / 10, ode_reltol=tol / 10, max_steps=300)(
+                    f, torch.zeros(4, 8, dtype=dtype))
+                assert res.status in (SolverStatus.CONVERGED, SolverStatus.MAX_STEPS), (seed, mode, res.status)
+
+
 @pytest.mark.parametrize("mode", ["rel_deq_default", "rel_deq_best", "rel_norm", "rel"])
 @pytest.mark.parametrize("name", [*DISCRETE, "continuous_euler", "continuous_rk4"])
 @pytest.mark.parametrize("dtype", [F64, F32])
