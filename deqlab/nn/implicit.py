@@ -339,6 +339,14 @@ _DOUBLE_BACKWARD = (
     "of f, which can be differentiated twice).")
 
 
+_FUNCTORCH = (
+    "torch.func transforms (grad, hessian, jacrev, jvp, vmap) cannot go through a DEQ's implicit gradient: the "
+    "backward solves a linear system with a data-dependent iteration that functorch cannot transform. Use "
+    "torch.autograd for first derivatives (loss.backward(), torch.autograd.grad), or transform the unrolled map: "
+    "inside `with layer.fixed_depth_mode(d):` torch.func.grad and torch.func.hessian work (backprop through d "
+    "applications of f).")
+
+
 class _EquilibriumGradient(torch.autograd.Function):
     """Identity on ``z*`` in the forward; the backward mode's gradient in the backward.
 
@@ -386,7 +394,12 @@ class _EquilibriumGradient(torch.autograd.Function):
 def attach_gradient(context: _GradientContext, z_parts: Sequence[Tensor], x: Tensor, params: Sequence[Tensor],
                     grad_state: Sequence[Tensor]) -> List[Tensor]:
     """Return ``z_parts`` (values unchanged) connected to ``x``/``params`` through the backward mode."""
-    out = _EquilibriumGradient.apply(context, x, *[z.detach() for z in z_parts], *params, *grad_state)
+    try:
+        out = _EquilibriumGradient.apply(context, x, *[z.detach() for z in z_parts], *params, *grad_state)
+    except RuntimeError as err:
+        if "setup_context" in str(err):  # torch.func's refusal of a Function it cannot transform
+            raise RuntimeError(_FUNCTORCH) from err
+        raise
     return list(out)
 
 

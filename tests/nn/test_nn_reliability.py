@@ -433,3 +433,13 @@ def test_double_backward_error_names_only_alternatives_that_work(mode):
     want = torch.autograd.functional.hessian(unrolled, x)
     assert float(want.abs().sum()) > 0
     torch.testing.assert_close(H, want, rtol=1e-6, atol=1e-9)
+
+    # torch.func: a clear refusal through the implicit gradient (it was functorch's raw setup_context error),
+    # and the alternative it names works: torch.func.hessian of the unrolled map equals the oracle
+    with pytest.raises(RuntimeError, match="torch.func transforms.*fixed_depth_mode"):
+        torch.func.hessian(lambda x: deq(x)[0].pow(2).sum())(x)
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        torch.func.grad(lambda x: deq(x)[0].pow(2).sum())(x)
+    with deq.fixed_depth_mode(30):
+        H_func = torch.func.hessian(lambda x: deq(x)[0].pow(2).sum())(x)
+    torch.testing.assert_close(H_func, want, rtol=1e-6, atol=1e-9)
