@@ -82,7 +82,7 @@ def _record_backward(ref: "weakref.ReferenceType[DeepEquilibriumSolution]", repo
         solution.record_backward(result.nfe, residual=result.residual, converged=result.converged)
     if result.converged is None:  # no solve (JFB, phantom gradient)
         return
-    override = getattr(mode, "warn_unconverged", None)
+    override = mode.warn_unconverged  # declared on BackwardMode (None: follow the layer)
     policy = None if override is None else ("warn" if override else "ignore")
 
     def describe() -> str:

@@ -31,6 +31,7 @@ from deqlab.nn.deq import MultiScaleMap
 from deqlab.nn.layers import equilibrium_session
 from deqlab.nn.maps import CheckedMap
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
+from deqlab.solvers._checks import renamed
 from deqlab.solvers.result import SolverStatus
 from deqlab.state import flatten, per_sample_norm, unflatten
 
@@ -41,12 +42,6 @@ _FIXED_STEP = {"euler", "midpoint", "rk4", "rk-4", "RungeKutta4", "Euler", "Midp
 
 _IN_USE: "weakref.WeakSet" = weakref.WeakSet()
 _IN_USE_LOCK = threading.Lock()
-
-
-def _alias(owner: str, new: str, new_val: Optional[float], old: str, old_val: Optional[float]) -> Optional[float]:
-    if new_val is not None and old_val is not None:
-        raise ValueError(f"{owner}: {new} and {old} are the same setting ({old} is the old name); pass {new} only")
-    return new_val if new_val is not None else old_val
 
 
 class _Integration:
@@ -179,8 +174,8 @@ class MultiScaleNeuralODE(nn.Module):
                  sensitivity: Literal["autograd", "adjoint", "interpolated_adjoint"] = "autograd"):
         super().__init__()
         name = type(self).__name__
-        ode_abstol = _alias(name, "ode_abstol", ode_abstol, "abstol", abstol)
-        ode_reltol = _alias(name, "ode_reltol", ode_reltol, "reltol", reltol)
+        ode_abstol = renamed(name, "ode_abstol", ode_abstol, "abstol", abstol)
+        ode_reltol = renamed(name, "ode_reltol", ode_reltol, "reltol", reltol)
         self.model = MultiScaleMap(main_layers, mapping_layers, post_fuse_layers)
         if len(scales) != self.model.num_scales:
             raise ValueError(f"{name}: got {len(scales)} scales for {self.model.num_scales} main layers")
