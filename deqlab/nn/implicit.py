@@ -626,8 +626,7 @@ class ImplicitBackward(BackwardMode):
 
 def _uses_finite_differences(solver: LinearSolver) -> bool:
     """Whether ``solver`` differentiates its matvec by finite differences (Newton–Krylov, ``jvp="fd"``)."""
-    algorithm = getattr(getattr(solver, "solver", None), "algorithm", None)
-    return getattr(algorithm, "jvp", None) == "fd"
+    return isinstance(solver, FixedPointLinearSolver) and solver.finite_differences
 
 
 def _half_matvec(lin: Any, dtype: torch.dtype, split: bool) -> Callable[[Tensor], Tensor]:

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_mod
 
 __all__ = [
     "EquilibriumStateful",
@@ -270,8 +271,6 @@ _ATTRIBUTE_LOCK = threading.RLock()
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run forward hooks that a functional evaluation would skip."""
-    from torch.nn.modules import module as module_mod
-
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
 

@@ -175,6 +175,12 @@ class FixedPointLinearSolver:
         self.solver = solver
         self.tol = float(solver.termination.tol)
         self.max_steps = int(max_steps)
+        # Newton-Krylov with jvp="fd" differentiates the matvec by finite differences: in half precision the
+        # implicit backward must then feed it products that resolve a ~3e-4 perturbation (deqlab.nn.implicit)
+        from deqlab.solvers.algorithms import NewtonKrylov
+
+        algorithm = solver.algorithm if isinstance(solver, DiscreteDEQSolver) else None
+        self.finite_differences = isinstance(algorithm, NewtonKrylov) and algorithm.jvp == "fd"
 
     def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Optional[Tensor] = None
               ) -> LinearSolveResult:
