@@ -37,6 +37,9 @@ DEFAULT_LOG_DIR = REPO / "runs" / "paper_repro" / "tensorboard"
 PAPER_SEEDS = (6171, 3859, 2961)
 MODEL_TYPES = ("vanilla", "skip", "skip_reg", "neural_ode")
 SOLVERS = ("continuous", "discrete")
+#: integrators of the continuous solver (``--ode-solver``); the default is each experiment's paper choice
+ODE_SOLVERS = ("tsit5", "vcab3")
+PROTOCOLS = ("paper", "v1")
 
 log = logging.getLogger("paper_repro")
 
@@ -44,12 +47,13 @@ log = logging.getLogger("paper_repro")
 KEY_COLUMNS = (
     "experiment", "arch", "model_type", "solver", "jac_reg", "seed",
     "requested_epochs", "requested_max_steps", "train_subset", "test_subset", "batch_size_per_process", "world_size",
+    "protocol", "ode_solver",
 )
 RESULT_COLUMNS = KEY_COLUMNS + (
     "test_accuracy", "test_top5_accuracy", "explicit_accuracy", "test_loss",
     "train_time_per_step_s", "train_time_per_epoch_s", "epoch_time_measured",
     "forward_time_s", "backward_time_s", "optimizer_time_s", "prediction_time_s", "explicit_time_s",
-    "train_nfe", "test_nfe", "backward_nfe",
+    "train_nfe", "test_nfe", "backward_nfe", "train_reference_nfe", "test_reference_nfe",
     "parameters", "steps", "epochs", "steps_per_epoch", "effective_batch_size", "train_samples", "test_samples",
     "pretrain_steps", "fit_time_s", "test_time_s",
     "device", "accelerator", "num_processes", "strategy",
@@ -59,6 +63,7 @@ EPOCH_COLUMNS = (
     "experiment", "arch", "model_type", "solver", "jac_reg", "seed", "stage", "epoch", "step",
     "train_loss", "train_accuracy", "train_nfe", "train_backward_nfe", "train_time_s",
     "eval_accuracy", "eval_explicit_accuracy", "eval_nfe", "eval_loss",
+    "protocol", "ode_solver", "train_reference_nfe", "eval_reference_nfe",
 )
 
 
@@ -121,6 +126,14 @@ def build_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
                         "neural_ode (finite-time multiscale neural ODE baseline)")
     p.add_argument("--solver", choices=list(SOLVERS), default="discrete",
                    help="continuous: integrate du/dt = f(u) - u to its steady state; discrete: limited-memory Broyden")
+    p.add_argument("--ode-solver", choices=list(ODE_SOLVERS), default=None,
+                   help="integrator of the continuous solver (default: the paper's for the experiment: tsit5 for "
+                        "MNIST and the v1 models, vcab3 for CIFAR-10 small/large and ImageNet)")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="paper",
+                   help="paper: the protocol the paper's text states (MNIST dense: Adam 1e-3 constant, "
+                        "lambda_skip 0.01); v1: the January-2022 reference code's settings and semantics "
+                        "(AdamW + cosine, lambda_skip 5, batch-wide termination, z* = f(u_T, x), the skip penalty "
+                        "on vanilla, raw pixels)")
     p.add_argument("--jac-reg", action="store_true", help="add the Hutchinson Jacobian regularization term")
     p.add_argument("--seed", type=int, default=None, help=f"random seed (default: the paper's first, {PAPER_SEEDS[0]})")
     g = p.add_argument_group("schedule (default: the paper's)")
@@ -152,6 +165,12 @@ def build_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
                    help="run the paper's grid (model types x solvers x seeds) in sequence; runs already in the CSV are skipped")
     r.add_argument("--model-types", type=_csv_list(str), default=None, help="narrow the grid, e.g. vanilla,skip")
     r.add_argument("--solvers", type=_csv_list(str), default=None, help="narrow the grid, e.g. continuous")
+    r.add_argument("--ode-solvers", type=_csv_list(str), default=None,
+                   help="continuous runs of the grid with each of these integrators, e.g. tsit5,vcab3 "
+                        "(default: --ode-solver, else the paper's)")
+    r.add_argument("--save-model", action="store_true",
+                   help="save each run's trained network (state_dict) as <results-dir>/models/<run>.pt "
+                        "(what paper_repro/timing.py --models-dir times)")
     r.add_argument("--seeds", type=_csv_list(int), default=None, help="grid seeds (default: the paper's)")
     r.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR, help="where <experiment>.csv and <experiment>_epochs.csv go")
     r.add_argument("--log-dir", type=Path, default=DEFAULT_LOG_DIR, help="TensorBoard log directory")
@@ -174,7 +193,7 @@ def parse_args(spec: ExperimentSpec, argv: Optional[Sequence[str]] = None) -> ar
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {value}")
     if args.gpus < 0:
         raise SystemExit(f"error: --gpus must be >= 0, got {args.gpus}")
-    for name, allowed in (("model_types", MODEL_TYPES), ("solvers", SOLVERS)):
+    for name, allowed in (("model_types", MODEL_TYPES), ("solvers", SOLVERS), ("ode_solvers", ODE_SOLVERS)):
         bad = [v for v in (getattr(args, name) or []) if v not in allowed]
         if bad:
             raise SystemExit(f"error: --{name.replace('_', '-')}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
@@ -253,33 +272,54 @@ class RunConfig:
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     seeds: Tuple[int, ...] = PAPER_SEEDS
+    protocol: str = "paper"
+    #: the continuous solver's integrator ("" for discrete runs)
+    ode_solver: str = ""
+    #: the v1 protocol's data option: raw [0, 1] pixels instead of normalized ones
+    normalize: bool = True
 
     def key(self, world_size: int) -> Tuple[str, ...]:
         return tuple(str(v) for v in (
             self.experiment, self.arch, self.model_type, self.solver, self.jac_reg, self.seed,
             self.epochs, self.max_steps, self.train_subset or "", self.test_subset or "", self.batch_size, world_size,
+            self.protocol, self.ode_solver,
         ))
 
     @property
+    def solver_label(self) -> str:
+        """``discrete``, or ``continuous`` with its integrator (``continuous/vcab3``)."""
+        return f"{self.solver}/{self.ode_solver}" if self.ode_solver else self.solver
+
+    @property
+    def run_name(self) -> str:
+        """A file-name-safe name of the run (TensorBoard folder, saved model)."""
+        solver = f"{self.solver}_{self.ode_solver}" if self.ode_solver else self.solver
+        return (f"{self.experiment}_{self.arch}_{self.protocol}/{self.model_type}_{solver}"
+                f"{'_jac' if self.jac_reg else ''}_s{self.seed}")
+
+    @property
     def label(self) -> str:
-        return (f"{self.experiment}/{self.arch} {self.model_type} {self.solver}{' +jac' if self.jac_reg else ''} "
-                f"seed {self.seed}")
+        return (f"{self.experiment}/{self.arch} {self.model_type} {self.solver_label}{' +jac' if self.jac_reg else ''} "
+                f"seed {self.seed} ({self.protocol} protocol)")
 
 
 def paper_defaults(experiment: str, arch: str, model_type: str, solver: str,
-                   jac_reg: bool = False) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+                   jac_reg: bool = False, protocol: str = "paper") -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``deqlab.models.paper_settings`` split into (LightningModule kwargs, run defaults: batch size,
-    epochs or max_steps, augment, seeds, normalization). ``num_classes`` comes from the data instead."""
+    epochs or max_steps, augment, seeds, normalization, the continuous integrator, the v1 semantics).
+    ``num_classes`` comes from the data instead."""
     from deqlab.models import TRAINING_KEYS, paper_settings
 
-    settings = dict(paper_settings(experiment, arch, model_type, solver, jac_reg=jac_reg))
+    settings = dict(paper_settings(experiment, arch, model_type, solver, jac_reg=jac_reg, protocol=protocol))
     training = {k: v for k, v in settings.items() if k in TRAINING_KEYS and k != "num_classes"}
     run = {k: v for k, v in settings.items() if k not in TRAINING_KEYS}
     return training, run
 
 
-def make_config(spec: ExperimentSpec, args: argparse.Namespace, model_type: str, solver: str, seed: Optional[int]) -> RunConfig:
-    training, run = paper_defaults(spec.name, args.arch, model_type, solver, bool(args.jac_reg))
+def make_config(spec: ExperimentSpec, args: argparse.Namespace, model_type: str, solver: str, seed: Optional[int],
+                ode_solver: Optional[str] = None) -> RunConfig:
+    protocol = getattr(args, "protocol", "paper")
+    training, run = paper_defaults(spec.name, args.arch, model_type, solver, bool(args.jac_reg), protocol)
     seeds = tuple(run.get("seeds") or PAPER_SEEDS)
     training.update(dict(args.override))
     training.setdefault("log_figures", bool(args.figures))
@@ -291,13 +331,29 @@ def make_config(spec: ExperimentSpec, args: argparse.Namespace, model_type: str,
         epochs = -1  # Lightning: no epoch limit, max_steps decides
     if max_steps is None:
         max_steps = -1
+    model_options = dict(run.get("model_options") or {})
+    if model_type == "neural_ode":
+        ode = "tsit5"  # the baseline integrates t in [0, 1] with Tsit5 whatever the DEQ rows use
+    elif solver == "continuous":
+        from deqlab.models.builder import default_ode_solver
+
+        ode = ode_solver or getattr(args, "ode_solver", None)
+        if ode is not None:
+            model_options["ode_solver"] = ode
+        else:
+            ode = default_ode_solver(spec.name, args.arch)
+    else:
+        ode = ""
     return RunConfig(
         experiment=spec.name, arch=args.arch, model_type=model_type, solver=solver, jac_reg=bool(args.jac_reg),
         seed=seeds[0] if seed is None else int(seed),
         batch_size=int(args.batch_size or run.get("batch_size") or 32),
         epochs=int(epochs), max_steps=int(max_steps), augment=bool(run.get("augment", False)),
-        training=training, model_options={**(spec.model_options(args) if spec.model_options else {}), **dict(args.model_option)},
-        train_subset=args.train_subset, test_subset=args.test_subset, seeds=seeds,
+        training=training,
+        model_options={**model_options, **(spec.model_options(args) if spec.model_options else {}),
+                       **dict(args.model_option)},
+        train_subset=args.train_subset, test_subset=args.test_subset, seeds=seeds, protocol=protocol,
+        ode_solver=ode, normalize=bool(run.get("normalize", True)),
     )
 
 
@@ -348,14 +404,19 @@ def describe_plan(spec: ExperimentSpec, cfg: RunConfig, plan: DevicePlan, parame
     if cfg.max_steps > 0:
         schedule += f", at most {cfg.max_steps} steps"
     t = cfg.training
+    from deqlab.models import protocol_summary
+
     lines = [
         f"plan: {cfg.label}",
+        f"  protocol          {protocol_summary(cfg.experiment, cfg.arch, cfg.protocol)}",
+        f"  solver            {cfg.solver_label}" + (f", model options {cfg.model_options}" if cfg.model_options else ""),
         f"  parameters        {parameters:,}",
         f"  devices           {plan.accelerator} x {plan.devices} per node x {plan.num_nodes} node(s) = {plan.world_size} process(es)",
         f"  strategy          {plan.strategy}",
         f"  batch per process {cfg.batch_size}",
         f"  effective batch   {cfg.batch_size * plan.world_size}",
-        f"  data              {train_samples} train / {test_samples} test samples, augment={cfg.augment}",
+        f"  data              {train_samples} train / {test_samples} test samples, augment={cfg.augment}, "
+        f"{'normalized' if cfg.normalize else 'raw [0, 1] pixels'}",
         f"  schedule          {schedule}: {per_epoch} steps per epoch, {steps} steps in all",
         f"  optimizer         {t.get('optimizer')} lr {t.get('lr')} wd {t.get('weight_decay')}, scheduler {t.get('scheduler')}",
         f"  losses            skip weight {t.get('skip_loss_weight', 0.0)}, jacobian weight {t.get('jacobian_loss_weight', 0.0) if cfg.jac_reg else 0.0}",
@@ -476,7 +537,7 @@ class RunRecorder:
                 self._fit_t0 = time.perf_counter()
 
             def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-                self._epoch = {"loss": [], "accuracy": [], "nfe": [], "backward_nfe": []}
+                self._epoch = {"loss": [], "accuracy": [], "nfe": [], "backward_nfe": [], "reference_nfe": []}
                 self._epoch_t0 = time.perf_counter()
                 self._val_s = 0.0
                 self._validated = False
@@ -494,7 +555,8 @@ class RunRecorder:
                     if v is not None:
                         self.phase[name].append(v)
                 for key, metric in (("loss", "train/loss"), ("accuracy", "train/batch_accuracy"),
-                                    ("nfe", "solver/train_nfe"), ("backward_nfe", "solver/train_backward_nfe")):
+                                    ("nfe", "solver/train_nfe"), ("backward_nfe", "solver/train_backward_nfe"),
+                                    ("reference_nfe", "solver/train_reference_nfe")):
                     v = _float(m.get(metric))
                     if v is not None:
                         self._epoch[key].append(v)
@@ -505,6 +567,7 @@ class RunRecorder:
                     print(f"[{cfg.label}] step {step}/{total} epoch {trainer.current_epoch} "
                           f"loss {_fmt(_float(m.get('train/loss')))} acc {_fmt(_float(m.get('train/batch_accuracy')))} "
                           f"nfe {_fmt(_float(m.get('solver/train_nfe')), '.1f')} "
+                          f"(paper's count {_fmt(_float(m.get('solver/train_reference_nfe')), '.1f')}) "
                           f"bnfe {_fmt(_float(m.get('solver/train_backward_nfe')), '.1f')} "
                           f"elapsed {_hms(elapsed)} eta {_hms(eta)}", flush=True)
 
@@ -533,7 +596,8 @@ class RunRecorder:
                 if self._validated:
                     row.update(eval_accuracy=_float(m.get("val/accuracy")),
                                eval_explicit_accuracy=_float(m.get("val/explicit_accuracy")),
-                               eval_nfe=_float(m.get("solver/val_nfe")), eval_loss=_float(m.get("val/loss")))
+                               eval_nfe=_float(m.get("solver/val_nfe")), eval_loss=_float(m.get("val/loss")),
+                               eval_reference_nfe=_float(m.get("solver/val_reference_nfe")))
                 self.last_epoch = row
                 if trainer.is_global_zero and epochs_csv is not None:
                     append_row(epochs_csv, row, EPOCH_COLUMNS)
@@ -546,6 +610,8 @@ class RunRecorder:
                     step=trainer.global_step, train_loss=_mean(e.get("loss", [])),
                     train_accuracy=_mean(e.get("accuracy", [])), train_nfe=_mean(e.get("nfe", [])),
                     train_backward_nfe=_mean(e.get("backward_nfe", [])), train_time_s=seconds,
+                    protocol=cfg.protocol, ode_solver=cfg.ode_solver,
+                    train_reference_nfe=_mean(e.get("reference_nfe", [])),
                 )
 
             def test_row(self, trainer: Any, metrics: Dict[str, Any]) -> Dict[str, Any]:
@@ -553,7 +619,8 @@ class RunRecorder:
                 row["epoch"] = self.last_epoch.get("epoch", trainer.current_epoch)  # the epoch trained last
                 row.update(eval_accuracy=_float(metrics.get("test/accuracy")),
                            eval_explicit_accuracy=_float(metrics.get("test/explicit_accuracy")),
-                           eval_nfe=_float(metrics.get("solver/test_nfe")), eval_loss=_float(metrics.get("test/loss")))
+                           eval_nfe=_float(metrics.get("solver/test_nfe")), eval_loss=_float(metrics.get("test/loss")),
+                           eval_reference_nfe=_float(metrics.get("solver/test_reference_nfe")))
                 return row
 
         return _Recorder()
@@ -576,6 +643,21 @@ def append_row(path: Path, row: Dict[str, Any], columns: Sequence[str]) -> None:
         raise KeyError(f"columns not in the table: {sorted(extra)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        dropped = set(header) - set(columns)
+        if dropped:
+            raise KeyError(f"{path} has columns this version does not write ({sorted(dropped)}); "
+                           "append to a new results file (--results-dir) instead of losing them")
+        if list(header) != list(columns):
+            # A table written before columns were added: rewrite it once under the current header (old rows
+            # keep their values; the new columns stay empty), so rows never land under the wrong column.
+            old = read_rows(path)
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(columns))
+                w.writeheader()
+                w.writerows(old)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(columns))
         if new:
@@ -620,7 +702,8 @@ def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     workers = args.num_workers if args.num_workers is not None else spec.default_workers
-    inner = spec.make_data(args, cfg.arch, cfg.batch_size, cfg.seed, cfg.augment, workers)
+    data_options = {} if cfg.normalize else {"normalize": False}  # only the v1 protocol's MNIST asks for raw pixels
+    inner = spec.make_data(args, cfg.arch, cfg.batch_size, cfg.seed, cfg.augment, workers, **data_options)
     check_data(inner, args)
     data = PaperData(inner, cfg.train_subset, cfg.test_subset)
     data.prepare_data()
@@ -636,8 +719,7 @@ def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan
     progress = args.progress or ("bar" if sys.stdout.isatty() else "lines")
     results_dir = Path(args.results_dir)
     recorder = RunRecorder(cfg, results_dir / f"{spec.name}_epochs.csv", total, progress, max(1, args.log_every))
-    name = f"{spec.name}_{cfg.arch}/{cfg.model_type}_{cfg.solver}{'_jac' if cfg.jac_reg else ''}_s{cfg.seed}"
-    logger = TensorBoardLogger(str(args.log_dir), name=name, default_hp_metric=False)
+    logger = TensorBoardLogger(str(args.log_dir), name=cfg.run_name, default_hp_metric=False)
     trainer_kwargs: Dict[str, Any] = dict(
         accelerator=plan.accelerator, devices=plan.devices, num_nodes=plan.num_nodes, strategy=plan.strategy,
         max_epochs=cfg.epochs, max_steps=cfg.max_steps, check_val_every_n_epoch=max(1, args.val_every),
@@ -675,7 +757,9 @@ def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan
         optimizer_time_s=_median(recorder.phase["optimizer"]),
         prediction_time_s=_float(test.get("time/test_forward")), explicit_time_s=_float(test.get("test/explicit_time")),
         train_nfe=last.get("train_nfe"), test_nfe=_float(test.get("solver/test_nfe")),
-        backward_nfe=last.get("train_backward_nfe"),
+        backward_nfe=last.get("train_backward_nfe"), train_reference_nfe=last.get("train_reference_nfe"),
+        test_reference_nfe=_float(test.get("solver/test_reference_nfe")), protocol=cfg.protocol,
+        ode_solver=cfg.ode_solver,
         parameters=parameters, steps=steps, epochs=round(epochs_done, 4), steps_per_epoch=per_epoch,
         effective_batch_size=cfg.batch_size * plan.world_size, train_samples=train_samples, test_samples=test_samples,
         pretrain_steps=cfg.training.get("pretrain_steps", 0), fit_time_s=fit_s, test_time_s=test_s,
@@ -683,11 +767,20 @@ def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan
         log_dir=trainer.logger.log_dir if trainer.logger else "", finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **_versions(),
     )
+    if trainer.is_global_zero and getattr(args, "save_model", False):
+        import torch
+
+        path = results_dir / "models" / f"{cfg.run_name.replace('/', '__')}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": network.state_dict(), "label": cfg.label, "model_type": cfg.model_type,
+                    "solver": cfg.solver, "ode_solver": cfg.ode_solver, "jac_reg": cfg.jac_reg,
+                    "model_options": cfg.model_options, "protocol": cfg.protocol, "seed": cfg.seed}, path)
     if trainer.is_global_zero:
         append_row(results_dir / f"{spec.name}_epochs.csv", recorder.test_row(trainer, test), EPOCH_COLUMNS)
         append_row(results_dir / f"{spec.name}.csv", row, RESULT_COLUMNS)
         print(f"[{cfg.label}] done: test accuracy {_fmt(row['test_accuracy'])}, explicit "
-              f"{_fmt(row['explicit_accuracy'])}, test NFE {_fmt(row['test_nfe'], '.1f')}, {steps} steps "
+              f"{_fmt(row['explicit_accuracy'])}, test NFE {_fmt(row['test_nfe'], '.1f')} "
+              f"(paper's count {_fmt(row['test_reference_nfe'], '.1f')}), {steps} steps "
               f"({row['epochs']} epochs), {_fmt(step_time, '.4f')} s/step, fit {fit_s:.0f} s -> "
               f"{results_dir / (spec.name + '.csv')}", flush=True)
     return row
@@ -700,6 +793,7 @@ def grid_configs(spec: ExperimentSpec, args: argparse.Namespace) -> List[RunConf
         return [make_config(spec, args, args.model_type, args.solver, args.seed)]
     model_types = args.model_types or list(MODEL_TYPES)
     solvers = args.solvers or list(SOLVERS)
+    ode_solvers = args.ode_solvers or [args.ode_solver]  # [None]: each experiment's paper integrator
     probe = make_config(spec, args, model_types[0], solvers[0], None)
     seeds = args.seeds or ([args.seed] if args.seed is not None else list(probe.seeds))
     configs = []
@@ -715,7 +809,8 @@ def grid_configs(spec: ExperimentSpec, args: argparse.Namespace) -> List[RunConf
                     print("grid: neural_ode skipped: it is an ODE model, listed under --solvers continuous")
                 continue
             for solver in solvers:
-                configs.append(make_config(spec, args, model_type, solver, seed))
+                for ode in (ode_solvers if solver == "continuous" else [None]):
+                    configs.append(make_config(spec, args, model_type, solver, seed, ode_solver=ode))
     return configs
 
 

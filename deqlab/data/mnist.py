@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torchvision
 from torch.utils.data import Dataset
@@ -34,12 +34,15 @@ class MNISTDataModule(TorchvisionDataModule):
         data_dir: root containing ``MNIST/raw``. Default ``"data"``, where the experiment configs look.
         flatten: yield ``(784,)`` vectors for the dense model instead of ``(1, 28, 28)`` images. Default
             ``False``: images, for the conv model (the dense models flatten inputs themselves too).
+        normalize: standardise pixels with MNIST's mean and std. Default ``True``; ``False`` gives the raw
+            ``[0, 1]`` pixels the January-2022 reference script trained on (``paper_repro``'s v1 protocol).
         **kwargs: ``download``, ``augment`` (random 28×28 crops of the 2-pixel-padded image; not part of
             the paper's protocol, which trains MNIST without augmentation; never flips, digits are chiral)
             and the loader options of [`BaseDataModule`][deqlab.data.BaseDataModule] (``batch_size``: the paper
             uses 32 for the dense model, 64 for the conv model).
 
-    Normalisation: mean 0.1307, std 0.3081 (PAPER_PROTOCOLS.md; the original script used raw pixels).
+    Normalisation: mean 0.1307, std 0.3081 (PAPER_PROTOCOLS.md; the original script used raw pixels,
+    ``normalize=False``).
 
     Raises:
         ValueError: from [`BaseDataModule`][deqlab.data.BaseDataModule] for an invalid loader option.
@@ -62,10 +65,12 @@ class MNISTDataModule(TorchvisionDataModule):
     name = "MNIST"
     num_classes: int = 10
 
-    def __init__(self, data_dir: PathLike = "data", *, flatten: bool = False, **kwargs: Any) -> None:
+    def __init__(self, data_dir: PathLike = "data", *, flatten: bool = False, normalize: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(data_dir, **kwargs)
         self.save_hyperparameters()
         self.flatten = flatten
+        self.normalize = bool(normalize)
         self.input_shape: tuple[int, ...] = (784,) if flatten else (1, 28, 28)
 
     @property
@@ -87,7 +92,11 @@ class MNISTDataModule(TorchvisionDataModule):
 
     def train_transform(self) -> Callable:
         augment = [v2.RandomCrop(28, padding=2)] if self.augment else []
-        return normalize_transform(MNIST_MEAN, MNIST_STD, augment=augment, flatten=self.flatten)
+        return normalize_transform(*self._stats(), augment=augment, flatten=self.flatten)
 
     def eval_transform(self) -> Callable:
-        return normalize_transform(MNIST_MEAN, MNIST_STD, flatten=self.flatten)
+        return normalize_transform(*self._stats(), flatten=self.flatten)
+
+    def _stats(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+        """The (mean, std) the transforms standardise with: MNIST's, or (0, 1) for raw pixels."""
+        return (MNIST_MEAN, MNIST_STD) if self.normalize else ((0.0,), (1.0,))

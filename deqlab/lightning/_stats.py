@@ -110,6 +110,8 @@ class SolutionSummary:
         skip_loss: the layers' skip losses, summed (a scalar tensor).
         jacobian_loss: the layers' Jacobian terms, summed (a scalar tensor).
         nfe: forward function evaluations, summed.
+        reference_nfe: the forward NFE as the paper's reference code counted them
+            (`DeepEquilibriumSolution.reference_nfe`), summed; ``None`` when no layer reports it.
         residual_mean: mean final residual over all samples of all layers; ``None`` when none reports one.
         residual_max: largest final residual; ``None`` when none reports one.
         converged_fraction: fraction of samples whose solve converged; ``None`` when none reports it.
@@ -125,6 +127,7 @@ class SolutionSummary:
     skip_loss: Tensor
     jacobian_loss: Tensor
     nfe: float
+    reference_nfe: Optional[float]
     residual_mean: Optional[Tensor]
     residual_max: Optional[Tensor]
     converged_fraction: Optional[Tensor]
@@ -160,6 +163,7 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
     skip = zero
     jac = zero
     nfe = 0.0
+    reference: Optional[float] = None
     residuals: List[Tensor] = []
     converged: List[Tensor] = []
     counts = {s: 0 for s in STATUSES}
@@ -167,6 +171,9 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
         skip = skip + _scalar(s.skip_loss, zero)
         jac = jac + _scalar(s.jacobian_loss, zero)
         nfe += float(s.nfe)
+        ref = getattr(s, "reference_nfe", None)  # a researcher's own record type may lack it
+        if ref is not None:
+            reference = float(ref) if reference is None else reference + float(ref)
         if s.residual is not None:
             residuals.append(s.residual.detach().reshape(-1).float())
         if s.converged is not None:
@@ -179,6 +186,7 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
         skip_loss=skip,
         jacobian_loss=jac,
         nfe=nfe,
+        reference_nfe=reference,
         residual_mean=res.mean() if res is not None and res.numel() else None,
         residual_max=res.max() if res is not None and res.numel() else None,
         converged_fraction=conv.mean() if conv is not None and conv.numel() else None,

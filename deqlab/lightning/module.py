@@ -476,6 +476,8 @@ class DEQLightningModule(pl.LightningModule):
 
     def _log_solver(self, s: SolutionSummary, stage: str, kw: Dict[str, Any]) -> None:
         self.log(f"solver/{stage}_nfe", float(s.nfe), prog_bar=True, **kw)
+        if s.reference_nfe is not None:  # the paper's count, beside ours (deqlab.solvers.counting)
+            self.log(f"solver/{stage}_reference_nfe", s.reference_nfe, **kw)
         if s.residual_mean is not None:
             self.log(f"solver/{stage}_residual_mean", s.residual_mean, **kw)
             self.log(f"solver/{stage}_residual_max", s.residual_max, **{**kw, "reduce_fx": "max"})

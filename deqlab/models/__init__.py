@@ -8,7 +8,7 @@ settings.
 """
 from deqlab.models._build import MODEL_TYPES, SOLVER_KINDS, PaperNetwork, count_parameters
 from deqlab.models.builder import EXPERIMENTS, build_model
-from deqlab.models.settings import TRAINING_KEYS, paper_settings
+from deqlab.models.settings import PROTOCOLS, TRAINING_KEYS, paper_settings, protocol_summary
 
 __all__ = ["build_model", "paper_settings", "count_parameters", "EXPERIMENTS", "MODEL_TYPES", "SOLVER_KINDS",
-           "TRAINING_KEYS", "PaperNetwork"]
+           "TRAINING_KEYS", "PaperNetwork", "PROTOCOLS", "protocol_summary"]

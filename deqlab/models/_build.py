@@ -19,6 +19,7 @@ from deqlab.nn import (
     MultiScaleNeuralODE,
     MultiScaleSkipDeepEquilibriumNetwork,
     SkipDeepEquilibriumNetwork,
+    ZeroGuess,
 )
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
 from deqlab.solvers._checks import renamed
@@ -32,7 +33,11 @@ SolverKind = Literal["continuous", "discrete"]
 MODEL_TYPES = ("vanilla", "skip", "skip_reg", "neural_ode")
 SOLVER_KINDS = ("continuous", "discrete")
 
-SolverName = Literal["lbroyden", "broyden", "anderson", "fixed_point", "newton_krylov", "tsit5"]
+SolverName = Literal["lbroyden", "broyden", "anderson", "fixed_point", "newton_krylov", "tsit5", "vcab3"]
+#: the continuous DEQ's integrators that `build_solver` and `make_solver` take by name: ``tsit5`` (the MNIST
+#: table's) and ``vcab3`` (the multiscale experiments', one evaluation per step)
+ODESolverName = Literal["tsit5", "vcab3"]
+ODE_SOLVERS = ("tsit5", "vcab3")
 BackwardName = Literal["gmres", "anderson", "fixed_point", "broyden", "lbroyden"]
 TerminationModeName = Literal[
     "abs", "abs_norm", "rel", "rel_norm", "norm",
@@ -76,9 +81,11 @@ def build_solver(
     max_steps: int = 50,
     abstol: Optional[float] = None,
     reltol: Optional[float] = None,
+    reference_counting: str = "deqjl",
 ) -> Solver:
-    """A deqlab solver from a name (the string shorthand of the zoo's ``solver`` argument): ``tsit5`` →
-    ``ContinuousDEQSolver`` (integrate to the steady state), anything else → ``DiscreteDEQSolver(name)``.
+    """A deqlab solver from a name (the string shorthand of the zoo's ``solver`` argument): ``tsit5`` or
+    ``vcab3`` → ``ContinuousDEQSolver`` with that integrator (integrate to the steady state), anything
+    else → ``DiscreteDEQSolver(name)``.
     The defaults are the paper's (5e-3, 50 steps).
 
     Two tolerances are named apart: the *termination* tolerances (how close to the fixed point the solve
@@ -88,22 +95,24 @@ def build_solver(
 
     Args:
         name: ``lbroyden``, ``broyden``, ``anderson``, ``fixed_point``, ``newton_krylov`` (discrete
-            solvers) or ``tsit5`` (the continuous DEQ). No default: the zoo models pass theirs
+            solvers), ``tsit5`` or ``vcab3`` (the continuous DEQ). No default: the zoo models pass theirs
             (``lbroyden``).
         mode: termination mode of the solve (see `deqlab.solvers.termination`). Default
             ``rel_deq_default``, the paper's: stop when ``||f(z) - z|| / ||f(z)||`` is below
             ``reltol_termination`` (or, after a patience window, stalls near it).
         abstol_termination: absolute termination tolerance. ``None`` (default): 5e-3, the paper's.
         reltol_termination: relative termination tolerance. ``None`` (default): 5e-3, the paper's.
-        ode_abstol: ``tsit5`` only: the ODE stepper's absolute local error tolerance. ``None`` (default):
+        ode_abstol: ``tsit5`` / ``vcab3`` only: the ODE stepper's absolute local error tolerance. ``None`` (default):
             ``abstol_termination``.
-        ode_reltol: ``tsit5`` only: the ODE stepper's relative local error tolerance. ``None`` (default):
+        ode_reltol: ``tsit5`` / ``vcab3`` only: the ODE stepper's relative local error tolerance. ``None`` (default):
             ``reltol_termination``.
         max_steps: iteration budget (solver steps; stepper calls, accepted or rejected, for ``tsit5``).
             Default 50, the paper's MNIST budget.
         abstol: old name of ``abstol_termination`` (for ``tsit5`` it also set the ODE step tolerance, as
             ``abstol_termination`` still does by default); default ``None`` (not given).
         reltol: old name of ``reltol_termination``; default ``None`` (not given).
+        reference_counting: the convention of ``reference_nfe`` (the paper's NFE count beside ours, see
+            `deqlab.solvers.counting`). Default ``"deqjl"``.
 
     Returns:
         A ``ContinuousDEQSolver`` for ``tsit5``, else a ``DiscreteDEQSolver``; pass it as a layer's or
@@ -124,17 +133,18 @@ def build_solver(
     owner = "build_solver"
     atol = renamed(owner, "abstol_termination", abstol_termination, "abstol", abstol, PAPER_TOL)
     rtol = renamed(owner, "reltol_termination", reltol_termination, "reltol", reltol, PAPER_TOL)
-    if name == "tsit5":
+    if name in ODE_SOLVERS:
         return ContinuousDEQSolver(
-            "tsit5", mode=mode, abstol_termination=atol, reltol_termination=rtol, max_steps=max_steps,
+            name, mode=mode, abstol_termination=atol, reltol_termination=rtol, max_steps=max_steps,
             ode_abstol=atol if ode_abstol is None else ode_abstol,
-            ode_reltol=rtol if ode_reltol is None else ode_reltol,
+            ode_reltol=rtol if ode_reltol is None else ode_reltol, reference_counting=reference_counting,
         )
     given = [k for k, v in (("ode_abstol", ode_abstol), ("ode_reltol", ode_reltol)) if v is not None]
     if given:
-        raise ValueError(f"{owner}: {', '.join(given)} set the ODE stepper of 'tsit5'; the discrete solver {name!r} "
+        raise ValueError(f"{owner}: {', '.join(given)} set the ODE stepper of 'tsit5' / 'vcab3'; the discrete solver {name!r} "
                          "has none: drop it, or use abstol_termination / reltol_termination")
-    return DiscreteDEQSolver(name, mode=mode, abstol_termination=atol, reltol_termination=rtol, max_steps=max_steps)
+    return DiscreteDEQSolver(name, mode=mode, abstol_termination=atol, reltol_termination=rtol, max_steps=max_steps,
+                             reference_counting=reference_counting)
 
 
 def build_backward(name: BackwardName = "gmres", *, tol: Optional[float] = None,
@@ -168,17 +178,21 @@ def build_backward(name: BackwardName = "gmres", *, tol: Optional[float] = None,
     return ImplicitBackward(name, **budget)
 
 
-def make_solver(kind: SolverKind, *, mode: str, tol: float, max_steps: int) -> Any:
+def make_solver(kind: SolverKind, *, mode: str, tol: float, max_steps: int,
+                ode_solver: ODESolverName = "tsit5", reference_counting: str = "deqjl") -> Any:
     """The forward solver of a solver *kind* ([`build_solver`][deqlab.zoo.build_solver] by name): ``continuous``
-    integrates ``du/dt = f(u, x) − u`` to the steady state with Tsit5 (the ODE step tolerances equal the
-    termination tolerance, as in the paper-era code); ``discrete`` is limited-memory Broyden. Both stop by
-    the termination ``mode`` with abs = rel tolerance ``tol``.
+    integrates ``du/dt = f(u, x) − u`` to the steady state with ``ode_solver`` (the ODE step tolerances
+    equal the termination tolerance); ``discrete`` is limited-memory Broyden. Both stop by the termination
+    ``mode`` with abs = rel tolerance ``tol``.
 
     Args:
         kind: ``continuous`` or ``discrete``.
         mode: termination mode (see `deqlab.solvers.termination`).
         tol: absolute and relative termination tolerance (and the ODE step tolerances).
         max_steps: step budget (solver iterations, or ODE stepper calls).
+        ode_solver: the continuous kind's integrator, ``tsit5`` or ``vcab3``. Default ``tsit5``; ignored
+            by the discrete kind.
+        reference_counting: the convention of the solver's ``reference_nfe``. Default ``"deqjl"``.
 
     Returns:
         A ``ContinuousDEQSolver`` or a ``DiscreteDEQSolver``.
@@ -192,8 +206,10 @@ def make_solver(kind: SolverKind, *, mode: str, tol: float, max_steps: int) -> A
         DiscreteDEQSolver(LimitedMemoryBroyden(...), mode='rel_norm', abstol_termination=0.01, reltol_termination=0.01, ..., max_steps=20)
     """
     check_choice("solver", kind, SOLVER_KINDS)
-    return build_solver("tsit5" if kind == "continuous" else "lbroyden", mode=mode,  # type: ignore[arg-type]
-                        abstol_termination=tol, reltol_termination=tol, max_steps=max_steps)
+    check_choice("ode_solver", ode_solver, ODE_SOLVERS)
+    return build_solver(ode_solver if kind == "continuous" else "lbroyden", mode=mode,  # type: ignore[arg-type]
+                        abstol_termination=tol, reltol_termination=tol, max_steps=max_steps,
+                        reference_counting=reference_counting)
 
 
 def make_backward(tol: float, max_steps: int) -> BackwardMode:
@@ -216,14 +232,18 @@ def make_backward(tol: float, max_steps: int) -> BackwardMode:
 
 
 def make_deq(model_type: ModelType, model: nn.Module, solver: Any, *, shortcut: Optional[nn.Module],
-             backward: Optional[BackwardMode], jac_reg: bool, detach_skip_target: Optional[bool] = None) -> nn.Module:
+             backward: Optional[BackwardMode], jac_reg: bool, detach_skip_target: Optional[bool] = None,
+             reapply_map: bool = False, vanilla_penalty: bool = False) -> nn.Module:
     """A single-state DEQ layer for ``vanilla`` / ``skip`` / ``skip_reg`` (``shortcut`` is used by ``skip``
     only; ``backward=None`` is the layer's default). ``detach_skip_target=None`` keeps the layer's default:
-    a detached target for ``skip``, the coupled loss for ``skip_reg`` ([`deqlab.nn.MapGuess`][deqlab.nn.MapGuess] says why)."""
+    a detached target for ``skip``, the coupled loss for ``skip_reg`` ([`deqlab.nn.MapGuess`][deqlab.nn.MapGuess] says why).
+    ``reapply_map`` and ``vanilla_penalty`` are the January-2022 code's semantics (``z* = f(u_T, x)``; the
+    skip loss ``mean |z*|`` on vanilla models, through ``ZeroGuess(fixed_point_penalty=True)``)."""
     check_choice("model_type", model_type, ("vanilla", "skip", "skip_reg"))
-    kwargs = dict(backward=backward, jacobian_regularization=jac_reg)
+    kwargs = dict(backward=backward, jacobian_regularization=jac_reg, reapply_map=reapply_map)
     if model_type == "vanilla":
-        return DeepEquilibriumNetwork(model, solver, **kwargs)
+        init = ZeroGuess(fixed_point_penalty=True) if vanilla_penalty else None
+        return DeepEquilibriumNetwork(model, solver, init=init, **kwargs)
     return SkipDeepEquilibriumNetwork(model, solver, shortcut=shortcut if model_type == "skip" else None,
                                       detach_skip_target=detach_skip_target, **kwargs)
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from deqlab.models._build import MODEL_TYPES, SOLVER_KINDS, check_choice
 
-__all__ = ["EXPERIMENTS", "build_model", "canonical_arch"]
+__all__ = ["EXPERIMENTS", "build_model", "canonical_arch", "default_ode_solver"]
 
 #: experiment -> architectures (canonical names; ``cifar10`` also accepts ``tiny`` for ``small``).
 EXPERIMENTS: Dict[str, Tuple[str, ...]] = {
@@ -125,3 +125,31 @@ def build_model(experiment: str, arch: str, *, model_type: str = "skip", solver:
         if "unexpected keyword" in str(err):
             raise TypeError(f"build_model({experiment!r}, {arch!r}): {err}") from err
         raise
+
+
+def default_ode_solver(experiment: str, arch: str) -> str:
+    """The integrator ``build_model(experiment, arch, solver="continuous")`` uses unless told otherwise:
+    the paper's choice, read from the architecture's own defaults (no network is built).
+
+    ``tsit5`` for MNIST and the v1 models (the paper's MNIST table and v1 experiments ran Tsit5), ``vcab3``
+    for CIFAR-10 small / large and ImageNet (the paper's later versions: one evaluation per step).
+
+    Args:
+        experiment: a key of [`EXPERIMENTS`][deqlab.models.EXPERIMENTS].
+        arch: an architecture of that experiment (aliases accepted).
+
+    Returns:
+        ``"tsit5"`` or ``"vcab3"``.
+
+    Examples:
+        >>> from deqlab.models.builder import default_ode_solver
+        >>> default_ode_solver("mnist", "dense"), default_ode_solver("cifar10", "tiny")
+        ('tsit5', 'vcab3')
+    """
+    import inspect
+
+    fn = _factory(experiment, canonical_arch(experiment, arch))
+    config = getattr(fn, "config", None)
+    if config is not None:
+        return str(config.ode_solver)
+    return str(inspect.signature(fn).parameters["ode_solver"].default)

@@ -81,6 +81,11 @@ class MDEQConfig:
             ``paper_repro/results/README.md``). Overriding ``mode`` alone resets it, so ``mode=`` then
             applies to both solvers.
         backward_max_steps: GMRES VJP budget of the adjoint.
+        ode_solver: the continuous solver's integrator: ``tsit5`` (the v1 experiments') or ``vcab3`` (the
+            v2+ configs', as the paper states: one evaluation per step after start-up). Default ``tsit5``.
+        reference_counting: the convention of ``solution.reference_nfe`` (see
+            `deqlab.solvers.counting`): ``fastdeq`` for the v1 models (the January-2022 code ran them),
+            ``deqjl`` (default) for the v2+ configs.
         detach_skip_target: whether the skip loss treats z* as a detached target (``None``: detached for
             ``skip``, coupled for ``skip_reg``; see [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]).
         fuse_gain: initial affine weight γ of the v1 GroupNorms that end a path from the state back into
@@ -135,6 +140,8 @@ class MDEQConfig:
     detach_skip_target: Optional[bool] = None
     fuse_gain: float = 1.0
     discrete_mode: Optional[str] = None
+    ode_solver: str = "tsit5"
+    reference_counting: str = "deqjl"
 
     def solver_mode(self, solver: str) -> str:
         """The termination mode of the ``solver`` kind (``continuous`` or ``discrete``)."""
@@ -415,7 +422,8 @@ def build_mdeq(cfg: MDEQConfig, model_type: ModelType = "skip", solver: SolverKi
         >>> count_parameters(build_mdeq(cfg, "vanilla"))
         10010
     """
-    solver_obj = make_solver(solver, mode=cfg.solver_mode(solver), tol=cfg.tol, max_steps=cfg.max_steps)
+    solver_obj = make_solver(solver, mode=cfg.solver_mode(solver), tol=cfg.tol, max_steps=cfg.max_steps,
+                             ode_solver=cfg.ode_solver, reference_counting=cfg.reference_counting)  # type: ignore[arg-type]
     main, mapping, post = _map_layers(cfg)
     deq = make_multiscale(model_type, main, mapping, post, solver_obj, cfg.scales,
                           shortcut=_shortcut(cfg) if model_type == "skip" else None,
@@ -431,23 +439,23 @@ MNIST_CONV = MDEQConfig(
     version="v1", in_channels=1, image_size=28, num_channels=(8, 16), expansion=5, dropout=0.0, weight_norm=True,
     num_groups=4, map_groups=8, post_fuse=False, head_channels=(8, 16), final_channels=200, tol=1e-2,
     max_steps=50, backward_max_steps=15, mode="rel_norm", shortcut_expansion=5, shortcut_groups=4, fuse_gain=0.25,
-    discrete_mode="rel_deq_best")
+    discrete_mode="rel_deq_best", reference_counting="fastdeq")
 CIFAR10_V1 = MDEQConfig(
     version="v1", in_channels=3, image_size=32, num_channels=(24, 24), expansion=5, dropout=0.25,
     weight_norm=True, num_groups=8, map_groups=8, post_fuse=True, post_fuse_groups=4, head_channels=(8, 16),
     final_channels=200, tol=5e-2, max_steps=20, backward_max_steps=15, mode="rel_deq_best",
-    shortcut_expansion=5, shortcut_groups=8)
+    shortcut_expansion=5, shortcut_groups=8, reference_counting="fastdeq")
 SVHN_V1 = CIFAR10_V1
 CIFAR10_SMALL = MDEQConfig(
-    version="v2", in_channels=3, image_size=32, num_channels=(24, 24), expansion=5, dropout=0.2,
+    version="v2", ode_solver="vcab3", in_channels=3, image_size=32, num_channels=(24, 24), expansion=5, dropout=0.2,
     weight_norm=False, head_channels=(8, 16), final_channels=200, tol=5e-2, max_steps=18, backward_max_steps=20,
     mode="rel_norm", shortcut_expansion=3)
 CIFAR10_LARGE = MDEQConfig(
-    version="v2", in_channels=3, image_size=32, num_channels=(32, 64, 128, 256), expansion=4, dropout=0.3,
+    version="v2", ode_solver="vcab3", in_channels=3, image_size=32, num_channels=(32, 64, 128, 256), expansion=4, dropout=0.3,
     weight_norm=True, head_channels=(14, 28, 56, 112), final_channels=1680, tol=5e-2, max_steps=18,
     backward_max_steps=20, mode="rel_deq_best", shortcut_expansion=3)
 IMAGENET_SMALL = MDEQConfig(
-    version="v2", in_channels=3, image_size=224, num_channels=(32, 64, 128, 256), expansion=5, dropout=0.0,
+    version="v2", ode_solver="vcab3", in_channels=3, image_size=224, num_channels=(32, 64, 128, 256), expansion=5, dropout=0.0,
     weight_norm=True, head_channels=(24, 48, 96, 192), final_channels=2048, tol=5e-2, max_steps=27,
     backward_max_steps=28, mode="abs_deq_best", downsample_times=2, num_classes=1000, shortcut_expansion=3)
 
@@ -497,6 +505,7 @@ def _factory(name: str, base: MDEQConfig, doc: str, params: int):
 
     build.__doc__ = doc + _FACTORY_SECTIONS.format(name=name, params=params)
     build.__name__ = build.__qualname__ = name
+    build.config = base  # type: ignore[attr-defined]  # the defaults, readable without building a network
     return build
 
 

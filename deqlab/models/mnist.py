@@ -49,7 +49,8 @@ class FirstScale(nn.Module):
 
 
 def dense_deq(model_type: ModelType, width: int, solver: Any, *, backward: Optional[BackwardMode] = None,
-              jac_reg: bool = False, detach_skip_target: Optional[bool] = None) -> nn.Module:
+              jac_reg: bool = False, detach_skip_target: Optional[bool] = None, reapply_map: bool = False,
+              vanilla_penalty: bool = False) -> nn.Module:
     """The DEQ layer over ``f(z, x) = relu(W1 z) + relu(W2 x)`` (no biases) for ``vanilla`` / ``skip`` /
     ``skip_reg``; the Skip predictor is ``Dense(width→width, relu)`` as in the paper's MNIST model. The one
     builder of this layer: [`dense_network`][deqlab.models.mnist.dense_network] and ``deqlab.zoo.dense_deq_layer`` use it.
@@ -61,6 +62,9 @@ def dense_deq(model_type: ModelType, width: int, solver: Any, *, backward: Optio
         backward: the backward mode. Default ``None``: the layer's default (``ImplicitBackward()``).
         jac_reg: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to every forward.
         detach_skip_target: see [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]. Default ``None``: the layer's default.
+        reapply_map: return ``f(z_T, x)`` (the January-2022 code's z*). Default ``False``.
+        vanilla_penalty: a vanilla layer's skip loss is ``mean |z*|`` (the January-2022 code's). Default
+            ``False``.
 
     Returns:
         The DEQ layer: ``layer(x) -> (z_star, solution)``.
@@ -81,12 +85,13 @@ def dense_deq(model_type: ModelType, width: int, solver: Any, *, backward: Optio
     block = DenseDEQBlock(width)
     shortcut = nn.Sequential(nn.Linear(width, width), nn.ReLU()) if model_type == "skip" else None
     return make_deq(model_type, block, solver, shortcut=shortcut, backward=backward, jac_reg=jac_reg,
-                    detach_skip_target=detach_skip_target)
+                    detach_skip_target=detach_skip_target, reapply_map=reapply_map, vanilla_penalty=vanilla_penalty)
 
 
 def dense_network(model_type: ModelType, solver: Any, *, backward: Optional[BackwardMode] = None,
                   jac_reg: bool = False, num_classes: int = 10, width: int = 128, in_features: int = 784,
-                  detach_skip_target: Optional[bool] = None) -> PaperNetwork:
+                  detach_skip_target: Optional[bool] = None, reapply_map: bool = False,
+                  vanilla_penalty: bool = False) -> PaperNetwork:
     """``Flatten → Dense(in_features→width, relu) → DEQ → Dense(width→num_classes)`` from solver objects.
 
     The one construction of the dense model: [`mnist_dense`][deqlab.models.mnist.mnist_dense] (solver *kinds*, the paper's
@@ -104,6 +109,8 @@ def dense_network(model_type: ModelType, solver: Any, *, backward: Optional[Back
         width: state width of the DEQ. Default 128, the paper's.
         in_features: flattened input size. Default 784 (28×28 MNIST images).
         detach_skip_target: see [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]. Default ``None``: the layer's default.
+        reapply_map: see [`dense_deq`][deqlab.models.mnist.dense_deq]. Default ``False``.
+        vanilla_penalty: see [`dense_deq`][deqlab.models.mnist.dense_deq]. Default ``False``.
 
     Returns:
         The network, a [`PaperNetwork`][deqlab.models.PaperNetwork] (``solver_kind`` from the solver's type).
@@ -133,7 +140,8 @@ def dense_network(model_type: ModelType, solver: Any, *, backward: Optional[Back
         head: nn.Module = FirstScale(nn.Linear(width, num_classes))
     else:
         deq = dense_deq(model_type, width, solver, backward=backward, jac_reg=jac_reg,
-                        detach_skip_target=detach_skip_target)
+                        detach_skip_target=detach_skip_target, reapply_map=reapply_map,
+                        vanilla_penalty=vanilla_penalty)
         head = nn.Linear(width, num_classes)
     return PaperNetwork(stem, deq, head, model_type=model_type, solver_kind=kind)
 
@@ -141,7 +149,8 @@ def dense_network(model_type: ModelType, solver: Any, *, backward: Optional[Back
 def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete", *, jac_reg: bool = False,
                 num_classes: int = 10, width: int = 128, in_features: int = 784, tol: float = 5e-3,
                 max_steps: int = 50, mode: str = "rel_deq_default", backward_max_steps: int = 15,
-                detach_skip_target: Optional[bool] = None) -> PaperNetwork:
+                detach_skip_target: Optional[bool] = None, ode_solver: str = "tsit5", reapply_map: bool = False,
+                vanilla_penalty: bool = False, reference_counting: str = "fastdeq") -> PaperNetwork:
     """MNIST dense: ``Flatten → Dense(784→128, relu) → DEQ → Dense(128→10)``.
 
     DEQ map ``f(z, x) = relu(W1 z) + relu(W2 x)`` (no biases); Skip predictor ``Dense(128→128, relu)``;
@@ -168,6 +177,14 @@ def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete",
         detach_skip_target: whether the skip loss treats z* as a detached target; see
             [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]. Default ``None``: the layer's default, detached for ``skip``,
             coupled for ``skip_reg``.
+        ode_solver: the continuous solver's integrator, ``tsit5`` (default: the paper's MNIST table) or
+            ``vcab3`` (one evaluation per step after start-up).
+        reapply_map: return ``f(z_T, x)`` as z* (the January-2022 code's; ``--protocol v1``). Default
+            ``False``.
+        vanilla_penalty: add the skip loss ``mean |z*|`` to vanilla models (the January-2022 code's; with
+            the v1 λ_skip = 5). Default ``False``.
+        reference_counting: the convention of ``solution.reference_nfe``. Default ``"fastdeq"``: the
+            paper's MNIST table was counted by the January-2022 code (see `deqlab.solvers.counting`).
 
     Returns:
         The network, a [`PaperNetwork`][deqlab.models.PaperNetwork].
@@ -184,7 +201,9 @@ def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete",
         >>> logits.shape, count_parameters(net)
         (torch.Size([2, 10]), 13242)
     """
-    solver_obj = make_solver(solver, mode=mode, tol=tol, max_steps=max_steps)
+    solver_obj = make_solver(solver, mode=mode, tol=tol, max_steps=max_steps, ode_solver=ode_solver,  # type: ignore[arg-type]
+                             reference_counting=reference_counting)
     backward = None if model_type == "neural_ode" else make_backward(tol, min(max_steps, backward_max_steps))
     return dense_network(model_type, solver_obj, backward=backward, jac_reg=jac_reg, num_classes=num_classes,
-                         width=width, in_features=in_features, detach_skip_target=detach_skip_target)
+                         width=width, in_features=in_features, detach_skip_target=detach_skip_target,
+                         reapply_map=reapply_map, vanilla_penalty=vanilla_penalty)

@@ -7,12 +7,17 @@ dict is a run default.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Literal, Tuple
 
 from deqlab.lightning.config import DEQTrainingConfig  # Lightning-free: the dataclass alone
 from deqlab.models._build import MODEL_TYPES, SOLVER_KINDS, check_choice
 
-__all__ = ["paper_settings", "TRAINING_KEYS"]
+__all__ = ["paper_settings", "TRAINING_KEYS", "PROTOCOLS", "Protocol", "protocol_summary"]
+
+#: ``paper``: the protocol the paper's text states (its later versions, reprinted in the first author's
+#: 2023 thesis); ``v1``: the settings of the January-2022 reference code (FastDEQ.jl) that produced v1.
+Protocol = Literal["paper", "v1"]
+PROTOCOLS: Tuple[str, ...] = ("paper", "v1")
 
 #: The names that are training settings: the fields of
 #: [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] (read from the dataclass, so a renamed field cannot drift apart from
@@ -30,11 +35,27 @@ _V1_OPT = dict(optimizer="adamw", lr=1e-3, weight_decay=2.5e-6, betas=(0.9, 0.99
                eta_min=1e-6)
 
 
-def _base(experiment: str, arch: str, solver: str) -> Dict[str, Any]:
+#: The MNIST dense protocol the paper's text states (Tsit5 at relative tolerance 0.005, λ_skip = 0.01,
+#: λ_jac = 1, Adam at a constant 1e-3, 25 epochs, batch 32).
+_PAPER_MNIST_DENSE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), scheduler="none",
+                          num_classes=10, lam_skip=1e-2, lam_jac=1.0, pretrain_steps=0, batch_size=32, epochs=25,
+                          augment=False, mean=MNIST_NORM[0], std=MNIST_NORM[1])
+
+
+#: ``build_model`` options that give the January-2022 code's semantics (``--protocol v1`` of MNIST dense).
+V1_SEMANTICS: Dict[str, Any] = dict(reapply_map=True, vanilla_penalty=True)
+
+
+def _base(experiment: str, arch: str, solver: str, protocol: str = "paper") -> Dict[str, Any]:
     """Settings shared by all model types: (training dict, λ_skip of skip variants, λ_jac when on)."""
+    if experiment == "mnist" and arch == "dense" and protocol == "paper":
+        return dict(_PAPER_MNIST_DENSE)
     if experiment == "mnist" and arch == "dense":
+        # The January-2022 code's semantics beside its numbers: raw pixels, z* = f(u_T, x), the skip loss on
+        # vanilla models too (u0 = 0: λ · mean|z*|), one termination norm over the whole batch.
         return dict(_V1_OPT, num_classes=10, lam_skip=5.0, lam_jac=1.0, pretrain_steps=0, batch_size=32,
-                    epochs=25, augment=False, mean=MNIST_NORM[0], std=MNIST_NORM[1])
+                    epochs=25, augment=False, mean=MNIST_NORM[0], std=MNIST_NORM[1], normalize=False,
+                    vanilla_skip_loss=True, model_options=dict(V1_SEMANTICS))
     if experiment == "mnist" and arch == "conv":
         return dict(_V1_OPT, num_classes=10, lam_skip=1.0, lam_jac=1.0, pretrain_steps=0, batch_size=64,
                     epochs=25, augment=False, mean=MNIST_NORM[0], std=MNIST_NORM[1])
@@ -66,17 +87,26 @@ def _base(experiment: str, arch: str, solver: str) -> Dict[str, Any]:
 
 
 def paper_settings(experiment: str, arch: str, model_type: str = "skip", solver: str = "discrete", *,
-                   jac_reg: bool = False) -> Dict[str, Any]:
+                   jac_reg: bool = False, protocol: Protocol = "paper") -> Dict[str, Any]:
     """The paper's training defaults for one run, as a flat dict.
+
+    Two protocols (``protocol=``) differ for MNIST dense only: ``paper`` (default) is what the paper's
+    text states for its MNIST table (Adam at a constant 1e-3, no weight decay, λ_skip = 0.01, λ_jac = 1,
+    25 epochs, batch 32); ``v1`` is what the January-2022 reference code ran (AdamW 1e-3, weight decay
+    2.5e-6, cosine to 1e-6, λ_skip = 5). The other experiments have one protocol each: the v1 MNIST conv,
+    CIFAR-10 v1 and SVHN settings, and the v2+ configs of CIFAR-10 small / large and ImageNet.
 
     Keys in [`TRAINING_KEYS`][deqlab.models.TRAINING_KEYS] are ``DEQLightningModule`` arguments (optimizer, lr, weight_decay, betas,
     scheduler, eta_min, momentum/nesterov/step_milestones/step_gamma for ImageNet's SGD, skip_loss_weight,
     jacobian_loss_weight, pretrain_steps, pretrain_depth, num_classes). The others are run defaults:
     ``batch_size`` (per process), ``epochs`` (v1 experiments) or ``max_steps`` (v2+ configs), ``augment``,
-    ``seeds`` and the input normalization ``mean`` / ``std``.
+    ``seeds``, the input normalization ``mean`` / ``std`` and, for the v1 protocol of MNIST dense,
+    ``normalize=False`` (raw pixels) and ``model_options`` (``build_model`` keywords for the 2022 code's
+    semantics).
 
     ``skip_loss_weight`` is the paper's λ_skip for ``skip`` / ``skip_reg`` and 0 for ``vanilla`` /
-    ``neural_ode`` (u0 = 0 there, so there is nothing to learn); ``jacobian_loss_weight`` is λ_jac = 1 with
+    ``neural_ode`` (u0 = 0 there, so there is nothing to learn; the v1 protocol of MNIST dense gives vanilla
+    λ_skip too, with the ``model_options`` that make its skip loss ``mean |z*|``, as the 2022 code did); ``jacobian_loss_weight`` is λ_jac = 1 with
     ``jac_reg=True``, else 0. The neural-ODE baseline has no fixed-depth mode, so its ``pretrain_steps`` is 0.
 
     Args:
@@ -88,33 +118,66 @@ def paper_settings(experiment: str, arch: str, model_type: str = "skip", solver:
             ``discrete``, as [`build_model`][deqlab.models.build_model]'s.
         jac_reg: whether the run trains the Jacobian term; sets ``jacobian_loss_weight``. Default
             ``False``, as [`build_model`][deqlab.models.build_model]'s.
+        protocol: ``paper`` (default: the paper's stated protocol) or ``v1`` (the January-2022 code's).
 
     Returns:
         A new dict (safe to modify) of training keys ([`TRAINING_KEYS`][deqlab.models.TRAINING_KEYS]) and run defaults.
 
     Raises:
-        ValueError: for an unknown ``experiment``, ``arch``, ``model_type`` or ``solver``.
+        ValueError: for an unknown ``experiment``, ``arch``, ``model_type``, ``solver`` or ``protocol``.
 
     Examples:
         >>> from deqlab.models import TRAINING_KEYS, paper_settings
         >>> s = paper_settings("mnist", "dense")
-        >>> s["lr"], s["skip_loss_weight"], s["jacobian_loss_weight"], s["batch_size"], s["epochs"]
-        (0.001, 5.0, 0.0, 32, 25)
+        >>> s["optimizer"], s["lr"], s["scheduler"], s["skip_loss_weight"], s["batch_size"], s["epochs"]
+        ('adam', 0.001, 'none', 0.01, 32, 25)
+        >>> v1 = paper_settings("mnist", "dense", protocol="v1")
+        >>> v1["optimizer"], v1["scheduler"], v1["weight_decay"], v1["skip_loss_weight"]
+        ('adamw', 'cosine', 2.5e-06, 5.0)
         >>> training = {k: v for k, v in s.items() if k in TRAINING_KEYS}  # for DEQClassifier(net, **training)
         >>> sorted(set(s) - TRAINING_KEYS)
         ['augment', 'batch_size', 'epochs', 'mean', 'seeds', 'std']
+        >>> v1["normalize"], v1["model_options"]
+        (False, {'reapply_map': True, 'vanilla_penalty': True})
     """
     from deqlab.models.builder import canonical_arch
 
     arch = canonical_arch(experiment, arch)
     check_choice("model_type", model_type, MODEL_TYPES)
     check_choice("solver", solver, SOLVER_KINDS)
-    s = _base(experiment, arch, solver)
+    check_choice("protocol", protocol, PROTOCOLS)
+    s = _base(experiment, arch, solver, protocol)
     lam_skip, lam_jac = s.pop("lam_skip"), s.pop("lam_jac")
-    s["skip_loss_weight"] = lam_skip if model_type in ("skip", "skip_reg") else 0.0
+    penalized = s.pop("vanilla_skip_loss", False) and model_type == "vanilla"
+    s["skip_loss_weight"] = lam_skip if model_type in ("skip", "skip_reg") or penalized else 0.0
     s["jacobian_loss_weight"] = lam_jac if jac_reg else 0.0
     if model_type == "neural_ode":
         s["pretrain_steps"] = 0
     s["pretrain_depth"] = 5
     s["seeds"] = SEEDS
     return s
+
+
+def protocol_summary(experiment: str, arch: str, protocol: Protocol = "paper") -> str:
+    """One line naming the protocol a run follows (``--dry-run`` prints it), e.g. for MNIST dense
+    ``paper protocol: Adam 1e-3 constant, λ_skip 0.01, ...``.
+
+    Args:
+        experiment: as in [`paper_settings`][deqlab.models.paper_settings].
+        arch: as in [`paper_settings`][deqlab.models.paper_settings].
+        protocol: ``paper`` or ``v1``.
+
+    Returns:
+        The protocol's name and the settings that tell the two apart.
+
+    Examples:
+        >>> from deqlab.models.settings import protocol_summary
+        >>> protocol_summary("mnist", "dense", "v1")
+        'v1 protocol (the January-2022 reference code): adamw lr 0.001 wd 2.5e-06, cosine schedule, λ_skip 5.0, λ_jac 1.0 (Jac. Reg. rows)'
+    """
+    s = paper_settings(experiment, arch, "skip", protocol=protocol)
+    jac = paper_settings(experiment, arch, "skip", jac_reg=True, protocol=protocol)["jacobian_loss_weight"]
+    origin = {"paper": "the paper's stated protocol", "v1": "the January-2022 reference code"}[protocol]
+    schedule = "constant rate" if s["scheduler"] == "none" else f"{s['scheduler']} schedule"
+    return (f"{protocol} protocol ({origin}): {s['optimizer']} lr {s['lr']} wd {s['weight_decay']}, {schedule}, "
+            f"λ_skip {s['skip_loss_weight']}, λ_jac {jac} (Jac. Reg. rows)")

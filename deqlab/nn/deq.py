@@ -156,6 +156,11 @@ class DeepEquilibriumNetwork(nn.Module):
             [`ConvergenceWarning`][deqlab.solvers.ConvergenceWarning] at the 1st, 10th, 100th, ... failure, with counts, so a
             model that stops converging is noticed without flooding the log or stopping a long run),
             ``"ignore"``, or ``"raise"`` ([`SolverError`][deqlab.solvers.SolverError] at the first failure).
+        reapply_map: return ``f(z_T, x)``, one more application of the map to the solver's last iterate
+            ``z_T``, instead of ``z_T`` itself (the January-2022 reference code's ``z* = f(u_T, x)``;
+            gradients flow through that application and, implicitly, through ``z_T``; ``solution.nfe``
+            counts it). Default ``False``: at a converged fixed point the two differ by the residual, so
+            the extra evaluation buys nothing but reproducing that code.
 
     Raises:
         ValueError: more than one of ``init``, ``z_shape``, ``initializer``, ``shortcut`` is given (all
@@ -204,6 +209,7 @@ class DeepEquilibriumNetwork(nn.Module):
         shortcut: Union[None, nn.Module, Sequence[nn.Module]] = None,
         fixed_depth: int = 0,
         on_unconverged: UnconvergedPolicy = "warn",
+        reapply_map: bool = False,
     ):
         super().__init__()
         name = type(self).__name__
@@ -227,6 +233,7 @@ class DeepEquilibriumNetwork(nn.Module):
         self.jacobian_probes = int(jacobian_probes)
         self.jacobian_normalize = jacobian_normalize
         self.fixed_depth = int(fixed_depth)
+        self.reapply_map = bool(reapply_map)
         self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     # ---------------------------------------------------------------- read-only views
@@ -389,7 +396,7 @@ class DeepEquilibriumNetwork(nn.Module):
                 residual = per_sample_norm([a - b for a, b in zip(as_parts(fz), as_parts(z))],
                                            self.solver.termination.norm)
             z_star = z
-            nfe = depth
+            nfe = reference = depth
             converged = torch.zeros_like(residual, dtype=torch.bool)
             status = SolverStatus.MAX_STEPS if bool(torch.isfinite(residual).all()) else SolverStatus.NONFINITE
         else:
@@ -399,16 +406,22 @@ class DeepEquilibriumNetwork(nn.Module):
             z_parts, context = self._attach(z_parts, x, is_list)
             z_star = from_parts(z_parts, is_list)
             residual, nfe = result.residual.detach(), int(result.nfe)
+            reference = result.reference_nfe
+            if reference is not None and self.jacobian_regularization and result.reference_counting == "deqjl":
+                reference += 1
             converged, status = result.converged, result.status
             self.reporter.record("forward", status is SolverStatus.CONVERGED, functools.partial(
                 _describe_forward, result), result=result, stacklevel=5)
 
+        if self.reapply_map:
+            z_star = fmap(z_star)
+            nfe += 1
         jac = self._jacobian_loss(z_star, x) if self.jacobian_regularization else x.new_zeros(())
         skip = self.init.skip_loss(u0, z_star)
         solution = DeepEquilibriumSolution(
             z_star=z_star, u0=u0, residual=residual, jacobian_loss=jac,
             skip_loss=x.new_zeros(()) if skip is None else skip, nfe=nfe, converged=converged, status=status,
-            solver_result=result)
+            solver_result=result, reference_nfe=reference)
         if counter is not None:
             counter.bind(solution)
         if context is not None:
@@ -457,7 +470,8 @@ class DeepEquilibriumNetwork(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"solver={self.solver!r}, backward={self.backward!r}, "
-                f"jacobian_regularization={self.jacobian_regularization}, fixed_depth={self.fixed_depth}")
+                f"jacobian_regularization={self.jacobian_regularization}, fixed_depth={self.fixed_depth}"
+                + (", reapply_map=True" if self.reapply_map else ""))
 
 
 DEQ = DeepEquilibriumNetwork

@@ -138,6 +138,10 @@ class ZeroGuess(InitialGuess):
         shape: per-sample state shape when it differs from ``x`` (reduced-dimension DEQs), e.g. ``(8,)``,
             or a list of shapes for a multiscale (list) state. Default ``None``: zeros shaped like ``x``,
             right for maps whose state and injection have the same shape.
+        fixed_point_penalty: give the guess a "skip loss" ``mean |0 − z*| = mean |z*|`` (``z*`` not
+            detached), so that a skip-loss weight λ adds ``λ · mean |z*|`` to a vanilla model's loss, as
+            the January-2022 reference code did for every model type. Default ``False``: the paper
+            describes no such penalty, and a vanilla DEQ has no guess to train.
 
     Raises:
         ValueError: ``shape`` is neither a per-sample shape nor a list of them.
@@ -152,17 +156,26 @@ class ZeroGuess(InitialGuess):
         torch.Size([2, 8])
         >>> [tuple(t.shape) for t in ZeroGuess(shape=[(4, 2, 2), (8, 1, 1)])(x, None)]   # multiscale
         [(2, 4, 2, 2), (2, 8, 1, 1)]
+        >>> float(ZeroGuess(fixed_point_penalty=True).skip_loss(x.new_zeros(2, 3), -x))   # mean |z*|
+        1.0
     """
 
-    def __init__(self, shape: Optional[StateShape] = None):
+    def __init__(self, shape: Optional[StateShape] = None, *, fixed_point_penalty: bool = False):
         super().__init__()
         self.shape = _normalise_shape(shape, "ZeroGuess")
+        self.fixed_point_penalty = bool(fixed_point_penalty)
 
     def forward(self, x: Tensor, f: Callable[[State], State]) -> State:
         return zero_state(x, self.shape)
 
+    def skip_loss(self, u0: State, z_star: State) -> Optional[Tensor]:
+        """``mean |z*|`` with ``fixed_point_penalty``, else ``None`` (no loss: zeros have nothing to learn)."""
+        if not self.fixed_point_penalty:
+            return None
+        return skip_loss(u0, z_star, "l1", detach_target=False)
+
     def extra_repr(self) -> str:
-        return f"shape={self.shape}"
+        return f"shape={self.shape}" + (", fixed_point_penalty=True" if self.fixed_point_penalty else "")
 
 
 class _SkipGuess(InitialGuess):

@@ -279,7 +279,7 @@ class MultiScaleNeuralODE(nn.Module):
             z_star=u1, u0=u0, residual=residual, jacobian_loss=x.new_zeros(()), skip_loss=x.new_zeros(()),
             nfe=forward_nfe, converged=finite,
             status=SolverStatus.CONVERGED if bool(finite.all()) else SolverStatus.NONFINITE,
-            solver_result=None)
+            solver_result=None, reference_nfe=forward_nfe + 1)  # DeepEquilibriumNetworks.jl: the integrator's nf + 1
         run.counter.bind(solution)
         if traj.requires_grad:
             traj.register_hook(functools.partial(_begin_backward, vf, run))

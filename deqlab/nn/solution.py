@@ -44,6 +44,11 @@ class DeepEquilibriumSolution:
             backward ran, and for backward modes without a solve).
         backward_converged: whether the last adjoint solve met its tolerance for every sample (``None``
             until a backward ran, and for modes without a solve: JFB, phantom gradient).
+        reference_nfe: the forward's NFE as the paper's reference code counted it, for comparing with the
+            paper's tables: the solver's ``reference_nfe`` (see `deqlab.solvers.counting`), plus one with
+            Jacobian regularization in the ``"deqjl"`` convention (that code counted the regularizer's
+            evaluation); exactly ``d`` in fixed-depth mode, as there. ``None`` when the solver does not
+            compute it. ``nfe`` is the true cost.
 
     Example:
         The record a layer returns next to ``z_star``; the backward fills its ``backward_*`` fields:
@@ -80,6 +85,7 @@ class DeepEquilibriumSolution:
     backward_nfe: int = 0
     backward_residual: Optional[Tensor] = None
     backward_converged: Optional[bool] = None
+    reference_nfe: Optional[int] = None
 
     def record_backward(self, nfe: int, *, residual: Optional[Tensor] = None,
                         converged: Optional[bool] = None) -> None:

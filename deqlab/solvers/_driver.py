@@ -49,15 +49,18 @@ def prepare(z0: State) -> Tuple[StatePacker, Tensor]:
     return packer, packer.flatten(z0).detach()
 
 
-def empty_result(packer: StatePacker, z: Tensor, *, continuous: bool = False) -> SolverResult:
+def empty_result(packer: StatePacker, z: Tensor, *, continuous: bool = False,
+                 reference_counting: Optional[str] = None) -> SolverResult:
     """The result for a batch of 0 samples: nothing to solve, so ``f`` is never called and the (vacuous)
-    status is ``converged``; every per-sample field has length 0."""
+    status is ``converged``; every per-sample field has length 0 (the reference code, which had no empty
+    batches, is credited with nothing either)."""
     norm_dtype = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
     empty = z.new_zeros(0, dtype=norm_dtype)
     return SolverResult(z=packer.unflatten(z.clone()), nfe=0, steps=0, residual=empty, rel_residual=empty.clone(),
                         converged=torch.zeros(0, dtype=torch.bool, device=z.device), status=SolverStatus.CONVERGED,
                         sample_steps=torch.zeros(0, dtype=torch.long, device=z.device), trace=None,
-                        fz=packer.unflatten(z.clone()), t=z.new_zeros(0) if continuous else None)
+                        fz=packer.unflatten(z.clone()), t=z.new_zeros(0) if continuous else None,
+                        reference_nfe=0, reference_counting=reference_counting)
 
 
 def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
@@ -69,7 +72,8 @@ def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
 
 def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du: Tensor, *, nfe: int,
                  steps: int, throw: bool, solver_name: str, t: Optional[Tensor] = None,
-                 last_step: Optional[Tensor] = None, rows: Optional[int] = None) -> SolverResult:
+                 last_step: Optional[Tensor] = None, rows: Optional[int] = None,
+                 reference_nfe: Optional[int] = None, reference_counting: Optional[str] = None) -> SolverResult:
     z_ret, du_ret, res, rel = tracker.finish(z, du, last_step)
     status = tracker.status()
     result = SolverResult(
@@ -85,6 +89,8 @@ def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du
         fz=packer.unflatten(z_ret + du_ret),
         t=t,
         sample_weighted_nfe=float(nfe) if rows is None or packer.batch == 0 else rows / packer.batch,
+        reference_nfe=reference_nfe,
+        reference_counting=reference_counting,
     )
     if throw and status is not SolverStatus.CONVERGED:
         n_bad = int((~result.converged).sum())

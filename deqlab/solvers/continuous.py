@@ -25,6 +25,7 @@ from deqlab.solvers._checks import check_int as _check_int, check_number as _che
 from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
                                     prepare)
 from deqlab.state import State
+from deqlab.solvers.counting import ReferenceCounting, check_reference_counting, reference_nfe
 from deqlab.solvers.result import SolverResult
 from deqlab.solvers.termination import (NormKind, TerminationCondition, TerminationMode, TerminationTracker,
                                         _check_tol, resolve_termination)
@@ -97,6 +98,10 @@ class ContinuousDEQSolver:
             shrinks the step, so ten failures mean the flow itself runs into a non-finite region.
         termination: a full [`TerminationCondition`][deqlab.solvers.TerminationCondition] instead of ``mode``, ``abstol_termination``,
             ``reltol_termination`` and ``norm``; giving both raises ``ValueError``. Default ``None``.
+        reference_counting: the convention of ``result.reference_nfe`` (the paper's count beside ``nfe``,
+            see `deqlab.solvers.counting`): ``"deqjl"`` (default: OrdinaryDiffEq's ``nf`` + 1, as
+            DeepEquilibriumNetworks.jl reported it; Tsit5 ``6a + 4`` for ``a`` attempted steps) or
+            ``"fastdeq"`` (the January-2022 counter, ``6a + 5``). Only the reported number changes.
         check_every: test on the host whether every sample has stopped only every ``k`` stepper calls
             (see [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver]): the returned state is exactly that of
             ``k = 1``, with up to ``k - 1`` extra stepper calls after the last sample stopped. Default 1.
@@ -152,6 +157,7 @@ class ContinuousDEQSolver:
         check_every: int = 1,
         abstol: Optional[float] = None,
         reltol: Optional[float] = None,
+        reference_counting: ReferenceCounting = "deqjl",
     ):
         owner = "ContinuousDEQSolver"
         if ode_solver not in _METHODS:
@@ -183,6 +189,7 @@ class ContinuousDEQSolver:
         self.check_every = _check_int(owner, "check_every", check_every, low=1)
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
+        self.reference_counting = check_reference_counting(owner, reference_counting)
 
     @property
     def abstol(self) -> float:
@@ -218,7 +225,7 @@ class ContinuousDEQSolver:
         """
         packer, u = prepare(z0)
         if packer.batch == 0:
-            return empty_result(packer, u, continuous=True)
+            return empty_result(packer, u, continuous=True, reference_counting=self.reference_counting)
         F = CountedMap(f, packer)
 
         def vf(t, x, args=None):  # torchdyn's stepper signature; autonomous field
@@ -234,6 +241,7 @@ class ContinuousDEQSolver:
         done = tracker.update(u, du)
         check_first_step(tracker, u)
         t = u.new_zeros(B)
+        estimated_dt = self.adaptive and self.dt is None and not done
         dt = self._initial_dt(vf, u, du) if not done else u.new_ones(B)
         du_norm = torch.linalg.vector_norm(du, dim=1)
         nonfinite_tries = torch.zeros(B, dtype=torch.long, device=u.device)
@@ -310,7 +318,22 @@ class ContinuousDEQSolver:
                     if sync and bool(horizon_step >= 0):
                         break
         return build_result(tracker, packer, u, du, nfe=F.nfe, steps=steps, throw=self.throw,
-                            solver_name=f"ContinuousDEQSolver({self.ode_solver})", t=t, last_step=horizon_step)
+                            solver_name=f"ContinuousDEQSolver({self.ode_solver})", t=t, last_step=horizon_step,
+                            reference_nfe=reference_nfe(self.reference_counting,
+                                                        calls=self._reference_calls(F.nfe, steps, estimated_dt)),
+                            reference_counting=self.reference_counting)
+
+    def _reference_calls(self, nfe: int, steps: int, estimated_dt: bool) -> int:
+        """The evaluations OrdinaryDiffEq would make for a solve of ``steps`` stepper calls: its
+        initial-step heuristic evaluates ``f`` twice where deqlab's evaluates once (reusing ``f(u0)``), it
+        runs even when ``u0`` already meets the condition, and the steady-state callback is never tested at
+        ``t = 0``, so at least one step is taken."""
+        calls = nfe
+        if self.adaptive and self.dt is None:
+            calls += 1 if estimated_dt else 2
+        if steps == 0:
+            calls += max(self.stage_evals, 1)
+        return calls
 
     def _scale(self, a: Tensor, b: Optional[Tensor] = None) -> Tensor:
         mag = a.abs() if b is None else torch.maximum(a.abs(), b.abs())

@@ -11,6 +11,7 @@ from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, 
                                     prepare)
 from deqlab.state import State
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
+from deqlab.solvers.counting import ReferenceCounting, check_reference_counting, reference_nfe
 from deqlab.solvers.result import SolverResult
 from deqlab.solvers.sub_batch import SubBatchMap
 from deqlab.solvers.termination import (NormKind, TerminationCondition, TerminationMode, TerminationTracker,
@@ -87,6 +88,10 @@ class DiscreteDEQSolver:
         termination: a full [`TerminationCondition`][deqlab.solvers.TerminationCondition] instead of the four flat keywords above; giving
             both raises ``ValueError`` (one way to set the stop rule, never one silently dropped).
             Default ``None``: the flat keywords decide.
+        reference_counting: the convention of ``result.reference_nfe`` (the paper's count beside
+            ``nfe``, see `deqlab.solvers.counting`): ``"deqjl"`` (default: DeepEquilibriumNetworks.jl's
+            ``nf + 1``, ``k + 2`` for ``k`` iterations) or ``"fastdeq"`` (the January-2022 code behind the
+            paper's MNIST table, ``k + 3``). Only the reported number changes.
         **algorithm_options: forwarded to the named algorithm (e.g. ``memory=5`` for Anderson).
 
     Calling ``solver(f, z0)`` returns a [`SolverResult`][deqlab.solvers.SolverResult].
@@ -130,6 +135,7 @@ class DiscreteDEQSolver:
         check_every: int = 1,
         per_sample_exit: bool = False,
         compact_below: float = 0.75,
+        reference_counting: ReferenceCounting = "deqjl",
         **algorithm_options,
     ):
         for old, new in (("abstol", "abstol_termination"), ("reltol", "reltol_termination")):
@@ -144,6 +150,7 @@ class DiscreteDEQSolver:
         self.check_every = check_int("DiscreteDEQSolver", "check_every", check_every, low=1)
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
+        self.reference_counting = check_reference_counting("DiscreteDEQSolver", reference_counting)
         self.per_sample_exit = bool(per_sample_exit)
         self.compact_below = check_number("DiscreteDEQSolver", "compact_below", compact_below, low=0.0, high=1.0,
                                           low_open=True)
@@ -177,7 +184,7 @@ class DiscreteDEQSolver:
         """
         packer, z = prepare(z0)
         if packer.batch == 0:
-            return empty_result(packer, z)
+            return empty_result(packer, z, reference_counting=self.reference_counting)
         restrict = _sub_batch_maker(f, packer) if self.per_sample_exit else None
         F = CountedMap(f, packer)
         fz = F(z)
@@ -189,8 +196,13 @@ class DiscreteDEQSolver:
         algo = self.algorithm
         state = algo.init(z, fz, self.max_steps)
         z, g, steps = self._iterate(tracker, algo, state, z, fz, g, F, restrict, done)
+        # The reference solvers never test their starting guess: a solve that stopped at z0 is one
+        # iteration (one evaluation) long there.
+        calls = F.nfe + (1 if steps == 0 else 0)
         return build_result(tracker, packer, z, g, nfe=F.nfe, steps=steps, throw=self.throw,
-                            solver_name=f"DiscreteDEQSolver({algo.name})", rows=F.rows)
+                            solver_name=f"DiscreteDEQSolver({algo.name})", rows=F.rows,
+                            reference_nfe=reference_nfe(self.reference_counting, calls=calls),
+                            reference_counting=self.reference_counting)
 
     def _iterate(self, tracker: TerminationTracker, algo: FixedPointAlgorithm, state, z: Tensor, fz: Tensor,
                  g: Tensor, F: CountedMap, restrict, done: bool) -> Tuple[Tensor, Tensor, int]:

@@ -71,6 +71,11 @@ class SolverResult:
         sample_weighted_nfe: evaluations weighted by the fraction of the batch each covered
             (``sum of rows evaluated / B``). Equal to ``nfe`` unless the solver evaluated sub-batches
             (``per_sample_exit=True``), where it is the work actually done; ``None`` when not recorded.
+        reference_nfe: the NFE the paper's reference code would have reported for a solve this long, in
+            the convention ``reference_counting`` (see `deqlab.solvers.counting`: it adds the final
+            ``z* = f(u*)`` the reference always made, and maps start-up differences), for comparing with the
+            paper's numbers; ``None`` from a solver that does not compute it. Not the cost: ``nfe`` is.
+        reference_counting: ``"deqjl"`` or ``"fastdeq"``, the convention of ``reference_nfe``.
 
     Example:
         >>> import torch
@@ -84,6 +89,8 @@ class SolverResult:
                 [2., 2., 2.]], dtype=torch.float64)
         >>> res.nfe == res.steps + 1, res.converged.tolist()
         (True, [True, True])
+        >>> res.reference_nfe == res.nfe + 1, res.reference_counting   # + the reference's final z* = f(z)
+        (True, 'deqjl')
         >>> res.stats()["converged_fraction"]
         1.0
     """
@@ -100,6 +107,8 @@ class SolverResult:
     fz: Optional[State] = field(default=None, repr=False)
     t: Optional[Tensor] = None
     sample_weighted_nfe: Optional[float] = None
+    reference_nfe: Optional[int] = None
+    reference_counting: Optional[str] = None
 
     @property
     def all_converged(self) -> bool:
