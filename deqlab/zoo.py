@@ -55,9 +55,10 @@ def _paper_training(experiment: str, arch: str) -> DEQTrainingConfig:
 #: filled in by the model.
 DIGITS_TRAINING = DEQTrainingConfig(lr=3e-3, weight_decay=1e-5)
 #: The paper's MNIST-dense protocol (``MNISTDenseDEQ.default_training``), read from
-#: ``paper_settings("mnist", "dense")``: AdamW lr 1e-3, betas (0.9, 0.999), weight decay 2.5e-6, cosine to
-#: 1e-6. λ_skip (5.0 for Skip variants) and λ_jac (1.0 with Jacobian regularization) are filled in by the
-#: model unless set.
+#: ``paper_settings("mnist", "dense")``: the paper's stated protocol, Adam at a constant lr 1e-3, betas
+#: (0.9, 0.999), no weight decay. λ_skip (0.01 for Skip variants) and λ_jac (1.0 with Jacobian
+#: regularization) are filled in by the model unless set. The January-2022 code's AdamW + cosine and
+#: λ_skip = 5 are ``paper_settings("mnist", "dense", protocol="v1")``.
 MNIST_TRAINING = _paper_training("mnist", "dense")
 
 #: The pre-object solver keywords, kept as aliases (see `DenseDEQClassifier.__init__`).
@@ -323,8 +324,8 @@ class MNISTDenseDEQ(DenseDEQClassifier):
     Dense(784→128, relu) → DEQ with f(z, x) = relu(W1 z) + relu(W2 x) (no biases) → Dense(128→10); skip
     predictor Dense(128→128, relu) (the network of ``deqlab.models.mnist.mnist_dense``); limited-memory
     Broyden, 5e-3 termination tolerances, 50 steps; GMRES adjoint within 15 VJPs. ``default_training`` is
-    [`MNIST_TRAINING`][deqlab.zoo.MNIST_TRAINING] (AdamW lr 1e-3, betas (0.9, 0.999), weight decay 2.5e-6, cosine to 1e-6
-    over all steps, from [`deqlab.models.paper_settings`][deqlab.models.paper_settings]); λ_skip = 5.0 for Skip variants (0 for vanilla)
+    [`MNIST_TRAINING`][deqlab.zoo.MNIST_TRAINING] (the paper's stated protocol: Adam at a constant lr 1e-3, no weight decay,
+    from [`deqlab.models.paper_settings`][deqlab.models.paper_settings]); λ_skip = 0.01 for Skip variants (0 for vanilla)
     and λ_jac = 1.0 with ``jacobian_regularization`` (0 without), the paper's, unless
     ``skip_loss_weight`` / ``jacobian_loss_weight`` are set. ``in_features`` and ``width`` are fixed (784,
     128): they are the paper's model.
@@ -352,8 +353,8 @@ class MNISTDenseDEQ(DenseDEQClassifier):
         (0.0, 1.0, 0.001)
         >>> count_parameters(model), count_parameters(MNISTDenseDEQ())  # the skip predictor adds 16.5k
         (134538, 151050)
-        >>> MNISTDenseDEQ(training={"lr": 0.01}).deq_config.weight_decay  # a partial block keeps the rest
-        2.5e-06
+        >>> MNISTDenseDEQ(training={"weight_decay": 1e-4}).deq_config.optimizer  # a partial block keeps the rest
+        'adam'
     """
 
     default_training: ClassVar[DEQTrainingConfig] = MNIST_TRAINING

@@ -26,11 +26,12 @@ from paper_repro.paper_reference import ACCURACY_KIND, CLAIMS, PARAMETERS, SOURC
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ORDER = ("vanilla", "skip", "skip_reg", "neural_ode")
-SOLVER_ORDER = ("continuous", "discrete")
-SOLVER_SHORT = {"continuous": "C", "discrete": "D"}
+SOLVER_ORDER = ("continuous/tsit5", "continuous/vcab3", "continuous", "discrete")
+SOLVER_SHORT = {"continuous/tsit5": "C-tsit5", "continuous/vcab3": "C-vcab3", "continuous": "C", "discrete": "D"}
 #: Numeric columns averaged over seeds.
 METRICS = (
-    "test_accuracy", "explicit_accuracy", "test_nfe", "train_nfe", "backward_nfe", "train_time_per_step_s",
+    "test_accuracy", "explicit_accuracy", "test_nfe", "train_nfe", "backward_nfe", "test_reference_nfe",
+    "train_reference_nfe", "train_time_per_step_s",
     "train_time_per_epoch_s", "forward_time_s", "backward_time_s", "prediction_time_s", "explicit_time_s",
     "fit_time_s", "steps", "epochs", "parameters",
 )
@@ -69,8 +70,40 @@ def load(results_dir: Path) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
-Group = Tuple[str, str, bool]  # experiment, arch, jac_reg
-Config = Tuple[str, str]  # model_type, solver
+#: experiment, arch, jac_reg, protocol, schedule: runs of different protocols or schedules (a 5-epoch run and
+#: a 25-epoch one, a subset and the full set) are never averaged together
+Group = Tuple[str, str, bool, str, str]
+Config = Tuple[str, str]  # model_type, solver label ("discrete", "continuous/tsit5", ...)
+
+
+def protocol_of(row: Dict[str, str]) -> str:
+    """The row's protocol; rows written before protocols were recorded ran the v1 code's settings."""
+    return row.get("protocol") or "v1"
+
+
+def solver_label(row: Dict[str, str]) -> str:
+    """``discrete``, or ``continuous/<integrator>`` (rows from before the column: Tsit5, the only one then)."""
+    if row.get("solver") != "continuous":
+        return row.get("solver", "")
+    return f"continuous/{row.get('ode_solver') or 'tsit5'}"
+
+
+def schedule_of(row: Dict[str, str]) -> str:
+    """``25 epochs``, ``20000 steps``, with ``, train subset N`` / ``, test subset N`` when not the full sets."""
+    epochs, steps = row.get("requested_epochs", ""), row.get("requested_max_steps", "")
+    parts = []
+    if epochs not in ("", "-1", None):
+        parts.append(f"{epochs} epochs")
+    if steps not in ("", "-1", None):
+        parts.append(f"at most {steps} steps" if parts else f"{steps} steps")
+    for key in ("train_subset", "test_subset"):
+        if row.get(key):
+            parts.append(f"{key.replace('_', ' ')} {row[key]}")
+    return ", ".join(parts) or "unknown schedule"
+
+
+def _kind(label: str) -> str:
+    return label.split("/")[0]
 
 
 def _order(config: Config) -> Tuple[int, int]:
@@ -79,10 +112,12 @@ def _order(config: Config) -> Tuple[int, int]:
 
 
 def aggregate(rows: Iterable[Dict[str, str]]) -> Dict[Group, Dict[Config, Dict[str, Any]]]:
-    """(experiment, arch, jac_reg) -> (model_type, solver) -> {metric: (mean, std, n)} plus ``seeds``."""
+    """(experiment, arch, jac_reg, protocol, schedule) -> (model_type, solver label) -> {metric: (mean, std,
+    n)} plus ``seeds``."""
     buckets: Dict[Group, Dict[Config, List[Dict[str, str]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        buckets[(r["experiment"], r["arch"], _bool(r.get("jac_reg")))][(r["model_type"], r["solver"])].append(r)
+        group = (r["experiment"], r["arch"], _bool(r.get("jac_reg")), protocol_of(r), schedule_of(r))
+        buckets[group][(r["model_type"], solver_label(r))].append(r)
     out: Dict[Group, Dict[Config, Dict[str, Any]]] = {}
     for group, configs in buckets.items():
         out[group] = {}
@@ -131,22 +166,23 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def results_table(group: Group, configs: Dict[Config, Dict[str, Any]]) -> List[str]:
-    experiment, arch, jac = group
+    experiment, arch, jac = group[:3]
     acc_kind = ACCURACY_KIND.get(experiment, "top-1")
     lines = [
-        f"| model | solver | seeds | test acc % ({acc_kind}) | paper acc % | explicit acc % | test NFE | paper test NFE | "
-        "train NFE | backward NFE | train s/step | paper train s/batch | backward s | paper backward s | "
+        f"| model | solver | seeds | test acc % ({acc_kind}) | paper acc % | explicit acc % | test NFE (every f) | "
+        "test NFE (paper's count) | paper test NFE | train NFE (every f) | train NFE (paper's count) | "
+        "backward NFE | train s/step | paper train s/batch | backward s | paper backward s | "
         "prediction s/batch | paper prediction s | s/epoch | fit min | paper train min | params | steps | epochs |",
-        "|" + "---|" * 22,
+        "|" + "---|" * 24,
     ]
     for (model, solver), s in configs.items():
-        ref = reference(experiment, arch, model, solver, jac) or {}
+        ref = reference(experiment, arch, model, _kind(solver), jac) or {}
         lines.append("| " + " | ".join([
             model, solver, str(s["runs"]),
             fmt(s["test_accuracy"], ".2f", 100), fmt1(ref.get("accuracy"), ".2f"),
             fmt(s["explicit_accuracy"], ".2f", 100),
-            fmt(s["test_nfe"], ".1f"), fmt1(ref.get("test_nfe"), ".1f"),
-            fmt(s["train_nfe"], ".1f"), fmt(s["backward_nfe"], ".1f"),
+            fmt(s["test_nfe"], ".1f"), fmt(s["test_reference_nfe"], ".1f"), fmt1(ref.get("test_nfe"), ".1f"),
+            fmt(s["train_nfe"], ".1f"), fmt(s["train_reference_nfe"], ".1f"), fmt(s["backward_nfe"], ".1f"),
             fmt(s["train_time_per_step_s"], ".4f"), fmt1(ref.get("train_time_s")),
             fmt(s["backward_time_s"], ".4f"), fmt1(ref.get("backward_time_s")),
             fmt(s["prediction_time_s"], ".4f"), fmt1(ref.get("prediction_time_s")),
@@ -157,7 +193,9 @@ def results_table(group: Group, configs: Dict[Config, Dict[str, Any]]) -> List[s
 
 
 def _paper_value(group: Group, config: Config, quantity: str) -> Optional[float]:
-    ref = reference(group[0], group[1], config[0], config[1], group[2]) or {}
+    ref = reference(group[0], group[1], config[0], _kind(config[1]), group[2]) or {}
+    if quantity == "test_reference_nfe":
+        quantity = "test_nfe"
     return ref.get(PAPER_OF.get(quantity, quantity))
 
 
@@ -168,22 +206,35 @@ def ratio_rows(group: Group, configs: Dict[Config, Dict[str, Any]]) -> List[Tupl
     def add(name: str, num: Config, den: Config, quantities: Sequence[str]) -> None:
         if num not in configs or den not in configs:
             return
+        # two of our configurations that the paper reports as one (the MNIST table beside both solver
+        # kinds) have no paper ratio: 1.00 would only compare the paper's numbers with themselves
+        same = reference(group[0], group[1], num[0], _kind(num[1]), group[2]) is \
+            reference(group[0], group[1], den[0], _kind(den[1]), group[2]) is not None
         for q in quantities:
             ours = ratio(_mean(configs[num], q), _mean(configs[den], q))
-            paper = ratio(_paper_value(group, num, q), _paper_value(group, den, q))
+            paper = None if same else ratio(_paper_value(group, num, q), _paper_value(group, den, q))
             if ours is not None or paper is not None:
                 out.append((name, q, ours, paper))
 
-    speed = ("train_time_per_step_s", "backward_time_s", "prediction_time_s", "test_nfe", "fit_time_s")
-    for solver in SOLVER_ORDER:
+    speed = ("train_time_per_step_s", "backward_time_s", "prediction_time_s", "test_nfe", "test_reference_nfe",
+             "fit_time_s")
+    solvers = sorted({s for _, s in configs}, key=lambda s: SOLVER_ORDER.index(s) if s in SOLVER_ORDER else 99)
+    continuous = [s for s in solvers if _kind(s) == "continuous"]
+    node = next((c for c in configs if c[0] == "neural_ode"), None)
+    for solver in solvers:
         for skip in ("skip", "skip_reg"):
             add(f"vanilla / {skip} ({solver})", ("vanilla", solver), (skip, solver), speed)
-    add("neural_ode / vanilla continuous", ("neural_ode", "continuous"), ("vanilla", "continuous"),
-        ("backward_time_s", "train_time_per_step_s"))
-    for skip in ("skip", "skip_reg"):
-        add(f"neural_ode / {skip} continuous", ("neural_ode", "continuous"), (skip, "continuous"), ("train_time_per_step_s",))
-    for model in MODEL_ORDER[:3]:
-        add(f"continuous / discrete ({model})", (model, "continuous"), (model, "discrete"), speed)
+    for solver in continuous:
+        if node is not None:
+            add(f"neural_ode / vanilla {solver}", node, ("vanilla", solver), ("backward_time_s", "train_time_per_step_s"))
+            for skip in ("skip", "skip_reg"):
+                add(f"neural_ode / {skip} {solver}", node, (skip, solver), ("train_time_per_step_s",))
+        for model in MODEL_ORDER[:3]:
+            add(f"{solver} / discrete ({model})", (model, solver), (model, "discrete"), speed)
+    if "continuous/tsit5" in solvers and "continuous/vcab3" in solvers:
+        for model in MODEL_ORDER[:3]:
+            add(f"vcab3 / tsit5 ({model})", (model, "continuous/vcab3"), (model, "continuous/tsit5"),
+                ("test_nfe", "train_nfe", "train_time_per_step_s", "prediction_time_s"))
     return out
 
 
@@ -194,10 +245,11 @@ def render(runs: List[Dict[str, str]], title: str = "Paper reproduction: measure
              "(train: one optimizer step, median over steps; prediction: one test batch). Paper numbers: "
              f"{SOURCE}; they were measured on the authors' GPUs, so compare ratios, not absolute times.", ""]
     for group in sorted(agg):
-        experiment, arch, jac = group
+        experiment, arch, jac, protocol, schedule = group
         configs = agg[group]
         devices = sorted({d for s in configs.values() for d in s["device"] if d})
-        lines += [f"## {experiment} {arch}{' with Jacobian regularization' if jac else ''}", ""]
+        lines += [f"## {experiment} {arch}{' with Jacobian regularization' if jac else ''}: {protocol} protocol, "
+                  f"{schedule}", ""]
         if (experiment, arch) in PARAMETERS:
             lines += [f"Paper parameter count: {PARAMETERS[(experiment, arch)]}.", ""]
         if devices:
@@ -226,14 +278,15 @@ def _plt():
 def figure1(group: Group, configs: Dict[Config, Dict[str, Any]], path: Path) -> Optional[Path]:
     """Training and backward time of each model type relative to the vanilla continuous DEQ (ours, and the
     paper's where it has the numbers)."""
-    base = configs.get(("vanilla", "continuous"))
+    base_key = next((c for c in configs if c[0] == "vanilla" and _kind(c[1]) == "continuous"), None)
+    base = configs.get(base_key) if base_key is not None else None
     if base is None:
         return None
     labels = [f"{m} {SOLVER_SHORT.get(s, s)}" for m, s in configs]
     series = {}
     for q, name in (("train_time_per_step_s", "training"), ("backward_time_s", "backward")):
         series[f"{name} (ours)"] = [ratio(_mean(c, q), _mean(base, q)) for c in configs.values()]
-        paper = [ratio(_paper_value(group, k, q), _paper_value(group, ("vanilla", "continuous"), q)) for k in configs]
+        paper = [ratio(_paper_value(group, k, q), _paper_value(group, base_key, q)) for k in configs]
         if any(p is not None for p in paper):
             series[f"{name} (paper)"] = paper
     plt = _plt()
@@ -247,7 +300,8 @@ def figure1(group: Group, configs: Dict[Config, Dict[str, Any]], path: Path) -> 
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=30, ha="right")
     ax.set_ylabel("time relative to vanilla continuous DEQ")
-    ax.set_title(f"{group[0]} {group[1]}{' +JR' if group[2] else ''}: training and backward time (C: continuous, D: discrete)")
+    ax.set_title(f"{group[0]} {group[1]}{' +JR' if group[2] else ''} ({group[3]}, {group[4]}): training and backward time\n"
+                 f"relative to vanilla {base_key[1]} (C: continuous, D: discrete)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -257,15 +311,16 @@ def figure1(group: Group, configs: Dict[Config, Dict[str, Any]], path: Path) -> 
 
 def epoch_curves(group: Group, epochs: List[Dict[str, str]], path: Path) -> Optional[Path]:
     """Test accuracy and test NFE per epoch, one line per model type and solver (mean over seeds)."""
-    experiment, arch, jac = group
+    experiment, arch, jac, protocol = group[:4]
     series: Dict[Config, Dict[int, List[Tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in epochs:
-        if (r.get("experiment"), r.get("arch"), _bool(r.get("jac_reg"))) != group or r.get("stage") != "train":
+        key = (r.get("experiment"), r.get("arch"), _bool(r.get("jac_reg")), protocol_of(r))
+        if key != (experiment, arch, jac, protocol) or r.get("stage") != "train":
             continue
         acc, nfe, ep = _num(r.get("eval_accuracy")), _num(r.get("eval_nfe")), _num(r.get("epoch"))
         if acc is None or ep is None:
             continue
-        series[(r["model_type"], r["solver"])][int(ep) + 1].append((acc, nfe if nfe is not None else float("nan")))
+        series[(r["model_type"], solver_label(r))][int(ep) + 1].append((acc, nfe if nfe is not None else float("nan")))
     if not series:
         return None
     plt = _plt()
@@ -280,7 +335,7 @@ def epoch_curves(group: Group, epochs: List[Dict[str, str]], path: Path) -> Opti
     a2.set_xlabel("epoch")
     a2.set_ylabel("test NFE (forward)")
     a1.legend(fontsize=8)
-    fig.suptitle(f"{experiment} {arch}{' +JR' if jac else ''}: per epoch (mean over seeds)")
+    fig.suptitle(f"{experiment} {arch}{' +JR' if jac else ''} ({protocol} protocol): per epoch (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -297,8 +352,12 @@ def summarize(results_dir: Path, out: Path) -> List[Path]:
     written = [out / "summary.md"]
     written[0].write_text(render(runs))
     agg = aggregate(runs)
+    stems: Dict[str, int] = defaultdict(int)
     for group, configs in sorted(agg.items()):
-        stem = f"{group[0]}_{group[1]}{'_jac' if group[2] else ''}"
+        stem = f"{group[0]}_{group[1]}{'_jac' if group[2] else ''}_{group[3]}"
+        stems[stem] += 1
+        if stems[stem] > 1:  # another schedule of the same protocol
+            stem += f"_{stems[stem]}"
         for made in (figure1(group, configs, out / f"{stem}_figure1.png"), epoch_curves(group, epochs, out / f"{stem}_epochs.png")):
             if made is not None:
                 written.append(made)

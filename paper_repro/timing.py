@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -48,27 +48,44 @@ def load_mnist(data_dir: Path) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 class Config:
-    """One model type × solver kind: its network, optimizer and loss weights."""
+    """One model (model type × solver × Jacobian regularization): its network, optimizer and loss weights.
 
-    def __init__(self, model_type: str, solver: str, seed: int):
+    Built untrained (``seed``), or from a network the grid trained and saved (``payload``, see
+    ``mnist.py --save-model``); ``ode_solver`` re-solves a continuous model with another integrator (the
+    same weights, so the two integrators are compared on one trained model)."""
+
+    def __init__(self, model_type: str, solver: str, seed: int, *, jac_reg: bool = False, ode_solver: str = "",
+                 payload: Any = None, protocol: str = "paper"):
         from deqlab.models import build_model, paper_settings
 
         torch.manual_seed(seed)
-        self.name = f"{model_type} {solver}"
-        self.model_type, self.solver = model_type, solver
-        self.net = build_model("mnist", "dense", model_type=model_type, solver=solver)
-        s = paper_settings("mnist", "dense", model_type, solver)
+        options = dict(payload.get("model_options") or {}) if payload else {}
+        trained_ode = (payload or {}).get("ode_solver", "")
+        if solver == "continuous" and model_type != "neural_ode":
+            options["ode_solver"] = ode_solver or trained_ode or options.get("ode_solver", "tsit5")
+        self.model_type, self.solver, self.jac_reg = model_type, solver, jac_reg
+        label = f"{solver}/{options['ode_solver']}" if "ode_solver" in options else solver
+        resolved = f" (trained with {trained_ode})" if trained_ode and options.get("ode_solver") != trained_ode else ""
+        self.solver_label = label + resolved
+        self.name = f"{model_type} {self.solver_label}{' +JR' if jac_reg else ''}"
+        self.net = build_model("mnist", "dense", model_type=model_type, solver=solver, jac_reg=jac_reg, **options)
+        if payload is not None:
+            self.net.load_state_dict(payload["state_dict"])
+        s = paper_settings("mnist", "dense", model_type, solver, jac_reg=jac_reg, protocol=protocol)
         self.skip_weight = float(s["skip_loss_weight"])
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=s["lr"], betas=tuple(s["betas"]),
-                                     weight_decay=s["weight_decay"])
+        self.jac_weight = float(s["jacobian_loss_weight"])
+        from deqlab.lightning._optim import build_optimizer
+
+        self.opt = build_optimizer(self.net.parameters(), s["optimizer"], lr=s["lr"], weight_decay=s["weight_decay"],
+                                   betas=tuple(s["betas"]))
         self.times: Dict[str, List[float]] = {k: [] for k in ("step", "forward", "backward", "predict")}
-        self.nfe: Dict[str, List[float]] = {"train": [], "test": [], "backward": []}
+        self.nfe: Dict[str, List[float]] = {"train": [], "test": [], "backward": [], "test_reference": []}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, record: bool) -> None:
         self.net.train()
         t0 = time.perf_counter()
         logits, sol = self.net(x)
-        loss = F.cross_entropy(logits, y) + self.skip_weight * sol.skip_loss
+        loss = F.cross_entropy(logits, y) + self.skip_weight * sol.skip_loss + self.jac_weight * sol.jacobian_loss
         t1 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -90,7 +107,27 @@ class Config:
         if record:
             self.times["predict"].append(time.perf_counter() - t0)
             self.nfe["test"].append(float(sol.nfe))
+            if sol.reference_nfe is not None:
+                self.nfe["test_reference"].append(float(sol.reference_nfe))
         return logits
+
+
+def load_trained(models_dir: Path, also_ode: Sequence[str], seed: int) -> List[Config]:
+    """Every network ``mnist.py --save-model`` saved under ``models_dir`` (one `Config` each), plus, for each
+    continuous DEQ, the same weights solved with each integrator of ``also_ode``."""
+    configs = []
+    for path in sorted(Path(models_dir).glob("*.pt")):
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        common = dict(jac_reg=bool(payload.get("jac_reg")), payload=payload, protocol=payload.get("protocol", "paper"))
+        configs.append(Config(payload["model_type"], payload["solver"], seed, **common))
+        if payload["solver"] == "continuous" and payload["model_type"] != "neural_ode":
+            for ode in also_ode:
+                if ode != payload.get("ode_solver"):
+                    configs.append(Config(payload["model_type"], "continuous", seed, ode_solver=ode, **common))
+    if not configs:
+        raise SystemExit(f"error: no saved networks (*.pt) in {models_dir}; train them with "
+                         "paper_repro/mnist.py --grid --save-model (they go to <results-dir>/models)")
+    return configs
 
 
 def median(v: List[float]) -> float:
@@ -107,45 +144,59 @@ def main(argv: Any = None) -> str:
     p.add_argument("--seed", type=int, default=6171)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--configs", default=",".join(f"{m}:{s}" for m, s in CONFIGS),
-                   help="model_type:solver pairs, comma separated")
+                   help="model_type:solver pairs, comma separated (untrained networks, warmed up here)")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="time the networks the grid trained and saved here (mnist.py --save-model) instead of "
+                        "warming up --configs")
+    p.add_argument("--also-ode", default="",
+                   help="with --models-dir: also solve each trained continuous DEQ with these integrators "
+                        "(e.g. vcab3), same weights")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     xtr, ytr, xte, yte = load_mnist(args.data_dir)
     g = torch.Generator().manual_seed(args.seed)
-    configs = [Config(*c.split(":"), seed=args.seed) for c in args.configs.split(",")]
     B = args.batch_size
-    for cfg in configs:  # warm-up training, each on the same batch sequence
+    if args.models_dir is not None:
+        configs = load_trained(args.models_dir, [o for o in args.also_ode.split(",") if o], args.seed)
+        warm_steps = 0  # trained already
+    else:
+        configs = [Config(*c.split(":"), seed=args.seed) for c in args.configs.split(",")]
+        warm_steps = args.warm_steps
+    for cfg in configs if warm_steps else []:  # warm-up training, each on the same batch sequence
         order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(args.seed))
-        for i in range(args.warm_steps):
+        for i in range(warm_steps):
             idx = order[(i * B) % len(xtr):(i * B) % len(xtr) + B]
             cfg.train_step(xtr[idx], ytr[idx], record=False)
         print(f"warmed {cfg.name}", flush=True)
+    acc = {}
+    for cfg in configs:  # accuracy measured before the timed training steps change the weights
+        correct = 0
+        for s in range(0, args.test_subset, 250):
+            logits = cfg.predict(xte[s:s + 250], record=False)
+            correct += int((logits.argmax(1) == yte[s:s + 250]).sum())
+        acc[cfg.name] = correct / args.test_subset
     for r in range(args.rounds):  # round-robin: every config sees the same batch, one after another
         idx = torch.randint(0, len(xtr), (B,), generator=g)
         tidx = torch.randint(0, len(xte), (B,), generator=g)
         for cfg in (configs if r % 2 == 0 else configs[::-1]):
             cfg.train_step(xtr[idx], ytr[idx], record=True)
             cfg.predict(xte[tidx])
-    acc = {}
-    for cfg in configs:
-        correct = 0
-        for s in range(0, args.test_subset, 250):
-            logits = cfg.predict(xte[s:s + 250], record=False)
-            correct += int((logits.argmax(1) == yte[s:s + 250]).sum())
-        acc[cfg.name] = correct / args.test_subset
-    lines = [f"Round-robin timing on real MNIST: {args.warm_steps} warm-up steps per config (batch {B}), then "
-             f"{args.rounds} rounds; medians, seconds; torch {torch.__version__}, {args.threads} thread(s).", "",
+    source = (f"the networks trained by the grid ({args.models_dir})" if args.models_dir is not None
+              else f"{args.warm_steps} warm-up steps per config")
+    lines = [f"Round-robin timing on real MNIST: {source} (batch {B}), then {args.rounds} rounds; medians, "
+             f"seconds; torch {torch.__version__}, {args.threads} thread(s).", "",
              "| model | solver | train step | forward | backward | prediction batch | train NFE | test NFE | "
-             "backward NFE | test acc (subset) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "test NFE (paper's count) | backward NFE | test acc (subset) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     row = {}
     for cfg in configs:
         m = {k: median(v) for k, v in cfg.times.items()}
         n = {k: median(v) for k, v in cfg.nfe.items()}
         row[cfg.name] = (m, n)
-        lines.append(f"| {cfg.model_type} | {cfg.solver} | {m['step']:.4f} | {m['forward']:.4f} | {m['backward']:.4f} | "
-                     f"{m['predict']:.4f} | {n['train']:.1f} | {n['test']:.1f} | {n['backward']:.1f} | "
-                     f"{100 * acc[cfg.name]:.2f} % |")
+        model = cfg.model_type + (" +JR" if cfg.jac_reg else "")
+        lines.append(f"| {model} | {cfg.solver_label} | {m['step']:.4f} | {m['forward']:.4f} | {m['backward']:.4f} | "
+                     f"{m['predict']:.4f} | {n['train']:.1f} | {n['test']:.1f} | {n['test_reference']:.1f} | "
+                     f"{n['backward']:.1f} | {100 * acc[cfg.name]:.2f} % |")
     lines += ["", "| ratio | train step | backward | prediction | test NFE |", "|---|---|---|---|---|"]
 
     def ratio(a: str, b: str) -> None:
@@ -154,11 +205,19 @@ def main(argv: Any = None) -> str:
             lines.append(f"| {a} / {b} | {ma['step'] / mb['step']:.2f} | {ma['backward'] / mb['backward']:.2f} | "
                          f"{ma['predict'] / mb['predict']:.2f} | {na['test'] / max(nb['test'], 1e-9):.2f} |")
 
-    for solver in ("continuous", "discrete"):
-        ratio(f"vanilla {solver}", f"skip {solver}")
-        ratio(f"vanilla {solver}", f"skip_reg {solver}")
-    ratio("neural_ode continuous", "vanilla continuous")
-    ratio("vanilla continuous", "vanilla discrete")
+    labels = sorted({c.solver_label for c in configs})
+    for jr in ("", " +JR"):
+        for solver in labels:
+            ratio(f"vanilla {solver}{jr}", f"skip {solver}{jr}")
+            ratio(f"vanilla {solver}{jr}", f"skip_reg {solver}{jr}")
+        for solver in labels:
+            if solver.startswith("continuous"):
+                ratio(f"vanilla {solver}{jr}", f"vanilla discrete{jr}")
+                ratio(f"neural_ode continuous", f"vanilla {solver}{jr}")
+                for other in labels:  # VCAB3 against Tsit5, on the same trained weights where re-solved
+                    if solver.startswith("continuous/tsit5") and other.startswith("continuous/vcab3"):
+                        for model in ("vanilla", "skip", "skip_reg"):
+                            ratio(f"{model} {other}{jr}", f"{model} {solver}{jr}")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:

@@ -59,6 +59,18 @@ def test_normalisation_constant_image(tmp_path: Path, writers: SimpleNamespace) 
     assert torch.allclose(x, torch.full_like(x, expected), atol=1e-5)
 
 
+def test_raw_pixels_without_normalisation(tmp_path: Path, writers: SimpleNamespace) -> None:
+    # the January-2022 reference script trained on raw [0, 1] pixels (paper_repro --protocol v1)
+    images = np.full((10, 28, 28), 51, dtype=np.uint8)
+    labels = np.zeros(10, dtype=np.uint8)
+    writers.mnist(tmp_path, images, labels, images, labels)
+    for stage, split in (("fit", "train_set"), ("test", "test_set")):
+        dm = MNISTDataModule(tmp_path, val_fraction=0.2, normalize=False, flatten=True)
+        dm.setup(stage)
+        x, _ = getattr(dm, split)[0]
+        assert x.shape == (784,) and torch.allclose(x, torch.full_like(x, 51 / 255), atol=1e-6)
+
+
 def test_flatten(mnist_root: Path) -> None:
     dm = MNISTDataModule(mnist_root, batch_size=4, flatten=True)
     dm.setup("fit")

@@ -35,6 +35,7 @@ def test_training_writes_scalars_histograms_figures_and_hparams(tmp_path):
     for tag in ("train/loss", "train/task_loss", "train/skip_loss", "train/jacobian_loss", "train/accuracy",
                 "train/pretraining", "val/loss", "val/accuracy", "val/explicit_accuracy", "val/explicit_time",
                 "solver/train_nfe", "solver/train_backward_nfe", "solver/val_nfe", "solver/val_residual_mean",
+                "solver/train_reference_nfe", "solver/val_reference_nfe",
                 "solver/val_residual_max", "solver/val_converged", "time/forward", "time/backward",
                 "time/optimizer", "time/val_forward", "time/train_epoch", "hp/val_accuracy", "hp/val_nfe"):
         assert tag in scalars, tag
@@ -47,6 +48,16 @@ def test_training_writes_scalars_histograms_figures_and_hparams(tmp_path):
     # the NFE histogram holds one value per training batch of the epoch
     hist = [h for a in accs if "solver/nfe_hist" in a.Tags()["histograms"] for h in a.Histograms("solver/nfe_hist")]
     assert hist and hist[0].histogram_value.num == 3
+
+    def values(tag):
+        return [e.value for a in accs if tag in a.Tags()["scalars"] for e in a.Scalars(tag)]
+
+    # the paper's count beside ours: an L-Broyden solve of k iterations is k + 1 evaluations, k + 2 as
+    # DeepEquilibriumNetworks.jl counted (deqlab.solvers.counting); pretraining steps are exactly the depth
+    ours, paper = values("solver/val_nfe"), values("solver/val_reference_nfe")
+    assert ours and len(ours) == len(paper) and all(p > o for o, p in zip(ours, paper))
+    trained, counted = values("solver/train_nfe"), values("solver/train_reference_nfe")
+    assert trained[:2] == counted[:2] == [5.0, 5.0]
 
 
 def test_figures_can_be_switched_off(tmp_path):

@@ -112,13 +112,23 @@ def test_overrides_and_num_classes_reach_the_model():
 
 
 def test_mnist_dense_paper_settings():
+    # the paper's stated protocol (its text): Adam at a constant 1e-3, λ_skip = 0.01
     s = paper_settings("mnist", "dense", "skip", "discrete")
-    assert s["optimizer"] == "adamw" and s["lr"] == 1e-3 and s["weight_decay"] == 2.5e-6
-    assert s["betas"] == (0.9, 0.999) and s["scheduler"] == "cosine" and s["eta_min"] == 1e-6
-    assert s["skip_loss_weight"] == 5.0 and s["jacobian_loss_weight"] == 0.0
+    assert s["optimizer"] == "adam" and s["lr"] == 1e-3 and s["weight_decay"] == 0.0
+    assert s["betas"] == (0.9, 0.999) and s["scheduler"] == "none"
+    assert s["skip_loss_weight"] == 0.01 and s["jacobian_loss_weight"] == 0.0
     assert s["batch_size"] == 32 and s["epochs"] == 25 and s["augment"] is False
     assert s["seeds"] == (6171, 3859, 2961) and s["pretrain_depth"] == 5 and s["pretrain_steps"] == 0
+    assert "model_options" not in s and s.get("normalize", True) is True
     assert paper_settings("mnist", "dense", "vanilla", "continuous")["skip_loss_weight"] == 0.0
+    # the January-2022 code's (v1): AdamW + cosine, λ_skip = 5 (on vanilla too), its semantics as options
+    v1 = paper_settings("mnist", "dense", "skip", "discrete", protocol="v1")
+    assert v1["optimizer"] == "adamw" and v1["weight_decay"] == 2.5e-6 and v1["scheduler"] == "cosine"
+    assert v1["eta_min"] == 1e-6 and v1["skip_loss_weight"] == 5.0 and v1["normalize"] is False
+    assert paper_settings("mnist", "dense", "vanilla", protocol="v1")["skip_loss_weight"] == 5.0
+    assert v1["model_options"]["reapply_map"] and v1["model_options"]["vanilla_penalty"]
+    with pytest.raises(ValueError, match="protocol must be one of 'paper', 'v1'"):
+        paper_settings("mnist", "dense", protocol="2023")
     assert paper_settings("mnist", "dense", "skip_reg", "continuous", jac_reg=True)["jacobian_loss_weight"] == 1.0
     # the training keys are exactly DEQLightningModule training settings (the fields of DEQTrainingConfig,
     # which DEQLightningModule accepts as flat keywords)

@@ -106,3 +106,51 @@ def test_accelerator_gpu_devices_are_checked_too_and_devices_needs_an_accelerato
         run(["--accelerator", "gpu", "--devices", "8", *out_args(tmp_path)])
     with pytest.raises(SystemExit, match="--devices needs --accelerator"):
         run(["--devices", "2", *out_args(tmp_path)])
+
+
+def test_rows_carry_the_protocol_the_integrator_and_the_papers_nfe_count(mnist_dir, tmp_path):
+    run(["--arch", "dense", "--grid", "--seeds", "7", "--model-types", "skip", "--solvers", "continuous",
+         "--ode-solvers", "tsit5", "--max-steps", "2", "--batch-size", "16", "--train-subset", "16",
+         "--test-subset", "16", "--data-dir", str(mnist_dir), "--save-model", *out_args(tmp_path)])
+    [row] = rows(tmp_path / "results" / "mnist.csv")
+    assert (row["protocol"], row["solver"], row["ode_solver"]) == ("paper", "continuous", "tsit5")
+    # MNIST's NFE were counted by the January-2022 code (FastDEQ): Tsit5's 6 per attempted step + 5, while
+    # deqlab's own count is 2 + 6 per step: the two differ by 3 on every batch
+    for ours, paper in (("train_nfe", "train_reference_nfe"), ("test_nfe", "test_reference_nfe")):
+        assert float(row[paper]) == pytest.approx(float(row[ours]) + 3)
+    epochs = rows(tmp_path / "results" / "mnist_epochs.csv")
+    assert all(e["protocol"] == "paper" and e["eval_reference_nfe"] != "" for e in epochs)
+    [saved] = (tmp_path / "results" / "models").glob("*.pt")
+    import torch
+
+    payload = torch.load(saved, weights_only=False)
+    assert payload["model_type"] == "skip" and payload["ode_solver"] == "tsit5" and payload["state_dict"]
+
+
+def test_the_v1_protocol_builds_the_2022_codes_semantics(capsys):
+    run(["--arch", "dense", "--protocol", "v1", "--model-type", "vanilla", "--solver", "discrete", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "v1 protocol (the January-2022 reference code)" in out and "raw [0, 1] pixels" in out
+    assert "'reapply_map': True" in out and "skip weight 5.0" in out  # λ·mean|z*| on vanilla
+    run(["--arch", "dense", "--model-type", "vanilla", "--solver", "discrete", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "paper protocol (the paper's stated protocol)" in out and "adam lr 0.001 wd 0.0, constant rate" in out
+    assert "normalized" in out and "skip weight 0.0" in out
+
+
+def test_an_old_results_table_gains_the_new_columns_without_shifting_rows(tmp_path):
+    path = tmp_path / "mnist.csv"
+    old_columns = [c for c in common.RESULT_COLUMNS if c not in ("protocol", "ode_solver", "test_reference_nfe")]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_columns)
+        w.writeheader()
+        w.writerow({c: ("old" if c == "model_type" else "1") for c in old_columns})
+    common.append_row(path, {"model_type": "new", "protocol": "paper", "test_reference_nfe": 4.5},
+                      common.RESULT_COLUMNS)
+    old, new = rows(path)
+    assert old["model_type"] == "old" and old["protocol"] == "" and old["test_nfe"] == "1"
+    assert new["model_type"] == "new" and new["protocol"] == "paper" and new["test_reference_nfe"] == "4.5"
+    with open(path, "w", newline="") as f:  # a column this version no longer writes is never dropped silently
+        f.write("experiment,gone\nmnist,1\n")
+    with pytest.raises(KeyError, match="gone"):
+        common.append_row(path, {"experiment": "mnist"}, common.RESULT_COLUMNS)

@@ -47,6 +47,21 @@ def test_dry_run_of_the_grid_lists_every_run(capsys, tmp_path):
     run("mnist", ["--arch", "dense", "--grid", "--dry-run", "--seeds", "1", "--solvers", "discrete"])
     out = capsys.readouterr().out
     assert "dry run: 3 run(s)" in out and "neural_ode skipped" in out  # the ODE model is not a discrete solve
+    # continuous runs once per integrator asked for; the neural ODE keeps its Tsit5
+    run("mnist", ["--arch", "dense", "--grid", "--dry-run", "--seeds", "1", "--solvers", "continuous",
+                  "--ode-solvers", "tsit5,vcab3", "--model-types", "vanilla,neural_ode"])
+    out = capsys.readouterr().out
+    assert "dry run: 3 run(s)" in out and "vanilla continuous/vcab3" in out and "vanilla continuous/tsit5" in out
+    assert "neural_ode continuous/tsit5" in out
+
+
+@pytest.mark.parametrize("name, arch, ode", [("mnist", "dense", "tsit5"), ("mnist", "conv", "tsit5"),
+                                             ("cifar10", "v1", "tsit5"), ("cifar10", "small", "vcab3"),
+                                             ("cifar10", "large", "vcab3"), ("imagenet", "small", "vcab3")])
+def test_each_script_integrates_with_the_papers_solver(name, arch, ode, capsys):
+    # the paper: Tsit5 for the MNIST table and the v1 experiments, VCAB3 for the multiscale v2+ models
+    run(name, ["--arch", arch, "--solver", "continuous", "--model-type", "vanilla", "--dry-run"])
+    assert f"continuous/{ode}" in capsys.readouterr().out
 
 
 def test_cifar_tiny_is_recorded_as_small(capsys):
