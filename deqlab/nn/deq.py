@@ -401,7 +401,8 @@ class DeepEquilibriumNetwork(nn.Module):
             residual, nfe = result.residual.detach(), int(result.nfe)
             converged, status = result.converged, result.status
             self.reporter.record("forward", status is SolverStatus.CONVERGED, functools.partial(
-                _describe_forward, result), result=result, stacklevel=5)
+                _describe_forward, result, getattr(self.solver, "termination", None)), result=result,
+                stacklevel=5)
 
         jac = self._jacobian_loss(z_star, x) if self.jacobian_regularization else x.new_zeros(())
         skip = self.init.skip_loss(u0, z_star)
@@ -463,10 +464,19 @@ class DeepEquilibriumNetwork(nn.Module):
 DEQ = DeepEquilibriumNetwork
 
 
-def _describe_forward(result: Any) -> str:
+def _describe_forward(result: Any, termination: Any = None) -> str:
+    """The unconverged forward's warning text. Stalled samples (stopped by the patience rule near, not
+    within, the tolerance) are named as such: they need a looser tolerance or a better-conditioned map,
+    not more steps."""
     unconverged = float((~result.converged).float().mean())
-    return (f"status {result.status.value}, max residual {float(result.residual.max()):.3g}, "
-            f"{unconverged:.0%} of the samples unconverged, nfe {result.nfe}")
+    text = (f"status {result.status.value}, max residual {float(result.residual.max()):.3g}, "
+            f"{unconverged:.0%} of the samples unconverged")
+    stalled = getattr(result, "stalled", None)
+    if stalled is not None and bool(stalled.any()):
+        mult = getattr(termination, "patience_objective_multiplier", 3.0)
+        text += (f" ({float(stalled.float().mean()):.0%} stalled within {mult:g}x tolerance: the patience rule "
+                 f"stopped them near, not within, the tolerance)")
+    return f"{text}, nfe {result.nfe}"
 
 
 def _skip_init(owner: str, kwargs: dict, shortcut: Any, skip_loss: SkipLoss, detach_skip_target: Optional[bool],

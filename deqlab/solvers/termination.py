@@ -9,8 +9,8 @@ The modes are those of the paper-era DeepEquilibriumNetworks.jl (``du = f(u) - u
 ``rel_norm``       ``||du|| <= reltol * ||du + u||``
 ``norm``           ``abs_norm`` and ``rel_norm``
 ``*_deq_default``  objective ``||du||`` (abs) or ``||du|| / (||du + u|| + eps)`` (rel); stop when
-                   objective <= tol, or (after ``patience`` steps) objective <= 3 tol while the
-                   recent objectives vary by less than ``min_max_factor``
+                   objective <= tol (``converged``), or (after ``patience`` steps) objective <= 3 tol
+                   while the recent objectives vary by less than ``min_max_factor`` (``stalled``)
 ``*_deq_best``     as ``*_deq_default`` but return the iterate with the lowest objective
 =================  =========================================================================
 
@@ -65,8 +65,9 @@ class TerminationCondition:
         norm: ``"l2"`` (default, the reference's) or the dimension-independent ``"rms"``.
         patience: steps before the patience rule of the ``*_deq_*`` modes may fire, and the window it
             looks at. Default 30: a solve must have had the chance to converge normally first.
-        patience_objective_multiplier: the patience rule accepts objective <= this × tol. Default 3.0:
-            a stalled sample within 3x the tolerance counts as converged, one further away does not.
+        patience_objective_multiplier: the patience rule stops a sample at objective <= this × tol.
+            Default 3.0: a sample stalled within 3x the tolerance is stopped (more steps would not help)
+            with status ``stalled``, not ``converged``: only a sample within the tolerance converged.
         min_max_factor: the patience rule needs max/min of the last ``patience`` objectives below this.
             Default 1.3: the objective has varied by less than 30 % over the window, i.e. it stalled.
         protective_threshold: divergence guard, objective >= threshold × N × objective_0. Default
@@ -232,7 +233,8 @@ class TerminationTracker:
 
     A building block for writing a solver loop; the solvers create one per call. Feed it every
     evaluation with `update`, then read the returned iterate with `finish`, the status with
-    `status`, and `converged`, `sample_steps` and `trace_tensor`.
+    `status`, and `converged`, `stalled`, `sample_steps` and `trace_tensor`. ``converged`` marks the
+    samples that met the tolerance; ``stalled`` those the patience rule stopped near it (never both).
 
     Args:
         condition: the [`TerminationCondition`][deqlab.solvers.TerminationCondition] to apply.
@@ -270,6 +272,7 @@ class TerminationTracker:
         self.batch = batch
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.converged = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.stalled = torch.zeros(batch, dtype=torch.bool, device=device)
         self.diverged = torch.zeros(batch, dtype=torch.bool, device=device)
         self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
         self.sample_steps = torch.zeros(batch, dtype=torch.long, device=device)
@@ -369,6 +372,7 @@ class TerminationTracker:
             take = live & (obj < self._best_obj) & sane  # NaN never improves the best, nor a runaway
             self._best_obj = torch.where(take, obj, self._best_obj)
             self._ret = self._merge(self._ret, cur, take)
+        within_tol = met  # the tolerance test proper: only these samples may be called converged
         if patience_met is not None:
             met = met | patience_met
         if fell is not None:
@@ -383,17 +387,20 @@ class TerminationTracker:
         # which samples stop costs one host sync more than a step that takes the fast path: the count of
         # active samples below.
         finite = torch.isfinite(obj) & torch.isfinite(res) & torch.isfinite(fzn)
-        stop_conv = stopping & finite & met
+        stop_ok = stopping & finite & met  # stopped by the rule: within tolerance, or stalled near it
+        stop_conv = stop_ok & within_tol
+        stop_stall = stop_ok & ~within_tol  # the patience rule alone: near, not within, the tolerance
         stop_nan = stopping & ~finite
-        stop_div = stopping & ~stop_conv & ~stop_nan
+        stop_div = stopping & ~stop_ok & ~stop_nan
         self.converged |= stop_conv
+        self.stalled |= stop_stall
         self.diverged |= stop_div
         self.nonfinite |= stop_nan
         self.sample_steps = torch.where(stopping, torch.full_like(self.sample_steps, self.step), self.sample_steps)
         if not cond.returns_best:
             # A runaway iterate's residual is lost to rounding: return the last iterate before it.
             use_prev = stop_nan | (stop_div & lost)
-            self._ret = self._merge(self._ret, cur, stop_conv | (stop_div & ~lost))
+            self._ret = self._merge(self._ret, cur, stop_ok | (stop_div & ~lost))
             self._ret = self._merge(self._ret, self._prev, use_prev)
         self.active = self.active & ~stopping
         self._advance(cur, mask)
@@ -458,15 +465,17 @@ class TerminationTracker:
 
     def status(self):
         """The solve's [`SolverStatus`][deqlab.solvers.SolverStatus]: ``converged`` when every sample converged,
-        else the worst outcome (``nonfinite`` > ``diverged`` > ``max_steps``). One host sync."""
+        else the worst outcome (``nonfinite`` > ``diverged`` > ``max_steps`` > ``stalled``). One host sync."""
         from deqlab.solvers.result import SolverStatus
 
-        n_conv, n_nan, n_div = torch.stack(
-            [self.converged.sum(), self.nonfinite.sum(), self.diverged.sum()]).tolist()
+        n_conv, n_stall, n_nan, n_div = torch.stack(
+            [self.converged.sum(), self.stalled.sum(), self.nonfinite.sum(), self.diverged.sum()]).tolist()
         if n_conv == self.batch:
             return SolverStatus.CONVERGED
         if n_nan:
             return SolverStatus.NONFINITE
         if n_div:
             return SolverStatus.DIVERGED
-        return SolverStatus.MAX_STEPS
+        if n_conv + n_stall < self.batch:  # some sample was still running when the budget ran out
+            return SolverStatus.MAX_STEPS
+        return SolverStatus.STALLED
