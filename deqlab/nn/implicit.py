@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
 from deqlab.solvers.protocols import LinearSolver, Solver
 from deqlab.state import flatten, from_parts, unflatten
@@ -75,6 +76,9 @@ class EquilibriumProblem:
             tensors outside the layer's modules (a warning per owner) is skipped.
         autocast: ``(device_type, dtype)`` of the forward's ``torch.autocast``, re-entered so the backward
             linearizes the map the forward iterated. Default ``None``: the forward ran without autocast.
+        map_modules: the map's modules; their train-mode BatchNorms normalise with batch statistics in
+            `evaluate` but do not update their running statistics (the forward updated them once, at
+            ``z*``). Default ``()``: nothing to freeze.
 
     Attributes:
         z_star: the fixed point as a list of detached tensors (one per scale; one for a tensor state).
@@ -109,7 +113,7 @@ class EquilibriumProblem:
                  params: Sequence[Tensor], grad_state: Sequence[Tensor], needs: Sequence[bool],
                  forward_tol: Optional[float], stateful: Sequence[Any], snapshots: List[Dict[str, Any]],
                  grad_slots: List[Tuple[int, str]], owner: Any = None,
-                 autocast: Optional[Tuple[str, torch.dtype]] = None):
+                 autocast: Optional[Tuple[str, torch.dtype]] = None, map_modules: Sequence[Any] = ()):
         self._f = f
         self.is_list = is_list
         self.z_star = list(z_star)
@@ -123,6 +127,7 @@ class EquilibriumProblem:
         self._grad_slots = grad_slots
         self._owner = owner
         self._autocast = autocast
+        self._map_modules = list(map_modules)
 
     @contextlib.contextmanager
     def _installed(self, grad_state: Sequence[Tensor]):
@@ -152,7 +157,7 @@ class EquilibriumProblem:
         """
         # the forward's autocast state, so the backward linearizes the map the forward iterated
         amp = torch.autocast(self._autocast[0], dtype=self._autocast[1]) if self._autocast else contextlib.nullcontext()
-        with self._installed(grad_state), amp:
+        with self._installed(grad_state), amp, frozen_running_stats(self._map_modules):
             out = self._f(from_parts(list(z_parts), self.is_list), x)
         return [out] if isinstance(out, Tensor) else list(out)
 
