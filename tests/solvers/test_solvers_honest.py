@@ -359,3 +359,21 @@ def test_status_order_puts_stalled_below_every_other_failure():
             f, torch.zeros(2, 1, dtype=F64))
         assert res.stalled.tolist() == [True, False] and not res.converged.any(), expected
         assert res.status is expected, (expected, res.status)
+
+
+# --------------------------------------------------------------------------- maps that break the contract
+
+@pytest.mark.parametrize("name", available_solvers())
+def test_a_map_that_modifies_z_in_place_is_refused_with_the_fix(name):
+    # Old: the iterate was corrupted in place and the solve ended max_steps (or "converged" on a wrong z).
+    with pytest.raises(ValueError, match=r"modified its input z in place.*out-of-place.*clone"):
+        get_solver(name)(lambda z: z.add_(1).mul(0.5), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="modified its input z in place"):
+        get_solver(name)(lambda zs: [zs[0].mul_(0.5), zs[1]], [torch.zeros(2, 3), torch.zeros(2, 1)])
+
+
+@pytest.mark.parametrize("name", available_solvers())
+def test_a_map_returning_another_device_is_named(name):
+    # Old: torch's internal "Tensor on device cpu is not on the expected device meta!".
+    with pytest.raises(ValueError, match="expected device cpu, got meta"):
+        get_solver(name)(lambda z: z.to("meta"), torch.zeros(2, 3))
