@@ -488,7 +488,9 @@ class ImplicitBackward(BackwardMode):
             default) builds ``GMRES(tol, max_steps, restart=restart)``; any other registered solver name
             builds ``FixedPointLinearSolver(get_solver(name, mode="rel_norm", abstol_termination=tol,
             reltol_termination=tol, max_steps=max_steps), max_steps=max_steps)`` (``max_steps`` VJPs at
-            most, the linear solver's residual check included). GMRES is the default because it solves the
+            most, the linear solver's residual check included; ``"newton_krylov"`` with
+            ``line_search=True``, which rejects the steps that noisy finite-difference products spoil in
+            half precision). GMRES is the default because it solves the
             adjoint system even when ``f`` is not a contraction (the paper's adjoint), where fixed-point
             iteration and short-memory Anderson stall.
         tol: relative tolerance for a named solver. Default ``None``: the forward solver's termination
@@ -601,8 +603,13 @@ class ImplicitBackward(BackwardMode):
             else:
                 from deqlab.solvers.registry import get_solver
 
+                # Newton-Krylov on the (linear) adjoint system: a full Newton step with an exact product solves
+                # it, so a step that raises the residual comes from an inexact finite-difference product (half
+                # precision); the per-sample line search rejects such steps, and costs one norm per step when
+                # every step is good.
+                extra = {"line_search": True} if self.solver == "newton_krylov" else {}
                 built = FixedPointLinearSolver(get_solver(self.solver, mode="rel_norm", abstol_termination=tol,
-                                                          reltol_termination=tol, max_steps=self.max_steps),
+                                                          reltol_termination=tol, max_steps=self.max_steps, **extra),
                                                max_steps=self.max_steps)
             self._built[tol] = built
         return built
