@@ -7,7 +7,7 @@ once, so a solver and a layer can never disagree on what "the residual of a samp
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -369,7 +369,7 @@ class StatePacker:
 
         Raises:
             TypeError: ``fz`` is not a tensor (tensor state) or a list of as many tensors (list state).
-            ValueError: a tensor of ``fz`` differs from ``z0``'s in shape or dtype.
+            ValueError: a tensor of ``fz`` differs from ``z0``'s in shape, dtype or device.
         """
         expected = "tensor" if not self.is_list else f"list of {len(self.shapes)} tensors"
         if self.is_list:
@@ -391,6 +391,24 @@ class StatePacker:
                 )
             if t.dtype != self.dtype:
                 raise ValueError(f"the map must return the dtype of its input: expected {self.dtype}, got {t.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"the map must return a state on the device of its input: expected device "
+                                 f"{self.device}, got {t.device}; keep the map's parameters and inputs on the "
+                                 f"device of z0")
+
+
+def version_of(t: Tensor) -> Optional[int]:
+    """``t._version`` (bumped by every in-place operation on ``t`` or a view of it), or ``None`` for an
+    inference-mode tensor, which has no version counter."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+IN_PLACE_HINT = ("e.g. nn.ReLU(inplace=True) or z.add_(...) applied to z itself. The solver keeps its iterates "
+                 "(and the backward differentiates at z*), so changing the input corrupts the solve: use the "
+                 "out-of-place op (nn.ReLU(), z + 1), or clone z first inside the map (z = z.clone())")
 
 
 def make_flat_map(f: Callable[[State], State], packer: StatePacker) -> Callable[[Tensor], Tensor]:
@@ -404,9 +422,14 @@ def make_flat_map(f: Callable[[State], State], packer: StatePacker) -> Callable[
         packer: the [`StatePacker`][deqlab.state.StatePacker] of the solve's ``z0``.
 
     Returns:
-        ``flat_f(z)``: ``packer.flatten(f(packer.unflatten(z)))``. Its first call raises ``TypeError``
-        or ``ValueError`` (see `StatePacker.check_output`) when ``f`` returns a state that is not
-        shaped like ``z0``.
+        ``flat_f(z)``: ``packer.flatten(f(packer.unflatten(z)))``.
+
+    Raises:
+        TypeError: on the first call of ``flat_f``, when ``f`` returns something that is not a state of
+            ``z0``'s structure (see `StatePacker.check_output`).
+        ValueError: on the first call of ``flat_f``, when ``f`` returns a state not shaped like ``z0``, of
+            another dtype or on another device, or modified its input in place (the check that makes it
+            safe for the solver to keep its iterates).
 
     Example:
         >>> import torch
@@ -426,10 +449,14 @@ def make_flat_map(f: Callable[[State], State], packer: StatePacker) -> Callable[
 
     def flat_f(z: Tensor) -> Tensor:
         nonlocal checked
+        if checked:
+            return packer.flatten(f(packer.unflatten(z)))
+        version = version_of(z)
         out = f(packer.unflatten(z))
-        if not checked:
-            packer.check_output(out)
-            checked = True
+        if version is not None and version_of(z) != version:
+            raise ValueError(f"the map modified its input z in place ({IN_PLACE_HINT})")
+        packer.check_output(out)
+        checked = True
         return packer.flatten(out)
 
     return flat_f

@@ -116,6 +116,9 @@ class SolutionSummary:
         residual_max: largest final residual; ``None`` when none reports one.
         converged_fraction: fraction of samples whose solve converged; ``None`` when none reports it.
         status_counts: solver status value → number of layers that ended with it.
+        stalled_fraction: fraction of samples the patience rule stopped near, not within, the tolerance
+            (counted among the unconverged ones; a layer without a solver result counts none); ``None``
+            when no layer reports convergence.
 
     Examples:
         >>> import torch
@@ -132,6 +135,7 @@ class SolutionSummary:
     residual_max: Optional[Tensor]
     converged_fraction: Optional[Tensor]
     status_counts: Dict[str, int]
+    stalled_fraction: Optional[Tensor] = None
 
     @property
     def unconverged_fraction(self) -> Optional[Tensor]:
@@ -156,8 +160,8 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
         >>> from deqlab.zoo import DigitsDEQ
         >>> _, solution = DigitsDEQ(width=8)(torch.randn(4, 64))
         >>> summary = summarize([solution], like=torch.zeros(()))
-        >>> summary.status_counts["converged"], float(summary.converged_fraction)
-        (1, 1.0)
+        >>> summary.status_counts["converged"], float(summary.converged_fraction), float(summary.stalled_fraction)
+        (1, 1.0, 0.0)
     """
     zero = like.new_zeros(())
     skip = zero
@@ -166,6 +170,7 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
     reference: Optional[float] = None
     residuals: List[Tensor] = []
     converged: List[Tensor] = []
+    stalled: List[Tensor] = []
     counts = {s: 0 for s in STATUSES}
     for s in solutions:
         skip = skip + _scalar(s.skip_loss, zero)
@@ -177,7 +182,10 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
         if s.residual is not None:
             residuals.append(s.residual.detach().reshape(-1).float())
         if s.converged is not None:
-            converged.append(s.converged.detach().reshape(-1).float())
+            conv_s = s.converged.detach().reshape(-1).float()
+            converged.append(conv_s)
+            stall_s = s.stalled
+            stalled.append(torch.zeros_like(conv_s) if stall_s is None else stall_s.detach().reshape(-1).float())
         status = SolverStatus(s.status).value
         counts[status] = counts.get(status, 0) + 1
     res = torch.cat(residuals) if residuals else None
@@ -191,6 +199,7 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
         residual_max=res.max() if res is not None and res.numel() else None,
         converged_fraction=conv.mean() if conv is not None and conv.numel() else None,
         status_counts=counts,
+        stalled_fraction=torch.cat(stalled).mean() if conv is not None and conv.numel() else None,
     )
 
 

@@ -484,6 +484,8 @@ class DEQLightningModule(pl.LightningModule):
         if s.converged_fraction is not None:
             self.log(f"solver/{stage}_converged", s.converged_fraction, **kw)
             self.log(f"solver/{stage}_unconverged", s.unconverged_fraction, **kw)
+        if s.stalled_fraction is not None:  # among the unconverged: stopped by the patience rule near tol
+            self.log(f"solver/{stage}_stalled", s.stalled_fraction, **kw)
         for status in STATUSES:  # solves per status (a diverging model shows solver/train_status_diverged)
             self.log(f"solver/{stage}_status_{status}", float(s.status_counts.get(status, 0)),
                      **{**kw, "reduce_fx": "sum"} if stage != "train" else kw)

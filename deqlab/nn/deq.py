@@ -34,6 +34,7 @@ from deqlab.nn.maps import CheckedMap
 from deqlab.nn.protocols import GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
 from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy
+from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
 from deqlab.solvers.result import SolverStatus
 from deqlab.state import State, as_parts, detach, from_parts, per_sample_norm
@@ -332,7 +333,7 @@ class DeepEquilibriumNetwork(nn.Module):
         """The explicit prediction ``u0`` alone (Skip: ``shortcut(x)``; Skip Reg.: ``f(0, x)``; else zeros),
         e.g. to log the "explicit accuracy" of a Skip DEQ without solving."""
         self._validate_input(x)
-        with equilibrium_session([self]):
+        with equilibrium_session([self]), frozen_running_stats(self._map_modules()):
             return self.init(x, CheckedMap(self._eval_map, x, name=type(self).__name__))
 
     # ---------------------------------------------------------------- internals
@@ -376,22 +377,31 @@ class DeepEquilibriumNetwork(nn.Module):
     def _forward(self, x: Tensor) -> Tuple[State, DeepEquilibriumSolution]:
         name = type(self).__name__
         fmap = CheckedMap(self._eval_map, x, name=name, modules=self._map_modules)
-        u0 = self.init(x, fmap)
-        u0_parts = as_parts(u0)
-        if u0_parts[0].shape[0] != x.shape[0]:
-            raise ValueError(f"{name}: the initial state has batch size {u0_parts[0].shape[0]} but x has "
-                             f"{x.shape[0]}")
-        is_list = not isinstance(u0, Tensor)
-        start = self.init.start(u0)
-        result, context, counter = None, None, None
-        depth = self.fixed_depth
+        modules = self._map_modules()
+        # A train-mode BatchNorm in the map must not record the statistics of every iterate: its running
+        # statistics are frozen while the map is evaluated here (and in the backward), and updated by one
+        # evaluation at the returned state below (see deqlab.nn.running_stats).
+        with frozen_running_stats(modules) as batch_norms:
+            u0 = self.init(x, fmap)
+            u0_parts = as_parts(u0)
+            if u0_parts[0].shape[0] != x.shape[0]:
+                raise ValueError(f"{name}: the initial state has batch size {u0_parts[0].shape[0]} but x has "
+                                 f"{x.shape[0]}")
+            is_list = not isinstance(u0, Tensor)
+            start = self.init.start(u0)
+            result, context, counter = None, None, None
+            depth = self.fixed_depth
+            if depth > 0:
+                z = start
+                counter = _BackpropCounter()  # the backprop through the d steps is d VJPs, counted into the record
+                for _ in range(depth):
+                    z = fmap(z)
+                    counter.watch(as_parts(z))
+            else:
+                with torch.no_grad():
+                    result = self.solver(fmap, detach(start))
         if depth > 0:
-            z = start
-            counter = _BackpropCounter()  # the backprop through the d steps is d VJPs, counted into the record
-            for _ in range(depth):
-                z = fmap(z)
-                counter.watch(as_parts(z))
-            with torch.no_grad():
+            with torch.no_grad():  # the residual's evaluation at z is also the running statistics' update
                 fz = fmap(z)
                 residual = per_sample_norm([a - b for a, b in zip(as_parts(fz), as_parts(z))],
                                            self.solver.termination.norm)
@@ -400,8 +410,9 @@ class DeepEquilibriumNetwork(nn.Module):
             converged = torch.zeros_like(residual, dtype=torch.bool)
             status = SolverStatus.MAX_STEPS if bool(torch.isfinite(residual).all()) else SolverStatus.NONFINITE
         else:
-            with torch.no_grad():
-                result = self.solver(fmap, detach(start))
+            if batch_norms and result.status is not SolverStatus.NONFINITE:
+                with torch.no_grad():  # the one update of the running statistics, at z* (not counted in nfe)
+                    fmap(detach(result.z))
             z_parts = [t.detach() for t in as_parts(result.z)]
             z_parts, context = self._attach(z_parts, x, is_list)
             z_star = from_parts(z_parts, is_list)
@@ -411,12 +422,14 @@ class DeepEquilibriumNetwork(nn.Module):
                 reference += 1
             converged, status = result.converged, result.status
             self.reporter.record("forward", status is SolverStatus.CONVERGED, functools.partial(
-                _describe_forward, result), result=result, stacklevel=5)
+                _describe_forward, result, getattr(self.solver, "termination", None)), result=result,
+                stacklevel=5)
 
-        if self.reapply_map:
-            z_star = fmap(z_star)
-            nfe += 1
-        jac = self._jacobian_loss(z_star, x) if self.jacobian_regularization else x.new_zeros(())
+        with frozen_running_stats(modules):
+            if self.reapply_map:
+                z_star = fmap(z_star)
+                nfe += 1
+            jac = self._jacobian_loss(z_star, x) if self.jacobian_regularization else x.new_zeros(())
         skip = self.init.skip_loss(u0, z_star)
         solution = DeepEquilibriumSolution(
             z_star=z_star, u0=u0, residual=residual, jacobian_loss=jac,
@@ -455,7 +468,8 @@ class DeepEquilibriumNetwork(nn.Module):
         device = x.device.type
         autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         problem_args = dict(f=self._eval_map, is_list=is_list, autocast=autocast, forward_tol=float(self.solver.termination.tol),
-                            stateful=stateful, snapshots=snapshots, grad_slots=grad_slots, owner=self)
+                            stateful=stateful, snapshots=snapshots, grad_slots=grad_slots, owner=self,
+                            map_modules=modules)
         context = _GradientContext(problem_args, self.backward, n_parts=len(z_parts), n_params=len(params))
         return attach_gradient(context, z_parts, x, params, grad_state), context
 
@@ -477,10 +491,19 @@ class DeepEquilibriumNetwork(nn.Module):
 DEQ = DeepEquilibriumNetwork
 
 
-def _describe_forward(result: Any) -> str:
+def _describe_forward(result: Any, termination: Any = None) -> str:
+    """The unconverged forward's warning text. Stalled samples (stopped by the patience rule near, not
+    within, the tolerance) are named as such: they need a looser tolerance or a better-conditioned map,
+    not more steps."""
     unconverged = float((~result.converged).float().mean())
-    return (f"status {result.status.value}, max residual {float(result.residual.max()):.3g}, "
-            f"{unconverged:.0%} of the samples unconverged, nfe {result.nfe}")
+    text = (f"status {result.status.value}, max residual {float(result.residual.max()):.3g}, "
+            f"{unconverged:.0%} of the samples unconverged")
+    stalled = getattr(result, "stalled", None)
+    if stalled is not None and bool(stalled.any()):
+        mult = getattr(termination, "patience_objective_multiplier", 3.0)
+        text += (f" ({float(stalled.float().mean()):.0%} stalled within {mult:g}x tolerance: the patience rule "
+                 f"stopped them near, not within, the tolerance)")
+    return f"{text}, nfe {result.nfe}"
 
 
 def _skip_init(owner: str, kwargs: dict, shortcut: Any, skip_loss: SkipLoss, detach_skip_target: Optional[bool],

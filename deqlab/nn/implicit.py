@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
 from deqlab.solvers.protocols import LinearSolver, Solver
 from deqlab.state import flatten, from_parts, unflatten
@@ -75,6 +76,9 @@ class EquilibriumProblem:
             tensors outside the layer's modules (a warning per owner) is skipped.
         autocast: ``(device_type, dtype)`` of the forward's ``torch.autocast``, re-entered so the backward
             linearizes the map the forward iterated. Default ``None``: the forward ran without autocast.
+        map_modules: the map's modules; their train-mode BatchNorms normalise with batch statistics in
+            `evaluate` but do not update their running statistics (the forward updated them once, at
+            ``z*``). Default ``()``: nothing to freeze.
 
     Attributes:
         z_star: the fixed point as a list of detached tensors (one per scale; one for a tensor state).
@@ -109,7 +113,7 @@ class EquilibriumProblem:
                  params: Sequence[Tensor], grad_state: Sequence[Tensor], needs: Sequence[bool],
                  forward_tol: Optional[float], stateful: Sequence[Any], snapshots: List[Dict[str, Any]],
                  grad_slots: List[Tuple[int, str]], owner: Any = None,
-                 autocast: Optional[Tuple[str, torch.dtype]] = None):
+                 autocast: Optional[Tuple[str, torch.dtype]] = None, map_modules: Sequence[Any] = ()):
         self._f = f
         self.is_list = is_list
         self.z_star = list(z_star)
@@ -123,6 +127,7 @@ class EquilibriumProblem:
         self._grad_slots = grad_slots
         self._owner = owner
         self._autocast = autocast
+        self._map_modules = list(map_modules)
 
     @contextlib.contextmanager
     def _installed(self, grad_state: Sequence[Tensor]):
@@ -152,7 +157,7 @@ class EquilibriumProblem:
         """
         # the forward's autocast state, so the backward linearizes the map the forward iterated
         amp = torch.autocast(self._autocast[0], dtype=self._autocast[1]) if self._autocast else contextlib.nullcontext()
-        with self._installed(grad_state), amp:
+        with self._installed(grad_state), amp, frozen_running_stats(self._map_modules):
             out = self._f(from_parts(list(z_parts), self.is_list), x)
         return [out] if isinstance(out, Tensor) else list(out)
 
@@ -483,7 +488,9 @@ class ImplicitBackward(BackwardMode):
             default) builds ``GMRES(tol, max_steps, restart=restart)``; any other registered solver name
             builds ``FixedPointLinearSolver(get_solver(name, mode="rel_norm", abstol_termination=tol,
             reltol_termination=tol, max_steps=max_steps), max_steps=max_steps)`` (``max_steps`` VJPs at
-            most, the linear solver's residual check included). GMRES is the default because it solves the
+            most, the linear solver's residual check included; ``"newton_krylov"`` with
+            ``line_search=True``, which rejects the steps that noisy finite-difference products spoil in
+            half precision). GMRES is the default because it solves the
             adjoint system even when ``f`` is not a contraction (the paper's adjoint), where fixed-point
             iteration and short-memory Anderson stall.
         tol: relative tolerance for a named solver. Default ``None``: the forward solver's termination
@@ -596,8 +603,13 @@ class ImplicitBackward(BackwardMode):
             else:
                 from deqlab.solvers.registry import get_solver
 
+                # Newton-Krylov on the (linear) adjoint system: a full Newton step with an exact product solves
+                # it, so a step that raises the residual comes from an inexact finite-difference product (half
+                # precision); the per-sample line search rejects such steps, and costs one norm per step when
+                # every step is good.
+                extra = {"line_search": True} if self.solver == "newton_krylov" else {}
                 built = FixedPointLinearSolver(get_solver(self.solver, mode="rel_norm", abstol_termination=tol,
-                                                          reltol_termination=tol, max_steps=self.max_steps),
+                                                          reltol_termination=tol, max_steps=self.max_steps, **extra),
                                                max_steps=self.max_steps)
             self._built[tol] = built
         return built

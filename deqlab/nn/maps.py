@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from deqlab.nn.layers import stateful_modules
-from deqlab.state import State, as_parts
+from deqlab.state import IN_PLACE_HINT, State, as_parts, version_of
 
 __all__ = ["CheckedMap", "batch_coupling", "describe_state", "format_shape"]
 
@@ -47,8 +47,10 @@ class CheckedMap:
 
     The first call raises `ValueError` when ``fn`` fails on the state (naming both shapes and dtypes,
     the usual cause being an ``x`` the model does not expect or a missing ``z_shape``/``init``), returns
-    something that is not a state shaped like ``z`` ("the DEQ map must return a state shaped like z"), or
-    returns another dtype. ``checked`` is ``True`` once a call passed.
+    something that is not a state shaped like ``z`` ("the DEQ map must return a state shaped like z"),
+    returns another dtype or a state on another device ("expected device X, got Y"), or modifies ``z`` in
+    place (``nn.ReLU(inplace=True)`` on ``z`` itself: the solver's iterate would be corrupted, and the
+    backward would fail later with an autograd error). ``checked`` is ``True`` once a call passed.
     """
 
     def __init__(self, fn: Callable[[State, Tensor], State], x: Tensor, *, name: str = "DEQ",
@@ -64,6 +66,7 @@ class CheckedMap:
         if self.checked:
             return self.fn(z, self.x)
         zp = as_parts(z)
+        versions = [version_of(t) for t in zp]
         try:
             out = self.fn(z, self.x)
         except torch.OutOfMemoryError:
@@ -82,9 +85,16 @@ class CheckedMap:
         if not ok:
             raise ValueError(f"{self.name}: the DEQ map must return a state shaped like z: expected "
                              f"{describe_state(z)}, got {describe_state(out)}")
+        if any(v is not None and version_of(t) != v for t, v in zip(zp, versions)):
+            raise ValueError(f"{self.name}: the DEQ map modified its input z in place ({IN_PLACE_HINT})")
         if any(a.dtype != b.dtype for a, b in zip(zp, op)):
             raise ValueError(f"{self.name}: the DEQ map returned dtype {op[0].dtype} for a state of dtype "
                              f"{zp[0].dtype}; cast x (dtype {self.x.dtype}) or the model to one dtype")
+        wrong = next(((a, b) for a, b in zip(zp, op) if a.device != b.device), None)
+        if wrong is not None:
+            raise ValueError(f"{self.name}: the DEQ map must return a state on the device of z: expected device "
+                             f"{wrong[0].device}, got {wrong[1].device}; move the model to the device of x "
+                             f"(x is on {self.x.device})")
         self.checked = True
         return out if isinstance(out, Tensor) else list(out)
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from deqlab.nn.deq import MultiScaleMap
 from deqlab.nn.layers import equilibrium_session
 from deqlab.nn.maps import CheckedMap
+from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
 from deqlab.solvers._checks import renamed
 from deqlab.solvers.result import SolverStatus
@@ -78,7 +79,11 @@ class _VectorField(nn.Module):
         else:
             run.nfe += 1
         z = unflatten(u, run.like)
-        out = run.checker(z) if not run.checker.checked else self.map(z, run.x)
+        if run.in_backward:  # an adjoint's re-evaluation: BatchNorm running statistics stay as the forward left them
+            with frozen_running_stats([self.map]):
+                out = run.checker(z) if not run.checker.checked else self.map(z, run.x)
+        else:
+            out = run.checker(z) if not run.checker.checked else self.map(z, run.x)
         du = flatten(out) - u
         if not run.in_backward:
             run.counter.watch([du])  # "autograd": backprop through this evaluation is one VJP
@@ -260,15 +265,19 @@ class MultiScaleNeuralODE(nn.Module):
         run = vf.run = _Integration(x, u0, CheckedMap(lambda z, x_: self.model(z, x_), x, name=type(self).__name__))
         t_span = self._t_span(x)
         u0_flat = flatten(u0)
-        if self.sensitivity == "autograd":
-            _, traj = odeint(vf, u0_flat, t_span, solver=self.method, atol=self.ode_abstol, rtol=self.ode_reltol)
-        else:
-            if self._problem is None:
-                from torchdyn.core.problems import ODEProblem
+        # As in the DEQ layers, a train-mode BatchNorm of the map records its running statistics once per
+        # forward, at the returned state u(t_end) (the residual's evaluation below), not at every stage.
+        with frozen_running_stats([self.model]):
+            if self.sensitivity == "autograd":
+                _, traj = odeint(vf, u0_flat, t_span, solver=self.method, atol=self.ode_abstol,
+                                 rtol=self.ode_reltol)
+            else:
+                if self._problem is None:
+                    from torchdyn.core.problems import ODEProblem
 
-                self._problem = ODEProblem(vf, solver=self.method, atol=self.ode_abstol, rtol=self.ode_reltol,
-                                           sensitivity=self.sensitivity)
-            _, traj = self._problem.odeint(u0_flat, t_span)
+                    self._problem = ODEProblem(vf, solver=self.method, atol=self.ode_abstol, rtol=self.ode_reltol,
+                                               sensitivity=self.sensitivity)
+                _, traj = self._problem.odeint(u0_flat, t_span)
         forward_nfe = run.nfe
         u1 = unflatten(traj[-1], u0)
         with torch.no_grad():

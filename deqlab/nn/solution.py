@@ -35,8 +35,10 @@ class DeepEquilibriumSolution:
         skip_loss: the initial guess's loss, e.g. ``mean |u0 - z*|`` (Skip variants; differentiable w.r.t.
             the shortcut), else zero.
         nfe: forward evaluations of f (``d`` exactly in fixed-depth mode).
-        converged: per-sample bool mask.
+        converged: per-sample bool mask: the sample met the solver's tolerance.
         status: the solver's status (``SolverStatus``).
+        stalled: per-sample bool mask of the samples the patience rule stopped near, not within, the
+            tolerance (read from ``solver_result``; ``None`` in fixed-depth mode). A property.
         solver_result: the full ``SolverResult`` (``None`` in fixed-depth mode).
         backward_nfe: VJPs (or map evaluations) spent by every backward through this solve so far; ``0``
             until ``loss.backward()`` reaches the layer.
@@ -86,6 +88,12 @@ class DeepEquilibriumSolution:
     backward_residual: Optional[Tensor] = None
     backward_converged: Optional[bool] = None
     reference_nfe: Optional[int] = None
+
+    @property
+    def stalled(self) -> Optional[Tensor]:
+        """Per-sample mask of the samples stopped by the patience rule near, not within, the tolerance
+        (``converged`` is False for them); ``None`` without a solver result (fixed-depth mode)."""
+        return None if self.solver_result is None else getattr(self.solver_result, "stalled", None)
 
     def record_backward(self, nfe: int, *, residual: Optional[Tensor] = None,
                         converged: Optional[bool] = None) -> None:

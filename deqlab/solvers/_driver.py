@@ -60,7 +60,8 @@ def empty_result(packer: StatePacker, z: Tensor, *, continuous: bool = False,
                         converged=torch.zeros(0, dtype=torch.bool, device=z.device), status=SolverStatus.CONVERGED,
                         sample_steps=torch.zeros(0, dtype=torch.long, device=z.device), trace=None,
                         fz=packer.unflatten(z.clone()), t=z.new_zeros(0) if continuous else None,
-                        reference_nfe=0, reference_counting=reference_counting)
+                        reference_nfe=0, reference_counting=reference_counting,
+                        stalled=torch.zeros(0, dtype=torch.bool, device=z.device))
 
 
 def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
@@ -91,12 +92,16 @@ def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du
         sample_weighted_nfe=float(nfe) if rows is None or packer.batch == 0 else rows / packer.batch,
         reference_nfe=reference_nfe,
         reference_counting=reference_counting,
+        stalled=tracker.stalled.clone(),
     )
     if throw and status is not SolverStatus.CONVERGED:
         n_bad = int((~result.converged).sum())
+        n_stall = int(result.stalled.sum())
+        stalled = (f", {n_stall} of them stalled within {tracker.cond.patience_objective_multiplier:g}x the "
+                   f"tolerance (stopped by the patience rule)" if n_stall else "")
         raise SolverError(
             f"{solver_name} ended with status '{status.value}' after {steps} steps ({nfe} evaluations): "
-            f"{n_bad} of {len(result.converged)} samples did not converge (max residual "
+            f"{n_bad} of {len(result.converged)} samples did not converge{stalled} (max residual "
             f"{float(res.max()):.3g}). Raise max_steps, loosen the tolerances, or pick another solver.",
             result,
         )

@@ -414,7 +414,10 @@ class NewtonKrylov(FixedPointAlgorithm):
     (``torch.func.jvp``), exact but several times the cost of an evaluation.
 
     ``inner_tol="adaptive"`` picks GMRES's relative tolerance per Newton step with the Eisenstat–Walker
-    rule (loose far from the solution, tight close to it), so early steps do not over-solve.
+    rule (loose far from the solution, tight close to it), so early steps do not over-solve. The rule runs
+    per sample, on that sample's own residuals, and GMRES stops each sample at its own tolerance, so a
+    sample's iterates are those it would have alone (up to rounding): a far-off or NaN-producing sample in
+    the batch changes nothing for the others.
 
     Args:
         krylov_dim: GMRES basis size per cycle, ``>= 1``. Default 20: enough for the inner system of
@@ -468,22 +471,27 @@ class NewtonKrylov(FixedPointAlgorithm):
                                      high_open=True)
 
     def init(self, z, fz, max_steps):
-        return {"eta": self.eta_max, "g_norm": None}
+        return {"eta": None, "g_norm": None}
 
-    def _forcing(self, state, g: Tensor) -> float:
-        """Eisenstat–Walker (choice 2, gamma = 0.9) with the usual safeguard, worst sample of the batch."""
+    def _forcing(self, state, g: Tensor) -> Tensor:
+        """Per-sample GMRES tolerances ``(B,)``: Eisenstat–Walker (choice 2, gamma = 0.9) with the usual
+        safeguard, from each sample's own residual history, so a sample's Newton steps do not depend on the
+        rest of the batch. A non-finite ratio (a NaN sample) falls back to ``eta_max``."""
+        wd = _work_dtype(g.dtype)
         if self.inner_tol != "adaptive":
-            return float(self.inner_tol)
-        g_norm = torch.linalg.vector_norm(g, dim=1)
+            return g.new_full((g.shape[0],), float(self.inner_tol), dtype=wd)
+        g_norm = torch.linalg.vector_norm(g.to(wd), dim=1)
         prev, eta_prev = state["g_norm"], state["eta"]
         state["g_norm"] = g_norm
         if prev is None:
-            return self.eta_max
-        ratio = float((g_norm / prev.clamp_min(torch.finfo(g.dtype).tiny)).max())
-        eta = 0.9 * ratio ** 2
-        if 0.9 * eta_prev ** 2 > 0.1:
-            eta = max(eta, 0.9 * eta_prev ** 2)
-        eta = min(self.eta_max, max(eta, 10 * torch.finfo(g.dtype).eps))
+            eta = torch.full_like(g_norm, self.eta_max)
+        else:
+            ratio = g_norm / prev.clamp_min(torch.finfo(wd).tiny)
+            eta = 0.9 * ratio.square()
+            safeguard = 0.9 * eta_prev.square()
+            eta = torch.where(safeguard > 0.1, torch.maximum(eta, safeguard), eta)
+            eta = eta.clamp(min=10 * torch.finfo(g.dtype).eps, max=self.eta_max)
+            eta = torch.where(torch.isfinite(eta), eta, torch.full_like(eta, self.eta_max))
         state["eta"] = eta
         return eta
 
@@ -499,7 +507,11 @@ class NewtonKrylov(FixedPointAlgorithm):
                 h = eps * z_scale / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(eps)
                 return (F(z + h * v) - fz) / h - v
 
-        p, _ = gmres(Jg, -g, tol=self._forcing(state, g), restart=self.krylov_dim, max_restarts=self.max_restarts)
+        # A sample whose residual is not finite (it has stopped as nonfinite) gets a zero right-hand side: GMRES
+        # is done with it at once, so it neither keeps the inner loop running nor changes the others.
+        finite = torch.isfinite(g).all(dim=1, keepdim=True)
+        rhs = torch.where(finite, -g, torch.zeros_like(g))
+        p, _ = gmres(Jg, rhs, tol=self._forcing(state, g), restart=self.krylov_dim, max_restarts=self.max_restarts)
         if self.line_search:
             z_new, fz_new = _line_search(z, p, batch_norm(g), F, self.max_line_search)
         else:
@@ -510,10 +522,11 @@ class NewtonKrylov(FixedPointAlgorithm):
     supports_select = True
 
     def select(self, state, keep):
-        # The forcing term is the worst sample's: after a restriction it is that of the kept samples, so the
-        # inner tolerances (not the fixed points, which meet the same termination test) may differ slightly.
-        if state["g_norm"] is not None:
-            state["g_norm"] = state["g_norm"].index_select(0, keep)
+        # The forcing terms are per sample: the kept samples keep theirs, so they iterate exactly as in the
+        # full batch.
+        for key in ("g_norm", "eta"):
+            if state[key] is not None:
+                state[key] = state[key].index_select(0, keep)
         return state
 
 

@@ -97,7 +97,7 @@ class ContinuousDEQSolver:
             is stopped with status ``nonfinite`` and returns its last finite state. Default 10: each retry
             shrinks the step, so ten failures mean the flow itself runs into a non-finite region.
         termination: a full [`TerminationCondition`][deqlab.solvers.TerminationCondition] instead of ``mode``, ``abstol_termination``,
-            ``reltol_termination`` and ``norm``; giving both raises ``ValueError``. Default ``None``.
+            ``reltol_termination``, ``norm`` and ``batch_wide``; giving both raises ``ValueError``. Default ``None``.
         reference_counting: the convention of ``result.reference_nfe`` (the paper's count beside ``nfe``,
             see `deqlab.solvers.counting`): ``"deqjl"`` (default: OrdinaryDiffEq's ``nf`` + 1, as
             DeepEquilibriumNetworks.jl reported it; Tsit5 ``6a + 4`` for ``a`` attempted steps) or
@@ -105,6 +105,10 @@ class ContinuousDEQSolver:
         check_every: test on the host whether every sample has stopped only every ``k`` stepper calls
             (see [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver]): the returned state is exactly that of
             ``k = 1``, with up to ``k - 1`` extra stepper calls after the last sample stopped. Default 1.
+        batch_wide: evaluate the termination condition once over the whole batch, so every sample
+            stops together (see [`TerminationCondition`][deqlab.solvers.TerminationCondition]); a sample's
+            protective breaks (runaway flow, repeated NaN) then stop the whole batch too. ``None``
+            (default) means ``False``: per sample.
         abstol: old name of ``ode_abstol``, kept so old code runs; default ``None`` (not given).
         reltol: old name of ``ode_reltol``; default ``None`` (not given).
 
@@ -155,6 +159,7 @@ class ContinuousDEQSolver:
         max_nonfinite_retries: int = 10,
         termination: Optional[TerminationCondition] = None,
         check_every: int = 1,
+        batch_wide: Optional[bool] = None,
         abstol: Optional[float] = None,
         reltol: Optional[float] = None,
         reference_counting: ReferenceCounting = "deqjl",
@@ -169,7 +174,7 @@ class ContinuousDEQSolver:
             raise ValueError("ode_abstol and ode_reltol cannot both be 0: the step-size controller needs a tolerance")
         self.termination: TerminationCondition = resolve_termination(
             termination, mode=mode, abstol_termination=abstol_termination, reltol_termination=reltol_termination,
-            norm=norm, owner="ContinuousDEQSolver", default_abstol=self.ode_abstol, default_reltol=self.ode_reltol)
+            norm=norm, batch_wide=batch_wide, owner="ContinuousDEQSolver", default_abstol=self.ode_abstol, default_reltol=self.ode_reltol)
         self.max_steps = check_max_steps(max_steps)
         if not isinstance(t_max, (int, float)) or isinstance(t_max, bool) or not (t_max > 0):
             raise ValueError(f"t_max must be > 0 (math.inf for no horizon), got {t_max!r}")
@@ -205,7 +210,8 @@ class ContinuousDEQSolver:
         return (f"ContinuousDEQSolver({self.ode_solver!r}, mode={self.termination.mode!r}, "
                 f"ode_abstol={self.ode_abstol}, ode_reltol={self.ode_reltol}, "
                 f"abstol_termination={self.termination.abstol}, reltol_termination={self.termination.reltol}, "
-                f"norm={self.termination.norm!r}, max_steps={self.max_steps}, t_max={self.t_max})")
+                f"norm={self.termination.norm!r}, max_steps={self.max_steps}, t_max={self.t_max}"
+                + (", batch_wide=True)" if self.termination.batch_wide else ")"))
 
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:

@@ -85,13 +85,16 @@ class DiscreteDEQSolver:
         compact_below: with ``per_sample_exit``, shrink the working batch when the active samples are at
             most this fraction of it (default 0.75: at most ``log(B) / log(4/3)`` compactions, each costing
             one host sync and a copy of the algorithm's state). ``1.0`` compacts whenever a sample stops.
-        termination: a full [`TerminationCondition`][deqlab.solvers.TerminationCondition] instead of the four flat keywords above; giving
-            both raises ``ValueError`` (one way to set the stop rule, never one silently dropped).
-            Default ``None``: the flat keywords decide.
         reference_counting: the convention of ``result.reference_nfe`` (the paper's count beside
             ``nfe``, see `deqlab.solvers.counting`): ``"deqjl"`` (default: DeepEquilibriumNetworks.jl's
             ``nf + 1``, ``k + 2`` for ``k`` iterations) or ``"fastdeq"`` (the January-2022 code behind the
             paper's MNIST table, ``k + 3``). Only the reported number changes.
+        termination: a full [`TerminationCondition`][deqlab.solvers.TerminationCondition] instead of the flat keywords (``mode``, the
+            two tolerances, ``norm``, ``batch_wide``); giving both raises ``ValueError`` (one way to set
+            the stop rule, never one silently dropped). Default ``None``: the flat keywords decide.
+        batch_wide: evaluate the termination condition once over the whole batch, so every sample
+            stops together (the reference package's semantics; see
+            [`TerminationCondition`][deqlab.solvers.TerminationCondition]). ``None`` (default) means ``False``: per sample.
         **algorithm_options: forwarded to the named algorithm (e.g. ``memory=5`` for Anderson).
 
     Calling ``solver(f, z0)`` returns a [`SolverResult`][deqlab.solvers.SolverResult].
@@ -136,6 +139,7 @@ class DiscreteDEQSolver:
         per_sample_exit: bool = False,
         compact_below: float = 0.75,
         reference_counting: ReferenceCounting = "deqjl",
+        batch_wide: Optional[bool] = None,
         **algorithm_options,
     ):
         for old, new in (("abstol", "abstol_termination"), ("reltol", "reltol_termination")):
@@ -145,7 +149,7 @@ class DiscreteDEQSolver:
         self.algorithm = make_algorithm(algorithm, **algorithm_options)
         self.termination: TerminationCondition = resolve_termination(
             termination, mode=mode, abstol_termination=abstol_termination, reltol_termination=reltol_termination,
-            norm=norm, owner="DiscreteDEQSolver")
+            norm=norm, batch_wide=batch_wide, owner="DiscreteDEQSolver")
         self.max_steps = check_max_steps(max_steps)
         self.check_every = check_int("DiscreteDEQSolver", "check_every", check_every, low=1)
         self.throw = bool(throw)
@@ -163,6 +167,7 @@ class DiscreteDEQSolver:
         return (f"DiscreteDEQSolver({self.algorithm!r}, mode={self.termination.mode!r}, "
                 f"abstol_termination={self.termination.abstol}, reltol_termination={self.termination.reltol}, "
                 f"norm={self.termination.norm!r}, max_steps={self.max_steps}"
+                + (", batch_wide=True" if self.termination.batch_wide else "")
                 + (f", check_every={self.check_every}" if self.check_every != 1 else "")
                 + (f", per_sample_exit=True, compact_below={self.compact_below})" if self.per_sample_exit else ")"))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ def gmres(
     b: Tensor,
     *,
     x0: Optional[Tensor] = None,
-    tol: float = 1e-6,
+    tol: Union[float, Tensor] = 1e-6,
     atol: float = 0.0,
     restart: int = 20,
     max_restarts: int = 5,
@@ -54,17 +54,21 @@ def gmres(
     """Solve ``A x = b`` per sample for ``b`` of shape ``(B, N)``.
 
     Each sample is its own system ``A_i x_i = b_i`` (``matvec`` applies every sample's operator at once);
-    the loop runs until every sample meets its tolerance or the budget is spent. ``A`` need not be
-    symmetric or definite. float16/bfloat16 systems are solved in float32 and ``x`` is cast back.
+    the loop runs until every sample meets its tolerance or the budget is spent. A sample that meets its
+    tolerance stops there: its iterate is frozen while the others go on, so its solution does not depend
+    on the rest of the batch (up to rounding), provided ``matvec`` treats samples independently. ``A``
+    need not be symmetric or definite. float16/bfloat16 systems are solved in float32 and ``x`` is cast
+    back.
 
     Args:
         matvec: maps a ``(B, N)`` batch of vectors to ``A`` applied to each of them.
         b: right-hand sides, ``(B, N)``.
         x0: initial guess; ``None`` (default) starts from zeros, which saves the product that the
             initial residual ``b - A x0`` would cost.
-        tol: relative tolerance on ``||b - A x|| / ||b||`` per sample. Default ``1e-6``: far below the
-            forward solve's usual tolerance (``1e-3``), so the solution's error is not what limits a
-            gradient or a Newton step, at a few products more than a loose one.
+        tol: relative tolerance on ``||b - A x|| / ||b||`` per sample: a number, or a ``(B,)`` tensor of
+            one tolerance per sample (Newton–Krylov's per-sample forcing terms). Default ``1e-6``: far
+            below the forward solve's usual tolerance (``1e-3``), so the solution's error is not what
+            limits a gradient or a Newton step, at a few products more than a loose one.
         atol: absolute tolerance; a sample stops when its residual is below ``max(tol * ||b||, atol)``.
             Default ``0.0``: purely relative (a zero right-hand side needs no iteration either way); a
             positive value spares near-zero right-hand sides from being solved to rounding level.
@@ -83,7 +87,7 @@ def gmres(
 
     Raises:
         ValueError: ``b`` is not 2-dimensional, ``restart`` or ``max_restarts`` is not an int >= 1, or
-            ``tol`` or ``atol`` is not a finite number >= 0.
+            ``tol`` (a number) or ``atol`` is not a finite number >= 0, or a tensor ``tol`` is not of shape ``(B,)``.
 
     Example:
         >>> import torch
@@ -102,7 +106,14 @@ def gmres(
     for name, value in (("restart", restart), ("max_restarts", max_restarts)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"gmres: {name} must be an int >= 1, got {value!r}")
+    if isinstance(tol, Tensor):  # per-sample tolerances (values are the caller's: no host sync to check them)
+        if tol.shape not in ((), (b.shape[0],)):
+            raise ValueError(f"gmres: a tensor tol must have one entry per sample, shape ({b.shape[0]},), got "
+                             f"{tuple(tol.shape)}")
+        tol = tol.to(torch.float32 if b.dtype in (torch.float16, torch.bfloat16) else b.dtype)
     for name, value in (("tol", tol), ("atol", atol)):
+        if isinstance(value, Tensor):
+            continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
             raise ValueError(f"gmres: {name} must be a finite number >= 0, got {value!r}")
     if b.dtype in (torch.float16, torch.bfloat16):
@@ -128,14 +139,20 @@ def gmres(
     r = b - matvec(x) if x0 is not None else b.clone()
     matvecs += int(x0 is not None)
     beta = torch.linalg.vector_norm(r, dim=1)
+    # Every sample is its own system and stops on its own: once its residual meets its target, its
+    # iterate is frozen (its later Arnoldi columns are zero and never used), so its solution does not
+    # depend on how long the other samples of the batch iterate. finished: met the target in a cycle.
+    finished = torch.zeros(B, dtype=torch.bool, device=b.device)
+    final = beta.clone()  # the residual each finished sample stopped at
     for cycle in range(max_restarts):
-        if bool((beta <= target).all()):
+        done = finished | (beta <= target)
+        if bool(done.all()):
             break
         # The basis grows on demand (most solves stop long before ``restart`` columns); only written
         # columns are ever read, so no zero fill is needed.
         cap = min(m, 8)
         V = b.new_empty(B, cap + 1, N)
-        V[:, 0] = r / beta.clamp_min(tiny).unsqueeze(1)
+        V[:, 0] = torch.where(done.unsqueeze(1), torch.zeros_like(r), r / beta.clamp_min(tiny).unsqueeze(1))
         # Incremental QR of the Hessenberg matrix: Qt accumulates the Givens rotations, R is its upper
         # triangle and g = Qt (beta e1). |g[j+1]| is the residual after step j, so no least-squares solve is
         # needed until the cycle ends.
@@ -143,8 +160,9 @@ def gmres(
         R = b.new_zeros(B, m, m)
         g = b.new_zeros(B, m + 1)
         g[:, 0] = beta
+        used = torch.zeros(B, dtype=torch.long, device=b.device)  # Arnoldi columns each sample uses
+        stopped_at = beta.clone()  # the residual estimate at which a sample stopped in this cycle
         k = 0
-        estimate_converged = False
         for j in range(m):
             if j + 1 > cap:
                 cap = min(m, 2 * cap)
@@ -157,16 +175,18 @@ def gmres(
             h = torch.bmm(w.unsqueeze(1), basis.transpose(1, 2)).squeeze(1)  # (B,1,N)x(B,N,k): the fast bmm path
             w = w - torch.bmm(h.unsqueeze(1), basis).squeeze(1)
             w_norm = torch.linalg.vector_norm(w, dim=1)
-            # Classical Gram-Schmidt, repeated only when it cancelled much of w (the DGKS criterion), where
-            # one pass loses orthogonality; most steps then read the basis twice instead of four times.
-            if bool((w_norm < 0.7 * w_in).any()):
+            # Classical Gram-Schmidt, repeated only for the samples where it cancelled much of w (the DGKS
+            # criterion), where one pass loses orthogonality; most steps then read the basis twice instead of
+            # four times. Per sample, so a sample's basis does not depend on the others.
+            again = w_norm < 0.7 * w_in
+            if bool(again.any()):
                 h2 = torch.bmm(w.unsqueeze(1), basis.transpose(1, 2)).squeeze(1)
-                w = w - torch.bmm(h2.unsqueeze(1), basis).squeeze(1)
-                h = h + h2
+                w2 = w - torch.bmm(h2.unsqueeze(1), basis).squeeze(1)
+                w = torch.where(again.unsqueeze(1), w2, w)
+                h = torch.where(again.unsqueeze(1), h + h2, h)
                 w_norm = torch.linalg.vector_norm(w, dim=1)
             # A breakdown means the sample is solved exactly; a tiny subdiagonal keeps R invertible.
             w_norm = w_norm.clamp_min(tiny)
-            V[:, j + 1] = w / w_norm.unsqueeze(1)
             col = torch.bmm(Qt[:, : j + 1, : j + 1], h.unsqueeze(2)).squeeze(2)  # earlier rotations
             a, c_ = col[:, j], w_norm
             rho = torch.hypot(a, c_)
@@ -181,19 +201,33 @@ def gmres(
             g[:, j + 1] = -sn * g_j
             k = j + 1
             res_est = g[:, j + 1].abs()
-            if bool((res_est <= target).all()):
-                estimate_converged = True
+            running = ~done
+            used = torch.where(running, torch.full_like(used, k), used)
+            stopped_at = torch.where(running, res_est, stopped_at)
+            done = done | (running & (res_est <= target))
+            V[:, j + 1] = torch.where(done.unsqueeze(1), torch.zeros_like(w), w / w_norm.unsqueeze(1))
+            if bool(done.all()):
                 break
-        y = torch.linalg.solve_triangular(R[:, :k, :k], g[:, :k].unsqueeze(2), upper=True).squeeze(2)
+        # The least-squares solution of each sample from its own columns: a sample that stopped after
+        # `used` columns solves that leading block (the rest of R is replaced by the identity, of g by 0).
+        cols = torch.arange(k, device=b.device)
+        keep = cols.unsqueeze(0) < used.unsqueeze(1)  # (B, k)
+        Rk = torch.where(keep.unsqueeze(1) & keep.unsqueeze(2), R[:, :k, :k],
+                         torch.eye(k, dtype=b.dtype, device=b.device).expand(B, k, k))
+        gk = torch.where(keep, g[:, :k], torch.zeros_like(g[:, :k]))
+        y = torch.linalg.solve_triangular(Rk, gk.unsqueeze(2), upper=True).squeeze(2)
         x = x + torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1)
-        if estimate_converged or cycle == max_restarts - 1:
+        newly = done & ~finished & (used > 0)
+        final = torch.where(newly, stopped_at, final)
+        finished = finished | newly
+        if bool(done.all()) or cycle == max_restarts - 1:
             # The rotated residual is GMRES's residual in exact arithmetic; recomputing the true one
             # would cost a matvec that only a restart needs.
-            beta = res_est
+            beta = torch.where(finished, final, stopped_at)
             break
         r = b - matvec(x)
         matvecs += 1
-        beta = torch.linalg.vector_norm(r, dim=1)
+        beta = torch.where(finished, final, torch.linalg.vector_norm(r, dim=1))
     converged = beta <= target * (1 + 1e-6) + tiny
     rel = beta / b_norm.clamp_min(tiny)
     return x, GMRESInfo(matvecs=matvecs, iterations=iterations, residual=rel, converged=converged)

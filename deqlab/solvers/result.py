@@ -19,11 +19,16 @@ class SolverStatus(str, enum.Enum):
     """Why a solve ended. A ``str`` subclass so it logs and compares as plain text.
 
     When several samples end differently, the status is the worst case over the batch:
-    ``nonfinite`` before ``diverged`` before ``max_steps``; it is ``converged`` only when every sample
-    converged (per-sample detail is in `SolverResult.converged`).
+    ``nonfinite`` before ``diverged`` before ``max_steps`` before ``stalled``; it is ``converged`` only
+    when every sample converged (per-sample detail is in `SolverResult.converged` and
+    `SolverResult.stalled`).
 
     Attributes:
-        CONVERGED: every sample met the termination condition.
+        CONVERGED: every sample met the termination condition (its tolerance).
+        STALLED: the mildest failure: some sample was stopped by the patience rule of the ``*_deq_*``
+            modes, its objective stuck near the tolerance (within ``patience_objective_multiplier``, 3x by
+            default) but not within it. Stopping it was right (more steps would not help); calling it
+            converged would not be: its residual is up to 3x the tolerance.
         MAX_STEPS: the step cap (or a continuous solver's ``t_max``) ended the solve first.
         DIVERGED: a sample hit a protective break (its residual grew far beyond the first one, or lost
             resolution), or a continuous solver's flow kept running away.
@@ -33,7 +38,7 @@ class SolverStatus(str, enum.Enum):
         >>> import torch
         >>> from deqlab.solvers import DiscreteDEQSolver, SolverStatus
         >>> ", ".join(s.value for s in SolverStatus)
-        'converged, max_steps, diverged, nonfinite'
+        'converged, stalled, max_steps, diverged, nonfinite'
         >>> res = DiscreteDEQSolver("fixed_point", mode="abs_norm", max_steps=100)(
         ...     lambda z: 2 * z + 1, torch.zeros(2, 3))   # the fixed point -1 repels every iterate
         >>> res.status is SolverStatus.DIVERGED, res.status == "diverged", str(res.status)
@@ -41,6 +46,7 @@ class SolverStatus(str, enum.Enum):
     """
 
     CONVERGED = "converged"
+    STALLED = "stalled"
     MAX_STEPS = "max_steps"
     DIVERGED = "diverged"
     NONFINITE = "nonfinite"
@@ -62,7 +68,7 @@ class SolverResult:
         residual: per-sample absolute residual ``||f(z) - z||`` at ``z`` (shape ``(B,)``), in the
             solver's norm (L2 or RMS).
         rel_residual: per-sample ``||f(z) - z|| / (||f(z)|| + eps)``.
-        converged: per-sample bool mask: the sample met the termination condition.
+        converged: per-sample bool mask: the sample met the termination condition's tolerance.
         status: ``converged`` when every sample converged, else why the solve ended.
         sample_steps: per-sample number of steps until the sample stopped (``(B,)`` long).
         trace: optional ``(steps + 1, B)`` tensor of the termination objective per step.
@@ -76,6 +82,8 @@ class SolverResult:
             ``z* = f(u*)`` the reference always made, and maps start-up differences), for comparing with the
             paper's numbers; ``None`` from a solver that does not compute it. Not the cost: ``nfe`` is.
         reference_counting: ``"deqjl"`` or ``"fastdeq"``, the convention of ``reference_nfe``.
+        stalled: per-sample bool mask: the patience rule stopped the sample near, not within, the
+            tolerance (``converged`` is False for it); ``None`` when the solver does not record it.
 
     Example:
         >>> import torch
@@ -91,8 +99,8 @@ class SolverResult:
         (True, [True, True])
         >>> res.reference_nfe == res.nfe + 1, res.reference_counting   # + the reference's final z* = f(z)
         (True, 'deqjl')
-        >>> res.stats()["converged_fraction"]
-        1.0
+        >>> res.stats()["converged_fraction"], res.stats()["stalled_fraction"]
+        (1.0, 0.0)
     """
 
     z: State
@@ -109,6 +117,7 @@ class SolverResult:
     sample_weighted_nfe: Optional[float] = None
     reference_nfe: Optional[int] = None
     reference_counting: Optional[str] = None
+    stalled: Optional[Tensor] = None
 
     @property
     def all_converged(self) -> bool:
@@ -120,11 +129,12 @@ class SolverResult:
 
         Returns:
             A dict of floats: ``nfe``, ``steps``, ``residual_mean``, ``residual_max``,
-            ``rel_residual_mean`` and ``converged_fraction``.
+            ``rel_residual_mean``, ``converged_fraction`` and ``stalled_fraction`` (samples stopped by the
+            patience rule near the tolerance; 0 when not recorded).
         """
         if self.residual.numel() == 0:
             return {"nfe": float(self.nfe), "steps": float(self.steps), "residual_mean": 0.0, "residual_max": 0.0,
-                    "rel_residual_mean": 0.0, "converged_fraction": 1.0}
+                    "rel_residual_mean": 0.0, "converged_fraction": 1.0, "stalled_fraction": 0.0}
         return {
             "nfe": float(self.nfe),
             "steps": float(self.steps),
@@ -132,6 +142,7 @@ class SolverResult:
             "residual_max": float(self.residual.max()),
             "rel_residual_mean": float(self.rel_residual.mean()),
             "converged_fraction": float(self.converged.float().mean()),
+            "stalled_fraction": 0.0 if self.stalled is None else float(self.stalled.float().mean()),
         }
 
 

@@ -9,8 +9,8 @@ The modes are those of the paper-era DeepEquilibriumNetworks.jl (``du = f(u) - u
 ``rel_norm``       ``||du|| <= reltol * ||du + u||``
 ``norm``           ``abs_norm`` and ``rel_norm``
 ``*_deq_default``  objective ``||du||`` (abs) or ``||du|| / (||du + u|| + eps)`` (rel); stop when
-                   objective <= tol, or (after ``patience`` steps) objective <= 3 tol while the
-                   recent objectives vary by less than ``min_max_factor``
+                   objective <= tol (``converged``), or (after ``patience`` steps) objective <= 3 tol
+                   while the recent objectives vary by less than ``min_max_factor`` (``stalled``)
 ``*_deq_best``     as ``*_deq_default`` but return the iterate with the lowest objective
 =================  =========================================================================
 
@@ -19,6 +19,9 @@ beyond ``protective_threshold * N * objective_0`` is stopped and flagged diverge
 residual becomes NaN/Inf is stopped and flagged non-finite (returning its best finite iterate).
 Norms are L2 by default; ``norm="rms"`` divides by ``sqrt(N)`` so a tolerance means the same for a state
 of 4 and of 100 000 numbers.
+
+``batch_wide=True`` evaluates all of this once for the whole batch instead of per sample (one norm over
+the ``(B, N)`` tensor, as the reference package did): every sample then stops together, with one verdict.
 """
 from __future__ import annotations
 
@@ -65,12 +68,22 @@ class TerminationCondition:
         norm: ``"l2"`` (default, the reference's) or the dimension-independent ``"rms"``.
         patience: steps before the patience rule of the ``*_deq_*`` modes may fire, and the window it
             looks at. Default 30: a solve must have had the chance to converge normally first.
-        patience_objective_multiplier: the patience rule accepts objective <= this × tol. Default 3.0:
-            a stalled sample within 3x the tolerance counts as converged, one further away does not.
+        patience_objective_multiplier: the patience rule stops a sample at objective <= this × tol.
+            Default 3.0: a sample stalled within 3x the tolerance is stopped (more steps would not help)
+            with status ``stalled``, not ``converged``: only a sample within the tolerance converged.
         min_max_factor: the patience rule needs max/min of the last ``patience`` objectives below this.
             Default 1.3: the objective has varied by less than 30 % over the window, i.e. it stalled.
         protective_threshold: divergence guard, objective >= threshold × N × objective_0. Default
             ``1e3``: far beyond any transient growth of a converging solve.
+        batch_wide: evaluate the condition once over the whole batch (default ``False``: per sample).
+            ``True`` reproduces the reference package, which tested e.g. ``||du|| <= reltol ||du + u||``
+            with norms over the entire ``(B, N)`` batch tensor: the objective, the tolerance test, the
+            patience rule and the protective breaks see the batch as one vector (``N`` above becomes
+            ``B × N``; ``abs``/``rel`` take the worst entry of the batch), and every sample stops at the
+            same step with the same verdict (``converged`` when the batch-wide test holds). The
+            per-sample ``residual``/``rel_residual`` of the result still report each sample's own
+            residual, so a sample may converge (batch-wide) with a residual above the tolerance when
+            others are below it. At ``B = 1`` it is identical to the per-sample condition.
 
     Raises:
         ValueError: ``mode`` or ``norm`` is unknown, a tolerance is not a finite number >= 0,
@@ -99,6 +112,7 @@ class TerminationCondition:
     patience_objective_multiplier: float = 3.0
     min_max_factor: float = 1.3
     protective_threshold: float = 1e3
+    batch_wide: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in TERMINATION_MODES:
@@ -111,6 +125,8 @@ class TerminationCondition:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.protective_threshold <= 0:
             raise ValueError(f"protective_threshold must be > 0, got {self.protective_threshold}")
+        if not isinstance(self.batch_wide, bool):
+            raise ValueError(f"batch_wide must be True or False, got {self.batch_wide!r}")
 
     @property
     def returns_best(self) -> bool:
@@ -127,7 +143,9 @@ class TerminationCondition:
 
         ``met`` is the tolerance test alone (the patience rule needs history and lives in the tracker).
         Pass ``fz = z + du`` when it is at hand, to save a full-size addition. For half-precision states
-        the norms and ratios are computed in float32 (a float16 sum of squares overflows at 256).
+        the norms and ratios are computed in float32 (a float16 sum of squares overflows at 256). With
+        ``batch_wide`` the objective and ``met`` are the whole batch's (the same value in every entry),
+        the residuals still each sample's own.
 
         Args:
             z: the flat ``(B, N)`` iterates.
@@ -166,7 +184,34 @@ class TerminationCondition:
         else:  # rel_deq_*
             obj = rel
             met = obj <= self.reltol
+        if self.batch_wide:
+            obj, met = self._batch_objective(obj, met, res, fz_norm)
         return obj, met, res, rel, fz_norm
+
+    def batch_norms(self, res: Tensor, fz_norm: Tensor) -> Tuple[Tensor, Tensor]:
+        """The whole batch's ``(||du||, ||f(z)||)`` from the per-sample norms, broadcast to ``(B,)``.
+
+        The L2 norm of the ``(B, N)`` tensor is the L2 norm of the per-sample L2 norms; its RMS norm (over
+        ``B × N`` entries) is the root mean square of the per-sample RMS norms.
+        """
+        def agg(v: Tensor) -> Tensor:
+            total = torch.linalg.vector_norm(v) if self.norm == "l2" else v.square().mean().sqrt()
+            return total.expand_as(v)
+
+        return agg(res), agg(fz_norm)
+
+    def _batch_objective(self, obj: Tensor, met: Tensor, res: Tensor, fz_norm: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(objective, met)`` of the batch as one vector, broadcast to every sample."""
+        mode = self.mode
+        if mode in ("abs", "rel"):  # the worst entry of the batch
+            return obj.amax().expand_as(obj), met.all().expand_as(met)
+        res_b, fzn_b = self.batch_norms(res, fz_norm)
+        if mode == "norm":
+            return res_b, (res_b <= self.abstol) & (res_b <= self.reltol * fzn_b)
+        if mode == "abs_norm" or mode.startswith("abs_deq"):
+            return res_b, res_b <= self.abstol
+        rel_b = res_b / (fzn_b + _EPS)
+        return rel_b, rel_b <= self.reltol
 
     @property
     def relative(self) -> bool:
@@ -191,7 +236,8 @@ def resolve_termination(termination: Optional[TerminationCondition], *, owner: s
     """The solver's [`TerminationCondition`][deqlab.solvers.TerminationCondition] from either ``termination=`` or the flat keywords.
 
     Why one helper: every solver takes the stop rule either as an object or as the flat keywords
-    ``mode``, ``abstol_termination``, ``reltol_termination``, ``norm`` (``None`` = not given). Giving both
+    ``mode``, ``abstol_termination``, ``reltol_termination``, ``norm``, ``batch_wide`` (``None`` = not
+    given). Giving both
     is ambiguous (which wins?), so it raises naming the flat keywords instead of dropping them silently.
     """
     given = sorted(k for k, v in flat.items() if v is not None)
@@ -202,9 +248,9 @@ def resolve_termination(termination: Optional[TerminationCondition], *, owner: s
             raise ValueError(
                 f"{owner}: pass either termination=TerminationCondition(...) or the flat keywords, not both; "
                 f"got termination= together with {', '.join(given)}. Set them on the TerminationCondition "
-                f"(fields mode, abstol, reltol, norm) instead.")
+                f"(fields mode, abstol, reltol, norm, batch_wide) instead.")
         return termination
-    unknown = set(flat) - {"mode", "abstol_termination", "reltol_termination", "norm"}
+    unknown = set(flat) - {"mode", "abstol_termination", "reltol_termination", "norm", "batch_wide"}
     if unknown:  # pragma: no cover - programming error inside deqlab
         raise TypeError(f"unknown termination keywords {sorted(unknown)}")
 
@@ -215,7 +261,7 @@ def resolve_termination(termination: Optional[TerminationCondition], *, owner: s
     return TerminationCondition(mode=pick("mode", "rel_deq_default"),
                                 abstol=pick("abstol_termination", default_abstol),
                                 reltol=pick("reltol_termination", default_reltol),
-                                norm=pick("norm", "l2"))
+                                norm=pick("norm", "l2"), batch_wide=pick("batch_wide", False))
 
 
 class TerminationTracker:
@@ -232,7 +278,8 @@ class TerminationTracker:
 
     A building block for writing a solver loop; the solvers create one per call. Feed it every
     evaluation with `update`, then read the returned iterate with `finish`, the status with
-    `status`, and `converged`, `sample_steps` and `trace_tensor`.
+    `status`, and `converged`, `stalled`, `sample_steps` and `trace_tensor`. ``converged`` marks the
+    samples that met the tolerance; ``stalled`` those the patience rule stopped near it (never both).
 
     Args:
         condition: the [`TerminationCondition`][deqlab.solvers.TerminationCondition] to apply.
@@ -270,6 +317,7 @@ class TerminationTracker:
         self.batch = batch
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.converged = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.stalled = torch.zeros(batch, dtype=torch.bool, device=device)
         self.diverged = torch.zeros(batch, dtype=torch.bool, device=device)
         self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
         self.sample_steps = torch.zeros(batch, dtype=torch.long, device=device)
@@ -299,22 +347,32 @@ class TerminationTracker:
         """
         cond = self.cond
         obj, met, res, rel, fzn = cond._evaluate(z, du, fz)
+        cur = (z, du, res, rel)  # what a sample returns: its own residuals, also when batch-wide
+        numel = self.numel
+        if cond.batch_wide:
+            # One verdict for the batch: the guards below see the batch's norms, a step counts for every
+            # sample when any sample moved, and a sample the solver flags diverged flags the batch.
+            res, fzn = cond.batch_norms(res, fzn)
+            numel = self.numel * self.batch
+            if mask is not None:
+                mask = mask.any().expand_as(mask)
+            if diverged is not None:
+                diverged = diverged.any().expand_as(diverged)
         live = self.active if mask is None else self.active & mask
-        cur = (z, du, res, rel)
         first = self._obj0 is None
         if first:
             finite0 = torch.isfinite(obj)
             self._obj0 = torch.where(finite0, obj, torch.zeros_like(obj))
             # One comparison per step then flags both divergence and NaN/Inf: NaN < x is False, and a
             # sample with objective_0 = 0 (it starts at its fixed point) only fails on non-finite values.
-            self._threshold = torch.where(self._obj0 > 0, cond.protective_threshold * self.numel * self._obj0,
+            self._threshold = torch.where(self._obj0 > 0, cond.protective_threshold * numel * self._obj0,
                                           torch.full_like(obj, math.inf))
             res0 = torch.where(torch.isfinite(res), res, torch.zeros_like(res))
             fzn0 = torch.where(torch.isfinite(fzn), fzn, torch.zeros_like(fzn))
             inf = torch.full_like(res0, math.inf)
             # The same protective break on the absolute residual, so relative modes (whose objective
             # stays bounded while z -> 2z + 1 explodes) see divergence too.
-            self._res_threshold = torch.where(res0 > 0, cond.protective_threshold * self.numel * res0, inf)
+            self._res_threshold = torch.where(res0 > 0, cond.protective_threshold * numel * res0, inf)
             # Resolution lost: once eps * ||f(z)|| reaches the first residual, rounding in f alone is as
             # large as where the solve started, so f(z) - z can no longer show progress (z -> z + 1 runs
             # until (z + 1) - z == 0). Only for an iterate that grew (not a warm start at the fixed point).
@@ -327,7 +385,7 @@ class TerminationTracker:
             # abs_norm / abs_deq_*: the objective is the residual, so the two breaks coincide
             self._obj_is_res = cond.mode == "abs_norm" or cond.mode.startswith("abs_deq")
             self._prev = cur
-            self._ret = [z, du, res, rel]
+            self._ret = list(cur)
         if self.keep_trace:
             self.trace.append(obj if mask is None or not self.trace else torch.where(mask, obj, self.trace[-1]))
         patience_met = self._patience_rule(obj, live) if cond.uses_patience else None
@@ -369,6 +427,7 @@ class TerminationTracker:
             take = live & (obj < self._best_obj) & sane  # NaN never improves the best, nor a runaway
             self._best_obj = torch.where(take, obj, self._best_obj)
             self._ret = self._merge(self._ret, cur, take)
+        within_tol = met  # the tolerance test proper: only these samples may be called converged
         if patience_met is not None:
             met = met | patience_met
         if fell is not None:
@@ -383,17 +442,20 @@ class TerminationTracker:
         # which samples stop costs one host sync more than a step that takes the fast path: the count of
         # active samples below.
         finite = torch.isfinite(obj) & torch.isfinite(res) & torch.isfinite(fzn)
-        stop_conv = stopping & finite & met
+        stop_ok = stopping & finite & met  # stopped by the rule: within tolerance, or stalled near it
+        stop_conv = stop_ok & within_tol
+        stop_stall = stop_ok & ~within_tol  # the patience rule alone: near, not within, the tolerance
         stop_nan = stopping & ~finite
-        stop_div = stopping & ~stop_conv & ~stop_nan
+        stop_div = stopping & ~stop_ok & ~stop_nan
         self.converged |= stop_conv
+        self.stalled |= stop_stall
         self.diverged |= stop_div
         self.nonfinite |= stop_nan
         self.sample_steps = torch.where(stopping, torch.full_like(self.sample_steps, self.step), self.sample_steps)
         if not cond.returns_best:
             # A runaway iterate's residual is lost to rounding: return the last iterate before it.
             use_prev = stop_nan | (stop_div & lost)
-            self._ret = self._merge(self._ret, cur, stop_conv | (stop_div & ~lost))
+            self._ret = self._merge(self._ret, cur, stop_ok | (stop_div & ~lost))
             self._ret = self._merge(self._ret, self._prev, use_prev)
         self.active = self.active & ~stopping
         self._advance(cur, mask)
@@ -458,15 +520,17 @@ class TerminationTracker:
 
     def status(self):
         """The solve's [`SolverStatus`][deqlab.solvers.SolverStatus]: ``converged`` when every sample converged,
-        else the worst outcome (``nonfinite`` > ``diverged`` > ``max_steps``). One host sync."""
+        else the worst outcome (``nonfinite`` > ``diverged`` > ``max_steps`` > ``stalled``). One host sync."""
         from deqlab.solvers.result import SolverStatus
 
-        n_conv, n_nan, n_div = torch.stack(
-            [self.converged.sum(), self.nonfinite.sum(), self.diverged.sum()]).tolist()
+        n_conv, n_stall, n_nan, n_div = torch.stack(
+            [self.converged.sum(), self.stalled.sum(), self.nonfinite.sum(), self.diverged.sum()]).tolist()
         if n_conv == self.batch:
             return SolverStatus.CONVERGED
         if n_nan:
             return SolverStatus.NONFINITE
         if n_div:
             return SolverStatus.DIVERGED
-        return SolverStatus.MAX_STEPS
+        if n_conv + n_stall < self.batch:  # some sample was still running when the budget ran out
+            return SolverStatus.MAX_STEPS
+        return SolverStatus.STALLED

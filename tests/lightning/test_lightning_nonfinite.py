@@ -137,6 +137,27 @@ def test_solver_status_counts_and_unconverged_fractions_are_logged():
     # a map that runs away is logged as diverged, not as an exhausted step budget
     assert counts["diverged"] == 1.0 and counts["max_steps"] == 0.0
 
+def test_stalled_samples_are_logged_as_stalled_not_converged():
+    # f = 0.995 z + x under fixed-point iteration in rel_deq_default: the patience rule stops every sample
+    # at ~3e-3 for a tolerance of 1e-3. Old: solver/train_converged 1.0 and status_converged 1.
+    class _Stalling(_AffineDEQ):
+        def __init__(self, **kwargs):
+            super().__init__(a=0.995, **kwargs)
+            solver = DiscreteDEQSolver("fixed_point", mode="rel_deq_default", reltol_termination=1e-3, max_steps=1000)
+            self.deq = DeepEquilibriumNetwork(_Affine(0.995), solver, backward=ImplicitBackward(tol=1e-6))
+
+    pl.seed_everything(0)
+    model = _Stalling(scheduler="none", log_figures=False, optimizer="sgd", lr=0.0, momentum=0.0)
+    cb = _Logged()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, _loader(nan_batch=None, n_batches=1))
+    row = cb.rows[0]
+    assert row["solver/train_converged"] == 0.0 and row["solver/train_stalled"] == 1.0
+    assert row["solver/train_unconverged"] == 1.0  # stalled samples are among the unconverged
+    assert row["solver/train_status_stalled"] == 1.0 and row["solver/train_status_converged"] == 0.0
+
+
 @pytest.mark.parametrize("a, expected", [(0.5, 0.0), (1.0, 1.0)])
 def test_backward_unconverged_fraction_is_logged_from_the_record(a, expected):
     # a = 0.5: a contraction, the adjoint converges; a = 1: (1 - a) g = v is singular, it cannot

@@ -67,6 +67,20 @@ def test_unconverged_forward_warns_rate_limited_with_counts():
     assert deq.reporter.failures["forward"] == 25 and deq.reporter.solves["forward"] == 25
 
 
+def test_a_stalled_forward_is_reported_as_stalled_not_converged():
+    """Old: the patience rule stopped f = 0.995 z + x at 3x the tolerance, the layer reported `converged`
+    and warned nothing."""
+    solver = DiscreteDEQSolver("fixed_point", mode="rel_deq_default", reltol_termination=1e-3, max_steps=1000)
+    deq = DEQ(Affine(0.995), solver)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            _, sol = deq(torch.ones(3, 4))
+    assert sol.status == "stalled" and not sol.converged.any() and sol.stalled.all()
+    found = [str(w.message) for w in _convergence_warnings(record)]
+    assert len(found) == 1 and "stalled within 3x tolerance" in found[0] and "status stalled" in found[0]
+
+
 def test_unconverged_policy_ignore_and_raise():
     solver = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-12, max_steps=2)
     quiet = DEQ(DenseMap(6, scale=0.99), solver, on_unconverged="ignore")

@@ -124,3 +124,36 @@ def test_bad_arguments():
         gmres(matvec, b, restart=0)
     with pytest.raises(ValueError):
         gmres(matvec, b, max_restarts=0)
+
+
+def test_a_sample_stops_at_its_tolerance_whatever_the_rest_of_the_batch():
+    # Sample 0 is easy (spread 0.1), the others hard (spread 1.8) or NaN: sample 0's solution is the one it
+    # gets alone, to rounding. Old: GMRES iterated every sample until the last met its tolerance, so sample
+    # 0 came back solved to 1e-12 instead of 1e-4 next to a hard sample (and never stopped next to a NaN one).
+    A, b, _, _ = _system(3, 16, seed=4, spread=1.8)
+    A0, b0, _, _ = _system(1, 16, seed=5, spread=0.1)
+    A[0], b[0] = A0[0], b0[0]
+    mv = lambda M: (lambda v: torch.bmm(M, v.unsqueeze(2)).squeeze(2))  # noqa: E731
+    alone, info_alone = gmres(mv(A[:1]), b[:1], tol=1e-4, restart=16, max_restarts=1)
+    Anan, bnan = A.clone(), b.clone()
+    bnan[2] = float("nan")
+    for M, rhs in ((A, b), (Anan, bnan)):
+        x, info = gmres(mv(M), rhs, tol=1e-4, restart=16, max_restarts=1)
+        torch.testing.assert_close(x[:1], alone, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(info.residual[:1], info_alone.residual, rtol=1e-12, atol=0)
+        assert info.matvecs > info_alone.matvecs  # the others went on
+    assert float(info_alone.residual[0]) > 1e-8  # stopped near its tolerance, not solved to rounding
+
+
+def test_per_sample_tolerances():
+    A, b, matvec, _ = _system(3, 10, seed=6)
+    tol = torch.tensor([1e-2, 1e-6, 1e-10], dtype=F64)
+    x, info = gmres(matvec, b, tol=tol, restart=10, max_restarts=1)
+    assert info.converged.all()
+    true = _true_rel_residual(A, b, x)
+    assert (true <= tol * 1.01).all() and float(true[0]) > 1e-6  # each sample stopped at its own tolerance
+    for i in range(3):  # ... as it would alone
+        xi, _ = gmres(lambda v: v @ A[i].T, b[i:i + 1], tol=float(tol[i]), restart=10, max_restarts=1)
+        torch.testing.assert_close(x[i:i + 1], xi, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="one entry per sample"):
+        gmres(matvec, b, tol=torch.ones(2, dtype=F64))

@@ -313,3 +313,67 @@ def test_anderson_memory_larger_than_state_converges_in_float32():
     z_exact = torch.linalg.solve(torch.eye(2) - W, x.T).T
     assert res.status == "converged" and bool(res.converged.all())
     assert float((res.z - z_exact).abs().max()) < 1e-3
+
+
+# --------------------------------------------------------------------------- patience stops are `stalled`
+
+def test_patience_stop_near_the_tolerance_is_stalled_not_converged():
+    # Old: status `converged`, converged [True], with the relative residual at 3.0e-3 for a tolerance of
+    # 1e-3 and the iterate 37 % away from z* = 200 (z <- 0.995 z + 1 contracts too slowly for 1e-3).
+    f = lambda z: 0.995 * z + 1  # noqa: E731
+    solver = DiscreteDEQSolver("fixed_point", mode="rel_deq_default", reltol_termination=1e-3, max_steps=1000)
+    res = solver(f, torch.zeros(1, 4, dtype=F64))
+    assert res.status is SolverStatus.STALLED and res.steps < 1000   # stopping early is still right
+    assert not res.converged.any() and res.stalled.tolist() == [True]
+    assert 1e-3 < float(res.rel_residual[0]) <= 3e-3
+    assert res.stats()["converged_fraction"] == 0.0 and res.stats()["stalled_fraction"] == 1.0
+    with pytest.raises(SolverError, match="stalled within 3x the tolerance"):
+        DiscreteDEQSolver("fixed_point", mode="rel_deq_default", reltol_termination=1e-3, max_steps=1000,
+                          throw=True)(f, torch.zeros(1, 4, dtype=F64))
+
+
+@pytest.mark.parametrize("name", ["fixed_point", "continuous_euler", "continuous_rk4"])
+def test_a_sample_within_tolerance_is_converged_and_a_stalled_one_is_not(name):
+    # Two independent samples: z <- 0.5 z + 1 (converges) and z <- 0.995 z + 1 (stalls near tol). Each keeps
+    # its own verdict; the status is the worst, `stalled` (the mildest failure).
+    a = torch.tensor([[0.5], [0.995]], dtype=F64)
+    kw = {"dt": 1.0} if name.startswith("continuous") else {}
+    solver = get_solver(name, mode="rel_deq_default", reltol_termination=1e-3, max_steps=1000, **kw)
+    res = solver(lambda z: a * z + 1, torch.zeros(2, 3, dtype=F64))
+    assert res.converged.tolist() == [True, False] and res.stalled.tolist() == [False, True]
+    assert res.status is SolverStatus.STALLED
+    assert float(res.rel_residual[0]) <= 1e-3 < float(res.rel_residual[1]) <= 3e-3
+
+
+def test_status_order_puts_stalled_below_every_other_failure():
+    # nonfinite > diverged > max_steps > stalled > converged: one stalled sample next to a sample that
+    # fails otherwise reports the other failure.
+    stall = lambda z: 0.995 * z[:1] + 1  # noqa: E731
+    cases = {
+        SolverStatus.MAX_STEPS: lambda z: torch.cat([stall(z), z[1:] + 1]),            # no fixed point, budget
+        SolverStatus.DIVERGED: lambda z: torch.cat([stall(z), 2 * z[1:] + 1]),         # runs away
+        SolverStatus.NONFINITE: lambda z: torch.cat([stall(z), z[1:] + float("nan")]),  # NaN
+    }
+    for expected, f in cases.items():
+        res = DiscreteDEQSolver("fixed_point", mode="abs_deq_default", abstol_termination=0.05, max_steps=400)(
+            f, torch.zeros(2, 1, dtype=F64))
+        assert res.stalled.tolist() == [True, False] and not res.converged.any(), expected
+        assert res.status is expected, (expected, res.status)
+
+
+# --------------------------------------------------------------------------- maps that break the contract
+
+@pytest.mark.parametrize("name", available_solvers())
+def test_a_map_that_modifies_z_in_place_is_refused_with_the_fix(name):
+    # Old: the iterate was corrupted in place and the solve ended max_steps (or "converged" on a wrong z).
+    with pytest.raises(ValueError, match=r"modified its input z in place.*out-of-place.*clone"):
+        get_solver(name)(lambda z: z.add_(1).mul(0.5), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="modified its input z in place"):
+        get_solver(name)(lambda zs: [zs[0].mul_(0.5), zs[1]], [torch.zeros(2, 3), torch.zeros(2, 1)])
+
+
+@pytest.mark.parametrize("name", available_solvers())
+def test_a_map_returning_another_device_is_named(name):
+    # Old: torch's internal "Tensor on device cpu is not on the expected device meta!".
+    with pytest.raises(ValueError, match="expected device cpu, got meta"):
+        get_solver(name)(lambda z: z.to("meta"), torch.zeros(2, 3))

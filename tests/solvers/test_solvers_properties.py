@@ -19,16 +19,16 @@ SLACK = {F64: 1e-9, F32: 1e-5}  # recomputing f(z) may differ from the solver's 
 shapes_st = st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple), min_size=1, max_size=2)
 
 
-def mode_criterion(mode, z, fz, abstol, reltol, norm, slack):
+def mode_criterion(mode, z, fz, abstol, reltol, norm, slack, mult=1.0):
     """Per-sample bool: the tolerance test of ``mode`` recomputed from scratch at ``(z, f(z))``.
 
-    The ``*_deq_*`` modes may also stop through the patience rule, which accepts 3 x the tolerance.
+    A ``converged`` sample meets it with ``mult = 1``; a ``stalled`` one (the patience rule of the
+    ``*_deq_*`` modes) with ``mult = 3``.
     """
     du = fz - z
     scale = math.sqrt(du.shape[1]) if norm == "rms" else 1.0
     res = torch.linalg.vector_norm(du, dim=1) / scale
     fz_norm = torch.linalg.vector_norm(fz, dim=1) / scale
-    mult = 3.0 if "_deq_" in mode else 1.0
     abs_ok = res <= mult * abstol * (1 + slack) + slack
     rel_ok = res <= mult * reltol * fz_norm * (1 + slack) + slack
     if mode == "abs":
@@ -95,6 +95,10 @@ def test_converged_mask_implies_the_mode_tolerance(prob, name, mode, norm, absto
     ok = mode_criterion(mode, z, fz, abstol, reltol, norm, SLACK[dtype])
     assert (ok | ~res.converged).all()
     assert (res.status is SolverStatus.CONVERGED) == bool(res.converged.all())
+    # a stalled sample (patience rule, *_deq_* modes only) is within 3x the tolerance and never converged
+    near = mode_criterion(mode, z, fz, abstol, reltol, norm, SLACK[dtype], mult=3.0)
+    assert (near | ~res.stalled).all() and not (res.stalled & res.converged).any()
+    assert "_deq_" in mode or not res.stalled.any()
     assert torch.isfinite(z).all()
 
 

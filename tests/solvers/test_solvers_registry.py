@@ -118,8 +118,8 @@ def test_result_record():
     assert res.all_converged
     stats = res.stats()
     assert set(stats) == {"nfe", "steps", "residual_mean", "residual_max", "rel_residual_mean",
-                          "converged_fraction"}
-    assert stats["converged_fraction"] == 1.0 and stats["nfe"] == res.nfe
+                          "converged_fraction", "stalled_fraction"}
+    assert stats["converged_fraction"] == 1.0 and stats["stalled_fraction"] == 0.0 and stats["nfe"] == res.nfe
     # rel_residual = ||f(z) - z|| / ||f(z)||: here f(z) = z/2, so |du| = |f(z)| and the ratio is 1.
     torch.testing.assert_close(res.rel_residual, torch.ones(2, dtype=F64))
     assert res.trace.shape == (res.steps + 1, 2)
