@@ -82,6 +82,7 @@ def build_solver(
     abstol: Optional[float] = None,
     reltol: Optional[float] = None,
     reference_counting: str = "deqjl",
+    batch_wide: bool = False,
 ) -> Solver:
     """A deqlab solver from a name (the string shorthand of the zoo's ``solver`` argument): ``tsit5`` or
     ``vcab3`` → ``ContinuousDEQSolver`` with that integrator (integrate to the steady state), anything
@@ -113,6 +114,8 @@ def build_solver(
         reltol: old name of ``reltol_termination``; default ``None`` (not given).
         reference_counting: the convention of ``reference_nfe`` (the paper's NFE count beside ours, see
             `deqlab.solvers.counting`). Default ``"deqjl"``.
+        batch_wide: one termination test over the whole batch (the reference code's semantics). Default
+            ``False``: each sample stops on its own.
 
     Returns:
         A ``ContinuousDEQSolver`` for ``tsit5``, else a ``DiscreteDEQSolver``; pass it as a layer's or
@@ -138,13 +141,14 @@ def build_solver(
             name, mode=mode, abstol_termination=atol, reltol_termination=rtol, max_steps=max_steps,
             ode_abstol=atol if ode_abstol is None else ode_abstol,
             ode_reltol=rtol if ode_reltol is None else ode_reltol, reference_counting=reference_counting,
+            batch_wide=batch_wide,
         )
     given = [k for k, v in (("ode_abstol", ode_abstol), ("ode_reltol", ode_reltol)) if v is not None]
     if given:
         raise ValueError(f"{owner}: {', '.join(given)} set the ODE stepper of 'tsit5' / 'vcab3'; the discrete solver {name!r} "
                          "has none: drop it, or use abstol_termination / reltol_termination")
     return DiscreteDEQSolver(name, mode=mode, abstol_termination=atol, reltol_termination=rtol, max_steps=max_steps,
-                             reference_counting=reference_counting)
+                             reference_counting=reference_counting, batch_wide=batch_wide)
 
 
 def build_backward(name: BackwardName = "gmres", *, tol: Optional[float] = None,
@@ -179,7 +183,8 @@ def build_backward(name: BackwardName = "gmres", *, tol: Optional[float] = None,
 
 
 def make_solver(kind: SolverKind, *, mode: str, tol: float, max_steps: int,
-                ode_solver: ODESolverName = "tsit5", reference_counting: str = "deqjl") -> Any:
+                ode_solver: ODESolverName = "tsit5", reference_counting: str = "deqjl",
+                batch_wide: bool = False) -> Any:
     """The forward solver of a solver *kind* ([`build_solver`][deqlab.zoo.build_solver] by name): ``continuous``
     integrates ``du/dt = f(u, x) − u`` to the steady state with ``ode_solver`` (the ODE step tolerances
     equal the termination tolerance); ``discrete`` is limited-memory Broyden. Both stop by the termination
@@ -193,6 +198,7 @@ def make_solver(kind: SolverKind, *, mode: str, tol: float, max_steps: int,
         ode_solver: the continuous kind's integrator, ``tsit5`` or ``vcab3``. Default ``tsit5``; ignored
             by the discrete kind.
         reference_counting: the convention of the solver's ``reference_nfe``. Default ``"deqjl"``.
+        batch_wide: one termination test over the whole batch. Default ``False``.
 
     Returns:
         A ``ContinuousDEQSolver`` or a ``DiscreteDEQSolver``.
@@ -209,7 +215,7 @@ def make_solver(kind: SolverKind, *, mode: str, tol: float, max_steps: int,
     check_choice("ode_solver", ode_solver, ODE_SOLVERS)
     return build_solver(ode_solver if kind == "continuous" else "lbroyden", mode=mode,  # type: ignore[arg-type]
                         abstol_termination=tol, reltol_termination=tol, max_steps=max_steps,
-                        reference_counting=reference_counting)
+                        reference_counting=reference_counting, batch_wide=batch_wide)
 
 
 def make_backward(tol: float, max_steps: int) -> BackwardMode:

@@ -150,7 +150,8 @@ def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete",
                 num_classes: int = 10, width: int = 128, in_features: int = 784, tol: float = 5e-3,
                 max_steps: int = 50, mode: str = "rel_deq_default", backward_max_steps: int = 15,
                 detach_skip_target: Optional[bool] = None, ode_solver: str = "tsit5", reapply_map: bool = False,
-                vanilla_penalty: bool = False, reference_counting: str = "fastdeq") -> PaperNetwork:
+                vanilla_penalty: bool = False, reference_counting: str = "fastdeq",
+                batch_wide: bool = False) -> PaperNetwork:
     """MNIST dense: ``Flatten → Dense(784→128, relu) → DEQ → Dense(128→10)``.
 
     DEQ map ``f(z, x) = relu(W1 z) + relu(W2 x)`` (no biases); Skip predictor ``Dense(128→128, relu)``;
@@ -185,6 +186,8 @@ def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete",
             the v1 λ_skip = 5). Default ``False``.
         reference_counting: the convention of ``solution.reference_nfe``. Default ``"fastdeq"``: the
             paper's MNIST table was counted by the January-2022 code (see `deqlab.solvers.counting`).
+        batch_wide: one termination test over the whole batch, as the January-2022 code's L-Broyden and
+            steady-state callback did (``--protocol v1``). Default ``False``: each sample stops on its own.
 
     Returns:
         The network, a [`PaperNetwork`][deqlab.models.PaperNetwork].
@@ -202,7 +205,7 @@ def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete",
         (torch.Size([2, 10]), 13242)
     """
     solver_obj = make_solver(solver, mode=mode, tol=tol, max_steps=max_steps, ode_solver=ode_solver,  # type: ignore[arg-type]
-                             reference_counting=reference_counting)
+                             reference_counting=reference_counting, batch_wide=batch_wide)
     backward = None if model_type == "neural_ode" else make_backward(tol, min(max_steps, backward_max_steps))
     return dense_network(model_type, solver_obj, backward=backward, jac_reg=jac_reg, num_classes=num_classes,
                          width=width, in_features=in_features, detach_skip_target=detach_skip_target,

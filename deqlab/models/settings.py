@@ -43,7 +43,7 @@ _PAPER_MNIST_DENSE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, betas=(0.
 
 
 #: ``build_model`` options that give the January-2022 code's semantics (``--protocol v1`` of MNIST dense).
-V1_SEMANTICS: Dict[str, Any] = dict(reapply_map=True, vanilla_penalty=True)
+V1_SEMANTICS: Dict[str, Any] = dict(reapply_map=True, vanilla_penalty=True, batch_wide=True)
 
 
 def _base(experiment: str, arch: str, solver: str, protocol: str = "paper") -> Dict[str, Any]:
@@ -138,7 +138,7 @@ def paper_settings(experiment: str, arch: str, model_type: str = "skip", solver:
         >>> sorted(set(s) - TRAINING_KEYS)
         ['augment', 'batch_size', 'epochs', 'mean', 'seeds', 'std']
         >>> v1["normalize"], v1["model_options"]
-        (False, {'reapply_map': True, 'vanilla_penalty': True})
+        (False, {'reapply_map': True, 'vanilla_penalty': True, 'batch_wide': True})
     """
     from deqlab.models.builder import canonical_arch
 

@@ -126,7 +126,7 @@ def test_mnist_dense_paper_settings():
     assert v1["optimizer"] == "adamw" and v1["weight_decay"] == 2.5e-6 and v1["scheduler"] == "cosine"
     assert v1["eta_min"] == 1e-6 and v1["skip_loss_weight"] == 5.0 and v1["normalize"] is False
     assert paper_settings("mnist", "dense", "vanilla", protocol="v1")["skip_loss_weight"] == 5.0
-    assert v1["model_options"]["reapply_map"] and v1["model_options"]["vanilla_penalty"]
+    assert v1["model_options"] == {"reapply_map": True, "vanilla_penalty": True, "batch_wide": True}
     with pytest.raises(ValueError, match="protocol must be one of 'paper', 'v1'"):
         paper_settings("mnist", "dense", protocol="2023")
     assert paper_settings("mnist", "dense", "skip_reg", "continuous", jac_reg=True)["jacobian_loss_weight"] == 1.0
@@ -239,3 +239,15 @@ def test_skip_reg_training_keeps_the_fixed_point_bounded():
         loss.backward()
         opt.step()
     assert float(sol.z_star.detach().abs().mean()) < 1.5
+
+
+def test_the_v1_semantics_reach_the_network():
+    from deqlab.models.settings import V1_SEMANTICS
+
+    net = build_model("mnist", "dense", model_type="vanilla", solver="discrete", **V1_SEMANTICS)
+    assert net.deq.solver.termination.batch_wide and net.deq.reapply_map
+    assert net.deq.init.fixed_point_penalty
+    plain = build_model("mnist", "dense", model_type="vanilla", solver="continuous")
+    assert not plain.deq.solver.termination.batch_wide and not plain.deq.reapply_map
+    assert not plain.deq.init.fixed_point_penalty
+    assert plain.deq.solver.reference_counting == "fastdeq"  # the MNIST table's count (deqlab.solvers.counting)
