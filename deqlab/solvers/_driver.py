@@ -57,7 +57,8 @@ def empty_result(packer: StatePacker, z: Tensor, *, continuous: bool = False) ->
     return SolverResult(z=packer.unflatten(z.clone()), nfe=0, steps=0, residual=empty, rel_residual=empty.clone(),
                         converged=torch.zeros(0, dtype=torch.bool, device=z.device), status=SolverStatus.CONVERGED,
                         sample_steps=torch.zeros(0, dtype=torch.long, device=z.device), trace=None,
-                        fz=packer.unflatten(z.clone()), t=z.new_zeros(0) if continuous else None)
+                        fz=packer.unflatten(z.clone()), t=z.new_zeros(0) if continuous else None,
+                        accepted_steps=torch.zeros(0, dtype=torch.long, device=z.device) if continuous else None)
 
 
 def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
@@ -69,7 +70,8 @@ def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
 
 def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du: Tensor, *, nfe: int,
                  steps: int, throw: bool, solver_name: str, t: Optional[Tensor] = None,
-                 last_step: Optional[Tensor] = None, rows: Optional[int] = None) -> SolverResult:
+                 last_step: Optional[Tensor] = None, rows: Optional[int] = None,
+                 accepted_steps: Optional[Tensor] = None) -> SolverResult:
     z_ret, du_ret, res, rel = tracker.finish(z, du, last_step)
     status = tracker.status()
     result = SolverResult(
@@ -85,6 +87,7 @@ def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du
         fz=packer.unflatten(z_ret + du_ret),
         t=t,
         sample_weighted_nfe=float(nfe) if rows is None or packer.batch == 0 else rows / packer.batch,
+        accepted_steps=accepted_steps,
     )
     if throw and status is not SolverStatus.CONVERGED:
         n_bad = int((~result.converged).sum())

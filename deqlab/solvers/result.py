@@ -71,6 +71,8 @@ class SolverResult:
         sample_weighted_nfe: evaluations weighted by the fraction of the batch each covered
             (``sum of rows evaluated / B``). Equal to ``nfe`` unless the solver evaluated sub-batches
             (``per_sample_exit=True``), where it is the work actually done; ``None`` when not recorded.
+        accepted_steps: continuous solvers only: the per-sample number of accepted (state-moving) steps,
+            ``(B,)`` long; ``steps`` and ``sample_steps`` count rejected ones too. ``None`` for others.
 
     Example:
         >>> import torch
@@ -100,6 +102,7 @@ class SolverResult:
     fz: Optional[State] = field(default=None, repr=False)
     t: Optional[Tensor] = None
     sample_weighted_nfe: Optional[float] = None
+    accepted_steps: Optional[Tensor] = None
 
     @property
     def all_converged(self) -> bool:
