@@ -144,10 +144,12 @@ class ContinuousDEQSolver:
             5x smaller), so one bad error estimate does not collapse the step.
         max_factor: an accepted step grows by at most this factor, ``>= 1``. Default 10.0, so a lucky
             error estimate cannot throw the step far past the method's stability region.
-        divergence_patience: adaptive methods: a sample whose residual grew on this many consecutive
+        divergence_patience: Tsit5/Dopri5: a sample whose residual grew on this many consecutive
             accepted steps (each growth halves its step; steps whose change is below the dtype's rounding
             neither count nor reset) is stopped with status ``diverged``. Default 20:
-            long enough that a transient growth of a stable flow is not mistaken for a runaway.
+            long enough that a transient growth of a stable flow is not mistaken for a runaway. VCAB3
+            neither halves nor counts (its steps are small, so 20 of them can be a short stretch of a
+            stable flow): its runaways meet the termination tracker's protective break.
         max_nonfinite_retries: adaptive methods: a sample whose steps produced NaN/Inf this many times
             is stopped with status ``nonfinite`` and returns its last finite state. Default 10: each retry
             shrinks the step, so ten failures mean the flow itself runs into a non-finite region. (VCAB3
@@ -411,12 +413,18 @@ class ContinuousDEQSolver:
             qold = torch.where(accept, ratio.to(wd).clamp_min(adams.PI_QOLD_INIT), qold)
             run.dt = (h.to(wd) * factor).to(h.dtype)
             moved = accept
-            accept, u_new, du_new, grew = self._guard(run, h, accept, ratio_ps, u_new, du_new, live)
-            run.dt = torch.where(grew, torch.minimum(run.dt, 0.5 * h), run.dt)
-            # Stability: keep h |λ| inside AB3's interval, with |λ| estimated from the last accepted step,
-            # ||Δ(f(u) - u)|| / ||Δu|| (a Rayleigh quotient of the flow's Jacobian; it sees the fast modes as
-            # soon as they grow, well before the residual does), remembered with a slow decay so the step
-            # does not climb straight back out of the interval.
+            # The non-finite guard. Unlike the Runge–Kutta loop, a growing residual neither halves the step
+            # nor counts towards `divergence_patience`: with AB3's small steps that rule squeezed the steps
+            # of a stable flow whose residual grows for a while (a non-normal or non-contractive f) into a
+            # geometric series that never got past the growth, and called the sample diverged (measured in
+            # the guide). Without the halving, a runaway flow keeps its pace and meets the tracker's
+            # protective break (objective >= 1e3 N objective_0) or its resolution guard.
+            accept, u_new, du_new, _ = self._guard(run, h, accept, ratio_ps, u_new, du_new, live,
+                                                   count_growth=False)
+            # Stability instead: keep h |λ| inside AB3's interval, |λ| estimated from the last accepted step
+            # as ||Δ(f(u) - u)|| / ||Δu|| (a Rayleigh quotient of the flow's Jacobian; it sees a fast mode as
+            # soon as it grows, long before the residual does), remembered with a slow decay so the step does
+            # not climb straight back out of the interval.
             lam = self._track_lambda(lam, moved, u, u_new, du, du_new, live)
             hist.commit(moved, du, phi2_star, h)
             nxt_ab = (hist.n >= 2) & (lam > 0)
@@ -459,12 +467,13 @@ class ContinuousDEQSolver:
         return torch.minimum(run.dt, self.t_max - run.t) if math.isfinite(self.t_max) else run.dt
 
     def _guard(self, run: "_Run", h: Tensor, accept: Tensor, ratio_ps: Tensor, u_new: Tensor, du_new: Tensor,
-               live: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The residual-growth, runaway and non-finite guards of every adaptive method.
+               live: Tensor, count_growth: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The residual-growth, runaway and non-finite guards of the adaptive methods.
 
         Returns ``(accept, u_new, du_new, grew)``: samples that gave up on non-finite values are accepted
         with a NaN residual (the tracker then stops them as ``nonfinite`` with their last finite state);
-        ``grew`` marks the samples whose next step must be at most half this one.
+        ``grew`` marks the samples whose next step must be at most half this one (the Runge–Kutta rule;
+        with ``count_growth=False`` growth is not counted towards ``divergence_patience``).
         """
         # Near the steady state a loose error tolerance lets the step outgrow the method's
         # stability region, and the iterates oscillate with a residual that creeps up while the
@@ -486,15 +495,16 @@ class ContinuousDEQSolver:
         # steps must neither count as growth nor reset the count, or a runaway flow ends max_steps.
         # A residual at the rounding level of f(z) - z (a stable flow stuck at the dtype's noise
         # floor, common in bfloat16) jitters up and down: its growth is no evidence of a runaway.
-        eps = torch.finfo(u_new.dtype).eps
-        grew_ps = accept & (new_norm > du_norm)
-        shrank = accept & (new_norm < du_norm * (1.0 - 2.0 * eps))
-        scale = torch.linalg.vector_norm(u_new, dim=1) + torch.linalg.vector_norm(u_new + du_new, dim=1)
-        counted = grew_ps & (new_norm > 8.0 * eps * scale)
-        run.growths = torch.where(counted, run.growths + 1, torch.where(shrank, torch.zeros_like(run.growths),
-                                                                         run.growths))
+        if count_growth:
+            eps = torch.finfo(u_new.dtype).eps
+            grew_ps = accept & (new_norm > du_norm)
+            shrank = accept & (new_norm < du_norm * (1.0 - 2.0 * eps))
+            scale = torch.linalg.vector_norm(u_new, dim=1) + torch.linalg.vector_norm(u_new + du_new, dim=1)
+            counted = grew_ps & (new_norm > 8.0 * eps * scale)
+            run.growths = torch.where(counted, run.growths + 1,
+                                      torch.where(shrank, torch.zeros_like(run.growths), run.growths))
+            run.diverging = run.growths >= self.divergence_patience
         run.du_norm = torch.where(accept, new_norm, du_norm)
-        run.diverging = run.growths >= self.divergence_patience
         # A NaN/Inf stage makes the error estimate infinite and the step is rejected; when steps
         # keep failing that way, the flow runs into a region where f has no finite value: end
         # the sample as non-finite (the tracker then returns its last finite iterate) instead of
@@ -509,6 +519,8 @@ class ContinuousDEQSolver:
 
     def _track_lambda(self, lam: Tensor, moved: Tensor, u: Tensor, u_new: Tensor, du: Tensor, du_new: Tensor,
                       live: Tensor) -> Tensor:
+        """VCAB3's running estimate of the fastest rate ``|λ|`` of the flow, per sample (the batch's largest
+        with one shared step): ``max(||Δdu|| / ||Δu||, decay * previous)`` over the samples that moved."""
         wd = lam.dtype
         step = torch.linalg.vector_norm((u_new.to(wd) - u.to(wd)), dim=1)
         change = torch.linalg.vector_norm((du_new.to(wd) - du.to(wd)), dim=1)
