@@ -32,7 +32,7 @@ SolverKind = Literal["continuous", "discrete"]
 MODEL_TYPES = ("vanilla", "skip", "skip_reg", "neural_ode")
 SOLVER_KINDS = ("continuous", "discrete")
 
-SolverName = Literal["lbroyden", "broyden", "anderson", "fixed_point", "newton_krylov", "tsit5"]
+SolverName = Literal["lbroyden", "broyden", "anderson", "fixed_point", "newton_krylov", "tsit5", "vcab3"]
 BackwardName = Literal["gmres", "anderson", "fixed_point", "broyden", "lbroyden"]
 TerminationModeName = Literal[
     "abs", "abs_norm", "rel", "rel_norm", "norm",
@@ -88,8 +88,8 @@ def build_solver(
 
     Args:
         name: ``lbroyden``, ``broyden``, ``anderson``, ``fixed_point``, ``newton_krylov`` (discrete
-            solvers) or ``tsit5`` (the continuous DEQ). No default: the zoo models pass theirs
-            (``lbroyden``).
+            solvers) or ``tsit5`` / ``vcab3`` (the continuous DEQ, with that ODE method). No default: the zoo
+            models pass theirs (``lbroyden``).
         mode: termination mode of the solve (see `deqlab.solvers.termination`). Default
             ``rel_deq_default``, the paper's: stop when ``||f(z) - z|| / ||f(z)||`` is below
             ``reltol_termination`` (or, after a patience window, stalls near it).
@@ -124,9 +124,9 @@ def build_solver(
     owner = "build_solver"
     atol = renamed(owner, "abstol_termination", abstol_termination, "abstol", abstol, PAPER_TOL)
     rtol = renamed(owner, "reltol_termination", reltol_termination, "reltol", reltol, PAPER_TOL)
-    if name == "tsit5":
+    if name in ("tsit5", "vcab3"):
         return ContinuousDEQSolver(
-            "tsit5", mode=mode, abstol_termination=atol, reltol_termination=rtol, max_steps=max_steps,
+            name, mode=mode, abstol_termination=atol, reltol_termination=rtol, max_steps=max_steps,
             ode_abstol=atol if ode_abstol is None else ode_abstol,
             ode_reltol=rtol if ode_reltol is None else ode_reltol,
         )

