@@ -348,6 +348,7 @@ class ContinuousDEQSolver:
                 ratio = self._pool(ratio_ps, live)
                 accept = ratio <= 1.0
                 run.dt = h * self._i_factor(ratio, accept)
+                run.moving = accept
                 accept, u_new, du_new, grew = self._guard(run, h, accept, ratio_ps, u_new, du_new, live)
                 run.dt = torch.where(grew, torch.minimum(run.dt, 0.5 * h), run.dt)
             else:
@@ -414,7 +415,7 @@ class ContinuousDEQSolver:
                                      max_factor=self.max_factor)
             qold = torch.where(accept, ratio.to(wd).clamp_min(adams.PI_QOLD_INIT), qold)
             run.dt = (h.to(wd) * factor).to(h.dtype)
-            moved = accept
+            moved = run.moving = accept
             # The non-finite guard. Unlike the Runge–Kutta loop, a growing residual neither halves the step
             # nor counts towards `divergence_patience`: with AB3's small steps that rule squeezed the steps
             # of a stable flow whose residual grows for a while (a non-normal or non-contractive f) into a
@@ -446,7 +447,8 @@ class ContinuousDEQSolver:
         run.u = torch.where(a2, u_new, run.u)
         run.du = torch.where(a2, du_new, run.du)
         run.t = torch.where(accept, run.t + h, run.t)
-        run.accepted = run.accepted + accept.long()
+        # (a sample that gave up on non-finite values is "accepted" with a NaN residual but does not move)
+        run.accepted = run.accepted + (accept if run.moving is None else accept & run.moving).long()
         run.steps += 1
         sync = run.steps % self.check_every == 0
         run.done = tracker.update(run.u, run.du, mask=accept, diverged=run.diverging, sync=sync)
@@ -602,5 +604,6 @@ class _Run:
         self.nonfinite_tries = torch.zeros(B, dtype=torch.long, device=u.device)
         self.accepted = torch.zeros(B, dtype=torch.long, device=u.device)
         self.diverging: Optional[Tensor] = None
+        self.moving: Optional[Tensor] = None  # the step's truly accepted samples (None: every accepted one)
         self.horizon_step: Optional[Tensor] = None
         self.steps = 0

@@ -379,3 +379,21 @@ def test_deq_layer_gradient_matches_the_dense_oracle():
     got = [x.grad, *[p.grad for p in params]]
     for a, o in zip(got, oracle):
         assert float((a - o).norm() / o.norm()) <= 1e-7
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_accepted_steps_count_only_steps_that_moved(method):
+    # f is NaN beyond 1.2 on the way to 2: the sample gives up after max_nonfinite_retries; its accepted
+    # steps are those that moved it (t advanced by exactly their step sizes), not the give-up.
+    f = lambda z: torch.where((z > 1.2).any(dim=1, keepdim=True), torch.full_like(z, math.nan), 0.5 * z + 1)  # noqa: E731
+    res = ContinuousDEQSolver(method, mode="abs_norm", abstol_termination=1e-8, max_steps=300)(
+        f, torch.zeros(1, 2, dtype=F64))
+    assert res.status is SolverStatus.NONFINITE
+    acc = int(res.accepted_steps[0])
+    assert 0 < acc < res.steps
+    assert 0.0 < float(res.z.max()) <= 1.2  # the last finite state
+    if method == "vcab3":
+        # every call after the start-up evaluated f once: at the accepted points and at the 10 failed ones
+        # (the last failure is the give-up, which moves nothing and is not an accepted step)
+        assert res.steps == acc + 10
+        assert res.nfe == 2 + 2 * 3 + (acc - 2) + 10
