@@ -202,7 +202,7 @@ class ContinuousDEQSolver:
         (<SolverStatus.CONVERGED: 'converged'>, tensor([2., 2., 2.], dtype=torch.float64))
         >>> start = 1 + 1 + 2 * 3   # f(z0), the initial step size, two Bogacki–Shampine steps
         >>> res.nfe == start + (int(res.accepted_steps.max()) - 2) * 1, res.nfe
-        (True, 71)
+        (True, 79)
 
     Why two names: "reltol" used to mean the ODE tolerance here and the termination tolerance everywhere
     else; ``ode_*`` and ``*_termination`` now say which one is meant. ``solver.abstol``/``solver.reltol``
