@@ -333,7 +333,7 @@ def test_registry_and_build_solver_names():
     assert isinstance(s, ContinuousDEQSolver) and s.ode_solver == "vcab3"
     with pytest.raises(ValueError, match="per_sample_steps"):
         ContinuousDEQSolver("vcab3", per_sample_steps=1)
-    from deqlab.zoo import build_solver
+    from deqlab.models._build import build_solver
 
     assert build_solver("vcab3", reltol_termination=5e-2).ode_solver == "vcab3"
     from deqlab.nn import MultiScaleNeuralODE
