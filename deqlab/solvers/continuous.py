@@ -468,6 +468,7 @@ class ContinuousDEQSolver:
                     run.done = True
 
     def _clamp_to_horizon(self, run: "_Run") -> Tensor:
+        """The step each sample attempts: its step size, cut so that no sample passes ``t_max``."""
         return torch.minimum(run.dt, self.t_max - run.t) if math.isfinite(self.t_max) else run.dt
 
     def _guard(self, run: "_Run", h: Tensor, accept: Tensor, ratio_ps: Tensor, u_new: Tensor, du_new: Tensor,
@@ -554,6 +555,8 @@ class ContinuousDEQSolver:
         return torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, math.inf))
 
     def _i_factor(self, ratio: Tensor, accept: Tensor) -> Tensor:
+        """The Runge–Kutta step-size factor ``safety * ratio^(-1/order)``, at least 1 on acceptance (a step
+        is never shrunk after succeeding), at least ``min_factor`` on rejection, at most ``max_factor``."""
         factor = self.safety * ratio.clamp_min(1e-10).pow(-1.0 / self.order)
         lo = torch.where(accept, torch.ones_like(ratio), torch.full_like(ratio, self.min_factor))
         factor = torch.minimum(torch.maximum(factor, lo), torch.full_like(ratio, self.max_factor))

@@ -62,6 +62,14 @@ def true_residual(f, z):
 
 # --------------------------------------------------------------------------- the method itself
 
+def test_the_adams_module_examples_run():
+    import doctest
+
+    import deqlab.solvers.adams as adams
+
+    assert doctest.testmod(adams).failed == 0
+
+
 def test_fixed_step_core_is_third_order():
     A, b = linear_problem(B=2, D=5, rho=0.9, seed=1)
     f = affine(A, b)
