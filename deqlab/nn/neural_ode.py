@@ -143,7 +143,8 @@ class MultiScaleNeuralODE(nn.Module):
     Raises:
         ValueError: both ``ode_abstol`` and ``abstol`` (or ``ode_reltol`` and ``reltol``) are given;
             ``len(scales)`` differs from the number of main layers; ``mapping_layers`` or
-            ``post_fuse_layers`` have the wrong size; ``sensitivity`` is unknown.
+            ``post_fuse_layers`` have the wrong size; ``sensitivity`` is unknown; the method is ``"vcab3"``
+            (a steady-state solver of deqlab's own, which torchdyn's fixed-interval integrator lacks).
         TypeError: ``solver`` is neither a method name nor a ``ContinuousDEQSolver``.
 
     Example:
@@ -195,6 +196,9 @@ class MultiScaleNeuralODE(nn.Module):
                                 f"got {solver!r}")
             method, s_dt = solver.ode_solver, solver.dt
             s_abstol, s_reltol = solver.ode_abstol, solver.ode_reltol
+        if method == "vcab3":
+            raise ValueError(f"{name}: 'vcab3' is deqlab's steady-state solver; this layer integrates a fixed "
+                             "interval with torchdyn: use 'tsit5', 'dopri5', 'euler' or 'rk4'")
         if sensitivity not in ("autograd", "adjoint", "interpolated_adjoint"):
             raise ValueError(f"{name}: unknown sensitivity {sensitivity!r}")
         self.method = method

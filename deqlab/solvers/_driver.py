@@ -61,7 +61,8 @@ def empty_result(packer: StatePacker, z: Tensor, *, continuous: bool = False,
                         sample_steps=torch.zeros(0, dtype=torch.long, device=z.device), trace=None,
                         fz=packer.unflatten(z.clone()), t=z.new_zeros(0) if continuous else None,
                         reference_nfe=0, reference_counting=reference_counting,
-                        stalled=torch.zeros(0, dtype=torch.bool, device=z.device))
+                        stalled=torch.zeros(0, dtype=torch.bool, device=z.device),
+                        accepted_steps=torch.zeros(0, dtype=torch.long, device=z.device) if continuous else None)
 
 
 def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
@@ -74,7 +75,8 @@ def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
 def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du: Tensor, *, nfe: int,
                  steps: int, throw: bool, solver_name: str, t: Optional[Tensor] = None,
                  last_step: Optional[Tensor] = None, rows: Optional[int] = None,
-                 reference_nfe: Optional[int] = None, reference_counting: Optional[str] = None) -> SolverResult:
+                 reference_nfe: Optional[int] = None, reference_counting: Optional[str] = None,
+                 accepted_steps: Optional[Tensor] = None) -> SolverResult:
     z_ret, du_ret, res, rel = tracker.finish(z, du, last_step)
     status = tracker.status()
     result = SolverResult(
@@ -93,6 +95,7 @@ def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du
         reference_nfe=reference_nfe,
         reference_counting=reference_counting,
         stalled=tracker.stalled.clone(),
+        accepted_steps=accepted_steps,
     )
     if throw and status is not SolverStatus.CONVERGED:
         n_bad = int((~result.converged).sum())

@@ -67,7 +67,7 @@ def available_solvers() -> list:
         >>> from deqlab.solvers import available_solvers
         >>> available_solvers()   # the built-ins (and any solver registered since)
         ['anderson', 'broyden', 'continuous', 'continuous_dopri5', 'continuous_euler', 'continuous_rk4',
-         'continuous_tsit5', 'fixed_point', 'lbroyden', 'newton_krylov'...]
+         'continuous_tsit5', 'continuous_vcab3', 'fixed_point', 'lbroyden', 'newton_krylov'...]
     """
     return sorted(_REGISTRY)
 

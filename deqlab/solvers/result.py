@@ -84,6 +84,8 @@ class SolverResult:
         reference_counting: ``"deqjl"`` or ``"fastdeq"``, the convention of ``reference_nfe``.
         stalled: per-sample bool mask: the patience rule stopped the sample near, not within, the
             tolerance (``converged`` is False for it); ``None`` when the solver does not record it.
+        accepted_steps: continuous solvers only: the per-sample number of accepted (state-moving) steps,
+            ``(B,)`` long; ``steps`` and ``sample_steps`` count rejected ones too. ``None`` for others.
 
     Example:
         >>> import torch
@@ -118,6 +120,7 @@ class SolverResult:
     reference_nfe: Optional[int] = None
     reference_counting: Optional[str] = None
     stalled: Optional[Tensor] = None
+    accepted_steps: Optional[Tensor] = None
 
     @property
     def all_converged(self) -> bool:

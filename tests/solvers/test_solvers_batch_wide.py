@@ -11,7 +11,7 @@ import torch
 
 from deqlab.solvers import (TERMINATION_MODES, DiscreteDEQSolver, PerSampleMap, SolverError, SolverStatus,
                             TerminationCondition, TerminationTracker, get_solver)
-from deqlab_solvers_helpers import AffineMap, CONTINUOUS, DISCRETE, FIXED_DT
+from deqlab_solvers_helpers import AffineMap, CONTINUOUS, DISCRETE, FIXED_DT, ode_tol
 
 F64 = torch.float64
 SOLVERS = [*DISCRETE, *(f"continuous_{m}" for m in CONTINUOUS)]
@@ -21,9 +21,10 @@ def _solver(name, max_steps=300, **kw):
     method = name.split("_", 1)[1] if name.startswith("continuous") else None
     if method in FIXED_DT:
         kw["dt"] = FIXED_DT[method]
-    if method is not None:
-        kw.setdefault("ode_abstol", 1e-8)
-        kw.setdefault("ode_reltol", 1e-8)
+    if method is not None:  # VCAB3 at the termination tolerance (see ode_tol)
+        tol = ode_tol(method, 1e-8, kw.get("reltol_termination", kw.get("abstol_termination", 1e-8)))
+        kw.setdefault("ode_abstol", tol)
+        kw.setdefault("ode_reltol", tol)
     return get_solver(name, max_steps=max_steps, **kw)
 
 

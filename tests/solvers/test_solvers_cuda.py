@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus, gmres
-from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT, AffineMap, TanhMap, flat, rel_err
+from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT, AffineMap, TanhMap, flat, ode_tol, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")
@@ -39,7 +39,8 @@ def test_cuda_discrete_affine(name):
 @pytest.mark.parametrize("method", CONTINUOUS)
 def test_cuda_continuous_affine(method):
     f, zs = _affine_cuda()
-    res = ContinuousDEQSolver(method, mode="abs_norm", abstol=1e-9, reltol=1e-9, abstol_termination=1e-7,
+    tol = ode_tol(method, 1e-9, 1e-7)
+    res = ContinuousDEQSolver(method, mode="abs_norm", abstol=tol, reltol=tol, abstol_termination=1e-7,
                               max_steps=3000, dt=FIXED_DT.get(method))(f, torch.zeros(3, 8, dtype=F64, device=CUDA))
     assert res.status is SolverStatus.CONVERGED
     _on_cuda(res)

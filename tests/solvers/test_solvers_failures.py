@@ -168,7 +168,8 @@ def test_continuous_without_steady_state_ends_at_max_steps(method):
 def test_continuous_t_max_is_a_hard_horizon(method, t_max):
     # du/dt = J u has u(t) = (cos t, sin t): t_max stops the solve on time, on the exact orbit.
     J = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=F64)
-    res = ContinuousDEQSolver(method, mode="abs_norm", abstol=1e-10, reltol=1e-10, t_max=t_max, max_steps=100_000,
+    tol = 1e-8 if method == "vcab3" else 1e-10  # order 3: 1e-10 takes 9000 steps to t = 5 (error 3e-8 at 1e-8)
+    res = ContinuousDEQSolver(method, mode="abs_norm", abstol=tol, reltol=tol, t_max=t_max, max_steps=100_000,
                               dt=0.1 if method in FIXED_DT else None)(
         lambda z: z + z @ J.T, torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64))
     assert res.status is SolverStatus.MAX_STEPS

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
-from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT
+from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT, ode_tol
 
 # f(z) = (z + c) / 2 per sample: fixed point c, and from z0 the residual of fixed-point iteration is
 # ||du_k|| = ||z0 - c|| / 2^(k+1) exactly (powers of two: no rounding).
@@ -66,7 +66,8 @@ def test_discrete_sample_at_fixed_point_is_untouched(name):
 @pytest.mark.parametrize("method", CONTINUOUS)
 def test_continuous_sample_at_fixed_point_is_untouched(method):
     z0 = _start()
-    res = ContinuousDEQSolver(method, mode="abs_norm", abstol=1e-9, reltol=1e-9, abstol_termination=1e-7,
+    tol = ode_tol(method, 1e-9, 1e-7)
+    res = ContinuousDEQSolver(method, mode="abs_norm", abstol=tol, reltol=tol, abstol_termination=1e-7,
                               max_steps=2000, dt=FIXED_DT.get(method))(half_map, z0)
     assert res.status is SolverStatus.CONVERGED
     assert torch.equal(res.z[0], C[0])

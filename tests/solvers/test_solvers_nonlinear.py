@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from deqlab.solvers import DiscreteDEQSolver, SolverStatus
-from deqlab_solvers_helpers import ADAPTIVE, CONTINUOUS, DISCRETE, TanhMap, continuous, discrete, flat, rel_err
+from deqlab_solvers_helpers import ADAPTIVE, CONTINUOUS, DISCRETE, TanhMap, continuous, discrete, flat, ode_tol, rel_err
 
 B = 3
 STRUCTURES = {
@@ -59,7 +59,7 @@ def test_continuous_tanh(method, structure):
     f = TanhMap(B, shapes, as_list=as_list, generator=torch.Generator().manual_seed(3))
     ref = f.picard()
     z0 = f.zeros()
-    res = continuous(method, tol=1e-7, ode_tol=1e-9)(f, z0)
+    res = continuous(method, tol=1e-7, ode_tol=ode_tol(method, 1e-9, 1e-7))(f, z0)
     assert res.status is SolverStatus.CONVERGED, res
     _check_structure(res.z, z0)
     z = flat(res.z)
