@@ -48,13 +48,14 @@ def main(argv=None) -> int:
     import torchvision.datasets.cifar as tv_cifar
 
     tv_cifar.check_integrity = lambda fpath, md5=None: Path(fpath).exists()  # generated files: no md5 can match
-    from paper_repro import cifar10, common
+    from paper_repro import cifar10
+    from paper_repro.run import main as run_script
 
     with tempfile.TemporaryDirectory() as tmp:
         data = write_cifar10(Path(tmp) / "data", args.n_train, args.n_test)
         out = args.out or Path(tmp) / "results"
-        common.main(cifar10.SPEC, [*script_args, "--data-dir", str(data), "--results-dir", str(out),
-                                   "--log-dir", str(Path(tmp) / "tb"), "--progress", "lines"])
+        run_script(cifar10.SPEC, [*script_args, "--data-dir", str(data), "--results-dir", str(out),
+                                  "--log-dir", str(Path(tmp) / "tb"), "--progress", "lines"])
         with open(out / "cifar10.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
     for row in rows:

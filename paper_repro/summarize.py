@@ -4,7 +4,8 @@ ratios the paper claims, and PNG plots.
     python paper_repro/summarize.py --results-dir runs/paper_repro/results --out paper_repro/results
 
 Reads ``<results-dir>/<experiment>.csv`` (one row per run, written by the experiment scripts) and
-``<experiment>_epochs.csv`` (one row per epoch). Writes ``<out>/summary.md`` and, per experiment and
+``<experiment>_epochs.csv`` (one row per epoch), and the grid cells' own files under
+``<results-dir>/cells/<experiment>/`` (``--grid-cell``), one row per run key (the one finished last). Writes ``<out>/summary.md`` and, per experiment and
 architecture, ``<experiment>_<arch>_figure1.png`` (training and backward time of each model type relative
 to the vanilla continuous DEQ, the paper's Figure 1) and ``<experiment>_<arch>_epochs.png`` (test accuracy
 and NFE per epoch per model type). Nothing is invented: a cell without measurements reads "-".
@@ -12,7 +13,6 @@ and NFE per epoch per model type). Nothing is invented: a cell without measureme
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import sys
@@ -23,8 +23,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from paper_repro.paper_reference import ACCURACY_KIND, CLAIMS, PARAMETERS, SOURCE, reference  # noqa: E402
+from paper_repro.results import DEFAULT_RESULTS_DIR, REPO, load_results  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL_ORDER = ("vanilla", "skip", "skip_reg", "neural_ode")
 SOLVER_ORDER = ("continuous/tsit5", "continuous/vcab3", "continuous", "discrete")
 SOLVER_SHORT = {"continuous/tsit5": "C-tsit5", "continuous/vcab3": "C-vcab3", "continuous": "C", "discrete": "D"}
@@ -55,18 +55,10 @@ def _bool(text: Any) -> bool:
     return str(text).strip().lower() in ("true", "1", "yes")
 
 
-def read_csv(path: Path) -> List[Dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def load(results_dir: Path) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]:
-    """All run rows and all epoch rows under ``results_dir``."""
-    runs: List[Dict[str, str]] = []
-    epochs: List[Dict[str, str]] = []
-    for path in sorted(Path(results_dir).glob("*.csv")):
-        (epochs if path.stem.endswith("_epochs") else runs).extend(read_csv(path))
-    return runs, epochs
+    """All run rows (one per run key) and all epoch rows under ``results_dir``: the shared tables and the
+    grid cells' files (``paper_repro.results.load_results``)."""
+    return load_results(results_dir)
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -367,8 +359,8 @@ def summarize(results_dir: Path, out: Path) -> List[Path]:
 def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--results-dir", type=Path, default=REPO / "runs" / "paper_repro" / "results",
-                   help="folder with the runs' <experiment>.csv and <experiment>_epochs.csv")
+    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR,
+                   help="folder with the runs' <experiment>.csv and <experiment>_epochs.csv (and cells/)")
     p.add_argument("--out", type=Path, default=REPO / "paper_repro" / "results", help="where summary.md and the PNGs go")
     args = p.parse_args(argv)
     written = summarize(args.results_dir, args.out)

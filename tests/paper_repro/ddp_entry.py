@@ -27,6 +27,6 @@ torchvision.datasets.cifar.check_integrity = _exists
 torchvision.datasets.svhn.check_integrity = _exists
 
 if __name__ == "__main__":
-    from paper_repro import common
+    from paper_repro.run import main
 
-    common.main(importlib.import_module(f"paper_repro.{sys.argv[1]}").SPEC, sys.argv[2:])
+    main(importlib.import_module(f"paper_repro.{sys.argv[1]}").SPEC, sys.argv[2:])

@@ -6,7 +6,9 @@ import csv
 import pytest
 
 from conftest import out_args
-from paper_repro import common, mnist
+from paper_repro import mnist
+from paper_repro.results import RESULT_COLUMNS, append_row
+from paper_repro.run import main
 
 
 def rows(path):
@@ -15,7 +17,7 @@ def rows(path):
 
 
 def run(argv):
-    return common.main(mnist.SPEC, argv)
+    return main(mnist.SPEC, argv)
 
 
 def test_a_few_steps_write_one_row_with_every_column_and_tensorboard_events(mnist_dir, tmp_path, capsys):
@@ -140,17 +142,17 @@ def test_the_v1_protocol_builds_the_2022_codes_semantics(capsys):
 
 def test_an_old_results_table_gains_the_new_columns_without_shifting_rows(tmp_path):
     path = tmp_path / "mnist.csv"
-    old_columns = [c for c in common.RESULT_COLUMNS if c not in ("protocol", "ode_solver", "test_reference_nfe")]
+    old_columns = [c for c in RESULT_COLUMNS if c not in ("protocol", "ode_solver", "test_reference_nfe")]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=old_columns)
         w.writeheader()
         w.writerow({c: ("old" if c == "model_type" else "1") for c in old_columns})
-    common.append_row(path, {"model_type": "new", "protocol": "paper", "test_reference_nfe": 4.5},
-                      common.RESULT_COLUMNS)
+    append_row(path, {"model_type": "new", "protocol": "paper", "test_reference_nfe": 4.5},
+                      RESULT_COLUMNS)
     old, new = rows(path)
     assert old["model_type"] == "old" and old["protocol"] == "" and old["test_nfe"] == "1"
     assert new["model_type"] == "new" and new["protocol"] == "paper" and new["test_reference_nfe"] == "4.5"
     with open(path, "w", newline="") as f:  # a column this version no longer writes is never dropped silently
         f.write("experiment,gone\nmnist,1\n")
     with pytest.raises(KeyError, match="gone"):
-        common.append_row(path, {"experiment": "mnist"}, common.RESULT_COLUMNS)
+        append_row(path, {"experiment": "mnist"}, RESULT_COLUMNS)

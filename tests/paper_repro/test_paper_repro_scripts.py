@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 from conftest import out_args
-from paper_repro import common
+from paper_repro.run import main
 
 ARCHS = [("mnist", "dense"), ("mnist", "conv"), ("svhn", "v1"), ("cifar10", "v1"), ("cifar10", "small"),
          ("cifar10", "large"), ("imagenet", "small")]
@@ -23,7 +23,7 @@ def script(name):
 
 def run(name, argv):
     try:
-        return common.main(script(name).SPEC, argv)
+        return main(script(name).SPEC, argv)
     except NotImplementedError as err:  # deqlab.models has not built this architecture (yet)
         pytest.skip(str(err))
 

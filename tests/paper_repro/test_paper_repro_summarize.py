@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from paper_repro import common, summarize
+from paper_repro import summarize
+from paper_repro.results import EPOCH_COLUMNS, RESULT_COLUMNS, append_row
 from paper_repro.paper_reference import reference
 
 
@@ -32,13 +33,13 @@ def write_runs(folder):
              test_accuracy=0.5, test_nfe=76),
     ]
     for s in specs:
-        common.append_row(folder / "mnist.csv", {**base, **s}, common.RESULT_COLUMNS)
+        append_row(folder / "mnist.csv", {**base, **s}, RESULT_COLUMNS)
     for seed in (1, 2):
         for epoch, acc, nfe in ((0, 0.9, 12.0), (1, 0.95, 15.0)):
-            common.append_row(folder / "mnist_epochs.csv", dict(
+            append_row(folder / "mnist_epochs.csv", dict(
                 experiment="mnist", arch="dense", model_type="vanilla", solver="continuous", jac_reg=False,
                 seed=seed, stage="train", epoch=epoch, step=10 * (epoch + 1), eval_accuracy=acc, eval_nfe=nfe,
-                protocol="paper", ode_solver="tsit5"), common.EPOCH_COLUMNS)
+                protocol="paper", ode_solver="tsit5"), EPOCH_COLUMNS)
 
 
 def test_tables_ratios_and_plots(tmp_path):

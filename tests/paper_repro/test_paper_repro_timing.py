@@ -21,12 +21,13 @@ def test_round_robin_timing_table(mnist_dir, tmp_path):
 
 def test_the_grids_trained_networks_are_timed_as_saved(mnist_dir, tmp_path):
     from conftest import out_args
-    from paper_repro import common, mnist
+    from paper_repro import mnist
+    from paper_repro.run import main
 
-    common.main(mnist.SPEC, ["--arch", "dense", "--grid", "--seeds", "7", "--model-types", "vanilla",
-                             "--solvers", "continuous,discrete", "--max-steps", "2", "--batch-size", "8",
-                             "--train-subset", "16", "--test-subset", "16", "--data-dir", str(mnist_dir),
-                             "--save-model", *out_args(tmp_path)])
+    main(mnist.SPEC, ["--arch", "dense", "--grid", "--seeds", "7", "--model-types", "vanilla",
+                      "--solvers", "continuous,discrete", "--max-steps", "2", "--batch-size", "8",
+                      "--train-subset", "16", "--test-subset", "16", "--data-dir", str(mnist_dir),
+                      "--save-model", *out_args(tmp_path)])
     models = tmp_path / "results" / "models"
     assert len(list(models.glob("*.pt"))) == 2
     text = timing.main(["--data-dir", str(mnist_dir), "--models-dir", str(models), "--rounds", "2",
