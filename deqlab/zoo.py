@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Dict, Literal, Optional, Protocol, Tuple, Unio
 
 from torch import Tensor, nn
 
+from deqlab._compat import warn_renamed
 from deqlab.lightning.config import DEQTrainingConfig, TrainingArg
 from deqlab.lightning.module import DEQLightningModule
 from deqlab.models._build import BackwardName, SolverName, build_backward, build_solver
@@ -61,9 +62,17 @@ DIGITS_TRAINING = DEQTrainingConfig(lr=3e-3, weight_decay=1e-5)
 #: λ_skip = 5 are ``paper_settings("mnist", "dense", protocol="v1")``.
 MNIST_TRAINING = _paper_training("mnist", "dense")
 
-#: The pre-object solver keywords, kept as aliases (see `DenseDEQClassifier.__init__`).
+#: The pre-object solver keywords, deprecated aliases (see `DenseDEQClassifier.__init__`): each warns
+#: ``DeprecationWarning`` naming its spelling in the object form.
 _LEGACY_SOLVER_KEYS = ("termination_mode", "abstol", "reltol", "max_steps")
 _LEGACY_BACKWARD_KEYS = ("backward_solver", "backward_tol", "backward_max_steps")
+_LEGACY_NEW = {"termination_mode": "solver=build_solver(name, mode=...)",
+               "abstol": "solver=build_solver(name, abstol_termination=...)",
+               "reltol": "solver=build_solver(name, reltol_termination=...)",
+               "max_steps": "solver=build_solver(name, max_steps=...)",
+               "backward_solver": "backward=build_backward(name)",
+               "backward_tol": "backward=build_backward(name, tol=...)",
+               "backward_max_steps": "backward=build_backward(name, max_steps=...)"}
 
 
 @runtime_checkable
@@ -185,6 +194,8 @@ def _resolve_solver_and_backward(
     (``abstol``, ``max_steps``, ``backward_tol``, ...) are aliases for the name form only."""
     solver_kw = {k: legacy[k] for k in _LEGACY_SOLVER_KEYS if k in legacy}
     backward_kw = {k: legacy[k] for k in _LEGACY_BACKWARD_KEYS if k in legacy}
+    for key in (*solver_kw, *backward_kw):
+        warn_renamed(owner, f"{key}=", _LEGACY_NEW[key], stacklevel=5, why="pass the solver or backward object")
     if solver_kw and not (solver is None or isinstance(solver, str)):
         raise ValueError(f"{owner}: pass {', '.join(solver_kw)} only with a solver name, not with a solver object "
                          f"(set them on the object: {solver!r})")
@@ -246,7 +257,7 @@ class DenseDEQClassifier(DEQLightningModule):
         **kwargs: flat training settings applied on top of ``training`` (``lr=...``, see
             [`DEQLightningModule`][deqlab.lightning.DEQLightningModule]). The old solver keywords ``termination_mode``, ``abstol``,
             ``reltol`` (the termination tolerances), ``max_steps``, ``backward_solver``, ``backward_tol``,
-            ``backward_max_steps`` still work with a solver *name*.
+            ``backward_max_steps`` still work with a solver *name*, warning ``DeprecationWarning``.
 
     Raises:
         ValueError: when ``model_type`` is unknown, or an old solver keyword comes with a solver (or
@@ -255,12 +266,12 @@ class DenseDEQClassifier(DEQLightningModule):
 
     Examples:
         >>> import torch
-        >>> from deqlab.zoo import DenseDEQClassifier
+        >>> from deqlab.zoo import DenseDEQClassifier, build_solver
         >>> model = DenseDEQClassifier(in_features=10, width=8, model_type="skip_reg", num_classes=3)
         >>> logits, solution = model(torch.randn(2, 10))
         >>> logits.shape
         torch.Size([2, 3])
-        >>> DenseDEQClassifier(in_features=10, width=8, solver="fixed_point", max_steps=10).deq.solver
+        >>> DenseDEQClassifier(in_features=10, width=8, solver=build_solver("fixed_point", max_steps=10)).deq.solver
         DiscreteDEQSolver(FixedPointIteration(...), ..., max_steps=10)
     """
 

@@ -29,7 +29,7 @@ def main(device: str = "cpu") -> dict:
     stem = nn.Linear(2, 2)
     deq = DeepEquilibriumNetwork(
         Parallel(),
-        ContinuousDEQSolver(abstol=0.1, reltol=0.1, abstol_termination=0.1, reltol_termination=0.1),
+        ContinuousDEQSolver(ode_abstol=0.1, ode_reltol=0.1, abstol_termination=0.1, reltol_termination=0.1),
     )
     model = nn.ModuleDict({"stem": stem, "deq": deq}).to(device)
 

@@ -7,21 +7,22 @@ the key. Solvers, termination conditions and backward modes are objects in the c
 (``solver: {class_path: deqlab.solvers.DiscreteDEQSolver, init_args: {...}}``).
 
 This module imports no model: a full class path imports its module. The ``deqlab`` console command
-(`deqlab.cli.main`) additionally imports the zoo and the data modules so that short class names
-(``class_path: DigitsDEQ``) resolve; `main` here is a thin alias that defers to it.
+(`deqlab.cli.main`, one layer above) additionally imports the zoo and the data modules so that short
+class names (``class_path: DigitsDEQ``) resolve; nothing here imports it back.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import pytorch_lightning as pl
 from jsonargparse import lazy_instance
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from deqlab._compat import moved_attribute
 from deqlab.lightning.module import DEQLightningModule
 
-__all__ = ["DEFAULT_LOG_DIR", "DEQLightningCLI", "main"]
+__all__ = ["DEFAULT_LOG_DIR", "DEQLightningCLI"]
 
 #: Where the CLI writes TensorBoard logs unless a config says otherwise.
 DEFAULT_LOG_DIR = "runs"
@@ -63,21 +64,6 @@ class DEQLightningCLI(LightningCLI):
         super().__init__(DEQLightningModule, pl.LightningDataModule, trainer_defaults=trainer_defaults, args=args, **kwargs)
 
 
-def main(args: Optional[List[str]] = None) -> None:
-    """Alias of `deqlab.cli.main` (the ``deqlab`` console script), imported only when called so that
-    importing ``deqlab.lightning`` never imports the model zoo.
-
-    Args:
-        args: the command line, as for the ``deqlab`` command. Default ``None``: ``sys.argv``.
-
-    Examples:
-        >>> from deqlab.lightning.cli import main
-        >>> main(["fit", "--config", "experiments/digits.yaml"])  # doctest: +SKIP
-    """
-    from deqlab.cli import main as real_main
-
-    real_main(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
+def __getattr__(name: str) -> Any:
+    # ``deqlab.lightning.cli.main`` was an alias of the console command ``deqlab.cli.main``
+    return moved_attribute(__name__, name, {"main": ("deqlab.cli", "main")})

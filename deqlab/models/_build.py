@@ -22,7 +22,7 @@ from deqlab.nn import (
     ZeroGuess,
 )
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
-from deqlab.solvers._checks import renamed
+from deqlab._compat import renamed
 from deqlab.solvers.protocols import Solver
 
 __all__ = ["MODEL_TYPES", "SOLVER_KINDS", "ModelType", "SolverKind", "build_solver", "build_backward",
@@ -109,9 +109,9 @@ def build_solver(
             ``reltol_termination``.
         max_steps: iteration budget (solver steps; stepper calls, accepted or rejected, for ``tsit5``).
             Default 50, the paper's MNIST budget.
-        abstol: old name of ``abstol_termination`` (for ``tsit5`` it also set the ODE step tolerance, as
-            ``abstol_termination`` still does by default); default ``None`` (not given).
-        reltol: old name of ``reltol_termination``; default ``None`` (not given).
+        abstol: deprecated old name of ``abstol_termination`` (warns ``DeprecationWarning``); default
+            ``None`` (not given).
+        reltol: deprecated old name of ``reltol_termination`` (warns); default ``None`` (not given).
         reference_counting: the convention of ``reference_nfe`` (the paper's NFE count beside ours, see
             `deqlab.solvers.counting`). Default ``"deqjl"``.
         batch_wide: one termination test over the whole batch (the reference code's semantics). Default

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, List, Literal, Optional, Sequence, T
 import torch
 from torch import Tensor, nn
 
+from deqlab._compat import warn_renamed
 from deqlab.nn.adapters import as_solver
 from deqlab.nn.implicit import BackwardMode, BackwardResult, ImplicitBackward, _GradientContext, attach_gradient
 from deqlab.nn.init import FunctionGuess, InitialGuess, MapGuess, ShortcutGuess, SkipLoss, ZeroGuess
@@ -97,9 +98,14 @@ def _record_backward(ref: "weakref.ReferenceType[DeepEquilibriumSolution]", repo
 
 def _rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """Checkpoints from before the init strategies stored a Skip DEQ's predictor as ``shortcut.*``; it is
-    ``init.shortcut.*`` now. Renaming on load keeps those checkpoints loadable."""
+    ``init.shortcut.*`` now. Renaming on load keeps those checkpoints loadable, with a
+    ``DeprecationWarning`` (re-save the checkpoint to store the new keys)."""
     old = prefix + "shortcut."
-    for key in [k for k in state_dict if k.startswith(old)]:
+    keys = [k for k in state_dict if k.startswith(old)]
+    if keys:
+        warn_renamed("state_dict", f"'{old}*'", f"'{prefix}init.shortcut.*' (re-save the checkpoint)", stacklevel=3,
+                     why="a checkpoint from before the initial-guess strategies")
+    for key in keys:
         state_dict[prefix + "init.shortcut." + key[len(old):]] = state_dict.pop(key)
 
 

@@ -32,7 +32,7 @@ from deqlab.nn.layers import equilibrium_session
 from deqlab.nn.maps import CheckedMap
 from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
-from deqlab.solvers._checks import renamed
+from deqlab._compat import deprecated, renamed
 from deqlab.solvers.result import SolverStatus
 from deqlab.state import flatten, per_sample_norm, unflatten
 
@@ -121,9 +121,9 @@ class MultiScaleNeuralODE(nn.Module):
             training baseline, where the integrator's error is far below the model's).
         ode_reltol: relative tolerance of the step-size controller. Default ``None``: the solver's
             ``ode_reltol``, or ``1e-3`` with a method name (same reason).
-        abstol: old name of ``ode_abstol``, kept so old code runs. Default ``None``; passing both spellings
-            raises ``ValueError``.
-        reltol: old name of ``ode_reltol``. Default ``None``; passing both spellings raises ``ValueError``.
+        abstol: deprecated old name of ``ode_abstol`` (warns ``DeprecationWarning``). Default ``None``;
+            passing both spellings raises ``ValueError``.
+        reltol: deprecated old name of ``ode_reltol`` (warns). Default ``None``; passing both raises.
         dt: step of fixed-step methods (``"euler"``, ``"rk4"``, ...). Default ``None``: the solver's ``dt``,
             else ``0.1`` (ten steps over the paper's interval).
         t_end: end of the interval. Default ``1.0``, the paper's.
@@ -212,13 +212,13 @@ class MultiScaleNeuralODE(nn.Module):
 
     @property
     def abstol(self) -> float:
-        """Old name of `ode_abstol` (read-only)."""
-        return self.ode_abstol
+        """Deprecated old name of `ode_abstol` (the ODE step tolerance, not the termination one)."""
+        return deprecated("MultiScaleNeuralODE", ".abstol", ".ode_abstol", self.ode_abstol)
 
     @property
     def reltol(self) -> float:
-        """Old name of `ode_reltol` (read-only)."""
-        return self.ode_reltol
+        """Deprecated old name of `ode_reltol` (the ODE step tolerance, not the termination one)."""
+        return deprecated("MultiScaleNeuralODE", ".reltol", ".ode_reltol", self.ode_reltol)
 
     def _t_span(self, x: Tensor) -> Tensor:
         if self.method in _FIXED_STEP:

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from deqlab.solvers import adams
-from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number, renamed
+from deqlab._compat import deprecated, renamed
+from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number
 from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
                                     prepare)
 from deqlab.state import State
@@ -114,9 +115,9 @@ class ContinuousDEQSolver:
             ``"rel_deq_default"``, as for [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver].
         ode_abstol: the ODE stepper's absolute local error tolerance (how accurately the path is
             followed). ``None`` (default) means ``1e-3``: the steady state does not depend on it, so a
-            loose, cheap value is fine. ``abstol`` is accepted as its old name (giving both raises).
+            loose, cheap value is fine. ``abstol`` is its deprecated old name (warns; giving both raises).
         ode_reltol: the ODE stepper's relative local error tolerance; ``None`` (default) means ``1e-3``,
-            as for ``ode_abstol``. ``reltol`` is accepted as its old name.
+            as for ``ode_abstol``. ``reltol`` is its deprecated old name.
         abstol_termination: absolute tolerance of the termination condition (how close to the fixed
             point the returned state is). ``None`` (default) means ``ode_abstol``, as in the reference
             package. Keep it at least 10x the ODE tolerance: near the steady state the iterates jitter
@@ -176,8 +177,8 @@ class ContinuousDEQSolver:
             the batch. ``False`` uses one step size for the whole batch, accepted or rejected together,
             with the error ratio the RMS over every active sample's entries: the reference package's
             integrator, which sees the batch as one vector. The per-sample stop is the same either way.
-        abstol: old name of ``ode_abstol``, kept so old code runs; default ``None`` (not given).
-        reltol: old name of ``ode_reltol``; default ``None`` (not given).
+        abstol: deprecated old name of ``ode_abstol`` (warns ``DeprecationWarning``); default ``None``.
+        reltol: deprecated old name of ``ode_reltol`` (warns); default ``None``.
 
     Raises:
         ValueError: ``ode_solver`` is unknown; an ODE tolerance is given under both its names, is not a
@@ -214,9 +215,8 @@ class ContinuousDEQSolver:
         (True, 79)
 
     Why two names: "reltol" used to mean the ODE tolerance here and the termination tolerance everywhere
-    else; ``ode_*`` and ``*_termination`` now say which one is meant. ``solver.abstol``/``solver.reltol``
-    stay readable (they are the ODE tolerances) for old code.
-    """
+    else; ``ode_*`` and ``*_termination`` now say which one is meant. The old names (``abstol=``,
+    ``solver.abstol``, ...) still read the ODE tolerances but warn ``DeprecationWarning``."""
 
     def __init__(
         self,
@@ -285,13 +285,13 @@ class ContinuousDEQSolver:
 
     @property
     def abstol(self) -> float:
-        """Old name of `ode_abstol` (the ODE step tolerance, not the termination one)."""
-        return self.ode_abstol
+        """Deprecated old name of `ode_abstol` (the ODE step tolerance, not the termination one)."""
+        return deprecated("ContinuousDEQSolver", ".abstol", ".ode_abstol", self.ode_abstol)
 
     @property
     def reltol(self) -> float:
-        """Old name of `ode_reltol` (the ODE step tolerance, not the termination one)."""
-        return self.ode_reltol
+        """Deprecated old name of `ode_reltol` (the ODE step tolerance, not the termination one)."""
+        return deprecated("ContinuousDEQSolver", ".reltol", ".ode_reltol", self.ode_reltol)
 
     def __repr__(self) -> str:
         return (f"ContinuousDEQSolver({self.ode_solver!r}, mode={self.termination.mode!r}, "

@@ -6,7 +6,7 @@ import yaml
 
 from lightning_testkit import REPO
 
-from deqlab.lightning.cli import main
+from deqlab.cli import main
 
 FAST = [
     "--trainer.max_steps=2",
@@ -80,3 +80,13 @@ def test_a_zoo_model_named_on_the_command_line_keeps_its_training_defaults(cls, 
                                   "--data=deqlab.data.DigitsDataModule"], run=False)
     assert tuned.model.deq_config.lr == 0.5 and tuned.model.deq_config.weight_decay == expected.weight_decay
     assert tuned.model.deq_config.optimizer == expected.optimizer == cli.model.deq_config.optimizer
+
+
+def test_the_old_cli_alias_warns_and_names_the_console_command():
+    import deqlab.cli
+    import deqlab.lightning.cli as lcli
+
+    with pytest.warns(DeprecationWarning, match=r"deqlab.lightning.cli: main is deprecated; use deqlab.cli.main"):
+        assert lcli.main is deqlab.cli.main
+    with pytest.raises(AttributeError, match="has no attribute 'mian'"):
+        lcli.mian

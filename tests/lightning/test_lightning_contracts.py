@@ -219,7 +219,10 @@ def test_zoo_models_take_solver_and_backward_objects_and_names():
     # the adjoint tolerance is ImplicitBackward's default: the forward solver's termination tolerance
     assert by_name.backward.tol is None
     assert by_name.backward.linear_solver(by_name.solver.termination.tol).tol == 5e-3
-    legacy = find_deq_layers(MNISTDenseDEQ(max_steps=12, reltol=1e-2, backward_max_steps=4))[0]
+    with pytest.warns(DeprecationWarning) as caught:  # the old flat keywords warn, naming the object form
+        legacy = find_deq_layers(MNISTDenseDEQ(max_steps=12, reltol=1e-2, backward_max_steps=4))[0]
+    said = " ".join(str(w.message) for w in caught)
+    assert "build_solver(name, max_steps=...)" in said and "build_backward(name, max_steps=...)" in said
     assert legacy.solver.max_steps == 12 and legacy.backward.max_steps == 4
     assert legacy.backward.linear_solver(legacy.solver.termination.tol).tol == 1e-2
     with pytest.raises(ValueError, match="solver name"):

@@ -39,7 +39,7 @@ def test_mnist_dense_forward_backward(model_type, solver):
 def test_mnist_dense_solver_selection_is_effective(model_type, solver):
     net = build_model("mnist", "dense", model_type=model_type, solver=solver)
     if model_type == "neural_ode":
-        assert net.deq.method == "tsit5" and net.deq.abstol == net.deq.reltol == 5e-3
+        assert net.deq.method == "tsit5" and net.deq.ode_abstol == net.deq.ode_reltol == 5e-3
         return
     s = net.deq.solver
     if solver == "continuous":

@@ -91,7 +91,7 @@ def test_solver_and_adjoint_follow_the_protocol(key, solver, model_type):
 
 def test_neural_ode_uses_the_forward_tolerance_on_unit_interval():
     net = build_model("cifar10", "small", model_type="neural_ode", solver="continuous")
-    assert net.deq.method == "tsit5" and net.deq.abstol == net.deq.reltol == 5e-2 and net.deq.t_end == 1.0
+    assert net.deq.method == "tsit5" and net.deq.ode_abstol == net.deq.ode_reltol == 5e-2 and net.deq.t_end == 1.0
     with pytest.raises(ValueError, match="solver='continuous'"):
         build_model("cifar10", "small", model_type="neural_ode", solver="discrete")
 

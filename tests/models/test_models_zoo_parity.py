@@ -59,8 +59,9 @@ def test_build_solver_names_the_ode_and_the_termination_tolerances_apart():
     s = zoo.build_solver("tsit5", abstol_termination=1e-2, reltol_termination=2e-2, ode_abstol=1e-5, ode_reltol=2e-5)
     assert isinstance(s, ContinuousDEQSolver)
     assert (s.termination.abstol, s.termination.reltol, s.ode_abstol, s.ode_reltol) == (1e-2, 2e-2, 1e-5, 2e-5)
-    # the ODE tolerances default to the termination ones (the paper-era code), and the old names still work
-    old = zoo.build_solver("tsit5", abstol=3e-3, reltol=4e-3)
+    # the ODE tolerances default to the termination ones (the paper-era code); the old names still work, warning
+    with pytest.warns(DeprecationWarning, match="abstol= is deprecated; use abstol_termination="):
+        old = zoo.build_solver("tsit5", abstol=3e-3, reltol=4e-3)
     assert (old.termination.abstol, old.termination.reltol, old.ode_abstol, old.ode_reltol) == (3e-3, 4e-3, 3e-3, 4e-3)
     d = zoo.build_solver("anderson")
     assert isinstance(d, DiscreteDEQSolver) and d.termination.abstol == d.termination.reltol == 5e-3

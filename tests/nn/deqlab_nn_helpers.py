@@ -14,7 +14,7 @@ ALL_SOLVERS = DISCRETE + CONTINUOUS
 def make_solver(name: str, tol: float = 1e-6, max_steps: int = 200):
     """A solver that stops on the absolute residual norm (so tests can compare residuals with ``tol``)."""
     if name in CONTINUOUS:
-        return ContinuousDEQSolver(name, mode="abs_norm", abstol=tol, reltol=tol, abstol_termination=tol,
+        return ContinuousDEQSolver(name, mode="abs_norm", ode_abstol=tol, ode_reltol=tol, abstol_termination=tol,
                                    reltol_termination=tol, max_steps=max_steps)
     return DiscreteDEQSolver(name, mode="abs_norm", abstol_termination=tol, reltol_termination=tol,
                              max_steps=max_steps)

@@ -190,7 +190,7 @@ def test_neural_ode_tolerance_names():
         _node("autograd", ode_abstol=1e-5, abstol=1e-5)
     from test_nn_multiscale import SCALES, pieces
 
-    solver = ContinuousDEQSolver("dopri5", abstol=1e-7, reltol=1e-8)
+    solver = ContinuousDEQSolver("dopri5", ode_abstol=1e-7, ode_reltol=1e-8)
     node = MultiScaleNeuralODE(*pieces(), solver, SCALES)
     assert (node.method, node.ode_abstol, node.ode_reltol) == ("dopri5", 1e-7, 1e-8)
     with pytest.raises(TypeError, match="ContinuousDEQSolver"):

@@ -79,7 +79,7 @@ def test_adjoint_solvers_agree_with_long_unroll(adjoint):
 @pytest.mark.parametrize("solver", [
     DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-13, max_steps=500),
     # the explicit stepper's error control keeps the residual near its abstol: terminate 100x above it
-    ContinuousDEQSolver("tsit5", mode="abs_norm", abstol=1e-12, reltol=1e-12, abstol_termination=1e-10,
+    ContinuousDEQSolver("tsit5", mode="abs_norm", ode_abstol=1e-12, ode_reltol=1e-12, abstol_termination=1e-10,
                         max_steps=3000),
 ], ids=["anderson", "tsit5"])
 def test_gradcheck(solver):

@@ -194,7 +194,8 @@ def test_old_skip_checkpoints_still_load():
     assert "shortcut.weight" in old_style
     dst = SkipDEQ(DenseMap(4, 3), make_solver("anderson"), nn.Linear(3, 4))
     wrapped = nn.ModuleDict({"deq": dst})  # the key prefix of a layer inside a model
-    wrapped.load_state_dict({"deq." + k: v for k, v in old_style.items()})
+    with pytest.warns(DeprecationWarning, match="'deq.init.shortcut.\\*' \\(re-save the checkpoint\\)"):
+        wrapped.load_state_dict({"deq." + k: v for k, v in old_style.items()})
     assert torch.equal(dst.shortcut.weight, src.shortcut.weight)
     assert "init.shortcut.weight" in dst.state_dict()
 

@@ -28,7 +28,7 @@ def saved_bytes(layer, x):
 
 def solver_with_steps(kind, steps):
     if kind == "continuous":
-        return ContinuousDEQSolver("euler", mode="abs_norm", abstol=1e-3, abstol_termination=0.0, reltol_termination=0.0,
+        return ContinuousDEQSolver("euler", mode="abs_norm", ode_abstol=1e-3, abstol_termination=0.0, reltol_termination=0.0,
                                    max_steps=steps, dt=0.1)
     return DiscreteDEQSolver(kind, mode="abs_norm", abstol_termination=0.0, reltol_termination=0.0, max_steps=steps)
 

@@ -152,7 +152,7 @@ def test_neural_ode_gradients_match_backprop_through_solver():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # adaptive tsit5 at tight tolerance: same gradients as a fine RK4 (both approximate the exact ODE)
-    node5 = MultiScaleNeuralODE(main, mapping, post, "tsit5", SCALES, abstol=1e-10, reltol=1e-10).double()
+    node5 = MultiScaleNeuralODE(main, mapping, post, "tsit5", SCALES, ode_abstol=1e-10, ode_reltol=1e-10).double()
     got5, sol5 = _node_grads(node5, x)
     assert sol5.nfe > 0
     xx = x.clone().requires_grad_()
@@ -168,10 +168,10 @@ def test_torchdyn_adjoint_is_wrong_for_the_injection_path():
     torch.manual_seed(3)
     main, mapping, post = pieces()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
-    ref, _ = _node_grads(MultiScaleNeuralODE(main, mapping, post, "tsit5", SCALES, abstol=1e-4, reltol=1e-4).double(), x)
+    ref, _ = _node_grads(MultiScaleNeuralODE(main, mapping, post, "tsit5", SCALES, ode_abstol=1e-4, ode_reltol=1e-4).double(), x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        adj, _ = _node_grads(MultiScaleNeuralODE(main, mapping, post, "tsit5", SCALES, abstol=1e-4, reltol=1e-4,
+        adj, _ = _node_grads(MultiScaleNeuralODE(main, mapping, post, "tsit5", SCALES, ode_abstol=1e-4, ode_reltol=1e-4,
                                                  sensitivity="adjoint").double(), x)
     # the stem would get no gradient through the injection x
     assert adj[0] is None or float(adj[0].abs().sum()) == 0.0 or not torch.allclose(adj[0], ref[0], rtol=1e-3)

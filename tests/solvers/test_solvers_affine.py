@@ -75,7 +75,7 @@ def test_continuous_follows_the_flow_until_t_max(method):
     u0 = torch.zeros_like(c)
     t_max = 2.0
     tol = 1e-9 if method == "vcab3" else 1e-10  # order 3: 1e-10 would take ~2000 steps
-    res = ContinuousDEQSolver(method, mode="abs_norm", abstol=tol, reltol=tol, abstol_termination=1e-12,
+    res = ContinuousDEQSolver(method, mode="abs_norm", ode_abstol=tol, ode_reltol=tol, abstol_termination=1e-12,
                               t_max=t_max, max_steps=1000)(f, u0)
     assert res.status is SolverStatus.MAX_STEPS  # t_max reached before convergence
     torch.testing.assert_close(res.t, torch.full((2,), t_max, dtype=torch.float64))

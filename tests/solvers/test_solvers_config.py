@@ -67,7 +67,10 @@ def test_discrete_refuses_bare_abstol_with_the_right_name():
 def test_continuous_ode_tolerances_have_their_own_names():
     s = ContinuousDEQSolver("tsit5", ode_abstol=1e-6, ode_reltol=1e-5)
     assert (s.ode_abstol, s.ode_reltol) == (1e-6, 1e-5)
-    assert (s.abstol, s.reltol) == (1e-6, 1e-5)  # old readable names are the ODE tolerances
+    with pytest.warns(DeprecationWarning, match=r"\.abstol is deprecated; use \.ode_abstol"):
+        assert s.abstol == 1e-6  # the old readable names still read the ODE tolerances, and say so
+    with pytest.warns(DeprecationWarning, match=r"\.reltol is deprecated; use \.ode_reltol"):
+        assert s.reltol == 1e-5
     # termination tolerances default to the ODE tolerances, as before
     assert (s.termination.abstol, s.termination.reltol) == (1e-6, 1e-5)
     s = ContinuousDEQSolver("tsit5", ode_abstol=1e-6, abstol_termination=1e-4)
@@ -76,8 +79,9 @@ def test_continuous_ode_tolerances_have_their_own_names():
     assert (d.ode_abstol, d.ode_reltol, d.termination.abstol, d.termination.reltol) == (1e-3,) * 4
 
 
-def test_continuous_old_names_are_aliases():
-    old = ContinuousDEQSolver("dopri5", abstol=1e-7, reltol=1e-6)
+def test_continuous_old_names_are_deprecated_aliases():
+    with pytest.warns(DeprecationWarning, match="abstol= is deprecated; use ode_abstol="):
+        old = ContinuousDEQSolver("dopri5", abstol=1e-7, reltol=1e-6)
     new = ContinuousDEQSolver("dopri5", ode_abstol=1e-7, ode_reltol=1e-6)
     assert (old.ode_abstol, old.ode_reltol) == (new.ode_abstol, new.ode_reltol) == (1e-7, 1e-6)
     assert repr(old) == repr(new)
@@ -104,7 +108,7 @@ def test_continuous_ode_tolerances_with_termination_object_are_fine():
 def test_continuous_tolerance_validation_names_the_new_option():
     with pytest.raises(ValueError, match="ode_abstol"):
         ContinuousDEQSolver(ode_abstol=-1.0)
-    with pytest.raises(ValueError, match="ode_reltol"):
+    with pytest.raises(ValueError, match="ode_reltol"), pytest.warns(DeprecationWarning):
         ContinuousDEQSolver(reltol=float("nan"))
     with pytest.raises(ValueError, match="both be 0"):
         ContinuousDEQSolver(ode_abstol=0.0, ode_reltol=0.0)

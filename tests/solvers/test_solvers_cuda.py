@@ -40,7 +40,7 @@ def test_cuda_discrete_affine(name):
 def test_cuda_continuous_affine(method):
     f, zs = _affine_cuda()
     tol = ode_tol(method, 1e-9, 1e-7)
-    res = ContinuousDEQSolver(method, mode="abs_norm", abstol=tol, reltol=tol, abstol_termination=1e-7,
+    res = ContinuousDEQSolver(method, mode="abs_norm", ode_abstol=tol, ode_reltol=tol, abstol_termination=1e-7,
                               max_steps=3000, dt=FIXED_DT.get(method))(f, torch.zeros(3, 8, dtype=F64, device=CUDA))
     assert res.status is SolverStatus.CONVERGED
     _on_cuda(res)
@@ -56,7 +56,7 @@ def test_cuda_float32_multiscale_matches_cpu(name):
         f.W, f.inj = f.W.to(device), f.inj.to(device)
         z0 = [t.to(device) for t in f.zeros()]
         if name == "tsit5":
-            solver = ContinuousDEQSolver("tsit5", mode="abs_norm", abstol=1e-6, reltol=1e-6, abstol_termination=1e-5,
+            solver = ContinuousDEQSolver("tsit5", mode="abs_norm", ode_abstol=1e-6, ode_reltol=1e-6, abstol_termination=1e-5,
                                          max_steps=2000)
         else:
             solver = DiscreteDEQSolver(name, mode="abs_norm", abstol_termination=1e-5, max_steps=200)

@@ -169,7 +169,7 @@ def test_continuous_t_max_is_a_hard_horizon(method, t_max):
     # du/dt = J u has u(t) = (cos t, sin t): t_max stops the solve on time, on the exact orbit.
     J = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=F64)
     tol = 1e-8 if method == "vcab3" else 1e-10  # order 3: 1e-10 takes 9000 steps to t = 5 (error 3e-8 at 1e-8)
-    res = ContinuousDEQSolver(method, mode="abs_norm", abstol=tol, reltol=tol, t_max=t_max, max_steps=100_000,
+    res = ContinuousDEQSolver(method, mode="abs_norm", ode_abstol=tol, ode_reltol=tol, t_max=t_max, max_steps=100_000,
                               dt=0.1 if method in FIXED_DT else None)(
         lambda z: z + z @ J.T, torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64))
     assert res.status is SolverStatus.MAX_STEPS
@@ -189,7 +189,7 @@ def test_continuous_t_max_with_a_far_away_steady_state():
     c = torch.tensor([[1.0], [1.0]], dtype=F64)
     f = lambda z: 0.5 * (z - c) + c  # noqa: E731  relaxation time 2
     z0 = torch.tensor([[1.0 + 1e-4], [1.0 + 1e3]], dtype=F64)
-    res = ContinuousDEQSolver("tsit5", mode="abs_norm", abstol=1e-9, reltol=1e-9, abstol_termination=1e-5,
+    res = ContinuousDEQSolver("tsit5", mode="abs_norm", ode_abstol=1e-9, ode_reltol=1e-9, abstol_termination=1e-5,
                               t_max=10.0, max_steps=10_000)(f, z0)
     assert res.converged.tolist() == [True, False]
     assert res.status is SolverStatus.MAX_STEPS
@@ -212,7 +212,7 @@ def test_sample_waiting_at_t_max_is_not_declared_converged(mode):
 
     z0 = torch.tensor([[1.0 + 1e-3 * math.exp(2.5), 1.0], [1.0, 0.0]], dtype=F64)
     tol = 3e-4
-    res = ContinuousDEQSolver("tsit5", mode=mode, abstol=1e-6, reltol=1e-6, abstol_termination=tol,
+    res = ContinuousDEQSolver("tsit5", mode=mode, ode_abstol=1e-6, ode_reltol=1e-6, abstol_termination=tol,
                               reltol_termination=tol, t_max=5.0, max_steps=5000)(f, z0)
     torch.testing.assert_close(res.t, torch.full((2,), 5.0, dtype=F64))
     du0 = 0.5 * 1e-3 * math.exp(2.5) * math.exp(-2.5)  # |du(t)| = |du(0)| exp(-t/2)
@@ -287,7 +287,7 @@ def test_invalid_numbers():
         with pytest.raises(ValueError, match="max_steps"):
             ContinuousDEQSolver("tsit5", max_steps=bad)
     with pytest.raises(ValueError):
-        ContinuousDEQSolver("tsit5", abstol=0.0, reltol=0.0)
+        ContinuousDEQSolver("tsit5", ode_abstol=0.0, ode_reltol=0.0)
     for bad in (0.0, -1.0, math.nan):
         with pytest.raises(ValueError, match="t_max"):
             ContinuousDEQSolver("tsit5", t_max=bad)

@@ -67,7 +67,7 @@ def test_discrete_sample_at_fixed_point_is_untouched(name):
 def test_continuous_sample_at_fixed_point_is_untouched(method):
     z0 = _start()
     tol = ode_tol(method, 1e-9, 1e-7)
-    res = ContinuousDEQSolver(method, mode="abs_norm", abstol=tol, reltol=tol, abstol_termination=1e-7,
+    res = ContinuousDEQSolver(method, mode="abs_norm", ode_abstol=tol, ode_reltol=tol, abstol_termination=1e-7,
                               max_steps=2000, dt=FIXED_DT.get(method))(half_map, z0)
     assert res.status is SolverStatus.CONVERGED
     assert torch.equal(res.z[0], C[0])

@@ -73,7 +73,7 @@ def test_line_search_trials_are_counted():
 def test_counting_wrapper_agrees_with_nfe_continuous(method):
     m = TanhMap(2, [(4,), (2, 2)], as_list=True, generator=torch.Generator().manual_seed(6))
     f = Counted(m)
-    res = ContinuousDEQSolver(method, mode="abs_norm", abstol=1e-6, reltol=1e-6, abstol_termination=1e-5,
+    res = ContinuousDEQSolver(method, mode="abs_norm", ode_abstol=1e-6, ode_reltol=1e-6, abstol_termination=1e-5,
                               max_steps=500, dt=FIXED_DT.get(method))(f, m.zeros())
     assert res.status is SolverStatus.CONVERGED
     assert res.nfe == f.calls
@@ -143,7 +143,7 @@ def test_continuous_nfe_counts_rejected_steps(method):
     W = torch.tensor([[0.3, -0.8, 0.1], [0.7, 0.2, -0.4], [-0.2, 0.5, 0.3]], dtype=F64)
     x = torch.tensor([[0.5, -1.0, 2.0]], dtype=F64)
     f = Counted(lambda z: 4.0 * torch.tanh(z @ W.T + x) - 3.0 * z, record=True)  # du = 4 tanh(.) - 4 z
-    res = ContinuousDEQSolver(method, mode="abs_norm", abstol=1e-8, reltol=1e-8, abstol_termination=1e-6,
+    res = ContinuousDEQSolver(method, mode="abs_norm", ode_abstol=1e-8, ode_reltol=1e-8, abstol_termination=1e-6,
                               max_steps=2000, dt=50.0)(f, torch.zeros(1, 3, dtype=F64))
     assert res.status is SolverStatus.CONVERGED
     accepted = _classify_calls(method, f.inputs, f.outputs, res.z)
@@ -158,7 +158,7 @@ def test_continuous_nfe_counts_rejected_steps(method):
 
 def test_continuous_max_steps_caps_stepper_calls_including_rejections():
     f = Counted(lambda z: 4.0 * torch.tanh(z + 1.0) - 3.0 * z)
-    res = ContinuousDEQSolver("tsit5", mode="abs_norm", abstol=1e-10, reltol=1e-10, abstol_termination=1e-12,
+    res = ContinuousDEQSolver("tsit5", mode="abs_norm", ode_abstol=1e-10, ode_reltol=1e-10, abstol_termination=1e-12,
                               max_steps=5, dt=1e3)(f, torch.zeros(1, 2, dtype=F64))
     assert res.status is SolverStatus.MAX_STEPS
     assert res.steps == 5 and res.nfe == f.calls == 1 + 6 * 5

@@ -1,0 +1,77 @@
+"""The one home of deqlab's old names: each still works, warns ``DeprecationWarning`` naming the new one,
+and will go in a later release.
+
+Why one module: a renamed option or attribute must stay usable for a while (old scripts, old configs) but
+never *silently*, and never reachable two ways without saying which one is current. Every old spelling is
+funnelled through a function here, so finding them all (to remove them later) is one ``grep`` for
+``deqlab._compat``. A leaf module: it imports nothing from deqlab, so any layer may use it.
+
+Example:
+    >>> import warnings
+    >>> from deqlab._compat import renamed
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     renamed("ContinuousDEQSolver", "ode_abstol", None, "abstol", 1e-4)
+    0.0001
+    >>> str(caught[0].message)
+    'ContinuousDEQSolver: abstol= is deprecated; use ode_abstol= (the same setting)'
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any, Dict, Optional, Tuple, TypeVar
+
+__all__ = ["renamed", "deprecated", "warn_renamed", "moved_attribute"]
+
+T = TypeVar("T")
+
+
+def warn_renamed(owner: str, old: str, new: str, *, stacklevel: int = 3, why: str = "the same setting") -> None:
+    """Warn that ``owner``'s ``old`` is deprecated in favour of ``new`` (``DeprecationWarning``)."""
+    warnings.warn(f"{owner}: {old} is deprecated; use {new} ({why})", DeprecationWarning, stacklevel=stacklevel)
+
+
+def renamed(owner: str, new: str, new_value: Optional[T], old: str, old_value: Optional[T],
+            default: Optional[T] = None) -> Optional[T]:
+    """An option given under its name ``new`` or its deprecated name ``old``.
+
+    ``None`` means "not given": the value is ``new_value``, else ``old_value`` (with a
+    ``DeprecationWarning`` naming ``new``), else ``default``. Giving both names is ambiguous and raises.
+
+    Raises:
+        ValueError: both ``new_value`` and ``old_value`` are given.
+    """
+    if new_value is not None and old_value is not None:
+        raise ValueError(f"{owner}: {old}= is the old name of {new}=; they are the same setting, pass only {new}=")
+    if new_value is not None:
+        return new_value
+    if old_value is None:
+        return default
+    warn_renamed(owner, f"{old}=", f"{new}=", stacklevel=4)
+    return old_value
+
+
+def deprecated(owner: str, old: str, new: str, value: T, *, why: str = "the same setting") -> T:
+    """``value``, after warning that ``owner.old`` is deprecated in favour of ``new`` (for properties and
+    module attributes that are read under an old name)."""
+    warn_renamed(owner, old, new, stacklevel=4, why=why)
+    return value
+
+
+def moved_attribute(module: str, name: str, moves: Dict[str, Tuple[str, str]]) -> Any:
+    """For a module's ``__getattr__``: the object an old name ``module.name`` now lives at (``moves[name]``:
+    ``(new module, new name)``), after a ``DeprecationWarning`` naming the new place.
+
+    Why by import path: an old name may point *up* the layers (``deqlab.lightning.cli.main`` is now
+    ``deqlab.cli.main``, the console command above the Lightning layer); resolving it here, only when the old
+    name is read, keeps the layers' static imports one-way.
+
+    Raises:
+        AttributeError: ``name`` is not an old name of ``module`` (Python's usual error for a missing name).
+    """
+    if name not in moves:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    new_module, new_name = moves[name]
+    warn_renamed(module, name, f"{new_module}.{new_name}", stacklevel=3, why="moved")
+    return getattr(importlib.import_module(new_module), new_name)
