@@ -25,10 +25,11 @@ from typing import Any, ClassVar, Dict, Literal, Optional, Protocol, Tuple, Unio
 from torch import Tensor, nn
 
 from deqlab._compat import warn_renamed
-from deqlab.lightning.config import DEQTrainingConfig, TrainingArg
+from deqlab.spec import model_kind
+from deqlab.spec.training import DEQTrainingConfig, TrainingArg
 from deqlab.lightning.module import DEQLightningModule
-from deqlab.models._build import BackwardName, SolverName, build_backward, build_solver
-from deqlab.models.mnist import dense_deq, dense_network
+from deqlab.models._build import BackwardName, PaperNetwork, SolverName, build_backward, build_solver
+from deqlab.models.mnist import MNIST_DENSE, dense_deq, dense_network
 from deqlab.models.settings import TRAINING_KEYS, paper_settings
 from deqlab.nn.implicit import BackwardMode
 from deqlab.solvers.protocols import Solver
@@ -117,7 +118,7 @@ class DEQClassifier(DEQLightningModule):
         network: the model (stem → DEQ layer(s) → head). Not recorded in ``hparams`` (its weights are in the
             state dict): rebuild it for ``DEQClassifier.load_from_checkpoint(path, network=...)``.
         **kwargs: training settings, passed to [`DEQLightningModule`][deqlab.lightning.DEQLightningModule]
-            ([`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] fields, flat, or ``training=``;
+            ([`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig] fields, flat, or ``training=``;
             [`deqlab.models.paper_settings`][deqlab.models.paper_settings] gives the paper's).
 
     Raises:
@@ -182,7 +183,7 @@ def dense_deq_layer(
         >>> type(layer).__name__, z.shape
         ('DeepEquilibriumNetwork', torch.Size([3, 8]))
     """
-    return dense_deq(model_type, width, solver, backward=backward, jac_reg=jacobian_regularization)
+    return dense_deq(model_type, width, solver, backward=backward, jacobian_regularization=jacobian_regularization)
 
 
 def _resolve_solver_and_backward(
@@ -227,7 +228,7 @@ class DenseDEQClassifier(DEQLightningModule):
 
     Class attributes:
         default_training: the training settings this class starts from (a partial ``training`` changes
-            only what it names). Here [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig]'s defaults.
+            only what it names). Here [`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig]'s defaults.
         default_max_steps: iteration budget of a solver built from a name. Here 50, the paper's.
         skip_loss_default: λ_skip of the Skip variants when ``skip_loss_weight`` is unset (vanilla: 0,
             as u0 = 0 has nothing to learn); ``None`` leaves it unset (counts as 0). Here ``None``.
@@ -252,7 +253,7 @@ class DenseDEQClassifier(DEQLightningModule):
         jacobian_regularization: compute the Hutchinson Jacobian term (weighted by ``jacobian_loss_weight``).
             Default ``False``: the term adds a VJP (and its backward) to every forward.
         training: the training settings: a mapping of some fields (a config file's ``training:`` block)
-            applied over ``default_training``, a complete [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] used as given, or
+            applied over ``default_training``, a complete [`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig] used as given, or
             ``None`` (default): ``default_training``.
         **kwargs: flat training settings applied on top of ``training`` (``lr=...``, see
             [`DEQLightningModule`][deqlab.lightning.DEQLightningModule]). The old solver keywords ``termination_mode``, ``abstol``,
@@ -275,7 +276,7 @@ class DenseDEQClassifier(DEQLightningModule):
         DiscreteDEQSolver(FixedPointIteration(...), ..., max_steps=10)
     """
 
-    default_max_steps: ClassVar[int] = 50
+    default_max_steps: ClassVar[int] = MNIST_DENSE.max_steps
     skip_loss_default: ClassVar[Optional[float]] = None
     jacobian_loss_default: ClassVar[Optional[float]] = None
 
@@ -295,38 +296,43 @@ class DenseDEQClassifier(DEQLightningModule):
         self.deq_config = self.deq_config.with_default_weights(**self._loss_weight_defaults(
             model_type, jacobian_regularization))
         self.in_features = in_features
-        self.model_type = model_type
+        self.kind = model_kind(model_type, deq_only=True)
         solver_obj, backward_obj = _resolve_solver_and_backward(
             solver, backward, legacy, self.default_max_steps, type(self).__name__)
-        network = dense_network(model_type, solver_obj, backward=backward_obj, jac_reg=jacobian_regularization,
+        network = dense_network(self.kind, solver_obj, backward=backward_obj,
+                                jacobian_regularization=jacobian_regularization,
                                 num_classes=self.deq_config.num_classes or 10, width=width, in_features=in_features)
         # the network's parts are this module's own (state-dict keys stem.*, deq.*, head.*)
         self.stem, self.deq, self.head = network.stem, network.deq, network.head
 
+    @property
+    def model_type(self) -> str:
+        """The model type's name (``self.kind.name``)."""
+        return self.kind.name
+
     def _loss_weight_defaults(self, model_type: str, jacobian_regularization: bool) -> Dict[str, float]:
         fill: Dict[str, float] = {}
         if self.skip_loss_default is not None:
-            fill["skip_loss_weight"] = self.skip_loss_default if model_type != "vanilla" else 0.0
+            fill["skip_loss_weight"] = self.skip_loss_default if model_kind(model_type).learns_guess else 0.0
         if self.jacobian_loss_default is not None:
             fill["jacobian_loss_weight"] = self.jacobian_loss_default if jacobian_regularization else 0.0
         return fill
 
-    def _embed(self, x: Tensor) -> Tensor:
+    def _checked(self, x: Tensor) -> Tensor:
         if x[0].numel() != self.in_features:
             raise ValueError(
                 f"{type(self).__name__} expects inputs with {self.in_features} features per sample, got shape "
                 f"{tuple(x.shape)}; set in_features or use a matching data module"
             )
-        return self.stem(x)
+        return x
 
+    # The network's own forward (deqlab.models.PaperNetwork's, over this module's stem / deq / head / kind):
+    # one implementation of "stem, DEQ, head" and of the explicit prediction, whichever door a user took.
     def forward(self, x: Tensor) -> Tuple[Tensor, Any]:
-        z, solution = self.deq(self._embed(x))
-        return self.head(z), solution
+        return PaperNetwork.forward(self, self._checked(x))  # type: ignore[arg-type]
 
     def explicit_forward(self, x: Tensor) -> Optional[Tensor]:
-        if self.model_type == "vanilla":
-            return None  # u0 = 0 carries no information
-        return self.head(self.deq.explicit(self._embed(x)))
+        return PaperNetwork.explicit_forward(self, self._checked(x))  # type: ignore[arg-type]
 
 
 class MNISTDenseDEQ(DenseDEQClassifier):
@@ -370,7 +376,7 @@ class MNISTDenseDEQ(DenseDEQClassifier):
 
     default_training: ClassVar[DEQTrainingConfig] = MNIST_TRAINING
     skip_loss_default: ClassVar[Optional[float]] = paper_settings("mnist", "dense", "skip")["skip_loss_weight"]
-    jacobian_loss_default: ClassVar[Optional[float]] = paper_settings("mnist", "dense", jac_reg=True)[
+    jacobian_loss_default: ClassVar[Optional[float]] = paper_settings("mnist", "dense", jacobian_regularization=True)[
         "jacobian_loss_weight"]
 
     def __init__(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from deqlab.models import MODEL_TYPES, SOLVER_KINDS
+from deqlab.spec import model_kind
 
 from paper_repro.cli import PAPER_SEEDS, ExperimentSpec, typed_settings
 
@@ -75,7 +76,7 @@ class RunConfig:
     arch: str
     model_type: str
     solver: str
-    jac_reg: bool
+    jacobian_regularization: bool
     seed: int
     batch_size: int
     epochs: int
@@ -97,7 +98,7 @@ class RunConfig:
     def key(self, world_size: int) -> Tuple[str, ...]:
         """The run's key: the values of ``results.KEY_COLUMNS`` its row will hold (what resume compares)."""
         return tuple(str(v) for v in (
-            self.experiment, self.arch, self.model_type, self.solver, self.jac_reg, self.seed,
+            self.experiment, self.arch, self.model_type, self.solver, self.jacobian_regularization, self.seed,
             self.epochs, self.max_steps, self.train_subset or "", self.test_subset or "", self.batch_size, world_size,
             self.protocol, self.ode_solver,
         ))
@@ -107,7 +108,7 @@ class RunConfig:
         per key (a hash of :meth:`key`, which also holds the schedule, subsets, batch and process count)."""
         digest = hashlib.sha1("\x1f".join(self.key(world_size)).encode()).hexdigest()[:10]
         solver = f"{self.solver}-{self.ode_solver}" if self.ode_solver else self.solver
-        return (f"{self.arch}_{self.protocol}_{self.model_type}_{solver}{'_jac' if self.jac_reg else ''}"
+        return (f"{self.arch}_{self.protocol}_{self.model_type}_{solver}{'_jac' if self.jacobian_regularization else ''}"
                 f"_s{self.seed}_{digest}")
 
     @property
@@ -120,23 +121,24 @@ class RunConfig:
         """A file-name-safe name of the run (TensorBoard folder, saved model)."""
         solver = f"{self.solver}_{self.ode_solver}" if self.ode_solver else self.solver
         return (f"{self.experiment}_{self.arch}_{self.protocol}/{self.model_type}_{solver}"
-                f"{'_jac' if self.jac_reg else ''}_s{self.seed}")
+                f"{'_jac' if self.jacobian_regularization else ''}_s{self.seed}")
 
     @property
     def label(self) -> str:
         """The run in words, for progress lines and ``--list-grid``."""
-        return (f"{self.experiment}/{self.arch} {self.model_type} {self.solver_label}{' +jac' if self.jac_reg else ''} "
+        return (f"{self.experiment}/{self.arch} {self.model_type} {self.solver_label}{' +jac' if self.jacobian_regularization else ''} "
                 f"seed {self.seed} ({self.protocol} protocol)")
 
 
 def paper_defaults(experiment: str, arch: str, model_type: str, solver: str,
-                   jac_reg: bool = False, protocol: str = "paper") -> Tuple[Dict[str, Any], Dict[str, Any]]:
+                   jacobian_regularization: bool = False, protocol: str = "paper") -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``deqlab.models.paper_settings`` split into (LightningModule kwargs, run defaults: batch size,
     epochs or max_steps, augment, seeds, normalization, the continuous integrator, the v1 semantics).
     ``num_classes`` comes from the data instead."""
     from deqlab.models import TRAINING_KEYS, paper_settings
 
-    settings = dict(paper_settings(experiment, arch, model_type, solver, jac_reg=jac_reg, protocol=protocol))
+    settings = dict(paper_settings(experiment, arch, model_type, solver,
+                                   jacobian_regularization=jacobian_regularization, protocol=protocol))
     training = {k: v for k, v in settings.items() if k in TRAINING_KEYS and k != "num_classes"}
     run = {k: v for k, v in settings.items() if k not in TRAINING_KEYS}
     return training, run
@@ -166,8 +168,8 @@ def make_config(spec: ExperimentSpec, args: argparse.Namespace, model_type: str,
     if max_steps is None:
         max_steps = -1
     model_options = dict(run.get("model_options") or {})
-    if model_type == "neural_ode":
-        ode = "tsit5"  # the baseline integrates t in [0, 1] with Tsit5 whatever the DEQ rows use
+    if not model_kind(model_type).is_deq:
+        ode = "tsit5"  # the neural-ODE baseline integrates t in [0, 1] with Tsit5 whatever the DEQ rows use
     elif solver == "continuous":
         ode = ode_solver or getattr(args, "ode_solver", None)
         if ode is not None:
@@ -183,7 +185,8 @@ def make_config(spec: ExperimentSpec, args: argparse.Namespace, model_type: str,
         model_options[flag.key] = value
         changes.append((flag.flag, flag.key, value))
     return RunConfig(
-        experiment=spec.name, arch=args.arch, model_type=model_type, solver=solver, jac_reg=bool(args.jac_reg),
+        experiment=spec.name, arch=args.arch, model_type=model_type, solver=solver,
+        jacobian_regularization=bool(args.jac_reg),
         seed=seeds[0] if seed is None else int(seed),
         batch_size=int(args.batch_size or run.get("batch_size") or 32),
         epochs=int(epochs), max_steps=int(max_steps), augment=bool(run.get("augment", False)),
@@ -221,14 +224,15 @@ def paper_grid(spec: ExperimentSpec, args: argparse.Namespace) -> Grid:
     notes: List[str] = []
     for seed in seeds:
         for model_type in model_types:
-            if model_type == "neural_ode" and args.jac_reg:
-                notes.append("grid: neural_ode skipped with --jac-reg (no fixed point, so no Jacobian term)")
+            deq = model_kind(model_type).is_deq
+            if not deq and args.jac_reg:
+                notes.append(f"grid: {model_type} skipped with --jac-reg (no fixed point, so no Jacobian term)")
                 continue
-            if model_type == "neural_ode":  # integrates a finite interval: no steady-state solver to vary
+            if not deq:  # the neural ODE integrates a finite interval: no steady-state solver to vary
                 if "continuous" in solvers:
                     cells.append(make_config(spec, args, model_type, "continuous", seed))
                 else:
-                    notes.append("grid: neural_ode skipped: it is an ODE model, listed under --solvers continuous")
+                    notes.append(f"grid: {model_type} skipped: it is an ODE model, listed under --solvers continuous")
                 continue
             for solver in solvers:
                 for ode in (ode_solvers if solver == "continuous" else [None]):
@@ -249,7 +253,8 @@ def build_network(spec: ExperimentSpec, cfg: RunConfig, num_classes: Optional[in
     """The run's network (``deqlab.models.build_model``), a plain ``nn.Module``."""
     from deqlab.models import build_model
 
-    return build_model(cfg.experiment, cfg.arch, model_type=cfg.model_type, solver=cfg.solver, jac_reg=cfg.jac_reg,
+    return build_model(cfg.experiment, cfg.arch, model_type=cfg.model_type, solver=cfg.solver,
+                       jacobian_regularization=cfg.jacobian_regularization,
                        num_classes=num_classes or spec.num_classes, **cfg.model_options)
 
 
@@ -300,7 +305,7 @@ def describe_plan(spec: ExperimentSpec, cfg: RunConfig, plan: DevicePlan, parame
         f"{'normalized' if cfg.normalize else 'raw [0, 1] pixels'}",
         f"  schedule          {schedule}: {per_epoch} steps per epoch, {steps} steps in all",
         f"  optimizer         {t.get('optimizer')} lr {t.get('lr')} wd {t.get('weight_decay')}, scheduler {t.get('scheduler')}",
-        f"  losses            skip weight {t.get('skip_loss_weight', 0.0)}, jacobian weight {t.get('jacobian_loss_weight', 0.0) if cfg.jac_reg else 0.0}",
+        f"  losses            skip weight {t.get('skip_loss_weight', 0.0)}, jacobian weight {t.get('jacobian_loss_weight', 0.0) if cfg.jacobian_regularization else 0.0}",
         f"  pretraining       {t.get('pretrain_steps', 0)} steps at depth {t.get('pretrain_depth', 5)}",
     ]
     if cfg.changes:

@@ -168,7 +168,7 @@ class RunRecorder(pl.Callback):
         cfg, e = self.cfg, self._epoch
         return dict(
             experiment=cfg.experiment, arch=cfg.arch, model_type=cfg.model_type, solver=cfg.solver,
-            jac_reg=cfg.jac_reg, seed=cfg.seed, stage=stage, epoch=trainer.current_epoch,
+            jac_reg=cfg.jacobian_regularization, seed=cfg.seed, stage=stage, epoch=trainer.current_epoch,
             step=trainer.global_step, train_loss=mean(e.get("loss", [])),
             train_accuracy=mean(e.get("accuracy", [])), train_nfe=mean(e.get("nfe", [])),
             train_backward_nfe=mean(e.get("backward_nfe", [])), train_time_s=seconds,

@@ -134,7 +134,7 @@ def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan
     epoch_time = mean(recorder.epoch_times) if measured else (None if step_time is None else step_time * per_epoch)
     last = recorder.last_epoch
     row: Dict[str, Any] = dict(
-        experiment=cfg.experiment, arch=cfg.arch, model_type=cfg.model_type, solver=cfg.solver, jac_reg=cfg.jac_reg,
+        experiment=cfg.experiment, arch=cfg.arch, model_type=cfg.model_type, solver=cfg.solver, jac_reg=cfg.jacobian_regularization,
         seed=cfg.seed, requested_epochs=cfg.epochs, requested_max_steps=cfg.max_steps,
         train_subset=cfg.train_subset or "", test_subset=cfg.test_subset or "",
         batch_size_per_process=cfg.batch_size, world_size=plan.world_size,
@@ -161,7 +161,7 @@ def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan
         path = Path(args.results_dir) / "models" / f"{cfg.run_name.replace('/', '__')}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": network.state_dict(), "label": cfg.label, "model_type": cfg.model_type,
-                    "solver": cfg.solver, "ode_solver": cfg.ode_solver, "jac_reg": cfg.jac_reg,
+                    "solver": cfg.solver, "ode_solver": cfg.ode_solver, "jacobian_regularization": cfg.jacobian_regularization,
                     "model_options": cfg.model_options, "protocol": cfg.protocol, "seed": cfg.seed}, path)
     if trainer.is_global_zero:
         # the epoch rows first: a run row on disk means the run's epoch rows are complete

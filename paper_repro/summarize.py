@@ -22,10 +22,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from deqlab.spec import MODEL_TYPES, model_kind  # noqa: E402
+from deqlab.spec.kinds import VANILLA  # noqa: E402
 from paper_repro.paper_reference import ACCURACY_KIND, CLAIMS, PARAMETERS, SOURCE, reference  # noqa: E402
 from paper_repro.results import DEFAULT_RESULTS_DIR, REPO, load_results  # noqa: E402
 
-MODEL_ORDER = ("vanilla", "skip", "skip_reg", "neural_ode")
+MODEL_ORDER = MODEL_TYPES
 SOLVER_ORDER = ("continuous/tsit5", "continuous/vcab3", "continuous", "discrete")
 SOLVER_SHORT = {"continuous/tsit5": "C-tsit5", "continuous/vcab3": "C-vcab3", "continuous": "C", "discrete": "D"}
 #: Numeric columns averaged over seeds.
@@ -212,7 +214,7 @@ def ratio_rows(group: Group, configs: Dict[Config, Dict[str, Any]]) -> List[Tupl
              "fit_time_s")
     solvers = sorted({s for _, s in configs}, key=lambda s: SOLVER_ORDER.index(s) if s in SOLVER_ORDER else 99)
     continuous = [s for s in solvers if _kind(s) == "continuous"]
-    node = next((c for c in configs if c[0] == "neural_ode"), None)
+    node = next((c for c in configs if c[0] in MODEL_TYPES and not model_kind(c[0]).is_deq), None)
     for solver in solvers:
         for skip in ("skip", "skip_reg"):
             add(f"vanilla / {skip} ({solver})", ("vanilla", solver), (skip, solver), speed)
@@ -270,7 +272,7 @@ def _plt():
 def figure1(group: Group, configs: Dict[Config, Dict[str, Any]], path: Path) -> Optional[Path]:
     """Training and backward time of each model type relative to the vanilla continuous DEQ (ours, and the
     paper's where it has the numbers)."""
-    base_key = next((c for c in configs if c[0] == "vanilla" and _kind(c[1]) == "continuous"), None)
+    base_key = next((c for c in configs if c[0] == VANILLA.name and _kind(c[1]) == "continuous"), None)
     base = configs.get(base_key) if base_key is not None else None
     if base is None:
         return None

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from deqlab.spec import model_kind  # noqa: E402
+
 CONFIGS: Tuple[Tuple[str, str], ...] = (
     ("vanilla", "continuous"), ("skip", "continuous"), ("skip_reg", "continuous"),
     ("vanilla", "discrete"), ("skip", "discrete"), ("skip_reg", "discrete"), ("neural_ode", "continuous"),
@@ -54,24 +56,27 @@ class Config:
     ``mnist.py --save-model``); ``ode_solver`` re-solves a continuous model with another integrator (the
     same weights, so the two integrators are compared on one trained model)."""
 
-    def __init__(self, model_type: str, solver: str, seed: int, *, jac_reg: bool = False, ode_solver: str = "",
+    def __init__(self, model_type: str, solver: str, seed: int, *, jacobian_regularization: bool = False,
+                 ode_solver: str = "",
                  payload: Any = None, protocol: str = "paper"):
         from deqlab.models import build_model, paper_settings
 
         torch.manual_seed(seed)
         options = dict(payload.get("model_options") or {}) if payload else {}
         trained_ode = (payload or {}).get("ode_solver", "")
-        if solver == "continuous" and model_type != "neural_ode":
+        if solver == "continuous" and model_kind(model_type).is_deq:
             options["ode_solver"] = ode_solver or trained_ode or options.get("ode_solver", "tsit5")
-        self.model_type, self.solver, self.jac_reg = model_type, solver, jac_reg
+        jr = self.jacobian_regularization = bool(jacobian_regularization)
+        self.model_type, self.solver = model_type, solver
         label = f"{solver}/{options['ode_solver']}" if "ode_solver" in options else solver
         resolved = f" (trained with {trained_ode})" if trained_ode and options.get("ode_solver") != trained_ode else ""
         self.solver_label = label + resolved
-        self.name = f"{model_type} {self.solver_label}{' +JR' if jac_reg else ''}"
-        self.net = build_model("mnist", "dense", model_type=model_type, solver=solver, jac_reg=jac_reg, **options)
+        self.name = f"{model_type} {self.solver_label}{' +JR' if jr else ''}"
+        self.net = build_model("mnist", "dense", model_type=model_type, solver=solver, jacobian_regularization=jr,
+                               **options)
         if payload is not None:
             self.net.load_state_dict(payload["state_dict"])
-        s = paper_settings("mnist", "dense", model_type, solver, jac_reg=jac_reg, protocol=protocol)
+        s = paper_settings("mnist", "dense", model_type, solver, jacobian_regularization=jr, protocol=protocol)
         self.skip_weight = float(s["skip_loss_weight"])
         self.jac_weight = float(s["jacobian_loss_weight"])
         from deqlab.lightning._optim import build_optimizer
@@ -118,9 +123,10 @@ def load_trained(models_dir: Path, also_ode: Sequence[str], seed: int) -> List[C
     configs = []
     for path in sorted(Path(models_dir).glob("*.pt")):
         payload = torch.load(path, map_location="cpu", weights_only=False)
-        common = dict(jac_reg=bool(payload.get("jac_reg")), payload=payload, protocol=payload.get("protocol", "paper"))
+        jr = bool(payload.get("jacobian_regularization", payload.get("jac_reg")))  # (the grid's first runs: jac_reg)
+        common = dict(jacobian_regularization=jr, payload=payload, protocol=payload.get("protocol", "paper"))
         configs.append(Config(payload["model_type"], payload["solver"], seed, **common))
-        if payload["solver"] == "continuous" and payload["model_type"] != "neural_ode":
+        if payload["solver"] == "continuous" and model_kind(payload["model_type"]).is_deq:
             for ode in also_ode:
                 if ode != payload.get("ode_solver"):
                     configs.append(Config(payload["model_type"], "continuous", seed, ode_solver=ode, **common))
@@ -193,7 +199,7 @@ def main(argv: Any = None) -> str:
         m = {k: median(v) for k, v in cfg.times.items()}
         n = {k: median(v) for k, v in cfg.nfe.items()}
         row[cfg.name] = (m, n)
-        model = cfg.model_type + (" +JR" if cfg.jac_reg else "")
+        model = cfg.model_type + (" +JR" if cfg.jacobian_regularization else "")
         lines.append(f"| {model} | {cfg.solver_label} | {m['step']:.4f} | {m['forward']:.4f} | {m['backward']:.4f} | "
                      f"{m['predict']:.4f} | {n['train']:.1f} | {n['test']:.1f} | {n['test_reference']:.1f} | "
                      f"{n['backward']:.1f} | {100 * acc[cfg.name]:.2f} % |")

@@ -1,9 +1,8 @@
-"""PyTorch Lightning integration: the DEQ training module, its typed training settings, TensorBoard
-callbacks and the ``deqlab`` CLI.
+"""PyTorch Lightning integration: the DEQ training module, TensorBoard callbacks and the ``deqlab`` CLI.
 
 The names below are imported on first use: ``from deqlab.lightning import DEQLightningModule`` imports
-Lightning, while the training settings alone (``deqlab.lightning.config``: plain dataclasses over torch)
-do not, so the Lightning-free paper models (`deqlab.models`) can name their fields. ``import deqlab``
+Lightning. The training settings it takes live below it, in the Lightning-free spec
+(`deqlab.spec.DEQTrainingConfig`), so the paper models (`deqlab.models`) can name their fields. ``import deqlab``
 alone never imports Lightning. Nothing here imports the model zoo (``deqlab.zoo``) or the paper networks:
 the arrows run from the models to this package, never back.
 """
@@ -15,13 +14,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the static view (type checkers, the API reference); at run time see __getattr__
     from deqlab.lightning._stats import StepRecord
     from deqlab.lightning.callbacks import ConvergenceFigure, NFEHistogram
-    from deqlab.lightning.config import DEQTrainingConfig
     from deqlab.lightning.module import DEQLightningModule, find_deq_layers
 
 __all__ = [
     "ConvergenceFigure",
     "DEQLightningModule",
-    "DEQTrainingConfig",
     "NFEHistogram",
     "StepRecord",
     "find_deq_layers",
@@ -30,14 +27,21 @@ __all__ = [
 _HOME = {
     "ConvergenceFigure": "deqlab.lightning.callbacks",
     "DEQLightningModule": "deqlab.lightning.module",
-    "DEQTrainingConfig": "deqlab.lightning.config",
     "NFEHistogram": "deqlab.lightning.callbacks",
     "StepRecord": "deqlab.lightning._stats",
     "find_deq_layers": "deqlab.lightning.module",
 }
 
 
+#: names that moved out of this package (each warns ``DeprecationWarning`` naming its new home)
+_MOVED = {"DEQTrainingConfig": ("deqlab.spec", "DEQTrainingConfig")}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from deqlab._compat import moved_attribute
+
+        return moved_attribute(__name__, name, _MOVED)
     home = _HOME.get(name)
     if home is None:
         if name.startswith("__"):

@@ -6,14 +6,13 @@ Why here and not in ``configure_optimizers``: keeping the mapping from names (``
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, MultiStepLR
 
-OptimizerName = Literal["adam", "adamw", "sgd"]
-SchedulerName = Literal["cosine", "step", "none"]
+from deqlab.spec.training import OptimizerName, SchedulerName  # the names, defined with the settings
 
 
 def build_optimizer(

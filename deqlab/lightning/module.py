@@ -33,7 +33,7 @@ from deqlab.lightning._optim import build_optimizer, build_scheduler
 from deqlab.lightning._stats import STATUSES, SolutionSummary, StepRecord, split_forward_output, summarize
 from deqlab.lightning._timing import PhaseTimer
 from deqlab.lightning.checkpoint import check_checkpoint_file, damage_reported_by_name, restore_rng_state, rng_state
-from deqlab.lightning.config import DEQTrainingConfig, TrainingArg
+from deqlab.spec.training import DEQTrainingConfig, TrainingArg
 from deqlab.nn.protocols import DEQLayer
 from deqlab.nn.solution import DeepEquilibriumSolution
 
@@ -151,24 +151,24 @@ class DEQLightningModule(pl.LightningModule):
       ``task_loss(output, target)`` (cross-entropy by default) and ``extra_losses(...)`` (own loss terms).
 
     Class attributes:
-        default_training: the settings this class starts from (a [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig]; here all
+        default_training: the settings this class starts from (a [`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig]; here all
             its field defaults). A subclass sets its own once (the zoo's ``DigitsDEQ.default_training``);
             a partial ``training`` and the flat keywords are applied over it.
 
     Args:
-        training: the training settings (see [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] for every field, its
+        training: the training settings (see [`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig] for every field, its
             default and its meaning): a mapping of *some* fields (``{"lr": 0.01}``, or a config file's
             ``training:`` block) changes only those over ``default_training``; a complete
             ``DEQTrainingConfig`` is used as given; ``None`` (default): ``default_training``. Keyword-only,
             so a subclass's own positional arguments never collide with it.
         **overrides: the same settings as flat keywords (``lr=3e-3, scheduler="none"``), applied on top of
             ``training`` (so one field can be changed without restating the rest). A name that is not a
-            field of [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] raises ``TypeError``.
+            field of [`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig] raises ``TypeError``.
 
     Raises:
-        TypeError: when an ``overrides`` name is not a [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] field (a misspelt
+        TypeError: when an ``overrides`` name is not a [`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig] field (a misspelt
             setting must not be silently ignored), or ``training`` is neither a config nor a mapping.
-        ValueError: when the resulting settings are invalid (see [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig]).
+        ValueError: when the resulting settings are invalid (see [`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig]).
 
     Examples:
         A subclass builds its network and returns ``(output, solution)``; the base does the rest:
@@ -295,7 +295,7 @@ class DEQLightningModule(pl.LightningModule):
         gave it, the model output, the list of DEQ solution records of this step (empty for a model
         without a DEQ layer) and the stage (``"train"``, ``"val"``, ``"test"``). Each returned term must
         be a scalar tensor (a batch mean, so DDP gradients stay exact); it is added to the loss with the
-        weight ``extra_loss_weights[name]`` of [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] (1.0 when absent) and logged
+        weight ``extra_loss_weights[name]`` of [`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig] (1.0 when absent) and logged
         unweighted as ``{stage}/{name}``. Names the module logs itself (``loss``, ``skip_loss``, ...) are
         refused.
         """
@@ -654,7 +654,7 @@ class DEQLightningModule(pl.LightningModule):
         return isinstance(plugin, MixedPrecision) and plugin.scaler is not None
 
     def _judge_backward(self, loss: Any) -> bool:
-        """The ``on_nonfinite`` policy (see [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig]) for the batch just back-propagated.
+        """The ``on_nonfinite`` policy (see [`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig]) for the batch just back-propagated.
 
         Runs after every backward: each micro-batch of a gradient-accumulation window and each
         ``manual_backward``. A batch is bad when its input, loss or any gradient is non-finite, or any of

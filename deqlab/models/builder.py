@@ -1,13 +1,15 @@
 """``build_model(experiment, arch, ...)``: the one entry point to the paper's networks."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from torch import nn
 
-from deqlab.models._build import MODEL_TYPES, SOLVER_KINDS, check_choice
+from deqlab._compat import renamed
+from deqlab.spec import SOLVER_KINDS, ModelKind, model_kind
+from deqlab.spec.solve import choose
 
-__all__ = ["EXPERIMENTS", "build_model", "canonical_arch", "default_ode_solver"]
+__all__ = ["EXPERIMENTS", "build_model", "canonical_arch", "default_config", "default_ode_solver"]
 
 #: experiment -> architectures (canonical names; ``cifar10`` also accepts ``tiny`` for ``small``).
 EXPERIMENTS: Dict[str, Tuple[str, ...]] = {
@@ -72,8 +74,9 @@ def _factory(experiment: str, arch: str) -> Callable[..., nn.Module]:
     return fn
 
 
-def build_model(experiment: str, arch: str, *, model_type: str = "skip", solver: str = "discrete",
-                jac_reg: bool = False, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
+def build_model(experiment: str, arch: str, *, model_type: Union[str, ModelKind] = "skip", solver: str = "discrete",
+                jacobian_regularization: Optional[bool] = None, num_classes: Optional[int] = None,
+                jac_reg: Optional[bool] = None, **overrides: Any) -> nn.Module:
     """The paper's network for ``experiment`` / ``arch``.
 
     Args:
@@ -84,9 +87,11 @@ def build_model(experiment: str, arch: str, *, model_type: str = "skip", solver:
             Default ``skip``, the paper's proposed model.
         solver: ``continuous`` (Tsit5 to the steady state) or ``discrete`` (limited-memory Broyden).
             Default ``discrete``, the solver family of the zoo models' default (``lbroyden``).
-        jac_reg: compute the Hutchinson Jacobian term at ``z*`` (``solution.jacobian_loss``). Default
-            ``False``: it adds a VJP to every forward, needed only for the "+ Jac. Reg." rows.
+        jacobian_regularization: compute the Hutchinson Jacobian term at ``z*`` (``solution.jacobian_loss``).
+            Default ``None``: ``False`` (it adds a VJP to every forward, needed only for the "+ Jac. Reg."
+            rows).
         num_classes: classifier outputs. Default ``None``: the dataset's (10, or 1000 for ImageNet).
+        jac_reg: deprecated old name of ``jacobian_regularization`` (warns ``DeprecationWarning``).
         **overrides: the architecture's keyword arguments (e.g. ``tol``, ``max_steps``, ``mode``; see the
             factory functions in `deqlab.models.mnist` / `deqlab.models.mdeq`); unknown names raise.
 
@@ -96,7 +101,7 @@ def build_model(experiment: str, arch: str, *, model_type: str = "skip", solver:
 
     Raises:
         ValueError: for an unknown ``experiment``, ``arch``, ``model_type`` or ``solver``, or
-            ``model_type="neural_ode"`` with the discrete solver or ``jac_reg=True``.
+            ``model_type="neural_ode"`` with the discrete solver or Jacobian regularization.
         TypeError: for an ``overrides`` name the architecture does not take (the message names the call).
 
     Examples:
@@ -111,16 +116,17 @@ def build_model(experiment: str, arch: str, *, model_type: str = "skip", solver:
         >>> build_model("mnist", "dense", widht=16)
         Traceback (most recent call last):
         ...
-        TypeError: build_model('mnist', 'dense'): mnist_dense() got an unexpected keyword argument 'widht'
+        TypeError: build_model('mnist', 'dense'): mnist_dense() got an unexpected keyword argument 'widht' (did you mean 'width'?); valid: ...
     """
     arch = canonical_arch(experiment, arch)
-    check_choice("model_type", model_type, MODEL_TYPES)
-    check_choice("solver", solver, SOLVER_KINDS)
+    kind = model_kind(model_type)
+    choose("build_model", "solver", solver, SOLVER_KINDS)
+    jr = bool(renamed("build_model", "jacobian_regularization", jacobian_regularization, "jac_reg", jac_reg, False))
     factory = _factory(experiment, arch)
     if num_classes is not None:
         overrides["num_classes"] = int(num_classes)
     try:
-        return factory(model_type, solver, jac_reg=jac_reg, **overrides)
+        return factory(kind, solver, jacobian_regularization=jr, **overrides)
     except TypeError as err:
         if "unexpected keyword" in str(err):
             raise TypeError(f"build_model({experiment!r}, {arch!r}): {err}") from err
@@ -146,10 +152,23 @@ def default_ode_solver(experiment: str, arch: str) -> str:
         >>> default_ode_solver("mnist", "dense"), default_ode_solver("cifar10", "tiny")
         ('tsit5', 'vcab3')
     """
-    import inspect
+    return str(default_config(experiment, arch).ode_solver)
 
-    fn = _factory(experiment, canonical_arch(experiment, arch))
-    config = getattr(fn, "config", None)
-    if config is not None:
-        return str(config.ode_solver)
-    return str(inspect.signature(fn).parameters["ode_solver"].default)
+
+def default_config(experiment: str, arch: str) -> Any:
+    """The architecture's config of defaults (a `deqlab.models.mdeq.MDEQConfig` or a
+    `deqlab.models.mnist.DenseConfig`): where each experiment's paper settings are written, once.
+
+    Args:
+        experiment: a key of [`EXPERIMENTS`][deqlab.models.EXPERIMENTS].
+        arch: an architecture of that experiment (aliases accepted).
+
+    Returns:
+        The frozen config; ``build_model`` keyword overrides replace its fields.
+
+    Examples:
+        >>> from deqlab.models.builder import default_config
+        >>> default_config("mnist", "dense").tol, default_config("cifar10", "large").max_steps
+        (0.005, 18)
+    """
+    return _factory(experiment, canonical_arch(experiment, arch)).config  # type: ignore[attr-defined]

@@ -20,19 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deqlab.models._build import (
-    ModelType,
-    PaperNetwork,
-    SolverKind,
-    make_backward,
-    make_multiscale,
-    make_solver,
-)
+from deqlab._compat import renamed
+from deqlab.models._build import PaperNetwork, build_backward, build_solver, check_fields, make_multiscale
+from deqlab.spec import BackwardSpec, ModelKind, ModelType, SolverKind, SolverSpec, model_kind
 from deqlab.nn import Downsample, PostFuse, ResidualBlock, Upsample, VariationalHiddenDropout, WeightNorm
 
 __all__ = [
@@ -146,6 +141,16 @@ class MDEQConfig:
     def solver_mode(self, solver: str) -> str:
         """The termination mode of the ``solver`` kind (``continuous`` or ``discrete``)."""
         return self.discrete_mode if solver == "discrete" and self.discrete_mode is not None else self.mode
+
+    def solver_spec(self, kind: SolverKind) -> SolverSpec:
+        """The forward solve for the solver ``kind``: ``tol``, ``max_steps``, the kind's mode, the
+        ``ode_solver`` and the NFE counting convention of this config."""
+        return SolverSpec(kind=kind, ode_solver=self.ode_solver, tol=self.tol, max_steps=self.max_steps,  # type: ignore[arg-type]
+                          mode=self.solver_mode(kind), reference_counting=self.reference_counting)
+
+    def backward_spec(self) -> BackwardSpec:
+        """The GMRES adjoint within ``backward_max_steps`` VJPs, at the forward's tolerance."""
+        return BackwardSpec(max_steps=self.backward_max_steps)
 
     def __post_init__(self) -> None:
         if self.version not in ("v1", "v2"):
@@ -393,8 +398,8 @@ def _shortcut(cfg: MDEQConfig) -> List[nn.Module]:
     return [first, *rest]
 
 
-def build_mdeq(cfg: MDEQConfig, model_type: ModelType = "skip", solver: SolverKind = "discrete", *,
-               jac_reg: bool = False) -> PaperNetwork:
+def build_mdeq(cfg: MDEQConfig, model_type: Union[ModelType, ModelKind] = "skip", solver: SolverKind = "discrete", *,
+               jacobian_regularization: bool = False) -> PaperNetwork:
     """The multiscale network of ``cfg`` for one model type and solver kind.
 
     The factory functions (`mnist_conv`, `cifar10_small`, ...) call this with their config;
@@ -404,15 +409,17 @@ def build_mdeq(cfg: MDEQConfig, model_type: ModelType = "skip", solver: SolverKi
         cfg: the network's definition.
         model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode``. Default ``skip``, the paper's
             proposed model.
-        solver: ``continuous`` (Tsit5) or ``discrete`` (limited-memory Broyden). Default ``discrete``, as
-            [`deqlab.models.build_model`][deqlab.models.build_model]'s.
-        jac_reg: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to every forward.
+        solver: ``continuous`` (``cfg.ode_solver``) or ``discrete`` (limited-memory Broyden). Default
+            ``discrete``, as [`deqlab.models.build_model`][deqlab.models.build_model]'s.
+        jacobian_regularization: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to
+            every forward.
 
     Returns:
         The network, a [`PaperNetwork`][deqlab.models.PaperNetwork].
 
     Raises:
-        ValueError: for an unknown ``solver``, or ``neural_ode`` with the discrete solver or ``jac_reg``.
+        ValueError: for an unknown ``solver``, or ``neural_ode`` with the discrete solver or Jacobian
+            regularization.
 
     Examples:
         >>> import dataclasses
@@ -422,16 +429,16 @@ def build_mdeq(cfg: MDEQConfig, model_type: ModelType = "skip", solver: SolverKi
         >>> count_parameters(build_mdeq(cfg, "vanilla"))
         10010
     """
-    solver_obj = make_solver(solver, mode=cfg.solver_mode(solver), tol=cfg.tol, max_steps=cfg.max_steps,
-                             ode_solver=cfg.ode_solver, reference_counting=cfg.reference_counting)  # type: ignore[arg-type]
+    kind = model_kind(model_type)
+    solver_obj = build_solver(cfg.solver_spec(solver))
     main, mapping, post = _map_layers(cfg)
-    deq = make_multiscale(model_type, main, mapping, post, solver_obj, cfg.scales,
-                          shortcut=_shortcut(cfg) if model_type == "skip" else None,
-                          backward=make_backward(cfg.tol, cfg.backward_max_steps), jac_reg=jac_reg, ode_tol=cfg.tol,
+    deq = make_multiscale(kind, main, mapping, post, solver_obj, cfg.scales,
+                          shortcut=_shortcut(cfg) if kind.shortcut else None,
+                          backward=build_backward(cfg.backward_spec()), jacobian_regularization=jacobian_regularization,
                           detach_skip_target=cfg.detach_skip_target)
     act = nn.GELU() if cfg.version == "v1" else nn.ReLU()
     head = ClassificationHead(cfg.num_channels, cfg.head_channels, cfg.final_channels, cfg.num_classes, act)
-    return PaperNetwork(_stem(cfg), deq, head, model_type=model_type, solver_kind=solver)
+    return PaperNetwork(_stem(cfg), deq, head, model_type=kind, solver_kind=solver)
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -467,9 +474,11 @@ _FACTORY_SECTIONS = """
 Args:
     model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode``. Default ``skip``, the paper's proposed
         model.
-    solver: ``continuous`` (Tsit5) or ``discrete`` (limited-memory Broyden). Default ``discrete``, as
-        [`deqlab.models.build_model`][deqlab.models.build_model]'s.
-    jac_reg: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to every forward.
+    solver: ``continuous`` (the config's ``ode_solver``) or ``discrete`` (limited-memory Broyden). Default
+        ``discrete``, as [`deqlab.models.build_model`][deqlab.models.build_model]'s.
+    jacobian_regularization: compute the Hutchinson Jacobian term. Default ``None``: ``False`` (it adds a
+        VJP to every forward).
+    jac_reg: deprecated old name of ``jacobian_regularization`` (warns ``DeprecationWarning``).
     **overrides: fields of `MDEQConfig` to change (``tol``, ``max_steps``, ``num_channels``, ...).
 
 Returns:
@@ -478,7 +487,7 @@ Returns:
 Raises:
     TypeError: for an ``overrides`` name that is not an `MDEQConfig` field.
     ValueError: when the overridden config is invalid, for an unknown ``solver``, or ``neural_ode`` with the
-        discrete solver or ``jac_reg``.
+        discrete solver or Jacobian regularization.
 
 Examples:
     >>> from deqlab.models import count_parameters
@@ -489,19 +498,17 @@ Examples:
 
 
 def _factory(name: str, base: MDEQConfig, doc: str, params: int):
-    def build(model_type: ModelType = "skip", solver: SolverKind = "discrete", *, jac_reg: bool = False,
+    def build(model_type: ModelType = "skip", solver: SolverKind = "discrete", *,
+              jacobian_regularization: Optional[bool] = None, jac_reg: Optional[bool] = None,
               **overrides: Any) -> PaperNetwork:
-        names = {f.name for f in dataclasses.fields(MDEQConfig)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"got unexpected keyword argument(s) {', '.join(unknown)}; "
-                            f"valid: {', '.join(sorted(names))}")
+        jr = bool(renamed(name, "jacobian_regularization", jacobian_regularization, "jac_reg", jac_reg, False))
+        check_fields(name, overrides, [f.name for f in dataclasses.fields(MDEQConfig)])
         for key in ("num_channels", "head_channels"):
             if key in overrides:
                 overrides[key] = tuple(overrides[key])
         if "mode" in overrides and "discrete_mode" not in overrides:
             overrides["discrete_mode"] = None  # mode= names the stop rule of both solvers
-        return build_mdeq(dataclasses.replace(base, **overrides), model_type, solver, jac_reg=jac_reg)
+        return build_mdeq(dataclasses.replace(base, **overrides), model_type, solver, jacobian_regularization=jr)
 
     build.__doc__ = doc + _FACTORY_SECTIONS.format(name=name, params=params)
     build.__name__ = build.__qualname__ = name

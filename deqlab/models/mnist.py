@@ -1,23 +1,19 @@
 """The paper's MNIST models (v1 experiments): the dense DEQ and the 2-scale convolutional MDEQ."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from deqlab.models._build import (
-    ModelType,
-    PaperNetwork,
-    SolverKind,
-    check_choice,
-    check_neural_ode,
-    make_backward,
-    make_deq,
-    make_solver,
-)
+from deqlab._compat import renamed
+from deqlab.models._build import (PaperNetwork, build_backward, build_solver, check_fields, check_neural_ode,
+                                  make_deq)
 from deqlab.nn import BackwardMode, DenseDEQBlock, MultiScaleNeuralODE
+from deqlab.spec import PAPER_TOL, BackwardSpec, ModelKind, ModelType, SolverKind, SolverSpec, model_kind
 
-__all__ = ["mnist_dense", "dense_network", "dense_deq", "FirstScale"]
+__all__ = ["mnist_dense", "dense_network", "dense_deq", "FirstScale", "DenseConfig", "MNIST_DENSE"]
 
 
 class FirstScale(nn.Module):
@@ -48,8 +44,70 @@ class FirstScale(nn.Module):
         return self.module(z)
 
 
-def dense_deq(model_type: ModelType, width: int, solver: Any, *, backward: Optional[BackwardMode] = None,
-              jac_reg: bool = False, detach_skip_target: Optional[bool] = None, reapply_map: bool = False,
+@dataclass(frozen=True)
+class DenseConfig:
+    """The dense DEQ model of the paper's MNIST experiment, and its solve: the defaults, written once.
+
+    ``Flatten → Dense(in_features→width, relu) → DEQ over f(z, x) = relu(W1 z) + relu(W2 x) →
+    Dense(width→num_classes)``; the Skip predictor is ``Dense(width→width, relu)``.
+    [`mnist_dense`][deqlab.models.mnist.mnist_dense] builds from `MNIST_DENSE` (keyword overrides replace fields),
+    the zoo's ``MNISTDenseDEQ`` solves with its `solver_spec`.
+
+    Attributes:
+        width: state (and injection) width. 128, the paper's.
+        in_features: flattened input size. 784 (28×28 MNIST).
+        num_classes: classifier outputs. 10.
+        tol: forward termination tolerance (abs = rel; also the ODE step tolerance, and, through the layer,
+            the adjoint's). 5e-3, the paper's.
+        max_steps: forward step budget. 50, the paper's.
+        backward_max_steps: VJP budget of the GMRES adjoint. 15, the paper's.
+        mode: termination mode. ``rel_deq_default``.
+        ode_solver: the continuous solver's integrator: ``tsit5`` (the paper's MNIST table) or ``vcab3``.
+        reference_counting: the convention of ``solution.reference_nfe``. ``fastdeq``: the paper's MNIST
+            table was counted by the January-2022 code (`deqlab.solvers.counting`).
+        batch_wide: one termination test over the whole batch (the 2022 code's; ``protocol="v1"``).
+        reapply_map: return ``f(z_T, x)`` as z* (the 2022 code's).
+        vanilla_penalty: a vanilla model's skip loss is ``mean |z*|`` (the 2022 code's).
+        detach_skip_target: see [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]; ``None``: the layer's default.
+
+    Examples:
+        >>> from deqlab.models.mnist import MNIST_DENSE
+        >>> MNIST_DENSE.solver_spec("continuous").ode_solver, MNIST_DENSE.backward_spec().max_steps
+        ('tsit5', 15)
+    """
+
+    width: int = 128
+    in_features: int = 784
+    num_classes: int = 10
+    tol: float = PAPER_TOL
+    max_steps: int = 50
+    backward_max_steps: int = 15
+    mode: str = "rel_deq_default"
+    ode_solver: str = "tsit5"
+    reference_counting: str = "fastdeq"
+    batch_wide: bool = False
+    reapply_map: bool = False
+    vanilla_penalty: bool = False
+    detach_skip_target: Optional[bool] = None
+
+    def solver_spec(self, kind: SolverKind) -> SolverSpec:
+        """The forward solve for the solver ``kind`` (``continuous``: ``ode_solver``; ``discrete``:
+        limited-memory Broyden)."""
+        return SolverSpec(kind=kind, ode_solver=self.ode_solver, tol=self.tol, max_steps=self.max_steps,  # type: ignore[arg-type]
+                          mode=self.mode, reference_counting=self.reference_counting, batch_wide=self.batch_wide)
+
+    def backward_spec(self) -> BackwardSpec:
+        """The GMRES adjoint within ``backward_max_steps`` VJPs, at the forward's tolerance."""
+        return BackwardSpec(max_steps=self.backward_max_steps)
+
+
+#: The paper's MNIST dense model (the defaults of `mnist_dense`).
+MNIST_DENSE = DenseConfig()
+
+
+def dense_deq(model_type: Union[ModelType, ModelKind], width: int, solver: Any, *,
+              backward: Optional[BackwardMode] = None, jacobian_regularization: bool = False,
+              detach_skip_target: Optional[bool] = None, reapply_map: bool = False,
               vanilla_penalty: bool = False) -> nn.Module:
     """The DEQ layer over ``f(z, x) = relu(W1 z) + relu(W2 x)`` (no biases) for ``vanilla`` / ``skip`` /
     ``skip_reg``; the Skip predictor is ``Dense(width→width, relu)`` as in the paper's MNIST model. The one
@@ -60,7 +118,8 @@ def dense_deq(model_type: ModelType, width: int, solver: Any, *, backward: Optio
         width: state (and injection) width: the layer maps ``(B, width)`` to ``(B, width)``.
         solver: the forward solver object.
         backward: the backward mode. Default ``None``: the layer's default (``ImplicitBackward()``).
-        jac_reg: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to every forward.
+        jacobian_regularization: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to
+            every forward.
         detach_skip_target: see [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]. Default ``None``: the layer's default.
         reapply_map: return ``f(z_T, x)`` (the January-2022 code's z*). Default ``False``.
         vanilla_penalty: a vanilla layer's skip loss is ``mean |z*|`` (the January-2022 code's). Default
@@ -81,30 +140,32 @@ def dense_deq(model_type: ModelType, width: int, solver: Any, *, backward: Optio
         >>> type(layer).__name__, z.shape
         ('SkipDeepEquilibriumNetwork', torch.Size([3, 8]))
     """
-    check_choice("model_type", model_type, ("vanilla", "skip", "skip_reg"))
+    kind = model_kind(model_type, deq_only=True)
     block = DenseDEQBlock(width)
-    shortcut = nn.Sequential(nn.Linear(width, width), nn.ReLU()) if model_type == "skip" else None
-    return make_deq(model_type, block, solver, shortcut=shortcut, backward=backward, jac_reg=jac_reg,
-                    detach_skip_target=detach_skip_target, reapply_map=reapply_map, vanilla_penalty=vanilla_penalty)
+    shortcut = nn.Sequential(nn.Linear(width, width), nn.ReLU()) if kind.shortcut else None
+    return make_deq(kind, block, solver, shortcut=shortcut, backward=backward,
+                    jacobian_regularization=jacobian_regularization, detach_skip_target=detach_skip_target,
+                    reapply_map=reapply_map, vanilla_penalty=vanilla_penalty)
 
 
-def dense_network(model_type: ModelType, solver: Any, *, backward: Optional[BackwardMode] = None,
-                  jac_reg: bool = False, num_classes: int = 10, width: int = 128, in_features: int = 784,
-                  detach_skip_target: Optional[bool] = None, reapply_map: bool = False,
+def dense_network(model_type: Union[ModelType, ModelKind], solver: Any, *, backward: Optional[BackwardMode] = None,
+                  jacobian_regularization: bool = False, num_classes: int = 10, width: int = 128,
+                  in_features: int = 784, detach_skip_target: Optional[bool] = None, reapply_map: bool = False,
                   vanilla_penalty: bool = False) -> PaperNetwork:
     """``Flatten → Dense(in_features→width, relu) → DEQ → Dense(width→num_classes)`` from solver objects.
 
-    The one construction of the dense model: [`mnist_dense`][deqlab.models.mnist.mnist_dense] (solver *kinds*, the paper's
-    tolerances) and the zoo's ``DenseDEQClassifier`` / ``MNISTDenseDEQ`` (solver objects or names) both
-    build it here, in this order (stem, DEQ map, Skip predictor, head), so the same seed gives the same
-    weights. ``neural_ode``: the same map integrated on ``t ∈ [0, 1]`` with a one-scale state (needs a
-    ``ContinuousDEQSolver``, whose ODE tolerances it takes).
+    The one construction of the dense model: [`mnist_dense`][deqlab.models.mnist.mnist_dense] (a `DenseConfig`) and
+    the zoo's ``DenseDEQClassifier`` / ``MNISTDenseDEQ`` (solver objects) both build it here, in this order
+    (stem, DEQ map, Skip predictor, head), so the same seed gives the same weights. ``neural_ode``: the same
+    map integrated on ``t ∈ [0, 1]`` with a one-scale state (needs a ``ContinuousDEQSolver``, whose ODE
+    tolerances it takes).
 
     Args:
-        model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode``.
+        model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode`` (or its `deqlab.spec.ModelKind`).
         solver: the forward solver object.
         backward: the backward mode (not used by ``neural_ode``). Default ``None``: the layer's default.
-        jac_reg: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to every forward.
+        jacobian_regularization: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to
+            every forward.
         num_classes: classifier outputs. Default 10, MNIST's digits.
         width: state width of the DEQ. Default 128, the paper's.
         in_features: flattened input size. Default 784 (28×28 MNIST images).
@@ -116,7 +177,8 @@ def dense_network(model_type: ModelType, solver: Any, *, backward: Optional[Back
         The network, a [`PaperNetwork`][deqlab.models.PaperNetwork] (``solver_kind`` from the solver's type).
 
     Raises:
-        ValueError: for an unknown ``model_type``, or ``neural_ode`` with a discrete solver or ``jac_reg``.
+        ValueError: for an unknown ``model_type``, or ``neural_ode`` with a discrete solver or Jacobian
+            regularization.
 
     Examples:
         >>> import torch
@@ -127,73 +189,53 @@ def dense_network(model_type: ModelType, solver: Any, *, backward: Optional[Back
         >>> logits.shape, net.solver_kind
         (torch.Size([2, 10]), 'discrete')
     """
-    from deqlab.models._build import MODEL_TYPES
     from deqlab.solvers import ContinuousDEQSolver
 
-    check_choice("model_type", model_type, MODEL_TYPES)
-    kind: SolverKind = "continuous" if isinstance(solver, ContinuousDEQSolver) else "discrete"
+    kind = model_kind(model_type)
+    solver_kind: SolverKind = "continuous" if isinstance(solver, ContinuousDEQSolver) else "discrete"
     stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
-    if model_type == "neural_ode":
-        check_neural_ode(solver, jac_reg)
+    if not kind.is_deq:
+        check_neural_ode(solver, jacobian_regularization)
         deq: nn.Module = MultiScaleNeuralODE([DenseDEQBlock(width)], [[None]], None, "tsit5", [(width,)],
                                              ode_abstol=solver.ode_abstol, ode_reltol=solver.ode_reltol)
         head: nn.Module = FirstScale(nn.Linear(width, num_classes))
     else:
-        deq = dense_deq(model_type, width, solver, backward=backward, jac_reg=jac_reg,
+        deq = dense_deq(kind, width, solver, backward=backward, jacobian_regularization=jacobian_regularization,
                         detach_skip_target=detach_skip_target, reapply_map=reapply_map,
                         vanilla_penalty=vanilla_penalty)
         head = nn.Linear(width, num_classes)
-    return PaperNetwork(stem, deq, head, model_type=model_type, solver_kind=kind)
+    return PaperNetwork(stem, deq, head, model_type=kind, solver_kind=solver_kind)
 
 
-def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete", *, jac_reg: bool = False,
-                num_classes: int = 10, width: int = 128, in_features: int = 784, tol: float = 5e-3,
-                max_steps: int = 50, mode: str = "rel_deq_default", backward_max_steps: int = 15,
-                detach_skip_target: Optional[bool] = None, ode_solver: str = "tsit5", reapply_map: bool = False,
-                vanilla_penalty: bool = False, reference_counting: str = "fastdeq",
-                batch_wide: bool = False) -> PaperNetwork:
-    """MNIST dense: ``Flatten → Dense(784→128, relu) → DEQ → Dense(128→10)``.
+def mnist_dense(model_type: Union[ModelType, ModelKind] = "skip", solver: SolverKind = "discrete", *,
+                jacobian_regularization: Optional[bool] = None, jac_reg: Optional[bool] = None,
+                **overrides: Any) -> PaperNetwork:
+    """MNIST dense: ``Flatten → Dense(784→128, relu) → DEQ → Dense(128→10)``, from `MNIST_DENSE`.
 
     DEQ map ``f(z, x) = relu(W1 z) + relu(W2 x)`` (no biases); Skip predictor ``Dense(128→128, relu)``;
-    abstol = reltol = 5e-3, 50 steps; GMRES adjoint with the forward tolerance and at most
-    ``min(max_steps, 15)`` VJPs. ``neural_ode``: the same map integrated on ``t ∈ [0, 1]`` with a
-    one-scale state. The defaults are the paper's MNIST dense model. Built by
+    abstol = reltol = 5e-3, 50 steps; GMRES adjoint at the forward tolerance within 15 VJPs.
+    ``neural_ode``: the same map integrated on ``t ∈ [0, 1]`` with a one-scale state. Built by
     [`dense_network`][deqlab.models.mnist.dense_network], as the zoo's ``MNISTDenseDEQ`` is.
 
     Args:
         model_type: ``vanilla``, ``skip``, ``skip_reg`` or ``neural_ode``. Default ``skip``, the paper's
             proposed model.
-        solver: ``continuous`` (Tsit5) or ``discrete`` (limited-memory Broyden). Default ``discrete``, as
-            [`deqlab.models.build_model`][deqlab.models.build_model]'s.
-        jac_reg: compute the Hutchinson Jacobian term. Default ``False``: it adds a VJP to every forward.
-        num_classes: classifier outputs. Default 10, MNIST's digits.
-        width: state width of the DEQ. Default 128, the paper's.
-        in_features: flattened input size. Default 784 (28×28 MNIST images).
-        tol: forward tolerance (abs = rel, termination and ODE step), also the adjoint's. Default 5e-3, the
-            paper's.
-        max_steps: forward step budget. Default 50, the paper's.
-        mode: termination mode. Default ``rel_deq_default``, the paper's.
-        backward_max_steps: VJP budget of the GMRES adjoint (capped at ``max_steps``). Default 15, the
-            paper's.
-        detach_skip_target: whether the skip loss treats z* as a detached target; see
-            [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]. Default ``None``: the layer's default, detached for ``skip``,
-            coupled for ``skip_reg``.
-        ode_solver: the continuous solver's integrator, ``tsit5`` (default: the paper's MNIST table) or
-            ``vcab3`` (one evaluation per step after start-up).
-        reapply_map: return ``f(z_T, x)`` as z* (the January-2022 code's; ``--protocol v1``). Default
-            ``False``.
-        vanilla_penalty: add the skip loss ``mean |z*|`` to vanilla models (the January-2022 code's; with
-            the v1 λ_skip = 5). Default ``False``.
-        reference_counting: the convention of ``solution.reference_nfe``. Default ``"fastdeq"``: the
-            paper's MNIST table was counted by the January-2022 code (see `deqlab.solvers.counting`).
-        batch_wide: one termination test over the whole batch, as the January-2022 code's L-Broyden and
-            steady-state callback did (``--protocol v1``). Default ``False``: each sample stops on its own.
+        solver: ``continuous`` (``ode_solver``, Tsit5 by default) or ``discrete`` (limited-memory Broyden).
+            Default ``discrete``, as [`deqlab.models.build_model`][deqlab.models.build_model]'s.
+        jacobian_regularization: compute the Hutchinson Jacobian term. Default ``None``: ``False`` (it adds
+            a VJP to every forward).
+        jac_reg: deprecated old name of ``jacobian_regularization`` (warns ``DeprecationWarning``).
+        **overrides: fields of `DenseConfig` to change (``width``, ``tol``, ``max_steps``, ``mode``,
+            ``backward_max_steps``, ``ode_solver``, ``reference_counting``, ``batch_wide``, ``reapply_map``,
+            ``vanilla_penalty``, ``detach_skip_target``, ``num_classes``, ``in_features``).
 
     Returns:
         The network, a [`PaperNetwork`][deqlab.models.PaperNetwork].
 
     Raises:
-        ValueError: for an unknown ``solver``, or ``neural_ode`` with the discrete solver or ``jac_reg``.
+        TypeError: for an ``overrides`` name that is not a `DenseConfig` field.
+        ValueError: for an unknown ``solver``, or ``neural_ode`` with the discrete solver or Jacobian
+            regularization.
 
     Examples:
         >>> import torch
@@ -204,9 +246,16 @@ def mnist_dense(model_type: ModelType = "skip", solver: SolverKind = "discrete",
         >>> logits.shape, count_parameters(net)
         (torch.Size([2, 10]), 13242)
     """
-    solver_obj = make_solver(solver, mode=mode, tol=tol, max_steps=max_steps, ode_solver=ode_solver,  # type: ignore[arg-type]
-                             reference_counting=reference_counting, batch_wide=batch_wide)
-    backward = None if model_type == "neural_ode" else make_backward(tol, min(max_steps, backward_max_steps))
-    return dense_network(model_type, solver_obj, backward=backward, jac_reg=jac_reg, num_classes=num_classes,
-                         width=width, in_features=in_features, detach_skip_target=detach_skip_target,
-                         reapply_map=reapply_map, vanilla_penalty=vanilla_penalty)
+    jr = bool(renamed("mnist_dense", "jacobian_regularization", jacobian_regularization, "jac_reg", jac_reg, False))
+    check_fields("mnist_dense", overrides, [f.name for f in dataclasses.fields(DenseConfig)])
+    cfg = dataclasses.replace(MNIST_DENSE, **overrides)
+    kind = model_kind(model_type)
+    solver_obj = build_solver(cfg.solver_spec(solver))
+    backward = build_backward(cfg.backward_spec()) if kind.is_deq else None
+    return dense_network(kind, solver_obj, backward=backward, jacobian_regularization=jr,
+                         num_classes=cfg.num_classes, width=cfg.width, in_features=cfg.in_features,
+                         detach_skip_target=cfg.detach_skip_target, reapply_map=cfg.reapply_map,
+                         vanilla_penalty=cfg.vanilla_penalty)
+
+
+mnist_dense.config = MNIST_DENSE  # type: ignore[attr-defined]  # the defaults, readable without building a network

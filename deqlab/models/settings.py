@@ -7,10 +7,13 @@ dict is a run default.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Literal, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple, Union
 
-from deqlab.lightning.config import DEQTrainingConfig  # Lightning-free: the dataclass alone
-from deqlab.models._build import MODEL_TYPES, SOLVER_KINDS, check_choice
+from deqlab._compat import renamed
+from deqlab.spec import ModelKind, model_kind
+from deqlab.spec.solve import SOLVER_KINDS, choose
+from deqlab.spec.training import DEQTrainingConfig
+from deqlab.models._build import check_choice
 
 __all__ = ["paper_settings", "TRAINING_KEYS", "PROTOCOLS", "Protocol", "protocol_summary"]
 
@@ -20,7 +23,7 @@ Protocol = Literal["paper", "v1"]
 PROTOCOLS: Tuple[str, ...] = ("paper", "v1")
 
 #: The names that are training settings: the fields of
-#: [`DEQTrainingConfig`][deqlab.lightning.DEQTrainingConfig] (read from the dataclass, so a renamed field cannot drift apart from
+#: [`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig] (read from the dataclass, so a renamed field cannot drift apart from
 #: this set). Keys of [`paper_settings`][deqlab.models.paper_settings] in it are ``DEQLightningModule`` keyword arguments; the
 #: others are run defaults.
 TRAINING_KEYS = frozenset(DEQTrainingConfig.field_names())
@@ -86,8 +89,9 @@ def _base(experiment: str, arch: str, solver: str, protocol: str = "paper") -> D
                      + "; ".join(f"{e}: {', '.join(a)}" for e, a in EXPERIMENTS.items()))
 
 
-def paper_settings(experiment: str, arch: str, model_type: str = "skip", solver: str = "discrete", *,
-                   jac_reg: bool = False, protocol: Protocol = "paper") -> Dict[str, Any]:
+def paper_settings(experiment: str, arch: str, model_type: Union[str, ModelKind] = "skip", solver: str = "discrete", *,
+                   jacobian_regularization: Optional[bool] = None, protocol: Protocol = "paper",
+                   jac_reg: Optional[bool] = None) -> Dict[str, Any]:
     """The paper's training defaults for one run, as a flat dict.
 
     Two protocols (``protocol=``) differ for MNIST dense only: ``paper`` (default) is what the paper's
@@ -107,7 +111,7 @@ def paper_settings(experiment: str, arch: str, model_type: str = "skip", solver:
     ``skip_loss_weight`` is the paper's λ_skip for ``skip`` / ``skip_reg`` and 0 for ``vanilla`` /
     ``neural_ode`` (u0 = 0 there, so there is nothing to learn; the v1 protocol of MNIST dense gives vanilla
     λ_skip too, with the ``model_options`` that make its skip loss ``mean |z*|``, as the 2022 code did); ``jacobian_loss_weight`` is λ_jac = 1 with
-    ``jac_reg=True``, else 0. The neural-ODE baseline has no fixed-depth mode, so its ``pretrain_steps`` is 0.
+    ``jacobian_regularization=True``, else 0. The neural-ODE baseline has no fixed-depth mode, so its ``pretrain_steps`` is 0.
 
     Args:
         experiment: ``mnist``, ``svhn``, ``cifar10`` or ``imagenet``, as in [`build_model`][deqlab.models.build_model].
@@ -116,9 +120,10 @@ def paper_settings(experiment: str, arch: str, model_type: str = "skip", solver:
             ``pretrain_steps`` for ``neural_ode``). Default ``skip``, as [`build_model`][deqlab.models.build_model]'s.
         solver: ``continuous`` or ``discrete``; the CIFAR-10 v1 batch size depends on it. Default
             ``discrete``, as [`build_model`][deqlab.models.build_model]'s.
-        jac_reg: whether the run trains the Jacobian term; sets ``jacobian_loss_weight``. Default
+        jacobian_regularization: whether the run trains the Jacobian term; sets ``jacobian_loss_weight``. Default
             ``False``, as [`build_model`][deqlab.models.build_model]'s.
         protocol: ``paper`` (default: the paper's stated protocol) or ``v1`` (the January-2022 code's).
+        jac_reg: deprecated old name of ``jacobian_regularization`` (warns ``DeprecationWarning``).
 
     Returns:
         A new dict (safe to modify) of training keys ([`TRAINING_KEYS`][deqlab.models.TRAINING_KEYS]) and run defaults.
@@ -143,15 +148,17 @@ def paper_settings(experiment: str, arch: str, model_type: str = "skip", solver:
     from deqlab.models.builder import canonical_arch
 
     arch = canonical_arch(experiment, arch)
-    check_choice("model_type", model_type, MODEL_TYPES)
-    check_choice("solver", solver, SOLVER_KINDS)
-    check_choice("protocol", protocol, PROTOCOLS)
+    kind = model_kind(model_type)
+    jr = bool(renamed("paper_settings", "jacobian_regularization", jacobian_regularization, "jac_reg", jac_reg,
+                      False))
+    choose("paper_settings", "solver", solver, SOLVER_KINDS)
+    choose("paper_settings", "protocol", protocol, PROTOCOLS)
     s = _base(experiment, arch, solver, protocol)
     lam_skip, lam_jac = s.pop("lam_skip"), s.pop("lam_jac")
-    penalized = s.pop("vanilla_skip_loss", False) and model_type == "vanilla"
-    s["skip_loss_weight"] = lam_skip if model_type in ("skip", "skip_reg") or penalized else 0.0
-    s["jacobian_loss_weight"] = lam_jac if jac_reg else 0.0
-    if model_type == "neural_ode":
+    penalized = s.pop("vanilla_skip_loss", False) and kind.is_deq and not kind.learns_guess
+    s["skip_loss_weight"] = lam_skip if kind.learns_guess or penalized else 0.0
+    s["jacobian_loss_weight"] = lam_jac if jr else 0.0
+    if not kind.is_deq:
         s["pretrain_steps"] = 0
     s["pretrain_depth"] = 5
     s["seeds"] = SEEDS
@@ -176,7 +183,7 @@ def protocol_summary(experiment: str, arch: str, protocol: Protocol = "paper") -
         'v1 protocol (the January-2022 reference code): adamw lr 0.001 wd 2.5e-06, cosine schedule, λ_skip 5.0, λ_jac 1.0 (Jac. Reg. rows)'
     """
     s = paper_settings(experiment, arch, "skip", protocol=protocol)
-    jac = paper_settings(experiment, arch, "skip", jac_reg=True, protocol=protocol)["jacobian_loss_weight"]
+    jac = paper_settings(experiment, arch, "skip", jacobian_regularization=True, protocol=protocol)["jacobian_loss_weight"]
     origin = {"paper": "the paper's stated protocol", "v1": "the January-2022 reference code"}[protocol]
     schedule = "constant rate" if s["scheduler"] == "none" else f"{s['scheduler']} schedule"
     return (f"{protocol} protocol ({origin}): {s['optimizer']} lr {s['lr']} wd {s['weight_decay']}, {schedule}, "

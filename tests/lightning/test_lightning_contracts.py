@@ -15,7 +15,8 @@ from torch import nn
 
 from lightning_testkit import REPO, digits, trainer
 
-from deqlab.lightning import DEQLightningModule, DEQTrainingConfig, StepRecord, find_deq_layers
+from deqlab.lightning import DEQLightningModule, StepRecord, find_deq_layers
+from deqlab.spec import DEQTrainingConfig
 from deqlab.nn import DeepEquilibriumNetwork, DenseDEQBlock, ImplicitBackward
 from deqlab.solvers import DiscreteDEQSolver
 from deqlab.zoo import DigitsDEQ, MNISTDenseDEQ

@@ -7,7 +7,8 @@ import yaml
 
 from lightning_testkit import REPO
 
-from deqlab.lightning import DEQLightningModule, DEQTrainingConfig
+from deqlab.lightning import DEQLightningModule
+from deqlab.spec import DEQTrainingConfig
 from deqlab.lightning.cli import DEQLightningCLI
 from deqlab.zoo import DIGITS_TRAINING, MNIST_TRAINING, DigitsDEQ, MNISTDenseDEQ
 

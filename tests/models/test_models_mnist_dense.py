@@ -48,7 +48,9 @@ def test_mnist_dense_solver_selection_is_effective(model_type, solver):
         assert isinstance(s, DiscreteDEQSolver) and isinstance(s.algorithm, LimitedMemoryBroyden)
     assert s.termination.abstol == s.termination.reltol == 5e-3 and s.max_steps == 50
     b = net.deq.backward
-    assert isinstance(b, ImplicitBackward) and b.solver == "gmres" and b.tol == 5e-3 and b.max_steps == 15
+    # the adjoint's tolerance has one route: the forward's termination tolerance, handed over by the layer
+    assert isinstance(b, ImplicitBackward) and b.solver == "gmres" and b.tol is None and b.max_steps == 15
+    assert b.linear_solver(s.termination.tol).tol == 5e-3
     expected = SkipDeepEquilibriumNetwork if model_type != "vanilla" else DeepEquilibriumNetwork
     assert type(net.deq) is expected
     assert (net.deq.shortcut is not None) == (model_type == "skip")
@@ -75,7 +77,7 @@ def test_mnist_dense_explicit_and_counts(model_type):
 @pytest.mark.parametrize("solver", ["continuous", "discrete"])
 def test_mnist_dense_jac_reg_gives_a_positive_jacobian_loss(model_type, solver):
     torch.manual_seed(0)
-    net = build_model("mnist", "dense", model_type=model_type, solver=solver, jac_reg=True)
+    net = build_model("mnist", "dense", model_type=model_type, solver=solver, jacobian_regularization=True)
     _, sol = net(torch.randn(2, 784))
     assert sol.jacobian_loss.requires_grad and float(sol.jacobian_loss.detach()) > 0
     sol.jacobian_loss.backward()
@@ -87,8 +89,8 @@ def test_mnist_dense_jac_reg_gives_a_positive_jacobian_loss(model_type, solver):
 def test_neural_ode_rejects_discrete_and_jac_reg():
     with pytest.raises(ValueError, match="solver='continuous'"):
         build_model("mnist", "dense", model_type="neural_ode", solver="discrete")
-    with pytest.raises(ValueError, match="jac_reg=False"):
-        build_model("mnist", "dense", model_type="neural_ode", solver="continuous", jac_reg=True)
+    with pytest.raises(ValueError, match="jacobian_regularization=False"):
+        build_model("mnist", "dense", model_type="neural_ode", solver="continuous", jacobian_regularization=True)
 
 
 def test_builder_rejects_unknown_names():
@@ -108,7 +110,8 @@ def test_overrides_and_num_classes_reach_the_model():
     net = build_model("mnist", "dense", model_type="vanilla", num_classes=7, tol=1e-4, max_steps=30)
     assert net.head.out_features == 7
     assert net.deq.solver.termination.reltol == 1e-4 and net.deq.solver.max_steps == 30
-    assert net.deq.backward.tol == 1e-4 and net.deq.backward.max_steps == 15
+    b = net.deq.backward
+    assert b.linear_solver(net.deq.solver.termination.tol).tol == 1e-4 and b.max_steps == 15
 
 
 def test_mnist_dense_paper_settings():
@@ -129,12 +132,12 @@ def test_mnist_dense_paper_settings():
     assert v1["model_options"] == {"reapply_map": True, "vanilla_penalty": True, "batch_wide": True}
     with pytest.raises(ValueError, match="protocol must be one of 'paper', 'v1'"):
         paper_settings("mnist", "dense", protocol="2023")
-    assert paper_settings("mnist", "dense", "skip_reg", "continuous", jac_reg=True)["jacobian_loss_weight"] == 1.0
+    assert paper_settings("mnist", "dense", "skip_reg", "continuous", jacobian_regularization=True)["jacobian_loss_weight"] == 1.0
     # the training keys are exactly DEQLightningModule training settings (the fields of DEQTrainingConfig,
     # which DEQLightningModule accepts as flat keywords)
     import dataclasses
 
-    from deqlab.lightning import DEQTrainingConfig
+    from deqlab.spec import DEQTrainingConfig
 
     params = {f.name for f in dataclasses.fields(DEQTrainingConfig)}
     assert TRAINING_KEYS <= params
@@ -251,3 +254,13 @@ def test_the_v1_semantics_reach_the_network():
     assert not plain.deq.solver.termination.batch_wide and not plain.deq.reapply_map
     assert not plain.deq.init.fixed_point_penalty
     assert plain.deq.solver.reference_counting == "fastdeq"  # the MNIST table's count (deqlab.solvers.counting)
+
+
+def test_jac_reg_is_the_deprecated_name_of_jacobian_regularization():
+    with pytest.warns(DeprecationWarning, match="jac_reg= is deprecated; use jacobian_regularization="):
+        net = build_model("mnist", "dense", model_type="vanilla", jac_reg=True)
+    assert net.deq.jacobian_regularization
+    with pytest.warns(DeprecationWarning, match="jacobian_regularization="):
+        assert paper_settings("mnist", "dense", "skip", jac_reg=True)["jacobian_loss_weight"] == 1.0
+    with pytest.raises(ValueError, match="pass only jacobian_regularization="):
+        build_model("mnist", "dense", jac_reg=True, jacobian_regularization=True)

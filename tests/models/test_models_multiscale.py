@@ -83,7 +83,8 @@ def test_solver_and_adjoint_follow_the_protocol(key, solver, model_type):
         assert isinstance(s, DiscreteDEQSolver) and isinstance(s.algorithm, LimitedMemoryBroyden)
     assert (s.termination.mode, s.termination.abstol, s.termination.reltol, s.max_steps) == (mode, tol, tol, steps)
     b = net.deq.backward
-    assert isinstance(b, ImplicitBackward) and (b.solver, b.tol, b.max_steps) == ("gmres", tol, bsteps)
+    assert isinstance(b, ImplicitBackward) and (b.solver, b.tol, b.max_steps) == ("gmres", None, bsteps)
+    assert b.linear_solver(s.termination.tol).tol == tol  # the forward's tolerance, the one route
     cls = MultiScaleDeepEquilibriumNetwork if model_type == "vanilla" else MultiScaleSkipDeepEquilibriumNetwork
     assert type(net.deq) is cls
     assert (net.deq.shortcut is not None) == (model_type == "skip")
@@ -99,7 +100,7 @@ def test_neural_ode_uses_the_forward_tolerance_on_unit_interval():
 @pytest.mark.parametrize("solver", ["continuous", "discrete"])
 def test_jac_reg_gives_a_differentiable_positive_jacobian_loss(solver):
     torch.manual_seed(0)
-    net = build_model("cifar10", "small", model_type="skip_reg", solver=solver, jac_reg=True, max_steps=3)
+    net = build_model("cifar10", "small", model_type="skip_reg", solver=solver, jacobian_regularization=True, max_steps=3)
     _, sol = net(torch.randn(2, 3, 32, 32))
     assert sol.jacobian_loss.requires_grad and float(sol.jacobian_loss.detach()) > 0
     sol.jacobian_loss.backward()

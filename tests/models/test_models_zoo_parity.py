@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deqlab.lightning import DEQTrainingConfig
+from deqlab.spec import BackwardSpec, DEQTrainingConfig, SolverSpec
 from deqlab.models import TRAINING_KEYS, count_parameters, paper_settings
 from deqlab.models import _build
 from deqlab.models.mnist import mnist_dense
@@ -32,11 +32,16 @@ def test_the_zoo_mnist_model_is_the_models_mnist_network(model_type):
 
 def test_the_zoo_builders_are_the_models_builders():
     assert zoo.build_solver is _build.build_solver and zoo.build_backward is _build.build_backward
-    by_kind = _build.make_solver("continuous", mode="rel_norm", tol=1e-2, max_steps=9)
+    # one builder of each, from a spec or from a name: the same object either way
+    by_spec = zoo.build_solver(SolverSpec(kind="continuous", mode="rel_norm", tol=1e-2, max_steps=9))
     by_name = zoo.build_solver("tsit5", mode="rel_norm", abstol_termination=1e-2, reltol_termination=1e-2,
                                max_steps=9)
-    assert repr(by_kind) == repr(by_name)
-    assert repr(_build.make_backward(1e-3, 7)) == repr(zoo.build_backward("gmres", tol=1e-3, max_steps=7))
+    assert repr(by_spec) == repr(by_name)
+    spec = BackwardSpec(tol=1e-3, max_steps=7)
+    assert repr(zoo.build_backward(spec)) == repr(zoo.build_backward("gmres", tol=1e-3, max_steps=7))
+    assert not hasattr(_build, "make_solver") and not hasattr(_build, "make_backward")  # no near-synonyms
+    with pytest.raises(TypeError, match="pass a SolverSpec or keywords, not both"):
+        zoo.build_solver(SolverSpec(), max_steps=3)
 
 
 def test_the_paper_training_settings_are_derived_not_copied():
