@@ -870,9 +870,12 @@ class DEQLightningModule(pl.LightningModule):
             nesterov=cfg.nesterov,
             betas=cfg.betas,
         )
-        total = cfg.scheduler_steps
-        if cfg.scheduler == "cosine" and total is None:
-            total = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+        total: Any = cfg.scheduler_steps
+        if cfg.scheduler == "cosine" and total is None and self._trainer is not None:
+            # asked at the first step, not now: asking now sets the data up before a checkpoint's loader
+            # positions are restored, and Lightning then drops them (see CosineToTrainingEnd)
+            trainer = self._trainer
+            total = lambda: trainer.estimated_stepping_batches  # noqa: E731
         scheduler = build_scheduler(
             optimizer,
             cfg.scheduler,
