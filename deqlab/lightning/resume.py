@@ -228,10 +228,16 @@ class ExactResume(pl.Callback):
     * the skipped-batch count of a `DEQLightningModule` (``train/skipped_batches`` continues);
     * the training loader's position:
 
-      - a stateful loader (``state_dict``/``load_state_dict``, e.g. torchdata's ``StatefulDataLoader``,
-        deqlab's data modules) is restored by Lightning itself; when the training data was set up before the
-        checkpoint was restored (``trainer.estimated_stepping_batches`` in ``configure_optimizers``),
-        Lightning drops that position (Lightning issue #20550) and a mid-epoch resume warns;
+      - a stateful loader (``state_dict``/``load_state_dict``: deqlab's data modules' `ResumableDataLoader`,
+        torchdata's ``StatefulDataLoader``) gets its position from Lightning. This callback adds what Lightning
+        misses: a checkpoint at an epoch's last batch resumes with a fresh pass of the next epoch (Lightning
+        would hand over the finished pass's position); at an epoch boundary the worker-seed draw that a new
+        iterator makes from the global RNG is made again; when the training data was set up before the
+        checkpoint was restored (``trainer.estimated_stepping_batches`` in ``configure_optimizers``, Lightning
+        issue #20550) a `ResumableDataLoader` still gets its position. It warns where the order cannot come
+        out right: a sampler shuffling with a generator carried over from earlier epochs, resumed at an epoch
+        boundary; a sampler ordered by ``set_epoch`` (a ``DistributedSampler``) in a loader that makes its
+        iterator before Lightning calls it, resumed after epoch 0; #20550 with another stateful loader;
       - a plain ``DataLoader`` with ``num_workers=0``, torch's ``BatchSampler`` and a ``RandomSampler``
         (with or without its own ``generator``), ``SequentialSampler`` or ``DistributedSampler`` (what
         Lightning puts in under DDP): the state its sampler's pass started from (the generator, or the
@@ -271,7 +277,8 @@ class ExactResume(pl.Callback):
     def _loader_record(self, trainer: "pl.Trainer") -> Dict[str, Any]:
         kind, dl, why = _classify(trainer.train_dataloader)
         record: Dict[str, Any] = {"kind": kind, "name": _describe(trainer.train_dataloader), "why": why,
-                                  "epoch": self._epoch, "batches": self._batches}
+                                  "epoch": self._epoch, "batches": self._batches,
+                                  "epoch_batches": float(trainer.num_training_batches)}
         if kind == "plain" and dl is not None:
             record["start_state"] = self._start_state
             record["generators"] = [g.get_state() if g is not None else None for g in _generators(dl)]
@@ -294,6 +301,12 @@ class ExactResume(pl.Callback):
         if hasattr(pl_module, "_skipped_batches"):
             pl_module._skipped_batches = int(entry.get("skipped_batches", 0))
         self._loader_states = _loader_states(checkpoint)
+        record = entry.get("train_loader") or {}
+        if record.get("batches", 0) >= record.get("epoch_batches", float("inf")):
+            # a checkpoint at the epoch's last batch: Lightning resumes with the next epoch but would hand the
+            # loader the position of the finished pass (a stateful loader would continue that pass, or find it
+            # exhausted); the uninterrupted run started a fresh pass there, so the resumed one does too
+            _drop_loader_states(checkpoint)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: Any) -> None:
         # the checkpoint's loop states are restored after this hook; data set up by now was set up early
@@ -323,8 +336,32 @@ class ExactResume(pl.Callback):
                 f"run would; {_INSTEAD}.", ResumeWarning, stacklevel=2)
             return
         if kind == "stateful":
-            if mid_epoch and self._early_data:
-                self._hand_over_position(trainer, name)
+            loader = trainer.train_dataloader
+            if trainer.current_epoch > 0 and _epoch_set_after_iterator(loader):
+                warnings.warn(
+                    f"deqlab: resuming from {str(self._ckpt)!r} in epoch {trainer.current_epoch}, the training loader "
+                    f"{name} made its iterator, and with it the epoch's order, when Lightning set the data up, before "
+                    "Lightning handed its sampler the epoch (set_epoch): the resumed epoch follows another epoch's order "
+                    "(under DDP Lightning's DistributedSampler is such a sampler). Use deqlab.data.ResumableDataLoader "
+                    "(StatefulDataLoader's arguments), which makes its iterator at the first batch.",
+                    ResumeWarning, stacklevel=2)
+            if mid_epoch:
+                if self._early_data:
+                    self._hand_over_position(trainer, name)
+                return
+            if _draws_worker_seed_from_global_rng(loader):
+                # the uninterrupted run made this epoch's iterator after the checkpoint and drew its worker seed from
+                # the global RNG then (torch's DataLoader iterator does, without a generator); Lightning made the
+                # resumed run's before the restore. Make that one draw again.
+                torch.empty((), dtype=torch.int64).random_()
+            if _shuffled_by_generator_history(loader):
+                warnings.warn(
+                    f"deqlab: resuming from {str(self._ckpt)!r} at an epoch boundary, the training loader {name} shuffles "
+                    "the new epoch with a generator that continues from the previous epochs, and Lightning restores no "
+                    "loader state at an epoch boundary: the resumed epoch's order differs from the uninterrupted run's. "
+                    "Use deqlab.data.ResumableDataLoader(dataset, sampler=EpochSeededSampler(dataset, seed), ...), "
+                    "ordered by (seed, epoch), or a DataLoader with num_workers=0 and shuffle=True.",
+                    ResumeWarning, stacklevel=2)
             return
         assert dl is not None
         if not record or record.get("kind") != "plain":
@@ -431,14 +468,54 @@ class ExactResume(pl.Callback):
 
 
 
+def _draws_worker_seed_from_global_rng(loader: Any) -> bool:
+    """Whether a new epoch of this stateful loader makes a new iterator right away (no persistent workers), and
+    that iterator draws its worker seed from the global RNG (no ``generator``). deqlab's `ResumableDataLoader`
+    makes its iterator at the first batch, after the restore, and draws from its own generator."""
+    from deqlab.data.base import ResumableDataLoader
+
+    if not isinstance(loader, DataLoader) or isinstance(loader, ResumableDataLoader) or loader.generator is not None:
+        return False
+    return not (loader.persistent_workers and loader.num_workers > 0)
+
+
+def _epoch_set_after_iterator(loader: Any) -> bool:
+    """Whether ``loader``'s order depends on the epoch Lightning sets (``set_epoch``) after the resumed run made its
+    iterator: a stateful loader other than deqlab's `ResumableDataLoader` (which makes its iterator at the first
+    batch) whose sampler takes ``set_epoch`` and is not deqlab's lazy `EpochSeededSampler`."""
+    from deqlab.data.base import EpochSeededSampler, ResumableDataLoader
+
+    if not isinstance(loader, DataLoader) or isinstance(loader, ResumableDataLoader):
+        return False
+    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+    return any(callable(getattr(s, "set_epoch", None)) and not isinstance(s, EpochSeededSampler) for s in samplers)
+
+
+def _shuffled_by_generator_history(loader: Any) -> bool:
+    """Whether ``loader``'s sampler draws each epoch's order from a generator that carries over from the previous
+    epochs (torch's or torchdata's ``RandomSampler``), rather than from ``(seed, epoch)``."""
+    from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
+
+    return isinstance(getattr(loader, "sampler", None), (RandomSampler, StatefulRandomSampler))
+
+
+def _fit_loop_state(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    loops = checkpoint.get("loops")
+    fit_state = loops.get("fit_loop", {}).get("state_dict", {}) if isinstance(loops, dict) else {}
+    return fit_state if isinstance(fit_state, dict) else {}
+
+
+def _drop_loader_states(checkpoint: Dict[str, Any]) -> None:
+    """Remove the training loaders' positions from a Lightning checkpoint (see `_loader_states`)."""
+    _fit_loop_state(checkpoint).pop("combined_loader", None)
+
+
 def _loader_states(checkpoint: Dict[str, Any]) -> Optional[List[Any]]:
     """The positions of the stateful training loaders in a Lightning checkpoint (``None`` when absent).
 
-    The one place that knows where Lightning keeps them (``loops/fit_loop/state_dict/combined_loader``,
-    written by ``_FitLoop.on_save_checkpoint``); ``tests/lightning/test_lightning_resume.py`` fails when a
-    Lightning version moves them.
+    With `_drop_loader_states` the one place that knows where Lightning keeps them
+    (``loops/fit_loop/state_dict/combined_loader``, written by Lightning's fit loop in ``on_save_checkpoint``);
+    ``tests/lightning/test_lightning_resume_callbacks.py`` fails when a Lightning version moves them.
     """
-    loops = checkpoint.get("loops")
-    fit_state = loops.get("fit_loop", {}).get("state_dict", {}) if isinstance(loops, dict) else {}
-    states = fit_state.get("combined_loader") if isinstance(fit_state, dict) else None
+    states = _fit_loop_state(checkpoint).get("combined_loader")
     return list(states) if isinstance(states, list) else None

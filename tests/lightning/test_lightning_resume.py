@@ -98,6 +98,12 @@ def _train_loader(kind: str, dm):
         return DataLoader(dm.train_set, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(11))
     if kind == "plain_seq":
         return DataLoader(dm.train_set, batch_size=32)
+    if kind == "stateful_seq":  # torchdata's own StatefulDataLoader: Lightning restores its position
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchdata's set_vital deprecation
+            return StatefulDataLoader(dm.train_set, batch_size=32)
     raise ValueError(kind)
 
 
@@ -120,7 +126,7 @@ def _fit(root: Path, ckpt_path=None, loader: str = "datamodule", model_class=Dig
     return tr, model
 
 
-@pytest.mark.parametrize("loader", ["datamodule", "plain", "plain_gen", "plain_seq"])
+@pytest.mark.parametrize("loader", ["datamodule", "plain", "plain_gen", "plain_seq", "stateful_seq"])
 def test_resume_in_process_matches_the_uninterrupted_run(tmp_path, loader):
     _, straight = _fit(tmp_path / "a", loader=loader)
     # mid epoch 0, the last batch of epoch 0 (the next run starts epoch 1), mid epoch 1, the end of epoch 0

@@ -137,6 +137,47 @@ def test_a_loader_deqlab_cannot_position_is_named_at_resume(tmp_path):
         _fit(tmp_path / "b", _digits_model(), data(), ckpt_path=tmp_path / "a" / "step=2.ckpt")
 
 
+def test_a_stateful_loader_shuffled_by_generator_history_warns_at_an_epoch_boundary(tmp_path):
+    # torchdata's StatefulDataLoader(shuffle=True): exact mid-epoch (Lightning restores its position), but at an
+    # epoch boundary Lightning restores nothing and its generator starts over
+    _fit(tmp_path / "a", _digits_model(), _stateful_plain_loader())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeWarning)
+        _fit(tmp_path / "b", _digits_model(), _stateful_plain_loader(), ckpt_path=tmp_path / "a" / "step=2.ckpt")
+    with pytest.warns(ResumeWarning, match=r"epoch boundary.*StatefulDataLoader.*EpochSeededSampler"):
+        _fit(tmp_path / "c", _digits_model(), _stateful_plain_loader(), ckpt_path=tmp_path / "a" / "step=4.ckpt")
+
+
+def test_a_stateful_loader_whose_order_needs_set_epoch_warns_when_resumed_after_epoch_0(tmp_path):
+    # a StatefulDataLoader makes its iterator (and with it the order of a DistributedSampler, what Lightning puts
+    # in under DDP) when Lightning sets the data up, before set_epoch: resumed in epoch 1 it follows epoch 0's order
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def data(loader_class=StatefulDataLoader):
+        dm = digits(batch_size=32, seed=3, flatten=True)
+        dm.setup("fit")
+        sampler = torch.utils.data.DistributedSampler(dm.train_set, num_replicas=1, rank=0, seed=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchdata's set_vital deprecation
+            return {"train_dataloaders": loader_class(dm.train_set, batch_size=32, sampler=sampler)}
+
+    def run(root, ckpt=None, loader_class=StatefulDataLoader):
+        pl.seed_everything(5)
+        model = _digits_model()
+        _fit(root, model, data(loader_class), ckpt_path=ckpt)
+        return model
+
+    straight = run(tmp_path / "a")
+    with pytest.warns(ResumeWarning, match=r"in epoch 1.*set_epoch.*ResumableDataLoader"):
+        assert not _same(straight, run(tmp_path / "b", tmp_path / "a" / "step=6.ckpt"))
+    from deqlab.data import ResumableDataLoader
+
+    straight = run(tmp_path / "c", loader_class=ResumableDataLoader)  # the same loader, iterator made late: exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeWarning)
+        assert _same(straight, run(tmp_path / "d", tmp_path / "c" / "step=6.ckpt", loader_class=ResumableDataLoader))
+
+
 # ---------------------------------------------------------------------------------------------- Lightning issue 20550
 class OneCycle(DigitsDEQ):
     """The pattern of Lightning's documentation: the total steps asked in configure_optimizers."""
