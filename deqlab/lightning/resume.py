@@ -337,7 +337,15 @@ class ExactResume(pl.Callback):
             return
         if kind == "stateful":
             loader = trainer.train_dataloader
-            if trainer.current_epoch > 0 and _epoch_set_after_iterator(loader):
+            if _wrapped_for_ddp(loader):
+                warnings.warn(
+                    f"deqlab: resuming from {str(self._ckpt)!r}, the training loader {name} has its own sampler wrapped "
+                    "by Lightning for DDP (DistributedSamplerWrapper); the wrapped sampler's state (its generator) is "
+                    "not checkpointed, so the resumed run draws another order. Give the loader a "
+                    "DistributedSampler itself, e.g. deqlab.data.EpochSeededSampler(dataset, seed) (one shard per "
+                    "process, ordered by (seed, epoch)), in a deqlab.data.ResumableDataLoader.", ResumeWarning,
+                    stacklevel=2)
+            elif trainer.current_epoch > 0 and _epoch_set_after_iterator(loader):
                 warnings.warn(
                     f"deqlab: resuming from {str(self._ckpt)!r} in epoch {trainer.current_epoch}, the training loader "
                     f"{name} made its iterator, and with it the epoch's order, when Lightning set the data up, before "
@@ -477,6 +485,14 @@ def _draws_worker_seed_from_global_rng(loader: Any) -> bool:
     if not isinstance(loader, DataLoader) or isinstance(loader, ResumableDataLoader) or loader.generator is not None:
         return False
     return not (loader.persistent_workers and loader.num_workers > 0)
+
+
+def _wrapped_for_ddp(loader: Any) -> bool:
+    """Whether Lightning wrapped the loader's own sampler in a ``DistributedSamplerWrapper`` for DDP."""
+    from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+
+    samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+    return any(isinstance(s, DistributedSamplerWrapper) for s in samplers)
 
 
 def _epoch_set_after_iterator(loader: Any) -> bool:

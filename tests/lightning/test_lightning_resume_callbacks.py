@@ -178,6 +178,27 @@ def test_a_stateful_loader_whose_order_needs_set_epoch_warns_when_resumed_after_
         assert _same(straight, run(tmp_path / "d", tmp_path / "c" / "step=6.ckpt", loader_class=ResumableDataLoader))
 
 
+def test_a_sampler_lightning_wrapped_for_ddp_warns_at_resume(tmp_path):
+    # under DDP Lightning wraps a sampler that is no Random/SequentialSampler in a DistributedSamplerWrapper (here
+    # built by hand, one process): the wrapped sampler's generator is in no checkpoint
+    from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
+
+    def data():
+        dm = digits(batch_size=32, seed=3, flatten=True)
+        dm.setup("fit")
+        inner = StatefulRandomSampler(dm.train_set, generator=torch.Generator().manual_seed(0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchdata's set_vital deprecation
+            return {"train_dataloaders": StatefulDataLoader(
+                dm.train_set, batch_size=32, sampler=DistributedSamplerWrapper(inner, num_replicas=1, rank=0))}
+
+    _fit(tmp_path / "a", _digits_model(), data())
+    with pytest.warns(ResumeWarning, match=r"wrapped by Lightning for DDP.*EpochSeededSampler"):
+        _fit(tmp_path / "b", _digits_model(), data(), ckpt_path=tmp_path / "a" / "step=2.ckpt")
+
+
 # ---------------------------------------------------------------------------------------------- Lightning issue 20550
 class OneCycle(DigitsDEQ):
     """The pattern of Lightning's documentation: the total steps asked in configure_optimizers."""
