@@ -189,6 +189,12 @@ class _FirstDraw:
     this stand-in puts the real sampler back and hands the pass to ``start``, which records (or, resuming,
     sets) the state the pass starts from and returns the pass's iterator. Everything else (``len``,
     ``set_epoch``, ...) goes to the real sampler.
+
+    Why a stand-in: Lightning keeps the loader's iterator to itself, and a plain ``DataLoader`` has no
+    position to load; the batch sampler's public ``sampler`` attribute, read when a pass begins, is the one
+    place where the pass's start can be seen and set without private attributes. The real sampler is back
+    before the first index is drawn, and the stand-in is removed at the epoch's end, on exceptions and at
+    teardown if no pass began.
     """
 
     def __init__(self, batch_sampler: BatchSampler, start: Callable[[Any], Iterator[int]]) -> None:
