@@ -26,7 +26,9 @@ def test_doc_examples_run(page, tmp_path):
     code = "\n\n".join(_blocks(page))
     script = tmp_path / f"{page.stem}_examples.py"  # tutorials write their outputs under tmp_path too
     script.write_text(code)
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
+    # this checkout's deqlab, not whichever one is installed (a git worktree next to an editable install)
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, f"examples of {page.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, random_split
+from torch.utils.data import DataLoader, Dataset, random_split
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchvision.transforms import v2
 
 __all__ = [
@@ -110,17 +113,34 @@ def split_indices(n: int, lengths: Sequence[int], seed: int) -> list[list[int]]:
     return [list(s.indices) for s in random_split(range(n), list(lengths), generator=generator)]
 
 
-class EpochSeededSampler(RandomSampler):
-    """Shuffles by ``(seed, epoch)`` alone, so a run resumed from a checkpoint sees exactly the batches
-    an uninterrupted run would (the global RNG, which Lightning does not checkpoint, is not used).
+class EpochSeededSampler(StatefulDistributedSampler):
+    """Shuffles by ``(seed, epoch)`` alone, one shard per process, and resumes mid-epoch (torchdata's
+    ``StatefulDistributedSampler`` underneath).
 
-    Lightning calls ``set_epoch`` at every epoch start. A ``RandomSampler`` subclass, so under DDP
-    Lightning swaps it for its ``DistributedSampler``, which is seeded by (seed, epoch) as well.
+    Why: a run resumed from a checkpoint must see exactly the batches an uninterrupted run would, and the
+    global RNG, which Lightning does not checkpoint, must not decide them. Lightning calls ``set_epoch`` at
+    every epoch start. Under DDP each process takes its shard (``num_replicas``, ``rank``), so Lightning
+    keeps this sampler instead of putting its own ``DistributedSampler`` in.
+
+    Two things on top of torchdata's sampler, both for resuming under Lightning:
+
+    * the pass is a generator: it starts at the first index asked for, after Lightning's ``set_epoch``,
+      also when a loader asks for ``iter(sampler)`` earlier;
+    * ``state_dict`` holds the epoch next to the indices drawn, and a loaded position is applied only to a
+      pass of that epoch: a checkpoint taken at the last batch of an epoch (by ``limit_train_batches`` or
+      ``every_n_train_steps``) starts the next epoch from its beginning, as the uninterrupted run does.
+
+    Single-process orders are those of deqlab's earlier ``EpochSeededSampler`` (the permutation seeded
+    with ``seed * 100_003 + epoch``; ``DistributedSampler``'s ``seed`` attribute holds ``seed * 100_003``),
+    so runs and checkpoints made before keep their batches.
 
     Args:
         data_source: the dataset to shuffle (only its length is used).
         seed: with the epoch, fixes every permutation. Default 0, the data modules' default ``seed``
             (they pass theirs).
+        num_replicas: processes sharing the data; ``None`` (default): the world size of an initialised
+            ``torch.distributed``, else 1.
+        rank: this process's shard; ``None`` (default): its ``torch.distributed`` rank, else 0.
 
     Examples:
         >>> from deqlab.data import EpochSeededSampler
@@ -132,50 +152,71 @@ class EpochSeededSampler(RandomSampler):
         >>> sampler.set_epoch(1)
         >>> list(sampler)
         [1, 5, 2, 0, 3, 4]
+        >>> sampler.load_state_dict({"yielded": 4, "epoch": 1})  # a checkpoint 4 indices into epoch 1
+        >>> list(sampler)
+        [3, 4]
+        >>> sampler.load_state_dict({"yielded": 4, "epoch": 0})  # another epoch's position is not applied
+        >>> list(sampler)
+        [1, 5, 2, 0, 3, 4]
+        >>> [list(EpochSeededSampler(range(6), seed=0, num_replicas=2, rank=r)) for r in (0, 1)]  # DDP shards
+        [[2, 3, 1], [5, 0, 4]]
     """
 
-    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
-        super().__init__(data_source)
-        self.seed = int(seed)
-        self.epoch = 0
-        self._skip = 0
+    def __init__(self, data_source: Dataset, seed: int = 0, *, num_replicas: Optional[int] = None,
+                 rank: Optional[int] = None) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if num_replicas is None:
+            num_replicas = torch.distributed.get_world_size() if distributed else 1
+        if rank is None:
+            rank = torch.distributed.get_rank() if distributed else 0
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True,  # type: ignore[arg-type]
+                         seed=int(seed) * 100_003)
+        self.data_source = data_source
+        self._position_epoch: Optional[int] = None  # epoch of a loaded position (None: any)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use the permutation of ``epoch`` from the next pass on (Lightning calls this each epoch)."""
-        self.epoch = int(epoch)
+    def state_dict(self) -> dict:
+        """``{"yielded": ..., "epoch": ...}``: indices drawn in the current pass and the pass's epoch."""
+        return {**super().state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the next pass after ``state_dict["yielded"]`` indices if it is of ``state_dict["epoch"]``."""
+        super().load_state_dict(state_dict)
+        epoch = state_dict.get("epoch")
+        self._position_epoch = None if epoch is None else int(epoch)
 
     def skip_next(self, n: int) -> None:
-        """Leave out the first ``n`` indices of the next pass only (mid-epoch resume without loading them)."""
-        self._skip = max(0, int(n))
+        """Leave out the first ``n`` indices of the next pass only, whatever its epoch."""
+        self.next_yielded = max(0, int(n))
+        self._position_epoch = None
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        skip, self._skip = self._skip, 0
-        return iter(torch.randperm(len(self.data_source), generator=g).tolist()[skip:])
+        # a generator: this runs at the pass's first index, after Lightning's set_epoch
+        epoch, self._position_epoch = self._position_epoch, None
+        if epoch is not None and epoch != self.epoch:
+            self.next_yielded = None  # the position belongs to another epoch's pass
+        yield from super().__iter__()
 
 
-class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` whose position within the epoch is part of the checkpoint.
+class ResumableDataLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader`` that makes its iterator at the first batch, not at ``iter()``.
 
-    Lightning saves ``state_dict()`` of every training loader that has one in each checkpoint and calls
-    ``load_state_dict`` before iterating again, so ``fit(ckpt_path=...)`` from a checkpoint taken in the
-    middle of an epoch continues with the next unseen batch instead of restarting the epoch (which would
-    train on different batches than an uninterrupted run). The state is the epoch of the pass (the
-    sampler's ``set_epoch``) and the number of batches handed out in it; it is applied only to a pass of
-    the same epoch, so an epoch-end checkpoint starts the next epoch from its beginning.
+    Lightning stores ``state_dict()`` of the training loader in every checkpoint and hands it back with
+    ``load_state_dict`` on resume; ``StatefulDataLoader`` then continues with the next unseen batch (workers
+    included). Why the later iterator: Lightning calls ``iter(loader)`` when it sets the data up, before
+    it calls the sampler's ``set_epoch`` for the epoch being resumed, and a ``StatefulDataLoader`` with
+    workers hands the sampler's first indices to them right there, from the wrong epoch's order (measured:
+    weights off by 4e-4 after a mid-epoch resume in epoch 1 with 2 workers). Here ``iter(loader)`` returns
+    a generator whose first ``next`` makes the real iterator, after ``set_epoch``.
 
-    With an [`EpochSeededSampler`][deqlab.data.EpochSeededSampler] the resumed pass skips indices without loading them; with another
-    sampler (e.g. Lightning's ``DistributedSampler`` under DDP) it loads and drops the seen batches. Worker
-    seeds come from the loader's own generator, re-seeded from ``(seed, epoch)`` at every pass, so building
-    an iterator never draws from the global RNG and augmentation in workers repeats exactly.
+    A position written by deqlab's earlier ``ResumableDataLoader`` (``{"epoch", "batches"}``) is still
+    understood: with an [`EpochSeededSampler`][deqlab.data.EpochSeededSampler] the pass of that epoch skips
+    those batches.
 
     Args:
-        *args: passed to ``torch.utils.data.DataLoader`` (the dataset first, as there).
-        seed: with the epoch, seeds the loader's generator (worker seeds) at every pass. Default 0, the
-            data modules' default ``seed`` ([`BaseDataModule`][deqlab.data.BaseDataModule] passes its own).
-        **kwargs: passed to ``torch.utils.data.DataLoader`` (``batch_size``, ``sampler``, ``num_workers``,
-            ...). Without a ``generator`` the loader gets a fresh ``torch.Generator``, so it never shares
-            (and advances) the global one.
+        *args: passed to ``StatefulDataLoader`` (the dataset first, as for ``DataLoader``).
+        seed: seeds the loader's generator (worker seeds) when no ``generator`` is given. Default 0, the data
+            modules' default ``seed`` ([`BaseDataModule`][deqlab.data.BaseDataModule] passes its own).
+        **kwargs: passed to ``StatefulDataLoader`` (``batch_size``, ``sampler``, ``num_workers``, ...).
 
     Examples:
         >>> import torch
@@ -183,14 +224,12 @@ class ResumableDataLoader(DataLoader):
         >>> from deqlab.data import EpochSeededSampler, ResumableDataLoader
         >>> data = TensorDataset(torch.arange(6.0))
         >>> def make_loader():
-        ...     return ResumableDataLoader(data, batch_size=2, sampler=EpochSeededSampler(data, seed=0), seed=0)
+        ...     return ResumableDataLoader(data, batch_size=2, sampler=EpochSeededSampler(data, seed=0))
         >>> loader = make_loader()
         >>> batches = iter(loader)
         >>> next(batches)
         [tensor([2., 5.])]
         >>> state = loader.state_dict()  # what a mid-epoch checkpoint stores
-        >>> state
-        {'epoch': 0, 'batches': 1}
         >>> resumed = make_loader()
         >>> resumed.load_state_dict(state)
         >>> [batch[0].tolist() for batch in resumed]  # the rest of the epoch, not a restart
@@ -199,49 +238,31 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
         if kwargs.get("generator") is None:
-            kwargs["generator"] = torch.Generator()
-        super().__init__(*args, **kwargs)
+            kwargs["generator"] = torch.Generator().manual_seed(int(seed))
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls torch.set_vital, deprecated in recent torch: nothing for the user to act on
+            warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated", category=UserWarning)
+            super().__init__(*args, **kwargs)
         self.seed = int(seed)
-        self._position = 0
-        self._pass_epoch: Optional[int] = None
-        self._resume: Optional[dict] = None
+        self._earlier_position: Optional[dict] = None
 
-    def _epoch(self) -> Optional[int]:
-        epoch = getattr(self.sampler, "epoch", None)
-        return None if epoch is None else int(epoch)
-
-    def state_dict(self) -> dict:
-        """``{"epoch": ..., "batches": ...}``: the epoch of the current pass and the batches it handed out."""
-        return {"epoch": self._pass_epoch, "batches": self._position}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume from ``state`` (of `state_dict`) at the next pass, if that pass is the same epoch."""
-        self._resume = dict(state)
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume from ``state_dict`` (of `state_dict`, or of deqlab's earlier ``ResumableDataLoader``)."""
+        if isinstance(state_dict, dict) and set(state_dict) == {"epoch", "batches"}:
+            super().load_state_dict({})
+            self._earlier_position = dict(state_dict)
+            return
+        self._earlier_position = None
+        super().load_state_dict(state_dict)
 
     def __iter__(self) -> Iterator[Any]:
-        # a generator: its body runs at the first ``next``, after Lightning called ``set_epoch``
-        resume, self._resume = self._resume, None
-        epoch = self._epoch()
-        skip = 0
-        if resume is not None and resume.get("epoch") == epoch:
-            skip = int(resume.get("batches", 0))
-        self._pass_epoch = epoch
-        self._position = skip
-        assert self.generator is not None
-        self.generator.manual_seed(self.seed * 100_003 + (epoch or 0))
-        # torch's own BatchSampler (what batch_size= builds) takes consecutive sampler indices, so skipping
-        # sampler indices skips whole batches; a subclass or a custom batch sampler may not
-        plain_batches = type(self.batch_sampler) is BatchSampler
-        if skip and isinstance(self.sampler, EpochSeededSampler) and plain_batches and self.batch_size:
-            self.sampler.skip_next(skip * self.batch_size)
-            batches = super().__iter__()
-        else:
-            batches = super().__iter__()
-            for _ in range(skip):
-                next(batches, None)
-        for batch in batches:
-            self._position += 1
-            yield batch
+        # a generator: the iterator (and the workers' first indices) is made at the first batch, after set_epoch
+        earlier, self._earlier_position = self._earlier_position, None
+        sampler = self.sampler
+        if earlier is not None and isinstance(sampler, EpochSeededSampler) and self.batch_size \
+                and earlier.get("epoch") == sampler.epoch:
+            sampler.skip_next(int(earlier.get("batches") or 0) * self.batch_size)
+        yield from super().__iter__()
 
 
 class TransformedSubset(Dataset):
@@ -355,6 +376,15 @@ class BaseDataModule(pl.LightningDataModule):
     ``DataLoader``s with one policy: shuffle only the training set, pin memory only when CUDA is
     there to receive it, keep workers alive between epochs when there are workers.
 
+    The training loader is a [`ResumableDataLoader`][deqlab.data.ResumableDataLoader] (torchdata's
+    ``StatefulDataLoader``) over an [`EpochSeededSampler`][deqlab.data.EpochSeededSampler] (one shard per
+    process, so Lightning keeps it under DDP). Why: Lightning stores the position of a stateful training
+    loader in every checkpoint and hands it back on resume, so a run resumed from a mid-epoch checkpoint
+    continues with the next unseen batch, and the order depends only on ``(seed, epoch)``, never on the
+    global RNG, so an epoch-end resume shuffles the next epoch as the uninterrupted run does. Worker seeds
+    come from the loader's own generator seeded with ``seed``. Measured exactness: the resume section of
+    docs/lightning.md.
+
     The loader options below are defined here once: subclasses take ``**kwargs`` and forward them, and
     repeat an option in their own signature only to give it a different default (CIFAR-10's batch size,
     ImageNet's workers). LightningCLI follows the ``**kwargs`` to this signature, so configs are still
@@ -365,8 +395,9 @@ class BaseDataModule(pl.LightningDataModule):
             MNIST conv, SVHN and ImageNet (subclasses with another paper value set their own default).
         num_workers: loader worker processes; 0 (default) loads in the main process (simplest, and
             fastest for small in-memory datasets).
-        seed: seeds the train/val(/test) split and the training shuffle, so the split is identical on
-            every rank and a resumed run sees the same batches. Default 0.
+        seed: seeds the train/val(/test) split, the training shuffle (with the epoch) and the loader's
+            worker seeds, so the split is identical on every rank and a resumed run sees the same
+            batches. Default 0.
         val_fraction: fraction of the non-test data held out for validation (0 disables validation).
             Default 0.1: a tenth is enough to track accuracy and leaves 90% for training.
         pin_memory: page-locked host batches for faster host-to-GPU copies; ``None`` (default) means
@@ -386,6 +417,8 @@ class BaseDataModule(pl.LightningDataModule):
         >>> loader = dm.train_dataloader()
         >>> type(loader).__name__, len(loader)
         ('ResumableDataLoader', 3)
+        >>> sorted(torch.cat([batch[0] for batch in loader]).tolist())  # shuffled by (seed, epoch)
+        [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
         >>> BaseDataModule(val_fraction=1.0)
         Traceback (most recent call last):
         ...
@@ -426,10 +459,21 @@ class BaseDataModule(pl.LightningDataModule):
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         options = dict(batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=pin,
                        persistent_workers=self.num_workers > 0)
-        if shuffle:  # the training loader: shuffled by (seed, epoch), resumable mid-epoch
-            return ResumableDataLoader(dataset, sampler=EpochSeededSampler(dataset, self.seed), seed=self.seed,
-                                       **options)
+        if shuffle:  # the training loader: shuffled by (seed, epoch), resumable mid-epoch (see the class docstring)
+            replicas, rank = self._replicas()
+            sampler = EpochSeededSampler(dataset, self.seed, num_replicas=replicas, rank=rank)
+            return ResumableDataLoader(dataset, sampler=sampler, seed=self.seed, **options)
         return DataLoader(dataset, **options)
+
+    def _replicas(self) -> Tuple[int, int]:
+        """``(processes, this process's rank)`` of the run: from the Trainer when one is attached, else from
+        an initialised ``torch.distributed``, else ``(1, 0)``."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.world_size), int(trainer.global_rank)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True, what="train")

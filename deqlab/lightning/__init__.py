@@ -15,19 +15,26 @@ if TYPE_CHECKING:  # the static view (type checkers, the API reference); at run 
     from deqlab.lightning._stats import StepRecord
     from deqlab.lightning.callbacks import ConvergenceFigure, NFEHistogram
     from deqlab.lightning.module import DEQLightningModule, find_deq_layers
+    from deqlab.lightning.resume import CheckpointIntegrity, ExactResume, ResumeWarning
 
 __all__ = [
+    "CheckpointIntegrity",
     "ConvergenceFigure",
     "DEQLightningModule",
+    "ExactResume",
     "NFEHistogram",
+    "ResumeWarning",
     "StepRecord",
     "find_deq_layers",
 ]
 
 _HOME = {
+    "CheckpointIntegrity": "deqlab.lightning.resume",
     "ConvergenceFigure": "deqlab.lightning.callbacks",
     "DEQLightningModule": "deqlab.lightning.module",
+    "ExactResume": "deqlab.lightning.resume",
     "NFEHistogram": "deqlab.lightning.callbacks",
+    "ResumeWarning": "deqlab.lightning.resume",
     "StepRecord": "deqlab.lightning._stats",
     "find_deq_layers": "deqlab.lightning.module",
 }

@@ -11,6 +11,9 @@ Two jobs, both invisible until something goes wrong:
   generators, so a resumed run would draw different dropout masks and Hutchinson probes than the
   uninterrupted one. The states are stored as plain tensors and tuples, so the checkpoint stays loadable
   with ``torch.load(weights_only=True)``.
+
+The Trainer uses both through the callbacks of `deqlab.lightning.resume` (`CheckpointIntegrity`,
+`ExactResume`), which `DEQLightningModule` attaches.
 """
 from __future__ import annotations
 

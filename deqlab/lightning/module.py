@@ -16,7 +16,6 @@ import inspect
 import logging
 import time
 import warnings
-import weakref
 from functools import partial
 from typing import Any, Callable, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple
 
@@ -32,8 +31,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from deqlab.lightning._optim import build_optimizer, build_scheduler
 from deqlab.lightning._stats import STATUSES, SolutionSummary, StepRecord, split_forward_output, summarize
 from deqlab.lightning._timing import PhaseTimer
-from deqlab.lightning.checkpoint import check_checkpoint_file, damage_reported_by_name, restore_rng_state, rng_state
+from deqlab.lightning.checkpoint import check_checkpoint_file, damage_reported_by_name
 from deqlab.spec.training import DEQTrainingConfig, TrainingArg
+from deqlab.lightning.resume import CHECKPOINT_KEY as _CHECKPOINT_KEY
+from deqlab.lightning.resume import CheckpointIntegrity, ExactResume, ResumeWarning
 from deqlab.nn.protocols import DEQLayer
 from deqlab.nn.solution import DeepEquilibriumSolution
 
@@ -50,11 +51,8 @@ _STAGES: Tuple[str, ...] = ("train", "val", "test")
 #: Metric names written to TensorBoard's HParams tab (placeholders at fit start, updated per validation).
 HPARAM_METRICS: Tuple[str, ...] = ("hp/val_accuracy", "hp/val_loss", "hp/val_nfe")
 
-#: Key of deqlab's own entries in a Lightning checkpoint (RNG states, skipped-batch count).
-CHECKPOINT_KEY = "deqlab"
-
-#: Strategies whose ``load_checkpoint`` already checks the file first (see ``DEQLightningModule.setup``).
-_CHECKED_STRATEGIES: "weakref.WeakSet[Any]" = weakref.WeakSet()
+#: Key of deqlab's own entry in a Lightning checkpoint (written by `ExactResume`).
+CHECKPOINT_KEY = _CHECKPOINT_KEY
 
 
 class NonFiniteBatchWarning(UserWarning):
@@ -232,7 +230,7 @@ class DEQLightningModule(pl.LightningModule):
         self._window_start: Optional[int] = None  # first batch of the current gradient-accumulation window
         self._window_bad: List[str] = []  # the window's non-finite batches ("batch 3 (solver status: ...)")
         self._window_message: Optional[str] = None  # full description of the window's first non-finite batch
-        self._rng_to_restore: Optional[Dict[str, Any]] = None
+        self._policies_checked: Optional[int] = None  # id of the Trainer whose callbacks were checked
 
     def _save_constructor_hparams(self) -> None:
         """Record the arguments of the *most-derived* constructor as ``hparams``.
@@ -506,6 +504,7 @@ class DEQLightningModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
         """``{"loss": loss, "deq": StepRecord}``; callbacks read ``outputs["deq"]``."""
+        self._check_policies_attached()
         return self._shared_step(batch, "train", batch_idx)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
@@ -792,22 +791,6 @@ class DEQLightningModule(pl.LightningModule):
         self._restore_depths()
 
     # ------------------------------------------------------------------ checkpoints
-    def setup(self, stage: str) -> None:
-        """Let the Trainer's checkpoint loading check the file first (`check_checkpoint_file`) and report a
-        failed read by name (`damage_reported_by_name`): a truncated, empty or corrupted ``ckpt_path`` is
-        reported by name as damaged."""
-        strategy = self.trainer.strategy
-        if strategy not in _CHECKED_STRATEGIES:
-            load = strategy.load_checkpoint
-
-            def checked_load(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-                check_checkpoint_file(checkpoint_path)
-                with damage_reported_by_name(checkpoint_path):
-                    return load(checkpoint_path, *args, **kwargs)
-
-            strategy.load_checkpoint = checked_load  # type: ignore[method-assign]
-            _CHECKED_STRATEGIES.add(strategy)
-
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Lightning's ``load_from_checkpoint``, after `check_checkpoint_file` on the file, with a failed read
@@ -815,30 +798,6 @@ class DEQLightningModule(pl.LightningModule):
         check_checkpoint_file(checkpoint_path)
         with damage_reported_by_name(checkpoint_path):
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        """Store the global RNG states (dropout masks, Hutchinson probes continue as in an uninterrupted run)
-        and the skipped-batch count; plain tensors and tuples, loadable with ``weights_only=True``."""
-        checkpoint[CHECKPOINT_KEY] = {"rng": rng_state(), "skipped_batches": self._skipped_batches}
-
-    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        own = checkpoint.get(CHECKPOINT_KEY) or {}
-        self._skipped_batches = int(own.get("skipped_batches", 0))
-        self._rng_to_restore = own.get("rng")
-
-    def on_train_start(self) -> None:
-        # restored here, after Lightning's setup and sanity check and before the first batch is fetched, so
-        # the next random draw is the one the uninterrupted run made at this point
-        if self._rng_to_restore is not None:
-            restore_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
-        # Lightning hands the checkpointed loader positions (ResumableDataLoader.state_dict) back in
-        # ``setup_data`` only; when the data was set up before the restore (``trainer.estimated_stepping_batches``
-        # in configure_optimizers does that, e.g. for the cosine period) the positions stay pending and the
-        # epoch would restart. Hand them over now, before the first batch is drawn.
-        fit_loop = self.trainer.fit_loop
-        if getattr(fit_loop, "_combined_loader_states_to_load", None) and fit_loop._combined_loader is not None:
-            fit_loop._load_combined_loader_states()
 
     def _check_jacobian_setting(self) -> None:
         weight = self.deq_config.weight("jacobian_loss_weight")
@@ -872,9 +831,12 @@ class DEQLightningModule(pl.LightningModule):
             nesterov=cfg.nesterov,
             betas=cfg.betas,
         )
-        total = cfg.scheduler_steps
-        if cfg.scheduler == "cosine" and total is None:
-            total = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+        total: Any = cfg.scheduler_steps
+        if cfg.scheduler == "cosine" and total is None and self._trainer is not None:
+            # asked at the first step, not now: asking now sets the data up before a checkpoint's loader
+            # positions are restored, and Lightning then drops them (see CosineToTrainingEnd)
+            trainer = self._trainer
+            total = lambda: trainer.estimated_stepping_batches  # noqa: E731
         scheduler = build_scheduler(
             optimizer,
             cfg.scheduler,
@@ -888,13 +850,35 @@ class DEQLightningModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def configure_callbacks(self) -> List[pl.Callback]:
-        if not self.deq_config.log_figures:
-            return []
+        """deqlab's checkpoint policies, `CheckpointIntegrity` and `ExactResume` (always), and the figure
+        callbacks when ``log_figures``. A subclass that returns its own callbacks should return
+        ``[*super().configure_callbacks(), ...]``: without the policies its checkpoints lack deqlab's entry and a
+        resumed run is not exact (the first training step warns). A callback of one of these types given to
+        the Trainer takes precedence (one instance each)."""
         from deqlab.lightning.callbacks import ConvergenceFigure, NFEHistogram
 
-        # Callbacks of these types given to the Trainer (e.g. with other settings) take precedence.
-        existing = {type(c) for c in self.trainer.callbacks} if self._trainer is not None else set()
-        return [cb for cb in (NFEHistogram(), ConvergenceFigure()) if type(cb) not in existing]
+        existing = list(self.trainer.callbacks) if self._trainer is not None else []
+        ours: List[pl.Callback] = [CheckpointIntegrity(), ExactResume()]
+        if self.deq_config.log_figures:
+            ours += [NFEHistogram(), ConvergenceFigure()]
+        return [cb for cb in ours if not any(isinstance(c, type(cb)) for c in existing)]
+
+    def _check_policies_attached(self) -> None:
+        """Warn once per Trainer when deqlab's checkpoint policies are not among its callbacks (a
+        ``configure_callbacks`` override that does not return ``super().configure_callbacks()``)."""
+        trainer = self._trainer
+        if trainer is None or self._policies_checked == id(trainer):
+            return
+        self._policies_checked = id(trainer)
+        missing = [cls.__name__ for cls in (ExactResume, CheckpointIntegrity)
+                   if not any(isinstance(c, cls) for c in trainer.callbacks)]
+        if missing:
+            warnings.warn(
+                f"deqlab: {type(self).__name__} trains without deqlab's {' and '.join(missing)} callback(s): its "
+                "configure_callbacks does not return super().configure_callbacks(). Its checkpoints then lack deqlab's "
+                "entry (RNG states, loader position) and a run resumed from them differs from an uninterrupted one. "
+                "Return [*super().configure_callbacks(), ...] or pass deqlab.lightning.ExactResume() and "
+                "CheckpointIntegrity() to the Trainer.", ResumeWarning, stacklevel=2)
 
 
 def _backward_unconverged_fraction(solutions: List[DeepEquilibriumSolution]) -> Optional[float]:

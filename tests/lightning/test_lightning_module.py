@@ -124,6 +124,25 @@ def test_cosine_period_defaults_to_the_trainers_total_steps_and_reaches_eta_min(
     assert tr.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
+def test_the_cosine_period_is_asked_at_the_first_step_not_in_configure_optimizers():
+    # asking the Trainer for its total steps in configure_optimizers sets the training data up before a
+    # checkpoint is restored, and Lightning 2.6 then drops the loader's mid-epoch position (its issue 20550)
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            seen["data_set_up"] = trainer.train_dataloader is not None
+
+    pl.seed_everything(0)
+    model = DigitsDEQ(width=8, model_type="vanilla", scheduler="cosine")
+    tr = trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, callbacks=[Probe()])
+    tr.fit(model, digits(batch_size=32, flatten=True))
+    assert seen == {"data_set_up": False}
+    sched = tr.lr_scheduler_configs[0].scheduler
+    assert isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) and sched.T_max == 3
+    assert "_period" not in sched.state_dict()  # checkpoints stay plain data
+
+
 def test_mnist_dense_defaults_follow_the_paper():
     m = MNISTDenseDEQ(model_type="skip")
     cfg = m.deq_config
