@@ -2,7 +2,8 @@
 a model type is read in one module; old names live in one compatibility module.
 
 The layers (docs/architecture.md): ``_compat``, ``state`` → ``solvers``, ``spec`` → ``nn`` → ``models``,
-``lightning``, ``data`` → ``zoo`` → ``cli``, ``demo``, the package root. Imports inside functions count as
+``data`` → ``lightning`` (it resumes deqlab's loaders exactly, so it knows them) → ``zoo`` → ``cli``, ``demo``
+→ the package root. Imports inside functions count as
 well: a lazy upward import is still an upward dependency.
 """
 from __future__ import annotations
@@ -18,8 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "deqlab"
 
-LAYER = {"_compat": 0, "state": 0, "solvers": 1, "spec": 1, "nn": 2, "models": 3, "lightning": 3, "data": 3,
-         "zoo": 4, "cli": 5, "demo": 5, "": 6}
+LAYER = {"_compat": 0, "state": 0, "solvers": 1, "spec": 1, "nn": 2, "models": 3, "data": 3, "lightning": 4,
+         "zoo": 5, "cli": 6, "demo": 6, "": 7}
 
 
 def _modules() -> Dict[str, Path]:
