@@ -63,6 +63,96 @@ class DEQLightningCLI(LightningCLI):
         )
         super().__init__(DEQLightningModule, pl.LightningDataModule, trainer_defaults=trainer_defaults, args=args, **kwargs)
 
+    def instantiate_classes(self) -> None:
+        """Build the configured objects; a value a constructor rejects ends the run with one line naming the
+        config key, the class and the constructor's own reason (``error: model.init_args.solver
+        (deqlab.solvers.DiscreteDEQSolver): abstol_termination must be ...``), as a misspelt key does,
+        instead of jsonargparse's chained traceback ending in ``Given value: Namespace(...)``. Every
+        constructor runs here, before any data is set up, so a bad ``lr`` stops the run at once."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            cause = constructor_error(err)
+            if cause is None:
+                raise
+            where = config_key(self.config, cause)
+            import sys
+
+            sys.stderr.write(f"{self.parser.prog}: error: {where}{type(cause).__name__}: {cause}\n")
+            raise SystemExit(2) from None
+
+
+def constructor_error(err: BaseException) -> Optional[BaseException]:
+    """The exception a configured constructor raised, found under jsonargparse's wrapping errors (the last
+    link of the ``__cause__`` / ``__context__`` chain raised outside jsonargparse), or ``None`` when the
+    error did not come from a constructor."""
+    seen = set()
+    found: Optional[BaseException] = None
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        tb = e.__traceback__
+        last = None
+        while tb is not None:
+            last = tb
+            tb = tb.tb_next
+        if last is not None and "jsonargparse" not in last.tb_frame.f_code.co_filename:
+            found = e
+        stack.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return found
+
+
+def _constructed_class(err: BaseException) -> Optional[type]:
+    """The class whose ``__init__`` raised ``err`` (the outermost constructor frame of its traceback)."""
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name in ("__init__", "__post_init__") and "self" in frame.f_locals:
+            return type(frame.f_locals["self"])
+        tb = tb.tb_next
+    return None
+
+
+def config_key(config: Any, err: BaseException) -> str:
+    """``"model.init_args.solver (deqlab.solvers.DiscreteDEQSolver): "`` for the class_path entry of
+    ``config`` whose class raised ``err``, or ``""`` when it cannot be told (the class and reason still
+    say what to fix)."""
+    cls = _constructed_class(err)
+    if cls is None:
+        return ""
+    found: List[str] = []
+
+    def names_cls(class_path: Any) -> bool:
+        if not isinstance(class_path, str) or "." not in class_path:
+            return isinstance(class_path, str) and class_path == cls.__qualname__
+        module, _, name = class_path.rpartition(".")
+        try:
+            import importlib
+
+            return getattr(importlib.import_module(module), name, None) is cls
+        except ImportError:
+            return False
+
+    def visit(node: Any, path: str) -> None:
+        items = node.items() if hasattr(node, "items") else []
+        for key, value in items:
+            sub = f"{path}.{key}" if path else str(key)
+            if hasattr(value, "items"):
+                if names_cls(value.get("class_path")):
+                    found.append(sub)
+                visit(value, sub)
+
+    try:
+        visit(config.as_dict() if hasattr(config, "as_dict") else config, "")
+    except Exception:  # pragma: no cover - a config shape this walk does not know
+        return f"({cls.__module__}.{cls.__qualname__}) "
+    key = found[-1].split(".", 1)[1] if found and found[-1].split(".", 1)[0] in ("fit", "validate", "test", "predict") \
+        else (found[-1] if found else "")
+    return f"{key} ({cls.__module__}.{cls.__qualname__}): " if key else f"({cls.__module__}.{cls.__qualname__}) "
+
 
 def __getattr__(name: str) -> Any:
     # ``deqlab.lightning.cli.main`` was an alias of the console command ``deqlab.cli.main``

@@ -24,7 +24,11 @@ def make_algorithm(algorithm: Union[str, FixedPointAlgorithm], **options) -> Fix
             raise TypeError(f"algorithm options {sorted(options)} given with an algorithm object; set them on the object")
         return algorithm
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; valid: {', '.join(ALGORITHMS)}")
+        import difflib
+
+        close = difflib.get_close_matches(str(algorithm), list(ALGORITHMS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown algorithm {algorithm!r}{hint}; valid: {', '.join(ALGORITHMS)}")
     cls = ALGORITHMS[algorithm]
     try:
         return cls(**options)

@@ -90,7 +90,9 @@ class DEQTrainingConfig:
             Default ``True``, so runs can be compared side by side.
 
     Raises:
-        ValueError: when ``pretrain_steps`` < 0 or ``pretrain_depth`` < 1, ``num_classes`` < 2,
+        ValueError: when ``lr`` is not > 0, ``weight_decay`` or ``eta_min`` < 0, ``momentum`` or a beta
+            outside [0, 1), ``step_gamma`` not > 0, ``scheduler_steps`` < 1, an unknown ``optimizer`` or
+            ``scheduler``, ``pretrain_steps`` < 0 or ``pretrain_depth`` < 1, ``num_classes`` < 2,
             ``on_nonfinite`` is not ``skip`` or ``raise``, a loss weight is negative or not finite, or an
             ``extra_loss_weights`` entry is not finite.
 
@@ -144,6 +146,22 @@ class DEQTrainingConfig:
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {self.on_nonfinite!r}")
         for name in ("lr", "weight_decay", "momentum", "eta_min", "step_gamma"):
             put(name, float(getattr(self, name)))
+        # optimizer and schedule values are checked here, when the model is built (before any data is set
+        # up), not by torch when the optimizer is made at the start of fit
+        checks = (("lr", self.lr > 0, "a finite number > 0"), ("weight_decay", self.weight_decay >= 0, "a finite number >= 0"),
+                  ("momentum", 0 <= self.momentum < 1, "in [0, 1)"), ("eta_min", self.eta_min >= 0, "a finite number >= 0"),
+                  ("step_gamma", self.step_gamma > 0, "a finite number > 0"))
+        for name, ok, what in checks:
+            if not (ok and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0 <= float(b) < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.scheduler_steps is not None and (isinstance(self.scheduler_steps, bool) or int(self.scheduler_steps) < 1):
+            raise ValueError(f"scheduler_steps must be an int >= 1 (or None: the Trainer's total), got {self.scheduler_steps}")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.scheduler not in ("cosine", "step", "none"):
+            raise ValueError(f"scheduler must be 'cosine', 'step' or 'none', got {self.scheduler!r}")
         for name in ("skip_loss_weight", "jacobian_loss_weight"):
             value = getattr(self, name)
             if value is not None:

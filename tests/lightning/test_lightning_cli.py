@@ -90,3 +90,21 @@ def test_the_old_cli_alias_warns_and_names_the_console_command():
         assert lcli.main is deqlab.cli.main
     with pytest.raises(AttributeError, match="has no attribute 'mian'"):
         lcli.mian
+
+
+@pytest.mark.parametrize("override, needle", [
+    # a value the constructor rejects: one line naming the key, the class and the constructor's reason
+    ("--model.init_args.solver.init_args.abstol_termination=-1",
+     "model.init_args.solver (deqlab.solvers.discrete.DiscreteDEQSolver): ValueError: abstol_termination must be"),
+    ("--model.init_args.solver.init_args.algorithm=lbroydn", "did you mean 'lbroyden'?"),
+    ("--model.init_args.training.skip_loss_weight=.nan", "model (deqlab.zoo.DigitsDEQ): ValueError: skip_loss_weight"),
+    # optimizer values are checked when the model is built, before any data is set up
+    ("--model.init_args.training.lr=-1", "model (deqlab.zoo.DigitsDEQ): ValueError: lr must be a finite number > 0"),
+])
+def test_a_rejected_value_ends_in_one_line_naming_the_key(capsys, override, needle):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(REPO / "experiments" / "digits.yaml"), override, "--trainer.logger=false"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert needle in err[-1], err[-5:]
+    assert not any(line.startswith("Traceback") or "Given value" in line for line in err), err[-5:]
