@@ -220,3 +220,31 @@ class ResultFiles:
             for row in read_rows(path):
                 out.setdefault(row_key(row), path)
         return out
+
+
+# ---------------------------------------------------------------------------------------------- merging
+def merge_results(sources: Sequence[Path], into: Path, experiment: str) -> int:
+    """Copy the runs recorded under ``sources`` (results folders of grids run apart, e.g. on two machines
+    or from two checkouts) into the tables under ``into``; a run already there (same key) is left as it is.
+    Each copied run brings its epoch rows (those with its experiment, arch, model type, solver, Jacobian
+    regularization, seed and protocol). Returns the number of runs copied.
+
+    Why not concatenate the files: the tables of different versions have different columns, and a run
+    present in both would be counted twice by the summaries.
+    """
+    dest = ResultFiles(into, experiment)
+    have = {row_key(r) for r in read_rows(dest.runs_csv)}
+    copied = 0
+    for source in sources:
+        runs, epochs = load_results(Path(source))
+        for run in runs:
+            if run.get("experiment") != experiment or row_key(run) in have:
+                continue
+            ident = ("experiment", "arch", "model_type", "solver", "jac_reg", "seed", "protocol", "ode_solver")
+            for e in epochs:
+                if all((e.get(k) or "") == (run.get(k) or "") for k in ident):
+                    append_row(dest.epochs_csv, {k: e.get(k) for k in EPOCH_COLUMNS if k in e}, EPOCH_COLUMNS)
+            append_row(dest.runs_csv, {k: run.get(k) for k in RESULT_COLUMNS if k in run}, RESULT_COLUMNS)
+            have.add(row_key(run))
+            copied += 1
+    return copied

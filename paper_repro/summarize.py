@@ -364,7 +364,18 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR,
                    help="folder with the runs' <experiment>.csv and <experiment>_epochs.csv (and cells/)")
     p.add_argument("--out", type=Path, default=REPO / "paper_repro" / "results", help="where summary.md and the PNGs go")
+    p.add_argument("--merge-from", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="first copy the runs recorded in these results folders (grids run elsewhere) into "
+                        "--results-dir; runs already there are kept")
     args = p.parse_args(argv)
+    if args.merge_from:
+        from paper_repro.results import merge_results
+
+        experiments = {path.stem for d in args.merge_from for path in Path(d).glob("*.csv")
+                       if not path.stem.endswith("_epochs")}
+        for experiment in sorted(experiments):
+            n = merge_results(args.merge_from, args.results_dir, experiment)
+            print(f"merged {n} {experiment} run(s) into {args.results_dir}")
     written = summarize(args.results_dir, args.out)
     for path in written:
         print(path)

@@ -84,3 +84,20 @@ def test_paper_reference_matches_the_transcribed_tables():
     assert reference("cifar10", "large", "neural_ode", "continuous")["backward_time_s"] == 4.569
     assert reference("mnist", "dense", "skip_reg", "continuous", True) == dict(accuracy=98.02, test_nfe=4.0, train_minutes=5.13)
     assert reference("imagenet", "small", "neural_ode", "continuous") is None  # not trained in the paper
+
+
+def test_runs_of_grids_run_apart_merge_once(tmp_path):
+    from paper_repro.results import EPOCH_COLUMNS, RESULT_COLUMNS, append_row, merge_results, read_rows
+
+    a, b, dest = tmp_path / "a", tmp_path / "b", tmp_path / "dest"
+    base = dict(experiment="mnist", arch="dense", jac_reg=False, protocol="paper", requested_epochs=25)
+    for folder, model_type in ((a, "vanilla"), (b, "skip"), (dest, "vanilla")):
+        row = {**base, "model_type": model_type, "solver": "discrete", "seed": 1, "test_accuracy": 0.9}
+        append_row(folder / "mnist.csv", row, RESULT_COLUMNS)
+        ident = {k: v for k, v in base.items() if k != "requested_epochs"}
+        append_row(folder / "mnist_epochs.csv", {**ident, "model_type": model_type, "solver": "discrete", "seed": 1,
+                                                 "stage": "test", "eval_accuracy": 0.9}, EPOCH_COLUMNS)
+    assert merge_results([a, b], dest, "mnist") == 1  # vanilla was there already; skip is new
+    assert sorted(r["model_type"] for r in read_rows(dest / "mnist.csv")) == ["skip", "vanilla"]
+    assert sorted(r["model_type"] for r in read_rows(dest / "mnist_epochs.csv")) == ["skip", "vanilla"]
+    assert merge_results([a, b], dest, "mnist") == 0  # idempotent
