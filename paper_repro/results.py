@@ -248,3 +248,38 @@ def merge_results(sources: Sequence[Path], into: Path, experiment: str) -> int:
             have.add(row_key(run))
             copied += 1
     return copied
+
+
+# ---------------------------------------------------------------------------------------------- safety
+def tracked_by_git(paths: Sequence[Path]) -> List[Path]:
+    """Those of ``paths`` that exist and are tracked by git (a committed result table, summary or plot).
+    Outside a git checkout, or without git, nothing is tracked."""
+    import subprocess
+
+    existing = [Path(p).resolve() for p in paths if Path(p).exists()]
+    if not existing:
+        return []
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "ls-files", "--", *map(str, existing)], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    listed = {(REPO / line).resolve() for line in out.stdout.splitlines() if line}
+    return [p for p in existing if p in listed]
+
+
+def refuse_tracked(paths: Sequence[Path], *, allowed: bool, flag: str = "--overwrite-tracked") -> None:
+    """Stop with one line when a file about to be written is tracked by git, unless ``allowed``.
+
+    Why: the repository's committed results (``paper_repro/results/``) are the measured record; a quick
+    1-epoch check run must not silently replace them. Write elsewhere (the defaults are under ``runs/``) or
+    say so explicitly with ``flag``.
+    """
+    tracked = tracked_by_git(paths)
+    if tracked and not allowed:
+        names = ", ".join(str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in tracked[:4])
+        more = f" and {len(tracked) - 4} more" if len(tracked) > 4 else ""
+        raise SystemExit(f"error: would overwrite files tracked by git: {names}{more}; write somewhere else "
+                         f"(e.g. the default under runs/) or pass {flag} to replace them on purpose")

@@ -1,7 +1,7 @@
 """Turn the runs' CSVs into markdown tables (mean ± std over seeds, the paper's numbers beside ours), the
 ratios the paper claims, and PNG plots.
 
-    python paper_repro/summarize.py --results-dir runs/paper_repro/results --out paper_repro/results
+    python paper_repro/summarize.py --results-dir runs/paper_repro/results          # -> runs/paper_repro/summary
 
 Reads ``<results-dir>/<experiment>.csv`` (one row per run, written by the experiment scripts) and
 ``<experiment>_epochs.csv`` (one row per epoch), and the grid cells' own files under
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from deqlab.spec import MODEL_TYPES, model_kind  # noqa: E402
 from deqlab.spec.kinds import VANILLA  # noqa: E402
 from paper_repro.paper_reference import ACCURACY_KIND, CLAIMS, PARAMETERS, SOURCE, reference  # noqa: E402
-from paper_repro.results import DEFAULT_RESULTS_DIR, REPO, load_results  # noqa: E402
+from paper_repro.results import DEFAULT_RESULTS_DIR, REPO, load_results, refuse_tracked  # noqa: E402
 
 MODEL_ORDER = MODEL_TYPES
 SOLVER_ORDER = ("continuous/tsit5", "continuous/vcab3", "continuous", "discrete")
@@ -329,7 +329,7 @@ def epoch_curves(group: Group, epochs: List[Dict[str, str]], path: Path) -> Opti
     a2.set_xlabel("epoch")
     a2.set_ylabel("test NFE (forward)")
     a1.legend(fontsize=8)
-    fig.suptitle(f"{experiment} {arch}{' +JR' if jac else ''} ({protocol} protocol): per epoch (mean over seeds)")
+    fig.suptitle(f"{experiment} {arch}{' +JR' if jac else ''} ({protocol} protocol, {group[4]}): per epoch (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -337,46 +337,75 @@ def epoch_curves(group: Group, epochs: List[Dict[str, str]], path: Path) -> Opti
 
 
 # ---------------------------------------------------------------------------------------------- main
-def summarize(results_dir: Path, out: Path) -> List[Path]:
+def _stems(agg: Dict[Group, Dict[Config, Dict[str, Any]]]) -> List[Tuple[Group, str]]:
+    """The file stem of each group's plots: experiment, arch, ``_jac``, protocol, and a counter when one
+    protocol has several schedules (a 5-epoch run and a 25-epoch one never share a file)."""
+    seen: Dict[str, int] = defaultdict(int)
+    out = []
+    for group in sorted(agg):
+        stem = f"{group[0]}_{group[1]}{'_jac' if group[2] else ''}_{group[3]}"
+        seen[stem] += 1
+        out.append((group, stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"))
+    return out
+
+
+def summarize(results_dir: Path, out: Path, *, overwrite_tracked: bool = False) -> List[Path]:
+    """Write ``summary.md`` and the plots of the runs under ``results_dir`` into ``out``.
+
+    Refuses (``SystemExit``) to replace files tracked by git, such as the committed
+    ``paper_repro/results/summary.md``, unless ``overwrite_tracked``: regenerating the record is a
+    deliberate act, a check run writes under ``runs/``."""
     runs, epochs = load(results_dir)
     if not runs:
         raise SystemExit(f"error: no run CSVs (<experiment>.csv) in {results_dir}; run an experiment script first "
                          "or pass --results-dir")
+    agg = aggregate(runs)
+    stems = _stems(agg)
+    planned = [out / "summary.md"] + [out / f"{stem}_{kind}.png" for _, stem in stems for kind in ("figure1", "epochs")]
+    refuse_tracked(planned, allowed=overwrite_tracked)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "summary.md"]
     written[0].write_text(render(runs))
-    agg = aggregate(runs)
-    stems: Dict[str, int] = defaultdict(int)
-    for group, configs in sorted(agg.items()):
-        stem = f"{group[0]}_{group[1]}{'_jac' if group[2] else ''}_{group[3]}"
-        stems[stem] += 1
-        if stems[stem] > 1:  # another schedule of the same protocol
-            stem += f"_{stems[stem]}"
-        for made in (figure1(group, configs, out / f"{stem}_figure1.png"), epoch_curves(group, epochs, out / f"{stem}_epochs.png")):
+    for group, stem in stems:
+        configs = agg[group]
+        for made in (figure1(group, configs, out / f"{stem}_figure1.png"),
+                     epoch_curves(group, epochs, out / f"{stem}_epochs.png")):
             if made is not None:
                 written.append(made)
     return written
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``summarize.py``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR,
                    help="folder with the runs' <experiment>.csv and <experiment>_epochs.csv (and cells/)")
-    p.add_argument("--out", type=Path, default=REPO / "paper_repro" / "results", help="where summary.md and the PNGs go")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "paper_repro" / "summary",
+                   help="where summary.md and the PNGs go (files tracked by git are refused without "
+                        "--overwrite-tracked)")
+    p.add_argument("--overwrite-tracked", action="store_true",
+                   help="allow replacing files tracked by git (regenerating the committed paper_repro/results/)")
     p.add_argument("--merge-from", type=Path, nargs="+", default=[], metavar="DIR",
                    help="first copy the runs recorded in these results folders (grids run elsewhere) into "
                         "--results-dir; runs already there are kept")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.merge_from:
         from paper_repro.results import merge_results
+
+        refuse_tracked(list(Path(args.results_dir).glob("*.csv")), allowed=args.overwrite_tracked)
 
         experiments = {path.stem for d in args.merge_from for path in Path(d).glob("*.csv")
                        if not path.stem.endswith("_epochs")}
         for experiment in sorted(experiments):
             n = merge_results(args.merge_from, args.results_dir, experiment)
             print(f"merged {n} {experiment} run(s) into {args.results_dir}")
-    written = summarize(args.results_dir, args.out)
+    written = summarize(args.results_dir, args.out, overwrite_tracked=args.overwrite_tracked)
     for path in written:
         print(path)
     return written

@@ -157,8 +157,15 @@ def main(argv: Any = None) -> str:
     p.add_argument("--also-ode", default="",
                    help="with --models-dir: also solve each trained continuous DEQ with these integrators "
                         "(e.g. vcab3), same weights")
-    p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--output", type=Path, default=None,
+                   help="also write the table here (a file tracked by git is refused without --overwrite-tracked)")
+    p.add_argument("--overwrite-tracked", action="store_true",
+                   help="allow --output to replace a file tracked by git (the committed paper_repro/results/)")
     args = p.parse_args(argv)
+    if args.output is not None:
+        from paper_repro.results import refuse_tracked
+
+        refuse_tracked([args.output], allowed=args.overwrite_tracked)  # before hours of timing, not after
     torch.set_num_threads(args.threads)
     xtr, ytr, xte, yte = load_mnist(args.data_dir)
     g = torch.Generator().manual_seed(args.seed)

@@ -101,3 +101,16 @@ def test_runs_of_grids_run_apart_merge_once(tmp_path):
     assert sorted(r["model_type"] for r in read_rows(dest / "mnist.csv")) == ["skip", "vanilla"]
     assert sorted(r["model_type"] for r in read_rows(dest / "mnist_epochs.csv")) == ["skip", "vanilla"]
     assert merge_results([a, b], dest, "mnist") == 0  # idempotent
+
+
+def test_the_committed_record_is_never_overwritten_by_default(tmp_path):
+    # the committed summary is tracked by git: refused unless asked for explicitly
+    from paper_repro.results import REPO
+
+    results = tmp_path / "results"
+    write_runs(results)
+    with pytest.raises(SystemExit, match="tracked by git: paper_repro/results/summary.md.*--overwrite-tracked"):
+        summarize.main(["--results-dir", str(results), "--out", str(REPO / "paper_repro" / "results")])
+    assert (REPO / "paper_repro" / "results" / "summary.md").read_text().startswith("# Paper reproduction")
+    # the default goes under runs/, which git ignores
+    assert summarize.build_parser().get_default("out") == REPO / "runs" / "paper_repro" / "summary"
