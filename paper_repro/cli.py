@@ -142,9 +142,39 @@ def _key_value(text: str) -> Tuple[str, Any]:
     return key.strip(), parsed
 
 
+class _DefaultsOnceFormatter(argparse.HelpFormatter):
+    """Shows a default once: appended as ``(default: X)`` unless the help text already says what the
+    default is (the paper's settings, which depend on the architecture) or there is nothing to show (a
+    flag, an empty list, ``None``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def paper_defaults_text(spec: ExperimentSpec, run_key: str = "", model_key: str = "", training_key: str = "") -> str:
+    """``(default: the paper's: dense 25, conv 25)``: a setting's paper value for each architecture of the
+    experiment (the paper's protocol), read from deqlab.models, so ``--help`` says what ``None`` means."""
+    from deqlab.models import paper_settings
+    from deqlab.models.builder import default_config
+
+    values = []
+    for arch in (a for a in spec.archs if a not in spec.aliases):
+        if model_key:
+            value = getattr(default_config(spec.name, arch), model_key, None)
+        else:
+            settings = paper_settings(spec.name, arch, "skip")
+            value = settings.get(run_key or training_key)
+        values.append(f"{arch} {'-' if value is None else value}")
+    return f"(default: the paper's: {', '.join(values)})"
+
+
 def build_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
-    """The arguments of every experiment script. Defaults ``None`` mean "the paper's setting"."""
-    p = argparse.ArgumentParser(description=spec.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The arguments of every experiment script. Defaults ``None`` mean "the paper's setting"; ``--help``
+    says what that is for each architecture, once."""
+    p = argparse.ArgumentParser(description=spec.description, formatter_class=_DefaultsOnceFormatter)
     p.add_argument("--arch", choices=list(spec.archs), default=spec.archs[0], help="architecture")
     p.add_argument("--model-type", choices=list(MODEL_TYPES), default="skip",
                    help="vanilla (u0 = 0), skip (learned u0 predictor), skip_reg (u0 = f(0, x)), "
@@ -162,10 +192,13 @@ def build_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
     p.add_argument("--jac-reg", action="store_true", help="add the Hutchinson Jacobian regularization term")
     p.add_argument("--seed", type=int, default=None, help=f"random seed (default: the paper's first, {PAPER_SEEDS[0]})")
     g = p.add_argument_group("schedule (default: the paper's)")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs")
+    g.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs {paper_defaults_text(spec, run_key='epochs')}")
     g.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimizer steps (the cosine schedule then spans them); -1: no limit")
-    g.add_argument("--batch-size", type=int, default=None, help="samples per batch and process")
+                   help="stop after this many optimizer steps (the cosine schedule then spans them); -1: no limit "
+                        f"{paper_defaults_text(spec, run_key='max_steps')}")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"samples per batch and process {paper_defaults_text(spec, run_key='batch_size')}")
     g.add_argument("--val-every", type=int, default=1, help="evaluate on the test set every N epochs (and always at the end)")
     g.add_argument("--override", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="change one training setting of paper_settings (e.g. lr=5e-4, pretrain_steps=0)")
@@ -173,7 +206,10 @@ def build_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
                    help="extra keyword for deqlab.models.build_model (e.g. mode='abs')")
     s = p.add_argument_group("solver and loss (default: the paper's; each is one --model-option / --override key)")
     for f in TYPED_FLAGS:
-        s.add_argument(f.flag, dest=f.dest, type=f.kind, default=None, metavar="N" if f.kind is int else "X", help=f.help)
+        paper = (paper_defaults_text(spec, model_key=f.key) if f.target == "model"
+                 else paper_defaults_text(spec, training_key=f.key))
+        s.add_argument(f.flag, dest=f.dest, type=f.kind, default=None, metavar="N" if f.kind is int else "X",
+                       help=f"{f.help} {paper}")
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", type=Path, default=REPO / "data", help="dataset root (torchvision layout)")
     if spec.name != "imagenet":  # ImageNet needs registration; its data module refuses to download
@@ -199,8 +235,10 @@ def build_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
                    help="run only cell I (0-based) of the grid --grid would run with the same other flags, writing its "
                         "row to <results-dir>/cells/<experiment>/ (safe to run cells at once, e.g. a SLURM job array "
                         "with --grid-cell $SLURM_ARRAY_TASK_ID)")
-    r.add_argument("--model-types", type=_csv_list(str), default=None, help="narrow the grid, e.g. vanilla,skip")
-    r.add_argument("--solvers", type=_csv_list(str), default=None, help="narrow the grid, e.g. continuous")
+    r.add_argument("--model-types", type=_csv_list(str), default=None,
+                   help="narrow the grid, e.g. vanilla,skip (default: all four)")
+    r.add_argument("--solvers", type=_csv_list(str), default=None,
+                   help="narrow the grid, e.g. continuous (default: both)")
     r.add_argument("--ode-solvers", type=_csv_list(str), default=None,
                    help="continuous runs of the grid with each of these integrators, e.g. tsit5,vcab3 "
                         "(default: --ode-solver, else the paper's)")

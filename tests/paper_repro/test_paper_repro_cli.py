@@ -124,3 +124,16 @@ def test_one_row_per_run_key_the_one_finished_last(tmp_path):
     runs, epochs = load_results(tmp_path)
     assert [r["test_accuracy"] for r in runs] == ["0.3"] and epochs == []
     assert not list(tmp_path.rglob("*.tmp"))  # the atomic write left no temporary file
+
+
+def test_help_shows_each_default_once_and_the_papers_values(capsys):
+    from paper_repro import cifar10, mnist
+    from paper_repro.cli import build_parser
+
+    text = build_parser(mnist.SPEC).format_help()
+    assert "(default: None)" not in text and "(default: [])" not in text and "(default: False)" not in text
+    flat = " ".join(text.split())
+    assert "training epochs (default: the paper's: dense 25, conv 25)" in flat
+    assert "(default: the paper's: dense 0.005, conv 0.01)" in flat  # --tol, from each architecture's config
+    assert "random seed (default: the paper's first, 6171)" in flat
+    assert "(default: the paper's: small 20000, large 90000, v1 -)" in " ".join(build_parser(cifar10.SPEC).format_help().split())
