@@ -135,8 +135,36 @@ def main(
         print(f"\ndeqlab demo: DEQ vs Skip DEQ on 8x8 digits ({epochs} epochs each, "
               f"{time.perf_counter() - start:.0f} s in total)\n")
         print(format_table(rows))
-        print(f"\nTensorBoard logs: tensorboard --logdir {log_dir}")
+        print(f"\nTensorBoard logs: {tensorboard_command(log_dir)}")
     return rows
+
+
+def tensorboard_command(log_dir: str) -> str:
+    """The command that opens ``log_dir`` in TensorBoard, runnable as printed: the ``tensorboard`` script of
+    the Python running this (``.venv/bin/tensorboard`` after ``make demo``), which need not be on ``PATH``.
+
+    Args:
+        log_dir: the TensorBoard log directory.
+
+    Returns:
+        ``"<bin>/tensorboard --logdir <log_dir>"``, relative to the working directory when it lies below it.
+
+    Examples:
+        >>> from deqlab.demo import tensorboard_command
+        >>> tensorboard_command("runs/demo").endswith("tensorboard --logdir runs/demo")
+        True
+    """
+    import os
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "tensorboard"
+    shown = str(script)
+    try:
+        shown = os.path.relpath(script) if not os.path.relpath(script).startswith("..") else shown
+    except ValueError:  # another drive (Windows)
+        pass
+    return f"{shown if script.exists() else 'tensorboard'} --logdir {log_dir}"
 
 
 def _parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
