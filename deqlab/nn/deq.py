@@ -61,12 +61,22 @@ def _resolve_init(owner: str, init: Optional[GuessStrategy], z_shape: Optional[S
         raise ValueError(f"{owner}: {' and '.join(given)} both set the initial state u0; pass one of them "
                          f"(z_shape=S is init=ZeroGuess(shape=S), initializer=fn is init=FunctionGuess(fn), "
                          f"shortcut=m is init=ShortcutGuess(m))")
+    # One way to give a starting guess: init= with a strategy object; the three old spellings still work
     if shortcut is not None:
+        warn_renamed(owner, "shortcut=m", "init=ShortcutGuess(m) (or SkipDeepEquilibriumNetwork(f, solver, m))",
+                     stacklevel=5, why="one way to give a starting guess")
         return ShortcutGuess(shortcut, shape=z_shape)
     if initializer is not None:
+        warn_renamed(owner, "initializer=fn", "init=FunctionGuess(fn)", stacklevel=5,
+                     why="one way to give a starting guess")
         return FunctionGuess(initializer)
+    if z_shape is not None:
+        warn_renamed(owner, "z_shape=S", "init=ZeroGuess(shape=S)", stacklevel=5, why="one way to give a starting guess")
     if init is None:
         return ZeroGuess(shape=z_shape)
+    if isinstance(init, type):
+        raise TypeError(f"{owner}: init is the class {init.__name__}, not a strategy; create one, e.g. "
+                        f"init={init.__name__}(...)")
     if not isinstance(init, GuessStrategy):
         missing = [m for m in ("__call__", "start", "skip_loss", "observe") if not callable(getattr(init, m, None))]
         raise TypeError(f"{owner}: init must be an initial-guess strategy (ZeroGuess(), ShortcutGuess(module), "
@@ -149,11 +159,12 @@ class DeepEquilibriumNetwork(nn.Module):
         jacobian_normalize: ``"element"`` (default; divide by ``z.numel()``, as Bai et al., so the loss
             weight does not depend on batch size or width), ``"sample"`` (divide by the batch size) or
             ``"none"`` (the raw sum).
-        z_shape: alias: ``z_shape=S`` is ``init=ZeroGuess(shape=S)``, the per-sample state shape of a
+        z_shape: deprecated spelling (warns) of ``init=ZeroGuess(shape=S)``, the per-sample state shape of a
             reduced-dimension DEQ. Default ``None``: the state is shaped like ``x``.
-        initializer: alias: ``initializer=fn`` is ``init=FunctionGuess(fn)`` (``u0 = fn(x)``, no gradient).
+        initializer: deprecated spelling (warns) of ``init=FunctionGuess(fn)`` (``u0 = fn(x)``, no gradient;
+            a module with parameters is refused, they would never train: use ``init=ShortcutGuess(module)``).
             Default ``None``: no function start.
-        shortcut: alias: ``shortcut=m`` is ``init=ShortcutGuess(m, shape=z_shape)`` (a Skip DEQ; with a
+        shortcut: deprecated spelling (warns) of ``init=ShortcutGuess(m, shape=z_shape)`` (a Skip DEQ; with a
             shortcut, ``z_shape`` is the shape its output is checked against). Default ``None``: no
             learned predictor.
         fixed_depth: when > 0, skip the solver and run ``fixed_depth`` unrolled applications of ``f`` from
@@ -224,6 +235,9 @@ class DeepEquilibriumNetwork(nn.Module):
         solver = as_solver(solver, name)
         if backward is None:
             backward = ImplicitBackward()
+        if isinstance(backward, type):
+            raise TypeError(f"{name}: backward is the class {backward.__name__}, not a backward mode; create one, "
+                            f"e.g. backward={backward.__name__}()")
         if not isinstance(backward, BackwardMode):
             raise TypeError(f"{name}: backward must be a BackwardMode (ImplicitBackward(), "
                             f"JacobianFreeBackward(), PhantomGradient()), got {backward!r}")

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from deqlab.solvers import adams
 from deqlab._compat import deprecated, renamed
-from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number
+from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number, checked_keywords
 from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
                                     prepare)
 from deqlab.state import State
@@ -218,6 +218,7 @@ class ContinuousDEQSolver:
     else; ``ode_*`` and ``*_termination`` now say which one is meant. The old names (``abstol=``,
     ``solver.abstol``, ...) still read the ODE tolerances but warn ``DeprecationWarning``."""
 
+    @checked_keywords
     def __init__(
         self,
         ode_solver: ODEMethod = "tsit5",

@@ -6,7 +6,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from deqlab.solvers._checks import check_int, check_number
+from deqlab.solvers._checks import check_int, check_number, unknown_keyword
 from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
                                     prepare)
 from deqlab.state import State
@@ -18,7 +18,13 @@ from deqlab.solvers.termination import (NormKind, TerminationCondition, Terminat
                                         resolve_termination)
 
 
-def make_algorithm(algorithm: Union[str, FixedPointAlgorithm], **options) -> FixedPointAlgorithm:
+#: where a tolerance lives, for ``tol=`` given to a solver that has two
+TOL_HINT = ("A solver has two tolerances: abstol_termination and reltol_termination (or "
+            "termination=TerminationCondition(...)); the continuous solver also ode_abstol / ode_reltol.")
+
+
+def make_algorithm(algorithm: Union[str, FixedPointAlgorithm], *, solver_options: Tuple[str, ...] = (),
+                   **options) -> FixedPointAlgorithm:
     if isinstance(algorithm, FixedPointAlgorithm):
         if options:
             raise TypeError(f"algorithm options {sorted(options)} given with an algorithm object; set them on the object")
@@ -30,13 +36,14 @@ def make_algorithm(algorithm: Union[str, FixedPointAlgorithm], **options) -> Fix
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown algorithm {algorithm!r}{hint}; valid: {', '.join(ALGORITHMS)}")
     cls = ALGORITHMS[algorithm]
-    try:
-        return cls(**options)
-    except TypeError as err:
-        import inspect
+    import inspect
 
-        valid = [p for p in inspect.signature(cls).parameters]
-        raise TypeError(f"{err}; valid options for {algorithm!r}: {', '.join(valid)}") from None
+    own = [p for p in inspect.signature(cls).parameters]
+    for name in options:
+        if name not in own:  # a misspelt solver keyword lands here (it is not one of DiscreteDEQSolver's)
+            raise unknown_keyword(f"DiscreteDEQSolver({algorithm!r})", name, [*solver_options, *own],
+                                  hint=TOL_HINT if "tol" in name else "")
+    return cls(**options)
 
 
 class DiscreteDEQSolver:
@@ -150,7 +157,7 @@ class DiscreteDEQSolver:
             if old in algorithm_options:
                 raise TypeError(f"DiscreteDEQSolver has no {old!r} option: its tolerances are those of the "
                                 f"termination condition, pass {new}=...")
-        self.algorithm = make_algorithm(algorithm, **algorithm_options)
+        self.algorithm = make_algorithm(algorithm, solver_options=_SOLVER_OPTIONS, **algorithm_options)
         self.termination: TerminationCondition = resolve_termination(
             termination, mode=mode, abstol_termination=abstol_termination, reltol_termination=reltol_termination,
             norm=norm, batch_wide=batch_wide, owner="DiscreteDEQSolver")
@@ -267,3 +274,8 @@ def _sub_batch_maker(f: Callable[[State], State], packer):
         return f.restrict(index), packer.resized(index.numel())
 
     return restrict
+
+
+#: DiscreteDEQSolver's own keywords (beside the algorithm's options), for the did-you-mean of a typo
+_SOLVER_OPTIONS = tuple(p for p in __import__("inspect").signature(DiscreteDEQSolver.__init__).parameters
+                        if p not in ("self", "algorithm", "algorithm_options"))
