@@ -1,4 +1,4 @@
-"""Where a solve's time goes: named regions that deqlab's solvers, trackers and backward modes report to
+"""Where a solve's time goes: named regions that deqlab's solvers, DEQ layers and backward modes report to
 while a recording runs.
 
 Why a public hook: the benchmark tables that split a solve into map evaluations, termination tests, the

@@ -206,3 +206,10 @@ def test_every_example_in_the_module_runs():
 
     result = doctest.testmod(instrument, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 20 and result.failed == 0
+
+
+def test_every_region_is_documented_in_the_performance_guide():
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "performance.md").read_text(encoding="utf-8")
+    assert [name for name in REGIONS if f"`{name}`" not in guide] == []
