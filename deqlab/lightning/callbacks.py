@@ -229,9 +229,8 @@ class ConvergenceFigure(pl.Callback):
 def _termination_of(pl_module: Any) -> Any:
     """The first DEQ layer's ``TerminationCondition`` (its tolerance and objective label the plot), or
     ``None`` when the model's solver has none."""
-    from deqlab.lightning.module import find_deq_layers
-
-    layers = find_deq_layers(pl_module)
+    method = getattr(pl_module, "deq_layers", None)  # DEQLightningModule.deq_layers (this module sits below it)
+    layers = method() if callable(method) else []
     solver = getattr(layers[0], "solver", None) if layers else None
     return getattr(solver, "termination", None)
 

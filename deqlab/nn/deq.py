@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, List, Literal, Optional, Sequence, T
 import torch
 from torch import Tensor, nn
 
+from deqlab import instrument
 from deqlab._compat import warn_renamed
 from deqlab.nn.adapters import as_solver
 from deqlab.nn.implicit import BackwardMode, BackwardResult, ImplicitBackward, _GradientContext, attach_gradient
@@ -391,7 +392,7 @@ class DeepEquilibriumNetwork(nn.Module):
             deqlab.SolverError: the forward solve did not converge and ``on_unconverged="raise"``.
         """
         self._validate_input(x)
-        with equilibrium_session([self]):
+        with equilibrium_session([self]), instrument.region("deq.forward"):
             return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tuple[State, DeepEquilibriumSolution]:
@@ -402,7 +403,8 @@ class DeepEquilibriumNetwork(nn.Module):
         # statistics are frozen while the map is evaluated here (and in the backward), and updated by one
         # evaluation at the returned state below (see deqlab.nn.running_stats).
         with frozen_running_stats(modules) as batch_norms:
-            u0 = self.init(x, fmap)
+            with instrument.region("deq.init"):
+                u0 = self.init(x, fmap)
             u0_parts = as_parts(u0)
             if u0_parts[0].shape[0] != x.shape[0]:
                 raise ValueError(f"{name}: the initial state has batch size {u0_parts[0].shape[0]} but x has "

@@ -6,6 +6,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from deqlab import instrument
 from deqlab.state import State, StatePacker, make_flat_map
 from deqlab.solvers.result import SolverError, SolverResult, SolverStatus
 from deqlab.solvers.termination import TerminationTracker
@@ -16,12 +17,15 @@ class CountedMap:
 
     ``restrict(index, packer)`` switches it to the map of a sub-batch (per-sample early exit) while the
     counts go on: ``nfe`` stays the number of calls, ``rows`` sums the samples evaluated.
+
+    While `deqlab.instrument` records, every evaluation is timed as region ``"f"`` (decided when the map
+    is built, so an unrecorded solve calls the flat map directly).
     """
 
     __slots__ = ("flat", "nfe", "rows")
 
     def __init__(self, f: Callable[[State], State], packer: StatePacker):
-        self.flat = make_flat_map(f, packer)
+        self.flat = instrument.wrap("f", make_flat_map(f, packer))
         self.nfe = 0
         self.rows = 0
 
@@ -32,7 +36,7 @@ class CountedMap:
 
     def restrict(self, f: Callable[[State], State], packer: StatePacker) -> None:
         """Evaluate ``f`` (the map of a sub-batch, states packed by ``packer``) from now on."""
-        self.flat = make_flat_map(f, packer)
+        self.flat = instrument.wrap("f", make_flat_map(f, packer))
 
 
 def check_max_steps(max_steps: object) -> int:
