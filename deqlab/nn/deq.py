@@ -425,8 +425,9 @@ class DeepEquilibriumNetwork(nn.Module):
         if depth > 0:
             with torch.no_grad():  # the residual's evaluation at z is also the running statistics' update
                 fz = fmap(z)
-                residual = per_sample_norm([a - b for a, b in zip(as_parts(fz), as_parts(z))],
-                                           self.solver.termination.norm)
+                norm_kind = self.solver.termination.norm
+                residual = per_sample_norm([a - b for a, b in zip(as_parts(fz), as_parts(z))], norm_kind)
+                rel_residual = residual / (per_sample_norm(as_parts(fz), norm_kind) + 1e-12)
             z_star = z
             nfe = reference = depth
             converged = torch.zeros_like(residual, dtype=torch.bool)
@@ -438,7 +439,8 @@ class DeepEquilibriumNetwork(nn.Module):
             z_parts = [t.detach() for t in as_parts(result.z)]
             z_parts, context = self._attach(z_parts, x, is_list)
             z_star = from_parts(z_parts, is_list)
-            residual, nfe = result.residual.detach(), int(result.nfe)
+            residual, nfe = result.abs_residual.detach(), int(result.nfe)
+            rel_residual = result.rel_residual.detach()
             reference = result.reference_nfe
             if reference is not None and self.jacobian_regularization and result.reference_counting == "deqjl":
                 reference += 1
@@ -454,9 +456,9 @@ class DeepEquilibriumNetwork(nn.Module):
             jac = self._jacobian_loss(z_star, x) if self.jacobian_regularization else x.new_zeros(())
         skip = self.init.skip_loss(u0, z_star)
         solution = DeepEquilibriumSolution(
-            z_star=z_star, u0=u0, residual=residual, jacobian_loss=jac,
+            z_star=z_star, u0=u0, abs_residual=residual, jacobian_loss=jac,
             skip_loss=x.new_zeros(()) if skip is None else skip, nfe=nfe, converged=converged, status=status,
-            solver_result=result, reference_nfe=reference)
+            solver_result=result, reference_nfe=reference, rel_residual=rel_residual)
         if counter is not None:
             counter.bind(solution)
         if context is not None:
@@ -518,8 +520,13 @@ def _describe_forward(result: Any, termination: Any = None) -> str:
     within, the tolerance) are named as such: they need a looser tolerance or a better-conditioned map,
     not more steps."""
     unconverged = float((~result.converged).float().mean())
-    text = (f"status {result.status.value}, max residual {float(result.residual.max()):.3g}, "
-            f"{unconverged:.0%} of the samples unconverged")
+    objective = getattr(result, "objective", None)
+    if objective is not None and objective.numel():
+        what = (f"max {result.objective_name} {float(objective.max()):.3g} (the stopping test's objective; "
+                f"tolerance {result.tolerance:g})")
+    else:
+        what = f"max absolute residual {float(result.abs_residual.max()):.3g}"
+    text = f"status {result.status.value}, {what}, {unconverged:.0%} of the samples unconverged"
     stalled = getattr(result, "stalled", None)
     if stalled is not None and bool(stalled.any()):
         mult = getattr(termination, "patience_objective_multiplier", 3.0)

@@ -60,7 +60,7 @@ def empty_result(packer: StatePacker, z: Tensor, *, continuous: bool = False,
     batches, is credited with nothing either)."""
     norm_dtype = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
     empty = z.new_zeros(0, dtype=norm_dtype)
-    return SolverResult(z=packer.unflatten(z.clone()), nfe=0, steps=0, residual=empty, rel_residual=empty.clone(),
+    return SolverResult(z=packer.unflatten(z.clone()), nfe=0, steps=0, abs_residual=empty, rel_residual=empty.clone(),
                         converged=torch.zeros(0, dtype=torch.bool, device=z.device), status=SolverStatus.CONVERGED,
                         sample_steps=torch.zeros(0, dtype=torch.long, device=z.device), trace=None,
                         fz=packer.unflatten(z.clone()), t=z.new_zeros(0) if continuous else None,
@@ -83,11 +83,17 @@ def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du
                  accepted_steps: Optional[Tensor] = None) -> SolverResult:
     z_ret, du_ret, res, rel = tracker.finish(z, du, last_step)
     status = tracker.status()
+    cond = tracker.cond
+    objective = None if getattr(cond, "batch_wide", False) else {"abs_norm": res, "rel_norm": rel}.get(cond.mode)
+    if objective is None:  # rel_deq_* / abs_deq_* objectives are rel / res; abs, rel, norm, batch-wide computed
+        objective = (rel if cond.mode.startswith("rel_deq") and not getattr(cond, "batch_wide", False)
+                     else res if cond.mode.startswith("abs_deq") and not getattr(cond, "batch_wide", False)
+                     else cond.evaluate(z_ret, du_ret)[0])
     result = SolverResult(
         z=packer.unflatten(z_ret),
         nfe=nfe,
         steps=steps,
-        residual=res,
+        abs_residual=res,
         rel_residual=rel,
         converged=tracker.converged.clone(),
         status=status,
@@ -100,6 +106,9 @@ def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du
         reference_counting=reference_counting,
         stalled=tracker.stalled.clone(),
         accepted_steps=accepted_steps,
+        objective=objective,
+        tolerance=float(cond.tol),
+        objective_name=cond.objective_name,
     )
     if throw and status is not SolverStatus.CONVERGED:
         n_bad = int((~result.converged).sum())
@@ -108,8 +117,9 @@ def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du
                    f"tolerance (stopped by the patience rule)" if n_stall else "")
         raise SolverError(
             f"{solver_name} ended with status '{status.value}' after {steps} steps ({nfe} evaluations): "
-            f"{n_bad} of {len(result.converged)} samples did not converge{stalled} (max residual "
-            f"{float(res.max()):.3g}). Raise max_steps, loosen the tolerances, or pick another solver.",
+            f"{n_bad} of {len(result.converged)} samples did not converge{stalled} (max {cond.objective_name} "
+            f"{float(objective.max()):.3g}, tolerance {cond.tol:g}). Raise max_steps, loosen the tolerances, or "
+            f"pick another solver.",
             result,
         )
     return result
