@@ -61,3 +61,20 @@ def test_the_warning_names_the_objective_and_its_tolerance():
         layer(torch.ones(2, 3))
     text = " ".join(str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning))
     assert "max relative residual ||f(z) - z|| / ||f(z)||" in text and "tolerance 0.0001" in text, text
+
+
+def test_convergence_warnings_point_at_the_users_line():
+    # a layer's forward runs inside nn.Module.__call__ and its backward inside autograd: the warnings used to
+    # point at torch/nn/modules/module.py
+    class Stuck(nn.Module):
+        def forward(self, z, x):
+            return 1.0 * z + x
+
+    layer = DEQ(Stuck(), DiscreteDEQSolver("fixed_point", max_steps=3))
+    x = torch.ones(2, 3, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        z, _ = layer(x)
+        z.sum().backward()
+    where = {(w.filename, w.lineno) for w in caught if issubclass(w.category, ConvergenceWarning)}
+    assert where and all(f == __file__ for f, _ in where), where
