@@ -83,7 +83,10 @@ def records_init_arguments(init: Callable[..., None]) -> Callable[..., None]:
         >>> Model(lr=0.1).recorded
         {'width': 8, 'lr': 0.1}
     """
-    signature = inspect.signature(init)
+    try:
+        signature = inspect.signature(init)
+    except (TypeError, ValueError):  # no signature to bind to (a C callable): the base records its own arguments
+        return init
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:

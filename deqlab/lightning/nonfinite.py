@@ -91,8 +91,8 @@ class NonFiniteGuard(pl.Callback):
     ``nonfinite``. Under DDP the decision is all-reduced (one rank's bad batch makes every rank treat it as
     bad), so the replicas never drift apart and ``"raise"`` stops every rank together.
 
-    * ``"skip"``: the batch's gradients are zeroed (finite, so a loss scaler records no overflow), the
-      buffers its forward changed (BatchNorm statistics) are put back, the batch is counted
+    * ``"skip"``: the batch's gradients become ``None`` (under a loss scaler zeros, so that the scaler records
+      no overflow), the buffers its forward changed (BatchNorm statistics) are put back, the batch is counted
       (``train/skipped_batches``, ``outputs["deq"].skipped``), and at the optimizer step that ends its
       gradient-accumulation window (``on_before_optimizer_step``, also each ``opt.step()`` under manual
       optimisation) every gradient becomes ``None``: the optimizer leaves each weight and its moment estimates
@@ -220,10 +220,16 @@ class NonFiniteGuard(pl.Callback):
                    f"{trainer.global_step}): {'; '.join(reasons)}; solver status: {status}; {self._source(step)}")
         if self.on_nonfinite == "raise":
             raise NonFiniteBatchError(f"{message}. (on_nonfinite='skip' drops such batches and trains on.)")
+        # None: the optimizer leaves the weights alone. Under a loss scaler zeros instead, until the window's
+        # optimizer step sets them to None (_close_window): the scaler unscales the gradients before that hook
+        # and fails on an optimizer without any ("No inf checks were recorded"), and zeros show it no overflow
+        scaled = _loss_scaler(trainer)
         with torch.no_grad():
             for p in pl_module.parameters():
-                if p.grad is not None:
-                    p.grad.zero_()  # finite until the window's optimizer step drops them (_close_window)
+                if p.grad is not None and scaled:
+                    p.grad.zero_()
+                else:
+                    p.grad = None
         self._restore_buffers()
         self.skipped_batches += 1
         if step is not None:
@@ -241,12 +247,11 @@ class NonFiniteGuard(pl.Callback):
         loss, self._loss = self._loss, None
         if torch.is_tensor(loss) and not _finite(loss):
             reasons.append(f"loss = {float(loss.detach().float().mean())}")
-        # within an accumulation window the gradients are sums, but an earlier bad batch already zeroed them,
+        # within an accumulation window the gradients are sums, but an earlier bad batch already cleared them,
         # so a non-finite gradient here was made by this batch. Under a loss scaler a non-finite gradient is
         # the scaler's overflow signal: it skips that step and lowers its scale, so the gradients are left to
         # it (clearing them would hide the overflow and the scale would never fall).
-        plugin = trainer.precision_plugin
-        if not (isinstance(plugin, MixedPrecision) and plugin.scaler is not None):
+        if not _loss_scaler(trainer):
             grads = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
             if grads and not bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
                 bad = [n for n, g in grads if not bool(torch.isfinite(g).all())]
@@ -315,6 +320,12 @@ class NonFiniteGuard(pl.Callback):
                     current.copy_(saved)
                 else:  # the forward replaced the buffer: put the old tensor back
                     setattr(owner, name, saved)
+
+
+def _loss_scaler(trainer: "pl.Trainer") -> bool:
+    """Whether Lightning's mixed-precision plugin scales the loss (``precision="16-mixed"``)."""
+    plugin = trainer.precision_plugin
+    return isinstance(plugin, MixedPrecision) and plugin.scaler is not None
 
 
 def _pending(pl_module: Any) -> Optional[PendingStep]:

@@ -63,7 +63,7 @@ def deqlab_callbacks(cfg: DEQTrainingConfig) -> List[pl.Callback]:
     """
     ours: List[pl.Callback] = [PhaseTiming()] if cfg.log_timing else []  # first: the phases end before the judging
     ours += [PretrainingSchedule(cfg.pretrain_steps, cfg.pretrain_depth), NonFiniteGuard(cfg.on_nonfinite),
-             BackwardStats(log=cfg.log_solver_stats)]
+             BackwardStats(log_scalars=cfg.log_solver_stats)]
     if cfg.log_hparams_metrics:
         ours.append(HParamsTab())
     ours += [CheckpointIntegrity(), ExactResume()]

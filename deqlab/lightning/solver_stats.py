@@ -95,17 +95,18 @@ class BackwardStats(pl.Callback):
     one it does nothing. `DEQLightningModule` attaches one from ``configure_callbacks``.
 
     Args:
-        log: also log the scalars (the record is filled either way). Default ``True``;
-            `DEQLightningModule` passes its ``log_solver_stats``.
+        log_scalars: also log the scalars (the record is filled either way). Default ``True``;
+            `DEQLightningModule` passes its ``log_solver_stats``. (Not ``log``: Lightning gives every
+            callback a ``log`` method of its own.)
 
     Examples:
         >>> from deqlab.lightning import BackwardStats
-        >>> BackwardStats(log=False).log
+        >>> BackwardStats(log_scalars=False).log_scalars
         False
     """
 
-    def __init__(self, log: bool = True) -> None:
-        self.log = log
+    def __init__(self, log_scalars: bool = True) -> None:
+        self.log_scalars = log_scalars
 
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: Any) -> None:
         step = getattr(pl_module, "pending_step", None)
@@ -116,7 +117,7 @@ class BackwardStats(pl.Callback):
         unconverged = backward_unconverged_fraction(step.solutions)
         step.record.backward_nfe = bnfe
         step.record.backward_unconverged_fraction = unconverged
-        if not self.log or step.stand_in:
+        if not self.log_scalars or step.stand_in:
             return
         pl_module.log("solver/train_backward_nfe", bnfe, on_step=True, on_epoch=False, prog_bar=True)
         epoch: Dict[str, Any] = dict(on_step=False, on_epoch=True, sync_dist=True)

@@ -367,9 +367,12 @@ def test_under_a_loss_scaler_manual_optimisation_skips_a_nan_input_too():
 
     pl.seed_everything(0)
     model = _ManualDigits(model_type="vanilla", width=8, scheduler="none", log_figures=False)
+    scaler = torch.amp.GradScaler("cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(max_epochs=1, limit_val_batches=0, accelerator="cpu",
-                plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]).fit(model, _loader(1))
+                plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(model, _loader(1))
     assert _skipped(model) == 1
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    # the NaN came from the data, not from an overflow: the scale stays (before: gradients set to inf, scale halved)
+    assert scaler.get_scale() == 2.0 ** 16
