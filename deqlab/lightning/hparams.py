@@ -62,8 +62,9 @@ def records_init_arguments(init: Callable[..., None]) -> Callable[..., None]:
     The wrapper of the most-derived ``__init__`` runs first: it binds the call's arguments and leaves them on
     the instance; the wrappers of the base classes' ``__init__`` (reached through ``super().__init__``) see
     them there and only call through; `DEQLightningModule.__init__` reads them (`init_arguments`). The
-    signature and the source stay the wrapped function's (``functools.wraps``), so LightningCLI, jsonargparse
-    and ``load_from_checkpoint`` see the real parameters.
+    signature and the source stay the wrapped function's (``functools.wraps`` and ``__signature__``), so
+    LightningCLI, jsonargparse and ``load_from_checkpoint`` (``inspect.getfullargspec``) see the real
+    parameters.
 
     Args:
         init: a class's own ``__init__``.
@@ -98,6 +99,7 @@ def records_init_arguments(init: Callable[..., None]) -> Callable[..., None]:
         finally:
             self.__dict__.pop(_ARGUMENTS, None)
 
+    __init__.__signature__ = signature  # type: ignore[attr-defined]  # also for getfullargspec (load_from_checkpoint)
     return __init__
 
 

@@ -25,8 +25,8 @@ def find_deq_layers(module: nn.Module) -> List[nn.Module]:
     the inner layer twice and check a flag the wrapper already answers for. The search does not descend
     into a DEQ layer.
 
-    The module uses this to run the pretraining schedule and the Jacobian-setting check; it is public so
-    that a script can do the same to a plain ``nn.Module``.
+    `PretrainingSchedule` drives the layers it finds, and `DEQLightningModule` checks its Jacobian setting
+    against them; it is public so that a script can do the same to a plain ``nn.Module``.
 
     Args:
         module: the network to search (any ``nn.Module``; a DEQ layer nested at any depth is found).

@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from deqlab.lightning._optim import build_optimizer, build_scheduler
 from deqlab.lightning._pending import PendingStep
 from deqlab.lightning._stats import StepRecord, split_forward_output, summarize
 from deqlab.lightning.checkpoint import check_checkpoint_file, damage_reported_by_name
 from deqlab.lightning.hparams import init_arguments, records_init_arguments, save_init_arguments
 from deqlab.lightning.layers import find_deq_layers
 from deqlab.lightning.losses import RESERVED_LOSS_NAMES, checked_extra_terms
-from deqlab.lightning._optim import build_optimizer, build_scheduler
 from deqlab.lightning.nonfinite import NonFiniteGuard
 from deqlab.lightning.policies import deqlab_callbacks, missing_callbacks, warn_if_detached
 from deqlab.lightning.solver_stats import log_solver_summary

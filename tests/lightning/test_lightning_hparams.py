@@ -77,6 +77,7 @@ def test_a_model_built_inside_another_modules_constructor_records_its_own_argume
 def test_the_recording_keeps_the_real_signature_and_source_for_lightningcli_and_the_docs():
     params = inspect.signature(DigitsDEQ.__init__).parameters
     assert list(params)[:3] == ["self", "model_type", "width"]
+    assert inspect.getfullargspec(DigitsDEQ.__init__).args[:3] == ["self", "model_type", "width"]  # load_from_checkpoint's view
     assert "super().__init__(in_features=64" in inspect.getsource(DigitsDEQ.__init__)
     assert set(inspect.signature(DEQLightningModule.__init__).parameters) == {"self", "training", "overrides"}
 
