@@ -128,8 +128,8 @@ def per_sample_mlp(batch: int, width: int, hidden: int, device) -> Tuple[Callabl
 
     g = torch.Generator().manual_seed(0)
     A = torch.linalg.qr(torch.randn(hidden, width, generator=g))[0]      # (hidden, width), A^T A = I
-    O = torch.linalg.qr(torch.randn(width, width, generator=g))[0]       # orthogonal
-    W1, W2 = A * 2.0, (O @ A.T) / 2.0                                     # W2 W1 = O
+    Q = torch.linalg.qr(torch.randn(width, width, generator=g))[0]       # orthogonal
+    W1, W2 = A * 2.0, (Q @ A.T) / 2.0                                     # W2 W1 = Q
     x = 0.5 * torch.randn(batch, width, generator=g)
     rate = torch.linspace(0.2, 0.9, batch).view(batch, 1)
     W1, W2, x, rate = (t.to(device) for t in (W1, W2, x, rate))

@@ -433,7 +433,7 @@ def breakdown_table(res: dict) -> str:
     for m, bd in res["breakdown"]:
         reg, tot = bd["regions"], bd["total"]
 
-        def cell(r, per=None):
+        def cell(r, per=None, reg=reg, tot=tot):
             v = reg[r]
             txt = f"{fmt_time(v)} ({100 * v / tot:.0f}%)"
             return txt + (f", {fmt_time(v / per)}" if per else "")
@@ -557,7 +557,7 @@ def run_workload(name: str, args, device: torch.device, dtype: torch.dtype) -> d
 
     existing = [*params, wl.x, c]
     for m in ms:
-        m.peak = peak_bytes(lambda: loss_and_grads(m.contender.forward()[0], c, params), device)
+        m.peak = peak_bytes(lambda m=m: loss_and_grads(m.contender.forward()[0], c, params), device)
         m.saved = saved_bytes(m.contender.forward, c, params, existing)
     out = {"workload": wl, "fmap": fmap, "rows": ms, "oracle": orc, "t_oracle": t_oracle, "k": k,
            "t_f": ref["f"], "t_vjp": ref["vjp"], "state_bytes": z_star.numel() * z_star.element_size(),
@@ -600,7 +600,7 @@ def memory_scaling(name: str, args, device: torch.device, dtype: torch.dtype, wl
             fmap.counting = False
             del z
             loss_and_grads(con.forward()[0], c, params)  # warm-up
-            peak = peak_bytes(lambda: loss_and_grads(con.forward()[0], c, params), device)
+            peak = peak_bytes(lambda con=con: loss_and_grads(con.forward()[0], c, params), device)
             saved = saved_bytes(con.forward, c, params, existing)
             kind = "unrolled fixed-point × steps" if con.library == "unrolled" else con.name
             rows.append({"name": kind, "steps": steps, "nfe": nfe, "peak": peak, "saved": saved})

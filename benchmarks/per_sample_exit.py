@@ -36,11 +36,18 @@ import torch
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from _common import (fmt_time, machine_header, machine_info, markdown_table, setup_threads,  # noqa: E402
-                     time_interleaved, update_results_section)
-from _workloads import mnist_images, per_sample_mlp  # noqa: E402
+from _common import (
+    fmt_time,
+    machine_header,
+    machine_info,
+    markdown_table,
+    setup_threads,
+    time_interleaved,
+    update_results_section,
+)
+from _workloads import mnist_images, per_sample_mlp
 
-from deqlab.solvers import DiscreteDEQSolver, SolverResult  # noqa: E402
+from deqlab.solvers import DiscreteDEQSolver, SolverResult
 
 SECTION = "per-sample-exit"
 
@@ -86,7 +93,7 @@ def run(args) -> str:
             exit_ = DiscreteDEQSolver(algorithm, per_sample_exit=True, **kw)
             with torch.no_grad():
                 r_full, r_exit = solve(full), solve(exit_)
-                times = time_interleaved({"full": lambda: solve(full), "exit": lambda: solve(exit_)},
+                times = time_interleaved({"full": lambda s=solve, f=full: s(f), "exit": lambda s=solve, f=exit_: s(f)},
                                          repeats=2 if quick else args.repeats, warmup=1, device=device)
             dz = float((r_full.z - r_exit.z).abs().max())
             same = bool(torch.equal(r_full.converged, r_exit.converged) and

@@ -43,6 +43,7 @@ DEFAULT_WORKLOADS = ("mnist_dense_vanilla", "mnist_dense_skip", "solver_lbroyden
 
 def _mnist_dense(model_type: str):
     import torch
+
     from deqlab.zoo import MNISTDenseDEQ
 
     torch.manual_seed(0)
@@ -63,7 +64,9 @@ def _mnist_dense(model_type: str):
 
 def _solver(algorithm: str):
     import torch
+
     from _workloads import make_dense
+
     from deqlab.solvers import DiscreteDEQSolver
 
     wl = make_dense(torch.device("cpu"), torch.float32, seed=0)

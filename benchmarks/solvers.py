@@ -247,7 +247,7 @@ def breakdown_table(bd: dict) -> str:
     for algo, d in bd.items():
         reg, tot, calls = d["regions"], d["total"], d["calls"]
 
-        def cell(r, per=None):
+        def cell(r, per=None, reg=reg, tot=tot):
             v = reg[r]
             s = f"{fmt_time(v)} ({100 * v / tot:.0f}%)"
             if per:

@@ -124,7 +124,7 @@ class SyncCounter:
             torch.cuda.set_sync_debug_mode(0)
             self.cuda_syncs = sum(1 for w in self._records if "synchroniz" in str(w.message).lower())
             self._warn_ctx.__exit__(*exc)
-        for name, own, orig in reversed(self._saved):
+        for name, own, _orig in reversed(self._saved):
             if own is None:
                 delattr(torch.Tensor, name)
             else:

@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 def main(args: Optional[List[str]] = None) -> None:
     """Entry point of the ``deqlab`` console script (``args=None`` reads ``sys.argv``)."""
-    import deqlab.data  # noqa: F401  (registers the data modules' short class names)
+    import deqlab.data  # registers the data modules' short class names
     import deqlab.zoo  # noqa: F401  (registers the zoo models' short class names)
     from deqlab.lightning.cli import DEQLightningCLI
 

@@ -25,14 +25,14 @@ from typing import Any, ClassVar, Dict, Literal, Optional, Protocol, Tuple, Unio
 from torch import Tensor, nn
 
 from deqlab._compat import warn_renamed
-from deqlab.spec import model_kind
-from deqlab.spec.training import DEQTrainingConfig, TrainingArg
 from deqlab.lightning.module import DEQLightningModule
 from deqlab.models._build import BackwardName, PaperNetwork, SolverName, build_backward, build_solver
 from deqlab.models.mnist import MNIST_DENSE, dense_deq, dense_network
 from deqlab.models.settings import TRAINING_KEYS, paper_settings
 from deqlab.nn.implicit import BackwardMode
 from deqlab.solvers.protocols import Solver
+from deqlab.spec import model_kind
+from deqlab.spec.training import DEQTrainingConfig, TrainingArg
 
 __all__ = [
     "DEQClassifier", "DigitsDEQ", "MNISTDenseDEQ", "DenseDEQClassifier", "ExplicitPredictor", "build_solver",
@@ -191,8 +191,9 @@ def _resolve_solver_and_backward(
     default_max_steps: int, owner: str,
 ) -> Tuple[Solver, BackwardMode]:
     """Solver and backward objects from what the caller gave: objects are used as they are; a name or
-    ``None`` builds the zoo default ([`build_solver`][deqlab.zoo.build_solver], [`build_backward`][deqlab.zoo.build_backward]). The old flat keywords
-    (``abstol``, ``max_steps``, ``backward_tol``, ...) are aliases for the name form only."""
+    ``None`` builds the zoo default ([`build_solver`][deqlab.zoo.build_solver],
+    [`build_backward`][deqlab.zoo.build_backward]). The old flat keywords (``abstol``, ``max_steps``,
+    ``backward_tol``, ...) are aliases for the name form only."""
     solver_kw = {k: legacy[k] for k in _LEGACY_SOLVER_KEYS if k in legacy}
     backward_kw = {k: legacy[k] for k in _LEGACY_BACKWARD_KEYS if k in legacy}
     for key in (*solver_kw, *backward_kw):

@@ -20,7 +20,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from deqlab.models import MODEL_TYPES, PROTOCOLS, SOLVER_KINDS
 from deqlab.models._build import ODE_SOLVERS
 from deqlab.models.settings import SEEDS as PAPER_SEEDS
-
 from paper_repro.results import DEFAULT_LOG_DIR, DEFAULT_RESULTS_DIR, REPO
 
 __all__ = ["ExperimentSpec", "TypedFlag", "TYPED_FLAGS", "build_parser", "parse_args", "MODEL_TYPES", "SOLVERS",

@@ -66,7 +66,8 @@ ACCURACY_KIND: Dict[str, str] = {"imagenet": "top-5"}
 
 #: The paper's headline claims, quoted (abstracts v1 and v4, and the tables above).
 CLAIMS: List[str] = [
-    "v1: Skip DEQ decreases the training time by 2.5x and the prediction time by 3.4x (third-party reading: 2.55x / 3.349x, 3.74x fewer NFE)",
+    "v1: Skip DEQ decreases the training time by 2.5x and the prediction time by 3.4x "
+    "(third-party reading: 2.55x / 3.349x, 3.74x fewer NFE)",
     "MNIST dense, continuous: skip variants reach similar accuracy with 4.0 vs 18.3 test NFE",
     "v4: Skip (Reg.) DEQ decreases training time by 1.11-3.19x",
     "v4: neural ODEs take 4.7-6.182x more time in the backward pass than vanilla continuous DEQs",

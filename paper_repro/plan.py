@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from deqlab.models import MODEL_TYPES, SOLVER_KINDS
 from deqlab.spec import model_kind
-
 from paper_repro.cli import PAPER_SEEDS, ExperimentSpec, typed_settings
 
 __all__ = ["DevicePlan", "resolve_devices", "RunConfig", "Grid", "paper_defaults", "make_config", "paper_grid",
@@ -305,7 +304,8 @@ def describe_plan(spec: ExperimentSpec, cfg: RunConfig, plan: DevicePlan, parame
         f"{'normalized' if cfg.normalize else 'raw [0, 1] pixels'}",
         f"  schedule          {schedule}: {per_epoch} steps per epoch, {steps} steps in all",
         f"  optimizer         {t.get('optimizer')} lr {t.get('lr')} wd {t.get('weight_decay')}, scheduler {t.get('scheduler')}",
-        f"  losses            skip weight {t.get('skip_loss_weight', 0.0)}, jacobian weight {t.get('jacobian_loss_weight', 0.0) if cfg.jacobian_regularization else 0.0}",
+        f"  losses            skip weight {t.get('skip_loss_weight', 0.0)}, "
+        f"jacobian weight {t.get('jacobian_loss_weight', 0.0) if cfg.jacobian_regularization else 0.0}",
         f"  pretraining       {t.get('pretrain_steps', 0)} steps at depth {t.get('pretrain_depth', 5)}",
     ]
     if cfg.changes:

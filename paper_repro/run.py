@@ -22,8 +22,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from paper_repro.cli import ExperimentSpec, parse_args
-from paper_repro.plan import (DevicePlan, RunConfig, build_network, count_parameters, describe_plan, paper_grid,
-                              planned_runs, resolve_devices, steps_per_epoch, total_steps)
+from paper_repro.plan import (
+    DevicePlan,
+    RunConfig,
+    build_network,
+    count_parameters,
+    describe_plan,
+    paper_grid,
+    planned_runs,
+    resolve_devices,
+    steps_per_epoch,
+    total_steps,
+)
 from paper_repro.results import EPOCH_COLUMNS, REPO, RESULT_COLUMNS, ResultFiles, append_row, write_row
 
 __all__ = ["main", "run_one", "list_grid", "build_module"]

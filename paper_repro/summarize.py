@@ -5,10 +5,11 @@ ratios the paper claims, and PNG plots.
 
 Reads ``<results-dir>/<experiment>.csv`` (one row per run, written by the experiment scripts) and
 ``<experiment>_epochs.csv`` (one row per epoch), and the grid cells' own files under
-``<results-dir>/cells/<experiment>/`` (``--grid-cell``), one row per run key (the one finished last). Writes ``<out>/summary.md`` and, per experiment and
-architecture, ``<experiment>_<arch>_figure1.png`` (training and backward time of each model type relative
-to the vanilla continuous DEQ, the paper's Figure 1) and ``<experiment>_<arch>_epochs.png`` (test accuracy
-and NFE per epoch per model type). Nothing is invented: a cell without measurements reads "-".
+``<results-dir>/cells/<experiment>/`` (``--grid-cell``), one row per run key (the one finished last).
+Writes ``<out>/summary.md`` and, per experiment and architecture, ``<experiment>_<arch>_figure1.png``
+(training and backward time of each model type relative to the vanilla continuous DEQ, the paper's Figure 1)
+and ``<experiment>_<arch>_epochs.png`` (test accuracy and NFE per epoch per model type). Nothing is invented:
+a cell without measurements reads "-".
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from deqlab.spec import MODEL_TYPES, model_kind  # noqa: E402
-from deqlab.spec.kinds import VANILLA  # noqa: E402
-from paper_repro.paper_reference import ACCURACY_KIND, CLAIMS, PARAMETERS, SOURCE, reference  # noqa: E402
-from paper_repro.results import DEFAULT_RESULTS_DIR, REPO, load_results, refuse_tracked  # noqa: E402
+from deqlab.spec import MODEL_TYPES, model_kind
+from deqlab.spec.kinds import VANILLA
+from paper_repro.paper_reference import ACCURACY_KIND, CLAIMS, PARAMETERS, SOURCE, reference
+from paper_repro.results import DEFAULT_RESULTS_DIR, REPO, load_results, refuse_tracked
 
 MODEL_ORDER = MODEL_TYPES
 SOLVER_ORDER = ("continuous/tsit5", "continuous/vcab3", "continuous", "discrete")

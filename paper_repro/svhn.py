@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from paper_repro.cli import ExperimentSpec  # noqa: E402
-from paper_repro.run import main  # noqa: E402
+from paper_repro.cli import ExperimentSpec
+from paper_repro.run import main
 
 
 def make_data(args, arch: str, batch_size: int, seed: int, augment: bool, num_workers: int):

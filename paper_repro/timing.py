@@ -24,10 +24,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from deqlab.spec import model_kind  # noqa: E402
+from deqlab.spec import model_kind
 
 CONFIGS: Tuple[Tuple[str, str], ...] = (
     ("vanilla", "continuous"), ("skip", "continuous"), ("skip_reg", "continuous"),
@@ -222,7 +222,7 @@ def main(argv: Any = None) -> str:
         for solver in labels:
             if solver.startswith("continuous"):
                 ratio(f"vanilla {solver}{jr}", f"vanilla discrete{jr}")
-                ratio(f"neural_ode continuous", f"vanilla {solver}{jr}")
+                ratio("neural_ode continuous", f"vanilla {solver}{jr}")
                 for other in labels:  # VCAB3 against Tsit5, on the same trained weights where re-solved
                     if solver.startswith("continuous/tsit5") and other.startswith("continuous/vcab3"):
                         for model in ("vanilla", "skip", "skip_reg"):

@@ -25,8 +25,18 @@ from deqlab.nn import (
 )
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
 from deqlab.solvers.protocols import Solver
-from deqlab.spec import (MODEL_TYPES, ODE_SOLVERS, PAPER_TOL, SOLVER_KINDS, BackwardSpec, ModelKind, ModelType,
-                         ODESolverName, SolverKind, SolverSpec, model_kind)
+from deqlab.spec import (
+    MODEL_TYPES,
+    ODE_SOLVERS,
+    PAPER_TOL,
+    SOLVER_KINDS,
+    BackwardSpec,
+    ModelKind,
+    ModelType,
+    SolverKind,
+    SolverSpec,
+    model_kind,
+)
 
 __all__ = ["MODEL_TYPES", "SOLVER_KINDS", "ODE_SOLVERS", "ModelType", "SolverKind", "build_solver", "build_backward",
            "check_choice", "check_fields", "PaperNetwork"]

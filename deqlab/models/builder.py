@@ -116,7 +116,8 @@ def build_model(experiment: str, arch: str, *, model_type: Union[str, ModelKind]
         >>> build_model("mnist", "dense", widht=16)
         Traceback (most recent call last):
         ...
-        TypeError: build_model('mnist', 'dense'): mnist_dense() got an unexpected keyword argument 'widht' (did you mean 'width'?); valid: ...
+        TypeError: build_model('mnist', 'dense'): mnist_dense() got an unexpected keyword argument 'widht'
+        (did you mean 'width'?); valid: ...
     """
     arch = canonical_arch(experiment, arch)
     kind = model_kind(model_type)

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from deqlab._compat import renamed
 from deqlab.models._build import PaperNetwork, build_backward, build_solver, check_fields, make_multiscale
-from deqlab.spec import BackwardSpec, ModelKind, ModelType, SolverKind, SolverSpec, model_kind
 from deqlab.nn import Downsample, PostFuse, ResidualBlock, Upsample, VariationalHiddenDropout, WeightNorm
+from deqlab.spec import BackwardSpec, ModelKind, ModelType, SolverKind, SolverSpec, model_kind
 
 __all__ = [
     "MDEQConfig", "build_mdeq", "Bottleneck", "BNResidualBlock", "ClassificationHead",

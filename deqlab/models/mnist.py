@@ -8,8 +8,7 @@ from typing import Any, Optional, Sequence, Union
 from torch import Tensor, nn
 
 from deqlab._compat import renamed
-from deqlab.models._build import (PaperNetwork, build_backward, build_solver, check_fields, check_neural_ode,
-                                  make_deq)
+from deqlab.models._build import PaperNetwork, build_backward, build_solver, check_fields, check_neural_ode, make_deq
 from deqlab.nn import BackwardMode, DenseDEQBlock, MultiScaleNeuralODE
 from deqlab.spec import PAPER_TOL, BackwardSpec, ModelKind, ModelType, SolverKind, SolverSpec, model_kind
 

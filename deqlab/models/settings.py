@@ -13,7 +13,6 @@ from deqlab._compat import renamed
 from deqlab.spec import ModelKind, model_kind
 from deqlab.spec.solve import SOLVER_KINDS, choose
 from deqlab.spec.training import DEQTrainingConfig
-from deqlab.models._build import check_choice
 
 __all__ = ["paper_settings", "TRAINING_KEYS", "PROTOCOLS", "Protocol", "protocol_summary"]
 
@@ -110,8 +109,9 @@ def paper_settings(experiment: str, arch: str, model_type: Union[str, ModelKind]
 
     ``skip_loss_weight`` is the paper's λ_skip for ``skip`` / ``skip_reg`` and 0 for ``vanilla`` /
     ``neural_ode`` (u0 = 0 there, so there is nothing to learn; the v1 protocol of MNIST dense gives vanilla
-    λ_skip too, with the ``model_options`` that make its skip loss ``mean |z*|``, as the 2022 code did); ``jacobian_loss_weight`` is λ_jac = 1 with
-    ``jacobian_regularization=True``, else 0. The neural-ODE baseline has no fixed-depth mode, so its ``pretrain_steps`` is 0.
+    λ_skip too, with the ``model_options`` that make its skip loss ``mean |z*|``, as the 2022 code did);
+    ``jacobian_loss_weight`` is λ_jac = 1 with ``jacobian_regularization=True``, else 0. The neural-ODE baseline
+    has no fixed-depth mode, so its ``pretrain_steps`` is 0.
 
     Args:
         experiment: ``mnist``, ``svhn``, ``cifar10`` or ``imagenet``, as in [`build_model`][deqlab.models.build_model].

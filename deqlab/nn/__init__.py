@@ -2,16 +2,16 @@
 
 torchdyn is imported lazily by [`MultiScaleNeuralODE`][deqlab.nn.MultiScaleNeuralODE] only when it runs.
 """
+from deqlab.nn.adapters import CallableSolver
 from deqlab.nn.deq import (
     DEQ,
     DeepEquilibriumNetwork,
     MultiScaleDeepEquilibriumNetwork,
     MultiScaleMap,
     MultiScaleSkipDeepEquilibriumNetwork,
-    SkipDEQ,
     SkipDeepEquilibriumNetwork,
+    SkipDEQ,
 )
-from deqlab.nn.adapters import CallableSolver
 from deqlab.nn.implicit import (
     BackwardMode,
     BackwardResult,

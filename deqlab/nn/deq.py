@@ -183,9 +183,10 @@ class DeepEquilibriumNetwork(nn.Module):
 
     Raises:
         ValueError: more than one of ``init``, ``z_shape``, ``initializer``, ``shortcut`` is given (all
-            set ``u0``; ``z_shape`` with ``shortcut`` is the shape check); ``jacobian_probes < 1``; ``jacobian_normalize`` is not ``"element"``, ``"sample"`` or
-            ``"none"``; ``fixed_depth`` is not an int >= 0; ``on_unconverged`` is not ``"warn"``,
-            ``"ignore"`` or ``"raise"``; ``solver`` is an unknown solver name.
+            set ``u0``; ``z_shape`` with ``shortcut`` is the shape check); ``jacobian_probes < 1``;
+            ``jacobian_normalize`` is not ``"element"``, ``"sample"`` or ``"none"``; ``fixed_depth`` is not an
+            int >= 0; ``on_unconverged`` is not ``"warn"``, ``"ignore"`` or ``"raise"``; ``solver`` is an unknown
+            solver name.
         TypeError: ``backward`` is not a [`BackwardMode`][deqlab.nn.BackwardMode]; ``init`` lacks a member of
             [`GuessStrategy`][deqlab.nn.GuessStrategy]; ``shortcut`` is neither a module nor a sequence of
             modules; ``solver`` is neither a solver, a name nor a callable.

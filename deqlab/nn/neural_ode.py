@@ -27,12 +27,12 @@ from typing import Any, List, Literal, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from deqlab._compat import deprecated, renamed
 from deqlab.nn.deq import MultiScaleMap
 from deqlab.nn.layers import equilibrium_session
 from deqlab.nn.maps import CheckedMap
 from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
-from deqlab._compat import deprecated, renamed
 from deqlab.solvers.result import SolverStatus
 from deqlab.state import flatten, per_sample_norm, unflatten
 

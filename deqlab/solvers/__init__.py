@@ -15,10 +15,10 @@ from deqlab.solvers.continuous import ContinuousDEQSolver
 from deqlab.solvers.discrete import DiscreteDEQSolver
 from deqlab.solvers.krylov import GMRESInfo, gmres
 from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
-from deqlab.solvers.protocols import LinearSolveResult, LinearSolver, Solver
+from deqlab.solvers.protocols import LinearSolver, LinearSolveResult, Solver
 from deqlab.solvers.registry import available_solvers, get_solver, register_solver
-from deqlab.solvers.sub_batch import PerSampleMap, SubBatchMap
 from deqlab.solvers.result import ConvergenceWarning, SolverError, SolverResult, SolverStatus
+from deqlab.solvers.sub_batch import PerSampleMap, SubBatchMap
 from deqlab.solvers.termination import TERMINATION_MODES, TerminationCondition, TerminationTracker
 
 __all__ = [

@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 
 from deqlab import instrument
-from deqlab.state import State, StatePacker, make_flat_map
 from deqlab.solvers.result import SolverError, SolverResult, SolverStatus
 from deqlab.solvers.termination import TerminationTracker
+from deqlab.state import State, StatePacker, make_flat_map
 
 
 class CountedMap:

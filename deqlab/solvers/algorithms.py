@@ -13,9 +13,10 @@ from typing import Any, Callable, Literal, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number
-from deqlab.state import batch_dot, batch_norm
+from deqlab.solvers._checks import check_int as _check_int
+from deqlab.solvers._checks import check_number as _check_number
 from deqlab.solvers.krylov import gmres
+from deqlab.state import batch_dot, batch_norm
 
 FlatMap = Callable[[Tensor], Tensor]
 

@@ -26,16 +26,23 @@ import torch
 from torch import Tensor
 
 from deqlab import instrument
-from deqlab.solvers import adams
 from deqlab._compat import deprecated, renamed
-from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number, checked_keywords
-from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
-                                    prepare)
-from deqlab.state import State
+from deqlab.solvers import adams
+from deqlab.solvers._checks import check_int as _check_int
+from deqlab.solvers._checks import check_number as _check_number
+from deqlab.solvers._checks import checked_keywords
+from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, empty_result, prepare
 from deqlab.solvers.counting import ReferenceCounting, check_reference_counting, reference_nfe
 from deqlab.solvers.result import SolverResult
-from deqlab.solvers.termination import (NormKind, TerminationCondition, TerminationMode, TerminationTracker,
-                                        _check_tol, resolve_termination)
+from deqlab.solvers.termination import (
+    NormKind,
+    TerminationCondition,
+    TerminationMode,
+    TerminationTracker,
+    _check_tol,
+    resolve_termination,
+)
+from deqlab.state import State
 
 ODEMethod = Literal["tsit5", "dopri5", "euler", "rk4", "vcab3"]
 # name -> (torchdyn class name, or "" for deqlab's own; adaptive?; order; evaluations per step given the

@@ -8,16 +8,19 @@ from torch import Tensor
 
 from deqlab import instrument
 from deqlab.solvers._checks import check_int, check_number, unknown_keyword
-from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
-                                    prepare)
-from deqlab.state import State
+from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, empty_result, prepare
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
 from deqlab.solvers.counting import ReferenceCounting, check_reference_counting, reference_nfe
 from deqlab.solvers.result import SolverResult
 from deqlab.solvers.sub_batch import SubBatchMap
-from deqlab.solvers.termination import (NormKind, TerminationCondition, TerminationMode, TerminationTracker,
-                                        resolve_termination)
-
+from deqlab.solvers.termination import (
+    NormKind,
+    TerminationCondition,
+    TerminationMode,
+    TerminationTracker,
+    resolve_termination,
+)
+from deqlab.state import State
 
 #: where a tolerance lives, for ``tol=`` given to a solver that has two
 TOL_HINT = ("A solver has two tolerances: abstol_termination and reltol_termination (or "

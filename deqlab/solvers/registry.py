@@ -58,7 +58,8 @@ def register_solver(name: str, factory: Callable[..., Any], *, overwrite: bool =
 
 
 def available_solvers() -> list:
-    """The names [`get_solver`][deqlab.solvers.get_solver] accepts: the built-ins and every [`register_solver`][deqlab.solvers.register_solver] name.
+    """The names [`get_solver`][deqlab.solvers.get_solver] accepts: the built-ins and every
+    [`register_solver`][deqlab.solvers.register_solver] name.
 
     Returns:
         A new, sorted list of the registered names.

@@ -23,7 +23,6 @@ from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
 
 from typing_extensions import TypedDict
 
-
 __all__ = ["DEQTrainingConfig", "DEQTrainingSettings", "NonFinitePolicy", "OptimizerName", "SchedulerName",
            "TrainingArg"]
 
@@ -92,7 +91,8 @@ class DEQTrainingConfig:
     Raises:
         ValueError: when ``lr`` < 0 (0 is allowed, as torch's optimizers allow it: the weights stay
             fixed), ``weight_decay`` or ``eta_min`` < 0, ``momentum`` or a beta outside [0, 1),
-            ``step_gamma`` not > 0, ``scheduler_steps`` < 1, an unknown ``optimizer`` or ``scheduler``, ``pretrain_steps`` < 0 or ``pretrain_depth`` < 1, ``num_classes`` < 2,
+            ``step_gamma`` not > 0, ``scheduler_steps`` < 1, an unknown ``optimizer`` or ``scheduler``,
+            ``pretrain_steps`` < 0 or ``pretrain_depth`` < 1, ``num_classes`` < 2,
             ``on_nonfinite`` is not ``skip`` or ``raise``, a loss weight is negative or not finite, or an
             ``extra_loss_weights`` entry is not finite.
 

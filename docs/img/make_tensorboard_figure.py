@@ -13,8 +13,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+import matplotlib.pyplot as plt
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 TAGS = ["train/loss", "val/accuracy", "solver/train_nfe", "solver/train_backward_nfe",
         "solver/train_abs_residual_max", "val/explicit_accuracy", "time/forward", "time/backward"]

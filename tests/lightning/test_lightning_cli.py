@@ -89,7 +89,7 @@ def test_the_old_cli_alias_warns_and_names_the_console_command():
     with pytest.warns(DeprecationWarning, match=r"deqlab.lightning.cli: main is deprecated; use deqlab.cli.main"):
         assert lcli.main is deqlab.cli.main
     with pytest.raises(AttributeError, match="has no attribute 'mian'"):
-        lcli.mian
+        _ = lcli.mian
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -16,9 +16,9 @@ from torch import nn
 from lightning_testkit import REPO, digits, trainer
 
 from deqlab.lightning import DEQLightningModule, PretrainingSchedule, StepRecord, find_deq_layers
-from deqlab.spec import DEQTrainingConfig
 from deqlab.nn import DeepEquilibriumNetwork, DenseDEQBlock, ImplicitBackward
 from deqlab.solvers import DiscreteDEQSolver
+from deqlab.spec import DEQTrainingConfig
 from deqlab.zoo import DigitsDEQ, MNISTDenseDEQ
 
 
@@ -275,7 +275,8 @@ def test_importing_deqlab_lightning_does_not_import_the_zoo():
 
 
 def test_deq_classifier_keeps_the_network_out_of_hparams_and_reloads_with_it(tmp_path):
-    from deqlab.zoo import DEQClassifier, DigitsDEQ as _D
+    from deqlab.zoo import DEQClassifier
+    from deqlab.zoo import DigitsDEQ as _D
 
     class _Net(nn.Module):
         def __init__(self):

@@ -155,7 +155,7 @@ def test_mnist_dense_defaults_follow_the_paper():
     deq = find_deq_layers(m)[0]
     assert deq.solver.max_steps == 50 if hasattr(deq.solver, "max_steps") else True
     w = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in w[:1]] == [(784, 128)]
+    assert [(lin.in_features, lin.out_features) for lin in w[:1]] == [(784, 128)]
     out, sol = m(torch.randn(4, 1, 28, 28))
     assert out.shape == (4, 10) and sol.z_star.shape == (4, 128)
     assert m.explicit_forward(torch.randn(4, 784)).shape == (4, 10)

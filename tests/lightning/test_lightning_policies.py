@@ -16,8 +16,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_testkit import REPO, trainer
 
-from deqlab.lightning import (BackwardStats, ExactResume, NonFiniteBatchError, NonFiniteBatchWarning, NonFiniteGuard, PhaseTiming,
-                              PretrainingSchedule, find_deq_layers)
+from deqlab.lightning import (
+    BackwardStats,
+    ExactResume,
+    NonFiniteBatchError,
+    NonFiniteBatchWarning,
+    NonFiniteGuard,
+    PhaseTiming,
+    PretrainingSchedule,
+    find_deq_layers,
+)
 from deqlab.lightning.resume import CHECKPOINT_KEY
 from deqlab.nn import DeepEquilibriumNetwork, DenseDEQBlock
 from deqlab.solvers import DiscreteDEQSolver

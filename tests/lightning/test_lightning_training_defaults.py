@@ -8,8 +8,8 @@ import yaml
 from lightning_testkit import REPO
 
 from deqlab.lightning import DEQLightningModule
-from deqlab.spec import DEQTrainingConfig
 from deqlab.lightning.cli import DEQLightningCLI
+from deqlab.spec import DEQTrainingConfig
 from deqlab.zoo import DIGITS_TRAINING, MNIST_TRAINING, DigitsDEQ, MNISTDenseDEQ
 
 # The zoo models' documented defaults, written out here as the oracle (not read from the code under test).

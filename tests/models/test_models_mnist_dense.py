@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from deqlab.models import EXPERIMENTS, MODEL_TYPES, build_model, count_parameters, paper_settings, TRAINING_KEYS
+from deqlab.models import EXPERIMENTS, MODEL_TYPES, TRAINING_KEYS, build_model, count_parameters, paper_settings
 from deqlab.nn import DeepEquilibriumNetwork, ImplicitBackward, MultiScaleNeuralODE, SkipDeepEquilibriumNetwork
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
 from deqlab.solvers.algorithms import LimitedMemoryBroyden

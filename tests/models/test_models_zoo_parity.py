@@ -4,12 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deqlab.spec import BackwardSpec, DEQTrainingConfig, SolverSpec
-from deqlab.models import TRAINING_KEYS, count_parameters, paper_settings
-from deqlab.models import _build
+from deqlab import zoo
+from deqlab.models import TRAINING_KEYS, _build, count_parameters, paper_settings
 from deqlab.models.mnist import mnist_dense
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
-from deqlab import zoo
+from deqlab.spec import BackwardSpec, DEQTrainingConfig, SolverSpec
 
 
 @pytest.mark.parametrize("model_type", ["vanilla", "skip", "skip_reg"])

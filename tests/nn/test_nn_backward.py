@@ -5,14 +5,22 @@ import warnings
 import pytest
 import torch
 
-from deqlab.nn import ZeroGuess
-
-from deqlab.nn import (DEQ, BackwardMode, BackwardResult, CallableSolver, EquilibriumProblem, ImplicitBackward,
-                       JacobianFreeBackward, MultiScaleNeuralODE, PhantomGradient)
-from deqlab.solvers import GMRES, ContinuousDEQSolver, DiscreteDEQSolver, FixedPointLinearSolver, LinearSolver
-
 from deqlab_nn_helpers import DenseMap, make_solver
 from test_nn_gradients import closed_form_grads
+
+from deqlab.nn import (
+    DEQ,
+    BackwardMode,
+    BackwardResult,
+    CallableSolver,
+    EquilibriumProblem,
+    ImplicitBackward,
+    JacobianFreeBackward,
+    MultiScaleNeuralODE,
+    PhantomGradient,
+    ZeroGuess,
+)
+from deqlab.solvers import GMRES, ContinuousDEQSolver, DiscreteDEQSolver, FixedPointLinearSolver, LinearSolver
 
 
 def _grads(backward, seed=0, tol=1e-13):
@@ -258,7 +266,7 @@ def test_user_written_linear_solver_matches_the_dense_oracle():
     gx_want = torch.zeros_like(xs)
     gp_want = [torch.zeros_like(p) for p in model.parameters()]
     for i in range(4):
-        J = torch.autograd.functional.jacobian(lambda zi: model(zi[None], xs[i:i + 1])[0], zs[i])
+        J = torch.autograd.functional.jacobian(lambda zi, i=i: model(zi[None], xs[i:i + 1])[0], zs[i])
         g = torch.linalg.solve((torch.eye(5, dtype=torch.float64) - J).T, c[i])
         zi, xi = zs[i:i + 1], xs[i:i + 1].clone().requires_grad_()
         out = model(zi, xi)

@@ -9,8 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import (DEQ, ImplicitBackward, JacobianFreeBackward, MultiScaleDeepEquilibriumNetwork,
-                       MultiScaleNeuralODE, PhantomGradient, SkipDEQ)
+from deqlab.nn import (
+    DEQ,
+    ImplicitBackward,
+    JacobianFreeBackward,
+    MultiScaleDeepEquilibriumNetwork,
+    MultiScaleNeuralODE,
+    PhantomGradient,
+    SkipDEQ,
+)
 from deqlab.nn.running_stats import frozen_running_stats, updating_batch_norms
 from deqlab.solvers import DiscreteDEQSolver, SolverError
 

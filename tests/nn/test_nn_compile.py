@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def _compile_available(backend: str) -> bool:
     try:
-        import torch._dynamo  # noqa: F401
+        import torch._dynamo
 
         fn = torch.compile(lambda a: torch.relu(a) + 1.0, backend=backend, fullgraph=True)
         fn(torch.randn(3))

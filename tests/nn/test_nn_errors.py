@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import DEQ, ImplicitBackward, MultiScaleDeepEquilibriumNetwork, SkipDEQ, ZeroGuess
-
 from deqlab_nn_helpers import DenseMap, make_solver
+
+from deqlab.nn import DEQ, ImplicitBackward, MultiScaleDeepEquilibriumNetwork, SkipDEQ, ZeroGuess
 
 
 def test_wrong_x_shape():

@@ -4,11 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import (DEQ, ImplicitBackward, JacobianFreeBackward, PhantomGradient,
-                       VariationalHiddenDropout, WeightNorm)
-from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
-
 from deqlab_nn_helpers import ALL_SOLVERS, DenseMap, make_solver
+
+from deqlab.nn import DEQ, ImplicitBackward, JacobianFreeBackward, PhantomGradient, VariationalHiddenDropout, WeightNorm
+from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -17,7 +16,7 @@ def closed_form_grads(model, z_star, x, dl_dz):
     """dL/dx and dL/dθ from the dense per-sample Jacobian: solve (I - J)^T λ = dL/dz*."""
     lams = []
     for b in range(z_star.shape[0]):
-        J = torch.autograd.functional.jacobian(lambda zz: model(zz[None], x[b:b + 1])[0], z_star[b])
+        J = torch.autograd.functional.jacobian(lambda zz, b=b: model(zz[None], x[b:b + 1])[0], z_star[b])
         n = J.shape[0]
         lams.append(torch.linalg.solve((torch.eye(n, dtype=J.dtype) - J).T, dl_dz[b]))
     lam = torch.stack(lams)

@@ -9,13 +9,24 @@ import pytest
 import torch
 from torch import nn
 
-import deqlab
-from deqlab.solvers import DiscreteDEQSolver
-from deqlab.nn import (DEQ, ImplicitBackward, DEQLayer, DeepEquilibriumNetwork, FunctionGuess, InitialGuess, MapGuess,
-                       MultiScaleDeepEquilibriumNetwork, MultiScaleSkipDeepEquilibriumNetwork, ShortcutGuess,
-                       SkipDEQ, ZeroGuess)
-
 from deqlab_nn_helpers import DenseMap, make_solver
+
+import deqlab
+from deqlab.nn import (
+    DEQ,
+    DeepEquilibriumNetwork,
+    DEQLayer,
+    FunctionGuess,
+    ImplicitBackward,
+    InitialGuess,
+    MapGuess,
+    MultiScaleDeepEquilibriumNetwork,
+    MultiScaleSkipDeepEquilibriumNetwork,
+    ShortcutGuess,
+    SkipDEQ,
+    ZeroGuess,
+)
+from deqlab.solvers import DiscreteDEQSolver
 
 
 def _pair(kind):

@@ -11,11 +11,11 @@ import threading
 import pytest
 import torch
 
+from deqlab_nn_helpers import DenseMap, make_solver
+
 import deqlab.instrument as instrument
 from deqlab.instrument import REGIONS
 from deqlab.nn import DEQ, ImplicitBackward, JacobianFreeBackward, SkipDEQ
-
-from deqlab_nn_helpers import DenseMap, make_solver
 
 FORWARD = {"deq.forward", "deq.init", "solver", "solver.setup", "f", "termination", "algorithm.init",
            "algorithm.step", "solver.result"}

@@ -2,10 +2,19 @@
 import torch
 from torch import nn
 
-from deqlab.nn import (DEQ, DenseDEQBlock, Downsample, MultiScaleDeepEquilibriumNetwork, PostFuse, ResidualBlock,
-                       Upsample, VariationalHiddenDropout, WeightNorm)
-
 from deqlab_nn_helpers import make_solver
+
+from deqlab.nn import (
+    DEQ,
+    DenseDEQBlock,
+    Downsample,
+    MultiScaleDeepEquilibriumNetwork,
+    PostFuse,
+    ResidualBlock,
+    Upsample,
+    VariationalHiddenDropout,
+    WeightNorm,
+)
 
 
 def test_weight_norm_computed_once_per_forward():

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from deqlab_nn_helpers import ALL_SOLVERS, ConvMap, DenseMap, make_solver
+
 from deqlab.nn import DEQ, ImplicitBackward, SkipDEQ
 from deqlab.solvers import SolverStatus
-
-from deqlab_nn_helpers import ALL_SOLVERS, ConvMap, DenseMap, make_solver
 
 TOL = 1e-5
 

@@ -7,10 +7,10 @@ more for 100 steps than for 10). On CUDA the peak allocated memory is compared a
 import pytest
 import torch
 
+from deqlab_nn_helpers import ConvMap
+
 from deqlab.nn import DEQ, ImplicitBackward, SkipDEQ
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
-
-from deqlab_nn_helpers import ConvMap
 
 
 def saved_bytes(layer, x):

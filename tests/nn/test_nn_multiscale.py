@@ -5,11 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import (ImplicitBackward, MultiScaleDeepEquilibriumNetwork, MultiScaleMap, MultiScaleNeuralODE,
-                       MultiScaleSkipDeepEquilibriumNetwork)
-from deqlab.solvers import SolverStatus
-
 from deqlab_nn_helpers import make_solver
+
+from deqlab.nn import (
+    ImplicitBackward,
+    MultiScaleDeepEquilibriumNetwork,
+    MultiScaleMap,
+    MultiScaleNeuralODE,
+    MultiScaleSkipDeepEquilibriumNetwork,
+)
+from deqlab.solvers import SolverStatus
 
 SCALES = [(2, 4, 4), (3, 2, 2)]
 
@@ -102,7 +107,7 @@ def test_mapping_matrix_semantics():
     del b
 
 
-class lambda_module(nn.Module):  # noqa: N801 - tiny test helper
+class lambda_module(nn.Module):  # tiny test helper
     def __init__(self, fn):
         super().__init__()
         self.fn = fn

@@ -7,8 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import (DeepEquilibriumNetwork, MultiScaleDeepEquilibriumNetwork, SkipDeepEquilibriumNetwork,
-                       VariationalHiddenDropout)
+from deqlab.nn import (
+    DeepEquilibriumNetwork,
+    MultiScaleDeepEquilibriumNetwork,
+    SkipDeepEquilibriumNetwork,
+    VariationalHiddenDropout,
+)
 from deqlab.solvers import DiscreteDEQSolver
 
 

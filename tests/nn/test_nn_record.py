@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from deqlab_nn_helpers import DenseMap
+
 from deqlab.nn import DEQ, MultiScaleNeuralODE, ZeroGuess
 from deqlab.solvers import DiscreteDEQSolver
-
-from deqlab_nn_helpers import DenseMap
 
 
 class _Block(nn.Module):

@@ -1,15 +1,15 @@
 """Hutchinson estimate of ||df/dz||_F^2."""
 import torch
 
-from deqlab.nn import DEQ, jacobian_frobenius_estimate, ZeroGuess
-
 from deqlab_nn_helpers import ConvMap, DenseMap, make_solver
+
+from deqlab.nn import DEQ, ZeroGuess, jacobian_frobenius_estimate
 
 
 def dense_frobenius(model, z, x):
     total = 0.0
     for b in range(z.shape[0]):
-        J = torch.autograd.functional.jacobian(lambda zz: model(zz[None], x[b:b + 1])[0], z[b])
+        J = torch.autograd.functional.jacobian(lambda zz, b=b: model(zz[None], x[b:b + 1])[0], z[b])
         total += float(J.pow(2).sum())
     return total
 

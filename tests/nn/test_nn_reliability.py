@@ -5,16 +5,22 @@ import warnings
 
 import pytest
 import torch
-
-from deqlab.nn import ZeroGuess
 from torch import nn
 
-import deqlab
-from deqlab.nn import (DEQ, ImplicitBackward, JacobianFreeBackward, MultiScaleNeuralODE, PhantomGradient,
-                       VariationalHiddenDropout, WeightNorm)
-from deqlab.solvers import ConvergenceWarning, DiscreteDEQSolver, GMRES, SolverError
-
 from deqlab_nn_helpers import DenseMap, make_solver
+
+import deqlab
+from deqlab.nn import (
+    DEQ,
+    ImplicitBackward,
+    JacobianFreeBackward,
+    MultiScaleNeuralODE,
+    PhantomGradient,
+    VariationalHiddenDropout,
+    WeightNorm,
+    ZeroGuess,
+)
+from deqlab.solvers import GMRES, ConvergenceWarning, DiscreteDEQSolver, SolverError
 
 
 class Affine(nn.Module):
@@ -354,7 +360,7 @@ def test_weight_norm_and_dropout_under_concurrent_forward_backward(kind):
                 _, g, sol = run(drop, xs[i], lambda z: z.sum())
                 if sol.status != "converged" or sol.backward_converged is not True or not torch.isfinite(g).all():
                     problems.append(f"dropout solve {sol.status.value}, backward {sol.backward_converged}")
-            except Exception as err:  # noqa: BLE001 - collected and reported below
+            except Exception as err:  # collected and reported below
                 problems.append(f"{type(err).__name__}: {err}")
 
     interval = sys.getswitchinterval()

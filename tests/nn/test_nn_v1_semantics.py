@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+from deqlab_nn_helpers import DenseMap
+
 from deqlab.nn import DEQ, MapGuess, ZeroGuess
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
-from deqlab_nn_helpers import DenseMap
 
 F64 = torch.float64
 

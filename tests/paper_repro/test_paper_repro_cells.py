@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from conftest import REPO, out_args
+
 from paper_repro import mnist, summarize
 from paper_repro.results import ResultFiles, load_results
 from paper_repro.run import main

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
+
 from paper_repro import cli, mnist, plan
 from paper_repro.results import RESULT_COLUMNS, latest_per_key, load_results, write_row
 from paper_repro.run import main

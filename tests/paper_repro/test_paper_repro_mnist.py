@@ -6,6 +6,7 @@ import csv
 import pytest
 
 from conftest import out_args
+
 from paper_repro import mnist
 from paper_repro.results import RESULT_COLUMNS, append_row
 from paper_repro.run import main

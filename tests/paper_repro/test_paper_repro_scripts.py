@@ -8,6 +8,7 @@ import importlib
 import pytest
 
 from conftest import out_args
+
 from paper_repro.run import main
 
 ARCHS = [("mnist", "dense"), ("mnist", "conv"), ("svhn", "v1"), ("cifar10", "v1"), ("cifar10", "small"),

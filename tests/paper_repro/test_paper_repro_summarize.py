@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from paper_repro import summarize
-from paper_repro.results import EPOCH_COLUMNS, RESULT_COLUMNS, append_row
 from paper_repro.paper_reference import reference
+from paper_repro.results import EPOCH_COLUMNS, RESULT_COLUMNS, append_row
 
 
 def write_runs(folder):
@@ -55,14 +55,14 @@ def test_tables_ratios_and_plots(tmp_path):
     paper_part, v1_part = md.split("## mnist dense: v1 protocol, 5 epochs")
     assert "| vanilla | continuous/tsit5 | 1 | 50.00 |" in v1_part
     lines = paper_part.splitlines()
-    [vanilla_c] = [l for l in lines if l.startswith("| vanilla | continuous/tsit5 |")]
+    [vanilla_c] = [row for row in lines if row.startswith("| vanilla | continuous/tsit5 |")]
     cells = [c.strip() for c in vanilla_c.strip("|").split("|")]
     assert cells[2] == "2"  # two seeds (the v1 row is not among them)
     assert cells[3] == "98.00 ± 1.41"  # accuracy % mean ± sample std
     assert cells[4] == "97.93"  # the paper's number beside ours
     assert cells[6] == "19.0 ± 1.4" and cells[7] == "22.0 ± 1.4" and cells[8] == "18.3"  # ours, in the paper's count, the paper's
     assert cells[12] == "0.5000 ± 0.1414"  # train s/step
-    [discrete] = [l for l in lines if l.startswith("| vanilla | discrete |")]
+    [discrete] = [row for row in lines if row.startswith("| vanilla | discrete |")]
     assert discrete.split("|")[9].strip() == "18.3"  # the paper's MNIST NFE came from L-Broyden runs
     # vanilla / skip continuous: step time 0.5 / 0.2 = 2.5, NFE 19 / 4 = 4.75 (paper 18.3 / 4.0 = 4.575)
     assert "| vanilla / skip (continuous/tsit5) | train_time_per_step_s | 2.50 | - |" in md

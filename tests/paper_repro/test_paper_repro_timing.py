@@ -21,6 +21,7 @@ def test_round_robin_timing_table(mnist_dir, tmp_path):
 
 def test_the_grids_trained_networks_are_timed_as_saved(mnist_dir, tmp_path):
     from conftest import out_args
+
     from paper_repro import mnist
     from paper_repro.run import main
 

@@ -21,8 +21,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deqlab.solvers import TERMINATION_MODES, ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
 from deqlab_solvers_helpers import DISCRETE, FIXED_DT
+
+from deqlab.solvers import TERMINATION_MODES, ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 DTYPES = [F64, F32, BF16]

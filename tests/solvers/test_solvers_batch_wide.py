@@ -9,9 +9,18 @@ import math
 import pytest
 import torch
 
-from deqlab.solvers import (TERMINATION_MODES, DiscreteDEQSolver, PerSampleMap, SolverError, SolverStatus,
-                            TerminationCondition, TerminationTracker, get_solver)
-from deqlab_solvers_helpers import AffineMap, CONTINUOUS, DISCRETE, FIXED_DT, ode_tol
+from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT, AffineMap, ode_tol
+
+from deqlab.solvers import (
+    TERMINATION_MODES,
+    DiscreteDEQSolver,
+    PerSampleMap,
+    SolverError,
+    SolverStatus,
+    TerminationCondition,
+    TerminationTracker,
+    get_solver,
+)
 
 F64 = torch.float64
 SOLVERS = [*DISCRETE, *(f"continuous_{m}" for m in CONTINUOUS)]

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
 from deqlab_solvers_helpers import DISCRETE
+
+from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
 
 F64 = torch.float64
 ONE_EVAL = {"fixed_point", "anderson", "broyden", "lbroyden"}

@@ -2,8 +2,14 @@
 import pytest
 import torch
 
-from deqlab.solvers import (ContinuousDEQSolver, DiscreteDEQSolver, Solver, TerminationCondition, available_solvers,
-                            get_solver)
+from deqlab.solvers import (
+    ContinuousDEQSolver,
+    DiscreteDEQSolver,
+    Solver,
+    TerminationCondition,
+    available_solvers,
+    get_solver,
+)
 
 F64 = torch.float64
 FLAT = {"mode": "abs_norm", "abstol_termination": 1e-7, "reltol_termination": 1e-6, "norm": "rms"}

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus, gmres
 from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT, AffineMap, TanhMap, flat, ode_tol, rel_err
+
+from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus, gmres
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")

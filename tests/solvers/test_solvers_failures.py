@@ -4,9 +4,16 @@ import math
 import pytest
 import torch
 
-from deqlab.solvers import (ContinuousDEQSolver, DiscreteDEQSolver, SolverError, SolverStatus, available_solvers,
-                            get_solver)
 from deqlab_solvers_helpers import ADAPTIVE, CONTINUOUS, DISCRETE, FIXED_DT, Counted
+
+from deqlab.solvers import (
+    ContinuousDEQSolver,
+    DiscreteDEQSolver,
+    SolverError,
+    SolverStatus,
+    available_solvers,
+    get_solver,
+)
 
 F64 = torch.float64
 

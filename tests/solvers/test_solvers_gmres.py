@@ -47,7 +47,7 @@ def test_each_sample_is_its_own_system():
     A, b, matvec, _ = _system(3, 6, seed=1)
     x, _ = gmres(matvec, b, tol=1e-12, restart=6, max_restarts=2)
     for i in range(3):
-        xi, _ = gmres(lambda v: v @ A[i].T, b[i:i + 1], tol=1e-12, restart=6, max_restarts=2)
+        xi, _ = gmres(lambda v, i=i: v @ A[i].T, b[i:i + 1], tol=1e-12, restart=6, max_restarts=2)
         torch.testing.assert_close(x[i:i + 1], xi, rtol=1e-9, atol=1e-11)
 
 
@@ -153,7 +153,7 @@ def test_per_sample_tolerances():
     true = _true_rel_residual(A, b, x)
     assert (true <= tol * 1.01).all() and float(true[0]) > 1e-6  # each sample stopped at its own tolerance
     for i in range(3):  # ... as it would alone
-        xi, _ = gmres(lambda v: v @ A[i].T, b[i:i + 1], tol=float(tol[i]), restart=10, max_restarts=1)
+        xi, _ = gmres(lambda v, i=i: v @ A[i].T, b[i:i + 1], tol=float(tol[i]), restart=10, max_restarts=1)
         torch.testing.assert_close(x[i:i + 1], xi, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="one entry per sample"):
         gmres(matvec, b, tol=torch.ones(2, dtype=F64))

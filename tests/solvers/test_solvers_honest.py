@@ -7,10 +7,21 @@ import math
 import pytest
 import torch
 
-from deqlab.solvers import (GMRES, TERMINATION_MODES, Anderson, ContinuousDEQSolver, DiscreteDEQSolver, SolverError,
-                            SolverStatus, available_solvers, get_solver, gmres)
-from deqlab.solvers.algorithms import Broyden, FixedPointIteration, LimitedMemoryBroyden, NewtonKrylov
 from deqlab_solvers_helpers import ADAPTIVE, CONTINUOUS, DISCRETE, FIXED_DT
+
+from deqlab.solvers import (
+    GMRES,
+    TERMINATION_MODES,
+    Anderson,
+    ContinuousDEQSolver,
+    DiscreteDEQSolver,
+    SolverError,
+    SolverStatus,
+    available_solvers,
+    get_solver,
+    gmres,
+)
+from deqlab.solvers.algorithms import Broyden, FixedPointIteration, LimitedMemoryBroyden, NewtonKrylov
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 HALF = [BF16, F16]
@@ -122,7 +133,7 @@ def test_continuous_stable_flows_in_low_precision_are_not_called_diverged(method
         W = torch.randn(8, 8, generator=g, dtype=F64)
         W = (0.9 * W / torch.linalg.matrix_norm(W, ord=2)).to(dtype)
         b = (3 * torch.randn(4, 8, generator=g, dtype=F64)).to(dtype)
-        for f in (lambda z: torch.tanh(z @ W.T + b), lambda z: -1.5 * z + b):
+        for f in (lambda z, W=W, b=b: torch.tanh(z @ W.T + b), lambda z, b=b: -1.5 * z + b):
             for mode in ("abs_norm", "rel_deq_default"):
                 res = ContinuousDEQSolver(method, mode=mode, abstol_termination=tol, reltol_termination=tol,
                                           ode_abstol=tol / 10, ode_reltol=tol / 10, max_steps=300)(

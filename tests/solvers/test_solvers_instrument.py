@@ -11,11 +11,11 @@ import threading
 import pytest
 import torch
 
+from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT
+
 import deqlab.instrument as instrument
 from deqlab.instrument import REGIONS, Recording
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, PerSampleMap
-
-from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT
 
 DISCRETE_REGIONS = {"solver", "solver.setup", "f", "termination", "algorithm.init", "algorithm.step",
                     "solver.result"}
@@ -144,7 +144,10 @@ def test_an_unrecorded_solve_never_reads_the_clock_or_wraps_anything(monkeypatch
     f, z0 = _map()
     solver = DiscreteDEQSolver(kind) if kind in DISCRETE else _continuous(kind)
     assert solver(f, z0).nfe > 1
-    step = (lambda s, z, fz, g, F: None)
+
+    def step(s, z, fz, g, F):
+        return None
+
     assert instrument.wrap("algorithm.step", step) is step  # what the loops call: the function itself
 
 

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
 from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT, ode_tol
+
+from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
 
 # f(z) = (z + c) / 2 per sample: fixed point c, and from z0 the residual of fixed-point iteration is
 # ||du_k|| = ||z0 - c|| / 2^(k+1) exactly (powers of two: no rounding).

@@ -3,8 +3,9 @@ ODE steps."""
 import pytest
 import torch
 
-from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus, get_solver
 from deqlab_solvers_helpers import ADAPTIVE, CONTINUOUS, FIXED_DT, RK_ADAPTIVE, Counted, TanhMap
+
+from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus, get_solver
 
 F64 = torch.float64
 

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from deqlab.solvers import DiscreteDEQSolver, SolverStatus
 from deqlab_solvers_helpers import ADAPTIVE, CONTINUOUS, DISCRETE, TanhMap, continuous, discrete, flat, ode_tol, rel_err
+
+from deqlab.solvers import DiscreteDEQSolver, SolverStatus
 
 B = 3
 STRUCTURES = {

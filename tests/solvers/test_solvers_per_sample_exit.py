@@ -9,8 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deqlab.solvers import (DiscreteDEQSolver, FixedPointAlgorithm, FixedPointIteration, PerSampleMap, SolverStatus,
-                            SubBatchMap)
+from deqlab.solvers import (
+    DiscreteDEQSolver,
+    FixedPointAlgorithm,
+    FixedPointIteration,
+    PerSampleMap,
+    SolverStatus,
+    SubBatchMap,
+)
 
 ALGORITHMS = ["fixed_point", "anderson", "broyden", "lbroyden", "newton_krylov"]
 B, N = 24, 8

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deqlab.solvers import (TERMINATION_MODES, DiscreteDEQSolver, SolverStatus, TerminationCondition,
-                            TerminationTracker)
 from deqlab_solvers_helpers import DISCRETE, TanhMap, continuous, discrete, flat
+
+from deqlab.solvers import TERMINATION_MODES, DiscreteDEQSolver, SolverStatus, TerminationCondition, TerminationTracker
 
 F64, F32 = torch.float64, torch.float32
 TOLS = {F64: [1e-3, 1e-6, 1e-9], F32: [1e-2, 1e-3, 1e-4]}

@@ -8,9 +8,10 @@ residual + the final ``z*`` (``k + 3``; Tsit5 ``6a + 5``), and neither ever stop
 import pytest
 import torch
 
+from deqlab_solvers_helpers import Counted
+
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
 from deqlab.solvers.counting import reference_nfe
-from deqlab_solvers_helpers import Counted
 
 F64 = torch.float64
 

@@ -6,8 +6,17 @@ import pytest
 import torch
 
 import deqlab.solvers as solvers
-from deqlab.solvers import (Anderson, ContinuousDEQSolver, DiscreteDEQSolver, FixedPointAlgorithm, SolverResult,
-                            SolverStatus, available_solvers, get_solver, register_solver)
+from deqlab.solvers import (
+    Anderson,
+    ContinuousDEQSolver,
+    DiscreteDEQSolver,
+    FixedPointAlgorithm,
+    SolverResult,
+    SolverStatus,
+    available_solvers,
+    get_solver,
+    register_solver,
+)
 from deqlab.solvers import registry as registry_module
 
 F64 = torch.float64

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from deqlab.solvers import (TERMINATION_MODES, DiscreteDEQSolver, SolverStatus, TerminationCondition,
-                            TerminationTracker)
+from deqlab.solvers import TERMINATION_MODES, DiscreteDEQSolver, SolverStatus, TerminationCondition, TerminationTracker
 
 F64 = torch.float64
 

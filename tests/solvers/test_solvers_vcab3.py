@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from deqlab_solvers_helpers import ADAPTIVE, Counted, spectral_scale
+
 from deqlab.nn import DeepEquilibriumNetwork, ImplicitBackward
 from deqlab.solvers import ContinuousDEQSolver, SolverError, SolverStatus, get_solver
 from deqlab.solvers.adams import fixed_step_solve
-from deqlab_solvers_helpers import ADAPTIVE, Counted, spectral_scale
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 
@@ -379,7 +380,7 @@ def test_deq_layer_gradient_matches_the_dense_oracle():
     dl = 2 * (z.detach() - target)
     lams = []
     for i in range(3):
-        J = torch.autograd.functional.jacobian(lambda zz: model(zz[None], x[i:i + 1].detach())[0], z.detach()[i])
+        J = torch.autograd.functional.jacobian(lambda zz, i=i: model(zz[None], x[i:i + 1].detach())[0], z.detach()[i])
         lams.append(torch.linalg.solve((torch.eye(5, dtype=F64) - J).T, dl[i]))
     xx = x.detach().requires_grad_()
     params = list(model.parameters())
