@@ -3,6 +3,7 @@
 ``import deqlab`` never imports Lightning: the Lightning integration (``DEQLightningModule`` and the data
 modules) is loaded on first attribute access, so solver and layer users do not pay its ~5 s import.
 """
+
 from importlib import import_module
 from typing import Any
 

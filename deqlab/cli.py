@@ -5,6 +5,7 @@ the options (see `deqlab.lightning.cli.DEQLightningCLI`). This entry point sits 
 and the data modules: it imports them so that configs may name their classes by short name
 (``class_path: DigitsDEQ``); ``deqlab.lightning`` itself never imports them.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional

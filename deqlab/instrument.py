@@ -36,6 +36,7 @@ Design:
   boundary so a region's time is its kernels' time; without it (the default) regions measure host time
   and the device runs asynchronously, as it does unrecorded. Off, nothing ever synchronises.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,16 +56,15 @@ REGIONS: Dict[str, str] = {
     "solver.setup": "checking and flattening z0, building the counted map and the termination tracker",
     "solver.result": "building the SolverResult (returned iterate, residuals, status)",
     "f": "one evaluation of the map inside a solver (Newton-Krylov's JVPs included; in a fixed-point "
-         "adjoint solve, one step of the adjoint map)",
+    "adjoint solve, one step of the adjoint map)",
     "termination": "TerminationTracker.update: the per-sample stop test and best-iterate bookkeeping",
     "algorithm.init": "a discrete algorithm's init (its memory buffers)",
     "algorithm.step": "a discrete algorithm's step (Anderson's least squares, Broyden's update, ...)",
     "stepper.init": "a continuous solver's initial step size (the Hairer-Wanner estimate)",
     "stepper.step": "one call of a continuous solver's stepper (Tsit5, Dopri5, VCAB3, Euler, RK4) with its "
-                    "error control and guards",
+    "error control and guards",
     "adjoint.linearize": "the implicit backward's graph of f at z* (one evaluation of f with grad)",
-    "adjoint.solve": "the implicit backward's linear solve of (I - J^T) g = dL/dz* (GMRES or a fixed-point "
-                     "solver)",
+    "adjoint.solve": "the implicit backward's linear solve of (I - J^T) g = dL/dz* (GMRES or a fixed-point solver)",
     "adjoint.vjp": "one VJP v^T df/dz through that graph (the adjoint solve's matrix-vector product)",
     "adjoint.vjp_inputs": "the final VJP g^T df/d(x, parameters)",
 }
@@ -85,9 +85,11 @@ def _sync_function(sync: _Sync) -> Optional[Callable[[], None]]:
     if sync is False or sync is None:
         return None
     if sync is True:
+
         def sync_all() -> None:
             if torch.cuda.is_initialized():  # never initialise CUDA for a CPU run
                 torch.cuda.synchronize()
+
         return sync_all
     if isinstance(sync, (str, torch.device)):
         device = torch.device(sync)
@@ -97,8 +99,10 @@ def _sync_function(sync: _Sync) -> Optional[Callable[[], None]]:
             return torch.mps.synchronize
         if device.type == "cpu":
             return None
-        raise ValueError(f"record(sync={sync!r}): cannot synchronise a {device.type!r} device; pass sync=False "
-                         f"(host time) or a CUDA/MPS device")
+        raise ValueError(
+            f"record(sync={sync!r}): cannot synchronise a {device.type!r} device; pass sync=False "
+            f"(host time) or a CUDA/MPS device"
+        )
     raise TypeError(f"record(sync=...) takes True, False or a device (e.g. 'cuda:0'), got {sync!r}")
 
 
@@ -361,7 +365,7 @@ class Recording:
             i = path.index(name)
             if within is not None and within not in path[:i]:
                 continue
-            if skip and any(e in path[i + 1:] for e in skip):
+            if skip and any(e in path[i + 1 :] for e in skip):
                 continue
             total += secs
         return total

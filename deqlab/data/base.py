@@ -5,6 +5,7 @@ they use. Splitting, loader construction (pinning, persistent workers), the miss
 and the guarded download are written once here so they behave identically everywhere, including
 under DDP, where every rank must draw the *same* train/val split without talking to the others.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -162,15 +163,21 @@ class EpochSeededSampler(StatefulDistributedSampler):
         [[2, 3, 1], [5, 0, 4]]
     """
 
-    def __init__(self, data_source: Dataset, seed: int = 0, *, num_replicas: Optional[int] = None,
-                 rank: Optional[int] = None) -> None:
+    def __init__(
+        self, data_source: Dataset, seed: int = 0, *, num_replicas: Optional[int] = None, rank: Optional[int] = None
+    ) -> None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if num_replicas is None:
             num_replicas = torch.distributed.get_world_size() if distributed else 1
         if rank is None:
             rank = torch.distributed.get_rank() if distributed else 0
-        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True,  # type: ignore[arg-type]
-                         seed=int(seed) * 100_003)
+        super().__init__(
+            data_source,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=True,  # type: ignore[arg-type]
+            seed=int(seed) * 100_003,
+        )
         self.data_source = data_source
         self._position_epoch: Optional[int] = None  # epoch of a loaded position (None: any)
 
@@ -259,8 +266,12 @@ class ResumableDataLoader(StatefulDataLoader):
         # a generator: the iterator (and the workers' first indices) is made at the first batch, after set_epoch
         earlier, self._earlier_position = self._earlier_position, None
         sampler = self.sampler
-        if earlier is not None and isinstance(sampler, EpochSeededSampler) and self.batch_size \
-                and earlier.get("epoch") == sampler.epoch:
+        if (
+            earlier is not None
+            and isinstance(sampler, EpochSeededSampler)
+            and self.batch_size
+            and earlier.get("epoch") == sampler.epoch
+        ):
             sampler.skip_next(int(earlier.get("batches") or 0) * self.batch_size)
         yield from super().__iter__()
 
@@ -457,8 +468,12 @@ class BaseDataModule(pl.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: no {what} set; call setup() first (the Trainer does this)")
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-        options = dict(batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=pin,
-                       persistent_workers=self.num_workers > 0)
+        options = dict(
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.num_workers > 0,
+        )
         if shuffle:  # the training loader: shuffled by (seed, epoch), resumable mid-epoch (see the class docstring)
             replicas, rank = self._replicas()
             sampler = EpochSeededSampler(dataset, self.seed, num_replicas=replicas, rank=rank)
@@ -594,11 +609,13 @@ class TorchvisionDataModule(BaseDataModule):
         return list(seen)
 
     def _missing_message(self, missing: list[Path]) -> str:
-        listed = ", ".join(str(p.relative_to(self.data_dir)) if p.is_relative_to(self.data_dir) else str(p) for p in missing)
-        return (
-            f"{self.name} data not found: missing under {self.data_dir}: {listed}. {self.layout_hint()} "
-            + ("Pass download=True to fetch it (needs network access), or place the files there."
-               if self.downloadable else "It cannot be downloaded automatically: place the files there.")
+        listed = ", ".join(
+            str(p.relative_to(self.data_dir)) if p.is_relative_to(self.data_dir) else str(p) for p in missing
+        )
+        return f"{self.name} data not found: missing under {self.data_dir}: {listed}. {self.layout_hint()} " + (
+            "Pass download=True to fetch it (needs network access), or place the files there."
+            if self.downloadable
+            else "It cannot be downloaded automatically: place the files there."
         )
 
     def prepare_data(self) -> None:

@@ -3,6 +3,7 @@
 Why here and not in ``configure_optimizers``: keeping the mapping from names (``"adamw"``,
 ``"cosine"``) to torch objects in one small function makes it testable without a Trainer.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,6 +99,8 @@ def build_scheduler(
         return CosineAnnealingLR(optimizer, T_max=_cosine_period(total_steps), eta_min=eta_min)
     if name == "step":
         if not milestones:
-            raise ValueError("scheduler='step' needs step_milestones (optimizer steps at which lr is multiplied by step_gamma)")
+            raise ValueError(
+                "scheduler='step' needs step_milestones (optimizer steps at which lr is multiplied by step_gamma)"
+            )
         return MultiStepLR(optimizer, milestones=sorted(int(m) for m in milestones), gamma=gamma)
     raise ValueError(f"unknown scheduler {name!r}; choose one of 'cosine', 'step', 'none'")

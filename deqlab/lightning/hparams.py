@@ -13,6 +13,7 @@ public ``save_hyperparameters``. No frame is read here, nothing of Lightning's i
 The tab: `HParamsTab` writes the hyperparameters with placeholder ``hp/`` metrics to every TensorBoard
 logger when fitting starts, and the validation accuracy as ``hp/val_accuracy`` after each validation.
 """
+
 from __future__ import annotations
 
 import functools

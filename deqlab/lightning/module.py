@@ -15,6 +15,7 @@ tab, checkpoint integrity, exact resume and the figures. The step talks to them 
 Scalar names are grouped for TensorBoard: ``train/``, ``val/``, ``test/`` (loss, accuracy),
 ``solver/`` (NFE, residuals, convergence), ``time/`` (wall time), ``hp/`` (HParams-tab metrics).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -230,25 +231,34 @@ class DEQLightningModule(pl.LightningModule):
         summary = summarize(solutions, output)
 
         task = self.task_loss(output, y)
-        loss = (task + cfg.weight("skip_loss_weight") * summary.skip_loss
-                + cfg.weight("jacobian_loss_weight") * summary.jacobian_loss)
-        extras = checked_extra_terms(type(self).__name__, self.extra_losses(batch, output, solutions, stage),
-                                     cfg.extra_loss_weights, stage)
+        loss = (
+            task
+            + cfg.weight("skip_loss_weight") * summary.skip_loss
+            + cfg.weight("jacobian_loss_weight") * summary.jacobian_loss
+        )
+        extras = checked_extra_terms(
+            type(self).__name__, self.extra_losses(batch, output, solutions, stage), cfg.extra_loss_weights, stage
+        )
         for value, weight in extras.values():
             loss = loss + weight * value
         unconverged = summary.unconverged_fraction
-        record = StepRecord(stage, batch_idx, nfe=summary.nfe, forward_time=forward_time,
-                            abs_residual_mean=None if summary.abs_residual_mean is None
-                            else float(summary.abs_residual_mean),
-                            status_counts=summary.status_counts,
-                            unconverged_fraction=None if unconverged is None else float(unconverged))
+        record = StepRecord(
+            stage,
+            batch_idx,
+            nfe=summary.nfe,
+            forward_time=forward_time,
+            abs_residual_mean=None if summary.abs_residual_mean is None else float(summary.abs_residual_mean),
+            status_counts=summary.status_counts,
+            unconverged_fraction=None if unconverged is None else float(unconverged),
+        )
 
         log: Callable[..., None] = self.log
         step: Optional[PendingStep] = None
         if stage == "train":
             # training losses and accuracy wait until the guard judged the batch (a skipped one logs none of them)
-            step = self.pending_step = PendingStep(record, solutions, stand_in=x_used is not x,
-                                                   awaits_verdict=guard is not None)
+            step = self.pending_step = PendingStep(
+                record, solutions, stand_in=x_used is not x, awaits_verdict=guard is not None
+            )
             log = partial(_log_when_trained, step, self.log)
         kw = self._log_kwargs(stage, batch_size)
         log(f"{stage}/loss", loss.detach(), prog_bar=True, **kw)
@@ -292,9 +302,13 @@ class DEQLightningModule(pl.LightningModule):
         preds = output.detach()
         acc = self.metrics[f"{stage}_accuracy"]
         batch_acc = acc(preds, y)
-        self.log(f"{stage}/accuracy", acc, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size)
+        self.log(
+            f"{stage}/accuracy", acc, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size
+        )
         if stage == "train":
-            self.log("train/batch_accuracy", batch_acc, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+            self.log(
+                "train/batch_accuracy", batch_acc, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size
+            )
         if f"{stage}_top5_accuracy" in self.metrics:
             top5 = self.metrics[f"{stage}_top5_accuracy"]
             top5(preds, y)
@@ -312,7 +326,9 @@ class DEQLightningModule(pl.LightningModule):
             metric(out.detach(), y)
             self.log(f"{stage}/explicit_accuracy", metric, on_step=False, on_epoch=True, batch_size=batch_size)
         if self.deq_config.log_timing and elapsed is not None:
-            self.log(f"{stage}/explicit_time", elapsed, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+            self.log(
+                f"{stage}/explicit_time", elapsed, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
+            )
 
     def training_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
         """``{"loss": loss, "deq": StepRecord}``; callbacks read ``outputs["deq"]``."""
@@ -379,16 +395,29 @@ class DEQLightningModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.deq_config
-        optimizer = build_optimizer(self.parameters(), cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, nesterov=cfg.nesterov, betas=cfg.betas)
+        optimizer = build_optimizer(
+            self.parameters(),
+            cfg.optimizer,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            betas=cfg.betas,
+        )
         total: Any = cfg.scheduler_steps
         trainer = self._attached_trainer()
         if cfg.scheduler == "cosine" and total is None and trainer is not None:
             # asked at the first step, not now: asking now sets the data up before a checkpoint's loader
             # positions are restored, and Lightning then drops them (see CosineToTrainingEnd)
             total = lambda: trainer.estimated_stepping_batches  # noqa: E731
-        scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps=total, eta_min=cfg.eta_min,
-                                    milestones=cfg.step_milestones, gamma=cfg.step_gamma)
+        scheduler = build_scheduler(
+            optimizer,
+            cfg.scheduler,
+            total_steps=total,
+            eta_min=cfg.eta_min,
+            milestones=cfg.step_milestones,
+            gamma=cfg.step_gamma,
+        )
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -6,6 +6,7 @@ Why a callback and not hooks of `DEQLightningModule`: a subclass that overrode `
 depth, or validating with the unrolled layers). Callback hooks run whatever the module overrides, and the
 schedule works for any ``LightningModule`` whose network has DEQ layers (`find_deq_layers`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,7 +81,8 @@ class PretrainingSchedule(pl.Callback):
                 raise RuntimeError(
                     f"pretrain_steps={self.steps} but {type(pl_module).__name__} has no DEQ layer (no submodule "
                     "implementing deqlab.nn.DEQLayer: fixed_depth, fixed_depth_mode and jacobian_regularization); "
-                    "set pretrain_steps=0")
+                    "set pretrain_steps=0"
+                )
             for layer in layers:
                 layer.fixed_depth = depth
             if depth:

@@ -5,6 +5,7 @@ Why a callback for the backward: its numbers exist only once the backward ran, a
 (``on_after_backward``) that a subclass overrides without ``super()`` would lose them and leave the step
 record's backward part empty for every callback that reads it.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -51,9 +52,13 @@ def log_solver_summary(pl_module: pl.LightningModule, s: SolutionSummary, stage:
     if s.reference_nfe is not None:  # the paper's count, beside ours (deqlab.solvers.counting)
         pl_module.log(f"solver/{stage}_reference_nfe", s.reference_nfe, **kw)
     as_max = {**kw, "reduce_fx": "max"}
-    for name, value, kwargs in (("abs_residual_mean", s.abs_residual_mean, kw), ("abs_residual_max", s.abs_residual_max, as_max),
-                                ("rel_residual_mean", s.rel_residual_mean, kw), ("rel_residual_max", s.rel_residual_max, as_max),
-                                ("objective_max", s.objective_max, as_max)):
+    for name, value, kwargs in (
+        ("abs_residual_mean", s.abs_residual_mean, kw),
+        ("abs_residual_max", s.abs_residual_max, as_max),
+        ("rel_residual_mean", s.rel_residual_mean, kw),
+        ("rel_residual_max", s.rel_residual_max, as_max),
+        ("objective_max", s.objective_max, as_max),
+    ):
         if value is not None:
             pl_module.log(f"solver/{stage}_{name}", value, **kwargs)
     if s.tolerance is not None:  # beside the objective it bounds
@@ -82,8 +87,9 @@ def backward_unconverged_fraction(solutions: List[DeepEquilibriumSolution]) -> O
         if conv is None:
             continue
         n = int(s.abs_residual.numel()) if s.abs_residual is not None else 1
-        flags.append(conv.detach().reshape(-1).float() if torch.is_tensor(conv)
-                     else torch.full((n,), float(bool(conv))))
+        flags.append(
+            conv.detach().reshape(-1).float() if torch.is_tensor(conv) else torch.full((n,), float(bool(conv)))
+        )
     if not flags:
         return None
     return float(1.0 - torch.cat(flags).mean())

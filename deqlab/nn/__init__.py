@@ -2,6 +2,7 @@
 
 torchdyn is imported lazily by [`MultiScaleNeuralODE`][deqlab.nn.MultiScaleNeuralODE] only when it runs.
 """
+
 from deqlab.nn.adapters import CallableSolver
 from deqlab.nn.deq import (
     DEQ,

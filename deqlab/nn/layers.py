@@ -17,6 +17,7 @@ re-installs the exact state (same mask, same normalised weight) when it re-evalu
 The per-solve state is kept per *thread* (not on the module), so two threads calling the same DEQ layer
 each solve with their own normalised weight and dropout mask and never see the other's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -271,8 +272,12 @@ _ATTRIBUTE_LOCK = threading.RLock()
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run forward hooks that a functional evaluation would skip."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_mod._global_forward_hooks
+        or module_mod._global_forward_pre_hooks
+    )
 
 
 class VariationalHiddenDropout(EquilibriumStateful):
@@ -361,8 +366,9 @@ class VariationalHiddenDropout(EquilibriumStateful):
         rows = state.get("rows")
         if rows is not None:  # a sub-batch of the solve (per-sample early exit): the same samples' masks
             if mask is None:
-                raise RuntimeError("VariationalHiddenDropout: evaluated on a sub-batch before its mask was drawn "
-                                   "on the full batch")
+                raise RuntimeError(
+                    "VariationalHiddenDropout: evaluated on a sub-batch before its mask was drawn on the full batch"
+                )
             return x * mask.index_select(0, rows)
         if mask is None or mask.shape[0] != x.shape[0]:
             mask = state["mask"] = self._draw(x)
@@ -437,8 +443,15 @@ class ResidualBlock(nn.Module):
         (torch.Size([2, 4, 5, 5]), torch.Size([2, 4, 5, 5]))
     """
 
-    def __init__(self, channels: int, expansion: int = 5, num_groups: int = 8, dropout: float = 0.0,
-                 weight_norm: bool = True, init_std: Optional[float] = 0.01):
+    def __init__(
+        self,
+        channels: int,
+        expansion: int = 5,
+        num_groups: int = 8,
+        dropout: float = 0.0,
+        weight_norm: bool = True,
+        init_std: Optional[float] = 0.01,
+    ):
         super().__init__()
         hidden = channels * expansion
         self.conv1 = _conv3x3(channels, hidden, weight_norm, init_std)
@@ -481,15 +494,17 @@ class Downsample(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, factor: int = 2, num_groups: int = 4):
         super().__init__()
         stages = int(round(math.log2(factor)))
-        if 2 ** stages != factor or stages < 1:
+        if 2**stages != factor or stages < 1:
             raise ValueError(f"Downsample: factor must be a power of 2 >= 2, got {factor}")
         layers = []
         c = in_channels
         for k in range(stages):
             last = k == stages - 1
             cout = out_channels if last else in_channels
-            layers += [nn.Conv2d(c, cout, 3, stride=2, padding=1, bias=False),
-                       nn.GroupNorm(min(num_groups, cout), cout)]
+            layers += [
+                nn.Conv2d(c, cout, 3, stride=2, padding=1, bias=False),
+                nn.GroupNorm(min(num_groups, cout), cout),
+            ]
             if not last:
                 layers.append(nn.GELU())
             c = cout

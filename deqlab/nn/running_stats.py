@@ -15,6 +15,7 @@ BatchNorm reads to decide whether to update them). The switch is per module, not
 thread's solve holds it, another thread's evaluations of the same module do not update the statistics
 either (concurrent training of one BatchNorm has no well-defined running statistics anyway).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -3,6 +3,7 @@
 Every solver is called as ``solver(f, z0) -> SolverResult``; ``f`` maps a batch-first state (a tensor of
 any trailing shape, or a list of tensors for multiscale models) to a state of the same structure.
 """
+
 from deqlab.solvers.algorithms import (
     Anderson,
     Broyden,

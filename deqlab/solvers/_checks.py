@@ -1,11 +1,20 @@
 """Option checks shared by every solver: a bad option is a ``ValueError`` that names it and its range."""
+
 from __future__ import annotations
 
 import math
 
 
-def check_number(owner: str, name: str, value: object, *, low: float, high: float = math.inf,
-                 low_open: bool = False, high_open: bool = False) -> float:
+def check_number(
+    owner: str,
+    name: str,
+    value: object,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """A finite real option in a range, else ``ValueError`` naming the option and the range."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
@@ -30,8 +39,7 @@ def unknown_keyword(owner: str, name: str, valid: "list[str]", *, hint: str = ""
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     mean = f" (did you mean {close[0]!r}?)" if close else ""
     extra = f" {hint}" if hint else ""
-    return TypeError(f"{owner} got an unexpected keyword argument {name!r}{mean}.{extra} "
-                     f"Valid: {', '.join(valid)}")
+    return TypeError(f"{owner} got an unexpected keyword argument {name!r}{mean}.{extra} Valid: {', '.join(valid)}")
 
 
 def checked_keywords(init):  # type: ignore[no-untyped-def]
@@ -49,10 +57,17 @@ def checked_keywords(init):  # type: ignore[no-untyped-def]
     def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         for name in kwargs:
             if name not in params:
-                raise unknown_keyword(owner, name, valid, hint=(
-                    "A solver has two tolerances: abstol_termination and reltol_termination (or "
-                    "termination=TerminationCondition(...)); the continuous solver also ode_abstol / ode_reltol."
-                    if "tol" in name else ""))
+                raise unknown_keyword(
+                    owner,
+                    name,
+                    valid,
+                    hint=(
+                        "A solver has two tolerances: abstol_termination and reltol_termination (or "
+                        "termination=TerminationCondition(...)); the continuous solver also ode_abstol / ode_reltol."
+                        if "tol" in name
+                        else ""
+                    ),
+                )
         return init(self, *args, **kwargs)
 
     return wrapper

@@ -31,6 +31,7 @@ Example:
     >>> reference_nfe("deqjl", calls=2)       # nf = k + 1 = 2, plus the final z* = f(u*)
     3
 """
+
 from __future__ import annotations
 
 from typing import Literal, Tuple, get_args
@@ -45,8 +46,10 @@ REFERENCE_COUNTINGS: Tuple[str, ...] = get_args(ReferenceCounting)
 def check_reference_counting(owner: str, value: object) -> str:
     """``value`` if it names a convention, else a ``ValueError`` that lists them."""
     if value not in REFERENCE_COUNTINGS:
-        raise ValueError(f"{owner}: reference_counting must be one of {', '.join(map(repr, REFERENCE_COUNTINGS))} "
-                         f"(see deqlab.solvers.counting), got {value!r}")
+        raise ValueError(
+            f"{owner}: reference_counting must be one of {', '.join(map(repr, REFERENCE_COUNTINGS))} "
+            f"(see deqlab.solvers.counting), got {value!r}"
+        )
     return str(value)
 
 

@@ -3,6 +3,7 @@
 Why a registry: configs (YAML, LightningCLI) name solvers by string; researchers add their own without
 editing deqlab. Unknown names and unknown keywords raise with the valid choices listed.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -120,7 +121,9 @@ def _discrete_factory(algorithm: str) -> Callable[..., DiscreteDEQSolver]:
     def factory(**options: Any) -> DiscreteDEQSolver:
         return DiscreteDEQSolver(algorithm, **options)
 
-    solver_params = [p for p in inspect.signature(DiscreteDEQSolver).parameters if p not in ("algorithm", "algorithm_options")]
+    solver_params = [
+        p for p in inspect.signature(DiscreteDEQSolver).parameters if p not in ("algorithm", "algorithm_options")
+    ]
     algo_params = list(inspect.signature(ALGORITHMS[algorithm]).parameters)
     factory.valid_options = solver_params + algo_params
     return factory

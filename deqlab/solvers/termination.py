@@ -23,6 +23,7 @@ of 4 and of 100 000 numbers.
 ``batch_wide=True`` evaluates all of this once for the whole batch instead of per sample (one norm over
 the ``(B, N)`` tensor, as the reference package did): every sample then stops together, with one verdict.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,15 @@ from torch import Tensor
 from deqlab.state import batch_norm
 
 TerminationMode = Literal[
-    "abs", "abs_norm", "rel", "rel_norm", "norm",
-    "abs_deq_default", "rel_deq_default", "abs_deq_best", "rel_deq_best",
+    "abs",
+    "abs_norm",
+    "rel",
+    "rel_norm",
+    "norm",
+    "abs_deq_default",
+    "rel_deq_default",
+    "abs_deq_best",
+    "rel_deq_best",
 ]
 NormKind = Literal["l2", "rms"]
 TERMINATION_MODES: Tuple[str, ...] = get_args(TerminationMode)
@@ -158,8 +166,9 @@ class TerminationCondition:
         """
         return self._evaluate(z, du, fz)[:4]
 
-    def _evaluate(self, z: Tensor, du: Tensor, fz: Optional[Tensor] = None
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _evaluate(
+        self, z: Tensor, du: Tensor, fz: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """`evaluate` plus the per-sample ``||f(z)||`` (the tracker's runaway guard needs it)."""
         mode = self.mode
         res = batch_norm(du, self.norm)
@@ -194,6 +203,7 @@ class TerminationCondition:
         The L2 norm of the ``(B, N)`` tensor is the L2 norm of the per-sample L2 norms; its RMS norm (over
         ``B × N`` entries) is the root mean square of the per-sample RMS norms.
         """
+
         def agg(v: Tensor) -> Tensor:
             total = torch.linalg.vector_norm(v) if self.norm == "l2" else v.square().mean().sqrt()
             return total.expand_as(v)
@@ -241,16 +251,27 @@ class TerminationCondition:
             >>> TerminationCondition("abs_norm", batch_wide=True).objective_name
             'absolute residual ||f(z) - z|| (over the batch)'
         """
-        names = {"abs": "max |f(z) - z|", "rel": "max |f(z) - z| / |z|",
-                 "norm": "absolute residual ||f(z) - z|| (and the relative one)"}
-        name = names.get(self.mode) or ("absolute residual ||f(z) - z||" if self.mode.startswith("abs")
-                                        else "relative residual ||f(z) - z|| / ||f(z)||")
+        names = {
+            "abs": "max |f(z) - z|",
+            "rel": "max |f(z) - z| / |z|",
+            "norm": "absolute residual ||f(z) - z|| (and the relative one)",
+        }
+        name = names.get(self.mode) or (
+            "absolute residual ||f(z) - z||"
+            if self.mode.startswith("abs")
+            else "relative residual ||f(z) - z|| / ||f(z)||"
+        )
         return name + (" (over the batch)" if getattr(self, "batch_wide", False) else "")
 
 
-def resolve_termination(termination: Optional[TerminationCondition], *, owner: str,
-                        default_abstol: float = 1e-3, default_reltol: float = 1e-3,
-                        **flat: object) -> TerminationCondition:
+def resolve_termination(
+    termination: Optional[TerminationCondition],
+    *,
+    owner: str,
+    default_abstol: float = 1e-3,
+    default_reltol: float = 1e-3,
+    **flat: object,
+) -> TerminationCondition:
     """The solver's [`TerminationCondition`][deqlab.solvers.TerminationCondition] from either ``termination=`` or the flat keywords.
 
     Why one helper: every solver takes the stop rule either as an object or as the flat keywords
@@ -266,7 +287,8 @@ def resolve_termination(termination: Optional[TerminationCondition], *, owner: s
             raise ValueError(
                 f"{owner}: pass either termination=TerminationCondition(...) or the flat keywords, not both; "
                 f"got termination= together with {', '.join(given)}. Set them on the TerminationCondition "
-                f"(fields mode, abstol, reltol, norm, batch_wide) instead.")
+                f"(fields mode, abstol, reltol, norm, batch_wide) instead."
+            )
         return termination
     unknown = set(flat) - {"mode", "abstol_termination", "reltol_termination", "norm", "batch_wide"}
     if unknown:  # pragma: no cover - programming error inside deqlab
@@ -276,10 +298,13 @@ def resolve_termination(termination: Optional[TerminationCondition], *, owner: s
         value = flat.get(key)
         return default if value is None else value
 
-    return TerminationCondition(mode=pick("mode", "rel_deq_default"),
-                                abstol=pick("abstol_termination", default_abstol),
-                                reltol=pick("reltol_termination", default_reltol),
-                                norm=pick("norm", "l2"), batch_wide=pick("batch_wide", False))
+    return TerminationCondition(
+        mode=pick("mode", "rel_deq_default"),
+        abstol=pick("abstol_termination", default_abstol),
+        reltol=pick("reltol_termination", default_reltol),
+        norm=pick("norm", "l2"),
+        batch_wide=pick("batch_wide", False),
+    )
 
 
 class TerminationTracker:
@@ -327,8 +352,9 @@ class TerminationTracker:
                 [1.9984]], dtype=torch.float64), True)
     """
 
-    def __init__(self, condition: TerminationCondition, batch: int, numel: int, *, device, dtype,
-                 keep_trace: bool = True):
+    def __init__(
+        self, condition: TerminationCondition, batch: int, numel: int, *, device, dtype, keep_trace: bool = True
+    ):
         self.cond = condition
         self.eps = torch.finfo(dtype if dtype is not None else torch.float32).eps  # of the state, not the norms
         self.numel = numel
@@ -350,8 +376,15 @@ class TerminationTracker:
         self._best_obj: Optional[Tensor] = None
         self._history: Optional[Tensor] = None
 
-    def update(self, z: Tensor, du: Tensor, mask: Optional[Tensor] = None, fz: Optional[Tensor] = None,
-               diverged: Optional[Tensor] = None, sync: bool = True) -> bool:
+    def update(
+        self,
+        z: Tensor,
+        du: Tensor,
+        mask: Optional[Tensor] = None,
+        fz: Optional[Tensor] = None,
+        diverged: Optional[Tensor] = None,
+        sync: bool = True,
+    ) -> bool:
         """Record the evaluation ``du = f(z) - z``; return True when every sample has stopped.
 
         ``mask`` restricts the update to samples that actually moved (continuous solvers reject steps
@@ -383,8 +416,9 @@ class TerminationTracker:
             self._obj0 = torch.where(finite0, obj, torch.zeros_like(obj))
             # One comparison per step then flags both divergence and NaN/Inf: NaN < x is False, and a
             # sample with objective_0 = 0 (it starts at its fixed point) only fails on non-finite values.
-            self._threshold = torch.where(self._obj0 > 0, cond.protective_threshold * numel * self._obj0,
-                                          torch.full_like(obj, math.inf))
+            self._threshold = torch.where(
+                self._obj0 > 0, cond.protective_threshold * numel * self._obj0, torch.full_like(obj, math.inf)
+            )
             res0 = torch.where(torch.isfinite(res), res, torch.zeros_like(res))
             fzn0 = torch.where(torch.isfinite(fzn), fzn, torch.zeros_like(fzn))
             inf = torch.full_like(res0, math.inf)
@@ -510,8 +544,9 @@ class TerminationTracker:
         stalled = self._history.amax(dim=0) < cond.min_max_factor * self._history.amin(dim=0)
         return stalled & (obj <= cond.patience_objective_multiplier * cond.tol)
 
-    def finish(self, z: Tensor, du: Tensor, last_step: Optional[Tensor] = None
-               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def finish(
+        self, z: Tensor, du: Tensor, last_step: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """The returned ``(z, du, residual, rel_residual)``: still-active samples give the last iterate
         (or their best one in ``*_best`` modes). Their step count is that of the last update, or
         ``last_step`` (a 0-dim tensor) when the solver knows the loop had ended earlier in effect
@@ -542,7 +577,8 @@ class TerminationTracker:
         from deqlab.solvers.result import SolverStatus
 
         n_conv, n_stall, n_nan, n_div = torch.stack(
-            [self.converged.sum(), self.stalled.sum(), self.nonfinite.sum(), self.diverged.sum()]).tolist()
+            [self.converged.sum(), self.stalled.sum(), self.nonfinite.sum(), self.diverged.sum()]
+        ).tolist()
         if n_conv == self.batch:
             return SolverStatus.CONVERGED
         if n_nan:

@@ -18,6 +18,7 @@ Example:
     ...
     ValueError: model_type must be one of 'vanilla', 'skip', 'skip_reg', 'neural_ode', got 'skipreg' (did you mean 'skip_reg'?)
 """
+
 from __future__ import annotations
 
 import difflib

@@ -1,4 +1,5 @@
 """Shared split and loader logic (deqlab.data.base)."""
+
 from __future__ import annotations
 
 import pickle

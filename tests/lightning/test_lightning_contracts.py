@@ -2,6 +2,7 @@
 one channel to callbacks, typed config written once (DEQTrainingConfig, solver/backward objects in YAML),
 the extra-loss hook, and the errors for a forward without a solution and for a Jacobian weight without
 Jacobian regularization."""
+
 from __future__ import annotations
 
 import contextlib
@@ -143,8 +144,11 @@ class _WithExtra(DEQLightningModule):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.stem = nn.Linear(64, 8)
-        self.deq = DeepEquilibriumNetwork(DenseDEQBlock(8), DiscreteDEQSolver("anderson", max_steps=20),
-                                          backward=ImplicitBackward(tol=1e-4, max_steps=15))
+        self.deq = DeepEquilibriumNetwork(
+            DenseDEQBlock(8),
+            DiscreteDEQSolver("anderson", max_steps=20),
+            backward=ImplicitBackward(tol=1e-4, max_steps=15),
+        )
         self.head = nn.Linear(8, 10)
 
     def forward(self, x):
@@ -241,8 +245,9 @@ def test_a_yaml_config_names_solver_and_backward_by_class_path(tmp_path):
         "    backward:\n      class_path: deqlab.nn.JacobianFreeBackward\n"
         "    training: {lr: 0.01}\n"
     )
-    cli = DEQLightningCLI(args=["--config", str(REPO / "experiments" / "digits.yaml"), "--config", str(override)],
-                          run=False)
+    cli = DEQLightningCLI(
+        args=["--config", str(REPO / "experiments" / "digits.yaml"), "--config", str(override)], run=False
+    )
     layer = find_deq_layers(cli.model)[0]
     assert type(layer.solver).__name__ == "DiscreteDEQSolver" and layer.solver.max_steps == 7
     assert layer.solver.termination.mode == "abs_norm"
@@ -266,11 +271,18 @@ def test_data_module_options_are_defined_once_and_keep_per_dataset_defaults(tmp_
 
 
 def test_importing_deqlab_lightning_does_not_import_the_zoo():
-    code = ("import sys, deqlab.lightning, deqlab.lightning.cli; "
-            "bad = [m for m in sys.modules if m.startswith(('deqlab.zoo', 'deqlab.models', 'deqlab.cli'))]; "
-            "assert not bad, bad")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys, deqlab.lightning, deqlab.lightning.cli; "
+        "bad = [m for m in sys.modules if m.startswith(('deqlab.zoo', 'deqlab.models', 'deqlab.cli'))]; "
+        "assert not bad, bad"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -304,8 +316,9 @@ class _Wrapper(nn.Module):
 
     def __init__(self, jac: bool):
         super().__init__()
-        self.inner = DeepEquilibriumNetwork(DenseDEQBlock(8), DiscreteDEQSolver("anderson", max_steps=20),
-                                            jacobian_regularization=jac)
+        self.inner = DeepEquilibriumNetwork(
+            DenseDEQBlock(8), DiscreteDEQSolver("anderson", max_steps=20), jacobian_regularization=jac
+        )
 
     @property
     def fixed_depth(self):

@@ -1,4 +1,5 @@
 """Device-agnostic code: the layers on CUDA (skipped without a GPU)."""
+
 import pytest
 import torch
 from torch import nn
@@ -65,13 +66,17 @@ def test_cuda_multiscale_and_neural_ode():
     C = 8
 
     def pieces():
-        return ([ResidualBlock(C, 2, 4, dropout=0.1), ResidualBlock(C, 2, 4)],
-                [[None, Downsample(C, C)], [Upsample(C, C), None]], [PostFuse(C), PostFuse(C)])
+        return (
+            [ResidualBlock(C, 2, 4, dropout=0.1), ResidualBlock(C, 2, 4)],
+            [[None, Downsample(C, C)], [Upsample(C, C), None]],
+            [PostFuse(C), PostFuse(C)],
+        )
 
     x = torch.randn(2, C, 8, 8, device=dev, requires_grad=True)
     for solver_name in ("lbroyden", "tsit5"):
-        m = MultiScaleDeepEquilibriumNetwork(*pieces(), make_solver(solver_name, tol=1e-2, max_steps=30),
-                                             [(C, 8, 8), (C, 4, 4)]).to(dev)
+        m = MultiScaleDeepEquilibriumNetwork(
+            *pieces(), make_solver(solver_name, tol=1e-2, max_steps=30), [(C, 8, 8), (C, 4, 4)]
+        ).to(dev)
         zs, sol = m(x)
         sum(z.mean() for z in zs).backward()
         assert all(p.grad is not None for p in m.parameters())

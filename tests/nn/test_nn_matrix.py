@@ -1,5 +1,6 @@
 """The reference package's test matrix: {solver} x {DEQ, Skip DEQ, Skip Reg. DEQ} x {Jacobian reg off/on}
 x {dense, conv}: residual within tolerance, finite gradients everywhere, fixed depth gives nfe == depth."""
+
 import pytest
 import torch
 from torch import nn

@@ -1,4 +1,5 @@
 """Skip DEQ / Skip Reg. DEQ semantics."""
+
 import torch
 from torch import nn
 

@@ -4,6 +4,7 @@ The per-sample stop decisions stay on the device every step, so the returned ite
 masks, status and per-sample steps equal those of ``k = 1`` exactly; only the loop may run up to
 ``k - 1`` extra steps after the last sample stopped.
 """
+
 import math
 
 import pytest
