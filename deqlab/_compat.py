@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Dict, Optional, Tuple, TypeVar
+from typing import Any, Dict, Optional, Tuple, TypeVar, overload
 
 __all__ = ["renamed", "deprecated", "warn_renamed", "moved_attribute", "renamed_field"]
 
@@ -31,6 +31,16 @@ T = TypeVar("T")
 def warn_renamed(owner: str, old: str, new: str, *, stacklevel: int = 3, why: str = "the same setting") -> None:
     """Warn that ``owner``'s ``old`` is deprecated in favour of ``new`` (``DeprecationWarning``)."""
     warnings.warn(f"{owner}: {old} is deprecated; use {new} ({why})", DeprecationWarning, stacklevel=stacklevel)
+
+
+@overload
+def renamed(owner: str, new: str, new_value: Optional[T], old: str, old_value: Optional[T], default: T) -> T: ...
+
+
+@overload
+def renamed(
+    owner: str, new: str, new_value: Optional[T], old: str, old_value: Optional[T], default: None = None
+) -> Optional[T]: ...
 
 
 def renamed(

@@ -536,7 +536,7 @@ def _adopted(thread: int, name: str) -> Iterator[None]:
     ident = threading.get_ident()
     rec = _ACTIVE.get(ident)
     adopted = rec is None
-    if adopted:
+    if rec is None:
         rec = _ACTIVE.get(thread)
         if rec is None:
             yield

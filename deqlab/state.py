@@ -8,7 +8,7 @@ once, so a solver and a layer can never disagree on what "the residual of a samp
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ _HALF = (torch.float16, torch.bfloat16)
 State = Union[Tensor, List[Tensor]]
 
 
-def as_parts(state: State) -> List[Tensor]:
+def as_parts(state: Union[Tensor, Sequence[Tensor]]) -> List[Tensor]:
     """A state as a list of tensors (a single tensor becomes a one-element list).
 
     Why: code that handles single-tensor and multiscale states alike iterates over parts; this is the
@@ -321,7 +321,7 @@ class StatePacker:
         """A state with ``z0``'s structure as one ``(B, N)`` tensor (a view for a tensor state)."""
         # Explicit per-sample sizes (not -1), so an empty batch flattens to (0, N) too.
         if not self.is_list:
-            return z.reshape(self.batch, self.sizes[0])
+            return cast(Tensor, z).reshape(self.batch, self.sizes[0])  # z0's structure: a tensor
         return torch.cat([t.reshape(self.batch, n) for t, n in zip(z, self.sizes)], dim=1)
 
     def unflatten(self, flat: Tensor) -> State:
@@ -377,10 +377,10 @@ class StatePacker:
             ok = (
                 isinstance(fz, (list, tuple)) and len(fz) == len(self.shapes) and all(isinstance(t, Tensor) for t in fz)
             )
-            tensors = list(fz) if ok else []
+            tensors = list(cast(Sequence[Tensor], fz)) if ok else []  # ok: a list of tensors
         else:
             ok = isinstance(fz, Tensor)
-            tensors = [fz] if ok else []
+            tensors = [fz] if isinstance(fz, Tensor) else []
         if not ok:
             raise TypeError(
                 f"the map must return a state shaped like z: expected a {expected} like z0, got {self.describe(fz)}"

@@ -12,7 +12,7 @@ import contextlib
 import socket
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Literal, Optional, Sequence, Sized, Tuple, Union, cast
 
 import pytorch_lightning as pl
 import torch
@@ -111,7 +111,9 @@ def split_indices(n: int, lengths: Sequence[int], seed: int) -> list[list[int]]:
     if sum(lengths) != n:
         raise ValueError(f"lengths {list(lengths)} do not sum to n={n}")
     generator = torch.Generator().manual_seed(seed)
-    return [list(s.indices) for s in random_split(range(n), list(lengths), generator=generator)]
+    # random_split only indexes and measures its dataset: a range of the indices serves as one
+    parts = random_split(cast("Dataset[int]", range(n)), list(lengths), generator=generator)
+    return [list(s.indices) for s in parts]
 
 
 class EpochSeededSampler(StatefulDistributedSampler):
@@ -175,10 +177,11 @@ class EpochSeededSampler(StatefulDistributedSampler):
             data_source,
             num_replicas=num_replicas,
             rank=rank,
-            shuffle=True,  # type: ignore[arg-type]
+            shuffle=True,
             seed=int(seed) * 100_003,
         )
         self.data_source = data_source
+        self.next_yielded: Optional[int]  # torchdata's: where the next pass starts (None: at its start)
         self._position_epoch: Optional[int] = None  # epoch of a loaded position (None: any)
 
     def state_dict(self) -> dict:
@@ -468,7 +471,7 @@ class BaseDataModule(pl.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: no {what} set; call setup() first (the Trainer does this)")
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-        options = dict(
+        options: Dict[str, Any] = dict(
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=pin,
@@ -495,7 +498,7 @@ class BaseDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> Union[DataLoader, list]:
         # An empty list tells Lightning there is no validation (val_fraction=0).
-        if self.val_set is not None and len(self.val_set) == 0:
+        if self.val_set is not None and len(cast(Sized, self.val_set)) == 0:  # map-style: it has a length
             return []
         return self._loader(self.val_set, shuffle=False, what="validation")
 
@@ -655,8 +658,9 @@ class TorchvisionDataModule(BaseDataModule):
         """Build the datasets the stage needs (idempotent: a second call reuses them)."""
         if stage in (None, "fit", "validate") and self.train_set is None:
             full = self._load_checked("train", None)
-            n_train, n_val, _ = split_lengths(len(full), self.val_fraction)
-            train_idx, val_idx = split_indices(len(full), [n_train, n_val], self.seed)
+            n = len(cast(Sized, full))  # map-style: it has a length
+            n_train, n_val, _ = split_lengths(n, self.val_fraction)
+            train_idx, val_idx = split_indices(n, [n_train, n_val], self.seed)
             self.train_set = TransformedSubset(full, train_idx, self.train_transform())
             self.val_set = TransformedSubset(full, val_idx, self.eval_transform())
         if stage in (None, "test", "predict") and self.test_set is None:

@@ -178,7 +178,7 @@ class ConvergenceFigure(pl.Callback):
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.fixed_point_image = fixed_point_image
-        self._batch: Optional[Any] = None
+        self._batch: Optional[Tensor] = None
         self._warned = False
 
     def on_validation_batch_start(
@@ -199,7 +199,7 @@ class ConvergenceFigure(pl.Callback):
     @rank_zero_only
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         writers = tensorboard_writers(trainer)
-        if not writers:
+        if not writers or self._batch is None:
             return
         was_training = pl_module.training
         pl_module.eval()

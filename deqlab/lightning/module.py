@@ -19,7 +19,7 @@ Scalar names are grouped for TensorBoard: ``train/``, ``val/``, ``test/`` (loss,
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, cast
 
 import pytorch_lightning as pl
 import torch
@@ -38,7 +38,7 @@ from deqlab.lightning.nonfinite import NonFiniteGuard
 from deqlab.lightning.policies import deqlab_callbacks, missing_callbacks, warn_if_detached
 from deqlab.lightning.solver_stats import log_solver_summary
 from deqlab.lightning.timing import PhaseTimer
-from deqlab.nn.solution import DeepEquilibriumSolution
+from deqlab.nn import DeepEquilibriumSolution, DEQLayer
 from deqlab.spec.training import DEQTrainingConfig, TrainingArg
 
 __all__ = ["DEQLightningModule", "RESERVED_LOSS_NAMES", "find_deq_layers"]
@@ -204,7 +204,7 @@ class DEQLightningModule(pl.LightningModule):
                 f"{type(self).__name__} has no DEQ layer (no submodule implementing deqlab.nn.DEQLayer: fixed_depth, "
                 f"fixed_depth_mode and jacobian_regularization) to run {depth} unrolled steps; set pretrain_steps=0"
             )
-        for layer in layers:
+        for layer in cast(List[DEQLayer], layers):  # what find_deq_layers finds
             layer.fixed_depth = int(depth)
 
     def is_pretraining(self, step: Optional[int] = None) -> bool:
@@ -300,7 +300,7 @@ class DEQLightningModule(pl.LightningModule):
         if f"{stage}_accuracy" not in self.metrics or output.dim() != 2:
             return
         preds = output.detach()
-        acc = self.metrics[f"{stage}_accuracy"]
+        acc = cast(MulticlassAccuracy, self.metrics[f"{stage}_accuracy"])  # _accuracy_metrics' (as below)
         batch_acc = acc(preds, y)
         self.log(
             f"{stage}/accuracy", acc, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size
@@ -310,7 +310,7 @@ class DEQLightningModule(pl.LightningModule):
                 "train/batch_accuracy", batch_acc, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size
             )
         if f"{stage}_top5_accuracy" in self.metrics:
-            top5 = self.metrics[f"{stage}_top5_accuracy"]
+            top5 = cast(MulticlassAccuracy, self.metrics[f"{stage}_top5_accuracy"])
             top5(preds, y)
             self.log(f"{stage}/top5_accuracy", top5, on_step=False, on_epoch=True, batch_size=batch_size)
 
@@ -322,7 +322,7 @@ class DEQLightningModule(pl.LightningModule):
             return
         key = f"{stage}_explicit_accuracy"
         if key in self.metrics and out.dim() == 2:
-            metric = self.metrics[key]
+            metric = cast(MulticlassAccuracy, self.metrics[key])
             metric(out.detach(), y)
             self.log(f"{stage}/explicit_accuracy", metric, on_step=False, on_epoch=True, batch_size=batch_size)
         if self.deq_config.log_timing and elapsed is not None:
@@ -386,7 +386,7 @@ class DEQLightningModule(pl.LightningModule):
             )
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         """Lightning's ``load_from_checkpoint``, after `check_checkpoint_file` on the file, with a failed read
         reported by name (`damage_reported_by_name`)."""
         check_checkpoint_file(checkpoint_path)

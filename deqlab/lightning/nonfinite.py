@@ -144,7 +144,8 @@ class NonFiniteGuard(pl.Callback):
     @classmethod
     def of(cls, trainer: Optional["pl.Trainer"]) -> Optional["NonFiniteGuard"]:
         """The guard among ``trainer``'s callbacks (``None`` without a trainer or a guard)."""
-        callbacks = trainer.callbacks if trainer is not None else []
+        # Trainer.callbacks is set by Lightning's callback connector, not declared on the class
+        callbacks = trainer.callbacks if trainer is not None else []  # type: ignore[attr-defined]
         return next((c for c in callbacks if isinstance(c, cls)), None)
 
     # ---- the step's side: a finite stand-in for a non-finite input

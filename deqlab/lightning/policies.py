@@ -95,7 +95,8 @@ def missing_callbacks(trainer: Optional["pl.Trainer"], callbacks: Sequence[pl.Ca
         >>> [type(c).__name__ for c in missing_callbacks(trainer, [ExactResume(), NonFiniteGuard()])]
         ['NonFiniteGuard']
     """
-    existing = list(trainer.callbacks) if trainer is not None else []
+    # Trainer.callbacks is set by Lightning's callback connector, not declared on the class
+    existing = list(trainer.callbacks) if trainer is not None else []  # type: ignore[attr-defined]
     return [cb for cb in callbacks if not any(isinstance(c, type(cb)) for c in existing)]
 
 

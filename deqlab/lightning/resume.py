@@ -21,7 +21,7 @@ the module overrides; the module returns both from ``configure_callbacks``, and 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 import pytorch_lightning as pl
 import torch
@@ -191,8 +191,13 @@ def _classify(loaders: Any) -> Tuple[str, Optional[DataLoader], str]:
 
 def _generators(dl: DataLoader) -> List[Optional[torch.Generator]]:
     """The loader's own generator and its sampler's (``None`` where absent; the same object may appear twice)."""
-    sampler = dl.batch_sampler.sampler if dl.batch_sampler is not None else dl.sampler
+    sampler = _batch_sampler(dl).sampler if dl.batch_sampler is not None else dl.sampler
     return [dl.generator, getattr(sampler, "generator", None)]
+
+
+def _batch_sampler(dl: DataLoader) -> BatchSampler:
+    """The batch sampler of a ``"plain"`` loader: torch's ``BatchSampler`` (`_classify` checked it)."""
+    return cast(BatchSampler, dl.batch_sampler)
 
 
 def _sampler_source(sampler: Any) -> Tuple[str, Optional[torch.Generator]]:
@@ -359,7 +364,7 @@ class ExactResume(pl.Callback):
     def _resume_loader(
         self, trainer: "pl.Trainer", record: Optional[Dict[str, Any]], kind: str, dl: Optional[DataLoader], why: str
     ) -> None:
-        mid_epoch = bool(record) and record.get("epoch") == trainer.current_epoch and record.get("batches", 0) > 0
+        mid_epoch = bool(record and record.get("epoch") == trainer.current_epoch and record.get("batches", 0) > 0)
         name = _describe(trainer.train_dataloader)
         if kind == "unsupported":
             warnings.warn(
@@ -428,7 +433,7 @@ class ExactResume(pl.Callback):
                 g.set_state(state)  # where they were at the checkpoint (the resumed pass replays from its start)
         if mid_epoch:
             start = record.get("start_state")
-            source, _ = _sampler_source(dl.batch_sampler.sampler)
+            source, _ = _sampler_source(_batch_sampler(dl).sampler)
             if start is None and source != "none":
                 warnings.warn(
                     f"deqlab: checkpoint {str(self._ckpt)!r} lacks the state the epoch's shuffle started "
@@ -490,10 +495,10 @@ class ExactResume(pl.Callback):
 
     # ---- the plain loader's sampler
     def _stand_in_for_sampler(self, dl: DataLoader) -> None:
-        if self._stand_in is not None and dl.batch_sampler.sampler is self._stand_in:
+        if self._stand_in is not None and _batch_sampler(dl).sampler is self._stand_in:
             return  # already waiting for this pass's first draw
         self._put_sampler_back()
-        self._stand_in = _FirstDraw(dl.batch_sampler, self._first_draw)
+        self._stand_in = _FirstDraw(_batch_sampler(dl), self._first_draw)
 
     def _put_sampler_back(self) -> None:
         if self._stand_in is not None:
@@ -508,12 +513,12 @@ class ExactResume(pl.Callback):
         plan, self._plan = self._plan, None
         outer = torch.get_rng_state() if source == "global" and plan is not None else None
         if plan is not None and plan["state"] is not None:
-            if source == "generator":
+            if generator is not None:  # source "generator"
                 generator.set_state(plan["state"])
             elif source == "global":
                 torch.set_rng_state(plan["state"])
         self._start_state = (
-            generator.get_state() if source == "generator" else torch.get_rng_state() if source == "global" else None
+            generator.get_state() if generator is not None else torch.get_rng_state() if source == "global" else None
         )
         indices = iter(sampler)
         if plan is not None:

@@ -67,12 +67,13 @@ def log_solver_summary(pl_module: pl.LightningModule, s: SolutionSummary, stage:
     # one DEQ layer on one batch); on one run they agree (samples_converged == 1 exactly when every solve did)
     if s.converged_fraction is not None:
         pl_module.log(f"solver/{stage}_samples_converged", s.converged_fraction, **kw)
-        pl_module.log(f"solver/{stage}_samples_unconverged", s.unconverged_fraction, **kw)
+        pl_module.log(f"solver/{stage}_samples_unconverged", 1.0 - s.converged_fraction, **kw)
     if s.stalled_fraction is not None:  # among the unconverged: stopped by the patience rule near tol
         pl_module.log(f"solver/{stage}_samples_stalled", s.stalled_fraction, **kw)
-    if s.solves:
-        for status in STATUSES:  # a diverging model shows solver/train_solves_diverged
-            pl_module.log(f"solver/{stage}_solves_{status}", float(s.solves_fraction(status)), **kw)
+    for status in STATUSES:  # a diverging model shows solver/train_solves_diverged
+        fraction = s.solves_fraction(status)  # None without a solve
+        if fraction is not None:
+            pl_module.log(f"solver/{stage}_solves_{status}", float(fraction), **kw)
 
 
 def backward_unconverged_fraction(solutions: List[DeepEquilibriumSolution]) -> Optional[float]:

@@ -9,7 +9,7 @@ is the same code for the dense MNIST model, every multiscale network and the Lig
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Literal, Optional, Sequence, Union, cast
 
 from torch import Tensor, nn
 
@@ -34,6 +34,7 @@ from deqlab.spec import (
     BackwardSpec,
     ModelKind,
     ModelType,
+    ODESolverName,
     SolverKind,
     SolverSpec,
     model_kind,
@@ -197,10 +198,11 @@ def build_solver(
             )
         spec = name
         ode = spec.ode_tolerance if spec.kind == "continuous" else None
+        # the spec holds the names as plain strings; the solver checks them
         return build_solver(
-            spec.name,
-            mode=spec.mode,
-            abstol_termination=spec.tol,  # type: ignore[arg-type]
+            cast(SolverName, spec.name),
+            mode=cast(TerminationModeName, spec.mode),
+            abstol_termination=spec.tol,
             reltol_termination=spec.tol,
             ode_abstol=ode,
             ode_reltol=ode,
@@ -210,7 +212,7 @@ def build_solver(
         )
     atol = renamed(owner, "abstol_termination", abstol_termination, "abstol", abstol, PAPER_TOL)
     rtol = renamed(owner, "reltol_termination", reltol_termination, "reltol", reltol, PAPER_TOL)
-    common = dict(
+    common: Dict[str, Any] = dict(
         mode=mode or "rel_deq_default",
         abstol_termination=atol,
         reltol_termination=rtol,
@@ -220,7 +222,7 @@ def build_solver(
     )
     if name in ODE_SOLVERS:
         return ContinuousDEQSolver(
-            name,
+            cast(ODESolverName, name),  # one of ODE_SOLVERS
             ode_abstol=atol if ode_abstol is None else ode_abstol,
             ode_reltol=rtol if ode_reltol is None else ode_reltol,
             **common,
@@ -272,7 +274,7 @@ def build_backward(
         if tol is not None or max_steps is not None:
             raise TypeError("build_backward: pass a BackwardSpec or tol= / max_steps=, not both")
         return build_backward(name.solver, tol=name.tol, max_steps=name.max_steps)  # type: ignore[arg-type]
-    budget = {k: v for k, v in (("tol", tol), ("max_steps", max_steps)) if v is not None}
+    budget: Dict[str, Any] = {k: v for k, v in (("tol", tol), ("max_steps", max_steps)) if v is not None}
     return ImplicitBackward(name, **budget)
 
 
@@ -294,7 +296,9 @@ def make_deq(
     ``reapply_map`` and ``vanilla_penalty`` are the January-2022 code's semantics (``z* = f(u_T, x)``; the
     skip loss ``mean |z*|`` on vanilla models, through ``ZeroGuess(fixed_point_penalty=True)``)."""
     kind = model_kind(model_type, deq_only=True)
-    kwargs = dict(backward=backward, jacobian_regularization=jacobian_regularization, reapply_map=reapply_map)
+    kwargs: Dict[str, Any] = dict(
+        backward=backward, jacobian_regularization=jacobian_regularization, reapply_map=reapply_map
+    )
     if not kind.learns_guess:
         init = ZeroGuess(fixed_point_penalty=True) if vanilla_penalty else None
         return DeepEquilibriumNetwork(model, solver, init=init, **kwargs)
@@ -324,7 +328,7 @@ def make_multiscale(
         return MultiScaleNeuralODE(
             main, mapping, post_fuse, "tsit5", scales, ode_abstol=solver.ode_abstol, ode_reltol=solver.ode_reltol
         )
-    kwargs = dict(backward=backward, jacobian_regularization=jacobian_regularization)
+    kwargs: Dict[str, Any] = dict(backward=backward, jacobian_regularization=jacobian_regularization)
     if not kind.learns_guess:
         return MultiScaleDeepEquilibriumNetwork(main, mapping, post_fuse, solver, scales, **kwargs)
     return MultiScaleSkipDeepEquilibriumNetwork(
@@ -424,7 +428,8 @@ class PaperNetwork(nn.Module):
     def explicit_forward(self, x: Tensor) -> Optional[Tensor]:
         if not self.kind.explicit:
             return None
-        return self.head(self.deq.explicit(self.stem(x)))
+        explicit = cast(Callable[[Tensor], Tensor], self.deq.explicit)  # every deqlab DEQ layer has it
+        return self.head(explicit(self.stem(x)))
 
     def extra_repr(self) -> str:
         return f"model_type={self.model_type!r}, solver={self.solver_kind!r}"

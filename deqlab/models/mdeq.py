@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from deqlab._compat import renamed
 from deqlab.models._build import PaperNetwork, build_backward, build_solver, check_fields, make_multiscale
 from deqlab.nn import Downsample, PostFuse, ResidualBlock, Upsample, VariationalHiddenDropout, WeightNorm
-from deqlab.spec import BackwardSpec, ModelKind, ModelType, SolverKind, SolverSpec, model_kind
+from deqlab.spec import BackwardSpec, ModelKind, ModelType, ODESolverName, SolverKind, SolverSpec, model_kind
 
 __all__ = [
     "MDEQConfig",
@@ -157,9 +157,9 @@ class MDEQConfig:
         ``ode_solver`` and the NFE counting convention of this config."""
         return SolverSpec(
             kind=kind,
-            ode_solver=self.ode_solver,
+            ode_solver=cast(ODESolverName, self.ode_solver),  # a plain string here; SolverSpec checks it
             tol=self.tol,
-            max_steps=self.max_steps,  # type: ignore[arg-type]
+            max_steps=self.max_steps,
             mode=self.solver_mode(kind),
             reference_counting=self.reference_counting,
         )
@@ -446,7 +446,9 @@ def _map_layers(cfg: MDEQConfig):
             ]
             for i in range(n)
         ]
-        post = [PostFuse(c, num_groups=cfg.post_fuse_groups) for c in ch] if cfg.post_fuse else None
+        post: Optional[List[nn.Module]] = (
+            [PostFuse(c, num_groups=cfg.post_fuse_groups) for c in ch] if cfg.post_fuse else None
+        )
         return main, mapping, post
     main = [BNResidualBlock(c, cfg.expansion, cfg.dropout, cfg.weight_norm) for c in ch]
     mapping = [

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 from torch import Tensor, nn
 
 from deqlab._compat import renamed
 from deqlab.models._build import PaperNetwork, build_backward, build_solver, check_fields, check_neural_ode, make_deq
 from deqlab.nn import BackwardMode, DenseDEQBlock, MultiScaleNeuralODE
-from deqlab.spec import PAPER_TOL, BackwardSpec, ModelKind, ModelType, SolverKind, SolverSpec, model_kind
+from deqlab.spec import PAPER_TOL, BackwardSpec, ModelKind, ModelType, ODESolverName, SolverKind, SolverSpec, model_kind
 
 __all__ = ["mnist_dense", "dense_network", "dense_deq", "FirstScale", "DenseConfig", "MNIST_DENSE"]
 
@@ -95,9 +95,9 @@ class DenseConfig:
         limited-memory Broyden)."""
         return SolverSpec(
             kind=kind,
-            ode_solver=self.ode_solver,
+            ode_solver=cast(ODESolverName, self.ode_solver),  # a plain string here; SolverSpec checks it
             tol=self.tol,
-            max_steps=self.max_steps,  # type: ignore[arg-type]
+            max_steps=self.max_steps,
             mode=self.mode,
             reference_counting=self.reference_counting,
             batch_wide=self.batch_wide,

@@ -22,7 +22,7 @@ import contextlib
 import functools
 import threading
 import weakref
-from typing import Any, Callable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Literal, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -491,6 +491,7 @@ class DeepEquilibriumNetwork(nn.Module):
             converged = torch.zeros_like(residual, dtype=torch.bool)
             status = SolverStatus.MAX_STEPS if bool(torch.isfinite(residual).all()) else SolverStatus.NONFINITE
         else:
+            assert result is not None  # depth 0: the solver ran
             if batch_norms and result.status is not SolverStatus.NONFINITE:
                 with torch.no_grad():  # the one update of the running statistics, at z* (not counted in nfe)
                     fmap(detach(result.z))
@@ -801,18 +802,18 @@ class MultiScaleMap(nn.Module):
         if len(z) != n:
             raise ValueError(f"MultiScaleMap: expected a state of {n} scales, got {len(z)}")
         main = [self.main_layers[0](z[0], x)] + [self.main_layers[i](z[i]) for i in range(1, n)]
-        out = []
+        out: List[Tensor] = []
         for j in range(n):
             acc = None
             for i in range(n):
-                m = self.mapping_layers[i][j]
+                m = cast(nn.ModuleList, self.mapping_layers[i])[j]  # a row of the matrix
                 if isinstance(m, _Zero):
                     continue
                 y = m(main[i])
                 acc = y if acc is None else acc + y
             if self.post_fuse_layers is not None:
                 acc = self.post_fuse_layers[j](acc)
-            out.append(acc)
+            out.append(cast(Tensor, acc))  # the diagonal entry (identity at least) is never _Zero
         return out
 
 

@@ -28,10 +28,11 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import Node
 
 from deqlab import instrument
 from deqlab.nn.running_stats import frozen_running_stats
@@ -329,7 +330,7 @@ def _warn_foreign_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> 
     """Warn once if ``f`` uses trainable tensors that are not parameters of the DEQ map (lost gradients)."""
     known_ids = {id(t) for t in known}
     seen = set()
-    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    stack: List[Optional[Node]] = [o.grad_fn for o in outputs if o.grad_fn is not None]
     foreign = []
     while stack:
         node = stack.pop()
@@ -675,7 +676,7 @@ class ImplicitBackward(BackwardMode):
                 extra = {"line_search": True} if self.solver == "newton_krylov" else {}
                 built = FixedPointLinearSolver(
                     get_solver(
-                        self.solver,
+                        cast(str, self.solver),  # a name: a solver object was kept in _linear
                         mode="rel_norm",
                         abstol_termination=tol,
                         reltol_termination=tol,

@@ -23,7 +23,7 @@ defaults for all but ``forward``:
 
 from __future__ import annotations
 
-from typing import Callable, List, Literal, Optional, Sequence, Union
+from typing import Any, Callable, List, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -40,13 +40,13 @@ StateShape = Union[Sequence[int], Sequence[Sequence[int]]]
 def _normalise_shape(shape: Optional[StateShape], owner: str):
     if shape is None:
         return None
-    shape = list(shape)
-    if all(isinstance(d, int) for d in shape):
-        return tuple(int(d) for d in shape)
-    if all(isinstance(s, (list, tuple)) and all(isinstance(d, int) for d in s) for s in shape) and shape:
-        return [tuple(int(d) for d in s) for s in shape]
+    dims: List[Any] = list(shape)
+    if all(isinstance(d, int) for d in dims):
+        return tuple(int(d) for d in dims)
+    if all(isinstance(s, (list, tuple)) and all(isinstance(d, int) for d in s) for s in dims) and dims:
+        return [tuple(int(d) for d in s) for s in dims]
     raise ValueError(
-        f"{owner}: shape must be a per-sample shape like (C, H, W) or a list of them (one per scale), got {shape!r}"
+        f"{owner}: shape must be a per-sample shape like (C, H, W) or a list of them (one per scale), got {dims!r}"
     )
 
 
@@ -65,12 +65,14 @@ def skip_loss(u0: State, z_star: State, kind: SkipLoss = "l1", detach_target: bo
     With ``detach_target`` the fixed point is a constant target: the loss trains the predictor of
     ``u0`` and does not pull ``z*`` towards it (which would also cost a second adjoint solve).
     """
-    total, count = None, 0
+    total: Optional[Tensor] = None
+    count = 0
     for a, b in zip(as_parts(u0), as_parts(z_star)):
         b = b.detach() if detach_target else b
         d = (a - b).abs() if kind == "l1" else (a - b).pow(2)
         total = d.sum() if total is None else total + d.sum()
         count += d.numel()
+    assert total is not None  # a state has at least one part
     return total / count
 
 

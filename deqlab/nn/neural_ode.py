@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from typing import Any, List, Literal, Optional, Sequence, Tuple
+from typing import Any, List, Literal, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +74,7 @@ class _VectorField(nn.Module):
         self.run: Optional[_Integration] = None
 
     def forward(self, t: Tensor, u: Tensor, args: Any = None) -> Tensor:
-        run = self.run
+        run = cast(_Integration, self.run)  # installed by the forward that integrates (or by its backward)
         if run.in_backward:
             run.counter.record(1, converged=True)  # an adjoint's evaluation of the field: one unit of backward work
         else:
@@ -85,7 +85,7 @@ class _VectorField(nn.Module):
                 out = run.checker(z) if not run.checker.checked else self.map(z, run.x)
         else:
             out = run.checker(z) if not run.checker.checked else self.map(z, run.x)
-        du = flatten(out) - u
+        du = flatten(cast(List[Tensor], out)) - u  # a multiscale state: a list
         if not run.in_backward:
             run.counter.watch([du])  # "autograd": backprop through this evaluation is one VJP
         return du
@@ -222,7 +222,7 @@ class MultiScaleNeuralODE(nn.Module):
         self.t_end = float(t_end)
         self.sensitivity = sensitivity
         self.vf = _VectorField(self.model)
-        self._problem = None
+        self._problem: Optional[Any] = None  # torchdyn's ODEProblem, built at the first adjoint integration
 
     @property
     def abstol(self) -> float:

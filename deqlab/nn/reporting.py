@@ -40,20 +40,15 @@ def user_stacklevel() -> int:
     """
     import os
     import sys
+    from types import FrameType
 
     import torch
 
-    skip = tuple(
-        os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-        for m in (sys.modules["deqlab"], torch)
-        if getattr(m, "__file__", None)
-    )
-    skip += tuple(
-        os.path.dirname(os.path.abspath(sys.modules[name].__file__)) + os.sep
-        for name in ("pytorch_lightning", "lightning")
-        if name in sys.modules and getattr(sys.modules[name], "__file__", None)
-    )
-    frame = sys._getframe(1)
+    modules = [sys.modules["deqlab"], torch]
+    modules += [sys.modules[name] for name in ("pytorch_lightning", "lightning") if name in sys.modules]
+    files = [getattr(m, "__file__", None) for m in modules]
+    skip = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in files if f)
+    frame: Optional[FrameType] = sys._getframe(1)
     level = 1  # warnings.warn(stacklevel=1) is the function calling warnings.warn: this one's caller
     while frame is not None:
         filename = os.path.abspath(frame.f_code.co_filename)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Sequence, TypeGuard
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -33,7 +33,7 @@ _LOCK = threading.Lock()
 _HELD: "weakref.WeakKeyDictionary[_BatchNorm, int]" = weakref.WeakKeyDictionary()
 
 
-def _held_or_tracking(m: nn.Module) -> bool:
+def _held_or_tracking(m: nn.Module) -> TypeGuard[_BatchNorm]:
     return isinstance(m, _BatchNorm) and m.training and (m.track_running_stats or m in _HELD)
 
 

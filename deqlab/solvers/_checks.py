@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, TypeVar, cast
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
 
 
 def check_number(
@@ -16,10 +19,13 @@ def check_number(
     high_open: bool = False,
 ) -> float:
     """A finite real option in a range, else ``ValueError`` naming the option and the range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not (value > low if low_open else value >= low)
+        or not (value < high if high_open else value <= high)
+    ):
         lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open or high == math.inf else "]")
         raise ValueError(f"{owner}: {name} must be a finite number in {lo}, {hi}, got {value!r}")
     return float(value)
@@ -42,7 +48,7 @@ def unknown_keyword(owner: str, name: str, valid: "list[str]", *, hint: str = ""
     return TypeError(f"{owner} got an unexpected keyword argument {name!r}{mean}.{extra} Valid: {', '.join(valid)}")
 
 
-def checked_keywords(init):  # type: ignore[no-untyped-def]
+def checked_keywords(init: _Init) -> _Init:
     """Decorate a constructor so an unknown keyword raises `unknown_keyword` (did you mean, every valid
     name) instead of Python's bare ``unexpected keyword argument``. The signature seen by ``inspect`` (and
     so by LightningCLI) is the constructor's own."""
@@ -54,7 +60,7 @@ def checked_keywords(init):  # type: ignore[no-untyped-def]
     owner = init.__qualname__.split(".")[0]
 
     @functools.wraps(init)
-    def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
         for name in kwargs:
             if name not in params:
                 raise unknown_keyword(
@@ -68,6 +74,6 @@ def checked_keywords(init):  # type: ignore[no-untyped-def]
                         else ""
                     ),
                 )
-        return init(self, *args, **kwargs)
+        init(self, *args, **kwargs)
 
-    return wrapper
+    return cast(_Init, wrapper)  # functools.wraps keeps the signature the type states

@@ -140,7 +140,7 @@ def build_result(
     )
     if throw and status is not SolverStatus.CONVERGED:
         n_bad = int((~result.converged).sum())
-        n_stall = int(result.stalled.sum())
+        n_stall = int(tracker.stalled.sum())  # what result.stalled holds a copy of
         stalled = (
             f", {n_stall} of them stalled within {tracker.cond.patience_objective_multiplier:g}x the "
             f"tolerance (stopped by the patience rule)"

@@ -113,11 +113,11 @@ def gmres(
                 f"gmres: a tensor tol must have one entry per sample, shape ({b.shape[0]},), got {tuple(tol.shape)}"
             )
         tol = tol.to(torch.float32 if b.dtype in (torch.float16, torch.bfloat16) else b.dtype)
-    for name, value in (("tol", tol), ("atol", atol)):
-        if isinstance(value, Tensor):
+    for name, given in (("tol", tol), ("atol", atol)):
+        if isinstance(given, Tensor):
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"gmres: {name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(given, (int, float)) or isinstance(given, bool) or not math.isfinite(given) or given < 0:
+            raise ValueError(f"gmres: {name} must be a finite number >= 0, got {given!r}")
     if b.dtype in (torch.float16, torch.bfloat16):
         # Half precision: the Arnoldi basis, the Givens QR and the triangular solve run in float32 (CPU
         # has no half-precision triangular solve, and 8 mantissa bits cannot keep a basis orthogonal);

@@ -10,14 +10,14 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch
 from torch import Tensor
 
 from deqlab.solvers.krylov import gmres
 from deqlab.solvers.protocols import LinearSolveResult, Solver
-from deqlab.state import batch_norm
+from deqlab.state import State, batch_norm
 
 __all__ = ["FixedPointLinearSolver", "GMRES"]
 
@@ -217,9 +217,9 @@ class FixedPointLinearSolver:
             last = z - matvec(z) + b
             return last
 
-        try:
-            res = self.solver(step, x)
-            x, iterations = res.z, int(res.steps)
+        try:  # a tensor state: the solver hands step tensors and returns one
+            res = self.solver(cast(Callable[[State], State], step), x)
+            x, iterations = cast(Tensor, res.z), int(res.steps)
         except _BudgetSpent:
             x, iterations = last, count
         r = b - matvec(x)

@@ -7,10 +7,10 @@ editing deqlab. Unknown names and unknown keywords raise with the valid choices 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, cast
 
 from deqlab.solvers.algorithms import ALGORITHMS
-from deqlab.solvers.continuous import _METHODS, ContinuousDEQSolver
+from deqlab.solvers.continuous import _METHODS, ContinuousDEQSolver, ODEMethod
 from deqlab.solvers.discrete import DiscreteDEQSolver
 
 _REGISTRY: Dict[str, Callable[..., Any]] = {}
@@ -125,15 +125,16 @@ def _discrete_factory(algorithm: str) -> Callable[..., DiscreteDEQSolver]:
         p for p in inspect.signature(DiscreteDEQSolver).parameters if p not in ("algorithm", "algorithm_options")
     ]
     algo_params = list(inspect.signature(ALGORITHMS[algorithm]).parameters)
-    factory.valid_options = solver_params + algo_params
+    factory.valid_options = solver_params + algo_params  # type: ignore[attr-defined]  # read back by get_solver
     return factory
 
 
 def _continuous_factory(method: str) -> Callable[..., ContinuousDEQSolver]:
     def factory(**options: Any) -> ContinuousDEQSolver:
-        return ContinuousDEQSolver(method, **options)
+        return ContinuousDEQSolver(cast(ODEMethod, method), **options)  # a key of _METHODS
 
-    factory.valid_options = [p for p in inspect.signature(ContinuousDEQSolver).parameters if p != "ode_solver"]
+    valid = [p for p in inspect.signature(ContinuousDEQSolver).parameters if p != "ode_solver"]
+    factory.valid_options = valid  # type: ignore[attr-defined]  # a function attribute, read back by get_solver
     return factory
 
 

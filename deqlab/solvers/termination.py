@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple, get_args
+from typing import Any, Literal, Optional, Tuple, get_args
 
 import torch
 from torch import Tensor
@@ -294,7 +294,7 @@ def resolve_termination(
     if unknown:  # pragma: no cover - programming error inside deqlab
         raise TypeError(f"unknown termination keywords {sorted(unknown)}")
 
-    def pick(key: str, default: object) -> object:
+    def pick(key: str, default: Any) -> Any:  # the caller's value: TerminationCondition checks it
         value = flat.get(key)
         return default if value is None else value
 
@@ -525,7 +525,11 @@ class TerminationTracker:
         return self.n_active == 0
 
     def _advance(self, cur, mask: Optional[Tensor]) -> None:
-        self._prev = cur if mask is None else tuple(self._merge(list(self._prev), cur, mask))
+        if mask is None:
+            self._prev = cur
+        else:
+            assert self._prev is not None  # a mask comes with the second and later updates
+            self._prev = tuple(self._merge(list(self._prev), cur, mask))
         self.step += 1
 
     @staticmethod
@@ -559,6 +563,7 @@ class TerminationTracker:
         if last_step is not None:
             end = torch.where(last_step >= 0, torch.minimum(end, last_step), end)
         self.sample_steps = torch.where(self.active, end, self.sample_steps)
+        assert self._ret is not None  # set by the first update, before any finish
         z_ret, du_ret, res, rel = self._ret
         return z_ret, du_ret, res, rel
 

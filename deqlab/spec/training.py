@@ -269,7 +269,7 @@ class DEQTrainingConfig:
         unknown = sorted(set(defaults) - {"skip_loss_weight", "jacobian_loss_weight"})
         if unknown:
             raise TypeError(f"with_default_weights: not a loss weight: {', '.join(unknown)}")
-        fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        fill: Dict[str, Any] = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return dataclasses.replace(self, **fill) if fill else self
 
     def weight(self, name: Literal["skip_loss_weight", "jacobian_loss_weight"]) -> float:
@@ -304,6 +304,8 @@ DEQTrainingSettings.__doc__ = (
     "(``{'lr': 0.01}``) that a model applies over its ``default_training``."
 )
 
+# (DEQTrainingSettings is built at import time, so a type checker cannot see it: to mypy it is Any below)
+
 #: What a ``training=`` argument accepts: a partial mapping (tried first, so a config block stays
 #: partial), a complete [`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig], or ``None`` (the model's defaults).
-TrainingArg = Union[DEQTrainingSettings, DEQTrainingConfig, None]
+TrainingArg = Union[DEQTrainingSettings, DEQTrainingConfig, None]  # type: ignore[valid-type]
