@@ -19,6 +19,7 @@ from deqlab.nn.implicit import (
     ImplicitBackward,
     JacobianFreeBackward,
     Linearization,
+    NeumannPhantomGradient,
     PhantomGradient,
 )
 from deqlab.nn.init import FunctionGuess, InitialGuess, MapGuess, ShortcutGuess, ZeroGuess
@@ -36,6 +37,7 @@ from deqlab.nn.neural_ode import MultiScaleNeuralODE
 from deqlab.nn.protocols import DEQLayer, GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
 from deqlab.nn.solution import DeepEquilibriumSolution
+from deqlab.nn.spectral import spectral_radius
 
 __all__ = [
     "DeepEquilibriumNetwork",
@@ -62,7 +64,9 @@ __all__ = [
     "ImplicitBackward",
     "JacobianFreeBackward",
     "PhantomGradient",
+    "NeumannPhantomGradient",
     "jacobian_frobenius_estimate",
+    "spectral_radius",
     "EquilibriumStateful",
     "WeightNorm",
     "VariationalHiddenDropout",
