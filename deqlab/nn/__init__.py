@@ -29,9 +29,11 @@ from deqlab.nn.layers import (
     EquilibriumStateful,
     PostFuse,
     ResidualBlock,
+    SpectralNorm,
     Upsample,
     VariationalHiddenDropout,
     WeightNorm,
+    apply_norm,
 )
 from deqlab.nn.neural_ode import MultiScaleNeuralODE
 from deqlab.nn.protocols import DEQLayer, GuessStrategy
@@ -69,6 +71,8 @@ __all__ = [
     "spectral_radius",
     "EquilibriumStateful",
     "WeightNorm",
+    "SpectralNorm",
+    "apply_norm",
     "VariationalHiddenDropout",
     "DenseDEQBlock",
     "ResidualBlock",
