@@ -316,7 +316,7 @@ class SpectralNorm(EquilibriumStateful):
         >>> sorted(name for name, _ in sn.named_parameters())
         ['module.bias', 'weight_orig']
         >>> y = sn(torch.randn(2, 4))
-        >>> round(float(torch.linalg.matrix_norm(sn.compute_weight(), ord=2)), 4), sn.num_updates
+        >>> round(float(torch.linalg.matrix_norm(sn.compute_weight().detach(), ord=2)), 4), sn.num_updates
         (0.9, 1)
     """
 
@@ -478,8 +478,8 @@ def apply_norm(model: nn.Module, norm: str = "weight_norm", filter_out: Sequence
         >>> from deqlab.nn import apply_norm
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> net = apply_norm(net, "spectral_norm", filter_out=["2"], target=0.9)
-        >>> [type(m).__name__ for m in net]
-        ['SpectralNorm', 'Tanh', 'Linear']
+        >>> tuple(type(m).__name__ for m in net)
+        ('SpectralNorm', 'Tanh', 'Linear')
     """
     if norm not in _NORMS:
         raise ValueError(f"apply_norm: norm must be 'weight_norm' or 'spectral_norm', got {norm!r}")

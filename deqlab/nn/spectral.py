@@ -64,7 +64,7 @@ def spectral_radius(fn: Callable[[State], State], z: State, n_iters: int = 20, *
         >>> from deqlab.nn import spectral_radius
         >>> A = torch.tensor([[[0.5, 0.0], [0.0, -0.25]], [[0.0, -0.8], [0.8, 0.0]]], dtype=torch.float64)
         >>> fn = lambda z: torch.einsum("bij,bj->bi", A, z)
-        >>> spectral_radius(fn, torch.zeros(2, 2, dtype=torch.float64), n_iters=2).tolist()
+        >>> spectral_radius(fn, torch.zeros(2, 2, dtype=torch.float64), n_iters=2).round(decimals=12).tolist()
         [0.5, 0.8]
     """
     if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
