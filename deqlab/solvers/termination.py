@@ -577,7 +577,10 @@ def export_device_state(tracker: TerminationTracker) -> dict:
     state = {name: getattr(tracker, name) for name in _DEVICE_FIELDS}
     state.update({name: getattr(tracker, name) for name in _DEVICE_CONSTANTS})
     state["prev"] = tuple(tracker._prev)
-    state["ret"] = tuple(tracker._ret)
+    # After the first update the returned and the previous iterates are the same tensors; after a compiled
+    # step they never are. Copies (once per solve) keep the aliasing of the inputs the same at every step,
+    # else dynamo's aliasing guard would recompile the step after its first call.
+    state["ret"] = tuple(t.clone() for t in tracker._ret)
     state["step"] = torch.tensor(tracker.step, dtype=torch.long, device=tracker.active.device)
     if tracker._best_obj is not None:
         state["best_obj"] = tracker._best_obj
