@@ -33,8 +33,24 @@ _CACHE: Dict[Hashable, Callable[..., Any]] = {}
 
 
 class CompileFallbackWarning(UserWarning):
-    """A compiled solver step could not be built (untraceable map, no C++ compiler, ...): the solver runs
-    eager. Issued once per solver."""
+    """A compiled solver step could not be built, so the solver runs eager; issued once per solver.
+
+    Why a warning and not an error: ``compile=True`` is an optimisation, and a map that cannot be traced
+    (it calls ``.item()``, branches on a tensor's value) or a machine without a C++ compiler still solves
+    correctly, only without the fusion. Filter it with ``warnings.simplefilter("error",
+    CompileFallbackWarning)`` to insist on the compiled step.
+
+    Example:
+        >>> import warnings
+        >>> import torch
+        >>> from deqlab.solvers import CompileFallbackWarning, DiscreteDEQSolver
+        >>> solver = DiscreteDEQSolver("newton_krylov", compile=True)   # no pure step: eager
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     res = solver(lambda z: 0.5 * z + 1, torch.zeros(2, 3))
+        >>> caught[0].category is CompileFallbackWarning, res.status.value
+        (True, 'converged')
+    """
 
 
 def check_compile_option(owner: str, value: object) -> CompileOption:

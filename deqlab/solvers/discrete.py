@@ -119,7 +119,7 @@ class DiscreteDEQSolver:
             "Compiling the solver step"). Compiled once per (algorithm options, termination condition,
             map, shape, dtype, device); a second batch size compiles once more, with a dynamic batch
             dimension that then serves every size. Runs eager, warning once per solver
-            ([`CompileFallbackWarning`][deqlab.solvers.compiled.CompileFallbackWarning]), when the step
+            ([`CompileFallbackWarning`][deqlab.solvers.CompileFallbackWarning]), when the step
             cannot be compiled (a map that calls ``.item()``, no C++ compiler, an algorithm without a
             pure step: ``newton_krylov`` and line searches), and silently with ``per_sample_exit`` (each
             compaction is a new shape) or while `deqlab.instrument` records (its regions need the eager
