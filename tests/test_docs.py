@@ -2,7 +2,9 @@
 
 Why: documentation examples rot silently. Blocks of one page run in order in one fresh interpreter (a
 page may build on its earlier blocks); a block whose first line is ``# not-run`` is skipped (for
-commands that need a GPU, a dataset or minutes of training).
+commands that need a GPU, a dataset or minutes of training). The tutorials (docs/tutorials/) run in their
+quick mode, on the embedded digits, and assert the results their pages state; their full mode
+(``DEQLAB_TUTORIAL_FULL=1``, real MNIST) is the generated script next to each page, checked here to match it.
 """
 import os
 import re
@@ -29,6 +31,20 @@ def test_doc_examples_run(page, tmp_path):
     # this checkout's deqlab, not whichever one is installed (a git worktree next to an editable install)
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.pop("DEQLAB_TUTORIAL_FULL", None)  # the tutorials' quick mode, whatever the caller's environment says
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, f"examples of {page.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def test_tutorial_scripts_match_their_pages():
+    """docs/tutorials/<page>.py is generated from <page>.md (the full mode's script); a page edited without
+    regenerating its script fails here, so the page and the script never drift apart."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_scripts", ROOT / "docs" / "tutorials" / "make_scripts.py")
+    make_scripts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_scripts)
+    assert make_scripts.pages(), "no tutorial page with code blocks found"
+    stale = [p.with_suffix(".py").name for p in make_scripts.stale()]
+    assert not stale, f"{stale} differ from their pages: run python docs/tutorials/make_scripts.py"
