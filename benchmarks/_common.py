@@ -9,12 +9,13 @@ What lives here:
 * :func:`machine_info` / :func:`machine_header` – platform, CPU model, GPU, package versions, threads and
   date, printed above every results table.
 * :func:`markdown_table` – a plain GitHub-flavoured markdown table.
-* :class:`RegionTimer` – exclusive per-region timers patched into deqlab's internals (breakdowns).
+* :func:`shown_argv` – the command line a report names, without where its output went.
 * :func:`update_results_section` – write one named section of ``benchmarks/RESULTS.md`` between
   ``<!-- NAME:start -->`` / ``<!-- NAME:end -->`` markers, leaving every other section as it is, so each
   benchmark script owns its own section of the shared file.
 
-Only the standard library and torch are imported.
+Only the standard library and torch are imported. The per-region breakdowns use deqlab's public hook,
+:mod:`deqlab.instrument`; the maps and MNIST images are in ``_workloads.py``.
 """
 from __future__ import annotations
 
@@ -290,72 +291,20 @@ def read_results_section(name: str, path: Path = RESULTS_PATH) -> Optional[str]:
     return m.group(1) if m else None
 
 
-# --------------------------------------------------------------------------------------------- regions
+# ----------------------------------------------------------------------------------------- command line
 
 
-class RegionTimer:
-    """Monkeypatch functions/methods with exclusive wall-clock timers, to see where a solve's time goes.
-
-    ``regions`` holds ``(module, attribute, region)`` triples; ``attribute`` may be ``Class.method``.
-    A region's time excludes the regions nested in it (``acc[region]`` in seconds), ``calls[region]``
-    counts calls and ``returns[region]`` keeps the last return value. An attribute that does not exist
-    (a renamed internal) raises, so a breakdown never silently moves a region's time into "other".
-    """
-
-    def __init__(self, regions: Sequence[tuple], device: torch.device):
-        self.regions = regions
-        self.device = device
-        self.acc: Dict[str, float] = {}
-        self.calls: Dict[str, int] = {}
-        self.returns: Dict[str, object] = {}
-        self._stack: List[list] = []
-        self._saved: List[tuple] = []
-
-    def reset(self) -> None:
-        self.acc, self.calls, self.returns = {}, {}, {}
-
-    def _wrap(self, fn: Callable, region: str) -> Callable:
-        timer = self
-
-        def wrapped(*a, **k):
-            frame = [0.0]  # time spent in nested regions
-            timer._stack.append(frame)
-            t0 = time.perf_counter()
-            try:
-                out = fn(*a, **k)
-                timer.returns[region] = out
-                return out
-            finally:
-                synchronize(timer.device)
-                dt = time.perf_counter() - t0
-                timer._stack.pop()
-                timer.acc[region] = timer.acc.get(region, 0.0) + dt - frame[0]
-                timer.calls[region] = timer.calls.get(region, 0) + 1
-                if timer._stack:
-                    timer._stack[-1][0] += dt
-        return wrapped
-
-    def __enter__(self) -> "RegionTimer":
-        import importlib
-
-        for mod_name, attr, region in self.regions:
-            mod = importlib.import_module(mod_name)
-            owner, name = (mod, attr) if "." not in attr else (getattr(mod, attr.split(".")[0], None),
-                                                                  attr.split(".")[1])
-            if owner is None or name not in vars(owner):
-                self.__exit__()
-                raise AttributeError(f"RegionTimer: {mod_name}.{attr} does not exist (renamed?); update the "
-                                     f"benchmark's region table")
-            orig = vars(owner)[name]
-            if isinstance(orig, staticmethod):
-                setattr(owner, name, staticmethod(self._wrap(orig.__func__, region)))
-            else:
-                setattr(owner, name, self._wrap(orig, region))
-            self._saved.append((owner, name, orig))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for owner, name, orig in reversed(self._saved):
-            setattr(owner, name, orig)
-        self._saved.clear()
-
+def shown_argv(argv: List[str]) -> List[str]:
+    """The command line minus where the output went (``--results PATH``, ``--section NAME``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--results", "--section"):
+            skip = True
+            continue
+        if a.startswith(("--results=", "--section=")):
+            continue
+        out.append(a)
+    return out

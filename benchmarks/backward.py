@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Backward pass: deqlab's implicit backward against torchdeq's IFT backward and unrolled backprop.
 
-On the workloads of ``benchmarks/solvers.py`` (imported from there: the dense map
+On the workloads of ``benchmarks/solvers.py`` (both take them from ``benchmarks/_workloads.py``: the dense map
 ``tanh(W z + U x + b)``, ‖W‖₂ = 0.9, D = 256, B = 64, and the 32-channel 14×14 conv map, B = 32) the map's
 tensors become ``nn.Parameter``s of one module, and every contender computes ``dL/dθ`` (all parameters) for
 the fixed linear loss ``L = ⟨c, z*⟩`` (``c`` a fixed random tensor, ‖c‖ = 1):
@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 _HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))
 if str(_HERE.parent) not in sys.path:
     sys.path.insert(1, str(_HERE.parent))  # run from a checkout without `pip install -e .`
 
@@ -62,17 +61,17 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from _common import (  # noqa: E402
-    RegionTimer,
     Timing,
     fmt_time,
     machine_header,
     machine_info,
     markdown_table,
     setup_threads,
+    shown_argv,
     synchronize,
     update_results_section,
 )
-from solvers import WORKLOADS, Workload, relative_residual, shown_argv  # noqa: E402
+from _workloads import WORKLOADS, Workload, relative_residual  # noqa: E402
 
 SECTION = "backward"
 TARGET_TIME_RATIO = 0.5
@@ -91,7 +90,7 @@ LINEAR_FRACTION = 0.5
 
 
 class WorkloadMap(nn.Module):
-    """The map ``f(z, x)`` of a ``benchmarks/solvers.py`` workload with its tensors as parameters.
+    """The map ``f(z, x)`` of a ``benchmarks/_workloads.py`` workload with its tensors as parameters.
 
     The workload builders return a closure over plain tensors (``W``, ``U``, ``b``); each floating-point
     tensor the closure captures is replaced, in the closure's own cell, by an ``nn.Parameter`` registered
@@ -113,7 +112,7 @@ class WorkloadMap(nn.Module):
                 self.register_parameter(name, p)
         if not any(True for _ in self.parameters()):
             raise RuntimeError(f"workload {wl.name!r}: its map captures no tensors to turn into parameters; "
-                               "benchmarks/solvers.py's builders changed shape (update WorkloadMap)")
+                               "benchmarks/_workloads.py's builders changed shape (update WorkloadMap)")
         self.fn = f
         self.counting = False
         self.n_eval = 0
@@ -388,47 +387,43 @@ def time_round_robin(ms: List[Measured], fmap: WorkloadMap, c: Tensor, *, repeat
 
 # ---------------------------------------------------------------------- where deqlab's backward goes
 
-# (module, attribute, region): deqlab internals wrapped with exclusive timers during the breakdown runs
-# (a region's time excludes the regions nested in it, so the adjoint solver's time excludes its VJPs).
-# An attribute that does not exist (a renamed internal) makes RegionTimer raise.
-_BWD_REGIONS = (
-    ("deqlab.nn.implicit", "Linearization.__init__", "f re-eval"),
-    ("deqlab.nn.implicit", "Linearization.vjp_z", "adjoint VJPs"),
-    ("deqlab.nn.implicit", "Linearization.vjp_inputs", "param VJP"),
-    ("deqlab.solvers.linear", "GMRES.solve", "solver"),
-    ("deqlab.solvers.linear", "FixedPointLinearSolver.solve", "solver"),
-)
+# Columns of the breakdown: what the backward's regions in `deqlab.instrument` add up to, each exclusive of
+# the others (the adjoint solver's own work is `adjoint.solve` without the VJPs nested in it; a fixed-point
+# adjoint solver runs a whole solve, whose regions stay inside `adjoint.solve`).
 BWD_COLUMNS = ("f re-eval", "adjoint VJPs", "param VJP", "solver")
+
+
+def _backward_regions(rec) -> Dict[str, float]:
+    return {"f re-eval": rec.seconds("adjoint.linearize"),
+            "adjoint VJPs": rec.seconds("adjoint.vjp"),
+            "param VJP": rec.seconds("adjoint.vjp_inputs"),
+            "solver": rec.seconds("adjoint.solve", excluding=["adjoint.vjp"])}
 
 
 def backward_breakdown(m: "Measured", fmap: WorkloadMap, c: Tensor, *, repeats: int,
                        device: torch.device) -> dict:
     """Median time per region of deqlab's backward (``autograd.grad`` of the loss only)."""
+    from deqlab import instrument
+
     params = list(fmap.parameters())
     per: Dict[str, List[float]] = {r: [] for r in BWD_COLUMNS + ("other",)}
     totals: List[float] = []
-    gmres_info = None
-    with RegionTimer(_BWD_REGIONS, device) as timer:
-        for _ in range(repeats):
-            z, _ = m.contender.forward()
-            synchronize(device)
-            timer.reset()
+    sync = device if device.type != "cpu" else False
+    for _ in range(repeats):
+        z, _ = m.contender.forward()
+        synchronize(device)
+        with instrument.record(sync=sync) as rec:
             t0 = time.perf_counter()
             loss_and_grads(z, c, params)
             synchronize(device)
             total = time.perf_counter() - t0
-            totals.append(total)
-            for r in BWD_COLUMNS:
-                per[r].append(timer.acc.get(r, 0.0))
-            per["other"].append(total - sum(timer.acc.values()))
-            ret = timer.returns.get("solver")
-            if hasattr(ret, "iterations") and hasattr(ret, "matvecs"):  # a LinearSolveResult
-                gmres_info = ret
-    out = {"total": statistics.median(totals), "regions": {r: statistics.median(v) for r, v in per.items()},
-           "vjps": m.bwd_vjp}
-    if gmres_info is not None:
-        out["gmres"] = (gmres_info.iterations, gmres_info.matvecs)
-    return out
+        totals.append(total)
+        regions = _backward_regions(rec)
+        for r in BWD_COLUMNS:
+            per[r].append(regions[r])
+        per["other"].append(total - sum(regions.values()))
+    return {"total": statistics.median(totals), "regions": {r: statistics.median(v) for r, v in per.items()},
+            "vjps": m.bwd_vjp}
 
 
 def breakdown_table(res: dict) -> str:
@@ -783,12 +778,13 @@ def build_report(results: List[dict], info: dict, args) -> str:
                       f"whose gradient error is at most {ERROR_MATCH_FACTOR:g}× torchdeq's:", "",
                       pairs_table(tt["pairs"]), ""]
         if res["breakdown"]:
-            parts += ["Where deqlab's backward time goes (median over the same number of runs; each region timed "
-                      "exclusively by wrapping deqlab's internals: *f re-eval* = `Linearization.__init__` (the "
-                      "graph of f at z*), *adjoint VJPs* = `Linearization.vjp_z`, *param VJP* = "
-                      "`Linearization.vjp_inputs`, *adjoint solver excl. VJPs* = `GMRES.solve` / "
-                      "`FixedPointLinearSolver.solve` minus the VJPs inside, per step = per adjoint VJP; *other* = autograd engine, "
-                      "`_EquilibriumGradient.backward` bookkeeping, timer overhead):", "",
+            parts += ["Where deqlab's backward time goes (median over the same number of runs; the regions the "
+                      "implicit backward reports to `deqlab.instrument`: *f re-eval* = `adjoint.linearize` (the "
+                      "graph of f at z*), *adjoint VJPs* = `adjoint.vjp`, *param VJP* = `adjoint.vjp_inputs`, "
+                      "*adjoint solver excl. VJPs* = `adjoint.solve` without the VJPs inside it (GMRES, or the "
+                      "whole fixed-point solve of the adjoint map), per step = per adjoint VJP; *other* = the "
+                      "autograd engine, the layer's backward bookkeeping (`deq.backward` itself), the "
+                      "recording's own cost):", "",
                       breakdown_table(res), ""]
         if "scaling" in res:
             lo, hi = min(args.mem_steps), max(args.mem_steps)

@@ -16,8 +16,8 @@ Workloads:
   with a per-sample contraction ``r`` spread over [0.2, 0.9] — a map whose cost dominates the solver's,
   with per-sample step counts from a few to tens;
 * ``mnist_dense``: the paper's MNIST dense DEQ layer (``deqlab.models``, eval mode; real MNIST test images
-  when ``--data-dir`` has them, else random ones), timed as the layer's forward: a tiny map, where the
-  exit's copies cost about as much as the evaluations they save.
+  when ``--data-dir`` has them, else random ones; both from ``_workloads.py``), timed as the layer's
+  forward: a tiny map, where the exit's copies cost about as much as the evaluations they save.
 
 Usage::
 
@@ -33,39 +33,20 @@ from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import torch
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
 from _common import (fmt_time, machine_header, machine_info, markdown_table, setup_threads,  # noqa: E402
                      time_interleaved, update_results_section)
+from _workloads import mnist_images, per_sample_mlp  # noqa: E402
 
-from deqlab.solvers import DiscreteDEQSolver, PerSampleMap, SolverResult  # noqa: E402
+from deqlab.solvers import DiscreteDEQSolver, SolverResult  # noqa: E402
 
 SECTION = "per-sample-exit"
 
 
-def mlp_workload(batch: int, width: int, hidden: int, device) -> Tuple[PerSampleMap, torch.Tensor]:
-    """``f(z) = r * W2 tanh(W1 z) + inj`` with ``W2 W1`` orthogonal, so near z* the map contracts by about
-    ``r`` in every direction and fixed-point iteration needs ~``log(tol) / log(r)`` steps: from a few
-    (r = 0.2) to tens (r = 0.9) in one batch."""
-    g = torch.Generator().manual_seed(0)
-    A = torch.linalg.qr(torch.randn(hidden, width, generator=g))[0]      # (hidden, width), A^T A = I
-    O = torch.linalg.qr(torch.randn(width, width, generator=g))[0]       # orthogonal
-    W1, W2 = A * 2.0, (O @ A.T) / 2.0                                     # W2 W1 = O
-    x = 0.5 * torch.randn(batch, width, generator=g)
-    rate = torch.linspace(0.2, 0.9, batch).view(batch, 1)
-    W1, W2, x, rate = (t.to(device) for t in (W1, W2, x, rate))
-
-    def fn(z, r, inj):
-        return r * (torch.tanh(z @ W1.T) @ W2.T) + inj
-
-    return PerSampleMap(fn, rate, x), torch.zeros(batch, width, device=device)
-
-
 def mlp_solve(batch: int, width: int, hidden: int, device) -> Callable[[DiscreteDEQSolver], SolverResult]:
-    f, z0 = mlp_workload(batch, width, hidden, device)
+    f, z0 = per_sample_mlp(batch, width, hidden, device)
     return lambda solver: solver(f, z0)
 
 
@@ -76,16 +57,8 @@ def mnist_dense_solve(batch: int, data_dir: Path, device) -> Tuple[Callable[[Dis
 
     torch.manual_seed(0)
     model = build_model("mnist", "dense", model_type="vanilla", solver="discrete").to(device).eval()
-    source = "random images"
-    x = torch.rand(batch, 1, 28, 28)
-    try:
-        import torchvision
-
-        test = torchvision.datasets.MNIST(str(data_dir), train=False, download=False)
-        x = (test.data[:batch].float() / 255.0).unsqueeze(1)
-        source = f"the first {batch} real MNIST test images"
-    except Exception:  # noqa: BLE001 - no data here: random images keep the benchmark runnable
-        pass
+    # raw [0, 1] pixels, as this benchmark has always fed the (untrained) layer; noise when MNIST is absent
+    x, source = mnist_images(data_dir, "test", batch, normalize=False)
     with torch.no_grad():
         injection = model.stem(x.to(device))
 

@@ -11,8 +11,8 @@ The workloads use only public API that exists in every revision since the first 
 
 * ``mnist_dense_<vanilla|skip>``: ``deqlab.zoo.MNISTDenseDEQ`` forward + backward on a seeded batch of 32
   random images (the paper's MNIST dense model and adjoint protocol);
-* ``solver_<algorithm>``: ``DiscreteDEQSolver(algorithm)`` forward only on ``tanh(W z + U x)``, D = 256,
-  B = 64, ``‖W‖₂ = 0.9``.
+* ``solver_<algorithm>``: ``DiscreteDEQSolver(algorithm)`` forward only on the dense map of
+  ``_workloads.py`` (``tanh(W z + U x + b)``, D = 256, B = 64, ``‖W‖₂ = 0.9``; the map of ``solvers.py``).
 
 Usage::
 
@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SECTION = "revision-ab"
 DEFAULT_WORKLOADS = ("mnist_dense_vanilla", "mnist_dense_skip", "solver_lbroyden", "solver_anderson")
@@ -64,18 +63,16 @@ def _mnist_dense(model_type: str):
 
 def _solver(algorithm: str):
     import torch
+    from _workloads import make_dense
     from deqlab.solvers import DiscreteDEQSolver
 
-    gen = torch.Generator().manual_seed(0)
-    d, b = 256, 64
-    w = torch.randn(d, d, generator=gen) / d ** 0.5
-    w = w * (0.9 / torch.linalg.matrix_norm(w, ord=2))
-    inj = torch.randn(b, d, generator=gen) @ (torch.randn(d, d, generator=gen) / d ** 0.5)
+    wl = make_dense(torch.device("cpu"), torch.float32, seed=0)
+    f = wl.closure()
     solver = DiscreteDEQSolver(algorithm, abstol_termination=1e-4, reltol_termination=1e-4, max_steps=100)
 
     def call() -> int:
         with torch.no_grad():
-            return int(solver(lambda z: torch.tanh(z @ w.T + inj), torch.zeros(b, d)).nfe)
+            return int(solver(f, wl.z0()).nfe)
 
     return call
 

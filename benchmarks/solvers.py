@@ -38,120 +38,32 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 _HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))
 if str(_HERE.parent) not in sys.path:
     sys.path.insert(1, str(_HERE.parent))  # run from a checkout without `pip install -e .`
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
 import torch  # noqa: E402
-import torch.nn.functional as Fn  # noqa: E402
 
 from _common import (  # noqa: E402
-    RegionTimer,
     Timing,
     fmt_time,
     machine_header,
     machine_info,
     markdown_table,
     setup_threads,
+    shown_argv,
     synchronize,
     time_once,
     update_results_section,
 )
+from _workloads import WORKLOADS, Workload, relative_residual  # noqa: E402
 
 SECTION = "solvers"
 DEQLAB_ALGOS = ("fixed_point", "anderson", "broyden", "lbroyden", "newton_krylov")
 TORCHDEQ_ALGOS = ("anderson", "broyden", "fixed_point_iter")
 TARGET_TIME_RATIO = 0.6
 TARGET_OVERHEAD = 1.3
-
-
-# -------------------------------------------------------------------------------------------- workloads
-
-
-@dataclass
-class Workload:
-    name: str
-    description: str
-    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # f(z, x)
-    x: torch.Tensor
-    z_shape: tuple
-
-    def closure(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        f, x = self.f, self.x
-        return lambda z: f(z, x)
-
-    def z0(self) -> torch.Tensor:
-        return torch.zeros(self.z_shape, dtype=self.x.dtype, device=self.x.device)
-
-
-def make_dense(device: torch.device, dtype: torch.dtype, seed: int, D: int = 256, B: int = 64) -> Workload:
-    """f(z, x) = tanh(W z + U x + b) with ||W||_2 = 0.9 exactly (scaled by its largest singular value)."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
-    W = W * (0.9 / torch.linalg.matrix_norm(W, ord=2))
-    U = torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
-    b = 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64)
-    Wt, Ut = W.T.contiguous().to(device, dtype), U.T.contiguous().to(device, dtype)
-    b, x = b.to(device, dtype), x.to(device, dtype)
-    sigma = float(torch.linalg.matrix_norm(Wt.double(), ord=2))
-    rho = float(torch.linalg.eigvals(W).abs().max())  # far below ||W||_2: W is far from normal
-
-    def f(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(torch.addmm(torch.addmm(b, x, Ut), z, Wt))
-
-    return Workload(
-        name="dense",
-        description=(f"dense `tanh(W z + U x + b)`, D = {D}, B = {B}, W, U ~ N(0, 1/D), ‖W‖₂ = {sigma:.4f} "
-                     f"(spectral radius {rho:.3f})"),
-        f=f, x=x, z_shape=(B, D),
-    )
-
-
-def _conv_opnorm(w: torch.Tensor, hw: int, iters: int, g: torch.Generator) -> float:
-    """Operator 2-norm of ``conv2d(., w, padding=1)`` on ``hw x hw`` maps (power iteration on A^T A)."""
-    c = w.shape[1]
-    v = torch.randn(1, c, hw, hw, generator=g, dtype=torch.float64)
-    for _ in range(iters):
-        v = v / v.norm()
-        v = Fn.conv_transpose2d(Fn.conv2d(v, w, padding=1), w, padding=1)
-    return float(v.norm().sqrt())
-
-
-def make_conv(device: torch.device, dtype: torch.dtype, seed: int, C: int = 32, HW: int = 14,
-              B: int = 32) -> Workload:
-    """A residual-style conv DEQ cell, f(z, x) = tanh(conv3x3(z; W) + conv1x1(x; U) + b).
-
-    The 3x3 kernel is ``identity tap + 0.3 * random`` (the shape of a residual branch folded into one
-    conv), scaled so the convolution's operator 2-norm on 14x14 maps is 0.9 (power iteration, float64).
-    tanh is 1-Lipschitz, so f is a contraction with constant <= 0.9; plain fixed-point iteration still
-    needs ~20 steps to reach a relative residual of 1e-4.
-    """
-    g = torch.Generator().manual_seed(seed)
-    W = torch.zeros(C, C, 3, 3, dtype=torch.float64)
-    W[range(C), range(C), 1, 1] = 1.0
-    W = W + 0.3 * torch.randn(C, C, 3, 3, generator=g, dtype=torch.float64) / math.sqrt(9 * C)
-    W = W * (0.9 / _conv_opnorm(W, HW, 300, g))
-    sigma = _conv_opnorm(W, HW, 300, g)
-    U = torch.randn(C, C, 1, 1, generator=g, dtype=torch.float64) / math.sqrt(C)
-    b = 0.1 * torch.randn(C, generator=g, dtype=torch.float64)
-    x = 0.5 * torch.randn(B, C, HW, HW, generator=g, dtype=torch.float64)
-    W, U, b, x = (t.to(device, dtype) for t in (W, U, b, x))
-
-    def f(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(Fn.conv2d(z, W, padding=1) + Fn.conv2d(x, U, b))
-
-    return Workload(
-        name="conv",
-        description=(f"conv `tanh(conv3x3(z) + conv1x1(x) + b)`, {C} channels, {HW}×{HW}, B = {B}, "
-                     f"3×3 kernel = identity tap + 0.3·random, operator norm {sigma:.4f}"),
-        f=f, x=x, z_shape=(B, C, HW, HW),
-    )
-
-
-WORKLOADS = {"dense": make_dense, "conv": make_conv}
 
 
 # ---------------------------------------------------------------------------------------------- solvers
@@ -240,13 +152,6 @@ class Row:
         return self.timing.median
 
 
-def relative_residual(f: Callable, z: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``||f(z) - z||_2 / ||f(z)||_2`` (float64 norms over each flattened sample)."""
-    fz = f(z)
-    d = (fz - z).flatten(1).double()
-    return torch.linalg.vector_norm(d, dim=1) / torch.linalg.vector_norm(fz.flatten(1).double(), dim=1)
-
-
 @torch.no_grad()
 def run_workload(wl: Workload, specs: List[SolverSpec], *, tol: float, repeats: int, warmup: int,
                  device: torch.device, f_evals_per_round: int = 5) -> dict:
@@ -290,65 +195,57 @@ def run_workload(wl: Workload, specs: List[SolverSpec], *, tol: float, repeats: 
 
 # ------------------------------------------------------------------------------- deqlab time breakdown
 
-# (module, attribute, region) wrapped during the breakdown runs. Attributes that do not exist (deqlab
-# internals renamed) are skipped, and the time they take lands in "other".
-_REGIONS = (
-    ("deqlab.solvers._driver", "CountedMap.__call__", "f"),
-    ("deqlab.solvers.termination", "TerminationTracker.update", "tracker.update"),
-    ("deqlab.solvers.termination", "TerminationTracker.__init__", "setup"),
-    ("deqlab.solvers.discrete", "prepare", "setup"),
-    ("deqlab.solvers.discrete", "build_result", "result"),
-    ("deqlab.solvers.algorithms", "FixedPointIteration.step", "algo.step"),
-    ("deqlab.solvers.algorithms", "Anderson.init", "algo.init"),
-    ("deqlab.solvers.algorithms", "Anderson.step", "algo.step"),
-    ("deqlab.solvers.algorithms", "Broyden.init", "algo.init"),
-    ("deqlab.solvers.algorithms", "Broyden.step", "algo.step"),
-    ("deqlab.solvers.algorithms", "NewtonKrylov.step", "algo.step"),
-)
-BREAKDOWN_COLUMNS = ("f", "tracker.update", "algo.step", "algo.init", "setup", "result")
+# The regions deqlab's solvers report to `deqlab.instrument` (exclusive times: a region's own time, the
+# regions nested in it subtracted), in the order of the table's columns.
+BREAKDOWN_COLUMNS = ("f", "termination", "algorithm.step", "algorithm.init", "solver.setup", "solver.result",
+                     "solver")
+COLUMN_TITLES = {"f": "f evals", "termination": "termination (per call)",
+                 "algorithm.step": "algorithm step excl. f (per step)", "algorithm.init": "algorithm init",
+                 "solver.setup": "setup", "solver.result": "result", "solver": "solver loop"}
 
 
 @torch.no_grad()
 def deqlab_breakdown(wl: Workload, specs: List[SolverSpec], *, repeats: int, device: torch.device) -> dict:
     """Per deqlab solver: median per-solve time in each region (seconds) and the median total."""
+    from deqlab import instrument
+
     f = wl.closure()
     out = {}
+    sync = device if device.type != "cpu" else False
     for spec in specs:
         if spec.library != "deqlab":
             continue
         per_region: Dict[str, List[float]] = {r: [] for r in BREAKDOWN_COLUMNS + ("other",)}
         totals = []
-        spec.solve(f, wl.z0())  # warm-up outside the timers
-        with RegionTimer(_REGIONS, device) as timer:
-            for _ in range(repeats):
-                timer.acc, timer.calls = {}, {}
+        spec.solve(f, wl.z0())  # warm-up unrecorded
+        for _ in range(repeats):
+            with instrument.record(sync=sync) as rec:
                 synchronize(device)
                 t0 = time.perf_counter()
                 _, steps, nfe = spec.solve(f, wl.z0())
                 synchronize(device)
                 total = time.perf_counter() - t0
-                totals.append(total)
-                for r in BREAKDOWN_COLUMNS:
-                    per_region[r].append(timer.acc.get(r, 0.0))
-                per_region["other"].append(total - sum(timer.acc.values()))
+            totals.append(total)
+            ex = rec.exclusive()
+            for r in BREAKDOWN_COLUMNS:
+                per_region[r].append(ex.get(r, 0.0))
+            per_region["other"].append(total - rec.total)
         out[spec.algorithm] = {
             "total": statistics.median(totals),
             "regions": {r: statistics.median(v) for r, v in per_region.items()},
             "steps": steps,
             "nfe": nfe,
-            "calls": dict(timer.calls),  # of the last run
+            "calls": rec.calls(),  # of the last run
         }
     return out
 
 
 def breakdown_table(bd: dict) -> str:
-    headers = ["deqlab solver", "NFE", "steps", "total"] + [
-        {"f": "f evals", "tracker.update": "tracker.update (per call)",
-         "algo.step": "algorithm step excl. f (per step)", "algo.init": "algorithm init",
-         "setup": "prepare + tracker init", "result": "build_result"}[r] for r in BREAKDOWN_COLUMNS] + ["other"]
+    headers = (["deqlab solver", "NFE", "steps", "total"] + [COLUMN_TITLES[r] for r in BREAKDOWN_COLUMNS]
+               + ["other"])
     rows = []
     for algo, d in bd.items():
-        reg, tot = d["regions"], d["total"]
+        reg, tot, calls = d["regions"], d["total"], d["calls"]
 
         def cell(r, per=None):
             v = reg[r]
@@ -357,12 +254,10 @@ def breakdown_table(bd: dict) -> str:
                 s += f", {fmt_time(v / per)}"
             return s
 
-        calls = d["calls"]
-        rows.append([algo, d["nfe"], d["steps"], fmt_time(tot), cell("f"),
-                     cell("tracker.update", max(calls.get("tracker.update", 1), 1)),
-                     cell("algo.step", max(calls.get("algo.step", 1), 1)), cell("algo.init"), cell("setup"), cell("result"),
-                     cell("other")])
-    return markdown_table(headers, rows, "lrrr" + "r" * 7)
+        rows.append([algo, d["nfe"], d["steps"], fmt_time(tot)]
+                    + [cell(r, max(calls.get(r, 1), 1) if r in ("termination", "algorithm.step") else None)
+                       for r in BREAKDOWN_COLUMNS] + [cell("other")])
+    return markdown_table(headers, rows, "lrrr" + "r" * (len(BREAKDOWN_COLUMNS) + 1))
 
 
 # --------------------------------------------------------------------------------------------- reports
@@ -423,22 +318,6 @@ def targets(res: dict, tol: float) -> dict:
     return out
 
 
-def shown_argv(argv: List[str]) -> List[str]:
-    """The command line minus where the output went (``--results PATH``, ``--section NAME``)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("--results", "--section"):
-            skip = True
-            continue
-        if a.startswith(("--results=", "--section=")):
-            continue
-        out.append(a)
-    return out
-
-
 def build_report(results: List[dict], info: dict, args) -> str:
     parts = [
         "## Forward solvers: deqlab vs torchdeq",
@@ -488,12 +367,15 @@ def build_report(results: List[dict], info: dict, args) -> str:
         ]
         if "breakdown" in res:
             parts += [
-                "Where deqlab's time goes (median per solve over the same number of runs, each region timed "
-                "exclusively by wrapping deqlab's internals: *f evals* = `CountedMap.__call__` (JVPs "
-                "included), *algorithm step* excludes the f evaluations inside it, *other* = the driver loop, "
-                "`fz - z`, timer overhead)" + (
-                    "; on CUDA every region boundary synchronises the device, so these regions add up to "
-                    "more than the unsynchronised solve above" if args.device.startswith("cuda") else "") + ":",
+                "Where deqlab's time goes (median per solve over the same number of runs; the regions deqlab "
+                "reports to `deqlab.instrument`, each timed exclusively, i.e. without the regions nested in "
+                "it: *f evals* = region `f` (JVPs included), *algorithm step* = `algorithm.step` without the "
+                "f evaluations inside it, *setup* = `solver.setup` (checking and flattening z0, the "
+                "termination tracker), *result* = `solver.result`, *solver loop* = `solver` itself (the loop, "
+                "`fz - z`), *other* = the call around the solver and the recording's own cost)" + (
+                    "; on CUDA `record(sync=device)` synchronises the device at every region boundary, so "
+                    "these regions add up to more than the unsynchronised solve above"
+                    if args.device.startswith("cuda") else "") + ":",
                 "",
                 breakdown_table(res["breakdown"]),
                 "",
@@ -519,7 +401,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-torchdeq", action="store_true", help="benchmark deqlab alone")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                   help="skip the per-region timing of deqlab's solvers (f / tracker / algorithm / setup)")
+                   help="skip the per-region timing of deqlab's solvers (deqlab.instrument: f / termination / "
+                        "algorithm / setup)")
     p.add_argument("--write", dest="write", action="store_true", default=None,
                    help="update benchmarks/RESULTS.md (default unless --quick)")
     p.add_argument("--no-write", dest="write", action="store_false")

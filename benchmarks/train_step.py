@@ -42,7 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(1, _ROOT)  # run from a checkout without `pip install -e .`
+
 from _common import (  # noqa: E402
     fmt_time,
     machine_header,
@@ -52,6 +55,7 @@ from _common import (  # noqa: E402
     synchronize,
     update_results_section,
 )
+from _workloads import mnist_images  # noqa: E402
 
 # name -> (experiment, arch, input shape, paper batch, quick batch)
 MODELS = {
@@ -231,12 +235,12 @@ class StepBench:
             with torch.no_grad():
                 for _ in range(inner):
                     t0 = _clock(dev)
-                    deq._eval_map(z, xs)
+                    deq.model(z, xs)
                     samples.add("t_f", _clock(dev) - t0)
             zg = [t.clone().requires_grad_() for t in z_parts]
             xg = xs.clone().requires_grad_()
             t0 = _clock(dev)
-            fz = deq._eval_map(from_parts(zg, is_list), xg)
+            fz = deq.model(from_parts(zg, is_list), xg)
             samples.add("t_graph", _clock(dev) - t0)
             fz_parts = list(fz) if isinstance(fz, (list, tuple)) else [fz]
             v = [torch.randn_like(t) for t in fz_parts]
@@ -317,42 +321,47 @@ class StepBench:
 
 # ----------------------------------------------------------------------------------- region breakdown
 
-_STEP_REGIONS = (
-    ("deqlab.solvers._driver", "CountedMap.__call__", "fwd f evals"),
-    ("deqlab.solvers.termination", "TerminationTracker.update", "tracker.update"),
-    ("deqlab.solvers.algorithms", "FixedPointIteration.step", "algo.step"),
-    ("deqlab.solvers.algorithms", "Anderson.step", "algo.step"),
-    ("deqlab.solvers.algorithms", "Broyden.step", "algo.step"),
-    ("deqlab.solvers.algorithms", "Anderson.init", "algo.step"),
-    ("deqlab.solvers.algorithms", "Broyden.init", "algo.step"),
-    ("deqlab.nn.implicit", "Linearization.__init__", "f re-eval"),
-    ("deqlab.nn.implicit", "Linearization.vjp_z", "adjoint VJPs"),
-    ("deqlab.nn.implicit", "Linearization.vjp_inputs", "param VJP"),
-    ("deqlab.solvers.linear", "GMRES.solve", "GMRES excl. VJPs"),
-)
-STEP_REGION_COLUMNS = ("fwd f evals", "tracker.update", "algo.step", "f re-eval", "adjoint VJPs",
-                       "GMRES excl. VJPs", "param VJP")
+# Columns of the region table: the regions deqlab reports to `deqlab.instrument` during one step, each
+# exclusive of the others. The forward's f evaluations, termination tests and algorithm/stepper work are
+# counted inside the layer's forward only (a fixed-point adjoint solver would report the same regions inside
+# the backward); the adjoint solver's own work is `adjoint.solve` without its VJPs.
+STEP_REGION_COLUMNS = ("fwd f evals", "termination", "algorithm / stepper", "f re-eval", "adjoint VJPs",
+                       "adjoint solver excl. VJPs", "param VJP")
+_FORWARD_COLUMNS = ("fwd f evals", "termination", "algorithm / stepper")
+
+
+def _step_regions(rec) -> Dict[str, float]:
+    fwd = "deq.forward"
+    algo = sum(rec.seconds(r, within=fwd, excluding=["f", "termination"])
+               for r in ("algorithm.init", "algorithm.step", "stepper.init", "stepper.step"))
+    return {"fwd f evals": rec.seconds("f", within=fwd),
+            "termination": rec.seconds("termination", within=fwd),
+            "algorithm / stepper": algo,
+            "f re-eval": rec.seconds("adjoint.linearize"),
+            "adjoint VJPs": rec.seconds("adjoint.vjp"),
+            "adjoint solver excl. VJPs": rec.seconds("adjoint.solve", excluding=["adjoint.vjp"]),
+            "param VJP": rec.seconds("adjoint.vjp_inputs")}
 
 
 def region_breakdown(bench: "StepBench", repeats: int) -> Dict[str, float]:
     """Median exclusive time per region of deqlab's internals over ``repeats`` steps (a separate pass: the
-    wrappers cost a little per call, so the step times of the main table are measured without them)."""
-    from _common import RegionTimer
+    recording costs a little per region, so the step times of the main table are measured without it)."""
+    from deqlab import instrument
 
     per: Dict[str, List[float]] = {r: [] for r in STEP_REGION_COLUMNS + ("fwd rest", "bwd rest", "step")}
-    with RegionTimer(_STEP_REGIONS, bench.device) as timer:
-        for _ in range(repeats):
-            timer.reset()
-            s = Samples()
+    sync = bench.device if bench.device.type != "cpu" else False
+    for _ in range(repeats):
+        s = Samples()
+        with instrument.record(sync=sync) as rec:
             bench.step(s)
-            acc = dict(timer.acc)
-            for r in STEP_REGION_COLUMNS:
-                per[r].append(acc.get(r, 0.0))
-            fwd_in = sum(acc.get(r, 0.0) for r in ("fwd f evals", "tracker.update", "algo.step"))
-            bwd_in = sum(acc.get(r, 0.0) for r in ("f re-eval", "adjoint VJPs", "GMRES excl. VJPs", "param VJP"))
-            per["fwd rest"].append(s.values["fwd"][0] - fwd_in)
-            per["bwd rest"].append(s.values["bwd"][0] - bwd_in)
-            per["step"].append(s.values["step"][0])
+        regions = _step_regions(rec)
+        for r in STEP_REGION_COLUMNS:
+            per[r].append(regions[r])
+        fwd_in = sum(regions[r] for r in _FORWARD_COLUMNS)
+        bwd_in = sum(v for r, v in regions.items() if r not in _FORWARD_COLUMNS)
+        per["fwd rest"].append(s.values["fwd"][0] - fwd_in)
+        per["bwd rest"].append(s.values["bwd"][0] - bwd_in)
+        per["step"].append(s.values["step"][0])
     return {k: statistics.median(v) if v else float("nan") for k, v in per.items()}
 
 
@@ -405,7 +414,7 @@ class TorchDEQStep:
                 def func(zf: Tensor) -> Tensor:
                     counter[0] += 1
                     z = unflatten(zf, like)
-                    out = m.deq._eval_map(z if is_list else z[0], xs)
+                    out = m.deq.model(z if is_list else z[0], xs)
                     return flatten(out if is_list else [out])
 
                 z0 = torch.zeros(ours.batch, sum(t[0].numel() for t in like), device=dev)
@@ -638,12 +647,13 @@ def build_report(results: Sequence[Result], info: Dict[str, str], args) -> str:
            breakdown_table(results), ""]
     rt = region_table(results)
     if rt:
-        out += ["Inside the step (a separate pass with exclusive timers patched into deqlab's internals: f evals "
-                "= `CountedMap.__call__`, tracker.update = `TerminationTracker.update`, algo.step = the "
-                "discrete algorithm's init/step excluding its f evals, f re-eval = the graph of f at z* "
-                "(`Linearization.__init__`), adjoint VJPs = `Linearization.vjp_z`, GMRES excl. VJPs = "
-                "`GMRES.solve` minus its VJPs, param VJP = `Linearization.vjp_inputs`; continuous solves "
-                "spend their stepper's time in *fwd rest*):", "", rt, ""]
+        out += ["Inside the step (a separate pass recording the regions deqlab reports to `deqlab.instrument`, "
+                "each exclusive of the others: fwd f evals = `f` inside `deq.forward`, termination = "
+                "`termination` there, algorithm / stepper = `algorithm.init`/`algorithm.step` (discrete) or "
+                "`stepper.init`/`stepper.step` (continuous) without their f evals and termination tests, f "
+                "re-eval = `adjoint.linearize` (the graph of f at z*), adjoint VJPs = `adjoint.vjp`, adjoint "
+                "solver excl. VJPs = `adjoint.solve` without its VJPs, param VJP = `adjoint.vjp_inputs`):",
+                "", rt, ""]
     out += ["### Host syncs per forward solve", "", sync_table(results), ""]
     ct = compile_table(results)
     if ct:
@@ -656,42 +666,6 @@ def build_report(results: Sequence[Result], info: Dict[str, str], args) -> str:
 
 
 # ------------------------------------------------------------------------------------ prediction time
-
-
-def _read_mnist_images(data_dir: Optional[str], split: str) -> Optional[Tensor]:
-    """MNIST images from ``data_dir/MNIST/raw`` (the idx files, plain or gzipped), normalised; ``None`` when
-    absent. Read directly: importing torchvision costs seconds and is not needed for two files."""
-    import gzip
-
-    if not data_dir:
-        return None
-    stem = {"test": "t10k-images-idx3-ubyte", "train": "train-images-idx3-ubyte"}[split]
-    raw = Path(data_dir) / "MNIST" / "raw"
-    for path, opener in ((raw / stem, open), (raw / f"{stem}.gz", gzip.open)):
-        if path.is_file():
-            with opener(path, "rb") as fh:
-                data = fh.read()
-            n, rows, cols = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
-            x = torch.frombuffer(bytearray(data[16:16 + n * rows * cols]), dtype=torch.uint8)
-            x = x.view(n, 1, rows, cols).float() / 255.0
-            return (x - 0.1307) / 0.3081
-    return None
-
-
-def _mnist_test_batches(batch: int, n_batches: int, data_dir: Optional[str], seed: int):
-    """Real MNIST test images when ``data_dir`` holds them (``MNIST/raw``), else Gaussian noise."""
-    x = _read_mnist_images(data_dir, "test")
-    if x is not None:
-        return list(x[: batch * n_batches].split(batch)), "MNIST test set"
-    x = torch.randn(batch * n_batches, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-    return list(x.split(batch)), "Gaussian noise (MNIST not found)"
-
-
-def _train_data(n: int, data_dir: Optional[str], seed: int) -> Tensor:
-    x = _read_mnist_images(data_dir, "train")
-    if x is not None:
-        return x[:n]
-    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed + 7))
 
 
 def _fit_shortcut(model, data: Tensor, steps: int, batch: int) -> float:
@@ -722,8 +696,8 @@ def prediction_benchmark(args, device: torch.device) -> str:
     from deqlab.models import build_model
 
     torch.manual_seed(args.seed)
-    batches, source = _mnist_test_batches(32, args.pred_batches, args.data_dir, args.seed)
-    batches = [b.to(device) for b in batches]
+    x_test, source = mnist_images(args.data_dir, "test", 32 * args.pred_batches, seed=args.seed)
+    batches = [b.to(device) for b in x_test.split(32)]
     models = {}
     base = None
     for mt in MODEL_TYPES:
@@ -741,8 +715,8 @@ def prediction_benchmark(args, device: torch.device) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if args.fit_steps > 0:
-            fit = _fit_shortcut(models["skip"], _train_data(32 * 50, args.data_dir, args.seed).to(device),
-                                args.fit_steps, 32)
+            x_train, _ = mnist_images(args.data_dir, "train", 32 * 50, seed=args.seed + 7)
+            fit = _fit_shortcut(models["skip"], x_train.to(device), args.fit_steps, 32)
     for m in models.values():
         m.eval()
     stats = {mt: dict(times=[], nfe=[], solve=[]) for mt in models}
@@ -771,7 +745,7 @@ def prediction_benchmark(args, device: torch.device) -> str:
                 t2 = _clock(device)
                 m.head(z)
                 t3 = _clock(device)
-                m.deq._eval_map(z, xs)
+                m.deq.model(z, xs)
                 t4 = _clock(device)
                 models["skip"].deq.init.shortcut(xs)
                 t5 = _clock(device)

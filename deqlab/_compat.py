@@ -22,7 +22,7 @@ import importlib
 import warnings
 from typing import Any, Dict, Optional, Tuple, TypeVar
 
-__all__ = ["renamed", "deprecated", "warn_renamed", "moved_attribute"]
+__all__ = ["renamed", "deprecated", "warn_renamed", "moved_attribute", "renamed_field"]
 
 T = TypeVar("T")
 
@@ -75,3 +75,53 @@ def moved_attribute(module: str, name: str, moves: Dict[str, Tuple[str, str]]) -
     new_module, new_name = moves[name]
     warn_renamed(module, name, f"{new_module}.{new_name}", stacklevel=3, why="moved")
     return getattr(importlib.import_module(new_module), new_name)
+
+
+def renamed_field(old: str, new: str, *, why: str = "the same value") -> Any:
+    """Class decorator for a dataclass whose field ``old`` was renamed ``new``: the constructor still takes
+    ``old=`` and the attribute ``obj.old`` still reads (and sets) ``obj.new``, each with a
+    ``DeprecationWarning`` naming ``new``.
+
+    Example:
+        >>> import warnings
+        >>> from dataclasses import dataclass
+        >>> from deqlab._compat import renamed_field
+        >>> @renamed_field("residual", "abs_residual")
+        ... @dataclass
+        ... class Record:
+        ...     abs_residual: float
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     r = Record(residual=0.5)
+        ...     value = r.residual
+        >>> value, r.abs_residual, str(caught[0].message)
+        (0.5, 0.5, 'Record: residual= is deprecated; use abs_residual= (the same value)')
+    """
+    import functools
+
+    def decorate(cls: Any) -> Any:
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            if old in kwargs:
+                value = kwargs.pop(old)
+                if new in kwargs:
+                    raise TypeError(f"{cls.__name__}: {old}= is the old name of {new}=; pass only {new}=")
+                warn_renamed(cls.__name__, f"{old}=", f"{new}=", stacklevel=3, why=why)
+                kwargs[new] = value
+            init(self, *args, **kwargs)
+
+        def getter(self: Any) -> Any:
+            warn_renamed(cls.__name__, f".{old}", f".{new}", stacklevel=3, why=why)
+            return getattr(self, new)
+
+        def setter(self: Any, value: Any) -> None:
+            warn_renamed(cls.__name__, f".{old}", f".{new}", stacklevel=3, why=why)
+            setattr(self, new, value)
+
+        cls.__init__ = __init__
+        setattr(cls, old, property(getter, setter, doc=f"Deprecated old name of `{new}`."))
+        return cls
+
+    return decorate

@@ -39,7 +39,7 @@ def main(device: str = "cpu") -> dict:
     loss.backward()
 
     grads = {name: p.grad for name, p in model.named_parameters()}
-    print(f"z* = {z_star.detach().cpu().numpy()}, nfe = {solution.nfe}, residual = {solution.residual.tolist()}")
+    print(f"z* = {z_star.detach().cpu().numpy()}, nfe = {solution.nfe}, residual = {solution.abs_residual.tolist()}")
     for name, g in grads.items():
         print(f"d loss / d {name} = {g.cpu().numpy().tolist()}")
     return {"z_star": z_star, "solution": solution, "grads": grads}

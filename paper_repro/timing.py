@@ -36,17 +36,13 @@ CONFIGS: Tuple[Tuple[str, str], ...] = (
 
 
 def load_mnist(data_dir: Path) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Real MNIST as normalized flat float tensors (the data module's normalization)."""
-    from torchvision.datasets import MNIST
+    """Real MNIST as normalized flat float tensors: ``(x_train, y_train, x_test, y_test)``, read by deqlab's one
+    MNIST loader (the data module's normalization, the same pixels as the benchmarks)."""
+    from deqlab.data import load_mnist_tensors
 
-    from deqlab.data import MNIST_MEAN, MNIST_STD
-
-    out = []
-    for train in (True, False):
-        ds = MNIST(str(data_dir), train=train, download=False)
-        x = (ds.data.float() / 255.0 - MNIST_MEAN[0]) / MNIST_STD[0]
-        out += [x.reshape(len(ds), -1), ds.targets.clone()]
-    return out[0], out[1], out[2], out[3]
+    xtr, ytr = load_mnist_tensors(data_dir, "train", flatten=True)
+    xte, yte = load_mnist_tensors(data_dir, "test", flatten=True)
+    return xtr, ytr, xte, yte
 
 
 class Config:

@@ -35,6 +35,7 @@ API_PAGES = {
     "deqlab.nn": "api/nn",
     "deqlab.solvers": "api/solvers",
     "deqlab.state": "api/state",
+    "deqlab.instrument": "api/instrument",
     "deqlab.lightning": "api/lightning",
     "deqlab.data": "api/data",
     "deqlab.zoo": "api/zoo",

@@ -23,7 +23,7 @@ import pytest
 
 griffe = pytest.importorskip("griffe", reason="griffe (installed with mkdocstrings-python) parses the docstrings")
 
-MODULES = ("deqlab", "deqlab.nn", "deqlab.solvers", "deqlab.state", "deqlab.lightning", "deqlab.data",
+MODULES = ("deqlab", "deqlab.nn", "deqlab.solvers", "deqlab.state", "deqlab.instrument", "deqlab.lightning", "deqlab.data",
            "deqlab.zoo", "deqlab.models")
 
 logging.getLogger("griffe").setLevel(logging.ERROR)  # griffe warns about missing types; annotations hold them

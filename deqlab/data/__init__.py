@@ -18,7 +18,7 @@ from deqlab.data.base import (
 from deqlab.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule
 from deqlab.data.digits import DigitsDataModule
 from deqlab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetDataModule
-from deqlab.data.mnist import MNIST_MEAN, MNIST_STD, MNISTDataModule
+from deqlab.data.mnist import MNIST_MEAN, MNIST_STD, MNISTDataModule, load_mnist_tensors
 from deqlab.data.svhn import SVHN_MEAN, SVHN_STD, SVHNDataModule
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "SVHN_STD",
     "TorchvisionDataModule",
     "TransformedSubset",
+    "load_mnist_tensors",
     "split_indices",
     "split_lengths",
 ]

@@ -1,16 +1,19 @@
 """MNIST (28×28 grey digits), the dataset of the paper's dense and 2-scale conv experiments."""
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Literal, Optional, Tuple
 
+import torch
 import torchvision
+from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from deqlab.data.base import PathLike, Split, TorchvisionDataModule, normalize_transform
 
-__all__ = ["MNISTDataModule", "MNIST_MEAN", "MNIST_STD"]
+__all__ = ["MNISTDataModule", "MNIST_MEAN", "MNIST_STD", "load_mnist_tensors"]
 
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
@@ -100,3 +103,85 @@ class MNISTDataModule(TorchvisionDataModule):
     def _stats(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
         """The (mean, std) the transforms standardise with: MNIST's, or (0, 1) for raw pixels."""
         return (MNIST_MEAN, MNIST_STD) if self.normalize else ((0.0,), (1.0,))
+
+
+_IDX_MAGIC = {3: 2051, 1: 2049}  # dimensions -> magic number of an unsigned-byte IDX file
+
+
+def _read_idx(path: Path, ndim: int) -> Tensor:
+    """An unsigned-byte IDX file (plain, or gzipped when ``path`` ends in ``.gz``) as a uint8 tensor."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
+        data = fh.read()
+    magic = int.from_bytes(data[:4], "big")
+    if magic != _IDX_MAGIC[ndim]:
+        raise ValueError(f"{path} is not an MNIST IDX file of {ndim} dimension(s): magic number {magic}, expected "
+                         f"{_IDX_MAGIC[ndim]}; re-download it (MNISTDataModule(data_dir, download=True).prepare_data())")
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    start = 4 + 4 * ndim
+    count = 1
+    for d in shape:
+        count *= d
+    if len(data) - start < count:
+        raise ValueError(f"{path} is truncated: its header promises {count} bytes, it holds {len(data) - start}; "
+                         f"re-download it (MNISTDataModule(data_dir, download=True).prepare_data())")
+    return torch.frombuffer(bytearray(data[start:start + count]), dtype=torch.uint8).view(*shape)
+
+
+def load_mnist_tensors(data_dir: PathLike = "data", split: Literal["train", "test"] = "test", *,
+                       normalize: bool = True, flatten: bool = False, limit: Optional[int] = None
+                       ) -> Tuple[Tensor, Tensor]:
+    """One MNIST split as two in-memory tensors, images and labels, read straight from the IDX files.
+
+    Why: benchmarks and timing scripts want a fixed batch of real digits, not a ``DataLoader``; reading the
+    two IDX files directly skips building a torchvision dataset, and every script gets the same pixels and
+    the same normalisation as [`MNISTDataModule`][deqlab.data.MNISTDataModule].
+
+    Args:
+        data_dir: root containing ``MNIST/raw`` (torchvision's layout). Each file may also be gzipped
+            (``t10k-images-idx3-ubyte.gz``), as downloaded. Default ``"data"``, as the data module's.
+        split: ``"test"`` (default: the 10k official test set, what timing a trained model wants) or
+            ``"train"`` (the 60k official training set, not split into train/val).
+        normalize: standardise pixels with MNIST's mean and std (default ``True``, as the data module);
+            ``False`` gives raw ``[0, 1]`` pixels.
+        flatten: ``(N, 784)`` vectors instead of ``(N, 1, 28, 28)`` images. Default ``False``.
+        limit: read only the first ``limit`` samples. Default ``None``: all of them.
+
+    Returns:
+        ``(x, y)``: float32 images and int64 labels.
+
+    Raises:
+        ValueError: ``split`` is neither ``"train"`` nor ``"test"``, or a file is not an MNIST IDX file.
+        FileNotFoundError: an image or label file is missing (the message names it and how to download it).
+
+    Example:
+        >>> from deqlab.data import load_mnist_tensors
+        >>> load_mnist_tensors("/nonexistent/data", "test")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: MNIST test images not found: neither /nonexistent/data/MNIST/raw/t10k-images-idx3-ubyte nor ...
+        >>> x, y = load_mnist_tensors("data", "test", limit=32)   # doctest: +SKIP
+        >>> x.shape, y.shape                                       # doctest: +SKIP
+        (torch.Size([32, 1, 28, 28]), torch.Size([32]))
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"load_mnist_tensors: split must be 'train' or 'test', got {split!r}")
+    raw = Path(data_dir) / "MNIST" / "raw"
+    prefix = "train" if split == "train" else "t10k"
+    out = []
+    for kind, ndim in (("images", 3), ("labels", 1)):
+        stem = raw / f"{prefix}-{kind}-idx{ndim}-ubyte"
+        path = next((p for p in (stem, stem.with_name(stem.name + ".gz")) if p.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(
+                f"MNIST {split} {kind} not found: neither {stem} nor {stem}.gz exists. Download MNIST with "
+                f"MNISTDataModule({str(data_dir)!r}, download=True).prepare_data(), or pass the folder that "
+                f"holds MNIST/raw")
+        out.append(_read_idx(path, ndim))
+    images, labels = out
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    x = images.float() / 255.0
+    if normalize:
+        x = (x - MNIST_MEAN[0]) / MNIST_STD[0]
+    x = x.reshape(len(x), -1) if flatten else x.unsqueeze(1)
+    return x, labels.long()

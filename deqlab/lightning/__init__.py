@@ -14,29 +14,52 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the static view (type checkers, the API reference); at run time see __getattr__
     from deqlab.lightning._stats import StepRecord
     from deqlab.lightning.callbacks import ConvergenceFigure, NFEHistogram
-    from deqlab.lightning.module import DEQLightningModule, find_deq_layers
+    from deqlab.lightning.hparams import HParamsTab
+    from deqlab.lightning.layers import find_deq_layers
+    from deqlab.lightning.module import DEQLightningModule
+    from deqlab.lightning.nonfinite import NonFiniteBatchError, NonFiniteBatchWarning, NonFiniteGuard
+    from deqlab.lightning.policies import PolicyWarning
+    from deqlab.lightning.pretraining import PretrainingSchedule
     from deqlab.lightning.resume import CheckpointIntegrity, ExactResume, ResumeWarning
+    from deqlab.lightning.solver_stats import BackwardStats
+    from deqlab.lightning.timing import PhaseTiming
 
 __all__ = [
+    "BackwardStats",
     "CheckpointIntegrity",
     "ConvergenceFigure",
     "DEQLightningModule",
     "ExactResume",
+    "HParamsTab",
     "NFEHistogram",
+    "NonFiniteBatchError",
+    "NonFiniteBatchWarning",
+    "NonFiniteGuard",
+    "PhaseTiming",
+    "PolicyWarning",
+    "PretrainingSchedule",
     "ResumeWarning",
     "StepRecord",
     "find_deq_layers",
 ]
 
 _HOME = {
+    "BackwardStats": "deqlab.lightning.solver_stats",
     "CheckpointIntegrity": "deqlab.lightning.resume",
     "ConvergenceFigure": "deqlab.lightning.callbacks",
     "DEQLightningModule": "deqlab.lightning.module",
     "ExactResume": "deqlab.lightning.resume",
+    "HParamsTab": "deqlab.lightning.hparams",
     "NFEHistogram": "deqlab.lightning.callbacks",
+    "NonFiniteBatchError": "deqlab.lightning.nonfinite",
+    "NonFiniteBatchWarning": "deqlab.lightning.nonfinite",
+    "NonFiniteGuard": "deqlab.lightning.nonfinite",
+    "PhaseTiming": "deqlab.lightning.timing",
+    "PolicyWarning": "deqlab.lightning.policies",
+    "PretrainingSchedule": "deqlab.lightning.pretraining",
     "ResumeWarning": "deqlab.lightning.resume",
     "StepRecord": "deqlab.lightning._stats",
-    "find_deq_layers": "deqlab.lightning.module",
+    "find_deq_layers": "deqlab.lightning.layers",
 }
 
 

@@ -16,10 +16,11 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
 from deqlab.lightning._stats import StepRecord, split_forward_output
+from deqlab.solvers.result import SolverStatus
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NFEHistogram", "ConvergenceFigure", "tensorboard_writers"]
+__all__ = ["NFEHistogram", "ConvergenceFigure", "tensorboard_writers", "convergence_figure", "fixed_point_figure"]
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> List[Any]:
@@ -144,9 +145,9 @@ class ConvergenceFigure(pl.Callback):
             enough lines to see the spread, few enough to tell them apart.
         every_n_epochs: draw every ``n`` validation epochs. Default 1 (every epoch); raise it for long
             runs to save the extra forward and TensorBoard space.
-        fixed_point_image: also add ``solver/fixed_point`` (image states: channel mean per sample; dense
-            states: the samples × features matrix). Default ``True``: the picture is cheap once the
-            forward ran.
+        fixed_point_image: also add ``solver/fixed_point``, a figure with axes and a colour bar (image
+            states: the channel mean of each sample as a heat map; dense states: the samples × features heat
+            map; see `fixed_point_figure`). Default ``True``: the picture is cheap once the forward ran.
 
     Raises:
         ValueError: when ``num_samples`` or ``every_n_epochs`` is below 1.
@@ -204,62 +205,143 @@ class ConvergenceFigure(pl.Callback):
         first = solutions[0]
         step = trainer.global_step
         trace = None if first.solver_result is None else first.solver_result.trace  # None in fixed-depth mode
+        plt = _plt()
         if trace is not None:
-            fig = convergence_figure(trace, title=f"epoch {trainer.current_epoch}: NFE {first.nfe}, {first.status}")
+            termination = _termination_of(pl_module)
+            fig = convergence_figure(
+                trace, title=f"epoch {trainer.current_epoch}: NFE {first.nfe}, {SolverStatus(first.status).value}",
+                tol=None if termination is None else termination.tol,
+                objective="termination objective" if termination is None else termination.objective_name)
             for w in writers:
                 w.add_figure("solver/convergence", fig, global_step=step, close=False)
-            import matplotlib.pyplot as plt
-
             plt.close(fig)
         elif not self._warned:
             self._warned = True
             log.info("deqlab: the solver recorded no trace; solver/convergence is not drawn")
         if self.fixed_point_image:
-            image = fixed_point_image(first.z_star)
-            if image is not None:
+            fig = fixed_point_figure(first.z_star, title=f"fixed point z*, epoch {trainer.current_epoch}")
+            if fig is not None:
                 for w in writers:
-                    w.add_image("solver/fixed_point", image, global_step=step, dataformats="CHW")
+                    w.add_figure("solver/fixed_point", fig, global_step=step, close=False)
+                plt.close(fig)
 
 
-def convergence_figure(trace: Tensor, title: str = "") -> Any:
-    """A log-scale plot of the ``(steps + 1, B)`` per-sample objective, one thin line per sample."""
+def _termination_of(pl_module: Any) -> Any:
+    """The first DEQ layer's ``TerminationCondition`` (its tolerance and objective label the plot), or
+    ``None`` when the model's solver has none."""
+    method = getattr(pl_module, "deq_layers", None)  # DEQLightningModule.deq_layers (this module sits below it)
+    layers = method() if callable(method) else []
+    solver = getattr(layers[0], "solver", None) if layers else None
+    return getattr(solver, "termination", None)
+
+
+def _plt() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def convergence_figure(trace: Tensor, title: str = "", tol: Optional[float] = None,
+                       objective: str = "termination objective") -> Any:
+    """A log-scale plot of the ``(steps + 1, B)`` per-sample objective, one thin line per sample, the median
+    bold, and the tolerance the objective must reach as a dashed line.
+
+    Args:
+        trace: the solver's ``trace``, ``(steps + 1, B)`` (or ``(steps + 1,)``).
+        title: the figure title.
+        tol: the termination tolerance, drawn as a horizontal line. Default ``None``: none drawn.
+        objective: what the trace records, for the y axis (``TerminationCondition.objective_name``).
+
+    Returns:
+        A matplotlib figure (about 640 × 400 pixels).
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.lightning.callbacks import convergence_figure
+        >>> fig = convergence_figure(torch.tensor([[1.0, 2.0], [0.1, 0.3], [0.01, 0.02]]), tol=0.05)
+        >>> [tuple(int(v) for v in fig.get_size_inches() * fig.dpi)], fig.axes[0].get_yscale()
+        ([(640, 400)], 'log')
+    """
+    plt = _plt()
     t = trace.detach().float().cpu()
     if t.dim() == 1:
         t = t[:, None]
     t = t.clamp_min(1e-12)
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=80)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     steps = torch.arange(t.shape[0])
     for j in range(t.shape[1]):
-        ax.semilogy(steps, t[:, j], color="0.6", linewidth=0.6)
-    ax.semilogy(steps, t.median(dim=1).values, color="C0", linewidth=2.0, label="median")
+        ax.semilogy(steps, t[:, j], color="0.65", linewidth=0.7)
+    ax.semilogy(steps, t.median(dim=1).values, color="C0", linewidth=2.0, label="median over the samples")
+    if tol is not None and tol > 0:
+        ax.axhline(tol, color="C3", linestyle="--", linewidth=1.2, label=f"tolerance {tol:g}")
     ax.set_xlabel("solver step")
-    ax.set_ylabel("termination objective")
+    ax.set_ylabel(objective, fontsize=8)
     ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.25)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def fixed_point_image(z: Any, max_samples: int = 8) -> Optional[Tensor]:
-    """A ``(1, H, W)`` picture in [0, 1] of the fixed point: image states (B, C, H, W) as the channel mean
-    of the first samples side by side; dense states (B, D) as the samples × features matrix."""
+def fixed_point_figure(z: Any, max_samples: int = 8, title: str = "") -> Any:
+    """A readable picture of the fixed point, with axes and a colour bar (``None`` for a state it cannot
+    draw).
+
+    Image states ``(B, C, H, W)`` (the first scale of a multiscale state): the channel mean of up to
+    ``max_samples`` samples as heat maps side by side, one shared colour scale. Dense states ``(B, D)``: the
+    samples × features heat map (rows: samples, columns: features), wide enough to read a few hundred
+    features.
+
+    Args:
+        z: the fixed point ``z*`` (a tensor, or a list of tensors: the first is drawn).
+        max_samples: samples drawn. Default 8.
+        title: the figure title.
+
+    Returns:
+        A matplotlib figure, or ``None``.
+
+    Examples:
+        >>> import torch
+        >>> from deqlab.lightning.callbacks import fixed_point_figure
+        >>> fig = fixed_point_figure(torch.randn(4, 128))
+        >>> [ax.get_xlabel() for ax in fig.axes][:1], len(fig.axes)   # the heat map and its colour bar
+        (['feature'], 2)
+        >>> len(fixed_point_figure(torch.randn(3, 2, 8, 8)).axes)      # 3 samples and the colour bar
+        4
+    """
     if isinstance(z, (list, tuple)):
         z = z[0] if z else None
-    if not torch.is_tensor(z):
+    if not torch.is_tensor(z) or z.dim() not in (2, 4) or z.numel() == 0:
         return None
-    z = z.detach().float().cpu()
-    if z.dim() == 4:
-        tiles = z[:max_samples].mean(dim=1)  # (n, H, W)
-        img = torch.cat(list(tiles), dim=1)  # (H, n*W)
-    elif z.dim() == 2:
-        img = z
+    plt = _plt()
+    z = z.detach().float().cpu()[:max_samples]
+    if z.dim() == 2:
+        n, d = z.shape
+        fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, d / 24)), max(2.5, 1.0 + 0.35 * n)), dpi=100)
+        im = ax.imshow(z.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xlabel("feature")
+        ax.set_ylabel("sample")
+        ax.set_yticks(range(n))
+        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="z*")
     else:
-        return None
-    lo, hi = img.min(), img.max()
-    img = (img - lo) / (hi - lo) if hi > lo else torch.zeros_like(img)
-    return img[None]
+        maps = z.mean(dim=1)  # (n, H, W)
+        n = maps.shape[0]
+        lo, hi = float(maps.min()), float(maps.max())
+        fig, axes = plt.subplots(1, n, figsize=(max(4.0, 2.2 * n + 1.0), 2.8), dpi=100, squeeze=False)
+        im = None
+        for j, ax in enumerate(axes[0]):
+            im = ax.imshow(maps[j].numpy(), cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_title(f"sample {j}", fontsize=8)
+            ax.set_xlabel("x", fontsize=7)
+            if j == 0:
+                ax.set_ylabel("y", fontsize=7)
+            ax.tick_params(labelsize=6)
+        fig.colorbar(im, ax=list(axes[0]), fraction=0.03, pad=0.02, label="channel mean of z*")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    if z.dim() == 2:
+        fig.tight_layout()
+    return fig

@@ -9,8 +9,8 @@ the module overrides; the module returns both from ``configure_callbacks``, and 
 * `CheckpointIntegrity`: every checkpoint file the Trainer reads is checked first (`check_checkpoint_file`)
   and a failed read is reported by name (`damage_reported_by_name`). It wraps the strategy's public
   ``checkpoint_io`` plugin (`CheckedCheckpointIO`) instead of patching the strategy.
-* `ExactResume`: writes deqlab's entry ``checkpoint["deqlab"]`` (global RNG states, the skipped-batch count,
-  the training loader's position) and restores it when training starts, so a run resumed from any
+* `ExactResume`: writes deqlab's entry ``checkpoint["deqlab"]`` (global RNG states, the training loader's
+  position) and restores it when training starts, so a run resumed from any
   checkpoint, mid-epoch included, ends bit-identical to the uninterrupted run (CPU). A loader that
   Lightning checkpoints itself (one with ``state_dict``/``load_state_dict``: torchdata's
   ``StatefulDataLoader``, deqlab's data modules) is left to Lightning; a plain ``DataLoader`` with
@@ -31,7 +31,7 @@ from deqlab.lightning.checkpoint import check_checkpoint_file, damage_reported_b
 
 __all__ = ["CHECKPOINT_KEY", "CheckedCheckpointIO", "CheckpointIntegrity", "ExactResume", "ResumeWarning"]
 
-#: Key of deqlab's own entry in a Lightning checkpoint (RNG states, skipped-batch count, loader position).
+#: Key of deqlab's own entry in a Lightning checkpoint (RNG states, loader position).
 CHECKPOINT_KEY = "deqlab"
 
 #: Samplers whose whole randomness is their ``generator`` (or, without one, one draw from the global RNG at
@@ -231,7 +231,6 @@ class ExactResume(pl.Callback):
     restores them at ``on_train_start``, after Lightning's setup and before the first batch is drawn:
 
     * the global RNG states of torch, numpy and Python (CUDA where the device count matches);
-    * the skipped-batch count of a `DEQLightningModule` (``train/skipped_batches`` continues);
     * the training loader's position:
 
       - a stateful loader (``state_dict``/``load_state_dict``: deqlab's data modules' `ResumableDataLoader`,
@@ -277,8 +276,7 @@ class ExactResume(pl.Callback):
 
     # ---- saving
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: Any, checkpoint: Dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"rng": rng_state(), "skipped_batches": int(getattr(pl_module, "_skipped_batches", 0)),
-                                      "train_loader": self._loader_record(trainer)}
+        checkpoint[CHECKPOINT_KEY] = {"rng": rng_state(), "train_loader": self._loader_record(trainer)}
 
     def _loader_record(self, trainer: "pl.Trainer") -> Dict[str, Any]:
         kind, dl, why = _classify(trainer.train_dataloader)
@@ -304,8 +302,6 @@ class ExactResume(pl.Callback):
                 "with ExactResume attached for an exact continuation.", ResumeWarning, stacklevel=2)
             return
         self._entry = entry
-        if hasattr(pl_module, "_skipped_batches"):
-            pl_module._skipped_batches = int(entry.get("skipped_batches", 0))
         self._loader_states = _loader_states(checkpoint)
         record = entry.get("train_loader") or {}
         if record.get("batches", 0) >= record.get("epoch_batches", float("inf")):

@@ -75,6 +75,9 @@ class CallableSolver:
 def as_solver(solver: Any, owner: str = "DEQ") -> Solver:
     """A registered name, a [`Solver`][deqlab.solvers.Solver], or a plain callable (wrapped in
     [`CallableSolver`][deqlab.nn.CallableSolver]); anything else raises ``TypeError``."""
+    if isinstance(solver, type):
+        raise TypeError(f"{owner}: solver is the class {solver.__name__}, not a solver; create one, e.g. "
+                        f"solver={solver.__name__}() (with its options in the parentheses)")
     if isinstance(solver, str):
         from deqlab.solvers.registry import get_solver
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, List, Literal, Optional, Sequence, T
 import torch
 from torch import Tensor, nn
 
+from deqlab import instrument
 from deqlab._compat import warn_renamed
 from deqlab.nn.adapters import as_solver
 from deqlab.nn.implicit import BackwardMode, BackwardResult, ImplicitBackward, _GradientContext, attach_gradient
@@ -61,12 +62,22 @@ def _resolve_init(owner: str, init: Optional[GuessStrategy], z_shape: Optional[S
         raise ValueError(f"{owner}: {' and '.join(given)} both set the initial state u0; pass one of them "
                          f"(z_shape=S is init=ZeroGuess(shape=S), initializer=fn is init=FunctionGuess(fn), "
                          f"shortcut=m is init=ShortcutGuess(m))")
+    # One way to give a starting guess: init= with a strategy object; the three old spellings still work
     if shortcut is not None:
+        warn_renamed(owner, "shortcut=m", "init=ShortcutGuess(m) (or SkipDeepEquilibriumNetwork(f, solver, m))",
+                     stacklevel=5, why="one way to give a starting guess")
         return ShortcutGuess(shortcut, shape=z_shape)
     if initializer is not None:
+        warn_renamed(owner, "initializer=fn", "init=FunctionGuess(fn)", stacklevel=5,
+                     why="one way to give a starting guess")
         return FunctionGuess(initializer)
+    if z_shape is not None:
+        warn_renamed(owner, "z_shape=S", "init=ZeroGuess(shape=S)", stacklevel=5, why="one way to give a starting guess")
     if init is None:
         return ZeroGuess(shape=z_shape)
+    if isinstance(init, type):
+        raise TypeError(f"{owner}: init is the class {init.__name__}, not a strategy; create one, e.g. "
+                        f"init={init.__name__}(...)")
     if not isinstance(init, GuessStrategy):
         missing = [m for m in ("__call__", "start", "skip_loss", "observe") if not callable(getattr(init, m, None))]
         raise TypeError(f"{owner}: init must be an initial-guess strategy (ZeroGuess(), ShortcutGuess(module), "
@@ -149,11 +160,12 @@ class DeepEquilibriumNetwork(nn.Module):
         jacobian_normalize: ``"element"`` (default; divide by ``z.numel()``, as Bai et al., so the loss
             weight does not depend on batch size or width), ``"sample"`` (divide by the batch size) or
             ``"none"`` (the raw sum).
-        z_shape: alias: ``z_shape=S`` is ``init=ZeroGuess(shape=S)``, the per-sample state shape of a
+        z_shape: deprecated spelling (warns) of ``init=ZeroGuess(shape=S)``, the per-sample state shape of a
             reduced-dimension DEQ. Default ``None``: the state is shaped like ``x``.
-        initializer: alias: ``initializer=fn`` is ``init=FunctionGuess(fn)`` (``u0 = fn(x)``, no gradient).
+        initializer: deprecated spelling (warns) of ``init=FunctionGuess(fn)`` (``u0 = fn(x)``, no gradient;
+            a module with parameters is refused, they would never train: use ``init=ShortcutGuess(module)``).
             Default ``None``: no function start.
-        shortcut: alias: ``shortcut=m`` is ``init=ShortcutGuess(m, shape=z_shape)`` (a Skip DEQ; with a
+        shortcut: deprecated spelling (warns) of ``init=ShortcutGuess(m, shape=z_shape)`` (a Skip DEQ; with a
             shortcut, ``z_shape`` is the shape its output is checked against). Default ``None``: no
             learned predictor.
         fixed_depth: when > 0, skip the solver and run ``fixed_depth`` unrolled applications of ``f`` from
@@ -224,6 +236,9 @@ class DeepEquilibriumNetwork(nn.Module):
         solver = as_solver(solver, name)
         if backward is None:
             backward = ImplicitBackward()
+        if isinstance(backward, type):
+            raise TypeError(f"{name}: backward is the class {backward.__name__}, not a backward mode; create one, "
+                            f"e.g. backward={backward.__name__}()")
         if not isinstance(backward, BackwardMode):
             raise TypeError(f"{name}: backward must be a BackwardMode (ImplicitBackward(), "
                             f"JacobianFreeBackward(), PhantomGradient()), got {backward!r}")
@@ -377,7 +392,7 @@ class DeepEquilibriumNetwork(nn.Module):
             deqlab.SolverError: the forward solve did not converge and ``on_unconverged="raise"``.
         """
         self._validate_input(x)
-        with equilibrium_session([self]):
+        with equilibrium_session([self]), instrument.region("deq.forward"):
             return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tuple[State, DeepEquilibriumSolution]:
@@ -388,7 +403,8 @@ class DeepEquilibriumNetwork(nn.Module):
         # statistics are frozen while the map is evaluated here (and in the backward), and updated by one
         # evaluation at the returned state below (see deqlab.nn.running_stats).
         with frozen_running_stats(modules) as batch_norms:
-            u0 = self.init(x, fmap)
+            with instrument.region("deq.init"):
+                u0 = self.init(x, fmap)
             u0_parts = as_parts(u0)
             if u0_parts[0].shape[0] != x.shape[0]:
                 raise ValueError(f"{name}: the initial state has batch size {u0_parts[0].shape[0]} but x has "
@@ -409,8 +425,9 @@ class DeepEquilibriumNetwork(nn.Module):
         if depth > 0:
             with torch.no_grad():  # the residual's evaluation at z is also the running statistics' update
                 fz = fmap(z)
-                residual = per_sample_norm([a - b for a, b in zip(as_parts(fz), as_parts(z))],
-                                           self.solver.termination.norm)
+                norm_kind = self.solver.termination.norm
+                residual = per_sample_norm([a - b for a, b in zip(as_parts(fz), as_parts(z))], norm_kind)
+                rel_residual = residual / (per_sample_norm(as_parts(fz), norm_kind) + 1e-12)
             z_star = z
             nfe = reference = depth
             converged = torch.zeros_like(residual, dtype=torch.bool)
@@ -422,7 +439,8 @@ class DeepEquilibriumNetwork(nn.Module):
             z_parts = [t.detach() for t in as_parts(result.z)]
             z_parts, context = self._attach(z_parts, x, is_list)
             z_star = from_parts(z_parts, is_list)
-            residual, nfe = result.residual.detach(), int(result.nfe)
+            residual, nfe = result.abs_residual.detach(), int(result.nfe)
+            rel_residual = result.rel_residual.detach()
             reference = result.reference_nfe
             if reference is not None and self.jacobian_regularization and result.reference_counting == "deqjl":
                 reference += 1
@@ -438,9 +456,9 @@ class DeepEquilibriumNetwork(nn.Module):
             jac = self._jacobian_loss(z_star, x) if self.jacobian_regularization else x.new_zeros(())
         skip = self.init.skip_loss(u0, z_star)
         solution = DeepEquilibriumSolution(
-            z_star=z_star, u0=u0, residual=residual, jacobian_loss=jac,
+            z_star=z_star, u0=u0, abs_residual=residual, jacobian_loss=jac,
             skip_loss=x.new_zeros(()) if skip is None else skip, nfe=nfe, converged=converged, status=status,
-            solver_result=result, reference_nfe=reference)
+            solver_result=result, reference_nfe=reference, rel_residual=rel_residual)
         if counter is not None:
             counter.bind(solution)
         if context is not None:
@@ -502,8 +520,13 @@ def _describe_forward(result: Any, termination: Any = None) -> str:
     within, the tolerance) are named as such: they need a looser tolerance or a better-conditioned map,
     not more steps."""
     unconverged = float((~result.converged).float().mean())
-    text = (f"status {result.status.value}, max residual {float(result.residual.max()):.3g}, "
-            f"{unconverged:.0%} of the samples unconverged")
+    objective = getattr(result, "objective", None)
+    if objective is not None and objective.numel():
+        what = (f"max {result.objective_name} {float(objective.max()):.3g} (the stopping test's objective; "
+                f"tolerance {result.tolerance:g})")
+    else:
+        what = f"max absolute residual {float(result.abs_residual.max()):.3g}"
+    text = f"status {result.status.value}, {what}, {unconverged:.0%} of the samples unconverged"
     stalled = getattr(result, "stalled", None)
     if stalled is not None and bool(stalled.any()):
         mult = getattr(termination, "patience_objective_multiplier", 3.0)

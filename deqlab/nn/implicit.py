@@ -23,6 +23,7 @@ the explicit stem before the DEQ trains.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from deqlab import instrument
 from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
 from deqlab.solvers.protocols import LinearSolver, Solver
@@ -177,7 +179,9 @@ class Linearization:
     """One graph of ``f`` at ``z*`` and the VJPs a backward mode needs; counts them in ``nvjp``.
 
     Building it evaluates ``f`` once with grad enabled; every VJP then reuses that graph, so an adjoint
-    solve of ``k`` steps costs ``k`` VJPs and no further evaluations of ``f``.
+    solve of ``k`` steps costs ``k`` VJPs and no further evaluations of ``f``. While `deqlab.instrument`
+    records, building it is region ``"adjoint.linearize"`` (the backward modes time their VJPs as
+    ``"adjoint.vjp"`` and ``"adjoint.vjp_inputs"``).
 
     Args:
         problem: the [`EquilibriumProblem`][deqlab.nn.EquilibriumProblem] to linearize (usually ``problem.linearize()`` builds it).
@@ -204,7 +208,7 @@ class Linearization:
         self.params = problem.params
         self.needs = problem.needs
         self.nvjp = 0
-        with torch.enable_grad():
+        with torch.enable_grad(), instrument.region("adjoint.linearize"):
             self.fz = problem.evaluate(self.z, self.x, self.state)
         owner = problem._owner
         if owner is not None and owner not in _FOREIGN_CHECKED:
@@ -332,6 +336,9 @@ class _GradientContext:
         self.mode = mode
         self.n_parts = n_parts
         self.n_params = n_params
+        #: the forward's thread: a CUDA backward runs in autograd's device thread and reports to the
+        #: recording of this one (deqlab.instrument)
+        self.thread = threading.get_ident()
         #: called with the BackwardResult (set by the layer once the solution record exists)
         self.on_backward = on_backward
 
@@ -374,26 +381,27 @@ class _EquilibriumGradient(torch.autograd.Function):
     def backward(ctx, *grad_z: Tensor):
         if torch.is_grad_enabled():
             raise RuntimeError(_DOUBLE_BACKWARD)
-        context: _GradientContext = ctx.context
-        x, *tensors = ctx.saved_tensors
-        n = context.n_parts
-        z_star, grad_state = tensors[:n], tensors[n:]
-        params = ctx.params
-        for t, v in zip(params, ctx.versions):
-            if t._version != v:
-                raise RuntimeError(
-                    "A parameter of the DEQ map was modified in place between the forward and the backward "
-                    f"(shape {tuple(t.shape)}); call backward before optimizer.step()")
-        needs = [ctx.needs_input_grad[1]] + list(ctx.needs_input_grad[2 + n:])
-        grad_parts = [torch.zeros_like(z) if g is None else g for g, z in zip(grad_z, z_star)]
-        v = flatten(grad_parts)
-        problem = EquilibriumProblem(z_star=z_star, x=x, params=params, grad_state=grad_state, needs=needs,
-                                     **context.problem_args)
-        result = context.mode.gradients(problem, v)
-        if context.on_backward is not None:
-            context.on_backward(result)
-        gx, rest = result.grads[0], result.grads[1:]
-        return (None, gx, *([None] * n), *rest)
+        with instrument._adopted(ctx.context.thread, "deq.backward"):
+            context: _GradientContext = ctx.context
+            x, *tensors = ctx.saved_tensors
+            n = context.n_parts
+            z_star, grad_state = tensors[:n], tensors[n:]
+            params = ctx.params
+            for t, v in zip(params, ctx.versions):
+                if t._version != v:
+                    raise RuntimeError(
+                        "A parameter of the DEQ map was modified in place between the forward and the backward "
+                        f"(shape {tuple(t.shape)}); call backward before optimizer.step()")
+            needs = [ctx.needs_input_grad[1]] + list(ctx.needs_input_grad[2 + n:])
+            grad_parts = [torch.zeros_like(z) if g is None else g for g, z in zip(grad_z, z_star)]
+            v = flatten(grad_parts)
+            problem = EquilibriumProblem(z_star=z_star, x=x, params=params, grad_state=grad_state, needs=needs,
+                                         **context.problem_args)
+            result = context.mode.gradients(problem, v)
+            if context.on_backward is not None:
+                context.on_backward(result)
+            gx, rest = result.grads[0], result.grads[1:]
+            return (None, gx, *([None] * n), *rest)
 
 
 def attach_gradient(context: _GradientContext, z_parts: Sequence[Tensor], x: Tensor, params: Sequence[Tensor],
@@ -622,17 +630,21 @@ class ImplicitBackward(BackwardMode):
                 residual, converged = v.new_zeros(v.shape[0]).float(), True
             else:
                 solver = self.linear_solver(problem.forward_tol)
-                if v.dtype in _HALF:  # keep the Krylov/least-squares algebra in float32
-                    dtype = v.dtype
-                    out = solver.solve(_half_matvec(lin, dtype, split=_uses_finite_differences(solver)), v.float())
-                    g = out.x.to(dtype)
-                else:
-                    out = solver.solve(lambda u: u - lin.vjp_z(u), v)
-                    g = out.x
+                vjp = instrument.wrap("adjoint.vjp", lin.vjp_z)  # lin.vjp_z itself when nothing records
+                with instrument.region("adjoint.solve"):
+                    if v.dtype in _HALF:  # keep the Krylov/least-squares algebra in float32
+                        dtype = v.dtype
+                        out = solver.solve(_half_matvec(vjp, dtype, split=_uses_finite_differences(solver)),
+                                           v.float())
+                        g = out.x.to(dtype)
+                    else:
+                        out = solver.solve(lambda u: u - vjp(u), v)
+                        g = out.x
                 residual, converged = out.residual.detach(), bool(out.all_converged)
                 if not bool(torch.isfinite(g).all()):
                     converged = False
-        grads = lin.vjp_inputs(g.detach())
+        with instrument.region("adjoint.vjp_inputs"):
+            grads = lin.vjp_inputs(g.detach())
         return BackwardResult(grads=grads, nfe=lin.nvjp, residual=residual, converged=converged)
 
 
@@ -641,7 +653,7 @@ def _uses_finite_differences(solver: LinearSolver) -> bool:
     return isinstance(solver, FixedPointLinearSolver) and solver.finite_differences
 
 
-def _half_matvec(lin: Any, dtype: torch.dtype, split: bool) -> Callable[[Tensor], Tensor]:
+def _half_matvec(vjp_z: Callable[[Tensor], Tensor], dtype: torch.dtype, split: bool) -> Callable[[Tensor], Tensor]:
     """The float32 adjoint matvec ``u -> u - Jᵀu`` of a half-precision map.
 
     Why ``split``: a finite-difference solver perturbs ``u`` by ~3e-4 relative (float32's sqrt(eps)),
@@ -650,12 +662,12 @@ def _half_matvec(lin: Any, dtype: torch.dtype, split: bool) -> Callable[[Tensor]
     (two VJPs, linear in ``u``) keeps ~16 bits of ``u``, enough for the difference to be resolved.
     """
     if not split:
-        return lambda u: u - lin.vjp_z(u.to(dtype)).float()
+        return lambda u: u - vjp_z(u.to(dtype)).float()
 
     def matvec(u: Tensor) -> Tensor:
         hi = u.to(dtype)
         lo = (u - hi.float()).to(dtype)
-        return u - lin.vjp_z(hi).float() - lin.vjp_z(lo).float()
+        return u - vjp_z(hi).float() - vjp_z(lo).float()
 
     return matvec
 
@@ -687,7 +699,8 @@ class JacobianFreeBackward(BackwardMode):
 
     def gradients(self, problem: EquilibriumProblem, v: Tensor) -> BackwardResult:
         lin = problem.linearize()
-        grads = lin.vjp_inputs(v)
+        with instrument.region("adjoint.vjp_inputs"):
+            grads = lin.vjp_inputs(v)
         return BackwardResult(grads=grads, nfe=lin.nvjp)
 
 

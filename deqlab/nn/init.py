@@ -333,6 +333,13 @@ class FunctionGuess(InitialGuess):
         super().__init__()
         if not callable(fn):
             raise TypeError(f"FunctionGuess: fn must be callable as fn(x) -> u0, got {fn!r}")
+        if isinstance(fn, nn.Module) and any(p.requires_grad for p in fn.parameters()):
+            # registered, saved in checkpoints, but never trained: u0 = fn(x) runs without gradient and has no
+            # skip loss. A learned predictor is a Skip DEQ's shortcut.
+            raise TypeError(f"FunctionGuess: fn is a module with trainable parameters ({type(fn).__name__}); they "
+                            f"would never be trained (u0 = fn(x) takes no gradient and has no skip loss). For a "
+                            f"learned predictor use init=ShortcutGuess(module) (a Skip DEQ); for a fixed function "
+                            f"freeze it first (module.requires_grad_(False))")
         self.fn = fn
 
     def forward(self, x: Tensor, f: Callable[[State], State]) -> State:

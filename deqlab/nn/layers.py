@@ -388,7 +388,8 @@ class DenseDEQBlock(nn.Module):
         >>> block(torch.zeros(2, 4), torch.ones(2, 3)).shape
         torch.Size([2, 4])
         >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
-        >>> z_star, solution = DEQ(block, solver, z_shape=(4,))(torch.randn(2, 3))
+        >>> from deqlab.nn import ZeroGuess
+        >>> z_star, solution = DEQ(block, solver, init=ZeroGuess(shape=(4,)))(torch.randn(2, 3))
         >>> z_star.shape, solution.status.value
         (torch.Size([2, 4]), 'converged')
     """

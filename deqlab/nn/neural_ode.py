@@ -131,7 +131,7 @@ class MultiScaleNeuralODE(nn.Module):
             ``"interpolated_adjoint"`` (torchdyn's; see the module docstring for why they are wrong here).
 
     ``forward(x)`` returns ``(list of u_i(1), solution)``; ``solution.nfe`` counts vector-field
-    evaluations of the forward integration, ``solution.residual`` is ``||f(u(1)) − u(1)||`` per sample
+    evaluations of the forward integration, ``solution.abs_residual`` is ``||f(u(1)) − u(1)||`` per sample
     (how far from a fixed point the endpoint is; not counted in nfe). When the backward runs it fills the
     record of *its own* forward (another forward in flight keeps its numbers and its ``x``), through
     [`DeepEquilibriumSolution.record_backward`][deqlab.nn.DeepEquilibriumSolution.record_backward] like the
@@ -287,12 +287,13 @@ class MultiScaleNeuralODE(nn.Module):
         with torch.no_grad():
             f1 = self.model([u.detach() for u in u1], x.detach())
             residual = per_sample_norm([a - b for a, b in zip(f1, u1)])
+            rel_residual = residual / (per_sample_norm(list(f1)) + 1e-12)
         finite = torch.isfinite(residual)
         solution = DeepEquilibriumSolution(
-            z_star=u1, u0=u0, residual=residual, jacobian_loss=x.new_zeros(()), skip_loss=x.new_zeros(()),
+            z_star=u1, u0=u0, abs_residual=residual, jacobian_loss=x.new_zeros(()), skip_loss=x.new_zeros(()),
             nfe=forward_nfe, converged=finite,
             status=SolverStatus.CONVERGED if bool(finite.all()) else SolverStatus.NONFINITE,
-            solver_result=None, reference_nfe=forward_nfe + 1)  # DeepEquilibriumNetworks.jl: the integrator's nf + 1
+            solver_result=None, reference_nfe=forward_nfe + 1, rel_residual=rel_residual)  # DeepEquilibriumNetworks.jl: the integrator's nf + 1
         run.counter.bind(solution)
         if traj.requires_grad:
             traj.register_hook(functools.partial(_begin_backward, vf, run))

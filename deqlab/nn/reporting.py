@@ -31,6 +31,33 @@ def check_policy(owner: str, policy: str) -> str:
     return policy
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the user's line: the first frame, outwards from the
+    caller of `warnings.warn`, that is neither deqlab's nor torch's (a layer's forward runs inside
+    ``nn.Module.__call__``, and a backward inside autograd, so a fixed level pointed at
+    ``torch/nn/modules/module.py``). Frames of deqlab's and torch's packages and of Lightning are skipped.
+    """
+    import os
+    import sys
+
+    import torch
+
+    skip = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules["deqlab"], torch)
+                 if getattr(m, "__file__", None))
+    skip += tuple(os.path.dirname(os.path.abspath(sys.modules[name].__file__)) + os.sep
+                  for name in ("pytorch_lightning", "lightning") if name in sys.modules
+                  and getattr(sys.modules[name], "__file__", None))
+    frame = sys._getframe(1)
+    level = 1  # warnings.warn(stacklevel=1) is the function calling warnings.warn: this one's caller
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(skip) and not frame.f_code.co_filename.startswith("<frozen"):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 2
+
+
 def _is_power_of_ten(n: int) -> bool:
     while n % 10 == 0 and n > 1:
         n //= 10
@@ -69,6 +96,7 @@ class ConvergenceReporter:
         if policy == "raise":
             raise SolverError(message, result)
         if _is_power_of_ten(n):
+            # (``stacklevel`` is kept for callers; the warning points at the user's own line)
             warnings.warn(f"{message}. Warned at the 1st, 10th, 100th, ... failure; pass on_unconverged='ignore' "
                           f"to the layer to silence this, or 'raise' to stop at the first one",
-                          ConvergenceWarning, stacklevel=stacklevel)
+                          ConvergenceWarning, stacklevel=user_stacklevel())

@@ -15,12 +15,14 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from deqlab._compat import renamed_field
 from deqlab.solvers.result import SolverResult, SolverStatus
 from deqlab.state import State
 
 __all__ = ["DeepEquilibriumSolution"]
 
 
+@renamed_field("residual", "abs_residual", why="the absolute residual ||f(z*) - z*||; rel_residual is the relative one")
 @dataclass
 class DeepEquilibriumSolution:
     """Everything a training loop needs about one DEQ solve.
@@ -29,7 +31,8 @@ class DeepEquilibriumSolution:
         z_star: the fixed point (tensor or list of tensors for multiscale models), carrying gradients.
         u0: the initial guess the solve started from (``shortcut(x)`` for Skip DEQ, ``f(0, x)`` for
             Skip Reg. DEQ, zeros otherwise).
-        residual: per-sample ``||f(z*) - z*||`` (shape ``(B,)``), detached.
+        abs_residual: per-sample absolute residual ``||f(z*) - z*||`` (shape ``(B,)``), detached. (Its old
+            name ``residual`` still reads, with a ``DeprecationWarning``.)
         jacobian_loss: Hutchinson estimate of ``||df/dz||_F^2`` at ``z*`` (scalar, differentiable), or a
             zero scalar when Jacobian regularization is off.
         skip_loss: the initial guess's loss, e.g. ``mean |u0 - z*|`` (Skip variants; differentiable w.r.t.
@@ -46,6 +49,9 @@ class DeepEquilibriumSolution:
             backward ran, and for backward modes without a solve).
         backward_converged: whether the last adjoint solve met its tolerance for every sample (``None``
             until a backward ran, and for modes without a solve: JFB, phantom gradient).
+        rel_residual: per-sample relative residual ``||f(z*) - z*|| / ||f(z*)||``, detached (``None`` from a
+            layer that does not compute it). Which of the two the solver's stopping test bounds, and by what
+            tolerance, is ``solver_result.objective_name`` / ``solver_result.tolerance``.
         reference_nfe: the forward's NFE as the paper's reference code counted it, for comparing with the
             paper's tables: the solver's ``reference_nfe`` (see `deqlab.solvers.counting`), plus one with
             Jacobian regularization in the ``"deqjl"`` convention (that code counted the regularizer's
@@ -64,7 +70,7 @@ class DeepEquilibriumSolution:
         ...         return 0.5 * z + x
         >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
         >>> z_star, solution = DEQ(Half(), solver)(torch.ones(2, 3, requires_grad=True))
-        >>> type(solution).__name__, solution.status.value, solution.residual.shape, solution.nfe > 0
+        >>> type(solution).__name__, solution.status.value, solution.abs_residual.shape, solution.nfe > 0
         ('DeepEquilibriumSolution', 'converged', torch.Size([2]), True)
         >>> float(solution.skip_loss), float(solution.jacobian_loss)      # no Skip guess, no regularization
         (0.0, 0.0)
@@ -77,7 +83,7 @@ class DeepEquilibriumSolution:
 
     z_star: State
     u0: Optional[State]
-    residual: Tensor
+    abs_residual: Tensor
     jacobian_loss: Tensor
     skip_loss: Tensor
     nfe: int
@@ -88,6 +94,7 @@ class DeepEquilibriumSolution:
     backward_residual: Optional[Tensor] = None
     backward_converged: Optional[bool] = None
     reference_nfe: Optional[int] = None
+    rel_residual: Optional[Tensor] = None
 
     @property
     def stalled(self) -> Optional[Tensor]:
@@ -115,7 +122,7 @@ class DeepEquilibriumSolution:
             >>> import torch
             >>> from deqlab.nn import DeepEquilibriumSolution
             >>> from deqlab.solvers import SolverStatus
-            >>> sol = DeepEquilibriumSolution(z_star=torch.zeros(1, 2), u0=None, residual=torch.zeros(1),
+            >>> sol = DeepEquilibriumSolution(z_star=torch.zeros(1, 2), u0=None, abs_residual=torch.zeros(1),
             ...                               jacobian_loss=torch.zeros(()), skip_loss=torch.zeros(()), nfe=3,
             ...                               converged=torch.ones(1, dtype=torch.bool),
             ...                               status=SolverStatus.CONVERGED)

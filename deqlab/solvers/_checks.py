@@ -20,3 +20,39 @@ def check_int(owner: str, name: str, value: object, *, low: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
     return int(value)
+
+
+def unknown_keyword(owner: str, name: str, valid: "list[str]", *, hint: str = "") -> TypeError:
+    """The ``TypeError`` for a keyword ``owner`` does not take: names the closest valid one (did you mean) and
+    every valid one, so a typo costs no lookup. ``hint`` adds a sentence (e.g. where a setting lives)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    mean = f" (did you mean {close[0]!r}?)" if close else ""
+    extra = f" {hint}" if hint else ""
+    return TypeError(f"{owner} got an unexpected keyword argument {name!r}{mean}.{extra} "
+                     f"Valid: {', '.join(valid)}")
+
+
+def checked_keywords(init):  # type: ignore[no-untyped-def]
+    """Decorate a constructor so an unknown keyword raises `unknown_keyword` (did you mean, every valid
+    name) instead of Python's bare ``unexpected keyword argument``. The signature seen by ``inspect`` (and
+    so by LightningCLI) is the constructor's own."""
+    import functools
+    import inspect
+
+    params = inspect.signature(init).parameters
+    valid = [p for p in params if p != "self"]
+    owner = init.__qualname__.split(".")[0]
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for name in kwargs:
+            if name not in params:
+                raise unknown_keyword(owner, name, valid, hint=(
+                    "A solver has two tolerances: abstol_termination and reltol_termination (or "
+                    "termination=TerminationCondition(...)); the continuous solver also ode_abstol / ode_reltol."
+                    if "tol" in name else ""))
+        return init(self, *args, **kwargs)
+
+    return wrapper

@@ -6,6 +6,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from deqlab import instrument
 from deqlab.state import State, StatePacker, make_flat_map
 from deqlab.solvers.result import SolverError, SolverResult, SolverStatus
 from deqlab.solvers.termination import TerminationTracker
@@ -16,12 +17,15 @@ class CountedMap:
 
     ``restrict(index, packer)`` switches it to the map of a sub-batch (per-sample early exit) while the
     counts go on: ``nfe`` stays the number of calls, ``rows`` sums the samples evaluated.
+
+    While `deqlab.instrument` records, every evaluation is timed as region ``"f"`` (decided when the map
+    is built, so an unrecorded solve calls the flat map directly).
     """
 
     __slots__ = ("flat", "nfe", "rows")
 
     def __init__(self, f: Callable[[State], State], packer: StatePacker):
-        self.flat = make_flat_map(f, packer)
+        self.flat = instrument.wrap("f", make_flat_map(f, packer))
         self.nfe = 0
         self.rows = 0
 
@@ -32,7 +36,7 @@ class CountedMap:
 
     def restrict(self, f: Callable[[State], State], packer: StatePacker) -> None:
         """Evaluate ``f`` (the map of a sub-batch, states packed by ``packer``) from now on."""
-        self.flat = make_flat_map(f, packer)
+        self.flat = instrument.wrap("f", make_flat_map(f, packer))
 
 
 def check_max_steps(max_steps: object) -> int:
@@ -56,7 +60,7 @@ def empty_result(packer: StatePacker, z: Tensor, *, continuous: bool = False,
     batches, is credited with nothing either)."""
     norm_dtype = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
     empty = z.new_zeros(0, dtype=norm_dtype)
-    return SolverResult(z=packer.unflatten(z.clone()), nfe=0, steps=0, residual=empty, rel_residual=empty.clone(),
+    return SolverResult(z=packer.unflatten(z.clone()), nfe=0, steps=0, abs_residual=empty, rel_residual=empty.clone(),
                         converged=torch.zeros(0, dtype=torch.bool, device=z.device), status=SolverStatus.CONVERGED,
                         sample_steps=torch.zeros(0, dtype=torch.long, device=z.device), trace=None,
                         fz=packer.unflatten(z.clone()), t=z.new_zeros(0) if continuous else None,
@@ -79,11 +83,17 @@ def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du
                  accepted_steps: Optional[Tensor] = None) -> SolverResult:
     z_ret, du_ret, res, rel = tracker.finish(z, du, last_step)
     status = tracker.status()
+    cond = tracker.cond
+    objective = None if getattr(cond, "batch_wide", False) else {"abs_norm": res, "rel_norm": rel}.get(cond.mode)
+    if objective is None:  # rel_deq_* / abs_deq_* objectives are rel / res; abs, rel, norm, batch-wide computed
+        objective = (rel if cond.mode.startswith("rel_deq") and not getattr(cond, "batch_wide", False)
+                     else res if cond.mode.startswith("abs_deq") and not getattr(cond, "batch_wide", False)
+                     else cond.evaluate(z_ret, du_ret)[0])
     result = SolverResult(
         z=packer.unflatten(z_ret),
         nfe=nfe,
         steps=steps,
-        residual=res,
+        abs_residual=res,
         rel_residual=rel,
         converged=tracker.converged.clone(),
         status=status,
@@ -96,6 +106,9 @@ def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du
         reference_counting=reference_counting,
         stalled=tracker.stalled.clone(),
         accepted_steps=accepted_steps,
+        objective=objective,
+        tolerance=float(cond.tol),
+        objective_name=cond.objective_name,
     )
     if throw and status is not SolverStatus.CONVERGED:
         n_bad = int((~result.converged).sum())
@@ -104,8 +117,9 @@ def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du
                    f"tolerance (stopped by the patience rule)" if n_stall else "")
         raise SolverError(
             f"{solver_name} ended with status '{status.value}' after {steps} steps ({nfe} evaluations): "
-            f"{n_bad} of {len(result.converged)} samples did not converge{stalled} (max residual "
-            f"{float(res.max()):.3g}). Raise max_steps, loosen the tolerances, or pick another solver.",
+            f"{n_bad} of {len(result.converged)} samples did not converge{stalled} (max {cond.objective_name} "
+            f"{float(objective.max()):.3g}, tolerance {cond.tol:g}). Raise max_steps, loosen the tolerances, or "
+            f"pick another solver.",
             result,
         )
     return result

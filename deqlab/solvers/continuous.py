@@ -25,9 +25,10 @@ from typing import Callable, Dict, Literal, Optional, Tuple
 import torch
 from torch import Tensor
 
+from deqlab import instrument
 from deqlab.solvers import adams
 from deqlab._compat import deprecated, renamed
-from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number
+from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number, checked_keywords
 from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
                                     prepare)
 from deqlab.state import State
@@ -218,6 +219,7 @@ class ContinuousDEQSolver:
     else; ``ode_*`` and ``*_termination`` now say which one is meant. The old names (``abstol=``,
     ``solver.abstol``, ...) still read the ODE tolerances but warn ``DeprecationWarning``."""
 
+    @checked_keywords
     def __init__(
         self,
         ode_solver: ODEMethod = "tsit5",
@@ -317,38 +319,49 @@ class ContinuousDEQSolver:
             ValueError: ``z0`` contains NaN/Inf, or ``f`` returns other shapes or another dtype.
             SolverError: with ``throw=True``, when some sample did not converge.
         """
-        packer, u = prepare(z0)
-        if packer.batch == 0:
-            return empty_result(packer, u, continuous=True, reference_counting=self.reference_counting)
-        F = CountedMap(f, packer)
+        with instrument.region("solver"):
+            return self._solve(f, z0)
+
+    def _solve(self, f: Callable[[State], State], z0: State) -> SolverResult:
+        with instrument.region("solver.setup"):
+            packer, u = prepare(z0)
+            if packer.batch == 0:
+                return empty_result(packer, u, continuous=True, reference_counting=self.reference_counting)
+            F = CountedMap(f, packer)
+            stepper = None
+            if not self.adaptive:
+                stepper = _stepper(self.ode_solver, u.dtype)
+                u, _ = stepper.sync_device_dtype(u, torch.zeros(1, dtype=u.dtype, device=u.device))
+            B = u.shape[0]
+            tracker = TerminationTracker(self.termination, B, packer.numel, device=u.device, dtype=u.dtype,
+                                         keep_trace=self.keep_trace)
 
         def vf(x: Tensor) -> Tensor:  # the autonomous vector field
             return F(x) - x
 
-        stepper = None
-        if not self.adaptive:
-            stepper = _stepper(self.ode_solver, u.dtype)
-            u, _ = stepper.sync_device_dtype(u, torch.zeros(1, dtype=u.dtype, device=u.device))
-        B = u.shape[0]
         du = vf(u)
-        tracker = TerminationTracker(self.termination, B, packer.numel, device=u.device, dtype=u.dtype,
-                                     keep_trace=self.keep_trace)
-        done = tracker.update(u, du)
+        done = instrument.wrap("termination", tracker.update)(u, du)
         check_first_step(tracker, u)
         estimated_dt = self.adaptive and self.dt is None and not done
-        dt = self._initial_dt(vf, u, du, tracker.active) if not done else u.new_ones(B)
+        if done:
+            dt = u.new_ones(B)
+        else:
+            with instrument.region("stepper.init"):
+                dt = self._initial_dt(vf, u, du, tracker.active)
         run = _Run(u, du, dt, tracker, done)
         if self.ode_solver == "vcab3":
             self._loop_vcab3(run, vf)
         else:
             self._loop_rk(run, vf, stepper)
-        return build_result(tracker, packer, run.u, run.du, nfe=F.nfe, steps=run.steps, throw=self.throw,
-                            solver_name=f"ContinuousDEQSolver({self.ode_solver})", t=run.t,
-                            last_step=run.horizon_step, accepted_steps=run.accepted,
-                            reference_nfe=reference_nfe(self.reference_counting,
-                                                        calls=self._reference_calls(F.nfe, run.steps, estimated_dt),
-                                                        uncounted=1 if self.ode_solver == "vcab3" else 0),
-                            reference_counting=self.reference_counting)
+        with instrument.region("solver.result"):
+            return build_result(tracker, packer, run.u, run.du, nfe=F.nfe, steps=run.steps, throw=self.throw,
+                                solver_name=f"ContinuousDEQSolver({self.ode_solver})", t=run.t,
+                                last_step=run.horizon_step, accepted_steps=run.accepted,
+                                reference_nfe=reference_nfe(self.reference_counting,
+                                                            calls=self._reference_calls(F.nfe, run.steps,
+                                                                                        estimated_dt),
+                                                            uncounted=1 if self.ode_solver == "vcab3" else 0),
+                                reference_counting=self.reference_counting)
 
     def _reference_calls(self, nfe: int, steps: int, estimated_dt: bool) -> int:
         """The evaluations OrdinaryDiffEq would make for a solve of ``steps`` stepper calls: its
@@ -369,7 +382,9 @@ class ContinuousDEQSolver:
         is the residual at the very point returned; Euler/RK4 by torchdyn's steppers."""
         t0 = torch.zeros(1, dtype=run.u.dtype, device=run.u.device)
         tableau = _tableau(self.ode_solver) if self.adaptive else None
+        rec = instrument.current()  # None when nothing records: two `is not None` tests per step, nothing else
         while not run.done and run.steps < self.max_steps:
+            token = rec.begin("stepper.step") if rec is not None else 0
             u, du = run.u, run.du
             h = self._clamp_to_horizon(run)
             if self.adaptive:
@@ -387,6 +402,8 @@ class ContinuousDEQSolver:
                 du_new = vf(u_new)
                 accept = torch.ones_like(run.tracker.active)
             self._advance(run, h, accept, u_new, du_new)
+            if rec is not None:
+                rec.end(token)
 
     def _loop_vcab3(self, run: "_Run", vf: Callable[[Tensor], Tensor]) -> None:
         """VCAB3 steps (`deqlab.solvers.adams`) until every sample has stopped.
@@ -402,7 +419,9 @@ class ContinuousDEQSolver:
         qold = u.new_full((u.shape[0],), adams.PI_QOLD_INIT, dtype=wd)
         lam = u.new_zeros(u.shape[0], dtype=wd)  # |λ| of the flow's Jacobian along the path; 0 = unknown
         started = False  # on the host: every active sample is past its start-up (then it stays so)
+        rec = instrument.current()  # None when nothing records: two `is not None` tests per step, nothing else
         while not run.done and run.steps < self.max_steps:
+            token = rec.begin("stepper.step") if rec is not None else 0
             u, du = run.u, run.du
             h = self._clamp_to_horizon(run)
             live = run.tracker.active & (h > 0)
@@ -465,6 +484,8 @@ class ContinuousDEQSolver:
             cap = (adams.AB3_STABLE / lam.clamp_min(1e-30)).to(run.dt.dtype)
             run.dt = torch.where(nxt_ab, torch.minimum(run.dt, cap), run.dt)
             self._advance(run, h, accept, u_new, du_new)
+            if rec is not None:
+                rec.end(token)
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -482,7 +503,7 @@ class ContinuousDEQSolver:
         run.accepted = run.accepted + (accept if run.moving is None else accept & run.moving).long()
         run.steps += 1
         sync = run.steps % self.check_every == 0
-        run.done = tracker.update(run.u, run.du, mask=accept, diverged=run.diverging, sync=sync)
+        run.done = run.update(run.u, run.du, mask=accept, diverged=run.diverging, sync=sync)
         if math.isfinite(self.t_max) and not run.done:
             at_horizon = ((run.t >= self.t_max * (1 - 1e-12)) | ~tracker.active).all()
             if sync and run.horizon_step is None:
@@ -632,6 +653,7 @@ class _Run:
     def __init__(self, u: Tensor, du: Tensor, dt: Tensor, tracker: TerminationTracker, done: bool):
         B = u.shape[0]
         self.u, self.du, self.dt, self.tracker, self.done = u, du, dt, tracker, done
+        self.update = instrument.wrap("termination", tracker.update)  # the method itself when nothing records
         self.t = u.new_zeros(B)
         self.du_norm = torch.linalg.vector_norm(du, dim=1)
         self.growths = torch.zeros(B, dtype=torch.long, device=u.device)

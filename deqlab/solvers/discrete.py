@@ -6,7 +6,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from deqlab.solvers._checks import check_int, check_number
+from deqlab import instrument
+from deqlab.solvers._checks import check_int, check_number, unknown_keyword
 from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
                                     prepare)
 from deqlab.state import State
@@ -18,7 +19,13 @@ from deqlab.solvers.termination import (NormKind, TerminationCondition, Terminat
                                         resolve_termination)
 
 
-def make_algorithm(algorithm: Union[str, FixedPointAlgorithm], **options) -> FixedPointAlgorithm:
+#: where a tolerance lives, for ``tol=`` given to a solver that has two
+TOL_HINT = ("A solver has two tolerances: abstol_termination and reltol_termination (or "
+            "termination=TerminationCondition(...)); the continuous solver also ode_abstol / ode_reltol.")
+
+
+def make_algorithm(algorithm: Union[str, FixedPointAlgorithm], *, solver_options: Tuple[str, ...] = (),
+                   **options) -> FixedPointAlgorithm:
     if isinstance(algorithm, FixedPointAlgorithm):
         if options:
             raise TypeError(f"algorithm options {sorted(options)} given with an algorithm object; set them on the object")
@@ -30,13 +37,14 @@ def make_algorithm(algorithm: Union[str, FixedPointAlgorithm], **options) -> Fix
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown algorithm {algorithm!r}{hint}; valid: {', '.join(ALGORITHMS)}")
     cls = ALGORITHMS[algorithm]
-    try:
-        return cls(**options)
-    except TypeError as err:
-        import inspect
+    import inspect
 
-        valid = [p for p in inspect.signature(cls).parameters]
-        raise TypeError(f"{err}; valid options for {algorithm!r}: {', '.join(valid)}") from None
+    own = [p for p in inspect.signature(cls).parameters]
+    for name in options:
+        if name not in own:  # a misspelt solver keyword lands here (it is not one of DiscreteDEQSolver's)
+            raise unknown_keyword(f"DiscreteDEQSolver({algorithm!r})", name, [*solver_options, *own],
+                                  hint=TOL_HINT if "tol" in name else "")
+    return cls(**options)
 
 
 class DiscreteDEQSolver:
@@ -150,7 +158,7 @@ class DiscreteDEQSolver:
             if old in algorithm_options:
                 raise TypeError(f"DiscreteDEQSolver has no {old!r} option: its tolerances are those of the "
                                 f"termination condition, pass {new}=...")
-        self.algorithm = make_algorithm(algorithm, **algorithm_options)
+        self.algorithm = make_algorithm(algorithm, solver_options=_SOLVER_OPTIONS, **algorithm_options)
         self.termination: TerminationCondition = resolve_termination(
             termination, mode=mode, abstol_termination=abstol_termination, reltol_termination=reltol_termination,
             norm=norm, batch_wide=batch_wide, owner="DiscreteDEQSolver")
@@ -191,43 +199,54 @@ class DiscreteDEQSolver:
             ValueError: ``z0`` contains NaN/Inf, or ``f`` returns other shapes or another dtype.
             SolverError: with ``throw=True``, when some sample did not converge.
         """
-        packer, z = prepare(z0)
-        if packer.batch == 0:
-            return empty_result(packer, z, reference_counting=self.reference_counting)
-        restrict = _sub_batch_maker(f, packer) if self.per_sample_exit else None
-        F = CountedMap(f, packer)
+        with instrument.region("solver"):
+            return self._solve(f, z0)
+
+    def _solve(self, f: Callable[[State], State], z0: State) -> SolverResult:
+        with instrument.region("solver.setup"):
+            packer, z = prepare(z0)
+            if packer.batch == 0:
+                return empty_result(packer, z, reference_counting=self.reference_counting)
+            restrict = _sub_batch_maker(f, packer) if self.per_sample_exit else None
+            F = CountedMap(f, packer)
+            tracker = TerminationTracker(self.termination, packer.batch, packer.numel, device=z.device,
+                                         dtype=z.dtype, keep_trace=self.keep_trace)
+        # what the loop calls, picked once: the methods themselves when nothing records (deqlab.instrument)
+        update = instrument.wrap("termination", tracker.update)
         fz = F(z)
         g = fz - z
-        tracker = TerminationTracker(self.termination, packer.batch, packer.numel, device=z.device, dtype=z.dtype,
-                                     keep_trace=self.keep_trace)
-        done = tracker.update(z, g, fz=fz)
+        done = update(z, g, fz=fz)
         check_first_step(tracker, z)
         algo = self.algorithm
-        state = algo.init(z, fz, self.max_steps)
-        z, g, steps = self._iterate(tracker, algo, state, z, fz, g, F, restrict, done)
+        with instrument.region("algorithm.init"):
+            state = algo.init(z, fz, self.max_steps)
+        z, g, steps = self._iterate(tracker, update, algo, state, z, fz, g, F, restrict, done)
         # The reference solvers never test their starting guess: a solve that stopped at z0 is one
         # iteration (one evaluation) long there.
         calls = F.nfe + (1 if steps == 0 else 0)
-        return build_result(tracker, packer, z, g, nfe=F.nfe, steps=steps, throw=self.throw,
-                            solver_name=f"DiscreteDEQSolver({algo.name})", rows=F.rows,
-                            reference_nfe=reference_nfe(self.reference_counting, calls=calls),
-                            reference_counting=self.reference_counting)
+        with instrument.region("solver.result"):
+            return build_result(tracker, packer, z, g, nfe=F.nfe, steps=steps, throw=self.throw,
+                                solver_name=f"DiscreteDEQSolver({algo.name})", rows=F.rows,
+                                reference_nfe=reference_nfe(self.reference_counting, calls=calls),
+                                reference_counting=self.reference_counting)
 
-    def _iterate(self, tracker: TerminationTracker, algo: FixedPointAlgorithm, state, z: Tensor, fz: Tensor,
-                 g: Tensor, F: CountedMap, restrict, done: bool) -> Tuple[Tensor, Tensor, int]:
+    def _iterate(self, tracker: TerminationTracker, update: Callable[..., bool], algo: FixedPointAlgorithm, state,
+                 z: Tensor, fz: Tensor, g: Tensor, F: CountedMap, restrict, done: bool) -> Tuple[Tensor, Tensor, int]:
         """The solver loop. With ``restrict`` (``per_sample_exit``) the algorithm iterates on a working batch
         that drops stopped samples; without it the working batch is always the whole batch.
 
         The tracker stays the one authority over all ``B`` samples: after each step the working rows are
         scattered into full-size (new, never in-place) tensors, so its stop decisions, returned iterates
         and step counts are computed exactly as in the full-batch loop. Samples outside the working batch
-        have stopped, so their frozen values are never read as live.
+        have stopped, so their frozen values are never read as live. ``update`` is ``tracker.update``, or
+        it timed while `deqlab.instrument` records.
         """
         work: Optional[Tensor] = None  # positions in the full batch of the working rows (None: all)
         zw, fzw, gw = z, fz, g
         steps, k = 0, self.check_every
+        step = instrument.wrap("algorithm.step", algo.step)  # algo.step itself when nothing records
         while not done and steps < self.max_steps:
-            zw, fzw, state = algo.step(state, zw, fzw, gw, F)
+            zw, fzw, state = step(state, zw, fzw, gw, F)
             gw = fzw - zw
             steps += 1
             if work is None:
@@ -235,7 +254,7 @@ class DiscreteDEQSolver:
             else:
                 z, fz, g = z.index_copy(0, work, zw), fz.index_copy(0, work, fzw), g.index_copy(0, work, gw)
             sync = steps % k == 0
-            done = tracker.update(z, g, fz=fz, sync=sync)
+            done = update(z, g, fz=fz, sync=sync)
             if restrict is None or done or not sync or steps == self.max_steps:
                 continue
             n_work = tracker.batch if work is None else work.numel()
@@ -267,3 +286,8 @@ def _sub_batch_maker(f: Callable[[State], State], packer):
         return f.restrict(index), packer.resized(index.numel())
 
     return restrict
+
+
+#: DiscreteDEQSolver's own keywords (beside the algorithm's options), for the did-you-mean of a typo
+_SOLVER_OPTIONS = tuple(p for p in __import__("inspect").signature(DiscreteDEQSolver.__init__).parameters
+                        if p not in ("self", "algorithm", "algorithm_options"))

@@ -12,6 +12,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from deqlab._compat import renamed_field
 from deqlab.state import State
 
 
@@ -55,6 +56,7 @@ class SolverStatus(str, enum.Enum):
         return self.value
 
 
+@renamed_field("residual", "abs_residual", why="the absolute residual ||f(z) - z||; rel_residual is the relative one")
 @dataclass
 class SolverResult:
     """Outcome of ``solver(f, z0)``.
@@ -65,9 +67,9 @@ class SolverResult:
         z: the returned iterate, with the structure of ``z0`` (a tensor or a list of tensors).
         nfe: every evaluation of ``f`` (batched calls), including rejected ODE steps and line searches.
         steps: iterations (discrete) or stepper calls, accepted and rejected (continuous), of the solver loop.
-        residual: per-sample absolute residual ``||f(z) - z||`` at ``z`` (shape ``(B,)``), in the
-            solver's norm (L2 or RMS).
-        rel_residual: per-sample ``||f(z) - z|| / (||f(z)|| + eps)``.
+        abs_residual: per-sample absolute residual ``||f(z) - z||`` at ``z`` (shape ``(B,)``), in the
+            solver's norm (L2 or RMS). (Its old name ``residual`` still reads, with a ``DeprecationWarning``.)
+        rel_residual: per-sample relative residual ``||f(z) - z|| / (||f(z)|| + eps)``.
         converged: per-sample bool mask: the sample met the termination condition's tolerance.
         status: ``converged`` when every sample converged, else why the solve ended.
         sample_steps: per-sample number of steps until the sample stopped (``(B,)`` long).
@@ -86,6 +88,11 @@ class SolverResult:
             tolerance (``converged`` is False for it); ``None`` when the solver does not record it.
         accepted_steps: continuous solvers only: the per-sample number of accepted (state-moving) steps,
             ``(B,)`` long; ``steps`` and ``sample_steps`` count rejected ones too. ``None`` for others.
+        objective: per-sample value of the stopping test's own objective at ``z`` (what ``trace`` records
+            and ``tolerance`` bounds: the relative residual for the ``rel_*`` modes, the absolute one for
+            ``abs_*``; see ``objective_name``); ``None`` from a solver that does not record it.
+        tolerance: the tolerance the objective is compared with. ``None`` when not recorded.
+        objective_name: the objective in words (``TerminationCondition.objective_name``).
 
     Example:
         >>> import torch
@@ -103,12 +110,14 @@ class SolverResult:
         (True, 'deqjl')
         >>> res.stats()["converged_fraction"], res.stats()["stalled_fraction"]
         (1.0, 0.0)
+        >>> res.objective_name, res.tolerance, bool((res.objective <= res.tolerance).all())
+        ('absolute residual ||f(z) - z||', 1e-10, True)
     """
 
     z: State
     nfe: int
     steps: int
-    residual: Tensor
+    abs_residual: Tensor
     rel_residual: Tensor
     converged: Tensor
     status: SolverStatus
@@ -121,6 +130,9 @@ class SolverResult:
     reference_counting: Optional[str] = None
     stalled: Optional[Tensor] = None
     accepted_steps: Optional[Tensor] = None
+    objective: Optional[Tensor] = None
+    tolerance: Optional[float] = None
+    objective_name: Optional[str] = None
 
     @property
     def all_converged(self) -> bool:
@@ -131,19 +143,22 @@ class SolverResult:
         """Scalar summary, convenient for logging (an empty batch gives zeros and a converged fraction of 1).
 
         Returns:
-            A dict of floats: ``nfe``, ``steps``, ``residual_mean``, ``residual_max``,
-            ``rel_residual_mean``, ``converged_fraction`` and ``stalled_fraction`` (samples stopped by the
-            patience rule near the tolerance; 0 when not recorded).
+            A dict of floats: ``nfe``, ``steps``, ``abs_residual_mean``, ``abs_residual_max``,
+            ``rel_residual_mean``, ``rel_residual_max``, ``converged_fraction`` and ``stalled_fraction``
+            (fractions of the samples; stalled: stopped by the patience rule near the tolerance, 0 when not
+            recorded).
         """
-        if self.residual.numel() == 0:
-            return {"nfe": float(self.nfe), "steps": float(self.steps), "residual_mean": 0.0, "residual_max": 0.0,
-                    "rel_residual_mean": 0.0, "converged_fraction": 1.0, "stalled_fraction": 0.0}
+        if self.abs_residual.numel() == 0:
+            return {"nfe": float(self.nfe), "steps": float(self.steps), "abs_residual_mean": 0.0,
+                    "abs_residual_max": 0.0, "rel_residual_mean": 0.0, "rel_residual_max": 0.0,
+                    "converged_fraction": 1.0, "stalled_fraction": 0.0}
         return {
             "nfe": float(self.nfe),
             "steps": float(self.steps),
-            "residual_mean": float(self.residual.mean()),
-            "residual_max": float(self.residual.max()),
+            "abs_residual_mean": float(self.abs_residual.mean()),
+            "abs_residual_max": float(self.abs_residual.max()),
             "rel_residual_mean": float(self.rel_residual.mean()),
+            "rel_residual_max": float(self.rel_residual.max()),
             "converged_fraction": float(self.converged.float().mean()),
             "stalled_fraction": 0.0 if self.stalled is None else float(self.stalled.float().mean()),
         }

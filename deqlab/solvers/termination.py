@@ -229,6 +229,24 @@ class TerminationCondition:
         """The tolerance the objective is compared against (for the patience rule)."""
         return self.abstol if self.mode.startswith("abs") or self.mode == "norm" else self.reltol
 
+    @property
+    def objective_name(self) -> str:
+        """What the stopping test compares with `tol`, in words, for plots and messages (the trace of a
+        solve records this quantity): e.g. ``"relative residual ||f(z) - z|| / ||f(z)||"``.
+
+        Example:
+            >>> from deqlab.solvers import TerminationCondition
+            >>> TerminationCondition("rel_deq_default").objective_name
+            'relative residual ||f(z) - z|| / ||f(z)||'
+            >>> TerminationCondition("abs_norm", batch_wide=True).objective_name
+            'absolute residual ||f(z) - z|| (over the batch)'
+        """
+        names = {"abs": "max |f(z) - z|", "rel": "max |f(z) - z| / |z|",
+                 "norm": "absolute residual ||f(z) - z|| (and the relative one)"}
+        name = names.get(self.mode) or ("absolute residual ||f(z) - z||" if self.mode.startswith("abs")
+                                        else "relative residual ||f(z) - z|| / ||f(z)||")
+        return name + (" (over the batch)" if getattr(self, "batch_wide", False) else "")
+
 
 def resolve_termination(termination: Optional[TerminationCondition], *, owner: str,
                         default_abstol: float = 1e-3, default_reltol: float = 1e-3,

@@ -53,6 +53,33 @@ def test_train_step_quick_runs_and_reports_columns(tmp_path):
     assert "Gaussian noise" in text  # no MNIST in the temporary folder: it says so instead of failing
 
 
+def test_train_step_region_breakdown_covers_discrete_and_continuous_solves(tmp_path):
+    # the breakdown path: deqlab.instrument's regions, one row per solver kind, every column measured
+    out = tmp_path / "report.md"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--models", "mnist_dense", "--model-types", "vanilla",
+         "--solvers", "discrete,continuous", "--batch", "4", "--repeats", "1", "--warmup", "0", "--no-torchdeq",
+         "--output", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text(encoding="utf-8")
+    assert "Inside the step" in text
+    header = next(_cells(line) for line in text.splitlines()
+                  if line.startswith("| model") and "fwd f evals" in line)
+    rows = {cells[2]: dict(zip(header, cells)) for cells in (_cells(line) for line in text.splitlines())
+            if len(cells) == len(header) and cells[0] == "mnist_dense" and "fwd f evals" in header}
+    assert set(rows) == {"discrete", "continuous"}
+    for solver, row in rows.items():
+        for col in ("fwd f evals", "termination", "algorithm / stepper", "f re-eval", "adjoint VJPs",
+                    "adjoint solver excl. VJPs", "param VJP"):
+            assert row[col] and not row[col].startswith(("0 µs", "−")), (solver, col, row[col])
+
+
+def _cells(line: str) -> list:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def test_sync_counter_counts_scalar_conversions_and_restores_tensor():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

@@ -27,7 +27,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from deqlab.lightning import DEQLightningModule
+from deqlab.lightning import DEQLightningModule, NonFiniteGuard
 from deqlab.nn import DenseDEQBlock, ImplicitBackward, SkipDeepEquilibriumNetwork
 from deqlab.solvers import DiscreteDEQSolver
 
@@ -123,7 +123,7 @@ def main(mode: str, out: Path) -> None:
     trainer.fit(model, datamodule=Data(nan=mode.endswith("_nan") or accum,
                                        sample=NAN_SAMPLE_ACCUM if accum else NAN_SAMPLE))
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save({"state": state, "global_step": trainer.global_step, "skipped": model._skipped_batches,
+    torch.save({"state": state, "global_step": trainer.global_step, "skipped": NonFiniteGuard.of(trainer).skipped_batches,
                 "val_loss": float(trainer.callback_metrics["val/loss"])},
                out / f"{mode}_rank{trainer.global_rank}.pt")
 

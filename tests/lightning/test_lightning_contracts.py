@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_testkit import REPO, digits, trainer
 
-from deqlab.lightning import DEQLightningModule, StepRecord, find_deq_layers
+from deqlab.lightning import DEQLightningModule, PretrainingSchedule, StepRecord, find_deq_layers
 from deqlab.spec import DEQTrainingConfig
 from deqlab.nn import DeepEquilibriumNetwork, DenseDEQBlock, ImplicitBackward
 from deqlab.solvers import DiscreteDEQSolver
@@ -72,9 +72,10 @@ class _Foreign(DEQLightningModule):
 def test_evaluation_drives_foreign_layers_through_fixed_depth_mode_and_restores_the_depth():
     model = _Foreign(scheduler="none")
     model.set_fixed_depth(3)
-    model._solver_mode_for_eval()
+    schedule = PretrainingSchedule()
+    schedule.on_validation_start(None, model)
     assert model.layer.fixed_depth == 0
-    model._restore_depths()
+    schedule.on_validation_end(None, model)
     assert model.layer.fixed_depth == 3
 
 
@@ -341,9 +342,10 @@ def test_find_deq_layers_returns_the_outermost_layer_only():
     assert find_deq_layers(model) == [model.layer]  # not also model.layer.inner: the wrapper drives it
     model.set_fixed_depth(4)
     assert model.layer.inner.fixed_depth == 4
-    model._solver_mode_for_eval()
+    schedule = PretrainingSchedule()
+    schedule.on_test_start(None, model)
     assert model.layer.inner.fixed_depth == 0
-    model._restore_depths()
+    schedule.on_test_end(None, model)
     assert model.layer.inner.fixed_depth == 4
 
 

@@ -13,11 +13,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_testkit import trainer
 
-from deqlab.lightning import DEQLightningModule
-from deqlab.lightning.module import NonFiniteBatchError, NonFiniteBatchWarning
+from deqlab.lightning import DEQLightningModule, NonFiniteBatchError, NonFiniteBatchWarning, NonFiniteGuard
 from deqlab.nn import DeepEquilibriumNetwork, ImplicitBackward
 from deqlab.solvers import DiscreteDEQSolver
 from deqlab.zoo import DigitsDEQ
+
+
+def _skipped(model) -> int:
+    """The skipped-batch count of the guard that trained ``model``."""
+    return NonFiniteGuard.of(model.trainer).skipped_batches
 
 
 def _loader(nan_batch: int = 1, batch_size: int = 16, n_batches: int = 4):
@@ -92,7 +96,7 @@ def test_a_nan_made_by_the_model_is_skipped_and_not_blamed_on_the_input():
         warnings.simplefilter("always")
         trainer(max_epochs=1, limit_val_batches=0).fit(model, _loader(nan_batch=None))
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    assert model._skipped_batches == 1
+    assert _skipped(model) == 1
     text = str(next(w for w in caught if issubclass(w.category, NonFiniteBatchWarning)).message)
     assert "batch 1" in text and "loss = nan" in text and "input, u0 and z* are finite" in text
 
@@ -188,7 +192,7 @@ def test_accumulation_drops_the_whole_window_of_a_nan_micro_batch(nan_batch):
     pl.seed_everything(0)
     model = _digits()
     messages = _fit_quiet(model, _loader(nan_batch=nan_batch), accumulate_grad_batches=2)
-    assert model._skipped_batches == 1
+    assert _skipped(model) == 1
     assert len(messages) == 1
     text = messages[0]
     assert f"batch {nan_batch} " in text and "solver status" in text and "input batch itself" in text
@@ -239,7 +243,7 @@ def test_manual_optimisation_is_guarded_too():
     pl.seed_everything(0)
     model = _ManualDigits(model_type="vanilla", width=8, scheduler="none", log_figures=False)
     messages = _fit_quiet(model, _loader(nan_batch=1))
-    assert model._skipped_batches == 1 and len(messages) == 1 and "batch 1 " in messages[0]
+    assert _skipped(model) == 1 and len(messages) == 1 and "batch 1 " in messages[0]
 
     class _ManualNaN(_ManualDigits, _NaNAtStep1):
         pass
@@ -248,7 +252,7 @@ def test_manual_optimisation_is_guarded_too():
     model = _ManualNaN(model_type="vanilla", width=8, scheduler="none", log_figures=False)
     messages = _fit_quiet(model, _loader(nan_batch=None))
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), "manual optimisation trained on NaN"
-    assert model._skipped_batches == 1 and "loss = nan" in messages[0]
+    assert _skipped(model) == 1 and "loss = nan" in messages[0]
 
 
 class _BatchNormDEQ(DEQLightningModule):
@@ -282,7 +286,7 @@ def test_a_skipped_batch_leaves_the_batchnorm_statistics_as_they_were():
     pl.seed_everything(0)
     model = _BatchNormDEQ(scheduler="none", log_figures=False)
     _fit_quiet(model, _loader(nan_batch=None), callbacks=[_Buffers()])
-    assert model._skipped_batches == 1
+    assert _skipped(model) == 1
     before, after = seen[("before", 1)], seen[("after", 1)]
     assert set(before) == {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"}
     for name in before:
@@ -313,7 +317,7 @@ def test_a_skipped_batch_logs_no_loss_and_stays_out_of_the_epoch_metrics():
     model = _NaNAtStep1(model_type="vanilla", width=8, scheduler="none", log_figures=False)
     rec = _Recorder()
     _fit_quiet(model, _loader(nan_batch=None), logger=rec)
-    assert model._skipped_batches == 1
+    assert _skipped(model) == 1
     per_step = [m for m in rec.steps if "train/skipped_batches" in m]
     assert [m["train/skipped_batches"] for m in per_step] == [0.0, 1.0, 1.0, 1.0]
     # the skipped step logs no loss of its own (Lightning's row repeats the last logged value, if any)
@@ -363,9 +367,12 @@ def test_under_a_loss_scaler_manual_optimisation_skips_a_nan_input_too():
 
     pl.seed_everything(0)
     model = _ManualDigits(model_type="vanilla", width=8, scheduler="none", log_figures=False)
+    scaler = torch.amp.GradScaler("cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(max_epochs=1, limit_val_batches=0, accelerator="cpu",
-                plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]).fit(model, _loader(1))
-    assert model._skipped_batches == 1
+                plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(model, _loader(1))
+    assert _skipped(model) == 1
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    # the NaN came from the data, not from an overflow: the scale stays (before: gradients set to inf, scale halved)
+    assert scaler.get_scale() == 2.0 ** 16

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
 from lightning_testkit import digits, trainer
 
-from deqlab.lightning import CheckpointIntegrity, ExactResume, ResumeWarning
+from deqlab.lightning import CheckpointIntegrity, ExactResume, PolicyWarning, ResumeWarning
 from deqlab.lightning.checkpoint import CheckpointDamagedError
 from deqlab.lightning.resume import CHECKPOINT_KEY, CheckedCheckpointIO, _loader_states
 from deqlab.zoo import DigitsDEQ
@@ -109,7 +109,8 @@ class DropsPolicies(DigitsDEQ):
 
 
 def test_a_configure_callbacks_override_without_super_is_reported(tmp_path):
-    with pytest.warns(ResumeWarning, match=r"DropsPolicies trains without deqlab's ExactResume and CheckpointIntegrity"):
+    with pytest.warns(PolicyWarning, match=r"DropsPolicies trains without deqlab's .*CheckpointIntegrity and ExactResume "
+                                           r"callback\(s\).*super\(\).configure_callbacks\(\)"):
         _fit(tmp_path, _digits_model(DropsPolicies), {"datamodule": digits(batch_size=32, flatten=True)}, max_epochs=1)
 
 

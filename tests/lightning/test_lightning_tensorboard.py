@@ -63,9 +63,44 @@ def test_training_writes_scalars_histograms_figures_and_hparams(tmp_path):
 def test_figures_can_be_switched_off(tmp_path):
     pl.seed_everything(0)
     model = DigitsDEQ(model_type="vanilla", width=8, scheduler="none", log_figures=False)
-    # only deqlab's checkpoint policies (CheckpointIntegrity, ExactResume), no figure callbacks
-    assert [type(c).__name__ for c in model.configure_callbacks()] == ["CheckpointIntegrity", "ExactResume"]
+    # deqlab's policies, no figure callbacks
+    names = [type(c).__name__ for c in model.configure_callbacks()]
+    assert "CheckpointIntegrity" in names and "ExactResume" in names
+    assert "NFEHistogram" not in names and "ConvergenceFigure" not in names
     logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
     trainer(logger=logger, max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(model, digits(batch_size=32))
     accs = _events(tmp_path / "tb")
     assert not set().union(*(a.Tags()["images"] for a in accs))
+
+
+def test_the_figures_are_readable_pictures(tmp_path):
+    # what a user opens in TensorBoard's image tab: rendered large, with axes, a colour bar, the tolerance
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from deqlab.lightning.callbacks import convergence_figure, fixed_point_figure
+
+    def rendered(fig):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        img = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        (tmp_path / f"fig{len(list(tmp_path.iterdir()))}.png").write_bytes(buf.getvalue())
+        return img
+
+    trace = torch.logspace(0, -4, 30)[:, None] * torch.linspace(1, 3, 8)[None]
+    fig = convergence_figure(trace, title="epoch 3", tol=5e-3, objective="relative residual ||f(z) - z|| / ||f(z)||")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and "relative residual" in ax.get_ylabel()
+    assert any(line.get_label().startswith("tolerance 0.005") for line in ax.get_lines())
+    img = rendered(fig)
+    assert img.shape[0] >= 380 and img.shape[1] >= 600 and len(np.unique(img.reshape(-1, 3), axis=0)) > 50
+    for z, shape_min in ((torch.randn(16, 128), (240, 590)), (torch.randn(4, 8, 14, 14), (270, 390))):
+        fig = fixed_point_figure(z, title="z*")
+        labels = [a.get_xlabel() or a.get_ylabel() for a in fig.axes]
+        assert any(labels) and any(a.get_label() == "<colorbar>" for a in fig.axes)
+        img = rendered(fig)
+        assert img.shape[0] >= shape_min[0] and img.shape[1] >= shape_min[1], img.shape
+        assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # a heat map, not a flat grey square

@@ -3,13 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import DEQ, ImplicitBackward, MultiScaleDeepEquilibriumNetwork, SkipDEQ
+from deqlab.nn import DEQ, ImplicitBackward, MultiScaleDeepEquilibriumNetwork, SkipDEQ, ZeroGuess
 
 from deqlab_nn_helpers import DenseMap, make_solver
 
 
 def test_wrong_x_shape():
-    deq = DEQ(DenseMap(4, 3), make_solver("anderson"), z_shape=(4,))
+    deq = DEQ(DenseMap(4, 3), make_solver("anderson"), init=ZeroGuess(shape=(4,)))
     with pytest.raises(ValueError, match=r"x of shape \(B, 5\)"):
         deq(torch.randn(2, 5))
 

@@ -3,12 +3,15 @@
 The Skip / Skip Reg. / vanilla layers built with ``init=`` must be the old classes exactly (same z*,
 gradients and skip loss), checked against hand-written oracles of what each variant computes.
 """
+import re
+
 import pytest
 import torch
 from torch import nn
 
 import deqlab
-from deqlab.nn import (DEQ, DEQLayer, DeepEquilibriumNetwork, FunctionGuess, InitialGuess, MapGuess,
+from deqlab.solvers import DiscreteDEQSolver
+from deqlab.nn import (DEQ, ImplicitBackward, DEQLayer, DeepEquilibriumNetwork, FunctionGuess, InitialGuess, MapGuess,
                        MultiScaleDeepEquilibriumNetwork, MultiScaleSkipDeepEquilibriumNetwork, ShortcutGuess,
                        SkipDEQ, ZeroGuess)
 
@@ -22,7 +25,9 @@ def _pair(kind):
     shortcut = nn.Linear(3, 4).double()
     solver = make_solver("anderson", tol=1e-12, max_steps=300)
     if kind == "vanilla":
-        return DEQ(model, solver, z_shape=(4,)), DEQ(model, solver, init=ZeroGuess(shape=(4,)))
+        with pytest.warns(DeprecationWarning, match=r"z_shape=S is deprecated; use init=ZeroGuess\(shape=S\)"):
+            old = DEQ(model, solver, z_shape=(4,))
+        return old, DEQ(model, solver, init=ZeroGuess(shape=(4,)))
     if kind == "skip":
         return SkipDEQ(model, solver, shortcut, z_shape=(4,)), DEQ(model, solver, init=ShortcutGuess(shortcut))
     return SkipDEQ(model, solver, None, z_shape=(4,)), DEQ(model, solver, init=MapGuess(shape=(4,)))
@@ -148,6 +153,7 @@ def test_two_ways_of_setting_u0_raise_naming_both():
         DEQ(model, solver, init=lambda x, f: x)
 
 
+@pytest.mark.filterwarnings("ignore:.*is deprecated; use init=:DeprecationWarning")
 def test_aliases_build_the_same_objects():
     model, solver = DenseMap(4, 3), make_solver("anderson")
     assert isinstance(DEQ(model, solver, z_shape=(4,)).init, ZeroGuess)
@@ -340,7 +346,8 @@ def test_an_object_lacking_a_protocol_member_is_refused_by_name():
 
 def test_shortcut_alias_on_the_base_class():
     model, solver, sc = DenseMap(4, 3), make_solver("anderson"), nn.Linear(3, 4)
-    layer = DEQ(model, solver, shortcut=sc, z_shape=(4,))   # z_shape with a shortcut: the shape check
+    with pytest.warns(DeprecationWarning, match=r"shortcut=m is deprecated; use init=ShortcutGuess\(m\)"):
+        layer = DEQ(model, solver, shortcut=sc, z_shape=(4,))   # z_shape with a shortcut: the shape check
     assert isinstance(layer.init, ShortcutGuess) and layer.shortcut is sc and layer.init.shape == (4,)
     with pytest.raises(ValueError, match="init and shortcut both set"):
         DEQ(model, solver, init=ZeroGuess(), shortcut=sc)
@@ -360,3 +367,25 @@ def test_reading_a_moved_attribute_says_where_it_moved(attr, where):
     layer = SkipDEQ(DenseMap(4, 3), make_solver("anderson"), nn.Linear(3, 4))
     with pytest.raises(AttributeError, match=f"moved to the initial-guess strategy: read layer.{where}"):
         getattr(layer, attr)
+
+
+def test_one_way_to_give_a_guess_and_no_silently_frozen_module():
+    model, solver = DenseMap(4, 3), make_solver("anderson")
+    for kw, new in ((dict(z_shape=(4,)), "init=ZeroGuess(shape=S)"),
+                    (dict(initializer=lambda x: torch.zeros(x.shape[0], 4)), "init=FunctionGuess(fn)")):
+        with pytest.warns(DeprecationWarning, match=re.escape(new)):
+            DEQ(model, solver, **kw)
+    # a module given as a plain function guess would be registered, saved, and never trained: refused
+    with pytest.raises(TypeError, match=r"would never be trained .* init=ShortcutGuess\(module\)"), \
+            pytest.warns(DeprecationWarning):
+        DEQ(model, solver, initializer=nn.Linear(3, 4))
+    with pytest.raises(TypeError, match="never be trained"):
+        FunctionGuess(nn.Linear(3, 4))
+    frozen = nn.Linear(3, 4).requires_grad_(False)  # a fixed function is fine
+    assert FunctionGuess(frozen).fn is frozen
+    # a class where an object belongs: say which object to create
+    for kw, needle in ((dict(init=ZeroGuess), "init=ZeroGuess("), (dict(backward=ImplicitBackward), "backward=ImplicitBackward()")):
+        with pytest.raises(TypeError, match=re.escape(needle)):
+            DEQ(model, solver, **kw)
+    with pytest.raises(TypeError, match=re.escape("solver=DiscreteDEQSolver()")):
+        DEQ(model, DiscreteDEQSolver)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import DEQ, MultiScaleNeuralODE
+from deqlab.nn import DEQ, MultiScaleNeuralODE, ZeroGuess
 from deqlab.solvers import DiscreteDEQSolver
 
 from deqlab_nn_helpers import DenseMap
@@ -60,7 +60,7 @@ def test_neural_ode_autograd_counts_one_vjp_per_recorded_evaluation():
 
 def test_fixed_depth_backward_counts_d_vjps():
     torch.manual_seed(1)
-    deq = DEQ(DenseMap(4, 3), DiscreteDEQSolver("anderson", max_steps=20), z_shape=(4,))
+    deq = DEQ(DenseMap(4, 3), DiscreteDEQSolver("anderson", max_steps=20), init=ZeroGuess(shape=(4,)))
     with deq.fixed_depth_mode(4):
         z, sol = deq(torch.randn(2, 3, requires_grad=True))
     assert sol.backward_nfe == 0 and sol.backward_converged is None
@@ -85,7 +85,7 @@ def test_fixed_depth_list_state_counts_one_vjp_per_application():
 def test_two_deq_forwards_in_flight_keep_their_records():
     torch.manual_seed(3)
     deq = DEQ(DenseMap(4, 3), DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-5),
-              z_shape=(4,))
+              init=ZeroGuess(shape=(4,)))
     za, sa = deq(torch.randn(2, 3, requires_grad=True))
     zb, sb = deq(torch.randn(2, 3, requires_grad=True))
     za.sum().backward()

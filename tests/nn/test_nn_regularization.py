@@ -1,7 +1,7 @@
 """Hutchinson estimate of ||df/dz||_F^2."""
 import torch
 
-from deqlab.nn import DEQ, jacobian_frobenius_estimate
+from deqlab.nn import DEQ, jacobian_frobenius_estimate, ZeroGuess
 
 from deqlab_nn_helpers import ConvMap, DenseMap, make_solver
 
@@ -32,7 +32,7 @@ def test_layer_jacobian_loss_is_differentiable_and_correct():
     torch.manual_seed(1)
     model = DenseMap(5, 3).double()
     deq = DEQ(model, make_solver("anderson", tol=1e-10), jacobian_regularization=True, jacobian_probes=3000,
-              z_shape=(5,))
+              init=ZeroGuess(shape=(5,)))
     x = torch.randn(2, 3, dtype=torch.float64)
     z, sol = deq(x)
     exact = dense_frobenius(model, z.detach(), x) / z.numel()

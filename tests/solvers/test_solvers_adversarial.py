@@ -98,17 +98,17 @@ def _check(res, f, mode, tol, max_steps, dtype, kind, nfe_per_step):
     assert 0 <= res.steps <= max_steps and res.nfe <= 2 + nfe_per_step * res.steps
     assert (res.status is SolverStatus.CONVERGED) == bool(res.converged.all())
     if res.status is not SolverStatus.NONFINITE:  # (an overflowing norm is the non-finite case)
-        assert torch.isfinite(res.residual).all()
+        assert torch.isfinite(res.abs_residual).all()
     if kind in NO_FIXED_POINT:
-        assert not (res.converged | res.stalled).any(), (kind, res.status, res.residual, z)
+        assert not (res.converged | res.stalled).any(), (kind, res.status, res.abs_residual, z)
     if res.converged.any():
         fz = f(z)
         ok = _criterion(mode, z, fz, tol, tol, _slack(dtype, z, fz))
-        assert (ok | ~res.converged).all(), (res.status, res.residual, res.rel_residual)
+        assert (ok | ~res.converged).all(), (res.status, res.abs_residual, res.rel_residual)
     if res.stalled.any():
         fz = f(z)
         near = _criterion(mode, z, fz, tol, tol, _slack(dtype, z, fz), mult=3.0)
-        assert "_deq_" in mode and (near | ~res.stalled).all(), (res.status, res.residual, res.rel_residual)
+        assert "_deq_" in mode and (near | ~res.stalled).all(), (res.status, res.abs_residual, res.rel_residual)
     assert not (res.stalled & res.converged).any()
     # the status is the worst outcome: stalled only when every sample converged or stalled
     if res.status is SolverStatus.STALLED:

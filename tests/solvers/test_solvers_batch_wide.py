@@ -41,7 +41,7 @@ def test_one_sample_batch_wide_is_the_per_sample_rule(name, mode):
     per = _solver(name, mode=mode, abstol_termination=1e-6, reltol_termination=1e-6)(f, z0)
     whole = _solver(name, mode=mode, abstol_termination=1e-6, reltol_termination=1e-6, batch_wide=True)(f, z0)
     assert whole.status is per.status and whole.steps == per.steps and whole.nfe == per.nfe
-    assert torch.equal(whole.z, per.z) and torch.equal(whole.residual, per.residual)
+    assert torch.equal(whole.z, per.z) and torch.equal(whole.abs_residual, per.abs_residual)
     assert torch.equal(whole.converged, per.converged) and torch.equal(whole.sample_steps, per.sample_steps)
 
 
@@ -61,7 +61,7 @@ def test_a_far_sample_keeps_the_whole_batch_running(name):
     # the reference's test holds for the batch at the returned iterate ...
     assert _batch_rel(whole.z, f(whole.z)) <= 1e-6 * (1 + 1e-9)
     # ... and every sample reports its own residual
-    torch.testing.assert_close(whole.residual, torch.linalg.vector_norm(f(whole.z) - whole.z, dim=1))
+    torch.testing.assert_close(whole.abs_residual, torch.linalg.vector_norm(f(whole.z) - whole.z, dim=1))
 
 
 def test_a_sample_converges_when_the_batch_test_holds_even_above_its_own_tolerance():

@@ -37,7 +37,7 @@ def heterogeneous_map(B=6, D=4, nan_sample=True, seed=0):
 
 def _same(a, b):
     assert torch.equal(a.z, b.z)
-    assert torch.equal(a.residual, b.residual) and torch.equal(a.rel_residual, b.rel_residual)
+    assert torch.equal(a.abs_residual, b.abs_residual) and torch.equal(a.rel_residual, b.rel_residual)
     assert torch.equal(a.converged, b.converged) and a.status is b.status
     assert torch.equal(a.sample_steps, b.sample_steps)
     assert torch.equal(a.fz, b.fz)

@@ -127,3 +127,18 @@ def test_registry_accepts_both_spellings():
     assert c.termination.abstol == 1e-5 and c.termination.reltol == 1e-4
     with pytest.raises(ValueError, match="not both"):
         get_solver("anderson", termination=TerminationCondition(), mode="abs")
+
+
+@pytest.mark.parametrize("make, kw, needle", [
+    (lambda **kw: DiscreteDEQSolver("lbroyden", **kw), {"abstol_termnation": 1e-3}, "did you mean 'abstol_termination'"),
+    (lambda **kw: DiscreteDEQSolver("anderson", **kw), {"memroy": 3}, "did you mean 'memory'"),
+    (lambda **kw: DiscreteDEQSolver("lbroyden", **kw), {"tol": 1e-3}, "two tolerances: abstol_termination"),
+    (lambda **kw: ContinuousDEQSolver(**kw), {"tol": 1e-3}, "two tolerances"),
+    (lambda **kw: ContinuousDEQSolver(**kw), {"ode_abstl": 1e-3}, "did you mean 'ode_abstol'"),
+])
+def test_a_misspelt_option_names_the_closest_and_the_solvers_own_options(make, kw, needle):
+    with pytest.raises(TypeError) as err:
+        make(**kw)
+    text = str(err.value)
+    assert needle in text and "Valid:" in text
+    assert "max_steps" in text  # the solver's own options are listed, not only the algorithm's

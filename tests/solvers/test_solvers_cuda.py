@@ -13,7 +13,7 @@ F64 = torch.float64
 
 
 def _on_cuda(res):
-    for v in (res.residual, res.rel_residual, res.converged, res.sample_steps):
+    for v in (res.abs_residual, res.rel_residual, res.converged, res.sample_steps):
         assert v.device.type == "cuda"
     for v in (res.z if isinstance(res.z, list) else [res.z]):
         assert v.device.type == "cuda"

@@ -32,7 +32,7 @@ def test_fixed_point_on_2z_plus_1_float32_diverges_in_every_mode(mode):
     f = lambda z: 2 * z + 1  # noqa: E731
     res = DiscreteDEQSolver("fixed_point", mode=mode, max_steps=200)(f, torch.zeros(2, 3))
     assert res.status in FAILED and not res.converged.any()
-    assert torch.isfinite(res.z).all() and torch.isfinite(res.residual).all()
+    assert torch.isfinite(res.z).all() and torch.isfinite(res.abs_residual).all()
     with pytest.raises(SolverError):
         DiscreteDEQSolver("fixed_point", mode=mode, max_steps=200, throw=True)(f, torch.zeros(2, 3))
 
@@ -40,7 +40,7 @@ def test_fixed_point_on_2z_plus_1_float32_diverges_in_every_mode(mode):
 def test_default_solver_mode_on_2z_plus_1_float32_reports_diverged():
     res = DiscreteDEQSolver("fixed_point")(lambda z: 2 * z + 1, torch.zeros(2, 3))
     assert res.status is SolverStatus.DIVERGED
-    assert res.residual.max() < 1e6  # stopped early by the protective break, not at overflow
+    assert res.abs_residual.max() < 1e6  # stopped early by the protective break, not at overflow
     with pytest.raises(SolverError, match="diverged"):
         DiscreteDEQSolver("fixed_point", throw=True)(lambda z: 2 * z + 1, torch.zeros(2, 3))
 
@@ -85,8 +85,8 @@ def test_continuous_runaway_flow_is_diverged_with_an_honest_residual(method, dty
     assert res.status is SolverStatus.DIVERGED and res.steps < 300
     assert not res.converged.any()
     # The reported residual is the true f(z) - z at the returned z (sqrt(3)), not lost to cancellation.
-    torch.testing.assert_close(res.residual.double(), torch.full((2,), math.sqrt(3), dtype=F64), rtol=1e-6, atol=0)
-    torch.testing.assert_close(res.residual.double(), _true_residual(f, res.z), rtol=1e-6, atol=0)
+    torch.testing.assert_close(res.abs_residual.double(), torch.full((2,), math.sqrt(3), dtype=F64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(res.abs_residual.double(), _true_residual(f, res.z), rtol=1e-6, atol=0)
     with pytest.raises(SolverError):
         ContinuousDEQSolver(method, mode=mode, max_steps=300, throw=True)(f, torch.zeros(2, 3, dtype=dtype))
 
@@ -196,7 +196,7 @@ def test_every_solver_works_on_half_precision_states(name, dtype):
     ref = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-12, max_steps=100)(
         f64, torch.zeros(3, 6, dtype=F64)).z
     assert (res.z.double() - ref).abs().max() < 0.1
-    assert res.residual.dtype == torch.float32  # norms of half states are float32
+    assert res.abs_residual.dtype == torch.float32  # norms of half states are float32
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -281,7 +281,7 @@ def test_empty_batch_returns_an_empty_result(name, as_list):
     z0 = [torch.zeros(0, 3), torch.zeros(0, 2, 2)] if as_list else torch.zeros(0, 2, 2)
     res = get_solver(name)(f, z0)
     assert res.status is SolverStatus.CONVERGED and res.nfe == 0 and not calls
-    assert res.residual.shape == res.converged.shape == res.sample_steps.shape == (0,)
+    assert res.abs_residual.shape == res.converged.shape == res.sample_steps.shape == (0,)
     if as_list:
         assert [t.shape for t in res.z] == [t.shape for t in z0]
     else:

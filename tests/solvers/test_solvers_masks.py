@@ -58,7 +58,7 @@ def test_discrete_sample_at_fixed_point_is_untouched(name):
     assert res.converged.all()
     assert torch.equal(res.z[0], C[0])  # bit-for-bit its start
     assert res.sample_steps[0] == 0 and (res.sample_steps[1:] > 0).all()
-    assert res.residual[0] == 0
+    assert res.abs_residual[0] == 0
     torch.testing.assert_close(res.z[1:], C[1:], rtol=0, atol=1e-8)
     assert int(res.sample_steps.max()) == res.steps
 
@@ -87,7 +87,7 @@ def test_max_steps_leaves_the_unconverged_sample_flagged():
     assert res.converged.tolist() == [True, False]
     assert res.sample_steps.tolist() == [0, 9]
     torch.testing.assert_close(res.z[1], torch.full((3,), 9.0, dtype=torch.float64))
-    torch.testing.assert_close(res.residual, torch.tensor([0.0, math.sqrt(3)], dtype=torch.float64))
+    torch.testing.assert_close(res.abs_residual, torch.tensor([0.0, math.sqrt(3)], dtype=torch.float64))
     stats = res.stats()
     assert stats["converged_fraction"] == 0.5 and stats["nfe"] == 10.0 and stats["steps"] == 9.0
 

@@ -261,7 +261,7 @@ def test_best_mode_through_a_solver():
     best = DiscreteDEQSolver("fixed_point", mode="abs_deq_best", abstol_termination=1e-6, max_steps=8)(f, z0)
     # iterates z_k = sum of the first k increments; the residual at z_k is increment k (min 0.25 at k=2)
     torch.testing.assert_close(best.z, t([3.0]))
-    torch.testing.assert_close(best.residual, vec(0.25))
+    torch.testing.assert_close(best.abs_residual, vec(0.25))
     torch.testing.assert_close(best.fz, t([3.25]))
     seq = iter([2.0, 1.0, 0.25, 0.5, 1.5, 3.0, 5.0, 8.0, 9.0, 9.5, 9.7, 9.8])
     last = DiscreteDEQSolver("fixed_point", mode="abs_deq_default", abstol_termination=1e-6, max_steps=8)(f, z0)
@@ -296,7 +296,7 @@ def test_rms_norm_same_steps_for_any_size():
         res = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-3, norm="rms")(
             lambda z: 0.5 * z, torch.ones(1, N, dtype=F64))
         steps[N] = res.steps
-        torch.testing.assert_close(res.residual, vec(2.0 ** -(res.steps + 1)))
+        torch.testing.assert_close(res.abs_residual, vec(2.0 ** -(res.steps + 1)))
     assert steps[4] == steps[100_000] == 9  # 2^-10 <= 1e-3 < 2^-9
     l2 = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-3, norm="l2")(
         lambda z: 0.5 * z, torch.ones(1, 100_000, dtype=F64))
