@@ -35,7 +35,7 @@ from deqlab.nn.layers import equilibrium_session, stateful_modules
 from deqlab.nn.maps import CheckedMap
 from deqlab.nn.protocols import GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
-from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy
+from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy, user_stacklevel
 from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
 from deqlab.solvers.result import SolverStatus
@@ -62,17 +62,21 @@ def _resolve_init(owner: str, init: Optional[GuessStrategy], z_shape: Optional[S
         raise ValueError(f"{owner}: {' and '.join(given)} both set the initial state u0; pass one of them "
                          f"(z_shape=S is init=ZeroGuess(shape=S), initializer=fn is init=FunctionGuess(fn), "
                          f"shortcut=m is init=ShortcutGuess(m))")
-    # One way to give a starting guess: init= with a strategy object; the three old spellings still work
+    # One way to give a starting guess: init= with a strategy object; the three old spellings still work. The
+    # warnings point at the user's line whichever constructor (a subclass's, a multiscale layer's) got here
+    # (+1: warn_renamed is one frame deeper than this function); a DeprecationWarning is shown by default only
+    # when it points at __main__, so a level that lands inside deqlab hid it
     if shortcut is not None:
         warn_renamed(owner, "shortcut=m", "init=ShortcutGuess(m) (or SkipDeepEquilibriumNetwork(f, solver, m))",
-                     stacklevel=5, why="one way to give a starting guess")
+                     stacklevel=user_stacklevel() + 1, why="one way to give a starting guess")
         return ShortcutGuess(shortcut, shape=z_shape)
     if initializer is not None:
-        warn_renamed(owner, "initializer=fn", "init=FunctionGuess(fn)", stacklevel=5,
+        warn_renamed(owner, "initializer=fn", "init=FunctionGuess(fn)", stacklevel=user_stacklevel() + 1,
                      why="one way to give a starting guess")
         return FunctionGuess(initializer)
     if z_shape is not None:
-        warn_renamed(owner, "z_shape=S", "init=ZeroGuess(shape=S)", stacklevel=5, why="one way to give a starting guess")
+        warn_renamed(owner, "z_shape=S", "init=ZeroGuess(shape=S)", stacklevel=user_stacklevel() + 1,
+                     why="one way to give a starting guess")
     if init is None:
         return ZeroGuess(shape=z_shape)
     if isinstance(init, type):
@@ -114,7 +118,8 @@ def _rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args: An
     old = prefix + "shortcut."
     keys = [k for k in state_dict if k.startswith(old)]
     if keys:
-        warn_renamed("state_dict", f"'{old}*'", f"'{prefix}init.shortcut.*' (re-save the checkpoint)", stacklevel=3,
+        warn_renamed("state_dict", f"'{old}*'", f"'{prefix}init.shortcut.*' (re-save the checkpoint)",
+                     stacklevel=user_stacklevel() + 1,
                      why="a checkpoint from before the initial-guess strategies")
     for key in keys:
         state_dict[prefix + "init.shortcut." + key[len(old):]] = state_dict.pop(key)
