@@ -56,7 +56,7 @@ def run(model_type: str, precision: str, epochs: int, seed: int, data: str = "di
     test = trainer.test(model, datamodule, verbose=False)[0]
     return {"model": model_type, "precision": precision, "test_accuracy": test.get("test/accuracy"),
             "explicit_accuracy": test.get("test/explicit_accuracy"), "test_nfe": test.get("solver/test_nfe"),
-            "test_converged": test.get("solver/test_converged"),
+            "test_converged": test.get("solver/test_samples_converged"),
             "backward_nfe": train.get("solver/train_backward_nfe_epoch"), "fit_s": fit_s}
 
 

@@ -112,10 +112,17 @@ class SolutionSummary:
         nfe: forward function evaluations, summed.
         reference_nfe: the forward NFE as the paper's reference code counted them
             (`DeepEquilibriumSolution.reference_nfe`), summed; ``None`` when no layer reports it.
-        residual_mean: mean final residual over all samples of all layers; ``None`` when none reports one.
-        residual_max: largest final residual; ``None`` when none reports one.
+        abs_residual_mean: mean absolute residual ``||f(z*) - z*||`` over all samples of all layers; ``None``
+            when none reports one.
+        abs_residual_max: largest absolute residual; ``None`` when none reports one.
+        rel_residual_mean: mean relative residual ``||f(z*) - z*|| / ||f(z*)||``; ``None`` when none reports one.
+        rel_residual_max: largest relative residual; ``None`` when none reports one.
+        objective_max: largest value of the solvers' stopping objective (what the tolerance bounds: the
+            relative residual for ``rel_*`` modes, the absolute one for ``abs_*``); ``None`` when not reported.
+        tolerance: the largest tolerance of the layers' stopping tests (with one layer: its tolerance);
+            ``None`` when not reported.
         converged_fraction: fraction of samples whose solve converged; ``None`` when none reports it.
-        status_counts: solver status value → number of layers that ended with it.
+        status_counts: solver status value → number of solves (layers × this batch) that ended with it.
         stalled_fraction: fraction of samples the patience rule stopped near, not within, the tolerance
             (counted among the unconverged ones; a layer without a solver result counts none); ``None``
             when no layer reports convergence.
@@ -131,11 +138,27 @@ class SolutionSummary:
     jacobian_loss: Tensor
     nfe: float
     reference_nfe: Optional[float]
-    residual_mean: Optional[Tensor]
-    residual_max: Optional[Tensor]
+    abs_residual_mean: Optional[Tensor]
+    abs_residual_max: Optional[Tensor]
     converged_fraction: Optional[Tensor]
     status_counts: Dict[str, int]
     stalled_fraction: Optional[Tensor] = None
+    rel_residual_mean: Optional[Tensor] = None
+    rel_residual_max: Optional[Tensor] = None
+    objective_max: Optional[Tensor] = None
+    tolerance: Optional[float] = None
+
+    @property
+    def solves(self) -> int:
+        """Solves in this summary (DEQ layers × this batch)."""
+        return int(sum(self.status_counts.values()))
+
+    def solves_fraction(self, status: str) -> Optional[float]:
+        """Fraction of the solves that ended with ``status`` (``None`` without a solve): what
+        ``solver/{stage}_solves_{status}`` logs, the batch-level view beside the sample-level
+        ``converged_fraction``."""
+        n = self.solves
+        return None if n == 0 else self.status_counts.get(status, 0) / n
 
     @property
     def unconverged_fraction(self) -> Optional[Tensor]:
@@ -169,6 +192,9 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
     nfe = 0.0
     reference: Optional[float] = None
     residuals: List[Tensor] = []
+    rels: List[Tensor] = []
+    objectives: List[Tensor] = []
+    tolerance: Optional[float] = None
     converged: List[Tensor] = []
     stalled: List[Tensor] = []
     counts = {s: 0 for s in STATUSES}
@@ -179,8 +205,16 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
         ref = getattr(s, "reference_nfe", None)  # a researcher's own record type may lack it
         if ref is not None:
             reference = float(ref) if reference is None else reference + float(ref)
-        if s.residual is not None:
-            residuals.append(s.residual.detach().reshape(-1).float())
+        if s.abs_residual is not None:
+            residuals.append(s.abs_residual.detach().reshape(-1).float())
+        rel = getattr(s, "rel_residual", None)
+        if rel is not None:
+            rels.append(rel.detach().reshape(-1).float())
+        result = getattr(s, "solver_result", None)
+        if result is not None and getattr(result, "objective", None) is not None:
+            objectives.append(result.objective.detach().reshape(-1).float())
+            if result.tolerance is not None:
+                tolerance = result.tolerance if tolerance is None else max(tolerance, result.tolerance)
         if s.converged is not None:
             conv_s = s.converged.detach().reshape(-1).float()
             converged.append(conv_s)
@@ -189,14 +223,20 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
         status = SolverStatus(s.status).value
         counts[status] = counts.get(status, 0) + 1
     res = torch.cat(residuals) if residuals else None
+    rel_all = torch.cat(rels) if rels else None
+    obj = torch.cat(objectives) if objectives else None
     conv = torch.cat(converged) if converged else None
     return SolutionSummary(
         skip_loss=skip,
         jacobian_loss=jac,
         nfe=nfe,
         reference_nfe=reference,
-        residual_mean=res.mean() if res is not None and res.numel() else None,
-        residual_max=res.max() if res is not None and res.numel() else None,
+        abs_residual_mean=res.mean() if res is not None and res.numel() else None,
+        abs_residual_max=res.max() if res is not None and res.numel() else None,
+        rel_residual_mean=rel_all.mean() if rel_all is not None and rel_all.numel() else None,
+        rel_residual_max=rel_all.max() if rel_all is not None and rel_all.numel() else None,
+        objective_max=obj.max() if obj is not None and obj.numel() else None,
+        tolerance=tolerance,
         converged_fraction=conv.mean() if conv is not None and conv.numel() else None,
         status_counts=counts,
         stalled_fraction=torch.cat(stalled).mean() if conv is not None and conv.numel() else None,
@@ -230,8 +270,8 @@ class StepRecord:
         stage: ``"train"``, ``"val"`` or ``"test"``: which loop ran the step.
         batch_idx: index of the batch within its epoch, as Lightning passes it to the step.
         nfe: forward function evaluations, summed over the model's DEQ layers (0.0 for a model without one).
-        residual_mean: mean final residual over all samples of all DEQ layers; ``None`` when no layer
-            reports residuals.
+        abs_residual_mean: mean absolute residual ``||f(z*) - z*||`` over all samples of all DEQ layers;
+            ``None`` when no layer reports residuals. (``residual_mean``, its old name, still reads, warning.)
         forward_time: wall time of the forward in seconds (device-synchronized on CUDA); ``None`` when it
             was not timed.
         status_counts: solver status value (``"converged"``, ``"max_steps"``, ...) → number of DEQ layers
@@ -241,7 +281,7 @@ class StepRecord:
 
     Examples:
         >>> from deqlab.lightning import StepRecord
-        >>> record = StepRecord("train", 0, nfe=12.0, residual_mean=1e-3, forward_time=0.01,
+        >>> record = StepRecord("train", 0, nfe=12.0, abs_residual_mean=1e-3, forward_time=0.01,
         ...                     status_counts={"converged": 1}, unconverged_fraction=0.0)
         >>> record.nfe, record.backward_nfe, record.skipped
         (12.0, None, False)
@@ -249,16 +289,20 @@ class StepRecord:
         {'converged': 1}
     """
 
-    __slots__ = ("stage", "batch_idx", "nfe", "backward_nfe", "residual_mean", "forward_time", "status_counts",
+    __slots__ = ("stage", "batch_idx", "nfe", "backward_nfe", "abs_residual_mean", "forward_time", "status_counts",
                  "unconverged_fraction", "backward_unconverged_fraction", "skipped")
 
-    def __init__(self, stage: str, batch_idx: int, nfe: float, residual_mean: Optional[float],
-                 forward_time: Optional[float], status_counts: Dict[str, int],
-                 unconverged_fraction: Optional[float]) -> None:
+    def __init__(self, stage: str, batch_idx: int, nfe: float, abs_residual_mean: Optional[float] = None,
+                 forward_time: Optional[float] = None, status_counts: Optional[Dict[str, int]] = None,
+                 unconverged_fraction: Optional[float] = None, *, residual_mean: Optional[float] = None) -> None:
+        from deqlab._compat import renamed
+
         self.stage = stage
         self.batch_idx = batch_idx
         self.nfe = nfe
-        self.residual_mean = residual_mean
+        self.abs_residual_mean = renamed("StepRecord", "abs_residual_mean", abs_residual_mean, "residual_mean",
+                                         residual_mean)
+        status_counts = {} if status_counts is None else status_counts
         self.forward_time = forward_time
         self.status_counts = dict(status_counts)
         self.unconverged_fraction = unconverged_fraction
@@ -268,6 +312,13 @@ class StepRecord:
         self.backward_unconverged_fraction: Optional[float] = None
         #: the non-finite policy skipped this batch's update (training only).
         self.skipped: bool = False
+
+    @property
+    def residual_mean(self) -> Optional[float]:
+        """Deprecated old name of `abs_residual_mean`."""
+        from deqlab._compat import deprecated
+
+        return deprecated("StepRecord", ".residual_mean", ".abs_residual_mean", self.abs_residual_mean)
 
     def as_dict(self) -> Dict[str, Any]:
         """Every field by name (the forward part, the backward part and ``skipped``), e.g. for a CSV row."""

@@ -12,7 +12,7 @@ class names (``class_path: DigitsDEQ``) resolve; nothing here imports it back.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import pytorch_lightning as pl
 from jsonargparse import lazy_instance
@@ -105,53 +105,74 @@ def constructor_error(err: BaseException) -> Optional[BaseException]:
     return found
 
 
-def _constructed_class(err: BaseException) -> Optional[type]:
-    """The class whose ``__init__`` raised ``err`` (the outermost constructor frame of its traceback)."""
-    tb = err.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code.co_name in ("__init__", "__post_init__") and "self" in frame.f_locals:
-            return type(frame.f_locals["self"])
-        tb = tb.tb_next
-    return None
+def _constructor_codes(cls: type) -> set:
+    """The code objects of every ``__init__`` / ``__post_init__`` that constructing ``cls`` may run (its own
+    and its bases'; a wrapper's inner function too, through ``__wrapped__``)."""
+    codes = set()
+    for klass in cls.__mro__:
+        for name in ("__init__", "__post_init__"):
+            fn = vars(klass).get(name)
+            while fn is not None:
+                code = getattr(fn, "__code__", None)
+                if code is not None:
+                    codes.add(code)
+                fn = getattr(fn, "__wrapped__", None)
+    return codes
+
+
+def _class_path_entries(config: Any) -> List[Tuple[str, type]]:
+    """``(key, class)`` for every ``class_path`` entry of a (LightningCLI) config, outermost first; the
+    ``fit.`` / ``validate.`` ... subcommand prefix is dropped from the key."""
+    import importlib
+
+    entries: List[Tuple[str, type]] = []
+
+    def resolve(class_path: Any) -> Optional[type]:
+        if not isinstance(class_path, str) or "." not in class_path:
+            return None
+        module, _, name = class_path.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            return None
+        return found if isinstance(found, type) else None
+
+    def visit(node: Any, path: str) -> None:
+        for key, value in (node.items() if hasattr(node, "items") else []):
+            sub = f"{path}.{key}" if path else str(key)
+            if hasattr(value, "items"):
+                cls = resolve(value.get("class_path"))
+                if cls is not None:
+                    head, _, rest = sub.partition(".")
+                    entries.append((rest if head in ("fit", "validate", "test", "predict") and rest else sub, cls))
+                visit(value, sub)
+
+    visit(config.as_dict() if hasattr(config, "as_dict") else config, "")
+    return entries
 
 
 def config_key(config: Any, err: BaseException) -> str:
     """``"model.init_args.solver (deqlab.solvers.DiscreteDEQSolver): "`` for the class_path entry of
-    ``config`` whose class raised ``err``, or ``""`` when it cannot be told (the class and reason still
-    say what to fix)."""
-    cls = _constructed_class(err)
-    if cls is None:
-        return ""
-    found: List[str] = []
+    ``config`` whose constructor raised ``err``, or ``""`` when it cannot be told (the class and reason
+    still say what to fix).
 
-    def names_cls(class_path: Any) -> bool:
-        if not isinstance(class_path, str) or "." not in class_path:
-            return isinstance(class_path, str) and class_path == cls.__qualname__
-        module, _, name = class_path.rpartition(".")
-        try:
-            import importlib
-
-            return getattr(importlib.import_module(module), name, None) is cls
-        except ImportError:
-            return False
-
-    def visit(node: Any, path: str) -> None:
-        items = node.items() if hasattr(node, "items") else []
-        for key, value in items:
-            sub = f"{path}.{key}" if path else str(key)
-            if hasattr(value, "items"):
-                if names_cls(value.get("class_path")):
-                    found.append(sub)
-                visit(value, sub)
-
+    The constructor is told by code, not by reading frames: the outermost frame of ``err``'s traceback
+    that runs an ``__init__`` / ``__post_init__`` of a configured class names that entry (the innermost
+    entry when several configured classes share it)."""
     try:
-        visit(config.as_dict() if hasattr(config, "as_dict") else config, "")
+        entries = _class_path_entries(config)
     except Exception:  # pragma: no cover - a config shape this walk does not know
-        return f"({cls.__module__}.{cls.__qualname__}) "
-    key = found[-1].split(".", 1)[1] if found and found[-1].split(".", 1)[0] in ("fit", "validate", "test", "predict") \
-        else (found[-1] if found else "")
-    return f"{key} ({cls.__module__}.{cls.__qualname__}): " if key else f"({cls.__module__}.{cls.__qualname__}) "
+        return ""
+    codes = [(key, cls, _constructor_codes(cls)) for key, cls in entries]
+    tb = err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        matches = [(key, cls) for key, cls, own in codes if code in own]
+        if matches:
+            key, cls = matches[-1]
+            return f"{key} ({cls.__module__}.{cls.__qualname__}): "
+        tb = tb.tb_next
+    return ""
 
 
 def __getattr__(name: str) -> Any:

@@ -238,7 +238,8 @@ class DEQLightningModule(pl.LightningModule):
             loss = loss + weight * value
         unconverged = summary.unconverged_fraction
         record = StepRecord(stage, batch_idx, nfe=summary.nfe, forward_time=forward_time,
-                            residual_mean=None if summary.residual_mean is None else float(summary.residual_mean),
+                            abs_residual_mean=None if summary.abs_residual_mean is None
+                            else float(summary.abs_residual_mean),
                             status_counts=summary.status_counts,
                             unconverged_fraction=None if unconverged is None else float(unconverged))
 

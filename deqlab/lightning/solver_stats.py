@@ -24,9 +24,10 @@ __all__ = ["BackwardStats", "log_solver_summary"]
 def log_solver_summary(pl_module: pl.LightningModule, s: SolutionSummary, stage: str, **kw: Any) -> None:
     """Log a step's forward solver statistics under ``solver/{stage}_...`` with ``pl_module.log``.
 
-    NFE (and the paper's reference count where reported), residual mean and max, converged, unconverged and
-    stalled fractions, and the solves per solver status (summed over the epoch in evaluation, per step in
-    training).
+    NFE (and the paper's reference count where reported); the absolute and relative residuals (mean and
+    max), the stopping test's objective (max) and its tolerance; the fractions of the *samples* converged,
+    unconverged and stalled; and the fraction of the *solves* (a layer on a batch) ending with each solver
+    status. Evaluation scalars are epoch means (weighted by batch size), training ones per step.
 
     Args:
         pl_module: the module that logs (inside one of its steps).
@@ -43,23 +44,30 @@ def log_solver_summary(pl_module: pl.LightningModule, s: SolutionSummary, stage:
         ...     def log(self, name, value, **kw): self.names.append(name)
         >>> module = Recorder()
         >>> log_solver_summary(module, summarize([], like=torch.zeros(())), "val")
-        >>> module.names[:2]
-        ['solver/val_nfe', 'solver/val_status_converged']
+        >>> module.names
+        ['solver/val_nfe']
     """
     pl_module.log(f"solver/{stage}_nfe", float(s.nfe), prog_bar=True, **kw)
     if s.reference_nfe is not None:  # the paper's count, beside ours (deqlab.solvers.counting)
         pl_module.log(f"solver/{stage}_reference_nfe", s.reference_nfe, **kw)
-    if s.residual_mean is not None:
-        pl_module.log(f"solver/{stage}_residual_mean", s.residual_mean, **kw)
-        pl_module.log(f"solver/{stage}_residual_max", s.residual_max, **{**kw, "reduce_fx": "max"})
+    as_max = {**kw, "reduce_fx": "max"}
+    for name, value, kwargs in (("abs_residual_mean", s.abs_residual_mean, kw), ("abs_residual_max", s.abs_residual_max, as_max),
+                                ("rel_residual_mean", s.rel_residual_mean, kw), ("rel_residual_max", s.rel_residual_max, as_max),
+                                ("objective_max", s.objective_max, as_max)):
+        if value is not None:
+            pl_module.log(f"solver/{stage}_{name}", value, **kwargs)
+    if s.tolerance is not None:  # beside the objective it bounds
+        pl_module.log(f"solver/{stage}_tolerance", float(s.tolerance), **as_max)
+    # what each counter counts is in its name: fractions of the *samples*, fractions of the *solves* (a solve:
+    # one DEQ layer on one batch); on one run they agree (samples_converged == 1 exactly when every solve did)
     if s.converged_fraction is not None:
-        pl_module.log(f"solver/{stage}_converged", s.converged_fraction, **kw)
-        pl_module.log(f"solver/{stage}_unconverged", s.unconverged_fraction, **kw)
+        pl_module.log(f"solver/{stage}_samples_converged", s.converged_fraction, **kw)
+        pl_module.log(f"solver/{stage}_samples_unconverged", s.unconverged_fraction, **kw)
     if s.stalled_fraction is not None:  # among the unconverged: stopped by the patience rule near tol
-        pl_module.log(f"solver/{stage}_stalled", s.stalled_fraction, **kw)
-    for status in STATUSES:  # solves per status (a diverging model shows solver/train_status_diverged)
-        pl_module.log(f"solver/{stage}_status_{status}", float(s.status_counts.get(status, 0)),
-                      **{**kw, "reduce_fx": "sum"} if stage != "train" else kw)
+        pl_module.log(f"solver/{stage}_samples_stalled", s.stalled_fraction, **kw)
+    if s.solves:
+        for status in STATUSES:  # a diverging model shows solver/train_solves_diverged
+            pl_module.log(f"solver/{stage}_solves_{status}", float(s.solves_fraction(status)), **kw)
 
 
 def backward_unconverged_fraction(solutions: List[DeepEquilibriumSolution]) -> Optional[float]:
@@ -73,7 +81,7 @@ def backward_unconverged_fraction(solutions: List[DeepEquilibriumSolution]) -> O
         conv = s.backward_converged
         if conv is None:
             continue
-        n = int(s.residual.numel()) if s.residual is not None else 1
+        n = int(s.abs_residual.numel()) if s.abs_residual is not None else 1
         flags.append(conv.detach().reshape(-1).float() if torch.is_tensor(conv)
                      else torch.full((n,), float(bool(conv))))
     if not flags:
@@ -87,7 +95,7 @@ class BackwardStats(pl.Callback):
     The backward fills each solution record's ``backward_nfe`` (and ``backward_converged`` where the backward
     mode solves); this callback sums them into the step's [`StepRecord`][deqlab.lightning.StepRecord]
     (``backward_nfe``, ``backward_unconverged_fraction``, which every callback reads in
-    ``on_train_batch_end``) and logs ``solver/train_backward_nfe`` and ``solver/train_backward_unconverged``
+    ``on_train_batch_end``) and logs ``solver/train_backward_nfe`` and ``solver/train_backward_samples_unconverged``
     per step and ``solver/train_backward_nfe_epoch`` for the batches that train. A batch whose forward ran on a
     zero-filled stand-in of a NaN input logs nothing (its numbers describe the copy).
 
@@ -123,4 +131,4 @@ class BackwardStats(pl.Callback):
         epoch: Dict[str, Any] = dict(on_step=False, on_epoch=True, sync_dist=True)
         step.when_trained(partial(pl_module.log, "solver/train_backward_nfe_epoch", bnfe, **epoch))
         if unconverged is not None:
-            pl_module.log("solver/train_backward_unconverged", unconverged, on_step=True, on_epoch=False)
+            pl_module.log("solver/train_backward_samples_unconverged", unconverged, on_step=True, on_epoch=False)

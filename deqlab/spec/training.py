@@ -90,9 +90,9 @@ class DEQTrainingConfig:
             Default ``True``, so runs can be compared side by side.
 
     Raises:
-        ValueError: when ``lr`` is not > 0, ``weight_decay`` or ``eta_min`` < 0, ``momentum`` or a beta
-            outside [0, 1), ``step_gamma`` not > 0, ``scheduler_steps`` < 1, an unknown ``optimizer`` or
-            ``scheduler``, ``pretrain_steps`` < 0 or ``pretrain_depth`` < 1, ``num_classes`` < 2,
+        ValueError: when ``lr`` < 0 (0 is allowed, as torch's optimizers allow it: the weights stay
+            fixed), ``weight_decay`` or ``eta_min`` < 0, ``momentum`` or a beta outside [0, 1),
+            ``step_gamma`` not > 0, ``scheduler_steps`` < 1, an unknown ``optimizer`` or ``scheduler``, ``pretrain_steps`` < 0 or ``pretrain_depth`` < 1, ``num_classes`` < 2,
             ``on_nonfinite`` is not ``skip`` or ``raise``, a loss weight is negative or not finite, or an
             ``extra_loss_weights`` entry is not finite.
 
@@ -148,7 +148,7 @@ class DEQTrainingConfig:
             put(name, float(getattr(self, name)))
         # optimizer and schedule values are checked here, when the model is built (before any data is set
         # up), not by torch when the optimizer is made at the start of fit
-        checks = (("lr", self.lr > 0, "a finite number > 0"), ("weight_decay", self.weight_decay >= 0, "a finite number >= 0"),
+        checks = (("lr", self.lr >= 0, "a finite number >= 0"), ("weight_decay", self.weight_decay >= 0, "a finite number >= 0"),
                   ("momentum", 0 <= self.momentum < 1, "in [0, 1)"), ("eta_min", self.eta_min >= 0, "a finite number >= 0"),
                   ("step_gamma", self.step_gamma > 0, "a finite number > 0"))
         for name, ok, what in checks:

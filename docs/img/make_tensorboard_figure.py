@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 TAGS = ["train/loss", "val/accuracy", "solver/train_nfe", "solver/train_backward_nfe",
-        "solver/train_residual_max", "val/explicit_accuracy", "time/forward", "time/backward"]
+        "solver/train_abs_residual_max", "val/explicit_accuracy", "time/forward", "time/backward"]
 COLORS = {"skip": "#ff7043", "vanilla": "#0077bb", "skip_reg": "#009988"}
 
 

@@ -99,7 +99,7 @@ def test_the_old_cli_alias_warns_and_names_the_console_command():
     ("--model.init_args.solver.init_args.algorithm=lbroydn", "did you mean 'lbroyden'?"),
     ("--model.init_args.training.skip_loss_weight=.nan", "model (deqlab.zoo.DigitsDEQ): ValueError: skip_loss_weight"),
     # optimizer values are checked when the model is built, before any data is set up
-    ("--model.init_args.training.lr=-1", "model (deqlab.zoo.DigitsDEQ): ValueError: lr must be a finite number > 0"),
+    ("--model.init_args.training.lr=-1", "model (deqlab.zoo.DigitsDEQ): ValueError: lr must be a finite number >= 0"),
 ])
 def test_a_rejected_value_ends_in_one_line_naming_the_key(capsys, override, needle):
     with pytest.raises(SystemExit) as exc:

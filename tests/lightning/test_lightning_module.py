@@ -41,8 +41,8 @@ def test_loss_is_task_plus_weighted_skip_and_jacobian_and_each_part_is_logged():
     assert len(rec.rows) == 2
     logged = rec.rows[-1]["logged"]
     for key in ("train/loss", "train/task_loss", "train/skip_loss", "train/jacobian_loss", "train/batch_accuracy",
-                "solver/train_nfe", "solver/train_backward_nfe", "solver/train_residual_mean",
-                "solver/train_residual_max", "solver/train_converged", "time/forward", "time/backward",
+                "solver/train_nfe", "solver/train_backward_nfe", "solver/train_abs_residual_mean",
+                "solver/train_abs_residual_max", "solver/train_samples_converged", "time/forward", "time/backward",
                 "time/optimizer"):
         assert key in logged, key
     task, skip, jac = logged["train/task_loss"], logged["train/skip_loss"], logged["train/jacobian_loss"]

@@ -113,11 +113,11 @@ class _Affine(nn.Module):
 
 
 class _AffineDEQ(DEQLightningModule):
-    def __init__(self, a: float = 2.0, **kwargs):
+    def __init__(self, a: float = 2.0, max_steps: int = 20, **kwargs):
         super().__init__(**kwargs)
         self.stem = nn.Linear(64, 4)
         solver = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-6, reltol_termination=1e-6,
-                                   max_steps=20)
+                                   max_steps=max_steps)
         self.deq = DeepEquilibriumNetwork(_Affine(a), solver, backward=ImplicitBackward(tol=1e-6, max_steps=5))
         self.head = nn.Linear(4, 10)
 
@@ -134,16 +134,16 @@ def test_solver_status_counts_and_unconverged_fractions_are_logged():
         warnings.simplefilter("ignore")
         trainer(max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, _loader(nan_batch=None, n_batches=1))
     row = cb.rows[0]
-    counts = {s: row[f"solver/train_status_{s}"] for s in ("converged", "max_steps", "diverged", "nonfinite")}
+    counts = {s: row[f"solver/train_solves_{s}"] for s in ("converged", "max_steps", "diverged", "nonfinite")}
     assert sum(counts.values()) == 1.0
     assert counts["converged"] == 0.0  # f = 2z + x never converges under fixed-point iteration
-    assert row["solver/train_unconverged"] == 1.0
+    assert row["solver/train_samples_unconverged"] == 1.0
     # a map that runs away is logged as diverged, not as an exhausted step budget
     assert counts["diverged"] == 1.0 and counts["max_steps"] == 0.0
 
 def test_stalled_samples_are_logged_as_stalled_not_converged():
     # f = 0.995 z + x under fixed-point iteration in rel_deq_default: the patience rule stops every sample
-    # at ~3e-3 for a tolerance of 1e-3. Old: solver/train_converged 1.0 and status_converged 1.
+    # at ~3e-3 for a tolerance of 1e-3. Old: solver/train_samples_converged 1.0 and status_converged 1.
     class _Stalling(_AffineDEQ):
         def __init__(self, **kwargs):
             super().__init__(a=0.995, **kwargs)
@@ -157,10 +157,30 @@ def test_stalled_samples_are_logged_as_stalled_not_converged():
         warnings.simplefilter("ignore")
         trainer(max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, _loader(nan_batch=None, n_batches=1))
     row = cb.rows[0]
-    assert row["solver/train_converged"] == 0.0 and row["solver/train_stalled"] == 1.0
-    assert row["solver/train_unconverged"] == 1.0  # stalled samples are among the unconverged
-    assert row["solver/train_status_stalled"] == 1.0 and row["solver/train_status_converged"] == 0.0
+    assert row["solver/train_samples_converged"] == 0.0 and row["solver/train_samples_stalled"] == 1.0
+    assert row["solver/train_samples_unconverged"] == 1.0  # stalled samples are among the unconverged
+    assert row["solver/train_solves_stalled"] == 1.0 and row["solver/train_solves_converged"] == 0.0
 
+
+
+@pytest.mark.parametrize("a", [0.5, 2.0])
+def test_sample_and_solve_counters_agree_on_one_run(a):
+    # a = 0.5 converges (0.5^80 leaves no residual), a = 2 runs away: whichever, the counters that describe one
+    # solve must tell one story
+    pl.seed_everything(0)
+    model = _AffineDEQ(a=a, max_steps=80, scheduler="none", log_figures=False, optimizer="sgd", lr=0.0, momentum=0.0)
+    cb = _Logged()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, _loader(nan_batch=None, n_batches=1))
+    row = cb.rows[0]
+    solves = [row[f"solver/train_solves_{s}"] for s in ("converged", "stalled", "max_steps", "diverged", "nonfinite")]
+    assert sum(solves) == pytest.approx(1.0)
+    all_converged = row["solver/train_samples_converged"] == 1.0
+    assert all_converged == (row["solver/train_solves_converged"] == 1.0) == (a == 0.5)
+    assert row["solver/train_samples_converged"] + row["solver/train_samples_unconverged"] == pytest.approx(1.0)
+    # the objective the stopping test used sits below its tolerance exactly when every sample converged
+    assert (row["solver/train_objective_max"] <= row["solver/train_tolerance"]) == all_converged
 
 @pytest.mark.parametrize("a, expected", [(0.5, 0.0), (1.0, 1.0)])
 def test_backward_unconverged_fraction_is_logged_from_the_record(a, expected):
@@ -171,7 +191,7 @@ def test_backward_unconverged_fraction_is_logged_from_the_record(a, expected):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(max_steps=1, limit_val_batches=0, callbacks=[cb]).fit(model, _loader(nan_batch=None, n_batches=1))
-    assert cb.rows[0]["solver/train_backward_unconverged"] == expected
+    assert cb.rows[0]["solver/train_backward_samples_unconverged"] == expected
 
 
 # ---------------------------------------------------------------- gradient accumulation, buffers, logs

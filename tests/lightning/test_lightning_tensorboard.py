@@ -34,9 +34,9 @@ def test_training_writes_scalars_histograms_figures_and_hparams(tmp_path):
     images = set().union(*(a.Tags()["images"] for a in accs))
     for tag in ("train/loss", "train/task_loss", "train/skip_loss", "train/jacobian_loss", "train/accuracy",
                 "train/pretraining", "val/loss", "val/accuracy", "val/explicit_accuracy", "val/explicit_time",
-                "solver/train_nfe", "solver/train_backward_nfe", "solver/val_nfe", "solver/val_residual_mean",
+                "solver/train_nfe", "solver/train_backward_nfe", "solver/val_nfe", "solver/val_abs_residual_mean",
                 "solver/train_reference_nfe", "solver/val_reference_nfe",
-                "solver/val_residual_max", "solver/val_converged", "time/forward", "time/backward",
+                "solver/val_abs_residual_max", "solver/val_samples_converged", "time/forward", "time/backward",
                 "time/optimizer", "time/val_forward", "time/train_epoch", "hp/val_accuracy", "hp/val_nfe"):
         assert tag in scalars, tag
     assert {"solver/nfe_hist", "solver/val_nfe_hist"} <= histograms

@@ -117,8 +117,9 @@ def test_result_record():
     assert res.status == "converged" and str(res.status.value) == "converged"  # a str enum
     assert res.all_converged
     stats = res.stats()
-    assert set(stats) == {"nfe", "steps", "residual_mean", "residual_max", "rel_residual_mean",
-                          "converged_fraction", "stalled_fraction"}
+    assert set(stats) == {"nfe", "steps", "abs_residual_mean", "abs_residual_max", "rel_residual_mean",
+                          "rel_residual_max", "converged_fraction", "stalled_fraction"}
+    assert stats["abs_residual_max"] == float(res.abs_residual.max()) <= 1e-3  # the one absolute measure
     assert stats["converged_fraction"] == 1.0 and stats["stalled_fraction"] == 0.0 and stats["nfe"] == res.nfe
     # rel_residual = ||f(z) - z|| / ||f(z)||: here f(z) = z/2, so |du| = |f(z)| and the ratio is 1.
     torch.testing.assert_close(res.rel_residual, torch.ones(2, dtype=F64))
