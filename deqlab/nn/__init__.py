@@ -35,6 +35,7 @@ from deqlab.nn.layers import (
 from deqlab.nn.neural_ode import MultiScaleNeuralODE
 from deqlab.nn.protocols import DEQLayer, GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
+from deqlab.nn.reversible import ReversibleBackward
 from deqlab.nn.solution import DeepEquilibriumSolution
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "ImplicitBackward",
     "JacobianFreeBackward",
     "PhantomGradient",
+    "ReversibleBackward",
     "jacobian_frobenius_estimate",
     "EquilibriumStateful",
     "WeightNorm",

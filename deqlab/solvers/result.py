@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -93,6 +93,9 @@ class SolverResult:
             ``abs_*``; see ``objective_name``); ``None`` from a solver that does not record it.
         tolerance: the tolerance the objective is compared with. ``None`` when not recorded.
         objective_name: the objective in words (``TerminationCondition.objective_name``).
+        reversible: [`ReversibleSolver`][deqlab.solvers.ReversibleSolver] only: the final ``y_N``, the start and
+            the per-sample step counts its exact backward ([`ReversibleBackward`][deqlab.nn.ReversibleBackward])
+            inverts (a [`ReversibleState`][deqlab.solvers.ReversibleState]); ``None`` from other solvers.
 
     Example:
         >>> import torch
@@ -133,6 +136,7 @@ class SolverResult:
     objective: Optional[Tensor] = None
     tolerance: Optional[float] = None
     objective_name: Optional[str] = None
+    reversible: Optional[Any] = field(default=None, repr=False)
 
     @property
     def all_converged(self) -> bool:
