@@ -19,6 +19,7 @@ from deqlab.nn.implicit import (
     ImplicitBackward,
     JacobianFreeBackward,
     Linearization,
+    NeumannPhantomGradient,
     PhantomGradient,
 )
 from deqlab.nn.init import FunctionGuess, InitialGuess, MapGuess, ShortcutGuess, ZeroGuess
@@ -28,15 +29,18 @@ from deqlab.nn.layers import (
     EquilibriumStateful,
     PostFuse,
     ResidualBlock,
+    SpectralNorm,
     Upsample,
     VariationalHiddenDropout,
     WeightNorm,
+    apply_norm,
 )
 from deqlab.nn.neural_ode import MultiScaleNeuralODE
 from deqlab.nn.protocols import DEQLayer, GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
 from deqlab.nn.reversible import ReversibleBackward
 from deqlab.nn.solution import DeepEquilibriumSolution
+from deqlab.nn.spectral import spectral_radius
 
 __all__ = [
     "DeepEquilibriumNetwork",
@@ -64,9 +68,13 @@ __all__ = [
     "JacobianFreeBackward",
     "PhantomGradient",
     "ReversibleBackward",
+    "NeumannPhantomGradient",
     "jacobian_frobenius_estimate",
+    "spectral_radius",
     "EquilibriumStateful",
     "WeightNorm",
+    "SpectralNorm",
+    "apply_norm",
     "VariationalHiddenDropout",
     "DenseDEQBlock",
     "ResidualBlock",

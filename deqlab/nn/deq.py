@@ -39,6 +39,7 @@ from deqlab.nn.reversible import ReversibleBackward, check_reversible_pairing
 from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy, user_stacklevel
 from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
+from deqlab.nn.spectral import spectral_radius as _spectral_radius
 from deqlab.solvers.result import SolverStatus
 from deqlab.solvers.reversible import ReversibleSolver
 from deqlab.state import State, as_parts, detach, from_parts, per_sample_norm
@@ -189,6 +190,17 @@ class DeepEquilibriumNetwork(nn.Module):
             gradients flow through that application and, implicitly, through ``z_T``; ``solution.nfe``
             counts it). Default ``False``: at a converged fixed point the two differ by the residual, so
             the extra evaluation buys nothing but reproducing that code.
+        spectral_radius: estimate ``ρ(∂f/∂z)`` at ``z*`` per sample with
+            [`spectral_radius`][deqlab.nn.spectral_radius] into ``solution.spectral_radius``: ``False`` /
+            ``"off"`` (default: it costs a graph of ``f`` and ``spectral_radius_iters`` VJPs per forward),
+            ``True`` / ``"eval"`` (only when the layer is in eval mode, torchdeq's ``sradius_mode``: free
+            for training steps, logged for validation) or ``"always"``.
+        spectral_radius_iters: VJPs of that estimate (Arnoldi steps). Default 20, as the function's.
+        checkpoint_unrolled: in fixed-depth mode, wrap every application of ``f`` in gradient
+            checkpointing (``torch.utils.checkpoint``, torchdeq's ``mem_gc``): the backprop recomputes each
+            step's activations instead of keeping them, so the memory held for the backward is one state per
+            step instead of every activation of ``f`` (gradients are identical; the price is one more
+            evaluation of ``f`` per step in the backward). Default ``False``: pretraining depths are small.
 
     Raises:
         ValueError: more than one of ``init``, ``z_shape``, ``initializer``, ``shortcut`` is given (all
@@ -196,7 +208,9 @@ class DeepEquilibriumNetwork(nn.Module):
             ``"none"``; ``fixed_depth`` is not an int >= 0; ``on_unconverged`` is not ``"warn"``,
             ``"ignore"`` or ``"raise"``; ``solver`` is an unknown solver name; a
             [`ReversibleSolver`][deqlab.solvers.ReversibleSolver] and a
-            [`ReversibleBackward`][deqlab.nn.ReversibleBackward] are not used together (each needs the other).
+            [`ReversibleBackward`][deqlab.nn.ReversibleBackward] are not used together (each needs the other);
+            ``spectral_radius`` is not one of ``False``, ``True``, ``"off"``, ``"eval"``, ``"always"``;
+            ``spectral_radius_iters < 1``.
         TypeError: ``backward`` is not a [`BackwardMode`][deqlab.nn.BackwardMode]; ``init`` lacks a member of
             [`GuessStrategy`][deqlab.nn.GuessStrategy]; ``shortcut`` is neither a module nor a sequence of
             modules; ``solver`` is neither a solver, a name nor a callable.
@@ -240,6 +254,9 @@ class DeepEquilibriumNetwork(nn.Module):
         fixed_depth: int = 0,
         on_unconverged: UnconvergedPolicy = "warn",
         reapply_map: bool = False,
+        spectral_radius: Union[bool, Literal["off", "eval", "always"]] = False,
+        spectral_radius_iters: int = 20,
+        checkpoint_unrolled: bool = False,
     ):
         super().__init__()
         name = type(self).__name__
@@ -268,6 +285,17 @@ class DeepEquilibriumNetwork(nn.Module):
         self.jacobian_normalize = jacobian_normalize
         self.fixed_depth = int(fixed_depth)
         self.reapply_map = bool(reapply_map)
+        modes = {False: "off", True: "eval", "off": "off", "eval": "eval", "always": "always"}
+        if not isinstance(spectral_radius, (bool, str)) or spectral_radius not in modes:
+            raise ValueError(f"{name}: spectral_radius must be False, True, 'off', 'eval' or 'always', "
+                             f"got {spectral_radius!r}")
+        if isinstance(spectral_radius_iters, bool) or not isinstance(spectral_radius_iters, int) or \
+                spectral_radius_iters < 1:
+            raise ValueError(f"{name}: spectral_radius_iters must be an int >= 1, got {spectral_radius_iters!r}")
+        #: when ``solution.spectral_radius`` is computed: ``"off"``, ``"eval"`` or ``"always"``
+        self.spectral_radius_mode: str = modes[spectral_radius]
+        self.spectral_radius_iters = int(spectral_radius_iters)
+        self.checkpoint_unrolled = bool(checkpoint_unrolled)
         self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     # ---------------------------------------------------------------- read-only views
@@ -428,8 +456,10 @@ class DeepEquilibriumNetwork(nn.Module):
             if depth > 0:
                 z = start
                 counter = _BackpropCounter()  # the backprop through the d steps is d VJPs, counted into the record
+                step = _CheckpointedStep(fmap, is_list, modules) if self.checkpoint_unrolled and \
+                    torch.is_grad_enabled() else fmap
                 for _ in range(depth):
-                    z = fmap(z)
+                    z = step(z)
                     counter.watch(as_parts(z))
             else:
                 check_reversible_pairing(name, self.solver, self.backward)  # either may have been reassigned
@@ -467,11 +497,17 @@ class DeepEquilibriumNetwork(nn.Module):
                 z_star = fmap(z_star)
                 nfe += 1
             jac = self._jacobian_loss(z_star, x) if self.jacobian_regularization else x.new_zeros(())
+            rho = None
+            if self.spectral_radius_mode == "always" or (self.spectral_radius_mode == "eval" and not self.training):
+                x_const = x.detach()
+                with instrument.region("deq.spectral_radius"):
+                    rho = _spectral_radius(lambda z: self._eval_map(z, x_const), detach(z_star),
+                                           self.spectral_radius_iters)
         skip = self.init.skip_loss(u0, z_star)
         solution = DeepEquilibriumSolution(
             z_star=z_star, u0=u0, abs_residual=residual, jacobian_loss=jac,
             skip_loss=x.new_zeros(()) if skip is None else skip, nfe=nfe, converged=converged, status=status,
-            solver_result=result, reference_nfe=reference, rel_residual=rel_residual)
+            solver_result=result, reference_nfe=reference, rel_residual=rel_residual, spectral_radius=rho)
         if counter is not None:
             counter.bind(solution)
         if context is not None:
@@ -522,10 +558,52 @@ class DeepEquilibriumNetwork(nn.Module):
     def extra_repr(self) -> str:
         return (f"solver={self.solver!r}, backward={self.backward!r}, "
                 f"jacobian_regularization={self.jacobian_regularization}, fixed_depth={self.fixed_depth}"
-                + (", reapply_map=True" if self.reapply_map else ""))
+                + (", reapply_map=True" if self.reapply_map else "")
+                + (f", spectral_radius={self.spectral_radius_mode!r}" if self.spectral_radius_mode != "off" else "")
+                + (", checkpoint_unrolled=True" if self.checkpoint_unrolled else ""))
 
 
 DEQ = DeepEquilibriumNetwork
+
+
+class _CheckpointedStep:
+    """One application of ``f`` under gradient checkpointing (``checkpoint_unrolled=True``).
+
+    The recomputation runs in the backward, after the layer's forward ended: the per-solve state of the
+    map's [`EquilibriumStateful`][deqlab.nn.EquilibriumStateful] modules (normalised weights, the dropout
+    mask) is re-installed as the step saw it, and train-mode BatchNorms do not update their running
+    statistics a second time, so the recomputed step is the step that ran.
+    """
+
+    def __init__(self, fmap: Callable[[State], State], is_list: bool, modules: Sequence[nn.Module]):
+        self.fmap = fmap
+        self.is_list = is_list
+        self.modules = list(modules)
+        self.stateful = stateful_modules(self.modules)
+
+    def __call__(self, z: State) -> State:
+        from torch.utils.checkpoint import checkpoint
+
+        snapshot: List[Any] = []
+
+        def run(*parts: Tensor) -> Tuple[Tensor, ...]:
+            if snapshot:  # the recomputation in the backward: the forward's module state, its statistics
+                old = [m.deq_state() for m in self.stateful]
+                for m, s in zip(self.stateful, snapshot[0]):
+                    m.deq_load_state(s)
+                try:
+                    with frozen_running_stats(self.modules):
+                        out = self.fmap(from_parts(list(parts), self.is_list))
+                finally:
+                    for m, s in zip(self.stateful, old):
+                        m.deq_load_state(s)
+            else:
+                out = self.fmap(from_parts(list(parts), self.is_list))
+                snapshot.append([m.deq_state() for m in self.stateful])
+            return tuple(as_parts(out))
+
+        out = checkpoint(run, *as_parts(z), use_reentrant=False)
+        return from_parts(list(out), self.is_list)
 
 
 def _describe_forward(result: Any, termination: Any = None) -> str:

@@ -11,6 +11,8 @@ how to re-evaluate ``f`` there) and the cotangent ``dL/dz*``, and gets a [`Backw
   any [`LinearSolver`][deqlab.solvers.LinearSolver], then ``dL/dθ = gᵀ ∂f/∂θ``, ``dL/dx = gᵀ ∂f/∂x``.
 * [`JacobianFreeBackward`][deqlab.nn.JacobianFreeBackward]: ``g = dL/dz*`` (Fung et al., "JFB"): one VJP, no linear solve.
 * [`PhantomGradient`][deqlab.nn.PhantomGradient]: backprop through ``steps`` damped applications of ``f`` started at ``z*``.
+* [`NeumannPhantomGradient`][deqlab.nn.NeumannPhantomGradient]: the truncated Neumann series ``Σ_{i<k} (Jᵀ)ⁱ dL/dz*``
+  in place of the adjoint solve (``k − 1`` VJPs).
 
 What the backward spent and whether its solve met the tolerance is written into the layer's
 [`DeepEquilibriumSolution`][deqlab.nn.DeepEquilibriumSolution] (``backward_nfe``, ``backward_residual``,
@@ -40,7 +42,7 @@ from deqlab.solvers.protocols import LinearSolver, Solver
 from deqlab.state import flatten, from_parts, unflatten
 
 __all__ = ["BackwardMode", "BackwardResult", "EquilibriumProblem", "ImplicitBackward", "JacobianFreeBackward",
-           "Linearization", "PhantomGradient", "DEFAULT_ADJOINT_MAX_STEPS"]
+           "Linearization", "NeumannPhantomGradient", "PhantomGradient", "DEFAULT_ADJOINT_MAX_STEPS"]
 
 #: The default VJP budget of [`ImplicitBackward`][deqlab.nn.ImplicitBackward] (the paper's protocol: at most 15).
 DEFAULT_ADJOINT_MAX_STEPS = 15
@@ -764,3 +766,72 @@ class PhantomGradient(BackwardMode):
                 z = [(1.0 - tau) * zi + tau * fi for zi, fi in zip(z, fz)] if tau != 1.0 else fz
         grads = vjp_inputs(z, v, x_, problem.params, state, needs, retain_graph=False)
         return BackwardResult(grads=grads, nfe=self.steps)
+
+
+class NeumannPhantomGradient(BackwardMode):
+    """Neumann phantom gradient (Geng et al. 2021; banax's ``NeumannPhantom``): replace the adjoint
+    ``(I − Jᵀ)⁻¹ v`` by its truncated Neumann series
+
+        g = τ Σ_{i<steps} Aᵢ,   A = ((1 − τ) I + τ Jᵀ),   i.e.  g = Σ_{i<steps} (Jᵀ)ⁱ v  for τ = 1,
+
+    with ``J = ∂f/∂z`` at ``z*`` (one graph of ``f``, then matrix-free VJPs), and return
+    ``dL/dθ = gᵀ ∂f/∂θ``, ``dL/dx = gᵀ ∂f/∂x``. Costs ``steps`` VJPs (``steps − 1`` for the series, one for
+    the inputs) and one evaluation of ``f``, fewer than [`PhantomGradient`][deqlab.nn.PhantomGradient]
+    (whose backprop through ``steps`` unrolled applications also keeps ``steps`` graphs of ``f``). For a
+    contraction it tends to the implicit gradient as ``steps`` grows (the error shrinks like
+    ``ρ(A)^steps``); ``steps=1`` is [`JacobianFreeBackward`][deqlab.nn.JacobianFreeBackward]. No solve:
+    ``backward_converged`` stays ``None``.
+
+    Args:
+        steps: terms of the series (``k``; ``steps = 1`` keeps ``v`` alone, JFB). Default 5: as
+            `PhantomGradient`'s, a handful of terms gets most of the way at a small, fixed cost.
+        damping: τ in ``(0, 1]``, the series of the damped map ``(1 − τ) z + τ f(z)`` (whose fixed point and
+            implicit gradient are ``f``'s), more contractive when ``f``'s Jacobian has eigenvalues near −1.
+            Default 1.0: the plain series ``Σ (Jᵀ)ⁱ v``.
+
+    Raises:
+        ValueError: ``steps < 1`` or ``damping`` outside ``(0, 1]``.
+
+    Example:
+        For ``f = z/2 + x`` the exact ``dz*/dx`` is 2; five terms give ``1 + 1/2 + … + 1/16``:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import DEQ
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class Half(nn.Module):                  # z* = 2x, so dz*/dx = 2
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> from deqlab.nn import NeumannPhantomGradient
+        >>> x = torch.ones(2, 3, requires_grad=True)
+        >>> z_star, solution = DEQ(Half(), solver, backward=NeumannPhantomGradient(steps=5))(x)
+        >>> z_star.sum().backward()
+        >>> float(x.grad[0, 0]), solution.backward_nfe, solution.backward_converged
+        (1.9375, 5, None)
+    """
+
+    def __init__(self, steps: int = 5, damping: float = 1.0):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or not 0.0 < damping <= 1.0:
+            raise ValueError(f"NeumannPhantomGradient: need an int steps >= 1 and 0 < damping <= 1, got "
+                             f"{steps!r}, {damping!r}")
+        self.steps = int(steps)
+        self.damping = float(damping)
+
+    def gradients(self, problem: EquilibriumProblem, v: Tensor) -> BackwardResult:
+        lin = problem.linearize()
+        tau = self.damping
+        vjp = instrument.wrap("adjoint.vjp", lin.vjp_z)
+        with torch.no_grad(), instrument.region("adjoint.solve"):
+            term, total = v, v
+            for _ in range(self.steps - 1):
+                jt = vjp(term)
+                term = jt if tau == 1.0 else (1.0 - tau) * term + tau * jt
+                total = total + term
+            g = total if tau == 1.0 else tau * total
+        with instrument.region("adjoint.vjp_inputs"):
+            grads = lin.vjp_inputs(g.detach())
+        return BackwardResult(grads=grads, nfe=lin.nvjp)
+
+    def __repr__(self) -> str:
+        return f"NeumannPhantomGradient(steps={self.steps}, damping={self.damping})"

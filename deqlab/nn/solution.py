@@ -57,6 +57,9 @@ class DeepEquilibriumSolution:
             Jacobian regularization in the ``"deqjl"`` convention (that code counted the regularizer's
             evaluation); exactly ``d`` in fixed-depth mode, as there. ``None`` when the solver does not
             compute it. ``nfe`` is the true cost.
+        spectral_radius: per-sample estimate of ``ρ(∂f/∂z)`` at ``z*`` (shape ``(B,)``, detached), from
+            [`spectral_radius`][deqlab.nn.spectral_radius]; ``None`` unless the layer was built with
+            ``spectral_radius=...`` (opt-in: it costs a graph of ``f`` and some VJPs per forward).
 
     Example:
         The record a layer returns next to ``z_star``; the backward fills its ``backward_*`` fields:
@@ -95,6 +98,7 @@ class DeepEquilibriumSolution:
     backward_converged: Optional[bool] = None
     reference_nfe: Optional[int] = None
     rel_residual: Optional[Tensor] = None
+    spectral_radius: Optional[Tensor] = None
 
     @property
     def stalled(self) -> Optional[Tensor]:
