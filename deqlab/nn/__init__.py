@@ -36,6 +36,7 @@ from deqlab.nn.neural_ode import MultiScaleNeuralODE
 from deqlab.nn.protocols import DEQLayer, GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
 from deqlab.nn.solution import DeepEquilibriumSolution
+from deqlab.nn.trajectory import correction_weights, fixed_point_correction_loss
 
 __all__ = [
     "DeepEquilibriumNetwork",
@@ -63,6 +64,8 @@ __all__ = [
     "JacobianFreeBackward",
     "PhantomGradient",
     "jacobian_frobenius_estimate",
+    "fixed_point_correction_loss",
+    "correction_weights",
     "EquilibriumStateful",
     "WeightNorm",
     "VariationalHiddenDropout",

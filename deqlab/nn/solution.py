@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -57,6 +57,9 @@ class DeepEquilibriumSolution:
             Jacobian regularization in the ``"deqjl"`` convention (that code counted the regularizer's
             evaluation); exactly ``d`` in fixed-depth mode, as there. ``None`` when the solver does not
             compute it. ``nfe`` is the true cost.
+        states: the sampled states of a layer built with ``sample_states`` / ``sample_at`` (a list of
+            differentiable states, first to last, the last ``z_star``; see `deqlab.nn.trajectory`), else
+            ``None``. Feed them to [`fixed_point_correction_loss`][deqlab.nn.fixed_point_correction_loss].
 
     Example:
         The record a layer returns next to ``z_star``; the backward fills its ``backward_*`` fields:
@@ -95,6 +98,7 @@ class DeepEquilibriumSolution:
     backward_converged: Optional[bool] = None
     reference_nfe: Optional[int] = None
     rel_residual: Optional[Tensor] = None
+    states: Optional[List[State]] = None
 
     @property
     def stalled(self) -> Optional[Tensor]:
