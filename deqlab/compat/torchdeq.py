@@ -314,11 +314,16 @@ def apply_norm(model: nn.Module, norm_type: str = "weight_norm", prefix_filter_o
 
 
 def jac_reg(f0: Tensor, z0: Tensor, vecs: int = 1, create_graph: bool = True) -> Tensor:
-    """torchdeq's ``jac_reg``: the Hutchinson estimate of ``||J||_F^2 / z0.numel()`` (deqlab's
-    [`jacobian_frobenius_estimate`][deqlab.nn.jacobian_frobenius_estimate] with ``normalize="element"``)."""
-    from deqlab.nn.regularization import jacobian_frobenius_estimate
-
-    return jacobian_frobenius_estimate(f0, [z0], n_probes=vecs, normalize="element", create_graph=create_graph)
+    """torchdeq's ``jac_reg``: the Hutchinson estimate of ``||J||_F^2 / z0.numel()`` from ``vecs`` Gaussian
+    probes (the estimate of deqlab's [`jacobian_frobenius_estimate`][deqlab.nn.jacobian_frobenius_estimate]
+    with ``normalize="element"``; the probes are drawn as torchdeq draws them, float32 then cast, so a
+    seeded script gets torchdeq's number)."""
+    total = f0.new_zeros(())
+    for _ in range(vecs):
+        v = torch.randn(*z0.shape).to(z0)
+        vj = torch.autograd.grad(f0, z0, v, retain_graph=True, create_graph=create_graph)[0]
+        total = total + vj.norm() ** 2
+    return total / vecs / z0.numel()
 
 
 def power_method(f0: Tensor, z0: Tensor, n_iters: int = 100) -> Tuple[Tensor, Tensor]:
