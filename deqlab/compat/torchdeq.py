@@ -165,7 +165,7 @@ class DEQ(nn.Module):
             last = i == len(states) - 1
             if not torch.is_grad_enabled():
                 z_out.append(z)
-            elif last and self.opts["ift"]:
+            elif last and (self.opts["ift"] or self.opts["hook_ift"]):
                 z_out.append(self._implicit(func, z, backward_writer))
             else:
                 z_out.append(self._phantom(func, z))

@@ -63,6 +63,9 @@ def record_iterates(steps: Sequence[int]) -> Iterator[None]:
     Args:
         steps: the step indices (ints >= 0).
 
+    Returns:
+        A context manager (it yields nothing; read the iterates from the result).
+
     Raises:
         ValueError: a step is not an int >= 0.
 
