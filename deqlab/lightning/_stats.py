@@ -278,6 +278,7 @@ class StepRecord:
             that ended with it in this step. Copied, so a later change to the caller's dict does not leak in.
         unconverged_fraction: fraction of samples whose forward solve did not converge; ``None`` when the
             layers do not report convergence.
+        residual_mean: the old name of ``abs_residual_mean``; still accepted, with a ``DeprecationWarning``.
 
     Examples:
         >>> from deqlab.lightning import StepRecord

@@ -35,6 +35,7 @@ from deqlab.nn.layers import (
 from deqlab.nn.neural_ode import MultiScaleNeuralODE
 from deqlab.nn.protocols import DEQLayer, GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
+from deqlab.nn.reversible import ReversibleBackward
 from deqlab.nn.solution import DeepEquilibriumSolution
 from deqlab.nn.trajectory import correction_weights, fixed_point_correction_loss
 
@@ -63,6 +64,7 @@ __all__ = [
     "ImplicitBackward",
     "JacobianFreeBackward",
     "PhantomGradient",
+    "ReversibleBackward",
     "jacobian_frobenius_estimate",
     "fixed_point_correction_loss",
     "correction_weights",

@@ -35,12 +35,14 @@ from deqlab.nn.layers import equilibrium_session, stateful_modules
 from deqlab.nn.maps import CheckedMap
 from deqlab.nn.protocols import GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
+from deqlab.nn.reversible import ReversibleBackward, check_reversible_pairing
 from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy
 from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
 from deqlab.nn.trajectory import check_sampling, phantom_states, sample_steps
 from deqlab.solvers.result import SolverStatus
 from deqlab.solvers.termination import record_iterates
+from deqlab.solvers.reversible import ReversibleSolver
 from deqlab.state import State, as_parts, detach, from_parts, per_sample_norm
 
 __all__ = [
@@ -154,6 +156,8 @@ class DeepEquilibriumNetwork(nn.Module):
         backward: how gradients are computed. Default ``None``: ``ImplicitBackward()``, the exact implicit
             gradient with the paper's budget (GMRES at the forward tolerance, at most 15 VJPs); the cheaper
             approximations are [`JacobianFreeBackward`][deqlab.nn.JacobianFreeBackward] and [`PhantomGradient`][deqlab.nn.PhantomGradient].
+            With a [`ReversibleSolver`][deqlab.solvers.ReversibleSolver] the default is
+            [`ReversibleBackward`][deqlab.nn.ReversibleBackward], the only backward that fits it.
         jacobian_regularization: add a Hutchinson estimate of ``‖∂f/∂z‖_F²`` at ``z*`` to the solution
             (``solution.jacobian_loss``; adding it to the loss with a weight is the caller's job). Default
             ``False``: it costs a graph of ``f`` and a VJP per probe every forward, so it is opt-in.
@@ -204,7 +208,9 @@ class DeepEquilibriumNetwork(nn.Module):
         ValueError: more than one of ``init``, ``z_shape``, ``initializer``, ``shortcut`` is given (all
             set ``u0``; ``z_shape`` with ``shortcut`` is the shape check); ``jacobian_probes < 1``; ``jacobian_normalize`` is not ``"element"``, ``"sample"`` or
             ``"none"``; ``fixed_depth`` is not an int >= 0; ``on_unconverged`` is not ``"warn"``,
-            ``"ignore"`` or ``"raise"``; ``solver`` is an unknown solver name; both ``sample_states``
+            ``"ignore"`` or ``"raise"``; ``solver`` is an unknown solver name; a
+            [`ReversibleSolver`][deqlab.solvers.ReversibleSolver] and a
+            [`ReversibleBackward`][deqlab.nn.ReversibleBackward] are not used together (each needs the other); both ``sample_states``
             and ``sample_at`` are given, or one of the ``sample_*`` options is out of range.
         TypeError: ``backward`` is not a [`BackwardMode`][deqlab.nn.BackwardMode]; ``init`` lacks a member of
             [`GuessStrategy`][deqlab.nn.GuessStrategy]; ``shortcut`` is neither a module nor a sequence of
@@ -258,14 +264,15 @@ class DeepEquilibriumNetwork(nn.Module):
         name = type(self).__name__
         self.reporter = ConvergenceReporter(name, on_unconverged)
         solver = as_solver(solver, name)
-        if backward is None:
-            backward = ImplicitBackward()
+        if backward is None:  # the reversible solver's exact backward is the only one that fits it
+            backward = ReversibleBackward() if isinstance(solver, ReversibleSolver) else ImplicitBackward()
         if isinstance(backward, type):
             raise TypeError(f"{name}: backward is the class {backward.__name__}, not a backward mode; create one, "
                             f"e.g. backward={backward.__name__}()")
         if not isinstance(backward, BackwardMode):
             raise TypeError(f"{name}: backward must be a BackwardMode (ImplicitBackward(), "
                             f"JacobianFreeBackward(), PhantomGradient()), got {backward!r}")
+        check_reversible_pairing(name, solver, backward)
         if jacobian_probes < 1:
             raise ValueError(f"{name}: jacobian_probes must be >= 1, got {jacobian_probes}")
         if jacobian_normalize not in ("element", "sample", "none"):
@@ -451,6 +458,7 @@ class DeepEquilibriumNetwork(nn.Module):
                     z = fmap(z)
                     counter.watch(as_parts(z))
             else:
+                check_reversible_pairing(name, self.solver, self.backward)  # either may have been reassigned
                 with torch.no_grad(), (record_iterates(steps) if steps is not None else contextlib.nullcontext()):
                     result = self.solver(fmap, detach(start))
                 if steps is not None and result.iterates is None:
@@ -472,7 +480,7 @@ class DeepEquilibriumNetwork(nn.Module):
                 with torch.no_grad():  # the one update of the running statistics, at z* (not counted in nfe)
                     fmap(detach(result.z))
             z_parts = [t.detach() for t in as_parts(result.z)]
-            z_parts, context = self._attach(z_parts, x, is_list)
+            z_parts, context = self._attach(z_parts, x, is_list, result)
             z_star = from_parts(z_parts, is_list)
             residual, nfe = result.abs_residual.detach(), int(result.nfe)
             rel_residual = result.rel_residual.detach()
@@ -521,7 +529,7 @@ class DeepEquilibriumNetwork(nn.Module):
                             f"which {type(self.solver).__name__} does not have; pass sample_at=[...] instead")
         return sample_steps(self.sample_states, budget)
 
-    def _attach(self, z_parts: List[Tensor], x: Tensor, is_list: bool
+    def _attach(self, z_parts: List[Tensor], x: Tensor, is_list: bool, result: Any = None
                 ) -> Tuple[List[Tensor], Optional[_GradientContext]]:
         if not torch.is_grad_enabled():
             return z_parts, None
@@ -546,7 +554,7 @@ class DeepEquilibriumNetwork(nn.Module):
         autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         problem_args = dict(f=self._eval_map, is_list=is_list, autocast=autocast, forward_tol=float(self.solver.termination.tol),
                             stateful=stateful, snapshots=snapshots, grad_slots=grad_slots, owner=self,
-                            map_modules=modules)
+                            map_modules=modules, solver_result=result)
         context = _GradientContext(problem_args, self.backward, n_parts=len(z_parts), n_params=len(params))
         return attach_gradient(context, z_parts, x, params, grad_state), context
 

@@ -81,6 +81,9 @@ class EquilibriumProblem:
         map_modules: the map's modules; their train-mode BatchNorms normalise with batch statistics in
             `evaluate` but do not update their running statistics (the forward updated them once, at
             ``z*``). Default ``()``: nothing to freeze.
+        solver_result: the forward's [`SolverResult`][deqlab.solvers.SolverResult], for backward modes
+            that need more of the solve than ``z*`` (the reversible backward reads its final pair).
+            Default ``None``: not given.
 
     Attributes:
         z_star: the fixed point as a list of detached tensors (one per scale; one for a tensor state).
@@ -92,6 +95,7 @@ class EquilibriumProblem:
         needs: which of ``[x, *params, *grad_state]`` need a gradient.
         forward_tol: the tolerance of the forward solver's termination (``solver.termination.tol``), the
             default tolerance of the adjoint solve.
+        solver_result: the forward's [`SolverResult`][deqlab.solvers.SolverResult] (``None`` when not given).
 
     Methods:
         evaluate(z_parts, x, grad_state): ``f(z, x)`` as a list of tensors, with the forward's module
@@ -115,7 +119,8 @@ class EquilibriumProblem:
                  params: Sequence[Tensor], grad_state: Sequence[Tensor], needs: Sequence[bool],
                  forward_tol: Optional[float], stateful: Sequence[Any], snapshots: List[Dict[str, Any]],
                  grad_slots: List[Tuple[int, str]], owner: Any = None,
-                 autocast: Optional[Tuple[str, torch.dtype]] = None, map_modules: Sequence[Any] = ()):
+                 autocast: Optional[Tuple[str, torch.dtype]] = None, map_modules: Sequence[Any] = (),
+                 solver_result: Any = None):
         self._f = f
         self.is_list = is_list
         self.z_star = list(z_star)
@@ -130,6 +135,7 @@ class EquilibriumProblem:
         self._owner = owner
         self._autocast = autocast
         self._map_modules = list(map_modules)
+        self.solver_result = solver_result
 
     @contextlib.contextmanager
     def _installed(self, grad_state: Sequence[Tensor]):

@@ -16,6 +16,7 @@ from deqlab.solvers.discrete import DiscreteDEQSolver
 from deqlab.solvers.krylov import GMRESInfo, gmres
 from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
 from deqlab.solvers.protocols import LinearSolveResult, LinearSolver, Solver
+from deqlab.solvers.reversible import ReversibleSolver, ReversibleState
 from deqlab.solvers.registry import available_solvers, get_solver, register_solver
 from deqlab.solvers.sub_batch import PerSampleMap, SubBatchMap
 from deqlab.solvers.result import ConvergenceWarning, SolverError, SolverResult, SolverStatus
@@ -37,6 +38,8 @@ __all__ = [
     "LinearSolver",
     "NewtonKrylov",
     "PerSampleMap",
+    "ReversibleSolver",
+    "ReversibleState",
     "Solver",
     "SolverError",
     "SolverResult",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from torch import Tensor
 
@@ -97,6 +97,9 @@ class SolverResult:
             [`record_iterates`][deqlab.solvers.record_iterates] (one state per step, per sample: a sample
             that stopped earlier gives its returned ``z`` there); ``None`` otherwise.
         iterate_steps: the step indices of ``iterates``; ``None`` when nothing was recorded.
+        reversible: [`ReversibleSolver`][deqlab.solvers.ReversibleSolver] only: the final ``y_N``, the start and
+            the per-sample step counts its exact backward ([`ReversibleBackward`][deqlab.nn.ReversibleBackward])
+            inverts (a [`ReversibleState`][deqlab.solvers.ReversibleState]); ``None`` from other solvers.
 
     Example:
         >>> import torch
@@ -139,6 +142,7 @@ class SolverResult:
     objective_name: Optional[str] = None
     iterates: Optional[List[State]] = field(default=None, repr=False)
     iterate_steps: Optional[List[int]] = None
+    reversible: Optional[Any] = field(default=None, repr=False)
 
     @property
     def all_converged(self) -> bool:
