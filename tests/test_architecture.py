@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "deqlab"
 
-LAYER = {"_compat": 0, "state": 0, "instrument": 0, "solvers": 1, "spec": 1, "nn": 2, "models": 3, "data": 3, "lightning": 4,
+LAYER = {"_compat": 0, "state": 0, "instrument": 0, "solvers": 1, "spec": 1, "nn": 2, "models": 3, "compat": 3, "data": 3, "lightning": 4,
          "zoo": 5, "cli": 6, "demo": 6, "": 7}
 
 

@@ -36,11 +36,13 @@ from deqlab.nn.maps import CheckedMap
 from deqlab.nn.protocols import GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
 from deqlab.nn.reversible import ReversibleBackward, check_reversible_pairing
-from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy
+from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy, user_stacklevel
 from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
 from deqlab.nn.spectral import spectral_radius as _spectral_radius
+from deqlab.nn.trajectory import check_sampling, phantom_states, sample_steps
 from deqlab.solvers.result import SolverStatus
+from deqlab.solvers.termination import record_iterates
 from deqlab.solvers.reversible import ReversibleSolver
 from deqlab.state import State, as_parts, detach, from_parts, per_sample_norm
 
@@ -65,17 +67,21 @@ def _resolve_init(owner: str, init: Optional[GuessStrategy], z_shape: Optional[S
         raise ValueError(f"{owner}: {' and '.join(given)} both set the initial state u0; pass one of them "
                          f"(z_shape=S is init=ZeroGuess(shape=S), initializer=fn is init=FunctionGuess(fn), "
                          f"shortcut=m is init=ShortcutGuess(m))")
-    # One way to give a starting guess: init= with a strategy object; the three old spellings still work
+    # One way to give a starting guess: init= with a strategy object; the three old spellings still work. The
+    # warnings point at the user's line whichever constructor (a subclass's, a multiscale layer's) got here
+    # (+1: warn_renamed is one frame deeper than this function); a DeprecationWarning is shown by default only
+    # when it points at __main__, so a level that lands inside deqlab hid it
     if shortcut is not None:
         warn_renamed(owner, "shortcut=m", "init=ShortcutGuess(m) (or SkipDeepEquilibriumNetwork(f, solver, m))",
-                     stacklevel=5, why="one way to give a starting guess")
+                     stacklevel=user_stacklevel() + 1, why="one way to give a starting guess")
         return ShortcutGuess(shortcut, shape=z_shape)
     if initializer is not None:
-        warn_renamed(owner, "initializer=fn", "init=FunctionGuess(fn)", stacklevel=5,
+        warn_renamed(owner, "initializer=fn", "init=FunctionGuess(fn)", stacklevel=user_stacklevel() + 1,
                      why="one way to give a starting guess")
         return FunctionGuess(initializer)
     if z_shape is not None:
-        warn_renamed(owner, "z_shape=S", "init=ZeroGuess(shape=S)", stacklevel=5, why="one way to give a starting guess")
+        warn_renamed(owner, "z_shape=S", "init=ZeroGuess(shape=S)", stacklevel=user_stacklevel() + 1,
+                     why="one way to give a starting guess")
     if init is None:
         return ZeroGuess(shape=z_shape)
     if isinstance(init, type):
@@ -117,7 +123,8 @@ def _rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args: An
     old = prefix + "shortcut."
     keys = [k for k in state_dict if k.startswith(old)]
     if keys:
-        warn_renamed("state_dict", f"'{old}*'", f"'{prefix}init.shortcut.*' (re-save the checkpoint)", stacklevel=3,
+        warn_renamed("state_dict", f"'{old}*'", f"'{prefix}init.shortcut.*' (re-save the checkpoint)",
+                     stacklevel=user_stacklevel() + 1,
                      why="a checkpoint from before the initial-guess strategies")
     for key in keys:
         state_dict[prefix + "init.shortcut." + key[len(old):]] = state_dict.pop(key)
@@ -196,6 +203,23 @@ class DeepEquilibriumNetwork(nn.Module):
             step's activations instead of keeping them, so the memory held for the backward is one state per
             step instead of every activation of ``f`` (gradients are identical; the price is one more
             evaluation of ``f`` per step in the backward). Default ``False``: pretraining depths are small.
+        sample_states: sample ``k`` differentiable states along the solver's path into
+            ``solution.states`` (DEQ-Flow's trajectory sampling, for
+            [`fixed_point_correction_loss`][deqlab.nn.fixed_point_correction_loss]): ``k - 1`` iterates at
+            steps splitting the solver's ``max_steps`` evenly (torchdeq's ``n_states`` spacing; in
+            fixed-depth mode the depth), then ``z*``. Default ``None``: no sampling, ``solution.states``
+            is ``None``.
+        sample_at: the solver steps (increasing ints >= 0; 0 is the initial guess) of the intermediate
+            states instead; ``solution.states`` then has ``len(sample_at) + 1`` states, the last ``z*``
+            (torchdeq's ``indexing``). Default ``None``.
+        sample_grad: the damped steps ``z <- (1 - tau) z + tau f(z, x)`` taken, with autograd, from each
+            detached intermediate iterate: they give the state its value and its gradient (torchdeq's
+            ``indexing`` core with phantom gradients; ``z*`` keeps ``backward``). They are counted in
+            ``solution.nfe``. Default 1: one step, the cheapest gradient. (In fixed-depth mode the
+            states are the unrolled iterates themselves, already differentiable.)
+        sample_tau: the damping ``tau`` of those steps, in ``(0, 1]``. Default 1.0: plain ``f`` steps.
+            A sample that stopped before a sampled step gives its returned iterate there, so every sample
+            always has ``k`` states.
 
     Raises:
         ValueError: more than one of ``init``, ``z_shape``, ``initializer``, ``shortcut`` is given (all
@@ -205,7 +229,8 @@ class DeepEquilibriumNetwork(nn.Module):
             [`ReversibleSolver`][deqlab.solvers.ReversibleSolver] and a
             [`ReversibleBackward`][deqlab.nn.ReversibleBackward] are not used together (each needs the other);
             ``spectral_radius`` is not one of ``False``, ``True``, ``"off"``, ``"eval"``, ``"always"``;
-            ``spectral_radius_iters < 1``.
+            ``spectral_radius_iters < 1``; both ``sample_states`` and ``sample_at``
+            are given, or one of the ``sample_*`` options is out of range.
         TypeError: ``backward`` is not a [`BackwardMode`][deqlab.nn.BackwardMode]; ``init`` lacks a member of
             [`GuessStrategy`][deqlab.nn.GuessStrategy]; ``shortcut`` is neither a module nor a sequence of
             modules; ``solver`` is neither a solver, a name nor a callable.
@@ -252,6 +277,10 @@ class DeepEquilibriumNetwork(nn.Module):
         spectral_radius: Union[bool, Literal["off", "eval", "always"]] = False,
         spectral_radius_iters: int = 20,
         checkpoint_unrolled: bool = False,
+        sample_states: Optional[int] = None,
+        sample_at: Optional[Sequence[int]] = None,
+        sample_grad: int = 1,
+        sample_tau: float = 1.0,
     ):
         super().__init__()
         name = type(self).__name__
@@ -291,6 +320,9 @@ class DeepEquilibriumNetwork(nn.Module):
         self.spectral_radius_mode: str = modes[spectral_radius]
         self.spectral_radius_iters = int(spectral_radius_iters)
         self.checkpoint_unrolled = bool(checkpoint_unrolled)
+        self.sample_at = check_sampling(name, sample_states, sample_at, sample_grad, sample_tau)
+        self.sample_states = sample_states
+        self.sample_grad, self.sample_tau = int(sample_grad), float(sample_tau)
         self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     # ---------------------------------------------------------------- read-only views
@@ -448,18 +480,26 @@ class DeepEquilibriumNetwork(nn.Module):
             start = self.init.start(u0)
             result, context, counter = None, None, None
             depth = self.fixed_depth
+            steps = self._sampled_steps(depth)
+            recorded = {}
             if depth > 0:
                 z = start
                 counter = _BackpropCounter()  # the backprop through the d steps is d VJPs, counted into the record
                 step = _CheckpointedStep(fmap, is_list, modules) if self.checkpoint_unrolled and \
                     torch.is_grad_enabled() else fmap
-                for _ in range(depth):
+                for i in range(depth):
+                    if steps is not None and i in steps:
+                        recorded[i] = z
                     z = step(z)
                     counter.watch(as_parts(z))
             else:
                 check_reversible_pairing(name, self.solver, self.backward)  # either may have been reassigned
-                with torch.no_grad():
+                with torch.no_grad(), (record_iterates(steps) if steps is not None else contextlib.nullcontext()):
                     result = self.solver(fmap, detach(start))
+                if steps is not None and result.iterates is None:
+                    raise TypeError(f"{name}: sample_states / sample_at need a solver that records its iterates "
+                                    f"(deqlab's DiscreteDEQSolver and ContinuousDEQSolver do); "
+                                    f"{type(self.solver).__name__} returned none")
         if depth > 0:
             with torch.no_grad():  # the residual's evaluation at z is also the running statistics' update
                 fz = fmap(z)
@@ -498,11 +538,18 @@ class DeepEquilibriumNetwork(nn.Module):
                 with instrument.region("deq.spectral_radius"):
                     rho = _spectral_radius(lambda z: self._eval_map(z, x_const), detach(z_star),
                                            self.spectral_radius_iters)
+            states = None
+            if steps is not None and depth > 0:  # the unrolled iterates already carry their gradient
+                states = [recorded.get(i, z_star) for i in steps] + [z_star]
+            elif steps is not None:
+                states = phantom_states(fmap, result.iterates, self.sample_grad, self.sample_tau) + [z_star]
+                nfe += len(steps) * self.sample_grad
         skip = self.init.skip_loss(u0, z_star)
         solution = DeepEquilibriumSolution(
             z_star=z_star, u0=u0, abs_residual=residual, jacobian_loss=jac,
             skip_loss=x.new_zeros(()) if skip is None else skip, nfe=nfe, converged=converged, status=status,
-            solver_result=result, reference_nfe=reference, rel_residual=rel_residual, spectral_radius=rho)
+            solver_result=result, reference_nfe=reference, rel_residual=rel_residual, spectral_radius=rho,
+            states=states)
         if counter is not None:
             counter.bind(solution)
         if context is not None:
@@ -511,6 +558,18 @@ class DeepEquilibriumNetwork(nn.Module):
         with torch.no_grad():
             self.init.observe(x.detach(), detach(z_star))
         return z_star, solution
+
+    def _sampled_steps(self, depth: int) -> Optional[List[int]]:
+        """The solver steps of the intermediate sampled states (``None``: no sampling)."""
+        if self.sample_at is not None:
+            return list(self.sample_at)
+        if self.sample_states is None:
+            return None
+        budget = depth if depth > 0 else getattr(self.solver, "max_steps", None)
+        if not isinstance(budget, int):
+            raise TypeError(f"{type(self).__name__}: sample_states spreads the states over the solver's max_steps, "
+                            f"which {type(self.solver).__name__} does not have; pass sample_at=[...] instead")
+        return sample_steps(self.sample_states, budget)
 
     def _attach(self, z_parts: List[Tensor], x: Tensor, is_list: bool, result: Any = None
                 ) -> Tuple[List[Tensor], Optional[_GradientContext]]:

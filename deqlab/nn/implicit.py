@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from deqlab import instrument
+from deqlab.nn.reporting import user_stacklevel
 from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
 from deqlab.solvers.protocols import LinearSolver, Solver
@@ -326,7 +327,7 @@ def _warn_foreign_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> 
             f"(shapes {foreign[:5]}); the implicit backward cannot give them gradients. Register them "
             "as parameters of the map module (or pass them through the injection x).",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),  # the user's forward or backward call, not a line of deqlab
         )
 
 

@@ -21,7 +21,7 @@ from deqlab.solvers.reversible import ReversibleSolver, ReversibleState
 from deqlab.solvers.registry import available_solvers, get_solver, register_solver
 from deqlab.solvers.sub_batch import PerSampleMap, SubBatchMap
 from deqlab.solvers.result import ConvergenceWarning, SolverError, SolverResult, SolverStatus
-from deqlab.solvers.termination import TERMINATION_MODES, TerminationCondition, TerminationTracker
+from deqlab.solvers.termination import TERMINATION_MODES, TerminationCondition, TerminationTracker, record_iterates
 
 __all__ = [
     "Anderson",
@@ -53,5 +53,6 @@ __all__ = [
     "available_solvers",
     "get_solver",
     "gmres",
+    "record_iterates",
     "register_solver",
 ]

@@ -25,9 +25,11 @@ the ``(B, N)`` tensor, as the reference package did): every sample then stops to
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple, get_args
+from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 from torch import Tensor
@@ -42,6 +44,49 @@ NormKind = Literal["l2", "rms"]
 TERMINATION_MODES: Tuple[str, ...] = get_args(TerminationMode)
 
 _EPS = 1e-12
+
+_RECORD: "contextvars.ContextVar[Optional[list]]" = contextvars.ContextVar("deqlab_record_iterates", default=None)
+
+
+@contextlib.contextmanager
+def record_iterates(steps: Sequence[int]) -> Iterator[None]:
+    """Ask the next solve started in this block to keep its iterates at the given step indices.
+
+    The first [`TerminationTracker`][deqlab.solvers.TerminationTracker] created inside the block takes the
+    request (a solver's inner solves, started later, do not); the solver's result then carries them as
+    ``result.iterates`` (one state per index, in the order given) and ``result.iterate_steps``. Step ``0``
+    is the starting guess, step ``i`` the iterate evaluated at the solver's ``i``-th update. Recording is
+    per sample and cheap (one copy of the state per requested index): a sample that stopped before step
+    ``i`` gives its returned iterate there, so every sample yields one state per index. Used by
+    ``DeepEquilibriumNetwork(sample_states=k)``.
+
+    Args:
+        steps: the step indices (ints >= 0).
+
+    Returns:
+        A context manager (it yields nothing; read the iterates from the result).
+
+    Raises:
+        ValueError: a step is not an int >= 0.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import DiscreteDEQSolver, record_iterates
+        >>> solver = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-8, max_steps=60)
+        >>> with record_iterates([0, 1, 2, 500]):
+        ...     res = solver(lambda z: 0.5 * z + 1, torch.zeros(1, 1, dtype=torch.float64))
+        >>> [round(float(z), 4) for z in res.iterates]   # z0, z1, z2, then the returned z* (stopped earlier)
+        [0.0, 1.0, 1.5, 2.0]
+    """
+    steps = list(steps)
+    for s in steps:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"record_iterates: step indices must be ints >= 0, got {s!r}")
+    token = _RECORD.set([steps])  # a one-slot box: the first tracker empties it
+    try:
+        yield
+    finally:
+        _RECORD.reset(token)
 
 
 def _check_tol(name: str, value: float) -> float:
@@ -349,6 +394,9 @@ class TerminationTracker:
         self._ret: Optional[list] = None  # [z, du, res, rel] each sample returns
         self._best_obj: Optional[Tensor] = None
         self._history: Optional[Tensor] = None
+        box = _RECORD.get()
+        self.record_steps: Optional[List[int]] = box.pop() if box else None  # see record_iterates
+        self._recorded: Dict[int, Tensor] = {}
 
     def update(self, z: Tensor, du: Tensor, mask: Optional[Tensor] = None, fz: Optional[Tensor] = None,
                diverged: Optional[Tensor] = None, sync: bool = True) -> bool:
@@ -364,6 +412,8 @@ class TerminationTracker:
         `all_stopped` (one host sync) when the answer is needed.
         """
         cond = self.cond
+        if self.record_steps is not None and self.step in self.record_steps:
+            self._recorded[self.step] = z.clone()
         obj, met, res, rel, fzn = cond._evaluate(z, du, fz)
         cur = (z, du, res, rel)  # what a sample returns: its own residuals, also when batch-wide
         numel = self.numel
@@ -526,6 +576,22 @@ class TerminationTracker:
         self.sample_steps = torch.where(self.active, end, self.sample_steps)
         z_ret, du_ret, res, rel = self._ret
         return z_ret, du_ret, res, rel
+
+    def iterates(self, z_ret: Tensor) -> Optional[List[Tensor]]:
+        """The recorded flat iterates (after `finish`), one per step of `record_iterates` in its order:
+        a sample that had stopped before a step (or a step the loop never reached) gives ``z_ret``, its
+        returned iterate. ``None`` when nothing was requested."""
+        if self.record_steps is None:
+            return None
+        out = []
+        for s in self.record_steps:
+            rec = self._recorded.get(s)
+            if rec is None:
+                out.append(z_ret.clone())
+            else:
+                reached = (self.sample_steps >= s).unsqueeze(1)
+                out.append(torch.where(reached, rec, z_ret))
+        return out
 
     def trace_tensor(self) -> Optional[Tensor]:
         """``(steps, B)`` objectives; entries after a sample stopped repeat its final value."""

@@ -1,0 +1,408 @@
+"""torchdeq 0.1.0's API on deqlab's core: a torchdeq script runs by changing its imports.
+
+``from torchdeq import get_deq`` becomes ``from deqlab.compat.torchdeq import get_deq``; the options keep
+torchdeq's names (``core``, ``ift``, ``grad``, ``f_solver``, ``f_max_iter``, ``n_states``, ...), the layer is
+called as ``z_out, info = deq(func, z_init)`` and returns torchdeq's ``z_out`` list and ``info`` keys. The
+forward solve is a deqlab solver (with its per-sample stopping), the sampled states come from
+[`record_iterates`][deqlab.solvers.record_iterates], the implicit backward's adjoint is solved by a deqlab
+solver. The intended differences from torchdeq are listed in ``docs/migration_torchdeq.md``; the main
+one: an option name torchdeq does not know raises ``ValueError`` naming the nearest valid one (torchdeq
+silently ignores it, its issue #12).
+
+Not to be confused with ``deqlab._compat`` (deqlab's own deprecated names).
+
+Example:
+    >>> import torch
+    >>> from deqlab.compat.torchdeq import get_deq
+    >>> deq = get_deq(f_solver="anderson", f_max_iter=40, f_tol=1e-8, ift=True)
+    >>> x = torch.ones(2, 3)
+    >>> z_out, info = deq(lambda z: 0.5 * z + x, torch.zeros(2, 3))
+    >>> torch.allclose(z_out[-1], 2 * x, atol=1e-6), sorted(info)[:3]
+    (True, ['abs_lowest', 'abs_trace', 'nstep'])
+    >>> get_deq(f_max_iters=10)
+    Traceback (most recent call last):
+    ...
+    ValueError: get_deq: unknown option 'f_max_iters' (did you mean 'f_max_iter'?); torchdeq would ignore it silently
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from deqlab.nn.trajectory import correction_weights, sample_steps
+from deqlab.solvers import DiscreteDEQSolver, FixedPointLinearSolver, record_iterates
+
+__all__ = ["get_deq", "DEQ", "reset_deq", "apply_norm", "reset_norm", "jac_reg", "power_method", "fp_correction",
+           "mixed_init", "add_deq_args", "OPTIONS"]
+
+#: every option torchdeq 0.1.0's ``get_deq`` / ``add_deq_args`` know, with torchdeq's default
+OPTIONS: Dict[str, Any] = {
+    "core": "sliced", "ift": False, "hook_ift": False, "grad": 1, "tau": 1.0, "sup_gap": -1, "sup_loc": None,
+    "n_states": 1, "indexing": None, "gamma": 0.8, "f_solver": "fixed_point_iter", "b_solver": "fixed_point_iter",
+    "no_stat": None, "f_max_iter": 40, "b_max_iter": 40, "f_tol": 1e-3, "b_tol": 1e-6, "f_stop_mode": "abs",
+    "b_stop_mode": "abs", "eval_factor": 1.0, "eval_f_max_iter": 0, "norm_type": "weight_norm",
+    "norm_no_scale": False, "norm_clip": False, "norm_clip_value": 1.0, "norm_target_norm": 1.0,
+    "sn_n_power_iters": 1, "jac_loss_weight": 0.0, "jac_loss_freq": 0.0, "jac_incremental": 0,
+    "sradius_mode": False,
+}
+_SOLVERS = {"fixed_point_iter": "fixed_point", "simple_fixed_point_iter": "fixed_point", "anderson": "anderson",
+            "broyden": "broyden"}
+_STOP = {"abs": "abs_norm", "rel": "rel_norm"}
+
+
+def _check_keys(owner: str, keys: Sequence[str]) -> None:
+    for key in keys:
+        if key not in OPTIONS:
+            near = difflib.get_close_matches(key, list(OPTIONS), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else f" (valid: {', '.join(sorted(OPTIONS))})"
+            raise ValueError(f"{owner}: unknown option {key!r}{hint}; torchdeq would ignore it silently")
+
+
+def _choice(owner: str, what: str, value: str, table: Dict[str, str]) -> str:
+    if value not in table:
+        near = difflib.get_close_matches(str(value), list(table), n=1)
+        raise ValueError(f"{owner}: unknown {what} {value!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                         + f"; valid: {', '.join(table)}")
+    return table[value]
+
+
+def get_deq(args: Any = None, **kwargs: Any) -> "DEQ":
+    """torchdeq's ``get_deq``: a [`DEQ`][deqlab.compat.torchdeq.DEQ] layer from torchdeq's option names.
+
+    Args:
+        args: an ``argparse.Namespace`` (e.g. from a parser with [`add_deq_args`][deqlab.compat.torchdeq.add_deq_args])
+            or a dict; only the keys torchdeq knows are read, the script's other options are left alone.
+        **kwargs: torchdeq options, over ``args``; a name torchdeq does not know raises.
+
+    Returns:
+        The layer, called as ``z_out, info = deq(func, z_init)``.
+
+    Raises:
+        ValueError: an unknown option name (naming the nearest valid one), core, solver or stop mode.
+    """
+    return DEQ(args, **kwargs)
+
+
+class DEQ(nn.Module):
+    """torchdeq's ``DEQIndexing`` / ``DEQSliced`` layer on deqlab's solvers (see [`get_deq`][deqlab.compat.torchdeq.get_deq]).
+
+    In training mode ``z_out`` holds the sampled states (``n_states`` or ``indexing``, the last at ``z*``),
+    in eval mode ``[z*]``. Each state's gradient: ``grad`` damped steps ``z <- tau f(z) + (1 - tau) z``
+    from the detached state (phantom gradient); the last state's, with ``ift=True``, the implicit
+    gradient, its adjoint ``g = J^T g + v`` solved by ``b_solver`` to ``b_tol`` within ``b_max_iter``.
+    ``core="sliced"`` is run as ``"indexing"`` (one solve sampled at the same steps instead of restarted
+    slices; the states' values differ from torchdeq's sliced ones by the solver's restarts only).
+    """
+
+    def __init__(self, args: Any = None, **kwargs: Any):
+        super().__init__()
+        _check_keys("get_deq", list(kwargs))
+        given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        opts = {k: v for k, v in OPTIONS.items()}
+        opts.update({k: v for k, v in given.items() if k in OPTIONS})
+        opts.update(kwargs)
+        if opts["core"] not in ("indexing", "sliced"):
+            _choice("get_deq", "core", opts["core"], {"indexing": "", "sliced": ""})
+        self.opts = opts
+        self.f_algorithm = _choice("get_deq", "f_solver", opts["f_solver"], _SOLVERS)
+        self.b_algorithm = _choice("get_deq", "b_solver", opts["b_solver"], _SOLVERS)
+        self.f_mode = _choice("get_deq", "f_stop_mode", opts["f_stop_mode"], _STOP)
+        self.b_mode = _choice("get_deq", "b_stop_mode", opts["b_stop_mode"], _STOP)
+        self.f_max_iter = int(opts["f_max_iter"])
+        eval_iter = int(opts["eval_f_max_iter"])
+        self.eval_f_max_iter = eval_iter if eval_iter > 0 else int(self.f_max_iter * float(opts["eval_factor"]))
+        grad = opts["grad"]
+        self.grad = int(grad[0] if isinstance(grad, (list, tuple)) else grad)
+        self.tau = float(opts["tau"])
+
+    def _steps(self, f_max_iter: int) -> List[int]:
+        """The solver steps of the intermediate states (torchdeq's ``n_states`` spacing or ``indexing``)."""
+        n_states = int(self.opts["n_states"])
+        if n_states > 1:
+            return sample_steps(n_states, f_max_iter)
+        return [int(i) for i in (self.opts["indexing"] or []) if int(i) < f_max_iter]
+
+    def _solver(self, max_iter: int, tol: Optional[float] = None) -> DiscreteDEQSolver:
+        tol = float(self.opts["f_tol"] if tol is None else tol)
+        return DiscreteDEQSolver(self.f_algorithm, mode=self.f_mode, abstol_termination=tol, reltol_termination=tol,
+                                 max_steps=max_iter)
+
+    def forward(self, func: Callable[[Any], Any], z_init: Any, solver_kwargs: Optional[dict] = None,
+                sradius_mode: bool = False, backward_writer: Optional[Callable[[dict], None]] = None,
+                **kwargs: Any) -> Tuple[List[Any], Dict[str, Tensor]]:
+        """``(z_out, info)`` as torchdeq's layer returns them.
+
+        Args:
+            func: the map ``z -> f(z)`` (a tensor, or a list of tensors, in and out); its parameters and
+                captured inputs receive the gradients.
+            z_init: the initial guess.
+            solver_kwargs: per-call overrides: ``f_max_iter``, ``f_tol``.
+            sradius_mode: in eval mode, estimate the spectral radius of ``J`` at ``z*`` (``info["sradius"]``).
+            backward_writer: called with ``{"nstep": ..., "abs_lowest": ...}`` after each implicit backward.
+
+        Returns:
+            ``z_out`` (training: the sampled states, the last ``z*``; eval: ``[z*]``) and ``info`` with
+            ``abs_lowest``, ``rel_lowest`` (per sample), ``abs_trace``, ``rel_trace`` (the stopping
+            objective per step, ``(B, steps)``, under the stop mode's name; the other is ``-1``),
+            ``nstep`` (per-sample steps, as floats) and ``sradius``.
+        """
+        solver_kwargs = dict(solver_kwargs or {})
+        _check_keys("DEQ.forward solver_kwargs", [k for k in solver_kwargs if k not in ("tol",)])
+        training = self.training
+        max_iter = int(solver_kwargs.get("f_max_iter", self.f_max_iter if training else self.eval_f_max_iter))
+        solver = self._solver(max_iter, solver_kwargs.get("f_tol"))
+        steps = self._steps(max_iter) if training else []
+        with torch.no_grad(), record_iterates(steps):
+            result = solver(func, _detach(z_init))
+        z_star = result.z
+        states = list(result.iterates or []) + [z_star]
+        z_out = []
+        for i, z in enumerate(states):
+            last = i == len(states) - 1
+            if not torch.is_grad_enabled():
+                z_out.append(z)
+            elif last and (self.opts["ift"] or self.opts["hook_ift"]):
+                z_out.append(self._implicit(func, z, backward_writer))
+            else:
+                z_out.append(self._phantom(func, z))
+        trace = result.trace.t() if result.trace is not None else torch.full_like(result.abs_residual, -1.0)
+        info = {"abs_lowest": result.abs_residual, "rel_lowest": result.rel_residual,
+                "abs_trace": trace if self.opts["f_stop_mode"] == "abs" else torch.tensor([-1.0]),
+                "rel_trace": trace if self.opts["f_stop_mode"] == "rel" else torch.tensor([-1.0]),
+                "nstep": result.sample_steps.to(result.abs_residual.dtype),
+                "sradius": torch.zeros(1, device=result.abs_residual.device)}
+        if not training and sradius_mode:
+            info["sradius"] = _sradius(func, z_star)
+        return z_out, info
+
+    def _phantom(self, func: Callable, z: Any) -> Any:
+        z = _detach(z)
+        for _ in range(self.grad):
+            fz = func(z)
+            z = fz if self.tau == 1.0 else _combine(fz, z, self.tau)
+        return z
+
+    def _implicit(self, func: Callable, z_star: Any, writer: Optional[Callable[[dict], None]]) -> Any:
+        """``f(z*)`` with autograd, its incoming gradient replaced by the adjoint ``(I - J^T)^-1 v``."""
+        is_list = not isinstance(z_star, Tensor)
+        parts = [t.detach().requires_grad_() for t in (z_star if is_list else [z_star])]
+        fz = func(parts if is_list else parts[0])
+        f_parts = list(fz) if is_list else [fz]
+        linear = FixedPointLinearSolver(DiscreteDEQSolver(self.b_algorithm, mode=self.b_mode,
+                                                          abstol_termination=float(self.opts["b_tol"]),
+                                                          reltol_termination=float(self.opts["b_tol"]),
+                                                          max_steps=int(self.opts["b_max_iter"])),
+                                        max_steps=int(self.opts["b_max_iter"]) + 1)
+        shapes = [p.shape for p in parts]
+        sizes = [p[0].numel() for p in parts]
+        batch = parts[0].shape[0]
+
+        def flat(ts: Sequence[Tensor]) -> Tensor:
+            return torch.cat([t.reshape(batch, -1) for t in ts], dim=1)
+
+        def unflat(v: Tensor) -> List[Tensor]:
+            return [c.reshape(s) for c, s in zip(torch.split(v, sizes, dim=1), shapes)]
+
+        def hook(*grads: Tensor) -> Tuple[Tensor, ...]:
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, parts)]
+            b = flat(grads)
+
+            def matvec(g: Tensor) -> Tensor:
+                vjp = torch.autograd.grad(f_parts, parts, unflat(g), retain_graph=True, allow_unused=True)
+                return g - flat([torch.zeros_like(p) if v is None else v for v, p in zip(vjp, parts)])
+
+            with torch.enable_grad():
+                out = linear.solve(matvec, b)
+            if writer is not None:
+                writer({"nstep": torch.tensor([float(out.iterations)]), "abs_lowest": out.residual})
+            return tuple(unflat(out.x))
+
+        out = [_ImplicitHook.apply(hook, len(parts), *f_parts)] if not is_list else \
+            list(_ImplicitHook.apply(hook, len(parts), *f_parts))
+        if not is_list:
+            out = out[0] if isinstance(out[0], Tensor) else out[0][0]
+        return out
+
+
+class _ImplicitHook(torch.autograd.Function):
+    """Identity forward; backward replaces the incoming gradient ``v`` by ``(I - J^T)^-1 v``."""
+
+    @staticmethod
+    def forward(ctx: Any, hook: Callable, n: int, *tensors: Tensor) -> Any:
+        ctx.hook = hook
+        out = tuple(t.view_as(t) for t in tensors)
+        return out[0] if n == 1 else out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:
+        return (None, None, *ctx.hook(*grads))
+
+
+def _detach(z: Any) -> Any:
+    return z.detach() if isinstance(z, Tensor) else [t.detach() for t in z]
+
+
+def _combine(fz: Any, z: Any, tau: float) -> Any:
+    if isinstance(fz, Tensor):
+        return tau * fz + (1 - tau) * z
+    return [tau * a + (1 - tau) * b for a, b in zip(fz, z)]
+
+
+def _sradius(func: Callable, z_star: Tensor) -> Tensor:
+    with torch.enable_grad():
+        z = z_star.detach().requires_grad_()
+        _, value = power_method(func(z), z, n_iters=100)
+    return value
+
+
+def reset_deq(model: nn.Module) -> None:
+    """torchdeq's ``reset_deq`` (call it before each training iteration): start a new solve's state in every
+    normalization and dropout module of ``model`` ([`reset_norm`][deqlab.compat.torchdeq.reset_norm]; deqlab's
+    [`VariationalHiddenDropout`][deqlab.nn.VariationalHiddenDropout] draws its new mask there too)."""
+    reset_norm(model)
+
+
+def reset_norm(model: nn.Module) -> None:
+    """torchdeq's ``reset_norm``: every deqlab [`EquilibriumStateful`][deqlab.nn.EquilibriumStateful] module
+    of ``model`` (its ``WeightNorm``, ``VariationalHiddenDropout``) starts a new solve's state
+    (``deq_begin()``: the weight recomputed once, a new dropout mask); a module with its own ``reset_norm()``
+    method has it called. Modules normalized by torch's parametrizations need nothing."""
+    from deqlab.nn.layers import EquilibriumStateful
+
+    for module in model.modules():
+        if isinstance(module, EquilibriumStateful):
+            module.deq_begin()
+        elif module is not model and callable(getattr(module, "reset_norm", None)):
+            module.reset_norm()
+
+
+def apply_norm(model: nn.Module, norm_type: str = "weight_norm", prefix_filter_out: Any = None,
+               filter_out: Any = None, args: Any = None, **norm_kwargs: Any) -> nn.Module:
+    """torchdeq's ``apply_norm``: weight (or spectral) normalization on every ``Linear`` / ``Conv`` of
+    ``model`` whose name is not filtered out, in place; returns ``model``. ``"weight_norm"`` uses
+    ``torch.nn.utils.parametrizations.weight_norm`` and ``"spectral_norm"`` its ``spectral_norm`` (torch's
+    own, which re-normalize on every forward, so [`reset_norm`][deqlab.compat.torchdeq.reset_norm] has
+    nothing to do for them); ``"none"`` leaves ``model`` as is.
+
+    Raises:
+        ValueError: an unknown ``norm_type``.
+    """
+    from torch.nn.utils import parametrizations
+
+    norm_type = (vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})).get("norm_type", norm_type)
+    table = {"weight_norm": parametrizations.weight_norm, "spectral_norm": parametrizations.spectral_norm,
+             "none": None}
+    if norm_type not in table:
+        near = difflib.get_close_matches(str(norm_type), list(table), n=1)
+        raise ValueError(f"apply_norm: unknown norm_type {norm_type!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    fn = table[norm_type]
+    if fn is None:
+        return model
+    prefixes = [prefix_filter_out] if isinstance(prefix_filter_out, str) else list(prefix_filter_out or [])
+    names = [filter_out] if isinstance(filter_out, str) else list(filter_out or [])
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        if any(name.startswith(p) for p in prefixes) or any(n in name for n in names):
+            continue
+        fn(module)
+    return model
+
+
+def jac_reg(f0: Tensor, z0: Tensor, vecs: int = 1, create_graph: bool = True) -> Tensor:
+    """torchdeq's ``jac_reg``: the Hutchinson estimate of ``||J||_F^2 / z0.numel()`` from ``vecs`` Gaussian
+    probes (the estimate of deqlab's [`jacobian_frobenius_estimate`][deqlab.nn.jacobian_frobenius_estimate]
+    with ``normalize="element"``; the probes are drawn as torchdeq draws them, float32 then cast, so a
+    seeded script gets torchdeq's number)."""
+    total = f0.new_zeros(())
+    for _ in range(vecs):
+        v = torch.randn(*z0.shape).to(z0)
+        vj = torch.autograd.grad(f0, z0, v, retain_graph=True, create_graph=create_graph)[0]
+        total = total + vj.norm() ** 2
+    return total / vecs / z0.numel()
+
+
+def power_method(f0: Tensor, z0: Tensor, n_iters: int = 100) -> Tuple[Tensor, Tensor]:
+    """torchdeq's ``power_method``: ``(eigenvector, |eigenvalue|)`` per sample of the largest-magnitude
+    eigenvalue of ``J = df0/dz0``, by power iteration on vector-Jacobian products of the graph ``f0(z0)``."""
+    v = torch.randn_like(z0)
+    batch = v.shape[0]
+    value = v.new_zeros(batch)
+    for i in range(n_iters):
+        vj = torch.autograd.grad(f0, z0, v, retain_graph=i < n_iters - 1)[0]
+        value = (vj * v).reshape(batch, -1).sum(1) / (v * v).reshape(batch, -1).sum(1)
+        v = (vj.reshape(batch, -1) / vj.reshape(batch, -1).norm(dim=1, keepdim=True).clamp_min(1e-30)).reshape_as(z0)
+    return v, value.abs()
+
+
+def fp_correction(crit: Callable[..., Tensor], args: Sequence[Any], weight_func: str = "exp",
+                  return_loss_values: bool = False, **kwargs: Any):
+    """torchdeq's ``fp_correction``: ``sum_i w_i crit(*args_i)``, each list in ``args`` one entry per state
+    (a non-list argument is shared by all). Weights: ``"exp"`` ``gamma ** (n - 1 - i)`` (``gamma=0.8``),
+    ``"const"`` ``c`` (1.0), ``"linear"`` torchdeq's ``1 - (n - i - 1) / n * gamma + bias`` (``gamma=0.9``,
+    ``bias=0``; deqlab's own ``"linear"`` is ``(i + 1) / n``, see
+    [`correction_weights`][deqlab.nn.correction_weights]).
+
+    Raises:
+        ValueError: an unknown ``weight_func`` or weight option.
+    """
+    lists = [a for a in args if isinstance(a, (list, tuple))]
+    n = max((len(a) for a in lists), default=1)
+    if weight_func == "exp":
+        _check_keys_of("fp_correction", kwargs, ("gamma",))
+        weights = correction_weights(n, "exp", float(kwargs.get("gamma", 0.8)))
+    elif weight_func == "linear":
+        _check_keys_of("fp_correction", kwargs, ("gamma", "bias"))
+        gamma, bias = float(kwargs.get("gamma", 0.9)), float(kwargs.get("bias", 0.0))
+        weights = [1 - (n - i - 1) / n * gamma + bias for i in range(n)]
+    elif weight_func == "const":
+        _check_keys_of("fp_correction", kwargs, ("c",))
+        weights = [float(kwargs.get("c", 1.0))] * n
+    else:
+        raise ValueError(f"fp_correction: unknown weight_func {weight_func!r}; valid: exp, linear, const")
+
+    def pick(a: Any, i: int) -> Any:
+        if not isinstance(a, (list, tuple)):
+            return a
+        return a[i] if len(a) == n else a[-1]
+
+    loss, values = 0.0, []
+    for i in range(n):
+        term = crit(*[pick(a, i) for a in args])
+        loss = loss + weights[i] * term
+        values.append(float(term))
+    return (loss, values) if return_loss_values else loss
+
+
+def _check_keys_of(owner: str, kwargs: Dict[str, Any], valid: Sequence[str]) -> None:
+    for key in kwargs:
+        if key not in valid:
+            near = difflib.get_close_matches(key, list(valid), n=1)
+            raise ValueError(f"{owner}: unknown option {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                             + f"; valid: {', '.join(valid)}")
+
+
+def mixed_init(z_shape: Sequence[int], device: Any = None) -> Tensor:
+    """torchdeq's ``mixed_init``: Gaussian values with about half of them zeroed (a random mask), the
+    initial guess of path-independent DEQs (Anil et al. 2022)."""
+    z = torch.randn(*z_shape, device=device)
+    return z * torch.zeros_like(z).bernoulli_(0.5)
+
+
+def add_deq_args(parser: argparse.ArgumentParser) -> None:
+    """torchdeq's ``add_deq_args``: add its command-line options (same names, same defaults) to ``parser``."""
+    for key, default in OPTIONS.items():
+        if key in ("no_stat",):
+            continue
+        if isinstance(default, bool):
+            parser.add_argument(f"--{key}", action="store_true")
+        elif key in ("grad",):
+            parser.add_argument(f"--{key}", type=int, nargs="+", default=[default])
+        elif key in ("indexing", "sup_loc"):
+            parser.add_argument(f"--{key}", type=int, nargs="+", default=[])
+        else:
+            parser.add_argument(f"--{key}", type=type(default), default=default)
