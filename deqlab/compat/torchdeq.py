@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from deqlab.nn.spectral import power_iteration, spectral_radius
 from deqlab.nn.trajectory import correction_weights, sample_steps
 from deqlab.solvers import DiscreteDEQSolver, FixedPointLinearSolver, record_iterates
 
@@ -176,7 +177,7 @@ class DEQ(nn.Module):
                 "nstep": result.sample_steps.to(result.abs_residual.dtype),
                 "sradius": torch.zeros(1, device=result.abs_residual.device)}
         if not training and sradius_mode:
-            info["sradius"] = _sradius(func, z_star)
+            info["sradius"] = spectral_radius(func, z_star, n_iters=100, method="power")
         return z_out, info
 
     def _phantom(self, func: Callable, z: Any) -> Any:
@@ -252,13 +253,6 @@ def _combine(fz: Any, z: Any, tau: float) -> Any:
     return [tau * a + (1 - tau) * b for a, b in zip(fz, z)]
 
 
-def _sradius(func: Callable, z_star: Tensor) -> Tensor:
-    with torch.enable_grad():
-        z = z_star.detach().requires_grad_()
-        _, value = power_method(func(z), z, n_iters=100)
-    return value
-
-
 def reset_deq(model: nn.Module) -> None:
     """torchdeq's ``reset_deq`` (call it before each training iteration): start a new solve's state in every
     normalization and dropout module of ``model`` ([`reset_norm`][deqlab.compat.torchdeq.reset_norm]; deqlab's
@@ -328,15 +322,16 @@ def jac_reg(f0: Tensor, z0: Tensor, vecs: int = 1, create_graph: bool = True) ->
 
 def power_method(f0: Tensor, z0: Tensor, n_iters: int = 100) -> Tuple[Tensor, Tensor]:
     """torchdeq's ``power_method``: ``(eigenvector, |eigenvalue|)`` per sample of the largest-magnitude
-    eigenvalue of ``J = df0/dz0``, by power iteration on vector-Jacobian products of the graph ``f0(z0)``."""
-    v = torch.randn_like(z0)
-    batch = v.shape[0]
-    value = v.new_zeros(batch)
-    for i in range(n_iters):
-        vj = torch.autograd.grad(f0, z0, v, retain_graph=i < n_iters - 1)[0]
-        value = (vj * v).reshape(batch, -1).sum(1) / (v * v).reshape(batch, -1).sum(1)
-        v = (vj.reshape(batch, -1) / vj.reshape(batch, -1).norm(dim=1, keepdim=True).clamp_min(1e-30)).reshape_as(z0)
-    return v, value.abs()
+    eigenvalue of ``J = df0/dz0``, by power iteration on vector-Jacobian products of the graph ``f0(z0)``
+    (deqlab's [`power_iteration`][deqlab.nn.spectral.power_iteration] from ``torch.randn_like(z0)``, as
+    torchdeq draws it; the value is its Rayleigh quotient's modulus, torchdeq's estimate)."""
+    batch = z0.shape[0]
+
+    def vjp(v: Tensor) -> Tensor:
+        return torch.autograd.grad(f0, z0, v.reshape_as(z0), retain_graph=True)[0].reshape(batch, -1)
+
+    out = power_iteration(vjp, torch.randn_like(z0).reshape(batch, -1), n_iters)
+    return out.vector.reshape_as(z0), out.rayleigh.abs()
 
 
 def fp_correction(crit: Callable[..., Tensor], args: Sequence[Any], weight_func: str = "exp",
