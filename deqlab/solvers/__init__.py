@@ -11,6 +11,7 @@ from deqlab.solvers.algorithms import (
     LimitedMemoryBroyden,
     NewtonKrylov,
 )
+from deqlab.solvers.compiled import CompileFallbackWarning
 from deqlab.solvers.continuous import ContinuousDEQSolver
 from deqlab.solvers.discrete import DiscreteDEQSolver
 from deqlab.solvers.krylov import GMRESInfo, gmres
@@ -25,6 +26,7 @@ from deqlab.solvers.termination import TERMINATION_MODES, TerminationCondition, 
 __all__ = [
     "Anderson",
     "Broyden",
+    "CompileFallbackWarning",
     "ContinuousDEQSolver",
     "ConvergenceWarning",
     "DiscreteDEQSolver",

@@ -618,3 +618,114 @@ class TerminationTracker:
         if n_conv + n_stall < self.batch:  # some sample was still running when the budget ran out
             return SolverStatus.MAX_STEPS
         return SolverStatus.STALLED
+
+
+# ------------------------------------------------------------------------------ the compiled solver step
+#
+# `TerminationTracker.update(sync=False)` as a pure function of tensors, for `torch.compile`. Why a second
+# spelling: `update` keeps Python state (a step counter, lazily built buffers, host tests on the fast path)
+# that would make a compiled graph guard on -- and recompile for -- every step. This one takes every piece
+# of per-solve state as a tensor and returns the new one, with no host synchronisation and no Python branch
+# on a tensor's value, so `torch.compile(fullgraph=True)` fuses it with the algorithm's step. It is only
+# ever called after the tracker's first (eager) update, with no ``mask``/``diverged`` (the discrete
+# solver's loop), and makes exactly the decisions of the slow path of `update` (the equality tests of
+# tests/solvers/test_compiled_step.py hold the two together).
+
+#: the tracker's per-solve tensors a compiled step reads and returns (``prev``/``ret``: (z, du, res, rel))
+_DEVICE_FIELDS = ("active", "converged", "stalled", "diverged", "nonfinite", "sample_steps")
+_DEVICE_CONSTANTS = ("_threshold", "_res_threshold", "_lost_at", "_res_fall", "_grown_at")
+
+
+def export_device_state(tracker: TerminationTracker) -> dict:
+    """The tracker's per-solve state as a dict of tensors (after its first update), for `device_update`."""
+    if tracker._obj0 is None:
+        raise RuntimeError("export_device_state needs a tracker that has seen its first update")
+    state = {name: getattr(tracker, name) for name in _DEVICE_FIELDS}
+    state.update({name: getattr(tracker, name) for name in _DEVICE_CONSTANTS})
+    state["prev"] = tuple(tracker._prev)
+    # After the first update the returned and the previous iterates are the same tensors; after a compiled
+    # step they never are. Copies (once per solve) keep the aliasing of the inputs the same at every step,
+    # else dynamo's aliasing guard would recompile the step after its first call.
+    state["ret"] = tuple(t.clone() for t in tracker._ret)
+    state["step"] = torch.tensor(tracker.step, dtype=torch.long, device=tracker.active.device)
+    if tracker._best_obj is not None:
+        state["best_obj"] = tracker._best_obj
+    if tracker._history is not None:
+        state["history"] = tracker._history
+    return state
+
+
+def load_device_state(tracker: TerminationTracker, state: dict, step: int) -> None:
+    """Write a state returned by `device_update` back into ``tracker``, whose update counter becomes
+    ``step`` (the host knows it, so nothing is read back). The number of active samples is left stale:
+    `TerminationTracker.all_stopped` (or `finish`) reads it in one host sync."""
+    for name in _DEVICE_FIELDS:
+        setattr(tracker, name, state[name])
+    tracker._prev = tuple(state["prev"])
+    tracker._ret = list(state["ret"])
+    if "best_obj" in state:
+        tracker._best_obj = state["best_obj"]
+    if "history" in state:
+        tracker._history = state["history"]
+    tracker.step = step
+    tracker._n_active_stale = True
+
+
+def device_update(cond: TerminationCondition, state: dict, z: Tensor, du: Tensor, fz: Tensor
+                  ) -> Tuple[dict, Tensor]:
+    """One tracker update on the device: ``(new state, objective)`` for the evaluation ``du = f(z) - z``.
+
+    The pure twin of `TerminationTracker.update` (``sync=False``, no ``mask``/``diverged``): same stop
+    rule, same merges, same step counts; the step counter is the tensor ``state["step"]``.
+    """
+    obj, met, res, rel, fzn = cond._evaluate(z, du, fz)
+    cur = (z, du, res, rel)
+    if cond.batch_wide:
+        res, fzn = cond.batch_norms(res, fzn)
+    step = state["step"]
+    live = state["active"]
+    new = dict(state)
+    patience_met = None
+    if cond.uses_patience:
+        hist = state["history"]
+        slot = (step % cond.patience).view(1)
+        row = torch.where(live, obj, hist.index_select(0, slot).squeeze(0))
+        hist = hist.index_copy(0, slot, row.unsqueeze(0))
+        new["history"] = hist
+        stalled = hist.amax(dim=0) < cond.min_max_factor * hist.amin(dim=0)
+        patience_met = stalled & (obj <= cond.patience_objective_multiplier * cond.tol) & (step + 1 >= cond.patience)
+    fell = (res < state["_res_fall"]) | (fzn <= state["_grown_at"]) if cond.relative else None
+    sane = (res < state["_res_threshold"]) & (fzn < state["_lost_at"])
+    lost = fzn >= state["_lost_at"]
+    ret = list(state["ret"])
+    if cond.returns_best:
+        take = live & (obj < state["best_obj"]) & sane
+        new["best_obj"] = torch.where(take, obj, state["best_obj"])
+        ret = TerminationTracker._merge(ret, cur, take)
+    within_tol = met
+    if patience_met is not None:
+        met = met | patience_met
+    if fell is not None:
+        met = met & fell
+    bad = ~(obj < state["_threshold"]) | ~sane
+    met = met & ~bad
+    stopping = (met | bad) & live
+    finite = torch.isfinite(obj) & torch.isfinite(res) & torch.isfinite(fzn)
+    stop_ok = stopping & finite & met
+    stop_conv = stop_ok & within_tol
+    stop_stall = stop_ok & ~within_tol
+    stop_nan = stopping & ~finite
+    stop_div = stopping & ~stop_ok & ~stop_nan
+    new["converged"] = state["converged"] | stop_conv
+    new["stalled"] = state["stalled"] | stop_stall
+    new["diverged"] = state["diverged"] | stop_div
+    new["nonfinite"] = state["nonfinite"] | stop_nan
+    new["sample_steps"] = torch.where(stopping, step, state["sample_steps"])
+    if not cond.returns_best:
+        ret = TerminationTracker._merge(ret, cur, stop_ok | (stop_div & ~lost))
+        ret = TerminationTracker._merge(ret, state["prev"], stop_nan | (stop_div & lost))
+    new["ret"] = tuple(ret)
+    new["active"] = live & ~stopping
+    new["prev"] = cur
+    new["step"] = step + 1
+    return new, obj
