@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from deqlab.nn.spectral import power_iteration, spectral_radius
 from deqlab.nn.trajectory import correction_weights, sample_steps
 from deqlab.solvers import DiscreteDEQSolver, FixedPointLinearSolver, record_iterates
 
@@ -176,7 +177,7 @@ class DEQ(nn.Module):
                 "nstep": result.sample_steps.to(result.abs_residual.dtype),
                 "sradius": torch.zeros(1, device=result.abs_residual.device)}
         if not training and sradius_mode:
-            info["sradius"] = _sradius(func, z_star)
+            info["sradius"] = spectral_radius(func, z_star, n_iters=100, method="power")
         return z_out, info
 
     def _phantom(self, func: Callable, z: Any) -> Any:
@@ -252,13 +253,6 @@ def _combine(fz: Any, z: Any, tau: float) -> Any:
     return [tau * a + (1 - tau) * b for a, b in zip(fz, z)]
 
 
-def _sradius(func: Callable, z_star: Tensor) -> Tensor:
-    with torch.enable_grad():
-        z = z_star.detach().requires_grad_()
-        _, value = power_method(func(z), z, n_iters=100)
-    return value
-
-
 def reset_deq(model: nn.Module) -> None:
     """torchdeq's ``reset_deq`` (call it before each training iteration): start a new solve's state in every
     normalization and dropout module of ``model`` ([`reset_norm`][deqlab.compat.torchdeq.reset_norm]; deqlab's
@@ -268,9 +262,12 @@ def reset_deq(model: nn.Module) -> None:
 
 def reset_norm(model: nn.Module) -> None:
     """torchdeq's ``reset_norm``: every deqlab [`EquilibriumStateful`][deqlab.nn.EquilibriumStateful] module
-    of ``model`` (its ``WeightNorm``, ``VariationalHiddenDropout``) starts a new solve's state
-    (``deq_begin()``: the weight recomputed once, a new dropout mask); a module with its own ``reset_norm()``
-    method has it called. Modules normalized by torch's parametrizations need nothing."""
+    of ``model`` starts a new solve's state (``deq_begin()``): the [`WeightNorm`][deqlab.nn.WeightNorm] /
+    [`SpectralNorm`][deqlab.nn.SpectralNorm] that [`apply_norm`][deqlab.compat.torchdeq.apply_norm] put
+    there compute their weight once (a spectral norm in training mode takes its power-iteration step
+    first), and every later call uses it until the next reset, as torchdeq's; a
+    [`VariationalHiddenDropout`][deqlab.nn.VariationalHiddenDropout] draws a new mask. A module with its own
+    ``reset_norm()`` method has it called."""
     from deqlab.nn.layers import EquilibriumStateful
 
     for module in model.modules():
@@ -280,37 +277,104 @@ def reset_norm(model: nn.Module) -> None:
             module.reset_norm()
 
 
+#: torchdeq's ``args`` names of the norm options -> its ``Norm.apply`` keywords (``norm_no_scale`` negated)
+_NORM_ARGS = {"norm_no_scale": "learn_scale", "norm_target_norm": "target_norm", "norm_clip": "clip",
+              "norm_clip_value": "clip_value", "sn_n_power_iters": "n_power_iterations"}
+_NORM_DEFAULTS = {"learn_scale": True, "target_norm": 1.0, "clip": False, "clip_value": 1.0,
+                  "n_power_iterations": 1, "eps": 1e-12, "names": "weight", "dims": 0}
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _norm_options(norm_type: str, given: Dict[str, Any], norm_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """torchdeq's norm options (``norm_kwargs`` under its ``Norm.apply`` names, overridden by the ``norm_*``
+    keys of ``args`` and ``norm_kwargs``, its priority) as options of deqlab's wrapper; an option deqlab's
+    wrapper has no equivalent of raises, naming the key it came from."""
+    valid = list(_NORM_DEFAULTS) + list(_NORM_ARGS)
+    for key in norm_kwargs:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            raise ValueError(f"apply_norm: unknown norm option {key!r}" + (f" (did you mean {near[0]!r}?)" if near
+                             else "") + f"; valid: {', '.join(valid)}")
+    value = dict(_NORM_DEFAULTS)
+    source = {k: k for k in value}
+    for key, v in norm_kwargs.items():
+        if key in _NORM_DEFAULTS:
+            value[key], source[key] = v, key
+    config = {**given, **norm_kwargs}
+    for key, name in _NORM_ARGS.items():
+        if key in config:
+            value[name] = (not config[key]) if key == "norm_no_scale" else config[key]
+            source[name] = key
+
+    def refuse(name: str, why: str) -> None:
+        raise ValueError(f"apply_norm: {source[name]}={config.get(source[name], value[name])!r} has no "
+                         f"equivalent in deqlab's {norm_type}: {why} (see docs/migration_torchdeq.md)")
+
+    if value["names"] not in ("weight", ["weight"], ("weight",)):
+        refuse("names", "it normalizes each layer's 'weight'")
+    if value["dims"] not in (0, [0], (0,)):
+        refuse("dims", "it keeps dim 0 (one scale per output unit)")
+    if norm_type == "weight_norm":
+        if not value["learn_scale"]:
+            refuse("learn_scale", "WeightNorm always learns its scale g (for a fixed norm use "
+                                  "norm_type='spectral_norm', norm_no_scale=True)")
+        if value["clip"]:
+            refuse("clip", "WeightNorm does not clip its scale (spectral_norm with norm_clip=True does)")
+        return {}
+    if value["clip"] and float(value["clip_value"]) != 1.0:
+        refuse("clip_value", "SpectralNorm(clamp=True) caps the factor target/sigma at 1 (sigma <= target), "
+                             "torchdeq's clip_value=1.0")
+    return {"target": float(value["target_norm"]), "clamp": bool(value["clip"]),
+            "learn_scale": bool(value["learn_scale"]), "n_power_iterations": int(value["n_power_iterations"]),
+            "eps": float(value["eps"])}
+
+
 def apply_norm(model: nn.Module, norm_type: str = "weight_norm", prefix_filter_out: Any = None,
                filter_out: Any = None, args: Any = None, **norm_kwargs: Any) -> nn.Module:
-    """torchdeq's ``apply_norm``: weight (or spectral) normalization on every ``Linear`` / ``Conv`` of
-    ``model`` whose name is not filtered out, in place; returns ``model``. ``"weight_norm"`` uses
-    ``torch.nn.utils.parametrizations.weight_norm`` and ``"spectral_norm"`` its ``spectral_norm`` (torch's
-    own, which re-normalize on every forward, so [`reset_norm`][deqlab.compat.torchdeq.reset_norm] has
-    nothing to do for them); ``"none"`` leaves ``model`` as is.
+    """torchdeq's ``apply_norm`` on deqlab's [`apply_norm`][deqlab.nn.apply_norm]: every ``Linear`` /
+    ``Conv1d/2d/3d`` of ``model`` whose qualified name neither starts with a ``prefix_filter_out`` entry nor
+    contains a ``filter_out`` entry (torchdeq's filters) is wrapped, in place, in deqlab's DEQ-aware
+    [`WeightNorm`][deqlab.nn.WeightNorm] (``"weight_norm"``) or [`SpectralNorm`][deqlab.nn.SpectralNorm]
+    (``"spectral_norm"``); ``"none"`` leaves ``model`` as is.
+
+    torchdeq's norm options map onto the wrapper's, given as ``Norm.apply`` keywords or as the ``norm_*``
+    keys of ``args`` / ``norm_kwargs`` (those win, as in torchdeq): ``norm_target_norm`` -> ``target``,
+    ``norm_clip`` -> ``clamp`` (with ``norm_clip_value`` 1.0), ``norm_no_scale`` -> ``learn_scale=False``,
+    ``sn_n_power_iters`` -> ``n_power_iterations``, ``eps``. The weights are computed once per
+    [`reset_norm`][deqlab.compat.torchdeq.reset_norm] (torchdeq's semantics) and per call before the first
+    one; inside a deqlab DEQ layer, once per forward by themselves. The differences from torchdeq (a
+    learned scale is one scalar, not one per output unit; the parameters sit on the wrapper; transposed
+    convolutions are not normalized) are listed in ``docs/migration_torchdeq.md``.
+
+    Returns:
+        ``model``, its layers wrapped (the wrapper itself when ``model`` is such a layer).
 
     Raises:
-        ValueError: an unknown ``norm_type``.
+        ValueError: an unknown ``norm_type`` or norm option; an option with no equivalent in deqlab's
+            wrapper (naming its key: ``norm_no_scale`` / ``norm_clip`` for weight_norm, ``norm_clip_value``
+            other than 1.0, ``names``, ``dims``); a transposed convolution that is not filtered out.
     """
-    from torch.nn.utils import parametrizations
+    from deqlab.nn.layers import apply_norm as apply_deq_norm
 
-    norm_type = (vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})).get("norm_type", norm_type)
-    table = {"weight_norm": parametrizations.weight_norm, "spectral_norm": parametrizations.spectral_norm,
-             "none": None}
-    if norm_type not in table:
-        near = difflib.get_close_matches(str(norm_type), list(table), n=1)
-        raise ValueError(f"apply_norm: unknown norm_type {norm_type!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-    fn = table[norm_type]
-    if fn is None:
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    norm_type = {**given, **norm_kwargs}.get("norm_type", norm_type)
+    norm_kwargs = {k: v for k, v in norm_kwargs.items() if k != "norm_type"}
+    _choice("apply_norm", "norm_type", norm_type, {"weight_norm": "", "spectral_norm": "", "none": ""})
+    if norm_type == "none":
         return model
+    options = _norm_options(norm_type, given, norm_kwargs)
     prefixes = [prefix_filter_out] if isinstance(prefix_filter_out, str) else list(prefix_filter_out or [])
     names = [filter_out] if isinstance(filter_out, str) else list(filter_out or [])
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            continue
-        if any(name.startswith(p) for p in prefixes) or any(n in name for n in names):
-            continue
-        fn(module)
-    return model
+
+    def skipped(name: str) -> bool:
+        return any(name.startswith(p) for p in prefixes) or any(n in name for n in names)
+
+    for name, module in model.named_modules():
+        if isinstance(module, _TRANSPOSED) and not skipped(name):
+            raise ValueError(f"apply_norm: {name or 'the model'} is a {type(module).__name__}, which torchdeq "
+                             f"normalizes over dim 1 and deqlab's {norm_type} does not; filter it out "
+                             f"(filter_out=[{name!r}]) or wrap it yourself")
+    return apply_deq_norm(model, norm_type, filter_out=skipped, **options)
 
 
 def jac_reg(f0: Tensor, z0: Tensor, vecs: int = 1, create_graph: bool = True) -> Tensor:
@@ -328,15 +392,16 @@ def jac_reg(f0: Tensor, z0: Tensor, vecs: int = 1, create_graph: bool = True) ->
 
 def power_method(f0: Tensor, z0: Tensor, n_iters: int = 100) -> Tuple[Tensor, Tensor]:
     """torchdeq's ``power_method``: ``(eigenvector, |eigenvalue|)`` per sample of the largest-magnitude
-    eigenvalue of ``J = df0/dz0``, by power iteration on vector-Jacobian products of the graph ``f0(z0)``."""
-    v = torch.randn_like(z0)
-    batch = v.shape[0]
-    value = v.new_zeros(batch)
-    for i in range(n_iters):
-        vj = torch.autograd.grad(f0, z0, v, retain_graph=i < n_iters - 1)[0]
-        value = (vj * v).reshape(batch, -1).sum(1) / (v * v).reshape(batch, -1).sum(1)
-        v = (vj.reshape(batch, -1) / vj.reshape(batch, -1).norm(dim=1, keepdim=True).clamp_min(1e-30)).reshape_as(z0)
-    return v, value.abs()
+    eigenvalue of ``J = df0/dz0``, by power iteration on vector-Jacobian products of the graph ``f0(z0)``
+    (deqlab's [`power_iteration`][deqlab.nn.spectral.power_iteration] from ``torch.randn_like(z0)``, as
+    torchdeq draws it; the value is its Rayleigh quotient's modulus, torchdeq's estimate)."""
+    batch = z0.shape[0]
+
+    def vjp(v: Tensor) -> Tensor:
+        return torch.autograd.grad(f0, z0, v.reshape_as(z0), retain_graph=True)[0].reshape(batch, -1)
+
+    out = power_iteration(vjp, torch.randn_like(z0).reshape(batch, -1), n_iters)
+    return out.vector.reshape_as(z0), out.rayleigh.abs()
 
 
 def fp_correction(crit: Callable[..., Tensor], args: Sequence[Any], weight_func: str = "exp",

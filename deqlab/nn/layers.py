@@ -23,7 +23,7 @@ import contextlib
 import math
 import threading
 import weakref
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +162,59 @@ def equilibrium_session(roots: Sequence[nn.Module]) -> Iterator[List[Equilibrium
             m.deq_end()
 
 
-class WeightNorm(EquilibriumStateful):
+class _NormalisedWeight(EquilibriumStateful):
+    """What [`WeightNorm`][deqlab.nn.WeightNorm] and [`SpectralNorm`][deqlab.nn.SpectralNorm] share: the
+    normalised weight held for one solve (per thread), re-installed in the backward, and the call of the
+    wrapped module with it. A subclass sets ``module``/``name`` and implements ``compute_weight``; it may
+    override ``_weight_outside_solve`` (the weight of a call outside a DEQ forward)."""
+
+    module: nn.Module
+    name: str
+
+    def compute_weight(self) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def _cache(self) -> Optional[Tensor]:
+        """The weight normalised for the current solve in this thread (``None`` outside a DEQ forward)."""
+        return self.peek_solve_state("weight")
+
+    def _weight_outside_solve(self) -> Tensor:
+        return self.compute_weight()
+
+    def deq_begin(self) -> None:
+        self.solve_state()["weight"] = self.compute_weight()
+
+    def deq_end(self) -> None:
+        self.clear_solve_state()
+
+    def deq_state(self) -> Dict[str, Any]:
+        return {"weight": self._cache}
+
+    def deq_load_state(self, state: Dict[str, Any]) -> None:
+        if state["weight"] is None:
+            self.clear_solve_state()
+        else:
+            self.solve_state()["weight"] = state["weight"]
+
+    def forward(self, *args, **kwargs):
+        """Call the wrapped module with the normalised weight (the solve's, inside a DEQ forward), without
+        mutating it where possible.
+
+        Why: the wrapped module is shared by every thread calling this layer. ``nn.Linear`` and
+        ``nn.Conv1d/2d/3d`` (with their stock ``forward`` and no hooks) are evaluated functionally
+        (``F.linear`` / ``_conv_forward`` with the weight passed in), so concurrent calls never touch the
+        module. Any other wrapped module needs the weight as an attribute: it is installed, the module is
+        called and the attribute removed under one process-wide lock, so threads take turns on that call
+        (correct, not parallel).
+        """
+        w = self._cache
+        if w is None:
+            w = self._weight_outside_solve()
+        return _call_with_weight(self.module, self.name, w, args, kwargs)
+
+
+class WeightNorm(_NormalisedWeight):
     """Weight normalisation ``w = g * v / ||v||`` around any module with a weight (``Conv2d``, ``Linear``...).
 
     Inside a DEQ forward the normalised weight is computed once (in `deq_begin`) and reused by every
@@ -207,11 +259,6 @@ class WeightNorm(EquilibriumStateful):
         self.weight_v = nn.Parameter(weight.detach().clone())
         self.weight_g = nn.Parameter(self._norm(weight.detach()).clone())
 
-    @property
-    def _cache(self) -> Optional[Tensor]:
-        """The weight normalised for the current solve in this thread (``None`` outside a DEQ forward)."""
-        return self.peek_solve_state("weight")
-
     def _norm(self, v: Tensor) -> Tensor:
         dims = [d for d in range(v.dim()) if d != self.dim]
         return torch.linalg.vector_norm(v, dim=dims, keepdim=True)
@@ -224,48 +271,8 @@ class WeightNorm(EquilibriumStateful):
         """
         return self.weight_g * self.weight_v / self._norm(self.weight_v)
 
-    def deq_begin(self) -> None:
-        self.solve_state()["weight"] = self.compute_weight()
 
-    def deq_end(self) -> None:
-        self.clear_solve_state()
-
-    def deq_state(self) -> Dict[str, Any]:
-        return {"weight": self._cache}
-
-    def deq_load_state(self, state: Dict[str, Any]) -> None:
-        if state["weight"] is None:
-            self.clear_solve_state()
-        else:
-            self.solve_state()["weight"] = state["weight"]
-
-    def forward(self, *args, **kwargs):
-        """Call the wrapped module with the normalised weight, without mutating it where possible.
-
-        Why: the wrapped module is shared by every thread calling this layer. ``nn.Linear`` and
-        ``nn.Conv1d/2d/3d`` (with their stock ``forward`` and no hooks) are evaluated functionally
-        (``F.linear`` / ``_conv_forward`` with the weight passed in), so concurrent calls never touch the
-        module. Any other wrapped module needs the weight as an attribute: it is installed, the module is
-        called and the attribute removed under one process-wide lock, so threads take turns on that call
-        (correct, not parallel).
-        """
-        w = self._cache if self._cache is not None else self.compute_weight()
-        module = self.module
-        if self.name == "weight" and not kwargs and len(args) == 1 and not _has_hooks(module):
-            forward = type(module).forward
-            if forward is nn.Linear.forward:
-                return F.linear(args[0], w, module.bias)
-            if forward in _CONV_FORWARDS:
-                return module._conv_forward(args[0], w, module.bias)
-        with _ATTRIBUTE_LOCK:
-            setattr(module, self.name, w)
-            try:
-                return module(*args, **kwargs)
-            finally:
-                delattr(module, self.name)
-
-
-class SpectralNorm(EquilibriumStateful):
+class SpectralNorm(_NormalisedWeight):
     """DEQ-aware spectral normalisation ``w = scale · target · W / σ(W)`` around a ``Linear``/``Conv`` layer.
 
     ``σ(W)`` is the largest singular value of the weight reshaped to 2-D, ``(out, in · kernel…)``, as
@@ -394,36 +401,15 @@ class SpectralNorm(EquilibriumStateful):
         """
         return self.normalised(self.weight_orig)
 
-    @property
-    def _cache(self) -> Optional[Tensor]:
-        return self.peek_solve_state("weight")
-
     def deq_begin(self) -> None:
         if self.training:
             self.update()
-        self.solve_state()["weight"] = self.compute_weight()
+        super().deq_begin()
 
-    def deq_end(self) -> None:
-        self.clear_solve_state()
-
-    def deq_state(self) -> Dict[str, Any]:
-        return {"weight": self._cache}
-
-    def deq_load_state(self, state: Dict[str, Any]) -> None:
-        if state["weight"] is None:
-            self.clear_solve_state()
-        else:
-            self.solve_state()["weight"] = state["weight"]
-
-    def forward(self, *args, **kwargs):
-        """Call the wrapped module with the normalised weight (the solve's, inside a DEQ forward), as
-        [`WeightNorm.forward`][deqlab.nn.WeightNorm] does."""
-        w = self._cache
-        if w is None:
-            if self.training:
-                self.update()
-            w = self.compute_weight()
-        return _call_with_weight(self.module, self.name, w, args, kwargs)
+    def _weight_outside_solve(self) -> Tensor:
+        if self.training:
+            self.update()
+        return self.compute_weight()
 
     def extra_repr(self) -> str:
         return (f"target={self.target}, clamp={self.clamp}, learn_scale={self.scale is not None}, "
@@ -450,7 +436,8 @@ _NORMS = {"weight_norm": WeightNorm, "spectral_norm": SpectralNorm}
 _NORMED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def apply_norm(model: nn.Module, norm: str = "weight_norm", filter_out: Sequence[str] = (), **kwargs: Any) -> nn.Module:
+def apply_norm(model: nn.Module, norm: str = "weight_norm",
+               filter_out: "Sequence[str] | Callable[[str], bool]" = (), **kwargs: Any) -> nn.Module:
     """Wrap every ``Linear``/``Conv1d/2d/3d`` of ``model`` in [`WeightNorm`][deqlab.nn.WeightNorm] or
     [`SpectralNorm`][deqlab.nn.SpectralNorm], in place (torchdeq's ``apply_norm``).
 
@@ -462,8 +449,9 @@ def apply_norm(model: nn.Module, norm: str = "weight_norm", filter_out: Sequence
         model: the module whose layers to wrap (usually the DEQ map). Required.
         norm: ``"weight_norm"`` (default, the MDEQ choice) or ``"spectral_norm"``.
         filter_out: names to skip: a layer is left alone when its qualified name (``"block.conv1"``) equals
-            one of them, starts with one followed by ``"."``, or has one as a dot-separated component.
-            Default ``()``: wrap them all.
+            one of them, starts with one followed by ``"."``, or has one as a dot-separated component; or a
+            predicate ``qualified_name -> bool`` (``True``: skip that module and everything under it; the
+            root's name is ``""``), e.g. torchdeq's substring and prefix filters. Default ``()``: wrap them all.
         **kwargs: options of the wrapper (``target=``, ``clamp=`` ... for ``SpectralNorm``; ``dim=`` for
             ``WeightNorm``).
 
@@ -484,9 +472,11 @@ def apply_norm(model: nn.Module, norm: str = "weight_norm", filter_out: Sequence
     if norm not in _NORMS:
         raise ValueError(f"apply_norm: norm must be 'weight_norm' or 'spectral_norm', got {norm!r}")
     wrapper = _NORMS[norm]
-    skip = [str(n) for n in filter_out]
+    skip = [] if callable(filter_out) else [str(n) for n in filter_out]
 
     def skipped(qualified: str) -> bool:
+        if callable(filter_out):
+            return bool(filter_out(qualified))
         parts = qualified.split(".")
         return any(qualified == n or qualified.startswith(n + ".") or n in parts for n in skip)
 
@@ -494,7 +484,7 @@ def apply_norm(model: nn.Module, norm: str = "weight_norm", filter_out: Sequence
         return model if skipped("") else wrapper(model, **kwargs)
 
     def visit(module: nn.Module, prefix: str) -> None:
-        if isinstance(module, (WeightNorm, SpectralNorm)):
+        if isinstance(module, _NormalisedWeight):
             return  # already normalised
         for child_name, child in list(module.named_children()):
             qualified = f"{prefix}{child_name}"
@@ -510,8 +500,8 @@ def apply_norm(model: nn.Module, norm: str = "weight_norm", filter_out: Sequence
 
 
 _CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
-# Serialises the attribute-swapping fallback of WeightNorm.forward (re-entrant: a wrapped module may
-# itself contain a WeightNorm that takes the fallback).
+# Serialises the attribute-swapping fallback of _call_with_weight (WeightNorm, SpectralNorm; re-entrant: a
+# wrapped module may itself contain a WeightNorm that takes the fallback).
 _ATTRIBUTE_LOCK = threading.RLock()
 
 

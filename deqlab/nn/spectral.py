@@ -11,7 +11,8 @@ advances every sample's iteration):
   then the largest modulus of the eigenvalues of the small Hessenberg matrix (the Ritz values). It finds
   complex and negative dominant eigenvalues as well as positive ones, and is exact once ``n_iters`` reaches
   the state size. Memory: ``n_iters + 1`` state-sized vectors per sample.
-* ``"power"``: the power method (torchdeq's ``power_method``). Returns the growth rate
+* ``"power"``: the power method ([`power_iteration`][deqlab.nn.spectral.power_iteration], which
+  ``deqlab.compat.torchdeq.power_method`` wraps too). Returns the growth rate
   ``(‖Jᵐ u‖ / ‖Jᵏ u‖)^(1/(m−k))`` over the second half of the iterations, which tends to ``|λ_max|`` for a
   real dominant eigenvalue of either sign *and* for a complex pair (where ``‖Jᵏu‖`` oscillates, so the
   last ratio ``‖Jᵏ⁺¹u‖/‖Jᵏu‖`` would not converge), but only like ``O(1/n_iters)`` in that case. Memory:
@@ -19,14 +20,14 @@ advances every sample's iteration):
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from deqlab.state import State, as_parts, flatten, from_parts, unflatten
 
-__all__ = ["spectral_radius"]
+__all__ = ["spectral_radius", "power_iteration", "PowerIteration"]
 
 SpectralMethod = Literal["arnoldi", "power"]
 
@@ -90,7 +91,7 @@ def spectral_radius(fn: Callable[[State], State], z: State, n_iters: int = 20, *
                         else generator.device).to(ref.device)
     with torch.no_grad():
         if method == "power":
-            return _power(vjp, start, n_iters)
+            return power_iteration(vjp, start, n_iters).growth
         return _arnoldi(vjp, start, n_iters)
 
 
@@ -98,19 +99,77 @@ def _unit(v: Tensor) -> Tensor:
     return v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
 
 
-def _power(vjp: Callable[[Tensor], Tensor], v: Tensor, n_iters: int) -> Tensor:
-    """Growth rate of ``‖(Jᵀ)ᵏ u‖`` over the second half of ``n_iters`` power iterations."""
+class PowerIteration(NamedTuple):
+    """What [`power_iteration`][deqlab.nn.spectral.power_iteration] returns, per sample.
+
+    Attributes:
+        vector: ``(B, N)``: the last iterate, unit norm per sample (the dominant eigenvector's estimate).
+        rayleigh: ``(B,)``: the Rayleigh quotient ``⟨Jᵀv, v⟩ / ⟨v, v⟩`` of the last step's input ``v``
+            (torchdeq's eigenvalue estimate; signed, and it oscillates for a complex dominant pair).
+        growth: ``(B,)``: the growth rate ``(‖(Jᵀ)ᵐ u‖ / ‖(Jᵀ)ᵏ u‖)^(1/(m−k))`` over the second half of the
+            iterations (``|λ_max|`` for a real dominant eigenvalue of either sign and for a complex pair;
+            what ``spectral_radius(method="power")`` returns).
+
+    Example:
+        >>> import torch
+        >>> from deqlab.nn.spectral import power_iteration
+        >>> out = power_iteration(lambda v: -0.5 * v, torch.ones(1, 3, dtype=torch.float64), 4)
+        >>> out.rayleigh.round(decimals=12).tolist(), out.growth.round(decimals=12).tolist()
+        ([-0.5], [0.5])
+    """
+
+    vector: Tensor
+    rayleigh: Tensor
+    growth: Tensor
+
+
+def power_iteration(vjp: Callable[[Tensor], Tensor], v: Tensor, n_iters: int) -> PowerIteration:
+    """The power method on a batch of per-sample linear maps given by their vector-Jacobian product.
+
+    The one power iteration of deqlab: [`spectral_radius`][deqlab.nn.spectral_radius] (``method="power"``)
+    and ``deqlab.compat.torchdeq.power_method`` both run it, each with its own ``vjp`` (the first builds the
+    graph of ``fn`` at ``z``, the second uses the caller's graph ``f0(z0)``).
+
+    Args:
+        vjp: maps a flat batch ``(B, N)`` of vectors ``v`` to ``vᵀ J`` (same shape), each sample's own
+            Jacobian; called ``n_iters`` times. Required.
+        v: the start, ``(B, N)`` (any scale; normalised per sample first). Required.
+        n_iters: iterations (VJPs), ``>= 1``. Required.
+
+    Returns:
+        A [`PowerIteration`][deqlab.nn.spectral.PowerIteration]: the last unit iterate, the last Rayleigh
+        quotient and the growth rate over the second half (see there), computed without autograd.
+
+    Raises:
+        ValueError: ``n_iters < 1``.
+
+    Example:
+        ``J = diag(0.9, 0.3)`` for every sample:
+
+        >>> import torch
+        >>> from deqlab.nn.spectral import power_iteration
+        >>> d = torch.tensor([0.9, 0.3], dtype=torch.float64)
+        >>> out = power_iteration(lambda v: v * d, torch.ones(2, 2, dtype=torch.float64), 60)
+        >>> out.growth.round(decimals=6).tolist(), out.vector.abs().round(decimals=6)[0].tolist()
+        ([0.9, 0.9], [1.0, 0.0])
+    """
+    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
+        raise ValueError(f"power_iteration: n_iters must be an int >= 1, got {n_iters!r}")
+    tiny = torch.finfo(v.dtype).tiny
     v = _unit(v)
     half = n_iters // 2
     log_growth = v.new_zeros(v.shape[0])
+    rayleigh = v.new_zeros(v.shape[0])
     for i in range(n_iters):
         w = vjp(v)
-        norm = w.norm(dim=1)
-        if i >= half:
-            log_growth = log_growth + torch.log(norm.clamp_min(torch.finfo(v.dtype).tiny))
-        v = w / norm.clamp_min(torch.finfo(v.dtype).tiny).unsqueeze(1)
-    rho = torch.exp(log_growth / (n_iters - half))
-    return rho.masked_fill(rho <= torch.finfo(v.dtype).tiny * 10, 0.0)
+        with torch.no_grad():
+            rayleigh = (w * v).sum(1) / (v * v).sum(1)
+            norm = w.norm(dim=1)
+            if i >= half:
+                log_growth = log_growth + torch.log(norm.clamp_min(tiny))
+            v = w / norm.clamp_min(tiny).unsqueeze(1)
+    growth = torch.exp(log_growth / (n_iters - half))
+    return PowerIteration(v, rayleigh, growth.masked_fill(growth <= tiny * 10, 0.0))
 
 
 def _arnoldi(vjp: Callable[[Tensor], Tensor], v: Tensor, n_iters: int) -> Tensor:
