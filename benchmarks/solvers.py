@@ -24,6 +24,9 @@ Usage::
     python benchmarks/solvers.py                  # CPU, 1 thread, writes benchmarks/RESULTS.md
     python benchmarks/solvers.py --quick          # smoke test (3 repeats)
     python benchmarks/solvers.py --device cuda    # GPU run
+    python benchmarks/solvers.py --compile --workloads dense --section solvers-compiled
+                                                  # + eager vs compiled solver step (inductor compiles:
+                                                  #   about a minute per algorithm on a small CPU)
 """
 
 from __future__ import annotations
@@ -200,6 +203,96 @@ def run_workload(
         if timed:
             jvp_time.add(t)
     return {"workload": wl, "rows": rows, "f_time": f_time, "jvp_time": jvp_time}
+
+
+# --------------------------------------------------------------------------- eager vs compiled step
+
+COMPILED_ALGOS = ("fixed_point", "anderson", "broyden", "lbroyden")  # those with a pure step
+
+
+@torch.no_grad()
+def compile_comparison(
+    wl: Workload,
+    *,
+    tol: float,
+    max_steps: int,
+    repeats: int,
+    device: torch.device,
+    backend="inductor",
+    algos=COMPILED_ALGOS,
+) -> List[dict]:
+    """Per algorithm: the eager and the compiled (``compile=backend``) solve of the same map, timed
+    round-robin; the first compiled solve's extra time is the compile time, and it is amortised after
+    ``compile time / (eager - compiled)`` solves."""
+    from deqlab.solvers import DiscreteDEQSolver
+    from deqlab.solvers.compiled import reset_cache
+
+    f = wl.closure()
+    out = []
+    for algo in algos:
+        kw = dict(mode="rel_norm", reltol_termination=tol, max_steps=max_steps)
+        eager, compiled = DiscreteDEQSolver(algo, **kw), DiscreteDEQSolver(algo, compile=backend, **kw)
+        reset_cache()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = time_once(lambda compiled=compiled: compiled(f, wl.z0()), device)
+        fell_back = any("could not be compiled" in str(w.message) for w in caught)
+        r_e, r_c = eager(f, wl.z0()), compiled(f, wl.z0())
+        same = r_e.nfe == r_c.nfe and r_e.status == r_c.status and bool(torch.equal(r_e.sample_steps, r_c.sample_steps))
+        t_e, t_c = Timing(), Timing()
+        for _ in range(repeats):
+            t_e.add(time_once(lambda eager=eager: eager(f, wl.z0()), device))
+            t_c.add(time_once(lambda compiled=compiled: compiled(f, wl.z0()), device))
+        compile_time = max(first - t_c.median, 0.0)
+        gain = t_e.median - t_c.median
+        out.append(
+            {
+                "algorithm": algo,
+                "nfe": r_c.nfe,
+                "steps": r_c.steps,
+                "same": same,
+                "eager": t_e,
+                "compiled": t_c,
+                "compile_time": compile_time,
+                "fell_back": fell_back,
+                "amortise_solves": compile_time / gain if gain > 0 else math.inf,
+                "amortise_steps": compile_time / (gain / max(r_c.steps, 1)) if gain > 0 else math.inf,
+            }
+        )
+    return out
+
+
+def compile_table(rows: List[dict], torchdeq_best: Optional[Row] = None) -> str:
+    headers = [
+        "solver",
+        "NFE",
+        "same NFE, steps, status",
+        "eager (median)",
+        "compiled (median)",
+        "speed-up",
+        "compile time (first solve)",
+        "amortised after (solves)",
+        "amortised after (steps)",
+    ]
+    if torchdeq_best is not None:
+        headers.append(f"compiled / torchdeq {torchdeq_best.spec.algorithm}")
+    table = []
+    for r in rows:
+        line = [
+            r["algorithm"] + (" (**eager fallback**)" if r["fell_back"] else ""),
+            r["nfe"],
+            "yes" if r["same"] else "**no**",
+            fmt_time(r["eager"].median),
+            fmt_time(r["compiled"].median),
+            f"{r['eager'].median / r['compiled'].median:.2f}×",
+            f"{r['compile_time']:.1f} s",
+            "never" if math.isinf(r["amortise_solves"]) else f"{math.ceil(r['amortise_solves'])}",
+            "never" if math.isinf(r["amortise_steps"]) else f"{math.ceil(r['amortise_steps'])}",
+        ]
+        if torchdeq_best is not None:
+            line.append(f"{r['compiled'].median / torchdeq_best.time:.2f}×")
+        table.append(line)
+    return markdown_table(headers, table, "lrlrrrrrr" + ("r" if torchdeq_best is not None else ""))
 
 
 # ------------------------------------------------------------------------------- deqlab time breakdown
@@ -414,6 +507,19 @@ def build_report(results: List[dict], info: dict, args) -> str:
             targets(res, args.tol)["text"],
             "",
         ]
+        if "compiled" in res:
+            tdq = [r for r in res["rows"] if r.spec.library == "torchdeq" and r.converged]
+            best_t = min(tdq, key=lambda r: r.time) if tdq else None
+            parts += [
+                f"Eager vs compiled solver step (`DiscreteDEQSolver(..., compile={args.compile_backend!r})`: "
+                "algorithm update, f and termination bookkeeping fused by `torch.compile`; same criterion, "
+                f"{args.repeats} solves each, timed round-robin; compile time = first compiled solve minus "
+                "the median one; amortised after = compile time / (eager − compiled) per solve, and in "
+                "solver steps of this workload):",
+                "",
+                compile_table(res["compiled"], best_t),
+                "",
+            ]
         if "breakdown" in res:
             parts += [
                 "Where deqlab's time goes (median per solve over the same number of runs; the regions deqlab "
@@ -459,6 +565,16 @@ def parse_args(argv=None):
         dest="breakdown",
         action="store_false",
         help="skip the per-region timing of deqlab's solvers (deqlab.instrument: f / termination / algorithm / setup)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time DiscreteDEQSolver(compile=...) against eager (compile time, amortisation)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of --compile (default inductor; aot_eager for a quick check)",
     )
     p.add_argument(
         "--write",
@@ -519,6 +635,17 @@ def main(argv=None) -> int:
         print(workload_table(res, args.tol))
         print(f"t_f = {fmt_time(res['f_time'].median)}, JVP = {fmt_time(res['jvp_time'].median)}")
         print(targets(res, args.tol)["text"], flush=True)
+        if args.compile:
+            res["compiled"] = compile_comparison(
+                wl,
+                tol=args.tol,
+                max_steps=args.max_steps,
+                repeats=args.repeats,
+                device=device,
+                backend=args.compile_backend,
+            )
+            tdq = [r for r in res["rows"] if r.spec.library == "torchdeq" and r.converged]
+            print(compile_table(res["compiled"], min(tdq, key=lambda r: r.time) if tdq else None), flush=True)
         if args.breakdown:
             res["breakdown"] = deqlab_breakdown(wl, specs, repeats=args.repeats, device=device)
             print("deqlab time per solve by region (median over runs; % of the solve):")

@@ -51,6 +51,8 @@ __all__ = ["REGIONS", "Recording", "current", "record", "region", "wrap"]
 REGIONS: Dict[str, str] = {
     "deq.forward": "a DEQ layer's forward: initial guess, solve, attaching the gradient, the record",
     "deq.init": "the layer's initial guess u0 (a Skip DEQ's shortcut, a Skip Reg. DEQ's f(0, x))",
+    "deq.spectral_radius": "the opt-in estimate of rho(df/dz) at z* (a graph of f and its VJPs; "
+    "DeepEquilibriumNetwork(spectral_radius=...))",
     "deq.backward": "a DEQ layer's backward: its backward mode turning dL/dz* into dL/dx and dL/dθ",
     "solver": "one solver call; exclusive: the loop itself, f(z) - z, per-sample-exit compaction",
     "solver.setup": "checking and flattening z0, building the counted map and the termination tracker",
@@ -64,7 +66,8 @@ REGIONS: Dict[str, str] = {
     "stepper.step": "one call of a continuous solver's stepper (Tsit5, Dopri5, VCAB3, Euler, RK4) with its "
     "error control and guards",
     "adjoint.linearize": "the implicit backward's graph of f at z* (one evaluation of f with grad)",
-    "adjoint.solve": "the implicit backward's linear solve of (I - J^T) g = dL/dz* (GMRES or a fixed-point solver)",
+    "adjoint.solve": "the implicit backward's linear solve of (I - J^T) g = dL/dz* (GMRES or a fixed-point "
+    "solver; NeumannPhantomGradient's truncated series)",
     "adjoint.vjp": "one VJP v^T df/dz through that graph (the adjoint solve's matrix-vector product)",
     "adjoint.vjp_inputs": "the final VJP g^T df/d(x, parameters)",
 }

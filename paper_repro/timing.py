@@ -30,6 +30,10 @@ import torch.nn.functional as F
 
 from deqlab.spec import model_kind
 
+#: The solver behind the paper's MNIST NFE column (docs/paper_repro.md, "How the paper counted"): the
+#: January-2022 ``mnist_fc.jl`` ran L-Broyden with one relative-norm test over the whole batch, not Tsit5.
+REFERENCE_SOLVER: Dict[str, Any] = {"mode": "rel_norm", "batch_wide": True}  # the discrete default: L-Broyden
+
 CONFIGS: Tuple[Tuple[str, str], ...] = (
     ("vanilla", "continuous"),
     ("skip", "continuous"),
@@ -56,7 +60,8 @@ class Config:
 
     Built untrained (``seed``), or from a network the grid trained and saved (``payload``, see
     ``mnist.py --save-model``); ``ode_solver`` re-solves a continuous model with another integrator (the
-    same weights, so the two integrators are compared on one trained model)."""
+    same weights, so the two integrators are compared on one trained model); ``reference_solver`` re-solves
+    any trained DEQ with the solver that produced the paper's MNIST NFE column (`REFERENCE_SOLVER`)."""
 
     def __init__(
         self,
@@ -66,6 +71,7 @@ class Config:
         *,
         jacobian_regularization: bool = False,
         ode_solver: str = "",
+        reference_solver: bool = False,
         payload: Any = None,
         protocol: str = "paper",
     ):
@@ -74,12 +80,19 @@ class Config:
         torch.manual_seed(seed)
         options = dict(payload.get("model_options") or {}) if payload else {}
         trained_ode = (payload or {}).get("ode_solver", "")
+        trained_as = f"{solver}/{trained_ode}" if trained_ode else solver
+        if reference_solver:
+            solver = "discrete"
+            options.pop("ode_solver", None)
+            options.update(REFERENCE_SOLVER)
         if solver == "continuous" and model_kind(model_type).is_deq:
             options["ode_solver"] = ode_solver or trained_ode or options.get("ode_solver", "tsit5")
         jr = self.jacobian_regularization = bool(jacobian_regularization)
         self.model_type, self.solver = model_type, solver
         label = f"{solver}/{options['ode_solver']}" if "ode_solver" in options else solver
         resolved = f" (trained with {trained_ode})" if trained_ode and options.get("ode_solver") != trained_ode else ""
+        if reference_solver:
+            label, resolved = "reference L-Broyden", f" (trained {trained_as})"
         self.solver_label = label + resolved
         self.name = f"{model_type} {self.solver_label}{' +JR' if jr else ''}"
         self.net = build_model(
@@ -129,9 +142,10 @@ class Config:
         return logits
 
 
-def load_trained(models_dir: Path, also_ode: Sequence[str], seed: int) -> List[Config]:
+def load_trained(models_dir: Path, also_ode: Sequence[str], seed: int, reference_solver: bool = False) -> List[Config]:
     """Every network ``mnist.py --save-model`` saved under ``models_dir`` (one `Config` each), plus, for each
-    continuous DEQ, the same weights solved with each integrator of ``also_ode``."""
+    continuous DEQ, the same weights solved with each integrator of ``also_ode``, and with
+    ``reference_solver``, every DEQ's weights solved with `REFERENCE_SOLVER`."""
     configs = []
     for path in sorted(Path(models_dir).glob("*.pt")):
         payload = torch.load(path, map_location="cpu", weights_only=False)
@@ -142,6 +156,8 @@ def load_trained(models_dir: Path, also_ode: Sequence[str], seed: int) -> List[C
             for ode in also_ode:
                 if ode != payload.get("ode_solver"):
                     configs.append(Config(payload["model_type"], "continuous", seed, ode_solver=ode, **common))
+        if reference_solver and model_kind(payload["model_type"]).is_deq:
+            configs.append(Config(payload["model_type"], payload["solver"], seed, reference_solver=True, **common))
     if not configs:
         raise SystemExit(
             f"error: no saved networks (*.pt) in {models_dir}; train them with "
@@ -182,6 +198,12 @@ def main(argv: Any = None) -> str:
         "(e.g. vcab3), same weights",
     )
     p.add_argument(
+        "--reference-solver",
+        action="store_true",
+        help="with --models-dir: also solve each trained DEQ with the solver behind the paper's MNIST "
+        "NFE column (L-Broyden, one rel_norm test over the whole batch), same weights",
+    )
+    p.add_argument(
         "--output",
         type=Path,
         default=None,
@@ -202,7 +224,12 @@ def main(argv: Any = None) -> str:
     g = torch.Generator().manual_seed(args.seed)
     B = args.batch_size
     if args.models_dir is not None:
-        configs = load_trained(args.models_dir, [o for o in args.also_ode.split(",") if o], args.seed)
+        configs = load_trained(
+            args.models_dir,
+            [o for o in args.also_ode.split(",") if o],
+            args.seed,
+            reference_solver=args.reference_solver,
+        )
         warm_steps = 0  # trained already
     else:
         configs = [Config(*c.split(":"), seed=args.seed) for c in args.configs.split(",")]

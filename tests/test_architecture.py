@@ -28,6 +28,7 @@ LAYER = {
     "spec": 1,
     "nn": 2,
     "models": 3,
+    "compat": 3,
     "data": 3,
     "lightning": 4,
     "zoo": 5,

@@ -127,6 +127,10 @@ class SolutionSummary:
         stalled_fraction: fraction of samples the patience rule stopped near, not within, the tolerance
             (counted among the unconverged ones; a layer without a solver result counts none); ``None``
             when no layer reports convergence.
+        spectral_radius_mean: mean of the per-sample estimates of ``ρ(∂f/∂z)`` at ``z*``
+            (`DeepEquilibriumSolution.spectral_radius`, filled by a layer built with ``spectral_radius=...``);
+            ``None`` when no layer reports one.
+        spectral_radius_max: the largest of those estimates; ``None`` when no layer reports one.
 
     Examples:
         >>> import torch
@@ -148,6 +152,8 @@ class SolutionSummary:
     rel_residual_max: Optional[Tensor] = None
     objective_max: Optional[Tensor] = None
     tolerance: Optional[float] = None
+    spectral_radius_mean: Optional[Tensor] = None
+    spectral_radius_max: Optional[Tensor] = None
 
     @property
     def solves(self) -> int:
@@ -198,6 +204,7 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
     tolerance: Optional[float] = None
     converged: List[Tensor] = []
     stalled: List[Tensor] = []
+    radii: List[Tensor] = []
     counts = {s: 0 for s in STATUSES}
     for s in solutions:
         skip = skip + _scalar(s.skip_loss, zero)
@@ -221,12 +228,16 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
             converged.append(conv_s)
             stall_s = s.stalled
             stalled.append(torch.zeros_like(conv_s) if stall_s is None else stall_s.detach().reshape(-1).float())
+        rho = getattr(s, "spectral_radius", None)
+        if rho is not None:
+            radii.append(rho.detach().reshape(-1).float())
         status = SolverStatus(s.status).value
         counts[status] = counts.get(status, 0) + 1
     res = torch.cat(residuals) if residuals else None
     rel_all = torch.cat(rels) if rels else None
     obj = torch.cat(objectives) if objectives else None
     conv = torch.cat(converged) if converged else None
+    rho_all = torch.cat(radii) if radii else None
     return SolutionSummary(
         skip_loss=skip,
         jacobian_loss=jac,
@@ -241,6 +252,8 @@ def summarize(solutions: Sequence[DeepEquilibriumSolution], like: Tensor) -> Sol
         converged_fraction=conv.mean() if conv is not None and conv.numel() else None,
         status_counts=counts,
         stalled_fraction=torch.cat(stalled).mean() if conv is not None and conv.numel() else None,
+        spectral_radius_mean=rho_all.mean() if rho_all is not None and rho_all.numel() else None,
+        spectral_radius_max=rho_all.max() if rho_all is not None and rho_all.numel() else None,
     )
 
 
@@ -279,6 +292,7 @@ class StepRecord:
             that ended with it in this step. Copied, so a later change to the caller's dict does not leak in.
         unconverged_fraction: fraction of samples whose forward solve did not converge; ``None`` when the
             layers do not report convergence.
+        residual_mean: the old name of ``abs_residual_mean``; still accepted, with a ``DeprecationWarning``.
 
     Examples:
         >>> from deqlab.lightning import StepRecord

@@ -6,12 +6,14 @@ term would break DDP's batch-mean contract, and a weight whose term never comes 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["RESERVED_LOSS_NAMES", "checked_extra_terms"]
+from deqlab.nn.trajectory import fixed_point_correction_loss
+
+__all__ = ["RESERVED_LOSS_NAMES", "checked_extra_terms", "correction_task_loss"]
 
 #: Names under ``train/`` etc. that the module logs itself; ``extra_losses`` may not reuse them.
 RESERVED_LOSS_NAMES = frozenset(
@@ -30,6 +32,68 @@ RESERVED_LOSS_NAMES = frozenset(
         "skipped_batches",
     }
 )
+#: the per-state parts of the fixed-point correction loss are logged as ``{stage}/state_loss_{i}``
+STATE_LOSS_PREFIX = "state_loss_"
+
+
+def correction_task_loss(
+    owner: str,
+    task_loss: Callable[[Tensor, Tensor], Tensor],
+    state_output: Callable[[Any], Tensor],
+    output: Tensor,
+    solutions: Sequence[Any],
+    target: Tensor,
+    weight: str = "exp",
+    gamma: float = 0.8,
+) -> Tuple[Tensor, Optional[List[Tensor]]]:
+    """The task term of a step: ``task_loss(output, target)``, or, when a DEQ layer of the step samples
+    states (``sample_states`` / ``sample_at``), DEQ-Flow's fixed-point correction loss over the outputs
+    decoded from them.
+
+    The last state is ``z*``, whose output is the model's ``output``; each earlier state ``s`` is decoded
+    by ``state_output(s)`` (the module's hook) and all of them enter
+    [`fixed_point_correction_loss`][deqlab.nn.fixed_point_correction_loss] with ``task_loss`` as the
+    criterion.
+
+    Args:
+        owner: the model's class name, for the messages.
+        task_loss: the module's ``task_loss(output, target)``.
+        state_output: the module's ``state_output(state) -> output`` hook.
+        output: the model's output (from ``z*``).
+        solutions: the step's DEQ solution records.
+        target: the targets.
+        weight: ``"exp"``, ``"linear"`` or ``"const"`` (see [`correction_weights`][deqlab.nn.correction_weights]).
+        gamma: the decay of ``"exp"``.
+
+    Returns:
+        ``(task term, per-state unweighted losses)``; the parts are ``None`` when no layer samples states.
+
+    Raises:
+        ValueError: more than one DEQ layer of the step samples states (which trajectory to correct is
+            ambiguous: combine them yourself in ``extra_losses``).
+
+    Examples:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from types import SimpleNamespace
+        >>> from deqlab.lightning.losses import correction_task_loss
+        >>> sol = SimpleNamespace(states=[torch.tensor([0.0]), torch.tensor([1.0])])
+        >>> loss, parts = correction_task_loss("M", F.mse_loss, lambda s: s, torch.tensor([1.0]), [sol],
+        ...                                    torch.tensor([1.0]), "exp", 0.5)
+        >>> float(loss), [float(p) for p in parts]      # 0.5 * (0 - 1)^2 + 1 * 0
+        (0.5, [1.0, 0.0])
+    """
+    sampled = [s for s in solutions if getattr(s, "states", None) is not None]
+    if not sampled:
+        return task_loss(output, target), None
+    if len(sampled) > 1:
+        raise ValueError(
+            f"{owner}: {len(sampled)} DEQ layers sample states; the fixed-point correction loss "
+            f"corrects one trajectory. Sample in one layer, or add the others' terms in extra_losses"
+        )
+    states = sampled[0].states
+    outputs = [state_output(s) for s in states[:-1]] + [output]
+    return fixed_point_correction_loss(task_loss, outputs, target, weight, gamma, return_parts=True)
 
 
 def checked_extra_terms(
@@ -62,7 +126,7 @@ def checked_extra_terms(
         raise TypeError(f"{owner}.extra_losses must return a mapping name -> scalar tensor, got {type(terms).__name__}")
     out: Dict[str, Tuple[Tensor, float]] = {}
     for name, value in terms.items():
-        if name in RESERVED_LOSS_NAMES or "/" in str(name):
+        if name in RESERVED_LOSS_NAMES or "/" in str(name) or str(name).startswith(STATE_LOSS_PREFIX):
             raise ValueError(f"extra_losses: the name {name!r} is reserved or contains '/'; pick another")
         if not (torch.is_tensor(value) and value.numel() == 1):
             raise TypeError(

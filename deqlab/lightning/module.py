@@ -33,7 +33,7 @@ from deqlab.lightning._stats import StepRecord, split_forward_output, summarize
 from deqlab.lightning.checkpoint import check_checkpoint_file, damage_reported_by_name
 from deqlab.lightning.hparams import init_arguments, records_init_arguments, save_init_arguments
 from deqlab.lightning.layers import find_deq_layers
-from deqlab.lightning.losses import RESERVED_LOSS_NAMES, checked_extra_terms
+from deqlab.lightning.losses import RESERVED_LOSS_NAMES, checked_extra_terms, correction_task_loss
 from deqlab.lightning.nonfinite import NonFiniteGuard
 from deqlab.lightning.policies import deqlab_callbacks, missing_callbacks, warn_if_detached
 from deqlab.lightning.solver_stats import log_solver_summary
@@ -70,7 +70,11 @@ class DEQLightningModule(pl.LightningModule):
     * implement ``forward(x) -> (output, solution)`` where ``solution`` is the DEQ layer's
       ``DeepEquilibriumSolution`` (or a list of them, or ``None`` for a model without a DEQ);
     * optionally implement ``explicit_forward(x) -> output`` (the u0-only prediction of Skip models),
-      ``task_loss(output, target)`` (cross-entropy by default) and ``extra_losses(...)`` (own loss terms).
+      ``task_loss(output, target)`` (cross-entropy by default) and ``extra_losses(...)`` (own loss terms);
+    * with a DEQ layer that samples states (``sample_states`` / ``sample_at``), implement
+      ``state_output(state) -> output`` (e.g. ``self.head(state)``): the task term is then the fixed-point
+      correction loss over the states' outputs, weighted by the class attributes ``correction_weight``
+      (``"exp"``) and ``correction_gamma`` (0.8), and each state's loss is logged as ``{stage}/state_loss_{i}``.
 
     Lightning hooks may be overridden freely, with or without ``super()``: the policies around the step are
     callbacks (`deqlab.lightning.policies.deqlab_callbacks`). A ``configure_callbacks`` override returns
@@ -124,6 +128,9 @@ class DEQLightningModule(pl.LightningModule):
     """
 
     default_training: ClassVar[DEQTrainingConfig] = DEQTrainingConfig()
+    #: weights of the fixed-point correction loss (see deqlab.nn.fixed_point_correction_loss)
+    correction_weight: ClassVar[str] = "exp"
+    correction_gamma: ClassVar[float] = 0.8
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # each subclass's own __init__ lets its outermost call record its arguments (deqlab.lightning.hparams)
@@ -180,6 +187,15 @@ class DEQLightningModule(pl.LightningModule):
         """
         return {}
 
+    def state_output(self, state: Any) -> Tensor:
+        """The output decoded from one sampled state (the head applied to it), for the fixed-point correction
+        loss of a layer built with ``sample_states`` / ``sample_at``. No default: the head is the model's."""
+        raise NotImplementedError(
+            f"{type(self).__name__}: a DEQ layer samples states (sample_states / sample_at), so "
+            "the task loss is the fixed-point correction loss; implement state_output(state) "
+            "-> output (e.g. return self.head(state))"
+        )
+
     def unpack_batch(self, batch: Any) -> Tuple[Tensor, Tensor]:
         """``(inputs, targets)`` from a batch; override for dict batches."""
         if isinstance(batch, dict):
@@ -230,7 +246,16 @@ class DEQLightningModule(pl.LightningModule):
         forward_time = self._timer.stop(timer_key, self.device)
         summary = summarize(solutions, output)
 
-        task = self.task_loss(output, y)
+        task, parts = correction_task_loss(
+            type(self).__name__,
+            self.task_loss,
+            self.state_output,
+            output,
+            solutions,
+            y,
+            self.correction_weight,
+            self.correction_gamma,
+        )
         loss = (
             task
             + cfg.weight("skip_loss_weight") * summary.skip_loss
@@ -265,6 +290,8 @@ class DEQLightningModule(pl.LightningModule):
         log(f"{stage}/task_loss", task.detach(), **kw)
         log(f"{stage}/skip_loss", summary.skip_loss.detach(), **kw)
         log(f"{stage}/jacobian_loss", summary.jacobian_loss.detach(), **kw)
+        for i, part in enumerate(parts or ()):
+            log(f"{stage}/state_loss_{i}", part.detach(), **kw)
         for name, (value, _) in extras.items():
             log(f"{stage}/{name}", value.detach(), **kw)
         accuracy = partial(self._log_accuracy, output, y, stage, batch_size)  # updates the metric: held as well

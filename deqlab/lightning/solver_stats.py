@@ -26,9 +26,11 @@ def log_solver_summary(pl_module: pl.LightningModule, s: SolutionSummary, stage:
     """Log a step's forward solver statistics under ``solver/{stage}_...`` with ``pl_module.log``.
 
     NFE (and the paper's reference count where reported); the absolute and relative residuals (mean and
-    max), the stopping test's objective (max) and its tolerance; the fractions of the *samples* converged,
-    unconverged and stalled; and the fraction of the *solves* (a layer on a batch) ending with each solver
-    status. Evaluation scalars are epoch means (weighted by batch size), training ones per step.
+    max), the stopping test's objective (max) and its tolerance; the spectral radius of ``∂f/∂z`` at
+    ``z*`` (mean and max, when a layer estimates it: ``DeepEquilibriumNetwork(spectral_radius=...)``); the
+    fractions of the *samples* converged, unconverged and stalled; and the fraction of the *solves* (a layer on
+    a batch) ending with each solver status. Evaluation scalars are epoch means (weighted by batch size),
+    training ones per step.
 
     Args:
         pl_module: the module that logs (inside one of its steps).
@@ -58,6 +60,8 @@ def log_solver_summary(pl_module: pl.LightningModule, s: SolutionSummary, stage:
         ("rel_residual_mean", s.rel_residual_mean, kw),
         ("rel_residual_max", s.rel_residual_max, as_max),
         ("objective_max", s.objective_max, as_max),
+        ("spectral_radius_mean", s.spectral_radius_mean, kw),
+        ("spectral_radius_max", s.spectral_radius_max, as_max),
     ):
         if value is not None:
             pl_module.log(f"solver/{stage}_{name}", value, **kwargs)

@@ -20,6 +20,7 @@ from deqlab.nn.implicit import (
     ImplicitBackward,
     JacobianFreeBackward,
     Linearization,
+    NeumannPhantomGradient,
     PhantomGradient,
 )
 from deqlab.nn.init import FunctionGuess, InitialGuess, MapGuess, ShortcutGuess, ZeroGuess
@@ -29,14 +30,19 @@ from deqlab.nn.layers import (
     EquilibriumStateful,
     PostFuse,
     ResidualBlock,
+    SpectralNorm,
     Upsample,
     VariationalHiddenDropout,
     WeightNorm,
+    apply_norm,
 )
 from deqlab.nn.neural_ode import MultiScaleNeuralODE
 from deqlab.nn.protocols import DEQLayer, GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
+from deqlab.nn.reversible import ReversibleBackward
 from deqlab.nn.solution import DeepEquilibriumSolution
+from deqlab.nn.spectral import spectral_radius
+from deqlab.nn.trajectory import correction_weights, fixed_point_correction_loss
 
 __all__ = [
     "DeepEquilibriumNetwork",
@@ -63,9 +69,16 @@ __all__ = [
     "ImplicitBackward",
     "JacobianFreeBackward",
     "PhantomGradient",
+    "ReversibleBackward",
+    "NeumannPhantomGradient",
     "jacobian_frobenius_estimate",
+    "spectral_radius",
+    "fixed_point_correction_loss",
+    "correction_weights",
     "EquilibriumStateful",
     "WeightNorm",
+    "SpectralNorm",
+    "apply_norm",
     "VariationalHiddenDropout",
     "DenseDEQBlock",
     "ResidualBlock",

@@ -36,10 +36,15 @@ from deqlab.nn.layers import equilibrium_session, stateful_modules
 from deqlab.nn.maps import CheckedMap
 from deqlab.nn.protocols import GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
-from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy
+from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy, user_stacklevel
+from deqlab.nn.reversible import ReversibleBackward, check_reversible_pairing
 from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
+from deqlab.nn.spectral import spectral_radius as _spectral_radius
+from deqlab.nn.trajectory import check_sampling, phantom_states, sample_steps
 from deqlab.solvers.result import SolverStatus
+from deqlab.solvers.reversible import ReversibleSolver
+from deqlab.solvers.termination import record_iterates
 from deqlab.state import State, as_parts, detach, from_parts, per_sample_norm
 
 __all__ = [
@@ -78,24 +83,35 @@ def _resolve_init(
             f"(z_shape=S is init=ZeroGuess(shape=S), initializer=fn is init=FunctionGuess(fn), "
             f"shortcut=m is init=ShortcutGuess(m))"
         )
-    # One way to give a starting guess: init= with a strategy object; the three old spellings still work
+    # One way to give a starting guess: init= with a strategy object; the three old spellings still work. The
+    # warnings point at the user's line whichever constructor (a subclass's, a multiscale layer's) got here
+    # (+1: warn_renamed is one frame deeper than this function); a DeprecationWarning is shown by default only
+    # when it points at __main__, so a level that lands inside deqlab hid it
     if shortcut is not None:
         warn_renamed(
             owner,
             "shortcut=m",
             "init=ShortcutGuess(m) (or SkipDeepEquilibriumNetwork(f, solver, m))",
-            stacklevel=5,
+            stacklevel=user_stacklevel() + 1,
             why="one way to give a starting guess",
         )
         return ShortcutGuess(shortcut, shape=z_shape)
     if initializer is not None:
         warn_renamed(
-            owner, "initializer=fn", "init=FunctionGuess(fn)", stacklevel=5, why="one way to give a starting guess"
+            owner,
+            "initializer=fn",
+            "init=FunctionGuess(fn)",
+            stacklevel=user_stacklevel() + 1,
+            why="one way to give a starting guess",
         )
         return FunctionGuess(initializer)
     if z_shape is not None:
         warn_renamed(
-            owner, "z_shape=S", "init=ZeroGuess(shape=S)", stacklevel=5, why="one way to give a starting guess"
+            owner,
+            "z_shape=S",
+            "init=ZeroGuess(shape=S)",
+            stacklevel=user_stacklevel() + 1,
+            why="one way to give a starting guess",
         )
     if init is None:
         return ZeroGuess(shape=z_shape)
@@ -151,7 +167,7 @@ def _rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args: An
             "state_dict",
             f"'{old}*'",
             f"'{prefix}init.shortcut.*' (re-save the checkpoint)",
-            stacklevel=3,
+            stacklevel=user_stacklevel() + 1,
             why="a checkpoint from before the initial-guess strategies",
         )
     for key in keys:
@@ -190,6 +206,8 @@ class DeepEquilibriumNetwork(nn.Module):
         backward: how gradients are computed. Default ``None``: ``ImplicitBackward()``, the exact implicit
             gradient with the paper's budget (GMRES at the forward tolerance, at most 15 VJPs); the cheaper
             approximations are [`JacobianFreeBackward`][deqlab.nn.JacobianFreeBackward] and [`PhantomGradient`][deqlab.nn.PhantomGradient].
+            With a [`ReversibleSolver`][deqlab.solvers.ReversibleSolver] the default is
+            [`ReversibleBackward`][deqlab.nn.ReversibleBackward], the only backward that fits it.
         jacobian_regularization: add a Hutchinson estimate of ``‖∂f/∂z‖_F²`` at ``z*`` to the solution
             (``solution.jacobian_loss``; adding it to the loss with a weight is the caller's job). Default
             ``False``: it costs a graph of ``f`` and a VJP per probe every forward, so it is opt-in.
@@ -218,13 +236,45 @@ class DeepEquilibriumNetwork(nn.Module):
             gradients flow through that application and, implicitly, through ``z_T``; ``solution.nfe``
             counts it). Default ``False``: at a converged fixed point the two differ by the residual, so
             the extra evaluation buys nothing but reproducing that code.
+        spectral_radius: estimate ``ρ(∂f/∂z)`` at ``z*`` per sample with
+            [`spectral_radius`][deqlab.nn.spectral_radius] into ``solution.spectral_radius``: ``False`` /
+            ``"off"`` (default: it costs a graph of ``f`` and ``spectral_radius_iters`` VJPs per forward),
+            ``True`` / ``"eval"`` (only when the layer is in eval mode, torchdeq's ``sradius_mode``: free
+            for training steps, logged for validation) or ``"always"``.
+        spectral_radius_iters: VJPs of that estimate (Arnoldi steps). Default 20, as the function's.
+        checkpoint_unrolled: in fixed-depth mode, wrap every application of ``f`` in gradient
+            checkpointing (``torch.utils.checkpoint``, torchdeq's ``mem_gc``): the backprop recomputes each
+            step's activations instead of keeping them, so the memory held for the backward is one state per
+            step instead of every activation of ``f`` (gradients are identical; the price is one more
+            evaluation of ``f`` per step in the backward). Default ``False``: pretraining depths are small.
+        sample_states: sample ``k`` differentiable states along the solver's path into
+            ``solution.states`` (DEQ-Flow's trajectory sampling, for
+            [`fixed_point_correction_loss`][deqlab.nn.fixed_point_correction_loss]): ``k - 1`` iterates at
+            steps splitting the solver's ``max_steps`` evenly (torchdeq's ``n_states`` spacing; in
+            fixed-depth mode the depth), then ``z*``. Default ``None``: no sampling, ``solution.states``
+            is ``None``.
+        sample_at: the solver steps (increasing ints >= 0; 0 is the initial guess) of the intermediate
+            states instead; ``solution.states`` then has ``len(sample_at) + 1`` states, the last ``z*``
+            (torchdeq's ``indexing``). Default ``None``.
+        sample_grad: the damped steps ``z <- (1 - tau) z + tau f(z, x)`` taken, with autograd, from each
+            detached intermediate iterate: they give the state its value and its gradient (torchdeq's
+            ``indexing`` core with phantom gradients; ``z*`` keeps ``backward``). They are counted in
+            ``solution.nfe``. Default 1: one step, the cheapest gradient. (In fixed-depth mode the
+            states are the unrolled iterates themselves, already differentiable.)
+        sample_tau: the damping ``tau`` of those steps, in ``(0, 1]``. Default 1.0: plain ``f`` steps.
+            A sample that stopped before a sampled step gives its returned iterate there, so every sample
+            always has ``k`` states.
 
     Raises:
         ValueError: more than one of ``init``, ``z_shape``, ``initializer``, ``shortcut`` is given (all
             set ``u0``; ``z_shape`` with ``shortcut`` is the shape check); ``jacobian_probes < 1``;
             ``jacobian_normalize`` is not ``"element"``, ``"sample"`` or ``"none"``; ``fixed_depth`` is not an
             int >= 0; ``on_unconverged`` is not ``"warn"``, ``"ignore"`` or ``"raise"``; ``solver`` is an unknown
-            solver name.
+            solver name; a [`ReversibleSolver`][deqlab.solvers.ReversibleSolver] and a
+            [`ReversibleBackward`][deqlab.nn.ReversibleBackward] are not used together (each needs the other);
+            ``spectral_radius`` is not one of ``False``, ``True``, ``"off"``, ``"eval"``, ``"always"``;
+            ``spectral_radius_iters < 1``; both ``sample_states`` and ``sample_at``
+            are given, or one of the ``sample_*`` options is out of range.
         TypeError: ``backward`` is not a [`BackwardMode`][deqlab.nn.BackwardMode]; ``init`` lacks a member of
             [`GuessStrategy`][deqlab.nn.GuessStrategy]; ``shortcut`` is neither a module nor a sequence of
             modules; ``solver`` is neither a solver, a name nor a callable.
@@ -268,13 +318,20 @@ class DeepEquilibriumNetwork(nn.Module):
         fixed_depth: int = 0,
         on_unconverged: UnconvergedPolicy = "warn",
         reapply_map: bool = False,
+        spectral_radius: Union[bool, Literal["off", "eval", "always"]] = False,
+        spectral_radius_iters: int = 20,
+        checkpoint_unrolled: bool = False,
+        sample_states: Optional[int] = None,
+        sample_at: Optional[Sequence[int]] = None,
+        sample_grad: int = 1,
+        sample_tau: float = 1.0,
     ):
         super().__init__()
         name = type(self).__name__
         self.reporter = ConvergenceReporter(name, on_unconverged)
         solver = as_solver(solver, name)
-        if backward is None:
-            backward = ImplicitBackward()
+        if backward is None:  # the reversible solver's exact backward is the only one that fits it
+            backward = ReversibleBackward() if isinstance(solver, ReversibleSolver) else ImplicitBackward()
         if isinstance(backward, type):
             raise TypeError(
                 f"{name}: backward is the class {backward.__name__}, not a backward mode; create one, "
@@ -285,6 +342,7 @@ class DeepEquilibriumNetwork(nn.Module):
                 f"{name}: backward must be a BackwardMode (ImplicitBackward(), "
                 f"JacobianFreeBackward(), PhantomGradient()), got {backward!r}"
             )
+        check_reversible_pairing(name, solver, backward)
         if jacobian_probes < 1:
             raise ValueError(f"{name}: jacobian_probes must be >= 1, got {jacobian_probes}")
         if jacobian_normalize not in ("element", "sample", "none"):
@@ -300,6 +358,24 @@ class DeepEquilibriumNetwork(nn.Module):
         self.jacobian_normalize = jacobian_normalize
         self.fixed_depth = int(fixed_depth)
         self.reapply_map = bool(reapply_map)
+        modes = {False: "off", True: "eval", "off": "off", "eval": "eval", "always": "always"}
+        if not isinstance(spectral_radius, (bool, str)) or spectral_radius not in modes:
+            raise ValueError(
+                f"{name}: spectral_radius must be False, True, 'off', 'eval' or 'always', got {spectral_radius!r}"
+            )
+        if (
+            isinstance(spectral_radius_iters, bool)
+            or not isinstance(spectral_radius_iters, int)
+            or spectral_radius_iters < 1
+        ):
+            raise ValueError(f"{name}: spectral_radius_iters must be an int >= 1, got {spectral_radius_iters!r}")
+        #: when ``solution.spectral_radius`` is computed: ``"off"``, ``"eval"`` or ``"always"``
+        self.spectral_radius_mode: str = modes[spectral_radius]
+        self.spectral_radius_iters = int(spectral_radius_iters)
+        self.checkpoint_unrolled = bool(checkpoint_unrolled)
+        self.sample_at = check_sampling(name, sample_states, sample_at, sample_grad, sample_tau)
+        self.sample_states = sample_states
+        self.sample_grad, self.sample_tau = int(sample_grad), float(sample_tau)
         self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     # ---------------------------------------------------------------- read-only views
@@ -471,15 +547,31 @@ class DeepEquilibriumNetwork(nn.Module):
             start = self.init.start(u0)
             result, context, counter = None, None, None
             depth = self.fixed_depth
+            steps = self._sampled_steps(depth)
+            recorded = {}
             if depth > 0:
                 z = start
                 counter = _BackpropCounter()  # the backprop through the d steps is d VJPs, counted into the record
-                for _ in range(depth):
-                    z = fmap(z)
+                step = (
+                    _CheckpointedStep(fmap, is_list, modules)
+                    if self.checkpoint_unrolled and torch.is_grad_enabled()
+                    else fmap
+                )
+                for i in range(depth):
+                    if steps is not None and i in steps:
+                        recorded[i] = z
+                    z = step(z)
                     counter.watch(as_parts(z))
             else:
-                with torch.no_grad():
+                check_reversible_pairing(name, self.solver, self.backward)  # either may have been reassigned
+                with torch.no_grad(), record_iterates(steps) if steps is not None else contextlib.nullcontext():
                     result = self.solver(fmap, detach(start))
+                if steps is not None and result.iterates is None:
+                    raise TypeError(
+                        f"{name}: sample_states / sample_at need a solver that records its iterates "
+                        f"(deqlab's DiscreteDEQSolver and ContinuousDEQSolver do); "
+                        f"{type(self.solver).__name__} returned none"
+                    )
         if depth > 0:
             with torch.no_grad():  # the residual's evaluation at z is also the running statistics' update
                 fz = fmap(z)
@@ -496,7 +588,7 @@ class DeepEquilibriumNetwork(nn.Module):
                 with torch.no_grad():  # the one update of the running statistics, at z* (not counted in nfe)
                     fmap(detach(result.z))
             z_parts = [t.detach() for t in as_parts(result.z)]
-            z_parts, context = self._attach(z_parts, x, is_list)
+            z_parts, context = self._attach(z_parts, x, is_list, result)
             z_star = from_parts(z_parts, is_list)
             residual, nfe = result.abs_residual.detach(), int(result.nfe)
             rel_residual = result.rel_residual.detach()
@@ -517,6 +609,19 @@ class DeepEquilibriumNetwork(nn.Module):
                 z_star = fmap(z_star)
                 nfe += 1
             jac = self._jacobian_loss(z_star, x) if self.jacobian_regularization else x.new_zeros(())
+            rho = None
+            if self.spectral_radius_mode == "always" or (self.spectral_radius_mode == "eval" and not self.training):
+                x_const = x.detach()
+                with instrument.region("deq.spectral_radius"):
+                    rho = _spectral_radius(
+                        lambda z: self._eval_map(z, x_const), detach(z_star), self.spectral_radius_iters
+                    )
+            states = None
+            if steps is not None and depth > 0:  # the unrolled iterates already carry their gradient
+                states = [recorded.get(i, z_star) for i in steps] + [z_star]
+            elif steps is not None:
+                states = phantom_states(fmap, result.iterates, self.sample_grad, self.sample_tau) + [z_star]
+                nfe += len(steps) * self.sample_grad
         skip = self.init.skip_loss(u0, z_star)
         solution = DeepEquilibriumSolution(
             z_star=z_star,
@@ -530,6 +635,8 @@ class DeepEquilibriumNetwork(nn.Module):
             solver_result=result,
             reference_nfe=reference,
             rel_residual=rel_residual,
+            spectral_radius=rho,
+            states=states,
         )
         if counter is not None:
             counter.bind(solution)
@@ -541,8 +648,22 @@ class DeepEquilibriumNetwork(nn.Module):
             self.init.observe(x.detach(), detach(z_star))
         return z_star, solution
 
+    def _sampled_steps(self, depth: int) -> Optional[List[int]]:
+        """The solver steps of the intermediate sampled states (``None``: no sampling)."""
+        if self.sample_at is not None:
+            return list(self.sample_at)
+        if self.sample_states is None:
+            return None
+        budget = depth if depth > 0 else getattr(self.solver, "max_steps", None)
+        if not isinstance(budget, int):
+            raise TypeError(
+                f"{type(self).__name__}: sample_states spreads the states over the solver's max_steps, "
+                f"which {type(self.solver).__name__} does not have; pass sample_at=[...] instead"
+            )
+        return sample_steps(self.sample_states, budget)
+
     def _attach(
-        self, z_parts: List[Tensor], x: Tensor, is_list: bool
+        self, z_parts: List[Tensor], x: Tensor, is_list: bool, result: Any = None
     ) -> Tuple[List[Tensor], Optional[_GradientContext]]:
         if not torch.is_grad_enabled():
             return z_parts, None
@@ -575,6 +696,7 @@ class DeepEquilibriumNetwork(nn.Module):
             grad_slots=grad_slots,
             owner=self,
             map_modules=modules,
+            solver_result=result,
         )
         context = _GradientContext(problem_args, self.backward, n_parts=len(z_parts), n_params=len(params))
         return attach_gradient(context, z_parts, x, params, grad_state), context
@@ -594,10 +716,52 @@ class DeepEquilibriumNetwork(nn.Module):
             f"solver={self.solver!r}, backward={self.backward!r}, "
             f"jacobian_regularization={self.jacobian_regularization}, fixed_depth={self.fixed_depth}"
             + (", reapply_map=True" if self.reapply_map else "")
+            + (f", spectral_radius={self.spectral_radius_mode!r}" if self.spectral_radius_mode != "off" else "")
+            + (", checkpoint_unrolled=True" if self.checkpoint_unrolled else "")
         )
 
 
 DEQ = DeepEquilibriumNetwork
+
+
+class _CheckpointedStep:
+    """One application of ``f`` under gradient checkpointing (``checkpoint_unrolled=True``).
+
+    The recomputation runs in the backward, after the layer's forward ended: the per-solve state of the
+    map's [`EquilibriumStateful`][deqlab.nn.EquilibriumStateful] modules (normalised weights, the dropout
+    mask) is re-installed as the step saw it, and train-mode BatchNorms do not update their running
+    statistics a second time, so the recomputed step is the step that ran.
+    """
+
+    def __init__(self, fmap: Callable[[State], State], is_list: bool, modules: Sequence[nn.Module]):
+        self.fmap = fmap
+        self.is_list = is_list
+        self.modules = list(modules)
+        self.stateful = stateful_modules(self.modules)
+
+    def __call__(self, z: State) -> State:
+        from torch.utils.checkpoint import checkpoint
+
+        snapshot: List[Any] = []
+
+        def run(*parts: Tensor) -> Tuple[Tensor, ...]:
+            if snapshot:  # the recomputation in the backward: the forward's module state, its statistics
+                old = [m.deq_state() for m in self.stateful]
+                for m, s in zip(self.stateful, snapshot[0]):
+                    m.deq_load_state(s)
+                try:
+                    with frozen_running_stats(self.modules):
+                        out = self.fmap(from_parts(list(parts), self.is_list))
+                finally:
+                    for m, s in zip(self.stateful, old):
+                        m.deq_load_state(s)
+            else:
+                out = self.fmap(from_parts(list(parts), self.is_list))
+                snapshot.append([m.deq_state() for m in self.stateful])
+            return tuple(as_parts(out))
+
+        out = checkpoint(run, *as_parts(z), use_reentrant=False)
+        return from_parts(list(out), self.is_list)
 
 
 def _describe_forward(result: Any, termination: Any = None) -> str:

@@ -11,6 +11,8 @@ how to re-evaluate ``f`` there) and the cotangent ``dL/dz*``, and gets a [`Backw
   any [`LinearSolver`][deqlab.solvers.LinearSolver], then ``dL/dθ = gᵀ ∂f/∂θ``, ``dL/dx = gᵀ ∂f/∂x``.
 * [`JacobianFreeBackward`][deqlab.nn.JacobianFreeBackward]: ``g = dL/dz*`` (Fung et al., "JFB"): one VJP, no linear solve.
 * [`PhantomGradient`][deqlab.nn.PhantomGradient]: backprop through ``steps`` damped applications of ``f`` started at ``z*``.
+* [`NeumannPhantomGradient`][deqlab.nn.NeumannPhantomGradient]: the truncated Neumann series ``Σ_{i<k} (Jᵀ)ⁱ dL/dz*``
+  in place of the adjoint solve (``k − 1`` VJPs).
 
 What the backward spent and whether its solve met the tolerance is written into the layer's
 [`DeepEquilibriumSolution`][deqlab.nn.DeepEquilibriumSolution] (``backward_nfe``, ``backward_residual``,
@@ -35,6 +37,7 @@ from torch import Tensor
 from torch.autograd.graph import Node
 
 from deqlab import instrument
+from deqlab.nn.reporting import user_stacklevel
 from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
 from deqlab.solvers.protocols import LinearSolver, Solver
@@ -47,6 +50,7 @@ __all__ = [
     "ImplicitBackward",
     "JacobianFreeBackward",
     "Linearization",
+    "NeumannPhantomGradient",
     "PhantomGradient",
     "DEFAULT_ADJOINT_MAX_STEPS",
 ]
@@ -91,6 +95,9 @@ class EquilibriumProblem:
         map_modules: the map's modules; their train-mode BatchNorms normalise with batch statistics in
             `evaluate` but do not update their running statistics (the forward updated them once, at
             ``z*``). Default ``()``: nothing to freeze.
+        solver_result: the forward's [`SolverResult`][deqlab.solvers.SolverResult], for backward modes
+            that need more of the solve than ``z*`` (the reversible backward reads its final pair).
+            Default ``None``: not given.
 
     Attributes:
         z_star: the fixed point as a list of detached tensors (one per scale; one for a tensor state).
@@ -102,6 +109,7 @@ class EquilibriumProblem:
         needs: which of ``[x, *params, *grad_state]`` need a gradient.
         forward_tol: the tolerance of the forward solver's termination (``solver.termination.tol``), the
             default tolerance of the adjoint solve.
+        solver_result: the forward's [`SolverResult`][deqlab.solvers.SolverResult] (``None`` when not given).
 
     Methods:
         evaluate(z_parts, x, grad_state): ``f(z, x)`` as a list of tensors, with the forward's module
@@ -138,6 +146,7 @@ class EquilibriumProblem:
         owner: Any = None,
         autocast: Optional[Tuple[str, torch.dtype]] = None,
         map_modules: Sequence[Any] = (),
+        solver_result: Any = None,
     ):
         self._f = f
         self.is_list = is_list
@@ -153,6 +162,7 @@ class EquilibriumProblem:
         self._owner = owner
         self._autocast = autocast
         self._map_modules = list(map_modules)
+        self.solver_result = solver_result
 
     @contextlib.contextmanager
     def _installed(self, grad_state: Sequence[Tensor]):
@@ -349,7 +359,7 @@ def _warn_foreign_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> 
             f"(shapes {foreign[:5]}); the implicit backward cannot give them gradients. Register them "
             "as parameters of the map module (or pass them through the injection x).",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),  # the user's forward or backward call, not a line of deqlab
         )
 
 
@@ -822,3 +832,73 @@ class PhantomGradient(BackwardMode):
                 z = [(1.0 - tau) * zi + tau * fi for zi, fi in zip(z, fz)] if tau != 1.0 else fz
         grads = vjp_inputs(z, v, x_, problem.params, state, needs, retain_graph=False)
         return BackwardResult(grads=grads, nfe=self.steps)
+
+
+class NeumannPhantomGradient(BackwardMode):
+    """Neumann phantom gradient (Geng et al. 2021; banax's ``NeumannPhantom``): replace the adjoint
+    ``(I − Jᵀ)⁻¹ v`` by its truncated Neumann series
+
+        g = τ Σ_{i<steps} Aᵢ,   A = ((1 − τ) I + τ Jᵀ),   i.e.  g = Σ_{i<steps} (Jᵀ)ⁱ v  for τ = 1,
+
+    with ``J = ∂f/∂z`` at ``z*`` (one graph of ``f``, then matrix-free VJPs), and return
+    ``dL/dθ = gᵀ ∂f/∂θ``, ``dL/dx = gᵀ ∂f/∂x``. Costs ``steps`` VJPs (``steps − 1`` for the series, one for
+    the inputs) and one evaluation of ``f``, fewer than [`PhantomGradient`][deqlab.nn.PhantomGradient]
+    (whose backprop through ``steps`` unrolled applications also keeps ``steps`` graphs of ``f``). For a
+    contraction it tends to the implicit gradient as ``steps`` grows (the error shrinks like
+    ``ρ(A)^steps``); ``steps=1`` is [`JacobianFreeBackward`][deqlab.nn.JacobianFreeBackward]. No solve:
+    ``backward_converged`` stays ``None``.
+
+    Args:
+        steps: terms of the series (``k``; ``steps = 1`` keeps ``v`` alone, JFB). Default 5: as
+            `PhantomGradient`'s, a handful of terms gets most of the way at a small, fixed cost.
+        damping: τ in ``(0, 1]``, the series of the damped map ``(1 − τ) z + τ f(z)`` (whose fixed point and
+            implicit gradient are ``f``'s), more contractive when ``f``'s Jacobian has eigenvalues near −1.
+            Default 1.0: the plain series ``Σ (Jᵀ)ⁱ v``.
+
+    Raises:
+        ValueError: ``steps < 1`` or ``damping`` outside ``(0, 1]``.
+
+    Example:
+        For ``f = z/2 + x`` the exact ``dz*/dx`` is 2; five terms give ``1 + 1/2 + … + 1/16``:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import DEQ
+        >>> from deqlab.solvers import DiscreteDEQSolver
+        >>> class Half(nn.Module):                  # z* = 2x, so dz*/dx = 2
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-6, max_steps=30)
+        >>> from deqlab.nn import NeumannPhantomGradient
+        >>> x = torch.ones(2, 3, requires_grad=True)
+        >>> z_star, solution = DEQ(Half(), solver, backward=NeumannPhantomGradient(steps=5))(x)
+        >>> z_star.sum().backward()
+        >>> float(x.grad[0, 0]), solution.backward_nfe, solution.backward_converged
+        (1.9375, 5, None)
+    """
+
+    def __init__(self, steps: int = 5, damping: float = 1.0):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or not 0.0 < damping <= 1.0:
+            raise ValueError(
+                f"NeumannPhantomGradient: need an int steps >= 1 and 0 < damping <= 1, got {steps!r}, {damping!r}"
+            )
+        self.steps = int(steps)
+        self.damping = float(damping)
+
+    def gradients(self, problem: EquilibriumProblem, v: Tensor) -> BackwardResult:
+        lin = problem.linearize()
+        tau = self.damping
+        vjp = instrument.wrap("adjoint.vjp", lin.vjp_z)
+        with torch.no_grad(), instrument.region("adjoint.solve"):
+            term, total = v, v
+            for _ in range(self.steps - 1):
+                jt = vjp(term)
+                term = jt if tau == 1.0 else (1.0 - tau) * term + tau * jt
+                total = total + term
+            g = total if tau == 1.0 else tau * total
+        with instrument.region("adjoint.vjp_inputs"):
+            grads = lin.vjp_inputs(g.detach())
+        return BackwardResult(grads=grads, nfe=lin.nvjp)
+
+    def __repr__(self) -> str:
+        return f"NeumannPhantomGradient(steps={self.steps}, damping={self.damping})"

@@ -24,7 +24,7 @@ import contextlib
 import math
 import threading
 import weakref
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,8 @@ __all__ = [
     "equilibrium_session",
     "stateful_modules",
     "WeightNorm",
+    "SpectralNorm",
+    "apply_norm",
     "VariationalHiddenDropout",
     "DenseDEQBlock",
     "ResidualBlock",
@@ -161,7 +163,59 @@ def equilibrium_session(roots: Sequence[nn.Module]) -> Iterator[List[Equilibrium
             m.deq_end()
 
 
-class WeightNorm(EquilibriumStateful):
+class _NormalisedWeight(EquilibriumStateful):
+    """What [`WeightNorm`][deqlab.nn.WeightNorm] and [`SpectralNorm`][deqlab.nn.SpectralNorm] share: the
+    normalised weight held for one solve (per thread), re-installed in the backward, and the call of the
+    wrapped module with it. A subclass sets ``module``/``name`` and implements ``compute_weight``; it may
+    override ``_weight_outside_solve`` (the weight of a call outside a DEQ forward)."""
+
+    module: nn.Module
+    name: str
+
+    def compute_weight(self) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def _cache(self) -> Optional[Tensor]:
+        """The weight normalised for the current solve in this thread (``None`` outside a DEQ forward)."""
+        return self.peek_solve_state("weight")
+
+    def _weight_outside_solve(self) -> Tensor:
+        return self.compute_weight()
+
+    def deq_begin(self) -> None:
+        self.solve_state()["weight"] = self.compute_weight()
+
+    def deq_end(self) -> None:
+        self.clear_solve_state()
+
+    def deq_state(self) -> Dict[str, Any]:
+        return {"weight": self._cache}
+
+    def deq_load_state(self, state: Dict[str, Any]) -> None:
+        if state["weight"] is None:
+            self.clear_solve_state()
+        else:
+            self.solve_state()["weight"] = state["weight"]
+
+    def forward(self, *args, **kwargs):
+        """Call the wrapped module with the normalised weight (the solve's, inside a DEQ forward), without
+        mutating it where possible.
+
+        Why: the wrapped module is shared by every thread calling this layer. ``nn.Linear`` and
+        ``nn.Conv1d/2d/3d`` (with their stock ``forward`` and no hooks) are evaluated functionally
+        (``F.linear`` / ``_conv_forward`` with the weight passed in), so concurrent calls never touch the
+        module. Any other wrapped module needs the weight as an attribute: it is installed, the module is
+        called and the attribute removed under one process-wide lock, so threads take turns on that call
+        (correct, not parallel).
+        """
+        w = self._cache
+        if w is None:
+            w = self._weight_outside_solve()
+        return _call_with_weight(self.module, self.name, w, args, kwargs)
+
+
+class WeightNorm(_NormalisedWeight):
     """Weight normalisation ``w = g * v / ||v||`` around any module with a weight (``Conv2d``, ``Linear``...).
 
     Inside a DEQ forward the normalised weight is computed once (in `deq_begin`) and reused by every
@@ -206,11 +260,6 @@ class WeightNorm(EquilibriumStateful):
         self.weight_v = nn.Parameter(weight.detach().clone())
         self.weight_g = nn.Parameter(self._norm(weight.detach()).clone())
 
-    @property
-    def _cache(self) -> Optional[Tensor]:
-        """The weight normalised for the current solve in this thread (``None`` outside a DEQ forward)."""
-        return self.peek_solve_state("weight")
-
     def _norm(self, v: Tensor) -> Tensor:
         dims = [d for d in range(v.dim()) if d != self.dim]
         return torch.linalg.vector_norm(v, dim=dims, keepdim=True)
@@ -223,50 +272,252 @@ class WeightNorm(EquilibriumStateful):
         """
         return self.weight_g * self.weight_v / self._norm(self.weight_v)
 
-    def deq_begin(self) -> None:
-        self.solve_state()["weight"] = self.compute_weight()
 
-    def deq_end(self) -> None:
-        self.clear_solve_state()
+class SpectralNorm(_NormalisedWeight):
+    """DEQ-aware spectral normalisation ``w = scale · target · W / σ(W)`` around a ``Linear``/``Conv`` layer.
 
-    def deq_state(self) -> Dict[str, Any]:
-        return {"weight": self._cache}
+    ``σ(W)`` is the largest singular value of the weight reshaped to 2-D, ``(out, in · kernel…)``, as
+    ``torch.nn.utils.spectral_norm`` does; for a convolution that bounds the norm of the weight matrix,
+    not the operator norm of the convolution itself (which can be larger by up to ``√(kernel size)``).
+    It is estimated by power iteration whose vectors ``u``, ``v`` are buffers kept across forwards: inside
+    a DEQ forward (training mode) they take ``n_power_iterations`` steps *once*, in `deq_begin`, and the
+    normalised weight computed then is reused by every evaluation of ``f`` in that solve and by its
+    backward (the map does not change between solver iterations, so a fixed point exists; the estimate
+    converges across forwards, as the weight changes slowly). Outside a DEQ forward each training-mode
+    call takes those steps; in eval mode the buffers are not updated.
 
-    def deq_load_state(self, state: Dict[str, Any]) -> None:
-        if state["weight"] is None:
-            self.clear_solve_state()
-        else:
-            self.solve_state()["weight"] = state["weight"]
+    What the target means: ``clamp=False`` (default) rescales to ``σ(w) = scale · target`` exactly (up to
+    the power iteration's accuracy); ``clamp=True`` only shrinks, ``σ(w) = min(σ(W), target)`` (times
+    ``scale``), leaving weights that already satisfy the bound untouched.
 
-    def forward(self, *args, **kwargs):
-        """Call the wrapped module with the normalised weight, without mutating it where possible.
+    Args:
+        module: the wrapped layer; its ``name`` parameter is replaced by ``weight_orig`` on this wrapper.
+            Required.
+        target: the norm after normalisation. Default 1.0: a map built of 1-Lipschitz activations and such
+            layers is non-expansive; pick ``< 1`` for a guaranteed contraction.
+        clamp: only shrink weights whose norm exceeds ``target`` (see above). Default ``False``: torch's
+            ``spectral_norm`` semantics, always ``σ = target``.
+        learn_scale: add a learned scalar ``scale`` (initialised to 1) multiplying the normalised weight, so
+            training can move the norm away from ``target`` (then ``σ(w) = |scale| · target``). Default
+            ``False``: the norm is fixed, which is the usual reason for spectral normalisation in a DEQ.
+        n_power_iterations: power-iteration steps per DEQ forward. Default 1: one step per forward tracks a
+            slowly changing weight, as torch's.
+        init_iterations: power-iteration steps at construction (warm start). Default 15, as torch's.
+        name: which parameter to normalise. Default ``"weight"``.
+        eps: floor of norms in the power iteration and of ``σ``. Default 1e-12, as torch's.
 
-        Why: the wrapped module is shared by every thread calling this layer. ``nn.Linear`` and
-        ``nn.Conv1d/2d/3d`` (with their stock ``forward`` and no hooks) are evaluated functionally
-        (``F.linear`` / ``_conv_forward`` with the weight passed in), so concurrent calls never touch the
-        module. Any other wrapped module needs the weight as an attribute: it is installed, the module is
-        called and the attribute removed under one process-wide lock, so threads take turns on that call
-        (correct, not parallel).
+    Attributes:
+        num_updates: power-iteration updates made so far (one per training-mode DEQ forward).
+
+    Raises:
+        ValueError: ``module`` has no parameter ``name``; ``target <= 0``; ``n_power_iterations < 1`` or
+            ``init_iterations < 0``.
+
+    Example:
+        After the forward's update the normalised weight's largest singular value is the target:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from deqlab.nn import SpectralNorm
+        >>> _ = torch.manual_seed(0)
+        >>> sn = SpectralNorm(nn.Linear(4, 4), target=0.9, init_iterations=50)
+        >>> sorted(name for name, _ in sn.named_parameters())
+        ['module.bias', 'weight_orig']
+        >>> y = sn(torch.randn(2, 4))
+        >>> round(float(torch.linalg.matrix_norm(sn.compute_weight().detach(), ord=2)), 4), sn.num_updates
+        (0.9, 1)
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        target: float = 1.0,
+        *,
+        clamp: bool = False,
+        learn_scale: bool = False,
+        n_power_iterations: int = 1,
+        init_iterations: int = 15,
+        name: str = "weight",
+        eps: float = 1e-12,
+    ):
+        super().__init__()
+        weight = getattr(module, name, None)
+        if not isinstance(weight, nn.Parameter):
+            raise ValueError(f"SpectralNorm: module {type(module).__name__} has no parameter {name!r}")
+        if not target > 0:
+            raise ValueError(f"SpectralNorm: target must be > 0, got {target!r}")
+        if n_power_iterations < 1 or init_iterations < 0:
+            raise ValueError(
+                f"SpectralNorm: need n_power_iterations >= 1 and init_iterations >= 0, got "
+                f"{n_power_iterations}, {init_iterations}"
+            )
+        del module._parameters[name]
+        self.module = module
+        self.name = name
+        self.target = float(target)
+        self.clamp = bool(clamp)
+        self.n_power_iterations = int(n_power_iterations)
+        self.eps = float(eps)
+        self.weight_orig = nn.Parameter(weight.detach().clone())
+        self.scale = nn.Parameter(torch.ones((), dtype=weight.dtype, device=weight.device)) if learn_scale else None
+        mat = self._matrix(self.weight_orig.detach())
+        gen = torch.Generator().manual_seed(0)
+        u = torch.randn(mat.shape[0], generator=gen, dtype=mat.dtype).to(mat.device)
+        v = torch.randn(mat.shape[1], generator=gen, dtype=mat.dtype).to(mat.device)
+        self.register_buffer("u", F.normalize(u, dim=0, eps=self.eps))
+        self.register_buffer("v", F.normalize(v, dim=0, eps=self.eps))
+        self.num_updates = 0
+        self._power_iterate(init_iterations)
+
+    @staticmethod
+    def _matrix(weight: Tensor) -> Tensor:
+        return weight.reshape(weight.shape[0], -1)
+
+    @torch.no_grad()
+    def _power_iterate(self, steps: int) -> None:
+        mat = self._matrix(self.weight_orig.detach())
+        u, v = self.u, self.v
+        for _ in range(steps):
+            v = F.normalize(mat.t() @ u, dim=0, eps=self.eps)
+            u = F.normalize(mat @ v, dim=0, eps=self.eps)
+        self.u.copy_(u)
+        self.v.copy_(v)
+
+    def update(self) -> None:
+        """Take ``n_power_iterations`` power-iteration steps on the current weight (counted in ``num_updates``).
+
+        A DEQ layer calls it once per training-mode forward (through `deq_begin`); call it yourself only to
+        refine the estimate, e.g. after loading weights.
         """
-        w = self._cache if self._cache is not None else self.compute_weight()
-        module = self.module
-        if self.name == "weight" and not kwargs and len(args) == 1 and not _has_hooks(module):
-            forward = type(module).forward
-            if forward is nn.Linear.forward:
-                return F.linear(args[0], w, module.bias)
-            if forward in _CONV_FORWARDS:
-                return module._conv_forward(args[0], w, module.bias)
-        with _ATTRIBUTE_LOCK:
-            setattr(module, self.name, w)
-            try:
-                return module(*args, **kwargs)
-            finally:
-                delattr(module, self.name)
+        self._power_iterate(self.n_power_iterations)
+        self.num_updates += 1
+
+    def normalised(self, weight: Tensor) -> Tensor:
+        """``weight`` normalised with the current power-iteration vectors (no update).
+
+        Args:
+            weight: a tensor shaped like ``weight_orig`` (differentiable; gradients flow through ``σ`` too).
+
+        Returns:
+            ``scale · target · weight / σ`` (``σ = uᵀ W v``), or with ``clamp`` ``weight · min(1, target / σ)``.
+        """
+        sigma = torch.dot(self.u.clone(), self._matrix(weight) @ self.v.clone()).clamp_min(self.eps)
+        factor = self.target / (torch.maximum(sigma, sigma.new_tensor(self.target)) if self.clamp else sigma)
+        w = weight * factor
+        return w * self.scale if self.scale is not None else w
+
+    def compute_weight(self) -> Tensor:
+        """The normalised weight from ``weight_orig`` and the current buffers (no update).
+
+        Returns:
+            A tensor shaped like the wrapped module's weight, differentiable w.r.t. ``weight_orig``.
+        """
+        return self.normalised(self.weight_orig)
+
+    def deq_begin(self) -> None:
+        if self.training:
+            self.update()
+        super().deq_begin()
+
+    def _weight_outside_solve(self) -> Tensor:
+        if self.training:
+            self.update()
+        return self.compute_weight()
+
+    def extra_repr(self) -> str:
+        return (
+            f"target={self.target}, clamp={self.clamp}, learn_scale={self.scale is not None}, "
+            f"n_power_iterations={self.n_power_iterations}"
+        )
+
+
+def _call_with_weight(module: nn.Module, name: str, w: Tensor, args: tuple, kwargs: dict) -> Any:
+    """``module(*args, **kwargs)`` with its parameter ``name`` replaced by ``w`` (functionally where possible)."""
+    if name == "weight" and not kwargs and len(args) == 1 and not _has_hooks(module):
+        forward = type(module).forward
+        if forward is nn.Linear.forward:
+            return F.linear(args[0], w, module.bias)
+        if forward in _CONV_FORWARDS:
+            return module._conv_forward(args[0], w, module.bias)
+    with _ATTRIBUTE_LOCK:
+        setattr(module, name, w)
+        try:
+            return module(*args, **kwargs)
+        finally:
+            delattr(module, name)
+
+
+_NORMS = {"weight_norm": WeightNorm, "spectral_norm": SpectralNorm}
+_NORMED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def apply_norm(
+    model: nn.Module, norm: str = "weight_norm", filter_out: "Sequence[str] | Callable[[str], bool]" = (), **kwargs: Any
+) -> nn.Module:
+    """Wrap every ``Linear``/``Conv1d/2d/3d`` of ``model`` in [`WeightNorm`][deqlab.nn.WeightNorm] or
+    [`SpectralNorm`][deqlab.nn.SpectralNorm], in place (torchdeq's ``apply_norm``).
+
+    No reset call is needed afterwards (torchdeq's ``reset_norm``): both wrappers are
+    [`EquilibriumStateful`][deqlab.nn.EquilibriumStateful], so a DEQ layer computes the normalised weights
+    once at the start of each forward and drops them at its end by itself.
+
+    Args:
+        model: the module whose layers to wrap (usually the DEQ map). Required.
+        norm: ``"weight_norm"`` (default, the MDEQ choice) or ``"spectral_norm"``.
+        filter_out: names to skip: a layer is left alone when its qualified name (``"block.conv1"``) equals
+            one of them, starts with one followed by ``"."``, or has one as a dot-separated component; or a
+            predicate ``qualified_name -> bool`` (``True``: skip that module and everything under it; the
+            root's name is ``""``), e.g. torchdeq's substring and prefix filters. Default ``()``: wrap them all.
+        **kwargs: options of the wrapper (``target=``, ``clamp=`` ... for ``SpectralNorm``; ``dim=`` for
+            ``WeightNorm``).
+
+    Returns:
+        ``model`` itself (wrapped in place), or the wrapper when ``model`` itself is such a layer.
+
+    Raises:
+        ValueError: ``norm`` is not ``"weight_norm"`` or ``"spectral_norm"``.
+
+    Example:
+        >>> from torch import nn
+        >>> from deqlab.nn import apply_norm
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> net = apply_norm(net, "spectral_norm", filter_out=["2"], target=0.9)
+        >>> tuple(type(m).__name__ for m in net)
+        ('SpectralNorm', 'Tanh', 'Linear')
+    """
+    if norm not in _NORMS:
+        raise ValueError(f"apply_norm: norm must be 'weight_norm' or 'spectral_norm', got {norm!r}")
+    wrapper = _NORMS[norm]
+    skip = [] if callable(filter_out) else [str(n) for n in filter_out]
+
+    def skipped(qualified: str) -> bool:
+        if callable(filter_out):
+            return bool(filter_out(qualified))
+        parts = qualified.split(".")
+        return any(qualified == n or qualified.startswith(n + ".") or n in parts for n in skip)
+
+    if isinstance(model, _NORMED):
+        return model if skipped("") else wrapper(model, **kwargs)
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, _NormalisedWeight):
+            return  # already normalised
+        for child_name, child in list(module.named_children()):
+            qualified = f"{prefix}{child_name}"
+            if skipped(qualified):
+                continue
+            if isinstance(child, _NORMED) and isinstance(getattr(child, "weight", None), nn.Parameter):
+                setattr(module, child_name, wrapper(child, **kwargs))
+            else:
+                visit(child, qualified + ".")
+
+    visit(model, "")
+    return model
 
 
 _CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
-# Serialises the attribute-swapping fallback of WeightNorm.forward (re-entrant: a wrapped module may
-# itself contain a WeightNorm that takes the fallback).
+# Serialises the attribute-swapping fallback of _call_with_weight (WeightNorm, SpectralNorm; re-entrant: a
+# wrapped module may itself contain a WeightNorm that takes the fallback).
 _ATTRIBUTE_LOCK = threading.RLock()
 
 

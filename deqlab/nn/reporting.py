@@ -37,6 +37,9 @@ def user_stacklevel() -> int:
     caller of `warnings.warn`, that is neither deqlab's nor torch's (a layer's forward runs inside
     ``nn.Module.__call__``, and a backward inside autograd, so a fixed level pointed at
     ``torch/nn/modules/module.py``). Frames of deqlab's and torch's packages and of Lightning are skipped.
+    A function that passes the level on to a helper which calls `warnings.warn` itself (``warn_renamed``)
+    adds 1 for the helper's frame. Where no frame is the user's (a CUDA backward on autograd's own thread),
+    the level is 2.
     """
     import os
     import sys

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -58,6 +58,12 @@ class DeepEquilibriumSolution:
             Jacobian regularization in the ``"deqjl"`` convention (that code counted the regularizer's
             evaluation); exactly ``d`` in fixed-depth mode, as there. ``None`` when the solver does not
             compute it. ``nfe`` is the true cost.
+        spectral_radius: per-sample estimate of ``ρ(∂f/∂z)`` at ``z*`` (shape ``(B,)``, detached), from
+            [`spectral_radius`][deqlab.nn.spectral_radius]; ``None`` unless the layer was built with
+            ``spectral_radius=...`` (opt-in: it costs a graph of ``f`` and some VJPs per forward).
+        states: the sampled states of a layer built with ``sample_states`` / ``sample_at`` (a list of
+            differentiable states, first to last, the last ``z_star``; see `deqlab.nn.trajectory`), else
+            ``None``. Feed them to [`fixed_point_correction_loss`][deqlab.nn.fixed_point_correction_loss].
 
     Example:
         The record a layer returns next to ``z_star``; the backward fills its ``backward_*`` fields:
@@ -96,6 +102,8 @@ class DeepEquilibriumSolution:
     backward_converged: Optional[bool] = None
     reference_nfe: Optional[int] = None
     rel_residual: Optional[Tensor] = None
+    spectral_radius: Optional[Tensor] = None
+    states: Optional[List[State]] = None
 
     @property
     def stalled(self) -> Optional[Tensor]:

@@ -12,6 +12,7 @@ from deqlab.solvers.algorithms import (
     LimitedMemoryBroyden,
     NewtonKrylov,
 )
+from deqlab.solvers.compiled import CompileFallbackWarning
 from deqlab.solvers.continuous import ContinuousDEQSolver
 from deqlab.solvers.discrete import DiscreteDEQSolver
 from deqlab.solvers.krylov import GMRESInfo, gmres
@@ -19,12 +20,14 @@ from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
 from deqlab.solvers.protocols import LinearSolver, LinearSolveResult, Solver
 from deqlab.solvers.registry import available_solvers, get_solver, register_solver
 from deqlab.solvers.result import ConvergenceWarning, SolverError, SolverResult, SolverStatus
+from deqlab.solvers.reversible import ReversibleSolver, ReversibleState
 from deqlab.solvers.sub_batch import PerSampleMap, SubBatchMap
-from deqlab.solvers.termination import TERMINATION_MODES, TerminationCondition, TerminationTracker
+from deqlab.solvers.termination import TERMINATION_MODES, TerminationCondition, TerminationTracker, record_iterates
 
 __all__ = [
     "Anderson",
     "Broyden",
+    "CompileFallbackWarning",
     "ContinuousDEQSolver",
     "ConvergenceWarning",
     "DiscreteDEQSolver",
@@ -38,6 +41,8 @@ __all__ = [
     "LinearSolver",
     "NewtonKrylov",
     "PerSampleMap",
+    "ReversibleSolver",
+    "ReversibleState",
     "Solver",
     "SolverError",
     "SolverResult",
@@ -49,5 +54,6 @@ __all__ = [
     "available_solvers",
     "get_solver",
     "gmres",
+    "record_iterates",
     "register_solver",
 ]

@@ -138,6 +138,10 @@ def build_result(
         tolerance=float(cond.tol),
         objective_name=cond.objective_name,
     )
+    iterates = tracker.iterates(z_ret)
+    if iterates is not None:
+        result.iterates = [packer.unflatten(t) for t in iterates]
+        result.iterate_steps = list(tracker.record_steps)
     if throw and status is not SolverStatus.CONVERGED:
         n_bad = int((~result.converged).sum())
         n_stall = int(tracker.stalled.sum())  # what result.stalled holds a copy of

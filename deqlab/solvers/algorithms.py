@@ -96,6 +96,49 @@ class FixedPointAlgorithm:
             f"{type(self).__name__} does not implement select(state, keep), which per_sample_exit=True needs"
         )
 
+    @property
+    def supports_compile(self) -> bool:
+        """Whether `pure_init`/`pure_step` are implemented, i.e. ``DiscreteDEQSolver(compile=True)`` can
+        fuse this algorithm's step into one compiled graph (otherwise it runs eager, with one warning)."""
+        return False
+
+    def pure_init(self, z: Tensor, fz: Tensor, max_steps: int) -> dict:
+        """The per-solve state of `pure_step`: a dict of tensors only (no Python counters), so a compiled
+        step neither guards on nor recompiles for the step number.
+
+        Args:
+            z: the flat ``(B, N)`` initial iterate.
+            fz: ``F(z)``.
+            max_steps: the solve's step cap.
+
+        Returns:
+            A dict of tensors, handed to every `pure_step`.
+
+        Raises:
+            NotImplementedError: when `supports_compile` is False.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no pure step to compile")
+
+    def pure_step(self, state: dict, z: Tensor, fz: Tensor, g: Tensor, F: FlatMap) -> Tuple[Tensor, Tensor, dict]:
+        """`step` as a pure function of tensors: no host synchronisation, no Python branch on a tensor's
+        value, buffers of a fixed shape, and exactly one call of ``F`` (the solver counts NFE on the host).
+        Proposes the same iterates as `step` up to rounding (the equality tests check it).
+
+        Args:
+            state: what `pure_init` (or the previous `pure_step`) returned.
+            z: the current flat ``(B, N)`` iterate.
+            fz: ``F(z)``.
+            g: ``fz - z``.
+            F: the flat map (uncounted).
+
+        Returns:
+            ``(z_new, F(z_new), new state)``.
+
+        Raises:
+            NotImplementedError: when `supports_compile` is False.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no pure step to compile")
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
@@ -139,6 +182,16 @@ class FixedPointIteration(FixedPointAlgorithm):
 
     def select(self, state, keep):
         return state
+
+    @property
+    def supports_compile(self) -> bool:
+        return True
+
+    def pure_init(self, z, fz, max_steps):
+        return {}
+
+    def pure_step(self, state, z, fz, g, F):
+        return self.step(state, z, fz, g, F)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -241,6 +294,64 @@ class Anderson(FixedPointAlgorithm):
         return z_new, fz_new, state
 
     supports_select = True
+
+    @property
+    def supports_compile(self) -> bool:
+        return True
+
+    # The pure step keeps all ``memory`` slots from the start (zero-filled) and masks the ones not yet
+    # written, instead of slicing the first ``n``: a slice whose length grows with the step would be a new
+    # shape -- a recompilation -- for each of the first ``memory`` steps. The masked Gram matrix is
+    # block-diagonal, ``[[H_n, 0], [0, I]]`` with a zero right-hand side in the unused block, so its solution
+    # is ``H_n``'s padded with zeros: the same mixing weights up to rounding.
+
+    def pure_init(self, z, fz, max_steps):
+        B, N = z.shape
+        m = self.memory
+        wd = _work_dtype(z.dtype)
+        state = {
+            "F": z.new_zeros(B, m, N, dtype=wd),
+            "G": z.new_zeros(B, m, N, dtype=wd),
+            "H": z.new_zeros(B, m, m, dtype=wd),
+            "k": torch.zeros((), dtype=torch.long, device=z.device),
+        }
+        if self.mixing != 1.0:
+            state["X"] = z.new_zeros(B, m, N, dtype=wd)
+        return self._pure_store(state, z, fz, fz - z)
+
+    def _pure_store(self, state: dict, z: Tensor, fz: Tensor, g: Tensor) -> dict:
+        wd = state["G"].dtype
+        slot = (state["k"] % self.memory).view(1)
+        new = dict(state)
+        new["F"] = state["F"].index_copy(1, slot, fz.to(wd).unsqueeze(1))
+        G = new["G"] = state["G"].index_copy(1, slot, g.to(wd).unsqueeze(1))
+        if "X" in state:
+            new["X"] = state["X"].index_copy(1, slot, z.to(wd).unsqueeze(1))
+        row = torch.bmm(g.to(wd).unsqueeze(1), G.transpose(1, 2))  # (B, 1, m): zero at unwritten slots
+        H = state["H"].index_copy(1, slot, row)
+        new["H"] = H.index_copy(2, slot, row.transpose(1, 2))
+        new["k"] = state["k"] + 1
+        return new
+
+    def pure_step(self, state, z, fz, g, F):
+        H = state["H"]
+        m, wd = self.memory, H.dtype
+        n = state["k"].clamp(max=m)
+        valid = torch.arange(m, device=z.device) < n  # (m,): slots written so far
+        both = valid.unsqueeze(0) & valid.unsqueeze(1)
+        eye = torch.eye(m, dtype=wd, device=z.device)
+        scale = (H.diagonal(dim1=1, dim2=2) * valid).sum(dim=1) / n.to(wd)
+        shift = (self.regularization + 10 * torch.finfo(wd).eps) * scale + torch.finfo(wd).tiny ** 0.5
+        H = torch.where(both, H + shift.view(-1, 1, 1) * eye, eye)
+        rhs = valid.to(wd).view(1, m, 1).expand(H.shape[0], m, 1)
+        y = torch.linalg.solve_ex(H, rhs)[0]
+        alpha_t = (y / y.sum(dim=1, keepdim=True)).transpose(1, 2)  # (B, 1, m), zero at unwritten slots
+        z_new = torch.bmm(alpha_t, state["F"]).squeeze(1)
+        if self.mixing != 1.0:
+            z_new = self.mixing * z_new + (1 - self.mixing) * torch.bmm(alpha_t, state["X"]).squeeze(1)
+        z_new = z_new.to(z.dtype)
+        fz_new = F(z_new)
+        return z_new, fz_new, self._pure_store(state, z_new, fz_new, fz_new - z_new)
 
     def select(self, state, keep):
         for key in ("F", "G", "X", "H", "ones"):
@@ -377,6 +488,58 @@ class Broyden(FixedPointAlgorithm):
         return z_new, fz_new, state
 
     supports_select = True
+
+    @property
+    def supports_compile(self) -> bool:
+        return not self.line_search  # the line search asks the host whether any sample must backtrack
+
+    # The pure step multiplies by all ``m`` (zero-filled) pairs from the start: an unwritten pair adds an
+    # exact zero to ``J^{-1} x``, so the products equal those over the ``n`` written pairs without a slice
+    # whose length (and so the compiled graph's shapes) changes every step.
+
+    def pure_init(self, z, fz, max_steps):
+        B, N = z.shape
+        m = max(1, max_steps if self.memory is None else min(self.memory, max_steps))
+        wd = _work_dtype(z.dtype)
+        return {
+            "U": z.new_zeros(B, m, N, dtype=wd),
+            "V": z.new_zeros(B, m, N, dtype=wd),
+            "k": torch.zeros((), dtype=torch.long, device=z.device),
+            "Jg": -(fz - z).to(wd),
+        }
+
+    def pure_step(self, state, z, fz, g, F):
+        U, V, k = state["U"], state["V"], state["k"]
+        wd = U.dtype
+        m = U.shape[1]
+        z_new = z + (-state["Jg"]).to(z.dtype)
+        fz_new = F(z_new)
+        g_new = (fz_new - z_new).to(wd)
+        g = g.to(wd)
+        s = z_new.to(wd) - z.to(wd)
+        Jg_new = self._matvec(U, V, g_new)
+        vT = self._rmatvec(U, V, s)
+        Jy = Jg_new - state["Jg"]
+        den = batch_dot(vT, g_new - g)
+        eps = torch.finfo(wd).eps
+        ok = (
+            den.abs()
+            > eps * torch.linalg.vector_norm(vT, dim=1) * torch.linalg.vector_norm(g_new - g, dim=1)
+            + torch.finfo(wd).tiny
+        )
+        u = (s - Jy) * (ok / torch.where(ok, den, torch.ones_like(den))).unsqueeze(1)
+        slot = (k % m).view(1)
+        u_old = U.index_select(1, slot).squeeze(1)
+        v_old = V.index_select(1, slot).squeeze(1)
+        # the oldest pair is overwritten once the memory is full: take its term out of J^{-1} g_new
+        Jg_new = torch.where(k >= m, Jg_new - u_old * batch_dot(v_old, g_new).unsqueeze(1), Jg_new)
+        new = {
+            "U": U.index_copy(1, slot, u.unsqueeze(1)),
+            "V": V.index_copy(1, slot, vT.unsqueeze(1)),
+            "k": k + 1,
+            "Jg": Jg_new + u * batch_dot(vT, g_new).unsqueeze(1),
+        }
+        return z_new, fz_new, new
 
     def select(self, state, keep):
         for key in ("U", "V", "Jg"):

@@ -11,6 +11,14 @@ from deqlab import instrument
 from deqlab.solvers._checks import check_int, check_number, unknown_keyword
 from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, empty_result, prepare
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
+from deqlab.solvers.compiled import (
+    CompileFallbackWarning,
+    CompileOption,
+    check_compile_option,
+    compile_available,
+    compiled_discrete_step,
+    fallback_warning,
+)
 from deqlab.solvers.counting import ReferenceCounting, check_reference_counting, reference_nfe
 from deqlab.solvers.result import SolverResult
 from deqlab.solvers.sub_batch import SubBatchMap
@@ -19,6 +27,8 @@ from deqlab.solvers.termination import (
     TerminationCondition,
     TerminationMode,
     TerminationTracker,
+    export_device_state,
+    load_device_state,
     resolve_termination,
 )
 from deqlab.state import State
@@ -120,6 +130,21 @@ class DiscreteDEQSolver:
         batch_wide: evaluate the termination condition once over the whole batch, so every sample
             stops together (the reference package's semantics; see
             [`TerminationCondition`][deqlab.solvers.TerminationCondition]). ``None`` (default) means ``False``: per sample.
+        compile: run each iteration (the algorithm's update, ``f`` included, and the termination
+            bookkeeping) as one graph compiled by ``torch.compile(fullgraph=True)``. ``False`` (default):
+            eager, no compile time. ``True``: inductor; a string or callable names another
+            ``torch.compile`` backend (``"aot_eager"`` traces without generating code, for tests). The
+            loop, ``check_every`` and every reported number stay those of the eager solve (iterates equal
+            up to rounding). Why off by default: the first solve pays the compilation (seconds to tens of
+            seconds on a CPU), which only many solves of the same shape amortise (docs/performance.md,
+            "Compiling the solver step"). Compiled once per (algorithm options, termination condition,
+            map, shape, dtype, device); a second batch size compiles once more, with a dynamic batch
+            dimension that then serves every size. Runs eager, warning once per solver
+            ([`CompileFallbackWarning`][deqlab.solvers.CompileFallbackWarning]), when the step
+            cannot be compiled (a map that calls ``.item()``, no C++ compiler, an algorithm without a
+            pure step: ``newton_krylov`` and line searches), and silently with ``per_sample_exit`` (each
+            compaction is a new shape) or while `deqlab.instrument` records (its regions need the eager
+            step).
         **algorithm_options: forwarded to the named algorithm (e.g. ``memory=5`` for Anderson).
 
     Calling ``solver(f, z0)`` returns a [`SolverResult`][deqlab.solvers.SolverResult].
@@ -165,6 +190,7 @@ class DiscreteDEQSolver:
         compact_below: float = 0.75,
         reference_counting: ReferenceCounting = "deqjl",
         batch_wide: Optional[bool] = None,
+        compile: CompileOption = False,
         **algorithm_options,
     ):
         for old, new in (("abstol", "abstol_termination"), ("reltol", "reltol_termination")):
@@ -192,6 +218,8 @@ class DiscreteDEQSolver:
         self.compact_below = check_number(
             "DiscreteDEQSolver", "compact_below", compact_below, low=0.0, high=1.0, low_open=True
         )
+        self.compile = check_compile_option("DiscreteDEQSolver", compile)
+        self._compile_failed = False  # set after the one fallback warning: this solver then stays eager
         if self.per_sample_exit and not self.algorithm.supports_select:
             raise ValueError(
                 f"DiscreteDEQSolver: per_sample_exit=True needs an algorithm that can follow a "
@@ -206,6 +234,7 @@ class DiscreteDEQSolver:
             f"norm={self.termination.norm!r}, max_steps={self.max_steps}"
             + (", batch_wide=True" if self.termination.batch_wide else "")
             + (f", check_every={self.check_every}" if self.check_every != 1 else "")
+            + (f", compile={self.compile!r}" if self.compile is not False else "")
             + (f", per_sample_exit=True, compact_below={self.compact_below})" if self.per_sample_exit else ")")
         )
 
@@ -245,9 +274,14 @@ class DiscreteDEQSolver:
         done = update(z, g, fz=fz)
         check_first_step(tracker, z)
         algo = self.algorithm
-        with instrument.region("algorithm.init"):
-            state = algo.init(z, fz, self.max_steps)
-        z, g, steps = self._iterate(tracker, update, algo, state, z, fz, g, F, restrict, done)
+        compiled = None if done or self.max_steps == 0 else self._compiled_step(restrict)
+        ran = None if compiled is None else self._iterate_compiled(compiled, tracker, algo, z, fz, g, F)
+        if ran is not None:
+            z, g, steps = ran
+        else:
+            with instrument.region("algorithm.init"):
+                state = algo.init(z, fz, self.max_steps)
+            z, g, steps = self._iterate(tracker, update, algo, state, z, fz, g, F, restrict, done)
         # The reference solvers never test their starting guess: a solve that stopped at z0 is one
         # iteration (one evaluation) long there.
         calls = F.nfe + (1 if steps == 0 else 0)
@@ -265,6 +299,73 @@ class DiscreteDEQSolver:
                 reference_nfe=reference_nfe(self.reference_counting, calls=calls),
                 reference_counting=self.reference_counting,
             )
+
+    def _compiled_step(self, restrict) -> Optional[Callable[..., tuple]]:
+        """The compiled step for this solve, or ``None`` to run eager (see ``compile`` in the class doc)."""
+        if self.compile is False or self._compile_failed or restrict is not None:
+            return None
+        if instrument.current() is not None:  # the regions of a recording need the eager step
+            return None
+        if not compile_available() or not self.algorithm.supports_compile:
+            self._compile_failed = True
+            why = (
+                "this torch has no torch.compile"
+                if not compile_available()
+                else f"{type(self.algorithm).__name__} has no pure step (supports_compile is False)"
+            )
+            import warnings
+
+            warnings.warn(
+                f"DiscreteDEQSolver(compile=True): {why}; running eager", CompileFallbackWarning, stacklevel=4
+            )
+            return None
+        return compiled_discrete_step(self.algorithm, self.termination, self.compile)
+
+    def _iterate_compiled(
+        self,
+        step: Callable[..., tuple],
+        tracker: TerminationTracker,
+        algo: FixedPointAlgorithm,
+        z: Tensor,
+        fz: Tensor,
+        g: Tensor,
+        F: CountedMap,
+    ) -> Optional[Tuple[Tensor, Tensor, int]]:
+        """The solver loop around the compiled step; ``None`` when the step cannot be compiled (warned once),
+        so the caller runs the eager loop from the same first evaluation.
+
+        The host loop is the eager one: every ``check_every`` steps it asks the device whether every
+        sample has stopped (one sync); in between it only counts. The step's per-sample decisions are those
+        of ``tracker.update(sync=False)``, which the eager loop takes too (its ``sync=True`` fast path
+        reaches the same masks), so iterates, step counts and statuses match the eager solve.
+        """
+        batch, k = z.shape[0], self.check_every
+        astate = algo.pure_init(z, fz, self.max_steps)
+        tstate = export_device_state(tracker)
+        flat = F.flat
+        trace = tracker.trace if tracker.keep_trace else None
+        first_step = tracker.step
+        try:
+            z, fz, g, astate, tstate, obj = step(flat, astate, tstate, z, fz, g)
+        except Exception as error:  # compilation failed: tracing f, or the backend (no C++ compiler)
+            self._compile_failed = True
+            fallback_warning("DiscreteDEQSolver", error)
+            return None
+        steps, done = 1, False
+        while True:
+            F.nfe += 1
+            F.rows += batch
+            if trace is not None:
+                trace.append(obj)
+            if steps % k == 0:
+                load_device_state(tracker, tstate, first_step + steps)
+                done = tracker.all_stopped()
+            if done or steps >= self.max_steps:
+                break
+            z, fz, g, astate, tstate, obj = step(flat, astate, tstate, z, fz, g)
+            steps += 1
+        load_device_state(tracker, tstate, first_step + steps)
+        return z, g, steps
 
     def _iterate(
         self,

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, cast
 from deqlab.solvers.algorithms import ALGORITHMS
 from deqlab.solvers.continuous import _METHODS, ContinuousDEQSolver, ODEMethod
 from deqlab.solvers.discrete import DiscreteDEQSolver
+from deqlab.solvers.reversible import ReversibleSolver
 
 _REGISTRY: Dict[str, Callable[..., Any]] = {}
 
@@ -69,7 +70,7 @@ def available_solvers() -> list:
         >>> from deqlab.solvers import available_solvers
         >>> available_solvers()   # the built-ins (and any solver registered since)
         ['anderson', 'broyden', 'continuous', 'continuous_dopri5', 'continuous_euler', 'continuous_rk4',
-         'continuous_tsit5', 'continuous_vcab3', 'fixed_point', 'lbroyden', 'newton_krylov'...]
+         'continuous_tsit5', 'continuous_vcab3', 'fixed_point', 'lbroyden', 'newton_krylov', 'reversible'...]
     """
     return sorted(_REGISTRY)
 
@@ -80,7 +81,9 @@ def get_solver(name: str, **options: Any):
     Why by name: configs (YAML, LightningCLI) name solvers by string. The built-in discrete names
     (``"anderson"``, ``"lbroyden"``, ...) build a [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver] and take its
     options and the algorithm's together; ``"continuous"`` (Tsit5) and ``"continuous_<method>"`` build a
-    [`ContinuousDEQSolver`][deqlab.solvers.ContinuousDEQSolver].
+    [`ContinuousDEQSolver`][deqlab.solvers.ContinuousDEQSolver]; ``"reversible"`` builds a
+    [`ReversibleSolver`][deqlab.solvers.ReversibleSolver] (a DEQ layer given it picks its
+    [`ReversibleBackward`][deqlab.nn.ReversibleBackward]).
 
     Args:
         name: a registered name (see [`available_solvers`][deqlab.solvers.available_solvers]).
@@ -143,3 +146,4 @@ for _name in ALGORITHMS:
 for _name in _METHODS:
     register_solver(f"continuous_{_name}", _continuous_factory(_name))
 register_solver("continuous", _continuous_factory("tsit5"))
+register_solver("reversible", ReversibleSolver)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, List, Optional
 
 from torch import Tensor
 
@@ -94,6 +94,13 @@ class SolverResult:
             ``abs_*``; see ``objective_name``); ``None`` from a solver that does not record it.
         tolerance: the tolerance the objective is compared with. ``None`` when not recorded.
         objective_name: the objective in words (``TerminationCondition.objective_name``).
+        iterates: the iterates kept at ``iterate_steps`` when the solve ran inside
+            [`record_iterates`][deqlab.solvers.record_iterates] (one state per step, per sample: a sample
+            that stopped earlier gives its returned ``z`` there); ``None`` otherwise.
+        iterate_steps: the step indices of ``iterates``; ``None`` when nothing was recorded.
+        reversible: [`ReversibleSolver`][deqlab.solvers.ReversibleSolver] only: the final ``y_N``, the start and
+            the per-sample step counts its exact backward ([`ReversibleBackward`][deqlab.nn.ReversibleBackward])
+            inverts (a [`ReversibleState`][deqlab.solvers.ReversibleState]); ``None`` from other solvers.
 
     Example:
         >>> import torch
@@ -134,6 +141,9 @@ class SolverResult:
     objective: Optional[Tensor] = None
     tolerance: Optional[float] = None
     objective_name: Optional[str] = None
+    iterates: Optional[List[State]] = field(default=None, repr=False)
+    iterate_steps: Optional[List[int]] = None
+    reversible: Optional[Any] = field(default=None, repr=False)
 
     @property
     def all_converged(self) -> bool:

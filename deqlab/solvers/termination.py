@@ -26,9 +26,11 @@ the ``(B, N)`` tensor, as the reference package did): every sample then stops to
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Tuple, get_args
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 from torch import Tensor
@@ -50,6 +52,49 @@ NormKind = Literal["l2", "rms"]
 TERMINATION_MODES: Tuple[str, ...] = get_args(TerminationMode)
 
 _EPS = 1e-12
+
+_RECORD: "contextvars.ContextVar[Optional[list]]" = contextvars.ContextVar("deqlab_record_iterates", default=None)
+
+
+@contextlib.contextmanager
+def record_iterates(steps: Sequence[int]) -> Iterator[None]:
+    """Ask the next solve started in this block to keep its iterates at the given step indices.
+
+    The first [`TerminationTracker`][deqlab.solvers.TerminationTracker] created inside the block takes the
+    request (a solver's inner solves, started later, do not); the solver's result then carries them as
+    ``result.iterates`` (one state per index, in the order given) and ``result.iterate_steps``. Step ``0``
+    is the starting guess, step ``i`` the iterate evaluated at the solver's ``i``-th update. Recording is
+    per sample and cheap (one copy of the state per requested index): a sample that stopped before step
+    ``i`` gives its returned iterate there, so every sample yields one state per index. Used by
+    ``DeepEquilibriumNetwork(sample_states=k)``.
+
+    Args:
+        steps: the step indices (ints >= 0).
+
+    Returns:
+        A context manager (it yields nothing; read the iterates from the result).
+
+    Raises:
+        ValueError: a step is not an int >= 0.
+
+    Example:
+        >>> import torch
+        >>> from deqlab.solvers import DiscreteDEQSolver, record_iterates
+        >>> solver = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-8, max_steps=60)
+        >>> with record_iterates([0, 1, 2, 500]):
+        ...     res = solver(lambda z: 0.5 * z + 1, torch.zeros(1, 1, dtype=torch.float64))
+        >>> [round(float(z), 4) for z in res.iterates]   # z0, z1, z2, then the returned z* (stopped earlier)
+        [0.0, 1.0, 1.5, 2.0]
+    """
+    steps = list(steps)
+    for s in steps:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"record_iterates: step indices must be ints >= 0, got {s!r}")
+    token = _RECORD.set([steps])  # a one-slot box: the first tracker empties it
+    try:
+        yield
+    finally:
+        _RECORD.reset(token)
 
 
 def _check_tol(name: str, value: float) -> float:
@@ -375,6 +420,9 @@ class TerminationTracker:
         self._ret: Optional[list] = None  # [z, du, res, rel] each sample returns
         self._best_obj: Optional[Tensor] = None
         self._history: Optional[Tensor] = None
+        box = _RECORD.get()
+        self.record_steps: Optional[List[int]] = box.pop() if box else None  # see record_iterates
+        self._recorded: Dict[int, Tensor] = {}
 
     def update(
         self,
@@ -397,6 +445,8 @@ class TerminationTracker:
         `all_stopped` (one host sync) when the answer is needed.
         """
         cond = self.cond
+        if self.record_steps is not None and self.step in self.record_steps:
+            self._recorded[self.step] = z.clone()
         obj, met, res, rel, fzn = cond._evaluate(z, du, fz)
         cur = (z, du, res, rel)  # what a sample returns: its own residuals, also when batch-wide
         numel = self.numel
@@ -567,6 +617,22 @@ class TerminationTracker:
         z_ret, du_ret, res, rel = self._ret
         return z_ret, du_ret, res, rel
 
+    def iterates(self, z_ret: Tensor) -> Optional[List[Tensor]]:
+        """The recorded flat iterates (after `finish`), one per step of `record_iterates` in its order:
+        a sample that had stopped before a step (or a step the loop never reached) gives ``z_ret``, its
+        returned iterate. ``None`` when nothing was requested."""
+        if self.record_steps is None:
+            return None
+        out = []
+        for s in self.record_steps:
+            rec = self._recorded.get(s)
+            if rec is None:
+                out.append(z_ret.clone())
+            else:
+                reached = (self.sample_steps >= s).unsqueeze(1)
+                out.append(torch.where(reached, rec, z_ret))
+        return out
+
     def trace_tensor(self) -> Optional[Tensor]:
         """``(steps, B)`` objectives; entries after a sample stopped repeat its final value."""
         if not self.trace:
@@ -593,3 +659,113 @@ class TerminationTracker:
         if n_conv + n_stall < self.batch:  # some sample was still running when the budget ran out
             return SolverStatus.MAX_STEPS
         return SolverStatus.STALLED
+
+
+# ------------------------------------------------------------------------------ the compiled solver step
+#
+# `TerminationTracker.update(sync=False)` as a pure function of tensors, for `torch.compile`. Why a second
+# spelling: `update` keeps Python state (a step counter, lazily built buffers, host tests on the fast path)
+# that would make a compiled graph guard on -- and recompile for -- every step. This one takes every piece
+# of per-solve state as a tensor and returns the new one, with no host synchronisation and no Python branch
+# on a tensor's value, so `torch.compile(fullgraph=True)` fuses it with the algorithm's step. It is only
+# ever called after the tracker's first (eager) update, with no ``mask``/``diverged`` (the discrete
+# solver's loop), and makes exactly the decisions of the slow path of `update` (the equality tests of
+# tests/solvers/test_compiled_step.py hold the two together).
+
+#: the tracker's per-solve tensors a compiled step reads and returns (``prev``/``ret``: (z, du, res, rel))
+_DEVICE_FIELDS = ("active", "converged", "stalled", "diverged", "nonfinite", "sample_steps")
+_DEVICE_CONSTANTS = ("_threshold", "_res_threshold", "_lost_at", "_res_fall", "_grown_at")
+
+
+def export_device_state(tracker: TerminationTracker) -> dict:
+    """The tracker's per-solve state as a dict of tensors (after its first update), for `device_update`."""
+    if tracker._obj0 is None:
+        raise RuntimeError("export_device_state needs a tracker that has seen its first update")
+    state = {name: getattr(tracker, name) for name in _DEVICE_FIELDS}
+    state.update({name: getattr(tracker, name) for name in _DEVICE_CONSTANTS})
+    state["prev"] = tuple(tracker._prev)
+    # After the first update the returned and the previous iterates are the same tensors; after a compiled
+    # step they never are. Copies (once per solve) keep the aliasing of the inputs the same at every step,
+    # else dynamo's aliasing guard would recompile the step after its first call.
+    state["ret"] = tuple(t.clone() for t in tracker._ret)
+    state["step"] = torch.tensor(tracker.step, dtype=torch.long, device=tracker.active.device)
+    if tracker._best_obj is not None:
+        state["best_obj"] = tracker._best_obj
+    if tracker._history is not None:
+        state["history"] = tracker._history
+    return state
+
+
+def load_device_state(tracker: TerminationTracker, state: dict, step: int) -> None:
+    """Write a state returned by `device_update` back into ``tracker``, whose update counter becomes
+    ``step`` (the host knows it, so nothing is read back). The number of active samples is left stale:
+    `TerminationTracker.all_stopped` (or `finish`) reads it in one host sync."""
+    for name in _DEVICE_FIELDS:
+        setattr(tracker, name, state[name])
+    tracker._prev = tuple(state["prev"])
+    tracker._ret = list(state["ret"])
+    if "best_obj" in state:
+        tracker._best_obj = state["best_obj"]
+    if "history" in state:
+        tracker._history = state["history"]
+    tracker.step = step
+    tracker._n_active_stale = True
+
+
+def device_update(cond: TerminationCondition, state: dict, z: Tensor, du: Tensor, fz: Tensor) -> Tuple[dict, Tensor]:
+    """One tracker update on the device: ``(new state, objective)`` for the evaluation ``du = f(z) - z``.
+
+    The pure twin of `TerminationTracker.update` (``sync=False``, no ``mask``/``diverged``): same stop
+    rule, same merges, same step counts; the step counter is the tensor ``state["step"]``.
+    """
+    obj, met, res, rel, fzn = cond._evaluate(z, du, fz)
+    cur = (z, du, res, rel)
+    if cond.batch_wide:
+        res, fzn = cond.batch_norms(res, fzn)
+    step = state["step"]
+    live = state["active"]
+    new = dict(state)
+    patience_met = None
+    if cond.uses_patience:
+        hist = state["history"]
+        slot = (step % cond.patience).view(1)
+        row = torch.where(live, obj, hist.index_select(0, slot).squeeze(0))
+        hist = hist.index_copy(0, slot, row.unsqueeze(0))
+        new["history"] = hist
+        stalled = hist.amax(dim=0) < cond.min_max_factor * hist.amin(dim=0)
+        patience_met = stalled & (obj <= cond.patience_objective_multiplier * cond.tol) & (step + 1 >= cond.patience)
+    fell = (res < state["_res_fall"]) | (fzn <= state["_grown_at"]) if cond.relative else None
+    sane = (res < state["_res_threshold"]) & (fzn < state["_lost_at"])
+    lost = fzn >= state["_lost_at"]
+    ret = list(state["ret"])
+    if cond.returns_best:
+        take = live & (obj < state["best_obj"]) & sane
+        new["best_obj"] = torch.where(take, obj, state["best_obj"])
+        ret = TerminationTracker._merge(ret, cur, take)
+    within_tol = met
+    if patience_met is not None:
+        met = met | patience_met
+    if fell is not None:
+        met = met & fell
+    bad = ~(obj < state["_threshold"]) | ~sane
+    met = met & ~bad
+    stopping = (met | bad) & live
+    finite = torch.isfinite(obj) & torch.isfinite(res) & torch.isfinite(fzn)
+    stop_ok = stopping & finite & met
+    stop_conv = stop_ok & within_tol
+    stop_stall = stop_ok & ~within_tol
+    stop_nan = stopping & ~finite
+    stop_div = stopping & ~stop_ok & ~stop_nan
+    new["converged"] = state["converged"] | stop_conv
+    new["stalled"] = state["stalled"] | stop_stall
+    new["diverged"] = state["diverged"] | stop_div
+    new["nonfinite"] = state["nonfinite"] | stop_nan
+    new["sample_steps"] = torch.where(stopping, step, state["sample_steps"])
+    if not cond.returns_best:
+        ret = TerminationTracker._merge(ret, cur, stop_ok | (stop_div & ~lost))
+        ret = TerminationTracker._merge(ret, state["prev"], stop_nan | (stop_div & lost))
+    new["ret"] = tuple(ret)
+    new["active"] = live & ~stopping
+    new["prev"] = cur
+    new["step"] = step + 1
+    return new, obj

@@ -83,11 +83,24 @@ def test_the_grids_trained_networks_are_timed_as_saved(mnist_dir, tmp_path):
             "16",
             "--also-ode",
             "tsit5",
+            "--reference-solver",
         ]
     )
     assert "the networks trained by the grid" in text
     rows = [line for line in text.splitlines() if line.startswith("| vanilla |")]
-    assert [r.split("|")[2].strip() for r in rows] == ["continuous/tsit5", "discrete"]
+    labels = [r.split("|")[2].strip() for r in rows]
+    # each trained DEQ once as trained, once re-solved with the paper's MNIST column's solver (same weights)
+    assert labels == [
+        "continuous/tsit5",
+        "reference L-Broyden (trained continuous/tsit5)",
+        "discrete",
+        "reference L-Broyden (trained discrete)",
+    ]
+    solvers = [cfg for cfg in timing.load_trained(models, [], 0, reference_solver=True) if "reference" in cfg.name]
+    for cfg in solvers:
+        solver = cfg.net.deq.solver
+        assert solver.termination.batch_wide and solver.termination.mode == "rel_norm"
+        assert "LimitedMemoryBroyden" in repr(solver)
     for line in rows:  # the paper's count is beside ours: more than ours by its start-up and final z*
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert float(cells[8]) > float(cells[7]) >= 1

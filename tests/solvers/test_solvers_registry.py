@@ -162,3 +162,13 @@ def test_result_record():
     assert SolverStatus("max_steps") is SolverStatus.MAX_STEPS
     assert "DiscreteDEQSolver" in repr(DiscreteDEQSolver("anderson"))
     assert "ContinuousDEQSolver" in repr(ContinuousDEQSolver())
+
+
+def test_reversible_is_registered():
+    from deqlab.solvers import ReversibleSolver
+
+    s = get_solver("reversible", beta=0.5, max_steps=7)
+    assert isinstance(s, ReversibleSolver) and s.beta == 0.5 and s.max_steps == 7
+    assert "reversible" in available_solvers()
+    with pytest.raises(TypeError, match="beta"):  # an unknown option lists the valid ones
+        get_solver("reversible", bta=0.5)

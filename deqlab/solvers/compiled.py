@@ -1,0 +1,141 @@
+"""The compiled solver step: one iteration (algorithm update + termination bookkeeping) as one graph.
+
+Why: on a CPU with a small map, a discrete solver's step is dozens of small kernels, each paying Python and
+dispatcher overhead that rivals its arithmetic. ``torch.compile`` fuses the step -- the map ``f``
+included -- into a few kernels. The loop around it stays eager and asks the device whether every sample
+has stopped every ``check_every`` steps, exactly as the eager loop does.
+
+What makes a step compilable: the algorithm's `pure_step` and the tracker's `device_update` are pure
+functions of tensors (no host sync, no Python branch on a tensor's value, no Python counter that would
+make the graph guard on the step number), and ``f`` is traceable. When it is not (an ``.item()`` in ``f``,
+no C++ compiler for inductor), the solver warns once and runs eager.
+
+Compilations: one per (algorithm configuration, termination condition, map, shape, dtype, device).
+``dynamic=None`` (torch's automatic dynamic shapes): the first batch size compiles a static graph; a
+second size compiles one graph with a symbolic batch dimension that then serves every size, so a last
+batch of another size costs one recompilation per solver, not one per call.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Any, Callable, Dict, Hashable, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from deqlab.solvers.termination import TerminationCondition, device_update
+
+#: what ``compile=`` accepts: ``False`` (eager), ``True`` (inductor), or a ``torch.compile`` backend
+CompileOption = Union[bool, str, Callable[..., Any]]
+
+_CACHE: Dict[Hashable, Callable[..., Any]] = {}
+
+
+class CompileFallbackWarning(UserWarning):
+    """A compiled solver step could not be built, so the solver runs eager; issued once per solver.
+
+    Why a warning and not an error: ``compile=True`` is an optimisation, and a map that cannot be traced
+    (it calls ``.item()``, branches on a tensor's value) or a machine without a C++ compiler still solves
+    correctly, only without the fusion. Filter it with ``warnings.simplefilter("error",
+    CompileFallbackWarning)`` to insist on the compiled step.
+
+    Example:
+        >>> import warnings
+        >>> import torch
+        >>> from deqlab.solvers import CompileFallbackWarning, DiscreteDEQSolver
+        >>> solver = DiscreteDEQSolver("newton_krylov", compile=True)   # no pure step: eager
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     res = solver(lambda z: 0.5 * z + 1, torch.zeros(2, 3))
+        >>> caught[0].category is CompileFallbackWarning, res.status.value
+        (True, 'converged')
+    """
+
+
+def check_compile_option(owner: str, value: object) -> CompileOption:
+    """``compile=`` validated: a bool, a backend name or a backend callable."""
+    if isinstance(value, bool) or isinstance(value, str) or callable(value):
+        if isinstance(value, str) and not value:
+            raise ValueError(f"{owner}: compile must be True/False or a torch.compile backend, got ''")
+        return value  # type: ignore[return-value]
+    raise TypeError(
+        f"{owner}: compile must be True/False or a torch.compile backend (name or callable), got {type(value).__name__}"
+    )
+
+
+def compile_available() -> bool:
+    """True when this torch has ``torch.compile`` (dynamo) at all."""
+    return hasattr(torch, "compile") and hasattr(torch, "_dynamo")
+
+
+def _fresh_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``fn`` with its own code object, hence its own dynamo cache.
+
+    Why: dynamo keeps compiled graphs per code object, with a limit (``recompile_limit``, 8) on their
+    number. One shared step function would let every solver configuration in a process (forward and
+    backward solvers, several layers) compete for those 8 entries and fall back to eager silently; a code
+    object per configuration keeps them apart.
+    """
+    code = fn.__code__.replace()  # a distinct object, equal in everything else
+    new = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    if new.__code__ is fn.__code__:  # pragma: no cover - CPython always copies in replace()
+        raise RuntimeError("could not copy the step function's code object")
+    return new
+
+
+def compiled_discrete_step(
+    algorithm, condition: TerminationCondition, backend: CompileOption
+) -> Callable[..., Tuple[Tensor, Tensor, Tensor, dict, dict, Tensor]]:
+    """The compiled ``step(F, astate, tstate, z, fz, g) -> (z, fz, g, astate, tstate, objective)``.
+
+    Cached per (algorithm type and options, termination condition, backend), so every solver with the
+    same configuration shares its graphs; dynamo's guards then key them by shape, dtype and device.
+    """
+    backend_name = "inductor" if backend is True else backend
+    key = (type(algorithm), repr(algorithm), condition, backend_name)
+    step = _CACHE.get(key)
+    if step is None:
+
+        def fused(F, astate, tstate, z, fz, g):
+            z, fz, astate = algorithm.pure_step(astate, z, fz, g, F)
+            g = fz - z
+            tstate, obj = device_update(condition, tstate, z, g, fz)
+            return z, fz, g, astate, tstate, obj
+
+        step = torch.compile(_fresh_function(fused), backend=backend_name, fullgraph=True, dynamic=None)
+        _CACHE[key] = step
+    return step
+
+
+def fallback_warning(owner: str, error: BaseException) -> None:
+    """Warn (once per solver: the caller remembers) that the compiled step failed and eager runs instead."""
+    text = str(error).strip().splitlines()
+    first = text[0] if text else type(error).__name__
+    warnings.warn(
+        f"{owner}(compile=True): the solver step could not be compiled ({type(error).__name__}: "
+        f"{first[:300]}); running eager. Common causes: the map calls .item()/.tolist() or other "
+        f"host code on tensor values, or no C++ compiler is available for inductor (pass "
+        f"compile='aot_eager' to fuse nothing but keep tracing, or compile=False).",
+        CompileFallbackWarning,
+        stacklevel=4,
+    )
+
+
+def reset_cache() -> None:
+    """Forget every compiled step (and dynamo's graphs): the next compiled solve compiles again."""
+    _CACHE.clear()
+    if compile_available():
+        torch._dynamo.reset()
+
+
+__all__ = [
+    "CompileFallbackWarning",
+    "CompileOption",
+    "check_compile_option",
+    "compile_available",
+    "compiled_discrete_step",
+    "fallback_warning",
+    "reset_cache",
+]
