@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from deqlab.nn.spectral import power_iteration, spectral_radius
 from deqlab.nn.trajectory import correction_weights, sample_steps
 from deqlab.solvers import DiscreteDEQSolver, FixedPointLinearSolver, record_iterates
+from deqlab.solvers.termination import TerminationMode
 
 __all__ = [
     "get_deq",
@@ -51,6 +52,8 @@ __all__ = [
     "add_deq_args",
     "OPTIONS",
 ]
+
+_Value = TypeVar("_Value")
 
 #: every option torchdeq 0.1.0's ``get_deq`` / ``add_deq_args`` know, with torchdeq's default
 OPTIONS: Dict[str, Any] = {
@@ -92,7 +95,7 @@ _SOLVERS = {
     "anderson": "anderson",
     "broyden": "broyden",
 }
-_STOP = {"abs": "abs_norm", "rel": "rel_norm"}
+_STOP: Dict[str, TerminationMode] = {"abs": "abs_norm", "rel": "rel_norm"}
 
 
 def _check_keys(owner: str, keys: Sequence[str]) -> None:
@@ -103,7 +106,7 @@ def _check_keys(owner: str, keys: Sequence[str]) -> None:
             raise ValueError(f"{owner}: unknown option {key!r}{hint}; torchdeq would ignore it silently")
 
 
-def _choice(owner: str, what: str, value: str, table: Dict[str, str]) -> str:
+def _choice(owner: str, what: str, value: str, table: Dict[str, _Value]) -> _Value:
     if value not in table:
         near = difflib.get_close_matches(str(value), list(table), n=1)
         raise ValueError(
@@ -266,9 +269,8 @@ class DEQ(nn.Module):
         def unflat(v: Tensor) -> List[Tensor]:
             return [c.reshape(s) for c, s in zip(torch.split(v, sizes, dim=1), shapes)]
 
-        def hook(*grads: Tensor) -> Tuple[Tensor, ...]:
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, parts)]
-            b = flat(grads)
+        def hook(*grads: Optional[Tensor]) -> Tuple[Tensor, ...]:
+            b = flat([torch.zeros_like(p) if g is None else g for g, p in zip(grads, parts)])
 
             def matvec(g: Tensor) -> Tensor:
                 vjp = torch.autograd.grad(f_parts, parts, unflat(g), retain_graph=True, allow_unused=True)
@@ -280,14 +282,10 @@ class DEQ(nn.Module):
                 writer({"nstep": torch.tensor([float(out.iterations)]), "abs_lowest": out.residual})
             return tuple(unflat(out.x))
 
-        out = (
-            [_ImplicitHook.apply(hook, len(parts), *f_parts)]
-            if not is_list
-            else list(_ImplicitHook.apply(hook, len(parts), *f_parts))
-        )
-        if not is_list:
-            out = out[0] if isinstance(out[0], Tensor) else out[0][0]
-        return out
+        out = _ImplicitHook.apply(hook, len(parts), *f_parts)
+        if is_list:
+            return list(out)
+        return out if isinstance(out, Tensor) else out[0]
 
 
 class _ImplicitHook(torch.autograd.Function):
@@ -334,8 +332,10 @@ def reset_norm(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, EquilibriumStateful):
             module.deq_begin()
-        elif module is not model and callable(getattr(module, "reset_norm", None)):
-            module.reset_norm()
+        elif module is not model:
+            reset = getattr(module, "reset_norm", None)
+            if callable(reset):
+                reset()
 
 
 #: torchdeq's ``args`` names of the norm options -> its ``Norm.apply`` keywords (``norm_no_scale`` negated)
@@ -346,7 +346,7 @@ _NORM_ARGS = {
     "norm_clip_value": "clip_value",
     "sn_n_power_iters": "n_power_iterations",
 }
-_NORM_DEFAULTS = {
+_NORM_DEFAULTS: Dict[str, Any] = {
     "learn_scale": True,
     "target_norm": 1.0,
     "clip": False,
@@ -536,7 +536,8 @@ def fp_correction(
             return a
         return a[i] if len(a) == n else a[-1]
 
-    loss, values = 0.0, []
+    loss: Union[float, Tensor] = 0.0
+    values: List[float] = []
     for i in range(n):
         term = crit(*[pick(a, i) for a in args])
         loss = loss + weights[i] * term

@@ -6,12 +6,13 @@ term would break DDP's batch-mean contract, and a weight whose term never comes 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor
 
-from deqlab.nn.trajectory import fixed_point_correction_loss
+from deqlab.nn.trajectory import CorrectionWeight, fixed_point_correction_loss
+from deqlab.state import State
 
 __all__ = ["RESERVED_LOSS_NAMES", "checked_extra_terms", "correction_task_loss"]
 
@@ -93,7 +94,9 @@ def correction_task_loss(
         )
     states = sampled[0].states
     outputs = [state_output(s) for s in states[:-1]] + [output]
-    return fixed_point_correction_loss(task_loss, outputs, target, weight, gamma, return_parts=True)
+    criterion = cast(Callable[[State, Tensor], Tensor], task_loss)  # it sees the decoded outputs: tensors
+    kind = cast(CorrectionWeight, weight)  # checked by correction_weights
+    return fixed_point_correction_loss(criterion, outputs, target, kind, gamma, return_parts=True)
 
 
 def checked_extra_terms(

@@ -620,6 +620,7 @@ class DeepEquilibriumNetwork(nn.Module):
             if steps is not None and depth > 0:  # the unrolled iterates already carry their gradient
                 states = [recorded.get(i, z_star) for i in steps] + [z_star]
             elif steps is not None:
+                assert result is not None  # depth 0: the solver ran
                 states = phantom_states(fmap, result.iterates, self.sample_grad, self.sample_tau) + [z_star]
                 nfe += len(steps) * self.sample_grad
         skip = self.init.skip_loss(u0, z_star)

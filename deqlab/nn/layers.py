@@ -24,12 +24,13 @@ import contextlib
 import math
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_mod
+from torch.nn.modules.conv import _ConvNd
 
 __all__ = [
     "EquilibriumStateful",
@@ -373,15 +374,20 @@ class SpectralNorm(_NormalisedWeight):
     def _matrix(weight: Tensor) -> Tensor:
         return weight.reshape(weight.shape[0], -1)
 
+    def _vectors(self) -> Tuple[Tensor, Tensor]:
+        """The power iteration's singular-vector estimates, the buffers ``u`` and ``v``."""
+        return cast(Tensor, self.u), cast(Tensor, self.v)
+
     @torch.no_grad()
     def _power_iterate(self, steps: int) -> None:
         mat = self._matrix(self.weight_orig.detach())
-        u, v = self.u, self.v
+        u_buffer, v_buffer = self._vectors()
+        u, v = u_buffer, v_buffer
         for _ in range(steps):
             v = F.normalize(mat.t() @ u, dim=0, eps=self.eps)
             u = F.normalize(mat @ v, dim=0, eps=self.eps)
-        self.u.copy_(u)
-        self.v.copy_(v)
+        u_buffer.copy_(u)
+        v_buffer.copy_(v)
 
     def update(self) -> None:
         """Take ``n_power_iterations`` power-iteration steps on the current weight (counted in ``num_updates``).
@@ -401,7 +407,8 @@ class SpectralNorm(_NormalisedWeight):
         Returns:
             ``scale · target · weight / σ`` (``σ = uᵀ W v``), or with ``clamp`` ``weight · min(1, target / σ)``.
         """
-        sigma = torch.dot(self.u.clone(), self._matrix(weight) @ self.v.clone()).clamp_min(self.eps)
+        u, v = self._vectors()
+        sigma = torch.dot(u.clone(), self._matrix(weight) @ v.clone()).clamp_min(self.eps)
         factor = self.target / (torch.maximum(sigma, sigma.new_tensor(self.target)) if self.clamp else sigma)
         w = weight * factor
         return w * self.scale if self.scale is not None else w
@@ -436,9 +443,10 @@ def _call_with_weight(module: nn.Module, name: str, w: Tensor, args: tuple, kwar
     if name == "weight" and not kwargs and len(args) == 1 and not _has_hooks(module):
         forward = type(module).forward
         if forward is nn.Linear.forward:
-            return F.linear(args[0], w, module.bias)
+            return F.linear(args[0], w, cast(nn.Linear, module).bias)
         if forward in _CONV_FORWARDS:
-            return module._conv_forward(args[0], w, module.bias)
+            conv = cast(_ConvNd, module)  # a Conv1d, Conv2d or Conv3d: its forward is one of _CONV_FORWARDS
+            return conv._conv_forward(args[0], w, conv.bias)
     with _ATTRIBUTE_LOCK:
         setattr(module, name, w)
         try:

@@ -14,7 +14,7 @@ time.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -155,7 +155,7 @@ class ReversibleBackward(BackwardMode):
         n_steps = int(steps.max()) if steps.numel() else 0
         nfe = 0
 
-        def evaluate_vjp(u: Tensor, w: Tensor) -> Tensor:
+        def evaluate_vjp(u: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
             """``f(u)`` (detached) after adding ``wᵀ ∂f/∂(x, θ, state)`` to ``acc``; returns (f(u), wᵀ ∂f/∂u)."""
             nonlocal nfe
             nfe += 1
@@ -166,7 +166,8 @@ class ReversibleBackward(BackwardMode):
             grads = torch.autograd.grad(fu, inputs, w, allow_unused=True)
             for i, g in zip(wanted, grads[1:]):
                 if g is not None:
-                    acc[i] = g if acc[i] is None else acc[i] + g
+                    before = acc[i]
+                    acc[i] = g if before is None else before + g
             gu = grads[0] if grads[0] is not None else torch.zeros_like(u)
             return fu.detach(), gu
 

@@ -138,10 +138,10 @@ def build_result(
         tolerance=float(cond.tol),
         objective_name=cond.objective_name,
     )
-    iterates = tracker.iterates(z_ret)
-    if iterates is not None:
+    iterates, recorded = tracker.iterates(z_ret), tracker.record_steps  # both None when nothing was requested
+    if iterates is not None and recorded is not None:
         result.iterates = [packer.unflatten(t) for t in iterates]
-        result.iterate_steps = list(tracker.record_steps)
+        result.iterate_steps = list(recorded)
     if throw and status is not SolverStatus.CONVERGED:
         n_bad = int((~result.converged).sum())
         n_stall = int(tracker.stalled.sum())  # what result.stalled holds a copy of

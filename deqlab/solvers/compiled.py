@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Any, Callable, Dict, Hashable, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, Tuple, Union, cast
 
 import torch
 from torch import Tensor
@@ -59,7 +59,7 @@ def check_compile_option(owner: str, value: object) -> CompileOption:
     if isinstance(value, bool) or isinstance(value, str) or callable(value):
         if isinstance(value, str) and not value:
             raise ValueError(f"{owner}: compile must be True/False or a torch.compile backend, got ''")
-        return value  # type: ignore[return-value]
+        return value
     raise TypeError(
         f"{owner}: compile must be True/False or a torch.compile backend (name or callable), got {type(value).__name__}"
     )
@@ -93,7 +93,8 @@ def compiled_discrete_step(
     Cached per (algorithm type and options, termination condition, backend), so every solver with the
     same configuration shares its graphs; dynamo's guards then key them by shape, dtype and device.
     """
-    backend_name = "inductor" if backend is True else backend
+    # compile=False solves eagerly and never asks for a compiled step
+    backend_name = "inductor" if backend is True else cast(Union[str, Callable[..., Any]], backend)
     key = (type(algorithm), repr(algorithm), condition, backend_name)
     step = _CACHE.get(key)
     if step is None:

@@ -271,9 +271,8 @@ class ReversibleSolver:
         # The returned iterate is our own frozen z_N (the one the backward inverts), whatever the tracker
         # would have picked; its residuals are recomputed on it so they describe what is returned.
         du = fz - z
-        obj, _, res, rel, _ = cond._evaluate(z, du, fz)
-        if cond.batch_wide:
-            obj = result.objective
+        evaluated, _, res, rel, _ = cond._evaluate(z, du, fz)
+        obj = result.objective if cond.batch_wide and result.objective is not None else evaluated  # always set
         result = dataclasses.replace(
             result,
             z=packer.unflatten(z.clone()),

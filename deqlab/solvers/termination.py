@@ -679,15 +679,16 @@ _DEVICE_CONSTANTS = ("_threshold", "_res_threshold", "_lost_at", "_res_fall", "_
 
 def export_device_state(tracker: TerminationTracker) -> dict:
     """The tracker's per-solve state as a dict of tensors (after its first update), for `device_update`."""
-    if tracker._obj0 is None:
+    prev, ret = tracker._prev, tracker._ret  # set, with _obj0, by the first update
+    if tracker._obj0 is None or prev is None or ret is None:
         raise RuntimeError("export_device_state needs a tracker that has seen its first update")
     state = {name: getattr(tracker, name) for name in _DEVICE_FIELDS}
     state.update({name: getattr(tracker, name) for name in _DEVICE_CONSTANTS})
-    state["prev"] = tuple(tracker._prev)
+    state["prev"] = tuple(prev)
     # After the first update the returned and the previous iterates are the same tensors; after a compiled
     # step they never are. Copies (once per solve) keep the aliasing of the inputs the same at every step,
     # else dynamo's aliasing guard would recompile the step after its first call.
-    state["ret"] = tuple(t.clone() for t in tracker._ret)
+    state["ret"] = tuple(t.clone() for t in ret)
     state["step"] = torch.tensor(tracker.step, dtype=torch.long, device=tracker.active.device)
     if tracker._best_obj is not None:
         state["best_obj"] = tracker._best_obj
