@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from pathlib import Path
@@ -98,27 +99,14 @@ def test_the_wheel_and_the_sdist_pass_twine_and_the_wheel_installs_and_imports_o
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(python),
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-index",
-            "--no-compile",
-            "--disable-pip-version-check",
-            str(wheel),
-        ]
-    )
-    paths = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    fresh = Path(_run([str(python), "-c", paths], cwd=tmp_path).stdout.strip())
-    here = Path(_run([sys.executable, "-c", paths]).stdout.strip())
-    (fresh / "_deqlab_test_dependencies.pth").write_text(f"{here}\n")
+    # outside the checkout and without PYTHONPATH: pip must not take a deqlab.egg-info it sees for an install
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    install = ["install", "-q", "--no-deps", "--no-index", "--ignore-installed", "--no-compile"]
+    _run([sys.executable, "-m", "pip", "--python", str(python), *install, str(wheel)], cwd=tmp_path, env=env)
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    fresh = Path(_run([str(python), "-c", purelib], cwd=tmp_path, env=env).stdout.strip())
+    here = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))  # this venv's, in order
+    (fresh / "_deqlab_test_dependencies.pth").write_text("".join(f"{path}\n" for path in here))
     code = (
         "import importlib.metadata, deqlab; from deqlab import DeepEquilibriumNetwork, DiscreteDEQSolver; "
         "print(deqlab.__file__); print(deqlab.__version__); print(importlib.metadata.version('deqlab'))"
