@@ -489,7 +489,7 @@ def jac_reg(f0: Tensor, z0: Tensor, vecs: int = 1, create_graph: bool = True) ->
 def power_method(f0: Tensor, z0: Tensor, n_iters: int = 100) -> Tuple[Tensor, Tensor]:
     """torchdeq's ``power_method``: ``(eigenvector, |eigenvalue|)`` per sample of the largest-magnitude
     eigenvalue of ``J = df0/dz0``, by power iteration on vector-Jacobian products of the graph ``f0(z0)``
-    (deqlab's [`power_iteration`][deqlab.nn.spectral.power_iteration] from ``torch.randn_like(z0)``, as
+    (deqlab's [`power_iteration`][deqlab.nn.power_iteration] from ``torch.randn_like(z0)``, as
     torchdeq draws it; the value is its Rayleigh quotient's modulus, torchdeq's estimate)."""
     batch = z0.shape[0]
 

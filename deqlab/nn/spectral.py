@@ -11,7 +11,7 @@ advances every sample's iteration):
   then the largest modulus of the eigenvalues of the small Hessenberg matrix (the Ritz values). It finds
   complex and negative dominant eigenvalues as well as positive ones, and is exact once ``n_iters`` reaches
   the state size. Memory: ``n_iters + 1`` state-sized vectors per sample.
-* ``"power"``: the power method ([`power_iteration`][deqlab.nn.spectral.power_iteration], which
+* ``"power"``: the power method ([`power_iteration`][deqlab.nn.power_iteration], which
   ``deqlab.compat.torchdeq.power_method`` wraps too). Returns the growth rate
   ``(‖Jᵐ u‖ / ‖Jᵏ u‖)^(1/(m−k))`` over the second half of the iterations, which tends to ``|λ_max|`` for a
   real dominant eigenvalue of either sign *and* for a complex pair (where ``‖Jᵏu‖`` oscillates, so the
@@ -109,7 +109,7 @@ def _unit(v: Tensor) -> Tensor:
 
 
 class PowerIteration(NamedTuple):
-    """What [`power_iteration`][deqlab.nn.spectral.power_iteration] returns, per sample.
+    """What [`power_iteration`][deqlab.nn.power_iteration] returns, per sample.
 
     Attributes:
         vector: ``(B, N)``: the last iterate, unit norm per sample (the dominant eigenvector's estimate).
@@ -146,7 +146,7 @@ def power_iteration(vjp: Callable[[Tensor], Tensor], v: Tensor, n_iters: int) ->
         n_iters: iterations (VJPs), ``>= 1``. Required.
 
     Returns:
-        A [`PowerIteration`][deqlab.nn.spectral.PowerIteration]: the last unit iterate, the last Rayleigh
+        A [`PowerIteration`][deqlab.nn.PowerIteration]: the last unit iterate, the last Rayleigh
         quotient and the growth rate over the second half (see there), computed without autograd.
 
     Raises:
