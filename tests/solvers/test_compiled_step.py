@@ -118,8 +118,10 @@ def test_compile_option_is_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DEQLAB_INDUCTOR_TESTS"),
-                    reason="inductor compiles C++ kernels (~1 min on 2 loaded cores); set DEQLAB_INDUCTOR_TESTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("DEQLAB_INDUCTOR_TESTS"),
+    reason="inductor compiles C++ kernels (~1 min on 2 loaded cores); set DEQLAB_INDUCTOR_TESTS=1",
+)
 def test_inductor_step_equals_eager():
     f, z0 = _problem(6, torch.float32)
     kw = dict(mode="rel_norm", reltol_termination=1e-5, max_steps=40, memory=4)
