@@ -25,11 +25,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from deqlab.lightning._optim import build_optimizer, build_scheduler
 from deqlab.lightning._pending import PendingStep
 from deqlab.lightning._stats import StepRecord, split_forward_output, summarize
+from deqlab.lightning.accuracy import accuracy_metrics, log_accuracy, log_explicit_accuracy
 from deqlab.lightning.checkpoint import check_checkpoint_file, damage_reported_by_name
 from deqlab.lightning.hparams import init_arguments, records_init_arguments, save_init_arguments
 from deqlab.lightning.layers import find_deq_layers
@@ -43,7 +43,6 @@ from deqlab.spec.training import DEQTrainingConfig, TrainingArg
 
 __all__ = ["DEQLightningModule", "RESERVED_LOSS_NAMES", "find_deq_layers"]
 
-_STAGES: Tuple[str, ...] = ("train", "val", "test")
 
 #: names that moved out of this module (each warns ``DeprecationWarning`` naming its new home)
 _MOVED = {
@@ -143,7 +142,7 @@ class DEQLightningModule(pl.LightningModule):
         arguments = init_arguments(self)  # None when this class itself is built
         save_init_arguments(self, arguments if arguments is not None else {"training": training, **overrides})
         self.deq_config = DEQTrainingConfig.build(training, defaults=self.default_training, **overrides)
-        self.metrics = _accuracy_metrics(self.deq_config.num_classes)
+        self.metrics = accuracy_metrics(self.deq_config.num_classes)
         self._timer = PhaseTimer()  # the forward's; the other phases are PhaseTiming's
         #: the running training step, for the callbacks that act after its backward (NonFiniteGuard, BackwardStats)
         self.pending_step: Optional[PendingStep] = None
@@ -324,38 +323,12 @@ class DEQLightningModule(pl.LightningModule):
         return dict(on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
 
     def _log_accuracy(self, output: Tensor, y: Tensor, stage: str, batch_size: Optional[int]) -> None:
-        if f"{stage}_accuracy" not in self.metrics or output.dim() != 2:
-            return
-        preds = output.detach()
-        acc = cast(MulticlassAccuracy, self.metrics[f"{stage}_accuracy"])  # _accuracy_metrics' (as below)
-        batch_acc = acc(preds, y)
-        self.log(
-            f"{stage}/accuracy", acc, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size
-        )
-        if stage == "train":
-            self.log(
-                "train/batch_accuracy", batch_acc, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size
-            )
-        if f"{stage}_top5_accuracy" in self.metrics:
-            top5 = cast(MulticlassAccuracy, self.metrics[f"{stage}_top5_accuracy"])
-            top5(preds, y)
-            self.log(f"{stage}/top5_accuracy", top5, on_step=False, on_epoch=True, batch_size=batch_size)
+        log_accuracy(self, output, y, stage, batch_size)
 
     def _log_explicit(self, x: Tensor, y: Tensor, stage: str, batch_size: Optional[int]) -> None:
         self._timer.start("explicit", self.device)
         out = self.explicit_forward(x)
-        elapsed = self._timer.stop("explicit", self.device)
-        if out is None:
-            return
-        key = f"{stage}_explicit_accuracy"
-        if key in self.metrics and out.dim() == 2:
-            metric = cast(MulticlassAccuracy, self.metrics[key])
-            metric(out.detach(), y)
-            self.log(f"{stage}/explicit_accuracy", metric, on_step=False, on_epoch=True, batch_size=batch_size)
-        if self.deq_config.log_timing and elapsed is not None:
-            self.log(
-                f"{stage}/explicit_time", elapsed, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
-            )
+        log_explicit_accuracy(self, out, self._timer.stop("explicit", self.device), y, stage, batch_size)
 
     def training_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
         """``{"loss": loss, "deq": StepRecord}``; callbacks read ``outputs["deq"]``."""
@@ -461,17 +434,3 @@ class DEQLightningModule(pl.LightningModule):
 
 def _log_when_trained(step: PendingStep, log: Callable[..., None], *args: Any, **kwargs: Any) -> None:
     step.when_trained(partial(log, *args, **kwargs))
-
-
-def _accuracy_metrics(num_classes: Optional[int]) -> nn.ModuleDict:
-    """Top-1 accuracy per stage (top-5 as well for more than ten classes, the explicit path's in evaluation)."""
-    metrics = nn.ModuleDict()
-    if num_classes is None:
-        return metrics
-    for stage in _STAGES:
-        metrics[f"{stage}_accuracy"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        if num_classes > 10:
-            metrics[f"{stage}_top5_accuracy"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        if stage != "train":
-            metrics[f"{stage}_explicit_accuracy"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-    return metrics

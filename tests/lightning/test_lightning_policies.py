@@ -284,5 +284,5 @@ def test_the_module_defines_no_lightning_hook_a_policy_depends_on():
     }
     assert not hooks & set(vars(DEQLightningModule)), sorted(hooks & set(vars(DEQLightningModule)))
     lines = len((REPO / "deqlab" / "lightning" / "module.py").read_text().splitlines())
-    # 490 in ruff format's layout (one argument a line in a long call); it was 450 before the code was formatted
-    assert lines <= 490, f"module.py has {lines} lines: give a new job its own module (a callback for a policy)"
+    # the "<= ~450 lines", in ruff format's layout (the accuracy logging lives in lightning/accuracy.py)
+    assert lines <= 450, f"module.py has {lines} lines: give a new job its own module (a callback for a policy)"
