@@ -44,6 +44,7 @@ Without MNIST under ``--data-dir`` it runs on seeded noise and says so (accuraci
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -323,13 +324,13 @@ def mean(xs: List[float]) -> float:
 def model_table(res: dict) -> str:
     rows = []
     for r in res["runs"]:
-        rows.append([r.mode, f"{r.accuracy:.2%}", f"{mean(r.fwd_nfe):.1f}", f"{mean(r.bwd_nfe):.1f}",
+        rows.append([r.mode, f"{r.accuracy:.2%}", f"{mean(r.losses[-10:]):.3f}", f"{mean(r.fwd_nfe):.1f}", f"{mean(r.bwd_nfe):.1f}",
                      f"{mean(r.converged):.0%}" if r.converged else "n/a", f"{r.test_nfe:.1f}",
                      fmt_time(r.step.median), fmt_time(r.step.iqr), fmt_bytes(r.peak), fmt_bytes(r.bwd_peak),
                      fmt_bytes(r.saved)])
-    return markdown_table(["mode", "test acc", "fwd NFE", "bwd NFE", "fwd converged", "test fwd NFE",
+    return markdown_table(["mode", "test acc", "train loss", "fwd NFE", "bwd NFE", "fwd converged", "test fwd NFE",
                            "step (median)", "step IQR", "fwd+bwd peak", "backward peak", "saved fwd→bwd"],
-                          rows, "lrrrrrrrrrr")
+                          rows, "lrrrrrrrrrrr")
 
 
 def scaling_table(res: dict) -> str:
@@ -358,7 +359,9 @@ def build_report(results: List[dict], info: dict, args, source: str) -> str:
             descs.setdefault(r.mode, r.desc)
     parts += [f"- **{m}**: {d}" for m, d in descs.items()] + [""]
     parts += [
-        "Columns: test accuracy on the first N MNIST test images after training; fwd / bwd NFE per training "
+        "Columns: test accuracy on the first N MNIST test images after training (`net.eval()`: the conv "
+        "model's BatchNorm head then uses its running statistics); the training cross-entropy, mean of the last "
+        "10 steps; fwd / bwd NFE per training "
         "step (`solution.nfe`, `solution.backward_nfe`), mean over all steps; the share of training forward "
         "solves that met the tolerance; the test forward NFE per evaluation batch; the median train step "
         f"(forward + loss + backward + AdamW step) over the steps after the first {args.warmup}, and its IQR; "
@@ -390,8 +393,8 @@ def build_report(results: List[dict], info: dict, args, source: str) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default="/work/shared/data",
-                   help="folder holding MNIST/raw (default /work/shared/data; seeded noise when absent)")
+    p.add_argument("--data-dir", default=os.environ.get("DEQLAB_DATA", "data"),
+                   help="folder holding MNIST/raw (default $DEQLAB_DATA or ./data; seeded noise when absent)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 = torch default)")
     p.add_argument("--quick", action="store_true",
@@ -403,7 +406,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="training batch (default 32, the paper's dense)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the median (default 3, quick 1)")
     p.add_argument("--test-subset", type=int, default=None, help="test images, dense model (default 2000)")
-    p.add_argument("--conv-test-subset", type=int, default=None, help="test images, conv model (default 1000)")
+    p.add_argument("--conv-test-subset", type=int, default=None, help="test images, conv model (default 500)")
     p.add_argument("--eval-batch", type=int, default=250)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--implicit-max-steps", type=int, default=15, help="GMRES VJP budget (default 15, the models')")
@@ -425,7 +428,7 @@ def parse_args(argv=None):
     args.argv = list(sys.argv[1:] if argv is None else argv)
     q = args.quick
     defaults = dict(dense_steps=3 if q else 400, conv_steps=3 if q else 30, batch=8 if q else 32,
-                    warmup=1 if q else 3, test_subset=16 if q else 2000, conv_test_subset=16 if q else 1000)
+                    warmup=1 if q else 3, test_subset=16 if q else 2000, conv_test_subset=16 if q else 500)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
