@@ -19,6 +19,7 @@ What lives here:
 Only the standard library and torch are imported. The per-region breakdowns use deqlab's public hook,
 :mod:`deqlab.instrument`; the maps and MNIST images are in ``_workloads.py``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -122,8 +123,9 @@ class Timing:
         return f"Timing(median={fmt_time(self.median)}, min={fmt_time(self.min)}, n={self.n})"
 
 
-def time_call(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, device: Any = None,
-              inner: int = 1) -> Timing:
+def time_call(
+    fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, device: Any = None, inner: int = 1
+) -> Timing:
     """Time ``fn`` ``repeats`` times after ``warmup`` untimed calls.
 
     ``inner > 1`` times ``inner`` back-to-back calls per sample and records the mean per call (for
@@ -137,15 +139,18 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, devi
         if inner == 1:
             timing.add(time_once(fn, device))
         else:
+
             def many() -> None:
                 for _ in range(inner):
                     fn()
+
             timing.add(time_once(many, device) / inner)
     return timing
 
 
-def time_interleaved(fns: Dict[str, Callable[[], Any]], *, repeats: int = 10, warmup: int = 2,
-                     device: Any = None) -> Dict[str, Timing]:
+def time_interleaved(
+    fns: Dict[str, Callable[[], Any]], *, repeats: int = 10, warmup: int = 2, device: Any = None
+) -> Dict[str, Timing]:
     """Time several callables round-robin (one call of each per round).
 
     On a machine shared with other processes the load drifts over time; interleaving spreads that drift
@@ -306,8 +311,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align:
             out.append(c.rjust(widths[i]) if align[i] == "r" else c.ljust(widths[i]))
         return "| " + " | ".join(out) + " |"
 
-    return "\n".join([line(cells[0]), "| " + " | ".join(sep(i) for i in range(len(headers))) + " |"]
-                     + [line(r) for r in cells[1:]])
+    return "\n".join(
+        [line(cells[0]), "| " + " | ".join(sep(i) for i in range(len(headers))) + " |"] + [line(r) for r in cells[1:]]
+    )
 
 
 def _markers(name: str):

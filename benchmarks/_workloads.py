@@ -16,6 +16,7 @@ its helpers from ``_common.py``, and no benchmark script imports another one.
 Only torch is imported here at module level: ``revision_ab.py``'s worker imports this module next to old
 revisions of deqlab, and deqlab's data modules cost seconds to import.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,9 +64,13 @@ def make_dense(device: torch.device, dtype: torch.dtype, seed: int, D: int = 256
 
     return Workload(
         name="dense",
-        description=(f"dense `tanh(W z + U x + b)`, D = {D}, B = {B}, W, U ~ N(0, 1/D), ‖W‖₂ = {sigma:.4f} "
-                     f"(spectral radius {rho:.3f})"),
-        f=f, x=x, z_shape=(B, D),
+        description=(
+            f"dense `tanh(W z + U x + b)`, D = {D}, B = {B}, W, U ~ N(0, 1/D), ‖W‖₂ = {sigma:.4f} "
+            f"(spectral radius {rho:.3f})"
+        ),
+        f=f,
+        x=x,
+        z_shape=(B, D),
     )
 
 
@@ -79,8 +84,7 @@ def _conv_opnorm(w: torch.Tensor, hw: int, iters: int, g: torch.Generator) -> fl
     return float(v.norm().sqrt())
 
 
-def make_conv(device: torch.device, dtype: torch.dtype, seed: int, C: int = 32, HW: int = 14,
-              B: int = 32) -> Workload:
+def make_conv(device: torch.device, dtype: torch.dtype, seed: int, C: int = 32, HW: int = 14, B: int = 32) -> Workload:
     """A residual-style conv DEQ cell, f(z, x) = tanh(conv3x3(z; W) + conv1x1(x; U) + b).
 
     The 3x3 kernel is ``identity tap + 0.3 * random`` (the shape of a residual branch folded into one
@@ -104,9 +108,13 @@ def make_conv(device: torch.device, dtype: torch.dtype, seed: int, C: int = 32, 
 
     return Workload(
         name="conv",
-        description=(f"conv `tanh(conv3x3(z) + conv1x1(x) + b)`, {C} channels, {HW}×{HW}, B = {B}, "
-                     f"3×3 kernel = identity tap + 0.3·random, operator norm {sigma:.4f}"),
-        f=f, x=x, z_shape=(B, C, HW, HW),
+        description=(
+            f"conv `tanh(conv3x3(z) + conv1x1(x) + b)`, {C} channels, {HW}×{HW}, B = {B}, "
+            f"3×3 kernel = identity tap + 0.3·random, operator norm {sigma:.4f}"
+        ),
+        f=f,
+        x=x,
+        z_shape=(B, C, HW, HW),
     )
 
 
@@ -127,9 +135,9 @@ def per_sample_mlp(batch: int, width: int, hidden: int, device) -> Tuple[Callabl
     from deqlab.solvers import PerSampleMap
 
     g = torch.Generator().manual_seed(0)
-    A = torch.linalg.qr(torch.randn(hidden, width, generator=g))[0]      # (hidden, width), A^T A = I
-    O = torch.linalg.qr(torch.randn(width, width, generator=g))[0]       # orthogonal
-    W1, W2 = A * 2.0, (O @ A.T) / 2.0                                     # W2 W1 = O
+    A = torch.linalg.qr(torch.randn(hidden, width, generator=g))[0]  # (hidden, width), A^T A = I
+    Q = torch.linalg.qr(torch.randn(width, width, generator=g))[0]  # orthogonal
+    W1, W2 = A * 2.0, (Q @ A.T) / 2.0  # W2 W1 = Q
     x = 0.5 * torch.randn(batch, width, generator=g)
     rate = torch.linspace(0.2, 0.9, batch).view(batch, 1)
     W1, W2, x, rate = (t.to(device) for t in (W1, W2, x, rate))

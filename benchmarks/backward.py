@@ -37,6 +37,7 @@ Usage::
     python benchmarks/backward.py --quick          # smoke test (3 repeats, no RESULTS.md update)
     python benchmarks/backward.py --device cuda    # GPU run (section 'backward-cuda')
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,8 +112,10 @@ class WorkloadMap(nn.Module):
                 cell.cell_contents = p
                 self.register_parameter(name, p)
         if not any(True for _ in self.parameters()):
-            raise RuntimeError(f"workload {wl.name!r}: its map captures no tensors to turn into parameters; "
-                               "benchmarks/_workloads.py's builders changed shape (update WorkloadMap)")
+            raise RuntimeError(
+                f"workload {wl.name!r}: its map captures no tensors to turn into parameters; "
+                "benchmarks/_workloads.py's builders changed shape (update WorkloadMap)"
+            )
         self.fn = f
         self.counting = False
         self.n_eval = 0
@@ -176,30 +179,68 @@ class Measured:
     saved: Optional[int] = None
 
 
-def deqlab_contender(fmap: WorkloadMap, x: Tensor, z_shape, *, algorithm: str, tol: float, max_steps: int,
-                     b_solver: str, b_tol: float, b_max_steps: int, label: Optional[str] = None) -> Contender:
+def deqlab_contender(
+    fmap: WorkloadMap,
+    x: Tensor,
+    z_shape,
+    *,
+    algorithm: str,
+    tol: float,
+    max_steps: int,
+    b_solver: str,
+    b_tol: float,
+    b_max_steps: int,
+    label: Optional[str] = None,
+) -> Contender:
     from deqlab.nn import DeepEquilibriumNetwork, ImplicitBackward
     from deqlab.solvers import DiscreteDEQSolver
 
-    solver = DiscreteDEQSolver(algorithm, mode="rel_norm", reltol_termination=tol, abstol_termination=tol,
-                               max_steps=max_steps)
-    deq = DeepEquilibriumNetwork(fmap, solver, backward=ImplicitBackward(b_solver, tol=b_tol, max_steps=b_max_steps),
-                                 z_shape=tuple(z_shape[1:]))
+    solver = DiscreteDEQSolver(
+        algorithm, mode="rel_norm", reltol_termination=tol, abstol_termination=tol, max_steps=max_steps
+    )
+    deq = DeepEquilibriumNetwork(
+        fmap, solver, backward=ImplicitBackward(b_solver, tol=b_tol, max_steps=b_max_steps), z_shape=tuple(z_shape[1:])
+    )
 
     def forward():
         z, sol = deq(x)
         return z, sol
 
-    return Contender("deqlab", label or f"ImplicitBackward({b_solver})", forward, b_tol, tol,
-                     reported_bwd=lambda sol: sol.backward_nfe)
+    return Contender(
+        "deqlab",
+        label or f"ImplicitBackward({b_solver})",
+        forward,
+        b_tol,
+        tol,
+        reported_bwd=lambda sol: sol.backward_nfe,
+    )
 
 
-def torchdeq_contender(fmap: WorkloadMap, x: Tensor, z0: Callable[[], Tensor], *, tol: float, max_steps: int,
-                       b_solver: str, b_tol: float, b_max_steps: int) -> Contender:
+def torchdeq_contender(
+    fmap: WorkloadMap,
+    x: Tensor,
+    z0: Callable[[], Tensor],
+    *,
+    tol: float,
+    max_steps: int,
+    b_solver: str,
+    b_tol: float,
+    b_max_steps: int,
+) -> Contender:
     from torchdeq import get_deq
 
-    deq = get_deq(core="sliced", ift=True, f_solver="anderson", f_max_iter=max_steps, f_tol=tol,
-                  f_stop_mode="rel", b_solver=b_solver, b_max_iter=b_max_steps, b_tol=b_tol, b_stop_mode="rel")
+    deq = get_deq(
+        core="sliced",
+        ift=True,
+        f_solver="anderson",
+        f_max_iter=max_steps,
+        f_tol=tol,
+        f_stop_mode="rel",
+        b_solver=b_solver,
+        b_max_iter=b_max_steps,
+        b_tol=b_tol,
+        b_stop_mode="rel",
+    )
     deq.train()
 
     def forward():
@@ -276,8 +317,7 @@ def _torchdeq_vjp_counter(counter: List[int]):
         tg.autograd = real
 
 
-def count_and_check(m: Measured, fmap: WorkloadMap, x: Tensor, c: Tensor, g_ref: Tensor,
-                    device: torch.device) -> None:
+def count_and_check(m: Measured, fmap: WorkloadMap, x: Tensor, c: Tensor, g_ref: Tensor, device: torch.device) -> None:
     """One untimed forward+backward with counting on: evaluations, VJPs, gradient error."""
     con = m.contender
     params = list(fmap.parameters())
@@ -302,8 +342,16 @@ def count_and_check(m: Measured, fmap: WorkloadMap, x: Tensor, c: Tensor, g_ref:
         m.fwd_rel_residual = float(relative_residual(lambda u: fmap(u, x), z.detach()).max())
 
 
-def time_round_robin(ms: List[Measured], fmap: WorkloadMap, c: Tensor, *, repeats: int, warmup: int,
-                     device: torch.device, extra: Dict[str, Callable[[], object]]) -> Dict[str, Timing]:
+def time_round_robin(
+    ms: List[Measured],
+    fmap: WorkloadMap,
+    c: Tensor,
+    *,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    extra: Dict[str, Callable[[], object]],
+) -> Dict[str, Timing]:
     """Interleave one forward+backward of every contender per round (and the reference calls in
     ``extra``), so load drift on a shared machine hits all of them alike."""
     params = list(fmap.parameters())
@@ -343,14 +391,15 @@ BWD_COLUMNS = ("f re-eval", "adjoint VJPs", "param VJP", "solver")
 
 
 def _backward_regions(rec) -> Dict[str, float]:
-    return {"f re-eval": rec.seconds("adjoint.linearize"),
-            "adjoint VJPs": rec.seconds("adjoint.vjp"),
-            "param VJP": rec.seconds("adjoint.vjp_inputs"),
-            "solver": rec.seconds("adjoint.solve", excluding=["adjoint.vjp"])}
+    return {
+        "f re-eval": rec.seconds("adjoint.linearize"),
+        "adjoint VJPs": rec.seconds("adjoint.vjp"),
+        "param VJP": rec.seconds("adjoint.vjp_inputs"),
+        "solver": rec.seconds("adjoint.solve", excluding=["adjoint.vjp"]),
+    }
 
 
-def backward_breakdown(m: "Measured", fmap: WorkloadMap, c: Tensor, *, repeats: int,
-                       device: torch.device) -> dict:
+def backward_breakdown(m: "Measured", fmap: WorkloadMap, c: Tensor, *, repeats: int, device: torch.device) -> dict:
     """Median time per region of deqlab's backward (``autograd.grad`` of the loss only)."""
     from deqlab import instrument
 
@@ -371,25 +420,48 @@ def backward_breakdown(m: "Measured", fmap: WorkloadMap, c: Tensor, *, repeats: 
         for r in BWD_COLUMNS:
             per[r].append(regions[r])
         per["other"].append(total - sum(regions.values()))
-    return {"total": statistics.median(totals), "regions": {r: statistics.median(v) for r, v in per.items()},
-            "vjps": m.bwd_vjp}
+    return {
+        "total": statistics.median(totals),
+        "regions": {r: statistics.median(v) for r, v in per.items()},
+        "vjps": m.bwd_vjp,
+    }
 
 
 def breakdown_table(res: dict) -> str:
-    headers = ["deqlab backward", "b_tol", "VJPs", "backward", "f re-eval", "adjoint VJPs (per VJP)",
-               "param VJP", "adjoint solver excl. VJPs (per step)", "other"]
+    headers = [
+        "deqlab backward",
+        "b_tol",
+        "VJPs",
+        "backward",
+        "f re-eval",
+        "adjoint VJPs (per VJP)",
+        "param VJP",
+        "adjoint solver excl. VJPs (per step)",
+        "other",
+    ]
     rows = []
     for m, bd in res["breakdown"]:
         reg, tot = bd["regions"], bd["total"]
 
-        def cell(r, per=None):
+        def cell(r, per=None, reg=reg, tot=tot):
             v = reg[r]
             txt = f"{fmt_time(v)} ({100 * v / tot:.0f}%)"
             return txt + (f", {fmt_time(v / per)}" if per else "")
 
         n_adj = max(bd["vjps"] - 1, 1)
-        rows.append([m.contender.label, f"{m.contender.b_tol:g}", bd["vjps"], fmt_time(tot), cell("f re-eval"),
-                     cell("adjoint VJPs", n_adj), cell("param VJP"), cell("solver", n_adj), cell("other")])
+        rows.append(
+            [
+                m.contender.label,
+                f"{m.contender.b_tol:g}",
+                bd["vjps"],
+                fmt_time(tot),
+                cell("f re-eval"),
+                cell("adjoint VJPs", n_adj),
+                cell("param VJP"),
+                cell("solver", n_adj),
+                cell("other"),
+            ]
+        )
     return markdown_table(headers, rows, "llrrrrrrr")
 
 
@@ -407,13 +479,18 @@ def oracle(name: str, device: torch.device, seed: int, c64: Tensor, *, max_steps
     wl = WORKLOADS[name](device, torch.float64, seed)
     fmap = WorkloadMap(wl)
     params = list(fmap.parameters())
-    solver = DiscreteDEQSolver("anderson", mode="rel_norm", reltol_termination=1e-12, abstol_termination=1e-12,
-                               max_steps=max_steps)
+    solver = DiscreteDEQSolver(
+        "anderson", mode="rel_norm", reltol_termination=1e-12, abstol_termination=1e-12, max_steps=max_steps
+    )
     out = {}
     grads = {}
     for b, kw in (("gmres", dict(restart=60)), ("anderson", {})):
-        deq = DeepEquilibriumNetwork(fmap, solver, backward=ImplicitBackward(b, tol=1e-12, max_steps=max_steps, **kw),
-                                     z_shape=tuple(wl.z_shape[1:]))
+        deq = DeepEquilibriumNetwork(
+            fmap,
+            solver,
+            backward=ImplicitBackward(b, tol=1e-12, max_steps=max_steps, **kw),
+            z_shape=tuple(wl.z_shape[1:]),
+        )
         z, sol = deq(wl.x)
         grads[b] = flat(loss_and_grads(z, c64, params))
         out[f"bwd_{b}"] = sol.backward_nfe
@@ -429,7 +506,7 @@ def oracle(name: str, device: torch.device, seed: int, c64: Tensor, *, max_steps
     names = dict(fmap.named_parameters())
     if name == "dense" and {"Wt", "Ut", "b"} <= set(names):
         Wt = names["Wt"].detach()
-        s = 1 - z_star ** 2  # tanh' at the fixed point
+        s = 1 - z_star**2  # tanh' at the fixed point
         D = Wt.shape[0]
         A = torch.eye(D, dtype=Wt.dtype, device=Wt.device) - Wt.unsqueeze(0) * s.unsqueeze(1)
         adj = torch.linalg.solve(A, c64.unsqueeze(2)).squeeze(2)  # (I - W^T diag(s)) g = c
@@ -447,19 +524,49 @@ def build_contenders(fmap, wl, args, k_unrolled: int) -> List[Contender]:
     cons = []
     for b_tol in args.b_tols:
         for b in ("gmres", "fixed_point", "anderson"):
-            cons.append(deqlab_contender(fmap, x, wl.z_shape, algorithm="anderson", tol=args.tol,
-                                         max_steps=args.max_steps, b_solver=b, b_tol=b_tol,
-                                         b_max_steps=args.b_max_steps))
+            cons.append(
+                deqlab_contender(
+                    fmap,
+                    x,
+                    wl.z_shape,
+                    algorithm="anderson",
+                    tol=args.tol,
+                    max_steps=args.max_steps,
+                    b_solver=b,
+                    b_tol=b_tol,
+                    b_max_steps=args.b_max_steps,
+                )
+            )
         if not args.no_torchdeq:
             for b in ("anderson", "fixed_point_iter"):
-                cons.append(torchdeq_contender(fmap, x, z0, tol=args.tol, max_steps=args.max_steps, b_solver=b,
-                                               b_tol=b_tol, b_max_steps=args.b_max_steps))
+                cons.append(
+                    torchdeq_contender(
+                        fmap,
+                        x,
+                        z0,
+                        tol=args.tol,
+                        max_steps=args.max_steps,
+                        b_solver=b,
+                        b_tol=b_tol,
+                        b_max_steps=args.b_max_steps,
+                    )
+                )
     if args.tight_factor > 1:
         tight = args.tol / args.tight_factor
         for b in ("fixed_point", "anderson"):
-            cons.append(deqlab_contender(fmap, x, wl.z_shape, algorithm="anderson", tol=tight,
-                                         max_steps=args.max_steps, b_solver=b, b_tol=min(args.b_tols),
-                                         b_max_steps=args.b_max_steps))
+            cons.append(
+                deqlab_contender(
+                    fmap,
+                    x,
+                    wl.z_shape,
+                    algorithm="anderson",
+                    tol=tight,
+                    max_steps=args.max_steps,
+                    b_solver=b,
+                    b_tol=min(args.b_tols),
+                    b_max_steps=args.b_max_steps,
+                )
+            )
     cons.append(unrolled_contender(fmap, x, z0, k_unrolled))
     return cons
 
@@ -506,11 +613,21 @@ def run_workload(name: str, args, device: torch.device, dtype: torch.dtype) -> d
 
     existing = [*params, wl.x, c]
     for m in ms:
-        m.peak = peak_bytes(lambda: loss_and_grads(m.contender.forward()[0], c, params), device)
+        m.peak = peak_bytes(lambda m=m: loss_and_grads(m.contender.forward()[0], c, params), device)
         m.saved = saved_bytes(m.contender.forward, c, params, existing)
-    out = {"workload": wl, "fmap": fmap, "rows": ms, "oracle": orc, "t_oracle": t_oracle, "k": k,
-           "t_f": ref["f"], "t_vjp": ref["vjp"], "state_bytes": z_star.numel() * z_star.element_size(),
-           "c": c, "breakdown": []}
+    out = {
+        "workload": wl,
+        "fmap": fmap,
+        "rows": ms,
+        "oracle": orc,
+        "t_oracle": t_oracle,
+        "k": k,
+        "t_f": ref["f"],
+        "t_vjp": ref["vjp"],
+        "state_bytes": z_star.numel() * z_star.element_size(),
+        "c": c,
+        "breakdown": [],
+    }
     if args.breakdown:
         for m in ms:
             if m.contender.library == "deqlab" and m.contender.fwd_tol == args.tol:
@@ -531,15 +648,45 @@ def memory_scaling(name: str, args, device: torch.device, dtype: torch.dtype, wl
     b_tol = args.b_tols[0]
     rows = []
     for steps in args.mem_steps:
-        cons = [deqlab_contender(fmap, wl.x, wl.z_shape, algorithm="anderson", tol=0.0, max_steps=steps - 1,
-                                 b_solver="gmres", b_tol=b_tol, b_max_steps=args.b_max_steps,
-                                 label="anderson fwd, ImplicitBackward(gmres)"),
-                deqlab_contender(fmap, wl.x, wl.z_shape, algorithm="anderson", tol=0.0, max_steps=steps - 1,
-                                 b_solver="fixed_point", b_tol=b_tol, b_max_steps=args.b_max_steps,
-                                 label="anderson fwd, ImplicitBackward(fixed_point)")]
+        cons = [
+            deqlab_contender(
+                fmap,
+                wl.x,
+                wl.z_shape,
+                algorithm="anderson",
+                tol=0.0,
+                max_steps=steps - 1,
+                b_solver="gmres",
+                b_tol=b_tol,
+                b_max_steps=args.b_max_steps,
+                label="anderson fwd, ImplicitBackward(gmres)",
+            ),
+            deqlab_contender(
+                fmap,
+                wl.x,
+                wl.z_shape,
+                algorithm="anderson",
+                tol=0.0,
+                max_steps=steps - 1,
+                b_solver="fixed_point",
+                b_tol=b_tol,
+                b_max_steps=args.b_max_steps,
+                label="anderson fwd, ImplicitBackward(fixed_point)",
+            ),
+        ]
         if not args.no_torchdeq:
-            cons.append(torchdeq_contender(fmap, wl.x, wl.z0, tol=0.0, max_steps=steps, b_solver="anderson",
-                                           b_tol=b_tol, b_max_steps=args.b_max_steps))
+            cons.append(
+                torchdeq_contender(
+                    fmap,
+                    wl.x,
+                    wl.z0,
+                    tol=0.0,
+                    max_steps=steps,
+                    b_solver="anderson",
+                    b_tol=b_tol,
+                    b_max_steps=args.b_max_steps,
+                )
+            )
         cons.append(unrolled_contender(fmap, wl.x, wl.z0, steps))
         for con in cons:
             fmap.counting = True
@@ -549,7 +696,7 @@ def memory_scaling(name: str, args, device: torch.device, dtype: torch.dtype, wl
             fmap.counting = False
             del z
             loss_and_grads(con.forward()[0], c, params)  # warm-up
-            peak = peak_bytes(lambda: loss_and_grads(con.forward()[0], c, params), device)
+            peak = peak_bytes(lambda con=con: loss_and_grads(con.forward()[0], c, params), device)
             saved = saved_bytes(con.forward, c, params, existing)
             kind = "unrolled fixed-point × steps" if con.library == "unrolled" else con.name
             rows.append({"name": kind, "steps": steps, "nfe": nfe, "peak": peak, "saved": saved})
@@ -565,17 +712,31 @@ def fmt_bytes(n: Optional[float]) -> str:
     n = float(n)
     if abs(n) < 1024:
         return f"{n:.0f} B"
-    if abs(n) < 2 ** 20:
+    if abs(n) < 2**20:
         return f"{n / 1024:.1f} KiB"
-    if abs(n) < 2 ** 30:
-        return f"{n / 2 ** 20:.2f} MiB"
-    return f"{n / 2 ** 30:.2f} GiB"
+    if abs(n) < 2**30:
+        return f"{n / 2**20:.2f} MiB"
+    return f"{n / 2**30:.2f} GiB"
 
 
 def main_table(res: dict) -> str:
-    headers = ["library", "backward", "fwd tol", "b_tol", "fwd f evals", "fwd residual", "bwd f evals", "bwd VJPs",
-               "grad rel. error",
-               "fwd+bwd (median)", "IQR", "of which fwd", "bwd", "peak memory", "saved for bwd"]
+    headers = [
+        "library",
+        "backward",
+        "fwd tol",
+        "b_tol",
+        "fwd f evals",
+        "fwd residual",
+        "bwd f evals",
+        "bwd VJPs",
+        "grad rel. error",
+        "fwd+bwd (median)",
+        "IQR",
+        "of which fwd",
+        "bwd",
+        "peak memory",
+        "saved for bwd",
+    ]
     rows = []
     for m in res["rows"]:
         con = m.contender
@@ -584,10 +745,25 @@ def main_table(res: dict) -> str:
             bwd_vjp += f" [reports {m.reported_bwd}]"
         fwd_evals = str(m.fwd_eval) + (f" (+{m.fwd_vjp} VJP)" if m.fwd_vjp else "")
         bwd_time = m.total.median - m.fwd.median
-        rows.append([con.library, con.label, "—" if con.fwd_tol is None else f"{con.fwd_tol:g}",
-                     "—" if con.b_tol is None else f"{con.b_tol:g}", fwd_evals, f"{m.fwd_rel_residual:.1e}",
-                     m.bwd_eval, bwd_vjp, f"{m.grad_err:.2e}", fmt_time(m.total.median), fmt_time(m.total.iqr),
-                     fmt_time(m.fwd.median), fmt_time(bwd_time), fmt_bytes(m.peak), fmt_bytes(m.saved)])
+        rows.append(
+            [
+                con.library,
+                con.label,
+                "—" if con.fwd_tol is None else f"{con.fwd_tol:g}",
+                "—" if con.b_tol is None else f"{con.b_tol:g}",
+                fwd_evals,
+                f"{m.fwd_rel_residual:.1e}",
+                m.bwd_eval,
+                bwd_vjp,
+                f"{m.grad_err:.2e}",
+                fmt_time(m.total.median),
+                fmt_time(m.total.iqr),
+                fmt_time(m.fwd.median),
+                fmt_time(bwd_time),
+                fmt_bytes(m.peak),
+                fmt_bytes(m.saved),
+            ]
+        )
     return markdown_table(headers, rows, "llllrrrrrrrrrrrr")
 
 
@@ -603,8 +779,11 @@ def time_target(res: dict) -> dict:
         pairs.append((t, best))
     t, d = pairs[0]
     if d is None:
-        return {"ok": False, "pairs": pairs,
-                "text": f"no deqlab configuration reaches torchdeq's fastest gradient error ({t.grad_err:.2e})"}
+        return {
+            "ok": False,
+            "pairs": pairs,
+            "text": f"no deqlab configuration reaches torchdeq's fastest gradient error ({t.grad_err:.2e})",
+        }
     ratio = d.total.median / t.total.median
     return {"ok": ratio <= TARGET_TIME_RATIO, "ratio": ratio, "pairs": pairs, "d": d, "t": t}
 
@@ -613,15 +792,34 @@ def pairs_table(pairs) -> str:
     rows = []
     for t, d in pairs:
         if d is None:
-            rows.append([t.contender.desc, f"{t.grad_err:.2e}",
-                         fmt_time(t.total.median), "none within the error", "", "", ""])
+            rows.append(
+                [t.contender.desc, f"{t.grad_err:.2e}", fmt_time(t.total.median), "none within the error", "", "", ""]
+            )
             continue
-        rows.append([t.contender.desc, f"{t.grad_err:.2e}",
-                     fmt_time(t.total.median), d.contender.desc,
-                     f"{d.grad_err:.2e}", fmt_time(d.total.median), f"{d.total.median / t.total.median:.2f}×"])
-    return markdown_table(["torchdeq", "grad error", "time",
-                           f"fastest deqlab with error ≤ {ERROR_MATCH_FACTOR:g}× torchdeq's", "grad error", "time",
-                           "deqlab / torchdeq"], rows, "lrrlrrr")
+        rows.append(
+            [
+                t.contender.desc,
+                f"{t.grad_err:.2e}",
+                fmt_time(t.total.median),
+                d.contender.desc,
+                f"{d.grad_err:.2e}",
+                fmt_time(d.total.median),
+                f"{d.total.median / t.total.median:.2f}×",
+            ]
+        )
+    return markdown_table(
+        [
+            "torchdeq",
+            "grad error",
+            "time",
+            f"fastest deqlab with error ≤ {ERROR_MATCH_FACTOR:g}× torchdeq's",
+            "grad error",
+            "time",
+            "deqlab / torchdeq",
+        ],
+        rows,
+        "lrrlrrr",
+    )
 
 
 def scaling_verdict(rows: List[dict], steps: Sequence[int], state_bytes: int) -> List[dict]:
@@ -633,8 +831,9 @@ def scaling_verdict(rows: List[dict], steps: Sequence[int], state_bytes: int) ->
         dsteps = max(b["nfe"] - a["nfe"], 1)
         per_peak = (b["peak"] - a["peak"]) / dsteps
         per_saved = (b["saved"] - a["saved"]) / dsteps
-        out.append({"name": name, "a": a, "b": b, "per_peak": per_peak, "per_saved": per_saved,
-                    "frac": per_peak / state_bytes})
+        out.append(
+            {"name": name, "a": a, "b": b, "per_peak": per_peak, "per_saved": per_saved, "frac": per_peak / state_bytes}
+        )
     return out
 
 
@@ -642,12 +841,34 @@ def scaling_table(verdicts: List[dict], lo: int, hi: int) -> str:
     rows = []
     for v in verdicts:
         a, b = v["a"], v["b"]
-        rows.append([v["name"], f"{a['nfe']} / {b['nfe']}", fmt_bytes(a["peak"]), fmt_bytes(b["peak"]),
-                     f"{b['peak'] / max(a['peak'], 1):.2f}×", fmt_bytes(v["per_peak"]), f"{v['frac']:.3f}",
-                     fmt_bytes(a["saved"]), fmt_bytes(b["saved"])])
-    return markdown_table(["method", f"fwd f evals ({lo} / {hi} steps)", f"peak ({lo})", f"peak ({hi})", "ratio",
-                           "peak growth per f eval", "… in states", f"saved for bwd ({lo})", f"saved ({hi})"],
-                          rows, "llrrrrrrr")
+        rows.append(
+            [
+                v["name"],
+                f"{a['nfe']} / {b['nfe']}",
+                fmt_bytes(a["peak"]),
+                fmt_bytes(b["peak"]),
+                f"{b['peak'] / max(a['peak'], 1):.2f}×",
+                fmt_bytes(v["per_peak"]),
+                f"{v['frac']:.3f}",
+                fmt_bytes(a["saved"]),
+                fmt_bytes(b["saved"]),
+            ]
+        )
+    return markdown_table(
+        [
+            "method",
+            f"fwd f evals ({lo} / {hi} steps)",
+            f"peak ({lo})",
+            f"peak ({hi})",
+            "ratio",
+            "peak growth per f eval",
+            "… in states",
+            f"saved for bwd ({lo})",
+            f"saved ({hi})",
+        ],
+        rows,
+        "llrrrrrrr",
+    )
 
 
 def memory_target(verdicts: List[dict]) -> Tuple[bool, bool, str, str]:
@@ -657,8 +878,11 @@ def memory_target(verdicts: List[dict]) -> Tuple[bool, bool, str, str]:
     lin_ok = bool(unr) and all(v["frac"] >= LINEAR_FRACTION for v in unr)
 
     def txt(vs):
-        return "; ".join(f"{fmt_bytes(v['per_peak'])}/f eval ({v['frac']:.3f} state), peak ×"
-                         f"{v['b']['peak'] / max(v['a']['peak'], 1):.2f}" for v in vs)
+        return "; ".join(
+            f"{fmt_bytes(v['per_peak'])}/f eval ({v['frac']:.3f} state), peak ×"
+            f"{v['b']['peak'] / max(v['a']['peak'], 1):.2f}"
+            for v in vs
+        )
 
     return flat_ok, lin_ok, txt(deq), txt(unr)
 
@@ -677,9 +901,9 @@ def build_report(results: List[dict], info: dict, args) -> str:
         f"(‖c‖ = 1); gradient = dL/dθ of all parameters concatenated. Forward: Anderson, relative tolerance "
         f"{args.tol:g} (per sample ‖f(z) − z‖ ≤ tol·‖f(z)‖), at most {args.max_steps} steps, in both "
         "libraries "
-        "(deqlab `DiscreteDEQSolver(\"anderson\", mode=\"rel_norm\")`, memory 5; torchdeq `get_deq(core=\"sliced\", "
-        "ift=True, f_solver=\"anderson\", f_stop_mode=\"rel\")`, m = 6). Backward: deqlab `ImplicitBackward(b, tol, "
-        f"max_steps={args.b_max_steps})`; torchdeq `b_solver=b, b_stop_mode=\"rel\", b_tol, b_max_iter="
+        '(deqlab `DiscreteDEQSolver("anderson", mode="rel_norm")`, memory 5; torchdeq `get_deq(core="sliced", '
+        'ift=True, f_solver="anderson", f_stop_mode="rel")`, m = 6). Backward: deqlab `ImplicitBackward(b, tol, '
+        f'max_steps={args.b_max_steps})`; torchdeq `b_solver=b, b_stop_mode="rel", b_tol, b_max_iter='
         f"{args.b_max_steps}`; unrolled = autograd through K fixed-point iterations from 0, K = the f evaluations "
         "deqlab's fixed-point iteration needs to reach the forward tolerance. A GMRES `tol` bounds "
         "‖r‖/‖dL/dz*‖; the "
@@ -694,13 +918,15 @@ def build_report(results: List[dict], info: dict, args) -> str:
         f"{args.repeats} rounds after {args.warmup} warm-up rounds, all contenders interleaved round-robin; "
         "**of which fwd** = median of the forward part of the same calls, **bwd** = the difference of the "
         "medians. "
-        + ("**peak memory** = peak bytes allocated by torch's CPU allocator during one forward+backward above "
-           "what was allocated when it started, replayed from `torch.profiler` (`profile_memory=True`) "
-           "allocation/free events in time order (includes the solver's buffers, temporaries, the backward and "
-           "the returned gradients; excludes parameters, x and c). "
-           if args.device == "cpu" or args.device.startswith("cpu") else
-           "**peak memory** = `torch.cuda.max_memory_allocated()` during one forward+backward minus what was "
-           "allocated before it. ")
+        + (
+            "**peak memory** = peak bytes allocated by torch's CPU allocator during one forward+backward above "
+            "what was allocated when it started, replayed from `torch.profiler` (`profile_memory=True`) "
+            "allocation/free events in time order (includes the solver's buffers, temporaries, the backward and "
+            "the returned gradients; excludes parameters, x and c). "
+            if args.device == "cpu" or args.device.startswith("cpu")
+            else "**peak memory** = `torch.cuda.max_memory_allocated()` during one forward+backward minus what was "
+            "allocated before it. "
+        )
         + "**saved for bwd** = distinct storages packed by `torch.autograd.graph.saved_tensors_hooks` during "
         "the forward (what the autograd graph keeps alive until the backward; parameters and x excluded).",
         "",
@@ -723,18 +949,26 @@ def build_report(results: List[dict], info: dict, args) -> str:
         ]
         tt = time_target(res)
         if tt["pairs"]:
-            parts += [f"Equal gradient error: each torchdeq configuration against the fastest deqlab configuration "
-                      f"whose gradient error is at most {ERROR_MATCH_FACTOR:g}× torchdeq's:", "",
-                      pairs_table(tt["pairs"]), ""]
+            parts += [
+                f"Equal gradient error: each torchdeq configuration against the fastest deqlab configuration "
+                f"whose gradient error is at most {ERROR_MATCH_FACTOR:g}× torchdeq's:",
+                "",
+                pairs_table(tt["pairs"]),
+                "",
+            ]
         if res["breakdown"]:
-            parts += ["Where deqlab's backward time goes (median over the same number of runs; the regions the "
-                      "implicit backward reports to `deqlab.instrument`: *f re-eval* = `adjoint.linearize` (the "
-                      "graph of f at z*), *adjoint VJPs* = `adjoint.vjp`, *param VJP* = `adjoint.vjp_inputs`, "
-                      "*adjoint solver excl. VJPs* = `adjoint.solve` without the VJPs inside it (GMRES, or the "
-                      "whole fixed-point solve of the adjoint map), per step = per adjoint VJP; *other* = the "
-                      "autograd engine, the layer's backward bookkeeping (`deq.backward` itself), the "
-                      "recording's own cost):", "",
-                      breakdown_table(res), ""]
+            parts += [
+                "Where deqlab's backward time goes (median over the same number of runs; the regions the "
+                "implicit backward reports to `deqlab.instrument`: *f re-eval* = `adjoint.linearize` (the "
+                "graph of f at z*), *adjoint VJPs* = `adjoint.vjp`, *param VJP* = `adjoint.vjp_inputs`, "
+                "*adjoint solver excl. VJPs* = `adjoint.solve` without the VJPs inside it (GMRES, or the "
+                "whole fixed-point solve of the adjoint map), per step = per adjoint VJP; *other* = the "
+                "autograd engine, the layer's backward bookkeeping (`deq.backward` itself), the "
+                "recording's own cost):",
+                "",
+                breakdown_table(res),
+                "",
+            ]
         if "scaling" in res:
             lo, hi = min(args.mem_steps), max(args.mem_steps)
             verdicts = scaling_verdict(res["scaling"], args.mem_steps, res["state_bytes"])
@@ -761,15 +995,31 @@ def targets_table(res: dict, tt: dict, args) -> str:
         rows.append([target, tt["text"], "**no**"])
     else:
         d, t = tt["d"], tt["t"]
-        rows.append([target, f"{tt['ratio']:.2f}× — deqlab {d.contender.desc}: {fmt_time(d.total.median)}, error "
-                     f"{d.grad_err:.1e}; torchdeq {t.contender.desc}: {fmt_time(t.total.median)}, error "
-                     f"{t.grad_err:.1e}", "yes" if tt["ok"] else "**no**"])
+        rows.append(
+            [
+                target,
+                f"{tt['ratio']:.2f}× — deqlab {d.contender.desc}: {fmt_time(d.total.median)}, error "
+                f"{d.grad_err:.1e}; torchdeq {t.contender.desc}: {fmt_time(t.total.median)}, error "
+                f"{t.grad_err:.1e}",
+                "yes" if tt["ok"] else "**no**",
+            ]
+        )
     if "memory_target" in res:
         flat_ok, lin_ok, deq_txt, unr_txt = res["memory_target"]
-        rows.append([f"deqlab memory flat in solver steps (peak growth ≤ {FLAT_FRACTION:g} state per f eval)",
-                     deq_txt, "yes" if flat_ok else "**no**"])
-        rows.append([f"unrolled memory grows linearly (≥ {LINEAR_FRACTION:g} state per f eval)", unr_txt,
-                     "yes" if lin_ok else "**no**"])
+        rows.append(
+            [
+                f"deqlab memory flat in solver steps (peak growth ≤ {FLAT_FRACTION:g} state per f eval)",
+                deq_txt,
+                "yes" if flat_ok else "**no**",
+            ]
+        )
+        rows.append(
+            [
+                f"unrolled memory grows linearly (≥ {LINEAR_FRACTION:g} state per f eval)",
+                unr_txt,
+                "yes" if lin_ok else "**no**",
+            ]
+        )
     return markdown_table(["target", "measured", "met"], rows, "lll")
 
 
@@ -785,8 +1035,9 @@ def _ints(s: str) -> List[int]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu; e.g. cuda)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 = torch default)")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 repeats, 1 warm-up, no RESULTS.md update")
@@ -794,26 +1045,38 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2, quick 1)")
     p.add_argument("--tol", type=float, default=1e-4, help="forward relative tolerance (default 1e-4)")
     p.add_argument("--max-steps", type=int, default=50, help="forward max steps (default 50)")
-    p.add_argument("--b-tols", type=_floats, default=[1e-4, 1e-6],
-                   help="comma-separated backward tolerances (default 1e-4,1e-6)")
-    p.add_argument("--tight-factor", type=float, default=4.0,
-                   help="also run deqlab with forward tolerance tol / this factor (1 = off; default 4), so a "
-                        "deqlab row can match torchdeq's gradient error, which its extra f(z*) makes smaller")
+    p.add_argument(
+        "--b-tols", type=_floats, default=[1e-4, 1e-6], help="comma-separated backward tolerances (default 1e-4,1e-6)"
+    )
+    p.add_argument(
+        "--tight-factor",
+        type=float,
+        default=4.0,
+        help="also run deqlab with forward tolerance tol / this factor (1 = off; default 4), so a "
+        "deqlab row can match torchdeq's gradient error, which its extra f(z*) makes smaller",
+    )
     p.add_argument("--b-max-steps", type=int, default=50, help="backward max steps / VJPs (default 50)")
     p.add_argument("--mem-steps", type=_ints, default=[10, 100], help="solver steps for the memory scaling table")
-    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                   help="skip the per-region timing of deqlab's backward")
+    p.add_argument(
+        "--no-breakdown", dest="breakdown", action="store_false", help="skip the per-region timing of deqlab's backward"
+    )
     p.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the memory-vs-steps table")
     p.add_argument("--workloads", default="dense,conv", help="comma-separated subset of: " + ",".join(WORKLOADS))
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-torchdeq", action="store_true", help="benchmark deqlab and unrolled only")
-    p.add_argument("--write", dest="write", action="store_true", default=None,
-                   help="update benchmarks/RESULTS.md (default unless --quick)")
+    p.add_argument(
+        "--write",
+        dest="write",
+        action="store_true",
+        default=None,
+        help="update benchmarks/RESULTS.md (default unless --quick)",
+    )
     p.add_argument("--no-write", dest="write", action="store_false")
     p.add_argument("--results", type=Path, default=None, help="results file (default benchmarks/RESULTS.md)")
-    p.add_argument("--section", default=None,
-                   help=f"RESULTS.md section name (default '{SECTION}', '{SECTION}-cuda' on a GPU)")
+    p.add_argument(
+        "--section", default=None, help=f"RESULTS.md section name (default '{SECTION}', '{SECTION}-cuda' on a GPU)"
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.repeats is None:
@@ -847,8 +1110,10 @@ def main(argv=None) -> int:
 
             packages.append("torchdeq")
         except ImportError:
-            print("torchdeq is not installed (pip install torchdeq==0.1.0, or `make bench`); "
-                  "benchmarking deqlab alone", file=sys.stderr)
+            print(
+                "torchdeq is not installed (pip install torchdeq==0.1.0, or `make bench`); benchmarking deqlab alone",
+                file=sys.stderr,
+            )
             args.no_torchdeq = True
     info = machine_info(device, packages=packages, dtype=args.dtype)
     print(machine_header(info).replace("**", ""), flush=True)

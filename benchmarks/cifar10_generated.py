@@ -11,6 +11,7 @@ Usage::
     python benchmarks/cifar10_generated.py --gpus 1 --arch small --max-steps 60        # on a GPU
     python benchmarks/cifar10_generated.py --gpus 0 --arch small --max-steps 2 --batch-size 8  # CPU smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,13 @@ def write_cifar10(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
     writers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(writers)  # type: ignore[union-attr]
     labels = np.random.default_rng(seed).integers(0, 10, n_train + n_test).tolist()
-    writers.write_cifar10(root, writers.random_images(n_train, (32, 32, 3), seed), labels[:n_train],
-                          writers.random_images(n_test, (32, 32, 3), seed + 1), labels[n_train:])
+    writers.write_cifar10(
+        root,
+        writers.random_images(n_train, (32, 32, 3), seed),
+        labels[:n_train],
+        writers.random_images(n_test, (32, 32, 3), seed + 1),
+        labels[n_train:],
+    )
     return root
 
 
@@ -54,17 +60,31 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_cifar10(Path(tmp) / "data", args.n_train, args.n_test)
         out = args.out or Path(tmp) / "results"
-        run_script(cifar10.SPEC, [*script_args, "--data-dir", str(data), "--results-dir", str(out),
-                                  "--log-dir", str(Path(tmp) / "tb"), "--progress", "lines"])
+        run_script(
+            cifar10.SPEC,
+            [
+                *script_args,
+                "--data-dir",
+                str(data),
+                "--results-dir",
+                str(out),
+                "--log-dir",
+                str(Path(tmp) / "tb"),
+                "--progress",
+                "lines",
+            ],
+        )
         with open(out / "cifar10.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
     for row in rows:
         per_step = float(row["train_time_per_step_s"])
         batch = int(row["effective_batch_size"])
-        print(f"cifar10/{row['arch']} {row['model_type']} {row['solver']} on {row['device']} "
-              f"(x{row['num_processes']}): {row['steps']} steps, {per_step:.3f} s/step, "
-              f"{batch / per_step:.0f} images/s (batch {batch}), train NFE {float(row['train_nfe']):.1f}, "
-              f"test NFE {float(row['test_nfe']):.1f}, backward NFE {float(row['backward_nfe']):.1f}")
+        print(
+            f"cifar10/{row['arch']} {row['model_type']} {row['solver']} on {row['device']} "
+            f"(x{row['num_processes']}): {row['steps']} steps, {per_step:.3f} s/step, "
+            f"{batch / per_step:.0f} images/s (batch {batch}), train NFE {float(row['train_nfe']):.1f}, "
+            f"test NFE {float(row['test_nfe']):.1f}, backward NFE {float(row['backward_nfe']):.1f}"
+        )
     return 0
 
 

@@ -25,6 +25,7 @@ Usage::
     python benchmarks/per_sample_exit.py --quick         # smoke test: small sizes, 2 rounds, prints only
     python benchmarks/per_sample_exit.py --device cuda   # on a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,18 @@ import torch
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from _common import (fmt_time, machine_header, machine_info, markdown_table, setup_threads,  # noqa: E402
-                     time_interleaved, update_results_section)
-from _workloads import mnist_images, per_sample_mlp  # noqa: E402
+from _common import (
+    fmt_time,
+    machine_header,
+    machine_info,
+    markdown_table,
+    setup_threads,
+    time_interleaved,
+    update_results_section,
+)
+from _workloads import mnist_images, per_sample_mlp
 
-from deqlab.solvers import DiscreteDEQSolver, SolverResult  # noqa: E402
+from deqlab.solvers import DiscreteDEQSolver, SolverResult
 
 SECTION = "per-sample-exit"
 
@@ -86,28 +94,66 @@ def run(args) -> str:
             exit_ = DiscreteDEQSolver(algorithm, per_sample_exit=True, **kw)
             with torch.no_grad():
                 r_full, r_exit = solve(full), solve(exit_)
-                times = time_interleaved({"full": lambda: solve(full), "exit": lambda: solve(exit_)},
-                                         repeats=2 if quick else args.repeats, warmup=1, device=device)
+                times = time_interleaved(
+                    {"full": lambda s=solve, f=full: s(f), "exit": lambda s=solve, f=exit_: s(f)},
+                    repeats=2 if quick else args.repeats,
+                    warmup=1,
+                    device=device,
+                )
             dz = float((r_full.z - r_exit.z).abs().max())
-            same = bool(torch.equal(r_full.converged, r_exit.converged) and
-                        torch.equal(r_full.sample_steps, r_exit.sample_steps))
+            same = bool(
+                torch.equal(r_full.converged, r_exit.converged)
+                and torch.equal(r_full.sample_steps, r_exit.sample_steps)
+            )
             steps = r_full.sample_steps.float()
             saved = 1 - r_exit.sample_weighted_nfe / r_full.nfe
             t_full, t_exit = times["full"].median, times["exit"].median
-            rows.append([wname, algorithm, f"{int(steps.min())}–{int(steps.max())}", r_full.nfe,
-                         f"{r_exit.sample_weighted_nfe:.1f}", f"{100 * saved:.0f} %", fmt_time(t_full),
-                         fmt_time(t_exit), f"{t_exit / t_full:.2f}", f"{dz:.1e}", "yes" if same else "NO",
-                         f"{float(r_full.converged.float().mean()):.2f}"])
+            rows.append(
+                [
+                    wname,
+                    algorithm,
+                    f"{int(steps.min())}–{int(steps.max())}",
+                    r_full.nfe,
+                    f"{r_exit.sample_weighted_nfe:.1f}",
+                    f"{100 * saved:.0f} %",
+                    fmt_time(t_full),
+                    fmt_time(t_exit),
+                    f"{t_exit / t_full:.2f}",
+                    f"{dz:.1e}",
+                    "yes" if same else "NO",
+                    f"{float(r_full.converged.float().mean()):.2f}",
+                ]
+            )
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
-    info = machine_info(device, packages=("torch",), threads_requested=threads,
-                        notes=f"tol {args.tol}, max_steps {args.max_steps}, {args.repeats} rounds, "
-                              f"round-robin; mnist_dense: the layer's solve on {mnist_source}")
+    info = machine_info(
+        device,
+        packages=("torch",),
+        threads_requested=threads,
+        notes=f"tol {args.tol}, max_steps {args.max_steps}, {args.repeats} rounds, "
+        f"round-robin; mnist_dense: the layer's solve on {mnist_source}",
+    )
     table = markdown_table(
-        ["workload", "algorithm", "sample steps", "NFE", "sample-weighted NFE", "work saved", "full (median)",
-         "exit (median)", "exit / full", "max |Δz|", "same masks & steps", "converged"],
-        rows, align="llrrrrrrrrcr")
-    return (f"## Per-sample early exit\n\n`python benchmarks/per_sample_exit.py{' --quick' if quick else ''}`\n\n"
-            f"{machine_header(info)}\n\n{table}\n")
+        [
+            "workload",
+            "algorithm",
+            "sample steps",
+            "NFE",
+            "sample-weighted NFE",
+            "work saved",
+            "full (median)",
+            "exit (median)",
+            "exit / full",
+            "max |Δz|",
+            "same masks & steps",
+            "converged",
+        ],
+        rows,
+        align="llrrrrrrrrcr",
+    )
+    return (
+        f"## Per-sample early exit\n\n`python benchmarks/per_sample_exit.py{' --quick' if quick else ''}`\n\n"
+        f"{machine_header(info)}\n\n{table}\n"
+    )
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ Usage::
     python benchmarks/revision_ab.py --baseline 66dabfa^            # writes the 'revision-ab' section
     python benchmarks/revision_ab.py --baseline HEAD~3 --quick      # 2 rounds, no RESULTS.md update
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ DEFAULT_WORKLOADS = ("mnist_dense_vanilla", "mnist_dense_skip", "solver_lbroyden
 
 def _mnist_dense(model_type: str):
     import torch
+
     from deqlab.zoo import MNISTDenseDEQ
 
     torch.manual_seed(0)
@@ -63,7 +65,9 @@ def _mnist_dense(model_type: str):
 
 def _solver(algorithm: str):
     import torch
+
     from _workloads import make_dense
+
     from deqlab.solvers import DiscreteDEQSolver
 
     wl = make_dense(torch.device("cpu"), torch.float32, seed=0)
@@ -83,9 +87,9 @@ def worker(workload: str, repeats: int, warmup: int) -> Dict[str, object]:
 
     torch.set_num_threads(1)
     if workload.startswith("mnist_dense_"):
-        call = _mnist_dense(workload[len("mnist_dense_"):])
+        call = _mnist_dense(workload[len("mnist_dense_") :])
     elif workload.startswith("solver_"):
-        call = _solver(workload[len("solver_"):])
+        call = _solver(workload[len("solver_") :])
     else:
         raise SystemExit(f"unknown workload {workload!r}; valid: {', '.join(DEFAULT_WORKLOADS)}")
     nfe = 0
@@ -104,8 +108,9 @@ def worker(workload: str, repeats: int, warmup: int) -> Dict[str, object]:
 
 def extract(revision: str, into: Path) -> str:
     """Write ``deqlab/`` of ``revision`` under ``into``; return the revision's short hash."""
-    sha = subprocess.run(["git", "rev-parse", "--short", revision], cwd=ROOT, check=True, capture_output=True,
-                         text=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", revision], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
     archive = subprocess.run(["git", "archive", sha, "deqlab"], cwd=ROOT, check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return sha
@@ -113,8 +118,13 @@ def extract(revision: str, into: Path) -> str:
 
 def run_once(tree: Path, workload: str, repeats: int, warmup: int) -> Dict[str, object]:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, __file__, "--worker", workload, "--repeats", str(repeats),
-                           "--warmup", str(warmup)], cwd=tree, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", workload, "--repeats", str(repeats), "--warmup", str(warmup)],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{workload} on {tree} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -145,26 +155,52 @@ def run(args) -> str:
                     times[name].extend(out["times"])
                     nfe[name].add(out["nfe"])
             med = {k: statistics.median(v) for k, v in times.items()}
-            rows.append([workload, "/".join(map(str, sorted(nfe["baseline"]))),
-                         "/".join(map(str, sorted(nfe["candidate"]))),
-                         fmt_time(med["baseline"]), fmt_time(med["candidate"]),
-                         fmt_time(min(times["baseline"])), fmt_time(min(times["candidate"])),
-                         f"{med['candidate'] / med['baseline']:.2f}"])
+            rows.append(
+                [
+                    workload,
+                    "/".join(map(str, sorted(nfe["baseline"]))),
+                    "/".join(map(str, sorted(nfe["candidate"]))),
+                    fmt_time(med["baseline"]),
+                    fmt_time(med["candidate"]),
+                    fmt_time(min(times["baseline"])),
+                    fmt_time(min(times["candidate"])),
+                    f"{med['candidate'] / med['baseline']:.2f}",
+                ]
+            )
             print(" | ".join(rows[-1]), flush=True)
-    info = machine_info("cpu", packages=("torch",), threads_requested=1,
-                        notes=f"{args.rounds} rounds x {args.repeats} calls per revision, alternating order, "
-                              f"a fresh process per round")
-    table = markdown_table(["workload", "NFE baseline", "NFE candidate", "baseline (median)",
-                            "candidate (median)", "baseline (min)", "candidate (min)", "candidate / baseline"],
-                           rows, align="lrrrrrrr")
-    return (f"## Revision A/B: baseline `{base_sha}` ({args.baseline}) vs {cand_name}\n\n"
-            f"`python benchmarks/revision_ab.py --baseline {args.baseline}`\n\n{machine_header(info)}\n\n{table}\n")
+    info = machine_info(
+        "cpu",
+        packages=("torch",),
+        threads_requested=1,
+        notes=f"{args.rounds} rounds x {args.repeats} calls per revision, alternating order, a fresh process per round",
+    )
+    table = markdown_table(
+        [
+            "workload",
+            "NFE baseline",
+            "NFE candidate",
+            "baseline (median)",
+            "candidate (median)",
+            "baseline (min)",
+            "candidate (min)",
+            "candidate / baseline",
+        ],
+        rows,
+        align="lrrrrrrr",
+    )
+    return (
+        f"## Revision A/B: baseline `{base_sha}` ({args.baseline}) vs {cand_name}\n\n"
+        f"`python benchmarks/revision_ab.py --baseline {args.baseline}`\n\n{machine_header(info)}\n\n{table}\n"
+    )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--baseline", default="66dabfa^", help="git revision to compare against (default: the "
-                   "last commit before the core reshaping of issue 7)")
+    p.add_argument(
+        "--baseline",
+        default="66dabfa^",
+        help="git revision to compare against (default: the last commit before the core reshaping of issue 7)",
+    )
     p.add_argument("--candidate", default="worktree", help="git revision, or 'worktree' (default)")
     p.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS))
     p.add_argument("--rounds", type=int, default=6)

@@ -28,6 +28,7 @@ Usage::
                                                   # + eager vs compiled solver step (inductor compiles:
                                                   #   about a minute per algorithm on a small CPU)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -156,8 +157,16 @@ class Row:
 
 
 @torch.no_grad()
-def run_workload(wl: Workload, specs: List[SolverSpec], *, tol: float, repeats: int, warmup: int,
-                 device: torch.device, f_evals_per_round: int = 5) -> dict:
+def run_workload(
+    wl: Workload,
+    specs: List[SolverSpec],
+    *,
+    tol: float,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    f_evals_per_round: int = 5,
+) -> dict:
     f = wl.closure()
     rows = [Row(spec) for spec in specs]
 
@@ -202,8 +211,16 @@ COMPILED_ALGOS = ("fixed_point", "anderson", "broyden", "lbroyden")  # those wit
 
 
 @torch.no_grad()
-def compile_comparison(wl: Workload, *, tol: float, max_steps: int, repeats: int, device: torch.device,
-                       backend="inductor", algos=COMPILED_ALGOS) -> List[dict]:
+def compile_comparison(
+    wl: Workload,
+    *,
+    tol: float,
+    max_steps: int,
+    repeats: int,
+    device: torch.device,
+    backend="inductor",
+    algos=COMPILED_ALGOS,
+) -> List[dict]:
     """Per algorithm: the eager and the compiled (``compile=backend``) solve of the same map, timed
     round-robin; the first compiled solve's extra time is the compile time, and it is amortised after
     ``compile time / (eager - compiled)`` solves."""
@@ -218,36 +235,60 @@ def compile_comparison(wl: Workload, *, tol: float, max_steps: int, repeats: int
         reset_cache()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            first = time_once(lambda: compiled(f, wl.z0()), device)
+            first = time_once(lambda compiled=compiled: compiled(f, wl.z0()), device)
         fell_back = any("could not be compiled" in str(w.message) for w in caught)
         r_e, r_c = eager(f, wl.z0()), compiled(f, wl.z0())
-        same = (r_e.nfe == r_c.nfe and r_e.status == r_c.status
-                and bool(torch.equal(r_e.sample_steps, r_c.sample_steps)))
+        same = r_e.nfe == r_c.nfe and r_e.status == r_c.status and bool(torch.equal(r_e.sample_steps, r_c.sample_steps))
         t_e, t_c = Timing(), Timing()
         for _ in range(repeats):
-            t_e.add(time_once(lambda: eager(f, wl.z0()), device))
-            t_c.add(time_once(lambda: compiled(f, wl.z0()), device))
+            t_e.add(time_once(lambda eager=eager: eager(f, wl.z0()), device))
+            t_c.add(time_once(lambda compiled=compiled: compiled(f, wl.z0()), device))
         compile_time = max(first - t_c.median, 0.0)
         gain = t_e.median - t_c.median
-        out.append({"algorithm": algo, "nfe": r_c.nfe, "steps": r_c.steps, "same": same, "eager": t_e,
-                    "compiled": t_c, "compile_time": compile_time, "fell_back": fell_back,
-                    "amortise_solves": compile_time / gain if gain > 0 else math.inf,
-                    "amortise_steps": compile_time / (gain / max(r_c.steps, 1)) if gain > 0 else math.inf})
+        out.append(
+            {
+                "algorithm": algo,
+                "nfe": r_c.nfe,
+                "steps": r_c.steps,
+                "same": same,
+                "eager": t_e,
+                "compiled": t_c,
+                "compile_time": compile_time,
+                "fell_back": fell_back,
+                "amortise_solves": compile_time / gain if gain > 0 else math.inf,
+                "amortise_steps": compile_time / (gain / max(r_c.steps, 1)) if gain > 0 else math.inf,
+            }
+        )
     return out
 
 
 def compile_table(rows: List[dict], torchdeq_best: Optional[Row] = None) -> str:
-    headers = ["solver", "NFE", "same NFE, steps, status", "eager (median)", "compiled (median)", "speed-up",
-               "compile time (first solve)", "amortised after (solves)", "amortised after (steps)"]
+    headers = [
+        "solver",
+        "NFE",
+        "same NFE, steps, status",
+        "eager (median)",
+        "compiled (median)",
+        "speed-up",
+        "compile time (first solve)",
+        "amortised after (solves)",
+        "amortised after (steps)",
+    ]
     if torchdeq_best is not None:
         headers.append(f"compiled / torchdeq {torchdeq_best.spec.algorithm}")
     table = []
     for r in rows:
-        line = [r["algorithm"] + (" (**eager fallback**)" if r["fell_back"] else ""), r["nfe"],
-                "yes" if r["same"] else "**no**", fmt_time(r["eager"].median), fmt_time(r["compiled"].median),
-                f"{r['eager'].median / r['compiled'].median:.2f}×", f"{r['compile_time']:.1f} s",
-                "never" if math.isinf(r["amortise_solves"]) else f"{math.ceil(r['amortise_solves'])}",
-                "never" if math.isinf(r["amortise_steps"]) else f"{math.ceil(r['amortise_steps'])}"]
+        line = [
+            r["algorithm"] + (" (**eager fallback**)" if r["fell_back"] else ""),
+            r["nfe"],
+            "yes" if r["same"] else "**no**",
+            fmt_time(r["eager"].median),
+            fmt_time(r["compiled"].median),
+            f"{r['eager'].median / r['compiled'].median:.2f}×",
+            f"{r['compile_time']:.1f} s",
+            "never" if math.isinf(r["amortise_solves"]) else f"{math.ceil(r['amortise_solves'])}",
+            "never" if math.isinf(r["amortise_steps"]) else f"{math.ceil(r['amortise_steps'])}",
+        ]
         if torchdeq_best is not None:
             line.append(f"{r['compiled'].median / torchdeq_best.time:.2f}×")
         table.append(line)
@@ -258,11 +299,16 @@ def compile_table(rows: List[dict], torchdeq_best: Optional[Row] = None) -> str:
 
 # The regions deqlab's solvers report to `deqlab.instrument` (exclusive times: a region's own time, the
 # regions nested in it subtracted), in the order of the table's columns.
-BREAKDOWN_COLUMNS = ("f", "termination", "algorithm.step", "algorithm.init", "solver.setup", "solver.result",
-                     "solver")
-COLUMN_TITLES = {"f": "f evals", "termination": "termination (per call)",
-                 "algorithm.step": "algorithm step excl. f (per step)", "algorithm.init": "algorithm init",
-                 "solver.setup": "setup", "solver.result": "result", "solver": "solver loop"}
+BREAKDOWN_COLUMNS = ("f", "termination", "algorithm.step", "algorithm.init", "solver.setup", "solver.result", "solver")
+COLUMN_TITLES = {
+    "f": "f evals",
+    "termination": "termination (per call)",
+    "algorithm.step": "algorithm step excl. f (per step)",
+    "algorithm.init": "algorithm init",
+    "solver.setup": "setup",
+    "solver.result": "result",
+    "solver": "solver loop",
+}
 
 
 @torch.no_grad()
@@ -302,22 +348,26 @@ def deqlab_breakdown(wl: Workload, specs: List[SolverSpec], *, repeats: int, dev
 
 
 def breakdown_table(bd: dict) -> str:
-    headers = (["deqlab solver", "NFE", "steps", "total"] + [COLUMN_TITLES[r] for r in BREAKDOWN_COLUMNS]
-               + ["other"])
+    headers = ["deqlab solver", "NFE", "steps", "total"] + [COLUMN_TITLES[r] for r in BREAKDOWN_COLUMNS] + ["other"]
     rows = []
     for algo, d in bd.items():
         reg, tot, calls = d["regions"], d["total"], d["calls"]
 
-        def cell(r, per=None):
+        def cell(r, per=None, reg=reg, tot=tot):
             v = reg[r]
             s = f"{fmt_time(v)} ({100 * v / tot:.0f}%)"
             if per:
                 s += f", {fmt_time(v / per)}"
             return s
 
-        rows.append([algo, d["nfe"], d["steps"], fmt_time(tot)]
-                    + [cell(r, max(calls.get(r, 1), 1) if r in ("termination", "algorithm.step") else None)
-                       for r in BREAKDOWN_COLUMNS] + [cell("other")])
+        rows.append(
+            [algo, d["nfe"], d["steps"], fmt_time(tot)]
+            + [
+                cell(r, max(calls.get(r, 1), 1) if r in ("termination", "algorithm.step") else None)
+                for r in BREAKDOWN_COLUMNS
+            ]
+            + [cell("other")]
+        )
     return markdown_table(headers, rows, "lrrr" + "r" * (len(BREAKDOWN_COLUMNS) + 1))
 
 
@@ -336,8 +386,20 @@ def fmt_res(x: float) -> str:
 
 def workload_table(res: dict, tol: float) -> str:
     t_f, t_jvp = res["f_time"].median, res["jvp_time"].median
-    headers = ["library", "solver", "NFE", "steps", "max rel. residual", "converged", "time (median)",
-               "IQR", "min", "time / NFE", "overhead", "overhead (min)"]
+    headers = [
+        "library",
+        "solver",
+        "NFE",
+        "steps",
+        "max rel. residual",
+        "converged",
+        "time (median)",
+        "IQR",
+        "min",
+        "time / NFE",
+        "overhead",
+        "overhead (min)",
+    ]
     rows = []
     for row in res["rows"]:
         nfe = str(row.nfe) + (f" ({row.nfe_jvp} JVP)" if row.nfe_jvp else "")
@@ -347,9 +409,22 @@ def workload_table(res: dict, tol: float) -> str:
         if row.nfe_jvp:
             ov += f" ({overhead(row, t_f, t_jvp, jvp_aware=True):.2f} JVP-priced)"
         ov_min = row.timing.min / (row.nfe * res["f_time"].min)
-        rows.append([row.spec.library, row.spec.algorithm, nfe, row.steps, fmt_res(row.max_rel),
-                     "yes" if row.converged else "**no**", fmt_time(row.time), fmt_time(row.timing.iqr),
-                     fmt_time(row.timing.min), fmt_time(row.time / max(row.nfe, 1)), ov, f"{ov_min:.2f}"])
+        rows.append(
+            [
+                row.spec.library,
+                row.spec.algorithm,
+                nfe,
+                row.steps,
+                fmt_res(row.max_rel),
+                "yes" if row.converged else "**no**",
+                fmt_time(row.time),
+                fmt_time(row.timing.iqr),
+                fmt_time(row.timing.min),
+                fmt_time(row.time / max(row.nfe, 1)),
+                ov,
+                f"{ov_min:.2f}",
+            ]
+        )
     return markdown_table(headers, rows, "llrrrlrrrrrr")
 
 
@@ -368,13 +443,19 @@ def targets(res: dict, tol: float) -> dict:
     ov = overhead(best_d, t_f, res["jvp_time"].median)
     checks = [
         (f"NFE ≤ torchdeq's fewest ({min_nfe_t})", best_d.nfe <= min_nfe_t, f"{best_d.nfe}"),
-        (f"time ≤ {TARGET_TIME_RATIO}× torchdeq's fastest ({best_t.spec.algorithm}, {fmt_time(best_t.time)})",
-         best_d.time <= TARGET_TIME_RATIO * best_t.time, f"{best_d.time / best_t.time:.2f}×"),
+        (
+            f"time ≤ {TARGET_TIME_RATIO}× torchdeq's fastest ({best_t.spec.algorithm}, {fmt_time(best_t.time)})",
+            best_d.time <= TARGET_TIME_RATIO * best_t.time,
+            f"{best_d.time / best_t.time:.2f}×",
+        ),
         (f"overhead ≤ {TARGET_OVERHEAD}", ov <= TARGET_OVERHEAD, f"{ov:.2f}"),
     ]
     out["ok"] = all(c[1] for c in checks)
-    table = markdown_table(["target (deqlab's fastest: " + best_d.spec.algorithm + ")", "measured", "met"],
-                           [[c[0], c[2], "yes" if c[1] else "**no**"] for c in checks], "lrl")
+    table = markdown_table(
+        ["target (deqlab's fastest: " + best_d.spec.algorithm + ")", "measured", "met"],
+        [[c[0], c[2], "yes" if c[1] else "**no**"] for c in checks],
+        "lrl",
+    )
     out["text"] = table
     return out
 
@@ -388,8 +469,8 @@ def build_report(results: List[dict], info: dict, args) -> str:
         machine_header(info),
         "",
         f"Criterion: per-sample relative residual ‖f(z) − z‖₂ / ‖f(z)‖₂ ≤ {args.tol:g} for every sample. "
-        f"deqlab: `DiscreteDEQSolver(algo, mode=\"rel_norm\", reltol_termination={args.tol:g}, "
-        f"max_steps={args.max_steps})`. torchdeq 0.1.0: `stop_mode=\"rel\", tol={args.tol:g}, "
+        f'deqlab: `DiscreteDEQSolver(algo, mode="rel_norm", reltol_termination={args.tol:g}, '
+        f'max_steps={args.max_steps})`. torchdeq 0.1.0: `stop_mode="rel", tol={args.tol:g}, '
         f"max_iter={args.max_steps}`: its `rel` residual is also per sample (un-normalised L2 over the flattened "
         "sample, divided by ‖f(z)‖₂ + 1e-9) and it stops when the batch *maximum* is below `tol`, which is the "
         "same criterion, so the tolerance needs no conversion (its `abs` mode would need a per-sample "
@@ -446,10 +527,14 @@ def build_report(results: List[dict], info: dict, args) -> str:
                 "it: *f evals* = region `f` (JVPs included), *algorithm step* = `algorithm.step` without the "
                 "f evaluations inside it, *setup* = `solver.setup` (checking and flattening z0, the "
                 "termination tracker), *result* = `solver.result`, *solver loop* = `solver` itself (the loop, "
-                "`fz - z`), *other* = the call around the solver and the recording's own cost)" + (
+                "`fz - z`), *other* = the call around the solver and the recording's own cost)"
+                + (
                     "; on CUDA `record(sync=device)` synchronises the device at every region boundary, so "
                     "these regions add up to more than the unsynchronised solve above"
-                    if args.device.startswith("cuda") else "") + ":",
+                    if args.device.startswith("cuda")
+                    else ""
+                )
+                + ":",
                 "",
                 breakdown_table(res["breakdown"]),
                 "",
@@ -461,8 +546,9 @@ def build_report(results: List[dict], info: dict, args) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu; e.g. cuda)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 = torch default)")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 repeats, 1 warm-up, no RESULTS.md update")
@@ -474,19 +560,34 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-torchdeq", action="store_true", help="benchmark deqlab alone")
-    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                   help="skip the per-region timing of deqlab's solvers (deqlab.instrument: f / termination / "
-                        "algorithm / setup)")
-    p.add_argument("--compile", action="store_true",
-                   help="also time DiscreteDEQSolver(compile=...) against eager (compile time, amortisation)")
-    p.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend of --compile (default inductor; aot_eager for a quick check)")
-    p.add_argument("--write", dest="write", action="store_true", default=None,
-                   help="update benchmarks/RESULTS.md (default unless --quick)")
+    p.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the per-region timing of deqlab's solvers (deqlab.instrument: f / termination / algorithm / setup)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time DiscreteDEQSolver(compile=...) against eager (compile time, amortisation)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of --compile (default inductor; aot_eager for a quick check)",
+    )
+    p.add_argument(
+        "--write",
+        dest="write",
+        action="store_true",
+        default=None,
+        help="update benchmarks/RESULTS.md (default unless --quick)",
+    )
     p.add_argument("--no-write", dest="write", action="store_false")
     p.add_argument("--results", type=Path, default=None, help="results file (default benchmarks/RESULTS.md)")
-    p.add_argument("--section", default=None,
-                   help=f"RESULTS.md section name (default '{SECTION}', '{SECTION}-cuda' on a GPU)")
+    p.add_argument(
+        "--section", default=None, help=f"RESULTS.md section name (default '{SECTION}', '{SECTION}-cuda' on a GPU)"
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.repeats is None:
@@ -519,8 +620,10 @@ def main(argv=None) -> int:
             specs += torchdeq_specs(args.tol, args.max_steps)
             packages.append("torchdeq")
         except ImportError:
-            print("torchdeq is not installed (pip install torchdeq==0.1.0, or `make bench`); "
-                  "benchmarking deqlab alone", file=sys.stderr)
+            print(
+                "torchdeq is not installed (pip install torchdeq==0.1.0, or `make bench`); benchmarking deqlab alone",
+                file=sys.stderr,
+            )
     info = machine_info(device, packages=packages, dtype=args.dtype)
     print(machine_header(info).replace("**", ""), flush=True)
 
@@ -533,8 +636,14 @@ def main(argv=None) -> int:
         print(f"t_f = {fmt_time(res['f_time'].median)}, JVP = {fmt_time(res['jvp_time'].median)}")
         print(targets(res, args.tol)["text"], flush=True)
         if args.compile:
-            res["compiled"] = compile_comparison(wl, tol=args.tol, max_steps=args.max_steps, repeats=args.repeats,
-                                                 device=device, backend=args.compile_backend)
+            res["compiled"] = compile_comparison(
+                wl,
+                tol=args.tol,
+                max_steps=args.max_steps,
+                repeats=args.repeats,
+                device=device,
+                backend=args.compile_backend,
+            )
             tdq = [r for r in res["rows"] if r.spec.library == "torchdeq" and r.converged]
             print(compile_table(res["compiled"], min(tdq, key=lambda r: r.time) if tdq else None), flush=True)
         if args.breakdown:

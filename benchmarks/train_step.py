@@ -25,6 +25,7 @@ Run ``python benchmarks/train_step.py --quick`` (a few minutes on one CPU thread
 the markdown report; without ``--quick`` (or with ``--write``) the ``train-step`` section of
 ``benchmarks/RESULTS.md`` is replaced (``train-step-cuda`` on a GPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,6 +104,7 @@ class SyncCounter:
                 return fn(*a, **k)
             finally:
                 counter._depth -= 1
+
         return wrapped
 
     def __enter__(self) -> "SyncCounter":
@@ -124,7 +126,7 @@ class SyncCounter:
             torch.cuda.set_sync_debug_mode(0)
             self.cuda_syncs = sum(1 for w in self._records if "synchroniz" in str(w.message).lower())
             self._warn_ctx.__exit__(*exc)
-        for name, own, orig in reversed(self._saved):
+        for name, own, _orig in reversed(self._saved):
             if own is None:
                 delattr(torch.Tensor, name)
             else:
@@ -166,8 +168,16 @@ def _loss(logits: Tensor, y: Tensor, solution: Any) -> Tensor:
 class StepBench:
     """One model + optimizer + batch, with the pieces of a step timed separately."""
 
-    def __init__(self, name: str, model_type: str, solver: str, batch: int, device: torch.device, seed: int,
-                 compile_map: bool = False):
+    def __init__(
+        self,
+        name: str,
+        model_type: str,
+        solver: str,
+        batch: int,
+        device: torch.device,
+        seed: int,
+        compile_map: bool = False,
+    ):
         from deqlab.models import build_model
 
         exp, arch, shape, _, _ = MODELS[name]
@@ -212,11 +222,14 @@ class StepBench:
             samples.add("bwd", t2 - t1)
             samples.add("opt_in_step", t3 - t2)
         res = sol.solver_result
-        self.last = dict(nfe=int(sol.nfe), steps=int(res.steps) if res is not None else 0,
-                         vjps=int(sol.backward_nfe), converged=bool(sol.converged.all()),
-                         z_star=[t.detach() for t in (sol.z_star if isinstance(sol.z_star, (list, tuple))
-                                                       else [sol.z_star])],
-                         is_list=isinstance(sol.z_star, (list, tuple)))
+        self.last = dict(
+            nfe=int(sol.nfe),
+            steps=int(res.steps) if res is not None else 0,
+            vjps=int(sol.backward_nfe),
+            converged=bool(sol.converged.all()),
+            z_star=[t.detach() for t in (sol.z_star if isinstance(sol.z_star, (list, tuple)) else [sol.z_star])],
+            is_list=isinstance(sol.z_star, (list, tuple)),
+        )
 
     # ----------------------------------------------------------------------------- component costs
     def components(self, samples: Samples, inner: int = 3) -> None:
@@ -272,8 +285,9 @@ class StepBench:
             skip = sum((a - b).abs().mean() for a, b in zip(u0, z_parts))
             outs.append(skip)
             grads.append(None)
-        torch.autograd.backward(outs, grads, inputs=[p for p in self.model.parameters() if p.requires_grad],
-                                retain_graph=True)
+        torch.autograd.backward(
+            outs, grads, inputs=[p for p in self.model.parameters() if p.requires_grad], retain_graph=True
+        )
         xs.backward(torch.ones_like(xs))
         samples.add("t_outside", _clock(dev) - t0)
         self.model.zero_grad(set_to_none=True)
@@ -325,22 +339,33 @@ class StepBench:
 # exclusive of the others. The forward's f evaluations, termination tests and algorithm/stepper work are
 # counted inside the layer's forward only (a fixed-point adjoint solver would report the same regions inside
 # the backward); the adjoint solver's own work is `adjoint.solve` without its VJPs.
-STEP_REGION_COLUMNS = ("fwd f evals", "termination", "algorithm / stepper", "f re-eval", "adjoint VJPs",
-                       "adjoint solver excl. VJPs", "param VJP")
+STEP_REGION_COLUMNS = (
+    "fwd f evals",
+    "termination",
+    "algorithm / stepper",
+    "f re-eval",
+    "adjoint VJPs",
+    "adjoint solver excl. VJPs",
+    "param VJP",
+)
 _FORWARD_COLUMNS = ("fwd f evals", "termination", "algorithm / stepper")
 
 
 def _step_regions(rec) -> Dict[str, float]:
     fwd = "deq.forward"
-    algo = sum(rec.seconds(r, within=fwd, excluding=["f", "termination"])
-               for r in ("algorithm.init", "algorithm.step", "stepper.init", "stepper.step"))
-    return {"fwd f evals": rec.seconds("f", within=fwd),
-            "termination": rec.seconds("termination", within=fwd),
-            "algorithm / stepper": algo,
-            "f re-eval": rec.seconds("adjoint.linearize"),
-            "adjoint VJPs": rec.seconds("adjoint.vjp"),
-            "adjoint solver excl. VJPs": rec.seconds("adjoint.solve", excluding=["adjoint.vjp"]),
-            "param VJP": rec.seconds("adjoint.vjp_inputs")}
+    algo = sum(
+        rec.seconds(r, within=fwd, excluding=["f", "termination"])
+        for r in ("algorithm.init", "algorithm.step", "stepper.init", "stepper.step")
+    )
+    return {
+        "fwd f evals": rec.seconds("f", within=fwd),
+        "termination": rec.seconds("termination", within=fwd),
+        "algorithm / stepper": algo,
+        "f re-eval": rec.seconds("adjoint.linearize"),
+        "adjoint VJPs": rec.seconds("adjoint.vjp"),
+        "adjoint solver excl. VJPs": rec.seconds("adjoint.solve", excluding=["adjoint.vjp"]),
+        "param VJP": rec.seconds("adjoint.vjp_inputs"),
+    }
 
 
 def region_breakdown(bench: "StepBench", repeats: int) -> Dict[str, float]:
@@ -379,9 +404,18 @@ class TorchDEQStep:
         tol = float(m.deq.solver.termination.tol)
         max_steps = int(getattr(m.deq.solver, "max_steps", 50))
         b_steps = int(getattr(m.deq.backward, "max_steps", 15) or 15)
-        self.deq = get_deq(core="sliced", ift=True, f_solver="broyden", f_max_iter=max_steps, f_tol=tol,
-                           f_stop_mode="rel", b_solver="broyden", b_max_iter=b_steps, b_tol=tol,
-                           b_stop_mode="rel")
+        self.deq = get_deq(
+            core="sliced",
+            ift=True,
+            f_solver="broyden",
+            f_max_iter=max_steps,
+            f_tol=tol,
+            f_stop_mode="rel",
+            b_solver="broyden",
+            b_max_iter=b_steps,
+            b_tol=tol,
+            b_stop_mode="rel",
+        )
         self.deq.train()
         self.nfe = 0
         self.vjps = 0
@@ -459,8 +493,7 @@ class Result:
 
     def ideal(self, s: Optional[Samples] = None) -> float:
         s = s or self.samples
-        return (self.last["nfe"] * s.med("t_f") + self.last["vjps"] * s.med("t_vjp") + s.med("t_pvjp")
-                + s.med("t_opt"))
+        return self.last["nfe"] * s.med("t_f") + self.last["vjps"] * s.med("t_vjp") + s.med("t_pvjp") + s.med("t_opt")
 
     def ideal_full(self) -> float:
         s = self.samples
@@ -519,9 +552,28 @@ def _ratio(a: float, b: float) -> str:
 
 
 def main_table(results: Sequence[Result]) -> str:
-    headers = ["model", "type", "solver", "B", "step (median)", "fwd", "bwd", "opt", "NFE", "steps", "VJPs",
-               "t_f", "t_vjp", "param VJP", "opt step", "overhead", "overhead (full)", "syncs/solve",
-               "sync target", "converged"]
+    headers = [
+        "model",
+        "type",
+        "solver",
+        "B",
+        "step (median)",
+        "fwd",
+        "bwd",
+        "opt",
+        "NFE",
+        "steps",
+        "VJPs",
+        "t_f",
+        "t_vjp",
+        "param VJP",
+        "opt step",
+        "overhead",
+        "overhead (full)",
+        "syncs/solve",
+        "sync target",
+        "converged",
+    ]
     rows = []
     for r in results:
         s, last = r.samples, r.last
@@ -530,29 +582,65 @@ def main_table(results: Sequence[Result]) -> str:
         cuda = syncs.get("solve_cuda")
         sync_txt = f"{n_sync}" + (f" ({cuda} CUDA)" if cuda is not None else "")
         target = syncs.get("steps", last["steps"]) + 2
-        rows.append([r.model, r.model_type, r.solver, r.batch, fmt_time(s.med("step")), fmt_time(s.med("fwd")),
-                     fmt_time(s.med("bwd")), fmt_time(s.med("opt_in_step")), last["nfe"], last["steps"],
-                     last["vjps"], fmt_time(s.med("t_f")), fmt_time(s.med("t_vjp")), fmt_time(s.med("t_pvjp")),
-                     fmt_time(s.med("t_opt")), _ratio(s.med("step"), r.ideal()),
-                     _ratio(s.med("step"), r.ideal_full()), sync_txt,
-                     f"≤ {target} ({'met' if n_sync <= target else 'not met'})",
-                     "yes" if last["converged"] else "no"])
+        rows.append(
+            [
+                r.model,
+                r.model_type,
+                r.solver,
+                r.batch,
+                fmt_time(s.med("step")),
+                fmt_time(s.med("fwd")),
+                fmt_time(s.med("bwd")),
+                fmt_time(s.med("opt_in_step")),
+                last["nfe"],
+                last["steps"],
+                last["vjps"],
+                fmt_time(s.med("t_f")),
+                fmt_time(s.med("t_vjp")),
+                fmt_time(s.med("t_pvjp")),
+                fmt_time(s.med("t_opt")),
+                _ratio(s.med("step"), r.ideal()),
+                _ratio(s.med("step"), r.ideal_full()),
+                sync_txt,
+                f"≤ {target} ({'met' if n_sync <= target else 'not met'})",
+                "yes" if last["converged"] else "no",
+            ]
+        )
     return markdown_table(headers, rows, "lllrrrrrrrrrrrrrrlll")
 
 
 def breakdown_table(results: Sequence[Result]) -> str:
-    headers = ["model", "type", "solver", "step", "NFE × t_f", "VJPs × t_vjp", "param VJP", "opt step",
-               "graph of f at z*", "stem/head/predictor fwd+bwd", "unaccounted"]
+    headers = [
+        "model",
+        "type",
+        "solver",
+        "step",
+        "NFE × t_f",
+        "VJPs × t_vjp",
+        "param VJP",
+        "opt step",
+        "graph of f at z*",
+        "stem/head/predictor fwd+bwd",
+        "unaccounted",
+    ]
     rows = []
     for r in results:
         s, last = r.samples, r.last
         step = s.med("step")
-        parts = [last["nfe"] * s.med("t_f"), last["vjps"] * s.med("t_vjp"), s.med("t_pvjp"), s.med("t_opt"),
-                 s.med("t_graph"), s.med("t_outside")]
+        parts = [
+            last["nfe"] * s.med("t_f"),
+            last["vjps"] * s.med("t_vjp"),
+            s.med("t_pvjp"),
+            s.med("t_opt"),
+            s.med("t_graph"),
+            s.med("t_outside"),
+        ]
         rest = step - sum(parts)
-        rows.append([r.model, r.model_type, r.solver, fmt_time(step)]
-                    + [f"{fmt_time(p)} ({p / step:.0%})" for p in parts]
-                    + [f"{_ftime(rest)} ({rest / step:.0%})"])
+        rows.append(
+            [r.model, r.model_type, r.solver, fmt_time(step)]
+            + [f"{fmt_time(p)} ({p / step:.0%})" for p in parts]
+            + [f"{_ftime(rest)} ({rest / step:.0%})"]
+        )
     return markdown_table(headers, rows, "lllrrrrrrrr")
 
 
@@ -563,13 +651,19 @@ def region_table(results: Sequence[Result]) -> Optional[str]:
         if not g:
             continue
         step = g["step"]
-        rows.append([r.model, r.model_type, r.solver, fmt_time(step)]
-                    + [f"{_ftime(g[c])} ({g[c] / step:.0%})" for c in STEP_REGION_COLUMNS + ("fwd rest", "bwd rest")])
+        rows.append(
+            [r.model, r.model_type, r.solver, fmt_time(step)]
+            + [f"{_ftime(g[c])} ({g[c] / step:.0%})" for c in STEP_REGION_COLUMNS + ("fwd rest", "bwd rest")]
+        )
     if not rows:
         return None
-    return markdown_table(["model", "type", "solver", "step"] + list(STEP_REGION_COLUMNS)
-                          + ["fwd rest (stem, head, init, layer)", "bwd rest (autograd, stem/head, predictor)"],
-                          rows, "lllr" + "r" * 9)
+    return markdown_table(
+        ["model", "type", "solver", "step"]
+        + list(STEP_REGION_COLUMNS)
+        + ["fwd rest (stem, head, init, layer)", "bwd rest (autograd, stem/head, predictor)"],
+        rows,
+        "lllr" + "r" * 9,
+    )
 
 
 def sync_table(results: Sequence[Result]) -> str:
@@ -586,13 +680,36 @@ def sync_table(results: Sequence[Result]) -> str:
         else:
             ss_txt = "" if ss is None else f"{ss[0]:.1f} / {ss[1]:.0f} / {ss[2]:.0f}"
             saved_txt = "n/a (adaptive steps)" if ss is not None else ""
-        rows.append([r.model, r.model_type, r.solver, sy.get("steps", ""), sy.get("solve", ""), by,
-                     sy.get("layer", ""), "" if sy.get("solve_cuda") is None else sy["solve_cuda"], ss_txt,
-                     saved_txt])
-    return markdown_table(["model", "type", "solver", "solver steps", "syncs in the solve", "by conversion",
-                           "syncs in the layer forward", "CUDA sync-debug count",
-                           "per-sample steps (mean / min / max)", "f work per-sample early exit could save"],
-                          rows, "lllrrlrrrr")
+        rows.append(
+            [
+                r.model,
+                r.model_type,
+                r.solver,
+                sy.get("steps", ""),
+                sy.get("solve", ""),
+                by,
+                sy.get("layer", ""),
+                "" if sy.get("solve_cuda") is None else sy["solve_cuda"],
+                ss_txt,
+                saved_txt,
+            ]
+        )
+    return markdown_table(
+        [
+            "model",
+            "type",
+            "solver",
+            "solver steps",
+            "syncs in the solve",
+            "by conversion",
+            "syncs in the layer forward",
+            "CUDA sync-debug count",
+            "per-sample steps (mean / min / max)",
+            "f work per-sample early exit could save",
+        ],
+        rows,
+        "lllrrlrrrr",
+    )
 
 
 def compile_table(results: Sequence[Result]) -> Optional[str]:
@@ -601,13 +718,38 @@ def compile_table(results: Sequence[Result]) -> Optional[str]:
         if r.compiled is None:
             continue
         e, c = r.samples.med("step"), r.compiled.med("step")
-        rows.append([r.model, r.model_type, r.solver, fmt_time(e), fmt_time(c), f"{e / c:.2f}×",
-                     fmt_time(r.samples.med("fwd")), fmt_time(r.compiled.med("fwd")), r.last["nfe"],
-                     r.last.get("compiled_nfe", "")])
+        rows.append(
+            [
+                r.model,
+                r.model_type,
+                r.solver,
+                fmt_time(e),
+                fmt_time(c),
+                f"{e / c:.2f}×",
+                fmt_time(r.samples.med("fwd")),
+                fmt_time(r.compiled.med("fwd")),
+                r.last["nfe"],
+                r.last.get("compiled_nfe", ""),
+            ]
+        )
     if not rows:
         return None
-    return markdown_table(["model", "type", "solver", "eager step", "compiled-map step", "speed-up", "eager fwd",
-                           "compiled fwd", "NFE eager", "NFE compiled"], rows, "lllrrrrrrr")
+    return markdown_table(
+        [
+            "model",
+            "type",
+            "solver",
+            "eager step",
+            "compiled-map step",
+            "speed-up",
+            "eager fwd",
+            "compiled fwd",
+            "NFE eager",
+            "NFE compiled",
+        ],
+        rows,
+        "lllrrrrrrr",
+    )
 
 
 def torchdeq_table(results: Sequence[Result]) -> Optional[str]:
@@ -616,52 +758,95 @@ def torchdeq_table(results: Sequence[Result]) -> Optional[str]:
         if r.torchdeq is None:
             continue
         o, t = r.samples, r.torchdeq
-        rows.append([r.model, fmt_time(o.med("step")), fmt_time(t.med("step")),
-                     f"{o.med('step') / t.med('step'):.2f}×", fmt_time(o.med("fwd")), fmt_time(t.med("fwd")),
-                     fmt_time(o.med("bwd")), fmt_time(t.med("bwd")), f"{r.last['nfe']} / {r.torchdeq_counts[0]}",
-                     f"{r.last['vjps']} / {r.torchdeq_counts[1]}"])
+        rows.append(
+            [
+                r.model,
+                fmt_time(o.med("step")),
+                fmt_time(t.med("step")),
+                f"{o.med('step') / t.med('step'):.2f}×",
+                fmt_time(o.med("fwd")),
+                fmt_time(t.med("fwd")),
+                fmt_time(o.med("bwd")),
+                fmt_time(t.med("bwd")),
+                f"{r.last['nfe']} / {r.torchdeq_counts[0]}",
+                f"{r.last['vjps']} / {r.torchdeq_counts[1]}",
+            ]
+        )
     if not rows:
         return None
-    return markdown_table(["model (vanilla, discrete)", "deqlab step", "torchdeq step", "deqlab / torchdeq",
-                           "deqlab fwd", "torchdeq fwd", "deqlab bwd", "torchdeq bwd", "fwd f evals (ours / tdq)",
-                           "bwd VJPs (ours / tdq)"], rows, "lrrrrrrrrr")
+    return markdown_table(
+        [
+            "model (vanilla, discrete)",
+            "deqlab step",
+            "torchdeq step",
+            "deqlab / torchdeq",
+            "deqlab fwd",
+            "torchdeq fwd",
+            "deqlab bwd",
+            "torchdeq bwd",
+            "fwd f evals (ours / tdq)",
+            "bwd VJPs (ours / tdq)",
+        ],
+        rows,
+        "lrrrrrrrrr",
+    )
 
 
 def build_report(results: Sequence[Result], info: Dict[str, str], args) -> str:
-    out = ["## Training step of the paper's models (`benchmarks/train_step.py`)", "",
-           f"Generated by `python benchmarks/train_step.py {' '.join(args.shown_argv)}`.".replace("  ", " "), "",
-           machine_header(info), "",
-           "One step = `model(x)` (forward solve) + cross-entropy (+ skip loss) + `loss.backward()` (implicit "
-           "GMRES adjoint) + `Adam.step()`, random inputs at the given batch size, weights restored before "
-           f"every step. Median of {args.repeats} rounds after {args.warmup} warm-up rounds; each round runs "
-           "the step and then every component cost once (t_f: one map evaluation at z*, no graph; t_vjp: one "
-           "VJP w.r.t. z through a retained graph of f at z*; param VJP: one VJP w.r.t. the map's parameters "
-           "and the injection; opt step: `Adam.step()` alone). **overhead** = step / (NFE × t_f + VJPs × t_vjp "
-           "+ param VJP + opt step) (issue 10's definition); **overhead (full)** also adds the graph of f at "
-           "z* that the backward builds and the stem / head / predictor forward + backward. **syncs/solve** = "
-           "scalar conversions (`item`, `__bool__`, `__float__`, `__int__`, `__index__`, `tolist`, `numpy`) "
-           "counted during one forward solve (the solver call); target ≤ ⌈steps / k⌉ + 2 with k = 1 today.",
-           "", main_table(results), "", "### Where the step's time goes", "",
-           "Step minus the component costs above (each measured alone in the same rounds); *unaccounted* is "
-           "what the solver loops, the adjoint solver and the layer add around the evaluations of f.", "",
-           breakdown_table(results), ""]
+    out = [
+        "## Training step of the paper's models (`benchmarks/train_step.py`)",
+        "",
+        f"Generated by `python benchmarks/train_step.py {' '.join(args.shown_argv)}`.".replace("  ", " "),
+        "",
+        machine_header(info),
+        "",
+        "One step = `model(x)` (forward solve) + cross-entropy (+ skip loss) + `loss.backward()` (implicit "
+        "GMRES adjoint) + `Adam.step()`, random inputs at the given batch size, weights restored before "
+        f"every step. Median of {args.repeats} rounds after {args.warmup} warm-up rounds; each round runs "
+        "the step and then every component cost once (t_f: one map evaluation at z*, no graph; t_vjp: one "
+        "VJP w.r.t. z through a retained graph of f at z*; param VJP: one VJP w.r.t. the map's parameters "
+        "and the injection; opt step: `Adam.step()` alone). **overhead** = step / (NFE × t_f + VJPs × t_vjp "
+        "+ param VJP + opt step) (issue 10's definition); **overhead (full)** also adds the graph of f at "
+        "z* that the backward builds and the stem / head / predictor forward + backward. **syncs/solve** = "
+        "scalar conversions (`item`, `__bool__`, `__float__`, `__int__`, `__index__`, `tolist`, `numpy`) "
+        "counted during one forward solve (the solver call); target ≤ ⌈steps / k⌉ + 2 with k = 1 today.",
+        "",
+        main_table(results),
+        "",
+        "### Where the step's time goes",
+        "",
+        "Step minus the component costs above (each measured alone in the same rounds); *unaccounted* is "
+        "what the solver loops, the adjoint solver and the layer add around the evaluations of f.",
+        "",
+        breakdown_table(results),
+        "",
+    ]
     rt = region_table(results)
     if rt:
-        out += ["Inside the step (a separate pass recording the regions deqlab reports to `deqlab.instrument`, "
-                "each exclusive of the others: fwd f evals = `f` inside `deq.forward`, termination = "
-                "`termination` there, algorithm / stepper = `algorithm.init`/`algorithm.step` (discrete) or "
-                "`stepper.init`/`stepper.step` (continuous) without their f evals and termination tests, f "
-                "re-eval = `adjoint.linearize` (the graph of f at z*), adjoint VJPs = `adjoint.vjp`, adjoint "
-                "solver excl. VJPs = `adjoint.solve` without its VJPs, param VJP = `adjoint.vjp_inputs`):",
-                "", rt, ""]
+        out += [
+            "Inside the step (a separate pass recording the regions deqlab reports to `deqlab.instrument`, "
+            "each exclusive of the others: fwd f evals = `f` inside `deq.forward`, termination = "
+            "`termination` there, algorithm / stepper = `algorithm.init`/`algorithm.step` (discrete) or "
+            "`stepper.init`/`stepper.step` (continuous) without their f evals and termination tests, f "
+            "re-eval = `adjoint.linearize` (the graph of f at z*), adjoint VJPs = `adjoint.vjp`, adjoint "
+            "solver excl. VJPs = `adjoint.solve` without its VJPs, param VJP = `adjoint.vjp_inputs`):",
+            "",
+            rt,
+            "",
+        ]
     out += ["### Host syncs per forward solve", "", sync_table(results), ""]
     ct = compile_table(results)
     if ct:
         out += ["### Compiled map (`module.compile(fullgraph=True)` on the DEQ map; solver loop eager)", "", ct, ""]
     tt = torchdeq_table(results)
     if tt:
-        out += ["### Beside torchdeq 0.1.0 (same stem / map / head; `get_deq(ift=True, f_solver='broyden', "
-                "b_solver='broyden')`, our tolerance and budgets, `rel` stop mode)", "", tt, ""]
+        out += [
+            "### Beside torchdeq 0.1.0 (same stem / map / head; `get_deq(ift=True, f_solver='broyden', "
+            "b_solver='broyden')`, our tolerance and budgets, `rel` stop mode)",
+            "",
+            tt,
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -675,7 +860,7 @@ def _fit_shortcut(model, data: Tensor, steps: int, batch: int) -> float:
     opt = torch.optim.Adam(deq.init.shortcut.parameters(), lr=3e-3)
     loss = torch.zeros(())
     for i in range(steps):
-        xb = data[(i * batch) % len(data):][:batch]
+        xb = data[(i * batch) % len(data) :][:batch]
         with torch.no_grad():
             xs = model.stem(xb)
             z, _ = deq(xs)
@@ -768,22 +953,56 @@ def prediction_benchmark(args, device: torch.device) -> str:
         ideal = stem + head + predictor[mt] + nfe * t_f
         met = tm <= bound
         verdicts.append((mt, met))
-        rows.append([mt, f"{nfe:.2f}", fmt_time(tm), f"{tm / v_time:.2f}", f"{nfe / v_nfe:.2f}",
-                     fmt_time(predictor[mt]), fmt_time(bound), "yes" if met else "**no**",
-                     fmt_time(nfe * t_f), fmt_time(stem + head), _ftime(tm - ideal), f"{tm / ideal:.2f}"])
-    table = markdown_table(["model type", "test NFE (mean)", "time / batch (median)", "time / vanilla's",
-                            "NFE / vanilla's", "predictor cost", "bound 1.2 × NFE ratio × t_vanilla + predictor",
-                            "met", "NFE × t_f", "stem + head", "solver overhead (rest)", "time / (ideal)"],
-                           rows, "lrrrrrrlrrrr")
-    return "\n".join([
-        "### Prediction time vs NFE (MNIST dense, discrete solver, batch 32, `model.eval()`, `no_grad`)", "",
-        f"Inputs: {source}, {len(batches)} batches × {args.repeats} rounds (median per batch). The three model "
-        "types share the vanilla model's (untrained) stem, map and head; the Skip predictor was fitted to z* "
-        f"for {args.fit_steps} Adam steps on the skip loss alone"
-        + (f" (final mean |u0 − z*| = {fit:.3g})" if fit is not None else "") + ". "
-        f"Costs at the same batches: t_f = {fmt_time(t_f)}, stem = {fmt_time(stem)}, head = {fmt_time(head)}, "
-        f"shortcut = {fmt_time(parts.med('shortcut'))}. *ideal* = stem + head + predictor + NFE × t_f.", "",
-        table, ""])
+        rows.append(
+            [
+                mt,
+                f"{nfe:.2f}",
+                fmt_time(tm),
+                f"{tm / v_time:.2f}",
+                f"{nfe / v_nfe:.2f}",
+                fmt_time(predictor[mt]),
+                fmt_time(bound),
+                "yes" if met else "**no**",
+                fmt_time(nfe * t_f),
+                fmt_time(stem + head),
+                _ftime(tm - ideal),
+                f"{tm / ideal:.2f}",
+            ]
+        )
+    table = markdown_table(
+        [
+            "model type",
+            "test NFE (mean)",
+            "time / batch (median)",
+            "time / vanilla's",
+            "NFE / vanilla's",
+            "predictor cost",
+            "bound 1.2 × NFE ratio × t_vanilla + predictor",
+            "met",
+            "NFE × t_f",
+            "stem + head",
+            "solver overhead (rest)",
+            "time / (ideal)",
+        ],
+        rows,
+        "lrrrrrrlrrrr",
+    )
+    return "\n".join(
+        [
+            "### Prediction time vs NFE (MNIST dense, discrete solver, batch 32, `model.eval()`, `no_grad`)",
+            "",
+            f"Inputs: {source}, {len(batches)} batches × {args.repeats} rounds (median per batch). The three model "
+            "types share the vanilla model's (untrained) stem, map and head; the Skip predictor was fitted to z* "
+            f"for {args.fit_steps} Adam steps on the skip loss alone"
+            + (f" (final mean |u0 − z*| = {fit:.3g})" if fit is not None else "")
+            + ". "
+            f"Costs at the same batches: t_f = {fmt_time(t_f)}, stem = {fmt_time(stem)}, head = {fmt_time(head)}, "
+            f"shortcut = {fmt_time(parts.med('shortcut'))}. *ideal* = stem + head + predictor + NFE × t_f.",
+            "",
+            table,
+            "",
+        ]
+    )
 
 
 def parse_args(argv=None):
@@ -798,20 +1017,31 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                   help="skip the per-region timing of deqlab's internals")
+    p.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the per-region timing of deqlab's internals",
+    )
     p.add_argument("--compile", action="store_true", help="also time the step with the DEQ map compiled")
     p.add_argument("--no-torchdeq", dest="torchdeq", action="store_false")
     p.add_argument("--prediction", action="store_true", help="also run the prediction-time-vs-NFE check")
     p.add_argument("--prediction-only", action="store_true", help="run only the prediction-time check")
     p.add_argument("--pred-batches", type=int, default=10)
     p.add_argument("--fit-steps", type=int, default=300)
-    p.add_argument("--data-dir", default=os.environ.get("DEQLAB_DATA", "data"),
-                   help="folder holding MNIST/raw for the prediction check (default $DEQLAB_DATA or ./data; "
-                        "noise when absent)")
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("DEQLAB_DATA", "data"),
+        help="folder holding MNIST/raw for the prediction check (default $DEQLAB_DATA or ./data; noise when absent)",
+    )
     p.add_argument("--output", default=None, help="write the markdown report to this file")
-    p.add_argument("--write", dest="write", action="store_true", default=None,
-                   help="update benchmarks/RESULTS.md (default unless --quick)")
+    p.add_argument(
+        "--write",
+        dest="write",
+        action="store_true",
+        default=None,
+        help="update benchmarks/RESULTS.md (default unless --quick)",
+    )
     p.add_argument("--no-write", dest="write", action="store_false")
     p.add_argument("--results", type=Path, default=None, help="results file (default benchmarks/RESULTS.md)")
     args = p.parse_args(argv)
@@ -822,7 +1052,7 @@ def parse_args(argv=None):
     if args.write is None:
         args.write = not args.quick
     shown, skip = [], False
-    for a in (argv if argv is not None else sys.argv[1:]):  # where the output went is not part of the recipe
+    for a in argv if argv is not None else sys.argv[1:]:  # where the output went is not part of the recipe
         if skip:
             skip = False
             continue
@@ -845,20 +1075,24 @@ def main(argv=None) -> int:
     pkgs = ["torch", "deqlab"]
     try:
         import torchdeq  # noqa: F401
+
         pkgs.append("torchdeq")
     except ImportError:
         args.torchdeq = False
     info = machine_info(device, pkgs)
     results = []
     pred = prediction_benchmark(args, device) if (args.prediction or args.prediction_only) else None
-    for name in ([] if args.prediction_only else args.models.split(",")):
+    for name in [] if args.prediction_only else args.models.split(","):
         for solver in args.solvers.split(","):
             for mt in args.model_types.split(","):
                 t0 = time.perf_counter()
                 results.append(run_config(name, mt, solver, args, device))
                 print(f"# {name} {mt} {solver}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    report = build_report(results, info, args) if results else (
-        "## Prediction time (`benchmarks/train_step.py`)\n\n" + machine_header(info) + "\n")
+    report = (
+        build_report(results, info, args)
+        if results
+        else ("## Prediction time (`benchmarks/train_step.py`)\n\n" + machine_header(info) + "\n")
+    )
     if pred:
         report += "\n" + pred
     print(report)

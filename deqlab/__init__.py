@@ -3,6 +3,7 @@
 ``import deqlab`` never imports Lightning: the Lightning integration (``DEQLightningModule`` and the data
 modules) is loaded on first attribute access, so solver and layer users do not pay its ~5 s import.
 """
+
 from importlib import import_module
 from typing import Any
 
@@ -14,23 +15,23 @@ from deqlab.nn import (
     GuessStrategy,
     ImplicitBackward,
     InitialGuess,
-    MapGuess,
-    ShortcutGuess,
-    ZeroGuess,
     JacobianFreeBackward,
+    MapGuess,
     MultiScaleDeepEquilibriumNetwork,
     MultiScaleNeuralODE,
     MultiScaleSkipDeepEquilibriumNetwork,
     NeumannPhantomGradient,
     PhantomGradient,
-    SkipDEQ,
+    ShortcutGuess,
     SkipDeepEquilibriumNetwork,
+    SkipDEQ,
+    ZeroGuess,
 )
 from deqlab.solvers import (
+    GMRES,
     ContinuousDEQSolver,
     ConvergenceWarning,
     DiscreteDEQSolver,
-    GMRES,
     SolverError,
     SolverResult,
     SolverStatus,

@@ -16,11 +16,12 @@ Example:
     >>> str(caught[0].message)
     'ContinuousDEQSolver: abstol= is deprecated; use ode_abstol= (the same setting)'
 """
+
 from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Dict, Optional, Tuple, TypeVar
+from typing import Any, Dict, Optional, Tuple, TypeVar, overload
 
 __all__ = ["renamed", "deprecated", "warn_renamed", "moved_attribute", "renamed_field"]
 
@@ -32,8 +33,19 @@ def warn_renamed(owner: str, old: str, new: str, *, stacklevel: int = 3, why: st
     warnings.warn(f"{owner}: {old} is deprecated; use {new} ({why})", DeprecationWarning, stacklevel=stacklevel)
 
 
-def renamed(owner: str, new: str, new_value: Optional[T], old: str, old_value: Optional[T],
-            default: Optional[T] = None) -> Optional[T]:
+@overload
+def renamed(owner: str, new: str, new_value: Optional[T], old: str, old_value: Optional[T], default: T) -> T: ...
+
+
+@overload
+def renamed(
+    owner: str, new: str, new_value: Optional[T], old: str, old_value: Optional[T], default: None = None
+) -> Optional[T]: ...
+
+
+def renamed(
+    owner: str, new: str, new_value: Optional[T], old: str, old_value: Optional[T], default: Optional[T] = None
+) -> Optional[T]:
     """An option given under its name ``new`` or its deprecated name ``old``.
 
     ``None`` means "not given": the value is ``new_value``, else ``old_value`` (with a

@@ -4,6 +4,7 @@ Runs offline on a CPU in well under three minutes, logs to TensorBoard (``runs/d
 of test accuracy, explicit (u0-only) accuracy, forward/backward NFE and time per epoch, followed by the
 ``tensorboard`` command that opens the logs. ``python -m deqlab.demo --help`` lists the options.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,19 +79,25 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
     header = ("model", "test acc", "explicit acc", "fwd NFE (test)", "fwd NFE (train)", "bwd NFE (train)", "s/epoch")
     lines = [header]
     for r in rows:
-        lines.append((
-            r["model"],
-            _fmt(r["test_accuracy"] and 100 * r["test_accuracy"], ".1f") + ("%" if r["test_accuracy"] is not None else ""),
-            _fmt(r["explicit_accuracy"] and 100 * r["explicit_accuracy"], ".1f") + ("%" if r["explicit_accuracy"] is not None else ""),
-            _fmt(r["test_nfe"], ".1f"),
-            _fmt(r["train_nfe"], ".1f"),
-            _fmt(r["backward_nfe"], ".1f"),
-            _fmt(r["epoch_time_s"], ".2f"),
-        ))
+        lines.append(
+            (
+                r["model"],
+                _fmt(r["test_accuracy"] and 100 * r["test_accuracy"], ".1f")
+                + ("%" if r["test_accuracy"] is not None else ""),
+                _fmt(r["explicit_accuracy"] and 100 * r["explicit_accuracy"], ".1f")
+                + ("%" if r["explicit_accuracy"] is not None else ""),
+                _fmt(r["test_nfe"], ".1f"),
+                _fmt(r["train_nfe"], ".1f"),
+                _fmt(r["backward_nfe"], ".1f"),
+                _fmt(r["epoch_time_s"], ".2f"),
+            )
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = []
     for j, line in enumerate(lines):
-        out.append("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        out.append(
+            "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        )
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -122,7 +129,9 @@ def main(
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*(num_workers|does not have many workers|LitLogger|treespec).*")
+            warnings.filterwarnings(
+                "ignore", message=r".*(num_workers|does not have many workers|LitLogger|treespec).*"
+            )
             rows = [
                 run_one(mt, epochs=epochs, log_dir=log_dir, seed=seed, limit_train_batches=limit_train_batches)
                 for mt in model_types
@@ -132,8 +141,10 @@ def main(
         for n, level in levels.items():
             logging.getLogger(n).setLevel(level)
     if verbose:
-        print(f"\ndeqlab demo: DEQ vs Skip DEQ on 8x8 digits ({epochs} epochs each, "
-              f"{time.perf_counter() - start:.0f} s in total)\n")
+        print(
+            f"\ndeqlab demo: DEQ vs Skip DEQ on 8x8 digits ({epochs} epochs each, "
+            f"{time.perf_counter() - start:.0f} s in total)\n"
+        )
         print(format_table(rows))
         print(f"\nTensorBoard logs: {tensorboard_command(log_dir)}")
     return rows
@@ -172,8 +183,13 @@ def _parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=12, help="training epochs per model (default: 12)")
     p.add_argument("--log-dir", default=DEFAULT_LOG_DIR, help=f"TensorBoard log directory (default: {DEFAULT_LOG_DIR})")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, split and shuffling (default: 0)")
-    p.add_argument("--models", nargs="+", default=list(MODEL_TYPES), choices=["vanilla", "skip", "skip_reg"],
-                   help="model types to train (default: skip vanilla)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODEL_TYPES),
+        choices=["vanilla", "skip", "skip_reg"],
+        help="model types to train (default: skip vanilla)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1; the model is tiny)")
     return p.parse_args(argv)
 

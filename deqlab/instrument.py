@@ -36,6 +36,7 @@ Design:
   boundary so a region's time is its kernels' time; without it (the default) regions measure host time
   and the device runs asynchronously, as it does unrecorded. Off, nothing ever synchronises.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,22 +52,22 @@ REGIONS: Dict[str, str] = {
     "deq.forward": "a DEQ layer's forward: initial guess, solve, attaching the gradient, the record",
     "deq.init": "the layer's initial guess u0 (a Skip DEQ's shortcut, a Skip Reg. DEQ's f(0, x))",
     "deq.spectral_radius": "the opt-in estimate of rho(df/dz) at z* (a graph of f and its VJPs; "
-                           "DeepEquilibriumNetwork(spectral_radius=...))",
+    "DeepEquilibriumNetwork(spectral_radius=...))",
     "deq.backward": "a DEQ layer's backward: its backward mode turning dL/dz* into dL/dx and dL/dθ",
     "solver": "one solver call; exclusive: the loop itself, f(z) - z, per-sample-exit compaction",
     "solver.setup": "checking and flattening z0, building the counted map and the termination tracker",
     "solver.result": "building the SolverResult (returned iterate, residuals, status)",
     "f": "one evaluation of the map inside a solver (Newton-Krylov's JVPs included; in a fixed-point "
-         "adjoint solve, one step of the adjoint map)",
+    "adjoint solve, one step of the adjoint map)",
     "termination": "TerminationTracker.update: the per-sample stop test and best-iterate bookkeeping",
     "algorithm.init": "a discrete algorithm's init (its memory buffers)",
     "algorithm.step": "a discrete algorithm's step (Anderson's least squares, Broyden's update, ...)",
     "stepper.init": "a continuous solver's initial step size (the Hairer-Wanner estimate)",
     "stepper.step": "one call of a continuous solver's stepper (Tsit5, Dopri5, VCAB3, Euler, RK4) with its "
-                    "error control and guards",
+    "error control and guards",
     "adjoint.linearize": "the implicit backward's graph of f at z* (one evaluation of f with grad)",
     "adjoint.solve": "the implicit backward's linear solve of (I - J^T) g = dL/dz* (GMRES or a fixed-point "
-                     "solver; NeumannPhantomGradient's truncated series)",
+    "solver; NeumannPhantomGradient's truncated series)",
     "adjoint.vjp": "one VJP v^T df/dz through that graph (the adjoint solve's matrix-vector product)",
     "adjoint.vjp_inputs": "the final VJP g^T df/d(x, parameters)",
 }
@@ -87,9 +88,11 @@ def _sync_function(sync: _Sync) -> Optional[Callable[[], None]]:
     if sync is False or sync is None:
         return None
     if sync is True:
+
         def sync_all() -> None:
             if torch.cuda.is_initialized():  # never initialise CUDA for a CPU run
                 torch.cuda.synchronize()
+
         return sync_all
     if isinstance(sync, (str, torch.device)):
         device = torch.device(sync)
@@ -99,8 +102,10 @@ def _sync_function(sync: _Sync) -> Optional[Callable[[], None]]:
             return torch.mps.synchronize
         if device.type == "cpu":
             return None
-        raise ValueError(f"record(sync={sync!r}): cannot synchronise a {device.type!r} device; pass sync=False "
-                         f"(host time) or a CUDA/MPS device")
+        raise ValueError(
+            f"record(sync={sync!r}): cannot synchronise a {device.type!r} device; pass sync=False "
+            f"(host time) or a CUDA/MPS device"
+        )
     raise TypeError(f"record(sync=...) takes True, False or a device (e.g. 'cuda:0'), got {sync!r}")
 
 
@@ -363,7 +368,7 @@ class Recording:
             i = path.index(name)
             if within is not None and within not in path[:i]:
                 continue
-            if skip and any(e in path[i + 1:] for e in skip):
+            if skip and any(e in path[i + 1 :] for e in skip):
                 continue
             total += secs
         return total
@@ -534,7 +539,7 @@ def _adopted(thread: int, name: str) -> Iterator[None]:
     ident = threading.get_ident()
     rec = _ACTIVE.get(ident)
     adopted = rec is None
-    if adopted:
+    if rec is None:
         rec = _ACTIVE.get(thread)
         if rec is None:
             yield

@@ -5,9 +5,10 @@ structured states (one tensor, or one tensor per resolution). Every conversion b
 per-sample norms the termination tests and the layers share, and the type alias ``State`` live here
 once, so a solver and a layer can never disagree on what "the residual of a sample" means. Pure torch.
 """
+
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor
@@ -33,7 +34,7 @@ _HALF = (torch.float16, torch.bfloat16)
 State = Union[Tensor, List[Tensor]]
 
 
-def as_parts(state: State) -> List[Tensor]:
+def as_parts(state: Union[Tensor, Sequence[Tensor]]) -> List[Tensor]:
     """A state as a list of tensors (a single tensor becomes a one-element list).
 
     Why: code that handles single-tensor and multiscale states alike iterates over parts; this is the
@@ -320,7 +321,7 @@ class StatePacker:
         """A state with ``z0``'s structure as one ``(B, N)`` tensor (a view for a tensor state)."""
         # Explicit per-sample sizes (not -1), so an empty batch flattens to (0, N) too.
         if not self.is_list:
-            return z.reshape(self.batch, self.sizes[0])
+            return cast(Tensor, z).reshape(self.batch, self.sizes[0])  # z0's structure: a tensor
         return torch.cat([t.reshape(self.batch, n) for t, n in zip(z, self.sizes)], dim=1)
 
     def unflatten(self, flat: Tensor) -> State:
@@ -373,16 +374,17 @@ class StatePacker:
         """
         expected = "tensor" if not self.is_list else f"list of {len(self.shapes)} tensors"
         if self.is_list:
-            ok = isinstance(fz, (list, tuple)) and len(fz) == len(self.shapes) and all(
-                isinstance(t, Tensor) for t in fz
+            ok = (
+                isinstance(fz, (list, tuple)) and len(fz) == len(self.shapes) and all(isinstance(t, Tensor) for t in fz)
             )
-            tensors = list(fz) if ok else []
+            tensors = list(cast(Sequence[Tensor], fz)) if ok else []  # ok: a list of tensors
         else:
             ok = isinstance(fz, Tensor)
-            tensors = [fz] if ok else []
+            tensors = [fz] if isinstance(fz, Tensor) else []
         if not ok:
-            raise TypeError(f"the map must return a state shaped like z: expected a {expected} like z0, "
-                            f"got {self.describe(fz)}")
+            raise TypeError(
+                f"the map must return a state shaped like z: expected a {expected} like z0, got {self.describe(fz)}"
+            )
         for t, shape in zip(tensors, self.shapes):
             if t.shape != shape:
                 expected_shapes = [tuple(s) for s in self.shapes] if self.is_list else tuple(self.shapes[0])
@@ -392,9 +394,11 @@ class StatePacker:
             if t.dtype != self.dtype:
                 raise ValueError(f"the map must return the dtype of its input: expected {self.dtype}, got {t.dtype}")
             if t.device != self.device:
-                raise ValueError(f"the map must return a state on the device of its input: expected device "
-                                 f"{self.device}, got {t.device}; keep the map's parameters and inputs on the "
-                                 f"device of z0")
+                raise ValueError(
+                    f"the map must return a state on the device of its input: expected device "
+                    f"{self.device}, got {t.device}; keep the map's parameters and inputs on the "
+                    f"device of z0"
+                )
 
 
 def version_of(t: Tensor) -> Optional[int]:
@@ -406,9 +410,11 @@ def version_of(t: Tensor) -> Optional[int]:
         return None
 
 
-IN_PLACE_HINT = ("e.g. nn.ReLU(inplace=True) or z.add_(...) applied to z itself. The solver keeps its iterates "
-                 "(and the backward differentiates at z*), so changing the input corrupts the solve: use the "
-                 "out-of-place op (nn.ReLU(), z + 1), or clone z first inside the map (z = z.clone())")
+IN_PLACE_HINT = (
+    "e.g. nn.ReLU(inplace=True) or z.add_(...) applied to z itself. The solver keeps its iterates "
+    "(and the backward differentiates at z*), so changing the input corrupts the solve: use the "
+    "out-of-place op (nn.ReLU(), z + 1), or clone z first inside the map (z = z.clone())"
+)
 
 
 def make_flat_map(f: Callable[[State], State], packer: StatePacker) -> Callable[[Tensor], Tensor]:

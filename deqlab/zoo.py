@@ -18,6 +18,7 @@ builders, and ``MNISTDenseDEQ``'s network is ``deqlab.models.mnist.dense_network
 MNIST training protocol is read from [`deqlab.models.paper_settings`][deqlab.models.paper_settings]. Each model class states its
 training defaults once, as ``default_training``; a partial ``training`` block changes only what it names.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar, Dict, Literal, Optional, Protocol, Tuple, Union, runtime_checkable
@@ -25,18 +26,26 @@ from typing import Any, ClassVar, Dict, Literal, Optional, Protocol, Tuple, Unio
 from torch import Tensor, nn
 
 from deqlab._compat import warn_renamed
-from deqlab.spec import model_kind
-from deqlab.spec.training import DEQTrainingConfig, TrainingArg
 from deqlab.lightning.module import DEQLightningModule
 from deqlab.models._build import BackwardName, PaperNetwork, SolverName, build_backward, build_solver
 from deqlab.models.mnist import MNIST_DENSE, dense_deq, dense_network
 from deqlab.models.settings import TRAINING_KEYS, paper_settings
 from deqlab.nn.implicit import BackwardMode
 from deqlab.solvers.protocols import Solver
+from deqlab.spec import model_kind
+from deqlab.spec.training import DEQTrainingConfig, TrainingArg
 
 __all__ = [
-    "DEQClassifier", "DigitsDEQ", "MNISTDenseDEQ", "DenseDEQClassifier", "ExplicitPredictor", "build_solver",
-    "build_backward", "dense_deq_layer", "DIGITS_TRAINING", "MNIST_TRAINING",
+    "DEQClassifier",
+    "DigitsDEQ",
+    "MNISTDenseDEQ",
+    "DenseDEQClassifier",
+    "ExplicitPredictor",
+    "build_solver",
+    "build_backward",
+    "dense_deq_layer",
+    "DIGITS_TRAINING",
+    "MNIST_TRAINING",
 ]
 
 ModelType = Literal["vanilla", "skip", "skip_reg"]
@@ -67,13 +76,15 @@ MNIST_TRAINING = _paper_training("mnist", "dense")
 #: ``DeprecationWarning`` naming its spelling in the object form.
 _LEGACY_SOLVER_KEYS = ("termination_mode", "abstol", "reltol", "max_steps")
 _LEGACY_BACKWARD_KEYS = ("backward_solver", "backward_tol", "backward_max_steps")
-_LEGACY_NEW = {"termination_mode": "solver=build_solver(name, mode=...)",
-               "abstol": "solver=build_solver(name, abstol_termination=...)",
-               "reltol": "solver=build_solver(name, reltol_termination=...)",
-               "max_steps": "solver=build_solver(name, max_steps=...)",
-               "backward_solver": "backward=build_backward(name)",
-               "backward_tol": "backward=build_backward(name, tol=...)",
-               "backward_max_steps": "backward=build_backward(name, max_steps=...)"}
+_LEGACY_NEW = {
+    "termination_mode": "solver=build_solver(name, mode=...)",
+    "abstol": "solver=build_solver(name, abstol_termination=...)",
+    "reltol": "solver=build_solver(name, reltol_termination=...)",
+    "max_steps": "solver=build_solver(name, max_steps=...)",
+    "backward_solver": "backward=build_backward(name)",
+    "backward_tol": "backward=build_backward(name, tol=...)",
+    "backward_max_steps": "backward=build_backward(name, max_steps=...)",
+}
 
 
 @runtime_checkable
@@ -150,7 +161,11 @@ class DEQClassifier(DEQLightningModule):
 
 
 def dense_deq_layer(
-    model_type: ModelType, width: int, solver: Any, *, jacobian_regularization: bool = False,
+    model_type: ModelType,
+    width: int,
+    solver: Any,
+    *,
+    jacobian_regularization: bool = False,
     backward: Any = None,
 ) -> nn.Module:
     """The DEQ layer over ``f(z, x) = relu(W1 z) + relu(W2 x)`` for ``model_type``; the Skip predictor is
@@ -187,19 +202,25 @@ def dense_deq_layer(
 
 
 def _resolve_solver_and_backward(
-    solver: Union[Solver, str, None], backward: Union[BackwardMode, str, None], legacy: Dict[str, Any],
-    default_max_steps: int, owner: str,
+    solver: Union[Solver, str, None],
+    backward: Union[BackwardMode, str, None],
+    legacy: Dict[str, Any],
+    default_max_steps: int,
+    owner: str,
 ) -> Tuple[Solver, BackwardMode]:
     """Solver and backward objects from what the caller gave: objects are used as they are; a name or
-    ``None`` builds the zoo default ([`build_solver`][deqlab.zoo.build_solver], [`build_backward`][deqlab.zoo.build_backward]). The old flat keywords
-    (``abstol``, ``max_steps``, ``backward_tol``, ...) are aliases for the name form only."""
+    ``None`` builds the zoo default ([`build_solver`][deqlab.zoo.build_solver],
+    [`build_backward`][deqlab.zoo.build_backward]). The old flat keywords (``abstol``, ``max_steps``,
+    ``backward_tol``, ...) are aliases for the name form only."""
     solver_kw = {k: legacy[k] for k in _LEGACY_SOLVER_KEYS if k in legacy}
     backward_kw = {k: legacy[k] for k in _LEGACY_BACKWARD_KEYS if k in legacy}
     for key in (*solver_kw, *backward_kw):
         warn_renamed(owner, f"{key}=", _LEGACY_NEW[key], stacklevel=5, why="pass the solver or backward object")
     if solver_kw and not (solver is None or isinstance(solver, str)):
-        raise ValueError(f"{owner}: pass {', '.join(solver_kw)} only with a solver name, not with a solver object "
-                         f"(set them on the object: {solver!r})")
+        raise ValueError(
+            f"{owner}: pass {', '.join(solver_kw)} only with a solver name, not with a solver object "
+            f"(set them on the object: {solver!r})"
+        )
     if backward_kw and not (backward is None or isinstance(backward, str)):
         raise ValueError(f"{owner}: pass {', '.join(backward_kw)} only without a backward object")
     if backward_kw.get("backward_solver") is not None and backward is not None:
@@ -215,7 +236,8 @@ def _resolve_solver_and_backward(
     if backward is None or isinstance(backward, str):
         backward = build_backward(
             backward or backward_kw.get("backward_solver", "gmres"),  # type: ignore[arg-type]
-            tol=backward_kw.get("backward_tol"), max_steps=backward_kw.get("backward_max_steps"),
+            tol=backward_kw.get("backward_tol"),
+            max_steps=backward_kw.get("backward_max_steps"),
         )
     return solver, backward
 
@@ -293,15 +315,23 @@ class DenseDEQClassifier(DEQLightningModule):
     ) -> None:
         legacy = {k: kwargs.pop(k) for k in (*_LEGACY_SOLVER_KEYS, *_LEGACY_BACKWARD_KEYS) if k in kwargs}
         super().__init__(training=training, **kwargs)  # the base records this model's constructor arguments
-        self.deq_config = self.deq_config.with_default_weights(**self._loss_weight_defaults(
-            model_type, jacobian_regularization))
+        self.deq_config = self.deq_config.with_default_weights(
+            **self._loss_weight_defaults(model_type, jacobian_regularization)
+        )
         self.in_features = in_features
         self.kind = model_kind(model_type, deq_only=True)
         solver_obj, backward_obj = _resolve_solver_and_backward(
-            solver, backward, legacy, self.default_max_steps, type(self).__name__)
-        network = dense_network(self.kind, solver_obj, backward=backward_obj,
-                                jacobian_regularization=jacobian_regularization,
-                                num_classes=self.deq_config.num_classes or 10, width=width, in_features=in_features)
+            solver, backward, legacy, self.default_max_steps, type(self).__name__
+        )
+        network = dense_network(
+            self.kind,
+            solver_obj,
+            backward=backward_obj,
+            jacobian_regularization=jacobian_regularization,
+            num_classes=self.deq_config.num_classes or 10,
+            width=width,
+            in_features=in_features,
+        )
         # the network's parts are this module's own (state-dict keys stem.*, deq.*, head.*)
         self.stem, self.deq, self.head = network.stem, network.deq, network.head
 
@@ -377,7 +407,8 @@ class MNISTDenseDEQ(DenseDEQClassifier):
     default_training: ClassVar[DEQTrainingConfig] = MNIST_TRAINING
     skip_loss_default: ClassVar[Optional[float]] = paper_settings("mnist", "dense", "skip")["skip_loss_weight"]
     jacobian_loss_default: ClassVar[Optional[float]] = paper_settings("mnist", "dense", jacobian_regularization=True)[
-        "jacobian_loss_weight"]
+        "jacobian_loss_weight"
+    ]
 
     def __init__(
         self,
@@ -387,8 +418,15 @@ class MNISTDenseDEQ(DenseDEQClassifier):
         jacobian_regularization: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(in_features=784, width=128, model_type=model_type, solver=solver, backward=backward,
-                         jacobian_regularization=jacobian_regularization, **kwargs)
+        super().__init__(
+            in_features=784,
+            width=128,
+            model_type=model_type,
+            solver=solver,
+            backward=backward,
+            jacobian_regularization=jacobian_regularization,
+            **kwargs,
+        )
 
 
 class DigitsDEQ(DenseDEQClassifier):
@@ -445,5 +483,12 @@ class DigitsDEQ(DenseDEQClassifier):
         jacobian_regularization: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(in_features=64, width=width, model_type=model_type, solver=solver, backward=backward,
-                         jacobian_regularization=jacobian_regularization, **kwargs)
+        super().__init__(
+            in_features=64,
+            width=width,
+            model_type=model_type,
+            solver=solver,
+            backward=backward,
+            jacobian_regularization=jacobian_regularization,
+            **kwargs,
+        )

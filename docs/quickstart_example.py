@@ -3,6 +3,7 @@
 A port of DeepEquilibriumNetworks.jl's README example. Run it with ``python docs/quickstart_example.py``
 (add ``--device cuda`` to run on a GPU).
 """
+
 import argparse
 
 import torch
@@ -35,7 +36,7 @@ def main(device: str = "cpu") -> dict:
 
     x = torch.rand(1, 2, device=device)
     z_star, solution = model["deq"](model["stem"](x))
-    loss = (z_star ** 2).sum()  # squared error against zero
+    loss = (z_star**2).sum()  # squared error against zero
     loss.backward()
 
     grads = {name: p.grad for name, p in model.named_parameters()}

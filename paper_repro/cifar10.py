@@ -13,6 +13,7 @@ Examples (the data folder holds cifar-10-batches-py/):
     python paper_repro/cifar10.py --arch small --gpus 4 --grid --data-dir data   # the paper's grid
     python paper_repro/cifar10.py --arch large --gpus 4 --dry-run                # the plan, no data needed
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,19 +21,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from paper_repro.cli import ExperimentSpec  # noqa: E402
-from paper_repro.run import main  # noqa: E402
+from paper_repro.cli import ExperimentSpec
+from paper_repro.run import main
 
 
 def make_data(args, arch: str, batch_size: int, seed: int, augment: bool, num_workers: int):
     from deqlab.data import CIFAR10DataModule
 
-    return CIFAR10DataModule(data_dir=args.data_dir, download=getattr(args, 'download', False), batch_size=batch_size,
-                             num_workers=num_workers, seed=seed, val_fraction=0.0, augment=augment)
+    return CIFAR10DataModule(
+        data_dir=args.data_dir,
+        download=getattr(args, "download", False),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        val_fraction=0.0,
+        augment=augment,
+    )
 
 
-SPEC = ExperimentSpec(name="cifar10", archs=("small", "large", "v1", "tiny"), make_data=make_data, train_size=50_000,
-                      test_size=10_000, num_classes=10, description=__doc__.split("\n\n")[0], aliases={"tiny": "small"})
+SPEC = ExperimentSpec(
+    name="cifar10",
+    archs=("small", "large", "v1", "tiny"),
+    make_data=make_data,
+    train_size=50_000,
+    test_size=10_000,
+    num_classes=10,
+    description=__doc__.split("\n\n")[0],
+    aliases={"tiny": "small"},
+)
 
 if __name__ == "__main__":
     main(SPEC)

@@ -9,6 +9,7 @@ library that builds the models, so the command line cannot offer a name the libr
 Importing this module imports torch (through ``deqlab.models``) but never Lightning: ``--help``,
 ``--dry-run`` and ``--list-grid`` stay free of Lightning's import.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from deqlab.models import MODEL_TYPES, PROTOCOLS, SOLVER_KINDS
 from deqlab.models._build import ODE_SOLVERS
 from deqlab.models.settings import SEEDS as PAPER_SEEDS
-
 from paper_repro.results import DEFAULT_LOG_DIR, DEFAULT_RESULTS_DIR, REPO
 
-__all__ = ["ExperimentSpec", "TypedFlag", "TYPED_FLAGS", "build_parser", "parse_args", "MODEL_TYPES", "SOLVERS",
-           "ODE_SOLVERS", "PROTOCOLS", "PAPER_SEEDS"]
+__all__ = [
+    "ExperimentSpec",
+    "TypedFlag",
+    "TYPED_FLAGS",
+    "build_parser",
+    "parse_args",
+    "MODEL_TYPES",
+    "SOLVERS",
+    "ODE_SOLVERS",
+    "PROTOCOLS",
+    "PAPER_SEEDS",
+]
 
 #: the DEQ solver kinds (``--solver``), deqlab.models' ``SOLVER_KINDS``
 SOLVERS = SOLVER_KINDS
@@ -105,29 +115,61 @@ class TypedFlag:
 
 
 TYPED_FLAGS: Tuple[TypedFlag, ...] = (
-    TypedFlag("--tol", "tol", "model", "tol", float, 0.0,
-              "forward solver termination tolerance (abs = rel; also the adjoint's and the ODE stepper's); "
-              "build_model's tol", strict=True),
-    TypedFlag("--max-solver-steps", "max_solver_steps", "model", "max_steps", int, 1,
-              "forward solver budget (iterations or ODE steps); build_model's max_steps (not --max-steps, "
-              "the optimizer steps)"),
-    TypedFlag("--backward-steps", "backward_steps", "model", "backward_max_steps", int, 1,
-              "adjoint (GMRES) VJP budget of the implicit backward; build_model's backward_max_steps"),
-    TypedFlag("--skip-weight", "skip_weight", "training", "skip_loss_weight", float, 0.0,
-              "lambda_skip, the weight of the Skip loss ||u0 - z*||; the training setting skip_loss_weight"),
+    TypedFlag(
+        "--tol",
+        "tol",
+        "model",
+        "tol",
+        float,
+        0.0,
+        "forward solver termination tolerance (abs = rel; also the adjoint's and the ODE stepper's); build_model's tol",
+        strict=True,
+    ),
+    TypedFlag(
+        "--max-solver-steps",
+        "max_solver_steps",
+        "model",
+        "max_steps",
+        int,
+        1,
+        "forward solver budget (iterations or ODE steps); build_model's max_steps (not --max-steps, "
+        "the optimizer steps)",
+    ),
+    TypedFlag(
+        "--backward-steps",
+        "backward_steps",
+        "model",
+        "backward_max_steps",
+        int,
+        1,
+        "adjoint (GMRES) VJP budget of the implicit backward; build_model's backward_max_steps",
+    ),
+    TypedFlag(
+        "--skip-weight",
+        "skip_weight",
+        "training",
+        "skip_loss_weight",
+        float,
+        0.0,
+        "lambda_skip, the weight of the Skip loss ||u0 - z*||; the training setting skip_loss_weight",
+    ),
 )
 
 
 def typed_settings(args: argparse.Namespace, target: str) -> List[Tuple[TypedFlag, Any]]:
     """The typed flags given on the command line for ``target`` (``model`` or ``training``), with their values."""
-    return [(f, getattr(args, f.dest)) for f in TYPED_FLAGS
-            if f.target == target and getattr(args, f.dest, None) is not None]
+    return [
+        (f, getattr(args, f.dest))
+        for f in TYPED_FLAGS
+        if f.target == target and getattr(args, f.dest, None) is not None
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- arguments
 def _csv_list(kind: Callable[[str], Any]) -> Callable[[str], List[Any]]:
     def parse(text: str) -> List[Any]:
         return [kind(t.strip()) for t in text.split(",") if t.strip()]
+
     return parse
 
 
@@ -176,80 +218,181 @@ def build_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
     says what that is for each architecture, once."""
     p = argparse.ArgumentParser(description=spec.description, formatter_class=_DefaultsOnceFormatter)
     p.add_argument("--arch", choices=list(spec.archs), default=spec.archs[0], help="architecture")
-    p.add_argument("--model-type", choices=list(MODEL_TYPES), default="skip",
-                   help="vanilla (u0 = 0), skip (learned u0 predictor), skip_reg (u0 = f(0, x)), "
-                        "neural_ode (finite-time multiscale neural ODE baseline)")
-    p.add_argument("--solver", choices=list(SOLVERS), default="discrete",
-                   help="continuous: integrate du/dt = f(u) - u to its steady state; discrete: limited-memory Broyden")
-    p.add_argument("--ode-solver", choices=list(ODE_SOLVERS), default=None,
-                   help="integrator of the continuous solver (default: the paper's for the experiment: tsit5 for "
-                        "MNIST and the v1 models, vcab3 for CIFAR-10 small/large and ImageNet)")
-    p.add_argument("--protocol", choices=list(PROTOCOLS), default="paper",
-                   help="paper: the protocol the paper's text states (MNIST dense: Adam 1e-3 constant, "
-                        "lambda_skip 0.01); v1: the January-2022 reference code's settings and semantics "
-                        "(AdamW + cosine, lambda_skip 5, batch-wide termination, z* = f(u_T, x), the skip penalty "
-                        "on vanilla, raw pixels)")
+    p.add_argument(
+        "--model-type",
+        choices=list(MODEL_TYPES),
+        default="skip",
+        help="vanilla (u0 = 0), skip (learned u0 predictor), skip_reg (u0 = f(0, x)), "
+        "neural_ode (finite-time multiscale neural ODE baseline)",
+    )
+    p.add_argument(
+        "--solver",
+        choices=list(SOLVERS),
+        default="discrete",
+        help="continuous: integrate du/dt = f(u) - u to its steady state; discrete: limited-memory Broyden",
+    )
+    p.add_argument(
+        "--ode-solver",
+        choices=list(ODE_SOLVERS),
+        default=None,
+        help="integrator of the continuous solver (default: the paper's for the experiment: tsit5 for "
+        "MNIST and the v1 models, vcab3 for CIFAR-10 small/large and ImageNet)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=list(PROTOCOLS),
+        default="paper",
+        help="paper: the protocol the paper's text states (MNIST dense: Adam 1e-3 constant, "
+        "lambda_skip 0.01); v1: the January-2022 reference code's settings and semantics "
+        "(AdamW + cosine, lambda_skip 5, batch-wide termination, z* = f(u_T, x), the skip penalty "
+        "on vanilla, raw pixels)",
+    )
     p.add_argument("--jac-reg", action="store_true", help="add the Hutchinson Jacobian regularization term")
     p.add_argument("--seed", type=int, default=None, help=f"random seed (default: the paper's first, {PAPER_SEEDS[0]})")
     g = p.add_argument_group("schedule (default: the paper's)")
-    g.add_argument("--epochs", type=int, default=None,
-                   help=f"training epochs {paper_defaults_text(spec, run_key='epochs')}")
-    g.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimizer steps (the cosine schedule then spans them); -1: no limit "
-                        f"{paper_defaults_text(spec, run_key='max_steps')}")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help=f"samples per batch and process {paper_defaults_text(spec, run_key='batch_size')}")
-    g.add_argument("--val-every", type=int, default=1, help="evaluate on the test set every N epochs (and always at the end)")
-    g.add_argument("--override", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="change one training setting of paper_settings (e.g. lr=5e-4, pretrain_steps=0)")
-    g.add_argument("--model-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra keyword for deqlab.models.build_model (e.g. mode='abs')")
+    g.add_argument(
+        "--epochs", type=int, default=None, help=f"training epochs {paper_defaults_text(spec, run_key='epochs')}"
+    )
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimizer steps (the cosine schedule then spans them); -1: no limit "
+        f"{paper_defaults_text(spec, run_key='max_steps')}",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"samples per batch and process {paper_defaults_text(spec, run_key='batch_size')}",
+    )
+    g.add_argument(
+        "--val-every", type=int, default=1, help="evaluate on the test set every N epochs (and always at the end)"
+    )
+    g.add_argument(
+        "--override",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one training setting of paper_settings (e.g. lr=5e-4, pretrain_steps=0)",
+    )
+    g.add_argument(
+        "--model-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra keyword for deqlab.models.build_model (e.g. mode='abs')",
+    )
     s = p.add_argument_group("solver and loss (default: the paper's; each is one --model-option / --override key)")
     for f in TYPED_FLAGS:
-        paper = (paper_defaults_text(spec, model_key=f.key) if f.target == "model"
-                 else paper_defaults_text(spec, training_key=f.key))
-        s.add_argument(f.flag, dest=f.dest, type=f.kind, default=None, metavar="N" if f.kind is int else "X",
-                       help=f"{f.help} {paper}")
+        paper = (
+            paper_defaults_text(spec, model_key=f.key)
+            if f.target == "model"
+            else paper_defaults_text(spec, training_key=f.key)
+        )
+        s.add_argument(
+            f.flag,
+            dest=f.dest,
+            type=f.kind,
+            default=None,
+            metavar="N" if f.kind is int else "X",
+            help=f"{f.help} {paper}",
+        )
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", type=Path, default=REPO / "data", help="dataset root (torchvision layout)")
     if spec.name != "imagenet":  # ImageNet needs registration; its data module refuses to download
         d.add_argument("--download", action="store_true", help="download the dataset into --data-dir when missing")
-    d.add_argument("--train-subset", type=int, default=None, metavar="N", help="train on a fixed random N of the training set")
-    d.add_argument("--test-subset", type=int, default=None, metavar="N", help="evaluate on a fixed random N of the test set")
-    d.add_argument("--num-workers", type=int, default=None, help=f"data loader workers per process (default: {spec.default_workers})")
+    d.add_argument(
+        "--train-subset", type=int, default=None, metavar="N", help="train on a fixed random N of the training set"
+    )
+    d.add_argument(
+        "--test-subset", type=int, default=None, metavar="N", help="evaluate on a fixed random N of the test set"
+    )
+    d.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help=f"data loader workers per process (default: {spec.default_workers})",
+    )
     h = p.add_argument_group("devices")
-    h.add_argument("--gpus", type=int, default=0, help="0: CPU; 1: one GPU; N > 1: DDP over N GPUs (batch size per process)")
+    h.add_argument(
+        "--gpus", type=int, default=0, help="0: CPU; 1: one GPU; N > 1: DDP over N GPUs (batch size per process)"
+    )
     h.add_argument("--accelerator", default=None, help="Lightning accelerator (cpu, gpu, ...); overrides --gpus")
-    h.add_argument("--devices", type=int, default=None, help="processes per node with --accelerator (CPU DDP: --accelerator cpu --devices 2)")
-    h.add_argument("--num-nodes", type=int, default=1,
-                   help="machines for multi-node DDP (under SLURM: launch with srun, --nodes = this, "
-                        "--ntasks-per-node = --gpus)")
-    h.add_argument("--strategy", default=None, help="Lightning strategy (default: ddp when more than one process, else auto)")
+    h.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="processes per node with --accelerator (CPU DDP: --accelerator cpu --devices 2)",
+    )
+    h.add_argument(
+        "--num-nodes",
+        type=int,
+        default=1,
+        help="machines for multi-node DDP (under SLURM: launch with srun, --nodes = this, --ntasks-per-node = --gpus)",
+    )
+    h.add_argument(
+        "--strategy", default=None, help="Lightning strategy (default: ddp when more than one process, else auto)"
+    )
     h.add_argument("--precision", default=None, help="Lightning precision (default 32-true)")
     r = p.add_argument_group("grid and results")
-    r.add_argument("--grid", action="store_true",
-                   help="run the paper's grid (model types x solvers x seeds) in sequence; runs already recorded are skipped")
-    r.add_argument("--list-grid", action="store_true",
-                   help="print the grid's cells (index, label, 'done' when recorded) and exit: the indices --grid-cell takes")
-    r.add_argument("--grid-cell", type=int, default=None, metavar="I",
-                   help="run only cell I (0-based) of the grid --grid would run with the same other flags, writing its "
-                        "row to <results-dir>/cells/<experiment>/ (safe to run cells at once, e.g. a SLURM job array "
-                        "with --grid-cell $SLURM_ARRAY_TASK_ID)")
-    r.add_argument("--model-types", type=_csv_list(str), default=None,
-                   help="narrow the grid, e.g. vanilla,skip (default: all four)")
-    r.add_argument("--solvers", type=_csv_list(str), default=None,
-                   help="narrow the grid, e.g. continuous (default: both)")
-    r.add_argument("--ode-solvers", type=_csv_list(str), default=None,
-                   help="continuous runs of the grid with each of these integrators, e.g. tsit5,vcab3 "
-                        "(default: --ode-solver, else the paper's)")
-    r.add_argument("--save-model", action="store_true",
-                   help="save each run's trained network (state_dict) as <results-dir>/models/<run>.pt "
-                        "(what paper_repro/timing.py --models-dir times)")
+    r.add_argument(
+        "--grid",
+        action="store_true",
+        help="run the paper's grid (model types x solvers x seeds) in sequence; runs already recorded are skipped",
+    )
+    r.add_argument(
+        "--list-grid",
+        action="store_true",
+        help="print the grid's cells (index, label, 'done' when recorded) and exit: the indices --grid-cell takes",
+    )
+    r.add_argument(
+        "--grid-cell",
+        type=int,
+        default=None,
+        metavar="I",
+        help="run only cell I (0-based) of the grid --grid would run with the same other flags, writing its "
+        "row to <results-dir>/cells/<experiment>/ (safe to run cells at once, e.g. a SLURM job array "
+        "with --grid-cell $SLURM_ARRAY_TASK_ID)",
+    )
+    r.add_argument(
+        "--model-types",
+        type=_csv_list(str),
+        default=None,
+        help="narrow the grid, e.g. vanilla,skip (default: all four)",
+    )
+    r.add_argument(
+        "--solvers", type=_csv_list(str), default=None, help="narrow the grid, e.g. continuous (default: both)"
+    )
+    r.add_argument(
+        "--ode-solvers",
+        type=_csv_list(str),
+        default=None,
+        help="continuous runs of the grid with each of these integrators, e.g. tsit5,vcab3 "
+        "(default: --ode-solver, else the paper's)",
+    )
+    r.add_argument(
+        "--save-model",
+        action="store_true",
+        help="save each run's trained network (state_dict) as <results-dir>/models/<run>.pt "
+        "(what paper_repro/timing.py --models-dir times)",
+    )
     r.add_argument("--seeds", type=_csv_list(int), default=None, help="grid seeds (default: the paper's)")
-    r.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR, help="where <experiment>.csv and <experiment>_epochs.csv go")
+    r.add_argument(
+        "--results-dir",
+        type=Path,
+        default=DEFAULT_RESULTS_DIR,
+        help="where <experiment>.csv and <experiment>_epochs.csv go",
+    )
     r.add_argument("--log-dir", type=Path, default=DEFAULT_LOG_DIR, help="TensorBoard log directory")
-    r.add_argument("--progress", choices=["bar", "lines", "none"], default=None,
-                   help="progress display (default: bar on a terminal, periodic lines otherwise)")
+    r.add_argument(
+        "--progress",
+        choices=["bar", "lines", "none"],
+        default=None,
+        help="progress display (default: bar on a terminal, periodic lines otherwise)",
+    )
     r.add_argument("--log-every", type=int, default=50, help="steps between progress lines and TensorBoard points")
     r.add_argument("--figures", action="store_true", help="also log NFE histograms and convergence figures")
     r.add_argument("--dry-run", action="store_true", help="build the model(s), print the plan and exit without data")
@@ -270,8 +413,10 @@ def _check_typed_flags(args: argparse.Namespace) -> None:
         if value < f.minimum or (f.strict and value == f.minimum):
             raise SystemExit(f"error: {f.flag} must be {'>' if f.strict else '>='} {f.minimum:g}, got {value}")
         if f.key in given[f.target]:
-            raise SystemExit(f"error: {f.flag} {value} and {f.generic} {f.key}={given[f.target][f.key]!r} both set "
-                             f"{f.setting}; give one of them")
+            raise SystemExit(
+                f"error: {f.flag} {value} and {f.generic} {f.key}={given[f.target][f.key]!r} both set "
+                f"{f.setting}; give one of them"
+            )
 
 
 def parse_args(spec: ExperimentSpec, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -290,6 +435,8 @@ def parse_args(spec: ExperimentSpec, argv: Optional[Sequence[str]] = None) -> ar
     for name, allowed in (("model_types", MODEL_TYPES), ("solvers", SOLVERS), ("ode_solvers", ODE_SOLVERS)):
         bad = [v for v in (getattr(args, name) or []) if v not in allowed]
         if bad:
-            raise SystemExit(f"error: --{name.replace('_', '-')}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+            raise SystemExit(
+                f"error: --{name.replace('_', '-')}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}"
+            )
     _check_typed_flags(args)
     return args

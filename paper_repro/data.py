@@ -3,6 +3,7 @@
 Imports Lightning at module level; ``paper_repro.run`` imports this module only when a run starts, so
 ``--help``, ``--dry-run`` and ``--list-grid`` never pay for it.
 """
+
 from __future__ import annotations
 
 import argparse

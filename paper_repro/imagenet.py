@@ -9,6 +9,7 @@ Examples (the data folder holds train/<class>/*.JPEG and val/<class>/*.JPEG):
     python paper_repro/imagenet.py --gpus 8 --data-dir /data/imagenet
     python paper_repro/imagenet.py --gpus 8 --dry-run
 """
+
 from __future__ import annotations
 
 import sys
@@ -16,15 +17,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from paper_repro.cli import ExperimentSpec  # noqa: E402
-from paper_repro.run import main  # noqa: E402
+from paper_repro.cli import ExperimentSpec
+from paper_repro.run import main
 
 
 def make_data(args, arch: str, batch_size: int, seed: int, augment: bool, num_workers: int):
     from deqlab.data import ImageNetDataModule
 
-    return ImageNetDataModule(data_dir=args.data_dir, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                              val_fraction=0.0, augment=augment, image_size=args.image_size)
+    return ImageNetDataModule(
+        data_dir=args.data_dir,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        val_fraction=0.0,
+        augment=augment,
+        image_size=args.image_size,
+    )
 
 
 def extra_arguments(parser) -> None:
@@ -36,9 +44,18 @@ def model_options(args) -> dict:
     return {} if args.image_size == 224 else {"image_size": args.image_size}
 
 
-SPEC = ExperimentSpec(name="imagenet", archs=("small",), make_data=make_data, train_size=1_281_167, test_size=50_000,
-                      num_classes=1000, description=__doc__.split("\n\n")[0], extra_arguments=extra_arguments, default_workers=8,
-                      model_options=model_options)  # JPEG decoding
+SPEC = ExperimentSpec(
+    name="imagenet",
+    archs=("small",),
+    make_data=make_data,
+    train_size=1_281_167,
+    test_size=50_000,
+    num_classes=1000,
+    description=__doc__.split("\n\n")[0],
+    extra_arguments=extra_arguments,
+    default_workers=8,
+    model_options=model_options,
+)  # JPEG decoding
 
 if __name__ == "__main__":
     main(SPEC)

@@ -14,6 +14,7 @@ Examples (the data folder holds MNIST/raw):
     python paper_repro/mnist.py --arch dense --max-steps 20 --train-subset 2000 --test-subset 500 --data-dir data
     python paper_repro/mnist.py --arch conv --gpus 4 --dry-run
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,21 +22,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from paper_repro.cli import ExperimentSpec  # noqa: E402
-from paper_repro.run import main  # noqa: E402
+from paper_repro.cli import ExperimentSpec
+from paper_repro.run import main
 
 
 def make_data(args, arch: str, batch_size: int, seed: int, augment: bool, num_workers: int, normalize: bool = True):
     from deqlab.data import MNISTDataModule
 
-    return MNISTDataModule(data_dir=args.data_dir, download=getattr(args, 'download', False), batch_size=batch_size,
-                           num_workers=num_workers, seed=seed, val_fraction=0.0, augment=augment,
-                           flatten=arch == "dense", normalize=normalize)
+    return MNISTDataModule(
+        data_dir=args.data_dir,
+        download=getattr(args, "download", False),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        val_fraction=0.0,
+        augment=augment,
+        flatten=arch == "dense",
+        normalize=normalize,
+    )
 
 
-SPEC = ExperimentSpec(name="mnist", archs=("dense", "conv"), make_data=make_data, train_size=60_000,
-                      test_size=10_000, num_classes=10, description=__doc__.split("\n\n")[0],
-                      default_workers=0)  # in memory, cheap transforms: workers would only compete for the cores
+SPEC = ExperimentSpec(
+    name="mnist",
+    archs=("dense", "conv"),
+    make_data=make_data,
+    train_size=60_000,
+    test_size=10_000,
+    num_classes=10,
+    description=__doc__.split("\n\n")[0],
+    default_workers=0,
+)  # in memory, cheap transforms: workers would only compete for the cores
 
 if __name__ == "__main__":
     main(SPEC)

@@ -6,6 +6,7 @@ grid cell is addressed by its index in :func:`paper_grid`).
 
 Importing this module imports torch (``deqlab.models``), never Lightning.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,23 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from deqlab.models import MODEL_TYPES, SOLVER_KINDS
 from deqlab.spec import model_kind
-
 from paper_repro.cli import PAPER_SEEDS, ExperimentSpec, typed_settings
 
-__all__ = ["DevicePlan", "resolve_devices", "RunConfig", "Grid", "paper_defaults", "make_config", "paper_grid",
-           "planned_runs", "build_network", "count_parameters", "steps_per_epoch", "total_steps", "describe_plan"]
+__all__ = [
+    "DevicePlan",
+    "resolve_devices",
+    "RunConfig",
+    "Grid",
+    "paper_defaults",
+    "make_config",
+    "paper_grid",
+    "planned_runs",
+    "build_network",
+    "count_parameters",
+    "steps_per_epoch",
+    "total_steps",
+    "describe_plan",
+]
 
 
 # ---------------------------------------------------------------------------------------------- devices
@@ -46,7 +59,9 @@ def resolve_devices(args: argparse.Namespace, *, check: bool = True) -> DevicePl
         accelerator = args.accelerator
         devices = args.devices if args.devices is not None else 1
     elif args.devices is not None:
-        raise SystemExit("error: --devices needs --accelerator (e.g. --accelerator cpu --devices 2); for GPUs pass --gpus N")
+        raise SystemExit(
+            "error: --devices needs --accelerator (e.g. --accelerator cpu --devices 2); for GPUs pass --gpus N"
+        )
     elif args.gpus > 0:
         accelerator, devices = "gpu", args.gpus
     else:
@@ -97,19 +112,35 @@ class RunConfig:
 
     def key(self, world_size: int) -> Tuple[str, ...]:
         """The run's key: the values of ``results.KEY_COLUMNS`` its row will hold (what resume compares)."""
-        return tuple(str(v) for v in (
-            self.experiment, self.arch, self.model_type, self.solver, self.jacobian_regularization, self.seed,
-            self.epochs, self.max_steps, self.train_subset or "", self.test_subset or "", self.batch_size, world_size,
-            self.protocol, self.ode_solver,
-        ))
+        return tuple(
+            str(v)
+            for v in (
+                self.experiment,
+                self.arch,
+                self.model_type,
+                self.solver,
+                self.jacobian_regularization,
+                self.seed,
+                self.epochs,
+                self.max_steps,
+                self.train_subset or "",
+                self.test_subset or "",
+                self.batch_size,
+                world_size,
+                self.protocol,
+                self.ode_solver,
+            )
+        )
 
     def cell_name(self, world_size: int) -> str:
         """A file name for the run's grid-cell files: readable (arch, protocol, model, solver, seed) and unique
         per key (a hash of :meth:`key`, which also holds the schedule, subsets, batch and process count)."""
         digest = hashlib.sha1("\x1f".join(self.key(world_size)).encode()).hexdigest()[:10]
         solver = f"{self.solver}-{self.ode_solver}" if self.ode_solver else self.solver
-        return (f"{self.arch}_{self.protocol}_{self.model_type}_{solver}{'_jac' if self.jacobian_regularization else ''}"
-                f"_s{self.seed}_{digest}")
+        return (
+            f"{self.arch}_{self.protocol}_{self.model_type}_{solver}{'_jac' if self.jacobian_regularization else ''}"
+            f"_s{self.seed}_{digest}"
+        )
 
     @property
     def solver_label(self) -> str:
@@ -120,32 +151,51 @@ class RunConfig:
     def run_name(self) -> str:
         """A file-name-safe name of the run (TensorBoard folder, saved model)."""
         solver = f"{self.solver}_{self.ode_solver}" if self.ode_solver else self.solver
-        return (f"{self.experiment}_{self.arch}_{self.protocol}/{self.model_type}_{solver}"
-                f"{'_jac' if self.jacobian_regularization else ''}_s{self.seed}")
+        return (
+            f"{self.experiment}_{self.arch}_{self.protocol}/{self.model_type}_{solver}"
+            f"{'_jac' if self.jacobian_regularization else ''}_s{self.seed}"
+        )
 
     @property
     def label(self) -> str:
         """The run in words, for progress lines and ``--list-grid``."""
-        return (f"{self.experiment}/{self.arch} {self.model_type} {self.solver_label}{' +jac' if self.jacobian_regularization else ''} "
-                f"seed {self.seed} ({self.protocol} protocol)")
+        return (
+            f"{self.experiment}/{self.arch} {self.model_type} {self.solver_label}{' +jac' if self.jacobian_regularization else ''} "
+            f"seed {self.seed} ({self.protocol} protocol)"
+        )
 
 
-def paper_defaults(experiment: str, arch: str, model_type: str, solver: str,
-                   jacobian_regularization: bool = False, protocol: str = "paper") -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def paper_defaults(
+    experiment: str,
+    arch: str,
+    model_type: str,
+    solver: str,
+    jacobian_regularization: bool = False,
+    protocol: str = "paper",
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``deqlab.models.paper_settings`` split into (LightningModule kwargs, run defaults: batch size,
     epochs or max_steps, augment, seeds, normalization, the continuous integrator, the v1 semantics).
     ``num_classes`` comes from the data instead."""
     from deqlab.models import TRAINING_KEYS, paper_settings
 
-    settings = dict(paper_settings(experiment, arch, model_type, solver,
-                                   jacobian_regularization=jacobian_regularization, protocol=protocol))
+    settings = dict(
+        paper_settings(
+            experiment, arch, model_type, solver, jacobian_regularization=jacobian_regularization, protocol=protocol
+        )
+    )
     training = {k: v for k, v in settings.items() if k in TRAINING_KEYS and k != "num_classes"}
     run = {k: v for k, v in settings.items() if k not in TRAINING_KEYS}
     return training, run
 
 
-def make_config(spec: ExperimentSpec, args: argparse.Namespace, model_type: str, solver: str, seed: Optional[int],
-                ode_solver: Optional[str] = None) -> RunConfig:
+def make_config(
+    spec: ExperimentSpec,
+    args: argparse.Namespace,
+    model_type: str,
+    solver: str,
+    seed: Optional[int],
+    ode_solver: Optional[str] = None,
+) -> RunConfig:
     """One run: the paper's settings for (experiment, arch, model type, solver, protocol), then what the
     command line changes (schedule, ``--override``, ``--model-option``, the typed flags)."""
     from deqlab.models.builder import default_ode_solver
@@ -162,7 +212,9 @@ def make_config(spec: ExperimentSpec, args: argparse.Namespace, model_type: str,
     epochs = args.epochs if args.epochs is not None else run.get("epochs")
     max_steps = args.max_steps if args.max_steps is not None else run.get("max_steps")
     if epochs is None and (max_steps is None or max_steps < 0):
-        raise SystemExit(f"error: paper_settings({spec.name!r}, {args.arch!r}) names neither epochs nor max_steps; pass --epochs or --max-steps")
+        raise SystemExit(
+            f"error: paper_settings({spec.name!r}, {args.arch!r}) names neither epochs nor max_steps; pass --epochs or --max-steps"
+        )
     if epochs is None:
         epochs = -1  # Lightning: no epoch limit, max_steps decides
     if max_steps is None:
@@ -185,14 +237,25 @@ def make_config(spec: ExperimentSpec, args: argparse.Namespace, model_type: str,
         model_options[flag.key] = value
         changes.append((flag.flag, flag.key, value))
     return RunConfig(
-        experiment=spec.name, arch=args.arch, model_type=model_type, solver=solver,
+        experiment=spec.name,
+        arch=args.arch,
+        model_type=model_type,
+        solver=solver,
         jacobian_regularization=bool(args.jac_reg),
         seed=seeds[0] if seed is None else int(seed),
         batch_size=int(args.batch_size or run.get("batch_size") or 32),
-        epochs=int(epochs), max_steps=int(max_steps), augment=bool(run.get("augment", False)),
-        training=training, model_options=model_options,
-        train_subset=args.train_subset, test_subset=args.test_subset, seeds=seeds, protocol=protocol,
-        ode_solver=ode, normalize=bool(run.get("normalize", True)), changes=tuple(changes),
+        epochs=int(epochs),
+        max_steps=int(max_steps),
+        augment=bool(run.get("augment", False)),
+        training=training,
+        model_options=model_options,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        seeds=seeds,
+        protocol=protocol,
+        ode_solver=ode,
+        normalize=bool(run.get("normalize", True)),
+        changes=tuple(changes),
     )
 
 
@@ -235,7 +298,7 @@ def paper_grid(spec: ExperimentSpec, args: argparse.Namespace) -> Grid:
                     notes.append(f"grid: {model_type} skipped: it is an ODE model, listed under --solvers continuous")
                 continue
             for solver in solvers:
-                for ode in (ode_solvers if solver == "continuous" else [None]):
+                for ode in ode_solvers if solver == "continuous" else [None]:
                     cells.append(make_config(spec, args, model_type, solver, seed, ode_solver=ode))
     return Grid(tuple(cells), tuple(dict.fromkeys(notes)))
 
@@ -253,9 +316,15 @@ def build_network(spec: ExperimentSpec, cfg: RunConfig, num_classes: Optional[in
     """The run's network (``deqlab.models.build_model``), a plain ``nn.Module``."""
     from deqlab.models import build_model
 
-    return build_model(cfg.experiment, cfg.arch, model_type=cfg.model_type, solver=cfg.solver,
-                       jacobian_regularization=cfg.jacobian_regularization,
-                       num_classes=num_classes or spec.num_classes, **cfg.model_options)
+    return build_model(
+        cfg.experiment,
+        cfg.arch,
+        model_type=cfg.model_type,
+        solver=cfg.solver,
+        jacobian_regularization=cfg.jacobian_regularization,
+        num_classes=num_classes or spec.num_classes,
+        **cfg.model_options,
+    )
 
 
 def count_parameters(model: Any) -> int:
@@ -281,8 +350,9 @@ def total_steps(cfg: RunConfig, per_epoch: int) -> int:
     return by_epochs
 
 
-def describe_plan(spec: ExperimentSpec, cfg: RunConfig, plan: DevicePlan, parameters: int, train_samples: int,
-                  test_samples: int) -> str:
+def describe_plan(
+    spec: ExperimentSpec, cfg: RunConfig, plan: DevicePlan, parameters: int, train_samples: int, test_samples: int
+) -> str:
     """The plan of one run in lines (printed by ``--dry-run`` and at the start of every run)."""
     from deqlab.models import protocol_summary
 
@@ -295,7 +365,8 @@ def describe_plan(spec: ExperimentSpec, cfg: RunConfig, plan: DevicePlan, parame
     lines = [
         f"plan: {cfg.label}",
         f"  protocol          {protocol_summary(cfg.experiment, cfg.arch, cfg.protocol)}",
-        f"  solver            {cfg.solver_label}" + (f", model options {cfg.model_options}" if cfg.model_options else ""),
+        f"  solver            {cfg.solver_label}"
+        + (f", model options {cfg.model_options}" if cfg.model_options else ""),
         f"  parameters        {parameters:,}",
         f"  devices           {plan.accelerator} x {plan.devices} per node x {plan.num_nodes} node(s) = {plan.world_size} process(es)",
         f"  strategy          {plan.strategy}",
@@ -305,7 +376,8 @@ def describe_plan(spec: ExperimentSpec, cfg: RunConfig, plan: DevicePlan, parame
         f"{'normalized' if cfg.normalize else 'raw [0, 1] pixels'}",
         f"  schedule          {schedule}: {per_epoch} steps per epoch, {steps} steps in all",
         f"  optimizer         {t.get('optimizer')} lr {t.get('lr')} wd {t.get('weight_decay')}, scheduler {t.get('scheduler')}",
-        f"  losses            skip weight {t.get('skip_loss_weight', 0.0)}, jacobian weight {t.get('jacobian_loss_weight', 0.0) if cfg.jacobian_regularization else 0.0}",
+        f"  losses            skip weight {t.get('skip_loss_weight', 0.0)}, "
+        f"jacobian weight {t.get('jacobian_loss_weight', 0.0) if cfg.jacobian_regularization else 0.0}",
         f"  pretraining       {t.get('pretrain_steps', 0)} steps at depth {t.get('pretrain_depth', 5)}",
     ]
     if cfg.changes:

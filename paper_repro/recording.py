@@ -4,6 +4,7 @@ Imports Lightning at module level; ``paper_repro.run`` imports this module only 
 ``--help``, ``--dry-run`` and ``--list-grid`` never pay for it. The columns it fills are
 ``paper_repro.results.EPOCH_COLUMNS``.
 """
+
 from __future__ import annotations
 
 import math
@@ -116,9 +117,13 @@ class RunRecorder(pl.Callback):
             v = as_float(m.get(f"time/{name}"))
             if v is not None:
                 self.phase[name].append(v)
-        for key, metric in (("loss", "train/loss"), ("accuracy", "train/batch_accuracy"),
-                            ("nfe", "solver/train_nfe"), ("backward_nfe", "solver/train_backward_nfe"),
-                            ("reference_nfe", "solver/train_reference_nfe")):
+        for key, metric in (
+            ("loss", "train/loss"),
+            ("accuracy", "train/batch_accuracy"),
+            ("nfe", "solver/train_nfe"),
+            ("backward_nfe", "solver/train_backward_nfe"),
+            ("reference_nfe", "solver/train_reference_nfe"),
+        ):
             v = as_float(m.get(metric))
             if v is not None:
                 self._epoch[key].append(v)
@@ -126,12 +131,15 @@ class RunRecorder(pl.Callback):
         if self.progress == "lines" and trainer.is_global_zero and (step % self.log_every == 0 or step == self.total):
             elapsed = time.perf_counter() - self._fit_t0
             eta = elapsed / max(step, 1) * max(self.total - step, 0)
-            print(f"[{self.cfg.label}] step {step}/{self.total} epoch {trainer.current_epoch} "
-                  f"loss {fmt(as_float(m.get('train/loss')))} acc {fmt(as_float(m.get('train/batch_accuracy')))} "
-                  f"nfe {fmt(as_float(m.get('solver/train_nfe')), '.1f')} "
-                  f"(paper's count {fmt(as_float(m.get('solver/train_reference_nfe')), '.1f')}) "
-                  f"bnfe {fmt(as_float(m.get('solver/train_backward_nfe')), '.1f')} "
-                  f"elapsed {hms(elapsed)} eta {hms(eta)}", flush=True)
+            print(
+                f"[{self.cfg.label}] step {step}/{self.total} epoch {trainer.current_epoch} "
+                f"loss {fmt(as_float(m.get('train/loss')))} acc {fmt(as_float(m.get('train/batch_accuracy')))} "
+                f"nfe {fmt(as_float(m.get('solver/train_nfe')), '.1f')} "
+                f"(paper's count {fmt(as_float(m.get('solver/train_reference_nfe')), '.1f')}) "
+                f"bnfe {fmt(as_float(m.get('solver/train_backward_nfe')), '.1f')} "
+                f"elapsed {hms(elapsed)} eta {hms(eta)}",
+                flush=True,
+            )
 
     # --- validation (the test set, per epoch)
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
@@ -144,8 +152,11 @@ class RunRecorder(pl.Callback):
         self._validated = True
         if self.progress == "lines" and trainer.is_global_zero:
             m = trainer.callback_metrics
-            print(f"[{self.cfg.label}] epoch {trainer.current_epoch} test accuracy "
-                  f"{fmt(as_float(m.get('val/accuracy')))} nfe {fmt(as_float(m.get('solver/val_nfe')), '.1f')}", flush=True)
+            print(
+                f"[{self.cfg.label}] epoch {trainer.current_epoch} test accuracy "
+                f"{fmt(as_float(m.get('val/accuracy')))} nfe {fmt(as_float(m.get('solver/val_nfe')), '.1f')}",
+                flush=True,
+            )
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         seconds = time.perf_counter() - self._epoch_t0 - self._val_s  # training only: the evaluation is timed apart
@@ -156,10 +167,13 @@ class RunRecorder(pl.Callback):
         m = trainer.callback_metrics
         row = self._row(trainer, "train", seconds)
         if self._validated:
-            row.update(eval_accuracy=as_float(m.get("val/accuracy")),
-                       eval_explicit_accuracy=as_float(m.get("val/explicit_accuracy")),
-                       eval_nfe=as_float(m.get("solver/val_nfe")), eval_loss=as_float(m.get("val/loss")),
-                       eval_reference_nfe=as_float(m.get("solver/val_reference_nfe")))
+            row.update(
+                eval_accuracy=as_float(m.get("val/accuracy")),
+                eval_explicit_accuracy=as_float(m.get("val/explicit_accuracy")),
+                eval_nfe=as_float(m.get("solver/val_nfe")),
+                eval_loss=as_float(m.get("val/loss")),
+                eval_reference_nfe=as_float(m.get("solver/val_reference_nfe")),
+            )
         self.last_epoch = row
         if trainer.is_global_zero and self.epochs_csv is not None:
             append_row(self.epochs_csv, row, EPOCH_COLUMNS)
@@ -167,12 +181,22 @@ class RunRecorder(pl.Callback):
     def _row(self, trainer: Any, stage: str, seconds: Optional[float]) -> Dict[str, Any]:
         cfg, e = self.cfg, self._epoch
         return dict(
-            experiment=cfg.experiment, arch=cfg.arch, model_type=cfg.model_type, solver=cfg.solver,
-            jac_reg=cfg.jacobian_regularization, seed=cfg.seed, stage=stage, epoch=trainer.current_epoch,
-            step=trainer.global_step, train_loss=mean(e.get("loss", [])),
-            train_accuracy=mean(e.get("accuracy", [])), train_nfe=mean(e.get("nfe", [])),
-            train_backward_nfe=mean(e.get("backward_nfe", [])), train_time_s=seconds,
-            protocol=cfg.protocol, ode_solver=cfg.ode_solver,
+            experiment=cfg.experiment,
+            arch=cfg.arch,
+            model_type=cfg.model_type,
+            solver=cfg.solver,
+            jac_reg=cfg.jacobian_regularization,
+            seed=cfg.seed,
+            stage=stage,
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            train_loss=mean(e.get("loss", [])),
+            train_accuracy=mean(e.get("accuracy", [])),
+            train_nfe=mean(e.get("nfe", [])),
+            train_backward_nfe=mean(e.get("backward_nfe", [])),
+            train_time_s=seconds,
+            protocol=cfg.protocol,
+            ode_solver=cfg.ode_solver,
             train_reference_nfe=mean(e.get("reference_nfe", [])),
         )
 
@@ -180,8 +204,11 @@ class RunRecorder(pl.Callback):
         """The epoch table's row of the final test (stage ``test``), under the epoch trained last."""
         row = self._row(trainer, "test", None)
         row["epoch"] = self.last_epoch.get("epoch", trainer.current_epoch)
-        row.update(eval_accuracy=as_float(metrics.get("test/accuracy")),
-                   eval_explicit_accuracy=as_float(metrics.get("test/explicit_accuracy")),
-                   eval_nfe=as_float(metrics.get("solver/test_nfe")), eval_loss=as_float(metrics.get("test/loss")),
-                   eval_reference_nfe=as_float(metrics.get("solver/test_reference_nfe")))
+        row.update(
+            eval_accuracy=as_float(metrics.get("test/accuracy")),
+            eval_explicit_accuracy=as_float(metrics.get("test/explicit_accuracy")),
+            eval_nfe=as_float(metrics.get("solver/test_nfe")),
+            eval_loss=as_float(metrics.get("test/loss")),
+            eval_reference_nfe=as_float(metrics.get("solver/test_reference_nfe")),
+        )
         return row

@@ -18,6 +18,7 @@ Two places hold the rows of one experiment (``<experiment>`` is ``mnist``, ``svh
 Readers (:func:`load_results`, :meth:`ResultFiles.finished`) merge both places and keep one row per run key
 (:data:`KEY_COLUMNS`), the one finished last.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,25 +37,83 @@ CELLS_DIR = "cells"
 
 #: Columns of ``<experiment>.csv``, in order. ``key`` columns identify a run (what ``--grid`` skips).
 KEY_COLUMNS = (
-    "experiment", "arch", "model_type", "solver", "jac_reg", "seed",
-    "requested_epochs", "requested_max_steps", "train_subset", "test_subset", "batch_size_per_process", "world_size",
-    "protocol", "ode_solver",
+    "experiment",
+    "arch",
+    "model_type",
+    "solver",
+    "jac_reg",
+    "seed",
+    "requested_epochs",
+    "requested_max_steps",
+    "train_subset",
+    "test_subset",
+    "batch_size_per_process",
+    "world_size",
+    "protocol",
+    "ode_solver",
 )
 RESULT_COLUMNS = KEY_COLUMNS + (
-    "test_accuracy", "test_top5_accuracy", "explicit_accuracy", "test_loss",
-    "train_time_per_step_s", "train_time_per_epoch_s", "epoch_time_measured",
-    "forward_time_s", "backward_time_s", "optimizer_time_s", "prediction_time_s", "explicit_time_s",
-    "train_nfe", "test_nfe", "backward_nfe", "train_reference_nfe", "test_reference_nfe",
-    "parameters", "steps", "epochs", "steps_per_epoch", "effective_batch_size", "train_samples", "test_samples",
-    "pretrain_steps", "fit_time_s", "test_time_s",
-    "device", "accelerator", "num_processes", "strategy",
-    "torch_version", "lightning_version", "deqlab_version", "git_commit", "log_dir", "finished_at",
+    "test_accuracy",
+    "test_top5_accuracy",
+    "explicit_accuracy",
+    "test_loss",
+    "train_time_per_step_s",
+    "train_time_per_epoch_s",
+    "epoch_time_measured",
+    "forward_time_s",
+    "backward_time_s",
+    "optimizer_time_s",
+    "prediction_time_s",
+    "explicit_time_s",
+    "train_nfe",
+    "test_nfe",
+    "backward_nfe",
+    "train_reference_nfe",
+    "test_reference_nfe",
+    "parameters",
+    "steps",
+    "epochs",
+    "steps_per_epoch",
+    "effective_batch_size",
+    "train_samples",
+    "test_samples",
+    "pretrain_steps",
+    "fit_time_s",
+    "test_time_s",
+    "device",
+    "accelerator",
+    "num_processes",
+    "strategy",
+    "torch_version",
+    "lightning_version",
+    "deqlab_version",
+    "git_commit",
+    "log_dir",
+    "finished_at",
 )
 EPOCH_COLUMNS = (
-    "experiment", "arch", "model_type", "solver", "jac_reg", "seed", "stage", "epoch", "step",
-    "train_loss", "train_accuracy", "train_nfe", "train_backward_nfe", "train_time_s",
-    "eval_accuracy", "eval_explicit_accuracy", "eval_nfe", "eval_loss",
-    "protocol", "ode_solver", "train_reference_nfe", "eval_reference_nfe",
+    "experiment",
+    "arch",
+    "model_type",
+    "solver",
+    "jac_reg",
+    "seed",
+    "stage",
+    "epoch",
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "train_nfe",
+    "train_backward_nfe",
+    "train_time_s",
+    "eval_accuracy",
+    "eval_explicit_accuracy",
+    "eval_nfe",
+    "eval_loss",
+    "protocol",
+    "ode_solver",
+    "train_reference_nfe",
+    "eval_reference_nfe",
 )
 
 RunKey = Tuple[str, ...]
@@ -89,8 +148,10 @@ def append_row(path: Path, row: Dict[str, Any], columns: Sequence[str]) -> None:
             header = next(csv.reader(f), [])
         dropped = set(header) - set(columns)
         if dropped:
-            raise KeyError(f"{path} has columns this version does not write ({sorted(dropped)}); "
-                           "append to a new results file (--results-dir) instead of losing them")
+            raise KeyError(
+                f"{path} has columns this version does not write ({sorted(dropped)}); "
+                "append to a new results file (--results-dir) instead of losing them"
+            )
         if list(header) != list(columns):
             old = read_rows(path)
             with open(path, "w", newline="") as f:
@@ -260,8 +321,9 @@ def tracked_by_git(paths: Sequence[Path]) -> List[Path]:
     if not existing:
         return []
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "ls-files", "--", *map(str, existing)], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "ls-files", "--", *map(str, existing)], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return []
     if out.returncode != 0:
@@ -281,5 +343,7 @@ def refuse_tracked(paths: Sequence[Path], *, allowed: bool, flag: str = "--overw
     if tracked and not allowed:
         names = ", ".join(str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in tracked[:4])
         more = f" and {len(tracked) - 4} more" if len(tracked) > 4 else ""
-        raise SystemExit(f"error: would overwrite files tracked by git: {names}{more}; write somewhere else "
-                         f"(e.g. the default under runs/) or pass {flag} to replace them on purpose")
+        raise SystemExit(
+            f"error: would overwrite files tracked by git: {names}{more}; write somewhere else "
+            f"(e.g. the default under runs/) or pass {flag} to replace them on purpose"
+        )

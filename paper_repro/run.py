@@ -9,6 +9,7 @@ Where rows go: a single run and ``--grid`` append to ``<results-dir>/<experiment
 ``_epochs.csv``) so that cells can run at the same time (see ``paper_repro.results``). Both skip a run
 whose key is already recorded in either place.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +23,22 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from paper_repro.cli import ExperimentSpec, parse_args
-from paper_repro.plan import (DevicePlan, RunConfig, build_network, count_parameters, describe_plan, paper_grid,
-                              planned_runs, resolve_devices, steps_per_epoch, total_steps)
+from paper_repro.plan import (
+    DevicePlan,
+    RunConfig,
+    build_network,
+    count_parameters,
+    describe_plan,
+    paper_grid,
+    planned_runs,
+    resolve_devices,
+    steps_per_epoch,
+    total_steps,
+)
 from paper_repro.results import EPOCH_COLUMNS, REPO, RESULT_COLUMNS, ResultFiles, append_row, write_row
 
 __all__ = ["main", "run_one", "list_grid", "build_module"]
+
 
 def build_module(network: Any, cfg: RunConfig, num_classes: int) -> Any:
     """The LightningModule that trains ``network`` with the run's training settings (``DEQClassifier``)."""
@@ -55,17 +67,23 @@ def _versions() -> Dict[str, str]:
     import deqlab
 
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return dict(torch_version=torch.__version__, lightning_version=pytorch_lightning.__version__,
-                deqlab_version=getattr(deqlab, "__version__", "?"), git_commit=commit)
+    return dict(
+        torch_version=torch.__version__,
+        lightning_version=pytorch_lightning.__version__,
+        deqlab_version=getattr(deqlab, "__version__", "?"),
+        git_commit=commit,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan: DevicePlan,
-            cell: Optional[str] = None) -> Dict[str, Any]:
+def run_one(
+    spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan: DevicePlan, cell: Optional[str] = None
+) -> Dict[str, Any]:
     """Fit and test one configuration; record its rows (rank zero) and return its run row.
 
     Args:
@@ -105,11 +123,20 @@ def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan
     recorder = RunRecorder(cfg, epochs_csv, total, progress, max(1, args.log_every))
     logger = TensorBoardLogger(str(args.log_dir), name=cfg.run_name, default_hp_metric=False)
     trainer_kwargs: Dict[str, Any] = dict(
-        accelerator=plan.accelerator, devices=plan.devices, num_nodes=plan.num_nodes, strategy=plan.strategy,
-        max_epochs=cfg.epochs, max_steps=cfg.max_steps, check_val_every_n_epoch=max(1, args.val_every),
-        num_sanity_val_steps=0, logger=logger, callbacks=[recorder],
-        log_every_n_steps=max(1, min(args.log_every, per_epoch, total)), enable_checkpointing=False,
-        enable_progress_bar=progress == "bar", enable_model_summary=False,
+        accelerator=plan.accelerator,
+        devices=plan.devices,
+        num_nodes=plan.num_nodes,
+        strategy=plan.strategy,
+        max_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        check_val_every_n_epoch=max(1, args.val_every),
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=[recorder],
+        log_every_n_steps=max(1, min(args.log_every, per_epoch, total)),
+        enable_checkpointing=False,
+        enable_progress_bar=progress == "bar",
+        enable_model_summary=False,
     )
     if args.precision:
         trainer_kwargs["precision"] = args.precision
@@ -134,25 +161,53 @@ def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan
     epoch_time = mean(recorder.epoch_times) if measured else (None if step_time is None else step_time * per_epoch)
     last = recorder.last_epoch
     row: Dict[str, Any] = dict(
-        experiment=cfg.experiment, arch=cfg.arch, model_type=cfg.model_type, solver=cfg.solver, jac_reg=cfg.jacobian_regularization,
-        seed=cfg.seed, requested_epochs=cfg.epochs, requested_max_steps=cfg.max_steps,
-        train_subset=cfg.train_subset or "", test_subset=cfg.test_subset or "",
-        batch_size_per_process=cfg.batch_size, world_size=plan.world_size,
-        test_accuracy=as_float(test.get("test/accuracy")), test_top5_accuracy=as_float(test.get("test/top5_accuracy")),
-        explicit_accuracy=as_float(test.get("test/explicit_accuracy")), test_loss=as_float(test.get("test/loss")),
-        train_time_per_step_s=step_time, train_time_per_epoch_s=epoch_time, epoch_time_measured=measured,
-        forward_time_s=median(recorder.phase["forward"]), backward_time_s=median(recorder.phase["backward"]),
+        experiment=cfg.experiment,
+        arch=cfg.arch,
+        model_type=cfg.model_type,
+        solver=cfg.solver,
+        jac_reg=cfg.jacobian_regularization,
+        seed=cfg.seed,
+        requested_epochs=cfg.epochs,
+        requested_max_steps=cfg.max_steps,
+        train_subset=cfg.train_subset or "",
+        test_subset=cfg.test_subset or "",
+        batch_size_per_process=cfg.batch_size,
+        world_size=plan.world_size,
+        test_accuracy=as_float(test.get("test/accuracy")),
+        test_top5_accuracy=as_float(test.get("test/top5_accuracy")),
+        explicit_accuracy=as_float(test.get("test/explicit_accuracy")),
+        test_loss=as_float(test.get("test/loss")),
+        train_time_per_step_s=step_time,
+        train_time_per_epoch_s=epoch_time,
+        epoch_time_measured=measured,
+        forward_time_s=median(recorder.phase["forward"]),
+        backward_time_s=median(recorder.phase["backward"]),
         optimizer_time_s=median(recorder.phase["optimizer"]),
-        prediction_time_s=as_float(test.get("time/test_forward")), explicit_time_s=as_float(test.get("test/explicit_time")),
-        train_nfe=last.get("train_nfe"), test_nfe=as_float(test.get("solver/test_nfe")),
-        backward_nfe=last.get("train_backward_nfe"), train_reference_nfe=last.get("train_reference_nfe"),
-        test_reference_nfe=as_float(test.get("solver/test_reference_nfe")), protocol=cfg.protocol,
+        prediction_time_s=as_float(test.get("time/test_forward")),
+        explicit_time_s=as_float(test.get("test/explicit_time")),
+        train_nfe=last.get("train_nfe"),
+        test_nfe=as_float(test.get("solver/test_nfe")),
+        backward_nfe=last.get("train_backward_nfe"),
+        train_reference_nfe=last.get("train_reference_nfe"),
+        test_reference_nfe=as_float(test.get("solver/test_reference_nfe")),
+        protocol=cfg.protocol,
         ode_solver=cfg.ode_solver,
-        parameters=parameters, steps=steps, epochs=round(epochs_done, 4), steps_per_epoch=per_epoch,
-        effective_batch_size=cfg.batch_size * plan.world_size, train_samples=train_samples, test_samples=test_samples,
-        pretrain_steps=cfg.training.get("pretrain_steps", 0), fit_time_s=fit_s, test_time_s=test_s,
-        device=_device_name(plan), accelerator=plan.accelerator, num_processes=plan.world_size, strategy=plan.strategy,
-        log_dir=trainer.logger.log_dir if trainer.logger else "", finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        parameters=parameters,
+        steps=steps,
+        epochs=round(epochs_done, 4),
+        steps_per_epoch=per_epoch,
+        effective_batch_size=cfg.batch_size * plan.world_size,
+        train_samples=train_samples,
+        test_samples=test_samples,
+        pretrain_steps=cfg.training.get("pretrain_steps", 0),
+        fit_time_s=fit_s,
+        test_time_s=test_s,
+        device=_device_name(plan),
+        accelerator=plan.accelerator,
+        num_processes=plan.world_size,
+        strategy=plan.strategy,
+        log_dir=trainer.logger.log_dir if trainer.logger else "",
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **_versions(),
     )
     if trainer.is_global_zero and getattr(args, "save_model", False):
@@ -160,9 +215,20 @@ def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan
 
         path = Path(args.results_dir) / "models" / f"{cfg.run_name.replace('/', '__')}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": network.state_dict(), "label": cfg.label, "model_type": cfg.model_type,
-                    "solver": cfg.solver, "ode_solver": cfg.ode_solver, "jacobian_regularization": cfg.jacobian_regularization,
-                    "model_options": cfg.model_options, "protocol": cfg.protocol, "seed": cfg.seed}, path)
+        torch.save(
+            {
+                "state_dict": network.state_dict(),
+                "label": cfg.label,
+                "model_type": cfg.model_type,
+                "solver": cfg.solver,
+                "ode_solver": cfg.ode_solver,
+                "jacobian_regularization": cfg.jacobian_regularization,
+                "model_options": cfg.model_options,
+                "protocol": cfg.protocol,
+                "seed": cfg.seed,
+            },
+            path,
+        )
     if trainer.is_global_zero:
         # the epoch rows first: a run row on disk means the run's epoch rows are complete
         append_row(epochs_csv, recorder.test_row(trainer, test), EPOCH_COLUMNS)
@@ -170,10 +236,13 @@ def run_one(spec: ExperimentSpec, cfg: RunConfig, args: argparse.Namespace, plan
             append_row(runs_csv, row, RESULT_COLUMNS)
         else:
             write_row(runs_csv, row, RESULT_COLUMNS)
-        print(f"[{cfg.label}] done: test accuracy {fmt(row['test_accuracy'])}, explicit "
-              f"{fmt(row['explicit_accuracy'])}, test NFE {fmt(row['test_nfe'], '.1f')} "
-              f"(paper's count {fmt(row['test_reference_nfe'], '.1f')}), {steps} steps "
-              f"({row['epochs']} epochs), {fmt(step_time, '.4f')} s/step, fit {fit_s:.0f} s -> {runs_csv}", flush=True)
+        print(
+            f"[{cfg.label}] done: test accuracy {fmt(row['test_accuracy'])}, explicit "
+            f"{fmt(row['explicit_accuracy'])}, test NFE {fmt(row['test_nfe'], '.1f')} "
+            f"(paper's count {fmt(row['test_reference_nfe'], '.1f')}), {steps} steps "
+            f"({row['epochs']} epochs), {fmt(step_time, '.4f')} s/step, fit {fit_s:.0f} s -> {runs_csv}",
+            flush=True,
+        )
     return row
 
 
@@ -210,8 +279,10 @@ def main(spec: ExperimentSpec, argv: Optional[Sequence[str]] = None) -> List[Dic
     if cell_index is not None:
         grid = paper_grid(spec, args)
         if cell_index >= len(grid):
-            raise SystemExit(f"error: --grid-cell {cell_index}: the grid has {len(grid)} cell(s), 0 to {len(grid) - 1} "
-                             "(--list-grid lists them)")
+            raise SystemExit(
+                f"error: --grid-cell {cell_index}: the grid has {len(grid)} cell(s), 0 to {len(grid) - 1} "
+                "(--list-grid lists them)"
+            )
         configs = [grid.cells[cell_index]]
     else:
         grid = planned_runs(spec, args)

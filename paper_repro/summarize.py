@@ -5,11 +5,13 @@ ratios the paper claims, and PNG plots.
 
 Reads ``<results-dir>/<experiment>.csv`` (one row per run, written by the experiment scripts) and
 ``<experiment>_epochs.csv`` (one row per epoch), and the grid cells' own files under
-``<results-dir>/cells/<experiment>/`` (``--grid-cell``), one row per run key (the one finished last). Writes ``<out>/summary.md`` and, per experiment and
-architecture, ``<experiment>_<arch>_figure1.png`` (training and backward time of each model type relative
-to the vanilla continuous DEQ, the paper's Figure 1) and ``<experiment>_<arch>_epochs.png`` (test accuracy
-and NFE per epoch per model type). Nothing is invented: a cell without measurements reads "-".
+``<results-dir>/cells/<experiment>/`` (``--grid-cell``), one row per run key (the one finished last).
+Writes ``<out>/summary.md`` and, per experiment and architecture, ``<experiment>_<arch>_figure1.png``
+(training and backward time of each model type relative to the vanilla continuous DEQ, the paper's Figure 1)
+and ``<experiment>_<arch>_epochs.png`` (test accuracy and NFE per epoch per model type). Nothing is invented:
+a cell without measurements reads "-".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,24 +24,42 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from deqlab.spec import MODEL_TYPES, model_kind  # noqa: E402
-from deqlab.spec.kinds import VANILLA  # noqa: E402
-from paper_repro.paper_reference import ACCURACY_KIND, CLAIMS, PARAMETERS, SOURCE, reference  # noqa: E402
-from paper_repro.results import DEFAULT_RESULTS_DIR, REPO, load_results, refuse_tracked  # noqa: E402
+from deqlab.spec import MODEL_TYPES, model_kind
+from deqlab.spec.kinds import VANILLA
+from paper_repro.paper_reference import ACCURACY_KIND, CLAIMS, PARAMETERS, SOURCE, reference
+from paper_repro.results import DEFAULT_RESULTS_DIR, REPO, load_results, refuse_tracked
 
 MODEL_ORDER = MODEL_TYPES
 SOLVER_ORDER = ("continuous/tsit5", "continuous/vcab3", "continuous", "discrete")
 SOLVER_SHORT = {"continuous/tsit5": "C-tsit5", "continuous/vcab3": "C-vcab3", "continuous": "C", "discrete": "D"}
 #: Numeric columns averaged over seeds.
 METRICS = (
-    "test_accuracy", "explicit_accuracy", "test_nfe", "train_nfe", "backward_nfe", "test_reference_nfe",
-    "train_reference_nfe", "train_time_per_step_s",
-    "train_time_per_epoch_s", "forward_time_s", "backward_time_s", "prediction_time_s", "explicit_time_s",
-    "fit_time_s", "steps", "epochs", "parameters",
+    "test_accuracy",
+    "explicit_accuracy",
+    "test_nfe",
+    "train_nfe",
+    "backward_nfe",
+    "test_reference_nfe",
+    "train_reference_nfe",
+    "train_time_per_step_s",
+    "train_time_per_epoch_s",
+    "forward_time_s",
+    "backward_time_s",
+    "prediction_time_s",
+    "explicit_time_s",
+    "fit_time_s",
+    "steps",
+    "epochs",
+    "parameters",
 )
 #: The paper's table quantity that matches one of ours.
-PAPER_OF = {"train_time_per_step_s": "train_time_s", "backward_time_s": "backward_time_s",
-            "prediction_time_s": "prediction_time_s", "test_nfe": "test_nfe", "fit_time_s": "train_minutes"}
+PAPER_OF = {
+    "train_time_per_step_s": "train_time_s",
+    "backward_time_s": "backward_time_s",
+    "prediction_time_s": "prediction_time_s",
+    "test_nfe": "test_nfe",
+    "fit_time_s": "train_minutes",
+}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -117,8 +137,11 @@ def aggregate(rows: Iterable[Dict[str, str]]) -> Dict[Group, Dict[Config, Dict[s
         out[group] = {}
         for config in sorted(configs, key=_order):
             rs = configs[config]
-            stats: Dict[str, Any] = {"seeds": sorted({r.get("seed", "") for r in rs}), "runs": len(rs),
-                                     "device": sorted({r.get("device", "") for r in rs})}
+            stats: Dict[str, Any] = {
+                "seeds": sorted({r.get("seed", "") for r in rs}),
+                "runs": len(rs),
+                "device": sorted({r.get("device", "") for r in rs}),
+            }
             for m in METRICS:
                 vals = [v for v in (_num(r.get(m)) for r in rs) if v is not None]
                 stats[m] = mean_std(vals)
@@ -171,18 +194,38 @@ def results_table(group: Group, configs: Dict[Config, Dict[str, Any]]) -> List[s
     ]
     for (model, solver), s in configs.items():
         ref = reference(experiment, arch, model, _kind(solver), jac) or {}
-        lines.append("| " + " | ".join([
-            model, solver, str(s["runs"]),
-            fmt(s["test_accuracy"], ".2f", 100), fmt1(ref.get("accuracy"), ".2f"),
-            fmt(s["explicit_accuracy"], ".2f", 100),
-            fmt(s["test_nfe"], ".1f"), fmt(s["test_reference_nfe"], ".1f"), fmt1(ref.get("test_nfe"), ".1f"),
-            fmt(s["train_nfe"], ".1f"), fmt(s["train_reference_nfe"], ".1f"), fmt(s["backward_nfe"], ".1f"),
-            fmt(s["train_time_per_step_s"], ".4f"), fmt1(ref.get("train_time_s")),
-            fmt(s["backward_time_s"], ".4f"), fmt1(ref.get("backward_time_s")),
-            fmt(s["prediction_time_s"], ".4f"), fmt1(ref.get("prediction_time_s")),
-            fmt(s["train_time_per_epoch_s"], ".1f"), fmt(s["fit_time_s"], ".1f", 1 / 60), fmt1(ref.get("train_minutes"), ".2f"),
-            fmt1(_mean(s, "parameters"), ",.0f"), fmt(s["steps"], ".0f"), fmt(s["epochs"], ".2f"),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    model,
+                    solver,
+                    str(s["runs"]),
+                    fmt(s["test_accuracy"], ".2f", 100),
+                    fmt1(ref.get("accuracy"), ".2f"),
+                    fmt(s["explicit_accuracy"], ".2f", 100),
+                    fmt(s["test_nfe"], ".1f"),
+                    fmt(s["test_reference_nfe"], ".1f"),
+                    fmt1(ref.get("test_nfe"), ".1f"),
+                    fmt(s["train_nfe"], ".1f"),
+                    fmt(s["train_reference_nfe"], ".1f"),
+                    fmt(s["backward_nfe"], ".1f"),
+                    fmt(s["train_time_per_step_s"], ".4f"),
+                    fmt1(ref.get("train_time_s")),
+                    fmt(s["backward_time_s"], ".4f"),
+                    fmt1(ref.get("backward_time_s")),
+                    fmt(s["prediction_time_s"], ".4f"),
+                    fmt1(ref.get("prediction_time_s")),
+                    fmt(s["train_time_per_epoch_s"], ".1f"),
+                    fmt(s["fit_time_s"], ".1f", 1 / 60),
+                    fmt1(ref.get("train_minutes"), ".2f"),
+                    fmt1(_mean(s, "parameters"), ",.0f"),
+                    fmt(s["steps"], ".0f"),
+                    fmt(s["epochs"], ".2f"),
+                ]
+            )
+            + " |"
+        )
     return lines
 
 
@@ -193,7 +236,9 @@ def _paper_value(group: Group, config: Config, quantity: str) -> Optional[float]
     return ref.get(PAPER_OF.get(quantity, quantity))
 
 
-def ratio_rows(group: Group, configs: Dict[Config, Dict[str, Any]]) -> List[Tuple[str, str, Optional[float], Optional[float]]]:
+def ratio_rows(
+    group: Group, configs: Dict[Config, Dict[str, Any]]
+) -> List[Tuple[str, str, Optional[float], Optional[float]]]:
     """(ratio name, quantity, ours, paper) for every claim the paper makes that the data allows."""
     out: List[Tuple[str, str, Optional[float], Optional[float]]] = []
 
@@ -202,16 +247,25 @@ def ratio_rows(group: Group, configs: Dict[Config, Dict[str, Any]]) -> List[Tupl
             return
         # two of our configurations that the paper reports as one (the MNIST table beside both solver
         # kinds) have no paper ratio: 1.00 would only compare the paper's numbers with themselves
-        same = reference(group[0], group[1], num[0], _kind(num[1]), group[2]) is \
-            reference(group[0], group[1], den[0], _kind(den[1]), group[2]) is not None
+        same = (
+            reference(group[0], group[1], num[0], _kind(num[1]), group[2])
+            is reference(group[0], group[1], den[0], _kind(den[1]), group[2])
+            is not None
+        )
         for q in quantities:
             ours = ratio(_mean(configs[num], q), _mean(configs[den], q))
             paper = None if same else ratio(_paper_value(group, num, q), _paper_value(group, den, q))
             if ours is not None or paper is not None:
                 out.append((name, q, ours, paper))
 
-    speed = ("train_time_per_step_s", "backward_time_s", "prediction_time_s", "test_nfe", "test_reference_nfe",
-             "fit_time_s")
+    speed = (
+        "train_time_per_step_s",
+        "backward_time_s",
+        "prediction_time_s",
+        "test_nfe",
+        "test_reference_nfe",
+        "fit_time_s",
+    )
     solvers = sorted({s for _, s in configs}, key=lambda s: SOLVER_ORDER.index(s) if s in SOLVER_ORDER else 99)
     continuous = [s for s in solvers if _kind(s) == "continuous"]
     node = next((c for c in configs if c[0] in MODEL_TYPES and not model_kind(c[0]).is_deq), None)
@@ -220,30 +274,45 @@ def ratio_rows(group: Group, configs: Dict[Config, Dict[str, Any]]) -> List[Tupl
             add(f"vanilla / {skip} ({solver})", ("vanilla", solver), (skip, solver), speed)
     for solver in continuous:
         if node is not None:
-            add(f"neural_ode / vanilla {solver}", node, ("vanilla", solver), ("backward_time_s", "train_time_per_step_s"))
+            add(
+                f"neural_ode / vanilla {solver}",
+                node,
+                ("vanilla", solver),
+                ("backward_time_s", "train_time_per_step_s"),
+            )
             for skip in ("skip", "skip_reg"):
                 add(f"neural_ode / {skip} {solver}", node, (skip, solver), ("train_time_per_step_s",))
         for model in MODEL_ORDER[:3]:
             add(f"{solver} / discrete ({model})", (model, solver), (model, "discrete"), speed)
     if "continuous/tsit5" in solvers and "continuous/vcab3" in solvers:
         for model in MODEL_ORDER[:3]:
-            add(f"vcab3 / tsit5 ({model})", (model, "continuous/vcab3"), (model, "continuous/tsit5"),
-                ("test_nfe", "train_nfe", "train_time_per_step_s", "prediction_time_s"))
+            add(
+                f"vcab3 / tsit5 ({model})",
+                (model, "continuous/vcab3"),
+                (model, "continuous/tsit5"),
+                ("test_nfe", "train_nfe", "train_time_per_step_s", "prediction_time_s"),
+            )
     return out
 
 
 def render(runs: List[Dict[str, str]], title: str = "Paper reproduction: measured results") -> str:
     agg = aggregate(runs)
-    lines = [f"# {title}", "",
-             "Mean ± std over seeds (the seed count is in the `seeds` column). Times in seconds per batch "
-             "(train: one optimizer step, median over steps; prediction: one test batch). Paper numbers: "
-             f"{SOURCE}; they were measured on the authors' GPUs, so compare ratios, not absolute times.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        "Mean ± std over seeds (the seed count is in the `seeds` column). Times in seconds per batch "
+        "(train: one optimizer step, median over steps; prediction: one test batch). Paper numbers: "
+        f"{SOURCE}; they were measured on the authors' GPUs, so compare ratios, not absolute times.",
+        "",
+    ]
     for group in sorted(agg):
         experiment, arch, jac, protocol, schedule = group
         configs = agg[group]
         devices = sorted({d for s in configs.values() for d in s["device"] if d})
-        lines += [f"## {experiment} {arch}{' with Jacobian regularization' if jac else ''}: {protocol} protocol, "
-                  f"{schedule}", ""]
+        lines += [
+            f"## {experiment} {arch}{' with Jacobian regularization' if jac else ''}: {protocol} protocol, {schedule}",
+            "",
+        ]
         if (experiment, arch) in PARAMETERS:
             lines += [f"Paper parameter count: {PARAMETERS[(experiment, arch)]}.", ""]
         if devices:
@@ -251,8 +320,12 @@ def render(runs: List[Dict[str, str]], title: str = "Paper reproduction: measure
         lines += results_table(group, configs) + [""]
         rr = ratio_rows(group, configs)
         if rr:
-            lines += ["Ratios the paper claims (> 1: the first is slower / needs more):", "",
-                      "| ratio | quantity | ours | paper |", "|---|---|---|---|"]
+            lines += [
+                "Ratios the paper claims (> 1: the first is slower / needs more):",
+                "",
+                "| ratio | quantity | ours | paper |",
+                "|---|---|---|---|",
+            ]
             lines += [f"| {n} | {q} | {fmt1(o, '.2f')} | {fmt1(p, '.2f')} |" for n, q, o, p in rr]
             lines.append("")
     lines += ["## The paper's headline claims", ""] + [f"- {c}" for c in CLAIMS] + [""]
@@ -288,14 +361,23 @@ def figure1(group: Group, configs: Dict[Config, Dict[str, Any]], path: Path) -> 
     width = 0.8 / len(series)
     for i, (name, vals) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
-        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=name,
-               hatch="//" if "paper" in name else None, alpha=0.6 if "paper" in name else 1.0)
+        ax.bar(
+            xs,
+            [v if v is not None else 0.0 for v in vals],
+            width,
+            label=name,
+            hatch="//" if "paper" in name else None,
+            alpha=0.6 if "paper" in name else 1.0,
+        )
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=30, ha="right")
     ax.set_ylabel("time relative to vanilla continuous DEQ")
-    ax.set_title(f"{group[0]} {group[1]}{' +JR' if group[2] else ''} ({group[3]}, {group[4]}): training and backward time\n"
-                 f"relative to vanilla {base_key[1]} (C: continuous, D: discrete)", fontsize=9)
+    ax.set_title(
+        f"{group[0]} {group[1]}{' +JR' if group[2] else ''} ({group[3]}, {group[4]}): training and backward time\n"
+        f"relative to vanilla {base_key[1]} (C: continuous, D: discrete)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -322,14 +404,26 @@ def epoch_curves(group: Group, epochs: List[Dict[str, str]], path: Path) -> Opti
     for config in sorted(series, key=_order):
         pts = sorted(series[config].items())
         xs = [e for e, _ in pts]
-        a1.plot(xs, [100 * statistics.fmean(v[0] for v in vals) for _, vals in pts], marker="o", label=f"{config[0]} {SOLVER_SHORT.get(config[1], config[1])}")
-        a2.plot(xs, [statistics.fmean(v[1] for v in vals) for _, vals in pts], marker="o", label=f"{config[0]} {SOLVER_SHORT.get(config[1], config[1])}")
+        a1.plot(
+            xs,
+            [100 * statistics.fmean(v[0] for v in vals) for _, vals in pts],
+            marker="o",
+            label=f"{config[0]} {SOLVER_SHORT.get(config[1], config[1])}",
+        )
+        a2.plot(
+            xs,
+            [statistics.fmean(v[1] for v in vals) for _, vals in pts],
+            marker="o",
+            label=f"{config[0]} {SOLVER_SHORT.get(config[1], config[1])}",
+        )
     a1.set_xlabel("epoch")
     a1.set_ylabel("test accuracy %")
     a2.set_xlabel("epoch")
     a2.set_ylabel("test NFE (forward)")
     a1.legend(fontsize=8)
-    fig.suptitle(f"{experiment} {arch}{' +JR' if jac else ''} ({protocol} protocol, {group[4]}): per epoch (mean over seeds)")
+    fig.suptitle(
+        f"{experiment} {arch}{' +JR' if jac else ''} ({protocol} protocol, {group[4]}): per epoch (mean over seeds)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -357,8 +451,10 @@ def summarize(results_dir: Path, out: Path, *, overwrite_tracked: bool = False) 
     deliberate act, a check run writes under ``runs/``."""
     runs, epochs = load(results_dir)
     if not runs:
-        raise SystemExit(f"error: no run CSVs (<experiment>.csv) in {results_dir}; run an experiment script first "
-                         "or pass --results-dir")
+        raise SystemExit(
+            f"error: no run CSVs (<experiment>.csv) in {results_dir}; run an experiment script first "
+            "or pass --results-dir"
+        )
     agg = aggregate(runs)
     stems = _stems(agg)
     planned = [out / "summary.md"] + [out / f"{stem}_{kind}.png" for _, stem in stems for kind in ("figure1", "epochs")]
@@ -368,8 +464,10 @@ def summarize(results_dir: Path, out: Path, *, overwrite_tracked: bool = False) 
     written[0].write_text(render(runs))
     for group, stem in stems:
         configs = agg[group]
-        for made in (figure1(group, configs, out / f"{stem}_figure1.png"),
-                     epoch_curves(group, epochs, out / f"{stem}_epochs.png")):
+        for made in (
+            figure1(group, configs, out / f"{stem}_figure1.png"),
+            epoch_curves(group, epochs, out / f"{stem}_epochs.png"),
+        ):
             if made is not None:
                 written.append(made)
     return written
@@ -377,18 +475,35 @@ def summarize(results_dir: Path, out: Path, *, overwrite_tracked: bool = False) 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``summarize.py``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR,
-                   help="folder with the runs' <experiment>.csv and <experiment>_epochs.csv (and cells/)")
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "paper_repro" / "summary",
-                   help="where summary.md and the PNGs go (files tracked by git are refused without "
-                        "--overwrite-tracked)")
-    p.add_argument("--overwrite-tracked", action="store_true",
-                   help="allow replacing files tracked by git (regenerating the committed paper_repro/results/)")
-    p.add_argument("--merge-from", type=Path, nargs="+", default=[], metavar="DIR",
-                   help="first copy the runs recorded in these results folders (grids run elsewhere) into "
-                        "--results-dir; runs already there are kept")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=DEFAULT_RESULTS_DIR,
+        help="folder with the runs' <experiment>.csv and <experiment>_epochs.csv (and cells/)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "runs" / "paper_repro" / "summary",
+        help="where summary.md and the PNGs go (files tracked by git are refused without --overwrite-tracked)",
+    )
+    p.add_argument(
+        "--overwrite-tracked",
+        action="store_true",
+        help="allow replacing files tracked by git (regenerating the committed paper_repro/results/)",
+    )
+    p.add_argument(
+        "--merge-from",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="first copy the runs recorded in these results folders (grids run elsewhere) into "
+        "--results-dir; runs already there are kept",
+    )
     return p
 
 
@@ -400,8 +515,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
 
         refuse_tracked(list(Path(args.results_dir).glob("*.csv")), allowed=args.overwrite_tracked)
 
-        experiments = {path.stem for d in args.merge_from for path in Path(d).glob("*.csv")
-                       if not path.stem.endswith("_epochs")}
+        experiments = {
+            path.stem for d in args.merge_from for path in Path(d).glob("*.csv") if not path.stem.endswith("_epochs")
+        }
         for experiment in sorted(experiments):
             n = merge_results(args.merge_from, args.results_dir, experiment)
             print(f"merged {n} {experiment} run(s) into {args.results_dir}")

@@ -13,6 +13,7 @@ Prints a markdown table (median seconds per training step, forward, backward, pr
 accuracy on ``--test-subset`` images) and the ratios the paper claims; ``--output`` writes it to a file.
 The MNIST dense model and its paper settings come from :mod:`deqlab.models` (the grid's own).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,18 +25,23 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from deqlab.spec import model_kind  # noqa: E402
+from deqlab.spec import model_kind
 
 #: The solver behind the paper's MNIST NFE column (docs/paper_repro.md, "How the paper counted"): the
 #: January-2022 ``mnist_fc.jl`` ran L-Broyden with one relative-norm test over the whole batch, not Tsit5.
 REFERENCE_SOLVER: Dict[str, Any] = {"mode": "rel_norm", "batch_wide": True}  # the discrete default: L-Broyden
 
 CONFIGS: Tuple[Tuple[str, str], ...] = (
-    ("vanilla", "continuous"), ("skip", "continuous"), ("skip_reg", "continuous"),
-    ("vanilla", "discrete"), ("skip", "discrete"), ("skip_reg", "discrete"), ("neural_ode", "continuous"),
+    ("vanilla", "continuous"),
+    ("skip", "continuous"),
+    ("skip_reg", "continuous"),
+    ("vanilla", "discrete"),
+    ("skip", "discrete"),
+    ("skip_reg", "discrete"),
+    ("neural_ode", "continuous"),
 )
 
 
@@ -57,9 +63,18 @@ class Config:
     same weights, so the two integrators are compared on one trained model); ``reference_solver`` re-solves
     any trained DEQ with the solver that produced the paper's MNIST NFE column (`REFERENCE_SOLVER`)."""
 
-    def __init__(self, model_type: str, solver: str, seed: int, *, jacobian_regularization: bool = False,
-                 ode_solver: str = "", reference_solver: bool = False,
-                 payload: Any = None, protocol: str = "paper"):
+    def __init__(
+        self,
+        model_type: str,
+        solver: str,
+        seed: int,
+        *,
+        jacobian_regularization: bool = False,
+        ode_solver: str = "",
+        reference_solver: bool = False,
+        payload: Any = None,
+        protocol: str = "paper",
+    ):
         from deqlab.models import build_model, paper_settings
 
         torch.manual_seed(seed)
@@ -80,8 +95,9 @@ class Config:
             label, resolved = "reference L-Broyden", f" (trained {trained_as})"
         self.solver_label = label + resolved
         self.name = f"{model_type} {self.solver_label}{' +JR' if jr else ''}"
-        self.net = build_model("mnist", "dense", model_type=model_type, solver=solver, jacobian_regularization=jr,
-                               **options)
+        self.net = build_model(
+            "mnist", "dense", model_type=model_type, solver=solver, jacobian_regularization=jr, **options
+        )
         if payload is not None:
             self.net.load_state_dict(payload["state_dict"])
         s = paper_settings("mnist", "dense", model_type, solver, jacobian_regularization=jr, protocol=protocol)
@@ -89,8 +105,9 @@ class Config:
         self.jac_weight = float(s["jacobian_loss_weight"])
         from deqlab.lightning._optim import build_optimizer
 
-        self.opt = build_optimizer(self.net.parameters(), s["optimizer"], lr=s["lr"], weight_decay=s["weight_decay"],
-                                   betas=tuple(s["betas"]))
+        self.opt = build_optimizer(
+            self.net.parameters(), s["optimizer"], lr=s["lr"], weight_decay=s["weight_decay"], betas=tuple(s["betas"])
+        )
         self.times: Dict[str, List[float]] = {k: [] for k in ("step", "forward", "backward", "predict")}
         self.nfe: Dict[str, List[float]] = {"train": [], "test": [], "backward": [], "test_reference": []}
 
@@ -142,8 +159,10 @@ def load_trained(models_dir: Path, also_ode: Sequence[str], seed: int, reference
         if reference_solver and model_kind(payload["model_type"]).is_deq:
             configs.append(Config(payload["model_type"], payload["solver"], seed, reference_solver=True, **common))
     if not configs:
-        raise SystemExit(f"error: no saved networks (*.pt) in {models_dir}; train them with "
-                         "paper_repro/mnist.py --grid --save-model (they go to <results-dir>/models)")
+        raise SystemExit(
+            f"error: no saved networks (*.pt) in {models_dir}; train them with "
+            "paper_repro/mnist.py --grid --save-model (they go to <results-dir>/models)"
+        )
     return configs
 
 
@@ -160,21 +179,41 @@ def main(argv: Any = None) -> str:
     p.add_argument("--test-subset", type=int, default=2000, help="test images for the accuracy column")
     p.add_argument("--seed", type=int, default=6171)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--configs", default=",".join(f"{m}:{s}" for m, s in CONFIGS),
-                   help="model_type:solver pairs, comma separated (untrained networks, warmed up here)")
-    p.add_argument("--models-dir", type=Path, default=None,
-                   help="time the networks the grid trained and saved here (mnist.py --save-model) instead of "
-                        "warming up --configs")
-    p.add_argument("--also-ode", default="",
-                   help="with --models-dir: also solve each trained continuous DEQ with these integrators "
-                        "(e.g. vcab3), same weights")
-    p.add_argument("--reference-solver", action="store_true",
-                   help="with --models-dir: also solve each trained DEQ with the solver behind the paper's MNIST "
-                        "NFE column (L-Broyden, one rel_norm test over the whole batch), same weights")
-    p.add_argument("--output", type=Path, default=None,
-                   help="also write the table here (a file tracked by git is refused without --overwrite-tracked)")
-    p.add_argument("--overwrite-tracked", action="store_true",
-                   help="allow --output to replace a file tracked by git (the committed paper_repro/results/)")
+    p.add_argument(
+        "--configs",
+        default=",".join(f"{m}:{s}" for m, s in CONFIGS),
+        help="model_type:solver pairs, comma separated (untrained networks, warmed up here)",
+    )
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="time the networks the grid trained and saved here (mnist.py --save-model) instead of "
+        "warming up --configs",
+    )
+    p.add_argument(
+        "--also-ode",
+        default="",
+        help="with --models-dir: also solve each trained continuous DEQ with these integrators "
+        "(e.g. vcab3), same weights",
+    )
+    p.add_argument(
+        "--reference-solver",
+        action="store_true",
+        help="with --models-dir: also solve each trained DEQ with the solver behind the paper's MNIST "
+        "NFE column (L-Broyden, one rel_norm test over the whole batch), same weights",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="also write the table here (a file tracked by git is refused without --overwrite-tracked)",
+    )
+    p.add_argument(
+        "--overwrite-tracked",
+        action="store_true",
+        help="allow --output to replace a file tracked by git (the committed paper_repro/results/)",
+    )
     args = p.parse_args(argv)
     if args.output is not None:
         from paper_repro.results import refuse_tracked
@@ -185,8 +224,12 @@ def main(argv: Any = None) -> str:
     g = torch.Generator().manual_seed(args.seed)
     B = args.batch_size
     if args.models_dir is not None:
-        configs = load_trained(args.models_dir, [o for o in args.also_ode.split(",") if o], args.seed,
-                               reference_solver=args.reference_solver)
+        configs = load_trained(
+            args.models_dir,
+            [o for o in args.also_ode.split(",") if o],
+            args.seed,
+            reference_solver=args.reference_solver,
+        )
         warm_steps = 0  # trained already
     else:
         configs = [Config(*c.split(":"), seed=args.seed) for c in args.configs.split(",")]
@@ -194,44 +237,55 @@ def main(argv: Any = None) -> str:
     for cfg in configs if warm_steps else []:  # warm-up training, each on the same batch sequence
         order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(args.seed))
         for i in range(warm_steps):
-            idx = order[(i * B) % len(xtr):(i * B) % len(xtr) + B]
+            idx = order[(i * B) % len(xtr) : (i * B) % len(xtr) + B]
             cfg.train_step(xtr[idx], ytr[idx], record=False)
         print(f"warmed {cfg.name}", flush=True)
     acc = {}
     for cfg in configs:  # accuracy measured before the timed training steps change the weights
         correct = 0
         for s in range(0, args.test_subset, 250):
-            logits = cfg.predict(xte[s:s + 250], record=False)
-            correct += int((logits.argmax(1) == yte[s:s + 250]).sum())
+            logits = cfg.predict(xte[s : s + 250], record=False)
+            correct += int((logits.argmax(1) == yte[s : s + 250]).sum())
         acc[cfg.name] = correct / args.test_subset
     for r in range(args.rounds):  # round-robin: every config sees the same batch, one after another
         idx = torch.randint(0, len(xtr), (B,), generator=g)
         tidx = torch.randint(0, len(xte), (B,), generator=g)
-        for cfg in (configs if r % 2 == 0 else configs[::-1]):
+        for cfg in configs if r % 2 == 0 else configs[::-1]:
             cfg.train_step(xtr[idx], ytr[idx], record=True)
             cfg.predict(xte[tidx])
-    source = (f"the networks trained by the grid ({args.models_dir})" if args.models_dir is not None
-              else f"{args.warm_steps} warm-up steps per config")
-    lines = [f"Round-robin timing on real MNIST: {source} (batch {B}), then {args.rounds} rounds; medians, "
-             f"seconds; torch {torch.__version__}, {args.threads} thread(s).", "",
-             "| model | solver | train step | forward | backward | prediction batch | train NFE | test NFE | "
-             "test NFE (paper's count) | backward NFE | test acc (subset) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    source = (
+        f"the networks trained by the grid ({args.models_dir})"
+        if args.models_dir is not None
+        else f"{args.warm_steps} warm-up steps per config"
+    )
+    lines = [
+        f"Round-robin timing on real MNIST: {source} (batch {B}), then {args.rounds} rounds; medians, "
+        f"seconds; torch {torch.__version__}, {args.threads} thread(s).",
+        "",
+        "| model | solver | train step | forward | backward | prediction batch | train NFE | test NFE | "
+        "test NFE (paper's count) | backward NFE | test acc (subset) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     row = {}
     for cfg in configs:
         m = {k: median(v) for k, v in cfg.times.items()}
         n = {k: median(v) for k, v in cfg.nfe.items()}
         row[cfg.name] = (m, n)
         model = cfg.model_type + (" +JR" if cfg.jacobian_regularization else "")
-        lines.append(f"| {model} | {cfg.solver_label} | {m['step']:.4f} | {m['forward']:.4f} | {m['backward']:.4f} | "
-                     f"{m['predict']:.4f} | {n['train']:.1f} | {n['test']:.1f} | {n['test_reference']:.1f} | "
-                     f"{n['backward']:.1f} | {100 * acc[cfg.name]:.2f} % |")
+        lines.append(
+            f"| {model} | {cfg.solver_label} | {m['step']:.4f} | {m['forward']:.4f} | {m['backward']:.4f} | "
+            f"{m['predict']:.4f} | {n['train']:.1f} | {n['test']:.1f} | {n['test_reference']:.1f} | "
+            f"{n['backward']:.1f} | {100 * acc[cfg.name]:.2f} % |"
+        )
     lines += ["", "| ratio | train step | backward | prediction | test NFE |", "|---|---|---|---|---|"]
 
     def ratio(a: str, b: str) -> None:
         if a in row and b in row:
             (ma, na), (mb, nb) = row[a], row[b]
-            lines.append(f"| {a} / {b} | {ma['step'] / mb['step']:.2f} | {ma['backward'] / mb['backward']:.2f} | "
-                         f"{ma['predict'] / mb['predict']:.2f} | {na['test'] / max(nb['test'], 1e-9):.2f} |")
+            lines.append(
+                f"| {a} / {b} | {ma['step'] / mb['step']:.2f} | {ma['backward'] / mb['backward']:.2f} | "
+                f"{ma['predict'] / mb['predict']:.2f} | {na['test'] / max(nb['test'], 1e-9):.2f} |"
+            )
 
     labels = sorted({c.solver_label for c in configs})
     for jr in ("", " +JR"):
@@ -241,7 +295,7 @@ def main(argv: Any = None) -> str:
         for solver in labels:
             if solver.startswith("continuous"):
                 ratio(f"vanilla {solver}{jr}", f"vanilla discrete{jr}")
-                ratio(f"neural_ode continuous", f"vanilla {solver}{jr}")
+                ratio("neural_ode continuous", f"vanilla {solver}{jr}")
                 for other in labels:  # VCAB3 against Tsit5, on the same trained weights where re-solved
                     if solver.startswith("continuous/tsit5") and other.startswith("continuous/vcab3"):
                         for model in ("vanilla", "skip", "skip_reg"):

@@ -5,6 +5,7 @@ Why here: every test folder shares them, and CI runs on 2 cores, so property tes
 thread: the tests evaluate tiny maps thousands of times; on a shared 2-core machine torch's thread pool
 then spends more time contending than computing (the same test ran 0.1 s or 15 s depending on the load).
 """
+
 import logging
 import os
 import warnings

@@ -6,6 +6,7 @@ The layers (docs/architecture.md): ``_compat``, ``state`` → ``solvers``, ``spe
 → the package root. Imports inside functions count as
 well: a lazy upward import is still an upward dependency.
 """
+
 from __future__ import annotations
 
 import ast
@@ -19,8 +20,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "deqlab"
 
-LAYER = {"_compat": 0, "state": 0, "instrument": 0, "solvers": 1, "spec": 1, "nn": 2, "models": 3, "compat": 3, "data": 3, "lightning": 4,
-         "zoo": 5, "cli": 6, "demo": 6, "": 7}
+LAYER = {
+    "_compat": 0,
+    "state": 0,
+    "instrument": 0,
+    "solvers": 1,
+    "spec": 1,
+    "nn": 2,
+    "models": 3,
+    "compat": 3,
+    "data": 3,
+    "lightning": 4,
+    "zoo": 5,
+    "cli": 6,
+    "demo": 6,
+    "": 7,
+}
 
 
 def _modules() -> Dict[str, Path]:
@@ -88,7 +103,7 @@ def test_no_import_cycle():
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack)
         stack.pop()
@@ -115,9 +130,13 @@ def test_a_model_type_is_compared_in_one_module():
 
 def test_old_names_warn_from_the_compatibility_module_only():
     # ``DeprecationWarning`` is raised in deqlab/_compat.py and nowhere else
-    offenders = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
-                 if p.name != "_compat.py" and "DeprecationWarning" in p.read_text()
-                 and re.search(r"warnings\.warn\([^)]*DeprecationWarning", p.read_text(), re.S)]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "_compat.py"
+        and "DeprecationWarning" in p.read_text()
+        and re.search(r"warnings\.warn\([^)]*DeprecationWarning", p.read_text(), re.S)
+    ]
     assert not offenders, f"warn through deqlab._compat instead: {offenders}"
 
 

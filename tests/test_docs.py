@@ -7,6 +7,7 @@ quick mode, on the embedded digits, and assert the results their pages state (an
 name: such a DeprecationWarning fails the page); their full mode
 (``DEQLAB_TUTORIAL_FULL=1``, real MNIST) is the generated script next to each page, checked here to match it.
 """
+
 import os
 import re
 import subprocess
@@ -23,15 +24,19 @@ BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 #: Prepended to a tutorial: a DeprecationWarning about deqlab's own names is an error. deqlab's point at the
 #: line that used the old name (the tutorial itself, ``__main__``) or, for an old name that deqlab uses
 #: itself, at deqlab; other packages' deprecations (torch's, Lightning's internals) stay theirs.
-NO_DEPRECATED = ('import warnings\n'
-                 'warnings.filterwarnings("error", category=DeprecationWarning, module=r"__main__$|deqlab(\\.|$)")\n\n')
+NO_DEPRECATED = (
+    "import warnings\n"
+    'warnings.filterwarnings("error", category=DeprecationWarning, module=r"__main__$|deqlab(\\.|$)")\n\n'
+)
 
 
 def _blocks(page: Path):
     return [b for b in BLOCK.findall(page.read_text()) if not b.lstrip().startswith("# not-run")]
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if p.exists() and _blocks(p)], ids=lambda p: p.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if p.exists() and _blocks(p)], ids=lambda p: p.relative_to(ROOT).as_posix()
+)
 def test_doc_examples_run(page, tmp_path):
     code = "\n\n".join(_blocks(page))
     if page.parent == ROOT / "docs" / "tutorials":
@@ -39,11 +44,16 @@ def test_doc_examples_run(page, tmp_path):
     script = tmp_path / f"{page.stem}_examples.py"  # tutorials write their outputs under tmp_path too
     script.write_text(code)
     # this checkout's deqlab, not whichever one is installed (a git worktree next to an editable install)
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env = dict(
+        os.environ,
+        MPLBACKEND="Agg",
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
     env.pop("DEQLAB_TUTORIAL_FULL", None)  # the tutorials' quick mode, whatever the caller's environment says
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"examples of {page.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
@@ -64,11 +74,17 @@ def test_a_tutorial_that_uses_a_deprecated_name_fails(tmp_path):
     """The check the tutorials run under: a deprecated deqlab spelling on the page's own line (here
     ``abstol=``, now ``ode_abstol=``) ends the script with the DeprecationWarning as an error."""
     script = tmp_path / "old_name.py"
-    script.write_text(NO_DEPRECATED + "from deqlab.solvers import ContinuousDEQSolver\n"
-                                      "ContinuousDEQSolver('tsit5', abstol=1e-3)\n")
-    env = dict(os.environ, PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode != 0 and "DeprecationWarning: ContinuousDEQSolver: abstol= is deprecated" in proc.stderr, \
+    script.write_text(
+        NO_DEPRECATED + "from deqlab.solvers import ContinuousDEQSolver\nContinuousDEQSolver('tsit5', abstol=1e-3)\n"
+    )
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0 and "DeprecationWarning: ContinuousDEQSolver: abstol= is deprecated" in proc.stderr, (
         proc.stderr[-2000:]
+    )

@@ -5,6 +5,7 @@ to something that no longer exists only shows up when the site is built. ``make 
 packages (they are in the ``dev`` extra), so this runs in CI; it is skipped, with the reason, only where
 mkdocs or its plugins are not installed.
 """
+
 import importlib
 import importlib.util
 import os
@@ -27,8 +28,9 @@ def _missing(name: str) -> bool:
 
 
 MISSING = [m for m in REQUIRED if _missing(m)]
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"docs packages not installed ({', '.join(MISSING)}): "
-                                                      "pip install -e '.[docs]'")
+pytestmark = pytest.mark.skipif(
+    bool(MISSING), reason=f"docs packages not installed ({', '.join(MISSING)}): pip install -e '.[docs]'"
+)
 
 # The modules whose public names (``__all__``) the API reference must document, and the page of each.
 API_PAGES = {
@@ -46,9 +48,17 @@ API_PAGES = {
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     out = tmp_path_factory.mktemp("site")
-    env = dict(os.environ, NO_MKDOCS_2_WARNING="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, NO_MKDOCS_2_WARNING="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return out
 

@@ -7,6 +7,7 @@ does (griffe, Google style) and compares its sections with the real signature, s
 that the docstring does not follow fails here. The public names are the ``__all__`` of the modules the API
 reference covers (``tests/test_docs_site.py``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,17 @@ import pytest
 
 griffe = pytest.importorskip("griffe", reason="griffe (installed with mkdocstrings-python) parses the docstrings")
 
-MODULES = ("deqlab", "deqlab.nn", "deqlab.solvers", "deqlab.state", "deqlab.instrument", "deqlab.lightning", "deqlab.data",
-           "deqlab.zoo", "deqlab.models")
+MODULES = (
+    "deqlab",
+    "deqlab.nn",
+    "deqlab.solvers",
+    "deqlab.state",
+    "deqlab.instrument",
+    "deqlab.lightning",
+    "deqlab.data",
+    "deqlab.zoo",
+    "deqlab.models",
+)
 
 logging.getLogger("griffe").setLevel(logging.ERROR)  # griffe warns about missing types; annotations hold them
 
@@ -40,8 +50,11 @@ def _documented_object(obj: object) -> bool:
 
 def _docstring(obj: object) -> str:
     """The text the site shows: the class docstring with ``__init__``'s merged in (``merge_init_into_class``)."""
-    parts = [inspect.cleandoc(obj.__dict__["__doc__"])] if inspect.isclass(obj) and obj.__dict__.get("__doc__") \
+    parts = (
+        [inspect.cleandoc(obj.__dict__["__doc__"])]
+        if inspect.isclass(obj) and obj.__dict__.get("__doc__")
         else ([inspect.cleandoc(obj.__doc__)] if not inspect.isclass(obj) and obj.__doc__ else [])
+    )
     init = obj.__dict__.get("__init__") if inspect.isclass(obj) else None
     if init is not None and getattr(init, "__doc__", None):
         parts.append(inspect.cleandoc(init.__doc__))
@@ -57,8 +70,11 @@ def _parameters(obj: object) -> list[inspect.Parameter]:
     if inspect.isclass(obj):
         if issubclass(obj, (BaseException, enum.Enum)) or getattr(obj, "_is_protocol", False):
             return []
-        if "__init__" not in obj.__dict__ and not dataclasses.is_dataclass(obj) and \
-                not any(b for b in obj.__mro__[1:] if b.__module__.startswith("deqlab") and "__init__" in b.__dict__):
+        if (
+            "__init__" not in obj.__dict__
+            and not dataclasses.is_dataclass(obj)
+            and not any(b for b in obj.__mro__[1:] if b.__module__.startswith("deqlab") and "__init__" in b.__dict__)
+        ):
             return []
         target = obj.__init__
     else:
@@ -134,7 +150,8 @@ def problems_of(name: str, obj: object) -> list[str]:
     if _raises_itself(obj) and "raises" not in kinds:
         found.append(f"{name}: raises, but has no Raises section")
     has_example = "examples" in kinds or any(
-        s.kind.value == "admonition" and s.title and s.title.lower().startswith("example") for s in sections)
+        s.kind.value == "admonition" and s.title and s.title.lower().startswith("example") for s in sections
+    )
     if not has_example:
         found.append(f"{name}: no Example section")
     return found
@@ -179,6 +196,7 @@ def test_docstring_examples_run(module_name):
 
 
 # The checker itself: each rule fires on a docstring that breaks it, and a complete docstring passes.
+
 
 def _complete(a: int, b: int = 2) -> int:
     """Add.

@@ -24,11 +24,12 @@ Example:
     ...
     ValueError: get_deq: unknown option 'f_max_iters' (did you mean 'f_max_iter'?); torchdeq would ignore it silently
 """
+
 from __future__ import annotations
 
 import argparse
 import difflib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -36,23 +37,65 @@ from torch import Tensor, nn
 from deqlab.nn.spectral import power_iteration, spectral_radius
 from deqlab.nn.trajectory import correction_weights, sample_steps
 from deqlab.solvers import DiscreteDEQSolver, FixedPointLinearSolver, record_iterates
+from deqlab.solvers.termination import TerminationMode
 
-__all__ = ["get_deq", "DEQ", "reset_deq", "apply_norm", "reset_norm", "jac_reg", "power_method", "fp_correction",
-           "mixed_init", "add_deq_args", "OPTIONS"]
+__all__ = [
+    "get_deq",
+    "DEQ",
+    "reset_deq",
+    "apply_norm",
+    "reset_norm",
+    "jac_reg",
+    "power_method",
+    "fp_correction",
+    "mixed_init",
+    "add_deq_args",
+    "OPTIONS",
+]
+
+_Value = TypeVar("_Value")
 
 #: every option torchdeq 0.1.0's ``get_deq`` / ``add_deq_args`` know, with torchdeq's default
 OPTIONS: Dict[str, Any] = {
-    "core": "sliced", "ift": False, "hook_ift": False, "grad": 1, "tau": 1.0, "sup_gap": -1, "sup_loc": None,
-    "n_states": 1, "indexing": None, "gamma": 0.8, "f_solver": "fixed_point_iter", "b_solver": "fixed_point_iter",
-    "no_stat": None, "f_max_iter": 40, "b_max_iter": 40, "f_tol": 1e-3, "b_tol": 1e-6, "f_stop_mode": "abs",
-    "b_stop_mode": "abs", "eval_factor": 1.0, "eval_f_max_iter": 0, "norm_type": "weight_norm",
-    "norm_no_scale": False, "norm_clip": False, "norm_clip_value": 1.0, "norm_target_norm": 1.0,
-    "sn_n_power_iters": 1, "jac_loss_weight": 0.0, "jac_loss_freq": 0.0, "jac_incremental": 0,
+    "core": "sliced",
+    "ift": False,
+    "hook_ift": False,
+    "grad": 1,
+    "tau": 1.0,
+    "sup_gap": -1,
+    "sup_loc": None,
+    "n_states": 1,
+    "indexing": None,
+    "gamma": 0.8,
+    "f_solver": "fixed_point_iter",
+    "b_solver": "fixed_point_iter",
+    "no_stat": None,
+    "f_max_iter": 40,
+    "b_max_iter": 40,
+    "f_tol": 1e-3,
+    "b_tol": 1e-6,
+    "f_stop_mode": "abs",
+    "b_stop_mode": "abs",
+    "eval_factor": 1.0,
+    "eval_f_max_iter": 0,
+    "norm_type": "weight_norm",
+    "norm_no_scale": False,
+    "norm_clip": False,
+    "norm_clip_value": 1.0,
+    "norm_target_norm": 1.0,
+    "sn_n_power_iters": 1,
+    "jac_loss_weight": 0.0,
+    "jac_loss_freq": 0.0,
+    "jac_incremental": 0,
     "sradius_mode": False,
 }
-_SOLVERS = {"fixed_point_iter": "fixed_point", "simple_fixed_point_iter": "fixed_point", "anderson": "anderson",
-            "broyden": "broyden"}
-_STOP = {"abs": "abs_norm", "rel": "rel_norm"}
+_SOLVERS = {
+    "fixed_point_iter": "fixed_point",
+    "simple_fixed_point_iter": "fixed_point",
+    "anderson": "anderson",
+    "broyden": "broyden",
+}
+_STOP: Dict[str, TerminationMode] = {"abs": "abs_norm", "rel": "rel_norm"}
 
 
 def _check_keys(owner: str, keys: Sequence[str]) -> None:
@@ -63,11 +106,14 @@ def _check_keys(owner: str, keys: Sequence[str]) -> None:
             raise ValueError(f"{owner}: unknown option {key!r}{hint}; torchdeq would ignore it silently")
 
 
-def _choice(owner: str, what: str, value: str, table: Dict[str, str]) -> str:
+def _choice(owner: str, what: str, value: str, table: Dict[str, _Value]) -> _Value:
     if value not in table:
         near = difflib.get_close_matches(str(value), list(table), n=1)
-        raise ValueError(f"{owner}: unknown {what} {value!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
-                         + f"; valid: {', '.join(table)}")
+        raise ValueError(
+            f"{owner}: unknown {what} {value!r}"
+            + (f" (did you mean {near[0]!r}?)" if near else "")
+            + f"; valid: {', '.join(table)}"
+        )
     return table[value]
 
 
@@ -129,12 +175,19 @@ class DEQ(nn.Module):
 
     def _solver(self, max_iter: int, tol: Optional[float] = None) -> DiscreteDEQSolver:
         tol = float(self.opts["f_tol"] if tol is None else tol)
-        return DiscreteDEQSolver(self.f_algorithm, mode=self.f_mode, abstol_termination=tol, reltol_termination=tol,
-                                 max_steps=max_iter)
+        return DiscreteDEQSolver(
+            self.f_algorithm, mode=self.f_mode, abstol_termination=tol, reltol_termination=tol, max_steps=max_iter
+        )
 
-    def forward(self, func: Callable[[Any], Any], z_init: Any, solver_kwargs: Optional[dict] = None,
-                sradius_mode: bool = False, backward_writer: Optional[Callable[[dict], None]] = None,
-                **kwargs: Any) -> Tuple[List[Any], Dict[str, Tensor]]:
+    def forward(
+        self,
+        func: Callable[[Any], Any],
+        z_init: Any,
+        solver_kwargs: Optional[dict] = None,
+        sradius_mode: bool = False,
+        backward_writer: Optional[Callable[[dict], None]] = None,
+        **kwargs: Any,
+    ) -> Tuple[List[Any], Dict[str, Tensor]]:
         """``(z_out, info)`` as torchdeq's layer returns them.
 
         Args:
@@ -171,11 +224,14 @@ class DEQ(nn.Module):
             else:
                 z_out.append(self._phantom(func, z))
         trace = result.trace.t() if result.trace is not None else torch.full_like(result.abs_residual, -1.0)
-        info = {"abs_lowest": result.abs_residual, "rel_lowest": result.rel_residual,
-                "abs_trace": trace if self.opts["f_stop_mode"] == "abs" else torch.tensor([-1.0]),
-                "rel_trace": trace if self.opts["f_stop_mode"] == "rel" else torch.tensor([-1.0]),
-                "nstep": result.sample_steps.to(result.abs_residual.dtype),
-                "sradius": torch.zeros(1, device=result.abs_residual.device)}
+        info = {
+            "abs_lowest": result.abs_residual,
+            "rel_lowest": result.rel_residual,
+            "abs_trace": trace if self.opts["f_stop_mode"] == "abs" else torch.tensor([-1.0]),
+            "rel_trace": trace if self.opts["f_stop_mode"] == "rel" else torch.tensor([-1.0]),
+            "nstep": result.sample_steps.to(result.abs_residual.dtype),
+            "sradius": torch.zeros(1, device=result.abs_residual.device),
+        }
         if not training and sradius_mode:
             info["sradius"] = spectral_radius(func, z_star, n_iters=100, method="power")
         return z_out, info
@@ -193,11 +249,16 @@ class DEQ(nn.Module):
         parts = [t.detach().requires_grad_() for t in (z_star if is_list else [z_star])]
         fz = func(parts if is_list else parts[0])
         f_parts = list(fz) if is_list else [fz]
-        linear = FixedPointLinearSolver(DiscreteDEQSolver(self.b_algorithm, mode=self.b_mode,
-                                                          abstol_termination=float(self.opts["b_tol"]),
-                                                          reltol_termination=float(self.opts["b_tol"]),
-                                                          max_steps=int(self.opts["b_max_iter"])),
-                                        max_steps=int(self.opts["b_max_iter"]) + 1)
+        linear = FixedPointLinearSolver(
+            DiscreteDEQSolver(
+                self.b_algorithm,
+                mode=self.b_mode,
+                abstol_termination=float(self.opts["b_tol"]),
+                reltol_termination=float(self.opts["b_tol"]),
+                max_steps=int(self.opts["b_max_iter"]),
+            ),
+            max_steps=int(self.opts["b_max_iter"]) + 1,
+        )
         shapes = [p.shape for p in parts]
         sizes = [p[0].numel() for p in parts]
         batch = parts[0].shape[0]
@@ -208,9 +269,8 @@ class DEQ(nn.Module):
         def unflat(v: Tensor) -> List[Tensor]:
             return [c.reshape(s) for c, s in zip(torch.split(v, sizes, dim=1), shapes)]
 
-        def hook(*grads: Tensor) -> Tuple[Tensor, ...]:
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, parts)]
-            b = flat(grads)
+        def hook(*grads: Optional[Tensor]) -> Tuple[Tensor, ...]:
+            b = flat([torch.zeros_like(p) if g is None else g for g, p in zip(grads, parts)])
 
             def matvec(g: Tensor) -> Tensor:
                 vjp = torch.autograd.grad(f_parts, parts, unflat(g), retain_graph=True, allow_unused=True)
@@ -222,11 +282,10 @@ class DEQ(nn.Module):
                 writer({"nstep": torch.tensor([float(out.iterations)]), "abs_lowest": out.residual})
             return tuple(unflat(out.x))
 
-        out = [_ImplicitHook.apply(hook, len(parts), *f_parts)] if not is_list else \
-            list(_ImplicitHook.apply(hook, len(parts), *f_parts))
-        if not is_list:
-            out = out[0] if isinstance(out[0], Tensor) else out[0][0]
-        return out
+        out = _ImplicitHook.apply(hook, len(parts), *f_parts)
+        if is_list:
+            return list(out)
+        return out if isinstance(out, Tensor) else out[0]
 
 
 class _ImplicitHook(torch.autograd.Function):
@@ -273,15 +332,30 @@ def reset_norm(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, EquilibriumStateful):
             module.deq_begin()
-        elif module is not model and callable(getattr(module, "reset_norm", None)):
-            module.reset_norm()
+        elif module is not model:
+            reset = getattr(module, "reset_norm", None)
+            if callable(reset):
+                reset()
 
 
 #: torchdeq's ``args`` names of the norm options -> its ``Norm.apply`` keywords (``norm_no_scale`` negated)
-_NORM_ARGS = {"norm_no_scale": "learn_scale", "norm_target_norm": "target_norm", "norm_clip": "clip",
-              "norm_clip_value": "clip_value", "sn_n_power_iters": "n_power_iterations"}
-_NORM_DEFAULTS = {"learn_scale": True, "target_norm": 1.0, "clip": False, "clip_value": 1.0,
-                  "n_power_iterations": 1, "eps": 1e-12, "names": "weight", "dims": 0}
+_NORM_ARGS = {
+    "norm_no_scale": "learn_scale",
+    "norm_target_norm": "target_norm",
+    "norm_clip": "clip",
+    "norm_clip_value": "clip_value",
+    "sn_n_power_iters": "n_power_iterations",
+}
+_NORM_DEFAULTS: Dict[str, Any] = {
+    "learn_scale": True,
+    "target_norm": 1.0,
+    "clip": False,
+    "clip_value": 1.0,
+    "n_power_iterations": 1,
+    "eps": 1e-12,
+    "names": "weight",
+    "dims": 0,
+}
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -293,8 +367,11 @@ def _norm_options(norm_type: str, given: Dict[str, Any], norm_kwargs: Dict[str, 
     for key in norm_kwargs:
         if key not in valid:
             near = difflib.get_close_matches(key, valid, n=1)
-            raise ValueError(f"apply_norm: unknown norm option {key!r}" + (f" (did you mean {near[0]!r}?)" if near
-                             else "") + f"; valid: {', '.join(valid)}")
+            raise ValueError(
+                f"apply_norm: unknown norm option {key!r}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")
+                + f"; valid: {', '.join(valid)}"
+            )
     value = dict(_NORM_DEFAULTS)
     source = {k: k for k in value}
     for key, v in norm_kwargs.items():
@@ -307,8 +384,10 @@ def _norm_options(norm_type: str, given: Dict[str, Any], norm_kwargs: Dict[str, 
             source[name] = key
 
     def refuse(name: str, why: str) -> None:
-        raise ValueError(f"apply_norm: {source[name]}={config.get(source[name], value[name])!r} has no "
-                         f"equivalent in deqlab's {norm_type}: {why} (see docs/migration_torchdeq.md)")
+        raise ValueError(
+            f"apply_norm: {source[name]}={config.get(source[name], value[name])!r} has no "
+            f"equivalent in deqlab's {norm_type}: {why} (see docs/migration_torchdeq.md)"
+        )
 
     if value["names"] not in ("weight", ["weight"], ("weight",)):
         refuse("names", "it normalizes each layer's 'weight'")
@@ -316,21 +395,36 @@ def _norm_options(norm_type: str, given: Dict[str, Any], norm_kwargs: Dict[str, 
         refuse("dims", "it keeps dim 0 (one scale per output unit)")
     if norm_type == "weight_norm":
         if not value["learn_scale"]:
-            refuse("learn_scale", "WeightNorm always learns its scale g (for a fixed norm use "
-                                  "norm_type='spectral_norm', norm_no_scale=True)")
+            refuse(
+                "learn_scale",
+                "WeightNorm always learns its scale g (for a fixed norm use "
+                "norm_type='spectral_norm', norm_no_scale=True)",
+            )
         if value["clip"]:
             refuse("clip", "WeightNorm does not clip its scale (spectral_norm with norm_clip=True does)")
         return {}
     if value["clip"] and float(value["clip_value"]) != 1.0:
-        refuse("clip_value", "SpectralNorm(clamp=True) caps the factor target/sigma at 1 (sigma <= target), "
-                             "torchdeq's clip_value=1.0")
-    return {"target": float(value["target_norm"]), "clamp": bool(value["clip"]),
-            "learn_scale": bool(value["learn_scale"]), "n_power_iterations": int(value["n_power_iterations"]),
-            "eps": float(value["eps"])}
+        refuse(
+            "clip_value",
+            "SpectralNorm(clamp=True) caps the factor target/sigma at 1 (sigma <= target), torchdeq's clip_value=1.0",
+        )
+    return {
+        "target": float(value["target_norm"]),
+        "clamp": bool(value["clip"]),
+        "learn_scale": bool(value["learn_scale"]),
+        "n_power_iterations": int(value["n_power_iterations"]),
+        "eps": float(value["eps"]),
+    }
 
 
-def apply_norm(model: nn.Module, norm_type: str = "weight_norm", prefix_filter_out: Any = None,
-               filter_out: Any = None, args: Any = None, **norm_kwargs: Any) -> nn.Module:
+def apply_norm(
+    model: nn.Module,
+    norm_type: str = "weight_norm",
+    prefix_filter_out: Any = None,
+    filter_out: Any = None,
+    args: Any = None,
+    **norm_kwargs: Any,
+) -> nn.Module:
     """torchdeq's ``apply_norm`` on deqlab's [`apply_norm`][deqlab.nn.apply_norm]: every ``Linear`` /
     ``Conv1d/2d/3d`` of ``model`` whose qualified name neither starts with a ``prefix_filter_out`` entry nor
     contains a ``filter_out`` entry (torchdeq's filters) is wrapped, in place, in deqlab's DEQ-aware
@@ -371,9 +465,11 @@ def apply_norm(model: nn.Module, norm_type: str = "weight_norm", prefix_filter_o
 
     for name, module in model.named_modules():
         if isinstance(module, _TRANSPOSED) and not skipped(name):
-            raise ValueError(f"apply_norm: {name or 'the model'} is a {type(module).__name__}, which torchdeq "
-                             f"normalizes over dim 1 and deqlab's {norm_type} does not; filter it out "
-                             f"(filter_out=[{name!r}]) or wrap it yourself")
+            raise ValueError(
+                f"apply_norm: {name or 'the model'} is a {type(module).__name__}, which torchdeq "
+                f"normalizes over dim 1 and deqlab's {norm_type} does not; filter it out "
+                f"(filter_out=[{name!r}]) or wrap it yourself"
+            )
     return apply_deq_norm(model, norm_type, filter_out=skipped, **options)
 
 
@@ -393,7 +489,7 @@ def jac_reg(f0: Tensor, z0: Tensor, vecs: int = 1, create_graph: bool = True) ->
 def power_method(f0: Tensor, z0: Tensor, n_iters: int = 100) -> Tuple[Tensor, Tensor]:
     """torchdeq's ``power_method``: ``(eigenvector, |eigenvalue|)`` per sample of the largest-magnitude
     eigenvalue of ``J = df0/dz0``, by power iteration on vector-Jacobian products of the graph ``f0(z0)``
-    (deqlab's [`power_iteration`][deqlab.nn.spectral.power_iteration] from ``torch.randn_like(z0)``, as
+    (deqlab's [`power_iteration`][deqlab.nn.power_iteration] from ``torch.randn_like(z0)``, as
     torchdeq draws it; the value is its Rayleigh quotient's modulus, torchdeq's estimate)."""
     batch = z0.shape[0]
 
@@ -404,8 +500,13 @@ def power_method(f0: Tensor, z0: Tensor, n_iters: int = 100) -> Tuple[Tensor, Te
     return out.vector.reshape_as(z0), out.rayleigh.abs()
 
 
-def fp_correction(crit: Callable[..., Tensor], args: Sequence[Any], weight_func: str = "exp",
-                  return_loss_values: bool = False, **kwargs: Any):
+def fp_correction(
+    crit: Callable[..., Tensor],
+    args: Sequence[Any],
+    weight_func: str = "exp",
+    return_loss_values: bool = False,
+    **kwargs: Any,
+):
     """torchdeq's ``fp_correction``: ``sum_i w_i crit(*args_i)``, each list in ``args`` one entry per state
     (a non-list argument is shared by all). Weights: ``"exp"`` ``gamma ** (n - 1 - i)`` (``gamma=0.8``),
     ``"const"`` ``c`` (1.0), ``"linear"`` torchdeq's ``1 - (n - i - 1) / n * gamma + bias`` (``gamma=0.9``,
@@ -435,7 +536,8 @@ def fp_correction(crit: Callable[..., Tensor], args: Sequence[Any], weight_func:
             return a
         return a[i] if len(a) == n else a[-1]
 
-    loss, values = 0.0, []
+    loss: Union[float, Tensor] = 0.0
+    values: List[float] = []
     for i in range(n):
         term = crit(*[pick(a, i) for a in args])
         loss = loss + weights[i] * term
@@ -447,8 +549,11 @@ def _check_keys_of(owner: str, kwargs: Dict[str, Any], valid: Sequence[str]) -> 
     for key in kwargs:
         if key not in valid:
             near = difflib.get_close_matches(key, list(valid), n=1)
-            raise ValueError(f"{owner}: unknown option {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
-                             + f"; valid: {', '.join(valid)}")
+            raise ValueError(
+                f"{owner}: unknown option {key!r}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")
+                + f"; valid: {', '.join(valid)}"
+            )
 
 
 def mixed_init(z_shape: Sequence[int], device: Any = None) -> Tensor:

@@ -6,6 +6,7 @@ download them only when asked (``download=True``). Every module splits its train
 train/val with a seed, identically on every DDP rank, and exposes ``num_classes`` and
 ``input_shape`` so models can be sized before the data is loaded.
 """
+
 from deqlab.data.base import (
     BaseDataModule,
     EpochSeededSampler,

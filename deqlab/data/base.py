@@ -5,13 +5,14 @@ they use. Splitting, loader construction (pinning, persistent workers), the miss
 and the guarded download are written once here so they behave identically everywhere, including
 under DDP, where every rank must draw the *same* train/val split without talking to the others.
 """
+
 from __future__ import annotations
 
 import contextlib
 import socket
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Literal, Optional, Sequence, Sized, Tuple, Union, cast
 
 import pytorch_lightning as pl
 import torch
@@ -110,7 +111,9 @@ def split_indices(n: int, lengths: Sequence[int], seed: int) -> list[list[int]]:
     if sum(lengths) != n:
         raise ValueError(f"lengths {list(lengths)} do not sum to n={n}")
     generator = torch.Generator().manual_seed(seed)
-    return [list(s.indices) for s in random_split(range(n), list(lengths), generator=generator)]
+    # random_split only indexes and measures its dataset: a range of the indices serves as one
+    parts = random_split(cast("Dataset[int]", range(n)), list(lengths), generator=generator)
+    return [list(s.indices) for s in parts]
 
 
 class EpochSeededSampler(StatefulDistributedSampler):
@@ -162,16 +165,23 @@ class EpochSeededSampler(StatefulDistributedSampler):
         [[2, 3, 1], [5, 0, 4]]
     """
 
-    def __init__(self, data_source: Dataset, seed: int = 0, *, num_replicas: Optional[int] = None,
-                 rank: Optional[int] = None) -> None:
+    def __init__(
+        self, data_source: Dataset, seed: int = 0, *, num_replicas: Optional[int] = None, rank: Optional[int] = None
+    ) -> None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if num_replicas is None:
             num_replicas = torch.distributed.get_world_size() if distributed else 1
         if rank is None:
             rank = torch.distributed.get_rank() if distributed else 0
-        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True,  # type: ignore[arg-type]
-                         seed=int(seed) * 100_003)
+        super().__init__(
+            data_source,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=True,
+            seed=int(seed) * 100_003,
+        )
         self.data_source = data_source
+        self.next_yielded: Optional[int]  # torchdata's: where the next pass starts (None: at its start)
         self._position_epoch: Optional[int] = None  # epoch of a loaded position (None: any)
 
     def state_dict(self) -> dict:
@@ -259,8 +269,12 @@ class ResumableDataLoader(StatefulDataLoader):
         # a generator: the iterator (and the workers' first indices) is made at the first batch, after set_epoch
         earlier, self._earlier_position = self._earlier_position, None
         sampler = self.sampler
-        if earlier is not None and isinstance(sampler, EpochSeededSampler) and self.batch_size \
-                and earlier.get("epoch") == sampler.epoch:
+        if (
+            earlier is not None
+            and isinstance(sampler, EpochSeededSampler)
+            and self.batch_size
+            and earlier.get("epoch") == sampler.epoch
+        ):
             sampler.skip_next(int(earlier.get("batches") or 0) * self.batch_size)
         yield from super().__iter__()
 
@@ -457,8 +471,12 @@ class BaseDataModule(pl.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: no {what} set; call setup() first (the Trainer does this)")
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-        options = dict(batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=pin,
-                       persistent_workers=self.num_workers > 0)
+        options: Dict[str, Any] = dict(
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.num_workers > 0,
+        )
         if shuffle:  # the training loader: shuffled by (seed, epoch), resumable mid-epoch (see the class docstring)
             replicas, rank = self._replicas()
             sampler = EpochSeededSampler(dataset, self.seed, num_replicas=replicas, rank=rank)
@@ -480,7 +498,7 @@ class BaseDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> Union[DataLoader, list]:
         # An empty list tells Lightning there is no validation (val_fraction=0).
-        if self.val_set is not None and len(self.val_set) == 0:
+        if self.val_set is not None and len(cast(Sized, self.val_set)) == 0:  # map-style: it has a length
             return []
         return self._loader(self.val_set, shuffle=False, what="validation")
 
@@ -594,11 +612,13 @@ class TorchvisionDataModule(BaseDataModule):
         return list(seen)
 
     def _missing_message(self, missing: list[Path]) -> str:
-        listed = ", ".join(str(p.relative_to(self.data_dir)) if p.is_relative_to(self.data_dir) else str(p) for p in missing)
-        return (
-            f"{self.name} data not found: missing under {self.data_dir}: {listed}. {self.layout_hint()} "
-            + ("Pass download=True to fetch it (needs network access), or place the files there."
-               if self.downloadable else "It cannot be downloaded automatically: place the files there.")
+        listed = ", ".join(
+            str(p.relative_to(self.data_dir)) if p.is_relative_to(self.data_dir) else str(p) for p in missing
+        )
+        return f"{self.name} data not found: missing under {self.data_dir}: {listed}. {self.layout_hint()} " + (
+            "Pass download=True to fetch it (needs network access), or place the files there."
+            if self.downloadable
+            else "It cannot be downloaded automatically: place the files there."
         )
 
     def prepare_data(self) -> None:
@@ -638,8 +658,9 @@ class TorchvisionDataModule(BaseDataModule):
         """Build the datasets the stage needs (idempotent: a second call reuses them)."""
         if stage in (None, "fit", "validate") and self.train_set is None:
             full = self._load_checked("train", None)
-            n_train, n_val, _ = split_lengths(len(full), self.val_fraction)
-            train_idx, val_idx = split_indices(len(full), [n_train, n_val], self.seed)
+            n = len(cast(Sized, full))  # map-style: it has a length
+            n_train, n_val, _ = split_lengths(n, self.val_fraction)
+            train_idx, val_idx = split_indices(n, [n_train, n_val], self.seed)
             self.train_set = TransformedSubset(full, train_idx, self.train_transform())
             self.val_set = TransformedSubset(full, val_idx, self.eval_transform())
         if stage in (None, "test", "predict") and self.test_set is None:

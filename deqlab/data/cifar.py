@@ -1,4 +1,5 @@
 """CIFAR-10 (32×32 colour images, 10 classes), the paper's main image benchmark."""
+
 from __future__ import annotations
 
 from pathlib import Path

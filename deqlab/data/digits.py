@@ -3,6 +3,7 @@
 Why this dataset: it ships inside scikit-learn (no download, no files), has 1797 samples and 10
 classes, and trains a small DEQ on a CPU in seconds, so demos, docs and tests always have real data.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -79,7 +80,9 @@ class DigitsDataModule(BaseDataModule):
         x = torch.as_tensor(bunch.data, dtype=torch.float32) / _MAX_PIXEL
         y = torch.as_tensor(bunch.target, dtype=torch.long)
         lengths = split_lengths(len(x), self.val_fraction, self.test_fraction)
-        train_idx, val_idx, test_idx = (torch.tensor(i, dtype=torch.long) for i in split_indices(len(x), lengths, self.seed))
+        train_idx, val_idx, test_idx = (
+            torch.tensor(i, dtype=torch.long) for i in split_indices(len(x), lengths, self.seed)
+        )
         train_x = x[train_idx]
         self.mean = float(train_x.mean())
         self.std = float(train_x.std())

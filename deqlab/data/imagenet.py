@@ -1,4 +1,5 @@
 """ImageNet (ILSVRC-2012) in ImageFolder layout, for the paper's "imagenet small" MDEQ config."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """MNIST (28×28 grey digits), the dataset of the paper's dense and 2-scale conv experiments."""
+
 from __future__ import annotations
 
 import gzip
@@ -68,8 +69,9 @@ class MNISTDataModule(TorchvisionDataModule):
     name = "MNIST"
     num_classes: int = 10
 
-    def __init__(self, data_dir: PathLike = "data", *, flatten: bool = False, normalize: bool = True,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, data_dir: PathLike = "data", *, flatten: bool = False, normalize: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(data_dir, **kwargs)
         self.save_hyperparameters()
         self.flatten = flatten
@@ -114,22 +116,31 @@ def _read_idx(path: Path, ndim: int) -> Tensor:
         data = fh.read()
     magic = int.from_bytes(data[:4], "big")
     if magic != _IDX_MAGIC[ndim]:
-        raise ValueError(f"{path} is not an MNIST IDX file of {ndim} dimension(s): magic number {magic}, expected "
-                         f"{_IDX_MAGIC[ndim]}; re-download it (MNISTDataModule(data_dir, download=True).prepare_data())")
-    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+        raise ValueError(
+            f"{path} is not an MNIST IDX file of {ndim} dimension(s): magic number {magic}, expected "
+            f"{_IDX_MAGIC[ndim]}; re-download it (MNISTDataModule(data_dir, download=True).prepare_data())"
+        )
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     start = 4 + 4 * ndim
     count = 1
     for d in shape:
         count *= d
     if len(data) - start < count:
-        raise ValueError(f"{path} is truncated: its header promises {count} bytes, it holds {len(data) - start}; "
-                         f"re-download it (MNISTDataModule(data_dir, download=True).prepare_data())")
-    return torch.frombuffer(bytearray(data[start:start + count]), dtype=torch.uint8).view(*shape)
+        raise ValueError(
+            f"{path} is truncated: its header promises {count} bytes, it holds {len(data) - start}; "
+            f"re-download it (MNISTDataModule(data_dir, download=True).prepare_data())"
+        )
+    return torch.frombuffer(bytearray(data[start : start + count]), dtype=torch.uint8).view(*shape)
 
 
-def load_mnist_tensors(data_dir: PathLike = "data", split: Literal["train", "test"] = "test", *,
-                       normalize: bool = True, flatten: bool = False, limit: Optional[int] = None
-                       ) -> Tuple[Tensor, Tensor]:
+def load_mnist_tensors(
+    data_dir: PathLike = "data",
+    split: Literal["train", "test"] = "test",
+    *,
+    normalize: bool = True,
+    flatten: bool = False,
+    limit: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
     """One MNIST split as two in-memory tensors, images and labels, read straight from the IDX files.
 
     Why: benchmarks and timing scripts want a fixed batch of real digits, not a ``DataLoader``; reading the
@@ -175,7 +186,8 @@ def load_mnist_tensors(data_dir: PathLike = "data", split: Literal["train", "tes
             raise FileNotFoundError(
                 f"MNIST {split} {kind} not found: neither {stem} nor {stem}.gz exists. Download MNIST with "
                 f"MNISTDataModule({str(data_dir)!r}, download=True).prepare_data(), or pass the folder that "
-                f"holds MNIST/raw")
+                f"holds MNIST/raw"
+            )
         out.append(_read_idx(path, ndim))
     images, labels = out
     if limit is not None:

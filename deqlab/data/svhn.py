@@ -1,4 +1,5 @@
 """SVHN (32×32 colour house-number digits), trained with the same 2-scale MDEQ as CIFAR-10."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ Lightning. The training settings it takes live below it, in the Lightning-free s
 alone never imports Lightning. Nothing here imports the model zoo (``deqlab.zoo``) or the paper networks:
 the arrows run from the models to this package, never back.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -3,10 +3,11 @@
 Why here and not in ``configure_optimizers``: keeping the mapping from names (``"adamw"``,
 ``"cosine"``) to torch objects in one small function makes it testable without a Trainer.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch.optim import Optimizer
@@ -29,10 +30,11 @@ def build_optimizer(
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the module has no trainable parameters; build the network in __init__ before training")
+    pair = cast(Tuple[float, float], tuple(betas))  # a list from a config: DEQTrainingConfig checked its length
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=pair, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=pair, weight_decay=weight_decay)
     if name == "sgd":
         if nesterov and momentum <= 0:
             raise ValueError("nesterov=True needs momentum > 0 (e.g. momentum=0.9)")
@@ -65,7 +67,7 @@ class CosineToTrainingEnd(CosineAnnealingLR):
         super().__init__(optimizer, T_max=None, eta_min=eta_min)  # type: ignore[arg-type]
         self._period = period
 
-    def step(self, epoch: Optional[int] = None) -> None:  # type: ignore[override]
+    def step(self, epoch: Optional[int] = None) -> None:
         if self.T_max is None and self._period is not None:
             self.T_max = _cosine_period(self._period())
         super().step(epoch)
@@ -98,6 +100,8 @@ def build_scheduler(
         return CosineAnnealingLR(optimizer, T_max=_cosine_period(total_steps), eta_min=eta_min)
     if name == "step":
         if not milestones:
-            raise ValueError("scheduler='step' needs step_milestones (optimizer steps at which lr is multiplied by step_gamma)")
+            raise ValueError(
+                "scheduler='step' needs step_milestones (optimizer steps at which lr is multiplied by step_gamma)"
+            )
         return MultiStepLR(optimizer, milestones=sorted(int(m) for m in milestones), gamma=gamma)
     raise ValueError(f"unknown scheduler {name!r}; choose one of 'cosine', 'step', 'none'")

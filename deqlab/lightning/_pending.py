@@ -7,6 +7,7 @@ its training logs back until the batch is judged; the callbacks that run after `
 `PendingStep` on ``pl_module.pending_step`` per training step; that attribute is the whole interface, so a
 callback works unchanged on any ``LightningModule`` (without the attribute it judges loss and gradients only).
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Optional
@@ -40,8 +41,13 @@ class PendingStep:
 
     __slots__ = ("record", "solutions", "stand_in", "_held", "_trained")
 
-    def __init__(self, record: StepRecord, solutions: List[DeepEquilibriumSolution], stand_in: bool = False,
-                 awaits_verdict: bool = False) -> None:
+    def __init__(
+        self,
+        record: StepRecord,
+        solutions: List[DeepEquilibriumSolution],
+        stand_in: bool = False,
+        awaits_verdict: bool = False,
+    ) -> None:
         self.record = record
         self.solutions = solutions
         self.stand_in = stand_in

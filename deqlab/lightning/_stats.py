@@ -4,6 +4,7 @@ per-step record the module hands to callbacks.
 Why a separate step: a network may hold several DEQ layers (or none during an ablation); the module
 composes the loss and logs from this one summary whatever the architecture.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -303,19 +304,39 @@ class StepRecord:
         {'converged': 1}
     """
 
-    __slots__ = ("stage", "batch_idx", "nfe", "backward_nfe", "abs_residual_mean", "forward_time", "status_counts",
-                 "unconverged_fraction", "backward_unconverged_fraction", "skipped")
+    __slots__ = (
+        "stage",
+        "batch_idx",
+        "nfe",
+        "backward_nfe",
+        "abs_residual_mean",
+        "forward_time",
+        "status_counts",
+        "unconverged_fraction",
+        "backward_unconverged_fraction",
+        "skipped",
+    )
 
-    def __init__(self, stage: str, batch_idx: int, nfe: float, abs_residual_mean: Optional[float] = None,
-                 forward_time: Optional[float] = None, status_counts: Optional[Dict[str, int]] = None,
-                 unconverged_fraction: Optional[float] = None, *, residual_mean: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        stage: str,
+        batch_idx: int,
+        nfe: float,
+        abs_residual_mean: Optional[float] = None,
+        forward_time: Optional[float] = None,
+        status_counts: Optional[Dict[str, int]] = None,
+        unconverged_fraction: Optional[float] = None,
+        *,
+        residual_mean: Optional[float] = None,
+    ) -> None:
         from deqlab._compat import renamed
 
         self.stage = stage
         self.batch_idx = batch_idx
         self.nfe = nfe
-        self.abs_residual_mean = renamed("StepRecord", "abs_residual_mean", abs_residual_mean, "residual_mean",
-                                         residual_mean)
+        self.abs_residual_mean = renamed(
+            "StepRecord", "abs_residual_mean", abs_residual_mean, "residual_mean", residual_mean
+        )
         status_counts = {} if status_counts is None else status_counts
         self.forward_time = forward_time
         self.status_counts = dict(status_counts)

@@ -4,6 +4,7 @@ Why callbacks: these are side effects (figures, histograms) that cost extra forw
 keeping them out of the module lets a user switch them off (``log_figures=False``) and keeps them on
 rank zero only under DDP.
 """
+
 from __future__ import annotations
 
 import logging
@@ -91,7 +92,9 @@ class NFEHistogram(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train = []
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         nfe = self._nfe(outputs)
         if nfe is not None:
             self._train.append(nfe)
@@ -103,7 +106,13 @@ class NFEHistogram(pl.Callback):
         self._val = []
 
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         nfe = self._nfe(outputs)
         if nfe is not None:
@@ -169,7 +178,7 @@ class ConvergenceFigure(pl.Callback):
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.fixed_point_image = fixed_point_image
-        self._batch: Optional[Any] = None
+        self._batch: Optional[Tensor] = None
         self._warned = False
 
     def on_validation_batch_start(
@@ -190,14 +199,15 @@ class ConvergenceFigure(pl.Callback):
     @rank_zero_only
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         writers = tensorboard_writers(trainer)
-        if not writers:
+        if not writers or self._batch is None:
             return
         was_training = pl_module.training
         pl_module.eval()
         try:
             with torch.no_grad():  # the forward contract checked as in the steps
-                _, solutions = split_forward_output(pl_module(self._batch.to(pl_module.device)),
-                                                    owner=type(pl_module).__name__)
+                _, solutions = split_forward_output(
+                    pl_module(self._batch.to(pl_module.device)), owner=type(pl_module).__name__
+                )
         finally:
             pl_module.train(was_training)
         if not solutions:
@@ -209,9 +219,11 @@ class ConvergenceFigure(pl.Callback):
         if trace is not None:
             termination = _termination_of(pl_module)
             fig = convergence_figure(
-                trace, title=f"epoch {trainer.current_epoch}: NFE {first.nfe}, {SolverStatus(first.status).value}",
+                trace,
+                title=f"epoch {trainer.current_epoch}: NFE {first.nfe}, {SolverStatus(first.status).value}",
                 tol=None if termination is None else termination.tol,
-                objective="termination objective" if termination is None else termination.objective_name)
+                objective="termination objective" if termination is None else termination.objective_name,
+            )
             for w in writers:
                 w.add_figure("solver/convergence", fig, global_step=step, close=False)
             plt.close(fig)
@@ -244,8 +256,9 @@ def _plt() -> Any:
     return plt
 
 
-def convergence_figure(trace: Tensor, title: str = "", tol: Optional[float] = None,
-                       objective: str = "termination objective") -> Any:
+def convergence_figure(
+    trace: Tensor, title: str = "", tol: Optional[float] = None, objective: str = "termination objective"
+) -> Any:
     """A log-scale plot of the ``(steps + 1, B)`` per-sample objective, one thin line per sample, the median
     bold, and the tolerance the objective must reach as a dashed line.
 

@@ -15,6 +15,7 @@ Two jobs, both invisible until something goes wrong:
 The Trainer uses both through the callbacks of `deqlab.lightning.resume` (`CheckpointIntegrity`,
 `ExactResume`), which `DEQLightningModule` attaches.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,13 @@ from typing import Any, Dict, Iterator, Union
 import numpy as np
 import torch
 
-__all__ = ["CheckpointDamagedError", "check_checkpoint_file", "damage_reported_by_name", "restore_rng_state",
-           "rng_state"]
+__all__ = [
+    "CheckpointDamagedError",
+    "check_checkpoint_file",
+    "damage_reported_by_name",
+    "restore_rng_state",
+    "rng_state",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -105,11 +111,17 @@ def check_checkpoint_file(path: PathLike) -> None:
     if head[:1] == b"\x80":  # a pickle: torch's legacy (pre-1.6) format, if it starts with torch's magic number
         if _LEGACY_MAGIC in head:
             return
-        raise _damaged(p, f"it starts like a pickle but not like a torch checkpoint ({size} bytes, no torch magic "
-                          "number): overwritten or not written by torch.save")
+        raise _damaged(
+            p,
+            f"it starts like a pickle but not like a torch checkpoint ({size} bytes, no torch magic "
+            "number): overwritten or not written by torch.save",
+        )
     if not zipfile.is_zipfile(p):
-        raise _damaged(p, f"it is not a torch checkpoint archive ({size} bytes, no readable zip directory: "
-                          "truncated or not written by torch.save)")
+        raise _damaged(
+            p,
+            f"it is not a torch checkpoint archive ({size} bytes, no readable zip directory: "
+            "truncated or not written by torch.save)",
+        )
     try:
         with zipfile.ZipFile(p) as archive:
             bad = archive.testzip()
@@ -119,8 +131,11 @@ def check_checkpoint_file(path: PathLike) -> None:
     if bad is not None:
         raise _damaged(p, f"the archive member {bad!r} fails its CRC check")
     if not any(name.endswith("/data.pkl") for name in names):
-        raise _damaged(p, f"it is a zip archive without torch's data.pkl ({len(names)} member(s), e.g. "
-                          f"{names[:3]}): not written by torch.save")
+        raise _damaged(
+            p,
+            f"it is a zip archive without torch's data.pkl ({len(names)} member(s), e.g. "
+            f"{names[:3]}): not written by torch.save",
+        )
 
 
 def _is_load_damage(err: BaseException) -> bool:
@@ -201,8 +216,13 @@ def rng_state() -> Dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: Dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -230,8 +250,9 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     """
     torch.set_rng_state(state["torch"].cpu())
     npst = state["numpy"]
-    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
-                         npst["cached_gaussian"]))
+    np.random.set_state(
+        (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():

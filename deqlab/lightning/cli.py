@@ -10,6 +10,7 @@ This module imports no model: a full class path imports its module. The ``deqlab
 (`deqlab.cli.main`, one layer above) additionally imports the zoo and the data modules so that short
 class names (``class_path: DigitsDEQ``) resolve; nothing here imports it back.
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
@@ -61,7 +62,9 @@ class DEQLightningCLI(LightningCLI):
         trainer_defaults.setdefault(
             "logger", lazy_instance(TensorBoardLogger, save_dir=DEFAULT_LOG_DIR, name="deqlab", default_hp_metric=False)
         )
-        super().__init__(DEQLightningModule, pl.LightningDataModule, trainer_defaults=trainer_defaults, args=args, **kwargs)
+        super().__init__(
+            DEQLightningModule, pl.LightningDataModule, trainer_defaults=trainer_defaults, args=args, **kwargs
+        )
 
     def instantiate_classes(self) -> None:
         """Build the configured objects; a value a constructor rejects ends the run with one line naming the
@@ -138,7 +141,7 @@ def _class_path_entries(config: Any) -> List[Tuple[str, type]]:
         return found if isinstance(found, type) else None
 
     def visit(node: Any, path: str) -> None:
-        for key, value in (node.items() if hasattr(node, "items") else []):
+        for key, value in node.items() if hasattr(node, "items") else []:
             sub = f"{path}.{key}" if path else str(key)
             if hasattr(value, "items"):
                 cls = resolve(value.get("class_path"))

@@ -13,15 +13,17 @@ public ``save_hyperparameters``. No frame is read here, nothing of Lightning's i
 The tab: `HParamsTab` writes the hyperparameters with placeholder ``hp/`` metrics to every TensorBoard
 logger when fitting starts, and the validation accuracy as ``hp/val_accuracy`` after each validation.
 """
+
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, cast
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
+from torchmetrics import Metric
 
 from deqlab.spec.training import DEQTrainingConfig
 
@@ -173,6 +175,6 @@ class HParamsTab(pl.Callback):
         metrics = getattr(pl_module, "metrics", None)
         if trainer.sanity_checking or not isinstance(metrics, nn.ModuleDict) or "val_accuracy" not in metrics:
             return
-        acc = metrics["val_accuracy"]
+        acc = cast(Metric, metrics["val_accuracy"])  # DEQLightningModule's accuracy metric
         if acc.update_count > 0:
             pl_module.log("hp/val_accuracy", acc.compute(), on_step=False, on_epoch=True)

@@ -3,6 +3,7 @@
 Why a module of its own: the pretraining schedule, the Jacobian-setting check and a researcher's script all
 drive the same layers, found the same way.
 """
+
 from __future__ import annotations
 
 from typing import List

@@ -3,30 +3,50 @@
 Why checked here: a term under a name the module logs itself would overwrite that scalar, a non-scalar
 term would break DDP's batch-mean contract, and a weight whose term never comes would drop it silently.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor
 
-from deqlab.nn.trajectory import fixed_point_correction_loss
+from deqlab.nn.trajectory import CorrectionWeight, fixed_point_correction_loss
+from deqlab.state import State
 
 __all__ = ["RESERVED_LOSS_NAMES", "checked_extra_terms", "correction_task_loss"]
 
 #: Names under ``train/`` etc. that the module logs itself; ``extra_losses`` may not reuse them.
-RESERVED_LOSS_NAMES = frozenset({
-    "loss", "task_loss", "skip_loss", "jacobian_loss", "accuracy", "batch_accuracy", "top5_accuracy",
-    "explicit_accuracy", "explicit_time", "loss_epoch", "pretraining", "skipped_batches",
-})
+RESERVED_LOSS_NAMES = frozenset(
+    {
+        "loss",
+        "task_loss",
+        "skip_loss",
+        "jacobian_loss",
+        "accuracy",
+        "batch_accuracy",
+        "top5_accuracy",
+        "explicit_accuracy",
+        "explicit_time",
+        "loss_epoch",
+        "pretraining",
+        "skipped_batches",
+    }
+)
 #: the per-state parts of the fixed-point correction loss are logged as ``{stage}/state_loss_{i}``
 STATE_LOSS_PREFIX = "state_loss_"
 
 
-def correction_task_loss(owner: str, task_loss: Callable[[Tensor, Tensor], Tensor],
-                         state_output: Callable[[Any], Tensor], output: Tensor, solutions: Sequence[Any],
-                         target: Tensor, weight: str = "exp", gamma: float = 0.8
-                         ) -> Tuple[Tensor, Optional[List[Tensor]]]:
+def correction_task_loss(
+    owner: str,
+    task_loss: Callable[[Tensor, Tensor], Tensor],
+    state_output: Callable[[Any], Tensor],
+    output: Tensor,
+    solutions: Sequence[Any],
+    target: Tensor,
+    weight: str = "exp",
+    gamma: float = 0.8,
+) -> Tuple[Tensor, Optional[List[Tensor]]]:
     """The task term of a step: ``task_loss(output, target)``, or, when a DEQ layer of the step samples
     states (``sample_states`` / ``sample_at``), DEQ-Flow's fixed-point correction loss over the outputs
     decoded from them.
@@ -68,15 +88,20 @@ def correction_task_loss(owner: str, task_loss: Callable[[Tensor, Tensor], Tenso
     if not sampled:
         return task_loss(output, target), None
     if len(sampled) > 1:
-        raise ValueError(f"{owner}: {len(sampled)} DEQ layers sample states; the fixed-point correction loss "
-                         f"corrects one trajectory. Sample in one layer, or add the others' terms in extra_losses")
+        raise ValueError(
+            f"{owner}: {len(sampled)} DEQ layers sample states; the fixed-point correction loss "
+            f"corrects one trajectory. Sample in one layer, or add the others' terms in extra_losses"
+        )
     states = sampled[0].states
     outputs = [state_output(s) for s in states[:-1]] + [output]
-    return fixed_point_correction_loss(task_loss, outputs, target, weight, gamma, return_parts=True)
+    criterion = cast(Callable[[State, Tensor], Tensor], task_loss)  # it sees the decoded outputs: tensors
+    kind = cast(CorrectionWeight, weight)  # checked by correction_weights
+    return fixed_point_correction_loss(criterion, outputs, target, kind, gamma, return_parts=True)
 
 
-def checked_extra_terms(owner: str, terms: Any, weights: Mapping[str, float],
-                        stage: str) -> Dict[str, Tuple[Tensor, float]]:
+def checked_extra_terms(
+    owner: str, terms: Any, weights: Mapping[str, float], stage: str
+) -> Dict[str, Tuple[Tensor, float]]:
     """``{name: (scalar term, weight)}`` from what ``owner.extra_losses`` returned in a ``stage`` step.
 
     Args:
@@ -107,11 +132,15 @@ def checked_extra_terms(owner: str, terms: Any, weights: Mapping[str, float],
         if name in RESERVED_LOSS_NAMES or "/" in str(name) or str(name).startswith(STATE_LOSS_PREFIX):
             raise ValueError(f"extra_losses: the name {name!r} is reserved or contains '/'; pick another")
         if not (torch.is_tensor(value) and value.numel() == 1):
-            raise TypeError(f"extra_losses: term {name!r} must be a scalar tensor (a batch mean), got "
-                            f"{type(value).__name__}{tuple(value.shape) if torch.is_tensor(value) else ''}")
+            raise TypeError(
+                f"extra_losses: term {name!r} must be a scalar tensor (a batch mean), got "
+                f"{type(value).__name__}{tuple(value.shape) if torch.is_tensor(value) else ''}"
+            )
         out[str(name)] = (value.reshape(()), float(weights.get(name, 1.0)))
     orphans = sorted(set(weights) - set(out)) if stage == "train" else []
     if orphans:
-        raise ValueError(f"extra_loss_weights names {', '.join(map(repr, orphans))} but {owner}.extra_losses "
-                         f"returned {sorted(out) or 'no terms'} in this training step; fix the name or drop the weight")
+        raise ValueError(
+            f"extra_loss_weights names {', '.join(map(repr, orphans))} but {owner}.extra_losses "
+            f"returned {sorted(out) or 'no terms'} in this training step; fix the name or drop the weight"
+        )
     return out

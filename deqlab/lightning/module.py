@@ -15,10 +15,11 @@ tab, checkpoint integrity, exact resume and the figures. The step talks to them 
 Scalar names are grouped for TensorBoard: ``train/``, ``val/``, ``test/`` (loss, accuracy),
 ``solver/`` (NFE, residuals, convergence), ``time/`` (wall time), ``hp/`` (HParams-tab metrics).
 """
+
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, cast
 
 import pytorch_lightning as pl
 import torch
@@ -37,7 +38,7 @@ from deqlab.lightning.nonfinite import NonFiniteGuard
 from deqlab.lightning.policies import deqlab_callbacks, missing_callbacks, warn_if_detached
 from deqlab.lightning.solver_stats import log_solver_summary
 from deqlab.lightning.timing import PhaseTimer
-from deqlab.nn.solution import DeepEquilibriumSolution
+from deqlab.nn import DeepEquilibriumSolution, DEQLayer
 from deqlab.spec.training import DEQTrainingConfig, TrainingArg
 
 __all__ = ["DEQLightningModule", "RESERVED_LOSS_NAMES", "find_deq_layers"]
@@ -189,9 +190,11 @@ class DEQLightningModule(pl.LightningModule):
     def state_output(self, state: Any) -> Tensor:
         """The output decoded from one sampled state (the head applied to it), for the fixed-point correction
         loss of a layer built with ``sample_states`` / ``sample_at``. No default: the head is the model's."""
-        raise NotImplementedError(f"{type(self).__name__}: a DEQ layer samples states (sample_states / sample_at), so "
-                                  "the task loss is the fixed-point correction loss; implement state_output(state) "
-                                  "-> output (e.g. return self.head(state))")
+        raise NotImplementedError(
+            f"{type(self).__name__}: a DEQ layer samples states (sample_states / sample_at), so "
+            "the task loss is the fixed-point correction loss; implement state_output(state) "
+            "-> output (e.g. return self.head(state))"
+        )
 
     def unpack_batch(self, batch: Any) -> Tuple[Tensor, Tensor]:
         """``(inputs, targets)`` from a batch; override for dict batches."""
@@ -217,7 +220,7 @@ class DEQLightningModule(pl.LightningModule):
                 f"{type(self).__name__} has no DEQ layer (no submodule implementing deqlab.nn.DEQLayer: fixed_depth, "
                 f"fixed_depth_mode and jacobian_regularization) to run {depth} unrolled steps; set pretrain_steps=0"
             )
-        for layer in layers:
+        for layer in cast(List[DEQLayer], layers):  # what find_deq_layers finds
             layer.fixed_depth = int(depth)
 
     def is_pretraining(self, step: Optional[int] = None) -> bool:
@@ -243,27 +246,44 @@ class DEQLightningModule(pl.LightningModule):
         forward_time = self._timer.stop(timer_key, self.device)
         summary = summarize(solutions, output)
 
-        task, parts = correction_task_loss(type(self).__name__, self.task_loss, self.state_output, output, solutions, y,
-                                           self.correction_weight, self.correction_gamma)
-        loss = (task + cfg.weight("skip_loss_weight") * summary.skip_loss
-                + cfg.weight("jacobian_loss_weight") * summary.jacobian_loss)
-        extras = checked_extra_terms(type(self).__name__, self.extra_losses(batch, output, solutions, stage),
-                                     cfg.extra_loss_weights, stage)
+        task, parts = correction_task_loss(
+            type(self).__name__,
+            self.task_loss,
+            self.state_output,
+            output,
+            solutions,
+            y,
+            self.correction_weight,
+            self.correction_gamma,
+        )
+        loss = (
+            task
+            + cfg.weight("skip_loss_weight") * summary.skip_loss
+            + cfg.weight("jacobian_loss_weight") * summary.jacobian_loss
+        )
+        extras = checked_extra_terms(
+            type(self).__name__, self.extra_losses(batch, output, solutions, stage), cfg.extra_loss_weights, stage
+        )
         for value, weight in extras.values():
             loss = loss + weight * value
         unconverged = summary.unconverged_fraction
-        record = StepRecord(stage, batch_idx, nfe=summary.nfe, forward_time=forward_time,
-                            abs_residual_mean=None if summary.abs_residual_mean is None
-                            else float(summary.abs_residual_mean),
-                            status_counts=summary.status_counts,
-                            unconverged_fraction=None if unconverged is None else float(unconverged))
+        record = StepRecord(
+            stage,
+            batch_idx,
+            nfe=summary.nfe,
+            forward_time=forward_time,
+            abs_residual_mean=None if summary.abs_residual_mean is None else float(summary.abs_residual_mean),
+            status_counts=summary.status_counts,
+            unconverged_fraction=None if unconverged is None else float(unconverged),
+        )
 
         log: Callable[..., None] = self.log
         step: Optional[PendingStep] = None
         if stage == "train":
             # training losses and accuracy wait until the guard judged the batch (a skipped one logs none of them)
-            step = self.pending_step = PendingStep(record, solutions, stand_in=x_used is not x,
-                                                   awaits_verdict=guard is not None)
+            step = self.pending_step = PendingStep(
+                record, solutions, stand_in=x_used is not x, awaits_verdict=guard is not None
+            )
             log = partial(_log_when_trained, step, self.log)
         kw = self._log_kwargs(stage, batch_size)
         log(f"{stage}/loss", loss.detach(), prog_bar=True, **kw)
@@ -307,13 +327,17 @@ class DEQLightningModule(pl.LightningModule):
         if f"{stage}_accuracy" not in self.metrics or output.dim() != 2:
             return
         preds = output.detach()
-        acc = self.metrics[f"{stage}_accuracy"]
+        acc = cast(MulticlassAccuracy, self.metrics[f"{stage}_accuracy"])  # _accuracy_metrics' (as below)
         batch_acc = acc(preds, y)
-        self.log(f"{stage}/accuracy", acc, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size)
+        self.log(
+            f"{stage}/accuracy", acc, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size
+        )
         if stage == "train":
-            self.log("train/batch_accuracy", batch_acc, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+            self.log(
+                "train/batch_accuracy", batch_acc, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size
+            )
         if f"{stage}_top5_accuracy" in self.metrics:
-            top5 = self.metrics[f"{stage}_top5_accuracy"]
+            top5 = cast(MulticlassAccuracy, self.metrics[f"{stage}_top5_accuracy"])
             top5(preds, y)
             self.log(f"{stage}/top5_accuracy", top5, on_step=False, on_epoch=True, batch_size=batch_size)
 
@@ -325,11 +349,13 @@ class DEQLightningModule(pl.LightningModule):
             return
         key = f"{stage}_explicit_accuracy"
         if key in self.metrics and out.dim() == 2:
-            metric = self.metrics[key]
+            metric = cast(MulticlassAccuracy, self.metrics[key])
             metric(out.detach(), y)
             self.log(f"{stage}/explicit_accuracy", metric, on_step=False, on_epoch=True, batch_size=batch_size)
         if self.deq_config.log_timing and elapsed is not None:
-            self.log(f"{stage}/explicit_time", elapsed, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+            self.log(
+                f"{stage}/explicit_time", elapsed, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
+            )
 
     def training_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
         """``{"loss": loss, "deq": StepRecord}``; callbacks read ``outputs["deq"]``."""
@@ -387,7 +413,7 @@ class DEQLightningModule(pl.LightningModule):
             )
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         """Lightning's ``load_from_checkpoint``, after `check_checkpoint_file` on the file, with a failed read
         reported by name (`damage_reported_by_name`)."""
         check_checkpoint_file(checkpoint_path)
@@ -396,16 +422,29 @@ class DEQLightningModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.deq_config
-        optimizer = build_optimizer(self.parameters(), cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, nesterov=cfg.nesterov, betas=cfg.betas)
+        optimizer = build_optimizer(
+            self.parameters(),
+            cfg.optimizer,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            betas=cfg.betas,
+        )
         total: Any = cfg.scheduler_steps
         trainer = self._attached_trainer()
         if cfg.scheduler == "cosine" and total is None and trainer is not None:
             # asked at the first step, not now: asking now sets the data up before a checkpoint's loader
             # positions are restored, and Lightning then drops them (see CosineToTrainingEnd)
             total = lambda: trainer.estimated_stepping_batches  # noqa: E731
-        scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps=total, eta_min=cfg.eta_min,
-                                    milestones=cfg.step_milestones, gamma=cfg.step_gamma)
+        scheduler = build_scheduler(
+            optimizer,
+            cfg.scheduler,
+            total_steps=total,
+            eta_min=cfg.eta_min,
+            milestones=cfg.step_milestones,
+            gamma=cfg.step_gamma,
+        )
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

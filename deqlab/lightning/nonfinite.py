@@ -8,6 +8,7 @@ run whatever the module overrides, and the policy works for any ``LightningModul
 batch, the loss and the gradients; a `DEQLightningModule` adds its solves (``pl_module.pending_step``, see
 `deqlab.lightning._pending`) and runs its forward on a finite stand-in of a non-finite input (`stand_in`).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -143,7 +144,8 @@ class NonFiniteGuard(pl.Callback):
     @classmethod
     def of(cls, trainer: Optional["pl.Trainer"]) -> Optional["NonFiniteGuard"]:
         """The guard among ``trainer``'s callbacks (``None`` without a trainer or a guard)."""
-        callbacks = trainer.callbacks if trainer is not None else []
+        # Trainer.callbacks is set by Lightning's callback connector, not declared on the class
+        callbacks = trainer.callbacks if trainer is not None else []  # type: ignore[attr-defined]
         return next((c for c in callbacks if isinstance(c, cls)), None)
 
     # ---- the step's side: a finite stand-in for a non-finite input
@@ -199,8 +201,9 @@ class NonFiniteGuard(pl.Callback):
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: Any, optimizer: Any) -> None:
         self._close_window(pl_module)
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._loss, self._snapshot, self._bad_samples = None, [], []
 
     # ---- the judgement
@@ -216,8 +219,10 @@ class NonFiniteGuard(pl.Callback):
             reasons.append("another DDP rank's batch was non-finite (all ranks skip together)")
         counts = step.record.status_counts if step is not None else {}
         status = ", ".join(f"{k}={v}" for k, v in counts.items() if v) or "no DEQ solve"
-        message = (f"non-finite training batch {self._batch_idx} (epoch {trainer.current_epoch}, global step "
-                   f"{trainer.global_step}): {'; '.join(reasons)}; solver status: {status}; {self._source(step)}")
+        message = (
+            f"non-finite training batch {self._batch_idx} (epoch {trainer.current_epoch}, global step "
+            f"{trainer.global_step}): {'; '.join(reasons)}; solver status: {status}; {self._source(step)}"
+        )
         if self.on_nonfinite == "raise":
             raise NonFiniteBatchError(f"{message}. (on_nonfinite='skip' drops such batches and trains on.)")
         # None: the optimizer leaves the weights alone. Under a loss scaler zeros instead, until the window's
@@ -267,8 +272,10 @@ class NonFiniteGuard(pl.Callback):
         if self._bad_samples:
             idx = self._bad_samples
             copy = " (the model ran on a zero-filled copy whose update is dropped)" if self._stand_in else ""
-            return (f"source: the input batch itself has NaN/Inf in {len(idx)} sample(s) (indices {idx[:8]}): the "
-                    f"data, not the model, produced them{copy}")
+            return (
+                f"source: the input batch itself has NaN/Inf in {len(idx)} sample(s) (indices {idx[:8]}): the "
+                f"data, not the model, produced them{copy}"
+            )
         solutions = step.solutions if step is not None else []
         for i, sol in enumerate(solutions):
             if sol.u0 is not None and not _finite(sol.u0):
@@ -297,11 +304,17 @@ class NonFiniteGuard(pl.Callback):
         self._warned = True
         window = ""
         if start is not None and start != self._batch_idx:
-            window = (f" With gradient accumulation the optimizer step of batches {start}-{self._batch_idx} is "
-                      f"dropped as a whole; its non-finite batches: {', '.join(bad)}.")
-        warnings.warn(f"deqlab: skipped the update of {message}.{window} Weights are unchanged; further skipped "
-                      "batches are counted in train/skipped_batches without another warning (on_nonfinite='raise' "
-                      "stops instead).", NonFiniteBatchWarning, stacklevel=2)
+            window = (
+                f" With gradient accumulation the optimizer step of batches {start}-{self._batch_idx} is "
+                f"dropped as a whole; its non-finite batches: {', '.join(bad)}."
+            )
+        warnings.warn(
+            f"deqlab: skipped the update of {message}.{window} Weights are unchanged; further skipped "
+            "batches are counted in train/skipped_batches without another warning (on_nonfinite='raise' "
+            "stops instead).",
+            NonFiniteBatchWarning,
+            stacklevel=2,
+        )
 
     # ---- buffers (BatchNorm running statistics): the forward updates them before the batch is judged
     def _snapshot_buffers(self, pl_module: nn.Module) -> None:
@@ -309,8 +322,9 @@ class NonFiniteGuard(pl.Callback):
         walk costs more than the copies); a model without buffers copies nothing."""
         if self._owners is None:
             self._owners = [(m, n) for m in pl_module.modules() for n, _ in m.named_buffers(recurse=False)]
-        self._snapshot = [(m, n, getattr(m, n).detach().clone()) for m, n in self._owners
-                          if torch.is_tensor(getattr(m, n, None))]
+        self._snapshot = [
+            (m, n, getattr(m, n).detach().clone()) for m, n in self._owners if torch.is_tensor(getattr(m, n, None))
+        ]
 
     def _restore_buffers(self) -> None:
         with torch.no_grad():

@@ -7,6 +7,7 @@ silently gone. The module returns them from ``configure_callbacks``; the one way
 ``configure_callbacks`` override that does not return ``super().configure_callbacks()``, which
 `warn_if_detached` reports.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -62,8 +63,11 @@ def deqlab_callbacks(cfg: DEQTrainingConfig) -> List[pl.Callback]:
         ['PhaseTiming', 'PretrainingSchedule', 'NonFiniteGuard', 'BackwardStats', 'HParamsTab', 'CheckpointIntegrity', 'ExactResume']
     """
     ours: List[pl.Callback] = [PhaseTiming()] if cfg.log_timing else []  # first: the phases end before the judging
-    ours += [PretrainingSchedule(cfg.pretrain_steps, cfg.pretrain_depth), NonFiniteGuard(cfg.on_nonfinite),
-             BackwardStats(log_scalars=cfg.log_solver_stats)]
+    ours += [
+        PretrainingSchedule(cfg.pretrain_steps, cfg.pretrain_depth),
+        NonFiniteGuard(cfg.on_nonfinite),
+        BackwardStats(log_scalars=cfg.log_solver_stats),
+    ]
     if cfg.log_hparams_metrics:
         ours.append(HParamsTab())
     ours += [CheckpointIntegrity(), ExactResume()]
@@ -91,7 +95,8 @@ def missing_callbacks(trainer: Optional["pl.Trainer"], callbacks: Sequence[pl.Ca
         >>> [type(c).__name__ for c in missing_callbacks(trainer, [ExactResume(), NonFiniteGuard()])]
         ['NonFiniteGuard']
     """
-    existing = list(trainer.callbacks) if trainer is not None else []
+    # Trainer.callbacks is set by Lightning's callback connector, not declared on the class
+    existing = list(trainer.callbacks) if trainer is not None else []  # type: ignore[attr-defined]
     return [cb for cb in callbacks if not any(isinstance(c, type(cb)) for c in existing)]
 
 
@@ -128,4 +133,7 @@ def warn_if_detached(owner: str, trainer: "pl.Trainer", cfg: DEQTrainingConfig) 
         "deqlab's entry (RNG states, loader position), so a run resumed from them differs from an uninterrupted "
         "one. Return [*super().configure_callbacks(), ...], or pass the missing callbacks to the Trainer "
         "(deqlab.lightning.policies.deqlab_callbacks(model.deq_config) builds them); switch the optional ones off "
-        "with log_timing, log_hparams_metrics or log_figures=False.", PolicyWarning, stacklevel=3)
+        "with log_timing, log_hparams_metrics or log_figures=False.",
+        PolicyWarning,
+        stacklevel=3,
+    )

@@ -6,16 +6,18 @@ Why a callback and not hooks of `DEQLightningModule`: a subclass that overrode `
 depth, or validating with the unrolled layers). Callback hooks run whatever the module overrides, and the
 schedule works for any ``LightningModule`` whose network has DEQ layers (`find_deq_layers`).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Optional
+from typing import Any, List, Optional, cast
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
 from deqlab.lightning.layers import find_deq_layers
+from deqlab.nn.protocols import DEQLayer
 
 __all__ = ["PretrainingSchedule"]
 
@@ -75,12 +77,13 @@ class PretrainingSchedule(pl.Callback):
             return
         depth = self.depth_at(trainer.global_step)
         if depth != self._applied:
-            layers = find_deq_layers(pl_module)
+            layers = cast(List[DEQLayer], find_deq_layers(pl_module))  # they implement the protocol
             if depth and not layers:
                 raise RuntimeError(
                     f"pretrain_steps={self.steps} but {type(pl_module).__name__} has no DEQ layer (no submodule "
                     "implementing deqlab.nn.DEQLayer: fixed_depth, fixed_depth_mode and jacobian_regularization); "
-                    "set pretrain_steps=0")
+                    "set pretrain_steps=0"
+                )
             for layer in layers:
                 layer.fixed_depth = depth
             if depth:
@@ -94,7 +97,7 @@ class PretrainingSchedule(pl.Callback):
     def _solver_mode(self, pl_module: Any) -> None:
         self._restore()
         stack = contextlib.ExitStack()
-        for layer in find_deq_layers(pl_module):
+        for layer in cast(List[DEQLayer], find_deq_layers(pl_module)):
             stack.enter_context(layer.fixed_depth_mode(0))
         self._eval = stack
 

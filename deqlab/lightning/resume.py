@@ -17,10 +17,11 @@ the module overrides; the module returns both from ``configure_callbacks``, and 
   ``num_workers=0`` and a ``RandomSampler``, ``SequentialSampler`` or ``DistributedSampler`` is positioned
   by this callback; any other loader gets a `ResumeWarning` at resume naming it and what to use instead.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 import pytorch_lightning as pl
 import torch
@@ -45,9 +46,12 @@ def _replayable(sampler: Any) -> bool:
 
     return type(sampler) in _REPLAYABLE_SAMPLERS or type(sampler) is EpochSeededSampler
 
-_INSTEAD = ("use torchdata's StatefulDataLoader (from torchdata.stateful_dataloader import StatefulDataLoader; "
-            "the same arguments as DataLoader), which Lightning checkpoints itself, or a DataLoader with "
-            "num_workers=0 and shuffle=True/False")
+
+_INSTEAD = (
+    "use torchdata's StatefulDataLoader (from torchdata.stateful_dataloader import StatefulDataLoader; "
+    "the same arguments as DataLoader), which Lightning checkpoints itself, or a DataLoader with "
+    "num_workers=0 and shuffle=True/False"
+)
 
 
 class ResumeWarning(UserWarning):
@@ -128,11 +132,16 @@ class CheckpointIntegrity(pl.Callback):
 # ---------------------------------------------------------------------------------------------- loaders
 def _describe(loader: Any) -> str:
     if isinstance(loader, DataLoader):
-        sampler = getattr(loader.batch_sampler, "sampler", loader.sampler) if loader.batch_sampler is not None \
+        sampler = (
+            getattr(loader.batch_sampler, "sampler", loader.sampler)
+            if loader.batch_sampler is not None
             else loader.sampler
-        return (f"{type(loader).__name__}(dataset={type(loader.dataset).__name__}, batch_sampler="
-                f"{type(loader.batch_sampler).__name__}, sampler={type(sampler).__name__}, "
-                f"num_workers={loader.num_workers})")
+        )
+        return (
+            f"{type(loader).__name__}(dataset={type(loader.dataset).__name__}, batch_sampler="
+            f"{type(loader.batch_sampler).__name__}, sampler={type(sampler).__name__}, "
+            f"num_workers={loader.num_workers})"
+        )
     return type(loader).__name__
 
 
@@ -160,18 +169,35 @@ def _classify(loaders: Any) -> Tuple[str, Optional[DataLoader], str]:
     if batch_sampler is None or type(batch_sampler) is not BatchSampler:
         return "unsupported", dl, f"its batch sampler {type(batch_sampler).__name__} is not torch's BatchSampler"
     if not _replayable(batch_sampler.sampler):
-        return "unsupported", dl, (f"its sampler {type(batch_sampler.sampler).__name__} is none of RandomSampler, "
-                                   "SequentialSampler, DistributedSampler, whose order deqlab can replay")
+        return (
+            "unsupported",
+            dl,
+            (
+                f"its sampler {type(batch_sampler.sampler).__name__} is none of RandomSampler, "
+                "SequentialSampler, DistributedSampler, whose order deqlab can replay"
+            ),
+        )
     if dl.num_workers > 0:
-        return "unsupported", dl, (f"num_workers={dl.num_workers}: its workers take indices from the sampler when "
-                                   "Lightning creates the loader's iterator, before deqlab can set its position")
+        return (
+            "unsupported",
+            dl,
+            (
+                f"num_workers={dl.num_workers}: its workers take indices from the sampler when "
+                "Lightning creates the loader's iterator, before deqlab can set its position"
+            ),
+        )
     return "plain", dl, ""
 
 
 def _generators(dl: DataLoader) -> List[Optional[torch.Generator]]:
     """The loader's own generator and its sampler's (``None`` where absent; the same object may appear twice)."""
-    sampler = dl.batch_sampler.sampler if dl.batch_sampler is not None else dl.sampler
+    sampler = _batch_sampler(dl).sampler if dl.batch_sampler is not None else dl.sampler
     return [dl.generator, getattr(sampler, "generator", None)]
+
+
+def _batch_sampler(dl: DataLoader) -> BatchSampler:
+    """The batch sampler of a ``"plain"`` loader: torch's ``BatchSampler`` (`_classify` checked it)."""
+    return cast(BatchSampler, dl.batch_sampler)
 
 
 def _sampler_source(sampler: Any) -> Tuple[str, Optional[torch.Generator]]:
@@ -280,9 +306,14 @@ class ExactResume(pl.Callback):
 
     def _loader_record(self, trainer: "pl.Trainer") -> Dict[str, Any]:
         kind, dl, why = _classify(trainer.train_dataloader)
-        record: Dict[str, Any] = {"kind": kind, "name": _describe(trainer.train_dataloader), "why": why,
-                                  "epoch": self._epoch, "batches": self._batches,
-                                  "epoch_batches": float(trainer.num_training_batches)}
+        record: Dict[str, Any] = {
+            "kind": kind,
+            "name": _describe(trainer.train_dataloader),
+            "why": why,
+            "epoch": self._epoch,
+            "batches": self._batches,
+            "epoch_batches": float(trainer.num_training_batches),
+        }
         if kind == "plain" and dl is not None:
             record["start_state"] = self._start_state
             record["generators"] = [g.get_state() if g is not None else None for g in _generators(dl)]
@@ -299,7 +330,10 @@ class ExactResume(pl.Callback):
                 "configure_callbacks drops deqlab's callbacks, or an old deqlab whose on_save_checkpoint a subclass "
                 "overrode). Training continues, but the global RNG states and a plain DataLoader's position are not "
                 "restored, so the result will differ from an uninterrupted run; resume from a checkpoint written "
-                "with ExactResume attached for an exact continuation.", ResumeWarning, stacklevel=2)
+                "with ExactResume attached for an exact continuation.",
+                ResumeWarning,
+                stacklevel=2,
+            )
             return
         self._entry = entry
         self._loader_states = _loader_states(checkpoint)
@@ -327,15 +361,19 @@ class ExactResume(pl.Callback):
         if kind == "plain" and dl is not None:
             self._stand_in_for_sampler(dl)
 
-    def _resume_loader(self, trainer: "pl.Trainer", record: Optional[Dict[str, Any]], kind: str,
-                       dl: Optional[DataLoader], why: str) -> None:
-        mid_epoch = bool(record) and record.get("epoch") == trainer.current_epoch and record.get("batches", 0) > 0
+    def _resume_loader(
+        self, trainer: "pl.Trainer", record: Optional[Dict[str, Any]], kind: str, dl: Optional[DataLoader], why: str
+    ) -> None:
+        mid_epoch = bool(record and record.get("epoch") == trainer.current_epoch and record.get("batches", 0) > 0)
         name = _describe(trainer.train_dataloader)
         if kind == "unsupported":
             warnings.warn(
                 f"deqlab: resuming from {str(self._ckpt)!r}, deqlab cannot restore the position and random state of "
                 f"the training loader {name}: {why}. The resumed run draws different batches than the uninterrupted "
-                f"run would; {_INSTEAD}.", ResumeWarning, stacklevel=2)
+                f"run would; {_INSTEAD}.",
+                ResumeWarning,
+                stacklevel=2,
+            )
             return
         if kind == "stateful":
             loader = trainer.train_dataloader
@@ -345,8 +383,10 @@ class ExactResume(pl.Callback):
                     "by Lightning for DDP (DistributedSamplerWrapper); the wrapped sampler's state (its generator) is "
                     "not checkpointed, so the resumed run draws another order. Give the loader a "
                     "DistributedSampler itself, e.g. deqlab.data.EpochSeededSampler(dataset, seed) (one shard per "
-                    "process, ordered by (seed, epoch)), in a deqlab.data.ResumableDataLoader.", ResumeWarning,
-                    stacklevel=2)
+                    "process, ordered by (seed, epoch)), in a deqlab.data.ResumableDataLoader.",
+                    ResumeWarning,
+                    stacklevel=2,
+                )
             elif trainer.current_epoch > 0 and _epoch_set_after_iterator(loader):
                 warnings.warn(
                     f"deqlab: resuming from {str(self._ckpt)!r} in epoch {trainer.current_epoch}, the training loader "
@@ -354,7 +394,9 @@ class ExactResume(pl.Callback):
                     "Lightning handed its sampler the epoch (set_epoch): the resumed epoch follows another epoch's order "
                     "(under DDP Lightning's DistributedSampler is such a sampler). Use deqlab.data.ResumableDataLoader "
                     "(StatefulDataLoader's arguments), which makes its iterator at the first batch.",
-                    ResumeWarning, stacklevel=2)
+                    ResumeWarning,
+                    stacklevel=2,
+                )
             if mid_epoch:
                 if self._early_data:
                     self._hand_over_position(trainer, name)
@@ -371,7 +413,9 @@ class ExactResume(pl.Callback):
                     "loader state at an epoch boundary: the resumed epoch's order differs from the uninterrupted run's. "
                     "Use deqlab.data.ResumableDataLoader(dataset, sampler=EpochSeededSampler(dataset, seed), ...), "
                     "ordered by (seed, epoch), or a DataLoader with num_workers=0 and shuffle=True.",
-                    ResumeWarning, stacklevel=2)
+                    ResumeWarning,
+                    stacklevel=2,
+                )
             return
         assert dl is not None
         if not record or record.get("kind") != "plain":
@@ -379,19 +423,24 @@ class ExactResume(pl.Callback):
                 warnings.warn(
                     f"deqlab: checkpoint {str(self._ckpt)!r} holds no position for the training loader {name} (it "
                     f"was written with another loader{'' if record is None else ': ' + str(record.get('name'))}), so "
-                    "the resumed epoch does not continue where the uninterrupted run was.", ResumeWarning,
-                    stacklevel=2)
+                    "the resumed epoch does not continue where the uninterrupted run was.",
+                    ResumeWarning,
+                    stacklevel=2,
+                )
             return
         for g, state in zip(_generators(dl), record.get("generators") or []):
             if g is not None and state is not None:
                 g.set_state(state)  # where they were at the checkpoint (the resumed pass replays from its start)
         if mid_epoch:
             start = record.get("start_state")
-            source, _ = _sampler_source(dl.batch_sampler.sampler)
+            source, _ = _sampler_source(_batch_sampler(dl).sampler)
             if start is None and source != "none":
-                warnings.warn(f"deqlab: checkpoint {str(self._ckpt)!r} lacks the state the epoch's shuffle started "
-                              f"from, so the training loader {name} cannot continue its epoch exactly.",
-                              ResumeWarning, stacklevel=2)
+                warnings.warn(
+                    f"deqlab: checkpoint {str(self._ckpt)!r} lacks the state the epoch's shuffle started "
+                    f"from, so the training loader {name} cannot continue its epoch exactly.",
+                    ResumeWarning,
+                    stacklevel=2,
+                )
             assert dl.batch_size is not None  # a torch BatchSampler was built from batch_size
             self._plan = {"state": start, "skip": int(record["batches"]) * int(dl.batch_size)}
         else:
@@ -418,7 +467,10 @@ class ExactResume(pl.Callback):
             "(trainer.estimated_stepping_batches in configure_optimizers does that; Lightning issue #20550), so the "
             "epoch restarts from its first batch. Ask for the number of steps when training starts instead (as "
             "DEQLightningModule's cosine schedule does), or use deqlab.data.ResumableDataLoader, which takes its "
-            "position late.", ResumeWarning, stacklevel=3)
+            "position late.",
+            ResumeWarning,
+            stacklevel=3,
+        )
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: Any) -> None:
         self._epoch, self._batches = trainer.current_epoch, 0
@@ -443,10 +495,10 @@ class ExactResume(pl.Callback):
 
     # ---- the plain loader's sampler
     def _stand_in_for_sampler(self, dl: DataLoader) -> None:
-        if self._stand_in is not None and dl.batch_sampler.sampler is self._stand_in:
+        if self._stand_in is not None and _batch_sampler(dl).sampler is self._stand_in:
             return  # already waiting for this pass's first draw
         self._put_sampler_back()
-        self._stand_in = _FirstDraw(dl.batch_sampler, self._first_draw)
+        self._stand_in = _FirstDraw(_batch_sampler(dl), self._first_draw)
 
     def _put_sampler_back(self) -> None:
         if self._stand_in is not None:
@@ -461,12 +513,13 @@ class ExactResume(pl.Callback):
         plan, self._plan = self._plan, None
         outer = torch.get_rng_state() if source == "global" and plan is not None else None
         if plan is not None and plan["state"] is not None:
-            if source == "generator":
+            if generator is not None:  # source "generator"
                 generator.set_state(plan["state"])
             elif source == "global":
                 torch.set_rng_state(plan["state"])
-        self._start_state = (generator.get_state() if source == "generator"
-                             else torch.get_rng_state() if source == "global" else None)
+        self._start_state = (
+            generator.get_state() if generator is not None else torch.get_rng_state() if source == "global" else None
+        )
         indices = iter(sampler)
         if plan is not None:
             for _ in range(plan["skip"]):
@@ -475,7 +528,6 @@ class ExactResume(pl.Callback):
         if outer is not None:  # the sampler's own draw is done: the global RNG goes back to the checkpoint's
             torch.set_rng_state(outer)
         return indices
-
 
 
 def _draws_worker_seed_from_global_rng(loader: Any) -> bool:

@@ -5,6 +5,7 @@ Why a callback for the backward: its numbers exist only once the backward ran, a
 (``on_after_backward``) that a subclass overrides without ``super()`` would lose them and leave the step
 record's backward part empty for every callback that reads it.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -27,8 +28,9 @@ def log_solver_summary(pl_module: pl.LightningModule, s: SolutionSummary, stage:
     NFE (and the paper's reference count where reported); the absolute and relative residuals (mean and
     max), the stopping test's objective (max) and its tolerance; the spectral radius of ``∂f/∂z`` at
     ``z*`` (mean and max, when a layer estimates it: ``DeepEquilibriumNetwork(spectral_radius=...)``); the
-    fractions of the *samples* converged, unconverged and stalled; and the fraction of the *solves* (a layer on a batch) ending with each solver
-    status. Evaluation scalars are epoch means (weighted by batch size), training ones per step.
+    fractions of the *samples* converged, unconverged and stalled; and the fraction of the *solves* (a layer on
+    a batch) ending with each solver status. Evaluation scalars are epoch means (weighted by batch size),
+    training ones per step.
 
     Args:
         pl_module: the module that logs (inside one of its steps).
@@ -52,11 +54,15 @@ def log_solver_summary(pl_module: pl.LightningModule, s: SolutionSummary, stage:
     if s.reference_nfe is not None:  # the paper's count, beside ours (deqlab.solvers.counting)
         pl_module.log(f"solver/{stage}_reference_nfe", s.reference_nfe, **kw)
     as_max = {**kw, "reduce_fx": "max"}
-    for name, value, kwargs in (("abs_residual_mean", s.abs_residual_mean, kw), ("abs_residual_max", s.abs_residual_max, as_max),
-                                ("rel_residual_mean", s.rel_residual_mean, kw), ("rel_residual_max", s.rel_residual_max, as_max),
-                                ("objective_max", s.objective_max, as_max),
-                                ("spectral_radius_mean", s.spectral_radius_mean, kw),
-                                ("spectral_radius_max", s.spectral_radius_max, as_max)):
+    for name, value, kwargs in (
+        ("abs_residual_mean", s.abs_residual_mean, kw),
+        ("abs_residual_max", s.abs_residual_max, as_max),
+        ("rel_residual_mean", s.rel_residual_mean, kw),
+        ("rel_residual_max", s.rel_residual_max, as_max),
+        ("objective_max", s.objective_max, as_max),
+        ("spectral_radius_mean", s.spectral_radius_mean, kw),
+        ("spectral_radius_max", s.spectral_radius_max, as_max),
+    ):
         if value is not None:
             pl_module.log(f"solver/{stage}_{name}", value, **kwargs)
     if s.tolerance is not None:  # beside the objective it bounds
@@ -65,12 +71,13 @@ def log_solver_summary(pl_module: pl.LightningModule, s: SolutionSummary, stage:
     # one DEQ layer on one batch); on one run they agree (samples_converged == 1 exactly when every solve did)
     if s.converged_fraction is not None:
         pl_module.log(f"solver/{stage}_samples_converged", s.converged_fraction, **kw)
-        pl_module.log(f"solver/{stage}_samples_unconverged", s.unconverged_fraction, **kw)
+        pl_module.log(f"solver/{stage}_samples_unconverged", 1.0 - s.converged_fraction, **kw)
     if s.stalled_fraction is not None:  # among the unconverged: stopped by the patience rule near tol
         pl_module.log(f"solver/{stage}_samples_stalled", s.stalled_fraction, **kw)
-    if s.solves:
-        for status in STATUSES:  # a diverging model shows solver/train_solves_diverged
-            pl_module.log(f"solver/{stage}_solves_{status}", float(s.solves_fraction(status)), **kw)
+    for status in STATUSES:  # a diverging model shows solver/train_solves_diverged
+        fraction = s.solves_fraction(status)  # None without a solve
+        if fraction is not None:
+            pl_module.log(f"solver/{stage}_solves_{status}", float(fraction), **kw)
 
 
 def backward_unconverged_fraction(solutions: List[DeepEquilibriumSolution]) -> Optional[float]:
@@ -85,8 +92,9 @@ def backward_unconverged_fraction(solutions: List[DeepEquilibriumSolution]) -> O
         if conv is None:
             continue
         n = int(s.abs_residual.numel()) if s.abs_residual is not None else 1
-        flags.append(conv.detach().reshape(-1).float() if torch.is_tensor(conv)
-                     else torch.full((n,), float(bool(conv))))
+        flags.append(
+            conv.detach().reshape(-1).float() if torch.is_tensor(conv) else torch.full((n,), float(bool(conv)))
+        )
     if not flags:
         return None
     return float(1.0 - torch.cat(flags).mean())

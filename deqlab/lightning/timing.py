@@ -7,6 +7,7 @@ the optimizer step and the epoch: their edges are Lightning hooks, and a module 
 overrides without ``super()`` would lose them; the forward is timed inside `DEQLightningModule`'s step,
 which is where it runs.
 """
+
 from __future__ import annotations
 
 import time
@@ -100,8 +101,13 @@ class PhaseTiming(pl.Callback):
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: Any) -> None:
         if self._epoch_start is not None:
-            pl_module.log("time/train_epoch", time.perf_counter() - self._epoch_start, on_step=False, on_epoch=True,
-                          sync_dist=True)
+            pl_module.log(
+                "time/train_epoch",
+                time.perf_counter() - self._epoch_start,
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+            )
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: Any, loss: torch.Tensor) -> None:
         self.timer.start("backward", pl_module.device)
@@ -119,8 +125,9 @@ class PhaseTiming(pl.Callback):
         if elapsed is not None:
             pl_module.log("time/optimizer", elapsed, on_step=True, on_epoch=False)
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.timer.discard("optimizer")  # a step the loss scaler skipped never reached the post-hook
 
     def _remove_hooks(self) -> None:

@@ -6,9 +6,20 @@ u0-only logits of Skip models, ``None`` otherwise). Train one with
 ``DEQClassifier(build_model(...), **training_kwargs)``; [`paper_settings`][deqlab.models.paper_settings] gives the paper's training
 settings.
 """
+
 from deqlab.models._build import MODEL_TYPES, SOLVER_KINDS, PaperNetwork, count_parameters
 from deqlab.models.builder import EXPERIMENTS, build_model
 from deqlab.models.settings import PROTOCOLS, TRAINING_KEYS, paper_settings, protocol_summary
 
-__all__ = ["build_model", "paper_settings", "count_parameters", "EXPERIMENTS", "MODEL_TYPES", "SOLVER_KINDS",
-           "TRAINING_KEYS", "PaperNetwork", "PROTOCOLS", "protocol_summary"]
+__all__ = [
+    "build_model",
+    "paper_settings",
+    "count_parameters",
+    "EXPERIMENTS",
+    "MODEL_TYPES",
+    "SOLVER_KINDS",
+    "TRAINING_KEYS",
+    "PaperNetwork",
+    "PROTOCOLS",
+    "protocol_summary",
+]

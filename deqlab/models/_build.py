@@ -6,9 +6,10 @@ is the same code for the dense MNIST model, every multiscale network and the Lig
 (``deqlab.zoo.build_solver`` and ``deqlab.zoo.build_backward`` are these functions), so it lives here once:
 `build_solver` and `build_backward` are the one builder of each.
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Literal, Optional, Sequence, Union, cast
 
 from torch import Tensor, nn
 
@@ -25,17 +26,45 @@ from deqlab.nn import (
 )
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
 from deqlab.solvers.protocols import Solver
-from deqlab.spec import (MODEL_TYPES, ODE_SOLVERS, PAPER_TOL, SOLVER_KINDS, BackwardSpec, ModelKind, ModelType,
-                         ODESolverName, SolverKind, SolverSpec, model_kind)
+from deqlab.spec import (
+    MODEL_TYPES,
+    ODE_SOLVERS,
+    PAPER_TOL,
+    SOLVER_KINDS,
+    BackwardSpec,
+    ModelKind,
+    ModelType,
+    ODESolverName,
+    SolverKind,
+    SolverSpec,
+    model_kind,
+)
 
-__all__ = ["MODEL_TYPES", "SOLVER_KINDS", "ODE_SOLVERS", "ModelType", "SolverKind", "build_solver", "build_backward",
-           "check_choice", "check_fields", "PaperNetwork"]
+__all__ = [
+    "MODEL_TYPES",
+    "SOLVER_KINDS",
+    "ODE_SOLVERS",
+    "ModelType",
+    "SolverKind",
+    "build_solver",
+    "build_backward",
+    "check_choice",
+    "check_fields",
+    "PaperNetwork",
+]
 
 SolverName = Literal["lbroyden", "broyden", "anderson", "fixed_point", "newton_krylov", "tsit5", "vcab3"]
 BackwardName = Literal["gmres", "anderson", "fixed_point", "broyden", "lbroyden"]
 TerminationModeName = Literal[
-    "abs", "abs_norm", "rel", "rel_norm", "norm",
-    "abs_deq_default", "rel_deq_default", "abs_deq_best", "rel_deq_best",
+    "abs",
+    "abs_norm",
+    "rel",
+    "rel_norm",
+    "norm",
+    "abs_deq_default",
+    "rel_deq_default",
+    "abs_deq_best",
+    "rel_deq_best",
 ]
 
 
@@ -71,8 +100,9 @@ def check_fields(owner: str, given: Any, fields: Sequence[str]) -> None:
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(fields), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise TypeError(f"{owner}() got an unexpected keyword argument {unknown[0]!r}{hint}; "
-                        f"valid: {', '.join(sorted(fields))}")
+        raise TypeError(
+            f"{owner}() got an unexpected keyword argument {unknown[0]!r}{hint}; valid: {', '.join(sorted(fields))}"
+        )
 
 
 def build_solver(
@@ -145,35 +175,70 @@ def build_solver(
     """
     owner = "build_solver"
     if isinstance(name, SolverSpec):
-        given = [k for k, v in dict(mode=mode, abstol_termination=abstol_termination,
-                                    reltol_termination=reltol_termination, ode_abstol=ode_abstol,
-                                    ode_reltol=ode_reltol, max_steps=max_steps, reference_counting=reference_counting,
-                                    batch_wide=batch_wide, abstol=abstol, reltol=reltol).items() if v is not None]
+        given = [
+            k
+            for k, v in dict(
+                mode=mode,
+                abstol_termination=abstol_termination,
+                reltol_termination=reltol_termination,
+                ode_abstol=ode_abstol,
+                ode_reltol=ode_reltol,
+                max_steps=max_steps,
+                reference_counting=reference_counting,
+                batch_wide=batch_wide,
+                abstol=abstol,
+                reltol=reltol,
+            ).items()
+            if v is not None
+        ]
         if given:
-            raise TypeError(f"{owner}: pass a SolverSpec or keywords, not both; got the spec with "
-                            f"{', '.join(given)} (set them on the spec: dataclasses.replace(spec, ...))")
+            raise TypeError(
+                f"{owner}: pass a SolverSpec or keywords, not both; got the spec with "
+                f"{', '.join(given)} (set them on the spec: dataclasses.replace(spec, ...))"
+            )
         spec = name
         ode = spec.ode_tolerance if spec.kind == "continuous" else None
-        return build_solver(spec.name, mode=spec.mode, abstol_termination=spec.tol,  # type: ignore[arg-type]
-                            reltol_termination=spec.tol, ode_abstol=ode, ode_reltol=ode, max_steps=spec.max_steps,
-                            reference_counting=spec.reference_counting, batch_wide=spec.batch_wide)
+        # the spec holds the names as plain strings; the solver checks them
+        return build_solver(
+            cast(SolverName, spec.name),
+            mode=cast(TerminationModeName, spec.mode),
+            abstol_termination=spec.tol,
+            reltol_termination=spec.tol,
+            ode_abstol=ode,
+            ode_reltol=ode,
+            max_steps=spec.max_steps,
+            reference_counting=spec.reference_counting,
+            batch_wide=spec.batch_wide,
+        )
     atol = renamed(owner, "abstol_termination", abstol_termination, "abstol", abstol, PAPER_TOL)
     rtol = renamed(owner, "reltol_termination", reltol_termination, "reltol", reltol, PAPER_TOL)
-    common = dict(mode=mode or "rel_deq_default", abstol_termination=atol, reltol_termination=rtol,
-                  max_steps=50 if max_steps is None else max_steps,
-                  reference_counting=reference_counting or "deqjl", batch_wide=bool(batch_wide))
+    common: Dict[str, Any] = dict(
+        mode=mode or "rel_deq_default",
+        abstol_termination=atol,
+        reltol_termination=rtol,
+        max_steps=50 if max_steps is None else max_steps,
+        reference_counting=reference_counting or "deqjl",
+        batch_wide=bool(batch_wide),
+    )
     if name in ODE_SOLVERS:
-        return ContinuousDEQSolver(name, ode_abstol=atol if ode_abstol is None else ode_abstol,
-                                   ode_reltol=rtol if ode_reltol is None else ode_reltol, **common)
+        return ContinuousDEQSolver(
+            cast(ODESolverName, name),  # one of ODE_SOLVERS
+            ode_abstol=atol if ode_abstol is None else ode_abstol,
+            ode_reltol=rtol if ode_reltol is None else ode_reltol,
+            **common,
+        )
     given = [k for k, v in (("ode_abstol", ode_abstol), ("ode_reltol", ode_reltol)) if v is not None]
     if given:
-        raise ValueError(f"{owner}: {', '.join(given)} set the ODE stepper of 'tsit5' / 'vcab3'; the discrete solver {name!r} "
-                         "has none: drop it, or use abstol_termination / reltol_termination")
+        raise ValueError(
+            f"{owner}: {', '.join(given)} set the ODE stepper of 'tsit5' / 'vcab3'; the discrete solver {name!r} "
+            "has none: drop it, or use abstol_termination / reltol_termination"
+        )
     return DiscreteDEQSolver(name, **common)
 
 
-def build_backward(name: Union[BackwardName, BackwardSpec] = "gmres", *, tol: Optional[float] = None,
-                   max_steps: Optional[int] = None) -> BackwardMode:
+def build_backward(
+    name: Union[BackwardName, BackwardSpec] = "gmres", *, tol: Optional[float] = None, max_steps: Optional[int] = None
+) -> BackwardMode:
     """The implicit backward from a `deqlab.spec.BackwardSpec`, or with adjoint solver ``name``: the one
     builder of a backward mode. Unset values are [`deqlab.nn.ImplicitBackward`][deqlab.nn.ImplicitBackward]'s own
     defaults (the paper's protocol: tolerance = the forward solver's termination tolerance, handed over by
@@ -209,57 +274,88 @@ def build_backward(name: Union[BackwardName, BackwardSpec] = "gmres", *, tol: Op
         if tol is not None or max_steps is not None:
             raise TypeError("build_backward: pass a BackwardSpec or tol= / max_steps=, not both")
         return build_backward(name.solver, tol=name.tol, max_steps=name.max_steps)  # type: ignore[arg-type]
-    budget = {k: v for k, v in (("tol", tol), ("max_steps", max_steps)) if v is not None}
+    budget: Dict[str, Any] = {k: v for k, v in (("tol", tol), ("max_steps", max_steps)) if v is not None}
     return ImplicitBackward(name, **budget)
 
 
-def make_deq(model_type: Union[ModelType, ModelKind], model: nn.Module, solver: Any, *,
-             shortcut: Optional[nn.Module], backward: Optional[BackwardMode], jacobian_regularization: bool,
-             detach_skip_target: Optional[bool] = None, reapply_map: bool = False,
-             vanilla_penalty: bool = False) -> nn.Module:
+def make_deq(
+    model_type: Union[ModelType, ModelKind],
+    model: nn.Module,
+    solver: Any,
+    *,
+    shortcut: Optional[nn.Module],
+    backward: Optional[BackwardMode],
+    jacobian_regularization: bool,
+    detach_skip_target: Optional[bool] = None,
+    reapply_map: bool = False,
+    vanilla_penalty: bool = False,
+) -> nn.Module:
     """A single-state DEQ layer for ``vanilla`` / ``skip`` / ``skip_reg`` (``shortcut`` is used by ``skip``
     only; ``backward=None`` is the layer's default). ``detach_skip_target=None`` keeps the layer's default:
     a detached target for ``skip``, the coupled loss for ``skip_reg`` ([`deqlab.nn.MapGuess`][deqlab.nn.MapGuess] says why).
     ``reapply_map`` and ``vanilla_penalty`` are the January-2022 code's semantics (``z* = f(u_T, x)``; the
     skip loss ``mean |z*|`` on vanilla models, through ``ZeroGuess(fixed_point_penalty=True)``)."""
     kind = model_kind(model_type, deq_only=True)
-    kwargs = dict(backward=backward, jacobian_regularization=jacobian_regularization, reapply_map=reapply_map)
+    kwargs: Dict[str, Any] = dict(
+        backward=backward, jacobian_regularization=jacobian_regularization, reapply_map=reapply_map
+    )
     if not kind.learns_guess:
         init = ZeroGuess(fixed_point_penalty=True) if vanilla_penalty else None
         return DeepEquilibriumNetwork(model, solver, init=init, **kwargs)
-    return SkipDeepEquilibriumNetwork(model, solver, shortcut=shortcut if kind.shortcut else None,
-                                      detach_skip_target=detach_skip_target, **kwargs)
+    return SkipDeepEquilibriumNetwork(
+        model, solver, shortcut=shortcut if kind.shortcut else None, detach_skip_target=detach_skip_target, **kwargs
+    )
 
 
-def make_multiscale(model_type: Union[ModelType, ModelKind], main: Sequence[nn.Module],
-                    mapping: Sequence[Sequence[Optional[nn.Module]]], post_fuse: Optional[Sequence[Optional[nn.Module]]],
-                    solver: Any, scales: Sequence[Sequence[int]], *,
-                    shortcut: Union[None, nn.Module, Sequence[nn.Module]], backward: BackwardMode,
-                    jacobian_regularization: bool, detach_skip_target: Optional[bool] = None) -> nn.Module:
+def make_multiscale(
+    model_type: Union[ModelType, ModelKind],
+    main: Sequence[nn.Module],
+    mapping: Sequence[Sequence[Optional[nn.Module]]],
+    post_fuse: Optional[Sequence[Optional[nn.Module]]],
+    solver: Any,
+    scales: Sequence[Sequence[int]],
+    *,
+    shortcut: Union[None, nn.Module, Sequence[nn.Module]],
+    backward: BackwardMode,
+    jacobian_regularization: bool,
+    detach_skip_target: Optional[bool] = None,
+) -> nn.Module:
     """A multiscale layer for any model type (``neural_ode``: the same map on ``t ∈ [0, 1]``, integrated
     with Tsit5 at the solver's ODE tolerances)."""
     kind = model_kind(model_type)
     if not kind.is_deq:
         check_neural_ode(solver, jacobian_regularization)
-        return MultiScaleNeuralODE(main, mapping, post_fuse, "tsit5", scales, ode_abstol=solver.ode_abstol,
-                                   ode_reltol=solver.ode_reltol)
-    kwargs = dict(backward=backward, jacobian_regularization=jacobian_regularization)
+        return MultiScaleNeuralODE(
+            main, mapping, post_fuse, "tsit5", scales, ode_abstol=solver.ode_abstol, ode_reltol=solver.ode_reltol
+        )
+    kwargs: Dict[str, Any] = dict(backward=backward, jacobian_regularization=jacobian_regularization)
     if not kind.learns_guess:
         return MultiScaleDeepEquilibriumNetwork(main, mapping, post_fuse, solver, scales, **kwargs)
     return MultiScaleSkipDeepEquilibriumNetwork(
-        main, mapping, post_fuse, solver, scales, shortcut if kind.shortcut else None,
-        detach_skip_target=detach_skip_target, **kwargs)
+        main,
+        mapping,
+        post_fuse,
+        solver,
+        scales,
+        shortcut if kind.shortcut else None,
+        detach_skip_target=detach_skip_target,
+        **kwargs,
+    )
 
 
 def check_neural_ode(solver: Any, jacobian_regularization: bool) -> None:
     """The neural-ODE baseline integrates on a fixed interval: it has no discrete form and no fixed point to
     regularize, so asking for either is an error rather than a silently different model."""
     if not isinstance(solver, ContinuousDEQSolver):
-        raise ValueError("model_type='neural_ode' integrates du/dt = f(u, x) - u on t in [0, 1] with an ODE "
-                         "solver; it has no discrete form: pass solver='continuous'")
+        raise ValueError(
+            "model_type='neural_ode' integrates du/dt = f(u, x) - u on t in [0, 1] with an ODE "
+            "solver; it has no discrete form: pass solver='continuous'"
+        )
     if jacobian_regularization:
-        raise ValueError("model_type='neural_ode' has no fixed point, so Jacobian regularization does not "
-                         "apply: pass jacobian_regularization=False")
+        raise ValueError(
+            "model_type='neural_ode' has no fixed point, so Jacobian regularization does not "
+            "apply: pass jacobian_regularization=False"
+        )
 
 
 class PaperNetwork(nn.Module):
@@ -304,8 +400,15 @@ class PaperNetwork(nn.Module):
         (torch.Size([2, 3]), None)
     """
 
-    def __init__(self, stem: nn.Module, deq: nn.Module, head: nn.Module, *,
-                 model_type: Union[ModelType, ModelKind], solver_kind: SolverKind):
+    def __init__(
+        self,
+        stem: nn.Module,
+        deq: nn.Module,
+        head: nn.Module,
+        *,
+        model_type: Union[ModelType, ModelKind],
+        solver_kind: SolverKind,
+    ):
         super().__init__()
         self.stem = stem
         self.deq = deq
@@ -325,7 +428,8 @@ class PaperNetwork(nn.Module):
     def explicit_forward(self, x: Tensor) -> Optional[Tensor]:
         if not self.kind.explicit:
             return None
-        return self.head(self.deq.explicit(self.stem(x)))
+        explicit = cast(Callable[[Tensor], Tensor], self.deq.explicit)  # every deqlab DEQ layer has it
+        return self.head(explicit(self.stem(x)))
 
     def extra_repr(self) -> str:
         return f"model_type={self.model_type!r}, solver={self.solver_kind!r}"

@@ -1,4 +1,5 @@
 """``build_model(experiment, arch, ...)``: the one entry point to the paper's networks."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Tuple, Union
@@ -48,8 +49,10 @@ def canonical_arch(experiment: str, arch: str) -> str:
         raise ValueError(f"unknown experiment {experiment!r}; valid: {', '.join(EXPERIMENTS)}")
     arch = _ALIASES.get((experiment, arch), arch)
     if arch not in EXPERIMENTS[experiment]:
-        raise ValueError(f"unknown arch {arch!r} for {experiment!r}; valid: {', '.join(EXPERIMENTS[experiment])}"
-                         + (" (or 'tiny')" if experiment == "cifar10" else ""))
+        raise ValueError(
+            f"unknown arch {arch!r} for {experiment!r}; valid: {', '.join(EXPERIMENTS[experiment])}"
+            + (" (or 'tiny')" if experiment == "cifar10" else "")
+        )
     return arch
 
 
@@ -74,9 +77,17 @@ def _factory(experiment: str, arch: str) -> Callable[..., nn.Module]:
     return fn
 
 
-def build_model(experiment: str, arch: str, *, model_type: Union[str, ModelKind] = "skip", solver: str = "discrete",
-                jacobian_regularization: Optional[bool] = None, num_classes: Optional[int] = None,
-                jac_reg: Optional[bool] = None, **overrides: Any) -> nn.Module:
+def build_model(
+    experiment: str,
+    arch: str,
+    *,
+    model_type: Union[str, ModelKind] = "skip",
+    solver: str = "discrete",
+    jacobian_regularization: Optional[bool] = None,
+    num_classes: Optional[int] = None,
+    jac_reg: Optional[bool] = None,
+    **overrides: Any,
+) -> nn.Module:
     """The paper's network for ``experiment`` / ``arch``.
 
     Args:
@@ -116,7 +127,8 @@ def build_model(experiment: str, arch: str, *, model_type: Union[str, ModelKind]
         >>> build_model("mnist", "dense", widht=16)
         Traceback (most recent call last):
         ...
-        TypeError: build_model('mnist', 'dense'): mnist_dense() got an unexpected keyword argument 'widht' (did you mean 'width'?); valid: ...
+        TypeError: build_model('mnist', 'dense'): mnist_dense() got an unexpected keyword argument 'widht'
+        (did you mean 'width'?); valid: ...
     """
     arch = canonical_arch(experiment, arch)
     kind = model_kind(model_type)

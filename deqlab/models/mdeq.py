@@ -16,23 +16,33 @@ BatchNorm *inside* the DEQ map always uses batch statistics (``track_running_sta
 every solver iteration would make ``f`` drift between iterations and leak solver state into eval mode.
 The stem and head use ordinary BatchNorm.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deqlab._compat import renamed
 from deqlab.models._build import PaperNetwork, build_backward, build_solver, check_fields, make_multiscale
-from deqlab.spec import BackwardSpec, ModelKind, ModelType, SolverKind, SolverSpec, model_kind
 from deqlab.nn import Downsample, PostFuse, ResidualBlock, Upsample, VariationalHiddenDropout, WeightNorm
+from deqlab.spec import BackwardSpec, ModelKind, ModelType, ODESolverName, SolverKind, SolverSpec, model_kind
 
 __all__ = [
-    "MDEQConfig", "build_mdeq", "Bottleneck", "BNResidualBlock", "ClassificationHead",
-    "mnist_conv", "svhn_v1", "cifar10_v1", "cifar10_small", "cifar10_large", "imagenet_small",
+    "MDEQConfig",
+    "build_mdeq",
+    "Bottleneck",
+    "BNResidualBlock",
+    "ClassificationHead",
+    "mnist_conv",
+    "svhn_v1",
+    "cifar10_v1",
+    "cifar10_small",
+    "cifar10_large",
+    "imagenet_small",
 ]
 
 
@@ -145,8 +155,14 @@ class MDEQConfig:
     def solver_spec(self, kind: SolverKind) -> SolverSpec:
         """The forward solve for the solver ``kind``: ``tol``, ``max_steps``, the kind's mode, the
         ``ode_solver`` and the NFE counting convention of this config."""
-        return SolverSpec(kind=kind, ode_solver=self.ode_solver, tol=self.tol, max_steps=self.max_steps,  # type: ignore[arg-type]
-                          mode=self.solver_mode(kind), reference_counting=self.reference_counting)
+        return SolverSpec(
+            kind=kind,
+            ode_solver=cast(ODESolverName, self.ode_solver),  # a plain string here; SolverSpec checks it
+            tol=self.tol,
+            max_steps=self.max_steps,
+            mode=self.solver_mode(kind),
+            reference_counting=self.reference_counting,
+        )
 
     def backward_spec(self) -> BackwardSpec:
         """The GMRES adjoint within ``backward_max_steps`` VJPs, at the forward's tolerance."""
@@ -156,26 +172,38 @@ class MDEQConfig:
         if self.version not in ("v1", "v2"):
             raise ValueError(f"MDEQConfig: version must be 'v1' or 'v2', got {self.version!r}")
         if len(self.head_channels) != len(self.num_channels):
-            raise ValueError(f"MDEQConfig: {len(self.num_channels)} scales need {len(self.num_channels)} "
-                             f"head_channels, got {len(self.head_channels)}")
+            raise ValueError(
+                f"MDEQConfig: {len(self.num_channels)} scales need {len(self.num_channels)} "
+                f"head_channels, got {len(self.head_channels)}"
+            )
         size = self.image_size // 2 ** (self.downsample_times + len(self.num_channels) - 1)
         if size < 1 or self.image_size % 2 ** (self.downsample_times + len(self.num_channels) - 1):
-            raise ValueError(f"MDEQConfig: image_size {self.image_size} must be divisible by "
-                             f"{2 ** (self.downsample_times + len(self.num_channels) - 1)} for "
-                             f"{len(self.num_channels)} scales and {self.downsample_times} stem downsamplings")
+            raise ValueError(
+                f"MDEQConfig: image_size {self.image_size} must be divisible by "
+                f"{2 ** (self.downsample_times + len(self.num_channels) - 1)} for "
+                f"{len(self.num_channels)} scales and {self.downsample_times} stem downsamplings"
+            )
         if not self.fuse_gain > 0:
             raise ValueError(f"MDEQConfig: fuse_gain must be > 0, got {self.fuse_gain}")
 
     @property
     def scales(self) -> List[Tuple[int, int, int]]:
         """``(channels, height, width)`` of each scale of the state, finest first."""
-        s = self.image_size // 2 ** self.downsample_times
-        return [(c, s // 2 ** i, s // 2 ** i) for i, c in enumerate(self.num_channels)]
+        s = self.image_size // 2**self.downsample_times
+        return [(c, s // 2**i, s // 2**i) for i, c in enumerate(self.num_channels)]
 
 
 # ------------------------------------------------------------------------------------------------ blocks
-def _conv(cin: int, cout: int, k: int, *, stride: int = 1, bias: bool = False, std: Optional[float] = 0.01,
-          weight_norm: bool = False) -> nn.Module:
+def _conv(
+    cin: int,
+    cout: int,
+    k: int,
+    *,
+    stride: int = 1,
+    bias: bool = False,
+    std: Optional[float] = 0.01,
+    weight_norm: bool = False,
+) -> nn.Module:
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
     if std is not None:
         nn.init.normal_(conv.weight, 0.0, std)
@@ -231,8 +259,7 @@ def _v2_down(cin: int, cout: int, levels: int) -> nn.Module:
     ``cout == cin·2^levels``, else stay ``cin`` until the last level."""
     layers: List[nn.Module] = []
     for i in range(1, levels + 1):
-        a, b = ((cin * 2 ** (i - 1), cin * 2 ** i) if cin * 2 ** levels == cout
-                else (cin, cout if i == levels else cin))
+        a, b = (cin * 2 ** (i - 1), cin * 2**i) if cin * 2**levels == cout else (cin, cout if i == levels else cin)
         layers += [_conv(a, b, 3, stride=2), _bn(b, track=False), nn.ReLU()]
     return nn.Sequential(*layers)
 
@@ -243,8 +270,9 @@ def _v2_up(cin: int, cout: int, levels: int) -> nn.Module:
     One convolution, not a chain of per-level ones: with a chain (the later ``construct.jl``) CIFAR-10 large
     and ImageNet small have 0.59M parameters more than the paper reports (11.22M / 18.50M vs 10.63M /
     17.91M); with one convolution both match (10.633M / 17.913M)."""
-    return nn.Sequential(_conv(cin, cout, 3), _bn(cout, track=False), nn.ReLU(),
-                         nn.Upsample(scale_factor=2 ** levels, mode="nearest"))
+    return nn.Sequential(
+        _conv(cin, cout, 3), _bn(cout, track=False), nn.ReLU(), nn.Upsample(scale_factor=2**levels, mode="nearest")
+    )
 
 
 class _V2PostFuse(nn.Module):
@@ -280,11 +308,16 @@ class Bottleneck(nn.Module):
         super().__init__()
         out = planes * expansion
         self.body = nn.Sequential(
-            _conv(in_channels, planes, 1), _bn(planes), act,
-            _conv(planes, planes, 3), _bn(planes), act,
-            _conv(planes, out, 1), _bn(out))
-        self.rescale = (nn.Sequential(_conv(in_channels, out, 1), _bn(out)) if in_channels != out
-                        else nn.Identity())
+            _conv(in_channels, planes, 1),
+            _bn(planes),
+            act,
+            _conv(planes, planes, 3),
+            _bn(planes),
+            act,
+            _conv(planes, out, 1),
+            _bn(out),
+        )
+        self.rescale = nn.Sequential(_conv(in_channels, out, 1), _bn(out)) if in_channels != out else nn.Identity()
         self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
@@ -310,15 +343,23 @@ class ClassificationHead(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, num_channels: Sequence[int], head_channels: Sequence[int], final_channels: int,
-                 num_classes: int, act: nn.Module):
+    def __init__(
+        self,
+        num_channels: Sequence[int],
+        head_channels: Sequence[int],
+        final_channels: int,
+        num_classes: int,
+        act: nn.Module,
+    ):
         super().__init__()
         self.bottlenecks = nn.ModuleList([Bottleneck(c, h, act) for c, h in zip(num_channels, head_channels)])
-        self.downsamples = nn.ModuleList([
-            nn.Sequential(_conv(4 * a, 4 * b, 3, stride=2, bias=True), _bn(4 * b), act)
-            for a, b in zip(head_channels[:-1], head_channels[1:])])
-        self.final = nn.Sequential(_conv(4 * head_channels[-1], final_channels, 1, bias=True), _bn(final_channels),
-                                   act)
+        self.downsamples = nn.ModuleList(
+            [
+                nn.Sequential(_conv(4 * a, 4 * b, 3, stride=2, bias=True), _bn(4 * b), act)
+                for a, b in zip(head_channels[:-1], head_channels[1:])
+            ]
+        )
+        self.final = nn.Sequential(_conv(4 * head_channels[-1], final_channels, 1, bias=True), _bn(final_channels), act)
         self.classifier = nn.Linear(final_channels, num_classes)
 
     def forward(self, z: Sequence[Tensor]) -> Tensor:
@@ -332,11 +373,22 @@ class ClassificationHead(nn.Module):
 def _stem(cfg: MDEQConfig) -> nn.Module:
     c = cfg.num_channels[0]
     if cfg.version == "v1":  # 2 × (conv3×3 → BN → gelu), resolution kept
-        return nn.Sequential(nn.Conv2d(cfg.in_channels, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU(),
-                             nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU())
-    layers: List[nn.Module] = [_conv(cfg.in_channels, c, 3, stride=2 if cfg.downsample_times >= 1 else 1),
-                               _bn(c), nn.ReLU(),
-                               _conv(c, c, 3, stride=2 if cfg.downsample_times >= 2 else 1), _bn(c), nn.ReLU()]
+        return nn.Sequential(
+            nn.Conv2d(cfg.in_channels, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+            nn.GELU(),
+            nn.Conv2d(c, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+            nn.GELU(),
+        )
+    layers: List[nn.Module] = [
+        _conv(cfg.in_channels, c, 3, stride=2 if cfg.downsample_times >= 1 else 1),
+        _bn(c),
+        nn.ReLU(),
+        _conv(c, c, 3, stride=2 if cfg.downsample_times >= 2 else 1),
+        _bn(c),
+        nn.ReLU(),
+    ]
     for _ in range(2, cfg.downsample_times):
         layers += [_conv(c, c, 3, stride=2), _bn(c), nn.ReLU()]
     if not (cfg.downsample_times == 0 and len(cfg.num_channels) <= 2):
@@ -366,18 +418,46 @@ def _map_layers(cfg: MDEQConfig):
     ch, n = cfg.num_channels, len(cfg.num_channels)
     if cfg.version == "v1":
         g = cfg.fuse_gain
-        main = [_set_output_gain(ResidualBlock(c, expansion=cfg.expansion, num_groups=cfg.num_groups,
-                                               dropout=cfg.dropout, weight_norm=cfg.weight_norm), g,
-                                 injected=i == 0) for i, c in enumerate(ch)]
-        mapping = [[None if i == j else _set_output_gain(
-                    Downsample(ch[i], ch[j], 2 ** (j - i), num_groups=cfg.map_groups) if i < j
-                    else Upsample(ch[i], ch[j], 2 ** (i - j), num_groups=cfg.map_groups), g)
-                    for j in range(n)] for i in range(n)]
-        post = [PostFuse(c, num_groups=cfg.post_fuse_groups) for c in ch] if cfg.post_fuse else None
+        main = [
+            _set_output_gain(
+                ResidualBlock(
+                    c,
+                    expansion=cfg.expansion,
+                    num_groups=cfg.num_groups,
+                    dropout=cfg.dropout,
+                    weight_norm=cfg.weight_norm,
+                ),
+                g,
+                injected=i == 0,
+            )
+            for i, c in enumerate(ch)
+        ]
+        mapping = [
+            [
+                None
+                if i == j
+                else _set_output_gain(
+                    Downsample(ch[i], ch[j], 2 ** (j - i), num_groups=cfg.map_groups)
+                    if i < j
+                    else Upsample(ch[i], ch[j], 2 ** (i - j), num_groups=cfg.map_groups),
+                    g,
+                )
+                for j in range(n)
+            ]
+            for i in range(n)
+        ]
+        post: Optional[List[nn.Module]] = (
+            [PostFuse(c, num_groups=cfg.post_fuse_groups) for c in ch] if cfg.post_fuse else None
+        )
         return main, mapping, post
     main = [BNResidualBlock(c, cfg.expansion, cfg.dropout, cfg.weight_norm) for c in ch]
-    mapping = [[None if i == j else (_v2_down(ch[i], ch[j], j - i) if i < j else _v2_up(ch[i], ch[j], i - j))
-                for j in range(n)] for i in range(n)]
+    mapping = [
+        [
+            None if i == j else (_v2_down(ch[i], ch[j], j - i) if i < j else _v2_up(ch[i], ch[j], i - j))
+            for j in range(n)
+        ]
+        for i in range(n)
+    ]
     post = [_V2PostFuse(c, cfg.weight_norm) for c in ch] if cfg.post_fuse else None
     return main, mapping, post
 
@@ -388,18 +468,28 @@ def _shortcut(cfg: MDEQConfig) -> List[nn.Module]:
     ch = cfg.num_channels
     if cfg.version == "v1":
         g = cfg.fuse_gain
-        first = _set_output_gain(ResidualBlock(ch[0], expansion=cfg.shortcut_expansion,
-                                               num_groups=cfg.shortcut_groups, weight_norm=cfg.weight_norm), g)
-        rest = [_set_output_gain(Downsample(ch[0], ch[i], 2 ** i, num_groups=cfg.map_groups), g)
-                for i in range(1, len(ch))]
+        first = _set_output_gain(
+            ResidualBlock(
+                ch[0], expansion=cfg.shortcut_expansion, num_groups=cfg.shortcut_groups, weight_norm=cfg.weight_norm
+            ),
+            g,
+        )
+        rest = [
+            _set_output_gain(Downsample(ch[0], ch[i], 2**i, num_groups=cfg.map_groups), g) for i in range(1, len(ch))
+        ]
     else:
         first = BNResidualBlock(ch[0], cfg.shortcut_expansion, 0.0, cfg.weight_norm)
         rest = [_v2_down(ch[0], ch[i], i) for i in range(1, len(ch))]
     return [first, *rest]
 
 
-def build_mdeq(cfg: MDEQConfig, model_type: Union[ModelType, ModelKind] = "skip", solver: SolverKind = "discrete", *,
-               jacobian_regularization: bool = False) -> PaperNetwork:
+def build_mdeq(
+    cfg: MDEQConfig,
+    model_type: Union[ModelType, ModelKind] = "skip",
+    solver: SolverKind = "discrete",
+    *,
+    jacobian_regularization: bool = False,
+) -> PaperNetwork:
     """The multiscale network of ``cfg`` for one model type and solver kind.
 
     The factory functions (`mnist_conv`, `cifar10_small`, ...) call this with their config;
@@ -432,10 +522,18 @@ def build_mdeq(cfg: MDEQConfig, model_type: Union[ModelType, ModelKind] = "skip"
     kind = model_kind(model_type)
     solver_obj = build_solver(cfg.solver_spec(solver))
     main, mapping, post = _map_layers(cfg)
-    deq = make_multiscale(kind, main, mapping, post, solver_obj, cfg.scales,
-                          shortcut=_shortcut(cfg) if kind.shortcut else None,
-                          backward=build_backward(cfg.backward_spec()), jacobian_regularization=jacobian_regularization,
-                          detach_skip_target=cfg.detach_skip_target)
+    deq = make_multiscale(
+        kind,
+        main,
+        mapping,
+        post,
+        solver_obj,
+        cfg.scales,
+        shortcut=_shortcut(cfg) if kind.shortcut else None,
+        backward=build_backward(cfg.backward_spec()),
+        jacobian_regularization=jacobian_regularization,
+        detach_skip_target=cfg.detach_skip_target,
+    )
     act = nn.GELU() if cfg.version == "v1" else nn.ReLU()
     head = ClassificationHead(cfg.num_channels, cfg.head_channels, cfg.final_channels, cfg.num_classes, act)
     return PaperNetwork(_stem(cfg), deq, head, model_type=kind, solver_kind=solver)
@@ -443,28 +541,104 @@ def build_mdeq(cfg: MDEQConfig, model_type: Union[ModelType, ModelKind] = "skip"
 
 # ------------------------------------------------------------------------------------------------ configs
 MNIST_CONV = MDEQConfig(
-    version="v1", in_channels=1, image_size=28, num_channels=(8, 16), expansion=5, dropout=0.0, weight_norm=True,
-    num_groups=4, map_groups=8, post_fuse=False, head_channels=(8, 16), final_channels=200, tol=1e-2,
-    max_steps=50, backward_max_steps=15, mode="rel_norm", shortcut_expansion=5, shortcut_groups=4, fuse_gain=0.25,
-    discrete_mode="rel_deq_best", reference_counting="fastdeq")
+    version="v1",
+    in_channels=1,
+    image_size=28,
+    num_channels=(8, 16),
+    expansion=5,
+    dropout=0.0,
+    weight_norm=True,
+    num_groups=4,
+    map_groups=8,
+    post_fuse=False,
+    head_channels=(8, 16),
+    final_channels=200,
+    tol=1e-2,
+    max_steps=50,
+    backward_max_steps=15,
+    mode="rel_norm",
+    shortcut_expansion=5,
+    shortcut_groups=4,
+    fuse_gain=0.25,
+    discrete_mode="rel_deq_best",
+    reference_counting="fastdeq",
+)
 CIFAR10_V1 = MDEQConfig(
-    version="v1", in_channels=3, image_size=32, num_channels=(24, 24), expansion=5, dropout=0.25,
-    weight_norm=True, num_groups=8, map_groups=8, post_fuse=True, post_fuse_groups=4, head_channels=(8, 16),
-    final_channels=200, tol=5e-2, max_steps=20, backward_max_steps=15, mode="rel_deq_best",
-    shortcut_expansion=5, shortcut_groups=8, reference_counting="fastdeq")
+    version="v1",
+    in_channels=3,
+    image_size=32,
+    num_channels=(24, 24),
+    expansion=5,
+    dropout=0.25,
+    weight_norm=True,
+    num_groups=8,
+    map_groups=8,
+    post_fuse=True,
+    post_fuse_groups=4,
+    head_channels=(8, 16),
+    final_channels=200,
+    tol=5e-2,
+    max_steps=20,
+    backward_max_steps=15,
+    mode="rel_deq_best",
+    shortcut_expansion=5,
+    shortcut_groups=8,
+    reference_counting="fastdeq",
+)
 SVHN_V1 = CIFAR10_V1
 CIFAR10_SMALL = MDEQConfig(
-    version="v2", ode_solver="vcab3", in_channels=3, image_size=32, num_channels=(24, 24), expansion=5, dropout=0.2,
-    weight_norm=False, head_channels=(8, 16), final_channels=200, tol=5e-2, max_steps=18, backward_max_steps=20,
-    mode="rel_norm", shortcut_expansion=3)
+    version="v2",
+    ode_solver="vcab3",
+    in_channels=3,
+    image_size=32,
+    num_channels=(24, 24),
+    expansion=5,
+    dropout=0.2,
+    weight_norm=False,
+    head_channels=(8, 16),
+    final_channels=200,
+    tol=5e-2,
+    max_steps=18,
+    backward_max_steps=20,
+    mode="rel_norm",
+    shortcut_expansion=3,
+)
 CIFAR10_LARGE = MDEQConfig(
-    version="v2", ode_solver="vcab3", in_channels=3, image_size=32, num_channels=(32, 64, 128, 256), expansion=4, dropout=0.3,
-    weight_norm=True, head_channels=(14, 28, 56, 112), final_channels=1680, tol=5e-2, max_steps=18,
-    backward_max_steps=20, mode="rel_deq_best", shortcut_expansion=3)
+    version="v2",
+    ode_solver="vcab3",
+    in_channels=3,
+    image_size=32,
+    num_channels=(32, 64, 128, 256),
+    expansion=4,
+    dropout=0.3,
+    weight_norm=True,
+    head_channels=(14, 28, 56, 112),
+    final_channels=1680,
+    tol=5e-2,
+    max_steps=18,
+    backward_max_steps=20,
+    mode="rel_deq_best",
+    shortcut_expansion=3,
+)
 IMAGENET_SMALL = MDEQConfig(
-    version="v2", ode_solver="vcab3", in_channels=3, image_size=224, num_channels=(32, 64, 128, 256), expansion=5, dropout=0.0,
-    weight_norm=True, head_channels=(24, 48, 96, 192), final_channels=2048, tol=5e-2, max_steps=27,
-    backward_max_steps=28, mode="abs_deq_best", downsample_times=2, num_classes=1000, shortcut_expansion=3)
+    version="v2",
+    ode_solver="vcab3",
+    in_channels=3,
+    image_size=224,
+    num_channels=(32, 64, 128, 256),
+    expansion=5,
+    dropout=0.0,
+    weight_norm=True,
+    head_channels=(24, 48, 96, 192),
+    final_channels=2048,
+    tol=5e-2,
+    max_steps=27,
+    backward_max_steps=28,
+    mode="abs_deq_best",
+    downsample_times=2,
+    num_classes=1000,
+    shortcut_expansion=3,
+)
 
 
 _FACTORY_SECTIONS = """
@@ -498,9 +672,14 @@ Examples:
 
 
 def _factory(name: str, base: MDEQConfig, doc: str, params: int):
-    def build(model_type: ModelType = "skip", solver: SolverKind = "discrete", *,
-              jacobian_regularization: Optional[bool] = None, jac_reg: Optional[bool] = None,
-              **overrides: Any) -> PaperNetwork:
+    def build(
+        model_type: ModelType = "skip",
+        solver: SolverKind = "discrete",
+        *,
+        jacobian_regularization: Optional[bool] = None,
+        jac_reg: Optional[bool] = None,
+        **overrides: Any,
+    ) -> PaperNetwork:
         jr = bool(renamed(name, "jacobian_regularization", jacobian_regularization, "jac_reg", jac_reg, False))
         check_fields(name, overrides, [f.name for f in dataclasses.fields(MDEQConfig)])
         for key in ("num_channels", "head_channels"):
@@ -516,15 +695,27 @@ def _factory(name: str, base: MDEQConfig, doc: str, params: int):
     return build
 
 
-mnist_conv = _factory("mnist_conv", MNIST_CONV,
-                      "MNIST conv (v1): 2-scale MDEQ, 28×28×8 and 14×14×16, tol 1e-2, 50 steps.", 71578)
-svhn_v1 = _factory("svhn_v1", SVHN_V1,
-                   "SVHN (v1): the CIFAR-10 v1 model (2 scales of 24 channels, dropout 0.25).", 159274)
-cifar10_v1 = _factory("cifar10_v1", CIFAR10_V1,
-                      "CIFAR-10 (v1): 2 scales 32×32×24 / 16×16×24, dropout 0.25, tol 5e-2, 20 steps.", 159274)
-cifar10_small = _factory("cifar10_small", CIFAR10_SMALL,
-                         "CIFAR-10 small / tiny (v2+): 2 scales of 24 channels, ≈164K parameters (vanilla; ≈200K with the Skip predictor).", 163546)
-cifar10_large = _factory("cifar10_large", CIFAR10_LARGE,
-                         "CIFAR-10 large (v2+): 4 scales (32, 64, 128, 256), ≈10.6M parameters.", 10631958)
-imagenet_small = _factory("imagenet_small", IMAGENET_SMALL,
-                          "ImageNet small (v2+): 4 scales, 224² input downsampled 4×, ≈17.9M parameters.", 17912456)
+mnist_conv = _factory(
+    "mnist_conv", MNIST_CONV, "MNIST conv (v1): 2-scale MDEQ, 28×28×8 and 14×14×16, tol 1e-2, 50 steps.", 71578
+)
+svhn_v1 = _factory(
+    "svhn_v1", SVHN_V1, "SVHN (v1): the CIFAR-10 v1 model (2 scales of 24 channels, dropout 0.25).", 159274
+)
+cifar10_v1 = _factory(
+    "cifar10_v1", CIFAR10_V1, "CIFAR-10 (v1): 2 scales 32×32×24 / 16×16×24, dropout 0.25, tol 5e-2, 20 steps.", 159274
+)
+cifar10_small = _factory(
+    "cifar10_small",
+    CIFAR10_SMALL,
+    "CIFAR-10 small / tiny (v2+): 2 scales of 24 channels, ≈164K parameters (vanilla; ≈200K with the Skip predictor).",
+    163546,
+)
+cifar10_large = _factory(
+    "cifar10_large", CIFAR10_LARGE, "CIFAR-10 large (v2+): 4 scales (32, 64, 128, 256), ≈10.6M parameters.", 10631958
+)
+imagenet_small = _factory(
+    "imagenet_small",
+    IMAGENET_SMALL,
+    "ImageNet small (v2+): 4 scales, 224² input downsampled 4×, ≈17.9M parameters.",
+    17912456,
+)

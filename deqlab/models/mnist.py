@@ -1,17 +1,17 @@
 """The paper's MNIST models (v1 experiments): the dense DEQ and the 2-scale convolutional MDEQ."""
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 from torch import Tensor, nn
 
 from deqlab._compat import renamed
-from deqlab.models._build import (PaperNetwork, build_backward, build_solver, check_fields, check_neural_ode,
-                                  make_deq)
+from deqlab.models._build import PaperNetwork, build_backward, build_solver, check_fields, check_neural_ode, make_deq
 from deqlab.nn import BackwardMode, DenseDEQBlock, MultiScaleNeuralODE
-from deqlab.spec import PAPER_TOL, BackwardSpec, ModelKind, ModelType, SolverKind, SolverSpec, model_kind
+from deqlab.spec import PAPER_TOL, BackwardSpec, ModelKind, ModelType, ODESolverName, SolverKind, SolverSpec, model_kind
 
 __all__ = ["mnist_dense", "dense_network", "dense_deq", "FirstScale", "DenseConfig", "MNIST_DENSE"]
 
@@ -93,8 +93,15 @@ class DenseConfig:
     def solver_spec(self, kind: SolverKind) -> SolverSpec:
         """The forward solve for the solver ``kind`` (``continuous``: ``ode_solver``; ``discrete``:
         limited-memory Broyden)."""
-        return SolverSpec(kind=kind, ode_solver=self.ode_solver, tol=self.tol, max_steps=self.max_steps,  # type: ignore[arg-type]
-                          mode=self.mode, reference_counting=self.reference_counting, batch_wide=self.batch_wide)
+        return SolverSpec(
+            kind=kind,
+            ode_solver=cast(ODESolverName, self.ode_solver),  # a plain string here; SolverSpec checks it
+            tol=self.tol,
+            max_steps=self.max_steps,
+            mode=self.mode,
+            reference_counting=self.reference_counting,
+            batch_wide=self.batch_wide,
+        )
 
     def backward_spec(self) -> BackwardSpec:
         """The GMRES adjoint within ``backward_max_steps`` VJPs, at the forward's tolerance."""
@@ -105,10 +112,17 @@ class DenseConfig:
 MNIST_DENSE = DenseConfig()
 
 
-def dense_deq(model_type: Union[ModelType, ModelKind], width: int, solver: Any, *,
-              backward: Optional[BackwardMode] = None, jacobian_regularization: bool = False,
-              detach_skip_target: Optional[bool] = None, reapply_map: bool = False,
-              vanilla_penalty: bool = False) -> nn.Module:
+def dense_deq(
+    model_type: Union[ModelType, ModelKind],
+    width: int,
+    solver: Any,
+    *,
+    backward: Optional[BackwardMode] = None,
+    jacobian_regularization: bool = False,
+    detach_skip_target: Optional[bool] = None,
+    reapply_map: bool = False,
+    vanilla_penalty: bool = False,
+) -> nn.Module:
     """The DEQ layer over ``f(z, x) = relu(W1 z) + relu(W2 x)`` (no biases) for ``vanilla`` / ``skip`` /
     ``skip_reg``; the Skip predictor is ``Dense(width→width, relu)`` as in the paper's MNIST model. The one
     builder of this layer: [`dense_network`][deqlab.models.mnist.dense_network] and ``deqlab.zoo.dense_deq_layer`` use it.
@@ -143,15 +157,32 @@ def dense_deq(model_type: Union[ModelType, ModelKind], width: int, solver: Any, 
     kind = model_kind(model_type, deq_only=True)
     block = DenseDEQBlock(width)
     shortcut = nn.Sequential(nn.Linear(width, width), nn.ReLU()) if kind.shortcut else None
-    return make_deq(kind, block, solver, shortcut=shortcut, backward=backward,
-                    jacobian_regularization=jacobian_regularization, detach_skip_target=detach_skip_target,
-                    reapply_map=reapply_map, vanilla_penalty=vanilla_penalty)
+    return make_deq(
+        kind,
+        block,
+        solver,
+        shortcut=shortcut,
+        backward=backward,
+        jacobian_regularization=jacobian_regularization,
+        detach_skip_target=detach_skip_target,
+        reapply_map=reapply_map,
+        vanilla_penalty=vanilla_penalty,
+    )
 
 
-def dense_network(model_type: Union[ModelType, ModelKind], solver: Any, *, backward: Optional[BackwardMode] = None,
-                  jacobian_regularization: bool = False, num_classes: int = 10, width: int = 128,
-                  in_features: int = 784, detach_skip_target: Optional[bool] = None, reapply_map: bool = False,
-                  vanilla_penalty: bool = False) -> PaperNetwork:
+def dense_network(
+    model_type: Union[ModelType, ModelKind],
+    solver: Any,
+    *,
+    backward: Optional[BackwardMode] = None,
+    jacobian_regularization: bool = False,
+    num_classes: int = 10,
+    width: int = 128,
+    in_features: int = 784,
+    detach_skip_target: Optional[bool] = None,
+    reapply_map: bool = False,
+    vanilla_penalty: bool = False,
+) -> PaperNetwork:
     """``Flatten → Dense(in_features→width, relu) → DEQ → Dense(width→num_classes)`` from solver objects.
 
     The one construction of the dense model: [`mnist_dense`][deqlab.models.mnist.mnist_dense] (a `DenseConfig`) and
@@ -196,20 +227,39 @@ def dense_network(model_type: Union[ModelType, ModelKind], solver: Any, *, backw
     stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
     if not kind.is_deq:
         check_neural_ode(solver, jacobian_regularization)
-        deq: nn.Module = MultiScaleNeuralODE([DenseDEQBlock(width)], [[None]], None, "tsit5", [(width,)],
-                                             ode_abstol=solver.ode_abstol, ode_reltol=solver.ode_reltol)
+        deq: nn.Module = MultiScaleNeuralODE(
+            [DenseDEQBlock(width)],
+            [[None]],
+            None,
+            "tsit5",
+            [(width,)],
+            ode_abstol=solver.ode_abstol,
+            ode_reltol=solver.ode_reltol,
+        )
         head: nn.Module = FirstScale(nn.Linear(width, num_classes))
     else:
-        deq = dense_deq(kind, width, solver, backward=backward, jacobian_regularization=jacobian_regularization,
-                        detach_skip_target=detach_skip_target, reapply_map=reapply_map,
-                        vanilla_penalty=vanilla_penalty)
+        deq = dense_deq(
+            kind,
+            width,
+            solver,
+            backward=backward,
+            jacobian_regularization=jacobian_regularization,
+            detach_skip_target=detach_skip_target,
+            reapply_map=reapply_map,
+            vanilla_penalty=vanilla_penalty,
+        )
         head = nn.Linear(width, num_classes)
     return PaperNetwork(stem, deq, head, model_type=kind, solver_kind=solver_kind)
 
 
-def mnist_dense(model_type: Union[ModelType, ModelKind] = "skip", solver: SolverKind = "discrete", *,
-                jacobian_regularization: Optional[bool] = None, jac_reg: Optional[bool] = None,
-                **overrides: Any) -> PaperNetwork:
+def mnist_dense(
+    model_type: Union[ModelType, ModelKind] = "skip",
+    solver: SolverKind = "discrete",
+    *,
+    jacobian_regularization: Optional[bool] = None,
+    jac_reg: Optional[bool] = None,
+    **overrides: Any,
+) -> PaperNetwork:
     """MNIST dense: ``Flatten → Dense(784→128, relu) → DEQ → Dense(128→10)``, from `MNIST_DENSE`.
 
     DEQ map ``f(z, x) = relu(W1 z) + relu(W2 x)`` (no biases); Skip predictor ``Dense(128→128, relu)``;
@@ -252,10 +302,18 @@ def mnist_dense(model_type: Union[ModelType, ModelKind] = "skip", solver: Solver
     kind = model_kind(model_type)
     solver_obj = build_solver(cfg.solver_spec(solver))
     backward = build_backward(cfg.backward_spec()) if kind.is_deq else None
-    return dense_network(kind, solver_obj, backward=backward, jacobian_regularization=jr,
-                         num_classes=cfg.num_classes, width=cfg.width, in_features=cfg.in_features,
-                         detach_skip_target=cfg.detach_skip_target, reapply_map=cfg.reapply_map,
-                         vanilla_penalty=cfg.vanilla_penalty)
+    return dense_network(
+        kind,
+        solver_obj,
+        backward=backward,
+        jacobian_regularization=jr,
+        num_classes=cfg.num_classes,
+        width=cfg.width,
+        in_features=cfg.in_features,
+        detach_skip_target=cfg.detach_skip_target,
+        reapply_map=cfg.reapply_map,
+        vanilla_penalty=cfg.vanilla_penalty,
+    )
 
 
 mnist_dense.config = MNIST_DENSE  # type: ignore[attr-defined]  # the defaults, readable without building a network

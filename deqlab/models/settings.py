@@ -5,6 +5,7 @@ Why flat: a script passes the training keys straight to ``DEQClassifier(network,
 augmentation, seeds, normalization) itself. ``TRAINING_KEYS`` names the first group; everything else in the
 dict is a run default.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Literal, Optional, Tuple, Union
@@ -13,7 +14,6 @@ from deqlab._compat import renamed
 from deqlab.spec import ModelKind, model_kind
 from deqlab.spec.solve import SOLVER_KINDS, choose
 from deqlab.spec.training import DEQTrainingConfig
-from deqlab.models._build import check_choice
 
 __all__ = ["paper_settings", "TRAINING_KEYS", "PROTOCOLS", "Protocol", "protocol_summary"]
 
@@ -34,15 +34,27 @@ CIFAR_NORM = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 SVHN_NORM = ((0.41037378, 0.4159685, 0.44208914), (0.19587938, 0.19880198, 0.19529267))
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-_V1_OPT = dict(optimizer="adamw", lr=1e-3, weight_decay=2.5e-6, betas=(0.9, 0.999), scheduler="cosine",
-               eta_min=1e-6)
+_V1_OPT = dict(optimizer="adamw", lr=1e-3, weight_decay=2.5e-6, betas=(0.9, 0.999), scheduler="cosine", eta_min=1e-6)
 
 
 #: The MNIST dense protocol the paper's text states (Tsit5 at relative tolerance 0.005, λ_skip = 0.01,
 #: λ_jac = 1, Adam at a constant 1e-3, 25 epochs, batch 32).
-_PAPER_MNIST_DENSE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), scheduler="none",
-                          num_classes=10, lam_skip=1e-2, lam_jac=1.0, pretrain_steps=0, batch_size=32, epochs=25,
-                          augment=False, mean=MNIST_NORM[0], std=MNIST_NORM[1])
+_PAPER_MNIST_DENSE = dict(
+    optimizer="adam",
+    lr=1e-3,
+    weight_decay=0.0,
+    betas=(0.9, 0.999),
+    scheduler="none",
+    num_classes=10,
+    lam_skip=1e-2,
+    lam_jac=1.0,
+    pretrain_steps=0,
+    batch_size=32,
+    epochs=25,
+    augment=False,
+    mean=MNIST_NORM[0],
+    std=MNIST_NORM[1],
+)
 
 
 #: ``build_model`` options that give the January-2022 code's semantics (``--protocol v1`` of MNIST dense).
@@ -56,42 +68,135 @@ def _base(experiment: str, arch: str, solver: str, protocol: str = "paper") -> D
     if experiment == "mnist" and arch == "dense":
         # The January-2022 code's semantics beside its numbers: raw pixels, z* = f(u_T, x), the skip loss on
         # vanilla models too (u0 = 0: λ · mean|z*|), one termination norm over the whole batch.
-        return dict(_V1_OPT, num_classes=10, lam_skip=5.0, lam_jac=1.0, pretrain_steps=0, batch_size=32,
-                    epochs=25, augment=False, mean=MNIST_NORM[0], std=MNIST_NORM[1], normalize=False,
-                    vanilla_skip_loss=True, model_options=dict(V1_SEMANTICS))
+        return dict(
+            _V1_OPT,
+            num_classes=10,
+            lam_skip=5.0,
+            lam_jac=1.0,
+            pretrain_steps=0,
+            batch_size=32,
+            epochs=25,
+            augment=False,
+            mean=MNIST_NORM[0],
+            std=MNIST_NORM[1],
+            normalize=False,
+            vanilla_skip_loss=True,
+            model_options=dict(V1_SEMANTICS),
+        )
     if experiment == "mnist" and arch == "conv":
-        return dict(_V1_OPT, num_classes=10, lam_skip=1.0, lam_jac=1.0, pretrain_steps=0, batch_size=64,
-                    epochs=25, augment=False, mean=MNIST_NORM[0], std=MNIST_NORM[1])
+        return dict(
+            _V1_OPT,
+            num_classes=10,
+            lam_skip=1.0,
+            lam_jac=1.0,
+            pretrain_steps=0,
+            batch_size=64,
+            epochs=25,
+            augment=False,
+            mean=MNIST_NORM[0],
+            std=MNIST_NORM[1],
+        )
     if experiment == "cifar10" and arch == "v1":
-        return dict(_V1_OPT, num_classes=10, lam_skip=1e-2, lam_jac=1.0, pretrain_steps=0,
-                    batch_size=64 if solver == "continuous" else 32, epochs=50, augment=False,
-                    mean=CIFAR_NORM[0], std=CIFAR_NORM[1])
+        return dict(
+            _V1_OPT,
+            num_classes=10,
+            lam_skip=1e-2,
+            lam_jac=1.0,
+            pretrain_steps=0,
+            batch_size=64 if solver == "continuous" else 32,
+            epochs=50,
+            augment=False,
+            mean=CIFAR_NORM[0],
+            std=CIFAR_NORM[1],
+        )
     if experiment == "svhn" and arch == "v1":
-        return dict(_V1_OPT, num_classes=10, lam_skip=1e-2, lam_jac=1.0, pretrain_steps=0, batch_size=64,
-                    epochs=50, augment=False, mean=SVHN_NORM[0], std=SVHN_NORM[1])
+        return dict(
+            _V1_OPT,
+            num_classes=10,
+            lam_skip=1e-2,
+            lam_jac=1.0,
+            pretrain_steps=0,
+            batch_size=64,
+            epochs=50,
+            augment=False,
+            mean=SVHN_NORM[0],
+            std=SVHN_NORM[1],
+        )
     if experiment == "cifar10" and arch == "small":
         # v2+ tiny.yml: Adam, cosine from lr to lr/100 over the 20k steps, 3000 pretraining steps at depth 5.
-        return dict(optimizer="adam", lr=1e-3, weight_decay=2.5e-5, betas=(0.9, 0.999), scheduler="cosine",
-                    eta_min=1e-5, num_classes=10, lam_skip=1e-2, lam_jac=1.0, pretrain_steps=3000,
-                    batch_size=128, max_steps=20000, augment=False, mean=CIFAR_NORM[0], std=CIFAR_NORM[1])
+        return dict(
+            optimizer="adam",
+            lr=1e-3,
+            weight_decay=2.5e-5,
+            betas=(0.9, 0.999),
+            scheduler="cosine",
+            eta_min=1e-5,
+            num_classes=10,
+            lam_skip=1e-2,
+            lam_jac=1.0,
+            pretrain_steps=3000,
+            batch_size=128,
+            max_steps=20000,
+            augment=False,
+            mean=CIFAR_NORM[0],
+            std=CIFAR_NORM[1],
+        )
     if experiment == "cifar10" and arch == "large":
-        return dict(optimizer="adam", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), scheduler="cosine",
-                    eta_min=1e-5, num_classes=10, lam_skip=1e-2, lam_jac=1.0, pretrain_steps=0,
-                    batch_size=128, max_steps=90000, augment=True, mean=CIFAR_NORM[0], std=CIFAR_NORM[1])
+        return dict(
+            optimizer="adam",
+            lr=1e-3,
+            weight_decay=0.0,
+            betas=(0.9, 0.999),
+            scheduler="cosine",
+            eta_min=1e-5,
+            num_classes=10,
+            lam_skip=1e-2,
+            lam_jac=1.0,
+            pretrain_steps=0,
+            batch_size=128,
+            max_steps=90000,
+            augment=True,
+            mean=CIFAR_NORM[0],
+            std=CIFAR_NORM[1],
+        )
     if experiment == "imagenet" and arch == "small":
-        return dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-6, scheduler="step",
-                    step_milestones=(100_000, 150_000, 250_000), step_gamma=0.1, num_classes=1000,
-                    lam_skip=1e-2, lam_jac=1.0, pretrain_steps=0, batch_size=64, max_steps=500_000, augment=True,
-                    mean=IMAGENET_NORM[0], std=IMAGENET_NORM[1])
+        return dict(
+            optimizer="sgd",
+            lr=0.05,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=1e-6,
+            scheduler="step",
+            step_milestones=(100_000, 150_000, 250_000),
+            step_gamma=0.1,
+            num_classes=1000,
+            lam_skip=1e-2,
+            lam_jac=1.0,
+            pretrain_steps=0,
+            batch_size=64,
+            max_steps=500_000,
+            augment=True,
+            mean=IMAGENET_NORM[0],
+            std=IMAGENET_NORM[1],
+        )
     from deqlab.models.builder import EXPERIMENTS
 
-    raise ValueError(f"no paper settings for experiment {experiment!r} arch {arch!r}; known: "
-                     + "; ".join(f"{e}: {', '.join(a)}" for e, a in EXPERIMENTS.items()))
+    raise ValueError(
+        f"no paper settings for experiment {experiment!r} arch {arch!r}; known: "
+        + "; ".join(f"{e}: {', '.join(a)}" for e, a in EXPERIMENTS.items())
+    )
 
 
-def paper_settings(experiment: str, arch: str, model_type: Union[str, ModelKind] = "skip", solver: str = "discrete", *,
-                   jacobian_regularization: Optional[bool] = None, protocol: Protocol = "paper",
-                   jac_reg: Optional[bool] = None) -> Dict[str, Any]:
+def paper_settings(
+    experiment: str,
+    arch: str,
+    model_type: Union[str, ModelKind] = "skip",
+    solver: str = "discrete",
+    *,
+    jacobian_regularization: Optional[bool] = None,
+    protocol: Protocol = "paper",
+    jac_reg: Optional[bool] = None,
+) -> Dict[str, Any]:
     """The paper's training defaults for one run, as a flat dict.
 
     Two protocols (``protocol=``) differ for MNIST dense only: ``paper`` (default) is what the paper's
@@ -110,8 +215,9 @@ def paper_settings(experiment: str, arch: str, model_type: Union[str, ModelKind]
 
     ``skip_loss_weight`` is the paper's λ_skip for ``skip`` / ``skip_reg`` and 0 for ``vanilla`` /
     ``neural_ode`` (u0 = 0 there, so there is nothing to learn; the v1 protocol of MNIST dense gives vanilla
-    λ_skip too, with the ``model_options`` that make its skip loss ``mean |z*|``, as the 2022 code did); ``jacobian_loss_weight`` is λ_jac = 1 with
-    ``jacobian_regularization=True``, else 0. The neural-ODE baseline has no fixed-depth mode, so its ``pretrain_steps`` is 0.
+    λ_skip too, with the ``model_options`` that make its skip loss ``mean |z*|``, as the 2022 code did);
+    ``jacobian_loss_weight`` is λ_jac = 1 with ``jacobian_regularization=True``, else 0. The neural-ODE baseline
+    has no fixed-depth mode, so its ``pretrain_steps`` is 0.
 
     Args:
         experiment: ``mnist``, ``svhn``, ``cifar10`` or ``imagenet``, as in [`build_model`][deqlab.models.build_model].
@@ -149,8 +255,7 @@ def paper_settings(experiment: str, arch: str, model_type: Union[str, ModelKind]
 
     arch = canonical_arch(experiment, arch)
     kind = model_kind(model_type)
-    jr = bool(renamed("paper_settings", "jacobian_regularization", jacobian_regularization, "jac_reg", jac_reg,
-                      False))
+    jr = bool(renamed("paper_settings", "jacobian_regularization", jacobian_regularization, "jac_reg", jac_reg, False))
     choose("paper_settings", "solver", solver, SOLVER_KINDS)
     choose("paper_settings", "protocol", protocol, PROTOCOLS)
     s = _base(experiment, arch, solver, protocol)
@@ -183,8 +288,12 @@ def protocol_summary(experiment: str, arch: str, protocol: Protocol = "paper") -
         'v1 protocol (the January-2022 reference code): adamw lr 0.001 wd 2.5e-06, cosine schedule, λ_skip 5.0, λ_jac 1.0 (Jac. Reg. rows)'
     """
     s = paper_settings(experiment, arch, "skip", protocol=protocol)
-    jac = paper_settings(experiment, arch, "skip", jacobian_regularization=True, protocol=protocol)["jacobian_loss_weight"]
+    jac = paper_settings(experiment, arch, "skip", jacobian_regularization=True, protocol=protocol)[
+        "jacobian_loss_weight"
+    ]
     origin = {"paper": "the paper's stated protocol", "v1": "the January-2022 reference code"}[protocol]
     schedule = "constant rate" if s["scheduler"] == "none" else f"{s['scheduler']} schedule"
-    return (f"{protocol} protocol ({origin}): {s['optimizer']} lr {s['lr']} wd {s['weight_decay']}, {schedule}, "
-            f"λ_skip {s['skip_loss_weight']}, λ_jac {jac} (Jac. Reg. rows)")
+    return (
+        f"{protocol} protocol ({origin}): {s['optimizer']} lr {s['lr']} wd {s['weight_decay']}, {schedule}, "
+        f"λ_skip {s['skip_loss_weight']}, λ_jac {jac} (Jac. Reg. rows)"
+    )

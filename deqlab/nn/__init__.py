@@ -2,16 +2,17 @@
 
 torchdyn is imported lazily by [`MultiScaleNeuralODE`][deqlab.nn.MultiScaleNeuralODE] only when it runs.
 """
+
+from deqlab.nn.adapters import CallableSolver
 from deqlab.nn.deq import (
     DEQ,
     DeepEquilibriumNetwork,
     MultiScaleDeepEquilibriumNetwork,
     MultiScaleMap,
     MultiScaleSkipDeepEquilibriumNetwork,
-    SkipDEQ,
     SkipDeepEquilibriumNetwork,
+    SkipDEQ,
 )
-from deqlab.nn.adapters import CallableSolver
 from deqlab.nn.implicit import (
     BackwardMode,
     BackwardResult,
@@ -40,7 +41,7 @@ from deqlab.nn.protocols import DEQLayer, GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
 from deqlab.nn.reversible import ReversibleBackward
 from deqlab.nn.solution import DeepEquilibriumSolution
-from deqlab.nn.spectral import spectral_radius
+from deqlab.nn.spectral import PowerIteration, power_iteration, spectral_radius
 from deqlab.nn.trajectory import correction_weights, fixed_point_correction_loss
 
 __all__ = [
@@ -72,6 +73,8 @@ __all__ = [
     "NeumannPhantomGradient",
     "jacobian_frobenius_estimate",
     "spectral_radius",
+    "power_iteration",
+    "PowerIteration",
     "fixed_point_correction_loss",
     "correction_weights",
     "EquilibriumStateful",

@@ -6,6 +6,7 @@ default adjoint tolerance). deqlab's solvers satisfy it; a researcher's plain fu
 ``solve(f, z0) -> SolverResult`` does not declare a stop rule, so [`CallableSolver`][deqlab.nn.CallableSolver] wraps it with an
 explicit, documented one instead of the layer guessing attributes.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
@@ -57,13 +58,18 @@ class CallableSolver:
         ('CallableSolver', 'converged')
     """
 
-    def __init__(self, fn: Callable[[Callable[[State], State], State], SolverResult], *,
-                 termination: Optional[TerminationCondition] = None):
+    def __init__(
+        self,
+        fn: Callable[[Callable[[State], State], State], SolverResult],
+        *,
+        termination: Optional[TerminationCondition] = None,
+    ):
         if not callable(fn):
             raise TypeError(f"CallableSolver: fn must be callable as fn(f, z0), got {fn!r}")
         self.fn = fn
-        self.termination = termination if termination is not None else TerminationCondition(
-            mode="abs_norm", abstol=1e-6, reltol=1e-6)
+        self.termination = (
+            termination if termination is not None else TerminationCondition(mode="abs_norm", abstol=1e-6, reltol=1e-6)
+        )
 
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
         return self.fn(f, z0)
@@ -76,8 +82,10 @@ def as_solver(solver: Any, owner: str = "DEQ") -> Solver:
     """A registered name, a [`Solver`][deqlab.solvers.Solver], or a plain callable (wrapped in
     [`CallableSolver`][deqlab.nn.CallableSolver]); anything else raises ``TypeError``."""
     if isinstance(solver, type):
-        raise TypeError(f"{owner}: solver is the class {solver.__name__}, not a solver; create one, e.g. "
-                        f"solver={solver.__name__}() (with its options in the parentheses)")
+        raise TypeError(
+            f"{owner}: solver is the class {solver.__name__}, not a solver; create one, e.g. "
+            f"solver={solver.__name__}() (with its options in the parentheses)"
+        )
     if isinstance(solver, str):
         from deqlab.solvers.registry import get_solver
 
@@ -86,5 +94,7 @@ def as_solver(solver: Any, owner: str = "DEQ") -> Solver:
         return solver
     if callable(solver):
         return CallableSolver(solver)
-    raise TypeError(f"{owner}: solver must be a Solver (e.g. DiscreteDEQSolver(...)), a registered solver name "
-                    f"or a callable solver(f, z0) -> SolverResult, got {solver!r}")
+    raise TypeError(
+        f"{owner}: solver must be a Solver (e.g. DiscreteDEQSolver(...)), a registered solver name "
+        f"or a callable solver(f, z0) -> SolverResult, got {solver!r}"
+    )

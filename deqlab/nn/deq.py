@@ -15,13 +15,14 @@ Data flow of one forward (``deq(x) -> (z_star, solution)``):
 Skip DEQ, Skip Reg. DEQ and the multiscale layers are the same class with another ``init`` / ``model``
 ([`SkipDeepEquilibriumNetwork`][deqlab.nn.SkipDeepEquilibriumNetwork] and friends only build those).
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import threading
 import weakref
-from typing import Any, Callable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Literal, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,15 +36,15 @@ from deqlab.nn.layers import equilibrium_session, stateful_modules
 from deqlab.nn.maps import CheckedMap
 from deqlab.nn.protocols import GuessStrategy
 from deqlab.nn.regularization import jacobian_frobenius_estimate
-from deqlab.nn.reversible import ReversibleBackward, check_reversible_pairing
 from deqlab.nn.reporting import ConvergenceReporter, UnconvergedPolicy, user_stacklevel
+from deqlab.nn.reversible import ReversibleBackward, check_reversible_pairing
 from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
 from deqlab.nn.spectral import spectral_radius as _spectral_radius
 from deqlab.nn.trajectory import check_sampling, phantom_states, sample_steps
 from deqlab.solvers.result import SolverStatus
-from deqlab.solvers.termination import record_iterates
 from deqlab.solvers.reversible import ReversibleSolver
+from deqlab.solvers.termination import record_iterates
 from deqlab.state import State, as_parts, detach, from_parts, per_sample_norm
 
 __all__ = [
@@ -57,46 +58,83 @@ __all__ = [
 ]
 
 
-def _resolve_init(owner: str, init: Optional[GuessStrategy], z_shape: Optional[Sequence[int]],
-                  initializer: Optional[Callable[[Tensor], State]], shortcut: Any = None) -> GuessStrategy:
+def _resolve_init(
+    owner: str,
+    init: Optional[GuessStrategy],
+    z_shape: Optional[Sequence[int]],
+    initializer: Optional[Callable[[Tensor], State]],
+    shortcut: Any = None,
+) -> GuessStrategy:
     """The one initial-guess strategy from ``init=`` or its aliases ``z_shape=`` / ``initializer=`` /
     ``shortcut=`` (with a shortcut, ``z_shape`` is the shape its output is checked against, as in Skip DEQ)."""
-    given = [k for k, v in (("init", init), ("z_shape", z_shape if shortcut is None else None),
-                            ("initializer", initializer), ("shortcut", shortcut)) if v is not None]
+    given = [
+        k
+        for k, v in (
+            ("init", init),
+            ("z_shape", z_shape if shortcut is None else None),
+            ("initializer", initializer),
+            ("shortcut", shortcut),
+        )
+        if v is not None
+    ]
     if len(given) > 1:
-        raise ValueError(f"{owner}: {' and '.join(given)} both set the initial state u0; pass one of them "
-                         f"(z_shape=S is init=ZeroGuess(shape=S), initializer=fn is init=FunctionGuess(fn), "
-                         f"shortcut=m is init=ShortcutGuess(m))")
+        raise ValueError(
+            f"{owner}: {' and '.join(given)} both set the initial state u0; pass one of them "
+            f"(z_shape=S is init=ZeroGuess(shape=S), initializer=fn is init=FunctionGuess(fn), "
+            f"shortcut=m is init=ShortcutGuess(m))"
+        )
     # One way to give a starting guess: init= with a strategy object; the three old spellings still work. The
     # warnings point at the user's line whichever constructor (a subclass's, a multiscale layer's) got here
     # (+1: warn_renamed is one frame deeper than this function); a DeprecationWarning is shown by default only
     # when it points at __main__, so a level that lands inside deqlab hid it
     if shortcut is not None:
-        warn_renamed(owner, "shortcut=m", "init=ShortcutGuess(m) (or SkipDeepEquilibriumNetwork(f, solver, m))",
-                     stacklevel=user_stacklevel() + 1, why="one way to give a starting guess")
+        warn_renamed(
+            owner,
+            "shortcut=m",
+            "init=ShortcutGuess(m) (or SkipDeepEquilibriumNetwork(f, solver, m))",
+            stacklevel=user_stacklevel() + 1,
+            why="one way to give a starting guess",
+        )
         return ShortcutGuess(shortcut, shape=z_shape)
     if initializer is not None:
-        warn_renamed(owner, "initializer=fn", "init=FunctionGuess(fn)", stacklevel=user_stacklevel() + 1,
-                     why="one way to give a starting guess")
+        warn_renamed(
+            owner,
+            "initializer=fn",
+            "init=FunctionGuess(fn)",
+            stacklevel=user_stacklevel() + 1,
+            why="one way to give a starting guess",
+        )
         return FunctionGuess(initializer)
     if z_shape is not None:
-        warn_renamed(owner, "z_shape=S", "init=ZeroGuess(shape=S)", stacklevel=user_stacklevel() + 1,
-                     why="one way to give a starting guess")
+        warn_renamed(
+            owner,
+            "z_shape=S",
+            "init=ZeroGuess(shape=S)",
+            stacklevel=user_stacklevel() + 1,
+            why="one way to give a starting guess",
+        )
     if init is None:
         return ZeroGuess(shape=z_shape)
     if isinstance(init, type):
-        raise TypeError(f"{owner}: init is the class {init.__name__}, not a strategy; create one, e.g. "
-                        f"init={init.__name__}(...)")
+        raise TypeError(
+            f"{owner}: init is the class {init.__name__}, not a strategy; create one, e.g. init={init.__name__}(...)"
+        )
     if not isinstance(init, GuessStrategy):
         missing = [m for m in ("__call__", "start", "skip_loss", "observe") if not callable(getattr(init, m, None))]
-        raise TypeError(f"{owner}: init must be an initial-guess strategy (ZeroGuess(), ShortcutGuess(module), "
-                        f"MapGuess(), a subclass of deqlab.nn.InitialGuess, or any object with the members of "
-                        f"deqlab.nn.GuessStrategy); {init!r} lacks {', '.join(missing)}")
+        raise TypeError(
+            f"{owner}: init must be an initial-guess strategy (ZeroGuess(), ShortcutGuess(module), "
+            f"MapGuess(), a subclass of deqlab.nn.InitialGuess, or any object with the members of "
+            f"deqlab.nn.GuessStrategy); {init!r} lacks {', '.join(missing)}"
+        )
     return init
 
 
-def _record_backward(ref: "weakref.ReferenceType[DeepEquilibriumSolution]", reporter: ConvergenceReporter,
-                     mode: BackwardMode, result: BackwardResult) -> None:
+def _record_backward(
+    ref: "weakref.ReferenceType[DeepEquilibriumSolution]",
+    reporter: ConvergenceReporter,
+    mode: BackwardMode,
+    result: BackwardResult,
+) -> None:
     """Write what a backward cost and whether its solve converged into the solution record; report a
     failed adjoint solve by the layer's policy (or the backward mode's ``warn_unconverged`` override)."""
     solution = ref()
@@ -110,8 +148,10 @@ def _record_backward(ref: "weakref.ReferenceType[DeepEquilibriumSolution]", repo
     def describe() -> str:
         res = result.residual
         worst = "n/a" if res is None else f"{float(res.max()):.3g}"
-        return (f"{type(mode).__name__}: max relative adjoint residual {worst} after {result.nfe} VJPs; "
-                f"the gradients are inexact (a singular I - J^T at z*, or too small a budget)")
+        return (
+            f"{type(mode).__name__}: max relative adjoint residual {worst} after {result.nfe} VJPs; "
+            f"the gradients are inexact (a singular I - J^T at z*, or too small a budget)"
+        )
 
     reporter.record("backward", bool(result.converged), describe, policy=policy, stacklevel=4)
 
@@ -123,11 +163,15 @@ def _rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args: An
     old = prefix + "shortcut."
     keys = [k for k in state_dict if k.startswith(old)]
     if keys:
-        warn_renamed("state_dict", f"'{old}*'", f"'{prefix}init.shortcut.*' (re-save the checkpoint)",
-                     stacklevel=user_stacklevel() + 1,
-                     why="a checkpoint from before the initial-guess strategies")
+        warn_renamed(
+            "state_dict",
+            f"'{old}*'",
+            f"'{prefix}init.shortcut.*' (re-save the checkpoint)",
+            stacklevel=user_stacklevel() + 1,
+            why="a checkpoint from before the initial-guess strategies",
+        )
     for key in keys:
-        state_dict[prefix + "init.shortcut." + key[len(old):]] = state_dict.pop(key)
+        state_dict[prefix + "init.shortcut." + key[len(old) :]] = state_dict.pop(key)
 
 
 _DEPTH = threading.local()
@@ -223,10 +267,10 @@ class DeepEquilibriumNetwork(nn.Module):
 
     Raises:
         ValueError: more than one of ``init``, ``z_shape``, ``initializer``, ``shortcut`` is given (all
-            set ``u0``; ``z_shape`` with ``shortcut`` is the shape check); ``jacobian_probes < 1``; ``jacobian_normalize`` is not ``"element"``, ``"sample"`` or
-            ``"none"``; ``fixed_depth`` is not an int >= 0; ``on_unconverged`` is not ``"warn"``,
-            ``"ignore"`` or ``"raise"``; ``solver`` is an unknown solver name; a
-            [`ReversibleSolver`][deqlab.solvers.ReversibleSolver] and a
+            set ``u0``; ``z_shape`` with ``shortcut`` is the shape check); ``jacobian_probes < 1``;
+            ``jacobian_normalize`` is not ``"element"``, ``"sample"`` or ``"none"``; ``fixed_depth`` is not an
+            int >= 0; ``on_unconverged`` is not ``"warn"``, ``"ignore"`` or ``"raise"``; ``solver`` is an unknown
+            solver name; a [`ReversibleSolver`][deqlab.solvers.ReversibleSolver] and a
             [`ReversibleBackward`][deqlab.nn.ReversibleBackward] are not used together (each needs the other);
             ``spectral_radius`` is not one of ``False``, ``True``, ``"off"``, ``"eval"``, ``"always"``;
             ``spectral_radius_iters < 1``; both ``sample_states`` and ``sample_at``
@@ -289,17 +333,22 @@ class DeepEquilibriumNetwork(nn.Module):
         if backward is None:  # the reversible solver's exact backward is the only one that fits it
             backward = ReversibleBackward() if isinstance(solver, ReversibleSolver) else ImplicitBackward()
         if isinstance(backward, type):
-            raise TypeError(f"{name}: backward is the class {backward.__name__}, not a backward mode; create one, "
-                            f"e.g. backward={backward.__name__}()")
+            raise TypeError(
+                f"{name}: backward is the class {backward.__name__}, not a backward mode; create one, "
+                f"e.g. backward={backward.__name__}()"
+            )
         if not isinstance(backward, BackwardMode):
-            raise TypeError(f"{name}: backward must be a BackwardMode (ImplicitBackward(), "
-                            f"JacobianFreeBackward(), PhantomGradient()), got {backward!r}")
+            raise TypeError(
+                f"{name}: backward must be a BackwardMode (ImplicitBackward(), "
+                f"JacobianFreeBackward(), PhantomGradient()), got {backward!r}"
+            )
         check_reversible_pairing(name, solver, backward)
         if jacobian_probes < 1:
             raise ValueError(f"{name}: jacobian_probes must be >= 1, got {jacobian_probes}")
         if jacobian_normalize not in ("element", "sample", "none"):
-            raise ValueError(f"{name}: jacobian_normalize must be 'element', 'sample' or 'none', "
-                             f"got {jacobian_normalize!r}")
+            raise ValueError(
+                f"{name}: jacobian_normalize must be 'element', 'sample' or 'none', got {jacobian_normalize!r}"
+            )
         self.model = model
         self.solver = solver
         self.init = _resolve_init(name, init, z_shape, initializer, shortcut)
@@ -311,10 +360,14 @@ class DeepEquilibriumNetwork(nn.Module):
         self.reapply_map = bool(reapply_map)
         modes = {False: "off", True: "eval", "off": "off", "eval": "eval", "always": "always"}
         if not isinstance(spectral_radius, (bool, str)) or spectral_radius not in modes:
-            raise ValueError(f"{name}: spectral_radius must be False, True, 'off', 'eval' or 'always', "
-                             f"got {spectral_radius!r}")
-        if isinstance(spectral_radius_iters, bool) or not isinstance(spectral_radius_iters, int) or \
-                spectral_radius_iters < 1:
+            raise ValueError(
+                f"{name}: spectral_radius must be False, True, 'off', 'eval' or 'always', got {spectral_radius!r}"
+            )
+        if (
+            isinstance(spectral_radius_iters, bool)
+            or not isinstance(spectral_radius_iters, int)
+            or spectral_radius_iters < 1
+        ):
             raise ValueError(f"{name}: spectral_radius_iters must be an int >= 1, got {spectral_radius_iters!r}")
         #: when ``solution.spectral_radius`` is computed: ``"off"``, ``"eval"`` or ``"always"``
         self.spectral_radius_mode: str = modes[spectral_radius]
@@ -329,14 +382,20 @@ class DeepEquilibriumNetwork(nn.Module):
     #: attributes of the old Skip machinery: the guess strategy holds them now. Setting one on the layer
     #: would silently do nothing, so it raises and says where the setting lives; reading one (other than the
     #: ``shortcut`` view) raises an AttributeError that says the same, so old code fails loudly, not wrongly.
-    _MOVED = {"shortcut": "init.shortcut", "skip_loss_kind": "init.skip_loss_kind",
-              "detach_skip_target": "init.detach_skip_target", "z_shape": "init.shape",
-              "initializer": "init.fn"}
+    _MOVED = {
+        "shortcut": "init.shortcut",
+        "skip_loss_kind": "init.skip_loss_kind",
+        "detach_skip_target": "init.detach_skip_target",
+        "z_shape": "init.shape",
+        "initializer": "init.fn",
+    }
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in DeepEquilibriumNetwork._MOVED:
-            raise AttributeError(f"{type(self).__name__}.{name} is read-only: the initial-guess strategy owns it "
-                                 f"(set layer.{DeepEquilibriumNetwork._MOVED[name]}, or pass init=...)")
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is read-only: the initial-guess strategy owns it "
+                f"(set layer.{DeepEquilibriumNetwork._MOVED[name]}, or pass init=...)"
+            )
         super().__setattr__(name, value)
 
     @property
@@ -355,7 +414,8 @@ class DeepEquilibriumNetwork(nn.Module):
             f"{type(self).__name__}.{name} moved to the initial-guess strategy: read "
             f"layer.{DeepEquilibriumNetwork._MOVED[name]} (this layer's init is {type(init).__name__}; "
             f"ShortcutGuess / MapGuess hold the skip-loss settings, ZeroGuess / MapGuess / ShortcutGuess the "
-            f"shape, FunctionGuess the function)")
+            f"shape, FunctionGuess the function)"
+        )
 
     @property
     def fixed_depth(self) -> int:
@@ -430,15 +490,21 @@ class DeepEquilibriumNetwork(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: expected x to be a tensor of shape (B, ...), got {type(x).__name__}")
         if not x.is_floating_point():
-            raise ValueError(f"{name}: expected a floating-point x, got dtype {x.dtype} (shape "
-                             f"{tuple(x.shape)}); convert it with x.float()")
+            raise ValueError(
+                f"{name}: expected a floating-point x, got dtype {x.dtype} (shape "
+                f"{tuple(x.shape)}); convert it with x.float()"
+            )
         if x.dim() < 2:
-            raise ValueError(f"{name}: expected x of shape (B, ...) with a batch dimension first, got shape "
-                             f"{tuple(x.shape)}; for a single sample use x.unsqueeze(0) (shape "
-                             f"{(1, *x.shape)})")
+            raise ValueError(
+                f"{name}: expected x of shape (B, ...) with a batch dimension first, got shape "
+                f"{tuple(x.shape)}; for a single sample use x.unsqueeze(0) (shape "
+                f"{(1, *x.shape)})"
+            )
         if x.shape[0] == 0:
-            raise ValueError(f"{name}: got an empty batch (x of shape {tuple(x.shape)}); a DEQ needs at least "
-                             f"one sample (skip empty batches before the layer)")
+            raise ValueError(
+                f"{name}: got an empty batch (x of shape {tuple(x.shape)}); a DEQ needs at least "
+                f"one sample (skip empty batches before the layer)"
+            )
 
     def forward(self, x: Tensor) -> Tuple[State, DeepEquilibriumSolution]:
         """Solve for the fixed point ``z* = f(z*, x)`` (or unroll ``fixed_depth`` steps).
@@ -474,8 +540,9 @@ class DeepEquilibriumNetwork(nn.Module):
                 u0 = self.init(x, fmap)
             u0_parts = as_parts(u0)
             if u0_parts[0].shape[0] != x.shape[0]:
-                raise ValueError(f"{name}: the initial state has batch size {u0_parts[0].shape[0]} but x has "
-                                 f"{x.shape[0]}")
+                raise ValueError(
+                    f"{name}: the initial state has batch size {u0_parts[0].shape[0]} but x has {x.shape[0]}"
+                )
             is_list = not isinstance(u0, Tensor)
             start = self.init.start(u0)
             result, context, counter = None, None, None
@@ -485,8 +552,11 @@ class DeepEquilibriumNetwork(nn.Module):
             if depth > 0:
                 z = start
                 counter = _BackpropCounter()  # the backprop through the d steps is d VJPs, counted into the record
-                step = _CheckpointedStep(fmap, is_list, modules) if self.checkpoint_unrolled and \
-                    torch.is_grad_enabled() else fmap
+                step = (
+                    _CheckpointedStep(fmap, is_list, modules)
+                    if self.checkpoint_unrolled and torch.is_grad_enabled()
+                    else fmap
+                )
                 for i in range(depth):
                     if steps is not None and i in steps:
                         recorded[i] = z
@@ -494,12 +564,14 @@ class DeepEquilibriumNetwork(nn.Module):
                     counter.watch(as_parts(z))
             else:
                 check_reversible_pairing(name, self.solver, self.backward)  # either may have been reassigned
-                with torch.no_grad(), (record_iterates(steps) if steps is not None else contextlib.nullcontext()):
+                with torch.no_grad(), record_iterates(steps) if steps is not None else contextlib.nullcontext():
                     result = self.solver(fmap, detach(start))
                 if steps is not None and result.iterates is None:
-                    raise TypeError(f"{name}: sample_states / sample_at need a solver that records its iterates "
-                                    f"(deqlab's DiscreteDEQSolver and ContinuousDEQSolver do); "
-                                    f"{type(self.solver).__name__} returned none")
+                    raise TypeError(
+                        f"{name}: sample_states / sample_at need a solver that records its iterates "
+                        f"(deqlab's DiscreteDEQSolver and ContinuousDEQSolver do); "
+                        f"{type(self.solver).__name__} returned none"
+                    )
         if depth > 0:
             with torch.no_grad():  # the residual's evaluation at z is also the running statistics' update
                 fz = fmap(z)
@@ -511,6 +583,7 @@ class DeepEquilibriumNetwork(nn.Module):
             converged = torch.zeros_like(residual, dtype=torch.bool)
             status = SolverStatus.MAX_STEPS if bool(torch.isfinite(residual).all()) else SolverStatus.NONFINITE
         else:
+            assert result is not None  # depth 0: the solver ran
             if batch_norms and result.status is not SolverStatus.NONFINITE:
                 with torch.no_grad():  # the one update of the running statistics, at z* (not counted in nfe)
                     fmap(detach(result.z))
@@ -523,9 +596,13 @@ class DeepEquilibriumNetwork(nn.Module):
             if reference is not None and self.jacobian_regularization and result.reference_counting == "deqjl":
                 reference += 1
             converged, status = result.converged, result.status
-            self.reporter.record("forward", status is SolverStatus.CONVERGED, functools.partial(
-                _describe_forward, result, getattr(self.solver, "termination", None)), result=result,
-                stacklevel=5)
+            self.reporter.record(
+                "forward",
+                status is SolverStatus.CONVERGED,
+                functools.partial(_describe_forward, result, getattr(self.solver, "termination", None)),
+                result=result,
+                stacklevel=5,
+            )
 
         with frozen_running_stats(modules):
             if self.reapply_map:
@@ -536,25 +613,38 @@ class DeepEquilibriumNetwork(nn.Module):
             if self.spectral_radius_mode == "always" or (self.spectral_radius_mode == "eval" and not self.training):
                 x_const = x.detach()
                 with instrument.region("deq.spectral_radius"):
-                    rho = _spectral_radius(lambda z: self._eval_map(z, x_const), detach(z_star),
-                                           self.spectral_radius_iters)
+                    rho = _spectral_radius(
+                        lambda z: self._eval_map(z, x_const), detach(z_star), self.spectral_radius_iters
+                    )
             states = None
             if steps is not None and depth > 0:  # the unrolled iterates already carry their gradient
                 states = [recorded.get(i, z_star) for i in steps] + [z_star]
             elif steps is not None:
+                assert result is not None  # depth 0: the solver ran
                 states = phantom_states(fmap, result.iterates, self.sample_grad, self.sample_tau) + [z_star]
                 nfe += len(steps) * self.sample_grad
         skip = self.init.skip_loss(u0, z_star)
         solution = DeepEquilibriumSolution(
-            z_star=z_star, u0=u0, abs_residual=residual, jacobian_loss=jac,
-            skip_loss=x.new_zeros(()) if skip is None else skip, nfe=nfe, converged=converged, status=status,
-            solver_result=result, reference_nfe=reference, rel_residual=rel_residual, spectral_radius=rho,
-            states=states)
+            z_star=z_star,
+            u0=u0,
+            abs_residual=residual,
+            jacobian_loss=jac,
+            skip_loss=x.new_zeros(()) if skip is None else skip,
+            nfe=nfe,
+            converged=converged,
+            status=status,
+            solver_result=result,
+            reference_nfe=reference,
+            rel_residual=rel_residual,
+            spectral_radius=rho,
+            states=states,
+        )
         if counter is not None:
             counter.bind(solution)
         if context is not None:
-            context.on_backward = functools.partial(_record_backward, weakref.ref(solution), self.reporter,
-                                                    self.backward)
+            context.on_backward = functools.partial(
+                _record_backward, weakref.ref(solution), self.reporter, self.backward
+            )
         with torch.no_grad():
             self.init.observe(x.detach(), detach(z_star))
         return z_star, solution
@@ -567,12 +657,15 @@ class DeepEquilibriumNetwork(nn.Module):
             return None
         budget = depth if depth > 0 else getattr(self.solver, "max_steps", None)
         if not isinstance(budget, int):
-            raise TypeError(f"{type(self).__name__}: sample_states spreads the states over the solver's max_steps, "
-                            f"which {type(self.solver).__name__} does not have; pass sample_at=[...] instead")
+            raise TypeError(
+                f"{type(self).__name__}: sample_states spreads the states over the solver's max_steps, "
+                f"which {type(self.solver).__name__} does not have; pass sample_at=[...] instead"
+            )
         return sample_steps(self.sample_states, budget)
 
-    def _attach(self, z_parts: List[Tensor], x: Tensor, is_list: bool, result: Any = None
-                ) -> Tuple[List[Tensor], Optional[_GradientContext]]:
+    def _attach(
+        self, z_parts: List[Tensor], x: Tensor, is_list: bool, result: Any = None
+    ) -> Tuple[List[Tensor], Optional[_GradientContext]]:
         if not torch.is_grad_enabled():
             return z_parts, None
         modules = self._map_modules()
@@ -594,9 +687,18 @@ class DeepEquilibriumNetwork(nn.Module):
             return z_parts, None
         device = x.device.type
         autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
-        problem_args = dict(f=self._eval_map, is_list=is_list, autocast=autocast, forward_tol=float(self.solver.termination.tol),
-                            stateful=stateful, snapshots=snapshots, grad_slots=grad_slots, owner=self,
-                            map_modules=modules, solver_result=result)
+        problem_args = dict(
+            f=self._eval_map,
+            is_list=is_list,
+            autocast=autocast,
+            forward_tol=float(self.solver.termination.tol),
+            stateful=stateful,
+            snapshots=snapshots,
+            grad_slots=grad_slots,
+            owner=self,
+            map_modules=modules,
+            solver_result=result,
+        )
         context = _GradientContext(problem_args, self.backward, n_parts=len(z_parts), n_params=len(params))
         return attach_gradient(context, z_parts, x, params, grad_state), context
 
@@ -606,15 +708,18 @@ class DeepEquilibriumNetwork(nn.Module):
         z = [t.detach().requires_grad_() for t in as_parts(z_star)]
         is_list = not isinstance(z_star, Tensor)
         fz = self._eval_map(from_parts(z, is_list), x)
-        return jacobian_frobenius_estimate(fz, z, n_probes=self.jacobian_probes,
-                                           normalize=self.jacobian_normalize, create_graph=True)
+        return jacobian_frobenius_estimate(
+            fz, z, n_probes=self.jacobian_probes, normalize=self.jacobian_normalize, create_graph=True
+        )
 
     def extra_repr(self) -> str:
-        return (f"solver={self.solver!r}, backward={self.backward!r}, "
-                f"jacobian_regularization={self.jacobian_regularization}, fixed_depth={self.fixed_depth}"
-                + (", reapply_map=True" if self.reapply_map else "")
-                + (f", spectral_radius={self.spectral_radius_mode!r}" if self.spectral_radius_mode != "off" else "")
-                + (", checkpoint_unrolled=True" if self.checkpoint_unrolled else ""))
+        return (
+            f"solver={self.solver!r}, backward={self.backward!r}, "
+            f"jacobian_regularization={self.jacobian_regularization}, fixed_depth={self.fixed_depth}"
+            + (", reapply_map=True" if self.reapply_map else "")
+            + (f", spectral_radius={self.spectral_radius_mode!r}" if self.spectral_radius_mode != "off" else "")
+            + (", checkpoint_unrolled=True" if self.checkpoint_unrolled else "")
+        )
 
 
 DEQ = DeepEquilibriumNetwork
@@ -667,31 +772,37 @@ def _describe_forward(result: Any, termination: Any = None) -> str:
     unconverged = float((~result.converged).float().mean())
     objective = getattr(result, "objective", None)
     if objective is not None and objective.numel():
-        what = (f"max {result.objective_name} {float(objective.max()):.3g} (the stopping test's objective; "
-                f"tolerance {result.tolerance:g})")
+        what = (
+            f"max {result.objective_name} {float(objective.max()):.3g} (the stopping test's objective; "
+            f"tolerance {result.tolerance:g})"
+        )
     else:
         what = f"max absolute residual {float(result.abs_residual.max()):.3g}"
     text = f"status {result.status.value}, {what}, {unconverged:.0%} of the samples unconverged"
     stalled = getattr(result, "stalled", None)
     if stalled is not None and bool(stalled.any()):
         mult = getattr(termination, "patience_objective_multiplier", 3.0)
-        text += (f" ({float(stalled.float().mean()):.0%} stalled within {mult:g}x tolerance: the patience rule "
-                 f"stopped them near, not within, the tolerance)")
+        text += (
+            f" ({float(stalled.float().mean()):.0%} stalled within {mult:g}x tolerance: the patience rule "
+            f"stopped them near, not within, the tolerance)"
+        )
     return f"{text}, nfe {result.nfe}"
 
 
-def _skip_init(owner: str, kwargs: dict, shortcut: Any, skip_loss: SkipLoss, detach_skip_target: Optional[bool],
-               shape: Any) -> InitialGuess:
+def _skip_init(
+    owner: str, kwargs: dict, shortcut: Any, skip_loss: SkipLoss, detach_skip_target: Optional[bool], shape: Any
+) -> InitialGuess:
     """The guess a Skip constructor builds: ``ShortcutGuess(shortcut)`` or, without one, ``MapGuess()``.
     ``detach_skip_target=None`` takes each guess's own default (detached for a shortcut, coupled for
     Skip Reg.)."""
-    what = ("shortcut" if shortcut is not None else
-            "the Skip Reg. default (no shortcut: u0 = f(0, x), MapGuess())")
+    what = "shortcut" if shortcut is not None else "the Skip Reg. default (no shortcut: u0 = f(0, x), MapGuess())"
     for key in ("init", "initializer", "shortcut"):
         if kwargs.get(key) is not None:
-            raise ValueError(f"{owner}: {key} and {what} both set the initial state u0; a Skip layer builds "
-                             f"its own (ShortcutGuess(shortcut) or MapGuess()). Pass init=... to "
-                             f"DeepEquilibriumNetwork instead")
+            raise ValueError(
+                f"{owner}: {key} and {what} both set the initial state u0; a Skip layer builds "
+                f"its own (ShortcutGuess(shortcut) or MapGuess()). Pass init=... to "
+                f"DeepEquilibriumNetwork instead"
+            )
         kwargs.pop(key, None)
     coupling = {} if detach_skip_target is None else {"detach_skip_target": bool(detach_skip_target)}
     if shortcut is not None:
@@ -756,10 +867,19 @@ class SkipDeepEquilibriumNetwork(DeepEquilibriumNetwork):
         ([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], 1.0)
     """
 
-    def __init__(self, model: nn.Module, solver: Any, shortcut: Optional[nn.Module] = None, *,
-                 skip_loss: SkipLoss = "l1", detach_skip_target: Optional[bool] = None, **kwargs: Any):
-        init = _skip_init(type(self).__name__, kwargs, shortcut, skip_loss, detach_skip_target,
-                          kwargs.pop("z_shape", None))
+    def __init__(
+        self,
+        model: nn.Module,
+        solver: Any,
+        shortcut: Optional[nn.Module] = None,
+        *,
+        skip_loss: SkipLoss = "l1",
+        detach_skip_target: Optional[bool] = None,
+        **kwargs: Any,
+    ):
+        init = _skip_init(
+            type(self).__name__, kwargs, shortcut, skip_loss, detach_skip_target, kwargs.pop("z_shape", None)
+        )
         super().__init__(model, solver, init=init, **kwargs)
 
 
@@ -809,23 +929,33 @@ class MultiScaleMap(nn.Module):
         (2, [(1, 2), (1, 3)], [[1.0, 1.0]])
     """
 
-    def __init__(self, main_layers: Sequence[nn.Module], mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
-                 post_fuse_layers: Optional[Sequence[Optional[nn.Module]]] = None):
+    def __init__(
+        self,
+        main_layers: Sequence[nn.Module],
+        mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
+        post_fuse_layers: Optional[Sequence[Optional[nn.Module]]] = None,
+    ):
         super().__init__()
         n = len(main_layers)
         if len(mapping_layers) != n or any(len(row) != n for row in mapping_layers):
-            raise ValueError(f"MultiScaleMap: mapping_layers must be a {n}x{n} matrix (one row and column per "
-                             f"scale), got rows of lengths {[len(r) for r in mapping_layers]}")
+            raise ValueError(
+                f"MultiScaleMap: mapping_layers must be a {n}x{n} matrix (one row and column per "
+                f"scale), got rows of lengths {[len(r) for r in mapping_layers]}"
+            )
         if post_fuse_layers is not None and len(post_fuse_layers) != n:
             raise ValueError(f"MultiScaleMap: expected {n} post_fuse_layers, got {len(post_fuse_layers)}")
         self.main_layers = nn.ModuleList(main_layers)
         rows = []
         for i, row in enumerate(mapping_layers):
-            rows.append(nn.ModuleList([
-                (nn.Identity() if i == j else _Zero()) if m is None else m for j, m in enumerate(row)]))
+            rows.append(
+                nn.ModuleList([(nn.Identity() if i == j else _Zero()) if m is None else m for j, m in enumerate(row)])
+            )
         self.mapping_layers = nn.ModuleList(rows)
-        self.post_fuse_layers = None if post_fuse_layers is None else nn.ModuleList(
-            [nn.Identity() if m is None else m for m in post_fuse_layers])
+        self.post_fuse_layers = (
+            None
+            if post_fuse_layers is None
+            else nn.ModuleList([nn.Identity() if m is None else m for m in post_fuse_layers])
+        )
 
     @property
     def num_scales(self) -> int:
@@ -837,18 +967,18 @@ class MultiScaleMap(nn.Module):
         if len(z) != n:
             raise ValueError(f"MultiScaleMap: expected a state of {n} scales, got {len(z)}")
         main = [self.main_layers[0](z[0], x)] + [self.main_layers[i](z[i]) for i in range(1, n)]
-        out = []
+        out: List[Tensor] = []
         for j in range(n):
             acc = None
             for i in range(n):
-                m = self.mapping_layers[i][j]
+                m = cast(nn.ModuleList, self.mapping_layers[i])[j]  # a row of the matrix
                 if isinstance(m, _Zero):
                     continue
                 y = m(main[i])
                 acc = y if acc is None else acc + y
             if self.post_fuse_layers is not None:
                 acc = self.post_fuse_layers[j](acc)
-            out.append(acc)
+            out.append(cast(Tensor, acc))  # the diagonal entry (identity at least) is never _Zero
         return out
 
 
@@ -900,9 +1030,15 @@ class MultiScaleDeepEquilibriumNetwork(DeepEquilibriumNetwork):
         True
     """
 
-    def __init__(self, main_layers: Sequence[nn.Module], mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
-                 post_fuse_layers: Optional[Sequence[Optional[nn.Module]]], solver: Any,
-                 scales: Sequence[Sequence[int]], **kwargs: Any):
+    def __init__(
+        self,
+        main_layers: Sequence[nn.Module],
+        mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
+        post_fuse_layers: Optional[Sequence[Optional[nn.Module]]],
+        solver: Any,
+        scales: Sequence[Sequence[int]],
+        **kwargs: Any,
+    ):
         if "z_shape" in kwargs:
             raise TypeError(f"{type(self).__name__}: use scales=..., not z_shape")
         model = MultiScaleMap(main_layers, mapping_layers, post_fuse_layers)
@@ -969,13 +1105,25 @@ class MultiScaleSkipDeepEquilibriumNetwork(MultiScaleDeepEquilibriumNetwork):
         [1.0, 1.0]
     """
 
-    def __init__(self, main_layers: Sequence[nn.Module], mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
-                 post_fuse_layers: Optional[Sequence[Optional[nn.Module]]], solver: Any,
-                 scales: Sequence[Sequence[int]], shortcut_layers: Union[None, nn.Module, Sequence[nn.Module]] = None,
-                 *, skip_loss: SkipLoss = "l1", detach_skip_target: Optional[bool] = None, **kwargs: Any):
+    def __init__(
+        self,
+        main_layers: Sequence[nn.Module],
+        mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
+        post_fuse_layers: Optional[Sequence[Optional[nn.Module]]],
+        solver: Any,
+        scales: Sequence[Sequence[int]],
+        shortcut_layers: Union[None, nn.Module, Sequence[nn.Module]] = None,
+        *,
+        skip_loss: SkipLoss = "l1",
+        detach_skip_target: Optional[bool] = None,
+        **kwargs: Any,
+    ):
         name = type(self).__name__
-        if shortcut_layers is not None and not isinstance(shortcut_layers, nn.Module) and \
-                len(shortcut_layers) != len(scales):
+        if (
+            shortcut_layers is not None
+            and not isinstance(shortcut_layers, nn.Module)
+            and len(shortcut_layers) != len(scales)
+        ):
             raise ValueError(f"{name}: expected {len(scales)} shortcut_layers, got {len(shortcut_layers)}")
         shapes = [tuple(int(d) for d in s) for s in scales]
         init = _skip_init(name, kwargs, shortcut_layers, skip_loss, detach_skip_target, shapes)

@@ -22,6 +22,7 @@ Every parameter of the map is an input of the Function, so autograd routes its g
 DDP (every parameter receives a gradient, zeros when ``f`` does not use it), and ``x`` gets a gradient so
 the explicit stem before the DEQ trains.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,10 +30,11 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import Node
 
 from deqlab import instrument
 from deqlab.nn.reporting import user_stacklevel
@@ -41,8 +43,17 @@ from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
 from deqlab.solvers.protocols import LinearSolver, Solver
 from deqlab.state import flatten, from_parts, unflatten
 
-__all__ = ["BackwardMode", "BackwardResult", "EquilibriumProblem", "ImplicitBackward", "JacobianFreeBackward",
-           "Linearization", "NeumannPhantomGradient", "PhantomGradient", "DEFAULT_ADJOINT_MAX_STEPS"]
+__all__ = [
+    "BackwardMode",
+    "BackwardResult",
+    "EquilibriumProblem",
+    "ImplicitBackward",
+    "JacobianFreeBackward",
+    "Linearization",
+    "NeumannPhantomGradient",
+    "PhantomGradient",
+    "DEFAULT_ADJOINT_MAX_STEPS",
+]
 
 #: The default VJP budget of [`ImplicitBackward`][deqlab.nn.ImplicitBackward] (the paper's protocol: at most 15).
 DEFAULT_ADJOINT_MAX_STEPS = 15
@@ -118,12 +129,25 @@ class EquilibriumProblem:
         'Linearization'
     """
 
-    def __init__(self, *, f: Callable[[Any, Tensor], Any], is_list: bool, z_star: Sequence[Tensor], x: Tensor,
-                 params: Sequence[Tensor], grad_state: Sequence[Tensor], needs: Sequence[bool],
-                 forward_tol: Optional[float], stateful: Sequence[Any], snapshots: List[Dict[str, Any]],
-                 grad_slots: List[Tuple[int, str]], owner: Any = None,
-                 autocast: Optional[Tuple[str, torch.dtype]] = None, map_modules: Sequence[Any] = (),
-                 solver_result: Any = None):
+    def __init__(
+        self,
+        *,
+        f: Callable[[Any, Tensor], Any],
+        is_list: bool,
+        z_star: Sequence[Tensor],
+        x: Tensor,
+        params: Sequence[Tensor],
+        grad_state: Sequence[Tensor],
+        needs: Sequence[bool],
+        forward_tol: Optional[float],
+        stateful: Sequence[Any],
+        snapshots: List[Dict[str, Any]],
+        grad_slots: List[Tuple[int, str]],
+        owner: Any = None,
+        autocast: Optional[Tuple[str, torch.dtype]] = None,
+        map_modules: Sequence[Any] = (),
+        solver_result: Any = None,
+    ):
         self._f = f
         self.is_list = is_list
         self.z_star = list(z_star)
@@ -234,8 +258,7 @@ class Linearization:
             ``vᵀ ∂f/∂z``, flat ``(B, N)``.
         """
         self.nvjp += 1
-        grads = torch.autograd.grad(self.fz, self.z, unflatten(v, self.fz), retain_graph=True,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(self.fz, self.z, unflatten(v, self.fz), retain_graph=True, allow_unused=True)
         return flatten([torch.zeros_like(z) if g is None else g for g, z in zip(grads, self.z)])
 
     def vjp_inputs(self, v: Tensor) -> List[Optional[Tensor]]:
@@ -283,8 +306,16 @@ class BackwardResult:
     converged: Optional[bool] = None
 
 
-def vjp_inputs(outputs: Sequence[Tensor], v: Tensor, x: Tensor, params: Sequence[Tensor],
-               state: Sequence[Tensor], needs: Sequence[bool], *, retain_graph: bool) -> List[Optional[Tensor]]:
+def vjp_inputs(
+    outputs: Sequence[Tensor],
+    v: Tensor,
+    x: Tensor,
+    params: Sequence[Tensor],
+    state: Sequence[Tensor],
+    needs: Sequence[bool],
+    *,
+    retain_graph: bool,
+) -> List[Optional[Tensor]]:
     """VJP of ``outputs`` with the flat cotangent ``v`` w.r.t. ``[x, *params, *state]`` (masked by ``needs``).
 
     Parameters that need a gradient but are not reached get zeros (DDP expects every parameter to get
@@ -294,8 +325,9 @@ def vjp_inputs(outputs: Sequence[Tensor], v: Tensor, x: Tensor, params: Sequence
     idx = [i for i, n in enumerate(needs) if n and candidates[i].requires_grad]
     result: List[Optional[Tensor]] = [None] * len(candidates)
     if idx:
-        grads = torch.autograd.grad(outputs, [candidates[i] for i in idx], unflatten(v, outputs),
-                                    retain_graph=retain_graph, allow_unused=True)
+        grads = torch.autograd.grad(
+            outputs, [candidates[i] for i in idx], unflatten(v, outputs), retain_graph=retain_graph, allow_unused=True
+        )
         for i, g in zip(idx, grads):
             result[i] = g
     for i in range(1, 1 + len(params)):
@@ -308,7 +340,7 @@ def _warn_foreign_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> 
     """Warn once if ``f`` uses trainable tensors that are not parameters of the DEQ map (lost gradients)."""
     known_ids = {id(t) for t in known}
     seen = set()
-    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    stack: List[Optional[Node]] = [o.grad_fn for o in outputs if o.grad_fn is not None]
     foreign = []
     while stack:
         node = stack.pop()
@@ -339,8 +371,14 @@ def _warn_foreign_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> 
 class _GradientContext:
     """What the Function carries besides tensors: the problem template, the mode and the record to fill."""
 
-    def __init__(self, problem_args: Dict[str, Any], mode: "BackwardMode", n_parts: int, n_params: int,
-                 on_backward: Optional[Callable[[BackwardResult], None]] = None):
+    def __init__(
+        self,
+        problem_args: Dict[str, Any],
+        mode: "BackwardMode",
+        n_parts: int,
+        n_params: int,
+        on_backward: Optional[Callable[[BackwardResult], None]] = None,
+    ):
         self.problem_args = problem_args
         self.mode = mode
         self.n_parts = n_parts
@@ -357,7 +395,8 @@ _DOUBLE_BACKWARD = (
     "torch.autograd.functional.hessian or a gradient penalty) is not supported: the adjoint solve is "
     "once-differentiable, whatever the backward mode (ImplicitBackward, JacobianFreeBackward and PhantomGradient "
     "alike). Use the unrolled map instead: `with layer.fixed_depth_mode(d):` (backprop through d applications "
-    "of f, which can be differentiated twice).")
+    "of f, which can be differentiated twice)."
+)
 
 
 _FUNCTORCH = (
@@ -365,7 +404,8 @@ _FUNCTORCH = (
     "backward solves a linear system with a data-dependent iteration that functorch cannot transform. Use "
     "torch.autograd for first derivatives (loss.backward(), torch.autograd.grad), or transform the unrolled map: "
     "inside `with layer.fixed_depth_mode(d):` torch.func.grad and torch.func.hessian work (backprop through d "
-    "applications of f).")
+    "applications of f)."
+)
 
 
 class _EquilibriumGradient(torch.autograd.Function):
@@ -381,9 +421,9 @@ class _EquilibriumGradient(torch.autograd.Function):
         # Parameters are used by f directly (not the saved copies), so they are held by reference: a
         # saved_tensors_hooks unpack (e.g. CPU offload) may return other tensor objects, which f would not
         # use. Their version counters are checked in the backward instead.
-        ctx.params = tensors[n:n + p]
+        ctx.params = tensors[n : n + p]
         ctx.versions = [t._version for t in ctx.params]
-        ctx.save_for_backward(x, *tensors[:n], *tensors[n + p:])
+        ctx.save_for_backward(x, *tensors[:n], *tensors[n + p :])
         return tuple(t.clone() for t in tensors[:n])
 
     @staticmethod
@@ -400,12 +440,14 @@ class _EquilibriumGradient(torch.autograd.Function):
                 if t._version != v:
                     raise RuntimeError(
                         "A parameter of the DEQ map was modified in place between the forward and the backward "
-                        f"(shape {tuple(t.shape)}); call backward before optimizer.step()")
-            needs = [ctx.needs_input_grad[1]] + list(ctx.needs_input_grad[2 + n:])
+                        f"(shape {tuple(t.shape)}); call backward before optimizer.step()"
+                    )
+            needs = [ctx.needs_input_grad[1]] + list(ctx.needs_input_grad[2 + n :])
             grad_parts = [torch.zeros_like(z) if g is None else g for g, z in zip(grad_z, z_star)]
             v = flatten(grad_parts)
-            problem = EquilibriumProblem(z_star=z_star, x=x, params=params, grad_state=grad_state, needs=needs,
-                                         **context.problem_args)
+            problem = EquilibriumProblem(
+                z_star=z_star, x=x, params=params, grad_state=grad_state, needs=needs, **context.problem_args
+            )
             result = context.mode.gradients(problem, v)
             if context.on_backward is not None:
                 context.on_backward(result)
@@ -413,8 +455,13 @@ class _EquilibriumGradient(torch.autograd.Function):
             return (None, gx, *([None] * n), *rest)
 
 
-def attach_gradient(context: _GradientContext, z_parts: Sequence[Tensor], x: Tensor, params: Sequence[Tensor],
-                    grad_state: Sequence[Tensor]) -> List[Tensor]:
+def attach_gradient(
+    context: _GradientContext,
+    z_parts: Sequence[Tensor],
+    x: Tensor,
+    params: Sequence[Tensor],
+    grad_state: Sequence[Tensor],
+) -> List[Tensor]:
     """Return ``z_parts`` (values unchanged) connected to ``x``/``params`` through the backward mode."""
     try:
         out = _EquilibriumGradient.apply(context, x, *[z.detach() for z in z_parts], *params, *grad_state)
@@ -560,16 +607,24 @@ class ImplicitBackward(BackwardMode):
         12
     """
 
-    def __init__(self, solver: AdjointSolver = "gmres", *, tol: Optional[float] = None,
-                 max_steps: Optional[int] = None, restart: Optional[int] = None,
-                 warn_unconverged: Optional[bool] = None):
+    def __init__(
+        self,
+        solver: AdjointSolver = "gmres",
+        *,
+        tol: Optional[float] = None,
+        max_steps: Optional[int] = None,
+        restart: Optional[int] = None,
+        warn_unconverged: Optional[bool] = None,
+    ):
         self._linear: Optional[LinearSolver] = None
         if isinstance(solver, str):
             from deqlab.solvers.registry import available_solvers
 
             if solver != "gmres" and solver not in available_solvers():
-                raise ValueError(f"ImplicitBackward: unknown solver {solver!r}; expected 'gmres', a registered "
-                                 f"solver name ({', '.join(available_solvers())}) or a solver object")
+                raise ValueError(
+                    f"ImplicitBackward: unknown solver {solver!r}; expected 'gmres', a registered "
+                    f"solver name ({', '.join(available_solvers())}) or a solver object"
+                )
             if restart is not None and solver != "gmres":
                 raise ValueError(f"ImplicitBackward: restart= applies to 'gmres' only, not {solver!r}")
             if tol is not None and (not isinstance(tol, (int, float)) or not tol >= 0):
@@ -579,15 +634,19 @@ class ImplicitBackward(BackwardMode):
         else:
             given = [k for k, val in (("tol", tol), ("max_steps", max_steps), ("restart", restart)) if val is not None]
             if given:
-                raise ValueError(f"ImplicitBackward: {', '.join(given)} given together with a solver object "
-                                 f"{solver!r}; set them on the solver (e.g. GMRES(tol=..., max_steps=...))")
+                raise ValueError(
+                    f"ImplicitBackward: {', '.join(given)} given together with a solver object "
+                    f"{solver!r}; set them on the solver (e.g. GMRES(tol=..., max_steps=...))"
+                )
             if isinstance(solver, LinearSolver):
                 self._linear = solver
             elif isinstance(solver, Solver):
                 self._linear = FixedPointLinearSolver(solver)
             else:
-                raise TypeError(f"ImplicitBackward: solver must be a name, a LinearSolver (solve(matvec, b)) or "
-                                f"a fixed-point Solver (callable with a `termination`), got {solver!r}")
+                raise TypeError(
+                    f"ImplicitBackward: solver must be a name, a LinearSolver (solve(matvec, b)) or "
+                    f"a fixed-point Solver (callable with a `termination`), got {solver!r}"
+                )
         self.solver = solver
         if self._linear is not None:  # report the object's own budget: it is the one that governs
             self.tol: Optional[float] = float(self._linear.tol)
@@ -625,9 +684,17 @@ class ImplicitBackward(BackwardMode):
                 # precision); the per-sample line search rejects such steps, and costs one norm per step when
                 # every step is good.
                 extra = {"line_search": True} if self.solver == "newton_krylov" else {}
-                built = FixedPointLinearSolver(get_solver(self.solver, mode="rel_norm", abstol_termination=tol,
-                                                          reltol_termination=tol, max_steps=self.max_steps, **extra),
-                                               max_steps=self.max_steps)
+                built = FixedPointLinearSolver(
+                    get_solver(
+                        cast(str, self.solver),  # a name: a solver object was kept in _linear
+                        mode="rel_norm",
+                        abstol_termination=tol,
+                        reltol_termination=tol,
+                        max_steps=self.max_steps,
+                        **extra,
+                    ),
+                    max_steps=self.max_steps,
+                )
             self._built[tol] = built
         return built
 
@@ -643,8 +710,7 @@ class ImplicitBackward(BackwardMode):
                 with instrument.region("adjoint.solve"):
                     if v.dtype in _HALF:  # keep the Krylov/least-squares algebra in float32
                         dtype = v.dtype
-                        out = solver.solve(_half_matvec(vjp, dtype, split=_uses_finite_differences(solver)),
-                                           v.float())
+                        out = solver.solve(_half_matvec(vjp, dtype, split=_uses_finite_differences(solver)), v.float())
                         g = out.x.to(dtype)
                     else:
                         out = solver.solve(lambda u: u - vjp(u), v)
@@ -813,8 +879,9 @@ class NeumannPhantomGradient(BackwardMode):
 
     def __init__(self, steps: int = 5, damping: float = 1.0):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or not 0.0 < damping <= 1.0:
-            raise ValueError(f"NeumannPhantomGradient: need an int steps >= 1 and 0 < damping <= 1, got "
-                             f"{steps!r}, {damping!r}")
+            raise ValueError(
+                f"NeumannPhantomGradient: need an int steps >= 1 and 0 < damping <= 1, got {steps!r}, {damping!r}"
+            )
         self.steps = int(steps)
         self.damping = float(damping)
 

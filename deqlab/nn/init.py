@@ -20,9 +20,10 @@ defaults for all but ``forward``:
 * ``observe(x, z_star)``: called after every forward with the (detached) fixed point, for guesses that
   learn from past solves without gradients. No-op by default.
 """
+
 from __future__ import annotations
 
-from typing import Callable, List, Literal, Optional, Sequence, Union
+from typing import Any, Callable, List, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -39,13 +40,14 @@ StateShape = Union[Sequence[int], Sequence[Sequence[int]]]
 def _normalise_shape(shape: Optional[StateShape], owner: str):
     if shape is None:
         return None
-    shape = list(shape)
-    if all(isinstance(d, int) for d in shape):
-        return tuple(int(d) for d in shape)
-    if all(isinstance(s, (list, tuple)) and all(isinstance(d, int) for d in s) for s in shape) and shape:
-        return [tuple(int(d) for d in s) for s in shape]
-    raise ValueError(f"{owner}: shape must be a per-sample shape like (C, H, W) or a list of them (one per "
-                     f"scale), got {shape!r}")
+    dims: List[Any] = list(shape)
+    if all(isinstance(d, int) for d in dims):
+        return tuple(int(d) for d in dims)
+    if all(isinstance(s, (list, tuple)) and all(isinstance(d, int) for d in s) for s in dims) and dims:
+        return [tuple(int(d) for d in s) for s in dims]
+    raise ValueError(
+        f"{owner}: shape must be a per-sample shape like (C, H, W) or a list of them (one per scale), got {dims!r}"
+    )
 
 
 def zero_state(x: Tensor, shape) -> State:
@@ -63,12 +65,14 @@ def skip_loss(u0: State, z_star: State, kind: SkipLoss = "l1", detach_target: bo
     With ``detach_target`` the fixed point is a constant target: the loss trains the predictor of
     ``u0`` and does not pull ``z*`` towards it (which would also cost a second adjoint solve).
     """
-    total, count = None, 0
+    total: Optional[Tensor] = None
+    count = 0
     for a, b in zip(as_parts(u0), as_parts(z_star)):
         b = b.detach() if detach_target else b
         d = (a - b).abs() if kind == "l1" else (a - b).pow(2)
         total = d.sum() if total is None else total + d.sum()
         count += d.numel()
+    assert total is not None  # a state has at least one part
     return total / count
 
 
@@ -239,13 +243,21 @@ class ShortcutGuess(_SkipGuess):
         (torch.Size([]), True)
     """
 
-    def __init__(self, module: Union[nn.Module, Sequence[nn.Module]], *, skip_loss: SkipLoss = "l1",
-                 detach_skip_target: bool = True, shape: Optional[StateShape] = None):
+    def __init__(
+        self,
+        module: Union[nn.Module, Sequence[nn.Module]],
+        *,
+        skip_loss: SkipLoss = "l1",
+        detach_skip_target: bool = True,
+        shape: Optional[StateShape] = None,
+    ):
         super().__init__(skip_loss, detach_skip_target)
         if not isinstance(module, nn.Module):
             if not isinstance(module, (list, tuple)) or not all(isinstance(m, nn.Module) for m in module):
-                raise TypeError(f"ShortcutGuess: module must be an nn.Module or a sequence of them (one per "
-                                f"scale), got {type(module).__name__}")
+                raise TypeError(
+                    f"ShortcutGuess: module must be an nn.Module or a sequence of them (one per "
+                    f"scale), got {type(module).__name__}"
+                )
             module = _PerScale(module)
         self.shortcut = module
         self.shape = _normalise_shape(shape, "ShortcutGuess")
@@ -297,8 +309,9 @@ class MapGuess(_SkipGuess):
         1.0
     """
 
-    def __init__(self, *, skip_loss: SkipLoss = "l1", detach_skip_target: bool = False,
-                 shape: Optional[StateShape] = None):
+    def __init__(
+        self, *, skip_loss: SkipLoss = "l1", detach_skip_target: bool = False, shape: Optional[StateShape] = None
+    ):
         super().__init__(skip_loss, detach_skip_target)
         self.shape = _normalise_shape(shape, "MapGuess")
 
@@ -336,10 +349,12 @@ class FunctionGuess(InitialGuess):
         if isinstance(fn, nn.Module) and any(p.requires_grad for p in fn.parameters()):
             # registered, saved in checkpoints, but never trained: u0 = fn(x) runs without gradient and has no
             # skip loss. A learned predictor is a Skip DEQ's shortcut.
-            raise TypeError(f"FunctionGuess: fn is a module with trainable parameters ({type(fn).__name__}); they "
-                            f"would never be trained (u0 = fn(x) takes no gradient and has no skip loss). For a "
-                            f"learned predictor use init=ShortcutGuess(module) (a Skip DEQ); for a fixed function "
-                            f"freeze it first (module.requires_grad_(False))")
+            raise TypeError(
+                f"FunctionGuess: fn is a module with trainable parameters ({type(fn).__name__}); they "
+                f"would never be trained (u0 = fn(x) takes no gradient and has no skip loss). For a "
+                f"learned predictor use init=ShortcutGuess(module) (a Skip DEQ); for a fixed function "
+                f"freeze it first (module.requires_grad_(False))"
+            )
         self.fn = fn
 
     def forward(self, x: Tensor, f: Callable[[State], State]) -> State:

@@ -17,18 +17,20 @@ re-installs the exact state (same mask, same normalised weight) when it re-evalu
 The per-solve state is kept per *thread* (not on the module), so two threads calling the same DEQ layer
 each solve with their own normalised weight and dropout mask and never see the other's.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_mod
+from torch.nn.modules.conv import _ConvNd
 
 __all__ = [
     "EquilibriumStateful",
@@ -327,8 +329,18 @@ class SpectralNorm(_NormalisedWeight):
         (0.9, 1)
     """
 
-    def __init__(self, module: nn.Module, target: float = 1.0, *, clamp: bool = False, learn_scale: bool = False,
-                 n_power_iterations: int = 1, init_iterations: int = 15, name: str = "weight", eps: float = 1e-12):
+    def __init__(
+        self,
+        module: nn.Module,
+        target: float = 1.0,
+        *,
+        clamp: bool = False,
+        learn_scale: bool = False,
+        n_power_iterations: int = 1,
+        init_iterations: int = 15,
+        name: str = "weight",
+        eps: float = 1e-12,
+    ):
         super().__init__()
         weight = getattr(module, name, None)
         if not isinstance(weight, nn.Parameter):
@@ -336,8 +348,10 @@ class SpectralNorm(_NormalisedWeight):
         if not target > 0:
             raise ValueError(f"SpectralNorm: target must be > 0, got {target!r}")
         if n_power_iterations < 1 or init_iterations < 0:
-            raise ValueError(f"SpectralNorm: need n_power_iterations >= 1 and init_iterations >= 0, got "
-                             f"{n_power_iterations}, {init_iterations}")
+            raise ValueError(
+                f"SpectralNorm: need n_power_iterations >= 1 and init_iterations >= 0, got "
+                f"{n_power_iterations}, {init_iterations}"
+            )
         del module._parameters[name]
         self.module = module
         self.name = name
@@ -360,15 +374,20 @@ class SpectralNorm(_NormalisedWeight):
     def _matrix(weight: Tensor) -> Tensor:
         return weight.reshape(weight.shape[0], -1)
 
+    def _vectors(self) -> Tuple[Tensor, Tensor]:
+        """The power iteration's singular-vector estimates, the buffers ``u`` and ``v``."""
+        return cast(Tensor, self.u), cast(Tensor, self.v)
+
     @torch.no_grad()
     def _power_iterate(self, steps: int) -> None:
         mat = self._matrix(self.weight_orig.detach())
-        u, v = self.u, self.v
+        u_buffer, v_buffer = self._vectors()
+        u, v = u_buffer, v_buffer
         for _ in range(steps):
             v = F.normalize(mat.t() @ u, dim=0, eps=self.eps)
             u = F.normalize(mat @ v, dim=0, eps=self.eps)
-        self.u.copy_(u)
-        self.v.copy_(v)
+        u_buffer.copy_(u)
+        v_buffer.copy_(v)
 
     def update(self) -> None:
         """Take ``n_power_iterations`` power-iteration steps on the current weight (counted in ``num_updates``).
@@ -388,7 +407,8 @@ class SpectralNorm(_NormalisedWeight):
         Returns:
             ``scale · target · weight / σ`` (``σ = uᵀ W v``), or with ``clamp`` ``weight · min(1, target / σ)``.
         """
-        sigma = torch.dot(self.u.clone(), self._matrix(weight) @ self.v.clone()).clamp_min(self.eps)
+        u, v = self._vectors()
+        sigma = torch.dot(u.clone(), self._matrix(weight) @ v.clone()).clamp_min(self.eps)
         factor = self.target / (torch.maximum(sigma, sigma.new_tensor(self.target)) if self.clamp else sigma)
         w = weight * factor
         return w * self.scale if self.scale is not None else w
@@ -412,8 +432,10 @@ class SpectralNorm(_NormalisedWeight):
         return self.compute_weight()
 
     def extra_repr(self) -> str:
-        return (f"target={self.target}, clamp={self.clamp}, learn_scale={self.scale is not None}, "
-                f"n_power_iterations={self.n_power_iterations}")
+        return (
+            f"target={self.target}, clamp={self.clamp}, learn_scale={self.scale is not None}, "
+            f"n_power_iterations={self.n_power_iterations}"
+        )
 
 
 def _call_with_weight(module: nn.Module, name: str, w: Tensor, args: tuple, kwargs: dict) -> Any:
@@ -421,9 +443,10 @@ def _call_with_weight(module: nn.Module, name: str, w: Tensor, args: tuple, kwar
     if name == "weight" and not kwargs and len(args) == 1 and not _has_hooks(module):
         forward = type(module).forward
         if forward is nn.Linear.forward:
-            return F.linear(args[0], w, module.bias)
+            return F.linear(args[0], w, cast(nn.Linear, module).bias)
         if forward in _CONV_FORWARDS:
-            return module._conv_forward(args[0], w, module.bias)
+            conv = cast(_ConvNd, module)  # a Conv1d, Conv2d or Conv3d: its forward is one of _CONV_FORWARDS
+            return conv._conv_forward(args[0], w, conv.bias)
     with _ATTRIBUTE_LOCK:
         setattr(module, name, w)
         try:
@@ -436,8 +459,9 @@ _NORMS = {"weight_norm": WeightNorm, "spectral_norm": SpectralNorm}
 _NORMED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def apply_norm(model: nn.Module, norm: str = "weight_norm",
-               filter_out: "Sequence[str] | Callable[[str], bool]" = (), **kwargs: Any) -> nn.Module:
+def apply_norm(
+    model: nn.Module, norm: str = "weight_norm", filter_out: "Sequence[str] | Callable[[str], bool]" = (), **kwargs: Any
+) -> nn.Module:
     """Wrap every ``Linear``/``Conv1d/2d/3d`` of ``model`` in [`WeightNorm`][deqlab.nn.WeightNorm] or
     [`SpectralNorm`][deqlab.nn.SpectralNorm], in place (torchdeq's ``apply_norm``).
 
@@ -507,8 +531,12 @@ _ATTRIBUTE_LOCK = threading.RLock()
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run forward hooks that a functional evaluation would skip."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_mod._global_forward_hooks
+        or module_mod._global_forward_pre_hooks
+    )
 
 
 class VariationalHiddenDropout(EquilibriumStateful):
@@ -597,8 +625,9 @@ class VariationalHiddenDropout(EquilibriumStateful):
         rows = state.get("rows")
         if rows is not None:  # a sub-batch of the solve (per-sample early exit): the same samples' masks
             if mask is None:
-                raise RuntimeError("VariationalHiddenDropout: evaluated on a sub-batch before its mask was drawn "
-                                   "on the full batch")
+                raise RuntimeError(
+                    "VariationalHiddenDropout: evaluated on a sub-batch before its mask was drawn on the full batch"
+                )
             return x * mask.index_select(0, rows)
         if mask is None or mask.shape[0] != x.shape[0]:
             mask = state["mask"] = self._draw(x)
@@ -673,8 +702,15 @@ class ResidualBlock(nn.Module):
         (torch.Size([2, 4, 5, 5]), torch.Size([2, 4, 5, 5]))
     """
 
-    def __init__(self, channels: int, expansion: int = 5, num_groups: int = 8, dropout: float = 0.0,
-                 weight_norm: bool = True, init_std: Optional[float] = 0.01):
+    def __init__(
+        self,
+        channels: int,
+        expansion: int = 5,
+        num_groups: int = 8,
+        dropout: float = 0.0,
+        weight_norm: bool = True,
+        init_std: Optional[float] = 0.01,
+    ):
         super().__init__()
         hidden = channels * expansion
         self.conv1 = _conv3x3(channels, hidden, weight_norm, init_std)
@@ -717,15 +753,17 @@ class Downsample(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, factor: int = 2, num_groups: int = 4):
         super().__init__()
         stages = int(round(math.log2(factor)))
-        if 2 ** stages != factor or stages < 1:
+        if 2**stages != factor or stages < 1:
             raise ValueError(f"Downsample: factor must be a power of 2 >= 2, got {factor}")
         layers = []
         c = in_channels
         for k in range(stages):
             last = k == stages - 1
             cout = out_channels if last else in_channels
-            layers += [nn.Conv2d(c, cout, 3, stride=2, padding=1, bias=False),
-                       nn.GroupNorm(min(num_groups, cout), cout)]
+            layers += [
+                nn.Conv2d(c, cout, 3, stride=2, padding=1, bias=False),
+                nn.GroupNorm(min(num_groups, cout), cout),
+            ]
             if not last:
                 layers.append(nn.GELU())
             c = cout

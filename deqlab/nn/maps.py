@@ -5,6 +5,7 @@ hands the solver a closure over the injection ``x``. A model that returns the wr
 must fail on the first evaluation with a message that names what was expected, not deep inside a solver
 with a reshape error; after that first evaluation the check costs nothing.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, List, Optional, Sequence
@@ -53,8 +54,14 @@ class CheckedMap:
     backward would fail later with an autograd error). ``checked`` is ``True`` once a call passed.
     """
 
-    def __init__(self, fn: Callable[[State, Tensor], State], x: Tensor, *, name: str = "DEQ",
-                 modules: Optional[Callable[[], Sequence[nn.Module]]] = None):
+    def __init__(
+        self,
+        fn: Callable[[State, Tensor], State],
+        x: Tensor,
+        *,
+        name: str = "DEQ",
+        modules: Optional[Callable[[], Sequence[nn.Module]]] = None,
+    ):
         self.fn = fn
         self.x = x
         self.name = name
@@ -77,24 +84,35 @@ class CheckedMap:
                 f"{self.name}: the DEQ map failed on a state z of shape {shapes} ({zp[0].dtype}) and an "
                 f"injection x of shape {format_shape(self.x.shape)} ({self.x.dtype}). Check that x has the "
                 f"shape and dtype the model expects, and pass z_shape=... (or init=ZeroGuess(shape=...)) "
-                f"when the state differs from x in shape. Original error: {err}") from err
+                f"when the state differs from x in shape. Original error: {err}"
+            ) from err
         op = list(out) if isinstance(out, (list, tuple)) else [out]
         ok = isinstance(out, Tensor) if isinstance(z, Tensor) else isinstance(out, (list, tuple))
-        ok = ok and len(op) == len(zp) and all(isinstance(o, Tensor) for o in op) and \
-            all(a.shape == b.shape for a, b in zip(zp, op))
+        ok = (
+            ok
+            and len(op) == len(zp)
+            and all(isinstance(o, Tensor) for o in op)
+            and all(a.shape == b.shape for a, b in zip(zp, op))
+        )
         if not ok:
-            raise ValueError(f"{self.name}: the DEQ map must return a state shaped like z: expected "
-                             f"{describe_state(z)}, got {describe_state(out)}")
+            raise ValueError(
+                f"{self.name}: the DEQ map must return a state shaped like z: expected "
+                f"{describe_state(z)}, got {describe_state(out)}"
+            )
         if any(v is not None and version_of(t) != v for t, v in zip(zp, versions)):
             raise ValueError(f"{self.name}: the DEQ map modified its input z in place ({IN_PLACE_HINT})")
         if any(a.dtype != b.dtype for a, b in zip(zp, op)):
-            raise ValueError(f"{self.name}: the DEQ map returned dtype {op[0].dtype} for a state of dtype "
-                             f"{zp[0].dtype}; cast x (dtype {self.x.dtype}) or the model to one dtype")
+            raise ValueError(
+                f"{self.name}: the DEQ map returned dtype {op[0].dtype} for a state of dtype "
+                f"{zp[0].dtype}; cast x (dtype {self.x.dtype}) or the model to one dtype"
+            )
         wrong = next(((a, b) for a, b in zip(zp, op) if a.device != b.device), None)
         if wrong is not None:
-            raise ValueError(f"{self.name}: the DEQ map must return a state on the device of z: expected device "
-                             f"{wrong[0].device}, got {wrong[1].device}; move the model to the device of x "
-                             f"(x is on {self.x.device})")
+            raise ValueError(
+                f"{self.name}: the DEQ map must return a state on the device of z: expected device "
+                f"{wrong[0].device}, got {wrong[1].device}; move the model to the device of x "
+                f"(x is on {self.x.device})"
+            )
         self.checked = True
         return out if isinstance(out, Tensor) else list(out)
 
@@ -111,8 +129,10 @@ class CheckedMap:
         """
         if self._restrict_to is None:
             if self._modules is None:
-                raise TypeError(f"{self.name}: this map cannot be evaluated on a sub-batch (built without its "
-                                f"modules); pass per_sample_exit=False to the solver")
+                raise TypeError(
+                    f"{self.name}: this map cannot be evaluated on a sub-batch (built without its "
+                    f"modules); pass per_sample_exit=False to the solver"
+                )
             modules = list(self._modules())
             reason = batch_coupling(modules)
             if reason is not None:
@@ -121,7 +141,8 @@ class CheckedMap:
                     f"but {reason}, so f of one sample depends on the others and a sub-batch would change it. "
                     f"Use a per-sample normalisation in the map (GroupNorm, LayerNorm), or turn per_sample_exit "
                     f"off while training (in eval mode BatchNorm uses its running statistics and the exit is "
-                    f"allowed).")
+                    f"allowed)."
+                )
             self._restrict_to = stateful_modules(modules)
         return _SubBatchMap(self, index, self._restrict_to)
 

@@ -17,22 +17,23 @@ Sensitivity (``sensitivity=``):
 
 torchdyn is imported lazily (its ``core`` package imports Lightning).
 """
+
 from __future__ import annotations
 
 import functools
 import threading
 import weakref
-from typing import Any, List, Literal, Optional, Sequence, Tuple
+from typing import Any, List, Literal, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
 
+from deqlab._compat import deprecated, renamed
 from deqlab.nn.deq import MultiScaleMap
 from deqlab.nn.layers import equilibrium_session
 from deqlab.nn.maps import CheckedMap
 from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
-from deqlab._compat import deprecated, renamed
 from deqlab.solvers.result import SolverStatus
 from deqlab.state import flatten, per_sample_norm, unflatten
 
@@ -73,7 +74,7 @@ class _VectorField(nn.Module):
         self.run: Optional[_Integration] = None
 
     def forward(self, t: Tensor, u: Tensor, args: Any = None) -> Tensor:
-        run = self.run
+        run = cast(_Integration, self.run)  # installed by the forward that integrates (or by its backward)
         if run.in_backward:
             run.counter.record(1, converged=True)  # an adjoint's evaluation of the field: one unit of backward work
         else:
@@ -84,7 +85,7 @@ class _VectorField(nn.Module):
                 out = run.checker(z) if not run.checker.checked else self.map(z, run.x)
         else:
             out = run.checker(z) if not run.checker.checked else self.map(z, run.x)
-        du = flatten(out) - u
+        du = flatten(cast(List[Tensor], out)) - u  # a multiscale state: a list
         if not run.in_backward:
             run.counter.watch([du])  # "autograd": backprop through this evaluation is one VJP
         return du
@@ -172,12 +173,22 @@ class MultiScaleNeuralODE(nn.Module):
         (16, True, True)
     """
 
-    def __init__(self, main_layers: Sequence[nn.Module], mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
-                 post_fuse_layers: Optional[Sequence[Optional[nn.Module]]], solver: Any,
-                 scales: Sequence[Sequence[int]], *, ode_abstol: Optional[float] = None,
-                 ode_reltol: Optional[float] = None, abstol: Optional[float] = None, reltol: Optional[float] = None,
-                 dt: Optional[float] = None, t_end: float = 1.0,
-                 sensitivity: Literal["autograd", "adjoint", "interpolated_adjoint"] = "autograd"):
+    def __init__(
+        self,
+        main_layers: Sequence[nn.Module],
+        mapping_layers: Sequence[Sequence[Optional[nn.Module]]],
+        post_fuse_layers: Optional[Sequence[Optional[nn.Module]]],
+        solver: Any,
+        scales: Sequence[Sequence[int]],
+        *,
+        ode_abstol: Optional[float] = None,
+        ode_reltol: Optional[float] = None,
+        abstol: Optional[float] = None,
+        reltol: Optional[float] = None,
+        dt: Optional[float] = None,
+        t_end: float = 1.0,
+        sensitivity: Literal["autograd", "adjoint", "interpolated_adjoint"] = "autograd",
+    ):
         super().__init__()
         name = type(self).__name__
         ode_abstol = renamed(name, "ode_abstol", ode_abstol, "abstol", abstol)
@@ -192,13 +203,16 @@ class MultiScaleNeuralODE(nn.Module):
             from deqlab.solvers.continuous import ContinuousDEQSolver
 
             if not isinstance(solver, ContinuousDEQSolver):
-                raise TypeError(f"{name}: solver must be a torchdyn method name or a ContinuousDEQSolver, "
-                                f"got {solver!r}")
+                raise TypeError(
+                    f"{name}: solver must be a torchdyn method name or a ContinuousDEQSolver, got {solver!r}"
+                )
             method, s_dt = solver.ode_solver, solver.dt
             s_abstol, s_reltol = solver.ode_abstol, solver.ode_reltol
         if method == "vcab3":
-            raise ValueError(f"{name}: 'vcab3' is deqlab's steady-state solver; this layer integrates a fixed "
-                             "interval with torchdyn: use 'tsit5', 'dopri5', 'euler' or 'rk4'")
+            raise ValueError(
+                f"{name}: 'vcab3' is deqlab's steady-state solver; this layer integrates a fixed "
+                "interval with torchdyn: use 'tsit5', 'dopri5', 'euler' or 'rk4'"
+            )
         if sensitivity not in ("autograd", "adjoint", "interpolated_adjoint"):
             raise ValueError(f"{name}: unknown sensitivity {sensitivity!r}")
         self.method = method
@@ -208,7 +222,7 @@ class MultiScaleNeuralODE(nn.Module):
         self.t_end = float(t_end)
         self.sensitivity = sensitivity
         self.vf = _VectorField(self.model)
-        self._problem = None
+        self._problem: Optional[Any] = None  # torchdyn's ODEProblem, built at the first adjoint integration
 
     @property
     def abstol(self) -> float:
@@ -242,17 +256,21 @@ class MultiScaleNeuralODE(nn.Module):
                 its own copy).
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(f"MultiScaleNeuralODE: expected a floating-point tensor x, got "
-                             f"{getattr(x, 'dtype', type(x))}")
+            raise ValueError(
+                f"MultiScaleNeuralODE: expected a floating-point tensor x, got {getattr(x, 'dtype', type(x))}"
+            )
         if x.dim() < 2 or x.shape[0] == 0:
-            raise ValueError(f"MultiScaleNeuralODE: expected x of shape (B, ...) with a non-empty batch "
-                             f"dimension first, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"MultiScaleNeuralODE: expected x of shape (B, ...) with a non-empty batch "
+                f"dimension first, got shape {tuple(x.shape)}"
+            )
         with _IN_USE_LOCK:
             if self in _IN_USE:
                 raise RuntimeError(
                     "MultiScaleNeuralODE: this module is already running a forward in another thread; its vector "
                     "field holds per-forward state (the injection x, the NFE counter), so one module serves one "
-                    "thread at a time. Give each thread its own copy (copy.deepcopy(module)).")
+                    "thread at a time. Give each thread its own copy (copy.deepcopy(module))."
+                )
             _IN_USE.add(self)
         try:
             with equilibrium_session([self]):
@@ -273,14 +291,14 @@ class MultiScaleNeuralODE(nn.Module):
         # forward, at the returned state u(t_end) (the residual's evaluation below), not at every stage.
         with frozen_running_stats([self.model]):
             if self.sensitivity == "autograd":
-                _, traj = odeint(vf, u0_flat, t_span, solver=self.method, atol=self.ode_abstol,
-                                 rtol=self.ode_reltol)
+                _, traj = odeint(vf, u0_flat, t_span, solver=self.method, atol=self.ode_abstol, rtol=self.ode_reltol)
             else:
                 if self._problem is None:
                     from torchdyn.core.problems import ODEProblem
 
-                    self._problem = ODEProblem(vf, solver=self.method, atol=self.ode_abstol, rtol=self.ode_reltol,
-                                               sensitivity=self.sensitivity)
+                    self._problem = ODEProblem(
+                        vf, solver=self.method, atol=self.ode_abstol, rtol=self.ode_reltol, sensitivity=self.sensitivity
+                    )
                 _, traj = self._problem.odeint(u0_flat, t_span)
         forward_nfe = run.nfe
         u1 = unflatten(traj[-1], u0)
@@ -290,15 +308,25 @@ class MultiScaleNeuralODE(nn.Module):
             rel_residual = residual / (per_sample_norm(list(f1)) + 1e-12)
         finite = torch.isfinite(residual)
         solution = DeepEquilibriumSolution(
-            z_star=u1, u0=u0, abs_residual=residual, jacobian_loss=x.new_zeros(()), skip_loss=x.new_zeros(()),
-            nfe=forward_nfe, converged=finite,
+            z_star=u1,
+            u0=u0,
+            abs_residual=residual,
+            jacobian_loss=x.new_zeros(()),
+            skip_loss=x.new_zeros(()),
+            nfe=forward_nfe,
+            converged=finite,
             status=SolverStatus.CONVERGED if bool(finite.all()) else SolverStatus.NONFINITE,
-            solver_result=None, reference_nfe=forward_nfe + 1, rel_residual=rel_residual)  # DeepEquilibriumNetworks.jl: the integrator's nf + 1
+            solver_result=None,
+            reference_nfe=forward_nfe + 1,
+            rel_residual=rel_residual,
+        )  # DeepEquilibriumNetworks.jl: the integrator's nf + 1
         run.counter.bind(solution)
         if traj.requires_grad:
             traj.register_hook(functools.partial(_begin_backward, vf, run))
         return u1, solution
 
     def extra_repr(self) -> str:
-        return (f"method={self.method!r}, ode_abstol={self.ode_abstol}, ode_reltol={self.ode_reltol}, "
-                f"t_end={self.t_end}, sensitivity={self.sensitivity!r}")
+        return (
+            f"method={self.method!r}, ode_abstol={self.ode_abstol}, ode_reltol={self.ode_reltol}, "
+            f"t_end={self.t_end}, sensitivity={self.sensitivity!r}"
+        )

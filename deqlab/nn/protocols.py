@@ -7,6 +7,7 @@
   state and the loss that trains it. [`InitialGuess`][deqlab.nn.InitialGuess] is the convenient base class that
   implements it; any object with the four members is accepted.
 """
+
 from __future__ import annotations
 
 from typing import Callable, ContextManager, Optional, Protocol, runtime_checkable

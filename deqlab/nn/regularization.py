@@ -12,6 +12,7 @@ Normalisation (``normalize``):
 * ``"sample"``: divide by the batch size: estimates ``mean_b ‖J_b‖_F²``.
 * ``"none"``: the raw estimate of ``Σ_b ‖J_b‖_F²``.
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional, Sequence, Union
@@ -72,14 +73,21 @@ def jacobian_frobenius_estimate(
     if n_probes < 1:
         raise ValueError(f"jacobian_frobenius_estimate: n_probes must be >= 1, got {n_probes}")
     if normalize not in ("element", "sample", "none"):
-        raise ValueError(f"jacobian_frobenius_estimate: normalize must be 'element', 'sample' or 'none', "
-                         f"got {normalize!r}")
+        raise ValueError(
+            f"jacobian_frobenius_estimate: normalize must be 'element', 'sample' or 'none', got {normalize!r}"
+        )
     fz_parts, z_parts = as_parts(fz), as_parts(z)
     total = fz_parts[0].new_zeros(())
     for k in range(n_probes):
         vs = [torch.randn(f.shape, device=f.device, dtype=f.dtype, generator=generator) for f in fz_parts]
-        vjps = torch.autograd.grad(fz_parts, z_parts, vs, create_graph=create_graph,
-                                   retain_graph=create_graph or k < n_probes - 1, allow_unused=True)
+        vjps = torch.autograd.grad(
+            fz_parts,
+            z_parts,
+            vs,
+            create_graph=create_graph,
+            retain_graph=create_graph or k < n_probes - 1,
+            allow_unused=True,
+        )
         for g in vjps:
             if g is not None:
                 total = total + g.pow(2).sum()

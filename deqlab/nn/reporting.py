@@ -8,6 +8,7 @@ lost. The policy is per layer: ``on_unconverged="warn"`` (default), ``"ignore"``
 ([`SolverError`][deqlab.solvers.SolverError] at the first failure). The standard ``warnings`` filters apply too
 (``warnings.simplefilter("error", ConvergenceWarning)``).
 """
+
 from __future__ import annotations
 
 import threading
@@ -42,15 +43,15 @@ def user_stacklevel() -> int:
     """
     import os
     import sys
+    from types import FrameType
 
     import torch
 
-    skip = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules["deqlab"], torch)
-                 if getattr(m, "__file__", None))
-    skip += tuple(os.path.dirname(os.path.abspath(sys.modules[name].__file__)) + os.sep
-                  for name in ("pytorch_lightning", "lightning") if name in sys.modules
-                  and getattr(sys.modules[name], "__file__", None))
-    frame = sys._getframe(1)
+    modules = [sys.modules["deqlab"], torch]
+    modules += [sys.modules[name] for name in ("pytorch_lightning", "lightning") if name in sys.modules]
+    files = [getattr(m, "__file__", None) for m in modules]
+    skip = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in files if f)
+    frame: Optional[FrameType] = sys._getframe(1)
     level = 1  # warnings.warn(stacklevel=1) is the function calling warnings.warn: this one's caller
     while frame is not None:
         filename = os.path.abspath(frame.f_code.co_filename)
@@ -82,8 +83,16 @@ class ConvergenceReporter:
         self.solves: Dict[str, int] = {"forward": 0, "backward": 0}
         self.failures: Dict[str, int] = {"forward": 0, "backward": 0}
 
-    def record(self, kind: str, converged: bool, describe: Callable[[], str], *, result: Any = None,
-               policy: Optional[str] = None, stacklevel: int = 3) -> None:
+    def record(
+        self,
+        kind: str,
+        converged: bool,
+        describe: Callable[[], str],
+        *,
+        result: Any = None,
+        policy: Optional[str] = None,
+        stacklevel: int = 3,
+    ) -> None:
         """Count one solve; when it did not converge, warn (rate-limited), raise or stay quiet."""
         with _LOCK:
             self.solves[kind] = self.solves.get(kind, 0) + 1
@@ -94,12 +103,17 @@ class ConvergenceReporter:
         policy = self.policy if policy is None else policy
         if policy == "ignore":
             return
-        message = (f"{self.owner}: the {kind} solve did not converge ({describe()}); {n} of {m} {kind} solves "
-                   f"of this layer unconverged so far")
+        message = (
+            f"{self.owner}: the {kind} solve did not converge ({describe()}); {n} of {m} {kind} solves "
+            f"of this layer unconverged so far"
+        )
         if policy == "raise":
             raise SolverError(message, result)
         if _is_power_of_ten(n):
             # (``stacklevel`` is kept for callers; the warning points at the user's own line)
-            warnings.warn(f"{message}. Warned at the 1st, 10th, 100th, ... failure; pass on_unconverged='ignore' "
-                          f"to the layer to silence this, or 'raise' to stop at the first one",
-                          ConvergenceWarning, stacklevel=user_stacklevel())
+            warnings.warn(
+                f"{message}. Warned at the 1st, 10th, 100th, ... failure; pass on_unconverged='ignore' "
+                f"to the layer to silence this, or 'raise' to stop at the first one",
+                ConvergenceWarning,
+                stacklevel=user_stacklevel(),
+            )

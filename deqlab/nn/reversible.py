@@ -11,9 +11,10 @@ and accumulating the vector-Jacobian products of each step on the way, so it ret
 finite iteration (what backprop through the unrolled loop would give) while holding one step's graph at a
 time.
 """
+
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,8 +26,10 @@ from deqlab.state import flatten, unflatten
 
 __all__ = ["ReversibleBackward", "check_reversible_pairing"]
 
-_PAIRING = ("ReversibleBackward runs the reversible iteration backwards, so it needs the forward solver "
-            "ReversibleSolver (deqlab.solvers.ReversibleSolver(beta=...)); ")
+_PAIRING = (
+    "ReversibleBackward runs the reversible iteration backwards, so it needs the forward solver "
+    "ReversibleSolver (deqlab.solvers.ReversibleSolver(beta=...)); "
+)
 
 
 def check_reversible_pairing(owner: str, solver: Any, backward: Any) -> None:
@@ -39,13 +42,17 @@ def check_reversible_pairing(owner: str, solver: Any, backward: Any) -> None:
     rev_solver = isinstance(solver, ReversibleSolver)
     rev_backward = isinstance(backward, ReversibleBackward)
     if rev_backward and not rev_solver:
-        raise ValueError(f"{owner}: {_PAIRING}got solver={solver!r}. Use solver=ReversibleSolver(...), or pick "
-                         f"another backward (ImplicitBackward(), JacobianFreeBackward(), PhantomGradient()) for "
-                         f"this solver.")
+        raise ValueError(
+            f"{owner}: {_PAIRING}got solver={solver!r}. Use solver=ReversibleSolver(...), or pick "
+            f"another backward (ImplicitBackward(), JacobianFreeBackward(), PhantomGradient()) for "
+            f"this solver."
+        )
     if rev_solver and not rev_backward:
-        raise ValueError(f"{owner}: ReversibleSolver is paired with the exact reversible backward; got "
-                         f"backward={backward!r}. Pass backward=ReversibleBackward() (or leave backward unset, "
-                         f"which picks it), or use another solver (e.g. DiscreteDEQSolver) with this backward.")
+        raise ValueError(
+            f"{owner}: ReversibleSolver is paired with the exact reversible backward; got "
+            f"backward={backward!r}. Pass backward=ReversibleBackward() (or leave backward unset, "
+            f"which picks it), or use another solver (e.g. DiscreteDEQSolver) with this backward."
+        )
 
 
 class ReversibleBackward(BackwardMode):
@@ -110,10 +117,12 @@ class ReversibleBackward(BackwardMode):
     """
 
     def __init__(self, reconstruction_tol: Optional[float] = None, *, warn_unconverged: Optional[bool] = None):
-        if reconstruction_tol is not None and (not isinstance(reconstruction_tol, (int, float))
-                                               or not reconstruction_tol >= 0):
-            raise ValueError(f"ReversibleBackward: reconstruction_tol must be a number >= 0 or None, "
-                             f"got {reconstruction_tol!r}")
+        if reconstruction_tol is not None and (
+            not isinstance(reconstruction_tol, (int, float)) or not reconstruction_tol >= 0
+        ):
+            raise ValueError(
+                f"ReversibleBackward: reconstruction_tol must be a number >= 0 or None, got {reconstruction_tol!r}"
+            )
         self.reconstruction_tol = None if reconstruction_tol is None else float(reconstruction_tol)
         self.warn_unconverged = warn_unconverged
 
@@ -121,8 +130,10 @@ class ReversibleBackward(BackwardMode):
         result = getattr(problem, "solver_result", None)
         rev: Optional[ReversibleState] = getattr(result, "reversible", None)
         if rev is None:
-            raise ValueError("ReversibleBackward: " + _PAIRING + "this forward was solved by another solver "
-                             "(its SolverResult has no reversible state), or in fixed-depth mode.")
+            raise ValueError(
+                "ReversibleBackward: " + _PAIRING + "this forward was solved by another solver "
+                "(its SolverResult has no reversible state), or in fixed-depth mode."
+            )
         with instrument.region("adjoint.reversible"):
             return self._reverse(problem, rev, v)
 
@@ -144,7 +155,7 @@ class ReversibleBackward(BackwardMode):
         n_steps = int(steps.max()) if steps.numel() else 0
         nfe = 0
 
-        def evaluate_vjp(u: Tensor, w: Tensor) -> Tensor:
+        def evaluate_vjp(u: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
             """``f(u)`` (detached) after adding ``wᵀ ∂f/∂(x, θ, state)`` to ``acc``; returns (f(u), wᵀ ∂f/∂u)."""
             nonlocal nfe
             nfe += 1
@@ -155,7 +166,8 @@ class ReversibleBackward(BackwardMode):
             grads = torch.autograd.grad(fu, inputs, w, allow_unused=True)
             for i, g in zip(wanted, grads[1:]):
                 if g is not None:
-                    acc[i] = g if acc[i] is None else acc[i] + g
+                    before = acc[i]
+                    acc[i] = g if before is None else before + g
             gu = grads[0] if grads[0] is not None else torch.zeros_like(u)
             return fu.detach(), gu
 

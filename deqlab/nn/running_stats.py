@@ -15,12 +15,13 @@ BatchNorm reads to decide whether to update them). The switch is per module, not
 thread's solve holds it, another thread's evaluations of the same module do not update the statistics
 either (concurrent training of one BatchNorm has no well-defined running statistics anyway).
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
 import weakref
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Sequence, TypeGuard
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -32,7 +33,7 @@ _LOCK = threading.Lock()
 _HELD: "weakref.WeakKeyDictionary[_BatchNorm, int]" = weakref.WeakKeyDictionary()
 
 
-def _held_or_tracking(m: nn.Module) -> bool:
+def _held_or_tracking(m: nn.Module) -> TypeGuard[_BatchNorm]:
     return isinstance(m, _BatchNorm) and m.training and (m.track_running_stats or m in _HELD)
 
 

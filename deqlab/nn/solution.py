@@ -6,6 +6,7 @@ outcome, so a training loop composes the loss and logs everything from this reco
 which layer produced it. The forward fills the forward fields; the backward, when it runs, fills the
 ``backward_*`` fields of the same object (there is no other copy on the layer).
 """
+
 from __future__ import annotations
 
 import weakref
@@ -110,8 +111,7 @@ class DeepEquilibriumSolution:
         (``converged`` is False for them); ``None`` without a solver result (fixed-depth mode)."""
         return None if self.solver_result is None else getattr(self.solver_result, "stalled", None)
 
-    def record_backward(self, nfe: int, *, residual: Optional[Tensor] = None,
-                        converged: Optional[bool] = None) -> None:
+    def record_backward(self, nfe: int, *, residual: Optional[Tensor] = None, converged: Optional[bool] = None) -> None:
         """Add what one backward (or one step of it) through this solve did: the one way every layer,
         deqlab's or a researcher's, writes the ``backward_*`` fields.
 

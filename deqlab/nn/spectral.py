@@ -11,13 +11,14 @@ advances every sample's iteration):
   then the largest modulus of the eigenvalues of the small Hessenberg matrix (the Ritz values). It finds
   complex and negative dominant eigenvalues as well as positive ones, and is exact once ``n_iters`` reaches
   the state size. Memory: ``n_iters + 1`` state-sized vectors per sample.
-* ``"power"``: the power method ([`power_iteration`][deqlab.nn.spectral.power_iteration], which
+* ``"power"``: the power method ([`power_iteration`][deqlab.nn.power_iteration], which
   ``deqlab.compat.torchdeq.power_method`` wraps too). Returns the growth rate
   ``(‖Jᵐ u‖ / ‖Jᵏ u‖)^(1/(m−k))`` over the second half of the iterations, which tends to ``|λ_max|`` for a
   real dominant eigenvalue of either sign *and* for a complex pair (where ``‖Jᵏu‖`` oscillates, so the
   last ratio ``‖Jᵏ⁺¹u‖/‖Jᵏu‖`` would not converge), but only like ``O(1/n_iters)`` in that case. Memory:
   two state-sized vectors.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Literal, NamedTuple
@@ -32,8 +33,14 @@ __all__ = ["spectral_radius", "power_iteration", "PowerIteration"]
 SpectralMethod = Literal["arnoldi", "power"]
 
 
-def spectral_radius(fn: Callable[[State], State], z: State, n_iters: int = 20, *,
-                    method: SpectralMethod = "arnoldi", generator: "torch.Generator | None" = None) -> Tensor:
+def spectral_radius(
+    fn: Callable[[State], State],
+    z: State,
+    n_iters: int = 20,
+    *,
+    method: SpectralMethod = "arnoldi",
+    generator: "torch.Generator | None" = None,
+) -> Tensor:
     """Estimate the spectral radius ``ρ(∂fn/∂z)`` at ``z``, one value per sample.
 
     Args:
@@ -81,14 +88,16 @@ def spectral_radius(fn: Callable[[State], State], z: State, n_iters: int = 20, *
         raise ValueError("spectral_radius: fn must return states shaped like z")
 
     def vjp(v: Tensor) -> Tensor:
-        grads = torch.autograd.grad(fz, parts, unflatten(v.to(parts[0].dtype), fz), retain_graph=True,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            fz, parts, unflatten(v.to(parts[0].dtype), fz), retain_graph=True, allow_unused=True
+        )
         return flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, parts)]).to(v.dtype)
 
     ref = flatten([p.detach() for p in parts])
     dtype = torch.promote_types(ref.dtype, torch.float32)
-    start = torch.randn(ref.shape, generator=generator, dtype=dtype, device="cpu" if generator is None
-                        else generator.device).to(ref.device)
+    start = torch.randn(
+        ref.shape, generator=generator, dtype=dtype, device="cpu" if generator is None else generator.device
+    ).to(ref.device)
     with torch.no_grad():
         if method == "power":
             return power_iteration(vjp, start, n_iters).growth
@@ -100,7 +109,7 @@ def _unit(v: Tensor) -> Tensor:
 
 
 class PowerIteration(NamedTuple):
-    """What [`power_iteration`][deqlab.nn.spectral.power_iteration] returns, per sample.
+    """What [`power_iteration`][deqlab.nn.power_iteration] returns, per sample.
 
     Attributes:
         vector: ``(B, N)``: the last iterate, unit norm per sample (the dominant eigenvector's estimate).
@@ -137,7 +146,7 @@ def power_iteration(vjp: Callable[[Tensor], Tensor], v: Tensor, n_iters: int) ->
         n_iters: iterations (VJPs), ``>= 1``. Required.
 
     Returns:
-        A [`PowerIteration`][deqlab.nn.spectral.PowerIteration]: the last unit iterate, the last Rayleigh
+        A [`PowerIteration`][deqlab.nn.PowerIteration]: the last unit iterate, the last Rayleigh
         quotient and the growth rate over the second half (see there), computed without autograd.
 
     Raises:
@@ -184,15 +193,16 @@ def _arnoldi(vjp: Callable[[Tensor], Tensor], v: Tensor, n_iters: int) -> Tensor
         w = vjp(basis[:, j])
         scale = w.norm(dim=1)
         for _ in range(2):  # Gram–Schmidt twice ("twice is enough") keeps the basis orthogonal
-            coef = torch.einsum("bkn,bn->bk", basis[:, :j + 1], w)
-            w = w - torch.einsum("bk,bkn->bn", coef, basis[:, :j + 1])
-            hess[:, :j + 1, j] += coef
+            coef = torch.einsum("bkn,bn->bk", basis[:, : j + 1], w)
+            w = w - torch.einsum("bk,bkn->bn", coef, basis[:, : j + 1])
+            hess[:, : j + 1, j] += coef
         h = w.norm(dim=1)
         hess[:, j + 1, j] = h
         # an invariant subspace was found for a sample: its Ritz values are exact; continue with zeros
         alive = h > eps * scale.clamp_min(eps) * 10
-        basis[:, j + 1] = torch.where(alive.unsqueeze(1), w / h.clamp_min(torch.finfo(v.dtype).tiny).unsqueeze(1),
-                                      torch.zeros_like(w))
+        basis[:, j + 1] = torch.where(
+            alive.unsqueeze(1), w / h.clamp_min(torch.finfo(v.dtype).tiny).unsqueeze(1), torch.zeros_like(w)
+        )
         hess[:, j + 1, j] = torch.where(alive, h, torch.zeros_like(h))
     eig = torch.linalg.eigvals(hess[:, :m, :m])
     return eig.abs().amax(dim=1).to(v.dtype)

@@ -14,11 +14,11 @@ The solver keeps its iterates at the sampled steps per sample (see
 [`record_iterates`][deqlab.solvers.record_iterates]): a sample that converged before a sampled step gives
 its converged iterate there, so every sample always yields ``k`` states (torchdeq returns fewer there).
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Literal, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from deqlab.state import State, as_parts, from_parts
@@ -88,9 +88,15 @@ def correction_weights(k: int, weight: CorrectionWeight = "exp", gamma: float = 
     raise ValueError(f"fixed_point_correction_loss: weight must be 'exp', 'linear' or 'const', got {weight!r}")
 
 
-def fixed_point_correction_loss(criterion: Callable[[State, Tensor], Tensor], states: Sequence[State], target: Tensor,
-                                weight: CorrectionWeight = "exp", gamma: float = 0.8, *,
-                                return_parts: bool = False):
+def fixed_point_correction_loss(
+    criterion: Callable[[State, Tensor], Tensor],
+    states: Sequence[State],
+    target: Tensor,
+    weight: CorrectionWeight = "exp",
+    gamma: float = 0.8,
+    *,
+    return_parts: bool = False,
+):
     """DEQ-Flow's fixed-point correction: ``sum_i w_i * criterion(states[i], target)``.
 
     ``states`` are the sampled states of ``solution.states`` (or outputs decoded from them), first to
@@ -130,13 +136,16 @@ def fixed_point_correction_loss(criterion: Callable[[State, Tensor], Tensor], st
     return (loss, parts) if return_parts else loss
 
 
-def check_sampling(owner: str, sample_states: Optional[int], sample_at: Optional[Sequence[int]], sample_grad: int,
-                   sample_tau: float) -> Optional[List[int]]:
+def check_sampling(
+    owner: str, sample_states: Optional[int], sample_at: Optional[Sequence[int]], sample_grad: int, sample_tau: float
+) -> Optional[List[int]]:
     """Validate the sampling options of a layer; ``None`` (no sampling), ``[]`` (``z*`` alone, or steps
     computed from the solver's budget at each forward: see `resolve_steps`) or the explicit steps."""
     if sample_states is not None and sample_at is not None:
-        raise ValueError(f"{owner}: sample_states and sample_at both choose the sampled states; pass one "
-                         f"(sample_states=k spreads k states, sample_at=[...] names the solver steps)")
+        raise ValueError(
+            f"{owner}: sample_states and sample_at both choose the sampled states; pass one "
+            f"(sample_states=k spreads k states, sample_at=[...] names the solver steps)"
+        )
     if isinstance(sample_grad, bool) or not isinstance(sample_grad, int) or sample_grad < 1:
         raise ValueError(f"{owner}: sample_grad must be an int >= 1, got {sample_grad!r}")
     if not 0.0 < float(sample_tau) <= 1.0:
@@ -165,4 +174,3 @@ def phantom_states(fmap: Callable[[State], State], iterates: Sequence[State], n_
             z = list(fz) if tau == 1.0 else [(1 - tau) * a + tau * b for a, b in zip(z, fz)]
         out.append(from_parts(z, is_list))
     return out
-

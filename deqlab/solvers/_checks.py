@@ -1,16 +1,31 @@
 """Option checks shared by every solver: a bad option is a ``ValueError`` that names it and its range."""
+
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, TypeVar, cast
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
 
 
-def check_number(owner: str, name: str, value: object, *, low: float, high: float = math.inf,
-                 low_open: bool = False, high_open: bool = False) -> float:
+def check_number(
+    owner: str,
+    name: str,
+    value: object,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """A finite real option in a range, else ``ValueError`` naming the option and the range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not (value > low if low_open else value >= low)
+        or not (value < high if high_open else value <= high)
+    ):
         lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open or high == math.inf else "]")
         raise ValueError(f"{owner}: {name} must be a finite number in {lo}, {hi}, got {value!r}")
     return float(value)
@@ -30,11 +45,10 @@ def unknown_keyword(owner: str, name: str, valid: "list[str]", *, hint: str = ""
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     mean = f" (did you mean {close[0]!r}?)" if close else ""
     extra = f" {hint}" if hint else ""
-    return TypeError(f"{owner} got an unexpected keyword argument {name!r}{mean}.{extra} "
-                     f"Valid: {', '.join(valid)}")
+    return TypeError(f"{owner} got an unexpected keyword argument {name!r}{mean}.{extra} Valid: {', '.join(valid)}")
 
 
-def checked_keywords(init):  # type: ignore[no-untyped-def]
+def checked_keywords(init: _Init) -> _Init:
     """Decorate a constructor so an unknown keyword raises `unknown_keyword` (did you mean, every valid
     name) instead of Python's bare ``unexpected keyword argument``. The signature seen by ``inspect`` (and
     so by LightningCLI) is the constructor's own."""
@@ -46,13 +60,20 @@ def checked_keywords(init):  # type: ignore[no-untyped-def]
     owner = init.__qualname__.split(".")[0]
 
     @functools.wraps(init)
-    def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
         for name in kwargs:
             if name not in params:
-                raise unknown_keyword(owner, name, valid, hint=(
-                    "A solver has two tolerances: abstol_termination and reltol_termination (or "
-                    "termination=TerminationCondition(...)); the continuous solver also ode_abstol / ode_reltol."
-                    if "tol" in name else ""))
-        return init(self, *args, **kwargs)
+                raise unknown_keyword(
+                    owner,
+                    name,
+                    valid,
+                    hint=(
+                        "A solver has two tolerances: abstol_termination and reltol_termination (or "
+                        "termination=TerminationCondition(...)); the continuous solver also ode_abstol / ode_reltol."
+                        if "tol" in name
+                        else ""
+                    ),
+                )
+        init(self, *args, **kwargs)
 
-    return wrapper
+    return cast(_Init, wrapper)  # functools.wraps keeps the signature the type states

@@ -1,4 +1,5 @@
 """Shared pieces of every solver call: input checks, the counted flat map, the result and ``throw``."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
@@ -7,9 +8,9 @@ import torch
 from torch import Tensor
 
 from deqlab import instrument
-from deqlab.state import State, StatePacker, make_flat_map
 from deqlab.solvers.result import SolverError, SolverResult, SolverStatus
 from deqlab.solvers.termination import TerminationTracker
+from deqlab.state import State, StatePacker, make_flat_map
 
 
 class CountedMap:
@@ -53,20 +54,31 @@ def prepare(z0: State) -> Tuple[StatePacker, Tensor]:
     return packer, packer.flatten(z0).detach()
 
 
-def empty_result(packer: StatePacker, z: Tensor, *, continuous: bool = False,
-                 reference_counting: Optional[str] = None) -> SolverResult:
+def empty_result(
+    packer: StatePacker, z: Tensor, *, continuous: bool = False, reference_counting: Optional[str] = None
+) -> SolverResult:
     """The result for a batch of 0 samples: nothing to solve, so ``f`` is never called and the (vacuous)
     status is ``converged``; every per-sample field has length 0 (the reference code, which had no empty
     batches, is credited with nothing either)."""
     norm_dtype = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
     empty = z.new_zeros(0, dtype=norm_dtype)
-    return SolverResult(z=packer.unflatten(z.clone()), nfe=0, steps=0, abs_residual=empty, rel_residual=empty.clone(),
-                        converged=torch.zeros(0, dtype=torch.bool, device=z.device), status=SolverStatus.CONVERGED,
-                        sample_steps=torch.zeros(0, dtype=torch.long, device=z.device), trace=None,
-                        fz=packer.unflatten(z.clone()), t=z.new_zeros(0) if continuous else None,
-                        reference_nfe=0, reference_counting=reference_counting,
-                        stalled=torch.zeros(0, dtype=torch.bool, device=z.device),
-                        accepted_steps=torch.zeros(0, dtype=torch.long, device=z.device) if continuous else None)
+    return SolverResult(
+        z=packer.unflatten(z.clone()),
+        nfe=0,
+        steps=0,
+        abs_residual=empty,
+        rel_residual=empty.clone(),
+        converged=torch.zeros(0, dtype=torch.bool, device=z.device),
+        status=SolverStatus.CONVERGED,
+        sample_steps=torch.zeros(0, dtype=torch.long, device=z.device),
+        trace=None,
+        fz=packer.unflatten(z.clone()),
+        t=z.new_zeros(0) if continuous else None,
+        reference_nfe=0,
+        reference_counting=reference_counting,
+        stalled=torch.zeros(0, dtype=torch.bool, device=z.device),
+        accepted_steps=torch.zeros(0, dtype=torch.long, device=z.device) if continuous else None,
+    )
 
 
 def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
@@ -76,19 +88,35 @@ def check_first_step(tracker: TerminationTracker, z0: Tensor) -> None:
         raise ValueError("z0 contains NaN or Inf; the initial guess must be finite (check the shortcut/initializer)")
 
 
-def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du: Tensor, *, nfe: int,
-                 steps: int, throw: bool, solver_name: str, t: Optional[Tensor] = None,
-                 last_step: Optional[Tensor] = None, rows: Optional[int] = None,
-                 reference_nfe: Optional[int] = None, reference_counting: Optional[str] = None,
-                 accepted_steps: Optional[Tensor] = None) -> SolverResult:
+def build_result(
+    tracker: TerminationTracker,
+    packer: StatePacker,
+    z: Tensor,
+    du: Tensor,
+    *,
+    nfe: int,
+    steps: int,
+    throw: bool,
+    solver_name: str,
+    t: Optional[Tensor] = None,
+    last_step: Optional[Tensor] = None,
+    rows: Optional[int] = None,
+    reference_nfe: Optional[int] = None,
+    reference_counting: Optional[str] = None,
+    accepted_steps: Optional[Tensor] = None,
+) -> SolverResult:
     z_ret, du_ret, res, rel = tracker.finish(z, du, last_step)
     status = tracker.status()
     cond = tracker.cond
     objective = None if getattr(cond, "batch_wide", False) else {"abs_norm": res, "rel_norm": rel}.get(cond.mode)
     if objective is None:  # rel_deq_* / abs_deq_* objectives are rel / res; abs, rel, norm, batch-wide computed
-        objective = (rel if cond.mode.startswith("rel_deq") and not getattr(cond, "batch_wide", False)
-                     else res if cond.mode.startswith("abs_deq") and not getattr(cond, "batch_wide", False)
-                     else cond.evaluate(z_ret, du_ret)[0])
+        objective = (
+            rel
+            if cond.mode.startswith("rel_deq") and not getattr(cond, "batch_wide", False)
+            else res
+            if cond.mode.startswith("abs_deq") and not getattr(cond, "batch_wide", False)
+            else cond.evaluate(z_ret, du_ret)[0]
+        )
     result = SolverResult(
         z=packer.unflatten(z_ret),
         nfe=nfe,
@@ -110,15 +138,19 @@ def build_result(tracker: TerminationTracker, packer: StatePacker, z: Tensor, du
         tolerance=float(cond.tol),
         objective_name=cond.objective_name,
     )
-    iterates = tracker.iterates(z_ret)
-    if iterates is not None:
+    iterates, recorded = tracker.iterates(z_ret), tracker.record_steps  # both None when nothing was requested
+    if iterates is not None and recorded is not None:
         result.iterates = [packer.unflatten(t) for t in iterates]
-        result.iterate_steps = list(tracker.record_steps)
+        result.iterate_steps = list(recorded)
     if throw and status is not SolverStatus.CONVERGED:
         n_bad = int((~result.converged).sum())
-        n_stall = int(result.stalled.sum())
-        stalled = (f", {n_stall} of them stalled within {tracker.cond.patience_objective_multiplier:g}x the "
-                   f"tolerance (stopped by the patience rule)" if n_stall else "")
+        n_stall = int(tracker.stalled.sum())  # what result.stalled holds a copy of
+        stalled = (
+            f", {n_stall} of them stalled within {tracker.cond.patience_objective_multiplier:g}x the "
+            f"tolerance (stopped by the patience rule)"
+            if n_stall
+            else ""
+        )
         raise SolverError(
             f"{solver_name} ended with status '{status.value}' after {steps} steps ({nfe} evaluations): "
             f"{n_bad} of {len(result.converged)} samples did not converge{stalled} (max {cond.objective_name} "

@@ -22,6 +22,7 @@ rejected start-up step does not leave a duplicated grid point behind (OrdinaryDi
 Everything here is pure tensor math on flat ``(B, N)`` states with per-sample ``(B,)`` step sizes; the
 loop, the controller and the guards live in [`ContinuousDEQSolver`][deqlab.solvers.ContinuousDEQSolver].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,16 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["ORDER", "AB3_STABLE", "AdamsHistory", "work_dtype", "bs3_points", "bs3_error", "pi_factor",
-           "fixed_step_solve"]
+__all__ = [
+    "ORDER",
+    "AB3_STABLE",
+    "AdamsHistory",
+    "work_dtype",
+    "bs3_points",
+    "bs3_error",
+    "pi_factor",
+    "fixed_step_solve",
+]
 
 #: Order of both the Adams–Bashforth core and the Bogacki–Shampine start-up.
 ORDER = 3
@@ -90,8 +99,13 @@ class AdamsHistory:
         wd = work_dtype(u.dtype)
         B = u.shape[0]
         zeros = u.new_zeros(u.shape, dtype=wd)
-        return cls(zeros, zeros.clone(), u.new_zeros(B, dtype=wd), u.new_zeros(B, dtype=wd),
-                   torch.zeros(B, dtype=torch.long, device=u.device))
+        return cls(
+            zeros,
+            zeros.clone(),
+            u.new_zeros(B, dtype=wd),
+            u.new_zeros(B, dtype=wd),
+            torch.zeros(B, dtype=torch.long, device=u.device),
+        )
 
     @property
     def startup(self) -> Tensor:
@@ -168,8 +182,9 @@ def bs3_error(k1: Tensor, k2: Tensor, k3: Tensor, k4: Tensor, h: Tensor) -> Tens
     return _col(h.to(k1.dtype)) * (e1 * k1 + e2 * k2 + e3 * k3 + e4 * k4)
 
 
-def pi_factor(ratio: Tensor, qold: Tensor, accept: Tensor, *, safety: float, min_factor: float,
-              max_factor: float) -> Tensor:
+def pi_factor(
+    ratio: Tensor, qold: Tensor, accept: Tensor, *, safety: float, min_factor: float, max_factor: float
+) -> Tensor:
     """The step-size factor of OrdinaryDiffEq's PI controller (order 3), per sample.
 
     Accepted: ``safety / (ratio^beta1 / qold^beta2)`` clipped to ``[min_factor, max_factor]`` (``max_factor``

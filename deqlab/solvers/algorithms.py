@@ -6,6 +6,7 @@ an algorithm only proposes the next iterate and returns it together with ``F`` a
 search never costs an extra evaluation). Every sample is its own system: all linear algebra is batched
 per sample and no algorithm synchronises with the host.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Literal, Optional, Tuple, Union
@@ -13,9 +14,10 @@ from typing import Any, Callable, Literal, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number
-from deqlab.state import batch_dot, batch_norm
+from deqlab.solvers._checks import check_int as _check_int
+from deqlab.solvers._checks import check_number as _check_number
 from deqlab.solvers.krylov import gmres
+from deqlab.state import batch_dot, batch_norm
 
 FlatMap = Callable[[Tensor], Tensor]
 
@@ -90,8 +92,9 @@ class FixedPointAlgorithm:
         whose state holds one entry per sample (histories, low-rank Jacobians) must index it the same way,
         so every kept sample goes on exactly as in the full batch. Stateless algorithms return ``state``.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement select(state, keep), which "
-                                  f"per_sample_exit=True needs")
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement select(state, keep), which per_sample_exit=True needs"
+        )
 
     @property
     def supports_compile(self) -> bool:
@@ -306,8 +309,12 @@ class Anderson(FixedPointAlgorithm):
         B, N = z.shape
         m = self.memory
         wd = _work_dtype(z.dtype)
-        state = {"F": z.new_zeros(B, m, N, dtype=wd), "G": z.new_zeros(B, m, N, dtype=wd),
-                 "H": z.new_zeros(B, m, m, dtype=wd), "k": torch.zeros((), dtype=torch.long, device=z.device)}
+        state = {
+            "F": z.new_zeros(B, m, N, dtype=wd),
+            "G": z.new_zeros(B, m, N, dtype=wd),
+            "H": z.new_zeros(B, m, m, dtype=wd),
+            "k": torch.zeros((), dtype=torch.long, device=z.device),
+        }
         if self.mixing != 1.0:
             state["X"] = z.new_zeros(B, m, N, dtype=wd)
         return self._pure_store(state, z, fz, fz - z)
@@ -353,8 +360,9 @@ class Anderson(FixedPointAlgorithm):
         return state
 
 
-def _line_search(z: Tensor, dz: Tensor, g_norm: Tensor, F: FlatMap, max_trials: int,
-                 c: float = 1e-4) -> Tuple[Tensor, Tensor]:
+def _line_search(
+    z: Tensor, dz: Tensor, g_norm: Tensor, F: FlatMap, max_trials: int, c: float = 1e-4
+) -> Tuple[Tensor, Tensor]:
     """Per-sample backtracking on ``||f(z) - z||``: halve the step of each sample that did not reduce
     its residual enough. Every trial is one batched evaluation; samples that never succeed take the
     smallest step tried."""
@@ -424,8 +432,13 @@ class Broyden(FixedPointAlgorithm):
         # Only slots already written are ever read, so the buffers need no zero fill.
         # float32 for half-precision states (the low-rank inverse Jacobian accumulates many updates).
         wd = _work_dtype(z.dtype)
-        return {"U": z.new_empty(B, m, N, dtype=wd), "V": z.new_empty(B, m, N, dtype=wd), "n": 0, "k": 0,
-                "Jg": -(fz - z).to(wd)}
+        return {
+            "U": z.new_empty(B, m, N, dtype=wd),
+            "V": z.new_empty(B, m, N, dtype=wd),
+            "n": 0,
+            "k": 0,
+            "Jg": -(fz - z).to(wd),
+        }
 
     @staticmethod
     def _matvec(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
@@ -457,8 +470,11 @@ class Broyden(FixedPointAlgorithm):
         Jy = Jg_new - state["Jg"]
         den = batch_dot(vT, g_new - g)
         eps = torch.finfo(wd).eps
-        ok = den.abs() > eps * torch.linalg.vector_norm(vT, dim=1) * torch.linalg.vector_norm(g_new - g, dim=1) \
+        ok = (
+            den.abs()
+            > eps * torch.linalg.vector_norm(vT, dim=1) * torch.linalg.vector_norm(g_new - g, dim=1)
             + torch.finfo(wd).tiny
+        )
         u = (s - Jy) * (ok / torch.where(ok, den, torch.ones_like(den))).unsqueeze(1)
         m = state["U"].shape[1]
         slot = state["k"] % m
@@ -485,8 +501,12 @@ class Broyden(FixedPointAlgorithm):
         B, N = z.shape
         m = max(1, max_steps if self.memory is None else min(self.memory, max_steps))
         wd = _work_dtype(z.dtype)
-        return {"U": z.new_zeros(B, m, N, dtype=wd), "V": z.new_zeros(B, m, N, dtype=wd),
-                "k": torch.zeros((), dtype=torch.long, device=z.device), "Jg": -(fz - z).to(wd)}
+        return {
+            "U": z.new_zeros(B, m, N, dtype=wd),
+            "V": z.new_zeros(B, m, N, dtype=wd),
+            "k": torch.zeros((), dtype=torch.long, device=z.device),
+            "Jg": -(fz - z).to(wd),
+        }
 
     def pure_step(self, state, z, fz, g, F):
         U, V, k = state["U"], state["V"], state["k"]
@@ -502,16 +522,23 @@ class Broyden(FixedPointAlgorithm):
         Jy = Jg_new - state["Jg"]
         den = batch_dot(vT, g_new - g)
         eps = torch.finfo(wd).eps
-        ok = den.abs() > eps * torch.linalg.vector_norm(vT, dim=1) * torch.linalg.vector_norm(g_new - g, dim=1) \
+        ok = (
+            den.abs()
+            > eps * torch.linalg.vector_norm(vT, dim=1) * torch.linalg.vector_norm(g_new - g, dim=1)
             + torch.finfo(wd).tiny
+        )
         u = (s - Jy) * (ok / torch.where(ok, den, torch.ones_like(den))).unsqueeze(1)
         slot = (k % m).view(1)
         u_old = U.index_select(1, slot).squeeze(1)
         v_old = V.index_select(1, slot).squeeze(1)
         # the oldest pair is overwritten once the memory is full: take its term out of J^{-1} g_new
         Jg_new = torch.where(k >= m, Jg_new - u_old * batch_dot(v_old, g_new).unsqueeze(1), Jg_new)
-        new = {"U": U.index_copy(1, slot, u.unsqueeze(1)), "V": V.index_copy(1, slot, vT.unsqueeze(1)),
-               "k": k + 1, "Jg": Jg_new + u * batch_dot(vT, g_new).unsqueeze(1)}
+        new = {
+            "U": U.index_copy(1, slot, u.unsqueeze(1)),
+            "V": V.index_copy(1, slot, vT.unsqueeze(1)),
+            "k": k + 1,
+            "Jg": Jg_new + u * batch_dot(vT, g_new).unsqueeze(1),
+        }
         return z_new, fz_new, new
 
     def select(self, state, keep):
@@ -599,24 +626,33 @@ class NewtonKrylov(FixedPointAlgorithm):
 
     name = "newton_krylov"
 
-    def __init__(self, krylov_dim: int = 20, max_restarts: int = 1, inner_tol: Union[float, str] = "adaptive",
-                 jvp: Literal["forward", "fd"] = "fd", line_search: bool = False, max_line_search: int = 5,
-                 eta_max: float = 0.1):
+    def __init__(
+        self,
+        krylov_dim: int = 20,
+        max_restarts: int = 1,
+        inner_tol: Union[float, str] = "adaptive",
+        jvp: Literal["forward", "fd"] = "fd",
+        line_search: bool = False,
+        max_line_search: int = 5,
+        eta_max: float = 0.1,
+    ):
         if jvp not in ("forward", "fd"):
             raise ValueError(f"NewtonKrylov: jvp must be 'forward' or 'fd', got {jvp!r}")
         if inner_tol != "adaptive":
             if isinstance(inner_tol, str):
                 raise ValueError(f"NewtonKrylov: inner_tol must be 'adaptive' or a number in (0, 1), got {inner_tol!r}")
-            inner_tol = _check_number("NewtonKrylov", "inner_tol", inner_tol, low=0.0, high=1.0, low_open=True,
-                                      high_open=True)
+            inner_tol = _check_number(
+                "NewtonKrylov", "inner_tol", inner_tol, low=0.0, high=1.0, low_open=True, high_open=True
+            )
         self.krylov_dim = _check_int("NewtonKrylov", "krylov_dim", krylov_dim, low=1)
         self.max_restarts = _check_int("NewtonKrylov", "max_restarts", max_restarts, low=1)
         self.inner_tol = inner_tol
         self.jvp = jvp
         self.line_search = bool(line_search)
         self.max_line_search = _check_int("NewtonKrylov", "max_line_search", max_line_search, low=0)
-        self.eta_max = _check_number("NewtonKrylov", "eta_max", eta_max, low=0.0, high=1.0, low_open=True,
-                                     high_open=True)
+        self.eta_max = _check_number(
+            "NewtonKrylov", "eta_max", eta_max, low=0.0, high=1.0, low_open=True, high_open=True
+        )
 
     def init(self, z, fz, max_steps):
         return {"eta": None, "g_norm": None}
@@ -645,6 +681,7 @@ class NewtonKrylov(FixedPointAlgorithm):
 
     def step(self, state, z, fz, g, F):
         if self.jvp == "forward":
+
             def Jg(v: Tensor) -> Tensor:
                 return torch.func.jvp(F, (z,), (v,))[1] - v
         else:

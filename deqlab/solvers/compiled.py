@@ -15,11 +15,12 @@ Compilations: one per (algorithm configuration, termination condition, map, shap
 second size compiles one graph with a symbolic batch dimension that then serves every size, so a last
 batch of another size costs one recompilation per solver, not one per call.
 """
+
 from __future__ import annotations
 
 import types
 import warnings
-from typing import Any, Callable, Dict, Hashable, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, Tuple, Union, cast
 
 import torch
 from torch import Tensor
@@ -58,9 +59,10 @@ def check_compile_option(owner: str, value: object) -> CompileOption:
     if isinstance(value, bool) or isinstance(value, str) or callable(value):
         if isinstance(value, str) and not value:
             raise ValueError(f"{owner}: compile must be True/False or a torch.compile backend, got ''")
-        return value  # type: ignore[return-value]
-    raise TypeError(f"{owner}: compile must be True/False or a torch.compile backend (name or callable), "
-                    f"got {type(value).__name__}")
+        return value
+    raise TypeError(
+        f"{owner}: compile must be True/False or a torch.compile backend (name or callable), got {type(value).__name__}"
+    )
 
 
 def compile_available() -> bool:
@@ -83,17 +85,20 @@ def _fresh_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     return new
 
 
-def compiled_discrete_step(algorithm, condition: TerminationCondition, backend: CompileOption
-                           ) -> Callable[..., Tuple[Tensor, Tensor, Tensor, dict, dict, Tensor]]:
+def compiled_discrete_step(
+    algorithm, condition: TerminationCondition, backend: CompileOption
+) -> Callable[..., Tuple[Tensor, Tensor, Tensor, dict, dict, Tensor]]:
     """The compiled ``step(F, astate, tstate, z, fz, g) -> (z, fz, g, astate, tstate, objective)``.
 
     Cached per (algorithm type and options, termination condition, backend), so every solver with the
     same configuration shares its graphs; dynamo's guards then key them by shape, dtype and device.
     """
-    backend_name = "inductor" if backend is True else backend
+    # compile=False solves eagerly and never asks for a compiled step
+    backend_name = "inductor" if backend is True else cast(Union[str, Callable[..., Any]], backend)
     key = (type(algorithm), repr(algorithm), condition, backend_name)
     step = _CACHE.get(key)
     if step is None:
+
         def fused(F, astate, tstate, z, fz, g):
             z, fz, astate = algorithm.pure_step(astate, z, fz, g, F)
             g = fz - z
@@ -109,11 +114,14 @@ def fallback_warning(owner: str, error: BaseException) -> None:
     """Warn (once per solver: the caller remembers) that the compiled step failed and eager runs instead."""
     text = str(error).strip().splitlines()
     first = text[0] if text else type(error).__name__
-    warnings.warn(f"{owner}(compile=True): the solver step could not be compiled ({type(error).__name__}: "
-                  f"{first[:300]}); running eager. Common causes: the map calls .item()/.tolist() or other "
-                  f"host code on tensor values, or no C++ compiler is available for inductor (pass "
-                  f"compile='aot_eager' to fuse nothing but keep tracing, or compile=False).",
-                  CompileFallbackWarning, stacklevel=4)
+    warnings.warn(
+        f"{owner}(compile=True): the solver step could not be compiled ({type(error).__name__}: "
+        f"{first[:300]}); running eager. Common causes: the map calls .item()/.tolist() or other "
+        f"host code on tensor values, or no C++ compiler is available for inductor (pass "
+        f"compile='aot_eager' to fuse nothing but keep tracing, or compile=False).",
+        CompileFallbackWarning,
+        stacklevel=4,
+    )
 
 
 def reset_cache() -> None:
@@ -123,5 +131,12 @@ def reset_cache() -> None:
         torch._dynamo.reset()
 
 
-__all__ = ["CompileFallbackWarning", "CompileOption", "check_compile_option", "compile_available",
-           "compiled_discrete_step", "fallback_warning", "reset_cache"]
+__all__ = [
+    "CompileFallbackWarning",
+    "CompileOption",
+    "check_compile_option",
+    "compile_available",
+    "compiled_discrete_step",
+    "fallback_warning",
+    "reset_cache",
+]

@@ -17,6 +17,7 @@ at a steady state. The loop here:
 
 Gradients are not this solver's job: the DEQ layer's implicit backward differentiates the steady state.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,16 +27,23 @@ import torch
 from torch import Tensor
 
 from deqlab import instrument
-from deqlab.solvers import adams
 from deqlab._compat import deprecated, renamed
-from deqlab.solvers._checks import check_int as _check_int, check_number as _check_number, checked_keywords
-from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
-                                    prepare)
-from deqlab.state import State
+from deqlab.solvers import adams
+from deqlab.solvers._checks import check_int as _check_int
+from deqlab.solvers._checks import check_number as _check_number
+from deqlab.solvers._checks import checked_keywords
+from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, empty_result, prepare
 from deqlab.solvers.counting import ReferenceCounting, check_reference_counting, reference_nfe
 from deqlab.solvers.result import SolverResult
-from deqlab.solvers.termination import (NormKind, TerminationCondition, TerminationMode, TerminationTracker,
-                                        _check_tol, resolve_termination)
+from deqlab.solvers.termination import (
+    NormKind,
+    TerminationCondition,
+    TerminationMode,
+    TerminationTracker,
+    _check_tol,
+    resolve_termination,
+)
+from deqlab.state import State
 
 ODEMethod = Literal["tsit5", "dopri5", "euler", "rk4", "vcab3"]
 # name -> (torchdyn class name, or "" for deqlab's own; adaptive?; order; evaluations per step given the
@@ -64,7 +72,9 @@ def _tableau(name: str) -> Tuple[Tuple[Tuple[float, ...], ...], Tuple[float, ...
     return tuple(tuple(row.tolist()) for row in a[:5]), tuple(b.tolist()), tuple(e.tolist())
 
 
-def _fsal_step(vf: Callable[[Tensor], Tensor], u: Tensor, k1: Tensor, h: Tensor, tableau) -> Tuple[Tensor, Tensor, Tensor]:
+def _fsal_step(
+    vf: Callable[[Tensor], Tensor], u: Tensor, k1: Tensor, h: Tensor, tableau
+) -> Tuple[Tensor, Tensor, Tensor]:
     """One step of a first-same-as-last 7-stage pair (Tsit5, Dopri5) with torchdyn's tableau.
 
     Why not torchdyn's ``step``: it evaluates the last stage at ``u + h a71 k1 + h a72 k2 + ...`` (each term
@@ -257,17 +267,25 @@ class ContinuousDEQSolver:
         if self.ode_abstol == 0 and self.ode_reltol == 0:
             raise ValueError("ode_abstol and ode_reltol cannot both be 0: the step-size controller needs a tolerance")
         self.termination: TerminationCondition = resolve_termination(
-            termination, mode=mode, abstol_termination=abstol_termination, reltol_termination=reltol_termination,
-            norm=norm, batch_wide=batch_wide, owner="ContinuousDEQSolver", default_abstol=self.ode_abstol,
-            default_reltol=self.ode_reltol)
+            termination,
+            mode=mode,
+            abstol_termination=abstol_termination,
+            reltol_termination=reltol_termination,
+            norm=norm,
+            batch_wide=batch_wide,
+            owner="ContinuousDEQSolver",
+            default_abstol=self.ode_abstol,
+            default_reltol=self.ode_reltol,
+        )
         self.max_steps = check_max_steps(max_steps)
         if not isinstance(t_max, (int, float)) or isinstance(t_max, bool) or not (t_max > 0):
             raise ValueError(f"t_max must be > 0 (math.inf for no horizon), got {t_max!r}")
         self.t_max = float(t_max)
         _, adaptive, self.order, self.stage_evals = _METHODS[ode_solver]
         self.adaptive = adaptive
-        if dt is not None and not (isinstance(dt, (int, float)) and not isinstance(dt, bool) and dt > 0
-                                   and math.isfinite(dt)):
+        if dt is not None and not (
+            isinstance(dt, (int, float)) and not isinstance(dt, bool) and dt > 0 and math.isfinite(dt)
+        ):
             raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
         self.dt = dt if dt is not None or adaptive else 1.0
         # The step-size controller (Runge–Kutta): h_new = h * clip(safety * ratio^(-1/order), min_factor,
@@ -296,11 +314,13 @@ class ContinuousDEQSolver:
         return deprecated("ContinuousDEQSolver", ".reltol", ".ode_reltol", self.ode_reltol)
 
     def __repr__(self) -> str:
-        return (f"ContinuousDEQSolver({self.ode_solver!r}, mode={self.termination.mode!r}, "
-                f"ode_abstol={self.ode_abstol}, ode_reltol={self.ode_reltol}, "
-                f"abstol_termination={self.termination.abstol}, reltol_termination={self.termination.reltol}, "
-                f"norm={self.termination.norm!r}, max_steps={self.max_steps}, t_max={self.t_max}"
-                + (", batch_wide=True)" if self.termination.batch_wide else ")"))
+        return (
+            f"ContinuousDEQSolver({self.ode_solver!r}, mode={self.termination.mode!r}, "
+            f"ode_abstol={self.ode_abstol}, ode_reltol={self.ode_reltol}, "
+            f"abstol_termination={self.termination.abstol}, reltol_termination={self.termination.reltol}, "
+            f"norm={self.termination.norm!r}, max_steps={self.max_steps}, t_max={self.t_max}"
+            + (", batch_wide=True)" if self.termination.batch_wide else ")")
+        )
 
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
@@ -333,8 +353,9 @@ class ContinuousDEQSolver:
                 stepper = _stepper(self.ode_solver, u.dtype)
                 u, _ = stepper.sync_device_dtype(u, torch.zeros(1, dtype=u.dtype, device=u.device))
             B = u.shape[0]
-            tracker = TerminationTracker(self.termination, B, packer.numel, device=u.device, dtype=u.dtype,
-                                         keep_trace=self.keep_trace)
+            tracker = TerminationTracker(
+                self.termination, B, packer.numel, device=u.device, dtype=u.dtype, keep_trace=self.keep_trace
+            )
 
         def vf(x: Tensor) -> Tensor:  # the autonomous vector field
             return F(x) - x
@@ -354,14 +375,25 @@ class ContinuousDEQSolver:
         else:
             self._loop_rk(run, vf, stepper)
         with instrument.region("solver.result"):
-            return build_result(tracker, packer, run.u, run.du, nfe=F.nfe, steps=run.steps, throw=self.throw,
-                                solver_name=f"ContinuousDEQSolver({self.ode_solver})", t=run.t,
-                                last_step=run.horizon_step, accepted_steps=run.accepted,
-                                reference_nfe=reference_nfe(self.reference_counting,
-                                                            calls=self._reference_calls(F.nfe, run.steps,
-                                                                                        estimated_dt),
-                                                            uncounted=1 if self.ode_solver == "vcab3" else 0),
-                                reference_counting=self.reference_counting)
+            return build_result(
+                tracker,
+                packer,
+                run.u,
+                run.du,
+                nfe=F.nfe,
+                steps=run.steps,
+                throw=self.throw,
+                solver_name=f"ContinuousDEQSolver({self.ode_solver})",
+                t=run.t,
+                last_step=run.horizon_step,
+                accepted_steps=run.accepted,
+                reference_nfe=reference_nfe(
+                    self.reference_counting,
+                    calls=self._reference_calls(F.nfe, run.steps, estimated_dt),
+                    uncounted=1 if self.ode_solver == "vcab3" else 0,
+                ),
+                reference_counting=self.reference_counting,
+            )
 
     def _reference_calls(self, nfe: int, steps: int, estimated_dt: bool) -> int:
         """The evaluations OrdinaryDiffEq would make for a solve of ``steps`` stepper calls: its
@@ -438,8 +470,7 @@ class ContinuousDEQSolver:
                 s2 = startup.unsqueeze(1)
                 k2 = vf(torch.where(s2, adams.bs3_points(u, du, h, 2), u))
                 k3 = vf(torch.where(s2, adams.bs3_points(u, du, h, 3, (k2,)), u))
-                u_new = torch.where(s2, adams.bs3_points(u, du, h, 4, (k2, k3)),
-                                    torch.where(pre.unsqueeze(1), u_ab, u))
+                u_new = torch.where(s2, adams.bs3_points(u, du, h, 4, (k2, k3)), torch.where(pre.unsqueeze(1), u_ab, u))
                 du_new = vf(u_new)
                 err_bs = adams.bs3_error(du, k2, k3, du_new, h)
                 ratio_ps = torch.where(startup, self._error_ratio(err_bs, u, u_new), ratio_ps)
@@ -461,8 +492,9 @@ class ContinuousDEQSolver:
                 bad = accept & bad.any()
             ratio = torch.where(bad, torch.full_like(ratio, math.inf), ratio)
             accept = accept & ~bad
-            factor = adams.pi_factor(ratio.to(wd), qold, accept, safety=self.safety, min_factor=self.min_factor,
-                                     max_factor=self.max_factor)
+            factor = adams.pi_factor(
+                ratio.to(wd), qold, accept, safety=self.safety, min_factor=self.min_factor, max_factor=self.max_factor
+            )
             qold = torch.where(accept, ratio.to(wd).clamp_min(adams.PI_QOLD_INIT), qold)
             run.dt = (h.to(wd) * factor).to(h.dtype)
             moved = run.moving = accept
@@ -472,8 +504,7 @@ class ContinuousDEQSolver:
             # geometric series that never got past the growth, and called the sample diverged (measured in
             # the guide). Without the halving, a runaway flow keeps its pace and meets the tracker's
             # protective break (objective >= 1e3 N objective_0) or its resolution guard.
-            accept, u_new, du_new, _ = self._guard(run, h, accept, ratio_ps, u_new, du_new, live,
-                                                   count_growth=False)
+            accept, u_new, du_new, _ = self._guard(run, h, accept, ratio_ps, u_new, du_new, live, count_growth=False)
             # Stability instead: keep h |λ| inside AB3's interval, |λ| estimated from the last accepted step
             # as ||Δ(f(u) - u)|| / ||Δu|| (a Rayleigh quotient of the flow's Jacobian; it sees a fast mode as
             # soon as it grows, long before the residual does), remembered with a decay so the step does not
@@ -514,8 +545,9 @@ class ContinuousDEQSolver:
                 # reached the horizon (where a check_every=1 loop would have stopped).
                 if run.horizon_step is None:
                     run.horizon_step = torch.full((), -1, dtype=torch.long, device=run.u.device)
-                run.horizon_step = torch.where((run.horizon_step < 0) & at_horizon,
-                                               torch.full_like(run.horizon_step, run.steps), run.horizon_step)
+                run.horizon_step = torch.where(
+                    (run.horizon_step < 0) & at_horizon, torch.full_like(run.horizon_step, run.steps), run.horizon_step
+                )
                 if sync and bool(run.horizon_step >= 0):
                     run.done = True
 
@@ -523,8 +555,17 @@ class ContinuousDEQSolver:
         """The step each sample attempts: its step size, cut so that no sample passes ``t_max``."""
         return torch.minimum(run.dt, self.t_max - run.t) if math.isfinite(self.t_max) else run.dt
 
-    def _guard(self, run: "_Run", h: Tensor, accept: Tensor, ratio_ps: Tensor, u_new: Tensor, du_new: Tensor,
-               live: Tensor, count_growth: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _guard(
+        self,
+        run: "_Run",
+        h: Tensor,
+        accept: Tensor,
+        ratio_ps: Tensor,
+        u_new: Tensor,
+        du_new: Tensor,
+        live: Tensor,
+        count_growth: bool = True,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """The residual-growth, runaway and non-finite guards of the adaptive methods.
 
         Returns ``(accept, u_new, du_new, grew)``: samples that gave up on non-finite values are accepted
@@ -542,8 +583,10 @@ class ContinuousDEQSolver:
             grew = accept & (new_norm > du_norm)
         else:  # the norm of the batch as one vector (of the active samples)
             zero = torch.zeros_like(new_norm)
-            grew = accept & (torch.linalg.vector_norm(torch.where(live, new_norm, zero))
-                             > torch.linalg.vector_norm(torch.where(live, du_norm, zero)))
+            grew = accept & (
+                torch.linalg.vector_norm(torch.where(live, new_norm, zero))
+                > torch.linalg.vector_norm(torch.where(live, du_norm, zero))
+            )
         # A residual that keeps growing although every growth halved the step is the flow
         # itself running away: the sample diverges (the reference's protective break would
         # never fire, since the halved steps make the growth ever slower). Only a decrease larger
@@ -558,8 +601,9 @@ class ContinuousDEQSolver:
             shrank = accept & (new_norm < du_norm * (1.0 - 2.0 * eps))
             scale = torch.linalg.vector_norm(u_new, dim=1) + torch.linalg.vector_norm(u_new + du_new, dim=1)
             counted = grew_ps & (new_norm > 8.0 * eps * scale)
-            run.growths = torch.where(counted, run.growths + 1,
-                                      torch.where(shrank, torch.zeros_like(run.growths), run.growths))
+            run.growths = torch.where(
+                counted, run.growths + 1, torch.where(shrank, torch.zeros_like(run.growths), run.growths)
+            )
             run.diverging = run.growths >= self.divergence_patience
         run.du_norm = torch.where(accept, new_norm, du_norm)
         # A NaN/Inf stage makes the error estimate infinite and the step is rejected; when steps
@@ -574,8 +618,9 @@ class ContinuousDEQSolver:
         u_new = torch.where(give_up.unsqueeze(1), run.u, u_new)
         return accept, u_new, du_new, grew
 
-    def _track_lambda(self, lam: Tensor, moved: Tensor, u: Tensor, u_new: Tensor, du: Tensor, du_new: Tensor,
-                      live: Tensor) -> Tensor:
+    def _track_lambda(
+        self, lam: Tensor, moved: Tensor, u: Tensor, u_new: Tensor, du: Tensor, du_new: Tensor, live: Tensor
+    ) -> Tensor:
         """VCAB3's running estimate of the fastest rate ``|λ|`` of the flow, per sample (the batch's largest
         with one shared step): ``max(||Δdu|| / ||Δu||, decay * previous)`` over the samples that moved."""
         wd = lam.dtype
@@ -625,8 +670,9 @@ class ContinuousDEQSolver:
         def rms(v: Tensor) -> Tensor:
             ms = v.pow(2).mean(dim=1)
             if not self.per_sample_steps:
-                ms = (torch.where(active, ms, torch.zeros_like(ms)).sum()
-                      / active.sum().clamp_min(1).to(ms.dtype)).expand_as(ms)
+                ms = (
+                    torch.where(active, ms, torch.zeros_like(ms)).sum() / active.sum().clamp_min(1).to(ms.dtype)
+                ).expand_as(ms)
             return ms.sqrt()
 
         d0, d1 = rms(u / scale), rms(du / scale)
@@ -634,8 +680,11 @@ class ContinuousDEQSolver:
         du1 = vf(u + h0.unsqueeze(1) * du)
         d2 = rms((du1 - du) / scale) / h0
         dmax = torch.maximum(d1, d2)
-        h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
-                         (0.01 / dmax.clamp_min(1e-30)).pow(1.0 / (self.order + 1)))
+        h1 = torch.where(
+            dmax <= 1e-15,
+            torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
+            (0.01 / dmax.clamp_min(1e-30)).pow(1.0 / (self.order + 1)),
+        )
         h = torch.minimum(100 * h0, h1)
         return torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-3))
 

@@ -31,9 +31,10 @@ Example:
     >>> reference_nfe("deqjl", calls=2)       # nf = k + 1 = 2, plus the final z* = f(u*)
     3
 """
+
 from __future__ import annotations
 
-from typing import Literal, Tuple, get_args
+from typing import Literal, Tuple, cast, get_args
 
 __all__ = ["ReferenceCounting", "REFERENCE_COUNTINGS", "reference_nfe", "check_reference_counting"]
 
@@ -42,12 +43,14 @@ ReferenceCounting = Literal["deqjl", "fastdeq"]
 REFERENCE_COUNTINGS: Tuple[str, ...] = get_args(ReferenceCounting)
 
 
-def check_reference_counting(owner: str, value: object) -> str:
+def check_reference_counting(owner: str, value: object) -> ReferenceCounting:
     """``value`` if it names a convention, else a ``ValueError`` that lists them."""
     if value not in REFERENCE_COUNTINGS:
-        raise ValueError(f"{owner}: reference_counting must be one of {', '.join(map(repr, REFERENCE_COUNTINGS))} "
-                         f"(see deqlab.solvers.counting), got {value!r}")
-    return str(value)
+        raise ValueError(
+            f"{owner}: reference_counting must be one of {', '.join(map(repr, REFERENCE_COUNTINGS))} "
+            f"(see deqlab.solvers.counting), got {value!r}"
+        )
+    return cast(ReferenceCounting, str(value))  # one of REFERENCE_COUNTINGS
 
 
 def reference_nfe(convention: ReferenceCounting, *, calls: int, uncounted: int = 0) -> int:

@@ -1,4 +1,5 @@
 """``DiscreteDEQSolver``: one loop for every discrete algorithm."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple, Union
@@ -8,29 +9,45 @@ from torch import Tensor
 
 from deqlab import instrument
 from deqlab.solvers._checks import check_int, check_number, unknown_keyword
-from deqlab.solvers._driver import (CountedMap, build_result, check_first_step, check_max_steps, empty_result,
-                                    prepare)
-from deqlab.state import State
+from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, empty_result, prepare
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
-from deqlab.solvers.compiled import (CompileFallbackWarning, CompileOption, check_compile_option, compile_available,
-                                     compiled_discrete_step, fallback_warning)
+from deqlab.solvers.compiled import (
+    CompileFallbackWarning,
+    CompileOption,
+    check_compile_option,
+    compile_available,
+    compiled_discrete_step,
+    fallback_warning,
+)
 from deqlab.solvers.counting import ReferenceCounting, check_reference_counting, reference_nfe
 from deqlab.solvers.result import SolverResult
 from deqlab.solvers.sub_batch import SubBatchMap
-from deqlab.solvers.termination import (NormKind, TerminationCondition, TerminationMode, TerminationTracker,
-                                        export_device_state, load_device_state, resolve_termination)
-
+from deqlab.solvers.termination import (
+    NormKind,
+    TerminationCondition,
+    TerminationMode,
+    TerminationTracker,
+    export_device_state,
+    load_device_state,
+    resolve_termination,
+)
+from deqlab.state import State
 
 #: where a tolerance lives, for ``tol=`` given to a solver that has two
-TOL_HINT = ("A solver has two tolerances: abstol_termination and reltol_termination (or "
-            "termination=TerminationCondition(...)); the continuous solver also ode_abstol / ode_reltol.")
+TOL_HINT = (
+    "A solver has two tolerances: abstol_termination and reltol_termination (or "
+    "termination=TerminationCondition(...)); the continuous solver also ode_abstol / ode_reltol."
+)
 
 
-def make_algorithm(algorithm: Union[str, FixedPointAlgorithm], *, solver_options: Tuple[str, ...] = (),
-                   **options) -> FixedPointAlgorithm:
+def make_algorithm(
+    algorithm: Union[str, FixedPointAlgorithm], *, solver_options: Tuple[str, ...] = (), **options
+) -> FixedPointAlgorithm:
     if isinstance(algorithm, FixedPointAlgorithm):
         if options:
-            raise TypeError(f"algorithm options {sorted(options)} given with an algorithm object; set them on the object")
+            raise TypeError(
+                f"algorithm options {sorted(options)} given with an algorithm object; set them on the object"
+            )
         return algorithm
     if algorithm not in ALGORITHMS:
         import difflib
@@ -44,8 +61,12 @@ def make_algorithm(algorithm: Union[str, FixedPointAlgorithm], *, solver_options
     own = [p for p in inspect.signature(cls).parameters]
     for name in options:
         if name not in own:  # a misspelt solver keyword lands here (it is not one of DiscreteDEQSolver's)
-            raise unknown_keyword(f"DiscreteDEQSolver({algorithm!r})", name, [*solver_options, *own],
-                                  hint=TOL_HINT if "tol" in name else "")
+            raise unknown_keyword(
+                f"DiscreteDEQSolver({algorithm!r})",
+                name,
+                [*solver_options, *own],
+                hint=TOL_HINT if "tol" in name else "",
+            )
     return cls(**options)
 
 
@@ -174,35 +195,48 @@ class DiscreteDEQSolver:
     ):
         for old, new in (("abstol", "abstol_termination"), ("reltol", "reltol_termination")):
             if old in algorithm_options:
-                raise TypeError(f"DiscreteDEQSolver has no {old!r} option: its tolerances are those of the "
-                                f"termination condition, pass {new}=...")
+                raise TypeError(
+                    f"DiscreteDEQSolver has no {old!r} option: its tolerances are those of the "
+                    f"termination condition, pass {new}=..."
+                )
         self.algorithm = make_algorithm(algorithm, solver_options=_SOLVER_OPTIONS, **algorithm_options)
         self.termination: TerminationCondition = resolve_termination(
-            termination, mode=mode, abstol_termination=abstol_termination, reltol_termination=reltol_termination,
-            norm=norm, batch_wide=batch_wide, owner="DiscreteDEQSolver")
+            termination,
+            mode=mode,
+            abstol_termination=abstol_termination,
+            reltol_termination=reltol_termination,
+            norm=norm,
+            batch_wide=batch_wide,
+            owner="DiscreteDEQSolver",
+        )
         self.max_steps = check_max_steps(max_steps)
         self.check_every = check_int("DiscreteDEQSolver", "check_every", check_every, low=1)
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
         self.reference_counting = check_reference_counting("DiscreteDEQSolver", reference_counting)
         self.per_sample_exit = bool(per_sample_exit)
-        self.compact_below = check_number("DiscreteDEQSolver", "compact_below", compact_below, low=0.0, high=1.0,
-                                          low_open=True)
+        self.compact_below = check_number(
+            "DiscreteDEQSolver", "compact_below", compact_below, low=0.0, high=1.0, low_open=True
+        )
         self.compile = check_compile_option("DiscreteDEQSolver", compile)
         self._compile_failed = False  # set after the one fallback warning: this solver then stays eager
         if self.per_sample_exit and not self.algorithm.supports_select:
-            raise ValueError(f"DiscreteDEQSolver: per_sample_exit=True needs an algorithm that can follow a "
-                             f"shrinking batch; {type(self.algorithm).__name__} does not implement select() "
-                             f"(set supports_select = True with it), or pass per_sample_exit=False")
+            raise ValueError(
+                f"DiscreteDEQSolver: per_sample_exit=True needs an algorithm that can follow a "
+                f"shrinking batch; {type(self.algorithm).__name__} does not implement select() "
+                f"(set supports_select = True with it), or pass per_sample_exit=False"
+            )
 
     def __repr__(self) -> str:
-        return (f"DiscreteDEQSolver({self.algorithm!r}, mode={self.termination.mode!r}, "
-                f"abstol_termination={self.termination.abstol}, reltol_termination={self.termination.reltol}, "
-                f"norm={self.termination.norm!r}, max_steps={self.max_steps}"
-                + (", batch_wide=True" if self.termination.batch_wide else "")
-                + (f", check_every={self.check_every}" if self.check_every != 1 else "")
-                + (f", compile={self.compile!r}" if self.compile is not False else "")
-                + (f", per_sample_exit=True, compact_below={self.compact_below})" if self.per_sample_exit else ")"))
+        return (
+            f"DiscreteDEQSolver({self.algorithm!r}, mode={self.termination.mode!r}, "
+            f"abstol_termination={self.termination.abstol}, reltol_termination={self.termination.reltol}, "
+            f"norm={self.termination.norm!r}, max_steps={self.max_steps}"
+            + (", batch_wide=True" if self.termination.batch_wide else "")
+            + (f", check_every={self.check_every}" if self.check_every != 1 else "")
+            + (f", compile={self.compile!r}" if self.compile is not False else "")
+            + (f", per_sample_exit=True, compact_below={self.compact_below})" if self.per_sample_exit else ")")
+        )
 
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
@@ -230,8 +264,9 @@ class DiscreteDEQSolver:
                 return empty_result(packer, z, reference_counting=self.reference_counting)
             restrict = _sub_batch_maker(f, packer) if self.per_sample_exit else None
             F = CountedMap(f, packer)
-            tracker = TerminationTracker(self.termination, packer.batch, packer.numel, device=z.device,
-                                         dtype=z.dtype, keep_trace=self.keep_trace)
+            tracker = TerminationTracker(
+                self.termination, packer.batch, packer.numel, device=z.device, dtype=z.dtype, keep_trace=self.keep_trace
+            )
         # what the loop calls, picked once: the methods themselves when nothing records (deqlab.instrument)
         update = instrument.wrap("termination", tracker.update)
         fz = F(z)
@@ -251,10 +286,19 @@ class DiscreteDEQSolver:
         # iteration (one evaluation) long there.
         calls = F.nfe + (1 if steps == 0 else 0)
         with instrument.region("solver.result"):
-            return build_result(tracker, packer, z, g, nfe=F.nfe, steps=steps, throw=self.throw,
-                                solver_name=f"DiscreteDEQSolver({algo.name})", rows=F.rows,
-                                reference_nfe=reference_nfe(self.reference_counting, calls=calls),
-                                reference_counting=self.reference_counting)
+            return build_result(
+                tracker,
+                packer,
+                z,
+                g,
+                nfe=F.nfe,
+                steps=steps,
+                throw=self.throw,
+                solver_name=f"DiscreteDEQSolver({algo.name})",
+                rows=F.rows,
+                reference_nfe=reference_nfe(self.reference_counting, calls=calls),
+                reference_counting=self.reference_counting,
+            )
 
     def _compiled_step(self, restrict) -> Optional[Callable[..., tuple]]:
         """The compiled step for this solve, or ``None`` to run eager (see ``compile`` in the class doc)."""
@@ -264,17 +308,29 @@ class DiscreteDEQSolver:
             return None
         if not compile_available() or not self.algorithm.supports_compile:
             self._compile_failed = True
-            why = ("this torch has no torch.compile" if not compile_available() else
-                   f"{type(self.algorithm).__name__} has no pure step (supports_compile is False)")
+            why = (
+                "this torch has no torch.compile"
+                if not compile_available()
+                else f"{type(self.algorithm).__name__} has no pure step (supports_compile is False)"
+            )
             import warnings
 
-            warnings.warn(f"DiscreteDEQSolver(compile=True): {why}; running eager", CompileFallbackWarning,
-                          stacklevel=4)
+            warnings.warn(
+                f"DiscreteDEQSolver(compile=True): {why}; running eager", CompileFallbackWarning, stacklevel=4
+            )
             return None
         return compiled_discrete_step(self.algorithm, self.termination, self.compile)
 
-    def _iterate_compiled(self, step: Callable[..., tuple], tracker: TerminationTracker, algo: FixedPointAlgorithm,
-                          z: Tensor, fz: Tensor, g: Tensor, F: CountedMap) -> Optional[Tuple[Tensor, Tensor, int]]:
+    def _iterate_compiled(
+        self,
+        step: Callable[..., tuple],
+        tracker: TerminationTracker,
+        algo: FixedPointAlgorithm,
+        z: Tensor,
+        fz: Tensor,
+        g: Tensor,
+        F: CountedMap,
+    ) -> Optional[Tuple[Tensor, Tensor, int]]:
         """The solver loop around the compiled step; ``None`` when the step cannot be compiled (warned once),
         so the caller runs the eager loop from the same first evaluation.
 
@@ -311,8 +367,19 @@ class DiscreteDEQSolver:
         load_device_state(tracker, tstate, first_step + steps)
         return z, g, steps
 
-    def _iterate(self, tracker: TerminationTracker, update: Callable[..., bool], algo: FixedPointAlgorithm, state,
-                 z: Tensor, fz: Tensor, g: Tensor, F: CountedMap, restrict, done: bool) -> Tuple[Tensor, Tensor, int]:
+    def _iterate(
+        self,
+        tracker: TerminationTracker,
+        update: Callable[..., bool],
+        algo: FixedPointAlgorithm,
+        state,
+        z: Tensor,
+        fz: Tensor,
+        g: Tensor,
+        F: CountedMap,
+        restrict,
+        done: bool,
+    ) -> Tuple[Tensor, Tensor, int]:
         """The solver loop. With ``restrict`` (``per_sample_exit``) the algorithm iterates on a working batch
         that drops stopped samples; without it the working batch is always the whole batch.
 
@@ -360,7 +427,8 @@ def _sub_batch_maker(f: Callable[[State], State], packer):
             f"DiscreteDEQSolver(per_sample_exit=True) evaluates f on the samples still iterating, so f must be "
             f"restrictable to a sub-batch: got {type(f).__name__} without a restrict(index) method. Wrap a plain "
             f"function as deqlab.solvers.PerSampleMap(fn, x, ...) (fn(z, x, ...) with per-sample inputs), use a "
-            f"deqlab.nn DEQ layer, or pass per_sample_exit=False")
+            f"deqlab.nn DEQ layer, or pass per_sample_exit=False"
+        )
     f.restrict(torch.arange(packer.batch, device=packer.device))
 
     def restrict(index: Tensor):
@@ -370,5 +438,8 @@ def _sub_batch_maker(f: Callable[[State], State], packer):
 
 
 #: DiscreteDEQSolver's own keywords (beside the algorithm's options), for the did-you-mean of a typo
-_SOLVER_OPTIONS = tuple(p for p in __import__("inspect").signature(DiscreteDEQSolver.__init__).parameters
-                        if p not in ("self", "algorithm", "algorithm_options"))
+_SOLVER_OPTIONS = tuple(
+    p
+    for p in __import__("inspect").signature(DiscreteDEQSolver.__init__).parameters
+    if p not in ("self", "algorithm", "algorithm_options")
+)

@@ -6,6 +6,7 @@ matmuls instead of a Python loop), repeated when it cancels most of the new vect
 Givens QR of the Hessenberg matrix that gives the residual after every step for a few small tensor
 operations (one triangular solve per cycle); restarts.
 """
+
 from __future__ import annotations
 
 import math
@@ -108,14 +109,15 @@ def gmres(
             raise ValueError(f"gmres: {name} must be an int >= 1, got {value!r}")
     if isinstance(tol, Tensor):  # per-sample tolerances (values are the caller's: no host sync to check them)
         if tol.shape not in ((), (b.shape[0],)):
-            raise ValueError(f"gmres: a tensor tol must have one entry per sample, shape ({b.shape[0]},), got "
-                             f"{tuple(tol.shape)}")
+            raise ValueError(
+                f"gmres: a tensor tol must have one entry per sample, shape ({b.shape[0]},), got {tuple(tol.shape)}"
+            )
         tol = tol.to(torch.float32 if b.dtype in (torch.float16, torch.bfloat16) else b.dtype)
-    for name, value in (("tol", tol), ("atol", atol)):
-        if isinstance(value, Tensor):
+    for name, given in (("tol", tol), ("atol", atol)):
+        if isinstance(given, Tensor):
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"gmres: {name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(given, (int, float)) or isinstance(given, bool) or not math.isfinite(given) or given < 0:
+            raise ValueError(f"gmres: {name} must be a finite number >= 0, got {given!r}")
     if b.dtype in (torch.float16, torch.bfloat16):
         # Half precision: the Arnoldi basis, the Givens QR and the triangular solve run in float32 (CPU
         # has no half-precision triangular solve, and 8 mantissa bits cannot keep a basis orthogonal);
@@ -125,8 +127,15 @@ def gmres(
         def matvec32(v: Tensor) -> Tensor:
             return matvec(v.to(half)).float()
 
-        x32, info = gmres(matvec32, b.float(), x0=None if x0 is None else x0.float(), tol=tol, atol=atol,
-                          restart=restart, max_restarts=max_restarts)
+        x32, info = gmres(
+            matvec32,
+            b.float(),
+            x0=None if x0 is None else x0.float(),
+            tol=tol,
+            atol=atol,
+            restart=restart,
+            max_restarts=max_restarts,
+        )
         return x32.to(half), info
     B, N = b.shape
     m = min(restart, N)
@@ -191,7 +200,7 @@ def gmres(
             a, c_ = col[:, j], w_norm
             rho = torch.hypot(a, c_)
             cs, sn = a / rho, c_ / rho
-            R[:, : j, j] = col[:, :j]
+            R[:, :j, j] = col[:, :j]
             R[:, j, j] = rho
             q_j, q_n = Qt[:, j, : j + 2].clone(), Qt[:, j + 1, : j + 2].clone()
             Qt[:, j, : j + 2] = cs.unsqueeze(1) * q_j + sn.unsqueeze(1) * q_n
@@ -212,8 +221,11 @@ def gmres(
         # `used` columns solves that leading block (the rest of R is replaced by the identity, of g by 0).
         cols = torch.arange(k, device=b.device)
         keep = cols.unsqueeze(0) < used.unsqueeze(1)  # (B, k)
-        Rk = torch.where(keep.unsqueeze(1) & keep.unsqueeze(2), R[:, :k, :k],
-                         torch.eye(k, dtype=b.dtype, device=b.device).expand(B, k, k))
+        Rk = torch.where(
+            keep.unsqueeze(1) & keep.unsqueeze(2),
+            R[:, :k, :k],
+            torch.eye(k, dtype=b.dtype, device=b.device).expand(B, k, k),
+        )
         gk = torch.where(keep, g[:, :k], torch.zeros_like(g[:, :k]))
         y = torch.linalg.solve_triangular(Rk, gk.unsqueeze(2), upper=True).squeeze(2)
         x = x + torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1)

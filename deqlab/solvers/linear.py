@@ -6,17 +6,18 @@
   ``x = x - A x + b`` (for ``A = I - M``: ``x = M x + b``), so Anderson, Broyden or plain iteration can
   serve as the adjoint solver under the same contract.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch
 from torch import Tensor
 
 from deqlab.solvers.krylov import gmres
 from deqlab.solvers.protocols import LinearSolveResult, Solver
-from deqlab.state import batch_norm
+from deqlab.state import State, batch_norm
 
 __all__ = ["FixedPointLinearSolver", "GMRES"]
 
@@ -64,8 +65,7 @@ class GMRES:
         (tensor([[0.2000, 0.6000]], dtype=torch.float64), 2, tensor([True]))
     """
 
-    def __init__(self, tol: float = 1e-6, max_steps: int = 50, *, restart: Optional[int] = None,
-                 atol: float = 0.0):
+    def __init__(self, tol: float = 1e-6, max_steps: int = 50, *, restart: Optional[int] = None, atol: float = 0.0):
         _check_budget("GMRES", tol, max_steps)
         if restart is not None and (not isinstance(restart, int) or restart < 1):
             raise ValueError(f"GMRES: restart must be an int >= 1 or None, got {restart!r}")
@@ -76,8 +76,7 @@ class GMRES:
         self.restart = restart
         self.atol = float(atol)
 
-    def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Optional[Tensor] = None
-              ) -> LinearSolveResult:
+    def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Optional[Tensor] = None) -> LinearSolveResult:
         """Solve ``A x = b`` per sample within ``max_steps`` products.
 
         Args:
@@ -92,10 +91,18 @@ class GMRES:
             ValueError: ``b`` is not ``(B, N)`` (from [`gmres`][deqlab.solvers.gmres]).
         """
         restart = min(self.restart or self.max_steps, self.max_steps)
-        x, info = gmres(matvec, b, x0=x0, tol=self.tol, atol=self.atol, restart=restart,
-                        max_restarts=max(1, -(-self.max_steps // restart)))
-        return LinearSolveResult(x=x, matvecs=info.matvecs, iterations=info.iterations, residual=info.residual,
-                                 converged=info.converged)
+        x, info = gmres(
+            matvec,
+            b,
+            x0=x0,
+            tol=self.tol,
+            atol=self.atol,
+            restart=restart,
+            max_restarts=max(1, -(-self.max_steps // restart)),
+        )
+        return LinearSolveResult(
+            x=x, matvecs=info.matvecs, iterations=info.iterations, residual=info.residual, converged=info.converged
+        )
 
     def __repr__(self) -> str:
         return f"GMRES(tol={self.tol}, max_steps={self.max_steps}, restart={self.restart}, atol={self.atol})"
@@ -156,19 +163,22 @@ class FixedPointLinearSolver:
         from deqlab.solvers.discrete import DiscreteDEQSolver
 
         if not isinstance(solver, Solver):
-            raise TypeError(f"FixedPointLinearSolver needs a fixed-point Solver (callable with a `termination`), "
-                            f"got {solver!r}")
+            raise TypeError(
+                f"FixedPointLinearSolver needs a fixed-point Solver (callable with a `termination`), got {solver!r}"
+            )
         if isinstance(solver, DiscreteDEQSolver) and solver.per_sample_exit:
             raise ValueError(
                 f"FixedPointLinearSolver: per-sample exit is not supported for linear (adjoint) solves: the "
                 f"adjoint map g -> J^T g + v is a function of the whole batch and cannot be restricted to the "
-                f"samples still iterating. Pass the solver with per_sample_exit=False, got {solver!r}")
+                f"samples still iterating. Pass the solver with per_sample_exit=False, got {solver!r}"
+            )
         if max_steps is None:
             if not isinstance(solver, DiscreteDEQSolver):
                 raise ValueError(
                     f"FixedPointLinearSolver: cannot tell how many products {solver!r} may spend (the Solver "
                     f"contract has no evaluation budget); pass max_steps=N, the matrix-vector products at most "
-                    f"(the residual check included), e.g. FixedPointLinearSolver(solver, max_steps=30)")
+                    f"(the residual check included), e.g. FixedPointLinearSolver(solver, max_steps=30)"
+                )
             max_steps = int(solver.max_steps) + 2
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"FixedPointLinearSolver: max_steps must be an int >= 1, got {max_steps!r}")
@@ -182,8 +192,7 @@ class FixedPointLinearSolver:
         algorithm = solver.algorithm if isinstance(solver, DiscreteDEQSolver) else None
         self.finite_differences = isinstance(algorithm, NewtonKrylov) and algorithm.jvp == "fd"
 
-    def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Optional[Tensor] = None
-              ) -> LinearSolveResult:
+    def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Optional[Tensor] = None) -> LinearSolveResult:
         """Solve ``A x = b`` with the wrapped fixed-point solver within ``max_steps`` products.
 
         Args:
@@ -208,9 +217,9 @@ class FixedPointLinearSolver:
             last = z - matvec(z) + b
             return last
 
-        try:
-            res = self.solver(step, x)
-            x, iterations = res.z, int(res.steps)
+        try:  # a tensor state: the solver hands step tensors and returns one
+            res = self.solver(cast(Callable[[State], State], step), x)
+            x, iterations = cast(Tensor, res.z), int(res.steps)
         except _BudgetSpent:
             x, iterations = last, count
         r = b - matvec(x)

@@ -14,6 +14,7 @@ instead of reaching into attributes:
 
 Both are ``runtime_checkable``: ``isinstance(obj, Solver)`` checks the attributes exist.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -138,8 +139,7 @@ class LinearSolver(Protocol):
     tol: float
     max_steps: int
 
-    def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Optional[Tensor] = None
-              ) -> LinearSolveResult:
+    def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Optional[Tensor] = None) -> LinearSolveResult:
         """Solve ``A x = b`` for every row of ``b``.
 
         Args:

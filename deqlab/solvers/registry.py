@@ -3,13 +3,14 @@
 Why a registry: configs (YAML, LightningCLI) name solvers by string; researchers add their own without
 editing deqlab. Unknown names and unknown keywords raise with the valid choices listed.
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, cast
 
 from deqlab.solvers.algorithms import ALGORITHMS
-from deqlab.solvers.continuous import _METHODS, ContinuousDEQSolver
+from deqlab.solvers.continuous import _METHODS, ContinuousDEQSolver, ODEMethod
 from deqlab.solvers.discrete import DiscreteDEQSolver
 from deqlab.solvers.reversible import ReversibleSolver
 
@@ -59,7 +60,8 @@ def register_solver(name: str, factory: Callable[..., Any], *, overwrite: bool =
 
 
 def available_solvers() -> list:
-    """The names [`get_solver`][deqlab.solvers.get_solver] accepts: the built-ins and every [`register_solver`][deqlab.solvers.register_solver] name.
+    """The names [`get_solver`][deqlab.solvers.get_solver] accepts: the built-ins and every
+    [`register_solver`][deqlab.solvers.register_solver] name.
 
     Returns:
         A new, sorted list of the registered names.
@@ -122,17 +124,20 @@ def _discrete_factory(algorithm: str) -> Callable[..., DiscreteDEQSolver]:
     def factory(**options: Any) -> DiscreteDEQSolver:
         return DiscreteDEQSolver(algorithm, **options)
 
-    solver_params = [p for p in inspect.signature(DiscreteDEQSolver).parameters if p not in ("algorithm", "algorithm_options")]
+    solver_params = [
+        p for p in inspect.signature(DiscreteDEQSolver).parameters if p not in ("algorithm", "algorithm_options")
+    ]
     algo_params = list(inspect.signature(ALGORITHMS[algorithm]).parameters)
-    factory.valid_options = solver_params + algo_params
+    factory.valid_options = solver_params + algo_params  # type: ignore[attr-defined]  # read back by get_solver
     return factory
 
 
 def _continuous_factory(method: str) -> Callable[..., ContinuousDEQSolver]:
     def factory(**options: Any) -> ContinuousDEQSolver:
-        return ContinuousDEQSolver(method, **options)
+        return ContinuousDEQSolver(cast(ODEMethod, method), **options)  # a key of _METHODS
 
-    factory.valid_options = [p for p in inspect.signature(ContinuousDEQSolver).parameters if p != "ode_solver"]
+    valid = [p for p in inspect.signature(ContinuousDEQSolver).parameters if p != "ode_solver"]
+    factory.valid_options = valid  # type: ignore[attr-defined]  # a function attribute, read back by get_solver
     return factory
 
 

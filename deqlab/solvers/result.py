@@ -4,6 +4,7 @@ Why a single record: the DEQ layers, the Lightning module and the benchmarks all
 numbers (NFE, per-sample residuals, convergence masks, an explicit status) without knowing which
 algorithm produced them.
 """
+
 from __future__ import annotations
 
 import enum
@@ -159,9 +160,16 @@ class SolverResult:
             recorded).
         """
         if self.abs_residual.numel() == 0:
-            return {"nfe": float(self.nfe), "steps": float(self.steps), "abs_residual_mean": 0.0,
-                    "abs_residual_max": 0.0, "rel_residual_mean": 0.0, "rel_residual_max": 0.0,
-                    "converged_fraction": 1.0, "stalled_fraction": 0.0}
+            return {
+                "nfe": float(self.nfe),
+                "steps": float(self.steps),
+                "abs_residual_mean": 0.0,
+                "abs_residual_max": 0.0,
+                "rel_residual_mean": 0.0,
+                "rel_residual_max": 0.0,
+                "converged_fraction": 1.0,
+                "stalled_fraction": 0.0,
+            }
         return {
             "nfe": float(self.nfe),
             "steps": float(self.steps),

@@ -15,6 +15,7 @@ so the exact gradient of the finite iteration is computed backwards without stor
 ([`ReversibleBackward`][deqlab.nn.ReversibleBackward]). The solver returns ``z_N`` and keeps ``y_N``, the
 start and each sample's step count in ``SolverResult.reversible``, which is what that backward inverts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,13 @@ from deqlab import instrument
 from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, empty_result, prepare
 from deqlab.solvers.counting import ReferenceCounting, check_reference_counting, reference_nfe
 from deqlab.solvers.result import SolverError, SolverResult, SolverStatus
-from deqlab.solvers.termination import NormKind, TerminationCondition, TerminationMode, TerminationTracker, \
-    resolve_termination
+from deqlab.solvers.termination import (
+    NormKind,
+    TerminationCondition,
+    TerminationMode,
+    TerminationTracker,
+    resolve_termination,
+)
 from deqlab.state import State
 
 __all__ = ["ReversibleSolver", "ReversibleState"]
@@ -147,18 +153,33 @@ class ReversibleSolver:
         reference_counting: ReferenceCounting = "deqjl",
         batch_wide: Optional[bool] = None,
     ):
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) \
-                or not 0.0 < beta < 2.0 or beta == 1.0:
-            raise ValueError(f"ReversibleSolver: beta must be a number in (0, 2) other than 1 (the inverse step "
-                             f"divides by 1 - beta), got {beta!r}; the paper uses 0.8")
+        if (
+            isinstance(beta, bool)
+            or not isinstance(beta, (int, float))
+            or not math.isfinite(beta)
+            or not 0.0 < beta < 2.0
+            or beta == 1.0
+        ):
+            raise ValueError(
+                f"ReversibleSolver: beta must be a number in (0, 2) other than 1 (the inverse step "
+                f"divides by 1 - beta), got {beta!r}; the paper uses 0.8"
+            )
         self.beta = float(beta)
         self.termination: TerminationCondition = resolve_termination(
-            termination, mode=mode, abstol_termination=abstol_termination, reltol_termination=reltol_termination,
-            norm=norm, batch_wide=batch_wide, owner="ReversibleSolver")
+            termination,
+            mode=mode,
+            abstol_termination=abstol_termination,
+            reltol_termination=reltol_termination,
+            norm=norm,
+            batch_wide=batch_wide,
+            owner="ReversibleSolver",
+        )
         if self.termination.returns_best:
-            raise ValueError(f"ReversibleSolver: mode {self.termination.mode!r} returns the best iterate, but the "
-                             f"reversible backward inverts the last one; use "
-                             f"{self.termination.mode.replace('_best', '_default')!r}")
+            raise ValueError(
+                f"ReversibleSolver: mode {self.termination.mode!r} returns the best iterate, but the "
+                f"reversible backward inverts the last one; use "
+                f"{self.termination.mode.replace('_best', '_default')!r}"
+            )
         self.max_steps = check_max_steps(max_steps)
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
@@ -166,9 +187,11 @@ class ReversibleSolver:
 
     def __repr__(self) -> str:
         t = self.termination
-        return (f"ReversibleSolver(beta={self.beta}, mode={t.mode!r}, abstol_termination={t.abstol}, "
-                f"reltol_termination={t.reltol}, norm={t.norm!r}, max_steps={self.max_steps}"
-                + (", batch_wide=True)" if t.batch_wide else ")"))
+        return (
+            f"ReversibleSolver(beta={self.beta}, mode={t.mode!r}, abstol_termination={t.abstol}, "
+            f"reltol_termination={t.reltol}, norm={t.norm!r}, max_steps={self.max_steps}"
+            + (", batch_wide=True)" if t.batch_wide else ")")
+        )
 
     @torch.no_grad()
     def __call__(self, f: Callable[[State], State], z0: State) -> SolverResult:
@@ -193,13 +216,15 @@ class ReversibleSolver:
         packer, z = prepare(z0)
         if packer.batch == 0:
             result = empty_result(packer, z, reference_counting=self.reference_counting)
-            result.reversible = ReversibleState(y=z.clone(), z0=z.clone(), steps=result.sample_steps.clone(),
-                                                beta=self.beta)
+            result.reversible = ReversibleState(
+                y=z.clone(), z0=z.clone(), steps=result.sample_steps.clone(), beta=self.beta
+            )
             return result
         F = CountedMap(f, packer)
         cond = self.termination
-        tracker = TerminationTracker(cond, packer.batch, packer.numel, device=z.device, dtype=z.dtype,
-                                     keep_trace=self.keep_trace)
+        tracker = TerminationTracker(
+            cond, packer.batch, packer.numel, device=z.device, dtype=z.dtype, keep_trace=self.keep_trace
+        )
         start = z
         beta, keep = self.beta, 1.0 - self.beta
         fz = F(z)
@@ -220,32 +245,51 @@ class ReversibleSolver:
             steps += 1
             # A NaN/Inf pair is not taken (it could not be inverted): the sample keeps its last finite
             # pair and the tracker flags it non-finite.
-            take = tracker.active & torch.isfinite(y_new).all(1) & torch.isfinite(z_new).all(1) \
+            take = (
+                tracker.active
+                & torch.isfinite(y_new).all(1)
+                & torch.isfinite(z_new).all(1)
                 & torch.isfinite(fz_new).all(1)
+            )
             t2 = take.unsqueeze(1)
             y, z, fz = torch.where(t2, y_new, y), torch.where(t2, z_new, z), torch.where(t2, fz_new, fz)
             taken = taken + take.long()
             done = tracker.update(z_new, fz_new - z_new, fz=fz_new)
         calls = F.nfe + (1 if steps == 0 else 0)
-        result = build_result(tracker, packer, z, fz - z, nfe=F.nfe, steps=steps, throw=False,
-                              solver_name="ReversibleSolver",
-                              reference_nfe=reference_nfe(self.reference_counting, calls=calls),
-                              reference_counting=self.reference_counting)
+        result = build_result(
+            tracker,
+            packer,
+            z,
+            fz - z,
+            nfe=F.nfe,
+            steps=steps,
+            throw=False,
+            solver_name="ReversibleSolver",
+            reference_nfe=reference_nfe(self.reference_counting, calls=calls),
+            reference_counting=self.reference_counting,
+        )
         # The returned iterate is our own frozen z_N (the one the backward inverts), whatever the tracker
         # would have picked; its residuals are recomputed on it so they describe what is returned.
         du = fz - z
-        obj, _, res, rel, _ = cond._evaluate(z, du, fz)
-        if cond.batch_wide:
-            obj = result.objective
+        evaluated, _, res, rel, _ = cond._evaluate(z, du, fz)
+        obj = result.objective if cond.batch_wide and result.objective is not None else evaluated  # always set
         result = dataclasses.replace(
-            result, z=packer.unflatten(z.clone()), fz=packer.unflatten(fz.clone()), abs_residual=res,
-            rel_residual=rel, objective=obj, sample_steps=taken.clone(),
-            reversible=ReversibleState(y=y, z0=start, steps=taken, beta=beta))
+            result,
+            z=packer.unflatten(z.clone()),
+            fz=packer.unflatten(fz.clone()),
+            abs_residual=res,
+            rel_residual=rel,
+            objective=obj,
+            sample_steps=taken.clone(),
+            reversible=ReversibleState(y=y, z0=start, steps=taken, beta=beta),
+        )
         if self.throw and result.status is not SolverStatus.CONVERGED:
             n_bad = int((~result.converged).sum())
             raise SolverError(
                 f"ReversibleSolver ended with status '{result.status.value}' after {steps} steps ({F.nfe} "
                 f"evaluations): {n_bad} of {packer.batch} samples did not converge (max {cond.objective_name} "
                 f"{float(obj.max()):.3g}, tolerance {cond.tol:g}). Raise max_steps, lower beta, loosen the "
-                f"tolerances, or make the map more contractive.", result)
+                f"tolerances, or make the map more contractive.",
+                result,
+            )
         return result

@@ -8,6 +8,7 @@ map that allows it says so by having ``restrict(index)``: a map on the samples `
 batch. [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver] with ``per_sample_exit=True`` requires it; the DEQ
 layers of `deqlab.nn` provide it (and refuse it, with the reason, when their map couples samples).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -41,11 +42,9 @@ class SubBatchMap(Protocol):
         True
     """
 
-    def __call__(self, z: State) -> State:
-        ...
+    def __call__(self, z: State) -> State: ...
 
-    def restrict(self, index: Tensor) -> Callable[[State], State]:
-        ...
+    def restrict(self, index: Tensor) -> Callable[[State], State]: ...
 
 
 class PerSampleMap:
@@ -91,5 +90,4 @@ class PerSampleMap:
         Returns:
             A [`PerSampleMap`][deqlab.solvers.PerSampleMap] over ``inputs`` indexed with ``index``.
         """
-        return PerSampleMap(self.fn, *(v.index_select(0, index) if isinstance(v, Tensor) else v
-                                       for v in self.inputs))
+        return PerSampleMap(self.fn, *(v.index_select(0, index) if isinstance(v, Tensor) else v for v in self.inputs))

@@ -23,13 +23,14 @@ of 4 and of 100 000 numbers.
 ``batch_wide=True`` evaluates all of this once for the whole batch instead of per sample (one norm over
 the ``(B, N)`` tensor, as the reference package did): every sample then stops together, with one verdict.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, get_args
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 from torch import Tensor
@@ -37,8 +38,15 @@ from torch import Tensor
 from deqlab.state import batch_norm
 
 TerminationMode = Literal[
-    "abs", "abs_norm", "rel", "rel_norm", "norm",
-    "abs_deq_default", "rel_deq_default", "abs_deq_best", "rel_deq_best",
+    "abs",
+    "abs_norm",
+    "rel",
+    "rel_norm",
+    "norm",
+    "abs_deq_default",
+    "rel_deq_default",
+    "abs_deq_best",
+    "rel_deq_best",
 ]
 NormKind = Literal["l2", "rms"]
 TERMINATION_MODES: Tuple[str, ...] = get_args(TerminationMode)
@@ -203,8 +211,9 @@ class TerminationCondition:
         """
         return self._evaluate(z, du, fz)[:4]
 
-    def _evaluate(self, z: Tensor, du: Tensor, fz: Optional[Tensor] = None
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _evaluate(
+        self, z: Tensor, du: Tensor, fz: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """`evaluate` plus the per-sample ``||f(z)||`` (the tracker's runaway guard needs it)."""
         mode = self.mode
         res = batch_norm(du, self.norm)
@@ -239,6 +248,7 @@ class TerminationCondition:
         The L2 norm of the ``(B, N)`` tensor is the L2 norm of the per-sample L2 norms; its RMS norm (over
         ``B × N`` entries) is the root mean square of the per-sample RMS norms.
         """
+
         def agg(v: Tensor) -> Tensor:
             total = torch.linalg.vector_norm(v) if self.norm == "l2" else v.square().mean().sqrt()
             return total.expand_as(v)
@@ -286,16 +296,27 @@ class TerminationCondition:
             >>> TerminationCondition("abs_norm", batch_wide=True).objective_name
             'absolute residual ||f(z) - z|| (over the batch)'
         """
-        names = {"abs": "max |f(z) - z|", "rel": "max |f(z) - z| / |z|",
-                 "norm": "absolute residual ||f(z) - z|| (and the relative one)"}
-        name = names.get(self.mode) or ("absolute residual ||f(z) - z||" if self.mode.startswith("abs")
-                                        else "relative residual ||f(z) - z|| / ||f(z)||")
+        names = {
+            "abs": "max |f(z) - z|",
+            "rel": "max |f(z) - z| / |z|",
+            "norm": "absolute residual ||f(z) - z|| (and the relative one)",
+        }
+        name = names.get(self.mode) or (
+            "absolute residual ||f(z) - z||"
+            if self.mode.startswith("abs")
+            else "relative residual ||f(z) - z|| / ||f(z)||"
+        )
         return name + (" (over the batch)" if getattr(self, "batch_wide", False) else "")
 
 
-def resolve_termination(termination: Optional[TerminationCondition], *, owner: str,
-                        default_abstol: float = 1e-3, default_reltol: float = 1e-3,
-                        **flat: object) -> TerminationCondition:
+def resolve_termination(
+    termination: Optional[TerminationCondition],
+    *,
+    owner: str,
+    default_abstol: float = 1e-3,
+    default_reltol: float = 1e-3,
+    **flat: object,
+) -> TerminationCondition:
     """The solver's [`TerminationCondition`][deqlab.solvers.TerminationCondition] from either ``termination=`` or the flat keywords.
 
     Why one helper: every solver takes the stop rule either as an object or as the flat keywords
@@ -311,20 +332,24 @@ def resolve_termination(termination: Optional[TerminationCondition], *, owner: s
             raise ValueError(
                 f"{owner}: pass either termination=TerminationCondition(...) or the flat keywords, not both; "
                 f"got termination= together with {', '.join(given)}. Set them on the TerminationCondition "
-                f"(fields mode, abstol, reltol, norm, batch_wide) instead.")
+                f"(fields mode, abstol, reltol, norm, batch_wide) instead."
+            )
         return termination
     unknown = set(flat) - {"mode", "abstol_termination", "reltol_termination", "norm", "batch_wide"}
     if unknown:  # pragma: no cover - programming error inside deqlab
         raise TypeError(f"unknown termination keywords {sorted(unknown)}")
 
-    def pick(key: str, default: object) -> object:
+    def pick(key: str, default: Any) -> Any:  # the caller's value: TerminationCondition checks it
         value = flat.get(key)
         return default if value is None else value
 
-    return TerminationCondition(mode=pick("mode", "rel_deq_default"),
-                                abstol=pick("abstol_termination", default_abstol),
-                                reltol=pick("reltol_termination", default_reltol),
-                                norm=pick("norm", "l2"), batch_wide=pick("batch_wide", False))
+    return TerminationCondition(
+        mode=pick("mode", "rel_deq_default"),
+        abstol=pick("abstol_termination", default_abstol),
+        reltol=pick("reltol_termination", default_reltol),
+        norm=pick("norm", "l2"),
+        batch_wide=pick("batch_wide", False),
+    )
 
 
 class TerminationTracker:
@@ -372,8 +397,9 @@ class TerminationTracker:
                 [1.9984]], dtype=torch.float64), True)
     """
 
-    def __init__(self, condition: TerminationCondition, batch: int, numel: int, *, device, dtype,
-                 keep_trace: bool = True):
+    def __init__(
+        self, condition: TerminationCondition, batch: int, numel: int, *, device, dtype, keep_trace: bool = True
+    ):
         self.cond = condition
         self.eps = torch.finfo(dtype if dtype is not None else torch.float32).eps  # of the state, not the norms
         self.numel = numel
@@ -398,8 +424,15 @@ class TerminationTracker:
         self.record_steps: Optional[List[int]] = box.pop() if box else None  # see record_iterates
         self._recorded: Dict[int, Tensor] = {}
 
-    def update(self, z: Tensor, du: Tensor, mask: Optional[Tensor] = None, fz: Optional[Tensor] = None,
-               diverged: Optional[Tensor] = None, sync: bool = True) -> bool:
+    def update(
+        self,
+        z: Tensor,
+        du: Tensor,
+        mask: Optional[Tensor] = None,
+        fz: Optional[Tensor] = None,
+        diverged: Optional[Tensor] = None,
+        sync: bool = True,
+    ) -> bool:
         """Record the evaluation ``du = f(z) - z``; return True when every sample has stopped.
 
         ``mask`` restricts the update to samples that actually moved (continuous solvers reject steps
@@ -433,8 +466,9 @@ class TerminationTracker:
             self._obj0 = torch.where(finite0, obj, torch.zeros_like(obj))
             # One comparison per step then flags both divergence and NaN/Inf: NaN < x is False, and a
             # sample with objective_0 = 0 (it starts at its fixed point) only fails on non-finite values.
-            self._threshold = torch.where(self._obj0 > 0, cond.protective_threshold * numel * self._obj0,
-                                          torch.full_like(obj, math.inf))
+            self._threshold = torch.where(
+                self._obj0 > 0, cond.protective_threshold * numel * self._obj0, torch.full_like(obj, math.inf)
+            )
             res0 = torch.where(torch.isfinite(res), res, torch.zeros_like(res))
             fzn0 = torch.where(torch.isfinite(fzn), fzn, torch.zeros_like(fzn))
             inf = torch.full_like(res0, math.inf)
@@ -541,7 +575,11 @@ class TerminationTracker:
         return self.n_active == 0
 
     def _advance(self, cur, mask: Optional[Tensor]) -> None:
-        self._prev = cur if mask is None else tuple(self._merge(list(self._prev), cur, mask))
+        if mask is None:
+            self._prev = cur
+        else:
+            assert self._prev is not None  # a mask comes with the second and later updates
+            self._prev = tuple(self._merge(list(self._prev), cur, mask))
         self.step += 1
 
     @staticmethod
@@ -560,8 +598,9 @@ class TerminationTracker:
         stalled = self._history.amax(dim=0) < cond.min_max_factor * self._history.amin(dim=0)
         return stalled & (obj <= cond.patience_objective_multiplier * cond.tol)
 
-    def finish(self, z: Tensor, du: Tensor, last_step: Optional[Tensor] = None
-               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def finish(
+        self, z: Tensor, du: Tensor, last_step: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """The returned ``(z, du, residual, rel_residual)``: still-active samples give the last iterate
         (or their best one in ``*_best`` modes). Their step count is that of the last update, or
         ``last_step`` (a 0-dim tensor) when the solver knows the loop had ended earlier in effect
@@ -574,6 +613,7 @@ class TerminationTracker:
         if last_step is not None:
             end = torch.where(last_step >= 0, torch.minimum(end, last_step), end)
         self.sample_steps = torch.where(self.active, end, self.sample_steps)
+        assert self._ret is not None  # set by the first update, before any finish
         z_ret, du_ret, res, rel = self._ret
         return z_ret, du_ret, res, rel
 
@@ -608,7 +648,8 @@ class TerminationTracker:
         from deqlab.solvers.result import SolverStatus
 
         n_conv, n_stall, n_nan, n_div = torch.stack(
-            [self.converged.sum(), self.stalled.sum(), self.nonfinite.sum(), self.diverged.sum()]).tolist()
+            [self.converged.sum(), self.stalled.sum(), self.nonfinite.sum(), self.diverged.sum()]
+        ).tolist()
         if n_conv == self.batch:
             return SolverStatus.CONVERGED
         if n_nan:
@@ -638,15 +679,16 @@ _DEVICE_CONSTANTS = ("_threshold", "_res_threshold", "_lost_at", "_res_fall", "_
 
 def export_device_state(tracker: TerminationTracker) -> dict:
     """The tracker's per-solve state as a dict of tensors (after its first update), for `device_update`."""
-    if tracker._obj0 is None:
+    prev, ret = tracker._prev, tracker._ret  # set, with _obj0, by the first update
+    if tracker._obj0 is None or prev is None or ret is None:
         raise RuntimeError("export_device_state needs a tracker that has seen its first update")
     state = {name: getattr(tracker, name) for name in _DEVICE_FIELDS}
     state.update({name: getattr(tracker, name) for name in _DEVICE_CONSTANTS})
-    state["prev"] = tuple(tracker._prev)
+    state["prev"] = tuple(prev)
     # After the first update the returned and the previous iterates are the same tensors; after a compiled
     # step they never are. Copies (once per solve) keep the aliasing of the inputs the same at every step,
     # else dynamo's aliasing guard would recompile the step after its first call.
-    state["ret"] = tuple(t.clone() for t in tracker._ret)
+    state["ret"] = tuple(t.clone() for t in ret)
     state["step"] = torch.tensor(tracker.step, dtype=torch.long, device=tracker.active.device)
     if tracker._best_obj is not None:
         state["best_obj"] = tracker._best_obj
@@ -671,8 +713,7 @@ def load_device_state(tracker: TerminationTracker, state: dict, step: int) -> No
     tracker._n_active_stale = True
 
 
-def device_update(cond: TerminationCondition, state: dict, z: Tensor, du: Tensor, fz: Tensor
-                  ) -> Tuple[dict, Tensor]:
+def device_update(cond: TerminationCondition, state: dict, z: Tensor, du: Tensor, fz: Tensor) -> Tuple[dict, Tensor]:
     """One tracker update on the device: ``(new state, objective)`` for the evaluation ``du = f(z) - z``.
 
     The pure twin of `TerminationTracker.update` (``sync=False``, no ``mask``/``diverged``): same stop

@@ -15,12 +15,34 @@ nothing.
 * The architectures' own configs (`deqlab.models.mdeq.MDEQConfig`, `deqlab.models.mnist.DenseConfig`) hold
   the paper's defaults of each experiment once, and give their `SolverSpec` / `BackwardSpec`.
 """
-from deqlab.spec.kinds import MODEL_TYPES, ModelKind, ModelType, model_kind
-from deqlab.spec.solve import (ODE_SOLVERS, PAPER_TOL, SOLVER_KINDS, BackwardSpec, ODESolverName, SolverKind,
-                               SolverSpec)
-from deqlab.spec.training import (DEQTrainingConfig, DEQTrainingSettings, NonFinitePolicy, OptimizerName,
-                                  SchedulerName, TrainingArg)
 
-__all__ = ["BackwardSpec", "DEQTrainingConfig", "DEQTrainingSettings", "MODEL_TYPES", "ModelKind", "ModelType",
-           "NonFinitePolicy", "ODESolverName", "ODE_SOLVERS", "OptimizerName", "PAPER_TOL", "SOLVER_KINDS",
-           "SchedulerName", "SolverKind", "SolverSpec", "TrainingArg", "model_kind"]
+from deqlab.spec.kinds import MODEL_TYPES, ModelKind, ModelType, model_kind
+from deqlab.spec.solve import ODE_SOLVERS, PAPER_TOL, SOLVER_KINDS, BackwardSpec, ODESolverName, SolverKind, SolverSpec
+from deqlab.spec.training import (
+    DEQTrainingConfig,
+    DEQTrainingSettings,
+    NonFinitePolicy,
+    OptimizerName,
+    SchedulerName,
+    TrainingArg,
+)
+
+__all__ = [
+    "BackwardSpec",
+    "DEQTrainingConfig",
+    "DEQTrainingSettings",
+    "MODEL_TYPES",
+    "ModelKind",
+    "ModelType",
+    "NonFinitePolicy",
+    "ODESolverName",
+    "ODE_SOLVERS",
+    "OptimizerName",
+    "PAPER_TOL",
+    "SOLVER_KINDS",
+    "SchedulerName",
+    "SolverKind",
+    "SolverSpec",
+    "TrainingArg",
+    "model_kind",
+]

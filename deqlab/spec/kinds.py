@@ -18,6 +18,7 @@ Example:
     ...
     ValueError: model_type must be one of 'vanilla', 'skip', 'skip_reg', 'neural_ode', got 'skipreg' (did you mean 'skip_reg'?)
 """
+
 from __future__ import annotations
 
 import difflib
@@ -86,14 +87,11 @@ def model_kind(name: Union[str, ModelKind], *, deq_only: bool = False) -> ModelK
         ValueError: ``name`` is not a model type (the message lists them and suggests the closest), or
             is ``neural_ode`` with ``deq_only``.
     """
-    if isinstance(name, ModelKind):
-        kind = name
-    else:
-        kind = _KINDS.get(name)  # type: ignore[arg-type]
-        if kind is None:
-            close = difflib.get_close_matches(str(name), MODEL_TYPES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"model_type must be one of {', '.join(map(repr, MODEL_TYPES))}, got {name!r}{hint}")
+    kind = name if isinstance(name, ModelKind) else _KINDS.get(name)
+    if kind is None:
+        close = difflib.get_close_matches(str(name), MODEL_TYPES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"model_type must be one of {', '.join(map(repr, MODEL_TYPES))}, got {name!r}{hint}")
     if deq_only and not kind.is_deq:
         valid = ", ".join(repr(k) for k in MODEL_TYPES if _KINDS[k].is_deq)
         raise ValueError(f"model_type must be one of {valid} for a DEQ layer, got {kind.name!r}")

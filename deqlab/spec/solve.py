@@ -22,6 +22,7 @@ Example:
     ...
     ValueError: SolverSpec: kind must be one of 'continuous', 'discrete', got 'discret' (did you mean 'discrete'?)
 """
+
 from __future__ import annotations
 
 import difflib
@@ -29,8 +30,16 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Tuple
 
-__all__ = ["SolverSpec", "BackwardSpec", "SolverKind", "SOLVER_KINDS", "ODESolverName", "ODE_SOLVERS",
-           "PAPER_TOL", "choose"]
+__all__ = [
+    "SolverSpec",
+    "BackwardSpec",
+    "SolverKind",
+    "SOLVER_KINDS",
+    "ODESolverName",
+    "ODE_SOLVERS",
+    "PAPER_TOL",
+    "choose",
+]
 
 SolverKind = Literal["continuous", "discrete"]
 #: ``continuous``: integrate ``du/dt = f(u) - u`` to its steady state; ``discrete``: a root finder

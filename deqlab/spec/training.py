@@ -13,6 +13,7 @@ instead of being ignored.
 
 Lightning-free: this module imports only the standard library.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,9 +24,14 @@ from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
 
 from typing_extensions import TypedDict
 
-
-__all__ = ["DEQTrainingConfig", "DEQTrainingSettings", "NonFinitePolicy", "OptimizerName", "SchedulerName",
-           "TrainingArg"]
+__all__ = [
+    "DEQTrainingConfig",
+    "DEQTrainingSettings",
+    "NonFinitePolicy",
+    "OptimizerName",
+    "SchedulerName",
+    "TrainingArg",
+]
 
 NonFinitePolicy = Literal["skip", "raise"]
 #: the optimizers and learning-rate schedules `deqlab.lightning` builds from these names
@@ -92,7 +98,8 @@ class DEQTrainingConfig:
     Raises:
         ValueError: when ``lr`` < 0 (0 is allowed, as torch's optimizers allow it: the weights stay
             fixed), ``weight_decay`` or ``eta_min`` < 0, ``momentum`` or a beta outside [0, 1),
-            ``step_gamma`` not > 0, ``scheduler_steps`` < 1, an unknown ``optimizer`` or ``scheduler``, ``pretrain_steps`` < 0 or ``pretrain_depth`` < 1, ``num_classes`` < 2,
+            ``step_gamma`` not > 0, ``scheduler_steps`` < 1, an unknown ``optimizer`` or ``scheduler``,
+            ``pretrain_steps`` < 0 or ``pretrain_depth`` < 1, ``num_classes`` < 2,
             ``on_nonfinite`` is not ``skip`` or ``raise``, a loss weight is negative or not finite, or an
             ``extra_loss_weights`` entry is not finite.
 
@@ -148,16 +155,24 @@ class DEQTrainingConfig:
             put(name, float(getattr(self, name)))
         # optimizer and schedule values are checked here, when the model is built (before any data is set
         # up), not by torch when the optimizer is made at the start of fit
-        checks = (("lr", self.lr >= 0, "a finite number >= 0"), ("weight_decay", self.weight_decay >= 0, "a finite number >= 0"),
-                  ("momentum", 0 <= self.momentum < 1, "in [0, 1)"), ("eta_min", self.eta_min >= 0, "a finite number >= 0"),
-                  ("step_gamma", self.step_gamma > 0, "a finite number > 0"))
+        checks = (
+            ("lr", self.lr >= 0, "a finite number >= 0"),
+            ("weight_decay", self.weight_decay >= 0, "a finite number >= 0"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("eta_min", self.eta_min >= 0, "a finite number >= 0"),
+            ("step_gamma", self.step_gamma > 0, "a finite number > 0"),
+        )
         for name, ok, what in checks:
             if not (ok and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)}")
         if len(self.betas) != 2 or not all(0 <= float(b) < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.scheduler_steps is not None and (isinstance(self.scheduler_steps, bool) or int(self.scheduler_steps) < 1):
-            raise ValueError(f"scheduler_steps must be an int >= 1 (or None: the Trainer's total), got {self.scheduler_steps}")
+        if self.scheduler_steps is not None and (
+            isinstance(self.scheduler_steps, bool) or int(self.scheduler_steps) < 1
+        ):
+            raise ValueError(
+                f"scheduler_steps must be an int >= 1 (or None: the Trainer's total), got {self.scheduler_steps}"
+            )
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.scheduler not in ("cosine", "step", "none"):
@@ -184,8 +199,9 @@ class DEQTrainingConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def build(cls, base: "TrainingArg" = None, *, defaults: Optional["DEQTrainingConfig"] = None,
-              **overrides: Any) -> "DEQTrainingConfig":
+    def build(
+        cls, base: "TrainingArg" = None, *, defaults: Optional["DEQTrainingConfig"] = None, **overrides: Any
+    ) -> "DEQTrainingConfig":
         """The effective settings: ``base`` over ``defaults``, then the flat keyword ``overrides``.
 
         A ``DEQTrainingConfig`` ``base`` is complete and used as given. A mapping ``base`` (a config
@@ -225,8 +241,9 @@ class DEQTrainingConfig:
             cls._check_names(base, "training")
             base = dataclasses.replace(defaults, **dict(base))
         if not isinstance(base, cls):
-            raise TypeError(f"training must be a {cls.__name__} or a mapping of its fields, got "
-                            f"{type(base).__name__}: {base!r}")
+            raise TypeError(
+                f"training must be a {cls.__name__} or a mapping of its fields, got {type(base).__name__}: {base!r}"
+            )
         cls._check_names(overrides, "training setting")
         return dataclasses.replace(base, **overrides) if overrides else base
 
@@ -252,7 +269,7 @@ class DEQTrainingConfig:
         unknown = sorted(set(defaults) - {"skip_loss_weight", "jacobian_loss_weight"})
         if unknown:
             raise TypeError(f"with_default_weights: not a loss weight: {', '.join(unknown)}")
-        fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        fill: Dict[str, Any] = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return dataclasses.replace(self, **fill) if fill else self
 
     def weight(self, name: Literal["skip_loss_weight", "jacobian_loss_weight"]) -> float:
@@ -270,7 +287,6 @@ class DEQTrainingConfig:
         return out
 
 
-
 def _settings_type() -> Any:
     hints = typing.get_type_hints(DEQTrainingConfig)
     fields = {f.name: hints[f.name] for f in dataclasses.fields(DEQTrainingConfig)}
@@ -285,8 +301,11 @@ DEQTrainingSettings = _settings_type()
 DEQTrainingSettings.__module__ = __name__
 DEQTrainingSettings.__doc__ = (
     "Some DEQTrainingConfig fields by name, each optional and typed as the field: a partial training block "
-    "(``{'lr': 0.01}``) that a model applies over its ``default_training``.")
+    "(``{'lr': 0.01}``) that a model applies over its ``default_training``."
+)
+
+# (DEQTrainingSettings is built at import time, so a type checker cannot see it: to mypy it is Any below)
 
 #: What a ``training=`` argument accepts: a partial mapping (tried first, so a config block stays
 #: partial), a complete [`DEQTrainingConfig`][deqlab.spec.DEQTrainingConfig], or ``None`` (the model's defaults).
-TrainingArg = Union[DEQTrainingSettings, DEQTrainingConfig, None]
+TrainingArg = Union[DEQTrainingSettings, DEQTrainingConfig, None]  # type: ignore[valid-type]

@@ -7,17 +7,26 @@ an exponential-moving-average (smoothing 0.6, TensorBoard's default) on top.
     python -m deqlab.demo --epochs 8 --log-dir runs/docs_demo
     python docs/img/make_tensorboard_figure.py runs/docs_demo docs/img/tensorboard_scalars.png
 """
+
 import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+import matplotlib.pyplot as plt
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-TAGS = ["train/loss", "val/accuracy", "solver/train_nfe", "solver/train_backward_nfe",
-        "solver/train_abs_residual_max", "val/explicit_accuracy", "time/forward", "time/backward"]
+TAGS = [
+    "train/loss",
+    "val/accuracy",
+    "solver/train_nfe",
+    "solver/train_backward_nfe",
+    "solver/train_abs_residual_max",
+    "val/explicit_accuracy",
+    "time/forward",
+    "time/backward",
+]
 COLORS = {"skip": "#ff7043", "vanilla": "#0077bb", "skip_reg": "#009988"}
 
 
@@ -45,15 +54,17 @@ def main(log_dir: str, out: str) -> None:
             values = [e.value for e in events]
             color = COLORS.get(name, None)
             ax.plot(steps, values, color=color, alpha=0.25, lw=1)
-            ax.plot(steps, smooth(values), color=color, lw=1.8, label=name, marker="o" if len(steps) < 12 else None,
-                    ms=3)
+            ax.plot(
+                steps, smooth(values), color=color, lw=1.8, label=name, marker="o" if len(steps) < 12 else None, ms=3
+            )
         ax.set_title(tag, fontsize=10, loc="left")
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
         ax.set_xlabel("step", fontsize=8)
     axes.flat[0].legend(fontsize=8, frameon=False)
-    fig.suptitle(f"TensorBoard scalars of `python -m deqlab.demo` ({log_dir}): Skip DEQ vs DEQ on 8x8 digits",
-                 fontsize=11)
+    fig.suptitle(
+        f"TensorBoard scalars of `python -m deqlab.demo` ({log_dir}): Skip DEQ vs DEQ on 8x8 digits", fontsize=11
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=80)
 

@@ -4,6 +4,7 @@ backward against the float64 oracle and the unrolled baseline, and its breakdown
 
 Why: the breakdown used to patch deqlab's private methods by dotted names; this runs it in the test suite.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,16 +22,43 @@ def _cells(line: str) -> list:
 def test_quick_run_reports_gradients_and_a_backward_breakdown(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "backward.py"), "--quick", "--no-torchdeq",
-                           "--workloads", "dense", "--repeats", "1", "--warmup", "0", "--no-scaling", "--b-tols",
-                           "1e-4", "--tight-factor", "1", "--write", "--results", str(results)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "backward.py"),
+            "--quick",
+            "--no-torchdeq",
+            "--workloads",
+            "dense",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-scaling",
+            "--b-tols",
+            "1e-4",
+            "--tight-factor",
+            "1",
+            "--write",
+            "--results",
+            str(results),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = results.read_text(encoding="utf-8")
     lines = [_cells(line) for line in text.splitlines() if line.startswith("|")]
     main = [c for c in lines if c[0] in ("deqlab", "unrolled")]
-    assert [c[1] for c in main] == ["ImplicitBackward(gmres)", "ImplicitBackward(fixed_point)",
-                                    "ImplicitBackward(anderson)", "fixed-point × 10"]
+    assert [c[1] for c in main] == [
+        "ImplicitBackward(gmres)",
+        "ImplicitBackward(fixed_point)",
+        "ImplicitBackward(anderson)",
+        "fixed-point × 10",
+    ]
     for c in main:
         assert float(c[8]) < 1e-2  # gradient error against the float64 oracle
     assert "Where deqlab's backward time goes" in text

@@ -6,6 +6,7 @@ Why: the breakdown tables used to wrap deqlab's private methods named by dotted 
 when someone ran it, and ``backward.py`` imported ``solvers.py`` through ``sys.path``. The timings now come
 from ``deqlab.instrument``; these checks keep it that way.
 """
+
 from __future__ import annotations
 
 import ast
@@ -43,16 +44,18 @@ def problems(source: str, name: str = "<source>") -> list:
                 found.append(f"{name}:{node.lineno}: deqlab module named in a string: {node.value!r}")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ATTR_FUNCS:
             for arg in node.args[1:2]:
-                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and \
-                        re.match(r"_[a-z]", arg.value):
-                    found.append(f"{name}:{node.lineno}: {node.func.id}(..., {arg.value!r}) reaches a private "
-                                 f"attribute")
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and re.match(r"_[a-z]", arg.value):
+                    found.append(
+                        f"{name}:{node.lineno}: {node.func.id}(..., {arg.value!r}) reaches a private attribute"
+                    )
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             for mod in mods:
                 if mod.split(".")[0] in scripts:
-                    found.append(f"{name}:{node.lineno}: imports the benchmark script {mod!r}; move what it "
-                                 f"shares to _common.py or _workloads.py")
+                    found.append(
+                        f"{name}:{node.lineno}: imports the benchmark script {mod!r}; move what it "
+                        f"shares to _common.py or _workloads.py"
+                    )
     return found
 
 
@@ -62,12 +65,12 @@ def test_no_benchmark_names_deqlab_internals_in_strings_or_imports_another_scrip
 
 
 def test_the_check_catches_the_old_patching_and_cross_imports():
-    old = '''
+    old = """
 from solvers import WORKLOADS
 _REGIONS = (("deqlab.solvers._driver", "CountedMap.__call__", "f"),
             ("deqlab.nn.implicit", "Linearization.vjp_z", "adjoint VJPs"))
 setattr(owner, "_eval_map", wrapped)
-'''
+"""
     found = problems(old)
     assert len(found) == 4, found
     assert problems("from _workloads import WORKLOADS\nx = getattr(torch.Tensor, '__bool__')\n") == []
@@ -87,11 +90,16 @@ def test_gpu_check_runs_benchmark_flags_that_exist():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text(encoding="utf-8").replace("\\\n", " ")
     calls = re.findall(r"python3 (benchmarks/\w+\.py)([^|;&\n]*)", text)
-    assert {c[0] for c in calls} >= {"benchmarks/solvers.py", "benchmarks/train_step.py",
-                                     "benchmarks/per_sample_exit.py", "benchmarks/backward.py"}
+    assert {c[0] for c in calls} >= {
+        "benchmarks/solvers.py",
+        "benchmarks/train_step.py",
+        "benchmarks/per_sample_exit.py",
+        "benchmarks/backward.py",
+    }
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for rel in sorted({c[0] for c in calls} - {"benchmarks/cifar10_generated.py"}):  # that one forwards flags
         flags = {t.split("=")[0] for c in calls if c[0] == rel for t in shlex.split(c[1]) if t.startswith("--")}
-        helptext = subprocess.run([sys.executable, str(ROOT / rel), "--help"], cwd=ROOT, env=env,
-                                  capture_output=True, text=True, timeout=120).stdout
+        helptext = subprocess.run(
+            [sys.executable, str(ROOT / rel), "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        ).stdout
         assert [f for f in sorted(flags) if f not in helptext] == [], rel

@@ -1,5 +1,6 @@
 """Smoke test of ``benchmarks/revision_ab.py``: it extracts a git revision of deqlab, times it beside the
 working tree in alternating subprocesses and reports both revisions' NFE."""
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,24 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quick_ab_of_head_against_the_working_tree_reports_equal_nfe(tmp_path):
     out = tmp_path / "report.md"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "revision_ab.py"), "--quick", "--baseline",
-                           "HEAD", "--workloads", "solver_anderson", "--output", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "revision_ab.py"),
+            "--quick",
+            "--baseline",
+            "HEAD",
+            "--workloads",
+            "solver_anderson",
+            "--output",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| solver_anderson")]
     assert len(rows) == 1
@@ -30,6 +46,12 @@ def test_quick_ab_of_head_against_the_working_tree_reports_equal_nfe(tmp_path):
 
 def test_an_unknown_workload_is_refused_with_the_valid_names():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "revision_ab.py"), "--worker", "nope"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "revision_ab.py"), "--worker", "nope"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "solver_anderson" in proc.stderr

@@ -4,6 +4,7 @@ algorithm and its breakdown (the regions of ``deqlab.instrument``) accounts for 
 Why: the breakdown used to patch deqlab's private methods by dotted names, and a rename broke it only when
 someone ran the benchmark; this runs it in the test suite (< 20 s), breakdown included.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,9 +28,28 @@ def _ms(text: str) -> float:
 def test_quick_run_reports_every_algorithm_and_a_breakdown_that_adds_up(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "solvers.py"), "--quick", "--no-torchdeq",
-                           "--workloads", "dense", "--repeats", "1", "--warmup", "0", "--write", "--results",
-                           str(results)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "solvers.py"),
+            "--quick",
+            "--no-torchdeq",
+            "--workloads",
+            "dense",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--write",
+            "--results",
+            str(results),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = results.read_text(encoding="utf-8")
     main = {c[1]: c for c in map(_cells, text.splitlines()) if c[0] == "deqlab"}
@@ -37,10 +57,19 @@ def test_quick_run_reports_every_algorithm_and_a_breakdown_that_adds_up(tmp_path
     assert all(row[5] == "yes" for row in main.values())  # every algorithm converged
     assert "Where deqlab's time goes" in text
     header = next(_cells(line) for line in text.splitlines() if line.startswith("| deqlab solver"))
-    assert header[4:] == ["f evals", "termination (per call)", "algorithm step excl. f (per step)",
-                          "algorithm init", "setup", "result", "solver loop", "other"]
-    rows = [dict(zip(header, c)) for c in map(_cells, text.splitlines()) if len(c) == len(header)
-            and c[0] in ALGORITHMS]
+    assert header[4:] == [
+        "f evals",
+        "termination (per call)",
+        "algorithm step excl. f (per step)",
+        "algorithm init",
+        "setup",
+        "result",
+        "solver loop",
+        "other",
+    ]
+    rows = [
+        dict(zip(header, c)) for c in map(_cells, text.splitlines()) if len(c) == len(header) and c[0] in ALGORITHMS
+    ]
     assert [r["deqlab solver"] for r in rows] == list(ALGORITHMS)
     for r in rows:
         assert _ms(r["f evals"]) > 0 and _ms(r["termination (per call)"]) > 0

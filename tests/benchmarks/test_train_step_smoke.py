@@ -4,6 +4,7 @@ its table has the promised columns; the host-sync counter counts exactly the con
 Why: benchmarks rot silently when the library changes under them; this keeps the script runnable in the
 test suite (< 20 s) without timing anything meaningful.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "train_step.py"
 
-COLUMNS = ["step (median)", "fwd", "bwd", "NFE", "steps", "VJPs", "t_f", "t_vjp", "param VJP", "opt step",
-           "overhead", "overhead (full)", "syncs/solve", "sync target"]
+COLUMNS = [
+    "step (median)",
+    "fwd",
+    "bwd",
+    "NFE",
+    "steps",
+    "VJPs",
+    "t_f",
+    "t_vjp",
+    "param VJP",
+    "opt step",
+    "overhead",
+    "overhead (full)",
+    "syncs/solve",
+    "sync target",
+]
 
 
 def _table_header(text: str, first: str) -> list:
@@ -31,11 +46,40 @@ def test_train_step_quick_runs_and_reports_columns(tmp_path):
     out = tmp_path / "report.md"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--models", "mnist_dense", "--model-types", "vanilla",
-         "--solvers", "discrete", "--batch", "4", "--repeats", "1", "--warmup", "0", "--no-torchdeq",
-         "--no-breakdown", "--prediction", "--pred-batches", "1", "--fit-steps", "2",
-         "--data-dir", str(tmp_path / "no-data"), "--output", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--models",
+            "mnist_dense",
+            "--model-types",
+            "vanilla",
+            "--solvers",
+            "discrete",
+            "--batch",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-torchdeq",
+            "--no-breakdown",
+            "--prediction",
+            "--pred-batches",
+            "1",
+            "--fit-steps",
+            "2",
+            "--data-dir",
+            str(tmp_path / "no-data"),
+            "--output",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text(encoding="utf-8")
     header = _table_header(text, "model")
@@ -58,21 +102,52 @@ def test_train_step_region_breakdown_covers_discrete_and_continuous_solves(tmp_p
     out = tmp_path / "report.md"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--models", "mnist_dense", "--model-types", "vanilla",
-         "--solvers", "discrete,continuous", "--batch", "4", "--repeats", "1", "--warmup", "0", "--no-torchdeq",
-         "--output", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--models",
+            "mnist_dense",
+            "--model-types",
+            "vanilla",
+            "--solvers",
+            "discrete,continuous",
+            "--batch",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-torchdeq",
+            "--output",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text(encoding="utf-8")
     assert "Inside the step" in text
-    header = next(_cells(line) for line in text.splitlines()
-                  if line.startswith("| model") and "fwd f evals" in line)
-    rows = {cells[2]: dict(zip(header, cells)) for cells in (_cells(line) for line in text.splitlines())
-            if len(cells) == len(header) and cells[0] == "mnist_dense" and "fwd f evals" in header}
+    header = next(_cells(line) for line in text.splitlines() if line.startswith("| model") and "fwd f evals" in line)
+    rows = {
+        cells[2]: dict(zip(header, cells))
+        for cells in (_cells(line) for line in text.splitlines())
+        if len(cells) == len(header) and cells[0] == "mnist_dense" and "fwd f evals" in header
+    }
     assert set(rows) == {"discrete", "continuous"}
     for solver, row in rows.items():
-        for col in ("fwd f evals", "termination", "algorithm / stepper", "f re-eval", "adjoint VJPs",
-                    "adjoint solver excl. VJPs", "param VJP"):
+        for col in (
+            "fwd f evals",
+            "termination",
+            "algorithm / stepper",
+            "f re-eval",
+            "adjoint VJPs",
+            "adjoint solver excl. VJPs",
+            "param VJP",
+        ):
             assert row[col] and not row[col].startswith(("0 µs", "−")), (solver, col, row[col])
 
 

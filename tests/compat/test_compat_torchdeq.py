@@ -1,4 +1,5 @@
 """deqlab.compat.torchdeq against torchdeq 0.1.0 itself (skipped without it), and its own contracts."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,17 +24,20 @@ def _run(lib, kw, lin, x, f):
     deq = lib.get_deq(**kw)
     deq.train()
     z_out, info = deq(f, torch.zeros(4, 5, dtype=torch.float64))
-    loss = sum((i + 1) * (z ** 2).sum() for i, z in enumerate(z_out))
+    loss = sum((i + 1) * (z**2).sum() for i, z in enumerate(z_out))
     return z_out, info, torch.autograd.grad(loss, [x, *lin.parameters()])
 
 
-@pytest.mark.parametrize("kw", [
-    dict(ift=True, f_max_iter=60, f_tol=1e-10),
-    dict(grad=3, tau=0.8, f_max_iter=60, f_tol=1e-10),
-    dict(core="indexing", n_states=3, ift=True, f_max_iter=12, f_tol=1e-30),
-    dict(core="indexing", indexing=[2, 5], grad=2, tau=0.7, f_max_iter=12, f_tol=1e-30),
-    dict(core="indexing", n_states=4, f_max_iter=12, f_tol=1e-30),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(ift=True, f_max_iter=60, f_tol=1e-10),
+        dict(grad=3, tau=0.8, f_max_iter=60, f_tol=1e-10),
+        dict(core="indexing", n_states=3, ift=True, f_max_iter=12, f_tol=1e-30),
+        dict(core="indexing", indexing=[2, 5], grad=2, tau=0.7, f_max_iter=12, f_tol=1e-30),
+        dict(core="indexing", n_states=4, f_max_iter=12, f_tol=1e-30),
+    ],
+)
 def test_matches_torchdeq_on_z_gradients_and_info(kw):
     torchdeq = pytest.importorskip("torchdeq")
     kw = dict(f_solver="fixed_point_iter", b_tol=1e-12, b_max_iter=100, **kw)
@@ -109,7 +113,7 @@ def test_helpers_match_torchdeq():
 
 
 def test_apply_and_reset_norm():
-    from deqlab.nn import SpectralNorm, WeightNorm
+    from deqlab.nn import WeightNorm
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     ours.apply_norm(model, filter_out=["1"])
@@ -120,15 +124,26 @@ def test_apply_and_reset_norm():
     # torchdeq's filters: prefix_filter_out by prefix, filter_out by substring
     model = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), nn.Linear(2, 2), nn.Linear(2, 2))
     ours.apply_norm(model, "spectral_norm", prefix_filter_out="0.", filter_out=["2"], norm_target_norm=0.5)
-    assert [type(m).__name__ for m in (model[0][0], model[0][1], model[1], model[2])] == \
-        ["Linear", "Linear", "SpectralNorm", "Linear"]
+    assert [type(m).__name__ for m in (model[0][0], model[0][1], model[1], model[2])] == [
+        "Linear",
+        "Linear",
+        "SpectralNorm",
+        "Linear",
+    ]
     assert model[1].target == 0.5 and model[1].scale is not None
-    ours.apply_norm(model, "spectral_norm", args={"norm_no_scale": True, "norm_clip": True, "sn_n_power_iters": 3},
-                    prefix_filter_out="0.1")
+    ours.apply_norm(
+        model,
+        "spectral_norm",
+        args={"norm_no_scale": True, "norm_clip": True, "sn_n_power_iters": 3},
+        prefix_filter_out="0.1",
+    )
     assert model[0][0].scale is None and model[0][0].clamp and model[0][0].n_power_iterations == 3
     # options deqlab's wrappers have no equivalent of raise, naming the key
-    for kw, key in ((dict(norm_no_scale=True), "norm_no_scale"), (dict(norm_clip=True), "norm_clip"),
-                    (dict(learn_scale=False), "learn_scale")):
+    for kw, key in (
+        (dict(norm_no_scale=True), "norm_no_scale"),
+        (dict(norm_clip=True), "norm_clip"),
+        (dict(learn_scale=False), "learn_scale"),
+    ):
         with pytest.raises(ValueError, match=key):
             ours.apply_norm(nn.Linear(2, 2), **kw)
     with pytest.raises(ValueError, match="norm_clip_value"):
@@ -162,17 +177,20 @@ def _norm_steps(lib, norm_type, kw, steps=3, copy_uv=None):
             z = 0.5 * model(z) + x
         outs.append(z.detach())
         opt.zero_grad()
-        (z ** 2).sum().backward()
+        (z**2).sum().backward()
         opt.step()
     return model, outs
 
 
-@pytest.mark.parametrize("norm_type,kw", [
-    ("weight_norm", {}),
-    ("spectral_norm", dict(norm_no_scale=True)),
-    ("spectral_norm", dict(norm_no_scale=True, norm_clip=True, norm_target_norm=0.3)),
-    ("spectral_norm", dict(norm_target_norm=0.7, sn_n_power_iters=2)),
-])
+@pytest.mark.parametrize(
+    "norm_type,kw",
+    [
+        ("weight_norm", {}),
+        ("spectral_norm", dict(norm_no_scale=True)),
+        ("spectral_norm", dict(norm_no_scale=True, norm_clip=True, norm_target_norm=0.3)),
+        ("spectral_norm", dict(norm_target_norm=0.7, sn_n_power_iters=2)),
+    ],
+)
 def test_apply_norm_with_reset_norm_matches_torchdeq(norm_type, kw):
     """torchdeq's own apply_norm + reset_norm is the reference: one normalization per reset, the same
     weights, the same training trajectory (a learned spectral scale: the first step only, as torchdeq's

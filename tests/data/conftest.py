@@ -5,6 +5,7 @@ CIFAR10 and SVHN compare each file's MD5 with the checksum of the official relea
 synthetic file can match. The fixture replaces ``check_integrity`` in those two torchvision modules
 by a plain existence check; the file reading itself (pickle / scipy.io.loadmat) is the real code.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,9 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
-def write_mnist(root: Path, train_images: np.ndarray, train_labels: np.ndarray,
-                test_images: np.ndarray, test_labels: np.ndarray) -> Path:
+def write_mnist(
+    root: Path, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray
+) -> Path:
     """``<root>/MNIST/raw/*-ubyte``; images ``(N, 28, 28)`` uint8, labels ``(N,)`` uint8."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -41,8 +43,13 @@ def random_images(n: int, shape: Sequence[int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
 
 
-def write_cifar10(root: Path, train_images: np.ndarray, train_labels: Sequence[int],
-                  test_images: np.ndarray, test_labels: Sequence[int]) -> Path:
+def write_cifar10(
+    root: Path,
+    train_images: np.ndarray,
+    train_labels: Sequence[int],
+    test_images: np.ndarray,
+    test_labels: Sequence[int],
+) -> Path:
     """``<root>/cifar-10-batches-py``: training images (N, 32, 32, 3) uint8 spread over 5 batches."""
     base = root / "cifar-10-batches-py"
     base.mkdir(parents=True, exist_ok=True)
@@ -75,8 +82,16 @@ def write_svhn(root: Path, split: str, images: np.ndarray, labels: Sequence[int]
     return path
 
 
-def write_image_folder(folder: Path, classes: Sequence[str], per_class: int, *, size: tuple[int, int] = (40, 30),
-                       fmt: str = "JPEG", color: Optional[tuple[int, int, int]] = None, seed: int = 0) -> None:
+def write_image_folder(
+    folder: Path,
+    classes: Sequence[str],
+    per_class: int,
+    *,
+    size: tuple[int, int] = (40, 30),
+    fmt: str = "JPEG",
+    color: Optional[tuple[int, int, int]] = None,
+    seed: int = 0,
+) -> None:
     """``folder/<class>/<i>.<fmt>``: random RGB images, or constant ``color`` ones."""
     from PIL import Image
 

@@ -1,4 +1,5 @@
 """Shared split and loader logic (deqlab.data.base)."""
+
 from __future__ import annotations
 
 import pickle
@@ -10,8 +11,14 @@ import torch
 from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from deqlab.data import (DigitsDataModule, EpochSeededSampler, ResumableDataLoader, TransformedSubset, split_indices,
-                         split_lengths)
+from deqlab.data import (
+    DigitsDataModule,
+    EpochSeededSampler,
+    ResumableDataLoader,
+    TransformedSubset,
+    split_indices,
+    split_lengths,
+)
 from deqlab.data.base import Flatten, normalize_transform
 
 

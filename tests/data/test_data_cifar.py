@@ -4,6 +4,7 @@ torchvision checks each file's MD5 against the official release, which synthetic
 match, so these tests use the ``skip_md5`` fixture (conftest.py): it swaps only torchvision's
 integrity check for an existence check; the pickles are loaded by torchvision's own code.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """DigitsDataModule: the embedded scikit-learn digits."""
+
 from __future__ import annotations
 
 import pytest

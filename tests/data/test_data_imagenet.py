@@ -1,4 +1,5 @@
 """ImageNetDataModule on a tiny ImageFolder tree of real JPEG/PNG files."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """MNISTDataModule on tiny IDX files read by torchvision's real MNIST reader (and on the real MNIST)."""
+
 from __future__ import annotations
 
 import socket
@@ -21,7 +22,9 @@ REAL_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 def mnist_root(tmp_path: Path, writers: SimpleNamespace) -> Path:
     train = writers.random_images(N_TRAIN, (28, 28), seed=0)
     test = writers.random_images(N_TEST, (28, 28), seed=1)
-    writers.mnist(tmp_path, train, np.arange(N_TRAIN, dtype=np.uint8) % 10, test, (np.arange(N_TEST, dtype=np.uint8) + 3) % 10)
+    writers.mnist(
+        tmp_path, train, np.arange(N_TRAIN, dtype=np.uint8) % 10, test, (np.arange(N_TEST, dtype=np.uint8) + 3) % 10
+    )
     return tmp_path
 
 
@@ -142,8 +145,10 @@ def test_no_download_when_files_present(mnist_root: Path, monkeypatch: pytest.Mo
     assert len(dm.train_set) == 36
 
 
-@pytest.mark.skipif(not (REAL_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
-                    reason=f"real MNIST not present at {REAL_DATA}/MNIST/raw")
+@pytest.mark.skipif(
+    not (REAL_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
+    reason=f"real MNIST not present at {REAL_DATA}/MNIST/raw",
+)
 def test_real_mnist() -> None:
     dm = MNISTDataModule(REAL_DATA, batch_size=256, seed=0)
     dm.setup("fit")

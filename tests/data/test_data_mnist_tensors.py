@@ -1,6 +1,7 @@
 """``load_mnist_tensors``: the one MNIST loader of the benchmarks and timing scripts reads the IDX files exactly
 as torchvision's reader does (same pixels, labels and normalisation), plain or gzipped, and says what is
 missing instead of failing inside a parser."""
+
 from __future__ import annotations
 
 import gzip
@@ -17,8 +18,13 @@ from deqlab.data import MNIST_MEAN, MNIST_STD, load_mnist_tensors
 
 @pytest.fixture
 def root(tmp_path: Path, writers: SimpleNamespace) -> Path:
-    writers.mnist(tmp_path, writers.random_images(20, (28, 28), seed=0), np.arange(20, dtype=np.uint8) % 10,
-                  writers.random_images(8, (28, 28), seed=1), (np.arange(8, dtype=np.uint8) + 3) % 10)
+    writers.mnist(
+        tmp_path,
+        writers.random_images(20, (28, 28), seed=0),
+        np.arange(20, dtype=np.uint8) % 10,
+        writers.random_images(8, (28, 28), seed=1),
+        (np.arange(8, dtype=np.uint8) + 3) % 10,
+    )
     return tmp_path
 
 

@@ -3,6 +3,7 @@
 torchvision checks the MD5 of the official ``.mat`` files; the ``skip_md5`` fixture (conftest.py)
 replaces only that check with an existence check.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,9 @@ N_TRAIN, N_TEST = 20, 10
 
 @pytest.fixture
 def svhn_root(tmp_path: Path, writers: SimpleNamespace) -> Path:
-    writers.svhn(tmp_path, "train", writers.random_images(N_TRAIN, (32, 32, 3), seed=0), [i % 10 + 1 for i in range(N_TRAIN)])
+    writers.svhn(
+        tmp_path, "train", writers.random_images(N_TRAIN, (32, 32, 3), seed=0), [i % 10 + 1 for i in range(N_TRAIN)]
+    )
     writers.svhn(tmp_path, "test", writers.random_images(N_TEST, (32, 32, 3), seed=1), [10, 1, 2, 10, 5, 6, 7, 8, 9, 3])
     return tmp_path
 

@@ -15,6 +15,7 @@ global batch alternately to the two ranks; Lightning's automatic one would shuff
 is a batch mean, so the all-reduced DDP gradient equals the single-process gradient: final parameters
 must agree.
 """
+
 from __future__ import annotations
 
 import sys
@@ -45,11 +46,13 @@ class TinySkipDEQ(DEQLightningModule):
         block = DenseDEQBlock(width)
         with torch.no_grad():
             block.w_z.weight.mul_(0.5)  # a clear contraction: the solves converge to 1e-12 quickly
-        solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-12,
-                                   reltol_termination=1e-12, max_steps=200)
+        solver = DiscreteDEQSolver(
+            "anderson", mode="abs_norm", abstol_termination=1e-12, reltol_termination=1e-12, max_steps=200
+        )
         shortcut = nn.Sequential(nn.Linear(width, width), nn.ReLU())
-        self.deq = SkipDeepEquilibriumNetwork(block, solver, shortcut=shortcut,
-                                              backward=ImplicitBackward(tol=1e-13, max_steps=100))
+        self.deq = SkipDeepEquilibriumNetwork(
+            block, solver, shortcut=shortcut, backward=ImplicitBackward(tol=1e-13, max_steps=100)
+        )
         self.head = nn.Linear(width, 10)
 
     def forward(self, x):
@@ -120,12 +123,19 @@ def main(mode: str, out: Path) -> None:
         accumulate_grad_batches=2 if mode.endswith("_nanaccum") else 1,
     )
     accum = mode.endswith("_nanaccum")
-    trainer.fit(model, datamodule=Data(nan=mode.endswith("_nan") or accum,
-                                       sample=NAN_SAMPLE_ACCUM if accum else NAN_SAMPLE))
+    trainer.fit(
+        model, datamodule=Data(nan=mode.endswith("_nan") or accum, sample=NAN_SAMPLE_ACCUM if accum else NAN_SAMPLE)
+    )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save({"state": state, "global_step": trainer.global_step, "skipped": NonFiniteGuard.of(trainer).skipped_batches,
-                "val_loss": float(trainer.callback_metrics["val/loss"])},
-               out / f"{mode}_rank{trainer.global_rank}.pt")
+    torch.save(
+        {
+            "state": state,
+            "global_step": trainer.global_step,
+            "skipped": NonFiniteGuard.of(trainer).skipped_batches,
+            "val_loss": float(trainer.callback_metrics["val/loss"]),
+        },
+        out / f"{mode}_rank{trainer.global_rank}.pt",
+    )
 
 
 if __name__ == "__main__":

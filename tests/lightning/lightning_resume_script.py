@@ -17,12 +17,12 @@ Options: ``--loader`` ``datamodule`` (deqlab's DigitsDataModule, default), ``pla
 ``on_save_checkpoint`` does not call ``super()``), ``own_hooks`` (``on_load_checkpoint``/``on_train_start``
 overridden without ``super()`` as well).
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import signal
-import sys
 import warnings
 from pathlib import Path
 
@@ -109,18 +109,36 @@ def main(argv=None) -> None:
     out = Path(args.out)
     torch.set_num_threads(1)
     pl.seed_everything(123, verbose=False)
-    model = MODELS[args.model](model_type="skip", width=12, jacobian_regularization=True, jacobian_loss_weight=0.3,
-                               scheduler="cosine", pretrain_steps=4, pretrain_depth=2, log_figures=False)
+    model = MODELS[args.model](
+        model_type="skip",
+        width=12,
+        jacobian_regularization=True,
+        jacobian_loss_weight=0.3,
+        scheduler="cosine",
+        pretrain_steps=4,
+        pretrain_depth=2,
+        log_figures=False,
+    )
     every = dict(every_n_train_steps=args.every) if args.every else {}  # 0: at the end of every epoch
     callbacks = [ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1, filename="{step}", **every)]
     if args.mode == "killed":
         callbacks.append(_KillAt(args.kill_at))
     ddp = args.devices > 1
-    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if ddp else "auto",
-                         max_epochs=args.epochs, limit_train_batches=args.batches, limit_val_batches=1,
-                         num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, deterministic=True, callbacks=callbacks,
-                         default_root_dir=out)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if ddp else "auto",
+        max_epochs=args.epochs,
+        limit_train_batches=args.batches,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        callbacks=callbacks,
+        default_root_dir=out,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, **_data(args), ckpt_path=args.ckpt if args.mode == "resume" else None)

@@ -1,4 +1,5 @@
 """Shared helpers of tests/lightning (not a test module)."""
+
 from __future__ import annotations
 
 import warnings

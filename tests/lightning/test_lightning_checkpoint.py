@@ -1,4 +1,5 @@
 """Resuming from a checkpoint continues exactly where an uninterrupted run would be."""
+
 from __future__ import annotations
 
 import pytorch_lightning as pl
@@ -23,8 +24,13 @@ def _model():
 
 def _run(tmp_path, name, callbacks=(), ckpt_path=None):
     tr = trainer(
-        max_epochs=2, limit_train_batches=5, limit_val_batches=1, deterministic=True, default_root_dir=tmp_path / name,
-        enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path / name, save_last=True), *callbacks],
+        max_epochs=2,
+        limit_train_batches=5,
+        limit_val_batches=1,
+        deterministic=True,
+        default_root_dir=tmp_path / name,
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / name, save_last=True), *callbacks],
     )
     model = _model()
     tr.fit(model, digits(batch_size=32, seed=7), ckpt_path=ckpt_path)  # stock module: resumable as is

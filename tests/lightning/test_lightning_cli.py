@@ -1,4 +1,5 @@
 """The ``deqlab`` CLI: experiment configs train, and bad configs fail with jsonargparse's message."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,15 +20,22 @@ FAST = [
 
 def test_fit_then_test_with_the_digits_config(tmp_path):
     config = str(REPO / "experiments" / "digits.yaml")
-    main(["fit", "--config", config, *FAST, f"--trainer.logger.init_args.save_dir={tmp_path}",
-          f"--trainer.default_root_dir={tmp_path}"])
+    main(
+        [
+            "fit",
+            "--config",
+            config,
+            *FAST,
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     run = tmp_path / "digits" / "version_0"
     assert (run / "config.yaml").exists()
     assert list(run.glob("events.out.tfevents*"))
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
-    main(["test", "--config", config, *FAST, f"--trainer.logger.init_args.save_dir={tmp_path}",
-          f"--ckpt_path={ckpt}"])
+    main(["test", "--config", config, *FAST, f"--trainer.logger.init_args.save_dir={tmp_path}", f"--ckpt_path={ckpt}"])
 
 
 def test_mnist_dense_config_parses_to_the_paper_model():
@@ -76,8 +84,9 @@ def test_a_zoo_model_named_on_the_command_line_keeps_its_training_defaults(cls, 
     expected = getattr(zoo, "DIGITS_TRAINING" if cls == "DigitsDEQ" else "MNIST_TRAINING")
     assert cli.model.deq_config.weight_decay == weight_decay == expected.weight_decay
     assert cli.model.deq_config.lr == expected.lr and (lr is None or expected.lr == lr)
-    tuned = DEQLightningCLI(args=[f"--model=deqlab.zoo.{cls}", "--model.training.lr=0.5",
-                                  "--data=deqlab.data.DigitsDataModule"], run=False)
+    tuned = DEQLightningCLI(
+        args=[f"--model=deqlab.zoo.{cls}", "--model.training.lr=0.5", "--data=deqlab.data.DigitsDataModule"], run=False
+    )
     assert tuned.model.deq_config.lr == 0.5 and tuned.model.deq_config.weight_decay == expected.weight_decay
     assert tuned.model.deq_config.optimizer == expected.optimizer == cli.model.deq_config.optimizer
 
@@ -89,18 +98,29 @@ def test_the_old_cli_alias_warns_and_names_the_console_command():
     with pytest.warns(DeprecationWarning, match=r"deqlab.lightning.cli: main is deprecated; use deqlab.cli.main"):
         assert lcli.main is deqlab.cli.main
     with pytest.raises(AttributeError, match="has no attribute 'mian'"):
-        lcli.mian
+        _ = lcli.mian
 
 
-@pytest.mark.parametrize("override, needle", [
-    # a value the constructor rejects: one line naming the key, the class and the constructor's reason
-    ("--model.init_args.solver.init_args.abstol_termination=-1",
-     "model.init_args.solver (deqlab.solvers.discrete.DiscreteDEQSolver): ValueError: abstol_termination must be"),
-    ("--model.init_args.solver.init_args.algorithm=lbroydn", "did you mean 'lbroyden'?"),
-    ("--model.init_args.training.skip_loss_weight=.nan", "model (deqlab.zoo.DigitsDEQ): ValueError: skip_loss_weight"),
-    # optimizer values are checked when the model is built, before any data is set up
-    ("--model.init_args.training.lr=-1", "model (deqlab.zoo.DigitsDEQ): ValueError: lr must be a finite number >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        # a value the constructor rejects: one line naming the key, the class and the constructor's reason
+        (
+            "--model.init_args.solver.init_args.abstol_termination=-1",
+            "model.init_args.solver (deqlab.solvers.discrete.DiscreteDEQSolver): ValueError: abstol_termination must be",
+        ),
+        ("--model.init_args.solver.init_args.algorithm=lbroydn", "did you mean 'lbroyden'?"),
+        (
+            "--model.init_args.training.skip_loss_weight=.nan",
+            "model (deqlab.zoo.DigitsDEQ): ValueError: skip_loss_weight",
+        ),
+        # optimizer values are checked when the model is built, before any data is set up
+        (
+            "--model.init_args.training.lr=-1",
+            "model (deqlab.zoo.DigitsDEQ): ValueError: lr must be a finite number >= 0",
+        ),
+    ],
+)
 def test_a_rejected_value_ends_in_one_line_naming_the_key(capsys, override, needle):
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(REPO / "experiments" / "digits.yaml"), override, "--trainer.logger=false"])

@@ -2,6 +2,7 @@
 one channel to callbacks, typed config written once (DEQTrainingConfig, solver/backward objects in YAML),
 the extra-loss hook, and the errors for a forward without a solution and for a Jacobian weight without
 Jacobian regularization."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,9 +17,9 @@ from torch import nn
 from lightning_testkit import REPO, digits, trainer
 
 from deqlab.lightning import DEQLightningModule, PretrainingSchedule, StepRecord, find_deq_layers
-from deqlab.spec import DEQTrainingConfig
 from deqlab.nn import DeepEquilibriumNetwork, DenseDEQBlock, ImplicitBackward
 from deqlab.solvers import DiscreteDEQSolver
+from deqlab.spec import DEQTrainingConfig
 from deqlab.zoo import DigitsDEQ, MNISTDenseDEQ
 
 
@@ -143,8 +144,11 @@ class _WithExtra(DEQLightningModule):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.stem = nn.Linear(64, 8)
-        self.deq = DeepEquilibriumNetwork(DenseDEQBlock(8), DiscreteDEQSolver("anderson", max_steps=20),
-                                          backward=ImplicitBackward(tol=1e-4, max_steps=15))
+        self.deq = DeepEquilibriumNetwork(
+            DenseDEQBlock(8),
+            DiscreteDEQSolver("anderson", max_steps=20),
+            backward=ImplicitBackward(tol=1e-4, max_steps=15),
+        )
         self.head = nn.Linear(8, 10)
 
     def forward(self, x):
@@ -241,8 +245,9 @@ def test_a_yaml_config_names_solver_and_backward_by_class_path(tmp_path):
         "    backward:\n      class_path: deqlab.nn.JacobianFreeBackward\n"
         "    training: {lr: 0.01}\n"
     )
-    cli = DEQLightningCLI(args=["--config", str(REPO / "experiments" / "digits.yaml"), "--config", str(override)],
-                          run=False)
+    cli = DEQLightningCLI(
+        args=["--config", str(REPO / "experiments" / "digits.yaml"), "--config", str(override)], run=False
+    )
     layer = find_deq_layers(cli.model)[0]
     assert type(layer.solver).__name__ == "DiscreteDEQSolver" and layer.solver.max_steps == 7
     assert layer.solver.termination.mode == "abs_norm"
@@ -266,16 +271,24 @@ def test_data_module_options_are_defined_once_and_keep_per_dataset_defaults(tmp_
 
 
 def test_importing_deqlab_lightning_does_not_import_the_zoo():
-    code = ("import sys, deqlab.lightning, deqlab.lightning.cli; "
-            "bad = [m for m in sys.modules if m.startswith(('deqlab.zoo', 'deqlab.models', 'deqlab.cli'))]; "
-            "assert not bad, bad")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys, deqlab.lightning, deqlab.lightning.cli; "
+        "bad = [m for m in sys.modules if m.startswith(('deqlab.zoo', 'deqlab.models', 'deqlab.cli'))]; "
+        "assert not bad, bad"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_deq_classifier_keeps_the_network_out_of_hparams_and_reloads_with_it(tmp_path):
-    from deqlab.zoo import DEQClassifier, DigitsDEQ as _D
+    from deqlab.zoo import DEQClassifier
+    from deqlab.zoo import DigitsDEQ as _D
 
     class _Net(nn.Module):
         def __init__(self):
@@ -303,8 +316,9 @@ class _Wrapper(nn.Module):
 
     def __init__(self, jac: bool):
         super().__init__()
-        self.inner = DeepEquilibriumNetwork(DenseDEQBlock(8), DiscreteDEQSolver("anderson", max_steps=20),
-                                            jacobian_regularization=jac)
+        self.inner = DeepEquilibriumNetwork(
+            DenseDEQBlock(8), DiscreteDEQSolver("anderson", max_steps=20), jacobian_regularization=jac
+        )
 
     @property
     def fixed_depth(self):

@@ -1,4 +1,5 @@
 """DEQLightningModule with a layer that samples states: the task term is the fixed-point correction loss."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,12 @@ class Sampled(DEQLightningModule):
     def __init__(self, n_states: int = 3, **kwargs):
         super().__init__(**kwargs)
         self.stem = nn.Linear(6, 8)
-        self.deq = DeepEquilibriumNetwork(DenseDEQBlock(8), DiscreteDEQSolver("anderson", max_steps=12),
-                                          sample_states=n_states, on_unconverged="ignore")
+        self.deq = DeepEquilibriumNetwork(
+            DenseDEQBlock(8),
+            DiscreteDEQSolver("anderson", max_steps=12),
+            sample_states=n_states,
+            on_unconverged="ignore",
+        )
         self.head = nn.Linear(8, 3)
 
     def forward(self, x):

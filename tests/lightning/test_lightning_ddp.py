@@ -3,6 +3,7 @@
 ``strategy="ddp"`` re-launches the running command as rank 1, so the training runs in a separate
 script (lightning_ddp_script.py), never inside pytest itself.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,13 +27,31 @@ def _free_port() -> int:
 
 
 def _run(mode: str, out: Path) -> None:
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK", "NODE_RANK",
-                        "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID"}}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out)], cwd=out, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in {
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "RANK",
+            "NODE_RANK",
+            "LOCAL_WORLD_SIZE",
+            "GROUP_RANK",
+            "TORCHELASTIC_RUN_ID",
+        }
+    }
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), mode, str(out)], cwd=out, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"{mode} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
@@ -50,7 +69,9 @@ def test_ddp_two_cpu_processes_match_the_single_process_run(tmp_path):
     for name, ref in single["state"].items():
         a, b = ranks[0]["state"][name], ranks[1]["state"][name]
         assert torch.equal(a, b), f"ranks disagree on {name}"
-        assert torch.allclose(a, ref, rtol=0, atol=1e-6), f"{name}: DDP differs from single process by {(a - ref).abs().max()}"
+        assert torch.allclose(a, ref, rtol=0, atol=1e-6), (
+            f"{name}: DDP differs from single process by {(a - ref).abs().max()}"
+        )
     # the shortcut (trained only through the skip loss) received gradients under DDP too
     # (its parameters are deq.init.module.* since issue 7's ShortcutGuess, deq.shortcut.* before)
     assert any("shortcut" in n or "init.module" in n for n in single["state"])

@@ -1,4 +1,5 @@
 """``make demo`` (deqlab.demo) and the paper-reproduction script for MNIST."""
+
 from __future__ import annotations
 
 import csv
@@ -31,13 +32,35 @@ def test_demo_reaches_95_percent_on_digits(tmp_path):
         assert r["test_accuracy"] >= 0.95, r
 
 
-@pytest.mark.skipif(not (MNIST_DIR / "MNIST" / "raw" / "train-images-idx3-ubyte").exists(), reason="MNIST not in shared/data")
+@pytest.mark.skipif(
+    not (MNIST_DIR / "MNIST" / "raw" / "train-images-idx3-ubyte").exists(), reason="MNIST not in shared/data"
+)
 def test_paper_repro_mnist_runs_a_few_steps_on_the_real_mnist_and_writes_results(tmp_path):
     """The README's command, as a subprocess, on the real MNIST (the other paper_repro tests write tiny idx files)."""
-    cmd = [sys.executable, str(REPO / "paper_repro" / "mnist.py"), "--model-type", "skip", "--max-steps", "5",
-           "--data-dir", str(MNIST_DIR), "--train-subset", "256", "--test-subset", "128", "--num-workers", "0",
-           "--log-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), "--seed", "6171",
-           "--progress", "none"]
+    cmd = [
+        sys.executable,
+        str(REPO / "paper_repro" / "mnist.py"),
+        "--model-type",
+        "skip",
+        "--max-steps",
+        "5",
+        "--data-dir",
+        str(MNIST_DIR),
+        "--train-subset",
+        "256",
+        "--test-subset",
+        "128",
+        "--num-workers",
+        "0",
+        "--log-dir",
+        str(tmp_path / "runs"),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--seed",
+        "6171",
+        "--progress",
+        "none",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(tmp_path / "results" / "mnist.csv", newline="") as handle:
@@ -50,7 +73,11 @@ def test_paper_repro_mnist_runs_a_few_steps_on_the_real_mnist_and_writes_results
 
 
 def test_paper_repro_mnist_reports_missing_data(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "paper_repro" / "mnist.py"), "--data-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "paper_repro" / "mnist.py"), "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "MNIST not found" in proc.stderr and "--data-dir" in proc.stderr

@@ -1,4 +1,5 @@
 """DEQLightningModule: loss composition, logging, pretraining, optimizers, explicit path, hparams."""
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,11 @@ class _Record(pl.Callback):
 def test_loss_is_task_plus_weighted_skip_and_jacobian_and_each_part_is_logged():
     pl.seed_everything(0)
     model = DigitsDEQ(
-        model_type="skip", width=16, jacobian_regularization=True, skip_loss_weight=0.7, jacobian_loss_weight=0.3,
+        model_type="skip",
+        width=16,
+        jacobian_regularization=True,
+        skip_loss_weight=0.7,
+        jacobian_loss_weight=0.3,
         scheduler="none",
     )
     rec = _Record()
@@ -40,10 +45,21 @@ def test_loss_is_task_plus_weighted_skip_and_jacobian_and_each_part_is_logged():
     tr.fit(model, digits(batch_size=32, flatten=True))
     assert len(rec.rows) == 2
     logged = rec.rows[-1]["logged"]
-    for key in ("train/loss", "train/task_loss", "train/skip_loss", "train/jacobian_loss", "train/batch_accuracy",
-                "solver/train_nfe", "solver/train_backward_nfe", "solver/train_abs_residual_mean",
-                "solver/train_abs_residual_max", "solver/train_samples_converged", "time/forward", "time/backward",
-                "time/optimizer"):
+    for key in (
+        "train/loss",
+        "train/task_loss",
+        "train/skip_loss",
+        "train/jacobian_loss",
+        "train/batch_accuracy",
+        "solver/train_nfe",
+        "solver/train_backward_nfe",
+        "solver/train_abs_residual_mean",
+        "solver/train_abs_residual_max",
+        "solver/train_samples_converged",
+        "time/forward",
+        "time/backward",
+        "time/optimizer",
+    ):
         assert key in logged, key
     task, skip, jac = logged["train/task_loss"], logged["train/skip_loss"], logged["train/jacobian_loss"]
     assert skip > 0 and jac > 0 and task > 0
@@ -55,7 +71,9 @@ def test_loss_is_task_plus_weighted_skip_and_jacobian_and_each_part_is_logged():
 
 def test_pretraining_runs_fixed_depth_then_the_solver_and_logs_the_switch(caplog):
     pl.seed_everything(0)
-    model = DigitsDEQ(model_type="vanilla", width=16, pretrain_steps=3, pretrain_depth=4, scheduler="none", max_steps=40)
+    model = DigitsDEQ(
+        model_type="vanilla", width=16, pretrain_steps=3, pretrain_depth=4, scheduler="none", max_steps=40
+    )
     rec = _Record()
     tr = trainer(max_steps=6, limit_val_batches=0, callbacks=[rec])
     with caplog.at_level("INFO"):
@@ -84,11 +102,17 @@ def test_validation_uses_the_solver_during_pretraining():
 @pytest.mark.parametrize(
     "options, kind, check",
     [
-        (dict(optimizer="adamw", lr=2e-3, weight_decay=2.5e-6, betas=(0.8, 0.99)), torch.optim.AdamW,
-         lambda g: g["lr"] == 2e-3 and g["weight_decay"] == 2.5e-6 and tuple(g["betas"]) == (0.8, 0.99)),
+        (
+            dict(optimizer="adamw", lr=2e-3, weight_decay=2.5e-6, betas=(0.8, 0.99)),
+            torch.optim.AdamW,
+            lambda g: g["lr"] == 2e-3 and g["weight_decay"] == 2.5e-6 and tuple(g["betas"]) == (0.8, 0.99),
+        ),
         (dict(optimizer="adam", lr=1e-3), torch.optim.Adam, lambda g: g["lr"] == 1e-3),
-        (dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-6), torch.optim.SGD,
-         lambda g: g["momentum"] == 0.9 and g["nesterov"] and g["weight_decay"] == 1e-6),
+        (
+            dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-6),
+            torch.optim.SGD,
+            lambda g: g["momentum"] == 0.9 and g["nesterov"] and g["weight_decay"] == 1e-6,
+        ),
     ],
 )
 def test_optimizer_from_hparams(options, kind, check):
@@ -148,14 +172,19 @@ def test_mnist_dense_defaults_follow_the_paper():
     cfg = m.deq_config
     # the protocol the paper's text states: Adam at a constant 1e-3, λ_skip 0.01
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.scheduler) == (
-        "adam", 1e-3, 0.0, (0.9, 0.999), "none")
+        "adam",
+        1e-3,
+        0.0,
+        (0.9, 0.999),
+        "none",
+    )
     assert cfg.skip_loss_weight == 0.01 and cfg.jacobian_loss_weight == 0.0
     assert MNISTDenseDEQ(model_type="vanilla", jacobian_regularization=True).deq_config.jacobian_loss_weight == 1.0
     assert MNISTDenseDEQ(model_type="vanilla").deq_config.skip_loss_weight == 0.0
     deq = find_deq_layers(m)[0]
     assert deq.solver.max_steps == 50 if hasattr(deq.solver, "max_steps") else True
     w = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in w[:1]] == [(784, 128)]
+    assert [(lin.in_features, lin.out_features) for lin in w[:1]] == [(784, 128)]
     out, sol = m(torch.randn(4, 1, 28, 28))
     assert out.shape == (4, 10) and sol.z_star.shape == (4, 128)
     assert m.explicit_forward(torch.randn(4, 784)).shape == (4, 10)

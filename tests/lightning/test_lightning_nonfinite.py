@@ -1,6 +1,7 @@
 """Failed solves are never silent in training: a non-finite batch never reaches the weights (skip policy,
 counted and warned about once with batch index and solver status; or raise), the input is blamed for a
 NaN that came from the input, and solver statuses / unconverged fractions are logged."""
+
 from __future__ import annotations
 
 import warnings
@@ -116,8 +117,9 @@ class _AffineDEQ(DEQLightningModule):
     def __init__(self, a: float = 2.0, max_steps: int = 20, **kwargs):
         super().__init__(**kwargs)
         self.stem = nn.Linear(64, 4)
-        solver = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-6, reltol_termination=1e-6,
-                                   max_steps=max_steps)
+        solver = DiscreteDEQSolver(
+            "fixed_point", mode="abs_norm", abstol_termination=1e-6, reltol_termination=1e-6, max_steps=max_steps
+        )
         self.deq = DeepEquilibriumNetwork(_Affine(a), solver, backward=ImplicitBackward(tol=1e-6, max_steps=5))
         self.head = nn.Linear(4, 10)
 
@@ -141,6 +143,7 @@ def test_solver_status_counts_and_unconverged_fractions_are_logged():
     # a map that runs away is logged as diverged, not as an exhausted step budget
     assert counts["diverged"] == 1.0 and counts["max_steps"] == 0.0
 
+
 def test_stalled_samples_are_logged_as_stalled_not_converged():
     # f = 0.995 z + x under fixed-point iteration in rel_deq_default: the patience rule stops every sample
     # at ~3e-3 for a tolerance of 1e-3. Old: solver/train_samples_converged 1.0 and status_converged 1.
@@ -162,7 +165,6 @@ def test_stalled_samples_are_logged_as_stalled_not_converged():
     assert row["solver/train_solves_stalled"] == 1.0 and row["solver/train_solves_converged"] == 0.0
 
 
-
 @pytest.mark.parametrize("a", [0.5, 2.0])
 def test_sample_and_solve_counters_agree_on_one_run(a):
     # a = 0.5 converges (0.5^80 leaves no residual), a = 2 runs away: whichever, the counters that describe one
@@ -181,6 +183,7 @@ def test_sample_and_solve_counters_agree_on_one_run(a):
     assert row["solver/train_samples_converged"] + row["solver/train_samples_unconverged"] == pytest.approx(1.0)
     # the objective the stopping test used sits below its tolerance exactly when every sample converged
     assert (row["solver/train_objective_max"] <= row["solver/train_tolerance"]) == all_converged
+
 
 @pytest.mark.parametrize("a, expected", [(0.5, 0.0), (1.0, 1.0)])
 def test_backward_unconverged_fraction_is_logged_from_the_record(a, expected):
@@ -358,13 +361,18 @@ def test_a_loss_scalers_overflow_is_left_to_the_scaler_not_counted_as_a_skipped_
 
     pl.seed_everything(0)
     model = DigitsDEQ(model_type="vanilla", width=8, scheduler="none", log_figures=False)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
     cb = _Logged()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(max_epochs=1, limit_val_batches=0, callbacks=[cb], accelerator="cpu",
-                plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(model, _loader(nan_batch=None))
-    assert scaler.get_scale() < 2.0 ** 40  # the scaler saw its overflow and lowered the scale
+        trainer(
+            max_epochs=1,
+            limit_val_batches=0,
+            callbacks=[cb],
+            accelerator="cpu",
+            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        ).fit(model, _loader(nan_batch=None))
+    assert scaler.get_scale() < 2.0**40  # the scaler saw its overflow and lowered the scale
     assert [r["train/skipped_batches"] for r in cb.rows] == [0.0] * 4
     assert not [w for w in caught if issubclass(w.category, NonFiniteBatchWarning)]
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
@@ -376,8 +384,13 @@ def test_under_a_loss_scaler_a_nan_input_is_still_skipped():
     pl.seed_everything(0)
     model = DigitsDEQ(model_type="vanilla", width=8, scheduler="none", log_figures=False)
     cb = _Logged()
-    trainer(max_epochs=1, limit_val_batches=0, callbacks=[cb], accelerator="cpu",
-            plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]).fit(model, _loader(1))
+    trainer(
+        max_epochs=1,
+        limit_val_batches=0,
+        callbacks=[cb],
+        accelerator="cpu",
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))],
+    ).fit(model, _loader(1))
     assert [r["skipped"] for r in cb.rows] == [False, True, False, False]
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -390,9 +403,13 @@ def test_under_a_loss_scaler_manual_optimisation_skips_a_nan_input_too():
     scaler = torch.amp.GradScaler("cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer(max_epochs=1, limit_val_batches=0, accelerator="cpu",
-                plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(model, _loader(1))
+        trainer(
+            max_epochs=1,
+            limit_val_batches=0,
+            accelerator="cpu",
+            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        ).fit(model, _loader(1))
     assert _skipped(model) == 1
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     # the NaN came from the data, not from an overflow: the scale stays (before: gradients set to inf, scale halved)
-    assert scaler.get_scale() == 2.0 ** 16
+    assert scaler.get_scale() == 2.0**16

@@ -7,6 +7,7 @@ policies must still hold: the pretraining depth is applied (and validation and t
 batch is skipped and the warning names batch 1, and the resumed run ends bit-identical to the uninterrupted
 one. A ``configure_callbacks`` override that drops deqlab's callbacks cannot keep them: it must warn.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -56,14 +57,43 @@ def _training_step(self, batch, batch_idx):  # the user's own step: deqlab's los
 #: every hook a user may override, and the override (no super()); optimizer_zero_grad is left out: Lightning
 #: calls it to clear the gradients, and a no-op would accumulate them over the whole run
 OVERRIDES: Dict[str, Any] = {
-    **{name: _noop for name in (
-        "prepare_data", "setup", "configure_model", "teardown", "on_fit_start", "on_fit_end", "on_train_start",
-        "on_train_end", "on_train_epoch_start", "on_train_epoch_end", "on_train_batch_start", "on_train_batch_end",
-        "on_validation_start", "on_validation_end", "on_validation_epoch_start", "on_validation_epoch_end",
-        "on_validation_batch_start", "on_validation_batch_end", "on_validation_model_eval",
-        "on_validation_model_train", "on_test_start", "on_test_end", "on_test_epoch_start", "on_test_epoch_end",
-        "on_test_batch_start", "on_test_batch_end", "on_before_backward", "on_after_backward",
-        "on_before_optimizer_step", "on_before_zero_grad", "on_save_checkpoint", "on_load_checkpoint")},
+    **{
+        name: _noop
+        for name in (
+            "prepare_data",
+            "setup",
+            "configure_model",
+            "teardown",
+            "on_fit_start",
+            "on_fit_end",
+            "on_train_start",
+            "on_train_end",
+            "on_train_epoch_start",
+            "on_train_epoch_end",
+            "on_train_batch_start",
+            "on_train_batch_end",
+            "on_validation_start",
+            "on_validation_end",
+            "on_validation_epoch_start",
+            "on_validation_epoch_end",
+            "on_validation_batch_start",
+            "on_validation_batch_end",
+            "on_validation_model_eval",
+            "on_validation_model_train",
+            "on_test_start",
+            "on_test_end",
+            "on_test_epoch_start",
+            "on_test_epoch_end",
+            "on_test_batch_start",
+            "on_test_batch_end",
+            "on_before_backward",
+            "on_after_backward",
+            "on_before_optimizer_step",
+            "on_before_zero_grad",
+            "on_save_checkpoint",
+            "on_load_checkpoint",
+        )
+    },
     "optimizer_step": _optimizer_step,
     "configure_optimizers": _configure_optimizers,
     "backward": _backward,
@@ -75,8 +105,16 @@ def _model(hook: str) -> pl.LightningModule:
     cls = type(f"Overrides_{hook}", (DigitsDEQ,), {hook: OVERRIDES[hook]})
     pl.seed_everything(0)
     # Hutchinson probes draw from the global RNG: the resumed run is exact only if deqlab restores it
-    return cls(model_type="skip", width=8, jacobian_regularization=True, jacobian_loss_weight=0.1, scheduler="none",
-               pretrain_steps=PRETRAIN_STEPS, pretrain_depth=PRETRAIN_DEPTH, log_figures=False)
+    return cls(
+        model_type="skip",
+        width=8,
+        jacobian_regularization=True,
+        jacobian_loss_weight=0.1,
+        scheduler="none",
+        pretrain_steps=PRETRAIN_STEPS,
+        pretrain_depth=PRETRAIN_DEPTH,
+        log_figures=False,
+    )
 
 
 def _data(nan: bool = True) -> DataLoader:
@@ -106,9 +144,14 @@ class _Probe(pl.Callback):
 
 def _fit(hook: str, root: Path, ckpt_path=None):
     model, probe = _model(hook), _Probe()
-    tr = trainer(max_epochs=2, limit_val_batches=1, deterministic=True, enable_checkpointing=True,
-                 default_root_dir=root, callbacks=[probe, ModelCheckpoint(dirpath=root, every_n_train_steps=3,
-                                                                          save_top_k=-1, filename="{step}")])
+    tr = trainer(
+        max_epochs=2,
+        limit_val_batches=1,
+        deterministic=True,
+        enable_checkpointing=True,
+        default_root_dir=root,
+        callbacks=[probe, ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1, filename="{step}")],
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tr.fit(model, _data(), _data(nan=False), ckpt_path=ckpt_path)
@@ -144,7 +187,10 @@ def test_a_configure_callbacks_override_that_drops_deqlabs_callbacks_warns_namin
 
     cls = type("DropsCallbacks", (DigitsDEQ,), {"configure_callbacks": lambda self: []})
     model = cls(width=8, scheduler="none", pretrain_steps=2, log_figures=False)
-    with pytest.warns(PolicyWarning, match=r"DropsCallbacks trains without deqlab's PhaseTiming, PretrainingSchedule, "
-                                           r"NonFiniteGuard, BackwardStats, HParamsTab, CheckpointIntegrity and "
-                                           r"ExactResume callback\(s\)"):
+    with pytest.warns(
+        PolicyWarning,
+        match=r"DropsCallbacks trains without deqlab's PhaseTiming, PretrainingSchedule, "
+        r"NonFiniteGuard, BackwardStats, HParamsTab, CheckpointIntegrity and "
+        r"ExactResume callback\(s\)",
+    ):
         trainer(max_steps=1, limit_val_batches=0).fit(model, _data())

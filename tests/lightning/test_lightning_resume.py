@@ -1,6 +1,7 @@
 """Nothing lost on interruption: a run killed after a checkpoint (mid-epoch, at an epoch's last batch or at its
 end) and resumed in a new process ends with bit-identical weights (CPU), with deqlab's data modules and with a
 user's own plain ``DataLoader``; damaged checkpoint files are reported by name."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,17 @@ from deqlab.lightning.checkpoint import CheckpointDamagedError, check_checkpoint
 from deqlab.zoo import DigitsDEQ
 
 SCRIPT = Path(__file__).with_name("lightning_resume_script.py")
-_DDP_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
-                  "GROUP_RANK", "TORCHELASTIC_RUN_ID"}
+_DDP_VARIABLES = {
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "RANK",
+    "NODE_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "TORCHELASTIC_RUN_ID",
+}
 
 
 def _free_port() -> int:
@@ -36,10 +46,15 @@ def _free_port() -> int:
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in _DDP_VARIABLES}  # DDP runs launch their own ranks
-    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env.update(
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -71,16 +86,18 @@ def test_a_killed_run_resumed_mid_epoch_in_a_new_process_ends_bit_identical(tmp_
 def test_a_users_plain_dataloader_with_its_own_generator_resumes_bit_identical(tmp_path):
     # issue 16: DataLoader(shuffle=True, generator=torch.Generator().manual_seed(11)), checkpoints every 6
     # steps, SIGKILL mid epoch 1 (8 batches per epoch): weights were off by up to 1.6e-3 before
-    _killed_and_resumed(tmp_path, "step=12.ckpt", "--loader", "plain_gen", "--every", "6", "--kill-at", "13",
-                        "--batches", "8")
+    _killed_and_resumed(
+        tmp_path, "step=12.ckpt", "--loader", "plain_gen", "--every", "6", "--kill-at", "13", "--batches", "8"
+    )
 
 
 @pytest.mark.slow
 def test_a_subclass_overriding_checkpoint_hooks_without_super_still_resumes_bit_identical(tmp_path):
     # on_save_checkpoint, on_load_checkpoint and on_train_start overridden without super(): deqlab's entry and
     # its restore live in the ExactResume callback, which no module override switches off
-    _killed_and_resumed(tmp_path, "step=12.ckpt", "--model", "own_hooks", "--every", "6", "--kill-at", "13",
-                        "--batches", "8")
+    _killed_and_resumed(
+        tmp_path, "step=12.ckpt", "--model", "own_hooks", "--every", "6", "--kill-at", "13", "--batches", "8"
+    )
 
 
 @pytest.mark.slow
@@ -109,13 +126,26 @@ def _train_loader(kind: str, dm):
 
 def _fit(root: Path, ckpt_path=None, loader: str = "datamodule", model_class=DigitsDEQ, **overrides):
     pl.seed_everything(5)
-    model = model_class(model_type="skip", width=10, jacobian_regularization=True, jacobian_loss_weight=0.2,
-                        scheduler="cosine", log_figures=False)
-    options = dict(max_epochs=2, limit_train_batches=4, limit_val_batches=0, deterministic=True,
-                   enable_checkpointing=True, default_root_dir=root,
-                   callbacks=[ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1, filename="{step}"),
-                              ModelCheckpoint(dirpath=root, save_on_train_epoch_end=True, save_top_k=-1,
-                                              filename="end-{epoch}")])
+    model = model_class(
+        model_type="skip",
+        width=10,
+        jacobian_regularization=True,
+        jacobian_loss_weight=0.2,
+        scheduler="cosine",
+        log_figures=False,
+    )
+    options = dict(
+        max_epochs=2,
+        limit_train_batches=4,
+        limit_val_batches=0,
+        deterministic=True,
+        enable_checkpointing=True,
+        default_root_dir=root,
+        callbacks=[
+            ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1, filename="{step}"),
+            ModelCheckpoint(dirpath=root, save_on_train_epoch_end=True, save_top_k=-1, filename="end-{epoch}"),
+        ],
+    )
     options.update(overrides)
     tr = trainer(**options)
     dm = digits(batch_size=32, seed=3, flatten=True)
@@ -166,8 +196,9 @@ def _damage(path: Path, kind: str, good: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["empty", "truncated", "random", "flipped", "pickle_garbage", "foreign_zip",
-                                  "legacy_garbage"])
+@pytest.mark.parametrize(
+    "kind", ["empty", "truncated", "random", "flipped", "pickle_garbage", "foreign_zip", "legacy_garbage"]
+)
 def test_a_damaged_checkpoint_is_reported_by_name(tmp_path, kind):
     _fit(tmp_path / "a", max_epochs=1, limit_train_batches=2)
     good = tmp_path / "a" / "step=2.ckpt"

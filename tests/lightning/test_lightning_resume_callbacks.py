@@ -1,5 +1,6 @@
 """deqlab's checkpoint policies as Lightning callbacks (deqlab.lightning.resume): they run whatever a module
 overrides, work for any LightningModule, and say so when a resume cannot be exact."""
+
 from __future__ import annotations
 
 import warnings
@@ -21,14 +22,27 @@ from deqlab.zoo import DigitsDEQ
 
 
 def _digits_model(cls=DigitsDEQ, **kwargs):
-    return cls(model_type="skip", width=10, jacobian_regularization=True, jacobian_loss_weight=0.2, scheduler="cosine",
-               log_figures=False, **kwargs)
+    return cls(
+        model_type="skip",
+        width=10,
+        jacobian_regularization=True,
+        jacobian_loss_weight=0.2,
+        scheduler="cosine",
+        log_figures=False,
+        **kwargs,
+    )
 
 
 def _fit(root: Path, model, data: dict, ckpt_path=None, every: int = 2, **overrides):
-    options = dict(max_epochs=2, limit_train_batches=4, limit_val_batches=0, deterministic=True,
-                   enable_checkpointing=True, default_root_dir=root,
-                   callbacks=[ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1, filename="{step}")])
+    options = dict(
+        max_epochs=2,
+        limit_train_batches=4,
+        limit_val_batches=0,
+        deterministic=True,
+        enable_checkpointing=True,
+        default_root_dir=root,
+        callbacks=[ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1, filename="{step}")],
+    )
     options.update(overrides)
     tr = trainer(**options)
     tr.fit(model, **data, ckpt_path=ckpt_path)
@@ -65,8 +79,17 @@ def test_exact_resume_works_for_any_lightning_module(tmp_path):
     def run(root, ckpt=None, callbacks=()):
         pl.seed_everything(0)
         model = Tiny()
-        _fit(root, model, _tiny_data(shuffle=True), ckpt, every=3, callbacks=[
-            ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1, filename="{step}"), *callbacks])
+        _fit(
+            root,
+            model,
+            _tiny_data(shuffle=True),
+            ckpt,
+            every=3,
+            callbacks=[
+                ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1, filename="{step}"),
+                *callbacks,
+            ],
+        )
         return model
 
     straight = run(tmp_path / "a", callbacks=[ExactResume()])
@@ -97,8 +120,7 @@ def test_checkpoint_integrity_wraps_the_strategys_plugin_once_and_saves_through_
 def test_the_module_attaches_both_policies_and_a_trainer_instance_takes_precedence(tmp_path):
     model = _digits_model()
     mine = ExactResume()
-    tr = _fit(tmp_path, model, {"datamodule": digits(batch_size=32, flatten=True)}, max_epochs=1,
-              callbacks=[mine])
+    tr = _fit(tmp_path, model, {"datamodule": digits(batch_size=32, flatten=True)}, max_epochs=1, callbacks=[mine])
     assert [c for c in tr.callbacks if isinstance(c, ExactResume)] == [mine]
     assert sum(isinstance(c, CheckpointIntegrity) for c in tr.callbacks) == 1
 
@@ -109,8 +131,11 @@ class DropsPolicies(DigitsDEQ):
 
 
 def test_a_configure_callbacks_override_without_super_is_reported(tmp_path):
-    with pytest.warns(PolicyWarning, match=r"DropsPolicies trains without deqlab's .*CheckpointIntegrity and ExactResume "
-                                           r"callback\(s\).*super\(\).configure_callbacks\(\)"):
+    with pytest.warns(
+        PolicyWarning,
+        match=r"DropsPolicies trains without deqlab's .*CheckpointIntegrity and ExactResume "
+        r"callback\(s\).*super\(\).configure_callbacks\(\)",
+    ):
         _fit(tmp_path, _digits_model(DropsPolicies), {"datamodule": digits(batch_size=32, flatten=True)}, max_epochs=1)
 
 
@@ -120,8 +145,12 @@ def test_resuming_from_a_checkpoint_without_deqlabs_entry_warns(tmp_path):
     del ckpt[CHECKPOINT_KEY]
     torch.save(ckpt, tmp_path / "foreign.ckpt")
     with pytest.warns(ResumeWarning, match=r"foreign\.ckpt' has no deqlab entry.*differ from an uninterrupted run"):
-        _fit(tmp_path / "b", _digits_model(), {"datamodule": digits(batch_size=32, flatten=True)},
-             ckpt_path=tmp_path / "foreign.ckpt")
+        _fit(
+            tmp_path / "b",
+            _digits_model(),
+            {"datamodule": digits(batch_size=32, flatten=True)},
+            ckpt_path=tmp_path / "foreign.ckpt",
+        )
 
 
 def test_a_loader_deqlab_cannot_position_is_named_at_resume(tmp_path):
@@ -192,8 +221,11 @@ def test_a_sampler_lightning_wrapped_for_ddp_warns_at_resume(tmp_path):
         inner = StatefulRandomSampler(dm.train_set, generator=torch.Generator().manual_seed(0))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchdata's set_vital deprecation
-            return {"train_dataloaders": StatefulDataLoader(
-                dm.train_set, batch_size=32, sampler=DistributedSamplerWrapper(inner, num_replicas=1, rank=0))}
+            return {
+                "train_dataloaders": StatefulDataLoader(
+                    dm.train_set, batch_size=32, sampler=DistributedSamplerWrapper(inner, num_replicas=1, rank=0)
+                )
+            }
 
     _fit(tmp_path / "a", _digits_model(), data())
     with pytest.warns(ResumeWarning, match=r"wrapped by Lightning for DDP.*EpochSeededSampler"):
@@ -207,8 +239,13 @@ class OneCycle(DigitsDEQ):
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=1e-3)
         total = self.trainer.estimated_stepping_batches  # sets the data up before the checkpoint is restored
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=1e-2, total_steps=total), "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {
+                "scheduler": torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=total),
+                "interval": "step",
+            },
+        }
 
 
 def _stateful_plain_loader():
@@ -218,8 +255,11 @@ def _stateful_plain_loader():
     dm.setup("fit")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchdata's own set_vital deprecation
-        return {"train_dataloaders": StatefulDataLoader(dm.train_set, batch_size=32, shuffle=True,
-                                                        generator=torch.Generator().manual_seed(1))}
+        return {
+            "train_dataloaders": StatefulDataLoader(
+                dm.train_set, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(1)
+            )
+        }
 
 
 def _one_cycle_run(root: Path, data, ckpt=None):
@@ -252,4 +292,3 @@ def test_lightning_keeps_loader_positions_where_deqlab_reads_them(tmp_path):
     states = _loader_states(torch.load(tmp_path / "step=2.ckpt", weights_only=True))
     assert states is not None and len(states) == 1, "Lightning moved the training loader positions in its checkpoint"
     assert states[0]["_sampler_iter_state"]["sampler_state"] == {"yielded": 64, "epoch": 0}
-

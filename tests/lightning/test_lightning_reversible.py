@@ -1,5 +1,6 @@
 """One Lightning training step of a DEQ solved by ReversibleSolver and differentiated by ReversibleBackward
 (built by its registry name, "reversible"): a finite loss, weights that moved, solver/ metrics logged."""
+
 from __future__ import annotations
 
 import warnings
@@ -55,8 +56,9 @@ def test_one_training_step_with_the_reversible_solver_and_backward():
     model = _ReversibleDEQ(scheduler="none", log_figures=False, optimizer="sgd", lr=0.1, momentum=0.0)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     g = torch.Generator().manual_seed(0)
-    data = DataLoader(TensorDataset(torch.randn(16, 8, generator=g), torch.randint(0, 10, (16,), generator=g)),
-                      batch_size=16)
+    data = DataLoader(
+        TensorDataset(torch.randn(16, 8, generator=g), torch.randint(0, 10, (16,), generator=g)), batch_size=16
+    )
     cb = _Logged()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

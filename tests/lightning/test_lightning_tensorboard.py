@@ -1,4 +1,5 @@
 """TensorBoard output: scalars by group, NFE histograms, the convergence figure, the HParams tab."""
+
 from __future__ import annotations
 
 import pytorch_lightning as pl
@@ -32,18 +33,41 @@ def test_training_writes_scalars_histograms_figures_and_hparams(tmp_path):
     scalars = set().union(*(a.Tags()["scalars"] for a in accs))
     histograms = set().union(*(a.Tags()["histograms"] for a in accs))
     images = set().union(*(a.Tags()["images"] for a in accs))
-    for tag in ("train/loss", "train/task_loss", "train/skip_loss", "train/jacobian_loss", "train/accuracy",
-                "train/pretraining", "val/loss", "val/accuracy", "val/explicit_accuracy", "val/explicit_time",
-                "solver/train_nfe", "solver/train_backward_nfe", "solver/val_nfe", "solver/val_abs_residual_mean",
-                "solver/train_reference_nfe", "solver/val_reference_nfe",
-                "solver/val_abs_residual_max", "solver/val_samples_converged", "time/forward", "time/backward",
-                "time/optimizer", "time/val_forward", "time/train_epoch", "hp/val_accuracy", "hp/val_nfe"):
+    for tag in (
+        "train/loss",
+        "train/task_loss",
+        "train/skip_loss",
+        "train/jacobian_loss",
+        "train/accuracy",
+        "train/pretraining",
+        "val/loss",
+        "val/accuracy",
+        "val/explicit_accuracy",
+        "val/explicit_time",
+        "solver/train_nfe",
+        "solver/train_backward_nfe",
+        "solver/val_nfe",
+        "solver/val_abs_residual_mean",
+        "solver/train_reference_nfe",
+        "solver/val_reference_nfe",
+        "solver/val_abs_residual_max",
+        "solver/val_samples_converged",
+        "time/forward",
+        "time/backward",
+        "time/optimizer",
+        "time/val_forward",
+        "time/train_epoch",
+        "hp/val_accuracy",
+        "hp/val_nfe",
+    ):
         assert tag in scalars, tag
     assert {"solver/nfe_hist", "solver/val_nfe_hist"} <= histograms
     assert {"solver/convergence", "solver/fixed_point"} <= images
     assert any(a.PluginTagToContent("hparams") for a in accs), "no HParams summary written"
     # pretraining flag: 1 for the first two steps, then 0
-    flags = [e.value for a in accs if "train/pretraining" in a.Tags()["scalars"] for e in a.Scalars("train/pretraining")]
+    flags = [
+        e.value for a in accs if "train/pretraining" in a.Tags()["scalars"] for e in a.Scalars("train/pretraining")
+    ]
     assert flags[:2] == [1.0, 1.0] and flags[2:] and set(flags[2:]) == {0.0}
     # the NFE histogram holds one value per training batch of the epoch
     hist = [h for a in accs if "solver/nfe_hist" in a.Tags()["histograms"] for h in a.Histograms("solver/nfe_hist")]

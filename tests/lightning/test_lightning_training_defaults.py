@@ -1,5 +1,6 @@
 """A model's training defaults are written once (``default_training``) and a partial ``training`` block
 changes only what it names, whether it comes from a YAML config, the command line or Python."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,21 +9,31 @@ import yaml
 from lightning_testkit import REPO
 
 from deqlab.lightning import DEQLightningModule
-from deqlab.spec import DEQTrainingConfig
 from deqlab.lightning.cli import DEQLightningCLI
+from deqlab.spec import DEQTrainingConfig
 from deqlab.zoo import DIGITS_TRAINING, MNIST_TRAINING, DigitsDEQ, MNISTDenseDEQ
 
 # The zoo models' documented defaults, written out here as the oracle (not read from the code under test).
 DIGITS = dict(optimizer="adamw", lr=3e-3, weight_decay=1e-5, scheduler="cosine", eta_min=1e-6, skip_loss_weight=1.0)
 # MNIST dense: the protocol the paper's text states (Adam at a constant 1e-3, λ_skip 0.01)
-MNIST = dict(optimizer="adam", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, scheduler="none",
-             skip_loss_weight=0.01, jacobian_loss_weight=0.0)
+MNIST = dict(
+    optimizer="adam",
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    weight_decay=0.0,
+    scheduler="none",
+    skip_loss_weight=0.01,
+    jacobian_loss_weight=0.0,
+)
 
 
 def _cli(tmp_path, model: dict):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": model, "data": {"class_path": "deqlab.data.DigitsDataModule"},
-                                      "trainer": {"logger": False}}))
+    config.write_text(
+        yaml.safe_dump(
+            {"model": model, "data": {"class_path": "deqlab.data.DigitsDataModule"}, "trainer": {"logger": False}}
+        )
+    )
     return DEQLightningCLI(args=["--config", str(config)], run=False, seed_everything_default=False)
 
 
@@ -34,11 +45,20 @@ def test_a_partial_yaml_training_block_keeps_the_model_defaults(tmp_path, cls, w
 
 
 def test_the_command_line_and_python_give_the_same_settings_as_the_yaml_block(tmp_path):
-    yaml_cfg = _cli(tmp_path, {"class_path": "deqlab.zoo.DigitsDEQ",
-                               "init_args": {"width": 8, "training": {"lr": 0.01}}}).model.deq_config
-    cmdline = DEQLightningCLI(run=False, seed_everything_default=False, args=[
-        "--model=deqlab.zoo.DigitsDEQ", "--model.width=8", "--model.training.lr=0.01",
-        "--data=deqlab.data.DigitsDataModule", "--trainer.logger=false"]).model.deq_config
+    yaml_cfg = _cli(
+        tmp_path, {"class_path": "deqlab.zoo.DigitsDEQ", "init_args": {"width": 8, "training": {"lr": 0.01}}}
+    ).model.deq_config
+    cmdline = DEQLightningCLI(
+        run=False,
+        seed_everything_default=False,
+        args=[
+            "--model=deqlab.zoo.DigitsDEQ",
+            "--model.width=8",
+            "--model.training.lr=0.01",
+            "--data=deqlab.data.DigitsDataModule",
+            "--trainer.logger=false",
+        ],
+    ).model.deq_config
     mapping = DigitsDEQ(width=8, training={"lr": 0.01}).deq_config
     flat = DigitsDEQ(width=8, lr=0.01).deq_config
     assert yaml_cfg == cmdline == mapping == flat == DEQTrainingConfig(**{**DIGITS, "lr": 0.01})
@@ -92,5 +112,7 @@ def test_the_experiment_configs_restate_their_models_defaults(name, cls):
     python = cls(**{k: v for k, v in init.items() if k in ("model_type", "width", "jacobian_regularization")})
     assert cli.model.deq_config == python.deq_config
     # the block is partial: an empty block changes nothing
-    assert cls(**{k: v for k, v in init.items() if k in ("model_type", "width")}, training={}).deq_config \
+    assert (
+        cls(**{k: v for k, v in init.items() if k in ("model_type", "width")}, training={}).deq_config
         == python.deq_config
+    )

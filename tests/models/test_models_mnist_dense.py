@@ -1,16 +1,19 @@
 """MNIST dense paper model: every model type × solver builds, trains one step and follows the contract."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from deqlab.models import EXPERIMENTS, MODEL_TYPES, build_model, count_parameters, paper_settings, TRAINING_KEYS
+from deqlab.models import EXPERIMENTS, MODEL_TYPES, TRAINING_KEYS, build_model, count_parameters, paper_settings
 from deqlab.nn import DeepEquilibriumNetwork, ImplicitBackward, MultiScaleNeuralODE, SkipDeepEquilibriumNetwork
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
 from deqlab.solvers.algorithms import LimitedMemoryBroyden
 
-COMBOS = [(m, s) for m in MODEL_TYPES for s in ("continuous", "discrete") if not (m == "neural_ode" and s == "discrete")]
+COMBOS = [
+    (m, s) for m in MODEL_TYPES for s in ("continuous", "discrete") if not (m == "neural_ode" and s == "discrete")
+]
 
 
 @pytest.mark.parametrize("model_type,solver", COMBOS)
@@ -132,7 +135,10 @@ def test_mnist_dense_paper_settings():
     assert v1["model_options"] == {"reapply_map": True, "vanilla_penalty": True, "batch_wide": True}
     with pytest.raises(ValueError, match="protocol must be one of 'paper', 'v1'"):
         paper_settings("mnist", "dense", protocol="2023")
-    assert paper_settings("mnist", "dense", "skip_reg", "continuous", jacobian_regularization=True)["jacobian_loss_weight"] == 1.0
+    assert (
+        paper_settings("mnist", "dense", "skip_reg", "continuous", jacobian_regularization=True)["jacobian_loss_weight"]
+        == 1.0
+    )
     # the training keys are exactly DEQLightningModule training settings (the fields of DEQTrainingConfig,
     # which DEQLightningModule accepts as flat keywords)
     import dataclasses
@@ -160,9 +166,11 @@ def test_dense_model_trains_in_deqclassifier():
 
 
 def test_import_models_does_not_import_lightning(tmp_path):
-    code = ("import sys, deqlab.models as m; m.build_model('mnist', 'dense'); "
-            "bad = [k for k in sys.modules if k.split('.')[0] in ('pytorch_lightning', 'lightning')]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, deqlab.models as m; m.build_model('mnist', 'dense'); "
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('pytorch_lightning', 'lightning')]; "
+        "assert not bad, bad"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -171,8 +179,9 @@ def test_mnist_dense_gradient_matches_finite_differences_float64():
     """The implicit gradient through stem → DEQ → head equals central differences of the loss (float64,
     tight solve), for a stem, a map and a head parameter."""
     torch.manual_seed(0)
-    net = build_model("mnist", "dense", model_type="skip_reg", solver="discrete", tol=1e-11, max_steps=300,
-                      backward_max_steps=300).double()
+    net = build_model(
+        "mnist", "dense", model_type="skip_reg", solver="discrete", tol=1e-11, max_steps=300, backward_max_steps=300
+    ).double()
     x, t = torch.randn(3, 784, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64)
 
     def loss():
@@ -200,15 +209,34 @@ def test_paper_settings_of_the_other_experiments():
     assert paper_settings("cifar10", "v1", "skip", "continuous")["batch_size"] == 64
     assert paper_settings("svhn", "v1", "skip", "discrete")["batch_size"] == 64
     small = paper_settings("cifar10", "tiny", "skip", "continuous")
-    assert (small["optimizer"], small["weight_decay"], small["max_steps"], small["batch_size"]) == ("adam", 2.5e-5, 20000, 128)
+    assert (small["optimizer"], small["weight_decay"], small["max_steps"], small["batch_size"]) == (
+        "adam",
+        2.5e-5,
+        20000,
+        128,
+    )
     assert small["pretrain_steps"] == 3000 and small["skip_loss_weight"] == 0.01 and small["augment"] is False
     assert paper_settings("cifar10", "small", "neural_ode", "continuous")["pretrain_steps"] == 0
     large = paper_settings("cifar10", "large", "vanilla", "discrete")
-    assert (large["weight_decay"], large["max_steps"], large["augment"], large["skip_loss_weight"]) == (0.0, 90000, True, 0.0)
+    assert (large["weight_decay"], large["max_steps"], large["augment"], large["skip_loss_weight"]) == (
+        0.0,
+        90000,
+        True,
+        0.0,
+    )
     imnet = paper_settings("imagenet", "small", "skip_reg", "discrete")
-    assert (imnet["optimizer"], imnet["lr"], imnet["momentum"], imnet["nesterov"], imnet["weight_decay"]) == \
-        ("sgd", 0.05, 0.9, True, 1e-6)
-    assert (imnet["scheduler"], imnet["step_milestones"], imnet["step_gamma"]) == ("step", (100_000, 150_000, 250_000), 0.1)
+    assert (imnet["optimizer"], imnet["lr"], imnet["momentum"], imnet["nesterov"], imnet["weight_decay"]) == (
+        "sgd",
+        0.05,
+        0.9,
+        True,
+        1e-6,
+    )
+    assert (imnet["scheduler"], imnet["step_milestones"], imnet["step_gamma"]) == (
+        "step",
+        (100_000, 150_000, 250_000),
+        0.1,
+    )
     assert (imnet["max_steps"], imnet["batch_size"], imnet["num_classes"]) == (500_000, 64, 1000)
     with pytest.raises(ValueError, match="valid"):
         paper_settings("cifar100", "small")

@@ -1,4 +1,5 @@
 """Multiscale paper networks: build, forward/backward, contract, solver selection and parameter counts."""
+
 import pytest
 import torch
 from torch import nn
@@ -30,8 +31,13 @@ PROTOCOL = {
     ("cifar10", "large"): (5e-2, 18, 20, "rel_deq_best"),
     ("imagenet", "small"): (5e-2, 27, 28, "abs_deq_best"),
 }
-COMBOS = [("vanilla", "discrete"), ("skip", "continuous"), ("skip", "discrete"), ("skip_reg", "continuous"),
-          ("neural_ode", "continuous")]
+COMBOS = [
+    ("vanilla", "discrete"),
+    ("skip", "continuous"),
+    ("skip", "discrete"),
+    ("skip_reg", "continuous"),
+    ("neural_ode", "continuous"),
+]
 
 
 @pytest.mark.parametrize("model_type,solver", COMBOS)
@@ -100,13 +106,16 @@ def test_neural_ode_uses_the_forward_tolerance_on_unit_interval():
 @pytest.mark.parametrize("solver", ["continuous", "discrete"])
 def test_jac_reg_gives_a_differentiable_positive_jacobian_loss(solver):
     torch.manual_seed(0)
-    net = build_model("cifar10", "small", model_type="skip_reg", solver=solver, jacobian_regularization=True, max_steps=3)
+    net = build_model(
+        "cifar10", "small", model_type="skip_reg", solver=solver, jacobian_regularization=True, max_steps=3
+    )
     _, sol = net(torch.randn(2, 3, 32, 32))
     assert sol.jacobian_loss.requires_grad and float(sol.jacobian_loss.detach()) > 0
     sol.jacobian_loss.backward()
     assert net.deq.model.main_layers[0].conv1.weight.grad.abs().sum() > 0
     _, off = build_model("cifar10", "small", model_type="skip_reg", solver=solver, max_steps=3)(
-        torch.randn(2, 3, 32, 32))
+        torch.randn(2, 3, 32, 32)
+    )
     assert float(off.jacobian_loss) == 0.0
 
 
@@ -124,27 +133,49 @@ PAPER_COUNTS = [
 ]
 
 
-@pytest.mark.parametrize("key,model_type,paper", PAPER_COUNTS, ids=lambda v: "-".join(v) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize(
+    "key,model_type,paper", PAPER_COUNTS, ids=lambda v: "-".join(v) if isinstance(v, tuple) else str(v)
+)
 def test_parameter_counts_match_the_paper(key, model_type, paper):
-    n = count_parameters(build_model(*key, model_type=model_type,
-                                     solver="continuous" if model_type == "neural_ode" else "discrete"))
+    n = count_parameters(
+        build_model(*key, model_type=model_type, solver="continuous" if model_type == "neural_ode" else "discrete")
+    )
     assert abs(n - paper) / paper < 0.05, (n, paper)
 
 
 def test_exact_counts_are_stable():
     """Pin the measured counts (docs/models.md prints them); a change to a block shows up here."""
-    got = {k: count_parameters(build_model(*k.split("/")[:2], model_type=k.split("/")[2])) for k in (
-        "mnist/conv/vanilla", "cifar10/v1/vanilla", "cifar10/v1/skip", "cifar10/small/vanilla",
-        "cifar10/small/skip", "cifar10/large/vanilla", "imagenet/small/vanilla")}
-    assert got == {"mnist/conv/vanilla": 71_578, "cifar10/v1/vanilla": 159_274, "cifar10/v1/skip": 216_826,
-                   "cifar10/small/vanilla": 163_546, "cifar10/small/skip": 200_122,
-                   "cifar10/large/vanilla": 10_631_958, "imagenet/small/vanilla": 17_912_456}
+    got = {
+        k: count_parameters(build_model(*k.split("/")[:2], model_type=k.split("/")[2]))
+        for k in (
+            "mnist/conv/vanilla",
+            "cifar10/v1/vanilla",
+            "cifar10/v1/skip",
+            "cifar10/small/vanilla",
+            "cifar10/small/skip",
+            "cifar10/large/vanilla",
+            "imagenet/small/vanilla",
+        )
+    }
+    assert got == {
+        "mnist/conv/vanilla": 71_578,
+        "cifar10/v1/vanilla": 159_274,
+        "cifar10/v1/skip": 216_826,
+        "cifar10/small/vanilla": 163_546,
+        "cifar10/small/skip": 200_122,
+        "cifar10/large/vanilla": 10_631_958,
+        "imagenet/small/vanilla": 17_912_456,
+    }
 
 
-@pytest.mark.parametrize("key,shape,overrides", [
-    (("cifar10", "large"), (2, 3, 32, 32), {}),
-    (("imagenet", "small"), (2, 3, 64, 64), {"image_size": 64}),
-], ids=["cifar10-large", "imagenet-small"])
+@pytest.mark.parametrize(
+    "key,shape,overrides",
+    [
+        (("cifar10", "large"), (2, 3, 32, 32), {}),
+        (("imagenet", "small"), (2, 3, 64, 64), {"image_size": 64}),
+    ],
+    ids=["cifar10-large", "imagenet-small"],
+)
 def test_large_models_run_one_forward(key, shape, overrides):
     torch.manual_seed(0)
     net = build_model(*key, model_type="skip", max_steps=2, **overrides)
@@ -195,7 +226,7 @@ def _mnist_like_batch(n: int, seed: int = 0):
     y = torch.arange(n) % 4
     for k in range(n):
         r, c = divmod(int(y[k]), 2)
-        x[k, 0, 14 * r + 3:14 * r + 11, 14 * c + 3:14 * c + 11] = 2.8 * torch.rand(8, 8, generator=g)
+        x[k, 0, 14 * r + 3 : 14 * r + 11, 14 * c + 3 : 14 * c + 11] = 2.8 * torch.rand(8, 8, generator=g)
     return x, y
 
 
@@ -208,8 +239,9 @@ def test_mnist_conv_forward_solve_converges_at_init(solver):
     torch.manual_seed(0)
     net = build_model("mnist", "conv", model_type="vanilla", solver="discrete")
     if solver != "lbroyden":
-        net.deq.solver = DiscreteDEQSolver(solver, mode="rel_norm", abstol_termination=1e-2,
-                                           reltol_termination=1e-2, max_steps=50)
+        net.deq.solver = DiscreteDEQSolver(
+            solver, mode="rel_norm", abstol_termination=1e-2, reltol_termination=1e-2, max_steps=50
+        )
     x, _ = _mnist_like_batch(4)
     x = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -217,8 +249,10 @@ def test_mnist_conv_forward_solve_converges_at_init(solver):
     z = sol.z_star
     with torch.no_grad():
         fz = net.deq.model(z, net.stem(x))
-    rel = (sum((a - b).flatten(1).square().sum(1) for a, b in zip(fz, z)).sqrt()
-           / sum(a.flatten(1).square().sum(1) for a in fz).sqrt())
+    rel = (
+        sum((a - b).flatten(1).square().sum(1) for a, b in zip(fz, z)).sqrt()
+        / sum(a.flatten(1).square().sum(1) for a in fz).sqrt()
+    )
     assert bool(sol.converged.all()) and sol.nfe < 50, (sol.nfe, rel)
     assert float(rel.max()) <= 1e-2 * 1.01  # an independent check of the solver's claim
 
@@ -250,8 +284,12 @@ def test_mnist_conv_fuse_gain_sets_the_norms_back_into_the_state_and_keeps_the_c
     main, mapping = net.deq.model.main_layers, net.deq.model.mapping_layers
     assert float(main[0].gn3.weight.mean()) == 0.25 and float(main[0].gn2.weight.mean()) == 1.0  # injection kept
     assert float(main[1].gn3.weight.mean()) == 0.25 and float(main[1].gn2.weight.mean()) == 0.25
-    assert all(float(m.weight.mean()) == 0.25 for row in mapping for mp in row
-               for m in [n for n in mp.modules() if isinstance(n, nn.GroupNorm)][-1:])
+    assert all(
+        float(m.weight.mean()) == 0.25
+        for row in mapping
+        for mp in row
+        for m in [n for n in mp.modules() if isinstance(n, nn.GroupNorm)][-1:]
+    )
     assert count_parameters(net) == 78_682
     assert count_parameters(build_model("mnist", "conv", model_type="vanilla", fuse_gain=1.0)) == 71_578
     assert float(build_model("cifar10", "v1").deq.model.main_layers[0].gn3.weight.mean()) == 1.0  # others as before

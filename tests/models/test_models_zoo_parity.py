@@ -1,15 +1,15 @@
 """One construction path: the zoo's models, solvers and training protocol are built by `deqlab.models`."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from deqlab.spec import BackwardSpec, DEQTrainingConfig, SolverSpec
-from deqlab.models import TRAINING_KEYS, count_parameters, paper_settings
-from deqlab.models import _build
+from deqlab import zoo
+from deqlab.models import TRAINING_KEYS, _build, count_parameters, paper_settings
 from deqlab.models.mnist import mnist_dense
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
-from deqlab import zoo
+from deqlab.spec import BackwardSpec, DEQTrainingConfig, SolverSpec
 
 
 @pytest.mark.parametrize("model_type", ["vanilla", "skip", "skip_reg"])
@@ -34,8 +34,7 @@ def test_the_zoo_builders_are_the_models_builders():
     assert zoo.build_solver is _build.build_solver and zoo.build_backward is _build.build_backward
     # one builder of each, from a spec or from a name: the same object either way
     by_spec = zoo.build_solver(SolverSpec(kind="continuous", mode="rel_norm", tol=1e-2, max_steps=9))
-    by_name = zoo.build_solver("tsit5", mode="rel_norm", abstol_termination=1e-2, reltol_termination=1e-2,
-                               max_steps=9)
+    by_name = zoo.build_solver("tsit5", mode="rel_norm", abstol_termination=1e-2, reltol_termination=1e-2, max_steps=9)
     assert repr(by_spec) == repr(by_name)
     spec = BackwardSpec(tol=1e-3, max_steps=7)
     assert repr(zoo.build_backward(spec)) == repr(zoo.build_backward("gmres", tol=1e-3, max_steps=7))
@@ -46,15 +45,39 @@ def test_the_zoo_builders_are_the_models_builders():
 
 def test_the_paper_training_settings_are_derived_not_copied():
     # the oracle: the paper's MNIST protocol as the paper's text states it (Adam at a constant 1e-3)
-    assert zoo.MNIST_TRAINING == DEQTrainingConfig(optimizer="adam", lr=1e-3, betas=(0.9, 0.999),
-                                                   weight_decay=0.0, scheduler="none")
+    assert zoo.MNIST_TRAINING == DEQTrainingConfig(
+        optimizer="adam", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, scheduler="none"
+    )
     s = paper_settings("mnist", "dense")
-    assert all(getattr(zoo.MNIST_TRAINING, k) == v for k, v in s.items()
-               if k in TRAINING_KEYS and k not in ("skip_loss_weight", "jacobian_loss_weight"))
-    fields = {"num_classes", "optimizer", "lr", "weight_decay", "momentum", "nesterov", "betas", "scheduler",
-              "scheduler_steps", "eta_min", "step_milestones", "step_gamma", "skip_loss_weight",
-              "jacobian_loss_weight", "extra_loss_weights", "pretrain_steps", "pretrain_depth", "on_nonfinite",
-              "log_solver_stats", "log_timing", "log_figures", "log_hparams_metrics"}
+    assert all(
+        getattr(zoo.MNIST_TRAINING, k) == v
+        for k, v in s.items()
+        if k in TRAINING_KEYS and k not in ("skip_loss_weight", "jacobian_loss_weight")
+    )
+    fields = {
+        "num_classes",
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "momentum",
+        "nesterov",
+        "betas",
+        "scheduler",
+        "scheduler_steps",
+        "eta_min",
+        "step_milestones",
+        "step_gamma",
+        "skip_loss_weight",
+        "jacobian_loss_weight",
+        "extra_loss_weights",
+        "pretrain_steps",
+        "pretrain_depth",
+        "on_nonfinite",
+        "log_solver_stats",
+        "log_timing",
+        "log_figures",
+        "log_hparams_metrics",
+    }
     assert TRAINING_KEYS == fields == set(DEQTrainingConfig.field_names())
     assert zoo.MNISTDenseDEQ.skip_loss_default == s["skip_loss_weight"] == 0.01
     assert zoo.MNISTDenseDEQ.jacobian_loss_default == 1.0

@@ -1,4 +1,5 @@
 """Shared tiny models and solver factories for tests/nn (imported by the test modules)."""
+
 from __future__ import annotations
 
 import torch
@@ -14,10 +15,16 @@ ALL_SOLVERS = DISCRETE + CONTINUOUS
 def make_solver(name: str, tol: float = 1e-6, max_steps: int = 200):
     """A solver that stops on the absolute residual norm (so tests can compare residuals with ``tol``)."""
     if name in CONTINUOUS:
-        return ContinuousDEQSolver(name, mode="abs_norm", ode_abstol=tol, ode_reltol=tol, abstol_termination=tol,
-                                   reltol_termination=tol, max_steps=max_steps)
-    return DiscreteDEQSolver(name, mode="abs_norm", abstol_termination=tol, reltol_termination=tol,
-                             max_steps=max_steps)
+        return ContinuousDEQSolver(
+            name,
+            mode="abs_norm",
+            ode_abstol=tol,
+            ode_reltol=tol,
+            abstol_termination=tol,
+            reltol_termination=tol,
+            max_steps=max_steps,
+        )
+    return DiscreteDEQSolver(name, mode="abs_norm", abstol_termination=tol, reltol_termination=tol, max_steps=max_steps)
 
 
 class DenseMap(nn.Module):

@@ -1,18 +1,27 @@
 """Backward modes take solver objects (the LinearSolver contract); the solution record is the one place
 that says what the backward cost and whether its solve converged."""
+
 import warnings
 
 import pytest
 import torch
 
-from deqlab.nn import ZeroGuess
-
-from deqlab.nn import (DEQ, BackwardMode, BackwardResult, CallableSolver, EquilibriumProblem, ImplicitBackward,
-                       JacobianFreeBackward, MultiScaleNeuralODE, PhantomGradient)
-from deqlab.solvers import GMRES, ContinuousDEQSolver, DiscreteDEQSolver, FixedPointLinearSolver, LinearSolver
-
 from deqlab_nn_helpers import DenseMap, make_solver
 from test_nn_gradients import closed_form_grads
+
+from deqlab.nn import (
+    DEQ,
+    BackwardMode,
+    BackwardResult,
+    CallableSolver,
+    EquilibriumProblem,
+    ImplicitBackward,
+    JacobianFreeBackward,
+    MultiScaleNeuralODE,
+    PhantomGradient,
+    ZeroGuess,
+)
+from deqlab.solvers import GMRES, ContinuousDEQSolver, DiscreteDEQSolver, FixedPointLinearSolver, LinearSolver
 
 
 def _grads(backward, seed=0, tol=1e-13):
@@ -27,15 +36,25 @@ def _grads(backward, seed=0, tol=1e-13):
     return x.grad, gx, [p.grad for p in model.parameters()], gps, sol
 
 
-@pytest.mark.parametrize("backward", [
-    ImplicitBackward(solver=GMRES(tol=1e-13, max_steps=20)),
-    ImplicitBackward(solver=DiscreteDEQSolver("anderson", mode="rel_norm", abstol_termination=1e-13,
-                                              reltol_termination=1e-13, max_steps=200)),
-    ImplicitBackward(solver=FixedPointLinearSolver(DiscreteDEQSolver("fixed_point", mode="abs_norm",
-                                                                     abstol_termination=1e-14, max_steps=500))),
-    ImplicitBackward("gmres", tol=1e-13, max_steps=20),
-    ImplicitBackward("broyden", tol=1e-13, max_steps=200),
-], ids=["GMRES", "anderson-object", "fixed-point-linear", "gmres-str", "broyden-str"])
+@pytest.mark.parametrize(
+    "backward",
+    [
+        ImplicitBackward(solver=GMRES(tol=1e-13, max_steps=20)),
+        ImplicitBackward(
+            solver=DiscreteDEQSolver(
+                "anderson", mode="rel_norm", abstol_termination=1e-13, reltol_termination=1e-13, max_steps=200
+            )
+        ),
+        ImplicitBackward(
+            solver=FixedPointLinearSolver(
+                DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-14, max_steps=500)
+            )
+        ),
+        ImplicitBackward("gmres", tol=1e-13, max_steps=20),
+        ImplicitBackward("broyden", tol=1e-13, max_steps=200),
+    ],
+    ids=["GMRES", "anderson-object", "fixed-point-linear", "gmres-str", "broyden-str"],
+)
 def test_backward_solver_objects_match_closed_form(backward):
     got_x, want_x, got_p, want_p, sol = _grads(backward)
     torch.testing.assert_close(got_x, want_x, rtol=1e-8, atol=1e-10)
@@ -75,8 +94,9 @@ def test_default_adjoint_budget_is_gmres_at_forward_tolerance_15_vjps():
     assert mode.solver == "gmres" and mode.tol is None and mode.max_steps == 15
     lin = mode.linear_solver(forward_tol=2.5e-3)
     assert isinstance(lin, GMRES) and lin.tol == 2.5e-3 and lin.max_steps == 15
-    solver = DiscreteDEQSolver("anderson", mode="rel_norm", abstol_termination=1e-3, reltol_termination=1e-3,
-                               max_steps=100)
+    solver = DiscreteDEQSolver(
+        "anderson", mode="rel_norm", abstol_termination=1e-3, reltol_termination=1e-3, max_steps=100
+    )
     torch.manual_seed(0)
     easy = DEQ(DenseMap(40, 40, scale=0.5), solver)
     z, sol = easy(torch.randn(3, 40))
@@ -130,7 +150,7 @@ def test_custom_backward_mode_uses_the_public_problem():
     z, sol = DEQ(model, make_solver("anderson", tol=1e-12), backward=Scaled())(x)
     z.sum().backward()
     xx = x.detach().requires_grad_()
-    want, = torch.autograd.grad(model(z.detach(), xx), xx, 2 * torch.ones_like(z))
+    (want,) = torch.autograd.grad(model(z.detach(), xx), xx, 2 * torch.ones_like(z))
     torch.testing.assert_close(x.grad, want)
     assert sol.backward_nfe == 1 and sol.backward_converged is True
 
@@ -203,14 +223,19 @@ def test_reported_budget_is_the_one_that_governs():
     mode = ImplicitBackward(solver=GMRES(tol=1e-9, max_steps=12, restart=4))
     assert (mode.tol, mode.max_steps, mode.restart) == (1e-9, 12, 4)
     assert "max_steps=12" in repr(mode) and "max_steps=15" not in repr(mode)
-    anderson = DiscreteDEQSolver("anderson", mode="rel_norm", abstol_termination=1e-6, reltol_termination=1e-6,
-                                 max_steps=30)
+    anderson = DiscreteDEQSolver(
+        "anderson", mode="rel_norm", abstol_termination=1e-6, reltol_termination=1e-6, max_steps=30
+    )
     mode = ImplicitBackward(solver=anderson)
     assert mode.max_steps == mode.linear_solver().max_steps == 32
     # the shorthand's max_steps caps the VJPs of a fixed-point adjoint too (plus the final VJP)
     torch.manual_seed(0)
-    hard = DEQ(DenseMap(40, 40, scale=0.95), make_solver("anderson", tol=1e-3, max_steps=100),
-               backward=ImplicitBackward("fixed_point", tol=1e-12, max_steps=9), on_unconverged="ignore")
+    hard = DEQ(
+        DenseMap(40, 40, scale=0.95),
+        make_solver("anderson", tol=1e-3, max_steps=100),
+        backward=ImplicitBackward("fixed_point", tol=1e-12, max_steps=9),
+        on_unconverged="ignore",
+    )
     z, sol = hard(torch.randn(3, 40))
     z.sum().backward()
     assert sol.backward_nfe == 9 + 1 and sol.backward_converged is False
@@ -247,8 +272,12 @@ def test_user_written_linear_solver_matches_the_dense_oracle():
     assert isinstance(_Richardson(), LinearSolver)
     torch.manual_seed(5)
     model = DenseMap(5, 3).double()
-    deq = DEQ(model, make_solver("anderson", tol=1e-13, max_steps=500), backward=ImplicitBackward(_Richardson()),
-              init=ZeroGuess(shape=(5,)))
+    deq = DEQ(
+        model,
+        make_solver("anderson", tol=1e-13, max_steps=500),
+        backward=ImplicitBackward(_Richardson()),
+        init=ZeroGuess(shape=(5,)),
+    )
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     z, sol = deq(x)
     c = torch.randn(4, 5, dtype=torch.float64)
@@ -258,9 +287,9 @@ def test_user_written_linear_solver_matches_the_dense_oracle():
     gx_want = torch.zeros_like(xs)
     gp_want = [torch.zeros_like(p) for p in model.parameters()]
     for i in range(4):
-        J = torch.autograd.functional.jacobian(lambda zi: model(zi[None], xs[i:i + 1])[0], zs[i])
+        J = torch.autograd.functional.jacobian(lambda zi, i=i: model(zi[None], xs[i : i + 1])[0], zs[i])
         g = torch.linalg.solve((torch.eye(5, dtype=torch.float64) - J).T, c[i])
-        zi, xi = zs[i:i + 1], xs[i:i + 1].clone().requires_grad_()
+        zi, xi = zs[i : i + 1], xs[i : i + 1].clone().requires_grad_()
         out = model(zi, xi)
         grads = torch.autograd.grad(out, [xi, *model.parameters()], g[None])
         gx_want[i] = grads[0][0]

@@ -5,12 +5,20 @@ Jacobian loss and every re-evaluation of the backward), silently: 16 updates in 
 below, 302 in the multiscale layer's, 7 in a fixed-depth forward of depth 6. Each test here failed on the
 code before (the counts; checked with git stash of deqlab/).
 """
+
 import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import (DEQ, ImplicitBackward, JacobianFreeBackward, MultiScaleDeepEquilibriumNetwork,
-                       MultiScaleNeuralODE, PhantomGradient, SkipDEQ)
+from deqlab.nn import (
+    DEQ,
+    ImplicitBackward,
+    JacobianFreeBackward,
+    MultiScaleDeepEquilibriumNetwork,
+    MultiScaleNeuralODE,
+    PhantomGradient,
+    SkipDEQ,
+)
 from deqlab.nn.running_stats import frozen_running_stats, updating_batch_norms
 from deqlab.solvers import DiscreteDEQSolver, SolverError
 
@@ -43,8 +51,11 @@ def test_one_running_stats_update_per_training_forward(layer, backward):
     torch.manual_seed(0)
     f = BNMap()
     kw = dict(backward=BACKWARDS[backward]())
-    deq = (SkipDEQ(f, _solver(), **kw) if layer == "skip_reg" else
-           DEQ(f, _solver(), jacobian_regularization=layer == "jacobian", **kw)).train()
+    deq = (
+        SkipDEQ(f, _solver(), **kw)
+        if layer == "skip_reg"
+        else DEQ(f, _solver(), jacobian_regularization=layer == "jacobian", **kw)
+    ).train()
     for step in range(1, 4):
         x = torch.randn(8, 6, requires_grad=True)
         z, sol = deq(x)
@@ -104,13 +115,15 @@ def test_multiscale_layers_update_once_too():
             return torch.tanh(0.2 * self.bn(self.lin(z)) + (x if self.inject else 0))
 
     mains = [Main(4, True), Main(3, False)]
-    mdeq = MultiScaleDeepEquilibriumNetwork(mains, [[None, nn.Linear(4, 3)], [None, None]], None, _solver(),
-                                            scales=[(4,), (3,)]).train()
+    mdeq = MultiScaleDeepEquilibriumNetwork(
+        mains, [[None, nn.Linear(4, 3)], [None, None]], None, _solver(), scales=[(4,), (3,)]
+    ).train()
     zs, sol = mdeq(torch.randn(8, 4, requires_grad=True))
     sum(z.sum() for z in zs).backward()
     assert [int(m.bn.num_batches_tracked) for m in mains] == [1, 1]
-    node = MultiScaleNeuralODE([Main(4, True), Main(3, False)], [[None, nn.Linear(4, 3)], [None, None]], None,
-                               "rk4", [(4,), (3,)], dt=0.25).train()
+    node = MultiScaleNeuralODE(
+        [Main(4, True), Main(3, False)], [[None, nn.Linear(4, 3)], [None, None]], None, "rk4", [(4,), (3,)], dt=0.25
+    ).train()
     us, sol = node(torch.randn(8, 4, requires_grad=True))
     sum(u.sum() for u in us).backward()
     assert sol.nfe == 16  # 4 RK4 steps
@@ -120,8 +133,11 @@ def test_multiscale_layers_update_once_too():
 def test_tracking_is_restored_when_the_forward_raises():
     torch.manual_seed(0)
     f = BNMap()
-    deq = DEQ(f, DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-12, max_steps=2),
-              on_unconverged="raise").train()
+    deq = DEQ(
+        f,
+        DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-12, max_steps=2),
+        on_unconverged="raise",
+    ).train()
     with pytest.raises(SolverError):
         deq(torch.randn(8, 6))
     assert f.bn.track_running_stats and updating_batch_norms([f]) == [f.bn]

@@ -1,12 +1,12 @@
 """checkpoint_unrolled=True (torchdeq's mem_gc): the fixed-depth mode's gradients are unchanged, and the
 activations of f are not kept for the backward (only each step's input state)."""
-import pytest
+
 import torch
 from torch import nn
 
-from deqlab.nn import DEQ, VariationalHiddenDropout, WeightNorm
-
 from deqlab_nn_helpers import make_solver
+
+from deqlab.nn import DEQ, VariationalHiddenDropout, WeightNorm
 
 
 class _Map(nn.Module):
@@ -30,7 +30,7 @@ def _run(checkpoint, depth, seed=0):
     x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(seed)  # the same dropout mask in both runs
     z, sol = deq(x)
-    (z ** 2).sum().backward()
+    (z**2).sum().backward()
     return z.detach(), [x.grad, *[p.grad for p in model.parameters()]], model.bn.running_mean.clone(), sol
 
 
@@ -40,7 +40,7 @@ def test_gradients_identical_to_plain_unrolling():
     assert torch.equal(z0, z1)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.equal(rm0, rm1)          # the recomputation does not update the running statistics again
+    assert torch.equal(rm0, rm1)  # the recomputation does not update the running statistics again
     assert sol0.backward_nfe == sol1.backward_nfe == 6
 
 

@@ -11,6 +11,7 @@ graphs (no recompilation per solver iteration or per step).
 the compiled backward cheaply; the ``inductor`` test (real kernels) runs only with ``DEQLAB_INDUCTOR_TESTS=1`` (it
 compiles C++ kernels, minutes on a loaded 2-core machine) and is skipped when the backend cannot compile.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def _compile_available(backend: str) -> bool:
     try:
-        import torch._dynamo  # noqa: F401
+        import torch._dynamo
 
         fn = torch.compile(lambda a: torch.relu(a) + 1.0, backend=backend, fullgraph=True)
         fn(torch.randn(3))
@@ -54,8 +55,7 @@ def _dense_model(model_type: str = "skip"):
     from deqlab.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("mnist", "dense", model_type=model_type, solver="discrete", width=16, in_features=36,
-                        tol=1e-4)
+    model = build_model("mnist", "dense", model_type=model_type, solver="discrete", width=16, in_features=36, tol=1e-4)
     model.deq.reporter.policy = "ignore"
     return model
 
@@ -120,9 +120,21 @@ def _tiny_mdeq(model_type: str):
     from deqlab.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("cifar10", "small", model_type=model_type, solver="discrete", num_channels=(4, 4),
-                        head_channels=(2, 2), final_channels=8, expansion=2, image_size=8, dropout=0.0,
-                        shortcut_expansion=2, tol=1e-3, max_steps=12)
+    model = build_model(
+        "cifar10",
+        "small",
+        model_type=model_type,
+        solver="discrete",
+        num_channels=(4, 4),
+        head_channels=(2, 2),
+        final_channels=8,
+        expansion=2,
+        image_size=8,
+        dropout=0.0,
+        shortcut_expansion=2,
+        tol=1e-3,
+        max_steps=12,
+    )
     model.deq.reporter.policy = "ignore"
     return model
 
@@ -145,8 +157,10 @@ def test_mdeq_block_traces_and_compiled_matches_eager():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DEQLAB_INDUCTOR_TESTS"),
-                    reason="inductor compiles C++ kernels (~2.5 min on 2 loaded cores); set DEQLAB_INDUCTOR_TESTS=1")
+@pytest.mark.skipif(
+    not os.environ.get("DEQLAB_INDUCTOR_TESTS"),
+    reason="inductor compiles C++ kernels (~2.5 min on 2 loaded cores); set DEQLAB_INDUCTOR_TESTS=1",
+)
 def test_dense_inductor_compiled_map_matches_eager():
     _require("inductor")
     eager = _dense_model("skip")

@@ -1,12 +1,23 @@
 """Device-agnostic code: the layers on CUDA (skipped without a GPU)."""
+
 import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import (DEQ, MultiScaleDeepEquilibriumNetwork, MultiScaleNeuralODE, ResidualBlock, SkipDEQ,
-                       Downsample, Upsample, PostFuse, VariationalHiddenDropout, WeightNorm)
-
 from deqlab_nn_helpers import ALL_SOLVERS, make_solver
+
+from deqlab.nn import (
+    DEQ,
+    Downsample,
+    MultiScaleDeepEquilibriumNetwork,
+    MultiScaleNeuralODE,
+    PostFuse,
+    ResidualBlock,
+    SkipDEQ,
+    Upsample,
+    VariationalHiddenDropout,
+    WeightNorm,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -53,12 +64,19 @@ def test_cuda_multiscale_and_neural_ode():
     torch.manual_seed(1)
     dev = torch.device("cuda")
     C = 8
-    pieces = lambda: ([ResidualBlock(C, 2, 4, dropout=0.1), ResidualBlock(C, 2, 4)],  # noqa: E731
-                      [[None, Downsample(C, C)], [Upsample(C, C), None]], [PostFuse(C), PostFuse(C)])
+
+    def pieces():
+        return (
+            [ResidualBlock(C, 2, 4, dropout=0.1), ResidualBlock(C, 2, 4)],
+            [[None, Downsample(C, C)], [Upsample(C, C), None]],
+            [PostFuse(C), PostFuse(C)],
+        )
+
     x = torch.randn(2, C, 8, 8, device=dev, requires_grad=True)
     for solver_name in ("lbroyden", "tsit5"):
-        m = MultiScaleDeepEquilibriumNetwork(*pieces(), make_solver(solver_name, tol=1e-2, max_steps=30),
-                                             [(C, 8, 8), (C, 4, 4)]).to(dev)
+        m = MultiScaleDeepEquilibriumNetwork(
+            *pieces(), make_solver(solver_name, tol=1e-2, max_steps=30), [(C, 8, 8), (C, 4, 4)]
+        ).to(dev)
         zs, sol = m(x)
         sum(z.mean() for z in zs).backward()
         assert all(p.grad is not None for p in m.parameters())

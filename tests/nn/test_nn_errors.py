@@ -1,11 +1,12 @@
 """Bad inputs give ValueErrors that name the shapes."""
+
 import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import DEQ, ImplicitBackward, MultiScaleDeepEquilibriumNetwork, SkipDEQ, ZeroGuess
-
 from deqlab_nn_helpers import DenseMap, make_solver
+
+from deqlab.nn import DEQ, ImplicitBackward, MultiScaleDeepEquilibriumNetwork, SkipDEQ, ZeroGuess
 
 
 def test_wrong_x_shape():
@@ -53,8 +54,9 @@ def test_bad_constructor_arguments():
     with pytest.raises(TypeError):
         DEQ(DenseMap(3), make_solver("anderson"), bogus=1)
     with pytest.raises(ValueError, match="2x2"):
-        MultiScaleDeepEquilibriumNetwork([nn.Identity(), nn.Identity()], [[None]], None,
-                                         make_solver("anderson"), [(2,), (3,)])
+        MultiScaleDeepEquilibriumNetwork(
+            [nn.Identity(), nn.Identity()], [[None]], None, make_solver("anderson"), [(2,), (3,)]
+        )
     with pytest.raises(ValueError, match="skip_loss"):
         SkipDEQ(DenseMap(3), make_solver("anderson"), skip_loss="l3")
 
@@ -84,8 +86,9 @@ def test_in_place_op_on_one_scale_of_a_list_state():
         def forward(self, z, x=None):
             return z.add_(1) * 0.5 if x is None else 0.5 * z + x
 
-    mdeq = MultiScaleDeepEquilibriumNetwork([AddOne(), AddOne()], [[None, nn.Linear(2, 3)], [None, None]], None,
-                                            make_solver("anderson"), [(2,), (3,)])
+    mdeq = MultiScaleDeepEquilibriumNetwork(
+        [AddOne(), AddOne()], [[None, nn.Linear(2, 3)], [None, None]], None, make_solver("anderson"), [(2,), (3,)]
+    )
     with pytest.raises(ValueError, match="modified its input z in place"):
         mdeq(torch.randn(2, 2))
 
@@ -98,7 +101,7 @@ def test_in_place_op_on_an_intermediate_is_fine():
             self.act = nn.ReLU(inplace=True)
 
         def forward(self, z, x):
-            return 0.3 * self.act(self.lin(z)) + x   # in place on lin(z), not on z
+            return 0.3 * self.act(self.lin(z)) + x  # in place on lin(z), not on z
 
     z, sol = DEQ(Fine(), make_solver("anderson"))(torch.randn(2, 4, requires_grad=True))
     z.sum().backward()

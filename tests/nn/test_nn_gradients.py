@@ -1,14 +1,14 @@
 """The implicit gradient against oracles: closed form from the dense Jacobian, long unrolled backprop,
 and torch.autograd.gradcheck (float64)."""
+
 import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import (DEQ, ImplicitBackward, JacobianFreeBackward, PhantomGradient,
-                       VariationalHiddenDropout, WeightNorm)
-from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
-
 from deqlab_nn_helpers import ALL_SOLVERS, DenseMap, make_solver
+
+from deqlab.nn import DEQ, ImplicitBackward, JacobianFreeBackward, PhantomGradient, VariationalHiddenDropout, WeightNorm
+from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -17,7 +17,7 @@ def closed_form_grads(model, z_star, x, dl_dz):
     """dL/dx and dL/dθ from the dense per-sample Jacobian: solve (I - J)^T λ = dL/dz*."""
     lams = []
     for b in range(z_star.shape[0]):
-        J = torch.autograd.functional.jacobian(lambda zz: model(zz[None], x[b:b + 1])[0], z_star[b])
+        J = torch.autograd.functional.jacobian(lambda zz, b=b: model(zz[None], x[b : b + 1])[0], z_star[b])
         n = J.shape[0]
         lams.append(torch.linalg.solve((torch.eye(n, dtype=J.dtype) - J).T, dl_dz[b]))
     lam = torch.stack(lams)
@@ -59,8 +59,11 @@ def test_adjoint_solvers_agree_with_long_unroll(adjoint):
     torch.manual_seed(1)
     model = DenseMap(5, 5).double()
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    deq = DEQ(model, make_solver("anderson", tol=1e-13, max_steps=500),
-              backward=ImplicitBackward(adjoint, tol=1e-13, max_steps=300))
+    deq = DEQ(
+        model,
+        make_solver("anderson", tol=1e-13, max_steps=500),
+        backward=ImplicitBackward(adjoint, tol=1e-13, max_steps=300),
+    )
     z, _ = deq(x)
     (z.sin().sum()).backward()
     implicit = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
@@ -76,12 +79,17 @@ def test_adjoint_solvers_agree_with_long_unroll(adjoint):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("solver", [
-    DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-13, max_steps=500),
-    # the explicit stepper's error control keeps the residual near its abstol: terminate 100x above it
-    ContinuousDEQSolver("tsit5", mode="abs_norm", ode_abstol=1e-12, ode_reltol=1e-12, abstol_termination=1e-10,
-                        max_steps=3000),
-], ids=["anderson", "tsit5"])
+@pytest.mark.parametrize(
+    "solver",
+    [
+        DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-13, max_steps=500),
+        # the explicit stepper's error control keeps the residual near its abstol: terminate 100x above it
+        ContinuousDEQSolver(
+            "tsit5", mode="abs_norm", ode_abstol=1e-12, ode_reltol=1e-12, abstol_termination=1e-10, max_steps=3000
+        ),
+    ],
+    ids=["anderson", "tsit5"],
+)
 def test_gradcheck(solver):
     torch.manual_seed(2)
     model = DenseMap(3, 2).double()
@@ -107,9 +115,12 @@ def test_jfb_and_phantom_gradients():
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     solver = make_solver("anderson", tol=1e-12, max_steps=500)
     results = {}
-    for name, mode in [("implicit", ImplicitBackward(tol=1e-12)), ("jfb", JacobianFreeBackward()),
-                       ("phantom", PhantomGradient(steps=60, damping=1.0)),
-                       ("phantom_damped", PhantomGradient(steps=5, damping=0.5))]:
+    for name, mode in [
+        ("implicit", ImplicitBackward(tol=1e-12)),
+        ("jfb", JacobianFreeBackward()),
+        ("phantom", PhantomGradient(steps=60, damping=1.0)),
+        ("phantom_damped", PhantomGradient(steps=5, damping=0.5)),
+    ]:
         deq = DEQ(model, solver, backward=mode)
         x.grad = None
         z, sol = deq(x)
@@ -122,7 +133,7 @@ def test_jfb_and_phantom_gradients():
     # JFB: one application of f at z*: dL/dx = (dL/dz)^T df/dx
     zs = z.detach()
     xx = x.detach().requires_grad_()
-    expected_jfb, = torch.autograd.grad(model(zs, xx), xx, 2 * zs)
+    (expected_jfb,) = torch.autograd.grad(model(zs, xx), xx, 2 * zs)
     torch.testing.assert_close(results["jfb"], expected_jfb)
     # many undamped phantom steps converge to the implicit gradient
     torch.testing.assert_close(results["phantom"], results["implicit"], rtol=1e-7, atol=1e-9)
@@ -148,8 +159,9 @@ def test_backward_with_weight_norm_and_dropout_matches_unroll():
     torch.manual_seed(5)
     model = Map().double().train()
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    deq = DEQ(model, make_solver("anderson", tol=1e-13, max_steps=500),
-              backward=ImplicitBackward(tol=1e-13, max_steps=200))
+    deq = DEQ(
+        model, make_solver("anderson", tol=1e-13, max_steps=500), backward=ImplicitBackward(tol=1e-13, max_steps=200)
+    )
     torch.manual_seed(10)
     z, sol = deq(x)
     assert sol.abs_residual.max() < 1e-11  # a fixed point exists only if the mask is fixed during the solve

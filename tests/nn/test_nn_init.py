@@ -3,19 +3,31 @@
 The Skip / Skip Reg. / vanilla layers built with ``init=`` must be the old classes exactly (same z*,
 gradients and skip loss), checked against hand-written oracles of what each variant computes.
 """
+
 import re
 
 import pytest
 import torch
 from torch import nn
 
-import deqlab
-from deqlab.solvers import DiscreteDEQSolver
-from deqlab.nn import (DEQ, ImplicitBackward, DEQLayer, DeepEquilibriumNetwork, FunctionGuess, InitialGuess, MapGuess,
-                       MultiScaleDeepEquilibriumNetwork, MultiScaleSkipDeepEquilibriumNetwork, ShortcutGuess,
-                       SkipDEQ, ZeroGuess)
-
 from deqlab_nn_helpers import DenseMap, make_solver
+
+import deqlab
+from deqlab.nn import (
+    DEQ,
+    DeepEquilibriumNetwork,
+    DEQLayer,
+    FunctionGuess,
+    ImplicitBackward,
+    InitialGuess,
+    MapGuess,
+    MultiScaleDeepEquilibriumNetwork,
+    MultiScaleSkipDeepEquilibriumNetwork,
+    ShortcutGuess,
+    SkipDEQ,
+    ZeroGuess,
+)
+from deqlab.solvers import DiscreteDEQSolver
 
 
 def _pair(kind):
@@ -97,8 +109,12 @@ def _run_list(layer, x):
     x = x.clone().requires_grad_()
     z, sol = layer(x)
     (sum(t.sin().sum() for t in z) + sol.skip_loss).backward()
-    return [t.detach() for t in z], sol, x.grad.clone(), {n: p.grad.clone() for n, p in layer.named_parameters()
-                                                            if p.grad is not None}
+    return (
+        [t.detach() for t in z],
+        sol,
+        x.grad.clone(),
+        {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None},
+    )
 
 
 class EMAGuess(InitialGuess):
@@ -214,27 +230,65 @@ def test_old_skip_checkpoints_still_load():
 # ------------------------------------------------------------------------------------------------------
 
 _GOLDEN = {
-    'vanilla': dict(
-        z=[[0.498189529323972, -0.619195603274858, 0.255820483228915, 0.377787845302599], [-0.0731925785892476, 0.518328501106369, -0.328339625981952, -0.360542671128998]],
+    "vanilla": dict(
+        z=[
+            [0.498189529323972, -0.619195603274858, 0.255820483228915, 0.377787845302599],
+            [-0.0731925785892476, 0.518328501106369, -0.328339625981952, -0.360542671128998],
+        ],
         skip=0,
-        gx=[[0.312902924926676, 0.361273059736023, 0.239730702394179], [0.446513522820606, 0.414569860386102, 0.187647397733169]],
+        gx=[
+            [0.312902924926676, 0.361273059736023, 0.239730702394179],
+            [0.446513522820606, 0.414569860386102, 0.187647397733169],
+        ],
         gbz=[1.69034895115202, 1.4631605261423, 2.17525332676596, 1.63382757695952],
-        gwx=[[0.376079694635533, 0.0152684184524714, -0.357097692415965], [0.324063560000179, 0.0676568230931284, -0.239951248687752], [0.47644071323068, 0.298320066644764, -0.105563258907571], [0.359138130983903, 0.176484637726071, -0.139728910869578]],
+        gwx=[
+            [0.376079694635533, 0.0152684184524714, -0.357097692415965],
+            [0.324063560000179, 0.0676568230931284, -0.239951248687752],
+            [0.47644071323068, 0.298320066644764, -0.105563258907571],
+            [0.359138130983903, 0.176484637726071, -0.139728910869578],
+        ],
     ),
-    'skip': dict(
-        z=[[0.498189529323972, -0.619195603274858, 0.255820483228914, 0.3777878453026], [-0.0731925785892443, 0.518328501106376, -0.328339625981966, -0.360542671128988]],
+    "skip": dict(
+        z=[
+            [0.498189529323972, -0.619195603274858, 0.255820483228914, 0.3777878453026],
+            [-0.0731925785892443, 0.518328501106376, -0.328339625981966, -0.360542671128988],
+        ],
         skip=0.313048983171119,
-        gx=[[-0.0543410430236681, 0.388448787967691, 0.621513676510683], [0.813757490770952, 0.387394132154435, -0.194135576383335]],
+        gx=[
+            [-0.0543410430236681, 0.388448787967691, 0.621513676510683],
+            [0.813757490770952, 0.387394132154435, -0.194135576383335],
+        ],
         gbz=[1.69034895115202, 1.4631605261423, 2.17525332676596, 1.63382757695953],
-        gwx=[[0.376079694635533, 0.0152684184524717, -0.357097692415965], [0.324063560000179, 0.0676568230931298, -0.23995124868775], [0.47644071323068, 0.298320066644766, -0.105563258907569], [0.359138130983904, 0.17648463772607, -0.13972891086958]],
-        gsc=[[-0.0152174994070953, 0.563649469126558, 0.715957756646168], [-0.0152174994070953, 0.563649469126558, 0.715957756646168], [0.0152174994070953, -0.563649469126558, -0.715957756646168], [-0.0152174994070953, 0.563649469126558, 0.715957756646168]],
+        gwx=[
+            [0.376079694635533, 0.0152684184524717, -0.357097692415965],
+            [0.324063560000179, 0.0676568230931298, -0.23995124868775],
+            [0.47644071323068, 0.298320066644766, -0.105563258907569],
+            [0.359138130983904, 0.17648463772607, -0.13972891086958],
+        ],
+        gsc=[
+            [-0.0152174994070953, 0.563649469126558, 0.715957756646168],
+            [-0.0152174994070953, 0.563649469126558, 0.715957756646168],
+            [0.0152174994070953, -0.563649469126558, -0.715957756646168],
+            [-0.0152174994070953, 0.563649469126558, 0.715957756646168],
+        ],
     ),
-    'skipreg_detached': dict(
-        z=[[0.498189529323949, -0.619195603274809, 0.255820483228847, 0.377787845302613], [-0.0731925785892513, 0.518328501106361, -0.328339625981936, -0.360542671129009]],
+    "skipreg_detached": dict(
+        z=[
+            [0.498189529323949, -0.619195603274809, 0.255820483228847, 0.377787845302613],
+            [-0.0731925785892513, 0.518328501106361, -0.328339625981936, -0.360542671129009],
+        ],
         skip=0.0743795641625682,
-        gx=[[0.571741700099158, 0.706263333485912, 0.50861810537463], [0.446489306126731, 0.271187977361205, -0.031657312420297]],
+        gx=[
+            [0.571741700099158, 0.706263333485912, 0.50861810537463],
+            [0.446489306126731, 0.271187977361205, -0.031657312420297],
+        ],
         gbz=[1.5808625753192, 1.48870414095906, 2.22640699430479, 2.2990113552152],
-        gwx=[[0.339259799932634, 0.47581690207757, 0.252285258873534], [0.338215871824266, -0.245808042128883, -0.643809330361084], [0.475142011347354, 0.768432564264306, 0.480188672433606], [0.50532179395807, 0.249560486091121, -0.195063222276643]],
+        gwx=[
+            [0.339259799932634, 0.47581690207757, 0.252285258873534],
+            [0.338215871824266, -0.245808042128883, -0.643809330361084],
+            [0.475142011347354, 0.768432564264306, 0.480188672433606],
+            [0.50532179395807, 0.249560486091121, -0.195063222276643],
+        ],
     ),
 }
 
@@ -270,10 +324,17 @@ def test_init_forms_reproduce_the_pre_refactor_golden_values(kind):
     from deqlab.solvers import DiscreteDEQSolver
 
     model, sc = _GoldenMap().double(), _golden_shortcut()
-    init = {"vanilla": ZeroGuess(shape=(4,)), "skip": ShortcutGuess(sc),
-            "skipreg_detached": MapGuess(shape=(4,), detach_skip_target=True)}[kind]
-    layer = DEQ(model, DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-13, max_steps=300),
-                init=init, backward=ImplicitBackward("gmres", tol=1e-13, max_steps=100))
+    init = {
+        "vanilla": ZeroGuess(shape=(4,)),
+        "skip": ShortcutGuess(sc),
+        "skipreg_detached": MapGuess(shape=(4,), detach_skip_target=True),
+    }[kind]
+    layer = DEQ(
+        model,
+        DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-13, max_steps=300),
+        init=init,
+        backward=ImplicitBackward("gmres", tol=1e-13, max_steps=100),
+    )
     x = torch.sin(torch.arange(6.0, dtype=torch.float64) * 0.9 + 0.2).reshape(2, 3).requires_grad_()
     z, sol = layer(x)
     (z.sin().sum() + 3.0 * sol.skip_loss).backward()
@@ -347,7 +408,7 @@ def test_an_object_lacking_a_protocol_member_is_refused_by_name():
 def test_shortcut_alias_on_the_base_class():
     model, solver, sc = DenseMap(4, 3), make_solver("anderson"), nn.Linear(3, 4)
     with pytest.warns(DeprecationWarning, match=r"shortcut=m is deprecated; use init=ShortcutGuess\(m\)"):
-        layer = DEQ(model, solver, shortcut=sc, z_shape=(4,))   # z_shape with a shortcut: the shape check
+        layer = DEQ(model, solver, shortcut=sc, z_shape=(4,))  # z_shape with a shortcut: the shape check
     assert isinstance(layer.init, ShortcutGuess) and layer.shortcut is sc and layer.init.shape == (4,)
     with pytest.raises(ValueError, match="init and shortcut both set"):
         DEQ(model, solver, init=ZeroGuess(), shortcut=sc)
@@ -360,9 +421,15 @@ def test_skip_without_shortcut_names_the_skip_reg_default_in_the_conflict():
         SkipDEQ(DenseMap(4, 3), make_solver("anderson"), None, init=ZeroGuess())
 
 
-@pytest.mark.parametrize("attr, where", [("z_shape", "init.shape"), ("skip_loss_kind", "init.skip_loss_kind"),
-                                         ("detach_skip_target", "init.detach_skip_target"),
-                                         ("initializer", "init.fn")])
+@pytest.mark.parametrize(
+    "attr, where",
+    [
+        ("z_shape", "init.shape"),
+        ("skip_loss_kind", "init.skip_loss_kind"),
+        ("detach_skip_target", "init.detach_skip_target"),
+        ("initializer", "init.fn"),
+    ],
+)
 def test_reading_a_moved_attribute_says_where_it_moved(attr, where):
     layer = SkipDEQ(DenseMap(4, 3), make_solver("anderson"), nn.Linear(3, 4))
     with pytest.raises(AttributeError, match=f"moved to the initial-guess strategy: read layer.{where}"):
@@ -371,20 +438,27 @@ def test_reading_a_moved_attribute_says_where_it_moved(attr, where):
 
 def test_one_way_to_give_a_guess_and_no_silently_frozen_module():
     model, solver = DenseMap(4, 3), make_solver("anderson")
-    for kw, new in ((dict(z_shape=(4,)), "init=ZeroGuess(shape=S)"),
-                    (dict(initializer=lambda x: torch.zeros(x.shape[0], 4)), "init=FunctionGuess(fn)")):
+    for kw, new in (
+        (dict(z_shape=(4,)), "init=ZeroGuess(shape=S)"),
+        (dict(initializer=lambda x: torch.zeros(x.shape[0], 4)), "init=FunctionGuess(fn)"),
+    ):
         with pytest.warns(DeprecationWarning, match=re.escape(new)):
             DEQ(model, solver, **kw)
     # a module given as a plain function guess would be registered, saved, and never trained: refused
-    with pytest.raises(TypeError, match=r"would never be trained .* init=ShortcutGuess\(module\)"), \
-            pytest.warns(DeprecationWarning):
+    with (
+        pytest.raises(TypeError, match=r"would never be trained .* init=ShortcutGuess\(module\)"),
+        pytest.warns(DeprecationWarning),
+    ):
         DEQ(model, solver, initializer=nn.Linear(3, 4))
     with pytest.raises(TypeError, match="never be trained"):
         FunctionGuess(nn.Linear(3, 4))
     frozen = nn.Linear(3, 4).requires_grad_(False)  # a fixed function is fine
     assert FunctionGuess(frozen).fn is frozen
     # a class where an object belongs: say which object to create
-    for kw, needle in ((dict(init=ZeroGuess), "init=ZeroGuess("), (dict(backward=ImplicitBackward), "backward=ImplicitBackward()")):
+    for kw, needle in (
+        (dict(init=ZeroGuess), "init=ZeroGuess("),
+        (dict(backward=ImplicitBackward), "backward=ImplicitBackward()"),
+    ):
         with pytest.raises(TypeError, match=re.escape(needle)):
             DEQ(model, solver, **kw)
     with pytest.raises(TypeError, match=re.escape("solver=DiscreteDEQSolver()")):

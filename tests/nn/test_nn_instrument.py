@@ -4,6 +4,7 @@ where the breakdown tables expect them, in the thread that ran the forward; off,
 Why: ``benchmarks/backward.py`` and ``benchmarks/train_step.py`` split the backward into the graph of f at
 z*, the adjoint VJPs, the adjoint solver's own work and the parameter VJP from these regions alone.
 """
+
 from __future__ import annotations
 
 import threading
@@ -11,14 +12,23 @@ import threading
 import pytest
 import torch
 
+from deqlab_nn_helpers import DenseMap, make_solver
+
 import deqlab.instrument as instrument
 from deqlab.instrument import REGIONS
 from deqlab.nn import DEQ, ImplicitBackward, JacobianFreeBackward, SkipDEQ
 
-from deqlab_nn_helpers import DenseMap, make_solver
-
-FORWARD = {"deq.forward", "deq.init", "solver", "solver.setup", "f", "termination", "algorithm.init",
-           "algorithm.step", "solver.result"}
+FORWARD = {
+    "deq.forward",
+    "deq.init",
+    "solver",
+    "solver.setup",
+    "f",
+    "termination",
+    "algorithm.init",
+    "algorithm.step",
+    "solver.result",
+}
 BACKWARD = {"deq.backward", "adjoint.linearize", "adjoint.solve", "adjoint.vjp", "adjoint.vjp_inputs"}
 
 
@@ -104,8 +114,11 @@ class _NoClock:
         raise AssertionError("the clock was read although nothing records")
 
 
-@pytest.mark.parametrize("backward", [ImplicitBackward("gmres"), ImplicitBackward("anderson"),
-                                      JacobianFreeBackward()], ids=["gmres", "anderson", "jfb"])
+@pytest.mark.parametrize(
+    "backward",
+    [ImplicitBackward("gmres"), ImplicitBackward("anderson"), JacobianFreeBackward()],
+    ids=["gmres", "anderson", "jfb"],
+)
 def test_an_unrecorded_forward_and_backward_never_read_the_clock(monkeypatch, backward):
     monkeypatch.setattr(instrument, "time", _NoClock)
     grad, sol = _step(_layer(backward))

@@ -1,11 +1,21 @@
 """Building blocks: weight norm computed once per DEQ forward, variational dropout fixed per solve."""
+
 import torch
 from torch import nn
 
-from deqlab.nn import (DEQ, DenseDEQBlock, Downsample, MultiScaleDeepEquilibriumNetwork, PostFuse, ResidualBlock,
-                       Upsample, VariationalHiddenDropout, WeightNorm)
-
 from deqlab_nn_helpers import make_solver
+
+from deqlab.nn import (
+    DEQ,
+    DenseDEQBlock,
+    Downsample,
+    MultiScaleDeepEquilibriumNetwork,
+    PostFuse,
+    ResidualBlock,
+    Upsample,
+    VariationalHiddenDropout,
+    WeightNorm,
+)
 
 
 def test_weight_norm_computed_once_per_forward():
@@ -80,8 +90,9 @@ def test_residual_block_and_mdeq_pieces_build_a_multiscale_deq():
     main = [ResidualBlock(c1, expansion=2, num_groups=4, dropout=0.1), ResidualBlock(c2, expansion=2, num_groups=4)]
     mapping = [[None, Downsample(c1, c2, 2)], [Upsample(c2, c1, 2), None]]
     post = [PostFuse(c1), PostFuse(c2)]
-    deq = MultiScaleDeepEquilibriumNetwork(main, mapping, post, make_solver("anderson", tol=1e-2, max_steps=30),
-                                           [(c1, 8, 8), (c2, 4, 4)])
+    deq = MultiScaleDeepEquilibriumNetwork(
+        main, mapping, post, make_solver("anderson", tol=1e-2, max_steps=30), [(c1, 8, 8), (c2, 4, 4)]
+    )
     x = torch.randn(2, c1, 8, 8)
     z, sol = deq(x)
     assert [tuple(t.shape) for t in z] == [(2, c1, 8, 8), (2, c2, 4, 4)]

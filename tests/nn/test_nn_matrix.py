@@ -1,13 +1,14 @@
 """The reference package's test matrix: {solver} x {DEQ, Skip DEQ, Skip Reg. DEQ} x {Jacobian reg off/on}
 x {dense, conv}: residual within tolerance, finite gradients everywhere, fixed depth gives nfe == depth."""
+
 import pytest
 import torch
 from torch import nn
 
+from deqlab_nn_helpers import ALL_SOLVERS, ConvMap, DenseMap, make_solver
+
 from deqlab.nn import DEQ, ImplicitBackward, SkipDEQ
 from deqlab.solvers import SolverStatus
-
-from deqlab_nn_helpers import ALL_SOLVERS, ConvMap, DenseMap, make_solver
 
 TOL = 1e-5
 

@@ -4,13 +4,14 @@ Measured as the bytes of tensors autograd saves for the backward (``saved_tensor
 forward + backward, which is where a graph through the iterations would show up (it would save ~10x
 more for 100 steps than for 10). On CUDA the peak allocated memory is compared as well.
 """
+
 import pytest
 import torch
 
+from deqlab_nn_helpers import ConvMap
+
 from deqlab.nn import DEQ, ImplicitBackward, SkipDEQ
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
-
-from deqlab_nn_helpers import ConvMap
 
 
 def saved_bytes(layer, x):
@@ -28,8 +29,15 @@ def saved_bytes(layer, x):
 
 def solver_with_steps(kind, steps):
     if kind == "continuous":
-        return ContinuousDEQSolver("euler", mode="abs_norm", ode_abstol=1e-3, abstol_termination=0.0, reltol_termination=0.0,
-                                   max_steps=steps, dt=0.1)
+        return ContinuousDEQSolver(
+            "euler",
+            mode="abs_norm",
+            ode_abstol=1e-3,
+            abstol_termination=0.0,
+            reltol_termination=0.0,
+            max_steps=steps,
+            dt=0.1,
+        )
     return DiscreteDEQSolver(kind, mode="abs_norm", abstol_termination=0.0, reltol_termination=0.0, max_steps=steps)
 
 

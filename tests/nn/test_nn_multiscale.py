@@ -1,15 +1,21 @@
 """Multiscale DEQs (list states) and the multiscale neural-ODE baseline."""
+
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import (ImplicitBackward, MultiScaleDeepEquilibriumNetwork, MultiScaleMap, MultiScaleNeuralODE,
-                       MultiScaleSkipDeepEquilibriumNetwork)
-from deqlab.solvers import SolverStatus
-
 from deqlab_nn_helpers import make_solver
+
+from deqlab.nn import (
+    ImplicitBackward,
+    MultiScaleDeepEquilibriumNetwork,
+    MultiScaleMap,
+    MultiScaleNeuralODE,
+    MultiScaleSkipDeepEquilibriumNetwork,
+)
+from deqlab.solvers import SolverStatus
 
 SCALES = [(2, 4, 4), (3, 2, 2)]
 
@@ -55,7 +61,9 @@ def test_multiscale_shapes_residual_gradients(solver_name, variant):
     if variant == "deq":
         layer = MultiScaleDeepEquilibriumNetwork(main, mapping, post, solver, SCALES, jacobian_regularization=True)
     else:
-        shortcut = None if variant == "skipreg" else [nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(1, 3, 3, stride=2, padding=1)]
+        shortcut = (
+            None if variant == "skipreg" else [nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(1, 3, 3, stride=2, padding=1)]
+        )
         layer = MultiScaleSkipDeepEquilibriumNetwork(main, mapping, post, solver, SCALES, shortcut)
     layer = layer.double()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
@@ -75,8 +83,14 @@ def test_multiscale_shapes_residual_gradients(solver_name, variant):
 def test_multiscale_implicit_gradient_matches_unroll():
     torch.manual_seed(1)
     main, mapping, post = pieces()
-    layer = MultiScaleDeepEquilibriumNetwork(main, mapping, post, make_solver("anderson", tol=1e-12, max_steps=500),
-                                             SCALES, backward=ImplicitBackward(tol=1e-12, max_steps=200)).double()
+    layer = MultiScaleDeepEquilibriumNetwork(
+        main,
+        mapping,
+        post,
+        make_solver("anderson", tol=1e-12, max_steps=500),
+        SCALES,
+        backward=ImplicitBackward(tol=1e-12, max_steps=200),
+    ).double()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     z, _ = layer(x)
     (z[0].sum() + z[1].pow(2).sum()).backward()
@@ -93,7 +107,9 @@ def test_multiscale_implicit_gradient_matches_unroll():
 def test_mapping_matrix_semantics():
     """out_j = sum_i map[i][j](main_i); None on the diagonal is identity, off it no connection."""
     a, b = nn.Linear(2, 3, bias=False), nn.Linear(3, 2, bias=False)
-    m = MultiScaleMap([lambda_module(lambda z, x: z + x), lambda_module(lambda z: 2 * z)], [[None, a], [None, None]], None)
+    m = MultiScaleMap(
+        [lambda_module(lambda z, x: z + x), lambda_module(lambda z: 2 * z)], [[None, a], [None, None]], None
+    )
     z = [torch.randn(1, 2), torch.randn(1, 3)]
     x = torch.randn(1, 2)
     out = m(z, x)
@@ -102,7 +118,7 @@ def test_mapping_matrix_semantics():
     del b
 
 
-class lambda_module(nn.Module):  # noqa: N801 - tiny test helper
+class lambda_module(nn.Module):  # tiny test helper
     def __init__(self, fn):
         super().__init__()
         self.fn = fn
@@ -132,7 +148,9 @@ def _node_grads(node, x):
     node.zero_grad()
     u, sol = node(x)
     (u[0].sin().sum() + u[1].pow(2).sum()).backward()
-    return [x.grad] + [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in node.model.parameters()], sol
+    return [x.grad] + [
+        p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in node.model.parameters()
+    ], sol
 
 
 def test_neural_ode_gradients_match_backprop_through_solver():
@@ -168,11 +186,17 @@ def test_torchdyn_adjoint_is_wrong_for_the_injection_path():
     torch.manual_seed(3)
     main, mapping, post = pieces()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
-    ref, _ = _node_grads(MultiScaleNeuralODE(main, mapping, post, "tsit5", SCALES, ode_abstol=1e-4, ode_reltol=1e-4).double(), x)
+    ref, _ = _node_grads(
+        MultiScaleNeuralODE(main, mapping, post, "tsit5", SCALES, ode_abstol=1e-4, ode_reltol=1e-4).double(), x
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        adj, _ = _node_grads(MultiScaleNeuralODE(main, mapping, post, "tsit5", SCALES, ode_abstol=1e-4, ode_reltol=1e-4,
-                                                 sensitivity="adjoint").double(), x)
+        adj, _ = _node_grads(
+            MultiScaleNeuralODE(
+                main, mapping, post, "tsit5", SCALES, ode_abstol=1e-4, ode_reltol=1e-4, sensitivity="adjoint"
+            ).double(),
+            x,
+        )
     # the stem would get no gradient through the injection x
     assert adj[0] is None or float(adj[0].abs().sum()) == 0.0 or not torch.allclose(adj[0], ref[0], rtol=1e-3)
     assert float(ref[0].abs().sum()) > 0

@@ -1,16 +1,27 @@
 """NeumannPhantomGradient: the truncated Neumann series of the adjoint, against dense linear algebra."""
+
 import pytest
 import torch
 
-from deqlab.nn import DEQ, EquilibriumProblem, ImplicitBackward, NeumannPhantomGradient, ZeroGuess
-
 from deqlab_nn_helpers import DenseMap, make_solver
+
+from deqlab.nn import DEQ, EquilibriumProblem, ImplicitBackward, NeumannPhantomGradient, ZeroGuess
 
 
 def _linear_problem(W, U, x, z_star):
-    return EquilibriumProblem(f=lambda z, xx: z @ W.T + xx @ U.T, is_list=False, z_star=[z_star], x=x, params=[],
-                              grad_state=[], needs=[True], forward_tol=1e-12, stateful=[], snapshots=[],
-                              grad_slots=[])
+    return EquilibriumProblem(
+        f=lambda z, xx: z @ W.T + xx @ U.T,
+        is_list=False,
+        z_star=[z_star],
+        x=x,
+        params=[],
+        grad_state=[],
+        needs=[True],
+        forward_tol=1e-12,
+        stateful=[],
+        snapshots=[],
+        grad_slots=[],
+    )
 
 
 @pytest.mark.parametrize("steps,damping", [(1, 1.0), (2, 1.0), (5, 1.0), (7, 0.6)])
@@ -23,9 +34,9 @@ def test_gradient_is_the_truncated_series(steps, damping):
     v = torch.randn(b, n, dtype=torch.float64, generator=gen)
     z_star = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - W, (x @ U.T).T).T
     result = NeumannPhantomGradient(steps, damping).gradients(_linear_problem(W, U, x, z_star), v)
-    A = (1 - damping) * torch.eye(n, dtype=torch.float64) + damping * W   # J = W for row states z Wᵀ
+    A = (1 - damping) * torch.eye(n, dtype=torch.float64) + damping * W  # J = W for row states z Wᵀ
     series = damping * sum(torch.linalg.matrix_power(A, i) for i in range(steps))
-    want = v @ series @ U          # row form of Uᵀ (Σ (Aᵀ)ⁱ) v
+    want = v @ series @ U  # row form of Uᵀ (Σ (Aᵀ)ⁱ) v
     assert (result.grads[0] - want).abs().max() <= 1e-10
     assert result.nfe == steps and result.converged is None
 
@@ -38,7 +49,7 @@ def test_tends_to_the_implicit_gradient_for_a_contraction():
 
     def grads(backward):
         z, _ = DEQ(model, solver, backward=backward, init=ZeroGuess(shape=(5,)))(x)
-        return torch.autograd.grad((z ** 2).sum(), [x, *model.parameters()])
+        return torch.autograd.grad((z**2).sum(), [x, *model.parameters()])
 
     exact = grads(ImplicitBackward(tol=1e-13, max_steps=50))
     errors = []

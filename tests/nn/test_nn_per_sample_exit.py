@@ -1,14 +1,19 @@
 """DEQ layers with per-sample early exit: the layer's map evaluates sub-batches exactly (injection rows and
 per-sample dropout masks), refuses maps that couple samples, and gives the full-batch solve's z* and
 gradients."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from deqlab.nn import (DeepEquilibriumNetwork, MultiScaleDeepEquilibriumNetwork, SkipDeepEquilibriumNetwork,
-                       VariationalHiddenDropout)
+from deqlab.nn import (
+    DeepEquilibriumNetwork,
+    MultiScaleDeepEquilibriumNetwork,
+    SkipDeepEquilibriumNetwork,
+    VariationalHiddenDropout,
+)
 from deqlab.solvers import DiscreteDEQSolver
 
 
@@ -31,8 +36,9 @@ def inputs(batch=20, width=12):
 
 
 def solver(per_sample_exit):
-    return DiscreteDEQSolver("lbroyden", max_steps=80, abstol_termination=1e-10, reltol_termination=1e-10,
-                             per_sample_exit=per_sample_exit)
+    return DiscreteDEQSolver(
+        "lbroyden", max_steps=80, abstol_termination=1e-10, reltol_termination=1e-10, per_sample_exit=per_sample_exit
+    )
 
 
 def run(layer, x, seed=1):
@@ -95,8 +101,12 @@ def test_skip_deq_and_multiscale_layers_exit_per_sample():
     def mdeq(per_sample_exit):
         torch.manual_seed(0)
         return MultiScaleDeepEquilibriumNetwork(
-            [Scale0(), nn.Tanh()], [[None, nn.Linear(6, 3)], [nn.Linear(3, 6), None]], None,
-            solver(per_sample_exit), scales=[(6,), (3,)]).double()
+            [Scale0(), nn.Tanh()],
+            [[None, nn.Linear(6, 3)], [nn.Linear(3, 6), None]],
+            None,
+            solver(per_sample_exit),
+            scales=[(6,), (3,)],
+        ).double()
 
     z_part, s_part = mdeq(True)(x)
     z_full, _ = mdeq(False)(x)

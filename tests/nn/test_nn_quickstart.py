@@ -1,4 +1,5 @@
 """Runs docs/quickstart_example.py (the README quickstart), on CPU and, when present, on CUDA."""
+
 import runpy
 from pathlib import Path
 

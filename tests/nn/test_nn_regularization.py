@@ -1,15 +1,16 @@
 """Hutchinson estimate of ||df/dz||_F^2."""
+
 import torch
 
-from deqlab.nn import DEQ, jacobian_frobenius_estimate, ZeroGuess
-
 from deqlab_nn_helpers import ConvMap, DenseMap, make_solver
+
+from deqlab.nn import DEQ, ZeroGuess, jacobian_frobenius_estimate
 
 
 def dense_frobenius(model, z, x):
     total = 0.0
     for b in range(z.shape[0]):
-        J = torch.autograd.functional.jacobian(lambda zz: model(zz[None], x[b:b + 1])[0], z[b])
+        J = torch.autograd.functional.jacobian(lambda zz, b=b: model(zz[None], x[b : b + 1])[0], z[b])
         total += float(J.pow(2).sum())
     return total
 
@@ -31,8 +32,13 @@ def test_estimate_matches_dense_jacobian():
 def test_layer_jacobian_loss_is_differentiable_and_correct():
     torch.manual_seed(1)
     model = DenseMap(5, 3).double()
-    deq = DEQ(model, make_solver("anderson", tol=1e-10), jacobian_regularization=True, jacobian_probes=3000,
-              init=ZeroGuess(shape=(5,)))
+    deq = DEQ(
+        model,
+        make_solver("anderson", tol=1e-10),
+        jacobian_regularization=True,
+        jacobian_probes=3000,
+        init=ZeroGuess(shape=(5,)),
+    )
     x = torch.randn(2, 3, dtype=torch.float64)
     z, sol = deq(x)
     exact = dense_frobenius(model, z.detach(), x) / z.numel()

@@ -1,20 +1,27 @@
 """No silent wrong answers from a DEQ layer: failed solves warn, double backward refuses, bad inputs get
 clear errors, low precision and autocast work, and threads do not share per-solve state."""
+
 import threading
 import warnings
 
 import pytest
 import torch
-
-from deqlab.nn import ZeroGuess
 from torch import nn
 
-import deqlab
-from deqlab.nn import (DEQ, ImplicitBackward, JacobianFreeBackward, MultiScaleNeuralODE, PhantomGradient,
-                       VariationalHiddenDropout, WeightNorm)
-from deqlab.solvers import ConvergenceWarning, DiscreteDEQSolver, GMRES, SolverError
-
 from deqlab_nn_helpers import DenseMap, make_solver
+
+import deqlab
+from deqlab.nn import (
+    DEQ,
+    ImplicitBackward,
+    JacobianFreeBackward,
+    MultiScaleNeuralODE,
+    PhantomGradient,
+    VariationalHiddenDropout,
+    WeightNorm,
+    ZeroGuess,
+)
+from deqlab.solvers import GMRES, ConvergenceWarning, DiscreteDEQSolver, SolverError
 
 
 class Affine(nn.Module):
@@ -53,8 +60,10 @@ def test_singular_adjoint_warns_and_reports_unconverged(adjoint):
 
 
 def test_unconverged_forward_warns_rate_limited_with_counts():
-    deq = DEQ(DenseMap(6, scale=0.99), DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-12,
-                                                           max_steps=2))
+    deq = DEQ(
+        DenseMap(6, scale=0.99),
+        DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-12, max_steps=2),
+    )
     x = torch.randn(3, 6)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -156,21 +165,31 @@ def test_one_dimensional_and_empty_x_are_refused():
 # ------------------------------------------------------------------ low precision
 
 # the half-precision tests run on the CPU always and on CUDA where a GPU is present
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                    reason="needs CUDA"))]
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("mode", [ImplicitBackward(), ImplicitBackward("anderson"), ImplicitBackward(GMRES(1e-3, 10)),
-                                  JacobianFreeBackward(), PhantomGradient(4, 0.5)],
-                         ids=["gmres", "anderson", "gmres-object", "jfb", "phantom"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ImplicitBackward(),
+        ImplicitBackward("anderson"),
+        ImplicitBackward(GMRES(1e-3, 10)),
+        JacobianFreeBackward(),
+        PhantomGradient(4, 0.5),
+    ],
+    ids=["gmres", "anderson", "gmres-object", "jfb", "phantom"],
+)
 @pytest.mark.parametrize("device", DEVICES)
 def test_half_precision_forward_and_backward(dtype, mode, device):
     torch.manual_seed(0)
     model = DenseMap(8, 4).to(device)
-    solver = DiscreteDEQSolver("fixed_point", mode="rel_norm", abstol_termination=1e-2, reltol_termination=1e-2,
-                               max_steps=60)
+    solver = DiscreteDEQSolver(
+        "fixed_point", mode="rel_norm", abstol_termination=1e-2, reltol_termination=1e-2, max_steps=60
+    )
     x32 = torch.randn(5, 4).to(device)
     ref = DEQ(model, solver, init=ZeroGuess(shape=(8,)), backward=mode)
     z32, _ = ref(x32)
@@ -192,14 +211,27 @@ def test_half_precision_forward_and_backward(dtype, mode, device):
     assert sol.backward_nfe >= 1
 
 
-@pytest.mark.parametrize("device, dtype", [("cpu", torch.bfloat16), ("cpu", torch.float16),
-                                           *[pytest.param("cuda", d, marks=DEVICES[1].marks, id=f"cuda-{n}")
-                                             for d, n in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))]])
+@pytest.mark.parametrize(
+    "device, dtype",
+    [
+        ("cpu", torch.bfloat16),
+        ("cpu", torch.float16),
+        *[
+            pytest.param("cuda", d, marks=DEVICES[1].marks, id=f"cuda-{n}")
+            for d, n in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"))
+        ],
+    ],
+)
 def test_autocast_training_step(device, dtype):
     torch.manual_seed(1)
     stem = nn.Linear(4, 4).to(device)
-    deq = DEQ(DenseMap(8, 4), DiscreteDEQSolver("fixed_point", mode="rel_norm", abstol_termination=1e-2,
-                                                reltol_termination=1e-2, max_steps=60), init=ZeroGuess(shape=(8,))).to(device)
+    deq = DEQ(
+        DenseMap(8, 4),
+        DiscreteDEQSolver(
+            "fixed_point", mode="rel_norm", abstol_termination=1e-2, reltol_termination=1e-2, max_steps=60
+        ),
+        init=ZeroGuess(shape=(8,)),
+    ).to(device)
     head = nn.Linear(8, 3).to(device)
     params = [*stem.parameters(), *deq.parameters(), *head.parameters()]
     opt = torch.optim.SGD(params, lr=0.1)
@@ -348,13 +380,15 @@ def test_weight_norm_and_dropout_under_concurrent_forward_backward(kind):
         for _ in range(calls):
             try:
                 z, g, _ = run(det, xs[i], lambda z: z.pow(2).sum())
-                if not (torch.allclose(z, want[i][0], rtol=0, atol=1e-10)
-                        and torch.allclose(g, want[i][1], rtol=1e-8, atol=1e-10)):
+                if not (
+                    torch.allclose(z, want[i][0], rtol=0, atol=1e-10)
+                    and torch.allclose(g, want[i][1], rtol=1e-8, atol=1e-10)
+                ):
                     problems.append("deterministic result differs from the sequential one")
                 _, g, sol = run(drop, xs[i], lambda z: z.sum())
                 if sol.status != "converged" or sol.backward_converged is not True or not torch.isfinite(g).all():
                     problems.append(f"dropout solve {sol.status.value}, backward {sol.backward_converged}")
-            except Exception as err:  # noqa: BLE001 - collected and reported below
+            except Exception as err:  # collected and reported below
                 problems.append(f"{type(err).__name__}: {err}")
 
     interval = sys.getswitchinterval()
@@ -425,8 +459,12 @@ def test_every_solver_and_implicit_adjoint_in_half_precision_matches_float32(dev
         for dtype in (torch.bfloat16, torch.float16):
             model = DenseMap(8, 4).to(device)
             model.load_state_dict(base.state_dict())
-            low = DEQ(model, make(), init=ZeroGuess(shape=(8,)),
-                      backward=ImplicitBackward(adjoint, max_steps=budget.get(adjoint))).to(dtype)
+            low = DEQ(
+                model,
+                make(),
+                init=ZeroGuess(shape=(8,)),
+                backward=ImplicitBackward(adjoint, max_steps=budget.get(adjoint)),
+            ).to(dtype)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 z, sol = low(x32.to(dtype))
@@ -448,8 +486,12 @@ def test_a_half_precision_adjoint_short_of_its_budget_says_so():
     # the record says so (the residual recomputed with the map's own products), and the gradient is still close
     torch.manual_seed(0)
     model = DenseMap(8, 4).to(torch.bfloat16)
-    layer = DEQ(model, DiscreteDEQSolver("anderson", max_steps=30), init=ZeroGuess(shape=(8,)),
-                backward=ImplicitBackward("newton_krylov"))
+    layer = DEQ(
+        model,
+        DiscreteDEQSolver("anderson", max_steps=30),
+        init=ZeroGuess(shape=(8,)),
+        backward=ImplicitBackward("newton_krylov"),
+    )
     with pytest.warns(ConvergenceWarning, match="backward"):
         z, sol = layer(torch.randn(4, 4).to(torch.bfloat16))
         z.float().sum().backward()
@@ -457,16 +499,18 @@ def test_a_half_precision_adjoint_short_of_its_budget_says_so():
     assert float(sol.backward_residual.max()) > layer.backward.linear_solver(1e-3).tol
 
 
-@pytest.mark.parametrize("mode", [ImplicitBackward(), JacobianFreeBackward(), PhantomGradient(4, 0.5)],
-                         ids=["implicit", "jfb", "phantom"])
+@pytest.mark.parametrize(
+    "mode", [ImplicitBackward(), JacobianFreeBackward(), PhantomGradient(4, 0.5)], ids=["implicit", "jfb", "phantom"]
+)
 def test_double_backward_error_names_only_alternatives_that_work(mode):
     """The refusal used to recommend backward=PhantomGradient(...), which raises the same error. Every
     backward mode refuses with a message naming fixed_depth_mode only, and fixed_depth_mode's Hessian
     matches an independent unrolled oracle (d explicit applications of f)."""
     torch.manual_seed(0)
     model = DenseMap(3).double()
-    deq = DEQ(model, DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-8, max_steps=100),
-              backward=mode)
+    deq = DEQ(
+        model, DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-8, max_steps=100), backward=mode
+    )
     x = torch.randn(1, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="fixed_depth_mode") as err:
         torch.autograd.functional.hessian(lambda x: deq(x)[0].pow(2).sum(), x)

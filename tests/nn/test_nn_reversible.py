@@ -1,4 +1,5 @@
 """ReversibleBackward: the exact gradient of the reversible iteration, O(1) memory, honest reconstruction."""
+
 import warnings
 import weakref
 
@@ -26,7 +27,7 @@ def _unrolled(model, x, beta, steps):
     """Autograd through each sample's own number of reversible steps, from y_0 = z_0 = 0."""
     out = []
     for i, n in enumerate(steps.tolist()):
-        xi = x[i:i + 1]
+        xi = x[i : i + 1]
         y = z = torch.zeros_like(xi)
         for _ in range(n):
             y = (1 - beta) * y + beta * model(z, xi)
@@ -40,8 +41,9 @@ def test_gradient_equals_autograd_through_the_unrolled_iteration_float64(beta):
     torch.manual_seed(0)
     model = TanhMap().double()
     # samples of different scale stop at different steps: each is reversed by its own count
-    x = (torch.randn(4, 6, dtype=torch.float64) * torch.tensor([[0.1], [1.0], [2.0], [0.5]],
-                                                                dtype=torch.float64)).requires_grad_()
+    x = (
+        torch.randn(4, 6, dtype=torch.float64) * torch.tensor([[0.1], [1.0], [2.0], [0.5]], dtype=torch.float64)
+    ).requires_grad_()
     w = torch.randn(4, 6, dtype=torch.float64)
     layer = DEQ(model, ReversibleSolver(beta=beta, mode="abs_norm", abstol_termination=1e-5, max_steps=60))
     z, sol = layer(x)
@@ -65,6 +67,7 @@ def test_the_gradient_approaches_the_implicit_one():
     class Half(nn.Module):
         def forward(self, z, x):
             return 0.5 * z + x
+
     x = torch.ones(2, 3, dtype=torch.float64, requires_grad=True)
     z, sol = DEQ(Half(), ReversibleSolver(mode="abs_norm", abstol_termination=1e-6))(x)
     z.sum().backward()
@@ -105,8 +108,9 @@ def _memory_profile(max_steps):
     torch.manual_seed(0)
     model = TanhMap(d=8, scale=0.3).double()
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
-    layer = DEQ(model, ReversibleSolver(mode="abs_norm", abstol_termination=0.0, max_steps=max_steps),
-                on_unconverged="ignore")
+    layer = DEQ(
+        model, ReversibleSolver(mode="abs_norm", abstol_termination=0.0, max_steps=max_steps), on_unconverged="ignore"
+    )
     counter = _SavedCounter()
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
         z, sol = layer(x)
@@ -143,21 +147,27 @@ def test_float32_reconstruction_error_is_measured_and_reported():
     torch.manual_seed(0)
     model = TanhMap(d=16)
     x = torch.randn(4, 16)
-    z, sol = DEQ(model, ReversibleSolver(mode="abs_norm", abstol_termination=0.0, max_steps=8),
-                 on_unconverged="ignore")(x)
+    z, sol = DEQ(
+        model, ReversibleSolver(mode="abs_norm", abstol_termination=0.0, max_steps=8), on_unconverged="ignore"
+    )(x)
     z.sum().backward()
     err32 = sol.backward_residual
     assert err32.dtype == torch.float32 and err32.shape == (4,) and bool(torch.isfinite(err32).all())
     assert float(err32.max()) > 1e-9  # rounding is visible in float32 ...
     model64 = TanhMap(d=16).double()
     model64.load_state_dict(model.state_dict())
-    z, sol64 = DEQ(model64, ReversibleSolver(mode="abs_norm", abstol_termination=0.0, max_steps=8),
-                   on_unconverged="ignore")(x.double())
+    z, sol64 = DEQ(
+        model64, ReversibleSolver(mode="abs_norm", abstol_termination=0.0, max_steps=8), on_unconverged="ignore"
+    )(x.double())
     z.sum().backward()
     assert float(sol64.backward_residual.max()) < 1e-3 * float(err32.max())  # ... and far smaller in float64
     # a reconstruction tolerance turns a large error into backward_converged=False and a warning
-    layer = DEQ(model, ReversibleSolver(mode="abs_norm", abstol_termination=0.0, max_steps=8),
-                backward=ReversibleBackward(reconstruction_tol=0.0, warn_unconverged=True), on_unconverged="ignore")
+    layer = DEQ(
+        model,
+        ReversibleSolver(mode="abs_norm", abstol_termination=0.0, max_steps=8),
+        backward=ReversibleBackward(reconstruction_tol=0.0, warn_unconverged=True),
+        on_unconverged="ignore",
+    )
     z, sol = layer(x)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

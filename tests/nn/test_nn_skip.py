@@ -1,10 +1,11 @@
 """Skip DEQ / Skip Reg. DEQ semantics."""
+
 import torch
 from torch import nn
 
-from deqlab.nn import DEQ, SkipDEQ
-
 from deqlab_nn_helpers import DenseMap, make_solver
+
+from deqlab.nn import DEQ, SkipDEQ
 
 
 def _skip():

@@ -1,11 +1,11 @@
 """deqlab.nn.spectral_radius against dense eigenvalues, and the layer's opt-in solution.spectral_radius."""
+
 import pytest
 import torch
-from torch import nn
-
-from deqlab.nn import DEQ, spectral_radius
 
 from deqlab_nn_helpers import DenseMap, make_solver
+
+from deqlab.nn import DEQ, spectral_radius
 
 
 def _batched_linear(A):
@@ -14,7 +14,7 @@ def _batched_linear(A):
 
 def test_arnoldi_matches_eigvals_of_per_sample_matrices():
     torch.manual_seed(0)
-    A = torch.randn(5, 6, 6, dtype=torch.float64) / 2   # a different matrix per sample
+    A = torch.randn(5, 6, 6, dtype=torch.float64) / 2  # a different matrix per sample
     want = torch.linalg.eigvals(A).abs().amax(dim=1)
     got = spectral_radius(_batched_linear(A), torch.zeros(5, 6, dtype=torch.float64), n_iters=6)
     assert got.shape == (5,)
@@ -45,13 +45,13 @@ def test_nonlinear_map_matches_dense_jacobian_and_list_states():
     f = DenseMap(5, 3).double()
     x = torch.randn(3, 3, dtype=torch.float64)
     z = torch.randn(3, 5, dtype=torch.float64)
-    jac = torch.stack([torch.autograd.functional.jacobian(lambda zz: f(zz[None], x[i:i + 1])[0], z[i])
-                       for i in range(3)])
+    jac = torch.stack(
+        [torch.autograd.functional.jacobian(lambda zz, i=i: f(zz[None], x[i : i + 1])[0], z[i]) for i in range(3)]
+    )
     want = torch.linalg.eigvals(jac).abs().amax(dim=1)
     torch.testing.assert_close(spectral_radius(lambda zz: f(zz, x), z, n_iters=5), want)
     # a list state: two halves of the same vector
-    got = spectral_radius(lambda p: list(f(torch.cat(p, 1), x).split([2, 3], 1)), list(z.split([2, 3], 1)),
-                          n_iters=5)
+    got = spectral_radius(lambda p: list(f(torch.cat(p, 1), x).split([2, 3], 1)), list(z.split([2, 3], 1)), n_iters=5)
     torch.testing.assert_close(got, want)
 
 
@@ -72,12 +72,12 @@ def test_layer_fills_solution_spectral_radius_by_mode():
     assert off(x)[1].spectral_radius is None
     deq = DEQ(model, make_solver("anderson", tol=1e-10), spectral_radius=True, spectral_radius_iters=5)
     assert deq.spectral_radius_mode == "eval"
-    assert deq.train()(x)[1].spectral_radius is None            # "eval": not while training
+    assert deq.train()(x)[1].spectral_radius is None  # "eval": not while training
     z, sol = deq.eval()(x)
     want = spectral_radius(lambda zz: model(zz, x), z.detach(), n_iters=5)
     assert sol.spectral_radius.shape == (4,) and not sol.spectral_radius.requires_grad
     torch.testing.assert_close(sol.spectral_radius, want)
-    assert bool((sol.spectral_radius < 1).all())               # DenseMap is a contraction
+    assert bool((sol.spectral_radius < 1).all())  # DenseMap is a contraction
     always = DEQ(model, make_solver("anderson", tol=1e-10), spectral_radius="always", spectral_radius_iters=5)
     assert always.train()(x)[1].spectral_radius.shape == (4,)
     with always.fixed_depth_mode(3):

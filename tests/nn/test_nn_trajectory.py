@@ -1,4 +1,5 @@
 """Trajectory sampling (``sample_states`` / ``sample_at``) and the fixed-point correction loss."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,9 @@ def _solver(**kw):
 def test_sampled_state_gradients_match_unrolled_oracle(tau, grad_steps):
     torch.manual_seed(0)
     model = Tanh()
-    deq = DeepEquilibriumNetwork(model, _solver(max_steps=60), sample_at=[0, 2, 5], sample_grad=grad_steps,
-                                 sample_tau=tau)
+    deq = DeepEquilibriumNetwork(
+        model, _solver(max_steps=60), sample_at=[0, 2, 5], sample_grad=grad_steps, sample_tau=tau
+    )
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     probes = [torch.randn(3, 4, dtype=torch.float64) for _ in range(4)]
     _, sol = deq(x)
@@ -88,8 +90,14 @@ def test_early_converging_samples_still_give_k_states(per_sample_exit):
             return 0.5 * z + x
 
     x = torch.tensor([[0.0, 0.0], [1.0, -2.0], [3.0, 0.5]], dtype=torch.float64)  # sample 0 starts at z*
-    solver = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-6, max_steps=60,
-                               per_sample_exit=per_sample_exit, compact_below=1.0)
+    solver = DiscreteDEQSolver(
+        "fixed_point",
+        mode="abs_norm",
+        abstol_termination=1e-6,
+        max_steps=60,
+        per_sample_exit=per_sample_exit,
+        compact_below=1.0,
+    )
     deq = DeepEquilibriumNetwork(Half(), solver, sample_at=[0, 3, 40, 59])
     z, sol = deq(x)
     steps = sol.solver_result.sample_steps
@@ -100,7 +108,7 @@ def test_early_converging_samples_still_give_k_states(per_sample_exit):
         torch.testing.assert_close(late, sol.solver_result.z)
     torch.testing.assert_close(its[0][0], torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(its[1][0], sol.solver_result.z[0])  # sample 0 stopped at step 0
-    torch.testing.assert_close(its[1][1:], 2 * x[1:] * (1 - 0.5 ** 3))  # the others: z_3 = 2x(1 - 2^-3)
+    torch.testing.assert_close(its[1][1:], 2 * x[1:] * (1 - 0.5**3))  # the others: z_3 = 2x(1 - 2^-3)
 
 
 def test_record_iterates_only_first_solve_and_plain_solver():
@@ -136,10 +144,15 @@ def test_layer_without_sampling_has_no_states_and_errors():
     assert sol.states is None
     with pytest.raises(ValueError, match="sample_states and sample_at"):
         DeepEquilibriumNetwork(Tanh(), _solver(), sample_states=2, sample_at=[1])
-    for bad in (dict(sample_states=0), dict(sample_at=[3, 1]), dict(sample_states=2, sample_grad=0),
-                dict(sample_states=2, sample_tau=0.0)):
+    for bad in (
+        dict(sample_states=0),
+        dict(sample_at=[3, 1]),
+        dict(sample_states=2, sample_grad=0),
+        dict(sample_states=2, sample_tau=0.0),
+    ):
         with pytest.raises(ValueError):
             DeepEquilibriumNetwork(Tanh(), _solver(), **bad)
+
     def plain(f, z0):  # a callable solver that keeps no iterates
         return dataclasses.replace(_solver()(f, z0), iterates=None, iterate_steps=None)
 
@@ -149,7 +162,7 @@ def test_layer_without_sampling_has_no_states_and_errors():
 
 
 def test_correction_loss_weights_exactly():
-    assert correction_weights(4, "exp", 0.8) == [0.8 ** 3, 0.8 ** 2, 0.8, 1.0]
+    assert correction_weights(4, "exp", 0.8) == [0.8**3, 0.8**2, 0.8, 1.0]
     assert correction_weights(4, "linear") == [0.25, 0.5, 0.75, 1.0]
     assert correction_weights(3, "const") == [1.0, 1.0, 1.0]
     states = [torch.full((2,), float(v), dtype=torch.float64) for v in (3.0, 2.0, 1.5, 1.0)]

@@ -1,13 +1,15 @@
 """The January-2022 reference code's semantics, offered as options (``paper_repro --protocol v1``):
 ``reapply_map`` (z* = f(u_T, x)), ``ZeroGuess(fixed_point_penalty=True)`` (the skip loss λ·mean|z*| on a
 vanilla model), and the paper's NFE count beside ours on the layer's record."""
+
 import pytest
 import torch
 from torch import nn
 
+from deqlab_nn_helpers import DenseMap
+
 from deqlab.nn import DEQ, MapGuess, ZeroGuess
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
-from deqlab_nn_helpers import DenseMap
 
 F64 = torch.float64
 

@@ -6,15 +6,16 @@ or inside another module, and in deqlab itself when a subclass's constructor add
 nowhere useful where it comes from, and a ``DeprecationWarning`` is shown by default only when it points at
 ``__main__``, so a wrong level hides it from a script. Every warning here must name this file.
 """
+
 import warnings
 
 import torch
 from torch import nn
 
+from deqlab_nn_helpers import DenseMap, make_solver
+
 from deqlab.nn import DEQ, MultiScaleDeepEquilibriumNetwork, SkipDEQ
 from deqlab.solvers import ConvergenceWarning, DiscreteDEQSolver
-
-from deqlab_nn_helpers import DenseMap, make_solver
 
 
 def _where(caught, category):
@@ -62,8 +63,9 @@ def test_a_multiscale_layer_names_the_users_line():
 
     scales = [(2,), (2,)]
     mapping = [[None, nn.Identity()], [nn.Identity(), None]]  # z1 + z2 feeds both: no fixed point
-    layer = MultiScaleDeepEquilibriumNetwork([Main0(), nn.Identity()], mapping, None,
-                                             DiscreteDEQSolver("fixed_point", max_steps=3), scales)
+    layer = MultiScaleDeepEquilibriumNetwork(
+        [Main0(), nn.Identity()], mapping, None, DiscreteDEQSolver("fixed_point", max_steps=3), scales
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         layer(torch.ones(4, 2))

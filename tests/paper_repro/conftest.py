@@ -3,6 +3,7 @@
 The writers are the data tests' own (tests/data/conftest.py, loaded by path: a test folder without
 ``__init__`` cannot import another folder's conftest), so both suites exercise torchvision's real readers.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,8 +25,13 @@ def _labels(n: int, seed: int) -> np.ndarray:
 
 
 def make_mnist(root: Path, n_train: int = 64, n_test: int = 32) -> Path:
-    writers.write_mnist(root, writers.random_images(n_train, (28, 28), 1), _labels(n_train, 0).astype(np.uint8),
-                        writers.random_images(n_test, (28, 28), 2), _labels(n_test, 3).astype(np.uint8))
+    writers.write_mnist(
+        root,
+        writers.random_images(n_train, (28, 28), 1),
+        _labels(n_train, 0).astype(np.uint8),
+        writers.random_images(n_test, (28, 28), 2),
+        _labels(n_test, 3).astype(np.uint8),
+    )
     return root
 
 
@@ -37,8 +43,13 @@ def mnist_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
-    writers.write_cifar10(root, writers.random_images(40, (32, 32, 3), 1), list(_labels(40, 0)),
-                          writers.random_images(16, (32, 32, 3), 2), list(_labels(16, 1)))
+    writers.write_cifar10(
+        root,
+        writers.random_images(40, (32, 32, 3), 1),
+        list(_labels(40, 0)),
+        writers.random_images(16, (32, 32, 3), 2),
+        list(_labels(16, 1)),
+    )
     return root
 
 
@@ -61,5 +72,13 @@ def imagenet_dir(tmp_path_factory) -> Path:
 
 def out_args(tmp_path: Path) -> list:
     """Where a test run writes: results and TensorBoard under its own tmp folder, progress as lines."""
-    return ["--results-dir", str(tmp_path / "results"), "--log-dir", str(tmp_path / "tb"), "--progress", "lines",
-            "--num-workers", "0"]
+    return [
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--log-dir",
+        str(tmp_path / "tb"),
+        "--progress",
+        "lines",
+        "--num-workers",
+        "0",
+    ]

@@ -5,6 +5,7 @@ cannot match, and a pytest monkeypatch does not reach a subprocess (nor the rank
 re-launches from ``sys.argv``, i.e. this very script). Only the checksum is replaced by an existence check;
 reading the files is torchvision's real code.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,5 +1,6 @@
 """The package's shape and its command line: typed flags, ``--list-grid`` / ``--grid-cell``, the names read
 from deqlab.models, Lightning kept out of the planning paths, no class built inside a function."""
+
 from __future__ import annotations
 
 import ast
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO
+
 from paper_repro import cli, mnist, plan
 from paper_repro.results import RESULT_COLUMNS, latest_per_key, load_results, write_row
 from paper_repro.run import main
@@ -25,8 +27,19 @@ def test_the_choices_are_the_librarys():
 
 
 def test_typed_flags_reach_build_model_and_the_training_settings_and_the_plan(capsys):
-    argv = ["--arch", "dense", "--tol", "1e-3", "--max-solver-steps", "30", "--backward-steps", "7",
-            "--skip-weight", "0.5", "--dry-run"]
+    argv = [
+        "--arch",
+        "dense",
+        "--tol",
+        "1e-3",
+        "--max-solver-steps",
+        "30",
+        "--backward-steps",
+        "7",
+        "--skip-weight",
+        "0.5",
+        "--dry-run",
+    ]
     args = cli.parse_args(mnist.SPEC, argv)
     cfg = plan.make_config(mnist.SPEC, args, "skip", "discrete", None)
     assert cfg.model_options == {"tol": 1e-3, "max_steps": 30, "backward_max_steps": 7}
@@ -38,12 +51,15 @@ def test_typed_flags_reach_build_model_and_the_training_settings_and_the_plan(ca
     assert "backward_max_steps=7 (--backward-steps)" in out and "skip_loss_weight=0.5 (--skip-weight)" in out
 
 
-@pytest.mark.parametrize("typed, generic", [
-    (["--tol", "1e-3"], ["--model-option", "tol=1e-2"]),
-    (["--max-solver-steps", "30"], ["--model-option", "max_steps=20"]),
-    (["--backward-steps", "5"], ["--model-option", "backward_max_steps=5"]),
-    (["--skip-weight", "1"], ["--override", "skip_loss_weight=2"]),
-])
+@pytest.mark.parametrize(
+    "typed, generic",
+    [
+        (["--tol", "1e-3"], ["--model-option", "tol=1e-2"]),
+        (["--max-solver-steps", "30"], ["--model-option", "max_steps=20"]),
+        (["--backward-steps", "5"], ["--model-option", "backward_max_steps=5"]),
+        (["--skip-weight", "1"], ["--override", "skip_loss_weight=2"]),
+    ],
+)
 def test_a_typed_flag_and_the_same_key_given_untyped_stop_with_one_line(typed, generic):
     with pytest.raises(SystemExit) as err:
         main(mnist.SPEC, [*typed, *generic, "--dry-run"])
@@ -51,8 +67,9 @@ def test_a_typed_flag_and_the_same_key_given_untyped_stop_with_one_line(typed, g
     assert "\n" not in message and typed[0] in message and generic[0] in message and "give one" in message
 
 
-@pytest.mark.parametrize("argv", [["--tol", "0"], ["--max-solver-steps", "0"], ["--skip-weight", "-1"],
-                                  ["--grid-cell", "-1"]])
+@pytest.mark.parametrize(
+    "argv", [["--tol", "0"], ["--max-solver-steps", "0"], ["--skip-weight", "-1"], ["--grid-cell", "-1"]]
+)
 def test_typed_flags_out_of_range_are_refused(argv):
     with pytest.raises(SystemExit, match="must be"):
         main(mnist.SPEC, [*argv, "--dry-run"])
@@ -64,7 +81,7 @@ GRID = ["--arch", "dense", "--seeds", "1,2", "--model-types", "vanilla,neural_od
 def test_list_grid_prints_one_indexed_cell_per_line_in_the_grids_order(capsys, tmp_path):
     out_dir = ["--results-dir", str(tmp_path)]
     main(mnist.SPEC, GRID + ["--grid", "--dry-run"] + out_dir)
-    plans = [line[len("plan: "):] for line in capsys.readouterr().out.splitlines() if line.startswith("plan: ")]
+    plans = [line[len("plan: ") :] for line in capsys.readouterr().out.splitlines() if line.startswith("plan: ")]
     assert main(mnist.SPEC, GRID + ["--list-grid"] + out_dir) == []
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
@@ -96,8 +113,9 @@ loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("pytorch_lightning
 assert not loaded, loaded
 """
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--tol" in proc.stdout and "0\tmnist/dense" in proc.stdout and "dry run: 1 run(s)" in proc.stdout
 
@@ -114,9 +132,11 @@ def test_no_class_is_defined_inside_a_function():
 
 def test_one_row_per_run_key_the_one_finished_last(tmp_path):
     base = dict(experiment="mnist", arch="dense", model_type="skip", solver="discrete", seed=1)
-    rows = [dict(base, test_accuracy="0.1", finished_at="2024-01-01T00:00:00Z"),
-            dict(base, seed=2, test_accuracy="0.2", finished_at="2024-01-01T00:00:00Z"),
-            dict(base, test_accuracy="0.3", finished_at="2024-01-02T00:00:00Z")]
+    rows = [
+        dict(base, test_accuracy="0.1", finished_at="2024-01-01T00:00:00Z"),
+        dict(base, seed=2, test_accuracy="0.2", finished_at="2024-01-01T00:00:00Z"),
+        dict(base, test_accuracy="0.3", finished_at="2024-01-02T00:00:00Z"),
+    ]
     assert [r["test_accuracy"] for r in latest_per_key(rows)] == ["0.3", "0.2"]
     # a cell file and the shared table holding the same run: read once, the later one
     write_row(tmp_path / "cells" / "mnist" / "a.csv", rows[2], RESULT_COLUMNS)
@@ -136,4 +156,6 @@ def test_help_shows_each_default_once_and_the_papers_values(capsys):
     assert "training epochs (default: the paper's: dense 25, conv 25)" in flat
     assert "(default: the paper's: dense 0.005, conv 0.01)" in flat  # --tol, from each architecture's config
     assert "random seed (default: the paper's first, 6171)" in flat
-    assert "(default: the paper's: small 20000, large 90000, v1 -)" in " ".join(build_parser(cifar10.SPEC).format_help().split())
+    assert "(default: the paper's: small 20000, large 90000, v1 -)" in " ".join(
+        build_parser(cifar10.SPEC).format_help().split()
+    )

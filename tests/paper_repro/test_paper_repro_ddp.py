@@ -6,6 +6,7 @@ draws its own shard of a shuffled epoch (Lightning's DistributedSampler), so the
 the single process: with a tiny learning rate both runs stay next to the common initialization and the
 final test loss must agree closely; steps, epochs and the effective batch must agree exactly.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,17 @@ import pytest
 
 from conftest import REPO
 
-CLEAN = {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
-         "GROUP_RANK", "TORCHELASTIC_RUN_ID"}
+CLEAN = {
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "RANK",
+    "NODE_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "TORCHELASTIC_RUN_ID",
+}
 
 
 def _free_port() -> int:
@@ -31,10 +41,20 @@ def _free_port() -> int:
 
 def _run(args, cwd: Path) -> str:
     env = {k: v for k, v in os.environ.items() if k not in CLEAN}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    proc = subprocess.run([sys.executable, str(REPO / "paper_repro" / "mnist.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=400)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "paper_repro" / "mnist.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, f"run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout
 
@@ -50,14 +70,61 @@ def test_two_cpu_processes_match_one_process_with_the_same_effective_batch(mnist
     # runs, whatever order DistributedSampler deals them in, so the gradients agree up to rounding. Plain SGD
     # keeps that rounding rounding-sized (Adam's g / sqrt(v) turns it into full-size steps where g ~ 0); tight
     # solves keep DDP's per-rank stopping (each rank stops when its half of the batch converges) out of it.
-    common = ["--arch", "dense", "--grid", "--model-types", "vanilla,skip", "--solvers", "discrete", "--seeds", "5",
-              "--epochs", "4", "--train-subset", "8", "--test-subset", "16",
-              "--override", "optimizer=sgd", "--override", "lr=0.05", "--override", "momentum=0.0",
-              "--model-option", "tol=1e-6", "--model-option", "max_steps=200", "--model-option", "backward_max_steps=60",
-              "--data-dir", str(mnist_dir), "--num-workers", "0", "--progress", "lines"]
-    _run(common + ["--batch-size", "8", "--results-dir", str(tmp_path / "single"), "--log-dir", str(tmp_path / "tb1")], tmp_path)
-    out = _run(common + ["--accelerator", "cpu", "--devices", "2", "--batch-size", "4",
-                         "--results-dir", str(tmp_path / "ddp"), "--log-dir", str(tmp_path / "tb2")], tmp_path)
+    common = [
+        "--arch",
+        "dense",
+        "--grid",
+        "--model-types",
+        "vanilla,skip",
+        "--solvers",
+        "discrete",
+        "--seeds",
+        "5",
+        "--epochs",
+        "4",
+        "--train-subset",
+        "8",
+        "--test-subset",
+        "16",
+        "--override",
+        "optimizer=sgd",
+        "--override",
+        "lr=0.05",
+        "--override",
+        "momentum=0.0",
+        "--model-option",
+        "tol=1e-6",
+        "--model-option",
+        "max_steps=200",
+        "--model-option",
+        "backward_max_steps=60",
+        "--data-dir",
+        str(mnist_dir),
+        "--num-workers",
+        "0",
+        "--progress",
+        "lines",
+    ]
+    _run(
+        common + ["--batch-size", "8", "--results-dir", str(tmp_path / "single"), "--log-dir", str(tmp_path / "tb1")],
+        tmp_path,
+    )
+    out = _run(
+        common
+        + [
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "2",
+            "--batch-size",
+            "4",
+            "--results-dir",
+            str(tmp_path / "ddp"),
+            "--log-dir",
+            str(tmp_path / "tb2"),
+        ],
+        tmp_path,
+    )
     single, n_single = _rows(tmp_path / "single" / "mnist.csv")
     ddp, n_ddp = _rows(tmp_path / "ddp" / "mnist.csv")
     assert n_single == n_ddp == 2, "one row per run (rank 1 must not write)"
@@ -77,14 +144,47 @@ def test_two_cpu_processes_match_one_process_with_the_same_effective_batch(mnist
 def test_cifar10_small_trains_with_ddp_on_two_cpu_processes(cifar_dir, tmp_path):
     """The headline command's path (``cifar10.py --gpus 4``), here with 2 CPU processes and gloo."""
     env = {k: v for k, v in os.environ.items() if k not in CLEAN}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    args = ["cifar10", "--arch", "small", "--accelerator", "cpu", "--devices", "2", "--max-steps", "2",
-            "--batch-size", "2", "--train-subset", "8", "--test-subset", "4", "--data-dir", str(cifar_dir),
-            "--num-workers", "0", "--progress", "lines", "--results-dir", str(tmp_path / "r"),
-            "--log-dir", str(tmp_path / "tb")]
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("ddp_entry.py")), *args], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=400)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    args = [
+        "cifar10",
+        "--arch",
+        "small",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--train-subset",
+        "8",
+        "--test-subset",
+        "4",
+        "--data-dir",
+        str(cifar_dir),
+        "--num-workers",
+        "0",
+        "--progress",
+        "lines",
+        "--results-dir",
+        str(tmp_path / "r"),
+        "--log-dir",
+        str(tmp_path / "tb"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("ddp_entry.py")), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, f"run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     rows, n = _rows(tmp_path / "r" / "cifar10.csv")
     assert n == 1

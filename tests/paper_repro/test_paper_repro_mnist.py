@@ -1,4 +1,5 @@
 """paper_repro/mnist.py end to end on tiny generated MNIST files (the real IDX format), on the CPU."""
+
 from __future__ import annotations
 
 import csv
@@ -6,6 +7,7 @@ import csv
 import pytest
 
 from conftest import out_args
+
 from paper_repro import mnist
 from paper_repro.results import RESULT_COLUMNS, append_row
 from paper_repro.run import main
@@ -21,18 +23,56 @@ def run(argv):
 
 
 def test_a_few_steps_write_one_row_with_every_column_and_tensorboard_events(mnist_dir, tmp_path, capsys):
-    out = run(["--arch", "dense", "--model-type", "skip", "--solver", "continuous", "--max-steps", "3",
-               "--batch-size", "8", "--train-subset", "32", "--test-subset", "16", "--data-dir", str(mnist_dir),
-               *out_args(tmp_path), "--log-every", "1"])
+    out = run(
+        [
+            "--arch",
+            "dense",
+            "--model-type",
+            "skip",
+            "--solver",
+            "continuous",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--train-subset",
+            "32",
+            "--test-subset",
+            "16",
+            "--data-dir",
+            str(mnist_dir),
+            *out_args(tmp_path),
+            "--log-every",
+            "1",
+        ]
+    )
     assert len(out) == 1
     [row] = rows(tmp_path / "results" / "mnist.csv")
-    assert (row["experiment"], row["arch"], row["model_type"], row["solver"], row["jac_reg"]) == \
-        ("mnist", "dense", "skip", "continuous", "False")
+    assert (row["experiment"], row["arch"], row["model_type"], row["solver"], row["jac_reg"]) == (
+        "mnist",
+        "dense",
+        "skip",
+        "continuous",
+        "False",
+    )
     assert row["steps"] == "3" and float(row["epochs"]) == pytest.approx(3 / 4)  # 32 samples / batch 8
     assert row["train_samples"] == "32" and row["test_samples"] == "16"
-    for name in ("test_accuracy", "explicit_accuracy", "train_time_per_step_s", "train_time_per_epoch_s",
-                 "forward_time_s", "backward_time_s", "prediction_time_s", "train_nfe", "test_nfe", "backward_nfe",
-                 "parameters", "torch_version", "lightning_version", "deqlab_version"):
+    for name in (
+        "test_accuracy",
+        "explicit_accuracy",
+        "train_time_per_step_s",
+        "train_time_per_epoch_s",
+        "forward_time_s",
+        "backward_time_s",
+        "prediction_time_s",
+        "train_nfe",
+        "test_nfe",
+        "backward_nfe",
+        "parameters",
+        "torch_version",
+        "lightning_version",
+        "deqlab_version",
+    ):
         assert row[name] != "", f"{name} is empty"
     assert 0.0 <= float(row["test_accuracy"]) <= 1.0
     assert float(row["test_nfe"]) >= 1 and float(row["backward_nfe"]) >= 1
@@ -48,8 +88,27 @@ def test_a_few_steps_write_one_row_with_every_column_and_tensorboard_events(mnis
 
 
 def test_epochs_validate_on_the_test_set_every_epoch(mnist_dir, tmp_path):
-    run(["--arch", "dense", "--model-type", "vanilla", "--solver", "discrete", "--epochs", "2", "--batch-size", "16",
-         "--train-subset", "32", "--test-subset", "16", "--data-dir", str(mnist_dir), *out_args(tmp_path)])
+    run(
+        [
+            "--arch",
+            "dense",
+            "--model-type",
+            "vanilla",
+            "--solver",
+            "discrete",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--train-subset",
+            "32",
+            "--test-subset",
+            "16",
+            "--data-dir",
+            str(mnist_dir),
+            *out_args(tmp_path),
+        ]
+    )
     [row] = rows(tmp_path / "results" / "mnist.csv")
     assert row["steps"] == "4" and float(row["epochs"]) == 2.0 and row["epoch_time_measured"] == "True"
     assert row["explicit_accuracy"] == ""  # vanilla: u0 = 0 predicts nothing
@@ -60,13 +119,32 @@ def test_epochs_validate_on_the_test_set_every_epoch(mnist_dir, tmp_path):
 
 
 def test_grid_writes_one_row_per_run_and_skips_finished_runs(mnist_dir, tmp_path, capsys):
-    base = ["--arch", "dense", "--grid", "--seeds", "7", "--max-steps", "1", "--batch-size", "16",
-            "--train-subset", "16", "--test-subset", "16", "--data-dir", str(mnist_dir), *out_args(tmp_path)]
+    base = [
+        "--arch",
+        "dense",
+        "--grid",
+        "--seeds",
+        "7",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "16",
+        "--train-subset",
+        "16",
+        "--test-subset",
+        "16",
+        "--data-dir",
+        str(mnist_dir),
+        *out_args(tmp_path),
+    ]
     run(base + ["--model-types", "vanilla,neural_ode"])
     first = rows(tmp_path / "results" / "mnist.csv")
     # vanilla x (continuous, discrete) and the neural ODE once (it has no steady-state solver to vary)
-    assert sorted((r["model_type"], r["solver"]) for r in first) == \
-        [("neural_ode", "continuous"), ("vanilla", "continuous"), ("vanilla", "discrete")]
+    assert sorted((r["model_type"], r["solver"]) for r in first) == [
+        ("neural_ode", "continuous"),
+        ("vanilla", "continuous"),
+        ("vanilla", "discrete"),
+    ]
     assert {r["seed"] for r in first} == {"7"}
     capsys.readouterr()
     again = run(base + ["--model-types", "vanilla,skip", "--solvers", "discrete"])
@@ -111,9 +189,33 @@ def test_accelerator_gpu_devices_are_checked_too_and_devices_needs_an_accelerato
 
 
 def test_rows_carry_the_protocol_the_integrator_and_the_papers_nfe_count(mnist_dir, tmp_path):
-    run(["--arch", "dense", "--grid", "--seeds", "7", "--model-types", "skip", "--solvers", "continuous",
-         "--ode-solvers", "tsit5", "--max-steps", "2", "--batch-size", "16", "--train-subset", "16",
-         "--test-subset", "16", "--data-dir", str(mnist_dir), "--save-model", *out_args(tmp_path)])
+    run(
+        [
+            "--arch",
+            "dense",
+            "--grid",
+            "--seeds",
+            "7",
+            "--model-types",
+            "skip",
+            "--solvers",
+            "continuous",
+            "--ode-solvers",
+            "tsit5",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--train-subset",
+            "16",
+            "--test-subset",
+            "16",
+            "--data-dir",
+            str(mnist_dir),
+            "--save-model",
+            *out_args(tmp_path),
+        ]
+    )
     [row] = rows(tmp_path / "results" / "mnist.csv")
     assert (row["protocol"], row["solver"], row["ode_solver"]) == ("paper", "continuous", "tsit5")
     # MNIST's NFE were counted by the January-2022 code (FastDEQ): Tsit5's 6 per attempted step + 5, while
@@ -147,8 +249,7 @@ def test_an_old_results_table_gains_the_new_columns_without_shifting_rows(tmp_pa
         w = csv.DictWriter(f, fieldnames=old_columns)
         w.writeheader()
         w.writerow({c: ("old" if c == "model_type" else "1") for c in old_columns})
-    append_row(path, {"model_type": "new", "protocol": "paper", "test_reference_nfe": 4.5},
-                      RESULT_COLUMNS)
+    append_row(path, {"model_type": "new", "protocol": "paper", "test_reference_nfe": 4.5}, RESULT_COLUMNS)
     old, new = rows(path)
     assert old["model_type"] == "old" and old["protocol"] == "" and old["test_nfe"] == "1"
     assert new["model_type"] == "new" and new["protocol"] == "paper" and new["test_reference_nfe"] == "4.5"

@@ -1,4 +1,5 @@
 """paper_repro/timing.py: every configuration is timed on the same batches and the table has its ratios."""
+
 from __future__ import annotations
 
 from paper_repro import timing
@@ -6,9 +7,24 @@ from paper_repro import timing
 
 def test_round_robin_timing_table(mnist_dir, tmp_path):
     out = tmp_path / "timing.md"
-    text = timing.main(["--data-dir", str(mnist_dir), "--warm-steps", "2", "--rounds", "2", "--batch-size", "4",
-                        "--test-subset", "16", "--configs", "vanilla:discrete,skip:discrete,skip_reg:continuous",
-                        "--output", str(out)])
+    text = timing.main(
+        [
+            "--data-dir",
+            str(mnist_dir),
+            "--warm-steps",
+            "2",
+            "--rounds",
+            "2",
+            "--batch-size",
+            "4",
+            "--test-subset",
+            "16",
+            "--configs",
+            "vanilla:discrete,skip:discrete,skip_reg:continuous",
+            "--output",
+            str(out),
+        ]
+    )
     assert out.read_text() == text
     rows = [line for line in text.splitlines() if line.startswith("| vanilla |") or line.startswith("| skip")]
     assert len(rows) == 3
@@ -21,23 +37,65 @@ def test_round_robin_timing_table(mnist_dir, tmp_path):
 
 def test_the_grids_trained_networks_are_timed_as_saved(mnist_dir, tmp_path):
     from conftest import out_args
+
     from paper_repro import mnist
     from paper_repro.run import main
 
-    main(mnist.SPEC, ["--arch", "dense", "--grid", "--seeds", "7", "--model-types", "vanilla",
-                      "--solvers", "continuous,discrete", "--max-steps", "2", "--batch-size", "8",
-                      "--train-subset", "16", "--test-subset", "16", "--data-dir", str(mnist_dir),
-                      "--save-model", *out_args(tmp_path)])
+    main(
+        mnist.SPEC,
+        [
+            "--arch",
+            "dense",
+            "--grid",
+            "--seeds",
+            "7",
+            "--model-types",
+            "vanilla",
+            "--solvers",
+            "continuous,discrete",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--train-subset",
+            "16",
+            "--test-subset",
+            "16",
+            "--data-dir",
+            str(mnist_dir),
+            "--save-model",
+            *out_args(tmp_path),
+        ],
+    )
     models = tmp_path / "results" / "models"
     assert len(list(models.glob("*.pt"))) == 2
-    text = timing.main(["--data-dir", str(mnist_dir), "--models-dir", str(models), "--rounds", "2",
-                        "--batch-size", "4", "--test-subset", "16", "--also-ode", "tsit5", "--reference-solver"])
+    text = timing.main(
+        [
+            "--data-dir",
+            str(mnist_dir),
+            "--models-dir",
+            str(models),
+            "--rounds",
+            "2",
+            "--batch-size",
+            "4",
+            "--test-subset",
+            "16",
+            "--also-ode",
+            "tsit5",
+            "--reference-solver",
+        ]
+    )
     assert "the networks trained by the grid" in text
     rows = [line for line in text.splitlines() if line.startswith("| vanilla |")]
     labels = [r.split("|")[2].strip() for r in rows]
     # each trained DEQ once as trained, once re-solved with the paper's MNIST column's solver (same weights)
-    assert labels == ["continuous/tsit5", "reference L-Broyden (trained continuous/tsit5)", "discrete",
-                      "reference L-Broyden (trained discrete)"]
+    assert labels == [
+        "continuous/tsit5",
+        "reference L-Broyden (trained continuous/tsit5)",
+        "discrete",
+        "reference L-Broyden (trained discrete)",
+    ]
     solvers = [cfg for cfg in timing.load_trained(models, [], 0, reference_solver=True) if "reference" in cfg.name]
     for cfg in solvers:
         solver = cfg.net.deq.solver

@@ -3,6 +3,7 @@
 Every helper here is independent of the solver code under test: oracles use ``torch.linalg.solve``,
 closed forms, or a hand-written Picard loop.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Sequence, Union
@@ -54,8 +55,16 @@ class TanhMap:
     list (multiscale) state. The same ``W`` couples every part of the state.
     """
 
-    def __init__(self, batch: int, shapes: Sequence[Sequence[int]], *, as_list: bool, norm: float = 0.7,
-                 dtype=torch.float64, generator=None):
+    def __init__(
+        self,
+        batch: int,
+        shapes: Sequence[Sequence[int]],
+        *,
+        as_list: bool,
+        norm: float = 0.7,
+        dtype=torch.float64,
+        generator=None,
+    ):
         self.batch = batch
         self.shapes = [tuple(s) for s in shapes]
         self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
@@ -112,15 +121,24 @@ class Counted:
 
 
 def discrete(name: str, tol: float, max_steps: int = 300, **kw) -> DiscreteDEQSolver:
-    return DiscreteDEQSolver(name, mode=kw.pop("mode", "abs_norm"), abstol_termination=tol,
-                             reltol_termination=tol, max_steps=max_steps, **kw)
+    return DiscreteDEQSolver(
+        name, mode=kw.pop("mode", "abs_norm"), abstol_termination=tol, reltol_termination=tol, max_steps=max_steps, **kw
+    )
 
 
 def continuous(name: str, tol: float, ode_tol: float, max_steps: int = 2000, **kw) -> ContinuousDEQSolver:
     if name in FIXED_DT and "dt" not in kw:
         kw["dt"] = FIXED_DT[name]
-    return ContinuousDEQSolver(name, mode=kw.pop("mode", "abs_norm"), ode_abstol=ode_tol, ode_reltol=ode_tol,
-                               abstol_termination=tol, reltol_termination=tol, max_steps=max_steps, **kw)
+    return ContinuousDEQSolver(
+        name,
+        mode=kw.pop("mode", "abs_norm"),
+        ode_abstol=ode_tol,
+        ode_reltol=ode_tol,
+        abstol_termination=tol,
+        reltol_termination=tol,
+        max_steps=max_steps,
+        **kw,
+    )
 
 
 def flat(z: State) -> Tensor:

@@ -15,14 +15,16 @@ float32, bfloat16), sampled by hypothesis rather than looped:
 
 Tiny states and few steps keep each example in milliseconds (the suite profile runs 25 per test).
 """
+
 import math
 
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deqlab.solvers import TERMINATION_MODES, ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
 from deqlab_solvers_helpers import DISCRETE, FIXED_DT
+
+from deqlab.solvers import TERMINATION_MODES, ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 DTYPES = [F64, F32, BF16]
@@ -46,7 +48,9 @@ class AdversarialMap:
         elif kind == "expansive":
             self.W, self.b = (unif(1.5, 3.0) * W).to(dtype), rnd(batch, dim).to(dtype)
         elif kind == "linear_growth":
-            self.c = (torch.sign(rnd(batch, dim)) * (0.1 + 5 * torch.rand(batch, dim, generator=g, dtype=F64))).to(dtype)
+            self.c = (torch.sign(rnd(batch, dim)) * (0.1 + 5 * torch.rand(batch, dim, generator=g, dtype=F64))).to(
+                dtype
+            )
         elif kind == "nan":
             self.thr = unif(0.5, 1.8)
 
@@ -115,33 +119,60 @@ def _check(res, f, mode, tol, max_steps, dtype, kind, nfe_per_step):
         assert bool((res.converged | res.stalled).all()) and res.stalled.any()
 
 
-common = dict(kind=st.sampled_from(KINDS), dtype=st.sampled_from(DTYPES), mode=st.sampled_from(TERMINATION_MODES),
-              batch=st.integers(1, 3), dim=st.integers(1, 4), seed=st.integers(0, 2**16), tol_idx=st.integers(0, 2),
-              start=st.sampled_from([0.0, 0.5, -1.0]))
+common = dict(
+    kind=st.sampled_from(KINDS),
+    dtype=st.sampled_from(DTYPES),
+    mode=st.sampled_from(TERMINATION_MODES),
+    batch=st.integers(1, 3),
+    dim=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    tol_idx=st.integers(0, 2),
+    start=st.sampled_from([0.0, 0.5, -1.0]),
+)
 
 
-@given(name=st.sampled_from(DISCRETE), max_steps=st.integers(0, 40), check_every=st.sampled_from([1, 1, 3]),
-       **common)
-def test_discrete_status_is_true_on_adversarial_maps(name, max_steps, check_every, kind, dtype, mode, batch, dim, seed,
-                                                      tol_idx, start):
+@given(name=st.sampled_from(DISCRETE), max_steps=st.integers(0, 40), check_every=st.sampled_from([1, 1, 3]), **common)
+def test_discrete_status_is_true_on_adversarial_maps(
+    name, max_steps, check_every, kind, dtype, mode, batch, dim, seed, tol_idx, start
+):
     tol = TOLS[dtype][tol_idx % len(TOLS[dtype])]
     f = AdversarialMap(kind, batch, dim, dtype, seed)
     opts = {"krylov_dim": 4} if name == "newton_krylov" else {}
-    solver = DiscreteDEQSolver(name, mode=mode, abstol_termination=tol, reltol_termination=tol, max_steps=max_steps,
-                               check_every=check_every, **opts)
+    solver = DiscreteDEQSolver(
+        name,
+        mode=mode,
+        abstol_termination=tol,
+        reltol_termination=tol,
+        max_steps=max_steps,
+        check_every=check_every,
+        **opts,
+    )
     res = solver(f, torch.full((batch, dim), start, dtype=dtype))
     _check(res, f, mode, tol, max_steps, dtype, kind, nfe_per_step=1 + 4 + 1)
 
 
-@given(method=st.sampled_from(["tsit5", "dopri5", "euler", "rk4"]), max_steps=st.integers(0, 60),
-       check_every=st.sampled_from([1, 1, 3]), **common)
-def test_continuous_status_is_true_on_adversarial_maps(method, max_steps, check_every, kind, dtype, mode, batch, dim,
-                                                        seed, tol_idx, start):
+@given(
+    method=st.sampled_from(["tsit5", "dopri5", "euler", "rk4"]),
+    max_steps=st.integers(0, 60),
+    check_every=st.sampled_from([1, 1, 3]),
+    **common,
+)
+def test_continuous_status_is_true_on_adversarial_maps(
+    method, max_steps, check_every, kind, dtype, mode, batch, dim, seed, tol_idx, start
+):
     tol = TOLS[dtype][tol_idx % len(TOLS[dtype])]
     f = AdversarialMap(kind, batch, dim, dtype, seed)
-    solver = ContinuousDEQSolver(method, mode=mode, ode_abstol=tol / 10, ode_reltol=tol / 10, abstol_termination=tol,
-                                 reltol_termination=tol, max_steps=max_steps, dt=FIXED_DT.get(method),
-                                 check_every=check_every)
+    solver = ContinuousDEQSolver(
+        method,
+        mode=mode,
+        ode_abstol=tol / 10,
+        ode_reltol=tol / 10,
+        abstol_termination=tol,
+        reltol_termination=tol,
+        max_steps=max_steps,
+        dt=FIXED_DT.get(method),
+        check_every=check_every,
+    )
     res = solver(f, torch.full((batch, dim), start, dtype=dtype))
     _check(res, f, mode, tol, max_steps, dtype, kind, nfe_per_step=6)
 
@@ -162,8 +193,15 @@ def test_maps_without_fixed_point_never_converge(name, kind, dtype, mode, batch,
     _check(res, f, mode, tol, 150, dtype, kind, nfe_per_step=6)
 
 
-@given(method=st.sampled_from(["tsit5", "dopri5"]), dtype=st.sampled_from(DTYPES), rate=st.floats(1.2, 3.0),
-       batch=st.integers(1, 3), dim=st.integers(1, 6), seed=st.integers(0, 2**16), absolute=st.booleans())
+@given(
+    method=st.sampled_from(["tsit5", "dopri5"]),
+    dtype=st.sampled_from(DTYPES),
+    rate=st.floats(1.2, 3.0),
+    batch=st.integers(1, 3),
+    dim=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+    absolute=st.booleans(),
+)
 def test_continuous_runaway_flows_end_diverged_in_every_dtype(method, dtype, rate, batch, dim, seed, absolute):
     # du/dt = f(u) - u grows exponentially for f(z) = a z + c (a > 1) or a |z| + c: an adaptive
     # continuous solve must end `diverged` within its budget in float32 and bfloat16 as in float64 (it

@@ -1,9 +1,11 @@
 """Affine contraction ``z = A z + b`` against ``torch.linalg.solve``: every algorithm, every stepper."""
+
 import pytest
 import torch
 
-from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus, get_solver
 from deqlab_solvers_helpers import ADAPTIVE, CONTINUOUS, DISCRETE, FIXED_DT, AffineMap, ode_tol, rel_err
+
+from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus, get_solver
 
 B, D = 3, 8
 
@@ -59,8 +61,9 @@ def test_continuous_matches_linear_solve(affine, method, via):
 
 
 def test_continuous_default_name_is_tsit5(affine):
-    solver = get_solver("continuous", mode="abs_norm", abstol=1e-9, reltol=1e-9, abstol_termination=1e-7,
-                        max_steps=3000)
+    solver = get_solver(
+        "continuous", mode="abs_norm", abstol=1e-9, reltol=1e-9, abstol_termination=1e-7, max_steps=3000
+    )
     assert solver.ode_solver == "tsit5"
     f, zs = affine
     res = solver(f, torch.zeros(B, D, dtype=torch.float64))
@@ -75,8 +78,9 @@ def test_continuous_follows_the_flow_until_t_max(method):
     u0 = torch.zeros_like(c)
     t_max = 2.0
     tol = 1e-9 if method == "vcab3" else 1e-10  # order 3: 1e-10 would take ~2000 steps
-    res = ContinuousDEQSolver(method, mode="abs_norm", ode_abstol=tol, ode_reltol=tol, abstol_termination=1e-12,
-                              t_max=t_max, max_steps=1000)(f, u0)
+    res = ContinuousDEQSolver(
+        method, mode="abs_norm", ode_abstol=tol, ode_reltol=tol, abstol_termination=1e-12, t_max=t_max, max_steps=1000
+    )(f, u0)
     assert res.status is SolverStatus.MAX_STEPS  # t_max reached before convergence
     torch.testing.assert_close(res.t, torch.full((2,), t_max, dtype=torch.float64))
     exact = c + torch.exp(torch.tensor(-t_max / 2, dtype=torch.float64)) * (u0 - c)

@@ -4,14 +4,24 @@ The reference checked ``||du|| <= reltol ||du + u||`` with norms over the entire
 every sample stopped together. Each test here failed on the code before (no ``batch_wide`` field or
 keyword: a ``TypeError``).
 """
+
 import math
 
 import pytest
 import torch
 
-from deqlab.solvers import (TERMINATION_MODES, DiscreteDEQSolver, PerSampleMap, SolverError, SolverStatus,
-                            TerminationCondition, TerminationTracker, get_solver)
-from deqlab_solvers_helpers import AffineMap, CONTINUOUS, DISCRETE, FIXED_DT, ode_tol
+from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT, AffineMap, ode_tol
+
+from deqlab.solvers import (
+    TERMINATION_MODES,
+    DiscreteDEQSolver,
+    PerSampleMap,
+    SolverError,
+    SolverStatus,
+    TerminationCondition,
+    TerminationTracker,
+    get_solver,
+)
 
 F64 = torch.float64
 SOLVERS = [*DISCRETE, *(f"continuous_{m}" for m in CONTINUOUS)]
@@ -71,13 +81,15 @@ def test_a_sample_converges_when_the_batch_test_holds_even_above_its_own_toleran
     # is the reference's semantics; the per-sample residuals say so.
     a, b = torch.tensor([[0.1], [0.9]], dtype=F64), torch.tensor([[1e6], [1.0]], dtype=F64)
     f = lambda z: a * z + b  # noqa: E731
-    res = DiscreteDEQSolver("fixed_point", mode="rel_norm", reltol_termination=1e-6, max_steps=200,
-                            batch_wide=True)(f, torch.zeros(2, 4, dtype=F64))
+    res = DiscreteDEQSolver("fixed_point", mode="rel_norm", reltol_termination=1e-6, max_steps=200, batch_wide=True)(
+        f, torch.zeros(2, 4, dtype=F64)
+    )
     assert res.status is SolverStatus.CONVERGED and res.converged.tolist() == [True, True]
     assert _batch_rel(res.z, f(res.z)) <= 1e-6
     assert float(res.rel_residual[1]) > 1e-3  # honest per-sample record: sample 1 alone is not within 1e-6
     per = DiscreteDEQSolver("fixed_point", mode="rel_norm", reltol_termination=1e-6, max_steps=200)(
-        f, torch.zeros(2, 4, dtype=F64))
+        f, torch.zeros(2, 4, dtype=F64)
+    )
     assert float(per.rel_residual[1]) <= 1e-6 and per.sample_steps[1] > res.steps
 
 
@@ -88,12 +100,15 @@ def test_batch_wide_failures_are_honest_and_shared(name):
     cases = {
         "diverged": (lambda z: torch.cat([0.5 * z[:1] + 1, 2 * z[1:] + 1]), {SolverStatus.DIVERGED}),
         "nonfinite": (lambda z: torch.cat([0.5 * z[:1] + 1, z[1:] + math.nan]), {SolverStatus.NONFINITE}),
-        "no fixed point": (lambda z: torch.cat([0.5 * z[:1] + 1, z[1:] + 1]),
-                           {SolverStatus.MAX_STEPS, SolverStatus.DIVERGED}),
+        "no fixed point": (
+            lambda z: torch.cat([0.5 * z[:1] + 1, z[1:] + 1]),
+            {SolverStatus.MAX_STEPS, SolverStatus.DIVERGED},
+        ),
     }
     for case, (f, statuses) in cases.items():
         res = _solver(name, mode="rel_deq_default", reltol_termination=1e-6, batch_wide=True)(
-            f, torch.zeros(2, 3, dtype=F64))
+            f, torch.zeros(2, 3, dtype=F64)
+        )
         assert res.status in statuses, (case, res.status)
         assert not res.converged.any() and not res.stalled.any(), case
         assert res.sample_steps[0] == res.sample_steps[1], case
@@ -102,8 +117,9 @@ def test_batch_wide_failures_are_honest_and_shared(name):
 
 def test_batch_wide_patience_stalls_the_whole_batch_together():
     a = torch.tensor([[0.995], [0.99]], dtype=F64)
-    res = DiscreteDEQSolver("fixed_point", mode="rel_deq_default", reltol_termination=1e-3, max_steps=1000,
-                            batch_wide=True)(lambda z: a * z + 1, torch.zeros(2, 3, dtype=F64))
+    res = DiscreteDEQSolver(
+        "fixed_point", mode="rel_deq_default", reltol_termination=1e-3, max_steps=1000, batch_wide=True
+    )(lambda z: a * z + 1, torch.zeros(2, 3, dtype=F64))
     assert res.status is SolverStatus.STALLED and res.stalled.tolist() == [True, True]
     assert not res.converged.any() and res.sample_steps[0] == res.sample_steps[1] == res.steps
 
@@ -118,7 +134,8 @@ def test_the_batch_objective_is_the_norm_of_the_whole_tensor(mode, norm):
     scale = math.sqrt(z.numel()) if norm == "rms" else 1.0
     r, fzn = torch.linalg.vector_norm(du) / scale, torch.linalg.vector_norm(z + du) / scale
     expected = {"abs": du.abs().max(), "rel": (du.abs() / z.abs()).max(), "norm": r}.get(
-        mode, r if mode.startswith("abs") else r / fzn)
+        mode, r if mode.startswith("abs") else r / fzn
+    )
     torch.testing.assert_close(obj, expected.expand(3))
     assert met.unique().numel() == 1  # one verdict for the batch
     # the per-sample residuals stay per sample
@@ -147,14 +164,15 @@ def test_the_flat_keyword_and_the_condition_object():
         TerminationCondition(batch_wide="yes")
     with pytest.raises(SolverError):
         DiscreteDEQSolver("fixed_point", mode="abs_norm", max_steps=3, batch_wide=True, throw=True)(
-            lambda z: z + 1, torch.zeros(2, 2))
+            lambda z: z + 1, torch.zeros(2, 2)
+        )
 
 
 def test_tracker_stops_every_sample_at_once():
     cond = TerminationCondition("abs_norm", abstol=1e-3, batch_wide=True)
     tracker = TerminationTracker(cond, batch=2, numel=1, device="cpu", dtype=F64)
     z = torch.zeros(2, 1, dtype=F64)
-    assert not tracker.update(z, torch.tensor([[1e-4], [1e-2]], dtype=F64))   # batch norm 1e-2: go on
+    assert not tracker.update(z, torch.tensor([[1e-4], [1e-2]], dtype=F64))  # batch norm 1e-2: go on
     assert tracker.active.all()
-    assert tracker.update(z, torch.tensor([[1e-4], [5e-4]], dtype=F64))      # batch norm 5.1e-4: stop
+    assert tracker.update(z, torch.tensor([[1e-4], [5e-4]], dtype=F64))  # batch norm 5.1e-4: stop
     assert tracker.converged.all() and tracker.sample_steps.tolist() == [1, 1]

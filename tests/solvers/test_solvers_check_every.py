@@ -4,13 +4,15 @@ The per-sample stop decisions stay on the device every step, so the returned ite
 masks, status and per-sample steps equal those of ``k = 1`` exactly; only the loop may run up to
 ``k - 1`` extra steps after the last sample stopped.
 """
+
 import math
 
 import pytest
 import torch
 
-from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
 from deqlab_solvers_helpers import DISCRETE
+
+from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
 
 F64 = torch.float64
 ONE_EVAL = {"fixed_point", "anderson", "broyden", "lbroyden"}

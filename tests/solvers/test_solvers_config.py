@@ -1,9 +1,16 @@
 """Solver configuration without ambiguity (issue 7): one way to set each tolerance, nothing dropped silently."""
+
 import pytest
 import torch
 
-from deqlab.solvers import (ContinuousDEQSolver, DiscreteDEQSolver, Solver, TerminationCondition, available_solvers,
-                            get_solver)
+from deqlab.solvers import (
+    ContinuousDEQSolver,
+    DiscreteDEQSolver,
+    Solver,
+    TerminationCondition,
+    available_solvers,
+    get_solver,
+)
 
 F64 = torch.float64
 FLAT = {"mode": "abs_norm", "abstol_termination": 1e-7, "reltol_termination": 1e-6, "norm": "rms"}
@@ -129,13 +136,20 @@ def test_registry_accepts_both_spellings():
         get_solver("anderson", termination=TerminationCondition(), mode="abs")
 
 
-@pytest.mark.parametrize("make, kw, needle", [
-    (lambda **kw: DiscreteDEQSolver("lbroyden", **kw), {"abstol_termnation": 1e-3}, "did you mean 'abstol_termination'"),
-    (lambda **kw: DiscreteDEQSolver("anderson", **kw), {"memroy": 3}, "did you mean 'memory'"),
-    (lambda **kw: DiscreteDEQSolver("lbroyden", **kw), {"tol": 1e-3}, "two tolerances: abstol_termination"),
-    (lambda **kw: ContinuousDEQSolver(**kw), {"tol": 1e-3}, "two tolerances"),
-    (lambda **kw: ContinuousDEQSolver(**kw), {"ode_abstl": 1e-3}, "did you mean 'ode_abstol'"),
-])
+@pytest.mark.parametrize(
+    "make, kw, needle",
+    [
+        (
+            lambda **kw: DiscreteDEQSolver("lbroyden", **kw),
+            {"abstol_termnation": 1e-3},
+            "did you mean 'abstol_termination'",
+        ),
+        (lambda **kw: DiscreteDEQSolver("anderson", **kw), {"memroy": 3}, "did you mean 'memory'"),
+        (lambda **kw: DiscreteDEQSolver("lbroyden", **kw), {"tol": 1e-3}, "two tolerances: abstol_termination"),
+        (lambda **kw: ContinuousDEQSolver(**kw), {"tol": 1e-3}, "two tolerances"),
+        (lambda **kw: ContinuousDEQSolver(**kw), {"ode_abstl": 1e-3}, "did you mean 'ode_abstol'"),
+    ],
+)
 def test_a_misspelt_option_names_the_closest_and_the_solvers_own_options(make, kw, needle):
     with pytest.raises(TypeError) as err:
         make(**kw)

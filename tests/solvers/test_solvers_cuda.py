@@ -1,11 +1,13 @@
 """The solvers on CUDA (skipped without a GPU): same answers as on the CPU, tensors stay on the device."""
+
 import math
 
 import pytest
 import torch
 
-from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus, gmres
 from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT, AffineMap, TanhMap, flat, ode_tol, rel_err
+
+from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus, gmres
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")
@@ -15,7 +17,7 @@ F64 = torch.float64
 def _on_cuda(res):
     for v in (res.abs_residual, res.rel_residual, res.converged, res.sample_steps):
         assert v.device.type == "cuda"
-    for v in (res.z if isinstance(res.z, list) else [res.z]):
+    for v in res.z if isinstance(res.z, list) else [res.z]:
         assert v.device.type == "cuda"
 
 
@@ -30,7 +32,8 @@ def _affine_cuda():
 def test_cuda_discrete_affine(name):
     f, zs = _affine_cuda()
     res = DiscreteDEQSolver(name, mode="abs_norm", abstol_termination=1e-11, max_steps=400)(
-        f, torch.zeros(3, 8, dtype=F64, device=CUDA))
+        f, torch.zeros(3, 8, dtype=F64, device=CUDA)
+    )
     assert res.status is SolverStatus.CONVERGED
     _on_cuda(res)
     assert rel_err(res.z, zs).max() <= 1e-8
@@ -40,8 +43,15 @@ def test_cuda_discrete_affine(name):
 def test_cuda_continuous_affine(method):
     f, zs = _affine_cuda()
     tol = ode_tol(method, 1e-9, 1e-7)
-    res = ContinuousDEQSolver(method, mode="abs_norm", ode_abstol=tol, ode_reltol=tol, abstol_termination=1e-7,
-                              max_steps=3000, dt=FIXED_DT.get(method))(f, torch.zeros(3, 8, dtype=F64, device=CUDA))
+    res = ContinuousDEQSolver(
+        method,
+        mode="abs_norm",
+        ode_abstol=tol,
+        ode_reltol=tol,
+        abstol_termination=1e-7,
+        max_steps=3000,
+        dt=FIXED_DT.get(method),
+    )(f, torch.zeros(3, 8, dtype=F64, device=CUDA))
     assert res.status is SolverStatus.CONVERGED
     _on_cuda(res)
     assert res.t.device.type == "cuda"
@@ -51,13 +61,15 @@ def test_cuda_continuous_affine(method):
 @pytest.mark.parametrize("name", [*DISCRETE, "tsit5"])
 def test_cuda_float32_multiscale_matches_cpu(name):
     def run(device):
-        f = TanhMap(4, [(2, 4, 4), (3, 2, 2)], as_list=True, dtype=torch.float32,
-                    generator=torch.Generator().manual_seed(3))
+        f = TanhMap(
+            4, [(2, 4, 4), (3, 2, 2)], as_list=True, dtype=torch.float32, generator=torch.Generator().manual_seed(3)
+        )
         f.W, f.inj = f.W.to(device), f.inj.to(device)
         z0 = [t.to(device) for t in f.zeros()]
         if name == "tsit5":
-            solver = ContinuousDEQSolver("tsit5", mode="abs_norm", ode_abstol=1e-6, ode_reltol=1e-6, abstol_termination=1e-5,
-                                         max_steps=2000)
+            solver = ContinuousDEQSolver(
+                "tsit5", mode="abs_norm", ode_abstol=1e-6, ode_reltol=1e-6, abstol_termination=1e-5, max_steps=2000
+            )
         else:
             solver = DiscreteDEQSolver(name, mode="abs_norm", abstol_termination=1e-5, max_steps=200)
         return solver(f, z0)
@@ -74,7 +86,8 @@ def test_cuda_masks_and_nan(name):
     c = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 2.0]], dtype=F64, device=CUDA)
     z0 = torch.stack([c[0], c[1] + 50.0])
     res = DiscreteDEQSolver(name, mode="abs_norm", abstol_termination=1e-9, max_steps=200)(
-        lambda z: 0.5 * (z - c) + c, z0)
+        lambda z: 0.5 * (z - c) + c, z0
+    )
     assert res.status is SolverStatus.CONVERGED
     assert torch.equal(res.z[0], c[0]) and int(res.sample_steps[0]) == 0
 
@@ -83,7 +96,8 @@ def test_cuda_masks_and_nan(name):
         return torch.where((z > 1.2).any(dim=1, keepdim=True), torch.full_like(out, math.nan), out)
 
     res = DiscreteDEQSolver(name, mode="abs_norm", abstol_termination=1e-9, max_steps=100)(
-        nan_map, torch.zeros(2, 3, dtype=F64, device=CUDA))
+        nan_map, torch.zeros(2, 3, dtype=F64, device=CUDA)
+    )
     assert res.status is SolverStatus.NONFINITE
     assert torch.isfinite(res.z).all()
 
@@ -93,7 +107,7 @@ def test_cuda_gmres(dtype):
     g = torch.Generator().manual_seed(0)
     B, N = 3, 30
     R = torch.randn(B, N, N, dtype=F64, generator=g)
-    A = (2 * torch.eye(N, dtype=F64) + 0.8 * R / torch.linalg.matrix_norm(R, ord=2).view(B, 1, 1))
+    A = 2 * torch.eye(N, dtype=F64) + 0.8 * R / torch.linalg.matrix_norm(R, ord=2).view(B, 1, 1)
     b = torch.randn(B, N, dtype=F64, generator=g)
     b[1] = 0
     Ad, bd = A.to(CUDA, dtype), b.to(CUDA, dtype)

@@ -1,12 +1,20 @@
 """Failed solves (divergence, NaN, no fixed point, horizons) and bad input, for every solver."""
+
 import math
 
 import pytest
 import torch
 
-from deqlab.solvers import (ContinuousDEQSolver, DiscreteDEQSolver, SolverError, SolverStatus, available_solvers,
-                            get_solver)
 from deqlab_solvers_helpers import ADAPTIVE, CONTINUOUS, DISCRETE, FIXED_DT, Counted
+
+from deqlab.solvers import (
+    ContinuousDEQSolver,
+    DiscreteDEQSolver,
+    SolverError,
+    SolverStatus,
+    available_solvers,
+    get_solver,
+)
 
 F64 = torch.float64
 
@@ -20,6 +28,7 @@ def _all_solvers(**kw):
 
 
 # --------------------------------------------------------------------------- divergence and NaN
+
 
 def test_divergent_map_is_flagged_diverged():
     # f(z) = 2 z + 1 from 0: z_k = 2^k - 1, ||du_k|| = 2^k sqrt(N); the protective break fires at the
@@ -48,8 +57,9 @@ def test_divergent_map_continuous_does_not_converge(method):
     assert not res.converged.any()
     assert torch.isfinite(res.z).all()
     with pytest.raises(SolverError):
-        ContinuousDEQSolver(method, mode="abs_norm", max_steps=200, throw=True)(lambda z: 2 * z + 1,
-                                                                              torch.zeros(2, 3, dtype=F64))
+        ContinuousDEQSolver(method, mode="abs_norm", max_steps=200, throw=True)(
+            lambda z: 2 * z + 1, torch.zeros(2, 3, dtype=F64)
+        )
 
 
 class NaNAfter:
@@ -69,7 +79,8 @@ def test_nan_after_k_calls_fixed_point(mode):
     # Iterates 0, 1, 1.5, 1.75, 1.875 (f finite at the first four). f(1.875) is NaN, so the last iterate
     # with a finite residual is 1.75, which also has the lowest residual.
     res = DiscreteDEQSolver("fixed_point", mode=mode, abstol_termination=1e-12, reltol_termination=1e-12)(
-        NaNAfter(4), torch.zeros(2, 3, dtype=F64))
+        NaNAfter(4), torch.zeros(2, 3, dtype=F64)
+    )
     assert res.status is SolverStatus.NONFINITE
     assert not res.converged.any()
     torch.testing.assert_close(res.z, torch.full((2, 3), 1.75, dtype=F64))
@@ -116,7 +127,8 @@ def test_nan_in_one_sample_does_not_touch_the_others():
         return out
 
     res = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-10, max_steps=100)(
-        f, torch.zeros(3, 2, dtype=F64))
+        f, torch.zeros(3, 2, dtype=F64)
+    )
     assert res.status is SolverStatus.NONFINITE
     assert res.converged.tolist() == [False, True, True]
     torch.testing.assert_close(res.z[1:], torch.full((2, 2), 2.0, dtype=F64), rtol=0, atol=1e-9)
@@ -137,6 +149,7 @@ def test_throw_attaches_result_on_max_steps():
 
 # --------------------------------------------------------------------------- guards: no hang
 
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name", DISCRETE)
 def test_no_fixed_point_ends_at_max_steps(name):
@@ -156,7 +169,8 @@ def test_continuous_without_steady_state_ends_at_max_steps(method):
     J = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=F64)
     f = Counted(lambda z: z + z @ J.T)
     res = ContinuousDEQSolver(method, mode="abs_norm", max_steps=150, dt=0.1 if method in FIXED_DT else None)(
-        f, torch.tensor([[1.0, 0.0]], dtype=F64))
+        f, torch.tensor([[1.0, 0.0]], dtype=F64)
+    )
     assert res.status is SolverStatus.MAX_STEPS
     assert res.steps == 150 and res.nfe == f.calls
     assert not res.converged.any()
@@ -169,16 +183,24 @@ def test_continuous_t_max_is_a_hard_horizon(method, t_max):
     # du/dt = J u has u(t) = (cos t, sin t): t_max stops the solve on time, on the exact orbit.
     J = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=F64)
     tol = 1e-8 if method == "vcab3" else 1e-10  # order 3: 1e-10 takes 9000 steps to t = 5 (error 3e-8 at 1e-8)
-    res = ContinuousDEQSolver(method, mode="abs_norm", ode_abstol=tol, ode_reltol=tol, t_max=t_max, max_steps=100_000,
-                              dt=0.1 if method in FIXED_DT else None)(
-        lambda z: z + z @ J.T, torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64))
+    res = ContinuousDEQSolver(
+        method,
+        mode="abs_norm",
+        ode_abstol=tol,
+        ode_reltol=tol,
+        t_max=t_max,
+        max_steps=100_000,
+        dt=0.1 if method in FIXED_DT else None,
+    )(lambda z: z + z @ J.T, torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64))
     assert res.status is SolverStatus.MAX_STEPS
     assert (res.t <= t_max).all()
     torch.testing.assert_close(res.t, torch.full((2,), t_max, dtype=F64), rtol=1e-12, atol=0)
     exact = torch.tensor([math.cos(t_max), math.sin(t_max)], dtype=F64).expand(2, 2)
     if method == "euler":  # Euler's own iterates: u_n = (I + h J)^n u0
         n = round(t_max / 0.1)
-        exact = (torch.linalg.matrix_power(torch.eye(2, dtype=F64) + 0.1 * J, n) @ torch.tensor([1.0, 0.0], dtype=F64)).expand(2, 2)
+        exact = (
+            torch.linalg.matrix_power(torch.eye(2, dtype=F64) + 0.1 * J, n) @ torch.tensor([1.0, 0.0], dtype=F64)
+        ).expand(2, 2)
     atol = {"rk4": 1e-5}.get(method, 1e-7)
     torch.testing.assert_close(res.z, exact, rtol=0, atol=atol)
 
@@ -189,8 +211,15 @@ def test_continuous_t_max_with_a_far_away_steady_state():
     c = torch.tensor([[1.0], [1.0]], dtype=F64)
     f = lambda z: 0.5 * (z - c) + c  # noqa: E731  relaxation time 2
     z0 = torch.tensor([[1.0 + 1e-4], [1.0 + 1e3]], dtype=F64)
-    res = ContinuousDEQSolver("tsit5", mode="abs_norm", ode_abstol=1e-9, ode_reltol=1e-9, abstol_termination=1e-5,
-                              t_max=10.0, max_steps=10_000)(f, z0)
+    res = ContinuousDEQSolver(
+        "tsit5",
+        mode="abs_norm",
+        ode_abstol=1e-9,
+        ode_reltol=1e-9,
+        abstol_termination=1e-5,
+        t_max=10.0,
+        max_steps=10_000,
+    )(f, z0)
     assert res.converged.tolist() == [True, False]
     assert res.status is SolverStatus.MAX_STEPS
     assert res.t[0] < 10.0 and res.t[1] == pytest.approx(10.0)
@@ -212,8 +241,16 @@ def test_sample_waiting_at_t_max_is_not_declared_converged(mode):
 
     z0 = torch.tensor([[1.0 + 1e-3 * math.exp(2.5), 1.0], [1.0, 0.0]], dtype=F64)
     tol = 3e-4
-    res = ContinuousDEQSolver("tsit5", mode=mode, ode_abstol=1e-6, ode_reltol=1e-6, abstol_termination=tol,
-                              reltol_termination=tol, t_max=5.0, max_steps=5000)(f, z0)
+    res = ContinuousDEQSolver(
+        "tsit5",
+        mode=mode,
+        ode_abstol=1e-6,
+        ode_reltol=1e-6,
+        abstol_termination=tol,
+        reltol_termination=tol,
+        t_max=5.0,
+        max_steps=5000,
+    )(f, z0)
     torch.testing.assert_close(res.t, torch.full((2,), 5.0, dtype=F64))
     du0 = 0.5 * 1e-3 * math.exp(2.5) * math.exp(-2.5)  # |du(t)| = |du(0)| exp(-t/2)
     assert float(res.abs_residual[0]) == pytest.approx(du0, rel=1e-3)
@@ -223,6 +260,7 @@ def test_sample_waiting_at_t_max_is_not_declared_converged(mode):
 
 
 # --------------------------------------------------------------------------- bad input
+
 
 @pytest.mark.parametrize("name", list(_all_solvers()))
 def test_non_finite_initial_guess(name):
@@ -307,8 +345,18 @@ def test_unknown_names_list_the_valid_ones():
         get_solver("andersen")
     for name in available_solvers():
         assert name in str(err.value)
-    assert {"fixed_point", "anderson", "broyden", "lbroyden", "newton_krylov", "continuous",
-            "continuous_tsit5", "continuous_dopri5", "continuous_euler", "continuous_rk4"} <= set(available_solvers())
+    assert {
+        "fixed_point",
+        "anderson",
+        "broyden",
+        "lbroyden",
+        "newton_krylov",
+        "continuous",
+        "continuous_tsit5",
+        "continuous_dopri5",
+        "continuous_euler",
+        "continuous_rk4",
+    } <= set(available_solvers())
     with pytest.raises(ValueError, match="anderson"):
         DiscreteDEQSolver("andersen")
     with pytest.raises(ValueError, match="tsit5"):
@@ -328,9 +376,11 @@ def test_unknown_keyword_is_a_type_error_listing_options(name):
 
 
 def test_unknown_termination_mode():
-    for make in (lambda: DiscreteDEQSolver("anderson", mode="relative"),
-                 lambda: ContinuousDEQSolver("tsit5", mode="relative"),
-                 lambda: get_solver("lbroyden", mode="relative")):
+    for make in (
+        lambda: DiscreteDEQSolver("anderson", mode="relative"),
+        lambda: ContinuousDEQSolver("tsit5", mode="relative"),
+        lambda: get_solver("lbroyden", mode="relative"),
+    ):
         with pytest.raises(ValueError) as err:
             make()
         assert "rel_deq_default" in str(err.value)

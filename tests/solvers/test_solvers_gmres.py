@@ -1,4 +1,5 @@
 """Batched matrix-free GMRES against ``torch.linalg.solve``."""
+
 import pytest
 import torch
 
@@ -47,8 +48,8 @@ def test_each_sample_is_its_own_system():
     A, b, matvec, _ = _system(3, 6, seed=1)
     x, _ = gmres(matvec, b, tol=1e-12, restart=6, max_restarts=2)
     for i in range(3):
-        xi, _ = gmres(lambda v: v @ A[i].T, b[i:i + 1], tol=1e-12, restart=6, max_restarts=2)
-        torch.testing.assert_close(x[i:i + 1], xi, rtol=1e-9, atol=1e-11)
+        xi, _ = gmres(lambda v, i=i: v @ A[i].T, b[i : i + 1], tol=1e-12, restart=6, max_restarts=2)
+        torch.testing.assert_close(x[i : i + 1], xi, rtol=1e-9, atol=1e-11)
 
 
 def test_zero_right_hand_side():
@@ -133,7 +134,7 @@ def test_a_sample_stops_at_its_tolerance_whatever_the_rest_of_the_batch():
     A, b, _, _ = _system(3, 16, seed=4, spread=1.8)
     A0, b0, _, _ = _system(1, 16, seed=5, spread=0.1)
     A[0], b[0] = A0[0], b0[0]
-    mv = lambda M: (lambda v: torch.bmm(M, v.unsqueeze(2)).squeeze(2))  # noqa: E731
+    mv = lambda M: lambda v: torch.bmm(M, v.unsqueeze(2)).squeeze(2)  # noqa: E731
     alone, info_alone = gmres(mv(A[:1]), b[:1], tol=1e-4, restart=16, max_restarts=1)
     Anan, bnan = A.clone(), b.clone()
     bnan[2] = float("nan")
@@ -153,7 +154,7 @@ def test_per_sample_tolerances():
     true = _true_rel_residual(A, b, x)
     assert (true <= tol * 1.01).all() and float(true[0]) > 1e-6  # each sample stopped at its own tolerance
     for i in range(3):  # ... as it would alone
-        xi, _ = gmres(lambda v: v @ A[i].T, b[i:i + 1], tol=float(tol[i]), restart=10, max_restarts=1)
-        torch.testing.assert_close(x[i:i + 1], xi, rtol=1e-10, atol=1e-12)
+        xi, _ = gmres(lambda v, i=i: v @ A[i].T, b[i : i + 1], tol=float(tol[i]), restart=10, max_restarts=1)
+        torch.testing.assert_close(x[i : i + 1], xi, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="one entry per sample"):
         gmres(matvec, b, tol=torch.ones(2, dtype=F64))

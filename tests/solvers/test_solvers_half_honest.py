@@ -4,6 +4,7 @@ Tsit5/Dopri5 used to test the first-same-as-last stage, evaluated at ``u + h a71
 return ``u + h (b . k)``, the same point rounded another way: in bfloat16 12-37 % of the samples flagged
 converged were over the tolerance at the returned state, by up to 3.6x (this test failed then).
 """
+
 import pytest
 import torch
 
@@ -28,10 +29,11 @@ def test_converged_samples_meet_the_tolerance_at_the_returned_z(method, dtype, t
     for seed in range(3):
         f = _map(seed, dtype)
         res = ContinuousDEQSolver(method, mode="abs_norm", abstol_termination=tol, max_steps=150)(
-            f, torch.zeros(32, 16, dtype=dtype))
+            f, torch.zeros(32, 16, dtype=dtype)
+        )
         z = res.z
         assert z.dtype == dtype
-        true = torch.linalg.vector_norm((f(z) - z).float(), dim=1)   # same dtype as the solve, norm in float32
+        true = torch.linalg.vector_norm((f(z) - z).float(), dim=1)  # same dtype as the solve, norm in float32
         conv = res.converged
         n_conv += int(conv.sum())
         assert (true[conv] <= tol).all(), (seed, (true[conv] / tol).max())

@@ -2,15 +2,27 @@
 
 Each test here failed on the code before the fix (the old outcome is noted in the comment).
 """
+
 import math
 
 import pytest
 import torch
 
-from deqlab.solvers import (GMRES, TERMINATION_MODES, Anderson, ContinuousDEQSolver, DiscreteDEQSolver, SolverError,
-                            SolverStatus, available_solvers, get_solver, gmres)
-from deqlab.solvers.algorithms import Broyden, FixedPointIteration, LimitedMemoryBroyden, NewtonKrylov
 from deqlab_solvers_helpers import ADAPTIVE, CONTINUOUS, DISCRETE, FIXED_DT
+
+from deqlab.solvers import (
+    GMRES,
+    TERMINATION_MODES,
+    Anderson,
+    ContinuousDEQSolver,
+    DiscreteDEQSolver,
+    SolverError,
+    SolverStatus,
+    available_solvers,
+    get_solver,
+    gmres,
+)
+from deqlab.solvers.algorithms import Broyden, FixedPointIteration, LimitedMemoryBroyden, NewtonKrylov
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 HALF = [BF16, F16]
@@ -24,6 +36,7 @@ def _true_residual(f, z):
 
 
 # --------------------------------------------------------------------------- growth and overflow
+
 
 @pytest.mark.parametrize("mode", TERMINATION_MODES)
 def test_fixed_point_on_2z_plus_1_float32_diverges_in_every_mode(mode):
@@ -74,6 +87,7 @@ def test_exponential_growth_without_fixed_point_diverges(algorithm, mode):
 
 # --------------------------------------------------------------------------- z -> z + 1 (no fixed point)
 
+
 @pytest.mark.parametrize("method", ADAPTIVE)
 @pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize("mode", ["abs_norm", "abs", "rel_deq_default", "rel_norm"])
@@ -122,11 +136,17 @@ def test_continuous_stable_flows_in_low_precision_are_not_called_diverged(method
         W = torch.randn(8, 8, generator=g, dtype=F64)
         W = (0.9 * W / torch.linalg.matrix_norm(W, ord=2)).to(dtype)
         b = (3 * torch.randn(4, 8, generator=g, dtype=F64)).to(dtype)
-        for f in (lambda z: torch.tanh(z @ W.T + b), lambda z: -1.5 * z + b):
+        for f in (lambda z, W=W, b=b: torch.tanh(z @ W.T + b), lambda z, b=b: -1.5 * z + b):
             for mode in ("abs_norm", "rel_deq_default"):
-                res = ContinuousDEQSolver(method, mode=mode, abstol_termination=tol, reltol_termination=tol,
-                                          ode_abstol=tol / 10, ode_reltol=tol / 10, max_steps=300)(
-                    f, torch.zeros(4, 8, dtype=dtype))
+                res = ContinuousDEQSolver(
+                    method,
+                    mode=mode,
+                    abstol_termination=tol,
+                    reltol_termination=tol,
+                    ode_abstol=tol / 10,
+                    ode_reltol=tol / 10,
+                    max_steps=300,
+                )(f, torch.zeros(4, 8, dtype=dtype))
                 assert res.status in (SolverStatus.CONVERGED, SolverStatus.MAX_STEPS), (seed, mode, res.status)
 
 
@@ -148,12 +168,14 @@ def test_relative_mode_still_accepts_a_state_that_grew_while_the_residual_fell()
     # The guard must not block honest relative convergence: f(z) = 0.5 z + 100 from 0 grows ||f(z)||
     # 2x while the residual falls from 100 to ~0.
     res = DiscreteDEQSolver("fixed_point", mode="rel_norm", reltol_termination=1e-6, max_steps=100)(
-        lambda z: 0.5 * z + 100, torch.zeros(2, 3, dtype=F64))
+        lambda z: 0.5 * z + 100, torch.zeros(2, 3, dtype=F64)
+    )
     assert res.status is SolverStatus.CONVERGED
     torch.testing.assert_close(res.z, torch.full((2, 3), 200.0, dtype=F64), rtol=1e-5, atol=0)
 
 
 # --------------------------------------------------------------------------- Anderson in float32
+
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16, F64])
 @pytest.mark.parametrize("mode", ["rel_deq_default", "abs_norm"])
@@ -163,13 +185,15 @@ def test_anderson_collinear_residuals_converge(dtype, mode):
     # NotImplementedError in half precision.
     tol = {F64: 1e-6, F32: 1e-4, BF16: 2e-2, F16: 4e-3}[dtype]
     res = DiscreteDEQSolver("anderson", mode=mode, abstol_termination=tol, max_steps=50)(
-        lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=dtype))
+        lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=dtype)
+    )
     assert res.status is SolverStatus.CONVERGED, res.status
     assert res.z.dtype == dtype
     torch.testing.assert_close(res.z.double(), torch.full((2, 3), 2.0, dtype=F64), rtol=0, atol=4 * tol)
 
 
 # --------------------------------------------------------------------------- half precision
+
 
 def _tanh_map(dtype, B=3, D=6, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -189,12 +213,14 @@ def test_every_solver_works_on_half_precision_states(name, dtype):
     kw = {"dt": FIXED_DT[name.split("_")[1]]} if name.split("_")[-1] in FIXED_DT else {}
     tol = 3e-2
     res = get_solver(name, mode="abs_norm", abstol_termination=tol, max_steps=100, **kw)(
-        f, torch.zeros(3, 6, dtype=dtype))
+        f, torch.zeros(3, 6, dtype=dtype)
+    )
     assert res.z.dtype == dtype
     assert res.status is SolverStatus.CONVERGED, res.status
     # The answer is the float64 fixed point up to half-precision rounding of the map.
     ref = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-12, max_steps=100)(
-        f64, torch.zeros(3, 6, dtype=F64)).z
+        f64, torch.zeros(3, 6, dtype=F64)
+    ).z
     assert (res.z.double() - ref).abs().max() < 0.1
     assert res.abs_residual.dtype == torch.float32  # norms of half states are float32
 
@@ -268,6 +294,7 @@ def test_bad_options_raise_value_error_naming_the_option(build, option):
 
 # --------------------------------------------------------------------------- degenerate calls
 
+
 @pytest.mark.parametrize("name", available_solvers())
 @pytest.mark.parametrize("as_list", [False, True])
 def test_empty_batch_returns_an_empty_result(name, as_list):
@@ -290,8 +317,9 @@ def test_empty_batch_returns_an_empty_result(name, as_list):
 
 
 @pytest.mark.parametrize("name", available_solvers())
-@pytest.mark.parametrize("bad", [lambda z: (z, 0), lambda z: 0, lambda z: [z], lambda z: {"z": z}],
-                         ids=["tuple", "int", "list", "dict"])
+@pytest.mark.parametrize(
+    "bad", [lambda z: (z, 0), lambda z: 0, lambda z: [z], lambda z: {"z": z}], ids=["tuple", "int", "list", "dict"]
+)
 def test_map_returning_a_non_state_gets_the_clear_error(name, bad):
     with pytest.raises(TypeError, match="the map must return a state shaped like z"):
         get_solver(name)(bad, torch.zeros(2, 3))
@@ -320,19 +348,21 @@ def test_anderson_memory_larger_than_state_converges_in_float32():
 
 # --------------------------------------------------------------------------- patience stops are `stalled`
 
+
 def test_patience_stop_near_the_tolerance_is_stalled_not_converged():
     # Old: status `converged`, converged [True], with the relative residual at 3.0e-3 for a tolerance of
     # 1e-3 and the iterate 37 % away from z* = 200 (z <- 0.995 z + 1 contracts too slowly for 1e-3).
     f = lambda z: 0.995 * z + 1  # noqa: E731
     solver = DiscreteDEQSolver("fixed_point", mode="rel_deq_default", reltol_termination=1e-3, max_steps=1000)
     res = solver(f, torch.zeros(1, 4, dtype=F64))
-    assert res.status is SolverStatus.STALLED and res.steps < 1000   # stopping early is still right
+    assert res.status is SolverStatus.STALLED and res.steps < 1000  # stopping early is still right
     assert not res.converged.any() and res.stalled.tolist() == [True]
     assert 1e-3 < float(res.rel_residual[0]) <= 3e-3
     assert res.stats()["converged_fraction"] == 0.0 and res.stats()["stalled_fraction"] == 1.0
     with pytest.raises(SolverError, match="stalled within 3x the tolerance"):
-        DiscreteDEQSolver("fixed_point", mode="rel_deq_default", reltol_termination=1e-3, max_steps=1000,
-                          throw=True)(f, torch.zeros(1, 4, dtype=F64))
+        DiscreteDEQSolver("fixed_point", mode="rel_deq_default", reltol_termination=1e-3, max_steps=1000, throw=True)(
+            f, torch.zeros(1, 4, dtype=F64)
+        )
 
 
 @pytest.mark.parametrize("name", ["fixed_point", "continuous_euler", "continuous_rk4"])
@@ -353,18 +383,20 @@ def test_status_order_puts_stalled_below_every_other_failure():
     # fails otherwise reports the other failure.
     stall = lambda z: 0.995 * z[:1] + 1  # noqa: E731
     cases = {
-        SolverStatus.MAX_STEPS: lambda z: torch.cat([stall(z), z[1:] + 1]),            # no fixed point, budget
-        SolverStatus.DIVERGED: lambda z: torch.cat([stall(z), 2 * z[1:] + 1]),         # runs away
+        SolverStatus.MAX_STEPS: lambda z: torch.cat([stall(z), z[1:] + 1]),  # no fixed point, budget
+        SolverStatus.DIVERGED: lambda z: torch.cat([stall(z), 2 * z[1:] + 1]),  # runs away
         SolverStatus.NONFINITE: lambda z: torch.cat([stall(z), z[1:] + float("nan")]),  # NaN
     }
     for expected, f in cases.items():
         res = DiscreteDEQSolver("fixed_point", mode="abs_deq_default", abstol_termination=0.05, max_steps=400)(
-            f, torch.zeros(2, 1, dtype=F64))
+            f, torch.zeros(2, 1, dtype=F64)
+        )
         assert res.stalled.tolist() == [True, False] and not res.converged.any(), expected
         assert res.status is expected, (expected, res.status)
 
 
 # --------------------------------------------------------------------------- maps that break the contract
+
 
 @pytest.mark.parametrize("name", available_solvers())
 def test_a_map_that_modifies_z_in_place_is_refused_with_the_fix(name):

@@ -5,6 +5,7 @@ synchronisation on a GPU. Counted here on CPU by patching those conversions, whi
 count; the workload makes samples stop on many different steps, the case that used to cost two syncs per
 step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,6 +28,7 @@ def count_syncs():
         def wrapped(*a, **k):
             counter["n"] += 1
             return fn(*a, **k)
+
         return wrapped
 
     for m, fn in saved.items():
@@ -48,8 +50,9 @@ def staggered():
 @pytest.mark.parametrize("mode", ["rel_deq_default", "abs_norm", "rel_norm"])
 def test_one_sync_per_check_even_when_samples_stop(algorithm, k, mode):
     f, z0 = staggered()
-    solver = DiscreteDEQSolver(algorithm, mode=mode, abstol_termination=1e-8, reltol_termination=1e-8,
-                               max_steps=300, check_every=k)
+    solver = DiscreteDEQSolver(
+        algorithm, mode=mode, abstol_termination=1e-8, reltol_termination=1e-8, max_steps=300, check_every=k
+    )
     with count_syncs() as syncs:
         result = solver(f, z0)
     assert result.all_converged

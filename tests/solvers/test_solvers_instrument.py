@@ -4,6 +4,7 @@ Why: the benchmarks' breakdown tables read these regions instead of patching pri
 that stops reporting a region (or reports it twice, or nests it wrongly) must fail here, not in a table
 nobody reads; and the hook must cost nothing when off, so an unrecorded solve must not even read the clock.
 """
+
 from __future__ import annotations
 
 import threading
@@ -11,16 +12,14 @@ import threading
 import pytest
 import torch
 
+from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT
+
 import deqlab.instrument as instrument
 from deqlab.instrument import REGIONS, Recording
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, PerSampleMap
 
-from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT
-
-DISCRETE_REGIONS = {"solver", "solver.setup", "f", "termination", "algorithm.init", "algorithm.step",
-                    "solver.result"}
-CONTINUOUS_REGIONS = {"solver", "solver.setup", "f", "termination", "stepper.init", "stepper.step",
-                      "solver.result"}
+DISCRETE_REGIONS = {"solver", "solver.setup", "f", "termination", "algorithm.init", "algorithm.step", "solver.result"}
+CONTINUOUS_REGIONS = {"solver", "solver.setup", "f", "termination", "stepper.init", "stepper.step", "solver.result"}
 
 
 def _map(dim: int = 8, seed: int = 0):
@@ -32,8 +31,7 @@ def _map(dim: int = 8, seed: int = 0):
 
 
 def _continuous(method: str) -> ContinuousDEQSolver:
-    return ContinuousDEQSolver(method, mode="abs_norm", abstol_termination=1e-6, max_steps=300,
-                               dt=FIXED_DT.get(method))
+    return ContinuousDEQSolver(method, mode="abs_norm", abstol_termination=1e-6, max_steps=300, dt=FIXED_DT.get(method))
 
 
 # ------------------------------------------------------------------------------------------- the recording
@@ -144,7 +142,10 @@ def test_an_unrecorded_solve_never_reads_the_clock_or_wraps_anything(monkeypatch
     f, z0 = _map()
     solver = DiscreteDEQSolver(kind) if kind in DISCRETE else _continuous(kind)
     assert solver(f, z0).nfe > 1
-    step = (lambda s, z, fz, g, F: None)
+
+    def step(s, z, fz, g, F):
+        return None
+
     assert instrument.wrap("algorithm.step", step) is step  # what the loops call: the function itself
 
 
@@ -192,8 +193,9 @@ def test_per_sample_exit_keeps_timing_the_restricted_map():
     rate = torch.linspace(0.1, 0.9, 16, dtype=torch.float64).unsqueeze(1)
     x = torch.randn(16, 8, generator=g, dtype=torch.float64)
     f = PerSampleMap(lambda z, r, x: r * torch.tanh(z @ W.T) + x, rate, x)
-    solver = DiscreteDEQSolver("anderson", mode="abs_norm", abstol_termination=1e-9, per_sample_exit=True,
-                               compact_below=1.0, max_steps=100)
+    solver = DiscreteDEQSolver(
+        "anderson", mode="abs_norm", abstol_termination=1e-9, per_sample_exit=True, compact_below=1.0, max_steps=100
+    )
     with instrument.record() as rec:
         res = solver(f, torch.zeros(16, 8, dtype=torch.float64))
     assert res.sample_weighted_nfe < res.nfe  # the batch did shrink

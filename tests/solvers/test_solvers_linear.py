@@ -1,5 +1,6 @@
 """FixedPointLinearSolver states the budget that governs it: taken from a DiscreteDEQSolver's own cap,
 given explicitly (and enforced) otherwise, refused when unknown; per-sample exit is refused up front."""
+
 import pytest
 import torch
 
@@ -14,8 +15,9 @@ def _solve(lin):
 
 @pytest.mark.parametrize("max_steps", [1, 5, 20])
 def test_default_budget_of_a_discrete_solver_is_what_it_spends(max_steps):
-    lin = FixedPointLinearSolver(DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-14,
-                                                   max_steps=max_steps))
+    lin = FixedPointLinearSolver(
+        DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-14, max_steps=max_steps)
+    )
     out = _solve(lin)
     assert lin.max_steps == max_steps + 2 and out.matvecs == lin.max_steps  # reported = spent at the cap
     assert not out.all_converged

@@ -1,11 +1,13 @@
 """Per-sample bookkeeping: each sample stops on its own, and a stopped sample is never disturbed."""
+
 import math
 
 import pytest
 import torch
 
-from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
 from deqlab_solvers_helpers import CONTINUOUS, DISCRETE, FIXED_DT, ode_tol
+
+from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus
 
 # f(z) = (z + c) / 2 per sample: fixed point c, and from z0 the residual of fixed-point iteration is
 # ||du_k|| = ||z0 - c|| / 2^(k+1) exactly (powers of two: no rounding).
@@ -42,7 +44,7 @@ def test_fixed_point_iteration_per_sample_steps_are_exact():
     # Sample 2 stopped before the loop ended: it returns the iterate at *its* stopping step, not a later one.
     k2 = expected[2]
     assert k2 < expected[1]
-    torch.testing.assert_close(res.z[2], C[2] - 2.0 ** -k2, rtol=0, atol=0)
+    torch.testing.assert_close(res.z[2], C[2] - 2.0**-k2, rtol=0, atol=0)
     # The trace holds the per-step objective; after a sample stops it repeats its final value.
     assert res.trace.shape == (res.steps + 1, 3)
     torch.testing.assert_close(res.trace[0], torch.tensor(d, dtype=torch.float64) / 2)
@@ -67,8 +69,15 @@ def test_discrete_sample_at_fixed_point_is_untouched(name):
 def test_continuous_sample_at_fixed_point_is_untouched(method):
     z0 = _start()
     tol = ode_tol(method, 1e-9, 1e-7)
-    res = ContinuousDEQSolver(method, mode="abs_norm", ode_abstol=tol, ode_reltol=tol, abstol_termination=1e-7,
-                              max_steps=2000, dt=FIXED_DT.get(method))(half_map, z0)
+    res = ContinuousDEQSolver(
+        method,
+        mode="abs_norm",
+        ode_abstol=tol,
+        ode_reltol=tol,
+        abstol_termination=1e-7,
+        max_steps=2000,
+        dt=FIXED_DT.get(method),
+    )(half_map, z0)
     assert res.status is SolverStatus.CONVERGED
     assert torch.equal(res.z[0], C[0])
     assert res.sample_steps[0] == 0 and (res.sample_steps[1:] > 0).all()
@@ -103,6 +112,7 @@ def test_status_priority_nonfinite_over_diverged_over_max_steps():
     assert res.converged.tolist() == [False, False, False]
     assert torch.isfinite(res.z).all()
     assert res.sample_steps[2] == 40
+
     # Without the NaN sample the worst outcome is divergence.
     def g(z):
         return torch.stack([0.5 * z[0], 2 * z[1] + 1, z[2] + 1e-3])

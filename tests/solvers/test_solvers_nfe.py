@@ -1,10 +1,12 @@
 """Exact NFE accounting: every call of ``f`` is counted, including line searches, JVPs and rejected
 ODE steps."""
+
 import pytest
 import torch
 
-from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus, get_solver
 from deqlab_solvers_helpers import ADAPTIVE, CONTINUOUS, FIXED_DT, RK_ADAPTIVE, Counted, TanhMap
+
+from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, SolverStatus, get_solver
 
 F64 = torch.float64
 
@@ -14,12 +16,13 @@ def test_fixed_point_nfe_is_steps_plus_one_at_a_known_crossing():
     # is k = 9 (2^-10 = 9.8e-4 while 2^-9 = 2.0e-3).
     f = Counted(lambda z: 0.5 * z)
     res = DiscreteDEQSolver("fixed_point", mode="abs", abstol_termination=1e-3, max_steps=100)(
-        f, torch.ones(2, 5, dtype=F64))
+        f, torch.ones(2, 5, dtype=F64)
+    )
     assert res.status is SolverStatus.CONVERGED
     assert res.steps == 9
     assert res.nfe == 10 == f.calls
     assert res.sample_steps.tolist() == [9, 9]
-    torch.testing.assert_close(res.z, torch.full((2, 5), 2.0 ** -9, dtype=F64), rtol=0, atol=0)
+    torch.testing.assert_close(res.z, torch.full((2, 5), 2.0**-9, dtype=F64), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("max_steps", [0, 1, 7])
@@ -46,8 +49,11 @@ DISCRETE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,opts,formula", DISCRETE_CASES,
-                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for n, o, _ in DISCRETE_CASES])
+@pytest.mark.parametrize(
+    "name,opts,formula",
+    DISCRETE_CASES,
+    ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for n, o, _ in DISCRETE_CASES],
+)
 def test_counting_wrapper_agrees_with_nfe_discrete(name, opts, formula):
     m = TanhMap(3, [(2, 3)], as_list=False, norm=0.9, generator=torch.Generator().manual_seed(4))
     f = Counted(m)
@@ -63,8 +69,9 @@ def test_counting_wrapper_agrees_with_nfe_discrete(name, opts, formula):
 def test_line_search_trials_are_counted():
     # A map where the full Broyden step overshoots: the line search must spend extra evaluations.
     f = Counted(lambda z: 2.5 * torch.tanh(z) - 1.5 * z + 0.3)
-    res = DiscreteDEQSolver("broyden", line_search=True, mode="abs_norm", abstol_termination=1e-9,
-                            max_steps=50)(f, torch.full((1, 1), 4.0, dtype=F64))
+    res = DiscreteDEQSolver("broyden", line_search=True, mode="abs_norm", abstol_termination=1e-9, max_steps=50)(
+        f, torch.full((1, 1), 4.0, dtype=F64)
+    )
     assert res.nfe == f.calls
     assert res.nfe > res.steps + 1
 
@@ -73,8 +80,15 @@ def test_line_search_trials_are_counted():
 def test_counting_wrapper_agrees_with_nfe_continuous(method):
     m = TanhMap(2, [(4,), (2, 2)], as_list=True, generator=torch.Generator().manual_seed(6))
     f = Counted(m)
-    res = ContinuousDEQSolver(method, mode="abs_norm", ode_abstol=1e-6, ode_reltol=1e-6, abstol_termination=1e-5,
-                              max_steps=500, dt=FIXED_DT.get(method))(f, m.zeros())
+    res = ContinuousDEQSolver(
+        method,
+        mode="abs_norm",
+        ode_abstol=1e-6,
+        ode_reltol=1e-6,
+        abstol_termination=1e-5,
+        max_steps=500,
+        dt=FIXED_DT.get(method),
+    )(f, m.zeros())
     assert res.status is SolverStatus.CONVERGED
     assert res.nfe == f.calls
     # Evaluations per stepper call follow from the method: Euler 1 (f at the new point), RK4 4 (k1 is
@@ -143,8 +157,9 @@ def test_continuous_nfe_counts_rejected_steps(method):
     W = torch.tensor([[0.3, -0.8, 0.1], [0.7, 0.2, -0.4], [-0.2, 0.5, 0.3]], dtype=F64)
     x = torch.tensor([[0.5, -1.0, 2.0]], dtype=F64)
     f = Counted(lambda z: 4.0 * torch.tanh(z @ W.T + x) - 3.0 * z, record=True)  # du = 4 tanh(.) - 4 z
-    res = ContinuousDEQSolver(method, mode="abs_norm", ode_abstol=1e-8, ode_reltol=1e-8, abstol_termination=1e-6,
-                              max_steps=2000, dt=50.0)(f, torch.zeros(1, 3, dtype=F64))
+    res = ContinuousDEQSolver(
+        method, mode="abs_norm", ode_abstol=1e-8, ode_reltol=1e-8, abstol_termination=1e-6, max_steps=2000, dt=50.0
+    )(f, torch.zeros(1, 3, dtype=F64))
     assert res.status is SolverStatus.CONVERGED
     accepted = _classify_calls(method, f.inputs, f.outputs, res.z)
     n_acc, n_rej = sum(accepted), len(accepted) - sum(accepted)
@@ -158,7 +173,8 @@ def test_continuous_nfe_counts_rejected_steps(method):
 
 def test_continuous_max_steps_caps_stepper_calls_including_rejections():
     f = Counted(lambda z: 4.0 * torch.tanh(z + 1.0) - 3.0 * z)
-    res = ContinuousDEQSolver("tsit5", mode="abs_norm", ode_abstol=1e-10, ode_reltol=1e-10, abstol_termination=1e-12,
-                              max_steps=5, dt=1e3)(f, torch.zeros(1, 2, dtype=F64))
+    res = ContinuousDEQSolver(
+        "tsit5", mode="abs_norm", ode_abstol=1e-10, ode_reltol=1e-10, abstol_termination=1e-12, max_steps=5, dt=1e3
+    )(f, torch.zeros(1, 2, dtype=F64))
     assert res.status is SolverStatus.MAX_STEPS
     assert res.steps == 5 and res.nfe == f.calls == 1 + 6 * 5

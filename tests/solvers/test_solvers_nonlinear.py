@@ -1,9 +1,11 @@
 """Nonlinear contraction ``z = tanh(W z + U x)`` on dense, image and multiscale (list) states."""
+
 import pytest
 import torch
 
-from deqlab.solvers import DiscreteDEQSolver, SolverStatus
 from deqlab_solvers_helpers import ADAPTIVE, CONTINUOUS, DISCRETE, TanhMap, continuous, discrete, flat, ode_tol, rel_err
+
+from deqlab.solvers import DiscreteDEQSolver, SolverStatus
 
 B = 3
 STRUCTURES = {
@@ -150,14 +152,15 @@ def test_newton_krylov_sample_is_the_same_alone_and_in_a_batch(neighbour, line_s
         b[2] = 5 * b[2]
     else:
         b[1] = float("nan")
-    solver = DiscreteDEQSolver("newton_krylov", mode="abs_norm", abstol_termination=1e-7, max_steps=60,
-                               line_search=line_search)
+    solver = DiscreteDEQSolver(
+        "newton_krylov", mode="abs_norm", abstol_termination=1e-7, max_steps=60, line_search=line_search
+    )
     alone = solver(_tanh_map(W[:1], b[:1]), z0[:1])
     batch = solver(_tanh_map(W, b), z0)
     assert alone.status is SolverStatus.CONVERGED and bool(batch.converged[0])
     assert int(batch.sample_steps[0]) == int(alone.sample_steps[0]) == alone.steps
     torch.testing.assert_close(batch.z[:1], alone.z, rtol=0, atol=1e-13)
-    torch.testing.assert_close(batch.trace[:alone.steps + 1, 0], alone.trace[:, 0], rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(batch.trace[: alone.steps + 1, 0], alone.trace[:, 0], rtol=1e-9, atol=1e-15)
     if neighbour == "nan":
         assert batch.status is SolverStatus.NONFINITE and batch.sample_steps[1] == 0
 

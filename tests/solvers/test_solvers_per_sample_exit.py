@@ -4,13 +4,20 @@ Oracles: the per-sample closed-form fixed point of an affine map, and the full-b
 solver (iterates, residuals, masks, statuses and step counts must be those of the full batch: exit only
 stops evaluating samples whose result is already fixed).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from deqlab.solvers import (DiscreteDEQSolver, FixedPointAlgorithm, FixedPointIteration, PerSampleMap, SolverStatus,
-                            SubBatchMap)
+from deqlab.solvers import (
+    DiscreteDEQSolver,
+    FixedPointAlgorithm,
+    FixedPointIteration,
+    PerSampleMap,
+    SolverStatus,
+    SubBatchMap,
+)
 
 ALGORITHMS = ["fixed_point", "anderson", "broyden", "lbroyden", "newton_krylov"]
 B, N = 24, 8
@@ -63,8 +70,14 @@ def test_fixed_points_match_the_closed_form_of_an_affine_map(algorithm):
     rate = torch.linspace(0.1, 0.9, 10, dtype=torch.float64).view(10, 1)
     b = torch.arange(10, dtype=torch.float64).view(10, 1).expand(10, 3).contiguous()
     f = PerSampleMap(lambda z, r, b_: r * z + b_, rate, b)
-    result = DiscreteDEQSolver(algorithm, per_sample_exit=True, abstol_termination=1e-10, reltol_termination=1e-10,
-                               max_steps=100, compact_below=1.0)(f, torch.zeros(10, 3, dtype=torch.float64))
+    result = DiscreteDEQSolver(
+        algorithm,
+        per_sample_exit=True,
+        abstol_termination=1e-10,
+        reltol_termination=1e-10,
+        max_steps=100,
+        compact_below=1.0,
+    )(f, torch.zeros(10, 3, dtype=torch.float64))
     assert result.all_converged
     torch.testing.assert_close(result.z, b / (1 - rate), rtol=1e-8, atol=1e-8)
 

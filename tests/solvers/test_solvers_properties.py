@@ -2,15 +2,16 @@
 
 The suite profile (tests/conftest.py) bounds every property to 25 derandomized examples.
 """
+
 import math
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deqlab.solvers import (TERMINATION_MODES, DiscreteDEQSolver, SolverStatus, TerminationCondition,
-                            TerminationTracker)
 from deqlab_solvers_helpers import DISCRETE, TanhMap, continuous, discrete, flat
+
+from deqlab.solvers import TERMINATION_MODES, DiscreteDEQSolver, SolverStatus, TerminationCondition, TerminationTracker
 
 F64, F32 = torch.float64, torch.float32
 TOLS = {F64: [1e-3, 1e-6, 1e-9], F32: [1e-2, 1e-3, 1e-4]}
@@ -32,7 +33,7 @@ def mode_criterion(mode, z, fz, abstol, reltol, norm, slack, mult=1.0):
     abs_ok = res <= mult * abstol * (1 + slack) + slack
     rel_ok = res <= mult * reltol * fz_norm * (1 + slack) + slack
     if mode == "abs":
-        return (du.abs().amax(dim=1) <= abstol * (1 + slack) + slack)
+        return du.abs().amax(dim=1) <= abstol * (1 + slack) + slack
     if mode == "rel":
         return (du.abs() <= reltol * z.abs() * (1 + slack) + slack).all(dim=1)
     if mode == "norm":
@@ -60,9 +61,14 @@ def _check_like(z, z0):
 
 
 @settings(max_examples=25, deadline=None)
-@given(prob=problems(), name=st.sampled_from(DISCRETE),
-       mode=st.sampled_from(["abs", "abs_norm", "rel_norm", "norm", "abs_deq_default", "rel_deq_best"]),
-       norm=st.sampled_from(["l2", "rms"]), tol_idx=st.integers(0, 2), start=st.floats(-3, 3))
+@given(
+    prob=problems(),
+    name=st.sampled_from(DISCRETE),
+    mode=st.sampled_from(["abs", "abs_norm", "rel_norm", "norm", "abs_deq_default", "rel_deq_best"]),
+    norm=st.sampled_from(["l2", "rms"]),
+    tol_idx=st.integers(0, 2),
+    start=st.floats(-3, 3),
+)
 def test_contraction_converges_within_tolerance(prob, name, mode, norm, tol_idx, start):
     f, dtype = prob
     tol = TOLS[dtype][tol_idx]
@@ -78,9 +84,16 @@ def test_contraction_converges_within_tolerance(prob, name, mode, norm, tol_idx,
 
 
 @settings(max_examples=25, deadline=None)
-@given(prob=problems(), name=st.sampled_from(DISCRETE), mode=st.sampled_from(TERMINATION_MODES),
-       norm=st.sampled_from(["l2", "rms"]), abstol=st.floats(1e-6, 1.0), reltol=st.floats(1e-6, 1.0),
-       max_steps=st.integers(0, 8), spread=st.floats(0.0, 5.0))
+@given(
+    prob=problems(),
+    name=st.sampled_from(DISCRETE),
+    mode=st.sampled_from(TERMINATION_MODES),
+    norm=st.sampled_from(["l2", "rms"]),
+    abstol=st.floats(1e-6, 1.0),
+    reltol=st.floats(1e-6, 1.0),
+    max_steps=st.integers(0, 8),
+    spread=st.floats(0.0, 5.0),
+)
 def test_converged_mask_implies_the_mode_tolerance(prob, name, mode, norm, abstol, reltol, max_steps, spread):
     # Few steps and starts at different distances: some samples converge, some do not. Whatever
     # happens, a sample flagged converged meets its mode's test at the returned iterate.
@@ -118,8 +131,9 @@ def test_continuous_contraction_converges_within_tolerance(prob, method, tol_idx
 
 
 @settings(max_examples=25, deadline=None)
-@given(objs=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=40),
-       mode=st.sampled_from(["abs_deq_best", "rel_deq_best"]))
+@given(
+    objs=st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=40), mode=st.sampled_from(["abs_deq_best", "rel_deq_best"])
+)
 def test_best_mode_returns_the_argmin(objs, mode):
     # The tolerance is below every objective and the patience rule is off, so the sequence runs to its
     # end unless the protective break fires (growth >= 2e3 x objective_0 for N = 2).

@@ -1,4 +1,5 @@
 """Registry of named solvers, result records, and the import-weight promise of deqlab.solvers."""
+
 import subprocess
 import sys
 
@@ -6,8 +7,17 @@ import pytest
 import torch
 
 import deqlab.solvers as solvers
-from deqlab.solvers import (Anderson, ContinuousDEQSolver, DiscreteDEQSolver, FixedPointAlgorithm, SolverResult,
-                            SolverStatus, available_solvers, get_solver, register_solver)
+from deqlab.solvers import (
+    Anderson,
+    ContinuousDEQSolver,
+    DiscreteDEQSolver,
+    FixedPointAlgorithm,
+    SolverResult,
+    SolverStatus,
+    available_solvers,
+    get_solver,
+    register_solver,
+)
 from deqlab.solvers import registry as registry_module
 
 F64 = torch.float64
@@ -21,10 +31,12 @@ def scratch_name():
 
 
 def test_importing_solvers_does_not_import_lightning():
-    code = ("import deqlab.solvers, sys; "
-            "assert 'pytorch_lightning' not in sys.modules, 'pytorch_lightning imported'; "
-            "assert 'lightning' not in sys.modules, 'lightning imported'; "
-            "assert 'torchdyn' not in sys.modules, 'torchdyn imported eagerly'")
+    code = (
+        "import deqlab.solvers, sys; "
+        "assert 'pytorch_lightning' not in sys.modules, 'pytorch_lightning imported'; "
+        "assert 'lightning' not in sys.modules, 'lightning imported'; "
+        "assert 'torchdyn' not in sys.modules, 'torchdyn imported eagerly'"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -34,13 +46,21 @@ def test_public_api_is_exported():
         assert hasattr(solvers, name), name
 
 
-@pytest.mark.parametrize("name,kind,algo", [
-    ("fixed_point", DiscreteDEQSolver, "fixed_point"), ("anderson", DiscreteDEQSolver, "anderson"),
-    ("broyden", DiscreteDEQSolver, "broyden"), ("lbroyden", DiscreteDEQSolver, "lbroyden"),
-    ("newton_krylov", DiscreteDEQSolver, "newton_krylov"), ("continuous", ContinuousDEQSolver, "tsit5"),
-    ("continuous_tsit5", ContinuousDEQSolver, "tsit5"), ("continuous_dopri5", ContinuousDEQSolver, "dopri5"),
-    ("continuous_euler", ContinuousDEQSolver, "euler"), ("continuous_rk4", ContinuousDEQSolver, "rk4"),
-])
+@pytest.mark.parametrize(
+    "name,kind,algo",
+    [
+        ("fixed_point", DiscreteDEQSolver, "fixed_point"),
+        ("anderson", DiscreteDEQSolver, "anderson"),
+        ("broyden", DiscreteDEQSolver, "broyden"),
+        ("lbroyden", DiscreteDEQSolver, "lbroyden"),
+        ("newton_krylov", DiscreteDEQSolver, "newton_krylov"),
+        ("continuous", ContinuousDEQSolver, "tsit5"),
+        ("continuous_tsit5", ContinuousDEQSolver, "tsit5"),
+        ("continuous_dopri5", ContinuousDEQSolver, "dopri5"),
+        ("continuous_euler", ContinuousDEQSolver, "euler"),
+        ("continuous_rk4", ContinuousDEQSolver, "rk4"),
+    ],
+)
 def test_builtin_names(name, kind, algo):
     s = get_solver(name, max_steps=7)
     assert isinstance(s, kind) and s.max_steps == 7
@@ -64,6 +84,7 @@ def test_register_a_custom_solver(scratch_name):
         def solve(f, z0):
             calls.append(scale)
             return DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-10)(f, z0)
+
         return solve
 
     register_solver(scratch_name, factory)
@@ -93,6 +114,7 @@ def test_algorithm_object_and_custom_algorithm():
 
     class HalfStep(FixedPointAlgorithm):
         """z <- (z + f(z)) / 2, written against the public strategy interface."""
+
         name = "half"
 
         def step(self, state, z, fz, g, F):
@@ -100,25 +122,35 @@ def test_algorithm_object_and_custom_algorithm():
             return z_new, F(z_new), state
 
     res = DiscreteDEQSolver(HalfStep(), mode="abs_norm", abstol_termination=1e-10, max_steps=200)(
-        lambda z: 0.5 * z + 1, torch.zeros(1, 3, dtype=F64))
+        lambda z: 0.5 * z + 1, torch.zeros(1, 3, dtype=F64)
+    )
     assert res.all_converged
     torch.testing.assert_close(res.z, torch.full((1, 3), 2.0, dtype=F64), rtol=0, atol=1e-9)
     # (z + f(z)) / 2 contracts by 0.75: ||du_k|| = sqrt(3) 0.75^k
     k = 0
-    while 3 ** 0.5 * 0.75 ** k > 1e-10:
+    while 3**0.5 * 0.75**k > 1e-10:
         k += 1
     assert res.steps == k and res.nfe == k + 1
 
 
 def test_result_record():
     res = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-3)(
-        lambda z: 0.5 * z, torch.ones(2, 4, dtype=F64))
+        lambda z: 0.5 * z, torch.ones(2, 4, dtype=F64)
+    )
     assert isinstance(res, SolverResult)
     assert res.status == "converged" and str(res.status.value) == "converged"  # a str enum
     assert res.all_converged
     stats = res.stats()
-    assert set(stats) == {"nfe", "steps", "abs_residual_mean", "abs_residual_max", "rel_residual_mean",
-                          "rel_residual_max", "converged_fraction", "stalled_fraction"}
+    assert set(stats) == {
+        "nfe",
+        "steps",
+        "abs_residual_mean",
+        "abs_residual_max",
+        "rel_residual_mean",
+        "rel_residual_max",
+        "converged_fraction",
+        "stalled_fraction",
+    }
     assert stats["abs_residual_max"] == float(res.abs_residual.max()) <= 1e-3  # the one absolute measure
     assert stats["converged_fraction"] == 1.0 and stats["stalled_fraction"] == 0.0 and stats["nfe"] == res.nfe
     # rel_residual = ||f(z) - z|| / ||f(z)||: here f(z) = z/2, so |du| = |f(z)| and the ratio is 1.

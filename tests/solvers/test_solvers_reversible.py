@@ -1,4 +1,5 @@
 """ReversibleSolver: the coupled reversible iteration of McCallum et al. (arXiv 2509.12917), honest status."""
+
 import pytest
 import torch
 
@@ -19,7 +20,8 @@ def _manual(f, z0, beta, n):
 
 def test_converges_to_the_fixed_point_and_counts_two_evaluations_per_step():
     res = ReversibleSolver(beta=0.8, mode="abs_norm", abstol_termination=1e-10, max_steps=100)(
-        _affine, torch.zeros(3, 4, dtype=torch.float64))
+        _affine, torch.zeros(3, 4, dtype=torch.float64)
+    )
     assert res.status is SolverStatus.CONVERGED and bool(res.converged.all())
     assert torch.allclose(res.z, torch.full((3, 4), 2.0, dtype=torch.float64), atol=1e-9)
     assert res.nfe == 1 + 2 * res.steps
@@ -48,8 +50,8 @@ def test_each_sample_stops_on_its_own_and_is_frozen_at_its_own_step():
     steps = res.reversible.steps.tolist()
     assert steps[0] > steps[1] > 0 and res.status is SolverStatus.CONVERGED
     for i, n in enumerate(steps):
-        y, z = _manual(_affine, z0[i:i + 1], 0.8, n)
-        assert torch.equal(res.z[i:i + 1], z) and torch.equal(res.reversible.y[i:i + 1], y)
+        y, z = _manual(_affine, z0[i : i + 1], 0.8, n)
+        assert torch.equal(res.z[i : i + 1], z) and torch.equal(res.reversible.y[i : i + 1], y)
 
 
 def test_batch_wide_runs_every_sample_the_same_number_of_steps():
@@ -60,14 +62,16 @@ def test_batch_wide_runs_every_sample_the_same_number_of_steps():
 
 def test_honest_status_on_a_map_without_a_contraction():
     res = ReversibleSolver(mode="abs_norm", abstol_termination=1e-6, max_steps=30)(
-        lambda z: 2 * z + 1, torch.zeros(2, 3, dtype=torch.float64))
+        lambda z: 2 * z + 1, torch.zeros(2, 3, dtype=torch.float64)
+    )
     assert res.status is not SolverStatus.CONVERGED and not bool(res.converged.any())
     assert torch.isfinite(res.z).all() and torch.isfinite(res.reversible.y).all()
     with pytest.raises(SolverError, match="ReversibleSolver ended with status"):
         ReversibleSolver(mode="abs_norm", max_steps=30, throw=True)(lambda z: 2 * z + 1, torch.zeros(2, 3))
     # z = z + 1 has no fixed point: the residual never falls, the budget ends the solve
     res = ReversibleSolver(mode="abs_norm", abstol_termination=1e-8, max_steps=20)(
-        lambda z: z + 1, torch.ones(1, 2, dtype=torch.float64))
+        lambda z: z + 1, torch.ones(1, 2, dtype=torch.float64)
+    )
     assert res.status is not SolverStatus.CONVERGED and res.converged.tolist() == [False]
     assert float(res.abs_residual[0]) > 1.0
 
@@ -75,6 +79,7 @@ def test_honest_status_on_a_map_without_a_contraction():
 def test_a_nonfinite_step_keeps_the_last_finite_pair():
     def f(z):
         return torch.where(z.abs() > 5, torch.full_like(z, float("nan")), 3 * z + 1)
+
     res = ReversibleSolver(mode="abs_norm", max_steps=20)(f, torch.zeros(1, 2, dtype=torch.float64))
     assert res.status is SolverStatus.NONFINITE
     assert torch.isfinite(res.z).all() and torch.isfinite(res.reversible.y).all()
@@ -101,6 +106,7 @@ def test_empty_batch_and_list_states():
     assert res.nfe == 0 and res.reversible.steps.numel() == 0
     f = lambda zs: [0.5 * zs[0] + 1, 0.25 * zs[1] + zs[0].sum(1, keepdim=True)]  # noqa: E731
     res = ReversibleSolver(mode="abs_norm", abstol_termination=1e-9, max_steps=200)(
-        f, [torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64)])
+        f, [torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64)]
+    )
     assert res.status is SolverStatus.CONVERGED and isinstance(res.z, list)
     assert torch.allclose(res.z[1], torch.full((2, 1), 8.0, dtype=torch.float64), atol=1e-7)

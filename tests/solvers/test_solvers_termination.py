@@ -1,11 +1,11 @@
 """Termination modes on hand-built ``(z, du)`` sequences fed straight to ``TerminationTracker``."""
+
 import math
 
 import pytest
 import torch
 
-from deqlab.solvers import (TERMINATION_MODES, DiscreteDEQSolver, SolverStatus, TerminationCondition,
-                            TerminationTracker)
+from deqlab.solvers import TERMINATION_MODES, DiscreteDEQSolver, SolverStatus, TerminationCondition, TerminationTracker
 
 F64 = torch.float64
 
@@ -47,6 +47,7 @@ def scalar_objectives(cond, objs, N=1, z_value=None):
 # ---------------------------------------------------------------------------------------------------
 # Each plain mode, on a sequence designed so that it stops at a known step while its neighbours differ.
 # ---------------------------------------------------------------------------------------------------
+
 
 def test_abs_is_elementwise_max_not_the_norm():
     # 100 entries of 0.9e-3: max |du| <= 1e-3 (abs stops) but ||du|| = 9e-3 (abs_norm does not).
@@ -90,9 +91,9 @@ def test_rel_norm_scales_with_f_of_z():
 
 
 def test_norm_needs_both_abs_and_rel():
-    rel_only = (t([1000.0]), t([0.5]))      # rel 5e-4 ok, abs 0.5 not
-    abs_only = (t([0.0]), t([5e-4]))        # abs 5e-4 ok, rel = 1 not
-    both = (t([1.0]), t([5e-4]))            # both ok
+    rel_only = (t([1000.0]), t([0.5]))  # rel 5e-4 ok, abs 0.5 not
+    abs_only = (t([0.0]), t([5e-4]))  # abs 5e-4 ok, rel = 1 not
+    both = (t([1.0]), t([5e-4]))  # both ok
     cond = TerminationCondition("norm", abstol=1e-3, reltol=1e-3)
     assert feed(cond, [rel_only, abs_only, both])[0] == 2
     assert feed(TerminationCondition("abs_norm", abstol=1e-3), [rel_only, abs_only, both])[0] == 1
@@ -124,6 +125,7 @@ def test_rel_deq_objective_definition():
 # 30 below 1.3.
 # ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["abs_deq_default", "rel_deq_default", "abs_deq_best", "rel_deq_best"])
 def test_patience_rule_fires_when_stalled_below_3_tol(mode):
     cond = TerminationCondition(mode, abstol=1e-3, reltol=1e-3)
@@ -149,8 +151,9 @@ def test_patience_rule_needs_small_spread(mode):
     stop, _ = scalar_objectives(cond, [2e-3, 2.58e-3] * 40)
     assert stop == 29
     # min_max_factor is configurable.
-    stop, _ = scalar_objectives(TerminationCondition(mode, abstol=1e-3, reltol=1e-3, min_max_factor=1.5),
-                                [2e-3, 2.8e-3] * 40)
+    stop, _ = scalar_objectives(
+        TerminationCondition(mode, abstol=1e-3, reltol=1e-3, min_max_factor=1.5), [2e-3, 2.8e-3] * 40
+    )
     assert stop == 29
 
 
@@ -188,6 +191,7 @@ def test_plain_modes_have_no_patience_rule(mode):
 # Protective break: objective >= 1e3 * N * objective_0 marks the sample diverged (every mode).
 # ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", TERMINATION_MODES)
 def test_protective_break(mode):
     # Every entry: du = m, z = 1 - m (so du + z = 1). Every mode's objective is then proportional to m
@@ -199,7 +203,7 @@ def test_protective_break(mode):
     def seq(ms):
         return [(torch.full((1, N), 1.0 - m, dtype=F64), torch.full((1, N), m, dtype=F64)) for m in ms]
 
-    below = [1e-6, 1e-4, 1e-3, 3.9e-3]   # 3900 x objective_0: not yet
+    below = [1e-6, 1e-4, 1e-3, 3.9e-3]  # 3900 x objective_0: not yet
     stop, tr = feed(cond, seq(below))
     assert stop is None and not tr.diverged.any()
     stop, tr = feed(cond, seq(below + [4.1e-3]))
@@ -222,6 +226,7 @@ def test_protective_break_inactive_when_objective0_is_zero():
 # ---------------------------------------------------------------------------------------------------
 # *_deq_best: the returned iterate is the one with the lowest objective.
 # ---------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["abs_deq_best", "rel_deq_best"])
 def test_best_mode_returns_the_lowest_objective_iterate(mode):
@@ -272,6 +277,7 @@ def test_best_mode_through_a_solver():
 # RMS norm: one tolerance, any state size.
 # ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["abs_norm", "abs_deq_default", "norm"])
 def test_rms_norm_is_dimension_independent(mode):
     c = 3e-4
@@ -294,12 +300,14 @@ def test_rms_norm_same_steps_for_any_size():
     steps = {}
     for N in (4, 100_000):
         res = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-3, norm="rms")(
-            lambda z: 0.5 * z, torch.ones(1, N, dtype=F64))
+            lambda z: 0.5 * z, torch.ones(1, N, dtype=F64)
+        )
         steps[N] = res.steps
         torch.testing.assert_close(res.abs_residual, vec(2.0 ** -(res.steps + 1)))
     assert steps[4] == steps[100_000] == 9  # 2^-10 <= 1e-3 < 2^-9
     l2 = DiscreteDEQSolver("fixed_point", mode="abs_norm", abstol_termination=1e-3, norm="l2")(
-        lambda z: 0.5 * z, torch.ones(1, 100_000, dtype=F64))
+        lambda z: 0.5 * z, torch.ones(1, 100_000, dtype=F64)
+    )
     assert l2.steps > steps[100_000]
 
 

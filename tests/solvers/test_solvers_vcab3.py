@@ -4,16 +4,18 @@ Oracles independent of the solver: ``torch.linalg.matrix_exp`` (the exact linear
 (the steady state), counting wrappers around ``f``, the dense Jacobian (the implicit gradient), and runs
 of the same solver on sub-batches.
 """
+
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from deqlab_solvers_helpers import ADAPTIVE, Counted, spectral_scale
+
 from deqlab.nn import DeepEquilibriumNetwork, ImplicitBackward
 from deqlab.solvers import ContinuousDEQSolver, SolverError, SolverStatus, get_solver
 from deqlab.solvers.adams import fixed_step_solve
-from deqlab_solvers_helpers import ADAPTIVE, Counted, spectral_scale
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 
@@ -45,6 +47,7 @@ def affine(A, b, kind="lin"):
     def f(z):
         y = torch.bmm(A.to(z.dtype), z.unsqueeze(2)).squeeze(2) + b.to(z.dtype)
         return {"lin": y, "relu": torch.relu(y), "tanh": torch.tanh(y)}[kind]
+
     return f
 
 
@@ -61,6 +64,7 @@ def true_residual(f, z):
 
 
 # --------------------------------------------------------------------------- the method itself
+
 
 def test_the_adams_module_examples_run():
     import doctest
@@ -135,7 +139,8 @@ def test_contractive_maps_at_loose_and_tight_tolerances(kind, rho, symmetric):
     # stability interval and only the stability cap keeps the residual falling.
     for mode, tol, ode, max_steps in (("rel_norm", 5e-2, 5e-2, 200), ("abs_norm", 1e-8, 1e-3, 2000)):
         res = vcab3(tol=ode, mode=mode, abstol_termination=tol, reltol_termination=tol, max_steps=max_steps)(
-            f, torch.zeros(6, 12, dtype=F64))
+            f, torch.zeros(6, 12, dtype=F64)
+        )
         res_true = true_residual(f, res.z)
         fz_norm = torch.linalg.vector_norm(f(res.z), dim=1)
         met = res_true <= (tol if mode == "abs_norm" else tol * fz_norm) * (1 + 1e-9)
@@ -157,6 +162,7 @@ def test_stalled_solve_ends_honestly():
 
 
 # --------------------------------------------------------------------------- evaluations and steps
+
 
 def test_startup_cost_and_one_evaluation_per_accepted_step():
     """Re-run with max_steps = 0, 1, 2, ...: each stepper call's cost is the difference of the counts.
@@ -217,6 +223,7 @@ def test_max_steps_is_never_exceeded(max_steps):
 
 # --------------------------------------------------------------------------- guards
 
+
 def test_runaway_flows_are_diverged():
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
     for f in (lambda z: 2 * z + x, lambda z: z + 1):
@@ -255,14 +262,24 @@ def test_non_finite_flow_ends_nonfinite_with_the_last_finite_state(per_sample_st
 
 # --------------------------------------------------------------------------- batches
 
+
 @pytest.mark.parametrize("method", ADAPTIVE)
 @pytest.mark.parametrize("kind", ["tanh", "lin"])
 def test_per_sample_and_batch_wide_steps_agree_exactly_at_batch_size_one(method, kind):
     A, b = linear_problem(B=1, D=7, rho=0.95, seed=8, symmetric=True)
     f = affine(A, b, kind)
-    runs = [ContinuousDEQSolver(method, mode="rel_norm", ode_abstol=1e-3, ode_reltol=1e-3,
-                                reltol_termination=1e-3, max_steps=500, per_sample_steps=p)(f, torch.zeros(1, 7, dtype=F64))
-            for p in (True, False)]
+    runs = [
+        ContinuousDEQSolver(
+            method,
+            mode="rel_norm",
+            ode_abstol=1e-3,
+            ode_reltol=1e-3,
+            reltol_termination=1e-3,
+            max_steps=500,
+            per_sample_steps=p,
+        )(f, torch.zeros(1, 7, dtype=F64))
+        for p in (True, False)
+    ]
     a, c = runs
     assert a.status is SolverStatus.CONVERGED
     assert torch.equal(a.z, c.z) and torch.equal(a.t, c.t) and torch.equal(a.abs_residual, c.abs_residual)
@@ -274,22 +291,25 @@ def test_batch_wide_steps_move_every_sample_together():
     A, b = linear_problem(B=5, D=6, rho=0.9, seed=9)
     f = affine(A, b, "tanh")
     res = vcab3(tol=1e-6, mode="abs_norm", abstol_termination=1e-30, max_steps=40, per_sample_steps=False)(
-        f, torch.zeros(5, 6, dtype=F64))
+        f, torch.zeros(5, 6, dtype=F64)
+    )
     assert (res.t == res.t[0]).all() and (res.accepted_steps == res.accepted_steps[0]).all()
-    per_sample = vcab3(tol=1e-6, mode="abs_norm", abstol_termination=1e-30, max_steps=40)(f, torch.zeros(5, 6, dtype=F64))
+    per_sample = vcab3(tol=1e-6, mode="abs_norm", abstol_termination=1e-30, max_steps=40)(
+        f, torch.zeros(5, 6, dtype=F64)
+    )
     assert not (per_sample.t == per_sample.t[0]).all()  # each sample its own steps otherwise
 
 
 def test_a_sample_does_not_depend_on_the_rest_of_its_batch():
     A, b = linear_problem(B=8, D=6, rho=0.95, seed=10)
-    scales = torch.linspace(0.2, 3.0, 8, dtype=F64).unsqueeze(1)   # very different step histories
+    scales = torch.linspace(0.2, 3.0, 8, dtype=F64).unsqueeze(1)  # very different step histories
     f_all = affine(A, b * scales, "tanh")
     kw = dict(tol=1e-5, mode="abs_norm", abstol_termination=1e-6, max_steps=800)
     batch = vcab3(**kw)(f_all, torch.zeros(8, 6, dtype=F64))
     assert batch.status is SolverStatus.CONVERGED
     assert len(set(batch.sample_steps.tolist())) >= 3
     for i in range(8):
-        one = vcab3(**kw)(affine(A[i:i + 1], (b * scales)[i:i + 1], "tanh"), torch.zeros(1, 6, dtype=F64))
+        one = vcab3(**kw)(affine(A[i : i + 1], (b * scales)[i : i + 1], "tanh"), torch.zeros(1, 6, dtype=F64))
         torch.testing.assert_close(one.z[0], batch.z[i], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(one.t[0], batch.t[i], rtol=1e-12, atol=0)
         assert int(one.sample_steps[0]) == int(batch.sample_steps[i])
@@ -297,6 +317,7 @@ def test_a_sample_does_not_depend_on_the_rest_of_its_batch():
 
 
 # --------------------------------------------------------------------------- options
+
 
 @pytest.mark.parametrize("k", [2, 5])
 def test_check_every_gives_the_k1_result(k):
@@ -346,11 +367,12 @@ def test_registry_and_build_solver_names():
     assert build_solver("vcab3", reltol_termination=5e-2).ode_solver == "vcab3"
     from deqlab.nn import MultiScaleNeuralODE
 
-    with pytest.raises(ValueError, match="steady-state solver"):   # a fixed interval needs torchdyn's methods
+    with pytest.raises(ValueError, match="steady-state solver"):  # a fixed interval needs torchdyn's methods
         MultiScaleNeuralODE([nn.Identity()], [[None]], None, ContinuousDEQSolver("vcab3"), [(3,)])
 
 
 # --------------------------------------------------------------------------- a DEQ layer
+
 
 class _Dense(nn.Module):
     def __init__(self, d=5, dx=3):
@@ -379,7 +401,7 @@ def test_deq_layer_gradient_matches_the_dense_oracle():
     dl = 2 * (z.detach() - target)
     lams = []
     for i in range(3):
-        J = torch.autograd.functional.jacobian(lambda zz: model(zz[None], x[i:i + 1].detach())[0], z.detach()[i])
+        J = torch.autograd.functional.jacobian(lambda zz, i=i: model(zz[None], x[i : i + 1].detach())[0], z.detach()[i])
         lams.append(torch.linalg.solve((torch.eye(5, dtype=F64) - J).T, dl[i]))
     xx = x.detach().requires_grad_()
     params = list(model.parameters())
@@ -395,7 +417,8 @@ def test_accepted_steps_count_only_steps_that_moved(method):
     # steps are those that moved it (t advanced by exactly their step sizes), not the give-up.
     f = lambda z: torch.where((z > 1.2).any(dim=1, keepdim=True), torch.full_like(z, math.nan), 0.5 * z + 1)  # noqa: E731
     res = ContinuousDEQSolver(method, mode="abs_norm", abstol_termination=1e-8, max_steps=300)(
-        f, torch.zeros(1, 2, dtype=F64))
+        f, torch.zeros(1, 2, dtype=F64)
+    )
     assert res.status is SolverStatus.NONFINITE
     acc = int(res.accepted_steps[0])
     assert 0 < acc < res.steps

@@ -1,5 +1,6 @@
 """One residual vocabulary: ``abs_residual`` and ``rel_residual`` by name, the stopping test's own objective
 and its tolerance on the record, and the old name ``residual`` warning (issue 17)."""
+
 import warnings
 
 import pytest
@@ -16,12 +17,22 @@ def _f(z):
     return 0.5 * z + 1.0
 
 
-@pytest.mark.parametrize("mode, which", [("rel_norm", "rel"), ("rel_deq_default", "rel"), ("abs_norm", "abs"),
-                                         ("abs_deq_best", "abs")])
+@pytest.mark.parametrize(
+    "mode, which", [("rel_norm", "rel"), ("rel_deq_default", "rel"), ("abs_norm", "abs"), ("abs_deq_best", "abs")]
+)
 def test_the_objective_is_named_with_its_tolerance(mode, which):
-    for solver in (DiscreteDEQSolver("anderson", mode=mode, abstol_termination=1e-6, reltol_termination=1e-6),
-                   ContinuousDEQSolver("tsit5", mode=mode, abstol_termination=1e-6, reltol_termination=1e-6,
-                                       ode_abstol=1e-8, ode_reltol=1e-8, max_steps=400)):
+    for solver in (
+        DiscreteDEQSolver("anderson", mode=mode, abstol_termination=1e-6, reltol_termination=1e-6),
+        ContinuousDEQSolver(
+            "tsit5",
+            mode=mode,
+            abstol_termination=1e-6,
+            reltol_termination=1e-6,
+            ode_abstol=1e-8,
+            ode_reltol=1e-8,
+            max_steps=400,
+        ),
+    ):
         res = solver(_f, torch.zeros(3, 4, dtype=F64))
         z, fz = res.z, _f(res.z)
         abs_res = torch.linalg.vector_norm(fz - z, dim=1)
