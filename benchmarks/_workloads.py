@@ -148,8 +148,9 @@ def per_sample_mlp(batch: int, width: int, hidden: int, device) -> Tuple[Callabl
     return PerSampleMap(fn, rate, x), torch.zeros(batch, width, device=device)
 
 
-def mnist_labelled(data_dir: Optional[Union[str, Path]], split: str, n: int, *, normalize: bool = True,
-                   seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, str]:
+def mnist_labelled(
+    data_dir: Optional[Union[str, Path]], split: str, n: int, *, normalize: bool = True, seed: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor, str]:
     """The first ``n`` MNIST images of ``split`` as ``(n, 1, 28, 28)`` float32, their int64 labels, and where
     they came from.
 
@@ -174,8 +175,9 @@ def mnist_labelled(data_dir: Optional[Union[str, Path]], split: str, n: int, *, 
     return x, torch.randint(0, 10, (n,), generator=g), source
 
 
-def mnist_images(data_dir: Optional[Union[str, Path]], split: str, n: int, *, normalize: bool = True,
-                 seed: int = 0) -> Tuple[torch.Tensor, str]:
+def mnist_images(
+    data_dir: Optional[Union[str, Path]], split: str, n: int, *, normalize: bool = True, seed: int = 0
+) -> Tuple[torch.Tensor, str]:
     """The first ``n`` MNIST images of ``split`` as ``(n, 1, 28, 28)`` float32, and where they came from
     (:func:`mnist_labelled` without the labels)."""
     x, _, source = mnist_labelled(data_dir, split, n, normalize=normalize, seed=seed)

@@ -41,6 +41,7 @@ Usage::
 
 Without MNIST under ``--data-dir`` it runs on seeded noise and says so (accuracies are then meaningless).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,15 +102,24 @@ def reversible_solver(template, beta: float, max_steps: int, tol: Optional[float
     from deqlab.solvers import ReversibleSolver
 
     term = template.termination
-    mode = term.mode[:-len("_best")] + "_default" if term.mode.endswith("_best") else term.mode
+    mode = term.mode[: -len("_best")] + "_default" if term.mode.endswith("_best") else term.mode
     abstol = term.abstol if tol is None else tol
     reltol = term.reltol if tol is None else tol
-    return ReversibleSolver(beta=beta, mode=mode, abstol_termination=abstol, reltol_termination=reltol,
-                            max_steps=max_steps)
+    return ReversibleSolver(
+        beta=beta, mode=mode, abstol_termination=abstol, reltol_termination=reltol, max_steps=max_steps
+    )
 
 
-def set_mode(layer: nn.Module, mode: str, args, *, own_solver, phantom_steps: Optional[int] = None,
-             rev_steps: Optional[int] = None, rev_tol: Optional[float] = None) -> str:
+def set_mode(
+    layer: nn.Module,
+    mode: str,
+    args,
+    *,
+    own_solver,
+    phantom_steps: Optional[int] = None,
+    rev_steps: Optional[int] = None,
+    rev_tol: Optional[float] = None,
+) -> str:
     """Give ``layer`` the solver and backward of ``mode``; returns a description of the pair."""
     from deqlab.nn import ImplicitBackward, NeumannPhantomGradient, PhantomGradient, ReversibleBackward
 
@@ -121,7 +131,7 @@ def set_mode(layer: nn.Module, mode: str, args, *, own_solver, phantom_steps: Op
     layer.solver = own_solver
     if mode == "implicit":
         layer.backward = ImplicitBackward("gmres", max_steps=args.implicit_max_steps)
-        return f"`ImplicitBackward(\"gmres\", max_steps={args.implicit_max_steps})` (the models' default)"
+        return f'`ImplicitBackward("gmres", max_steps={args.implicit_max_steps})` (the models\' default)'
     if mode == "phantom":
         k = args.phantom_steps if phantom_steps is None else phantom_steps
         layer.backward = PhantomGradient(steps=k, damping=args.phantom_damping)
@@ -180,8 +190,8 @@ def evaluate(net: nn.Module, x: Tensor, y: Tensor, batch: int) -> Tuple[float, f
     net.eval()
     correct, nfes = 0, []
     for i in range(0, len(x), batch):
-        logits, sol = net(x[i:i + batch])
-        correct += int((logits.argmax(1) == y[i:i + batch]).sum())
+        logits, sol = net(x[i : i + batch])
+        correct += int((logits.argmax(1) == y[i : i + batch]).sum())
         nfes.append(float(sol.nfe))
     net.train()
     return correct / len(x), statistics.fmean(nfes)
@@ -211,6 +221,7 @@ def saved_bytes(net: nn.Module, x: Tensor) -> int:
 
 def step_memory(net: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> Tuple[int, int, int]:
     """(fwd+bwd peak, backward-only peak, saved fwd→bwd) bytes of one training step (no optimizer step)."""
+
     def fwd_bwd() -> None:
         logits, _ = net(x)
         F.cross_entropy(logits, y).backward()
@@ -249,7 +260,7 @@ def run_model(arch: str, args, device: torch.device, data) -> dict:
     order = torch.randperm(len(xtr), generator=g)
     while len(order) < steps * batch:  # a small training set (quick runs): go round again
         order = torch.cat([order, torch.randperm(len(xtr), generator=g)])
-    batches = [order[i * batch:(i + 1) * batch] for i in range(steps)]
+    batches = [order[i * batch : (i + 1) * batch] for i in range(steps)]
 
     runs: List[Run] = []
     own_solver = None
@@ -278,8 +289,11 @@ def run_model(arch: str, args, device: torch.device, data) -> dict:
                 r.step.add(time.perf_counter() - t)
             record(r, sol, loss)
         if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
-            print(f"  [{arch}] step {i + 1}/{steps} ({time.perf_counter() - t0:.0f} s): "
-                  + ", ".join(f"{r.mode} loss {statistics.fmean(r.losses[-10:]):.3f}" for r in runs), flush=True)
+            print(
+                f"  [{arch}] step {i + 1}/{steps} ({time.perf_counter() - t0:.0f} s): "
+                + ", ".join(f"{r.mode} loss {statistics.fmean(r.losses[-10:]):.3f}" for r in runs),
+                flush=True,
+            )
     train_s = time.perf_counter() - t0
 
     xt, yt = xte[:n_test].to(device), yte[:n_test].to(device)
@@ -297,10 +311,12 @@ def run_model(arch: str, args, device: torch.device, data) -> dict:
         net = base.net
         layer = deq_layer(net)
         k0, n0 = args.phantom_steps, args.rev_max_steps
-        for mode, kw, label in (("phantom", dict(phantom_steps=k0), f"phantom, {k0} steps"),
-                                ("phantom", dict(phantom_steps=4 * k0), f"phantom, {4 * k0} steps"),
-                                ("reversible", dict(rev_steps=n0, rev_tol=0.0), f"reversible, {n0} steps"),
-                                ("reversible", dict(rev_steps=4 * n0, rev_tol=0.0), f"reversible, {4 * n0} steps")):
+        for mode, kw, label in (
+            ("phantom", dict(phantom_steps=k0), f"phantom, {k0} steps"),
+            ("phantom", dict(phantom_steps=4 * k0), f"phantom, {4 * k0} steps"),
+            ("reversible", dict(rev_steps=n0, rev_tol=0.0), f"reversible, {n0} steps"),
+            ("reversible", dict(rev_steps=4 * n0, rev_tol=0.0), f"reversible, {4 * n0} steps"),
+        ):
             set_mode(layer, mode, args, own_solver=own_solver, **kw)
             net.zero_grad(set_to_none=True)
             logits, sol = net(mx)
@@ -310,8 +326,7 @@ def run_model(arch: str, args, device: torch.device, data) -> dict:
             del logits, loss, sol
         set_mode(layer, base.mode, args, own_solver=own_solver)
         net.zero_grad(set_to_none=True)
-    return dict(arch=arch, runs=runs, steps=steps, batch=batch, n_test=n_test, train_s=train_s,
-                scaling=scaling)
+    return dict(arch=arch, runs=runs, steps=steps, batch=batch, n_test=n_test, train_s=train_s, scaling=scaling)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -324,13 +339,40 @@ def mean(xs: List[float]) -> float:
 def model_table(res: dict) -> str:
     rows = []
     for r in res["runs"]:
-        rows.append([r.mode, f"{r.accuracy:.2%}", f"{mean(r.losses[-10:]):.3f}", f"{mean(r.fwd_nfe):.1f}", f"{mean(r.bwd_nfe):.1f}",
-                     f"{mean(r.converged):.0%}" if r.converged else "n/a", f"{r.test_nfe:.1f}",
-                     fmt_time(r.step.median), fmt_time(r.step.iqr), fmt_bytes(r.peak), fmt_bytes(r.bwd_peak),
-                     fmt_bytes(r.saved)])
-    return markdown_table(["mode", "test acc", "train loss", "fwd NFE", "bwd NFE", "fwd converged", "test fwd NFE",
-                           "step (median)", "step IQR", "fwd+bwd peak", "backward peak", "saved fwd→bwd"],
-                          rows, "lrrrrrrrrrrr")
+        rows.append(
+            [
+                r.mode,
+                f"{r.accuracy:.2%}",
+                f"{mean(r.losses[-10:]):.3f}",
+                f"{mean(r.fwd_nfe):.1f}",
+                f"{mean(r.bwd_nfe):.1f}",
+                f"{mean(r.converged):.0%}" if r.converged else "n/a",
+                f"{r.test_nfe:.1f}",
+                fmt_time(r.step.median),
+                fmt_time(r.step.iqr),
+                fmt_bytes(r.peak),
+                fmt_bytes(r.bwd_peak),
+                fmt_bytes(r.saved),
+            ]
+        )
+    return markdown_table(
+        [
+            "mode",
+            "test acc",
+            "train loss",
+            "fwd NFE",
+            "bwd NFE",
+            "fwd converged",
+            "test fwd NFE",
+            "step (median)",
+            "step IQR",
+            "fwd+bwd peak",
+            "backward peak",
+            "saved fwd→bwd",
+        ],
+        rows,
+        "lrrrrrrrrrrr",
+    )
 
 
 def scaling_table(res: dict) -> str:
@@ -348,7 +390,7 @@ def build_report(results: List[dict], info: dict, args, source: str) -> str:
         machine_header(info),
         "",
         f"Data: {source}. The paper's MNIST models, vanilla DEQ, their own L-Broyden forward "
-        "(`build_model(\"mnist\", arch, model_type=\"vanilla\", solver=\"discrete\")`), the same initial weights "
+        '(`build_model("mnist", arch, model_type="vanilla", solver="discrete")`), the same initial weights '
         f"(seed {args.seed}) and batch sequence for every mode, AdamW lr {args.lr:g}, cross-entropy; the modes "
         "take turns on each batch (round-robin). Modes:",
         "",
@@ -373,17 +415,30 @@ def build_report(results: List[dict], info: dict, args, source: str) -> str:
     ]
     for res in results:
         runs = res["runs"]
-        parts += [f"### MNIST {res['arch']} ({res['steps']} steps × batch {res['batch']}, test on {res['n_test']} "
-                  f"images; training took {res['train_s']:.0f} s for all modes)", "", model_table(res), ""]
+        parts += [
+            f"### MNIST {res['arch']} ({res['steps']} steps × batch {res['batch']}, test on {res['n_test']} "
+            f"images; training took {res['train_s']:.0f} s for all modes)",
+            "",
+            model_table(res),
+            "",
+        ]
         rev = next((r for r in runs if r.mode == "reversible"), None)
         if rev is not None and rev.rev_residual:
-            parts += [f"Reversible reconstruction error (`solution.backward_residual`, max over the batch): "
-                      f"median {statistics.median(rev.rev_residual):.1e}, max {max(rev.rev_residual):.1e} over "
-                      "the training steps.", ""]
+            parts += [
+                f"Reversible reconstruction error (`solution.backward_residual`, max over the batch): "
+                f"median {statistics.median(rev.rev_residual):.1e}, max {max(rev.rev_residual):.1e} over "
+                "the training steps.",
+                "",
+            ]
         if res["scaling"]:
-            parts += ["Backward peak against the backward's steps on the trained model (the "
-                      f"{runs[0].mode if runs[0].mode != 'reversible' else runs[1].mode} network; reversible at "
-                      "tolerance 0, so every step runs):", "", scaling_table(res), ""]
+            parts += [
+                "Backward peak against the backward's steps on the trained model (the "
+                f"{runs[0].mode if runs[0].mode != 'reversible' else runs[1].mode} network; reversible at "
+                "tolerance 0, so every step runs):",
+                "",
+                scaling_table(res),
+                "",
+            ]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -391,14 +446,19 @@ def build_report(results: List[dict], info: dict, args, source: str) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=os.environ.get("DEQLAB_DATA", "data"),
-                   help="folder holding MNIST/raw (default $DEQLAB_DATA or ./data; seeded noise when absent)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("DEQLAB_DATA", "data"),
+        help="folder holding MNIST/raw (default $DEQLAB_DATA or ./data; seeded noise when absent)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 = torch default)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: 3 steps of batch 8, 16 test images, no RESULTS.md update")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: 3 steps of batch 8, 16 test images, no RESULTS.md update"
+    )
     p.add_argument("--models", default="dense,conv", help="comma-separated subset of: " + ",".join(ARCHS))
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ",".join(MODES))
     p.add_argument("--dense-steps", type=int, default=None, help="training steps, dense model (default 400)")
@@ -414,21 +474,35 @@ def parse_args(argv=None):
     p.add_argument("--phantom-damping", type=float, default=0.5)
     p.add_argument("--neumann-steps", type=int, default=5)
     p.add_argument("--rev-beta", type=float, default=0.8, help="ReversibleSolver beta (default 0.8, the paper's)")
-    p.add_argument("--rev-max-steps", type=int, default=6,
-                   help="ReversibleSolver max_steps (default 6: at most 13 f evaluations, as RevDEQ trains)")
-    p.add_argument("--no-scaling", dest="scaling", action="store_false",
-                   help="skip the memory-against-steps table")
+    p.add_argument(
+        "--rev-max-steps",
+        type=int,
+        default=6,
+        help="ReversibleSolver max_steps (default 6: at most 13 f evaluations, as RevDEQ trains)",
+    )
+    p.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the memory-against-steps table")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--write", dest="write", action="store_true", default=None,
-                   help="update benchmarks/RESULTS.md (default unless --quick)")
+    p.add_argument(
+        "--write",
+        dest="write",
+        action="store_true",
+        default=None,
+        help="update benchmarks/RESULTS.md (default unless --quick)",
+    )
     p.add_argument("--no-write", dest="write", action="store_false")
     p.add_argument("--results", type=Path, default=None, help="results file (default benchmarks/RESULTS.md)")
     p.add_argument("--section", default=None, help=f"RESULTS.md section name (default '{SECTION}')")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     q = args.quick
-    defaults = dict(dense_steps=3 if q else 400, conv_steps=3 if q else 30, batch=8 if q else 32,
-                    warmup=1 if q else 3, test_subset=16 if q else 2000, conv_test_subset=16 if q else 500)
+    defaults = dict(
+        dense_steps=3 if q else 400,
+        conv_steps=3 if q else 30,
+        batch=8 if q else 32,
+        warmup=1 if q else 3,
+        test_subset=16 if q else 2000,
+        conv_test_subset=16 if q else 500,
+    )
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -458,8 +532,10 @@ def main(argv=None) -> int:
     info = machine_info(device, packages=["torch", "deqlab"])
     print(machine_header(info).replace("**", ""), flush=True)
 
-    n_train = max(args.dense_steps if "dense" in args.models else 0,
-                  args.conv_steps if "conv" in args.models else 0) * args.batch
+    n_train = (
+        max(args.dense_steps if "dense" in args.models else 0, args.conv_steps if "conv" in args.models else 0)
+        * args.batch
+    )
     n_test = max(args.test_subset, args.conv_test_subset)
     xtr, ytr, src_tr = mnist_labelled(args.data_dir, "train", n_train, seed=args.seed)
     xte, yte, src_te = mnist_labelled(args.data_dir, "test", n_test, seed=args.seed + 1)

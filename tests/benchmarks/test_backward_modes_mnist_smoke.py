@@ -2,6 +2,7 @@
 trains the dense model under every backward mode and writes one table row per mode (accuracy, NFE, step
 time, memory), the reversible rows with the reversible solver's NFE (1 + 2 × steps), and the
 memory-against-steps table in which reversible's backward peak does not grow with its steps."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,19 +25,37 @@ def _cells(line: str) -> list:
 
 def _kib(text: str) -> float:
     value, unit = text.split()
-    return float(value) * {"B": 1 / 1024, "KiB": 1, "MiB": 1024, "GiB": 1024 ** 2}[unit]
+    return float(value) * {"B": 1 / 1024, "KiB": 1, "MiB": 1024, "GiB": 1024**2}[unit]
 
 
 def test_quick_run_reports_every_mode_on_idx_mnist(tmp_path):
     labels = (np.arange(32) % 10).astype(np.uint8)
-    writers.write_mnist(tmp_path, writers.random_images(32, (28, 28), 1), labels,
-                        writers.random_images(16, (28, 28), 2), labels[:16])
+    writers.write_mnist(
+        tmp_path, writers.random_images(32, (28, 28), 1), labels, writers.random_images(16, (28, 28), 2), labels[:16]
+    )
     results = tmp_path / "RESULTS.md"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "backward_modes_mnist.py"), "--quick",
-                           "--data-dir", str(tmp_path), "--models", "dense", "--dense-steps", "2",
-                           "--write", "--results", str(results)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "backward_modes_mnist.py"),
+            "--quick",
+            "--data-dir",
+            str(tmp_path),
+            "--models",
+            "dense",
+            "--dense-steps",
+            "2",
+            "--write",
+            "--results",
+            str(results),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = results.read_text(encoding="utf-8")
     assert "<!-- backward-modes-mnist:start -->" in text
