@@ -46,6 +46,7 @@ bench:
 	$(MAKE) EXTRAS=dev,bench $(VENV)/.stamp-dev,bench
 	$(PY) benchmarks/solvers.py
 	$(PY) benchmarks/backward.py
+	$(PY) benchmarks/backward_modes_mnist.py
 	$(PY) benchmarks/train_step.py --quick --repeats 5 --write --prediction
 	$(PY) benchmarks/per_sample_exit.py
 	$(PY) benchmarks/revision_ab.py

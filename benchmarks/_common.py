@@ -8,6 +8,8 @@ What lives here:
   warm-up and the median of several repeats; CUDA work is synchronised before reading the clock.
 * :func:`machine_info` / :func:`machine_header` – platform, CPU model, GPU, package versions, threads and
   date, printed above every results table.
+* :func:`peak_bytes` – the peak bytes allocated during one call (torch's profiler on CPU, the CUDA
+  allocator's statistics on a GPU).
 * :func:`markdown_table` – a plain GitHub-flavoured markdown table.
 * :func:`shown_argv` – the command line a report names, without where its output went.
 * :func:`update_results_section` – write one named section of ``benchmarks/RESULTS.md`` between
@@ -20,6 +22,7 @@ Only the standard library and torch are imported. The per-region breakdowns use 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import os
@@ -173,6 +176,61 @@ def fmt_time(seconds: float) -> str:
     if seconds < 1.0:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's C++ log lines on fd 2 (kineto prints start/stop and device probes)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except OSError:  # pragma: no cover - no real fd 2
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated during ``fn()`` above what was allocated when it started (torch's CPU
+    allocator events replayed in time order from ``torch.profiler``; on CUDA ``max_memory_allocated``)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = []
+    stack = list(reversed(prof.profiler.kineto_results.experimental_event_tree()))
+    order = 0
+    while stack:  # depth-first in recorded order; then a stable sort by time
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == device.type:
+            events.append((node.start_time_ns, order, node.extra_fields.alloc_size))
+            order += 1
+        stack.extend(reversed(node.children))
+    events.sort()
+    cur = peak = 0
+    for _, _, size in events:
+        cur += size
+        peak = max(peak, cur)
+    return int(peak)
 
 
 # ------------------------------------------------------------------------------------------ machine info

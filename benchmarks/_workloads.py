@@ -9,9 +9,9 @@ its helpers from ``_common.py``, and no benchmark script imports another one.
   from a seed in float64 and cast, so every script and every revision sees the same numbers;
 * :func:`relative_residual` – the per-sample criterion the solver benchmarks re-measure;
 * :func:`per_sample_mlp` – the unevenly converging batch of ``per_sample_exit.py``;
-* :func:`mnist_images` – real MNIST images through deqlab's one loader
-  (``deqlab.data.load_mnist_tensors``), or seeded noise of the same shape and scale when the files are not
-  there, so a benchmark runs anywhere and says which it used.
+* :func:`mnist_labelled` / :func:`mnist_images` – real MNIST images (with or without their labels) through
+  deqlab's one loader (``deqlab.data.load_mnist_tensors``), or seeded noise of the same shape and scale when
+  the files are not there, so a benchmark runs anywhere and says which it used.
 
 Only torch is imported here at module level: ``revision_ab.py``'s worker imports this module next to old
 revisions of deqlab, and deqlab's data modules cost seconds to import.
@@ -148,24 +148,37 @@ def per_sample_mlp(batch: int, width: int, hidden: int, device) -> Tuple[Callabl
     return PerSampleMap(fn, rate, x), torch.zeros(batch, width, device=device)
 
 
-def mnist_images(
+def mnist_labelled(
     data_dir: Optional[Union[str, Path]], split: str, n: int, *, normalize: bool = True, seed: int = 0
-) -> Tuple[torch.Tensor, str]:
-    """The first ``n`` MNIST images of ``split`` as ``(n, 1, 28, 28)`` float32, and where they came from.
+) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """The first ``n`` MNIST images of ``split`` as ``(n, 1, 28, 28)`` float32, their int64 labels, and where
+    they came from.
 
     Real digits from ``data_dir/MNIST/raw`` (``deqlab.data.load_mnist_tensors``, normalised like the data
     module unless ``normalize=False``); when the files are not there (or ``data_dir`` is empty), seeded noise
-    of the same scale: Gaussian for normalised pixels, uniform on [0, 1] for raw ones.
+    of the same scale (Gaussian for normalised pixels, uniform on [0, 1] for raw ones) with seeded random
+    labels, so a benchmark runs anywhere and says which it used.
     """
     if data_dir:
         from deqlab.data import load_mnist_tensors
 
         try:
-            x, _ = load_mnist_tensors(data_dir, split, normalize=normalize, limit=n)  # type: ignore[arg-type]
-            return x, f"the first {len(x)} MNIST {split} images"
+            x, y = load_mnist_tensors(data_dir, split, normalize=normalize, limit=n)  # type: ignore[arg-type]
+            return x, y, f"the first {len(x)} MNIST {split} images"
         except FileNotFoundError:
             pass
     g = torch.Generator().manual_seed(seed)
     if normalize:
-        return torch.randn(n, 1, 28, 28, generator=g), "Gaussian noise (MNIST not found)"
-    return torch.rand(n, 1, 28, 28, generator=g), "uniform noise on [0, 1] (MNIST not found)"
+        x, source = torch.randn(n, 1, 28, 28, generator=g), "Gaussian noise (MNIST not found)"
+    else:
+        x, source = torch.rand(n, 1, 28, 28, generator=g), "uniform noise on [0, 1] (MNIST not found)"
+    return x, torch.randint(0, 10, (n,), generator=g), source
+
+
+def mnist_images(
+    data_dir: Optional[Union[str, Path]], split: str, n: int, *, normalize: bool = True, seed: int = 0
+) -> Tuple[torch.Tensor, str]:
+    """The first ``n`` MNIST images of ``split`` as ``(n, 1, 28, 28)`` float32, and where they came from
+    (:func:`mnist_labelled` without the labels)."""
+    x, _, source = mnist_labelled(data_dir, split, n, normalize=normalize, seed=seed)
+    return x, source

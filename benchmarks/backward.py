@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import time
@@ -67,6 +66,7 @@ from _common import (  # noqa: E402
     machine_header,
     machine_info,
     markdown_table,
+    peak_bytes,
     setup_threads,
     shown_argv,
     synchronize,
@@ -276,60 +276,8 @@ def rel_err(g: Tensor, ref: Tensor) -> float:
     return float(torch.linalg.vector_norm(g - ref) / torch.linalg.vector_norm(ref))
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence the profiler's C++ log lines on fd 2 (kineto prints start/stop and device probes)."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except OSError:  # pragma: no cover - no real fd 2
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated during ``fn()`` above what was allocated when it started (see module doc)."""
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr():
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    events = []
-    stack = list(reversed(prof.profiler.kineto_results.experimental_event_tree()))
-    order = 0
-    while stack:  # depth-first in recorded order; then a stable sort by time
-        node = stack.pop()
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == device.type:
-            events.append((node.start_time_ns, order, node.extra_fields.alloc_size))
-            order += 1
-        stack.extend(reversed(node.children))
-    events.sort()
-    cur = peak = 0
-    for _, _, size in events:
-        cur += size
-        peak = max(peak, cur)
-    return int(peak)
-
-
-def saved_bytes(
-    forward: Callable[[], Tuple[Tensor, object]], c: Tensor, params: Sequence[Tensor], existing: Sequence[Tensor]
-) -> int:
+def saved_bytes(forward: Callable[[], Tuple[Tensor, object]], c: Tensor, params: Sequence[Tensor],
+                existing: Sequence[Tensor]) -> int:
     """Bytes of the distinct storages the autograd graph saves during the forward (what the graph holds
     until backward), not counting storages that existed before (parameters, ``x``)."""
     skip = {t.untyped_storage().data_ptr() for t in existing}
