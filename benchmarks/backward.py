@@ -276,8 +276,9 @@ def rel_err(g: Tensor, ref: Tensor) -> float:
     return float(torch.linalg.vector_norm(g - ref) / torch.linalg.vector_norm(ref))
 
 
-def saved_bytes(forward: Callable[[], Tuple[Tensor, object]], c: Tensor, params: Sequence[Tensor],
-                existing: Sequence[Tensor]) -> int:
+def saved_bytes(
+    forward: Callable[[], Tuple[Tensor, object]], c: Tensor, params: Sequence[Tensor], existing: Sequence[Tensor]
+) -> int:
     """Bytes of the distinct storages the autograd graph saves during the forward (what the graph holds
     until backward), not counting storages that existed before (parameters, ``x``)."""
     skip = {t.untyped_storage().data_ptr() for t in existing}
