@@ -58,6 +58,8 @@ from _common import (  # noqa: E402
 )
 from _workloads import mnist_images  # noqa: E402
 
+from deqlab.spec import model_kind  # noqa: E402
+
 # name -> (experiment, arch, input shape, paper batch, quick batch)
 MODELS = {
     "mnist_dense": ("mnist", "dense", (1, 28, 28), 32, 32),
@@ -279,7 +281,7 @@ class StepBench:
         logits = self.model.head(from_parts(zl, is_list))
         loss = F.cross_entropy(logits, self.y)
         outs, grads = [loss], [None]
-        if self.model_type == "skip":
+        if model_kind(self.model_type).shortcut:  # the Skip DEQ's learned guess and its skip loss
             u0 = deq.init.shortcut(xs)
             u0 = list(u0) if isinstance(u0, (list, tuple)) else [u0]
             skip = sum((a - b).abs().mean() for a, b in zip(u0, z_parts))
@@ -507,7 +509,8 @@ def run_config(name: str, model_type: str, solver: str, args, device: torch.devi
     bench = StepBench(name, model_type, solver, batch, device, args.seed)
     comp = StepBench(name, model_type, solver, batch, device, args.seed, compile_map=True) if args.compile else None
     tdq = None
-    if args.torchdeq and model_type == "vanilla" and solver == "discrete":
+    kind = model_kind(model_type)
+    if args.torchdeq and kind.is_deq and not kind.learns_guess and solver == "discrete":  # vanilla
         try:
             tdq = TorchDEQStep(bench)
         except ImportError:

@@ -120,7 +120,7 @@ def test_a_model_type_is_compared_in_one_module():
     names = r"""["'](vanilla|skip|skip_reg|neural_ode)["']"""
     pattern = re.compile(rf"(==|!=)\s*{names}|{names}\s*(==|!=)|\bmodel_type\s*(==|!=|not in\b)|if .*\bmodel_type in\b")
     hits = []
-    for path in [*PACKAGE.rglob("*.py"), *(ROOT / "paper_repro").rglob("*.py")]:
+    for path in [*PACKAGE.rglob("*.py"), *(ROOT / "paper_repro").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]:
         for i, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
             if pattern.search(code) and not code.lstrip().startswith((">>>", "``")):
