@@ -490,6 +490,11 @@ def parse_args(argv=None):
         help="update benchmarks/RESULTS.md (default unless --quick)",
     )
     p.add_argument("--no-write", dest="write", action="store_false")
+    p.add_argument(
+        "--write-noise",
+        action="store_true",
+        help="write RESULTS.md even when MNIST was not found and the run used seeded noise",
+    )
     p.add_argument("--results", type=Path, default=None, help="results file (default benchmarks/RESULTS.md)")
     p.add_argument("--section", default=None, help=f"RESULTS.md section name (default '{SECTION}')")
     args = p.parse_args(argv)
@@ -552,7 +557,10 @@ def main(argv=None) -> int:
     report = build_report(results, info, args, source)
     print()
     print(report)
-    if args.write:
+    if args.write and "MNIST not found" in source and not args.write_noise:
+        # the committed section holds real-MNIST figures: a run on noise must not replace them silently
+        print("not writing RESULTS.md: MNIST was not found (pass --data-dir, or --write-noise to write anyway)")
+    elif args.write:
         kw = {"path": args.results} if args.results else {}
         path = update_results_section(args.section or SECTION, report, **kw)
         print(f"wrote section '{args.section or SECTION}' of {path}")

@@ -72,3 +72,17 @@ def test_quick_run_reports_every_mode_on_idx_mnist(tmp_path):
     scaling = {c[0]: c for c in lines if c[0].startswith(("phantom, ", "reversible, "))}
     assert list(scaling) == ["phantom, 5 steps", "phantom, 20 steps", "reversible, 6 steps", "reversible, 24 steps"]
     assert _kib(scaling["reversible, 24 steps"][3]) <= 1.05 * _kib(scaling["reversible, 6 steps"][3])
+
+
+def test_a_run_on_noise_does_not_replace_the_committed_figures(tmp_path):
+    # `make bench` on a machine without MNIST falls back to seeded noise: RESULTS.md keeps its real figures
+    results = tmp_path / "RESULTS.md"
+    results.write_text("measured on real MNIST\n", encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = [sys.executable, str(ROOT / "benchmarks" / "backward_modes_mnist.py"), "--quick", "--data-dir",
+            str(tmp_path / "empty"), "--models", "dense", "--modes", "implicit", "--dense-steps", "1", "--write",
+            "--results", str(results)]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not writing RESULTS.md: MNIST was not found" in proc.stdout
+    assert results.read_text(encoding="utf-8") == "measured on real MNIST\n"
