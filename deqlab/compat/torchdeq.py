@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from deqlab.nn.regularization import jacobian_frobenius_estimate
 from deqlab.nn.spectral import power_iteration, spectral_radius
-from deqlab.nn.trajectory import correction_weights, sample_steps
+from deqlab.nn.trajectory import correction_weights, fixed_point_correction_loss, sample_steps
 from deqlab.solvers import DiscreteDEQSolver, FixedPointLinearSolver, record_iterates
 from deqlab.solvers.termination import TerminationMode
 
@@ -478,12 +479,10 @@ def jac_reg(f0: Tensor, z0: Tensor, vecs: int = 1, create_graph: bool = True) ->
     probes (the estimate of deqlab's [`jacobian_frobenius_estimate`][deqlab.nn.jacobian_frobenius_estimate]
     with ``normalize="element"``; the probes are drawn as torchdeq draws them, float32 then cast, so a
     seeded script gets torchdeq's number)."""
-    total = f0.new_zeros(())
-    for _ in range(vecs):
-        v = torch.randn(*z0.shape).to(z0)
-        vj = torch.autograd.grad(f0, z0, v, retain_graph=True, create_graph=create_graph)[0]
-        total = total + vj.norm() ** 2
-    return total / vecs / z0.numel()
+    return jacobian_frobenius_estimate(
+        f0, z0, n_probes=vecs, normalize="element", create_graph=create_graph, retain_graph=True,
+        probe=lambda t: torch.randn(*t.shape).to(t),
+    )  # fmt: skip
 
 
 def power_method(f0: Tensor, z0: Tensor, n_iters: int = 100) -> Tuple[Tensor, Tensor]:
@@ -536,13 +535,9 @@ def fp_correction(
             return a
         return a[i] if len(a) == n else a[-1]
 
-    loss: Union[float, Tensor] = 0.0
-    values: List[float] = []
-    for i in range(n):
-        term = crit(*[pick(a, i) for a in args])
-        loss = loss + weights[i] * term
-        values.append(float(term))
-    return (loss, values) if return_loss_values else loss
+    per_state = [tuple(pick(a, i) for a in args) for i in range(n)]  # crit's arguments, one tuple per state
+    loss, parts = fixed_point_correction_loss(lambda a, _: crit(*a), per_state, None, weights, return_parts=True)
+    return (loss, [float(p) for p in parts]) if return_loss_values else loss
 
 
 def _check_keys_of(owner: str, kwargs: Dict[str, Any], valid: Sequence[str]) -> None:

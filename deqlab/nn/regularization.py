@@ -15,7 +15,7 @@ Normalisation (``normalize``):
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence, Union
+from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -34,7 +34,9 @@ def jacobian_frobenius_estimate(
     n_probes: int = 1,
     normalize: Normalize = "element",
     create_graph: bool = True,
+    retain_graph: Optional[bool] = None,
     generator: Optional[torch.Generator] = None,
+    probe: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """Hutchinson estimate of ``‖∂fz/∂z‖_F²``.
 
@@ -48,8 +50,14 @@ def jacobian_frobenius_estimate(
             not depend on batch size or width), ``"sample"`` or ``"none"`` (see module docstring).
         create_graph: keep the graph so the estimate can be backpropagated into parameters. Default
             ``True``: it is meant as a training loss; pass ``False`` to only monitor it (less memory).
+        retain_graph: keep the graph of ``fz`` after the last probe. Default ``None``: only when
+            ``create_graph`` is true (the estimate is then backpropagated through it); pass ``True`` to
+            backpropagate through ``fz`` yourself after monitoring the estimate.
         generator: RNG for the probes. Default ``None``: torch's global RNG (reproducible under
             ``torch.manual_seed``).
+        probe: draws one probe shaped like the tensor it is given (one call per part of ``fz`` and per
+            probe), instead of the default Gaussian of its dtype and device from ``generator``. Why: to
+            reproduce another library's seeded draws (torchdeq draws float32 on the CPU, then casts).
 
     Returns:
         A scalar tensor (differentiable when ``create_graph`` is true and ``f`` is nonlinear in ``z``).
@@ -79,13 +87,16 @@ def jacobian_frobenius_estimate(
     fz_parts, z_parts = as_parts(fz), as_parts(z)
     total = fz_parts[0].new_zeros(())
     for k in range(n_probes):
-        vs = [torch.randn(f.shape, device=f.device, dtype=f.dtype, generator=generator) for f in fz_parts]
+        if probe is None:
+            vs = [torch.randn(f.shape, device=f.device, dtype=f.dtype, generator=generator) for f in fz_parts]
+        else:
+            vs = [probe(f) for f in fz_parts]
         vjps = torch.autograd.grad(
             fz_parts,
             z_parts,
             vs,
             create_graph=create_graph,
-            retain_graph=create_graph or k < n_probes - 1,
+            retain_graph=(create_graph if retain_graph is None else retain_graph) or k < n_probes - 1,
             allow_unused=True,
         )
         for g in vjps:

@@ -17,7 +17,7 @@ its converged iterate there, so every sample always yields ``k`` states (torchde
 
 from __future__ import annotations
 
-from typing import Callable, List, Literal, Optional, Sequence
+from typing import Any, Callable, List, Literal, Optional, Sequence, Union
 
 from torch import Tensor
 
@@ -89,10 +89,10 @@ def correction_weights(k: int, weight: CorrectionWeight = "exp", gamma: float = 
 
 
 def fixed_point_correction_loss(
-    criterion: Callable[[State, Tensor], Tensor],
-    states: Sequence[State],
-    target: Tensor,
-    weight: CorrectionWeight = "exp",
+    criterion: Callable[[Any, Any], Tensor],
+    states: Sequence[Any],
+    target: Any,
+    weight: Union[CorrectionWeight, Sequence[float]] = "exp",
     gamma: float = 0.8,
     *,
     return_parts: bool = False,
@@ -109,7 +109,8 @@ def fixed_point_correction_loss(
         criterion: ``criterion(state, target) -> scalar`` (e.g. ``torch.nn.functional.mse_loss``).
         states: the states (or outputs), first to last.
         target: passed to ``criterion`` with every state.
-        weight: ``"exp"``, ``"linear"`` or ``"const"``.
+        weight: ``"exp"``, ``"linear"`` or ``"const"``, or one float per state (first state first) for a
+            schedule of your own (torchdeq's ``"linear"`` weights, for example).
         gamma: the decay of ``"exp"`` (DEQ-Flow: 0.8).
         return_parts: also return the unweighted per-state losses.
 
@@ -117,7 +118,8 @@ def fixed_point_correction_loss(
         The scalar loss, or ``(loss, [per-state losses])`` with ``return_parts=True``.
 
     Raises:
-        ValueError: no states, an unknown ``weight``, or ``gamma`` outside ``(0, 1]``.
+        ValueError: no states, an unknown ``weight`` (or a list of weights of another length than
+            ``states``), or ``gamma`` outside ``(0, 1]``.
 
     Example:
         >>> import torch
@@ -130,7 +132,14 @@ def fixed_point_correction_loss(
         (1.5, [4.0, 1.0, 0.0])
     """
     states = list(states)
-    weights = correction_weights(len(states), weight, gamma)
+    if isinstance(weight, str):
+        weights = correction_weights(len(states), weight, gamma)
+    else:
+        weights = [float(w) for w in weight]
+        if not states or len(weights) != len(states):
+            raise ValueError(
+                f"fixed_point_correction_loss: {len(weights)} weights for {len(states)} states; give one per state"
+            )
     parts = [criterion(s, target) for s in states]
     loss = sum(w * p for w, p in zip(weights, parts))
     return (loss, parts) if return_parts else loss

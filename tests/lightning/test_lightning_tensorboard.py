@@ -128,3 +128,23 @@ def test_the_figures_are_readable_pictures(tmp_path):
         img = rendered(fig)
         assert img.shape[0] >= shape_min[0] and img.shape[1] >= shape_min[1], img.shape
         assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # a heat map, not a flat grey square
+
+
+def test_spectral_radius_reaches_tensorboard_when_a_layer_estimates_it(tmp_path):
+    # the user's switch is on the layer (spectral_radius="eval", as torchdeq's sradius_mode): the module
+    # logs solver/val_spectral_radius_mean/max from a real fit, and nothing for training batches
+    pl.seed_everything(0)
+    model = DigitsDEQ(model_type="vanilla", width=8, scheduler="none", log_figures=False)
+    model.deq.spectral_radius_mode, model.deq.spectral_radius_iters = "eval", 5
+    logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
+    trainer(logger=logger, max_epochs=1, limit_train_batches=2, limit_val_batches=2).fit(model, digits(batch_size=32))
+    accs = _events(tmp_path / "tb")
+    scalars = set().union(*(a.Tags()["scalars"] for a in accs))
+    assert {"solver/val_spectral_radius_mean", "solver/val_spectral_radius_max"} <= scalars
+    assert not any(t.startswith("solver/train_spectral_radius") for t in scalars)
+    mean = [e.value for a in accs if "solver/val_spectral_radius_mean" in a.Tags()["scalars"]
+            for e in a.Scalars("solver/val_spectral_radius_mean")]  # fmt: skip
+    top = [e.value for a in accs if "solver/val_spectral_radius_max" in a.Tags()["scalars"]
+           for e in a.Scalars("solver/val_spectral_radius_max")]  # fmt: skip
+    # a converging dense DEQ: a contraction at z*, the max over the batches at least their mean
+    assert mean and top and all(0.0 < m <= t < 1.5 for m, t in zip(mean, top))

@@ -55,3 +55,22 @@ def test_jacobian_loss_off_is_zero_scalar():
     deq = DEQ(DenseMap(3), make_solver("anderson", tol=1e-5))
     _, sol = deq(torch.randn(2, 3))
     assert sol.jacobian_loss.shape == () and sol.jacobian_loss.item() == 0.0
+
+
+def test_custom_probes_and_keeping_the_graph_for_a_later_backward():
+    # probe= draws the probes (here the all-ones vector: the estimate is then exact for a diagonal J),
+    # retain_graph=True keeps fz's graph after a monitoring-only estimate
+    z = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    fz = 0.5 * z**2
+    est = jacobian_frobenius_estimate(fz, z, create_graph=False, retain_graph=True, probe=torch.ones_like)
+    torch.testing.assert_close(est, z.detach().square().sum() / z.numel())  # (dfz/dz)_ii = z_i
+    fz.sum().backward()  # the graph is still there
+    torch.testing.assert_close(z.grad, z.detach())
+    fz2 = 0.5 * z**2
+    jacobian_frobenius_estimate(fz2, z, create_graph=False)
+    try:
+        fz2.sum().backward()
+    except RuntimeError as e:
+        assert "backward through the graph a second time" in str(e)
+    else:
+        raise AssertionError("the default frees the graph of a monitoring-only estimate")

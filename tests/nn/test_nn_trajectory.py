@@ -179,3 +179,15 @@ def test_correction_loss_weights_exactly():
         fixed_point_correction_loss(F.mse_loss, states, target, "exp", 1.5)
     with pytest.raises(ValueError, match="at least one"):
         fixed_point_correction_loss(F.mse_loss, [], target)
+
+
+def test_correction_loss_takes_a_weight_per_state():
+    # a schedule of the user's own (torchdeq's "linear" weights go through here): w_i * criterion(s_i)
+    states = [torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([3.0])]
+    loss, parts = fixed_point_correction_loss(
+        F.mse_loss, states, torch.tensor([3.0]), [0.5, 2.0, 7.0], return_parts=True
+    )  # fmt: skip
+    assert [float(p) for p in parts] == [9.0, 4.0, 0.0]
+    assert float(loss) == 0.5 * 9.0 + 2.0 * 4.0
+    with pytest.raises(ValueError, match="2 weights for 3 states"):
+        fixed_point_correction_loss(F.mse_loss, states, torch.tensor([3.0]), [1.0, 1.0])
