@@ -379,6 +379,14 @@ def build_parser(spec: ExperimentSpec) -> argparse.ArgumentParser:
         help="save each run's trained network (state_dict) as <results-dir>/models/<run>.pt "
         "(what paper_repro/timing.py --models-dir times)",
     )
+    r.add_argument(
+        "--no-checkpoints",
+        dest="checkpoints",
+        action="store_false",
+        help="do not checkpoint runs (default: each run saves <results-dir>/checkpoints/<run>/last.ckpt at every "
+        "epoch's end and resumes from it when started again, so a killed 25-epoch run loses at most one epoch; "
+        "the checkpoint is deleted once the run's row is written)",
+    )
     r.add_argument("--seeds", type=_csv_list(int), default=None, help="grid seeds (default: the paper's)")
     r.add_argument(
         "--results-dir",

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from paper_repro.plan import RunConfig
-from paper_repro.results import EPOCH_COLUMNS, append_row
+from paper_repro.results import EPOCH_COLUMNS, append_row, drop_unfinished_epoch_rows
 
 __all__ = ["RunRecorder", "as_float", "median", "mean", "fmt", "hms"]
 
@@ -88,6 +88,32 @@ class RunRecorder(pl.Callback):
         self._val_s = 0.0
         self._validated = False
         self._fit_t0 = 0.0
+        self._fit_before = 0.0  # training seconds of earlier attempts (restored from a checkpoint)
+        self._start_step = 0  # the global step this attempt started at (0, or where a checkpoint left off)
+        self.resumed_epoch: Optional[int] = None  # the epoch a checkpoint resumed at, None for a fresh start
+
+    # --- checkpointed state: what a resumed run needs to report the whole run, not its last attempt
+    def state_dict(self) -> Dict[str, Any]:
+        return dict(
+            step_times=list(self.step_times),
+            phase={k: list(v) for k, v in self.phase.items()},
+            epoch_times=list(self.epoch_times),
+            full_epochs=self.full_epochs,
+            last_epoch=dict(self.last_epoch),
+            fit_s=self.fit_seconds(),
+        )
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.step_times = list(state_dict.get("step_times", []))
+        self.phase.update({k: list(v) for k, v in state_dict.get("phase", {}).items()})
+        self.epoch_times = list(state_dict.get("epoch_times", []))
+        self.full_epochs = int(state_dict.get("full_epochs", 0))
+        self.last_epoch = dict(state_dict.get("last_epoch", {}))
+        self._fit_before = float(state_dict.get("fit_s", 0.0))
+
+    def fit_seconds(self) -> float:
+        """Wall seconds of training so far, over every attempt of the run (0 before training starts)."""
+        return self._fit_before + (time.perf_counter() - self._fit_t0 if self._fit_t0 else 0.0)
 
     @staticmethod
     def _sync(module: Any) -> None:
@@ -98,6 +124,18 @@ class RunRecorder(pl.Callback):
     # --- steps
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._fit_t0 = time.perf_counter()
+        self._start_step = int(trainer.global_step)
+        if self._start_step > 0:  # restored from a checkpoint (load_state_dict ran before this hook)
+            self.resumed_epoch = int(trainer.current_epoch)
+            if trainer.is_global_zero and self.epochs_csv is not None:
+                # an epoch the killed attempt recorded after its last checkpoint is trained again: its row goes
+                drop_unfinished_epoch_rows(self.epochs_csv, self.cfg, self.resumed_epoch)
+            if self.progress == "lines" and trainer.is_global_zero:
+                print(
+                    f"[{self.cfg.label}] resumed at epoch {self.resumed_epoch} (step {self._start_step}) after "
+                    f"{hms(self._fit_before)} of training",
+                    flush=True,
+                )
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._epoch = {"loss": [], "accuracy": [], "nfe": [], "backward_nfe": [], "reference_nfe": []}
@@ -129,8 +167,9 @@ class RunRecorder(pl.Callback):
                 self._epoch[key].append(v)
         step = trainer.global_step
         if self.progress == "lines" and trainer.is_global_zero and (step % self.log_every == 0 or step == self.total):
-            elapsed = time.perf_counter() - self._fit_t0
-            eta = elapsed / max(step, 1) * max(self.total - step, 0)
+            segment = time.perf_counter() - self._fit_t0  # this attempt: the rate to extrapolate from
+            elapsed = self._fit_before + segment
+            eta = segment / max(step - self._start_step, 1) * max(self.total - step, 0)
             print(
                 f"[{self.cfg.label}] step {step}/{self.total} epoch {trainer.current_epoch} "
                 f"loss {fmt(as_float(m.get('train/loss')))} acc {fmt(as_float(m.get('train/batch_accuracy')))} "

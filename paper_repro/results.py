@@ -185,6 +185,52 @@ def write_row(path: Path, row: Dict[str, Any], columns: Sequence[str]) -> None:
     os.replace(tmp, path)
 
 
+#: The columns an epoch row shares with its run (the epoch table has no schedule columns).
+EPOCH_IDENTITY = ("experiment", "arch", "model_type", "solver", "jac_reg", "seed", "protocol", "ode_solver")
+
+
+def drop_unfinished_epoch_rows(path: Path, cfg: Any, from_epoch: int) -> int:
+    """Remove from the epoch table at ``path`` the rows of ``cfg``'s unfinished attempt whose epoch is
+    ``from_epoch`` or later; returns how many went.
+
+    Why: a run resumed from its checkpoint trains those epochs again (the attempt that was killed wrote
+    their rows after its last checkpoint). The unfinished attempt's rows are those of the run's identity
+    after its last ``test`` row (a finished attempt ends with one), so rows of an earlier finished run with
+    the same identity stay.
+    """
+    rows = read_rows(path)
+    if not rows:
+        return 0
+    ident = tuple(
+        str(v)
+        for v in (
+            cfg.experiment, cfg.arch, cfg.model_type, cfg.solver, cfg.jacobian_regularization, cfg.seed,
+            cfg.protocol, cfg.ode_solver or "",
+        )
+    )  # fmt: skip
+
+    def mine(row: Dict[str, str]) -> bool:
+        return tuple(row.get(c) or "" for c in EPOCH_IDENTITY) == ident
+
+    last_test = max((i for i, r in enumerate(rows) if mine(r) and r.get("stage") == "test"), default=-1)
+    keep = [
+        r
+        for i, r in enumerate(rows)
+        if not (i > last_test and mine(r) and r.get("stage") == "train" and int(r.get("epoch") or 0) >= from_epoch)
+    ]
+    if len(keep) == len(rows):
+        return 0
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(keep)
+    os.replace(tmp, path)
+    return len(rows) - len(keep)
+
+
 # ---------------------------------------------------------------------------------------------- reading
 def read_rows(path: Path) -> List[Dict[str, str]]:
     """The rows of the CSV at ``path`` (none when it does not exist)."""

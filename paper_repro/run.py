@@ -1,6 +1,7 @@
 """Running the plan: :func:`main` (what every script calls) and :func:`run_one` (fit, test, record one run).
 
-Why Lightning is imported inside :func:`run_one` (with ``paper_repro.data`` and ``paper_repro.recording``):
+Why Lightning is imported inside :func:`run_one` (with ``paper_repro.data``, ``paper_repro.recording`` and
+``paper_repro.resume``):
 ``--help``, ``--dry-run`` and ``--list-grid`` only parse, plan and print, and Lightning's import costs
 several seconds; those paths import torch (``deqlab.models``) and nothing of Lightning.
 
@@ -99,6 +100,7 @@ def run_one(
 
     from paper_repro.data import PaperData, check_data
     from paper_repro.recording import RunRecorder, as_float, fmt, mean, median
+    from paper_repro.resume import RunCheckpoint
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     workers = args.num_workers if args.num_workers is not None else spec.default_workers
@@ -121,7 +123,17 @@ def run_one(
     epochs_csv = files.epochs_csv if cell is None else files.cell_epochs_csv(cell)
     runs_csv = files.runs_csv if cell is None else files.cell_runs_csv(cell)
     recorder = RunRecorder(cfg, epochs_csv, total, progress, max(1, args.log_every))
-    logger = TensorBoardLogger(str(args.log_dir), name=cfg.run_name, default_hp_metric=False)
+    ckpt = RunCheckpoint(Path(args.results_dir), cfg.cell_name(plan.world_size)) if args.checkpoints else None
+    resume_from = ckpt.resume_from() if ckpt is not None else None
+    logger = TensorBoardLogger(
+        str(args.log_dir),
+        name=cfg.run_name,
+        default_hp_metric=False,
+        version=ckpt.log_version() if resume_from is not None and ckpt is not None else None,
+    )
+    callbacks: List[Any] = [recorder]
+    if ckpt is not None:
+        callbacks.append(ckpt.callback())
     trainer_kwargs: Dict[str, Any] = dict(
         accelerator=plan.accelerator,
         devices=plan.devices,
@@ -132,9 +144,9 @@ def run_one(
         check_val_every_n_epoch=max(1, args.val_every),
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[recorder],
+        callbacks=callbacks,
         log_every_n_steps=max(1, min(args.log_every, per_epoch, total)),
-        enable_checkpointing=False,
+        enable_checkpointing=False,  # no ModelCheckpoint in the log folder: the run's own is `ckpt`
         enable_progress_bar=progress == "bar",
         enable_model_summary=False,
     )
@@ -142,14 +154,18 @@ def run_one(
         trainer_kwargs["precision"] = args.precision
     trainer = pl.Trainer(**trainer_kwargs)
     if trainer.is_global_zero:
-        if cell is not None:
+        if cell is not None and resume_from is None:
             # An unfinished earlier attempt of this cell (a killed or requeued job) may have left epoch rows:
-            # the cell starts over, so its epoch file does too.
+            # the cell starts over, so its epoch file does too. (Resumed from a checkpoint, the recorder
+            # drops only the rows of the epochs it trains again.)
             epochs_csv.unlink(missing_ok=True)
         print(describe_plan(spec, cfg, plan, parameters, train_samples, test_samples), flush=True)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    fit_s = time.perf_counter() - start
+        if ckpt is not None:
+            ckpt.remember_log_version(logger.version)
+            if resume_from is not None:
+                print(f"[{cfg.label}] resuming from {resume_from}", flush=True)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from is not None else None)
+    fit_s = recorder.fit_seconds()  # every attempt's training, when the run was resumed
     start = time.perf_counter()
     test = trainer.test(module, datamodule=data, verbose=False)[0]  # always evaluated at the end
     test_s = time.perf_counter() - start
@@ -236,6 +252,8 @@ def run_one(
             append_row(runs_csv, row, RESULT_COLUMNS)
         else:
             write_row(runs_csv, row, RESULT_COLUMNS)
+        if ckpt is not None:
+            ckpt.remove()  # the run is recorded: starting it again must train afresh, not resume
         print(
             f"[{cfg.label}] done: test accuracy {fmt(row['test_accuracy'])}, explicit "
             f"{fmt(row['explicit_accuracy'])}, test NFE {fmt(row['test_nfe'], '.1f')} "
