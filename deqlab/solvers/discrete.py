@@ -352,11 +352,14 @@ class DiscreteDEQSolver:
             fallback_warning("DiscreteDEQSolver", error)
             return None
         steps, done = 1, False
+        record = tracker.record_steps  # record_iterates (sample_states): the host keeps the asked iterates
         while True:
             F.nfe += 1
             F.rows += batch
             if trace is not None:
                 trace.append(obj)
+            if record is not None and first_step + steps - 1 in record:
+                tracker._recorded[first_step + steps - 1] = z.clone()
             if steps % k == 0:
                 load_device_state(tracker, tstate, first_step + steps)
                 done = tracker.all_stopped()

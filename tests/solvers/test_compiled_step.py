@@ -131,3 +131,21 @@ def test_inductor_step_equals_eager():
     except Exception as error:  # pragma: no cover - an environment without a C++ toolchain
         pytest.skip(f"inductor unavailable: {error}")
     _assert_same(eager, compiled, torch.float32)
+
+
+def test_recorded_iterates_equal_eager():
+    # record_iterates (the layers' sample_states) asks the tracker for the iterate of given steps: the
+    # compiled loop must record them too, or every sampled state would silently be z*
+    from deqlab.solvers import record_iterates
+
+    f, z0 = _problem(5, torch.float64)
+    kw = dict(mode="rel_norm", reltol_termination=1e-8, max_steps=30, check_every=2)
+    out = []
+    for compile_ in (False, "eager"):
+        with record_iterates([0, 2, 3, 7]):
+            out.append(DiscreteDEQSolver("anderson", compile=compile_, **kw)(f, z0))
+    eager, compiled = out
+    _assert_same(eager, compiled, torch.float64)
+    assert not torch.allclose(eager.iterates[2], eager.z)
+    for a, b in zip(eager.iterates, compiled.iterates):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
