@@ -118,6 +118,7 @@ def build_solver(
     batch_wide: Optional[bool] = None,
     abstol: Optional[float] = None,
     reltol: Optional[float] = None,
+    compile: Optional[bool] = None,
 ) -> Solver:
     """A deqlab solver from a `deqlab.spec.SolverSpec`, or from a name (the string shorthand of the zoo's
     ``solver`` argument) and keywords: ``tsit5`` or ``vcab3`` → ``ContinuousDEQSolver`` with that
@@ -152,6 +153,8 @@ def build_solver(
         abstol: deprecated old name of ``abstol_termination`` (warns ``DeprecationWarning``); default
             ``None`` (not given).
         reltol: deprecated old name of ``reltol_termination`` (warns); default ``None`` (not given).
+        compile: each solver iteration as one compiled graph (the solvers' ``compile=True``; Tsit5/Dopri5
+            and the discrete algorithms with a pure step). ``None`` (default): ``False``.
 
     Returns:
         A ``ContinuousDEQSolver`` for ``tsit5`` / ``vcab3``, else a ``DiscreteDEQSolver``; pass it as a
@@ -188,6 +191,7 @@ def build_solver(
                 batch_wide=batch_wide,
                 abstol=abstol,
                 reltol=reltol,
+                compile=compile,
             ).items()
             if v is not None
         ]
@@ -209,6 +213,7 @@ def build_solver(
             max_steps=spec.max_steps,
             reference_counting=spec.reference_counting,
             batch_wide=spec.batch_wide,
+            compile=spec.compile,
         )
     atol = renamed(owner, "abstol_termination", abstol_termination, "abstol", abstol, PAPER_TOL)
     rtol = renamed(owner, "reltol_termination", reltol_termination, "reltol", reltol, PAPER_TOL)
@@ -219,6 +224,7 @@ def build_solver(
         max_steps=50 if max_steps is None else max_steps,
         reference_counting=reference_counting or "deqjl",
         batch_wide=bool(batch_wide),
+        compile=bool(compile),
     )
     if name in ODE_SOLVERS:
         return ContinuousDEQSolver(

@@ -91,6 +91,8 @@ class MDEQConfig:
         reference_counting: the convention of ``solution.reference_nfe`` (see
             `deqlab.solvers.counting`): ``fastdeq`` for the v1 models (the January-2022 code ran them),
             ``deqjl`` (default) for the v2+ configs.
+        compile_solver: each forward-solver iteration as one compiled graph (`SolverSpec.compile`;
+            `docs/performance.md`). Default ``False``.
         detach_skip_target: whether the skip loss treats z* as a detached target (``None``: detached for
             ``skip``, coupled for ``skip_reg``; see [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]).
         fuse_gain: initial affine weight γ of the v1 GroupNorms that end a path from the state back into
@@ -147,6 +149,7 @@ class MDEQConfig:
     discrete_mode: Optional[str] = None
     ode_solver: str = "tsit5"
     reference_counting: str = "deqjl"
+    compile_solver: bool = False
 
     def solver_mode(self, solver: str) -> str:
         """The termination mode of the ``solver`` kind (``continuous`` or ``discrete``)."""
@@ -162,6 +165,7 @@ class MDEQConfig:
             max_steps=self.max_steps,
             mode=self.solver_mode(kind),
             reference_counting=self.reference_counting,
+            compile=self.compile_solver,
         )
 
     def backward_spec(self) -> BackwardSpec:

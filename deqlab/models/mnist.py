@@ -69,6 +69,8 @@ class DenseConfig:
         reapply_map: return ``f(z_T, x)`` as z* (the 2022 code's).
         vanilla_penalty: a vanilla model's skip loss is ``mean |z*|`` (the 2022 code's).
         detach_skip_target: see [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]; ``None``: the layer's default.
+        compile_solver: each forward-solver iteration as one compiled graph (`SolverSpec.compile`;
+            `docs/performance.md`). ``False``.
 
     Examples:
         >>> from deqlab.models.mnist import MNIST_DENSE
@@ -89,6 +91,7 @@ class DenseConfig:
     reapply_map: bool = False
     vanilla_penalty: bool = False
     detach_skip_target: Optional[bool] = None
+    compile_solver: bool = False
 
     def solver_spec(self, kind: SolverKind) -> SolverSpec:
         """The forward solve for the solver ``kind`` (``continuous``: ``ode_solver``; ``discrete``:
@@ -101,6 +104,7 @@ class DenseConfig:
             mode=self.mode,
             reference_counting=self.reference_counting,
             batch_wide=self.batch_wide,
+            compile=self.compile_solver,
         )
 
     def backward_spec(self) -> BackwardSpec:

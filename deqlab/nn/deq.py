@@ -19,8 +19,10 @@ Skip DEQ, Skip Reg. DEQ and the multiscale layers are the same class with anothe
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, Iterator, List, Literal, Optional, Sequence, Tuple, Union, cast
 
@@ -42,6 +44,9 @@ from deqlab.nn.running_stats import frozen_running_stats
 from deqlab.nn.solution import DeepEquilibriumSolution, _BackpropCounter
 from deqlab.nn.spectral import spectral_radius as _spectral_radius
 from deqlab.nn.trajectory import check_sampling, phantom_states, sample_steps
+from deqlab.solvers.compiled import CompileFallbackWarning, CompileOption, check_compile_option
+from deqlab.solvers.continuous import ContinuousDEQSolver
+from deqlab.solvers.discrete import DiscreteDEQSolver
 from deqlab.solvers.result import SolverStatus
 from deqlab.solvers.reversible import ReversibleSolver
 from deqlab.solvers.termination import record_iterates
@@ -264,6 +269,12 @@ class DeepEquilibriumNetwork(nn.Module):
         sample_tau: the damping ``tau`` of those steps, in ``(0, 1]``. Default 1.0: plain ``f`` steps.
             A sample that stopped before a sampled step gives its returned iterate there, so every sample
             always has ``k`` states.
+        compile: the one switch for compiled solver iterations (`docs/performance.md`): ``True`` (inductor)
+            or a ``torch.compile`` backend makes the forward solve with a copy of ``solver`` built with that
+            ``compile=`` (the caller's solver object is left as it is, and a solver given its own
+            ``compile=`` keeps it). Default ``False``. deqlab's discrete algorithms with a pure step and
+            the Tsit5/Dopri5 integrators compile; another solver runs eager with one
+            `CompileFallbackWarning`. The backward's linear solvers run eager either way (not compiled yet).
 
     Raises:
         ValueError: more than one of ``init``, ``z_shape``, ``initializer``, ``shortcut`` is given (all
@@ -325,6 +336,7 @@ class DeepEquilibriumNetwork(nn.Module):
         sample_at: Optional[Sequence[int]] = None,
         sample_grad: int = 1,
         sample_tau: float = 1.0,
+        compile: CompileOption = False,
     ):
         super().__init__()
         name = type(self).__name__
@@ -376,6 +388,10 @@ class DeepEquilibriumNetwork(nn.Module):
         self.sample_at = check_sampling(name, sample_states, sample_at, sample_grad, sample_tau)
         self.sample_states = sample_states
         self.sample_grad, self.sample_tau = int(sample_grad), float(sample_tau)
+        #: ``compile=`` for the forward solver (see the class docstring); ``False``: the solver as given. Not
+        #: ``self.compile``: that is ``nn.Module.compile``, which compiles the whole layer
+        self.compile_solver: CompileOption = check_compile_option(name, compile)
+        self._compiled_solver: Optional[Tuple[Any, Any]] = None  # (the solver it was made from, its copy)
         self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     # ---------------------------------------------------------------- read-only views
@@ -565,7 +581,7 @@ class DeepEquilibriumNetwork(nn.Module):
             else:
                 check_reversible_pairing(name, self.solver, self.backward)  # either may have been reassigned
                 with torch.no_grad(), record_iterates(steps) if steps is not None else contextlib.nullcontext():
-                    result = self.solver(fmap, detach(start))
+                    result = self._forward_solver()(fmap, detach(start))
                 if steps is not None and result.iterates is None:
                     raise TypeError(
                         f"{name}: sample_states / sample_at need a solver that records its iterates "
@@ -719,7 +735,30 @@ class DeepEquilibriumNetwork(nn.Module):
             + (", reapply_map=True" if self.reapply_map else "")
             + (f", spectral_radius={self.spectral_radius_mode!r}" if self.spectral_radius_mode != "off" else "")
             + (", checkpoint_unrolled=True" if self.checkpoint_unrolled else "")
+            + (f", compile={self.compile_solver!r}" if self.compile_solver is not False else "")
         )
+
+    def _forward_solver(self) -> Any:
+        """``self.solver``, or with ``compile`` set the copy of it that compiles (made once per solver)."""
+        solver, option = self.solver, self.compile_solver
+        if option is False or getattr(solver, "compile", False) is not False:
+            return solver
+        cached = self._compiled_solver
+        if cached is not None and cached[0] is solver:
+            return cached[1]
+        if not isinstance(solver, (DiscreteDEQSolver, ContinuousDEQSolver)):
+            warnings.warn(
+                f"{type(self).__name__}(compile={option!r}): {type(solver).__name__} has no compiled "
+                f"iteration (deqlab's DiscreteDEQSolver and ContinuousDEQSolver have); solving eager",
+                CompileFallbackWarning,
+                stacklevel=user_stacklevel(),
+            )
+            self._compiled_solver = (solver, solver)
+            return solver
+        twin = copy.copy(solver)
+        twin.compile, twin._compile_failed = option, False
+        self._compiled_solver = (solver, twin)
+        return twin
 
 
 DEQ = DeepEquilibriumNetwork

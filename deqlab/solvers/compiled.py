@@ -85,6 +85,18 @@ def _fresh_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     return new
 
 
+def cached_compile(key: Hashable, fn: Callable[..., Any], backend: CompileOption) -> Callable[..., Any]:
+    """``torch.compile(fn, fullgraph=True)`` for ``key`` (built once, then shared by every solver whose
+    configuration gives the same key), on a code object of its own (see `_fresh_function`)."""
+    backend_name = "inductor" if backend is True else cast(Union[str, Callable[..., Any]], backend)
+    full = (key, backend_name)
+    step = _CACHE.get(full)
+    if step is None:
+        step = torch.compile(_fresh_function(fn), backend=backend_name, fullgraph=True, dynamic=None)
+        _CACHE[full] = step
+    return step
+
+
 def compiled_discrete_step(
     algorithm, condition: TerminationCondition, backend: CompileOption
 ) -> Callable[..., Tuple[Tensor, Tensor, Tensor, dict, dict, Tensor]]:
@@ -94,20 +106,14 @@ def compiled_discrete_step(
     same configuration shares its graphs; dynamo's guards then key them by shape, dtype and device.
     """
     # compile=False solves eagerly and never asks for a compiled step
-    backend_name = "inductor" if backend is True else cast(Union[str, Callable[..., Any]], backend)
-    key = (type(algorithm), repr(algorithm), condition, backend_name)
-    step = _CACHE.get(key)
-    if step is None:
 
-        def fused(F, astate, tstate, z, fz, g):
-            z, fz, astate = algorithm.pure_step(astate, z, fz, g, F)
-            g = fz - z
-            tstate, obj = device_update(condition, tstate, z, g, fz)
-            return z, fz, g, astate, tstate, obj
+    def fused(F, astate, tstate, z, fz, g):
+        z, fz, astate = algorithm.pure_step(astate, z, fz, g, F)
+        g = fz - z
+        tstate, obj = device_update(condition, tstate, z, g, fz)
+        return z, fz, g, astate, tstate, obj
 
-        step = torch.compile(_fresh_function(fused), backend=backend_name, fullgraph=True, dynamic=None)
-        _CACHE[key] = step
-    return step
+    return cached_compile((type(algorithm), repr(algorithm), condition), fused, backend)
 
 
 def fallback_warning(owner: str, error: BaseException) -> None:
@@ -134,6 +140,7 @@ def reset_cache() -> None:
 __all__ = [
     "CompileFallbackWarning",
     "CompileOption",
+    "cached_compile",
     "check_compile_option",
     "compile_available",
     "compiled_discrete_step",

@@ -33,6 +33,14 @@ from deqlab.solvers._checks import check_int as _check_int
 from deqlab.solvers._checks import check_number as _check_number
 from deqlab.solvers._checks import checked_keywords
 from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, empty_result, prepare
+from deqlab.solvers.compiled import (
+    CompileFallbackWarning,
+    CompileOption,
+    cached_compile,
+    check_compile_option,
+    compile_available,
+    fallback_warning,
+)
 from deqlab.solvers.counting import ReferenceCounting, check_reference_counting, reference_nfe
 from deqlab.solvers.result import SolverResult
 from deqlab.solvers.termination import (
@@ -41,6 +49,9 @@ from deqlab.solvers.termination import (
     TerminationMode,
     TerminationTracker,
     _check_tol,
+    device_update,
+    export_device_state,
+    load_device_state,
     resolve_termination,
 )
 from deqlab.state import State
@@ -188,6 +199,14 @@ class ContinuousDEQSolver:
             the batch. ``False`` uses one step size for the whole batch, accepted or rejected together,
             with the error ratio the RMS over every active sample's entries: the reference package's
             integrator, which sees the batch as one vector. The per-sample stop is the same either way.
+        compile: Tsit5/Dopri5: run each stepper call (the seven stages, ``f`` included, the error control,
+            the guards and the termination bookkeeping) as one graph compiled by
+            ``torch.compile(fullgraph=True)``, as [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver]'s
+            ``compile``: ``False`` (default) eager; ``True`` inductor; a string or callable another backend.
+            Results, NFE and statuses equal the eager ones. Other methods (VCAB3's start-up is decided on
+            the host; Euler/RK4 are torchdyn's steppers), a map that cannot be traced, a recording of
+            `deqlab.instrument`, or a machine without a C++ compiler run eager (the first two warn
+            `CompileFallbackWarning` once per solver).
         abstol: deprecated old name of ``ode_abstol`` (warns ``DeprecationWarning``); default ``None``.
         reltol: deprecated old name of ``ode_reltol`` (warns); default ``None``.
 
@@ -257,6 +276,7 @@ class ContinuousDEQSolver:
         abstol: Optional[float] = None,
         reltol: Optional[float] = None,
         reference_counting: ReferenceCounting = "deqjl",
+        compile: CompileOption = False,
     ):
         owner = "ContinuousDEQSolver"
         if ode_solver not in _METHODS:
@@ -302,6 +322,8 @@ class ContinuousDEQSolver:
         self.throw = bool(throw)
         self.keep_trace = bool(keep_trace)
         self.reference_counting = check_reference_counting(owner, reference_counting)
+        self.compile = check_compile_option(owner, compile)
+        self._compile_failed = False  # set after the one fallback warning: this solver then stays eager
 
     @property
     def abstol(self) -> float:
@@ -319,7 +341,9 @@ class ContinuousDEQSolver:
             f"ode_abstol={self.ode_abstol}, ode_reltol={self.ode_reltol}, "
             f"abstol_termination={self.termination.abstol}, reltol_termination={self.termination.reltol}, "
             f"norm={self.termination.norm!r}, max_steps={self.max_steps}, t_max={self.t_max}"
-            + (", batch_wide=True)" if self.termination.batch_wide else ")")
+            + (", batch_wide=True" if self.termination.batch_wide else "")
+            + (f", compile={self.compile!r}" if self.compile is not False else "")
+            + ")"
         )
 
     @torch.no_grad()
@@ -371,8 +395,8 @@ class ContinuousDEQSolver:
                 dt = self._initial_dt(vf, u, du, tracker.active)
         run = _Run(u, du, dt, tracker, done)
         if self.ode_solver == "vcab3":
-            self._loop_vcab3(run, vf)
-        else:
+            self._loop_vcab3(run, vf, F)
+        elif not self._loop_compiled(run, F):
             self._loop_rk(run, vf, stepper)
         with instrument.region("solver.result"):
             return build_result(
@@ -437,7 +461,99 @@ class ContinuousDEQSolver:
             if rec is not None:
                 rec.end(token)
 
-    def _loop_vcab3(self, run: "_Run", vf: Callable[[Tensor], Tensor]) -> None:
+    def _compiled_step(self) -> Optional[Callable[..., Tuple[dict, dict, Tensor]]]:
+        """The compiled stepper call of this solver's method, or ``None`` to run eager (see ``compile``)."""
+        if self.compile is False or self._compile_failed or instrument.current() is not None:
+            return None
+        if not compile_available() or self.ode_solver not in ("tsit5", "dopri5", "vcab3"):
+            self._compile_failed = True
+            import warnings
+
+            why = (
+                "this torch has no torch.compile"
+                if not compile_available()
+                else f"{self.ode_solver} has no compiled step (tsit5, dopri5 and vcab3 have one)"
+            )
+            warnings.warn(
+                f"ContinuousDEQSolver(compile=True): {why}; running eager", CompileFallbackWarning, stacklevel=5
+            )
+            return None
+        solver, cond = self, self.termination
+        if self.ode_solver == "vcab3":
+
+            def fused(F, fields, tstate):
+                return _vcab3_device_step(solver, cond, F, fields, tstate)
+
+        else:
+            tableau = _tableau(self.ode_solver)
+
+            def fused(F, fields, tstate):
+                return _rk_device_step(solver, cond, tableau, F, fields, tstate)
+
+        return cached_compile(("ContinuousDEQSolver", _solver_key(self)), fused, self.compile)
+
+    def _loop_compiled(self, run: "_Run", F: CountedMap, extra: Optional[dict] = None) -> bool:
+        """The rest of the solve with each stepper call one compiled graph; ``False`` (nothing done) when it
+        cannot be compiled (warned once), so the caller goes on eager from the same state.
+
+        The host loop is the eager one's: it counts evaluations (Tsit5/Dopri5: 6 per call; VCAB3 after its
+        start-up: 1, also in a call whose every step was rejected, as the eager loop with ``check_every > 1``),
+        keeps the trace and the iterates that `record_iterates` asks for, and every ``check_every`` calls
+        asks the device whether every sample has stopped or reached ``t_max``. ``extra``: VCAB3's history.
+        """
+        if run.done or run.steps >= self.max_steps:
+            return False
+        step = self._compiled_step()
+        if step is None:
+            return False
+        tracker, device = run.tracker, run.u.device
+        fields = dict(
+            u=run.u, du=run.du, dt=run.dt, t=run.t, du_norm=run.du_norm, growths=run.growths,
+            nonfinite_tries=run.nonfinite_tries, accepted=run.accepted,
+            steps=torch.tensor(run.steps, dtype=torch.long, device=device),
+            horizon=run.horizon_step if run.horizon_step is not None else torch.full((), -1, dtype=torch.long, device=device),
+            # a copy: the last update's objective may be the tracker's own residual tensor, and an aliasing
+            # that holds at the first call only would make dynamo recompile the step after it
+            trace_last=(tracker.trace[-1] if tracker.keep_trace and tracker.trace else run.du_norm).clone(),
+            **(extra or {}),
+        )  # fmt: skip
+        tstate = export_device_state(tracker)
+        # likewise the previous iterate: after an eager update it is the state itself, after a compiled call
+        # (the masked merge) never
+        tstate["prev"] = tuple(t.clone() for t in tstate["prev"])
+        first_step, batch = tracker.step, run.u.shape[0]
+        evals = 1 if self.ode_solver == "vcab3" else self.stage_evals
+        record = tracker.record_steps
+        try:
+            fields, tstate, obj = step(F.flat, fields, tstate)
+        except Exception as error:  # compilation failed: tracing f, or the backend (no C++ compiler)
+            self._compile_failed = True
+            fallback_warning("ContinuousDEQSolver", error)
+            return False
+        horizon = math.isfinite(self.t_max)
+        calls, done = 1, False
+        while True:
+            F.nfe += evals
+            F.rows += evals * batch
+            if tracker.keep_trace:
+                tracker.trace.append(obj)
+            if record is not None and first_step + calls - 1 in record:
+                tracker._recorded[first_step + calls - 1] = fields["u"].clone()
+            if (run.steps + calls) % self.check_every == 0:
+                load_device_state(tracker, tstate, first_step + calls)
+                done = tracker.all_stopped() or (horizon and bool(fields["horizon"] >= 0))
+            if done or run.steps + calls >= self.max_steps:
+                break
+            fields, tstate, obj = step(F.flat, fields, tstate)
+            calls += 1
+        load_device_state(tracker, tstate, first_step + calls)
+        run.u, run.du, run.dt, run.t = fields["u"], fields["du"], fields["dt"], fields["t"]
+        run.accepted, run.steps, run.done = fields["accepted"], run.steps + calls, done
+        if horizon and self.check_every > 1:
+            run.horizon_step = fields["horizon"]
+        return True
+
+    def _loop_vcab3(self, run: "_Run", vf: Callable[[Tensor], Tensor], F: Optional[CountedMap] = None) -> None:
         """VCAB3 steps (`deqlab.solvers.adams`) until every sample has stopped.
 
         One stepper call per iteration for every active sample. While some sample is in its start-up, the
@@ -453,6 +569,12 @@ class ContinuousDEQSolver:
         started = False  # on the host: every active sample is past its start-up (then it stays so)
         rec = instrument.current()  # None when nothing records: two `is not None` tests per step, nothing else
         while not run.done and run.steps < self.max_steps:
+            if started and F is not None and self.compile is not False:
+                # past the start-up (decided on the host): the rest of the solve may run compiled
+                extra = dict(phi1=hist.phi1, phi2=hist.phi2, h1=hist.h1, h2=hist.h2, n=hist.n, qold=qold, lam=lam)
+                if self._loop_compiled(run, F, extra):
+                    return
+                F = None  # not compilable (warned): eager from here, without asking again
             token = rec.begin("stepper.step") if rec is not None else 0
             u, du = run.u, run.du
             h = self._clamp_to_horizon(run)
@@ -687,6 +809,122 @@ class ContinuousDEQSolver:
         )
         h = torch.minimum(100 * h0, h1)
         return torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-3))
+
+
+def _solver_key(solver: "ContinuousDEQSolver") -> tuple:
+    """Everything the compiled step reads from the solver (its graphs are shared by equal solvers)."""
+    return (
+        solver.ode_solver, solver.termination, solver.ode_abstol, solver.ode_reltol, solver.t_max, solver.order,
+        solver.safety, solver.min_factor, solver.max_factor, solver.divergence_patience,
+        solver.max_nonfinite_retries, solver.per_sample_steps,
+    )  # fmt: skip
+
+
+class _StepFields:
+    """The per-sample state of a solve as plain attributes, so the compiled step reuses the eager loop's
+    guards (`ContinuousDEQSolver._guard` reads and writes these names on its ``run``)."""
+
+    def __init__(self, fields: dict) -> None:
+        self.u, self.du, self.dt, self.t = fields["u"], fields["du"], fields["dt"], fields["t"]
+        self.du_norm, self.growths = fields["du_norm"], fields["growths"]
+        self.nonfinite_tries, self.accepted = fields["nonfinite_tries"], fields["accepted"]
+        self.diverging: Optional[Tensor] = None
+        self.moving: Optional[Tensor] = None
+
+
+def _rk_device_step(
+    solver: "ContinuousDEQSolver", cond: TerminationCondition, tableau, F: Callable[[Tensor], Tensor], fields: dict,
+    tstate: dict,
+) -> Tuple[dict, dict, Tensor]:  # fmt: skip
+    """One Runge–Kutta stepper call of `ContinuousDEQSolver._loop_rk` and its `_advance`, as a pure function
+    of tensors (the twin the compiled loop runs): ``(fields, tracker state, objective for the trace)``."""
+    run = _StepFields(fields)
+
+    def vf(x: Tensor) -> Tensor:
+        return F(x) - x
+
+    u, du = run.u, run.du
+    h = solver._clamp_to_horizon(run)  # type: ignore[arg-type]
+    u_new, du_new, err = _fsal_step(vf, u, du, h, tableau)
+    live = tstate["active"] & (h > 0)
+    ratio_ps = solver._error_ratio(err, u, u_new)
+    ratio = solver._pool(ratio_ps, live)
+    accept = ratio <= 1.0
+    run.dt = h * solver._i_factor(ratio, accept)
+    run.moving = accept
+    accept, u_new, du_new, grew = solver._guard(run, h, accept, ratio_ps, u_new, du_new, live)  # type: ignore[arg-type]
+    run.dt = torch.where(grew, torch.minimum(run.dt, 0.5 * h), run.dt)
+    return _device_advance(solver, cond, run, fields, tstate, h, accept, u_new, du_new, {})
+
+
+def _vcab3_device_step(
+    solver: "ContinuousDEQSolver", cond: TerminationCondition, F: Callable[[Tensor], Tensor], fields: dict,
+    tstate: dict,
+) -> Tuple[dict, dict, Tensor]:  # fmt: skip
+    """One VCAB3 stepper call after the start-up (`ContinuousDEQSolver._loop_vcab3`'s second branch, ``f``
+    evaluated at the new point whatever the verdict, as with ``check_every > 1``) and its `_advance`, as a
+    pure function of tensors."""
+    run = _StepFields(fields)
+    hist = adams.AdamsHistory(fields["phi1"], fields["phi2"], fields["h1"], fields["h2"], fields["n"])
+    qold, lam = fields["qold"], fields["lam"]
+    wd = qold.dtype
+    u, du = run.u, run.du
+    h = solver._clamp_to_horizon(run)  # type: ignore[arg-type]
+    live = tstate["active"] & (h > 0)
+    u_ab, err_ab, phi2_star = hist.propose(u, du, h)
+    ratio_ps = solver._error_ratio(err_ab, u, u_ab)
+    ratio = solver._pool(ratio_ps, live)
+    accept = (ratio <= 1.0) & live
+    u_new = torch.where(accept.unsqueeze(1), u_ab, u)
+    du_new = F(u_new) - u_new
+    bad = accept & ~torch.isfinite(du_new).all(dim=1)
+    ratio_ps = torch.where(bad, torch.full_like(ratio_ps, math.inf), ratio_ps)
+    if not solver.per_sample_steps:
+        bad = accept & bad.any()
+    ratio = torch.where(bad, torch.full_like(ratio, math.inf), ratio)
+    accept = accept & ~bad
+    factor = adams.pi_factor(
+        ratio.to(wd), qold, accept, safety=solver.safety, min_factor=solver.min_factor, max_factor=solver.max_factor
+    )
+    qold = torch.where(accept, ratio.to(wd).clamp_min(adams.PI_QOLD_INIT), qold)
+    run.dt = (h.to(wd) * factor).to(h.dtype)
+    moved = run.moving = accept
+    guard = solver._guard
+    accept, u_new, du_new, _ = guard(run, h, accept, ratio_ps, u_new, du_new, live, count_growth=False)  # type: ignore[arg-type]
+    lam = solver._track_lambda(lam, moved, u, u_new, du, du_new, live)
+    hist.commit(moved, du, phi2_star, h)
+    nxt_ab = (hist.n >= 2) & (lam > 0)
+    cap = (adams.AB3_STABLE / lam.clamp_min(1e-30)).to(run.dt.dtype)
+    run.dt = torch.where(nxt_ab, torch.minimum(run.dt, cap), run.dt)
+    extra = dict(phi1=hist.phi1, phi2=hist.phi2, h1=hist.h1, h2=hist.h2, n=hist.n, qold=qold, lam=lam)
+    return _device_advance(solver, cond, run, fields, tstate, h, accept, u_new, du_new, extra)
+
+
+def _device_advance(
+    solver: "ContinuousDEQSolver", cond: TerminationCondition, run: "_StepFields", fields: dict, tstate: dict,
+    h: Tensor, accept: Tensor, u_new: Tensor, du_new: Tensor, extra: dict,
+) -> Tuple[dict, dict, Tensor]:  # fmt: skip
+    """`ContinuousDEQSolver._advance` with the tracker's device update: the new fields, the tracker state
+    and the objective the trace records."""
+    accept = accept & tstate["active"] & (h > 0)
+    a2 = accept.unsqueeze(1)
+    u = torch.where(a2, u_new, run.u)
+    du = torch.where(a2, du_new, run.du)
+    t = torch.where(accept, run.t + h, run.t)
+    accepted = run.accepted + (accept & run.moving).long()  # type: ignore[operator]
+    tstate, obj = device_update(cond, tstate, u, du, None, mask=accept, diverged=run.diverging)
+    steps = fields["steps"] + 1
+    horizon = fields["horizon"]
+    if math.isfinite(solver.t_max):
+        at_horizon = ((t >= solver.t_max * (1 - 1e-12)) | ~tstate["active"]).all()
+        horizon = torch.where((horizon < 0) & at_horizon, steps, horizon)
+    moved = accept.any().expand_as(accept) if cond.batch_wide else accept
+    out = dict(
+        u=u, du=du, dt=run.dt, t=t, du_norm=run.du_norm, growths=run.growths, nonfinite_tries=run.nonfinite_tries,
+        accepted=accepted, steps=steps, horizon=horizon, trace_last=torch.where(moved, obj, fields["trace_last"]),
+        **extra,
+    )  # fmt: skip
+    return out, tstate, out["trace_last"]
 
 
 #: The |λ| estimate of VCAB3's stability cap forgets at this rate per accepted step: the cap may at most

@@ -713,18 +713,31 @@ def load_device_state(tracker: TerminationTracker, state: dict, step: int) -> No
     tracker._n_active_stale = True
 
 
-def device_update(cond: TerminationCondition, state: dict, z: Tensor, du: Tensor, fz: Tensor) -> Tuple[dict, Tensor]:
+def device_update(
+    cond: TerminationCondition,
+    state: dict,
+    z: Tensor,
+    du: Tensor,
+    fz: Optional[Tensor],
+    mask: Optional[Tensor] = None,
+    diverged: Optional[Tensor] = None,
+) -> Tuple[dict, Tensor]:
     """One tracker update on the device: ``(new state, objective)`` for the evaluation ``du = f(z) - z``.
 
-    The pure twin of `TerminationTracker.update` (``sync=False``, no ``mask``/``diverged``): same stop
-    rule, same merges, same step counts; the step counter is the tensor ``state["step"]``.
+    The pure twin of `TerminationTracker.update` (``sync=False``): same stop rule, same merges, same step
+    counts; the step counter is the tensor ``state["step"]``. ``mask`` (the samples that moved: a
+    continuous solver's accepted steps) and ``diverged`` (samples the solver found diverging) as there.
     """
     obj, met, res, rel, fzn = cond._evaluate(z, du, fz)
     cur = (z, du, res, rel)
     if cond.batch_wide:
         res, fzn = cond.batch_norms(res, fzn)
+        if mask is not None:
+            mask = mask.any().expand_as(mask)
+        if diverged is not None:
+            diverged = diverged.any().expand_as(diverged)
     step = state["step"]
-    live = state["active"]
+    live = state["active"] if mask is None else state["active"] & mask
     new = dict(state)
     patience_met = None
     if cond.uses_patience:
@@ -749,6 +762,8 @@ def device_update(cond: TerminationCondition, state: dict, z: Tensor, du: Tensor
     if fell is not None:
         met = met & fell
     bad = ~(obj < state["_threshold"]) | ~sane
+    if diverged is not None:
+        bad = bad | diverged
     met = met & ~bad
     stopping = (met | bad) & live
     finite = torch.isfinite(obj) & torch.isfinite(res) & torch.isfinite(fzn)
@@ -766,7 +781,7 @@ def device_update(cond: TerminationCondition, state: dict, z: Tensor, du: Tensor
         ret = TerminationTracker._merge(ret, cur, stop_ok | (stop_div & ~lost))
         ret = TerminationTracker._merge(ret, state["prev"], stop_nan | (stop_div & lost))
     new["ret"] = tuple(ret)
-    new["active"] = live & ~stopping
-    new["prev"] = cur
+    new["active"] = state["active"] & ~stopping
+    new["prev"] = cur if mask is None else tuple(TerminationTracker._merge(list(state["prev"]), cur, mask))
     new["step"] = step + 1
     return new, obj

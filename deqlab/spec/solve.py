@@ -90,6 +90,8 @@ class SolverSpec:
         reference_counting: the convention of ``reference_nfe`` (`deqlab.solvers.counting`). Default
             ``deqjl``.
         batch_wide: one termination test over the whole batch (the reference code's). Default ``False``.
+        compile: run each solver iteration as one compiled graph (the solvers' ``compile=True``,
+            `docs/performance.md`). Default ``False``.
 
     Raises:
         ValueError: a choice or number is out of range (the message names it).
@@ -104,9 +106,12 @@ class SolverSpec:
     ode_tol: Optional[float] = None
     reference_counting: str = "deqjl"
     batch_wide: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         owner = "SolverSpec"
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"{owner}: compile must be True or False, got {self.compile!r}")
         choose(owner, "kind", self.kind, SOLVER_KINDS)
         choose(owner, "ode_solver", self.ode_solver, ODE_SOLVERS)
         object.__setattr__(self, "tol", _positive(owner, "tol", self.tol))

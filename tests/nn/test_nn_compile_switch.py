@@ -1,0 +1,86 @@
+"""``DeepEquilibriumNetwork(compile=...)``: the one switch that hands ``compile=`` down to the forward solver,
+and the solver-spec route (``SolverSpec.compile`` / ``compile_solver`` of the paper configs) that sets it
+on the solvers the model builders make."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from deqlab.models import build_model
+from deqlab.nn import DEQ, DenseDEQBlock, ZeroGuess
+from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, ReversibleSolver
+from deqlab.solvers.compiled import CompileFallbackWarning, compile_available, reset_cache
+from deqlab.spec import SolverSpec
+
+pytestmark = pytest.mark.skipif(not compile_available(), reason="torch.compile is not available")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    reset_cache()
+    yield
+    reset_cache()
+
+
+def _layer(solver, **kw):
+    torch.manual_seed(0)
+    return DEQ(DenseDEQBlock(8, injection_dim=4).double(), solver, init=ZeroGuess(shape=(8,)), **kw)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        DiscreteDEQSolver("anderson", mode="rel_norm", reltol_termination=1e-8, max_steps=60),
+        ContinuousDEQSolver("tsit5", mode="rel_norm", reltol_termination=1e-7, ode_abstol=1e-8, ode_reltol=1e-8),
+    ],
+)
+def test_the_layer_switch_compiles_the_forward_and_changes_nothing_else(solver):
+    from torch._dynamo.testing import CompileCounter
+
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    eager_layer = _layer(solver)
+    z_e, sol_e = eager_layer(x)
+    z_e.square().sum().backward()
+    g_e, x.grad = x.grad.clone(), None
+
+    counter = CompileCounter()
+    layer = _layer(solver, compile=counter)
+    z_c, sol_c = layer(x)
+    z_c.square().sum().backward()
+    assert counter.frame_count == 1  # the forward solve ran compiled
+    assert solver.compile is False  # the caller's solver is untouched
+    assert sol_c.nfe == sol_e.nfe and sol_c.solver_result.status == sol_e.solver_result.status
+    torch.testing.assert_close(z_c, z_e, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, g_e, rtol=1e-10, atol=1e-12)  # the implicit backward as before
+    layer(x)
+    assert counter.frame_count == 1  # the copy is made once and its graph reused
+    assert "compile=" in repr(layer)
+    assert layer.compile.__func__ is torch.nn.Module.compile  # the switch does not shadow nn.Module.compile
+
+
+def test_a_solver_without_a_compiled_iteration_warns_once_and_solves():
+    layer = _layer(ReversibleSolver(beta=0.5, max_steps=40), compile=True)
+    from deqlab.nn import ReversibleBackward
+
+    layer.backward = ReversibleBackward()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(CompileFallbackWarning, match="ReversibleSolver has no compiled iteration"):
+        layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        layer(x)
+
+
+def test_the_spec_route_builds_compiling_solvers():
+    from deqlab.zoo import build_solver
+
+    assert build_solver(SolverSpec(kind="continuous", compile=True)).compile is True
+    assert build_solver("anderson", compile=True).compile is True
+    assert build_solver("tsit5").compile is False
+    net = build_model("mnist", "dense", model_type="vanilla", solver="continuous", compile_solver=True)
+    assert net.deq.solver.compile is True
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        SolverSpec(compile="yes")
