@@ -179,6 +179,7 @@ class StepBench:
         device: torch.device,
         seed: int,
         compile_map: bool = False,
+        compile_solver: bool = False,
     ):
         from deqlab.models import build_model
 
@@ -186,7 +187,8 @@ class StepBench:
         torch.manual_seed(seed)
         self.name, self.model_type, self.solver_kind, self.batch = name, model_type, solver, batch
         self.device = device
-        self.model = build_model(exp, arch, model_type=model_type, solver=solver).to(device).train()
+        options = {"compile_solver": True} if compile_solver else {}
+        self.model = build_model(exp, arch, model_type=model_type, solver=solver, **options).to(device).train()
         if hasattr(self.model.deq, "reporter"):  # unconverged solves of random weights are expected here
             self.model.deq.reporter.policy = "ignore"
         if compile_map:
@@ -488,6 +490,8 @@ class Result:
     last: Dict[str, Any]
     syncs: Optional[Dict[str, Any]] = None
     compiled: Optional[Samples] = None
+    compiled_solver: Optional[Samples] = None
+    compile_seconds: Optional[float] = None
     torchdeq: Optional[Samples] = None
     torchdeq_counts: Optional[tuple] = None
     note: str = ""
@@ -508,6 +512,16 @@ def run_config(name: str, model_type: str, solver: str, args, device: torch.devi
         batch = args.batch
     bench = StepBench(name, model_type, solver, batch, device, args.seed)
     comp = StepBench(name, model_type, solver, batch, device, args.seed, compile_map=True) if args.compile else None
+    csol = (
+        StepBench(name, model_type, solver, batch, device, args.seed, compile_solver=True)
+        if args.compile_solver
+        else None
+    )
+    compile_seconds = None
+    if csol is not None:  # the first step compiles the solver's step: timed on its own
+        t0 = time.perf_counter()
+        csol.step()
+        compile_seconds = time.perf_counter() - t0
     tdq = None
     kind = model_kind(model_type)
     if args.torchdeq and kind.is_deq and not kind.learns_guess and solver == "discrete":  # vanilla
@@ -519,14 +533,18 @@ def run_config(name: str, model_type: str, solver: str, args, device: torch.devi
         bench.step()
         if comp is not None:
             comp.step()
+        if csol is not None:
+            csol.step()
         if tdq is not None:
             tdq.step()
-    samples, csamples, tsamples = Samples(), Samples(), Samples()
+    samples, csamples, tsamples, ssamples = Samples(), Samples(), Samples(), Samples()
     for _ in range(args.repeats):  # round-robin: load drift on a shared machine hits every contender
         bench.step(samples)
         bench.components(samples)
         if comp is not None:
             comp.step(csamples)
+        if csol is not None:
+            csol.step(ssamples)
         if tdq is not None:
             tdq.step(tsamples)
     res = Result(f"{name} {model_type} {solver}", name, model_type, solver, batch, samples, dict(bench.last))
@@ -536,6 +554,10 @@ def run_config(name: str, model_type: str, solver: str, args, device: torch.devi
     if comp is not None:
         res.compiled = csamples
         res.last["compiled_nfe"] = comp.last["nfe"]
+    if csol is not None:
+        res.compiled_solver = ssamples
+        res.compile_seconds = compile_seconds
+        res.last["compiled_solver_nfe"] = csol.last["nfe"]
     if tdq is not None:
         res.torchdeq = tsamples
         res.torchdeq_counts = (tdq.nfe, tdq.vjps)
@@ -755,6 +777,56 @@ def compile_table(results: Sequence[Result]) -> Optional[str]:
     )
 
 
+def compiled_solver_table(results: Sequence[Result]) -> Optional[str]:
+    """Eager against the compiled solver step (``compile_solver=True``): step, forward, overhead (against the
+    eager run's ideal: the same NFE and VJPs), the first step's compile time and the steps it takes to earn
+    it back."""
+    rows = []
+    for r in results:
+        if r.compiled_solver is None:
+            continue
+        e, c = r.samples.med("step"), r.compiled_solver.med("step")
+        compile_s = max(0.0, (r.compile_seconds or 0.0) - c)  # ~0 when torch's caches held the graphs
+        rows.append(
+            [
+                r.model,
+                r.model_type,
+                r.solver,
+                fmt_time(e),
+                fmt_time(c),
+                f"{e / c:.2f}×",
+                fmt_time(r.samples.med("fwd")),
+                fmt_time(r.compiled_solver.med("fwd")),
+                f"{e / r.ideal():.2f}",
+                f"{c / r.ideal():.2f}",
+                f"{r.last['nfe']} / {r.last.get('compiled_solver_nfe', '')}",
+                f"{compile_s:.1f} s",
+                f"{compile_s / (e - c):.0f}" if e > c and compile_s >= 0.05 else ("at once" if e > c else "never"),
+            ]
+        )
+    if not rows:
+        return None
+    return markdown_table(
+        [
+            "model",
+            "type",
+            "solver",
+            "eager step",
+            "compiled-solver step",
+            "speed-up",
+            "eager fwd",
+            "compiled fwd",
+            "overhead eager",
+            "overhead compiled",
+            "NFE eager / compiled",
+            "compile time",
+            "amortised after (steps)",
+        ],
+        rows,
+        "lllrrrrrrrrrr",
+    )
+
+
 def torchdeq_table(results: Sequence[Result]) -> Optional[str]:
     rows = []
     for r in results:
@@ -841,6 +913,19 @@ def build_report(results: Sequence[Result], info: Dict[str, str], args) -> str:
     ct = compile_table(results)
     if ct:
         out += ["### Compiled map (`module.compile(fullgraph=True)` on the DEQ map; solver loop eager)", "", ct, ""]
+    st = compiled_solver_table(results)
+    if st:
+        out += [
+            "### Compiled solver step (`compile_solver=True`: each solver iteration / stepper call one "
+            "`torch.compile(fullgraph=True)` graph, inductor; the backward eager)",
+            "",
+            st,
+            "",
+            "Overhead = step / the eager run's ideal (same NFE and VJPs); compile time = the first compiled "
+            "step minus the median one (near 0 where an earlier configuration's graphs or torch's on-disk "
+            "kernel cache served it); amortised after = compile time / (eager − compiled step).",
+            "",
+        ]
     tt = torchdeq_table(results)
     if tt:
         out += [
@@ -1027,6 +1112,11 @@ def parse_args(argv=None):
         help="skip the per-region timing of deqlab's internals",
     )
     p.add_argument("--compile", action="store_true", help="also time the step with the DEQ map compiled")
+    p.add_argument(
+        "--compile-solver",
+        action="store_true",
+        help="also time the step with the solver's iteration compiled (build_model(..., compile_solver=True))",
+    )
     p.add_argument("--no-torchdeq", dest="torchdeq", action="store_false")
     p.add_argument("--prediction", action="store_true", help="also run the prediction-time-vs-NFE check")
     p.add_argument("--prediction-only", action="store_true", help="run only the prediction-time check")
