@@ -116,6 +116,13 @@ def compiled_discrete_step(
     return cached_compile((type(algorithm), repr(algorithm), condition), fused, backend)
 
 
+def unsupported(owner: str, missing: str, stacklevel: int) -> None:
+    """Warn (once per solver: the caller remembers) that ``compile=`` cannot be honoured: this torch has no
+    ``torch.compile``, or ``missing`` (what the solver's configuration lacks) says why not."""
+    why = "this torch has no torch.compile" if not compile_available() else missing
+    warnings.warn(f"{owner}(compile=True): {why}; running eager", CompileFallbackWarning, stacklevel=stacklevel + 1)
+
+
 def fallback_warning(owner: str, error: BaseException) -> None:
     """Warn (once per solver: the caller remembers) that the compiled step failed and eager runs instead."""
     text = str(error).strip().splitlines()
@@ -146,4 +153,5 @@ __all__ = [
     "compiled_discrete_step",
     "fallback_warning",
     "reset_cache",
+    "unsupported",
 ]

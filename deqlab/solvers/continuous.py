@@ -21,7 +21,7 @@ Gradients are not this solver's job: the DEQ layer's implicit backward different
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, Literal, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -34,12 +34,12 @@ from deqlab.solvers._checks import check_number as _check_number
 from deqlab.solvers._checks import checked_keywords
 from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, empty_result, prepare
 from deqlab.solvers.compiled import (
-    CompileFallbackWarning,
     CompileOption,
     cached_compile,
     check_compile_option,
     compile_available,
     fallback_warning,
+    unsupported,
 )
 from deqlab.solvers.counting import ReferenceCounting, check_reference_counting, reference_nfe
 from deqlab.solvers.result import SolverResult
@@ -467,16 +467,8 @@ class ContinuousDEQSolver:
             return None
         if not compile_available() or self.ode_solver not in ("tsit5", "dopri5", "vcab3"):
             self._compile_failed = True
-            import warnings
-
-            why = (
-                "this torch has no torch.compile"
-                if not compile_available()
-                else f"{self.ode_solver} has no compiled step (tsit5, dopri5 and vcab3 have one)"
-            )
-            warnings.warn(
-                f"ContinuousDEQSolver(compile=True): {why}; running eager", CompileFallbackWarning, stacklevel=5
-            )
+            missing = f"{self.ode_solver} has no compiled step (tsit5, dopri5 and vcab3 have one)"
+            unsupported("ContinuousDEQSolver", missing, stacklevel=5)
             return None
         solver, cond = self, self.termination
         if self.ode_solver == "vcab3":
@@ -606,41 +598,54 @@ class ContinuousDEQSolver:
                     du_new = vf(u_new)
                 else:  # every step rejected before f was needed: no evaluation
                     u_new, du_new = u, du
-            # An accepted point where f is not finite: the step is rejected after the fact (in a shared step,
-            # for the whole batch), and counts towards the sample's non-finite retries.
-            bad = accept & ~torch.isfinite(du_new).all(dim=1)
-            ratio_ps = torch.where(bad, torch.full_like(ratio_ps, math.inf), ratio_ps)
-            if not self.per_sample_steps:
-                bad = accept & bad.any()
-            ratio = torch.where(bad, torch.full_like(ratio, math.inf), ratio)
-            accept = accept & ~bad
-            factor = adams.pi_factor(
-                ratio.to(wd), qold, accept, safety=self.safety, min_factor=self.min_factor, max_factor=self.max_factor
+            accept, u_new, du_new, qold, lam = self._vcab3_settle(
+                run, hist, h, live, u, du, u_new, du_new, phi2_star, ratio_ps, ratio, accept, qold, lam
             )
-            qold = torch.where(accept, ratio.to(wd).clamp_min(adams.PI_QOLD_INIT), qold)
-            run.dt = (h.to(wd) * factor).to(h.dtype)
-            moved = run.moving = accept
-            # The non-finite guard. Unlike the Runge–Kutta loop, a growing residual neither halves the step
-            # nor counts towards `divergence_patience`: with AB3's small steps that rule squeezed the steps
-            # of a stable flow whose residual grows for a while (a non-normal or non-contractive f) into a
-            # geometric series that never got past the growth, and called the sample diverged (measured in
-            # the guide). Without the halving, a runaway flow keeps its pace and meets the tracker's
-            # protective break (objective >= 1e3 N objective_0) or its resolution guard.
-            accept, u_new, du_new, _ = self._guard(run, h, accept, ratio_ps, u_new, du_new, live, count_growth=False)
-            # Stability instead: keep h |λ| inside AB3's interval, |λ| estimated from the last accepted step
-            # as ||Δ(f(u) - u)|| / ||Δu|| (a Rayleigh quotient of the flow's Jacobian; it sees a fast mode as
-            # soon as it grows, long before the residual does), remembered with a decay so the step does not
-            # jump straight back out of the interval when that mode has been damped.
-            lam = self._track_lambda(lam, moved, u, u_new, du, du_new, live)
-            hist.commit(moved, du, phi2_star, h)
-            nxt_ab = (hist.n >= 2) & (lam > 0)
-            cap = (adams.AB3_STABLE / lam.clamp_min(1e-30)).to(run.dt.dtype)
-            run.dt = torch.where(nxt_ab, torch.minimum(run.dt, cap), run.dt)
             self._advance(run, h, accept, u_new, du_new)
             if rec is not None:
                 rec.end(token)
 
     # ------------------------------------------------------------------ shared pieces
+
+    def _vcab3_settle(
+        self, run: Any, hist: "adams.AdamsHistory", h: Tensor, live: Tensor, u: Tensor, du: Tensor, u_new: Tensor,
+        du_new: Tensor, phi2_star: Tensor, ratio_ps: Tensor, ratio: Tensor, accept: Tensor, qold: Tensor, lam: Tensor,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """The end of a VCAB3 call once ``f`` was evaluated at the new point (shared by the eager loop and the
+        compiled call): the non-finite verdict, the PI controller, the guards, the stability cap and the
+        history. Returns ``(accept, u_new, du_new, qold, lam)``; ``run.dt`` and ``run.moving`` are set."""
+        wd = qold.dtype
+        # An accepted point where f is not finite: the step is rejected after the fact (in a shared step,
+        # for the whole batch), and counts towards the sample's non-finite retries.
+        bad = accept & ~torch.isfinite(du_new).all(dim=1)
+        ratio_ps = torch.where(bad, torch.full_like(ratio_ps, math.inf), ratio_ps)
+        if not self.per_sample_steps:
+            bad = accept & bad.any()
+        ratio = torch.where(bad, torch.full_like(ratio, math.inf), ratio)
+        accept = accept & ~bad
+        factor = adams.pi_factor(
+            ratio.to(wd), qold, accept, safety=self.safety, min_factor=self.min_factor, max_factor=self.max_factor
+        )
+        qold = torch.where(accept, ratio.to(wd).clamp_min(adams.PI_QOLD_INIT), qold)
+        run.dt = (h.to(wd) * factor).to(h.dtype)
+        moved = run.moving = accept
+        # The non-finite guard. Unlike the Runge–Kutta loop, a growing residual neither halves the step
+        # nor counts towards `divergence_patience`: with AB3's small steps that rule squeezed the steps
+        # of a stable flow whose residual grows for a while (a non-normal or non-contractive f) into a
+        # geometric series that never got past the growth, and called the sample diverged (measured in
+        # the guide). Without the halving, a runaway flow keeps its pace and meets the tracker's
+        # protective break (objective >= 1e3 N objective_0) or its resolution guard.
+        accept, u_new, du_new, _ = self._guard(run, h, accept, ratio_ps, u_new, du_new, live, count_growth=False)
+        # Stability instead: keep h |λ| inside AB3's interval, |λ| estimated from the last accepted step
+        # as ||Δ(f(u) - u)|| / ||Δu|| (a Rayleigh quotient of the flow's Jacobian; it sees a fast mode as
+        # soon as it grows, long before the residual does), remembered with a decay so the step does not
+        # jump straight back out of the interval when that mode has been damped.
+        lam = self._track_lambda(lam, moved, u, u_new, du, du_new, live)
+        hist.commit(moved, du, phi2_star, h)
+        nxt_ab = (hist.n >= 2) & (lam > 0)
+        cap = (adams.AB3_STABLE / lam.clamp_min(1e-30)).to(run.dt.dtype)
+        run.dt = torch.where(nxt_ab, torch.minimum(run.dt, cap), run.dt)
+        return accept, u_new, du_new, qold, lam
 
     def _advance(self, run: "_Run", h: Tensor, accept: Tensor, u_new: Tensor, du_new: Tensor) -> None:
         """Move the accepted samples, feed the tracker, and stop at the horizon."""
@@ -867,7 +872,6 @@ def _vcab3_device_step(
     run = _StepFields(fields)
     hist = adams.AdamsHistory(fields["phi1"], fields["phi2"], fields["h1"], fields["h2"], fields["n"])
     qold, lam = fields["qold"], fields["lam"]
-    wd = qold.dtype
     u, du = run.u, run.du
     h = solver._clamp_to_horizon(run)  # type: ignore[arg-type]
     live = tstate["active"] & (h > 0)
@@ -877,25 +881,10 @@ def _vcab3_device_step(
     accept = (ratio <= 1.0) & live
     u_new = torch.where(accept.unsqueeze(1), u_ab, u)
     du_new = F(u_new) - u_new
-    bad = accept & ~torch.isfinite(du_new).all(dim=1)
-    ratio_ps = torch.where(bad, torch.full_like(ratio_ps, math.inf), ratio_ps)
-    if not solver.per_sample_steps:
-        bad = accept & bad.any()
-    ratio = torch.where(bad, torch.full_like(ratio, math.inf), ratio)
-    accept = accept & ~bad
-    factor = adams.pi_factor(
-        ratio.to(wd), qold, accept, safety=solver.safety, min_factor=solver.min_factor, max_factor=solver.max_factor
+    settle = solver._vcab3_settle
+    accept, u_new, du_new, qold, lam = settle(
+        run, hist, h, live, u, du, u_new, du_new, phi2_star, ratio_ps, ratio, accept, qold, lam
     )
-    qold = torch.where(accept, ratio.to(wd).clamp_min(adams.PI_QOLD_INIT), qold)
-    run.dt = (h.to(wd) * factor).to(h.dtype)
-    moved = run.moving = accept
-    guard = solver._guard
-    accept, u_new, du_new, _ = guard(run, h, accept, ratio_ps, u_new, du_new, live, count_growth=False)  # type: ignore[arg-type]
-    lam = solver._track_lambda(lam, moved, u, u_new, du, du_new, live)
-    hist.commit(moved, du, phi2_star, h)
-    nxt_ab = (hist.n >= 2) & (lam > 0)
-    cap = (adams.AB3_STABLE / lam.clamp_min(1e-30)).to(run.dt.dtype)
-    run.dt = torch.where(nxt_ab, torch.minimum(run.dt, cap), run.dt)
     extra = dict(phi1=hist.phi1, phi2=hist.phi2, h1=hist.h1, h2=hist.h2, n=hist.n, qold=qold, lam=lam)
     return _device_advance(solver, cond, run, fields, tstate, h, accept, u_new, du_new, extra)
 

@@ -12,12 +12,12 @@ from deqlab.solvers._checks import check_int, check_number, unknown_keyword
 from deqlab.solvers._driver import CountedMap, build_result, check_first_step, check_max_steps, empty_result, prepare
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
 from deqlab.solvers.compiled import (
-    CompileFallbackWarning,
     CompileOption,
     check_compile_option,
     compile_available,
     compiled_discrete_step,
     fallback_warning,
+    unsupported,
 )
 from deqlab.solvers.counting import ReferenceCounting, check_reference_counting, reference_nfe
 from deqlab.solvers.result import SolverResult
@@ -308,16 +308,8 @@ class DiscreteDEQSolver:
             return None
         if not compile_available() or not self.algorithm.supports_compile:
             self._compile_failed = True
-            why = (
-                "this torch has no torch.compile"
-                if not compile_available()
-                else f"{type(self.algorithm).__name__} has no pure step (supports_compile is False)"
-            )
-            import warnings
-
-            warnings.warn(
-                f"DiscreteDEQSolver(compile=True): {why}; running eager", CompileFallbackWarning, stacklevel=4
-            )
+            missing = f"{type(self.algorithm).__name__} has no pure step (supports_compile is False)"
+            unsupported("DiscreteDEQSolver", missing, stacklevel=4)
             return None
         return compiled_discrete_step(self.algorithm, self.termination, self.compile)
 
