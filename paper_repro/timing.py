@@ -74,11 +74,16 @@ class Config:
         reference_solver: bool = False,
         payload: Any = None,
         protocol: str = "paper",
+        compile_solver: bool = False,
     ):
         from deqlab.models import build_model, paper_settings
 
         torch.manual_seed(seed)
         options = dict(payload.get("model_options") or {}) if payload else {}
+        # every configuration of a timing runs the same way, eager or compiled, whatever its training used
+        options.pop("compile_solver", None)
+        if compile_solver:
+            options["compile_solver"] = True
         trained_ode = (payload or {}).get("ode_solver", "")
         trained_as = f"{solver}/{trained_ode}" if trained_ode else solver
         if reference_solver:
@@ -142,7 +147,9 @@ class Config:
         return logits
 
 
-def load_trained(models_dir: Path, also_ode: Sequence[str], seed: int, reference_solver: bool = False) -> List[Config]:
+def load_trained(
+    models_dir: Path, also_ode: Sequence[str], seed: int, reference_solver: bool = False, compile_solver: bool = False
+) -> List[Config]:
     """Every network ``mnist.py --save-model`` saved under ``models_dir`` (one `Config` each), plus, for each
     continuous DEQ, the same weights solved with each integrator of ``also_ode``, and with
     ``reference_solver``, every DEQ's weights solved with `REFERENCE_SOLVER`."""
@@ -150,7 +157,12 @@ def load_trained(models_dir: Path, also_ode: Sequence[str], seed: int, reference
     for path in sorted(Path(models_dir).glob("*.pt")):
         payload = torch.load(path, map_location="cpu", weights_only=False)
         jr = bool(payload.get("jacobian_regularization", payload.get("jac_reg")))  # (the grid's first runs: jac_reg)
-        common = dict(jacobian_regularization=jr, payload=payload, protocol=payload.get("protocol", "paper"))
+        common = dict(
+            jacobian_regularization=jr,
+            payload=payload,
+            protocol=payload.get("protocol", "paper"),
+            compile_solver=compile_solver,
+        )
         configs.append(Config(payload["model_type"], payload["solver"], seed, **common))
         if payload["solver"] == "continuous" and model_kind(payload["model_type"]).is_deq:
             for ode in also_ode:
@@ -204,6 +216,12 @@ def main(argv: Any = None) -> str:
         "NFE column (L-Broyden, one rel_norm test over the whole batch), same weights",
     )
     p.add_argument(
+        "--compile-solver",
+        action="store_true",
+        help="time every configuration with its solver's iteration compiled (compile_solver=True); default: "
+        "every one eager, whatever the saved network was trained with",
+    )
+    p.add_argument(
         "--output",
         type=Path,
         default=None,
@@ -229,10 +247,13 @@ def main(argv: Any = None) -> str:
             [o for o in args.also_ode.split(",") if o],
             args.seed,
             reference_solver=args.reference_solver,
+            compile_solver=args.compile_solver,
         )
         warm_steps = 0  # trained already
     else:
-        configs = [Config(*c.split(":"), seed=args.seed) for c in args.configs.split(",")]
+        configs = [
+            Config(*c.split(":"), seed=args.seed, compile_solver=args.compile_solver) for c in args.configs.split(",")
+        ]
         warm_steps = args.warm_steps
     for cfg in configs if warm_steps else []:  # warm-up training, each on the same batch sequence
         order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(args.seed))

@@ -105,3 +105,24 @@ def test_the_grids_trained_networks_are_timed_as_saved(mnist_dir, tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert float(cells[8]) > float(cells[7]) >= 1
     assert "| vanilla continuous/tsit5 / vanilla discrete |" in text
+
+
+def test_a_timing_runs_every_network_eager_unless_asked_whatever_it_was_trained_with(tmp_path):
+    # a network trained with compile_solver=True and one without are timed alike: eager by default,
+    # compiled for every configuration with --compile-solver
+    import torch
+
+    from deqlab.models import build_model
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name, options in (("a", {"compile_solver": True}), ("b", {})):
+        net = build_model("mnist", "dense", model_type="vanilla", solver="continuous", **options)
+        torch.save(
+            {"state_dict": net.state_dict(), "model_type": "vanilla", "solver": "continuous", "ode_solver": "tsit5",
+             "model_options": {"ode_solver": "tsit5", **options}, "protocol": "paper"},
+            models / f"{name}.pt",
+        )  # fmt: skip
+    assert [c.net.deq.solver.compile for c in timing.load_trained(models, [], 0)] == [False, False]
+    compiled = timing.load_trained(models, ["vcab3"], 0, compile_solver=True)
+    assert [c.net.deq.solver.compile for c in compiled] == [True] * 4
