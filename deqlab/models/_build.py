@@ -276,12 +276,16 @@ def build_backward(
         >>> build_backward(BackwardSpec(max_steps=20)).max_steps
         20
     """
+    solver: str
+    compile = False
     if isinstance(name, BackwardSpec):
         if tol is not None or max_steps is not None:
             raise TypeError("build_backward: pass a BackwardSpec or tol= / max_steps=, not both")
-        return build_backward(name.solver, tol=name.tol, max_steps=name.max_steps)  # type: ignore[arg-type]
+        solver, tol, max_steps, compile = name.solver, name.tol, name.max_steps, name.compile
+    else:
+        solver = name
     budget: Dict[str, Any] = {k: v for k, v in (("tol", tol), ("max_steps", max_steps)) if v is not None}
-    return ImplicitBackward(name, **budget)
+    return ImplicitBackward(solver, compile=compile, **budget)
 
 
 def make_deq(

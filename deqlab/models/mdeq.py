@@ -91,7 +91,8 @@ class MDEQConfig:
         reference_counting: the convention of ``solution.reference_nfe`` (see
             `deqlab.solvers.counting`): ``fastdeq`` for the v1 models (the January-2022 code ran them),
             ``deqjl`` (default) for the v2+ configs.
-        compile_solver: each forward-solver iteration as one compiled graph (`SolverSpec.compile`;
+        compile_solver: each forward-solver iteration, and each Arnoldi step of the GMRES adjoint, as one
+            compiled graph (`SolverSpec.compile`, `BackwardSpec.compile`;
             `docs/performance.md`). Default ``False``.
         detach_skip_target: whether the skip loss treats z* as a detached target (``None``: detached for
             ``skip``, coupled for ``skip_reg``; see [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]).
@@ -170,7 +171,7 @@ class MDEQConfig:
 
     def backward_spec(self) -> BackwardSpec:
         """The GMRES adjoint within ``backward_max_steps`` VJPs, at the forward's tolerance."""
-        return BackwardSpec(max_steps=self.backward_max_steps)
+        return BackwardSpec(max_steps=self.backward_max_steps, compile=self.compile_solver)
 
     def __post_init__(self) -> None:
         if self.version not in ("v1", "v2"):

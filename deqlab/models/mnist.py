@@ -69,7 +69,8 @@ class DenseConfig:
         reapply_map: return ``f(z_T, x)`` as z* (the 2022 code's).
         vanilla_penalty: a vanilla model's skip loss is ``mean |z*|`` (the 2022 code's).
         detach_skip_target: see [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]; ``None``: the layer's default.
-        compile_solver: each forward-solver iteration as one compiled graph (`SolverSpec.compile`;
+        compile_solver: each forward-solver iteration, and each Arnoldi step of the GMRES adjoint, as one
+            compiled graph (`SolverSpec.compile`, `BackwardSpec.compile`;
             `docs/performance.md`). ``False``.
 
     Examples:
@@ -109,7 +110,7 @@ class DenseConfig:
 
     def backward_spec(self) -> BackwardSpec:
         """The GMRES adjoint within ``backward_max_steps`` VJPs, at the forward's tolerance."""
-        return BackwardSpec(max_steps=self.backward_max_steps)
+        return BackwardSpec(max_steps=self.backward_max_steps, compile=self.compile_solver)
 
 
 #: The paper's MNIST dense model (the defaults of `mnist_dense`).

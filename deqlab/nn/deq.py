@@ -274,7 +274,9 @@ class DeepEquilibriumNetwork(nn.Module):
             ``compile=`` (the caller's solver object is left as it is, and a solver given its own
             ``compile=`` keeps it). Default ``False``. deqlab's discrete algorithms with a pure step and
             the Tsit5/Dopri5 integrators compile; another solver runs eager with one
-            `CompileFallbackWarning`. The backward's linear solvers run eager either way (not compiled yet).
+            `CompileFallbackWarning`. The default backward, ``ImplicitBackward("gmres")``, gets the same
+            ``compile=`` for its GMRES (each Arnoldi step's algebra compiled; the VJPs stay eager); other
+            backward modes run eager.
 
     Raises:
         ValueError: more than one of ``init``, ``z_shape``, ``initializer``, ``shortcut`` is given (all
@@ -392,6 +394,7 @@ class DeepEquilibriumNetwork(nn.Module):
         #: ``self.compile``: that is ``nn.Module.compile``, which compiles the whole layer
         self.compile_solver: CompileOption = check_compile_option(name, compile)
         self._compiled_solver: Optional[Tuple[Any, Any]] = None  # (the solver it was made from, its copy)
+        self._compiled_backward: Optional[Tuple[Any, Any]] = None  # (the backward mode, its compiling twin)
         self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     # ---------------------------------------------------------------- read-only views
@@ -715,7 +718,7 @@ class DeepEquilibriumNetwork(nn.Module):
             map_modules=modules,
             solver_result=result,
         )
-        context = _GradientContext(problem_args, self.backward, n_parts=len(z_parts), n_params=len(params))
+        context = _GradientContext(problem_args, self._backward_mode(), n_parts=len(z_parts), n_params=len(params))
         return attach_gradient(context, z_parts, x, params, grad_state), context
 
     def _jacobian_loss(self, z_star: State, x: Tensor) -> Tensor:
@@ -758,6 +761,22 @@ class DeepEquilibriumNetwork(nn.Module):
         twin = copy.copy(solver)
         twin.compile, twin._compile_failed = option, False
         self._compiled_solver = (solver, twin)
+        return twin
+
+    def _backward_mode(self) -> BackwardMode:
+        """``self.backward``, or with ``compile`` set and an ``ImplicitBackward("gmres")`` that does not
+        compile, its twin whose GMRES compiles its Arnoldi steps (made once per backward mode)."""
+        backward, option = self.backward, self.compile_solver
+        if option is False or not isinstance(backward, ImplicitBackward) or backward.solver != "gmres":
+            return backward
+        if backward.compile is not False:
+            return backward
+        cached = self._compiled_backward
+        if cached is not None and cached[0] is backward:
+            return cached[1]
+        twin = copy.copy(backward)
+        twin.compile, twin._built = option, {}
+        self._compiled_backward = (backward, twin)
         return twin
 
 

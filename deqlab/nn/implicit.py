@@ -39,6 +39,7 @@ from torch.autograd.graph import Node
 from deqlab import instrument
 from deqlab.nn.reporting import user_stacklevel
 from deqlab.nn.running_stats import frozen_running_stats
+from deqlab.solvers.compiled import check_compile_option
 from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
 from deqlab.solvers.protocols import LinearSolver, Solver
 from deqlab.state import flatten, from_parts, unflatten
@@ -566,6 +567,9 @@ class ImplicitBackward(BackwardMode):
             (with a 15-step budget the Krylov basis stays small).
         warn_unconverged: ``None`` (default): an unconverged adjoint follows the layer's ``on_unconverged``
             policy; ``True``/``False``: always / never warn for this backward.
+        compile: ``"gmres"`` only: each Arnoldi step's algebra as one compiled graph (`GMRES`'s
+            ``compile``; the VJPs stay eager). Default ``False``. A layer built with ``compile=`` passes
+            it here.
 
     With a solver object, its own ``tol``/``max_steps`` apply, and the mode's ``tol``/``max_steps``
     attributes report them (``ImplicitBackward(GMRES(max_steps=12)).max_steps == 12``). A fixed-point
@@ -615,6 +619,7 @@ class ImplicitBackward(BackwardMode):
         max_steps: Optional[int] = None,
         restart: Optional[int] = None,
         warn_unconverged: Optional[bool] = None,
+        compile: Any = False,
     ):
         self._linear: Optional[LinearSolver] = None
         if isinstance(solver, str):
@@ -627,12 +632,19 @@ class ImplicitBackward(BackwardMode):
                 )
             if restart is not None and solver != "gmres":
                 raise ValueError(f"ImplicitBackward: restart= applies to 'gmres' only, not {solver!r}")
+            if compile is not False and solver != "gmres":
+                raise ValueError(
+                    f"ImplicitBackward: compile= applies to 'gmres' only, not {solver!r} (pass a solver object "
+                    f"built with compile=True)"
+                )
             if tol is not None and (not isinstance(tol, (int, float)) or not tol >= 0):
                 raise ValueError(f"ImplicitBackward: tol must be a number >= 0 or None, got {tol!r}")
             if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
                 raise ValueError(f"ImplicitBackward: max_steps must be an int >= 1, got {max_steps!r}")
         else:
             given = [k for k, val in (("tol", tol), ("max_steps", max_steps), ("restart", restart)) if val is not None]
+            if compile is not False:
+                given.append("compile")
             if given:
                 raise ValueError(
                     f"ImplicitBackward: {', '.join(given)} given together with a solver object "
@@ -657,6 +669,9 @@ class ImplicitBackward(BackwardMode):
             self.max_steps = DEFAULT_ADJOINT_MAX_STEPS if max_steps is None else int(max_steps)
             self.restart = restart
         self.warn_unconverged = warn_unconverged
+        #: ``compile=`` of the GMRES this mode builds from the name ``"gmres"`` (each Arnoldi step's algebra
+        #: one compiled graph; the VJPs stay eager)
+        self.compile = check_compile_option("ImplicitBackward", compile)
         self._built: Dict[float, LinearSolver] = {}
 
     def linear_solver(self, forward_tol: Optional[float] = None) -> LinearSolver:
@@ -675,7 +690,7 @@ class ImplicitBackward(BackwardMode):
         built = self._built.get(tol)
         if built is None:
             if self.solver == "gmres":
-                built = GMRES(tol=tol, max_steps=self.max_steps, restart=self.restart)
+                built = GMRES(tol=tol, max_steps=self.max_steps, restart=self.restart, compile=self.compile)
             else:
                 from deqlab.solvers.registry import get_solver
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ def gmres(
     atol: float = 0.0,
     restart: int = 20,
     max_restarts: int = 5,
+    compile: Any = False,
 ) -> Tuple[Tensor, GMRESInfo]:
     """Solve ``A x = b`` per sample for ``b`` of shape ``(B, N)``.
 
@@ -80,6 +81,13 @@ def gmres(
             residual before each restart (one more with ``x0``); the last cycle reports its least-squares
             residual, which equals the true one in exact arithmetic. Default 5: a hard cap of about 100
             products with the default ``restart``.
+        compile: run each Arnoldi step's algebra (the Gram–Schmidt passes, the Givens rotation, the
+            residual estimate and the stop test) as one graph compiled by ``torch.compile(fullgraph=True)``;
+            the products ``matvec`` stay eager (a VJP through a retained autograd graph cannot be traced).
+            ``False`` (default) eager; ``True`` inductor; a string or callable another backend. The basis is
+            then allocated at its full size (``restart + 1`` vectors) instead of growing on demand. Results
+            and product counts equal the eager ones up to rounding; a backend that fails warns once
+            (`CompileFallbackWarning`) and the solve runs eager.
 
     Returns:
         A tuple ``(x, info)``: the ``(B, N)`` solution in ``b``'s dtype, and a [`GMRESInfo`][deqlab.solvers.GMRESInfo] with the
@@ -135,6 +143,7 @@ def gmres(
             atol=atol,
             restart=restart,
             max_restarts=max_restarts,
+            compile=compile,
         )
         return x32.to(half), info
     B, N = b.shape
@@ -153,14 +162,15 @@ def gmres(
     # depend on how long the other samples of the batch iterate. finished: met the target in a cycle.
     finished = torch.zeros(B, dtype=torch.bool, device=b.device)
     final = beta.clone()  # the residual each finished sample stopped at
+    step = _compiled_arnoldi(compile) if compile is not False else None
     for cycle in range(max_restarts):
         done = finished | (beta <= target)
         if bool(done.all()):
             break
         # The basis grows on demand (most solves stop long before ``restart`` columns); only written
         # columns are ever read, so no zero fill is needed.
-        cap = min(m, 8)
-        V = b.new_empty(B, cap + 1, N)
+        cap = m if step is not None else min(m, 8)  # compiled: one static shape, the full basis
+        V = b.new_zeros(B, cap + 1, N) if step is not None else b.new_empty(B, cap + 1, N)
         V[:, 0] = torch.where(done.unsqueeze(1), torch.zeros_like(r), r / beta.clamp_min(tiny).unsqueeze(1))
         # Incremental QR of the Hessenberg matrix: Qt accumulates the Givens rotations, R is its upper
         # triangle and g = Qt (beta e1). |g[j+1]| is the residual after step j, so no least-squares solve is
@@ -172,7 +182,16 @@ def gmres(
         used = torch.zeros(B, dtype=torch.long, device=b.device)  # Arnoldi columns each sample uses
         stopped_at = beta.clone()  # the residual estimate at which a sample stopped in this cycle
         k = 0
-        for j in range(m):
+        if step is not None:
+            ran = _arnoldi_compiled(step, compile, matvec, V, Qt, R, g, done, used, stopped_at, target, m)
+            if isinstance(ran, int):  # the backend failed (warned once): its product counted, then eager
+                step = None
+                matvecs += ran
+            else:
+                V, Qt, R, g, done, used, stopped_at, k = ran
+                matvecs += k
+                iterations += k
+        for j in range(m if step is None and k == 0 else 0):
             if j + 1 > cap:
                 cap = min(m, 2 * cap)
                 V = torch.cat([V, b.new_empty(B, cap + 1 - V.shape[1], N)], dim=1)
@@ -243,3 +262,93 @@ def gmres(
     converged = beta <= target * (1 + 1e-6) + tiny
     rel = beta / b_norm.clamp_min(tiny)
     return x, GMRESInfo(matvecs=matvecs, iterations=iterations, residual=rel, converged=converged)
+
+
+_FAILED_BACKENDS: set = set()
+
+
+def _compiled_arnoldi(backend: Any) -> Optional[Callable[..., tuple]]:
+    """The compiled Arnoldi step for ``backend``, or ``None`` when it failed before (then eager)."""
+    from deqlab.solvers.compiled import cached_compile, check_compile_option, compile_available, unsupported
+
+    check_compile_option("gmres", backend)
+    key = "inductor" if backend is True else backend
+    if key in _FAILED_BACKENDS:
+        return None
+    if not compile_available():
+        _FAILED_BACKENDS.add(key)
+        unsupported("gmres", "", stacklevel=4)
+        return None
+    return cached_compile("gmres.arnoldi", _arnoldi_step, backend)
+
+
+def _arnoldi_step(w, V, Qt, R, g, done, used, stopped_at, target, j):
+    """One Arnoldi step of `gmres` on full-size buffers, as a pure function of tensors: ``w = A v_j``
+    orthogonalised against the basis (its unwritten columns are zero), the new Givens rotation, the residual
+    estimate and each sample's stop. ``j`` is a 0-dim tensor, so one graph serves every step.
+
+    The same arithmetic as the eager loop, on masks instead of slices (a slice that grows with ``j`` would
+    recompile every step); the second Gram–Schmidt pass is computed for every sample and kept where the
+    eager loop would run it (the DGKS test), so each sample's basis is the eager one's.
+    """
+    tiny = torch.finfo(V.dtype).tiny ** 0.5
+    rows = torch.arange(Qt.shape[1], device=V.device)  # m + 1
+    ej, en = rows == j, rows == j + 1
+    w_in = torch.linalg.vector_norm(w, dim=1)
+    h = torch.bmm(w.unsqueeze(1), V.transpose(1, 2)).squeeze(1)  # (B, m + 1), zero beyond column j
+    w = w - torch.bmm(h.unsqueeze(1), V).squeeze(1)
+    w_norm = torch.linalg.vector_norm(w, dim=1)
+    again = w_norm < 0.7 * w_in
+    h2 = torch.bmm(w.unsqueeze(1), V.transpose(1, 2)).squeeze(1)
+    w2 = w - torch.bmm(h2.unsqueeze(1), V).squeeze(1)
+    w = torch.where(again.unsqueeze(1), w2, w)
+    h = torch.where(again.unsqueeze(1), h + h2, h)
+    w_norm = torch.linalg.vector_norm(w, dim=1).clamp_min(tiny)
+    h = torch.where(rows <= j, h, torch.zeros_like(h))
+    col = torch.bmm(Qt, h.unsqueeze(2)).squeeze(2)  # the earlier rotations applied to h
+    a = (col * ej).sum(1)
+    rho = torch.hypot(a, w_norm)
+    cs, sn = a / rho, w_norm / rho
+    m = R.shape[1]
+    rcol = torch.where(rows[:m] < j, col[:, :m], torch.where(rows[:m] == j, rho.unsqueeze(1), R.new_zeros(())))
+    R = torch.where((rows[:m] == j).view(1, 1, m), rcol.unsqueeze(2), R)
+    q_j = (Qt * ej.view(1, -1, 1)).sum(1)
+    q_n = (Qt * en.view(1, -1, 1)).sum(1)
+    new_j = cs.unsqueeze(1) * q_j + sn.unsqueeze(1) * q_n
+    new_n = cs.unsqueeze(1) * q_n - sn.unsqueeze(1) * q_j
+    Qt = torch.where(ej.view(1, -1, 1), new_j.unsqueeze(1), torch.where(en.view(1, -1, 1), new_n.unsqueeze(1), Qt))
+    g_j = (g * ej).sum(1)
+    g = torch.where(ej, (cs * g_j).unsqueeze(1), torch.where(en, (-sn * g_j).unsqueeze(1), g))
+    res_est = (-sn * g_j).abs()
+    running = ~done
+    used = torch.where(running, (j + 1).expand_as(used), used)
+    stopped_at = torch.where(running, res_est, stopped_at)
+    done = done | (running & (res_est <= target))
+    v_next = torch.where(done.unsqueeze(1), torch.zeros_like(w), w / w_norm.unsqueeze(1))
+    V = torch.where(en.view(1, -1, 1), v_next.unsqueeze(1), V)
+    return V, Qt, R, g, done, used, stopped_at
+
+
+def _arnoldi_compiled(step, backend, matvec, V, Qt, R, g, done, used, stopped_at, target, m):
+    """The Arnoldi loop of one `gmres` cycle with the compiled step: ``(V, Qt, R, g, done, used, stopped_at,
+    k)`` after ``k`` steps (one product each), or the number of products spent (1) when the step could not
+    be compiled (warned once per backend)."""
+    from deqlab.solvers.compiled import fallback_warning
+
+    j_t = torch.zeros((), dtype=torch.long, device=V.device)
+    k = 0
+    for j in range(m):
+        w = matvec(V[:, j])
+        try:
+            V, Qt, R, g, done, used, stopped_at = step(w, V, Qt, R, g, done, used, stopped_at, target, j_t)
+        except Exception as error:  # the backend failed (no C++ compiler, ...)
+            if j > 0:  # pragma: no cover - a graph that compiled once does not fail later
+                raise
+            _FAILED_BACKENDS.add("inductor" if backend is True else backend)
+            fallback_warning("gmres", error)
+            return 1
+        j_t = j_t + 1
+        k = j + 1
+        if bool(done.all()):
+            break
+    return V, Qt, R, g, done, used, stopped_at, k

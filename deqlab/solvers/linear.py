@@ -15,6 +15,7 @@ from typing import Callable, Optional, cast
 import torch
 from torch import Tensor
 
+from deqlab.solvers.compiled import CompileOption, check_compile_option
 from deqlab.solvers.krylov import gmres
 from deqlab.solvers.protocols import LinearSolveResult, Solver
 from deqlab.state import State, batch_norm
@@ -48,6 +49,8 @@ class GMRES:
             vectors. Set it when ``max_steps`` vectors of the state's size per sample do not fit.
         atol: absolute tolerance; a sample stops once its residual is below ``max(tol * ||b||, atol)``.
             Default ``0.0``: purely relative (a zero right-hand side needs no product either way).
+        compile: each Arnoldi step's algebra as one compiled graph (`gmres`'s ``compile``; the products
+            stay eager). Default ``False``.
 
     Raises:
         ValueError: ``tol`` is not a finite number >= 0, ``max_steps`` is not an int >= 1, ``restart`` is
@@ -65,7 +68,15 @@ class GMRES:
         (tensor([[0.2000, 0.6000]], dtype=torch.float64), 2, tensor([True]))
     """
 
-    def __init__(self, tol: float = 1e-6, max_steps: int = 50, *, restart: Optional[int] = None, atol: float = 0.0):
+    def __init__(
+        self,
+        tol: float = 1e-6,
+        max_steps: int = 50,
+        *,
+        restart: Optional[int] = None,
+        atol: float = 0.0,
+        compile: CompileOption = False,
+    ):
         _check_budget("GMRES", tol, max_steps)
         if restart is not None and (not isinstance(restart, int) or restart < 1):
             raise ValueError(f"GMRES: restart must be an int >= 1 or None, got {restart!r}")
@@ -75,6 +86,7 @@ class GMRES:
         self.max_steps = int(max_steps)
         self.restart = restart
         self.atol = float(atol)
+        self.compile = check_compile_option("GMRES", compile)
 
     def solve(self, matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Optional[Tensor] = None) -> LinearSolveResult:
         """Solve ``A x = b`` per sample within ``max_steps`` products.
@@ -99,13 +111,18 @@ class GMRES:
             atol=self.atol,
             restart=restart,
             max_restarts=max(1, -(-self.max_steps // restart)),
+            compile=self.compile,
         )
         return LinearSolveResult(
             x=x, matvecs=info.matvecs, iterations=info.iterations, residual=info.residual, converged=info.converged
         )
 
     def __repr__(self) -> str:
-        return f"GMRES(tol={self.tol}, max_steps={self.max_steps}, restart={self.restart}, atol={self.atol})"
+        return (
+            f"GMRES(tol={self.tol}, max_steps={self.max_steps}, restart={self.restart}, atol={self.atol}"
+            + (f", compile={self.compile!r}" if self.compile is not False else "")
+            + ")"
+        )
 
 
 class _BudgetSpent(Exception):

@@ -139,16 +139,21 @@ class BackwardSpec:
         max_steps: VJP budget. Default 15, the paper's ``min(maxiters, 15)``.
         tol: adjoint tolerance. Default ``None``: the forward solver's termination tolerance, handed over by
             the layer at backward time (the one route; see the module docstring).
+        compile: ``gmres`` only: each Arnoldi step's algebra as one compiled graph (the VJPs stay eager).
+            Default ``False``.
 
     Raises:
-        ValueError: ``max_steps`` or ``tol`` is out of range.
+        ValueError: ``max_steps`` or ``tol`` is out of range; ``compile`` is not a bool.
     """
 
     solver: str = "gmres"
     max_steps: int = 15
     tol: Optional[float] = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"BackwardSpec: compile must be True or False, got {self.compile!r}")
         object.__setattr__(self, "max_steps", _count("BackwardSpec", "max_steps", self.max_steps))
         if self.tol is not None:
             object.__setattr__(self, "tol", _positive("BackwardSpec", "tol", self.tol))

@@ -50,13 +50,15 @@ def test_the_layer_switch_compiles_the_forward_and_changes_nothing_else(solver):
     layer = _layer(solver, compile=counter)
     z_c, sol_c = layer(x)
     z_c.square().sum().backward()
-    assert counter.frame_count == 1  # the forward solve ran compiled
+    assert counter.frame_count == 2  # the forward solve's step and the backward's Arnoldi step ran compiled
+    assert layer._backward_mode().linear_solver(1e-3).compile is counter and layer.backward.compile is False
     assert solver.compile is False  # the caller's solver is untouched
     assert sol_c.nfe == sol_e.nfe and sol_c.solver_result.status == sol_e.solver_result.status
     torch.testing.assert_close(z_c, z_e, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, g_e, rtol=1e-10, atol=1e-12)  # the implicit backward as before
-    layer(x)
-    assert counter.frame_count == 1  # the copy is made once and its graph reused
+    z_c, _ = layer(x)
+    z_c.sum().backward()
+    assert counter.frame_count == 2  # the copies are made once and their graphs reused
     assert "compile=" in repr(layer)
     assert layer.compile.__func__ is torch.nn.Module.compile  # the switch does not shadow nn.Module.compile
 
@@ -81,6 +83,18 @@ def test_the_spec_route_builds_compiling_solvers():
     assert build_solver("anderson", compile=True).compile is True
     assert build_solver("tsit5").compile is False
     net = build_model("mnist", "dense", model_type="vanilla", solver="continuous", compile_solver=True)
-    assert net.deq.solver.compile is True
+    assert net.deq.solver.compile is True and net.deq.backward.compile is True
+    assert build_model("mnist", "dense", model_type="vanilla", solver="discrete").deq.backward.compile is False
     with pytest.raises(ValueError, match="compile must be True or False"):
         SolverSpec(compile="yes")
+
+
+def test_implicit_backward_compiles_its_gmres_only():
+    from deqlab.nn import ImplicitBackward
+    from deqlab.solvers import GMRES
+
+    assert ImplicitBackward(compile="eager").linear_solver(1e-4).compile == "eager"
+    with pytest.raises(ValueError, match="applies to 'gmres' only"):
+        ImplicitBackward("anderson", compile=True)
+    with pytest.raises(ValueError, match="compile given together with a solver object"):
+        ImplicitBackward(GMRES(), compile=True)
