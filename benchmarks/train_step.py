@@ -917,7 +917,7 @@ def build_report(results: Sequence[Result], info: Dict[str, str], args) -> str:
     if st:
         out += [
             "### Compiled solver step (`compile_solver=True`: each solver iteration / stepper call one "
-            "`torch.compile(fullgraph=True)` graph, inductor; the backward eager)",
+            "`torch.compile(fullgraph=True)` graph, and each Arnoldi step of the GMRES adjoint; inductor)",
             "",
             st,
             "",
