@@ -273,7 +273,7 @@ class DeepEquilibriumNetwork(nn.Module):
             or a ``torch.compile`` backend makes the forward solve with a copy of ``solver`` built with that
             ``compile=`` (the caller's solver object is left as it is, and a solver given its own
             ``compile=`` keeps it). Default ``False``. deqlab's discrete algorithms with a pure step and
-            the Tsit5/Dopri5 integrators compile; another solver runs eager with one
+            the Tsit5, Dopri5 and VCAB3 integrators compile; another solver runs eager with one
             `CompileFallbackWarning`. The default backward, ``ImplicitBackward("gmres")``, gets the same
             ``compile=`` for its GMRES (each Arnoldi step's algebra compiled; the VJPs stay eager); other
             backward modes run eager.
@@ -393,8 +393,7 @@ class DeepEquilibriumNetwork(nn.Module):
         #: ``compile=`` for the forward solver (see the class docstring); ``False``: the solver as given. Not
         #: ``self.compile``: that is ``nn.Module.compile``, which compiles the whole layer
         self.compile_solver: CompileOption = check_compile_option(name, compile)
-        self._compiled_solver: Optional[Tuple[Any, Any]] = None  # (the solver it was made from, its copy)
-        self._compiled_backward: Optional[Tuple[Any, Any]] = None  # (the backward mode, its compiling twin)
+        self._compiled_solver: Optional[Tuple[Any, Any]] = None  # (the solver it was made from, its last copy)
         self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     # ---------------------------------------------------------------- read-only views
@@ -742,41 +741,45 @@ class DeepEquilibriumNetwork(nn.Module):
         )
 
     def _forward_solver(self) -> Any:
-        """``self.solver``, or with ``compile`` set the copy of it that compiles (made once per solver)."""
+        """``self.solver``, or with ``compile`` set a copy of it that compiles.
+
+        A fresh shallow copy per forward (cheap: the compiled graphs live in a cache keyed by the solver's
+        configuration), so a setting changed on ``self.solver`` after the first forward (``max_steps``, the
+        termination) is the one the next solve uses; only a failed compilation is carried over, so it is
+        warned about and attempted once per solver.
+        """
         solver, option = self.solver, self.compile_solver
         if option is False or getattr(solver, "compile", False) is not False:
             return solver
         cached = self._compiled_solver
-        if cached is not None and cached[0] is solver:
-            return cached[1]
+        same = cached is not None and cached[0] is solver
         if not isinstance(solver, (DiscreteDEQSolver, ContinuousDEQSolver)):
-            warnings.warn(
-                f"{type(self).__name__}(compile={option!r}): {type(solver).__name__} has no compiled "
-                f"iteration (deqlab's DiscreteDEQSolver and ContinuousDEQSolver have); solving eager",
-                CompileFallbackWarning,
-                stacklevel=user_stacklevel(),
-            )
-            self._compiled_solver = (solver, solver)
+            if not same:
+                warnings.warn(
+                    f"{type(self).__name__}(compile={option!r}): {type(solver).__name__} has no compiled "
+                    f"iteration (deqlab's DiscreteDEQSolver and ContinuousDEQSolver have); solving eager",
+                    CompileFallbackWarning,
+                    stacklevel=user_stacklevel(),
+                )
+                self._compiled_solver = (solver, solver)
             return solver
         twin = copy.copy(solver)
-        twin.compile, twin._compile_failed = option, False
+        twin.compile = option
+        twin._compile_failed = bool(same and getattr(cached[1], "_compile_failed", False))  # type: ignore[index]
         self._compiled_solver = (solver, twin)
         return twin
 
     def _backward_mode(self) -> BackwardMode:
         """``self.backward``, or with ``compile`` set and an ``ImplicitBackward("gmres")`` that does not
-        compile, its twin whose GMRES compiles its Arnoldi steps (made once per backward mode)."""
+        compile, a copy whose GMRES compiles its Arnoldi steps (fresh per forward, like the solver's, so a
+        budget changed on ``self.backward`` applies; a failed compilation is remembered by `gmres`)."""
         backward, option = self.backward, self.compile_solver
         if option is False or not isinstance(backward, ImplicitBackward) or backward.solver != "gmres":
             return backward
         if backward.compile is not False:
             return backward
-        cached = self._compiled_backward
-        if cached is not None and cached[0] is backward:
-            return cached[1]
         twin = copy.copy(backward)
         twin.compile, twin._built = option, {}
-        self._compiled_backward = (backward, twin)
         return twin
 
 

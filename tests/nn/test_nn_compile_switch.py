@@ -63,6 +63,19 @@ def test_the_layer_switch_compiles_the_forward_and_changes_nothing_else(solver):
     assert layer.compile.__func__ is torch.nn.Module.compile  # the switch does not shadow nn.Module.compile
 
 
+def test_a_setting_changed_on_the_solver_after_the_first_forward_applies():
+    # the layer solves with a copy of its solver: a stale copy would silently keep the old budget
+    solver = DiscreteDEQSolver("anderson", mode="rel_norm", reltol_termination=1e-10, max_steps=60)
+    layer = _layer(solver, compile="eager")
+    x = torch.randn(3, 4, dtype=torch.float64)
+    _, first = layer(x)
+    assert first.nfe > 5
+    solver.max_steps = 2
+    with pytest.warns(Warning, match="did not converge"):
+        _, second = layer(x)
+    assert second.nfe <= 3 and second.solver_result.steps == 2
+
+
 def test_a_solver_without_a_compiled_iteration_warns_once_and_solves():
     layer = _layer(ReversibleSolver(beta=0.5, max_steps=40), compile=True)
     from deqlab.nn import ReversibleBackward
