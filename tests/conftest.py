@@ -47,3 +47,14 @@ def _quiet_lightning():
     yield
     for n, level in levels.items():
         logging.getLogger(n).setLevel(level)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Forget every compiled solver step and dynamo's graphs before and after the test, so compilation
+    counts and fallbacks are the test's own (the compiled-step tests use it)."""
+    from deqlab.solvers.compiled import reset_cache
+
+    reset_cache()
+    yield
+    reset_cache()

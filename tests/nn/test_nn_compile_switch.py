@@ -12,17 +12,13 @@ import torch
 from deqlab.models import build_model
 from deqlab.nn import DEQ, DenseDEQBlock, ZeroGuess
 from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver, ReversibleSolver
-from deqlab.solvers.compiled import CompileFallbackWarning, compile_available, reset_cache
+from deqlab.solvers.compiled import CompileFallbackWarning, compile_available
 from deqlab.spec import SolverSpec
 
-pytestmark = pytest.mark.skipif(not compile_available(), reason="torch.compile is not available")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    reset_cache()
-    yield
-    reset_cache()
+pytestmark = [
+    pytest.mark.skipif(not compile_available(), reason="torch.compile is not available"),
+    pytest.mark.usefixtures("fresh_dynamo"),
+]
 
 
 def _layer(solver, **kw):

@@ -17,18 +17,14 @@ import pytest
 import torch
 
 from deqlab.solvers import ContinuousDEQSolver, record_iterates
-from deqlab.solvers.compiled import CompileFallbackWarning, compile_available, reset_cache
+from deqlab.solvers.compiled import CompileFallbackWarning, compile_available
 
-pytestmark = pytest.mark.skipif(not compile_available(), reason="torch.compile is not available")
+pytestmark = [
+    pytest.mark.skipif(not compile_available(), reason="torch.compile is not available"),
+    pytest.mark.usefixtures("fresh_dynamo"),
+]
 
 D = 16
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    reset_cache()
-    yield
-    reset_cache()
 
 
 def _problem(batch: int, dtype: torch.dtype, scale: float = 0.6):

@@ -9,16 +9,12 @@ import pytest
 import torch
 
 from deqlab.solvers import GMRES, gmres
-from deqlab.solvers.compiled import compile_available, reset_cache
+from deqlab.solvers.compiled import compile_available
 
-pytestmark = pytest.mark.skipif(not compile_available(), reason="torch.compile is not available")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    reset_cache()
-    yield
-    reset_cache()
+pytestmark = [
+    pytest.mark.skipif(not compile_available(), reason="torch.compile is not available"),
+    pytest.mark.usefixtures("fresh_dynamo"),
+]
 
 
 def _system(B=5, N=30, dtype=torch.float64, seed=0):

@@ -16,18 +16,14 @@ import pytest
 import torch
 
 from deqlab.solvers import DiscreteDEQSolver
-from deqlab.solvers.compiled import CompileFallbackWarning, compile_available, reset_cache
+from deqlab.solvers.compiled import CompileFallbackWarning, compile_available
 
-pytestmark = pytest.mark.skipif(not compile_available(), reason="torch.compile is not available")
+pytestmark = [
+    pytest.mark.skipif(not compile_available(), reason="torch.compile is not available"),
+    pytest.mark.usefixtures("fresh_dynamo"),
+]
 
 D = 16
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    reset_cache()
-    yield
-    reset_cache()
 
 
 def _problem(batch: int, dtype: torch.dtype):
