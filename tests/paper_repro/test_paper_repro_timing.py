@@ -105,6 +105,8 @@ def test_the_grids_trained_networks_are_timed_as_saved(mnist_dir, tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert float(cells[8]) > float(cells[7]) >= 1
     assert "| vanilla continuous/tsit5 / vanilla discrete |" in text
+    ratios = [line for line in text.splitlines() if " / " in line and line.startswith("| ")]
+    assert len(ratios) == len(set(ratios))  # each pair once
 
 
 def test_a_timing_runs_every_network_eager_unless_asked_whatever_it_was_trained_with(tmp_path):
