@@ -39,7 +39,7 @@ from torch.autograd.graph import Node
 from deqlab import instrument
 from deqlab.nn.reporting import user_stacklevel
 from deqlab.nn.running_stats import frozen_running_stats
-from deqlab.solvers.compiled import check_compile_option
+from deqlab.solvers.compiled import CompileOption, check_compile_option
 from deqlab.solvers.linear import GMRES, FixedPointLinearSolver
 from deqlab.solvers.protocols import LinearSolver, Solver
 from deqlab.state import flatten, from_parts, unflatten
@@ -619,7 +619,7 @@ class ImplicitBackward(BackwardMode):
         max_steps: Optional[int] = None,
         restart: Optional[int] = None,
         warn_unconverged: Optional[bool] = None,
-        compile: Any = False,
+        compile: CompileOption = False,
     ):
         self._linear: Optional[LinearSolver] = None
         if isinstance(solver, str):

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from deqlab.solvers.compiled import CompileOption
 
 
 @dataclass
@@ -51,7 +53,7 @@ def gmres(
     atol: float = 0.0,
     restart: int = 20,
     max_restarts: int = 5,
-    compile: Any = False,
+    compile: CompileOption = False,
 ) -> Tuple[Tensor, GMRESInfo]:
     """Solve ``A x = b`` per sample for ``b`` of shape ``(B, N)``.
 
@@ -267,7 +269,7 @@ def gmres(
 _FAILED_BACKENDS: set = set()
 
 
-def _compiled_arnoldi(backend: Any) -> Optional[Callable[..., tuple]]:
+def _compiled_arnoldi(backend: CompileOption) -> Optional[Callable[..., tuple]]:
     """The compiled Arnoldi step for ``backend``, or ``None`` when it failed before (then eager)."""
     from deqlab.solvers.compiled import cached_compile, check_compile_option, compile_available, unsupported
 
