@@ -770,11 +770,13 @@ class DeepEquilibriumNetwork(nn.Module):
         return twin
 
     def _backward_mode(self) -> BackwardMode:
-        """``self.backward``, or with ``compile`` set and an ``ImplicitBackward("gmres")`` that does not
-        compile, a copy whose GMRES compiles its Arnoldi steps (fresh per forward, like the solver's, so a
-        budget changed on ``self.backward`` applies; a failed compilation is remembered by `gmres`)."""
+        """``self.backward``, or with ``compile`` set and a named ``ImplicitBackward`` (``"gmres"``,
+        ``"anderson"``, ...) that does not compile, a copy whose adjoint solver compiles its steps (fresh per
+        forward, like the solver's, so a budget changed on ``self.backward`` applies)."""
+        from deqlab.nn.implicit import _COMPILABLE_ADJOINTS
+
         backward, option = self.backward, self.compile_solver
-        if option is False or not isinstance(backward, ImplicitBackward) or backward.solver != "gmres":
+        if option is False or not isinstance(backward, ImplicitBackward) or backward.solver not in _COMPILABLE_ADJOINTS:
             return backward
         if backward.compile is not False:
             return backward

@@ -567,9 +567,11 @@ class ImplicitBackward(BackwardMode):
             (with a 15-step budget the Krylov basis stays small).
         warn_unconverged: ``None`` (default): an unconverged adjoint follows the layer's ``on_unconverged``
             policy; ``True``/``False``: always / never warn for this backward.
-        compile: ``"gmres"`` only: each Arnoldi step's algebra as one compiled graph (`GMRES`'s
-            ``compile``; the VJPs stay eager). Default ``False``. A layer built with ``compile=`` passes
-            it here.
+        compile: for ``"gmres"``, each Arnoldi step's algebra as one compiled graph (`GMRES`'s
+            ``compile``); for ``"fixed_point"``, ``"anderson"``, ``"broyden"`` and ``"lbroyden"``, the
+            algorithm's step and termination bookkeeping as compiled graphs around each VJP
+            (``DiscreteDEQSolver(compile=..., compile_map=False)``). The VJPs stay eager. Default
+            ``False``. A layer built with ``compile=`` passes it here.
 
     With a solver object, its own ``tol``/``max_steps`` apply, and the mode's ``tol``/``max_steps``
     attributes report them (``ImplicitBackward(GMRES(max_steps=12)).max_steps == 12``). A fixed-point
@@ -632,10 +634,10 @@ class ImplicitBackward(BackwardMode):
                 )
             if restart is not None and solver != "gmres":
                 raise ValueError(f"ImplicitBackward: restart= applies to 'gmres' only, not {solver!r}")
-            if compile is not False and solver != "gmres":
+            if compile is not False and solver not in _COMPILABLE_ADJOINTS:
                 raise ValueError(
-                    f"ImplicitBackward: compile= applies to 'gmres' only, not {solver!r} (pass a solver object "
-                    f"built with compile=True)"
+                    f"ImplicitBackward: compile= applies to {', '.join(map(repr, _COMPILABLE_ADJOINTS))}, not "
+                    f"{solver!r} (its step cannot be compiled around the eager VJPs); pass compile=False"
                 )
             if tol is not None and (not isinstance(tol, (int, float)) or not tol >= 0):
                 raise ValueError(f"ImplicitBackward: tol must be a number >= 0 or None, got {tol!r}")
@@ -698,7 +700,9 @@ class ImplicitBackward(BackwardMode):
                 # it, so a step that raises the residual comes from an inexact finite-difference product (half
                 # precision); the per-sample line search rejects such steps, and costs one norm per step when
                 # every step is good.
-                extra = {"line_search": True} if self.solver == "newton_krylov" else {}
+                extra: Dict[str, Any] = {"line_search": True} if self.solver == "newton_krylov" else {}
+                if self.compile is not False:  # the algorithm's algebra compiled around the eager VJPs
+                    extra["compile"] = self.compile
                 built = FixedPointLinearSolver(
                     get_solver(
                         cast(str, self.solver),  # a name: a solver object was kept in _linear
@@ -736,6 +740,10 @@ class ImplicitBackward(BackwardMode):
         with instrument.region("adjoint.vjp_inputs"):
             grads = lin.vjp_inputs(g.detach())
         return BackwardResult(grads=grads, nfe=lin.nvjp, residual=residual, converged=converged)
+
+
+#: the named adjoint solvers that ``compile=`` can compile (the discrete ones with a split pure step)
+_COMPILABLE_ADJOINTS = ("gmres", "fixed_point", "anderson", "broyden", "lbroyden")
 
 
 def _uses_finite_differences(solver: LinearSolver) -> bool:

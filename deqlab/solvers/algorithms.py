@@ -98,13 +98,21 @@ class FixedPointAlgorithm:
 
     @property
     def supports_compile(self) -> bool:
-        """Whether `pure_init`/`pure_step` are implemented, i.e. ``DiscreteDEQSolver(compile=True)`` can
-        fuse this algorithm's step into one compiled graph (otherwise it runs eager, with one warning)."""
-        return False
+        """Whether ``DiscreteDEQSolver(compile=True)`` can compile this algorithm's step: it implements
+        `pure_init` and either the split pair `pure_propose` / `pure_absorb` (the built-in algorithms) or
+        the fused `pure_step`. Otherwise the solver runs eager, with one warning."""
+        return self.supports_split or type(self).pure_step is not FixedPointAlgorithm.pure_step
+
+    @property
+    def supports_split(self) -> bool:
+        """Whether the step is written as `pure_propose` + `pure_absorb`, which lets the solver compile the
+        algorithm's algebra while ``f`` runs eager (``compile_map=False``: a map that cannot be traced,
+        such as the autograd VJPs of an adjoint solve)."""
+        return type(self).pure_propose is not FixedPointAlgorithm.pure_propose
 
     def pure_init(self, z: Tensor, fz: Tensor, max_steps: int) -> dict:
-        """The per-solve state of `pure_step`: a dict of tensors only (no Python counters), so a compiled
-        step neither guards on nor recompiles for the step number.
+        """The per-solve state of the compiled step: a dict of tensors only (no Python counters), so a
+        compiled step neither guards on nor recompiles for the step number.
 
         Args:
             z: the flat ``(B, N)`` initial iterate.
@@ -112,17 +120,70 @@ class FixedPointAlgorithm:
             max_steps: the solve's step cap.
 
         Returns:
-            A dict of tensors, handed to every `pure_step`.
+            A dict of tensors, handed to every `pure_propose` / `pure_absorb` (or `pure_step`).
 
         Raises:
             NotImplementedError: when `supports_compile` is False.
         """
         raise NotImplementedError(f"{type(self).__name__} has no pure step to compile")
 
+    def pure_propose(self, state: dict, z: Tensor, fz: Tensor, g: Tensor, count: int) -> Tensor:
+        """The first half of a compiled step: the next iterate from the state, without calling ``f``.
+
+        A pure function of tensors: no host synchronisation, no Python branch on a tensor's value, buffers
+        of a fixed shape (the compiled step is one graph for every step).
+
+        Args:
+            state: what `pure_init` (or the previous `pure_absorb`) returned.
+            z: the current flat ``(B, N)`` iterate.
+            fz: ``F(z)``.
+            g: ``fz - z``.
+            count: the steps taken before this one (0 for the first), a host integer the loop knows anyway,
+                or ``None`` when the step must not depend on it (a block of steps unrolled into one graph,
+                a CUDA graph replayed for every block): then use fixed shapes only. An algorithm may shape
+                its work by an integer ``count`` (Broyden multiplies by the ``min(count, memory)`` pairs
+                written so far); the compiled step then specialises on it for ``count`` 0 and 1 and is one
+                graph with a symbolic ``count`` after that, so use it only where the saving is worth those
+                few graphs.
+
+        Returns:
+            ``z_next`` in the dtype of ``z``.
+
+        Raises:
+            NotImplementedError: when the algorithm has no split step.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no split pure step")
+
+    def pure_absorb(
+        self, state: dict, z: Tensor, fz: Tensor, g: Tensor, z_new: Tensor, fz_new: Tensor, count: int
+    ) -> dict:
+        """The second half of a compiled step: the state after ``z_new`` and ``F(z_new)``.
+
+        It may write the state's buffers in place (ring-buffer slots: a functional copy would copy the
+        whole history every step) and return the same tensors in a new dict; the solver never reads a state
+        it has handed on. Together with `pure_propose` it proposes the iterates of `step` up to rounding
+        (the equality tests check it).
+
+        Args:
+            state: the state `pure_propose` saw.
+            z, fz, g: as in `pure_propose`.
+            z_new: what `pure_propose` returned.
+            fz_new: ``F(z_new)``.
+            count: as in `pure_propose`.
+
+        Returns:
+            The new state.
+
+        Raises:
+            NotImplementedError: when the algorithm has no split step.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no split pure step")
+
     def pure_step(self, state: dict, z: Tensor, fz: Tensor, g: Tensor, F: FlatMap) -> Tuple[Tensor, Tensor, dict]:
-        """`step` as a pure function of tensors: no host synchronisation, no Python branch on a tensor's
-        value, buffers of a fixed shape, and exactly one call of ``F`` (the solver counts NFE on the host).
-        Proposes the same iterates as `step` up to rounding (the equality tests check it).
+        """A fused compiled step, for an algorithm whose proposal needs ``F`` itself (a user's algorithm
+        that evaluates ``F`` in the middle of its update); the built-in algorithms implement
+        `pure_propose` / `pure_absorb` instead. Same purity rules, and exactly one call of ``F`` (the solver
+        counts NFE on the host).
 
         Args:
             state: what `pure_init` (or the previous `pure_step`) returned.
@@ -135,7 +196,7 @@ class FixedPointAlgorithm:
             ``(z_new, F(z_new), new state)``.
 
         Raises:
-            NotImplementedError: when `supports_compile` is False.
+            NotImplementedError: when the algorithm has no fused pure step.
         """
         raise NotImplementedError(f"{type(self).__name__} has no pure step to compile")
 
@@ -183,15 +244,14 @@ class FixedPointIteration(FixedPointAlgorithm):
     def select(self, state, keep):
         return state
 
-    @property
-    def supports_compile(self) -> bool:
-        return True
-
     def pure_init(self, z, fz, max_steps):
         return {}
 
-    def pure_step(self, state, z, fz, g, F):
-        return self.step(state, z, fz, g, F)
+    def pure_propose(self, state, z, fz, g, count):
+        return fz if self.damping == 1.0 else torch.add(z, g, alpha=self.damping)
+
+    def pure_absorb(self, state, z, fz, g, z_new, fz_new, count):
+        return state
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -295,15 +355,11 @@ class Anderson(FixedPointAlgorithm):
 
     supports_select = True
 
-    @property
-    def supports_compile(self) -> bool:
-        return True
-
     # The pure step keeps all ``memory`` slots from the start (zero-filled) and masks the ones not yet
     # written, instead of slicing the first ``n``: a slice whose length grows with the step would be a new
     # shape -- a recompilation -- for each of the first ``memory`` steps. The masked Gram matrix is
     # block-diagonal, ``[[H_n, 0], [0, I]]`` with a zero right-hand side in the unused block, so its solution
-    # is ``H_n``'s padded with zeros: the same mixing weights up to rounding.
+    # is ``H_n``'s padded with zeros: the same mixing weights up to rounding. Slots are written in place.
 
     def pure_init(self, z, fz, max_steps):
         B, N = z.shape
@@ -320,20 +376,20 @@ class Anderson(FixedPointAlgorithm):
         return self._pure_store(state, z, fz, fz - z)
 
     def _pure_store(self, state: dict, z: Tensor, fz: Tensor, g: Tensor) -> dict:
-        wd = state["G"].dtype
+        G = state["G"]
+        wd = G.dtype
         slot = (state["k"] % self.memory).view(1)
-        new = dict(state)
-        new["F"] = state["F"].index_copy(1, slot, fz.to(wd).unsqueeze(1))
-        G = new["G"] = state["G"].index_copy(1, slot, g.to(wd).unsqueeze(1))
+        state["F"].index_copy_(1, slot, fz.to(wd).unsqueeze(1))
+        G.index_copy_(1, slot, g.to(wd).unsqueeze(1))
         if "X" in state:
-            new["X"] = state["X"].index_copy(1, slot, z.to(wd).unsqueeze(1))
+            state["X"].index_copy_(1, slot, z.to(wd).unsqueeze(1))
         row = torch.bmm(g.to(wd).unsqueeze(1), G.transpose(1, 2))  # (B, 1, m): zero at unwritten slots
-        H = state["H"].index_copy(1, slot, row)
-        new["H"] = H.index_copy(2, slot, row.transpose(1, 2))
-        new["k"] = state["k"] + 1
-        return new
+        H = state["H"]
+        H.index_copy_(1, slot, row)
+        H.index_copy_(2, slot, row.transpose(1, 2))
+        return {**state, "k": state["k"] + 1}
 
-    def pure_step(self, state, z, fz, g, F):
+    def pure_propose(self, state, z, fz, g, count):
         H = state["H"]
         m, wd = self.memory, H.dtype
         n = state["k"].clamp(max=m)
@@ -349,9 +405,10 @@ class Anderson(FixedPointAlgorithm):
         z_new = torch.bmm(alpha_t, state["F"]).squeeze(1)
         if self.mixing != 1.0:
             z_new = self.mixing * z_new + (1 - self.mixing) * torch.bmm(alpha_t, state["X"]).squeeze(1)
-        z_new = z_new.to(z.dtype)
-        fz_new = F(z_new)
-        return z_new, fz_new, self._pure_store(state, z_new, fz_new, fz_new - z_new)
+        return z_new.to(z.dtype)
+
+    def pure_absorb(self, state, z, fz, g, z_new, fz_new, count):
+        return self._pure_store(state, z_new, fz_new, fz_new - z_new)
 
     def select(self, state, keep):
         for key in ("F", "G", "X", "H", "ones"):
@@ -490,12 +547,15 @@ class Broyden(FixedPointAlgorithm):
     supports_select = True
 
     @property
-    def supports_compile(self) -> bool:
+    def supports_split(self) -> bool:
         return not self.line_search  # the line search asks the host whether any sample must backtrack
 
-    # The pure step multiplies by all ``m`` (zero-filled) pairs from the start: an unwritten pair adds an
-    # exact zero to ``J^{-1} x``, so the products equal those over the ``n`` written pairs without a slice
-    # whose length (and so the compiled graph's shapes) changes every step.
+    # The pure step multiplies by the ``min(count, m)`` pairs written so far, as the eager step does: the
+    # host's step count shapes the products (one graph for ``count`` 0, one for 1, one symbolic graph for
+    # the rest, and one once the memory wraps around), where zero-padded products over all ``m`` pairs
+    # would cost ``m / n`` times the work (50 pairs for full Broyden's first steps). With ``count=None``
+    # (a block of steps, a CUDA graph) it multiplies by all ``m`` zero-filled pairs instead: an unwritten
+    # pair adds an exact zero. Pairs are written in place.
 
     def pure_init(self, z, fz, max_steps):
         B, N = z.shape
@@ -504,21 +564,26 @@ class Broyden(FixedPointAlgorithm):
         return {
             "U": z.new_zeros(B, m, N, dtype=wd),
             "V": z.new_zeros(B, m, N, dtype=wd),
+            # the slot as a tensor: an index computed from the symbolic ``count`` would guard on its value
             "k": torch.zeros((), dtype=torch.long, device=z.device),
             "Jg": -(fz - z).to(wd),
         }
 
-    def pure_step(self, state, z, fz, g, F):
-        U, V, k = state["U"], state["V"], state["k"]
-        wd = U.dtype
-        m = U.shape[1]
-        z_new = z + (-state["Jg"]).to(z.dtype)
-        fz_new = F(z_new)
+    def pure_propose(self, state, z, fz, g, count):
+        return z + (-state["Jg"]).to(z.dtype)
+
+    def pure_absorb(self, state, z, fz, g, z_new, fz_new, count):
+        U, V = state["U"], state["V"]
+        wd, m = U.dtype, U.shape[1]
+        n = m if count is None else min(count, m)  # pairs read: those written before this step, or all
         g_new = (fz_new - z_new).to(wd)
         g = g.to(wd)
         s = z_new.to(wd) - z.to(wd)
-        Jg_new = self._matvec(U, V, g_new)
-        vT = self._rmatvec(U, V, s)
+        if n > 0:
+            Jg_new = self._matvec(U[:, :n], V[:, :n], g_new)
+            vT = self._rmatvec(U[:, :n], V[:, :n], s)
+        else:
+            Jg_new, vT = -g_new, -s
         Jy = Jg_new - state["Jg"]
         den = batch_dot(vT, g_new - g)
         eps = torch.finfo(wd).eps
@@ -528,18 +593,15 @@ class Broyden(FixedPointAlgorithm):
             + torch.finfo(wd).tiny
         )
         u = (s - Jy) * (ok / torch.where(ok, den, torch.ones_like(den))).unsqueeze(1)
+        k = state["k"]
         slot = (k % m).view(1)
-        u_old = U.index_select(1, slot).squeeze(1)
-        v_old = V.index_select(1, slot).squeeze(1)
-        # the oldest pair is overwritten once the memory is full: take its term out of J^{-1} g_new
-        Jg_new = torch.where(k >= m, Jg_new - u_old * batch_dot(v_old, g_new).unsqueeze(1), Jg_new)
-        new = {
-            "U": U.index_copy(1, slot, u.unsqueeze(1)),
-            "V": V.index_copy(1, slot, vT.unsqueeze(1)),
-            "k": k + 1,
-            "Jg": Jg_new + u * batch_dot(vT, g_new).unsqueeze(1),
-        }
-        return z_new, fz_new, new
+        if count is None or count >= m:  # the oldest pair is overwritten: take its term out of J^{-1} g_new
+            u_old = U.index_select(1, slot).squeeze(1)
+            removed = Jg_new - u_old * batch_dot(V.index_select(1, slot).squeeze(1), g_new).unsqueeze(1)
+            Jg_new = removed if count is not None else torch.where(k >= m, removed, Jg_new)
+        U.index_copy_(1, slot, u.unsqueeze(1))
+        V.index_copy_(1, slot, vT.unsqueeze(1))
+        return {"U": U, "V": V, "k": k + 1, "Jg": Jg_new + u * batch_dot(vT, g_new).unsqueeze(1)}
 
     def select(self, state, keep):
         for key in ("U", "V", "Jg"):

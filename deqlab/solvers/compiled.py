@@ -5,10 +5,11 @@ dispatcher overhead that rivals its arithmetic. ``torch.compile`` fuses the step
 included -- into a few kernels. The loop around it stays eager and asks the device whether every sample
 has stopped every ``check_every`` steps, exactly as the eager loop does.
 
-What makes a step compilable: the algorithm's `pure_step` and the tracker's `device_update` are pure
-functions of tensors (no host sync, no Python branch on a tensor's value, no Python counter that would
-make the graph guard on the step number), and ``f`` is traceable. When it is not (an ``.item()`` in ``f``,
-no C++ compiler for inductor), the solver warns once and runs eager.
+What makes a step compilable: the algorithm's `pure_propose` / `pure_absorb` (or a user's fused
+`pure_step`) and the tracker's `device_update` are pure functions of tensors (no host sync, no Python
+branch on a tensor's value), and ``f`` is traceable. When ``f`` is not (an ``.item()`` in ``f``), pass
+``compile_map=False``: the algebra is compiled around an eager ``f``. When nothing can be compiled (no C++
+compiler for inductor), the solver warns once and runs eager.
 
 Compilations: one per (algorithm configuration, termination condition, map, shape, dtype, device).
 ``dynamic=None`` (torch's automatic dynamic shapes): the first batch size compiles a static graph; a
@@ -31,6 +32,15 @@ from deqlab.solvers.termination import TerminationCondition, device_update
 CompileOption = Union[bool, str, Callable[..., Any]]
 
 _CACHE: Dict[Hashable, Callable[..., Any]] = {}
+
+
+class MapRaised(Exception):
+    """The eager map of a split compiled step (``compile_map=False``) raised ``error``: the solver re-raises
+    it as it is, instead of taking it for a compilation that failed."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 class CompileFallbackWarning(UserWarning):
@@ -98,22 +108,89 @@ def cached_compile(key: Hashable, fn: Callable[..., Any], backend: CompileOption
 
 
 def compiled_discrete_step(
-    algorithm, condition: TerminationCondition, backend: CompileOption
+    algorithm,
+    condition: TerminationCondition,
+    backend: CompileOption,
+    *,
+    map_in_graph: bool = True,
+    steps_per_call: int = 1,
 ) -> Callable[..., Tuple[Tensor, Tensor, Tensor, dict, dict, Tensor]]:
-    """The compiled ``step(F, astate, tstate, z, fz, g) -> (z, fz, g, astate, tstate, objective)``.
+    """The compiled ``step(F, astate, tstate, z, fz, g, count) -> (z, fz, g, astate, tstate, objective)``.
 
-    Cached per (algorithm type and options, termination condition, backend), so every solver with the
-    same configuration shares its graphs; dynamo's guards then key them by shape, dtype and device.
+    ``steps_per_call=k > 1`` (``map_in_graph`` only): ``k`` steps unrolled into one graph, returning the
+    ``(k, B)`` objectives of its steps -- the block of iterations between two host checks
+    (``check_every``), one call instead of ``k``, and what a CUDA graph captures
+    (`deqlab.solvers.cuda_graphs`). Pass ``count=None`` for a block that must not depend on the step
+    number (a CUDA graph replayed for every block). ``backend=False`` returns the block uncompiled (a
+    CUDA graph of the eager step).
+
+    ``map_in_graph=True`` fuses ``F`` into the step's one graph. ``False`` (an algorithm with a split step,
+    `FixedPointAlgorithm.supports_split`) compiles the algorithm's two halves around an eager ``F``:
+    `pure_propose`, then ``F``, then `pure_absorb` with the termination update -- for maps that cannot be
+    traced (the autograd VJPs of an adjoint solve, a map with host code), at two compiled calls per step.
+    ``count`` is the host's number of steps taken before this one.
+
+    Cached per (algorithm type and options, termination condition, backend, map in the graph or not), so
+    every solver with the same configuration shares its graphs; dynamo's guards then key them by shape,
+    dtype and device.
     """
     # compile=False solves eagerly and never asks for a compiled step
+    key = (type(algorithm), repr(algorithm), condition)
+    split = algorithm.supports_split
 
-    def fused(F, astate, tstate, z, fz, g):
-        z, fz, astate = algorithm.pure_step(astate, z, fz, g, F)
-        g = fz - z
-        tstate, obj = device_update(condition, tstate, z, g, fz)
-        return z, fz, g, astate, tstate, obj
+    def absorb(astate, tstate, z, fz, g, z_new, fz_new, count):
+        astate = algorithm.pure_absorb(astate, z, fz, g, z_new, fz_new, count)
+        g_new = fz_new - z_new
+        tstate, obj = device_update(condition, tstate, z_new, g_new, fz_new)
+        return g_new, astate, tstate, obj
 
-    return cached_compile((type(algorithm), repr(algorithm), condition), fused, backend)
+    if map_in_graph:
+
+        def one(F, astate, tstate, z, fz, g, count):
+            if split:
+                z_new = algorithm.pure_propose(astate, z, fz, g, count)
+                fz_new = F(z_new)
+                g_new, astate, tstate, obj = absorb(astate, tstate, z, fz, g, z_new, fz_new, count)
+                return z_new, fz_new, g_new, astate, tstate, obj
+            z, fz, astate = algorithm.pure_step(astate, z, fz, g, F)
+            g = fz - z
+            tstate, obj = device_update(condition, tstate, z, g, fz)
+            return z, fz, g, astate, tstate, obj
+
+        if steps_per_call == 1:
+            return one if backend is False else cached_compile((key, "fused"), one, backend)
+
+        def block(F, astate, tstate, z, fz, g, count):
+            objs = []
+            for i in range(steps_per_call):  # unrolled when traced: one graph for the block
+                z, fz, g, astate, tstate, obj = one(F, astate, tstate, z, fz, g, None if count is None else count + i)
+                objs.append(obj)
+            return z, fz, g, astate, tstate, torch.stack(objs)
+
+        return block if backend is False else cached_compile((key, "block", steps_per_call), block, backend)
+
+    if not split:
+        raise ValueError(
+            f"{type(algorithm).__name__} has no split step (pure_propose/pure_absorb), so its map cannot stay "
+            f"outside the compiled graph; pass compile_map=True or compile=False"
+        )
+
+    def propose_only(astate, z, fz, g, count):
+        return algorithm.pure_propose(astate, z, fz, g, count)
+
+    propose = cached_compile((key, "propose"), propose_only, backend)
+    absorb_compiled = cached_compile((key, "absorb"), absorb, backend)
+
+    def step(F, astate, tstate, z, fz, g, count):
+        z_new = propose(astate, z, fz, g, count)
+        try:
+            fz_new = F(z_new)
+        except Exception as error:  # the map's own error (or a budget's signal), not a failed compilation
+            raise MapRaised(error) from error
+        g_new, astate, tstate, obj = absorb_compiled(astate, tstate, z, fz, g, z_new, fz_new, count)
+        return z_new, fz_new, g_new, astate, tstate, obj
+
+    return step
 
 
 def unsupported(owner: str, missing: str, stacklevel: int) -> None:

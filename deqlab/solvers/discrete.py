@@ -13,6 +13,7 @@ from deqlab.solvers._driver import CountedMap, build_result, check_first_step, c
 from deqlab.solvers.algorithms import ALGORITHMS, FixedPointAlgorithm
 from deqlab.solvers.compiled import (
     CompileOption,
+    MapRaised,
     check_compile_option,
     compile_available,
     compiled_discrete_step,
@@ -145,6 +146,20 @@ class DiscreteDEQSolver:
             pure step: ``newton_krylov`` and line searches), and silently with ``per_sample_exit`` (each
             compaction is a new shape) or while `deqlab.instrument` records (its regions need the eager
             step).
+        compile_map: with ``compile``, trace ``f`` into the step's graph (default ``True``: the fastest
+            step). ``False`` compiles only the algorithm's algebra and the termination bookkeeping, as two
+            graphs around an eager call of ``f`` per step: for a map that cannot be traced (host code,
+            ``torch.autograd.grad`` -- [`FixedPointLinearSolver`][deqlab.solvers.FixedPointLinearSolver]
+            runs its adjoint VJPs this way). Needs an algorithm with a split step
+            (`FixedPointAlgorithm.supports_split`: every built-in one but ``newton_krylov`` and line searches).
+        cuda_graphs: on CUDA with ``check_every = k > 1``, capture the ``k`` steps between two host checks
+            as one CUDA graph per solve and replay it for every later block (`deqlab.solvers.cuda_graphs`):
+            one launch per block instead of dozens per step, for small maps whose kernels are shorter than
+            their launches. Default ``False``. Works with ``compile`` (the compiled block is captured) or
+            without (the eager step is). The captured step does not depend on the step number (Broyden
+            multiplies by all its zero-filled pairs), shapes are static (no ``per_sample_exit``), and
+            recorded iterates (``sample_states``) run uncaptured. A step that cannot be captured (a host
+            sync in ``f``) warns once and runs uncaptured. Ignored on the CPU.
         **algorithm_options: forwarded to the named algorithm (e.g. ``memory=5`` for Anderson).
 
     Calling ``solver(f, z0)`` returns a [`SolverResult`][deqlab.solvers.SolverResult].
@@ -191,6 +206,8 @@ class DiscreteDEQSolver:
         reference_counting: ReferenceCounting = "deqjl",
         batch_wide: Optional[bool] = None,
         compile: CompileOption = False,
+        compile_map: bool = True,
+        cuda_graphs: bool = False,
         **algorithm_options,
     ):
         for old, new in (("abstol", "abstol_termination"), ("reltol", "reltol_termination")):
@@ -219,6 +236,9 @@ class DiscreteDEQSolver:
             "DiscreteDEQSolver", "compact_below", compact_below, low=0.0, high=1.0, low_open=True
         )
         self.compile = check_compile_option("DiscreteDEQSolver", compile)
+        self.compile_map = bool(compile_map)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs_failed = False  # set after a capture failed (warned once): this solver then stops trying
         self._compile_failed = False  # set after the one fallback warning: this solver then stays eager
         if self.per_sample_exit and not self.algorithm.supports_select:
             raise ValueError(
@@ -235,6 +255,8 @@ class DiscreteDEQSolver:
             + (", batch_wide=True" if self.termination.batch_wide else "")
             + (f", check_every={self.check_every}" if self.check_every != 1 else "")
             + (f", compile={self.compile!r}" if self.compile is not False else "")
+            + (", compile_map=False" if self.compile is not False and not self.compile_map else "")
+            + (", cuda_graphs=True" if self.cuda_graphs else "")
             + (f", per_sample_exit=True, compact_below={self.compact_below})" if self.per_sample_exit else ")")
         )
 
@@ -274,7 +296,7 @@ class DiscreteDEQSolver:
         done = update(z, g, fz=fz)
         check_first_step(tracker, z)
         algo = self.algorithm
-        compiled = None if done or self.max_steps == 0 else self._compiled_step(restrict)
+        compiled = None if done or self.max_steps == 0 else self._compiled_step(restrict, z)
         ran = None if compiled is None else self._iterate_compiled(compiled, tracker, algo, z, fz, g, F)
         if ran is not None:
             z, g, steps = ran
@@ -300,18 +322,33 @@ class DiscreteDEQSolver:
                 reference_counting=self.reference_counting,
             )
 
-    def _compiled_step(self, restrict) -> Optional[Callable[..., tuple]]:
-        """The compiled step for this solve, or ``None`` to run eager (see ``compile`` in the class doc)."""
-        if self.compile is False or self._compile_failed or restrict is not None:
+    def _compiled_step(self, restrict, z: Tensor) -> Optional[Callable[..., tuple]]:
+        """The compiled step for this solve, or ``None`` to run eager (see ``compile`` in the class doc).
+        With ``compile=False`` the pure step still runs when it is to be captured (``cuda_graphs``)."""
+        if restrict is not None or self._compile_failed:
+            return None
+        if self.compile is False and not self._captures(z):
             return None
         if instrument.current() is not None:  # the regions of a recording need the eager step
             return None
-        if not compile_available() or not self.algorithm.supports_compile:
+        algo, fused = self.algorithm, self._map_in_graph()
+        if (self.compile is not False and not compile_available()) or not (
+            algo.supports_compile if fused else algo.supports_split
+        ):
             self._compile_failed = True
-            missing = f"{type(self.algorithm).__name__} has no pure step (supports_compile is False)"
+            missing = (
+                f"{type(algo).__name__} has no pure step (supports_compile is False)"
+                if fused
+                else f"{type(algo).__name__} has no split pure step for compile_map=False (supports_split is False)"
+            )
             unsupported("DiscreteDEQSolver", missing, stacklevel=4)
             return None
-        return compiled_discrete_step(self.algorithm, self.termination, self.compile)
+        return compiled_discrete_step(algo, self.termination, self.compile, map_in_graph=fused)
+
+    def _map_in_graph(self) -> bool:
+        """Whether ``f`` runs inside the step's function: ``compile_map``, or always for an uncompiled pure
+        step (``compile=False`` with ``cuda_graphs``, where the capture takes ``f`` in anyway)."""
+        return self.compile_map or self.compile is False
 
     def _iterate_compiled(
         self,
@@ -337,30 +374,59 @@ class DiscreteDEQSolver:
         flat = F.flat
         trace = tracker.trace if tracker.keep_trace else None
         first_step = tracker.step
-        try:
-            z, fz, g, astate, tstate, obj = step(flat, astate, tstate, z, fz, g)
-        except Exception as error:  # compilation failed: tracing f, or the backend (no C++ compiler)
-            self._compile_failed = True
-            fallback_warning("DiscreteDEQSolver", error)
-            return None
-        steps, done = 1, False
         record = tracker.record_steps  # record_iterates (sample_states): the host keeps the asked iterates
-        while True:
-            F.nfe += 1
-            F.rows += batch
+        block = self._block_runner(z, record, flat)
+        steps, done = 0, False
+        while not done and steps < self.max_steps:
+            # a whole block of k steps between two checks when the budget has room for it (steps is then a
+            # multiple of k); single steps otherwise (the tail before max_steps, recorded iterates)
+            n = k if block is not None and self.max_steps - steps >= k else 1
+            try:
+                if block is not None and n > 1:
+                    z, fz, g, astate, tstate, obj = block(astate, tstate, z, fz, g, steps)
+                else:
+                    z, fz, g, astate, tstate, obj = step(flat, astate, tstate, z, fz, g, steps)
+            except MapRaised as raised:  # f itself raised, outside the graph: its own error, as it is
+                raise raised.error from None
+            except Exception as error:  # compilation failed: tracing f, or the backend (no C++ compiler)
+                if steps > 0:  # pragma: no cover - a graph that ran once does not fail to compile later
+                    raise
+                self._compile_failed = True
+                fallback_warning("DiscreteDEQSolver", error)
+                return None
+            F.nfe += n
+            F.rows += n * batch
             if trace is not None:
-                trace.append(obj)
-            if record is not None and first_step + steps - 1 in record:
+                trace.extend(obj.unbind(0)) if n > 1 else trace.append(obj)
+            steps += n
+            if record is not None and first_step + steps - 1 in record:  # n == 1 whenever iterates are recorded
                 tracker._recorded[first_step + steps - 1] = z.clone()
             if steps % k == 0:
                 load_device_state(tracker, tstate, first_step + steps)
                 done = tracker.all_stopped()
-            if done or steps >= self.max_steps:
-                break
-            z, fz, g, astate, tstate, obj = step(flat, astate, tstate, z, fz, g)
-            steps += 1
+        if getattr(block, "failed", False):
+            self._graphs_failed = True  # warned once; later solves run their blocks uncaptured
         load_device_state(tracker, tstate, first_step + steps)
         return z, g, steps
+
+    def _block_runner(self, z: Tensor, record, flat) -> Optional[Callable[..., tuple]]:
+        """``(astate, tstate, z, fz, g, count) -> step outputs`` for ``check_every`` steps at once, or ``None``
+        for single steps: with ``check_every == 1``, a map outside the graph (``compile_map=False``) or
+        recorded iterates (the host keeps iterates between checks)."""
+        k = self.check_every
+        if k == 1 or not self._map_in_graph() or record is not None or self.max_steps < k:
+            return None
+        if self._captures(z):
+            from deqlab.solvers.cuda_graphs import CapturedBlock
+
+            block = compiled_discrete_step(self.algorithm, self.termination, self.compile, steps_per_call=k)
+            return CapturedBlock(block, flat, owner="DiscreteDEQSolver")
+        block = compiled_discrete_step(self.algorithm, self.termination, self.compile, steps_per_call=k)
+        return lambda astate, tstate, z, fz, g, count: block(flat, astate, tstate, z, fz, g, count)
+
+    def _captures(self, z: Tensor) -> bool:
+        """Whether this solve's blocks are captured as CUDA graphs."""
+        return self.cuda_graphs and z.is_cuda and self.check_every > 1 and not self._graphs_failed
 
     def _iterate(
         self,

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Optional, cast
 
@@ -199,6 +200,11 @@ class FixedPointLinearSolver:
             max_steps = int(solver.max_steps) + 2
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"FixedPointLinearSolver: max_steps must be an int >= 1, got {max_steps!r}")
+        if isinstance(solver, DiscreteDEQSolver) and solver.compile is not False and solver.compile_map:
+            # the matvec is an autograd VJP (and the budget check host code): neither can be traced, so a
+            # compiled solver compiles its algebra around an eager matvec (compile_map=False)
+            solver = copy.copy(solver)
+            solver.compile_map = False
         self.solver = solver
         self.tol = float(solver.termination.tol)
         self.max_steps = int(max_steps)

@@ -98,12 +98,14 @@ def test_the_spec_route_builds_compiling_solvers():
         SolverSpec(compile="yes")
 
 
-def test_implicit_backward_compiles_its_gmres_only():
+def test_implicit_backward_compiles_gmres_and_the_discrete_fixed_point_adjoints():
     from deqlab.nn import ImplicitBackward
     from deqlab.solvers import GMRES
 
     assert ImplicitBackward(compile="eager").linear_solver(1e-4).compile == "eager"
-    with pytest.raises(ValueError, match="applies to 'gmres' only"):
-        ImplicitBackward("anderson", compile=True)
+    inner = ImplicitBackward("anderson", compile="eager").linear_solver(1e-4).solver
+    assert inner.compile == "eager" and inner.compile_map is False  # the VJPs stay outside the graph
+    with pytest.raises(ValueError, match="applies to 'gmres', 'fixed_point'"):
+        ImplicitBackward("newton_krylov", compile=True)
     with pytest.raises(ValueError, match="compile given together with a solver object"):
         ImplicitBackward(GMRES(), compile=True)
