@@ -20,7 +20,7 @@ for f in .gpudata/*.gz; do [ -e "$f" ] && gunzip -c "$f" > $DATA/MNIST/raw/$(bas
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee $OUT/device.txt
 echo "== CUDA tests"; python3 -m pytest -q -p no:cacheprovider tests/nn/test_nn_cuda.py tests/nn/test_nn_memory.py \
-  tests/solvers/test_solvers_cuda.py 2>&1 | tail -4 | tee $OUT/cuda_tests.txt
+  tests/solvers/test_solvers_cuda.py tests/solvers/test_compiled_blocks.py 2>&1 | tail -4 | tee $OUT/cuda_tests.txt
 echo "== quickstart on cuda"; python3 docs/quickstart_example.py --device cuda 2>&1 | tail -4
 echo "== paper_repro/mnist.py --gpus 1"; /usr/bin/time -f "wall %e s" python3 paper_repro/mnist.py --model-type skip \
   --gpus 1 --max-steps 400 --data-dir $DATA --test-subset 2560 --num-workers 4 --progress lines --log-every 100 \
@@ -33,6 +33,9 @@ echo "== per-sample early exit (CUDA)"; timeout 120 python3 benchmarks/per_sampl
   --output $OUT/per_sample_exit_cuda.md 2>&1 | grep -E "^\|" | tail -10
 echo "== solver benchmark"; timeout 120 python3 benchmarks/solvers.py --device cuda --quick --no-breakdown \
   2>&1 | tee $OUT/solvers_cuda.txt | grep -E "^\|" | tail -30
+echo "== compiled solver steps and CUDA graphs (eager | compiled | check_every=4 blocks captured)"; timeout 300 python3 \
+  benchmarks/solvers.py --device cuda --quick --no-breakdown --no-torchdeq --workloads dense --compile --block 4 \
+  --no-write 2>&1 | tee $OUT/solvers_compiled_cuda.txt | grep -E "^\|" | tail -8
 echo "== training-step benchmark (paper models, paper batch sizes, CUDA)"; timeout 300 python3 benchmarks/train_step.py \
   --device cuda --repeats 5 --warmup 2 --prediction --data-dir $DATA --output $OUT/train_step_cuda.md \
   2>&1 | tee $OUT/train_step_cuda.txt | grep -E "^\||^#" | tail -40

@@ -222,10 +222,13 @@ def compile_comparison(
     device: torch.device,
     backend="inductor",
     algos=COMPILED_ALGOS,
+    block: int = 4,
 ) -> List[dict]:
     """Per algorithm: the eager and the compiled (``compile=backend``) solve of the same map, timed
     round-robin; the first compiled solve's extra time is the compile time, and it is amortised after
-    ``compile time / (eager - compiled)`` solves."""
+    ``compile time / (eager - compiled)`` solves. Discrete algorithms also run with ``check_every=block``:
+    the block of steps between two host checks as one compiled graph, captured as a CUDA graph
+    (``cuda_graphs=True``) on a GPU."""
     from deqlab.solvers import ContinuousDEQSolver, DiscreteDEQSolver
     from deqlab.solvers.compiled import reset_cache
 
@@ -238,6 +241,9 @@ def compile_comparison(
             kw.update(abstol_termination=tol, ode_abstol=tol, ode_reltol=tol, max_steps=max(max_steps, 200))
             make = ContinuousDEQSolver
         eager, compiled = make(algo, **kw), make(algo, compile=backend, **kw)
+        blocked = None
+        if make is DiscreteDEQSolver and block > 1:
+            blocked = make(algo, compile=backend, check_every=block, cuda_graphs=device.type == "cuda", **kw)
         reset_cache()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -245,10 +251,18 @@ def compile_comparison(
         fell_back = any("running eager" in str(w.message) for w in caught)
         r_e, r_c = eager(f, wl.z0()), compiled(f, wl.z0())
         same = r_e.nfe == r_c.nfe and r_e.status == r_c.status and bool(torch.equal(r_e.sample_steps, r_c.sample_steps))
-        t_e, t_c = Timing(), Timing()
+        t_e, t_c, t_b = Timing(), Timing(), Timing()
+        r_b = None
+        if blocked is not None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                r_b = blocked(f, wl.z0())
+            fell_back = fell_back or any("running eager" in str(w.message) for w in caught)
         for _ in range(repeats):
             t_e.add(time_once(lambda eager=eager: eager(f, wl.z0()), device))
             t_c.add(time_once(lambda compiled=compiled: compiled(f, wl.z0()), device))
+            if blocked is not None:
+                t_b.add(time_once(lambda blocked=blocked: blocked(f, wl.z0()), device))
         compile_time = max(first - t_c.median, 0.0)
         gain = t_e.median - t_c.median
         out.append(
@@ -259,6 +273,9 @@ def compile_comparison(
                 "same": same,
                 "eager": t_e,
                 "compiled": t_c,
+                "blocked": t_b if r_b is not None else None,
+                "block": block,
+                "block_nfe": None if r_b is None else r_b.nfe,
                 "compile_time": compile_time,
                 "fell_back": fell_back,
                 "amortise_solves": compile_time / gain if gain > 0 else math.inf,
@@ -276,6 +293,7 @@ def compile_table(rows: List[dict], torchdeq_best: Optional[Row] = None) -> str:
         "eager (median)",
         "compiled (median)",
         "speed-up",
+        "compiled, blocks of k steps (NFE, median)",
         "compile time (first solve)",
         "amortised after (solves)",
         "amortised after (steps)",
@@ -291,6 +309,9 @@ def compile_table(rows: List[dict], torchdeq_best: Optional[Row] = None) -> str:
             fmt_time(r["eager"].median),
             fmt_time(r["compiled"].median),
             f"{r['eager'].median / r['compiled'].median:.2f}×",
+            "n/a"
+            if r.get("blocked") is None
+            else f"k = {r['block']}: {r['block_nfe']}, {fmt_time(r['blocked'].median)}",
             f"{r['compile_time']:.1f} s",
             "never" if math.isinf(r["amortise_solves"]) else f"{math.ceil(r['amortise_solves'])}",
             "never" if math.isinf(r["amortise_steps"]) else f"{math.ceil(r['amortise_steps'])}",
@@ -298,7 +319,7 @@ def compile_table(rows: List[dict], torchdeq_best: Optional[Row] = None) -> str:
         if torchdeq_best is not None:
             line.append(f"{r['compiled'].median / torchdeq_best.time:.2f}×")
         table.append(line)
-    return markdown_table(headers, table, "lrlrrrrrr" + ("r" if torchdeq_best is not None else ""))
+    return markdown_table(headers, table, "lrlrrrrrrr" + ("r" if torchdeq_best is not None else ""))
 
 
 # ------------------------------------------------------------------------------- deqlab time breakdown
@@ -523,7 +544,9 @@ def build_report(results: List[dict], info: dict, args) -> str:
                 "the termination tolerance; same criterion, "
                 f"{args.repeats} solves each, timed round-robin; compile time = first compiled solve minus "
                 "the median one; amortised after = compile time / (eager − compiled) per solve, and in "
-                "solver steps of this workload):",
+                "solver steps of this workload; *blocks of k steps*: `check_every=k`, the k steps between two "
+                "host checks as one compiled graph (a CUDA graph with `cuda_graphs=True` on a GPU), which may "
+                "run up to k − 1 steps past the last sample's stop, hence its NFE):",
                 "",
                 compile_table(res["compiled"], best_t),
                 "",
@@ -578,6 +601,12 @@ def parse_args(argv=None):
         "--compile",
         action="store_true",
         help="also time DiscreteDEQSolver(compile=...) against eager (compile time, amortisation)",
+    )
+    p.add_argument(
+        "--block",
+        type=int,
+        default=4,
+        help="with --compile, also time check_every=BLOCK: the block as one graph (a CUDA graph on a GPU; default 4)",
     )
     p.add_argument(
         "--compile-backend",
@@ -651,6 +680,7 @@ def main(argv=None) -> int:
                 repeats=args.repeats,
                 device=device,
                 backend=args.compile_backend,
+                block=args.block,
             )
             tdq = [r for r in res["rows"] if r.spec.library == "torchdeq" and r.converged]
             print(compile_table(res["compiled"], min(tdq, key=lambda r: r.time) if tdq else None), flush=True)

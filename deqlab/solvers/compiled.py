@@ -102,9 +102,35 @@ def cached_compile(key: Hashable, fn: Callable[..., Any], backend: CompileOption
     full = (key, backend_name)
     step = _CACHE.get(full)
     if step is None:
-        step = torch.compile(_fresh_function(fn), backend=backend_name, fullgraph=True, dynamic=None)
+        step = _with_recompile_limit(
+            torch.compile(_fresh_function(fn), backend=backend_name, fullgraph=True, dynamic=None)
+        )
         _CACHE[full] = step
     return step
+
+
+#: the graphs one step function may keep (dynamo's default, 8, is global): a step shaped by the host's step
+#: count (Broyden's) has four per (buffer size, batch regime, dtype), and a solver meets several of each
+RECOMPILE_LIMIT = 64
+
+
+def _with_recompile_limit(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """``compiled`` run with dynamo's per-function recompile limit raised to `RECOMPILE_LIMIT` for its own
+    calls only (the user's compiled code keeps the global setting). Why: past the limit a
+    ``fullgraph=True`` function fails hard, mid-solve; the solver would then finish eagerly, slowly."""
+    config = torch._dynamo.config
+
+    def call(*args: Any) -> Any:
+        old = config.recompile_limit
+        if old >= RECOMPILE_LIMIT:
+            return compiled(*args)
+        config.recompile_limit = RECOMPILE_LIMIT
+        try:
+            return compiled(*args)
+        finally:
+            config.recompile_limit = old
+
+    return call
 
 
 def compiled_discrete_step(
@@ -178,8 +204,9 @@ def compiled_discrete_step(
     def propose_only(astate, z, fz, g, count):
         return algorithm.pure_propose(astate, z, fz, g, count)
 
-    propose = cached_compile((key, "propose"), propose_only, backend)
-    absorb_compiled = cached_compile((key, "absorb"), absorb, backend)
+    eager = backend is False  # the pure step run as it is (a fallback after a failed compilation)
+    propose = propose_only if eager else cached_compile((key, "propose"), propose_only, backend)
+    absorb_compiled = absorb if eager else cached_compile((key, "absorb"), absorb, backend)
 
     def step(F, astate, tstate, z, fz, g, count):
         z_new = propose(astate, z, fz, g, count)

@@ -206,7 +206,12 @@ class ContinuousDEQSolver:
             Results, NFE and statuses equal the eager ones. Other methods (VCAB3's start-up is decided on
             the host; Euler/RK4 are torchdyn's steppers), a map that cannot be traced, a recording of
             `deqlab.instrument`, or a machine without a C++ compiler run eager (the first two warn
-            `CompileFallbackWarning` once per solver).
+            `CompileFallbackWarning` once per solver). With ``check_every = k > 1`` the ``k`` stepper calls
+            between two host checks are one graph.
+        cuda_graphs: with ``compile`` and ``check_every = k > 1`` on CUDA, capture the block of ``k``
+            stepper calls as one CUDA graph per solve and replay it (as
+            [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver]'s ``cuda_graphs``; VCAB3's start-up runs
+            before it, uncaptured). Default ``False``. Ignored on the CPU and without ``compile``.
         abstol: deprecated old name of ``ode_abstol`` (warns ``DeprecationWarning``); default ``None``.
         reltol: deprecated old name of ``ode_reltol`` (warns); default ``None``.
 
@@ -277,6 +282,7 @@ class ContinuousDEQSolver:
         reltol: Optional[float] = None,
         reference_counting: ReferenceCounting = "deqjl",
         compile: CompileOption = False,
+        cuda_graphs: bool = False,
     ):
         owner = "ContinuousDEQSolver"
         if ode_solver not in _METHODS:
@@ -324,6 +330,8 @@ class ContinuousDEQSolver:
         self.reference_counting = check_reference_counting(owner, reference_counting)
         self.compile = check_compile_option(owner, compile)
         self._compile_failed = False  # set after the one fallback warning: this solver then stays eager
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs_failed = False  # set after a capture failed (warned once): this solver then stops trying
 
     @property
     def abstol(self) -> float:
@@ -343,6 +351,7 @@ class ContinuousDEQSolver:
             f"norm={self.termination.norm!r}, max_steps={self.max_steps}, t_max={self.t_max}"
             + (", batch_wide=True" if self.termination.batch_wide else "")
             + (f", compile={self.compile!r}" if self.compile is not False else "")
+            + (", cuda_graphs=True" if self.cuda_graphs else "")
             + ")"
         )
 
@@ -461,8 +470,9 @@ class ContinuousDEQSolver:
             if rec is not None:
                 rec.end(token)
 
-    def _compiled_step(self) -> Optional[Callable[..., Tuple[dict, dict, Tensor]]]:
-        """The compiled stepper call of this solver's method, or ``None`` to run eager (see ``compile``)."""
+    def _compiled_step(self, calls: int = 1) -> Optional[Callable[..., Tuple[dict, dict, Tensor]]]:
+        """The compiled stepper call of this solver's method (``calls > 1``: that many calls unrolled into one
+        graph, returning their ``(calls, B)`` objectives), or ``None`` to run eager (see ``compile``)."""
         if self.compile is False or self._compile_failed or instrument.current() is not None:
             return None
         if not compile_available() or self.ode_solver not in ("tsit5", "dopri5", "vcab3"):
@@ -470,6 +480,23 @@ class ContinuousDEQSolver:
             missing = f"{self.ode_solver} has no compiled step (tsit5, dopri5 and vcab3 have one)"
             unsupported("ContinuousDEQSolver", missing, stacklevel=5)
             return None
+        fused = self._device_call()
+        key = ("ContinuousDEQSolver", _solver_key(self))
+        if calls == 1:
+            return cached_compile(key, fused, self.compile)
+
+        def block(F, fields, tstate):
+            objs = []
+            for _ in range(calls):  # unrolled when traced: one graph for the block
+                fields, tstate, obj = fused(F, fields, tstate)
+                objs.append(obj)
+            return fields, tstate, torch.stack(objs)
+
+        return cached_compile((key, "block", calls), block, self.compile)
+
+    def _device_call(self) -> Callable[..., Tuple[dict, dict, Tensor]]:
+        """One stepper call of this solver's method as a pure function ``(F, fields, tstate) -> (fields,
+        tstate, objective)``, uncompiled (what `_compiled_step` compiles)."""
         solver, cond = self, self.termination
         if self.ode_solver == "vcab3":
 
@@ -482,7 +509,35 @@ class ContinuousDEQSolver:
             def fused(F, fields, tstate):
                 return _rk_device_step(solver, cond, tableau, F, fields, tstate)
 
-        return cached_compile(("ContinuousDEQSolver", _solver_key(self)), fused, self.compile)
+        return fused
+
+    def _block_runner(self, F: CountedMap, device: torch.device, record) -> Optional[Callable[..., tuple]]:
+        """``(fields, tstate) -> (fields, tstate, objectives)`` for ``check_every`` stepper calls at once (one
+        graph; a CUDA graph with ``cuda_graphs`` on a GPU), or ``None`` for single calls: ``check_every ==
+        1`` or recorded iterates (the host keeps iterates between checks)."""
+        k = self.check_every
+        if k == 1 or record is not None:
+            return None
+        block = self._compiled_step(k)
+        if block is None:  # pragma: no cover - the single call compiled, so the block can be built
+            return None
+        flat = F.flat
+        if not (self.cuda_graphs and device.type == "cuda" and not self._graphs_failed):
+            return lambda fields, tstate: block(flat, fields, tstate)
+        from deqlab.solvers.cuda_graphs import CapturedBlock
+
+        def as_state(fields, tstate):
+            fields, tstate, objs = block(flat, fields, tstate)
+            return (fields, tstate), objs
+
+        captured = CapturedBlock(as_state, owner="ContinuousDEQSolver")
+
+        def replay(fields, tstate):
+            (fields, tstate), objs = captured(fields, tstate)
+            return fields, tstate, objs
+
+        replay.captured = captured  # type: ignore[attr-defined]
+        return replay
 
     def _loop_compiled(self, run: "_Run", F: CountedMap, extra: Optional[dict] = None) -> bool:
         """The rest of the solve with each stepper call one compiled graph; ``False`` (nothing done) when it
@@ -491,7 +546,8 @@ class ContinuousDEQSolver:
         The host loop is the eager one's: it counts evaluations (Tsit5/Dopri5: 6 per call; VCAB3 after its
         start-up: 1, also in a call whose every step was rejected, as the eager loop with ``check_every > 1``),
         keeps the trace and the iterates that `record_iterates` asks for, and every ``check_every`` calls
-        asks the device whether every sample has stopped or reached ``t_max``. ``extra``: VCAB3's history.
+        asks the device whether every sample has stopped or reached ``t_max``. With ``check_every = k > 1``
+        the ``k`` calls between two checks are one graph (`_block_runner`). ``extra``: VCAB3's history.
         """
         if run.done or run.steps >= self.max_steps:
             return False
@@ -516,28 +572,39 @@ class ContinuousDEQSolver:
         first_step, batch = tracker.step, run.u.shape[0]
         evals = 1 if self.ode_solver == "vcab3" else self.stage_evals
         record = tracker.record_steps
-        try:
-            fields, tstate, obj = step(F.flat, fields, tstate)
-        except Exception as error:  # compilation failed: tracing f, or the backend (no C++ compiler)
-            self._compile_failed = True
-            fallback_warning("ContinuousDEQSolver", error)
-            return False
+        block = self._block_runner(F, device, record)
         horizon = math.isfinite(self.t_max)
-        calls, done = 1, False
-        while True:
-            F.nfe += evals
-            F.rows += evals * batch
+        k = self.check_every
+        calls, done = 0, False
+        while not done and run.steps + calls < self.max_steps:
+            at = run.steps + calls
+            # a block of k calls between two checks when aligned to them and the budget has room for it
+            n = k if block is not None and at % k == 0 and self.max_steps - at >= k else 1
+            try:
+                if block is not None and n > 1:
+                    fields, tstate, obj = block(fields, tstate)
+                else:
+                    fields, tstate, obj = step(F.flat, fields, tstate)
+            except Exception as error:  # compilation failed: tracing f, or the backend (no C++ compiler)
+                self._compile_failed = True
+                fallback_warning("ContinuousDEQSolver", error)
+                if calls == 0:
+                    return False  # the eager loop goes on from the same state
+                # a later graph failed to compile (the call did not run): finish with the uncompiled call
+                step, block = self._device_call(), None
+                continue
+            F.nfe += n * evals
+            F.rows += n * evals * batch
             if tracker.keep_trace:
-                tracker.trace.append(obj)
-            if record is not None and first_step + calls - 1 in record:
+                tracker.trace.extend(obj.unbind(0)) if n > 1 else tracker.trace.append(obj)
+            calls += n
+            if record is not None and first_step + calls - 1 in record:  # n == 1 whenever iterates are recorded
                 tracker._recorded[first_step + calls - 1] = fields["u"].clone()
-            if (run.steps + calls) % self.check_every == 0:
+            if (run.steps + calls) % k == 0:
                 load_device_state(tracker, tstate, first_step + calls)
                 done = tracker.all_stopped() or (horizon and bool(fields["horizon"] >= 0))
-            if done or run.steps + calls >= self.max_steps:
-                break
-            fields, tstate, obj = step(F.flat, fields, tstate)
-            calls += 1
+        if getattr(getattr(block, "captured", None), "failed", False):
+            self._graphs_failed = True  # warned once; later solves run their blocks uncaptured
         load_device_state(tracker, tstate, first_step + calls)
         run.u, run.du, run.dt, run.t = fields["u"], fields["du"], fields["dt"], fields["t"]
         run.accepted, run.steps, run.done = fields["accepted"], run.steps + calls, done

@@ -28,60 +28,62 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from deqlab.solvers.compiled import fallback_warning
 
-Block = Callable[..., Tuple[Tensor, Tensor, Tensor, dict, dict, Tensor]]
+#: ``block(*state) -> (new state, objectives)``: the steps of one block, the state a tuple of tensors,
+#: dicts and tuples of them, of the same structure in and out
+Block = Callable[..., Tuple[tuple, Tensor]]
 
 
 class CapturedBlock:
-    """``(astate, tstate, z, fz, g, count) -> (z, fz, g, astate, tstate, objectives)`` for one solve: the
-    first call runs ``block`` and captures it, every later call replays the graph.
+    """``(*state) -> (new state, objectives)`` for one solve: the first call runs ``block`` and captures it,
+    every later call replays the graph.
 
-    The returned tensors of a replay are the static buffers themselves (the next replay overwrites them);
-    the caller reads them before the next call, and ``objectives`` is cloned here because the trace keeps
-    it.
+    The state returned by a replay is the static buffers themselves (the next replay overwrites them): the
+    caller reads it before the next call. ``objectives`` (the ``(k, B)`` termination objectives of the
+    block's steps) is cloned here, because the trace keeps it.
     """
 
-    def __init__(self, block: Block, F: Callable[[Tensor], Tensor], *, owner: str):
-        self.block, self.F, self.owner = block, F, owner
+    def __init__(self, block: Block, *, owner: str):
+        self.block, self.owner = block, owner
         self.graph: Optional[Any] = None
         self.failed = False
-        self._static: List[Any] = []
-        self._out: Optional[tuple] = None
         self.replays = 0
+        self._static: List[Any] = []
+        self._out: Optional[Tuple[tuple, Tensor]] = None
 
-    def __call__(self, astate: dict, tstate: dict, z: Tensor, fz: Tensor, g: Tensor, count: int) -> tuple:
-        # ``count`` is ignored: the captured block is count-free (``None``), so one graph serves every block
+    def __call__(self, *state: Any) -> Tuple[tuple, Tensor]:
         if self.graph is not None:
             self.graph.replay()
             self.replays += 1
             assert self._out is not None
-            zs, fzs, gs, sa, st, objs = self._out
-            return zs, fzs, gs, sa, st, objs.clone()
-        out = self._warm_up(astate, tstate, z, fz, g)
+            static_state, objs = self._out
+            return static_state, objs.clone()
+        new_state, objs = self._warm_up(state)
         if not self.failed:
-            self._capture(*out[:5])
-        return out
+            self._capture(new_state)
+        return new_state, objs
 
-    def _warm_up(self, astate, tstate, z, fz, g) -> tuple:
+    def _warm_up(self, state: tuple) -> Tuple[tuple, Tensor]:
         """The first block, run on a side stream: CUDA's advice before a capture (lazy initialisation of
         the libraries, the allocator's stream), and real steps of the solve."""
-        current = torch.cuda.current_stream(z.device)
-        side = torch.cuda.Stream(z.device)
+        device = next(t for t in tree_flatten(state)[0] if isinstance(t, Tensor)).device
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            out = self.block(self.F, astate, tstate, z, fz, g, None)
+            out = self.block(*state)
         current.wait_stream(side)
         return out
 
-    def _capture(self, z: Tensor, fz: Tensor, g: Tensor, astate: dict, tstate: dict) -> None:
-        leaves, spec = tree_flatten((astate, tstate, z, fz, g))
+    def _capture(self, state: tuple) -> None:
+        leaves, spec = tree_flatten(state)
         # the static state: copies of the warm-up's outputs, so nothing the caller holds is overwritten
         self._static = [t.clone() if isinstance(t, Tensor) else t for t in leaves]
-        sa, st, sz, sfz, sg = tree_unflatten(self._static, spec)
+        static_state = tree_unflatten(self._static, spec)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                nz, nfz, ng, na, nt, objs = self.block(self.F, sa, st, sz, sfz, sg, None)
-                new, new_spec = tree_flatten((na, nt, nz, nfz, ng))
+                new_state, objs = self.block(*static_state)
+                new, new_spec = tree_flatten(new_state)
                 if new_spec != spec:
                     raise RuntimeError(f"the step changed the structure of its state ({spec} -> {new_spec})")
                 _write_back(self._static, new)
@@ -90,7 +92,7 @@ class CapturedBlock:
             fallback_warning(f"{self.owner}(cuda_graphs=True)", error)
             return
         self.graph = graph
-        self._out = (sz, sfz, sg, sa, st, objs)
+        self._out = (static_state, objs)
 
 
 def _write_back(static: List[Any], new: List[Any]) -> None:

@@ -389,11 +389,15 @@ class DiscreteDEQSolver:
             except MapRaised as raised:  # f itself raised, outside the graph: its own error, as it is
                 raise raised.error from None
             except Exception as error:  # compilation failed: tracing f, or the backend (no C++ compiler)
-                if steps > 0:  # pragma: no cover - a graph that ran once does not fail to compile later
-                    raise
                 self._compile_failed = True
                 fallback_warning("DiscreteDEQSolver", error)
-                return None
+                if steps == 0:
+                    return None  # the eager loop takes over from the first evaluation
+                # A later shape or step count failed to compile (the call did not run): finish this solve
+                # with the same pure step uncompiled, from the state it reached.
+                step = compiled_discrete_step(algo, self.termination, False, map_in_graph=self._map_in_graph())
+                block = None
+                continue
             F.nfe += n
             F.rows += n * batch
             if trace is not None:
@@ -404,7 +408,7 @@ class DiscreteDEQSolver:
             if steps % k == 0:
                 load_device_state(tracker, tstate, first_step + steps)
                 done = tracker.all_stopped()
-        if getattr(block, "failed", False):
+        if getattr(getattr(block, "captured", None), "failed", False):
             self._graphs_failed = True  # warned once; later solves run their blocks uncaptured
         load_device_state(tracker, tstate, first_step + steps)
         return z, g, steps
@@ -416,13 +420,23 @@ class DiscreteDEQSolver:
         k = self.check_every
         if k == 1 or not self._map_in_graph() or record is not None or self.max_steps < k:
             return None
-        if self._captures(z):
-            from deqlab.solvers.cuda_graphs import CapturedBlock
-
-            block = compiled_discrete_step(self.algorithm, self.termination, self.compile, steps_per_call=k)
-            return CapturedBlock(block, flat, owner="DiscreteDEQSolver")
         block = compiled_discrete_step(self.algorithm, self.termination, self.compile, steps_per_call=k)
-        return lambda astate, tstate, z, fz, g, count: block(flat, astate, tstate, z, fz, g, count)
+        if not self._captures(z):
+            return lambda astate, tstate, z, fz, g, count: block(flat, astate, tstate, z, fz, g, count)
+        from deqlab.solvers.cuda_graphs import CapturedBlock
+
+        def count_free(astate, tstate, z, fz, g):  # the captured block is replayed for every block
+            z, fz, g, astate, tstate, objs = block(flat, astate, tstate, z, fz, g, None)
+            return (astate, tstate, z, fz, g), objs
+
+        captured = CapturedBlock(count_free, owner="DiscreteDEQSolver")
+
+        def replay(astate, tstate, z, fz, g, count):
+            (astate, tstate, z, fz, g), objs = captured(astate, tstate, z, fz, g)
+            return z, fz, g, astate, tstate, objs
+
+        replay.captured = captured  # type: ignore[attr-defined]
+        return replay
 
     def _captures(self, z: Tensor) -> bool:
         """Whether this solve's blocks are captured as CUDA graphs."""

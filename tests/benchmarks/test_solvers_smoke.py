@@ -76,3 +76,28 @@ def test_quick_run_reports_every_algorithm_and_a_breakdown_that_adds_up(tmp_path
         parts = sum(_ms(r[c]) for c in header[4:])
         # the regions and "other" add up to the solve (medians of one run: exactly, up to rounding)
         assert abs(parts - _ms(r["total"])) <= 0.05 * _ms(r["total"]) + 0.05, r
+
+
+def test_compile_run_shows_eager_compiled_and_block_columns_side_by_side(tmp_path):
+    # the tracing-only backend: the table's shape and the equal-results column, not inductor's speed
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    command = [sys.executable, str(ROOT / "benchmarks" / "solvers.py"), "--quick", "--no-torchdeq", "--no-breakdown"]
+    command += ["--workloads", "dense", "--repeats", "1", "--warmup", "0", "--no-write"]
+    command += ["--compile", "--compile-backend", "eager", "--block", "3"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(_cells(line) for line in lines if line.startswith("| solver "))
+    assert header[3:7] == [
+        "eager (median)",
+        "compiled (median)",
+        "speed-up",
+        "compiled, blocks of k steps (NFE, median)",
+    ]
+    rows = {c[0]: c for c in map(_cells, lines) if c and c[0] in ALGORITHMS + ("tsit5", "vcab3")}
+    assert set(rows) == {"fixed_point", "anderson", "broyden", "lbroyden", "tsit5", "vcab3"}
+    assert all(row[2] == "yes" for row in rows.values())  # the compiled solve equals the eager one
+    for name in ("fixed_point", "anderson", "broyden", "lbroyden"):
+        k, rest = rows[name][6].split(": ")
+        assert k == "k = 3" and int(rest.split(",")[0]) - int(rows[name][1]) in (0, 1, 2)  # < k extra steps
+    assert rows["tsit5"][6] == "n/a"

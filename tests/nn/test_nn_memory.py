@@ -58,6 +58,22 @@ def test_saved_memory_independent_of_steps(kind, skip):
     assert sizes[100] <= 1.1 * sizes[10], sizes
 
 
+@pytest.mark.parametrize("kind", ["anderson", "lbroyden"])
+def test_saved_memory_independent_of_steps_with_the_compiled_solver_step(kind):
+    # the compiled step (tracing backend) and the compiled adjoint build no graph through the iterations either
+    torch.manual_seed(0)
+    model = ConvMap(4)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    sizes = {}
+    for steps in (10, 100):
+        layer = DEQ(model, solver_with_steps(kind, steps), backward=ImplicitBackward(max_steps=20), compile="eager")
+        _, sol = layer(x.detach())
+        assert sol.nfe >= steps
+        sizes[steps] = saved_bytes(layer, x)
+    assert sizes[10] > 0
+    assert sizes[100] <= 1.1 * sizes[10], sizes
+
+
 def test_an_unrolled_forward_would_fail_this_check():
     """The measure can fail: fixed-depth mode (backprop through iterations) grows with depth."""
     model = ConvMap(4)

@@ -249,6 +249,43 @@ def test_compiled_anderson_adjoint_gives_the_eager_gradients():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["tsit5", "vcab3"])
+@pytest.mark.parametrize("per_sample_steps", [True, False])
+def test_a_block_of_k_compiled_stepper_calls_equals_the_eager_solve(method, per_sample_steps):
+    from deqlab.solvers import ContinuousDEQSolver
+
+    f, z0 = _problem(5, torch.float64)
+    kw = dict(mode="rel_norm", reltol_termination=1e-6, ode_abstol=1e-7, ode_reltol=1e-7, max_steps=200)
+    kw.update(check_every=3, per_sample_steps=per_sample_steps)
+    eager = ContinuousDEQSolver(method, **kw)(f, z0)
+    counter = CallCounter()
+    blocked = ContinuousDEQSolver(method, compile=counter, **kw)(f, z0)
+    assert (blocked.nfe, blocked.steps, blocked.status) == (eager.nfe, eager.steps, eager.status)
+    assert torch.equal(blocked.sample_steps, eager.sample_steps)
+    assert torch.equal(blocked.accepted_steps, eager.accepted_steps)
+    torch.testing.assert_close(blocked.z, eager.z, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blocked.t, eager.t, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blocked.trace, eager.trace, rtol=1e-9, atol=1e-12, equal_nan=True)
+    # VCAB3's two start-up calls run eager; every other call is in a block of 3 (the first ones single
+    # until the step count is a multiple of 3)
+    eager_calls = 2 if method == "vcab3" else 0
+    compiled_calls = blocked.steps - eager_calls
+    assert counter.calls < compiled_calls and counter.calls <= compiled_calls // 3 + 3
+
+
+def test_a_block_of_stepper_calls_stops_at_max_steps_and_t_max():
+    from deqlab.solvers import ContinuousDEQSolver
+
+    f, z0 = _problem(4, torch.float64)
+    for extra in (dict(max_steps=8), dict(max_steps=200, t_max=0.7)):
+        kw = dict(mode="rel_norm", reltol_termination=1e-12, check_every=3, **extra)
+        eager = ContinuousDEQSolver("tsit5", **kw)(f, z0)
+        blocked = ContinuousDEQSolver("tsit5", compile="eager", **kw)(f, z0)
+        assert (blocked.nfe, blocked.steps, blocked.status) == (eager.nfe, eager.steps, eager.status)
+        torch.testing.assert_close(blocked.z, eager.z, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(blocked.t, eager.t, rtol=1e-12, atol=1e-12)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
@@ -282,6 +319,22 @@ def test_a_cuda_graph_of_a_block_equals_the_eager_solve(algorithm, options, comp
 
 
 @cuda
+@pytest.mark.parametrize("method", ["tsit5", "vcab3"])
+def test_a_cuda_graph_of_stepper_calls_equals_the_eager_solve(method):
+    from deqlab.solvers import ContinuousDEQSolver
+
+    f, z0 = _problem(6, torch.float32, "cuda")
+    kw = dict(mode="rel_norm", reltol_termination=1e-4, ode_abstol=1e-5, ode_reltol=1e-5, max_steps=200, check_every=4)
+    eager = ContinuousDEQSolver(method, **kw)(f, z0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        graphed = ContinuousDEQSolver(method, compile="inductor", cuda_graphs=True, **kw)(f, z0)
+    assert (graphed.nfe, graphed.status) == (eager.nfe, eager.status)
+    assert torch.equal(graphed.sample_steps, eager.sample_steps)
+    torch.testing.assert_close(graphed.z, eager.z, rtol=1e-4, atol=1e-5)
+
+
+@cuda
 def test_a_map_that_cannot_be_captured_runs_uncaptured_with_one_warning():
     f, z0 = _problem(4, torch.float32, "cuda")
 
@@ -299,3 +352,47 @@ def test_a_map_that_cannot_be_captured_runs_uncaptured_with_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompileFallbackWarning)
         _assert_same(eager, solver(syncing, z0), torch.float32)
+
+
+def test_a_compilation_that_fails_mid_solve_finishes_the_solve_with_the_uncompiled_pure_step():
+    # Broyden's count-shaped step compiles again at count 1; a backend that fails then leaves the solve
+    # half-way through the compiled loop: it must finish on the same state, equal to eager, warning once
+    from deqlab.solvers.compiled import reset_cache
+
+    reset_cache()
+    compilations = []
+
+    def fails_on_the_second_graph(gm, example_inputs):
+        compilations.append(1)
+        if len(compilations) == 2:
+            raise RuntimeError("no compiler for this one")
+        return gm.forward
+
+    f, z0 = _problem(5, torch.float64)
+    kw = dict(mode="rel_norm", reltol_termination=1e-10, max_steps=30)
+    eager = DiscreteDEQSolver("broyden", **kw)(f, z0)
+    solver = DiscreteDEQSolver("broyden", compile=fails_on_the_second_graph, **kw)
+    with pytest.warns(CompileFallbackWarning, match="could not be compiled"):
+        res = solver(f, z0)
+    _assert_same(eager, res, torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        _assert_same(eager, solver(f, z0), torch.float64)  # later solves: eager, no second warning
+
+
+def test_many_step_shapes_stay_within_the_raised_recompile_limit():
+    # buffer sizes (max_steps), batch sizes and dtypes multiply a count-shaped step's graphs past dynamo's
+    # default 8 per function; the step's own limit keeps them compiled (no warning, no crash)
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        for max_steps in (6, 10, 14):
+            for dtype in (torch.float32, torch.float64):
+                for batch in (4, 3):
+                    f, z0 = _problem(batch, dtype)
+                    solver = DiscreteDEQSolver("lbroyden", memory=27, max_steps=max_steps, compile=counter)
+                    assert solver(f, z0).steps > 2
+    assert counter.frame_count > 8  # the default limit would have been hit
+    assert torch._dynamo.config.recompile_limit == 8  # and the global setting is left alone
