@@ -49,7 +49,7 @@ import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 _HERE = Path(__file__).resolve().parent
 if str(_HERE.parent) not in sys.path:
@@ -191,6 +191,7 @@ def deqlab_contender(
     b_tol: float,
     b_max_steps: int,
     label: Optional[str] = None,
+    compile: Any = False,
 ) -> Contender:
     from deqlab.nn import DeepEquilibriumNetwork, ImplicitBackward
     from deqlab.solvers import DiscreteDEQSolver
@@ -199,7 +200,11 @@ def deqlab_contender(
         algorithm, mode="rel_norm", reltol_termination=tol, abstol_termination=tol, max_steps=max_steps
     )
     deq = DeepEquilibriumNetwork(
-        fmap, solver, backward=ImplicitBackward(b_solver, tol=b_tol, max_steps=b_max_steps), z_shape=tuple(z_shape[1:])
+        fmap,
+        solver,
+        backward=ImplicitBackward(b_solver, tol=b_tol, max_steps=b_max_steps),
+        z_shape=tuple(z_shape[1:]),
+        compile=compile,  # the layer's one switch: forward steps and the adjoint's steps compiled
     )
 
     def forward():
@@ -208,7 +213,7 @@ def deqlab_contender(
 
     return Contender(
         "deqlab",
-        label or f"ImplicitBackward({b_solver})",
+        label or f"ImplicitBackward({b_solver})" + (", compiled" if compile is not False else ""),
         forward,
         b_tol,
         tol,
@@ -538,6 +543,21 @@ def build_contenders(fmap, wl, args, k_unrolled: int) -> List[Contender]:
                     b_max_steps=args.b_max_steps,
                 )
             )
+            if args.compile:
+                cons.append(
+                    deqlab_contender(
+                        fmap,
+                        x,
+                        wl.z_shape,
+                        algorithm="anderson",
+                        tol=args.tol,
+                        max_steps=args.max_steps,
+                        b_solver=b,
+                        b_tol=b_tol,
+                        b_max_steps=args.b_max_steps,
+                        compile=args.compile_backend,
+                    )
+                )
         if not args.no_torchdeq:
             for b in ("anderson", "fixed_point_iter"):
                 cons.append(
@@ -631,7 +651,9 @@ def run_workload(name: str, args, device: torch.device, dtype: torch.dtype) -> d
     }
     if args.breakdown:
         for m in ms:
-            if m.contender.library == "deqlab" and m.contender.fwd_tol == args.tol:
+            # the breakdown's regions (deqlab.instrument) need the eager steps: compiled rows would time eager
+            compiled = m.contender.label.endswith(", compiled")
+            if m.contender.library == "deqlab" and m.contender.fwd_tol == args.tol and not compiled:
                 out["breakdown"].append((m, backward_breakdown(m, fmap, c, repeats=args.repeats, device=device)))
     return out
 
@@ -1066,6 +1088,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-torchdeq", action="store_true", help="benchmark deqlab and unrolled only")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time each deqlab configuration built with compile= (forward and adjoint steps compiled)",
+    )
+    p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of --compile (default inductor)"
+    )
     p.add_argument(
         "--write",
         dest="write",

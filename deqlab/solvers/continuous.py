@@ -575,7 +575,7 @@ class ContinuousDEQSolver:
         block = self._block_runner(F, device, record)
         horizon = math.isfinite(self.t_max)
         k = self.check_every
-        calls, done = 0, False
+        calls, done, uncompiled = 0, False, False
         while not done and run.steps + calls < self.max_steps:
             at = run.steps + calls
             # a block of k calls between two checks when aligned to them and the budget has room for it
@@ -586,7 +586,9 @@ class ContinuousDEQSolver:
                 else:
                     fields, tstate, obj = step(F.flat, fields, tstate)
             except Exception as error:  # compilation failed: tracing f, or the backend (no C++ compiler)
-                self._compile_failed = True
+                if uncompiled:  # the uncompiled call raised: an error of f or of the step itself
+                    raise
+                self._compile_failed = uncompiled = True
                 fallback_warning("ContinuousDEQSolver", error)
                 if calls == 0:
                     return False  # the eager loop goes on from the same state

@@ -376,6 +376,7 @@ class DiscreteDEQSolver:
         first_step = tracker.step
         record = tracker.record_steps  # record_iterates (sample_states): the host keeps the asked iterates
         block = self._block_runner(z, record, flat)
+        uncompiled = self.compile is False  # the pure step runs as it is (captured, or after a failure)
         steps, done = 0, False
         while not done and steps < self.max_steps:
             # a whole block of k steps between two checks when the budget has room for it (steps is then a
@@ -389,7 +390,9 @@ class DiscreteDEQSolver:
             except MapRaised as raised:  # f itself raised, outside the graph: its own error, as it is
                 raise raised.error from None
             except Exception as error:  # compilation failed: tracing f, or the backend (no C++ compiler)
-                self._compile_failed = True
+                if uncompiled:  # the uncompiled step raised: an error of f or of the step itself
+                    raise
+                self._compile_failed = uncompiled = True
                 fallback_warning("DiscreteDEQSolver", error)
                 if steps == 0:
                     return None  # the eager loop takes over from the first evaluation

