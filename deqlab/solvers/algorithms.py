@@ -166,7 +166,9 @@ class FixedPointAlgorithm:
 
         Args:
             state: the state `pure_propose` saw.
-            z, fz, g: as in `pure_propose`.
+            z: the iterate `pure_propose` saw.
+            fz: ``F(z)``.
+            g: ``fz - z``.
             z_new: what `pure_propose` returned.
             fz_new: ``F(z_new)``.
             count: as in `pure_propose`.
