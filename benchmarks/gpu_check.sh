@@ -25,6 +25,11 @@ echo "== quickstart on cuda"; python3 docs/quickstart_example.py --device cuda 2
 echo "== paper_repro/mnist.py --gpus 1"; /usr/bin/time -f "wall %e s" python3 paper_repro/mnist.py --model-type skip \
   --gpus 1 --max-steps 400 --data-dir $DATA --test-subset 2560 --num-workers 4 --progress lines --log-every 100 \
   --log-dir /tmp/runs --results-dir $OUT 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -25
+echo "== paper_repro/mnist.py --gpus 1, compiled solver steps replayed as CUDA graphs"; /usr/bin/time -f "wall %e s" \
+  python3 paper_repro/mnist.py --model-type skip --gpus 1 --max-steps 200 --data-dir $DATA --test-subset 2560 \
+  --num-workers 4 --progress lines --log-every 100 --log-dir /tmp/runs_graphs --results-dir $OUT/graphs \
+  --model-option compile_solver=True --model-option solver_check_every=4 --model-option cuda_graphs=True \
+  2>&1 | grep -vE "^\s*$|Warning|warn" | tail -12
 echo "== paper_repro/cifar10.py --arch small --gpus 1 on generated CIFAR-10 (throughput, NFE)"; timeout 240 python3 \
   benchmarks/cifar10_generated.py --n-train 7680 --n-test 1280 --out $OUT/cifar --gpus 1 --arch small --model-type skip \
   --solver discrete --max-steps 60 --override pretrain_steps=10 --num-workers 4 --log-every 20 2>&1 \

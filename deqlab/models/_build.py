@@ -119,6 +119,8 @@ def build_solver(
     abstol: Optional[float] = None,
     reltol: Optional[float] = None,
     compile: Optional[bool] = None,
+    check_every: Optional[int] = None,
+    cuda_graphs: Optional[bool] = None,
 ) -> Solver:
     """A deqlab solver from a `deqlab.spec.SolverSpec`, or from a name (the string shorthand of the zoo's
     ``solver`` argument) and keywords: ``tsit5`` or ``vcab3`` → ``ContinuousDEQSolver`` with that
@@ -155,6 +157,9 @@ def build_solver(
         reltol: deprecated old name of ``reltol_termination`` (warns); default ``None`` (not given).
         compile: each solver iteration as one compiled graph (the solvers' ``compile=True``; Tsit5/Dopri5
             and the discrete algorithms with a pure step). ``None`` (default): ``False``.
+        check_every: host checks every ``k`` steps (the solvers' ``check_every``). ``None`` (default): 1.
+        cuda_graphs: on CUDA, the ``check_every`` steps replayed as one CUDA graph (the solvers'
+            ``cuda_graphs``). ``None`` (default): ``False``.
 
     Returns:
         A ``ContinuousDEQSolver`` for ``tsit5`` / ``vcab3``, else a ``DiscreteDEQSolver``; pass it as a
@@ -192,6 +197,8 @@ def build_solver(
                 abstol=abstol,
                 reltol=reltol,
                 compile=compile,
+                check_every=check_every,
+                cuda_graphs=cuda_graphs,
             ).items()
             if v is not None
         ]
@@ -214,6 +221,8 @@ def build_solver(
             reference_counting=spec.reference_counting,
             batch_wide=spec.batch_wide,
             compile=spec.compile,
+            check_every=spec.check_every,
+            cuda_graphs=spec.cuda_graphs,
         )
     atol = renamed(owner, "abstol_termination", abstol_termination, "abstol", abstol, PAPER_TOL)
     rtol = renamed(owner, "reltol_termination", reltol_termination, "reltol", reltol, PAPER_TOL)
@@ -225,6 +234,8 @@ def build_solver(
         reference_counting=reference_counting or "deqjl",
         batch_wide=bool(batch_wide),
         compile=bool(compile),
+        check_every=1 if check_every is None else check_every,
+        cuda_graphs=bool(cuda_graphs),
     )
     if name in ODE_SOLVERS:
         return ContinuousDEQSolver(

@@ -94,6 +94,10 @@ class MDEQConfig:
         compile_solver: each forward-solver iteration, and each Arnoldi step of the GMRES adjoint, as one
             compiled graph (`SolverSpec.compile`, `BackwardSpec.compile`;
             `docs/performance.md`). Default ``False``.
+        solver_check_every: the forward solver's host checks every ``k`` steps (`SolverSpec.check_every`;
+            with ``compile_solver``, the ``k`` steps one graph). Default 1.
+        cuda_graphs: on CUDA, the forward solver's ``solver_check_every`` steps replayed as one CUDA graph
+            (`SolverSpec.cuda_graphs`). Default ``False``.
         detach_skip_target: whether the skip loss treats z* as a detached target (``None``: detached for
             ``skip``, coupled for ``skip_reg``; see [`deqlab.nn.MapGuess`][deqlab.nn.MapGuess]).
         fuse_gain: initial affine weight γ of the v1 GroupNorms that end a path from the state back into
@@ -151,6 +155,8 @@ class MDEQConfig:
     ode_solver: str = "tsit5"
     reference_counting: str = "deqjl"
     compile_solver: bool = False
+    solver_check_every: int = 1
+    cuda_graphs: bool = False
 
     def solver_mode(self, solver: str) -> str:
         """The termination mode of the ``solver`` kind (``continuous`` or ``discrete``)."""
@@ -167,6 +173,8 @@ class MDEQConfig:
             mode=self.solver_mode(kind),
             reference_counting=self.reference_counting,
             compile=self.compile_solver,
+            check_every=self.solver_check_every,
+            cuda_graphs=self.cuda_graphs,
         )
 
     def backward_spec(self) -> BackwardSpec:

@@ -72,6 +72,10 @@ class DenseConfig:
         compile_solver: each forward-solver iteration, and each Arnoldi step of the GMRES adjoint, as one
             compiled graph (`SolverSpec.compile`, `BackwardSpec.compile`;
             `docs/performance.md`). ``False``.
+        solver_check_every: the forward solver's host checks every ``k`` steps (`SolverSpec.check_every`;
+            with ``compile_solver``, the ``k`` steps one graph). 1.
+        cuda_graphs: on CUDA, the forward solver's ``solver_check_every`` steps replayed as one CUDA graph
+            (`SolverSpec.cuda_graphs`). ``False``.
 
     Examples:
         >>> from deqlab.models.mnist import MNIST_DENSE
@@ -93,6 +97,8 @@ class DenseConfig:
     vanilla_penalty: bool = False
     detach_skip_target: Optional[bool] = None
     compile_solver: bool = False
+    solver_check_every: int = 1
+    cuda_graphs: bool = False
 
     def solver_spec(self, kind: SolverKind) -> SolverSpec:
         """The forward solve for the solver ``kind`` (``continuous``: ``ode_solver``; ``discrete``:
@@ -106,6 +112,8 @@ class DenseConfig:
             reference_counting=self.reference_counting,
             batch_wide=self.batch_wide,
             compile=self.compile_solver,
+            check_every=self.solver_check_every,
+            cuda_graphs=self.cuda_graphs,
         )
 
     def backward_spec(self) -> BackwardSpec:

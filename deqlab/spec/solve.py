@@ -92,6 +92,10 @@ class SolverSpec:
         batch_wide: one termination test over the whole batch (the reference code's). Default ``False``.
         compile: run each solver iteration as one compiled graph (the solvers' ``compile=True``,
             `docs/performance.md`). Default ``False``.
+        check_every: ask the device whether every sample has stopped every ``k`` steps (the solvers'
+            ``check_every``; with ``compile``, the ``k`` steps are one graph). Default 1.
+        cuda_graphs: on CUDA, replay the ``check_every`` steps as one CUDA graph (the solvers'
+            ``cuda_graphs``; the continuous solver needs ``compile``). Default ``False``.
 
     Raises:
         ValueError: a choice or number is out of range (the message names it).
@@ -107,11 +111,16 @@ class SolverSpec:
     reference_counting: str = "deqjl"
     batch_wide: bool = False
     compile: bool = False
+    check_every: int = 1
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         owner = "SolverSpec"
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"{owner}: compile must be True or False, got {self.compile!r}")
+        for name in ("compile", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{owner}: {name} must be True or False, got {getattr(self, name)!r}")
+        if _count(owner, "check_every", self.check_every) < 1:
+            raise ValueError(f"{owner}: check_every must be an int >= 1, got {self.check_every!r}")
         choose(owner, "kind", self.kind, SOLVER_KINDS)
         choose(owner, "ode_solver", self.ode_solver, ODE_SOLVERS)
         object.__setattr__(self, "tol", _positive(owner, "tol", self.tol))

@@ -111,3 +111,21 @@ def test_implicit_backward_compiles_gmres_and_the_discrete_fixed_point_adjoints(
         ImplicitBackward("newton_krylov", compile=True)
     with pytest.raises(ValueError, match="compile given together with a solver object"):
         ImplicitBackward(GMRES(), compile=True)
+
+
+def test_the_paper_configs_pass_check_every_and_cuda_graphs_to_the_solver():
+    from deqlab.models import build_model
+    from deqlab.spec import SolverSpec
+    from deqlab.zoo import build_solver
+
+    spec = SolverSpec(kind="continuous", compile=True, check_every=4, cuda_graphs=True)
+    solver = build_solver(spec)
+    assert (solver.compile, solver.check_every, solver.cuda_graphs) == (True, 4, True)
+    assert build_solver("anderson", check_every=3).check_every == 3
+    assert build_solver("anderson").cuda_graphs is False
+    net = build_model("mnist", "dense", model_type="vanilla", solver="discrete", solver_check_every=2, cuda_graphs=True)
+    assert (net.deq.solver.check_every, net.deq.solver.cuda_graphs) == (2, True)
+    with pytest.raises(ValueError, match="check_every must be an int >= 1"):
+        SolverSpec(check_every=0)
+    with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
+        SolverSpec(cuda_graphs=1)
