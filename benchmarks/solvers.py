@@ -285,7 +285,9 @@ def compile_comparison(
     return out
 
 
-def compile_table(rows: List[dict], torchdeq_best: Optional[Row] = None) -> str:
+def compile_table(rows: List[dict], torchdeq_best: Optional[Row] = None, t_f: Optional[float] = None) -> str:
+    """The eager / compiled / blocks columns side by side; with ``t_f`` (one evaluation of f, measured in the
+    same run) also where the time goes: what each solve spends around its NFE × t_f, per step."""
     headers = [
         "solver",
         "NFE",
@@ -298,6 +300,9 @@ def compile_table(rows: List[dict], torchdeq_best: Optional[Row] = None) -> str:
         "amortised after (solves)",
         "amortised after (steps)",
     ]
+    if t_f is not None:
+        headers.append("NFE × t_f")
+        headers.append("around f per step: eager / compiled / blocks")
     if torchdeq_best is not None:
         headers.append(f"compiled / torchdeq {torchdeq_best.spec.algorithm}")
     table = []
@@ -316,10 +321,18 @@ def compile_table(rows: List[dict], torchdeq_best: Optional[Row] = None) -> str:
             "never" if math.isinf(r["amortise_solves"]) else f"{math.ceil(r['amortise_solves'])}",
             "never" if math.isinf(r["amortise_steps"]) else f"{math.ceil(r['amortise_steps'])}",
         ]
+        if t_f is not None:
+            steps = max(r["steps"], 1)
+            around = [(r["eager"].median - r["nfe"] * t_f) / steps, (r["compiled"].median - r["nfe"] * t_f) / steps]
+            if r.get("blocked") is not None:
+                around.append((r["blocked"].median - r["block_nfe"] * t_f) / max(r["block_nfe"] - 1, 1))
+            line.append(fmt_time(r["nfe"] * t_f))
+            line.append(" / ".join(fmt_time(a) for a in around))
         if torchdeq_best is not None:
             line.append(f"{r['compiled'].median / torchdeq_best.time:.2f}×")
         table.append(line)
-    return markdown_table(headers, table, "lrlrrrrrrr" + ("r" if torchdeq_best is not None else ""))
+    align = "lrlrrrrrrr" + ("rr" if t_f is not None else "") + ("r" if torchdeq_best is not None else "")
+    return markdown_table(headers, table, align)
 
 
 # ------------------------------------------------------------------------------- deqlab time breakdown
@@ -546,9 +559,12 @@ def build_report(results: List[dict], info: dict, args) -> str:
                 "the median one; amortised after = compile time / (eager − compiled) per solve, and in "
                 "solver steps of this workload; *blocks of k steps*: `check_every=k`, the k steps between two "
                 "host checks as one compiled graph (a CUDA graph with `cuda_graphs=True` on a GPU), which may "
-                "run up to k − 1 steps past the last sample's stop, hence its NFE):",
+                "run up to k − 1 steps past the last sample's stop, hence its NFE; *around f per step* = "
+                "(time − NFE × t_f) / steps, the solver's own cost per step (per stepper call for tsit5 / vcab3) "
+                "with t_f measured in the same rounds — what compiling and blocks remove; negative where the "
+                "compiled graph evaluates f faster than the eager t_f):",
                 "",
-                compile_table(res["compiled"], best_t),
+                compile_table(res["compiled"], best_t, res["f_time"].median),
                 "",
             ]
         if "breakdown" in res:
@@ -683,7 +699,8 @@ def main(argv=None) -> int:
                 block=args.block,
             )
             tdq = [r for r in res["rows"] if r.spec.library == "torchdeq" and r.converged]
-            print(compile_table(res["compiled"], min(tdq, key=lambda r: r.time) if tdq else None), flush=True)
+            best = min(tdq, key=lambda r: r.time) if tdq else None
+            print(compile_table(res["compiled"], best, res["f_time"].median), flush=True)
         if args.breakdown:
             res["breakdown"] = deqlab_breakdown(wl, specs, repeats=args.repeats, device=device)
             print("deqlab time per solve by region (median over runs; % of the solve):")

@@ -101,3 +101,6 @@ def test_compile_run_shows_eager_compiled_and_block_columns_side_by_side(tmp_pat
         k, rest = rows[name][6].split(": ")
         assert k == "k = 3" and int(rest.split(",")[0]) - int(rows[name][1]) in (0, 1, 2)  # < k extra steps
     assert rows["tsit5"][6] == "n/a"
+    # where the time goes: the solver's own cost per step around the evaluations of f, for each column
+    assert header[10:12] == ["NFE × t_f", "around f per step: eager / compiled / blocks"]
+    assert len(rows["anderson"][11].split(" / ")) == 3 and len(rows["tsit5"][11].split(" / ")) == 2
