@@ -528,22 +528,10 @@ def oracle(name: str, device: torch.device, seed: int, c64: Tensor, *, max_steps
 def build_contenders(fmap, wl, args, k_unrolled: int) -> List[Contender]:
     x, z0 = wl.x, wl.z0
     cons = []
+    compiles = (False, args.compile_backend) if args.compile else (False,)  # each configuration eager, then compiled
     for b_tol in args.b_tols:
         for b in ("gmres", "fixed_point", "anderson"):
-            cons.append(
-                deqlab_contender(
-                    fmap,
-                    x,
-                    wl.z_shape,
-                    algorithm="anderson",
-                    tol=args.tol,
-                    max_steps=args.max_steps,
-                    b_solver=b,
-                    b_tol=b_tol,
-                    b_max_steps=args.b_max_steps,
-                )
-            )
-            if args.compile:
+            for compile in compiles:
                 cons.append(
                     deqlab_contender(
                         fmap,
@@ -555,7 +543,7 @@ def build_contenders(fmap, wl, args, k_unrolled: int) -> List[Contender]:
                         b_solver=b,
                         b_tol=b_tol,
                         b_max_steps=args.b_max_steps,
-                        compile=args.compile_backend,
+                        compile=compile,
                     )
                 )
         if not args.no_torchdeq:

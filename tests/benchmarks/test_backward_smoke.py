@@ -68,3 +68,18 @@ def test_quick_run_reports_gradients_and_a_backward_breakdown(tmp_path):
     for r in rows:
         for col in ("f re-eval", "adjoint VJPs (per VJP)", "param VJP", "adjoint solver excl. VJPs (per step)"):
             assert not r[col].startswith("0 µs"), (r["deqlab backward"], col, r[col])
+
+
+def test_compile_adds_a_compiled_row_per_configuration_with_the_same_gradients(tmp_path):
+    # the tracing-only backend: the rows and their VJP counts and gradient errors, not inductor's speed
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    command = [sys.executable, str(ROOT / "benchmarks" / "backward.py"), "--quick", "--no-torchdeq"]
+    command += ["--workloads", "dense", "--repeats", "1", "--warmup", "0", "--no-scaling", "--no-breakdown"]
+    command += ["--b-tols", "1e-4", "--tight-factor", "1", "--no-write", "--compile", "--compile-backend", "eager"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {c[1]: c for c in map(_cells, proc.stdout.splitlines()) if c and c[0] == "deqlab"}
+    for b in ("gmres", "fixed_point", "anderson"):
+        eager, compiled = rows[f"ImplicitBackward({b})"], rows[f"ImplicitBackward({b}), compiled"]
+        assert compiled[4:8] == eager[4:8]  # the same forward evaluations, residual and backward VJPs
+        assert abs(float(compiled[8]) - float(eager[8])) <= 1e-3 * float(eager[8])  # the same gradient error
