@@ -127,7 +127,7 @@ class FixedPointAlgorithm:
         """
         raise NotImplementedError(f"{type(self).__name__} has no pure step to compile")
 
-    def pure_propose(self, state: dict, z: Tensor, fz: Tensor, g: Tensor, count: int) -> Tensor:
+    def pure_propose(self, state: dict, z: Tensor, fz: Tensor, g: Tensor, count: Optional[int]) -> Tensor:
         """The first half of a compiled step: the next iterate from the state, without calling ``f``.
 
         A pure function of tensors: no host synchronisation, no Python branch on a tensor's value, buffers
@@ -139,8 +139,8 @@ class FixedPointAlgorithm:
             fz: ``F(z)``.
             g: ``fz - z``.
             count: the steps taken before this one (0 for the first), a host integer the loop knows anyway,
-                or ``None`` when the step must not depend on it (a block of steps unrolled into one graph,
-                a CUDA graph replayed for every block): then use fixed shapes only. An algorithm may shape
+                or ``None`` when the step must not depend on it (a CUDA graph replayed for every block):
+                then use fixed shapes only. An algorithm may shape
                 its work by an integer ``count`` (Broyden multiplies by the ``min(count, memory)`` pairs
                 written so far); the compiled step then specialises on it for ``count`` 0 and 1 and is one
                 graph with a symbolic ``count`` after that, so use it only where the saving is worth those
@@ -155,7 +155,7 @@ class FixedPointAlgorithm:
         raise NotImplementedError(f"{type(self).__name__} has no split pure step")
 
     def pure_absorb(
-        self, state: dict, z: Tensor, fz: Tensor, g: Tensor, z_new: Tensor, fz_new: Tensor, count: int
+        self, state: dict, z: Tensor, fz: Tensor, g: Tensor, z_new: Tensor, fz_new: Tensor, count: Optional[int]
     ) -> dict:
         """The second half of a compiled step: the state after ``z_new`` and ``F(z_new)``.
 
@@ -556,7 +556,7 @@ class Broyden(FixedPointAlgorithm):
     # host's step count shapes the products (one graph for ``count`` 0, one for 1, one symbolic graph for
     # the rest, and one once the memory wraps around), where zero-padded products over all ``m`` pairs
     # would cost ``m / n`` times the work (50 pairs for full Broyden's first steps). With ``count=None``
-    # (a block of steps, a CUDA graph) it multiplies by all ``m`` zero-filled pairs instead: an unwritten
+    # (a CUDA graph replayed for every block) it multiplies by all ``m`` zero-filled pairs instead: an unwritten
     # pair adds an exact zero. Pairs are written in place.
 
     def pure_init(self, z, fz, max_steps):
