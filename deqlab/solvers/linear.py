@@ -148,7 +148,9 @@ class FixedPointLinearSolver:
             [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver]); required, there is no sensible default
             algorithm for every system. Its termination's ``tol`` becomes `tol`. Per-sample early exit
             (``DiscreteDEQSolver(per_sample_exit=True)``) is refused: the adjoint map is a plain function of
-            the whole batch, which cannot be restricted to the samples still iterating.
+            the whole batch, which cannot be restricted to the samples still iterating. A solver built with
+            ``compile=`` is used as a copy with ``compile_map=False``: its algebra is compiled around the
+            eager products (a VJP cannot be traced); the object you pass is not changed.
         max_steps: matrix-vector products at most (each one VJP in the implicit backward), the residual
             check included. Default ``None``: taken from a
             [`DiscreteDEQSolver`][deqlab.solvers.DiscreteDEQSolver]'s own cap, ``solver.max_steps + 2`` (its

@@ -148,8 +148,9 @@ class BackwardSpec:
         max_steps: VJP budget. Default 15, the paper's ``min(maxiters, 15)``.
         tol: adjoint tolerance. Default ``None``: the forward solver's termination tolerance, handed over by
             the layer at backward time (the one route; see the module docstring).
-        compile: ``gmres`` only: each Arnoldi step's algebra as one compiled graph (the VJPs stay eager).
-            Default ``False``.
+        compile: each adjoint step's algebra as compiled graphs (``gmres``: the Arnoldi step; ``anderson``,
+            ``fixed_point``, ``broyden``, ``lbroyden``: the algorithm's step around each VJP); the VJPs stay
+            eager. Default ``False``.
 
     Raises:
         ValueError: ``max_steps`` or ``tol`` is out of range; ``compile`` is not a bool.
