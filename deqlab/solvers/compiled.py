@@ -115,20 +115,26 @@ RECOMPILE_LIMIT = 64
 
 
 def _with_recompile_limit(compiled: Callable[..., Any]) -> Callable[..., Any]:
-    """``compiled`` run with dynamo's per-function recompile limit raised to `RECOMPILE_LIMIT` for its own
-    calls only (the user's compiled code keeps the global setting). Why: past the limit a
-    ``fullgraph=True`` function fails hard, mid-solve; the solver would then finish eagerly, slowly."""
+    """``compiled``, retried with dynamo's per-function recompile limit raised to `RECOMPILE_LIMIT` when a
+    call hits the global limit (the user's compiled code keeps the global setting). Why: past the limit a
+    ``fullgraph=True`` function fails hard, mid-solve; the solver would then finish eagerly, slowly. The
+    failed call ran nothing (the limit is checked before compiling), so the retry is the call; the other
+    calls pay nothing for it."""
     config = torch._dynamo.config
+    limit_hit = torch._dynamo.exc.FailOnRecompileLimitHit
 
     def call(*args: Any) -> Any:
-        old = config.recompile_limit
-        if old >= RECOMPILE_LIMIT:
-            return compiled(*args)
-        config.recompile_limit = RECOMPILE_LIMIT
         try:
             return compiled(*args)
-        finally:
-            config.recompile_limit = old
+        except limit_hit:
+            old = config.recompile_limit
+            if old >= RECOMPILE_LIMIT:
+                raise
+            config.recompile_limit = RECOMPILE_LIMIT
+            try:
+                return compiled(*args)
+            finally:
+                config.recompile_limit = old
 
     return call
 
