@@ -61,6 +61,31 @@ class CallCounter:
         return run
 
 
+def failing_on_the_second_graph(failed: list):
+    """A ``torch.compile`` backend that runs its first graph eagerly and fails to compile the second,
+    appending to ``failed`` when it does (a solve then falls back half-way through its compiled loop)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        if len(graphs) == 2:
+            failed.append(True)
+            raise RuntimeError("no compiler for this one")
+        return gm.forward
+
+    return backend
+
+
+def _warns_once_then_equals(solver, f, z0, eager, dtype, match):
+    """The first solve warns (``match``) and equals ``eager``; the next one equals it without a warning."""
+    with pytest.warns(CompileFallbackWarning, match=match):
+        first = solver(f, z0)
+    _assert_same(eager, first, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)  # once per solver
+        _assert_same(eager, solver(f, z0), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("algorithm,options", ALGORITHMS)
 def test_a_block_of_k_compiled_steps_equals_the_eager_solve(algorithm, options, dtype):
@@ -346,12 +371,7 @@ def test_a_map_that_cannot_be_captured_runs_uncaptured_with_one_warning():
     kw = dict(mode="rel_norm", reltol_termination=1e-5, max_steps=30, check_every=3)
     eager = DiscreteDEQSolver("anderson", **kw)(f, z0)
     solver = DiscreteDEQSolver("anderson", cuda_graphs=True, **kw)
-    with pytest.warns(CompileFallbackWarning, match="cuda_graphs"):
-        first = solver(syncing, z0)
-    _assert_same(eager, first, torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CompileFallbackWarning)
-        _assert_same(eager, solver(syncing, z0), torch.float32)
+    _warns_once_then_equals(solver, syncing, z0, eager, torch.float32, match="cuda_graphs")
 
 
 def test_a_compilation_that_fails_mid_solve_finishes_the_solve_with_the_uncompiled_pure_step():
@@ -360,24 +380,14 @@ def test_a_compilation_that_fails_mid_solve_finishes_the_solve_with_the_uncompil
     from deqlab.solvers.compiled import reset_cache
 
     reset_cache()
-    compilations = []
-
-    def fails_on_the_second_graph(gm, example_inputs):
-        compilations.append(1)
-        if len(compilations) == 2:
-            raise RuntimeError("no compiler for this one")
-        return gm.forward
-
+    failed: list = []
     f, z0 = _problem(5, torch.float64)
     kw = dict(mode="rel_norm", reltol_termination=1e-10, max_steps=30)
     eager = DiscreteDEQSolver("broyden", **kw)(f, z0)
-    solver = DiscreteDEQSolver("broyden", compile=fails_on_the_second_graph, **kw)
-    with pytest.warns(CompileFallbackWarning, match="could not be compiled"):
-        res = solver(f, z0)
-    _assert_same(eager, res, torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CompileFallbackWarning)
-        _assert_same(eager, solver(f, z0), torch.float64)  # later solves: eager, no second warning
+    solver = DiscreteDEQSolver("broyden", compile=failing_on_the_second_graph(failed), **kw)
+    # later solves run eager, without a second warning
+    _warns_once_then_equals(solver, f, z0, eager, torch.float64, match="could not be compiled")
+    assert failed  # the second graph did fail: the fallback really ran mid-solve
 
 
 def test_many_step_shapes_stay_within_the_raised_recompile_limit():
@@ -406,27 +416,14 @@ def test_an_error_of_the_map_after_a_mid_solve_fallback_is_raised_not_retried(ki
     from deqlab.solvers.compiled import reset_cache
 
     reset_cache()
-    broken = []
-
-    def fails_on_the_second_graph(gm, example_inputs):
-        if broken:
-            raise RuntimeError("no compiler for this one")
-        broken.append(True)
-        return gm.forward
-
+    failed: list = []
+    compile_ = failing_on_the_second_graph(failed)
     f, z0 = _problem(3, torch.float64)
 
     def f_breaks_with_the_backend(z):
-        if len(broken) > 1:
+        if failed:  # from the fallback on, f raises
             raise ValueError("f broke")
         return f(z)
-
-    def compile_(gm, example_inputs):
-        try:
-            return fails_on_the_second_graph(gm, example_inputs)
-        except RuntimeError:
-            broken.append(True)  # from now on f raises
-            raise
 
     if kind == "discrete":  # Broyden's count 1 is a second graph
         solver = DiscreteDEQSolver("broyden", mode="rel_norm", reltol_termination=1e-12, compile=compile_)
