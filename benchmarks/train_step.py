@@ -737,44 +737,27 @@ def sync_table(results: Sequence[Result]) -> str:
     )
 
 
+def _beside_eager(r: Result, other: Samples) -> list:
+    """The cells both compiled tables start with: the configuration, then the eager and the other step
+    (``other``'s samples), the speed-up, and both forwards."""
+    e, c = r.samples.med("step"), other.med("step")
+    fwd = (fmt_time(r.samples.med("fwd")), fmt_time(other.med("fwd")))
+    return [r.model, r.model_type, r.solver, fmt_time(e), fmt_time(c), f"{e / c:.2f}×", *fwd]
+
+
+def _beside_eager_headers(other: str) -> List[str]:
+    return ["model", "type", "solver", "eager step", f"{other} step", "speed-up", "eager fwd", "compiled fwd"]
+
+
 def compile_table(results: Sequence[Result]) -> Optional[str]:
-    rows = []
-    for r in results:
-        if r.compiled is None:
-            continue
-        e, c = r.samples.med("step"), r.compiled.med("step")
-        rows.append(
-            [
-                r.model,
-                r.model_type,
-                r.solver,
-                fmt_time(e),
-                fmt_time(c),
-                f"{e / c:.2f}×",
-                fmt_time(r.samples.med("fwd")),
-                fmt_time(r.compiled.med("fwd")),
-                r.last["nfe"],
-                r.last.get("compiled_nfe", ""),
-            ]
-        )
+    rows = [
+        _beside_eager(r, r.compiled) + [r.last["nfe"], r.last.get("compiled_nfe", "")]
+        for r in results
+        if r.compiled is not None
+    ]
     if not rows:
         return None
-    return markdown_table(
-        [
-            "model",
-            "type",
-            "solver",
-            "eager step",
-            "compiled-map step",
-            "speed-up",
-            "eager fwd",
-            "compiled fwd",
-            "NFE eager",
-            "NFE compiled",
-        ],
-        rows,
-        "lllrrrrrrr",
-    )
+    return markdown_table(_beside_eager_headers("compiled-map") + ["NFE eager", "NFE compiled"], rows, "lllrrrrrrr")
 
 
 def compiled_solver_table(results: Sequence[Result]) -> Optional[str]:
@@ -788,15 +771,8 @@ def compiled_solver_table(results: Sequence[Result]) -> Optional[str]:
         e, c = r.samples.med("step"), r.compiled_solver.med("step")
         compile_s = max(0.0, (r.compile_seconds or 0.0) - c)  # ~0 when torch's caches held the graphs
         rows.append(
-            [
-                r.model,
-                r.model_type,
-                r.solver,
-                fmt_time(e),
-                fmt_time(c),
-                f"{e / c:.2f}×",
-                fmt_time(r.samples.med("fwd")),
-                fmt_time(r.compiled_solver.med("fwd")),
+            _beside_eager(r, r.compiled_solver)
+            + [
                 f"{e / r.ideal():.2f}",
                 f"{c / r.ideal():.2f}",
                 f"{r.last['nfe']} / {r.last.get('compiled_solver_nfe', '')}",
@@ -807,15 +783,8 @@ def compiled_solver_table(results: Sequence[Result]) -> Optional[str]:
     if not rows:
         return None
     return markdown_table(
-        [
-            "model",
-            "type",
-            "solver",
-            "eager step",
-            "compiled-solver step",
-            "speed-up",
-            "eager fwd",
-            "compiled fwd",
+        _beside_eager_headers("compiled-solver")
+        + [
             "overhead eager",
             "overhead compiled",
             "NFE eager / compiled",
